@@ -1,0 +1,671 @@
+"""Workload VMs: QEMU processes driven over QMP, with the test guest's serial console.
+
+* :class:`VmSpec` (with :class:`IscsiDisk` or :class:`FileDisk`) is pure
+  description; :func:`build_argv` turns it into QEMU's argument list (never a
+  shell string).
+* :class:`QemuVm` runs one QEMU process: it starts it, connects QMP (event
+  listener registered before anything is asked of QEMU) and the console
+  socket, timestamps every console line, tracks the guest's heartbeat, answers
+  console commands, and stops QEMU softly (QMP ``quit``) then hard (SIGTERM,
+  SIGKILL to the PID it started), cleaning up in ``finally``.
+* :func:`kvm_usable` says, honestly and once, whether ``-accel kvm`` boots the
+  test guest here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+from qemu.qmp.error import QMPError
+from qemu.qmp.qmp_client import ExecuteError
+
+from labctl.errors import LabError, MissingDependency, VmError
+from labctl.paths import cache_dir
+from labctl.proc import which
+
+log = logging.getLogger(__name__)
+
+QEMU_BINARY = "qemu-system-x86_64"
+DEFAULT_MACHINE = "pc-q35-10.0"  # pinned: source and destination of a migration must agree
+ACCELS = ("tcg", "kvm")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_IQN_RE = re.compile(r"^(iqn\.[0-9]{4}-[0-9]{2}\.[^\s,/]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]+)$")
+_PORTAL_RE = re.compile(r"^([0-9A-Za-z.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
+_SUN_PATH_MAX = 107
+CONSOLE_RING = 2000
+
+
+# ---- description ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IscsiDisk:
+    """A LUN reached with QEMU's own libiscsi driver."""
+
+    portal: str  # "ip:port"
+    target_iqn: str
+    lun: int
+    initiator_iqn: str
+    naa: str | None = None  # the LUN's NAA ID as the array presents it, when known
+
+    def __post_init__(self) -> None:
+        if not _PORTAL_RE.match(self.portal):
+            raise ValueError(f"bad iSCSI portal {self.portal!r} (want ip:port)")
+        for what, iqn in (("target", self.target_iqn), ("initiator", self.initiator_iqn)):
+            if not _IQN_RE.match(iqn):
+                raise ValueError(f"bad iSCSI {what} name {iqn!r}")
+        if not 0 <= self.lun < 16384:
+            raise ValueError(f"bad LUN {self.lun}")
+
+    @property
+    def url(self) -> str:
+        return f"iscsi://{self.portal}/{self.target_iqn}/{self.lun}"
+
+
+@dataclass(frozen=True)
+class FileDisk:
+    """A local raw file (tests, and the storage node's own disks)."""
+
+    path: Path
+    direct: bool = True  # O_DIRECT on the host (not on tmpfs)
+
+
+Disk = IscsiDisk | FileDisk
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    name: str
+    memory_mib: int
+    vcpus: int
+    kernel: Path
+    initrd: Path
+    append: str
+    disk: Disk | None = None
+    machine: str = DEFAULT_MACHINE
+    accel: str = "tcg"
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"bad VM name {self.name!r} (letters, digits, _ . -; max 63)")
+        if not 64 <= self.memory_mib <= 65536:
+            raise ValueError(f"bad memory size {self.memory_mib} MiB")
+        if not 1 <= self.vcpus <= 64:
+            raise ValueError(f"bad vCPU count {self.vcpus}")
+        if self.accel not in ACCELS:
+            raise ValueError(f"bad accelerator {self.accel!r} (one of {', '.join(ACCELS)})")
+        if not re.match(r"^[A-Za-z0-9_.-]+$", self.machine):
+            raise ValueError(f"bad machine type {self.machine!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        disk: dict[str, Any] | None = None
+        if isinstance(self.disk, IscsiDisk):
+            disk = {"kind": "iscsi", "portal": self.disk.portal,
+                    "target_iqn": self.disk.target_iqn, "lun": self.disk.lun,
+                    "initiator_iqn": self.disk.initiator_iqn, "naa": self.disk.naa}
+        elif isinstance(self.disk, FileDisk):
+            disk = {"kind": "file", "path": str(self.disk.path), "direct": self.disk.direct}
+        return {"name": self.name, "memory_mib": self.memory_mib, "vcpus": self.vcpus,
+                "kernel": str(self.kernel), "initrd": str(self.initrd), "append": self.append,
+                "disk": disk, "machine": self.machine, "accel": self.accel}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VmSpec:
+        """The inverse of :meth:`to_dict`; raises ValueError on anything malformed."""
+        if not isinstance(d, dict):
+            raise ValueError("a VM spec must be an object")
+        known = {"name", "memory_mib", "vcpus", "kernel", "initrd", "append", "disk",
+                 "machine", "accel"}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown VM spec fields: {', '.join(sorted(extra))}")
+        raw = d.get("disk")
+        disk: Disk | None = None
+        if raw is not None:
+            if not isinstance(raw, dict):
+                raise ValueError("disk must be an object")
+            kind = raw.get("kind")
+            if kind == "iscsi":
+                disk = IscsiDisk(portal=_str(raw, "portal"), target_iqn=_str(raw, "target_iqn"),
+                                 lun=_int(raw, "lun"), initiator_iqn=_str(raw, "initiator_iqn"),
+                                 naa=raw.get("naa") and str(raw["naa"]))
+            elif kind == "file":
+                disk = FileDisk(path=Path(_str(raw, "path")), direct=bool(raw.get("direct", True)))
+            else:
+                raise ValueError(f"disk.kind must be 'iscsi' or 'file', not {kind!r}")
+        return cls(name=_str(d, "name"), memory_mib=_int(d, "memory_mib"),
+                   vcpus=_int(d, "vcpus", 1), kernel=Path(_str(d, "kernel")),
+                   initrd=Path(_str(d, "initrd")), append=_str(d, "append"), disk=disk,
+                   machine=str(d.get("machine", DEFAULT_MACHINE)),
+                   accel=str(d.get("accel", "tcg")))
+
+
+def _str(d: dict[str, Any], key: str) -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{key} must be a non-empty string")
+    return v
+
+
+def _int(d: dict[str, Any], key: str, default: int | None = None) -> int:
+    v = d.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{key} must be an integer")
+    return v
+
+
+def _opt(value: str) -> str:
+    """Escape a value for QEMU's key=value,... option syntax (a comma is doubled)."""
+    return value.replace(",", ",,")
+
+
+def socket_arg(run_dir: Path, name: str) -> str:
+    """The socket path QEMU is given: absolute when it fits in sun_path, else relative to
+    ``run_dir`` (QEMU runs with ``run_dir`` as its working directory)."""
+    full = str(run_dir.absolute() / name)
+    return full if len(full) <= _SUN_PATH_MAX else name
+
+
+def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
+               qemu: str = QEMU_BINARY) -> list[str]:
+    """QEMU's argument list for ``spec``, with its sockets and files in ``run_dir``.
+
+    ``incoming`` is passed to ``-incoming`` (e.g. ``"defer"`` for a migration target).
+    """
+    run_dir = run_dir.absolute()
+    argv = [
+        qemu, "-nodefaults", "-display", "none", "-no-user-config",
+        "-name", f"{spec.name},process=labctl-{spec.name}",
+        "-machine", spec.machine,
+        "-accel", spec.accel,
+        "-cpu", "max" if spec.accel == "tcg" else "host",
+        "-m", str(spec.memory_mib),
+        "-smp", str(spec.vcpus),
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", spec.append,
+        "-chardev", f"socket,id=qmp0,path={_opt(socket_arg(run_dir, 'qmp.sock'))},"
+                    "server=on,wait=off",
+        "-mon", "chardev=qmp0,mode=control",
+        "-chardev", f"socket,id=con0,path={_opt(socket_arg(run_dir, 'console.sock'))},"
+                    f"server=on,wait=off,logfile={_opt(str(run_dir / 'console.log'))},"
+                    "logappend=on",
+        "-serial", "chardev:con0",
+        "-pidfile", str(run_dir / "qemu.pid"),
+        "-msg", "timestamp=on",
+    ]
+    disk = spec.disk
+    if isinstance(disk, IscsiDisk):
+        argv += ["-blockdev",
+                 f"driver=iscsi,transport=tcp,portal={_opt(disk.portal)},"
+                 f"target={_opt(disk.target_iqn)},lun={disk.lun},"
+                 f"initiator-name={_opt(disk.initiator_iqn)},node-name=disk0,cache.direct=on"]
+    elif isinstance(disk, FileDisk):
+        argv += ["-blockdev",
+                 f"driver=file,filename={_opt(str(disk.path.absolute()))},node-name=disk0,"
+                 f"cache.direct={'on' if disk.direct else 'off'}"]
+    if disk is not None:
+        argv += ["-device", "virtio-blk-pci,drive=disk0,id=vda"]
+    if incoming is not None:
+        argv += ["-incoming", incoming]
+    return argv
+
+
+# ---- a running VM -------------------------------------------------------------
+
+class VmState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"  # the QEMU process runs (the guest may be paused: see query_status)
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"  # QEMU died without being asked to
+
+
+@dataclass(frozen=True)
+class ConsoleLine:
+    t: float  # time.monotonic() on arrival
+    text: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    counter: int
+    disk_counter: int | None  # None: the guest has no disk
+    t: float  # time.monotonic() on arrival
+
+
+@dataclass
+class _Waiter:
+    pred: Callable[[ConsoleLine], bool]
+    fut: asyncio.Future[ConsoleLine] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class QemuVm:
+    """One QEMU process. Construct, then ``await start()``; always ``await stop()``."""
+
+    def __init__(self, spec: VmSpec, run_dir: Path, qemu: str = QEMU_BINARY) -> None:
+        self.spec = spec
+        self.run_dir = run_dir.absolute()
+        self.qemu = qemu
+        self.state = VmState.NEW
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.started_at: float | None = None
+        self.first_heartbeat_s: float | None = None
+        self.last_heartbeat: Heartbeat | None = None
+        self.disk_counter: int | None = None
+        self.lines: collections.deque[ConsoleLine] = collections.deque(maxlen=CONSOLE_RING)
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
+        self.qmp = QMPClient(spec.name)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._con_reader: asyncio.StreamReader | None = None
+        self._con_writer: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._waiters: list[_Waiter] = []
+        self._dead: asyncio.Event | None = None
+        self._console_lock: asyncio.Lock | None = None
+        self._events = EventListener()
+        self._dirfds: list[int] = []
+
+    # -- paths
+    @property
+    def qmp_path(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console_path(self) -> Path:
+        return self.run_dir / "console.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    # -- evidence
+    def console_tail(self, n: int = 30) -> list[str]:
+        return [ln.text for ln in list(self.lines)[-n:]]
+
+    def stderr_tail(self, n: int = 30) -> list[str]:
+        try:
+            return self.log_path.read_text(errors="replace").splitlines()[-n:]
+        except OSError:
+            return []
+
+    def _error(self, message: str, **more: Any) -> VmError:
+        return VmError(f"{self.spec.name}: {message}", vm=self.spec.name, pid=self.pid,
+                       returncode=self.returncode, state=self.state.value,
+                       console_tail=self.console_tail(), stderr=self.stderr_tail(), **more)
+
+    # -- start
+    async def start(self, incoming: str | None = None, timeout: float = 30.0) -> None:
+        """Launch QEMU and connect QMP and the console. Does not wait for the guest:
+        see :meth:`wait_heartbeat`. Raises VmError (QEMU cleaned up) on failure."""
+        if self.state is not VmState.NEW:
+            raise self._error(f"cannot start a VM in state {self.state.value}")
+        try:
+            qemu_path = which(self.qemu, "install qemu-system-x86 (scripts/setup.sh)")
+        except MissingDependency:
+            self.state = VmState.FAILED
+            raise
+        self.state = VmState.STARTING
+        self._dead = asyncio.Event()
+        self._console_lock = asyncio.Lock()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("qmp.sock", "console.sock", "qemu.pid"):
+            (self.run_dir / name).unlink(missing_ok=True)
+        argv = build_argv(self.spec, self.run_dir, incoming, qemu=qemu_path)
+        (self.run_dir / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
+        try:
+            with open(self.log_path, "ab") as logf:
+                self.started_at = time.monotonic()
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                    cwd=self.run_dir, start_new_session=True)
+            self.pid = self._proc.pid
+            self._tasks.append(asyncio.create_task(self._watch_process()))
+            async with asyncio.timeout(timeout):
+                await self._connect_qmp()
+                await self._connect_console()
+        except BaseException as exc:
+            err = exc
+            if isinstance(exc, TimeoutError):
+                err = self._error(f"QEMU did not open its sockets within {timeout:g} s")
+            elif isinstance(exc, OSError | QMPError):
+                err = self._error(f"cannot start QEMU: {exc}")
+            await self._teardown(hard=True)
+            if self.state is not VmState.FAILED:
+                self.state = VmState.FAILED
+            if err is exc:
+                raise
+            raise err from exc
+        self.state = VmState.RUNNING
+
+    async def _sock_ready(self, path: Path) -> str:
+        """Wait for QEMU to create ``path``; return an address short enough to connect to."""
+        while not path.exists():
+            self._check_alive()
+            await asyncio.sleep(0.02)
+        full = str(path)
+        if len(full) <= _SUN_PATH_MAX:
+            return full
+        # too long for sun_path: reach it through our own open directory descriptor
+        fd = os.open(path.parent, os.O_PATH)
+        self._dirfds.append(fd)
+        return f"/proc/self/fd/{fd}/{path.name}"
+
+    async def _connect_qmp(self) -> None:
+        addr = await self._sock_ready(self.qmp_path)
+        self.qmp.register_listener(self._events)  # before anything can cause an event
+        self._tasks.append(asyncio.create_task(self._watch_events()))
+        while True:
+            try:
+                await self.qmp.connect(addr)
+                return
+            except QMPError:
+                self._check_alive()
+                await asyncio.sleep(0.05)
+
+    async def _connect_console(self) -> None:
+        addr = await self._sock_ready(self.console_path)
+        self._con_reader, self._con_writer = await asyncio.open_unix_connection(addr)
+        self._tasks.append(asyncio.create_task(self._read_console()))
+
+    def _check_alive(self) -> None:
+        if self._proc is not None and self._proc.returncode is not None:
+            self.returncode = self._proc.returncode
+            raise self._error(f"QEMU exited with status {self.returncode}")
+
+    async def _watch_process(self) -> None:
+        assert self._proc is not None and self._dead is not None
+        rc = await self._proc.wait()
+        self.returncode = rc
+        if self.state in (VmState.STARTING, VmState.RUNNING):
+            self.state = VmState.FAILED
+            log.warning("%s: QEMU (pid %s) exited unexpectedly with status %s",
+                        self.spec.name, self.pid, rc)
+        self._dead.set()
+        await asyncio.sleep(0.2)  # let the console reader drain the last lines
+        for w in self._waiters:
+            if not w.fut.done():
+                w.fut.set_exception(self._error(f"QEMU exited with status {rc}"))
+
+    async def _watch_events(self) -> None:
+        async for event in self._events:
+            self.events.append({"t": time.monotonic(), "event": event.get("event"),
+                                "data": event.get("data", {})})
+
+    async def _read_console(self) -> None:
+        assert self._con_reader is not None
+        while True:
+            try:
+                raw = await self._con_reader.readline()
+            except (ConnectionError, ValueError):
+                return
+            if not raw:
+                return
+            text = raw.decode(errors="replace").rstrip("\r\n")
+            self._on_line(ConsoleLine(time.monotonic(), text))
+
+    def _on_line(self, line: ConsoleLine) -> None:
+        self.lines.append(line)
+        parts = line.text.split()
+        if len(parts) == 3 and parts[0] == "HB":
+            with contextlib.suppress(ValueError):
+                disk = int(parts[2])
+                hb = Heartbeat(int(parts[1]), disk if disk >= 0 else None, line.t)
+                if self.last_heartbeat is None and self.started_at is not None:
+                    self.first_heartbeat_s = line.t - self.started_at
+                self.last_heartbeat = hb
+                self.disk_counter = hb.disk_counter
+        elif len(parts) == 3 and parts[0] == "DISK" and parts[2].isdigit():
+            self.disk_counter = int(parts[2])
+        for w in list(self._waiters):
+            if not w.fut.done() and w.pred(line):
+                w.fut.set_result(line)
+
+    # -- waiting on the console
+    async def wait_line(self, pred: Callable[[ConsoleLine], bool], timeout: float,
+                        what: str) -> ConsoleLine:
+        """The next console line for which ``pred`` holds. Raises VmError on timeout or
+        if QEMU dies meanwhile."""
+        if self._dead is None:
+            raise self._error("the VM was never started")
+        if self._dead.is_set():
+            raise self._error(f"QEMU is not running (waiting for {what})")
+        w = _Waiter(pred)
+        self._waiters.append(w)
+        try:
+            async with asyncio.timeout(timeout):
+                return await w.fut
+        except TimeoutError:
+            raise self._error(f"no {what} within {timeout:g} s", waited_for=what) from None
+        finally:
+            self._waiters.remove(w)
+
+    async def wait_heartbeat(self, timeout: float = 10.0, after: int | None = None) -> Heartbeat:
+        """The next heartbeat (with a counter above ``after`` when given)."""
+        def is_hb(line: ConsoleLine) -> bool:
+            p = line.text.split()
+            return (len(p) == 3 and p[0] == "HB" and p[1].isdigit()
+                    and (after is None or int(p[1]) > after))
+        await self.wait_line(is_hb, timeout, "heartbeat")
+        assert self.last_heartbeat is not None
+        return self.last_heartbeat
+
+    async def console_command(self, command: str, expect_prefix: str | tuple[str, ...],
+                              timeout: float = 10.0) -> str:
+        """Send ``command`` to the guest and return its answer line (one starting with
+        ``expect_prefix``). An ``ERR`` answer raises VmError."""
+        if "\n" in command or "\r" in command or not command.strip():
+            raise ValueError(f"bad console command {command!r}")
+        if self._con_writer is None or self._console_lock is None:
+            raise self._error("the console is not connected")
+        prefixes = (expect_prefix,) if isinstance(expect_prefix, str) else expect_prefix
+        async with self._console_lock:
+            w = _Waiter(lambda ln: ln.text.startswith((*prefixes, "ERR ", "DISK error")))
+            self._waiters.append(w)
+            try:
+                self._con_writer.write(command.encode() + b"\n")
+                await self._con_writer.drain()
+                async with asyncio.timeout(timeout):
+                    line = await w.fut
+            except TimeoutError:
+                raise self._error(f"no answer to console command {command!r} within "
+                                  f"{timeout:g} s", command=command) from None
+            except ConnectionError as exc:
+                raise self._error(f"console lost during {command!r}: {exc}") from exc
+            finally:
+                self._waiters.remove(w)
+        if not line.text.startswith(prefixes):
+            raise self._error(f"guest refused {command!r}: {line.text}", command=command,
+                              answer=line.text)
+        return line.text
+
+    # -- QMP
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float = 30.0) -> Any:
+        """Run a QMP command; errors become VmError with what was sent and received."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.qmp.execute(cmd, args)
+        except ExecuteError as exc:
+            raise self._error(f"QMP {cmd} failed: {exc.error.error.desc}", qmp_sent=str(exc.sent),
+                              qmp_received=str(exc.received)) from exc
+        except TimeoutError:
+            raise self._error(f"QMP {cmd} gave no answer within {timeout:g} s") from None
+        except (QMPError, OSError, EOFError) as exc:
+            self._check_alive()
+            raise self._error(f"QMP {cmd}: {exc!r}") from exc
+
+    async def query_status(self) -> dict[str, Any]:
+        """QMP ``query-status``: {"status": "running"|"paused"|..., "running": bool, ...}."""
+        res = await self.execute("query-status")
+        assert isinstance(res, dict)
+        return res
+
+    # -- stop
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Quit QEMU softly (QMP ``quit``), then SIGTERM, then SIGKILL. Idempotent."""
+        if self.state in (VmState.NEW, VmState.STOPPED):
+            self.state = VmState.STOPPED
+            return
+        if self.state is not VmState.FAILED:
+            self.state = VmState.STOPPING
+        try:
+            if self._proc is not None and self._proc.returncode is None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(min(timeout, 5.0)):
+                        await self.qmp.execute("quit")
+                await self._wait_exit(timeout)
+        finally:
+            await self._teardown(hard=True)
+            if self.state is VmState.STOPPING:
+                self.state = VmState.STOPPED
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        if self._proc is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._proc.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def _teardown(self, hard: bool) -> None:
+        """Make sure our QEMU is gone and every resource is released."""
+        proc = self._proc
+        try:
+            if proc is not None and proc.returncode is None and hard:
+                for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, sig)  # the PID we started, nothing else
+                    if await self._wait_exit(wait):
+                        break
+                    log.warning("%s: QEMU pid %s ignored %s", self.spec.name, proc.pid, sig.name)
+        finally:
+            if proc is not None and proc.returncode is not None:
+                self.returncode = proc.returncode
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+            with contextlib.suppress(Exception):
+                self.qmp.remove_listener(self._events)
+            if self._con_writer is not None:
+                self._con_writer.close()
+                with contextlib.suppress(Exception):
+                    await self._con_writer.wait_closed()
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            self._tasks.clear()
+            for fd in self._dirfds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._dirfds = []
+            for name in ("qmp.sock", "console.sock"):
+                (self.run_dir / name).unlink(missing_ok=True)
+
+    async def __aenter__(self) -> QemuVm:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+# ---- QEMU facts -----------------------------------------------------------------
+
+def qemu_version(qemu: str = QEMU_BINARY) -> str:
+    """``"10.0.2"``; raises MissingDependency when QEMU is absent."""
+    import subprocess
+
+    path = which(qemu, "install qemu-system-x86 (scripts/setup.sh)")
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
+    m = re.search(r"version ([0-9][0-9.]*)", out)
+    return m.group(1) if m else out.strip().splitlines()[0] if out.strip() else "unknown"
+
+
+_kvm_lock = threading.Lock()
+_kvm_answer: bool | None = None
+
+
+def kvm_usable(timeout: float = 10.0) -> bool:
+    """Whether ``-accel kvm`` really runs the test guest here: boots it with KVM and waits
+    for its first heartbeat. The answer is cached per process and per host boot (a file
+    under the cache); the first call blocks for up to ``timeout`` seconds, so call it from a
+    thread (``asyncio.to_thread``) in async code."""
+    global _kvm_answer
+    with _kvm_lock:
+        if _kvm_answer is not None:
+            return _kvm_answer
+        try:
+            fd = os.open("/dev/kvm", os.O_RDWR)
+            os.close(fd)
+        except OSError:
+            _kvm_answer = False
+            return False
+        key = _kvm_cache_key()
+        cache = cache_dir() / "kvm-probe.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            data = json.loads(cache.read_text())
+            if data["key"] == key:
+                _kvm_answer = bool(data["usable"])
+                return _kvm_answer
+        answer: list[bool] = []
+        thread = threading.Thread(target=lambda: answer.append(asyncio.run(_probe_kvm(timeout))))
+        thread.start()
+        thread.join()
+        _kvm_answer = bool(answer and answer[0])
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"key": key, "usable": _kvm_answer}) + "\n")
+        return _kvm_answer
+
+
+def _kvm_cache_key() -> str:
+    boot = ""
+    with contextlib.suppress(OSError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    try:
+        ver = qemu_version()
+    except LabError:
+        ver = "none"
+    return f"{boot} {ver}"
+
+
+async def _probe_kvm(timeout: float) -> bool:
+    import tempfile
+
+    from labctl.guestimage import ensure_guest_image, guest_append
+
+    image = await ensure_guest_image()
+    with tempfile.TemporaryDirectory(prefix="labctl-kvm-") as tmp:
+        spec = VmSpec(name="kvm-probe", memory_mib=128, vcpus=1, kernel=image.kernel,
+                      initrd=image.initrd, append=guest_append(0, 8), accel="kvm")
+        vm = QemuVm(spec, Path(tmp))
+        try:
+            await vm.start(timeout=timeout)
+            await vm.wait_heartbeat(timeout)
+            return True
+        except LabError as exc:
+            log.info("KVM probe: not usable here (%s)", exc)
+            return False
+        finally:
+            await vm.stop(timeout=2.0)
