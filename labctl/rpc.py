@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -94,6 +95,7 @@ class RpcServer:
         self.name = name
         self._server: asyncio.base_events.Server | None = None
         self._subscribers: set[_Channel] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self.rejected = 0
 
     async def start(self, host: str, port: int) -> None:
@@ -112,7 +114,9 @@ class RpcServer:
         """Push an event to every client that called ``subscribe``."""
         for chan in list(self._subscribers):
             task = asyncio.ensure_future(chan.send({"event": event, "data": data}))
-            task.add_done_callback(lambda t, c=chan: self._drop_on_error(t, c))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._drop_on_error, chan=chan))
 
     def _drop_on_error(self, task: asyncio.Future[None], chan: _Channel) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -142,7 +146,9 @@ class RpcServer:
                 return
             while True:
                 req = await chan.recv()
-                asyncio.ensure_future(self._answer(chan, req))
+                task = asyncio.ensure_future(self._answer(chan, req))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ValueError):
             pass
         except AuthenticationFailed:

@@ -1,0 +1,551 @@
+"""The controller: builds a lab from its topology, reports on it, tears it down by ownership.
+
+``Lab`` is the Python API behind the CLI. All methods are coroutines; the CLI
+runs each command in one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from labctl import netns
+from labctl.errors import (
+    AgentError,
+    AgentUnreachable,
+    LabError,
+    LabStateError,
+    MissingDependency,
+    ProvisionError,
+    TopologyError,
+)
+from labctl.inventory import Inventory
+from labctl.labdir import LabDir, existing_labs, pid_owned_by
+from labctl.rpc import RpcClient
+from labctl.topology import Topology
+
+HOST_AGENT_PORT = 7600
+STORAGE_AGENT_PORT = 7700
+Progress = Callable[[str], None]
+_T = TypeVar("_T")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+class Lab:
+    """One lab, found by name. Cheap to construct: nothing happens until a method is called."""
+
+    def __init__(self, name: str, root: Path | None = None, progress: Progress = _quiet) -> None:
+        self.dir = LabDir(name, root)
+        self.name = name
+        self.progress = progress
+        self._t0 = time.monotonic()
+
+    @classmethod
+    def find(cls, name: str | None, root: Path | None = None, progress: Progress = _quiet) -> Lab:
+        """The lab called ``name``; without a name, the only lab that exists."""
+        if name is not None:
+            return cls(name, root, progress)
+        labs = existing_labs(root)
+        if len(labs) == 1:
+            return cls(labs[0], root, progress)
+        if not labs:
+            raise LabStateError("no lab is up (start one with: labctl up)")
+        raise LabStateError(f"several labs exist ({', '.join(labs)}): say which with --lab NAME")
+
+    # ------------------------------------------------------------------ names
+    def bridge_name(self, site_index: int) -> str:
+        return f"lc{self.dir.tag}b{site_index}"
+
+    def veth_name(self, host_index: int) -> str:
+        return f"lc{self.dir.tag}h{host_index}"
+
+    def tap_name(self, node_index: int) -> str:
+        return f"lc{self.dir.tag}s{node_index}"
+
+    def netns_name(self, host: str) -> str:
+        return f"labctl-{self.name}-{host}"
+
+    def domain_name(self, node: str) -> str:
+        return f"labctl-{self.name}-{node}"
+
+    # ------------------------------------------------------------------ helpers
+    def _open(self) -> Inventory:
+        if not self.dir.exists():
+            raise LabStateError(f"lab {self.name} is not up (start it with: labctl up)", lab=self.name)
+        return self.dir.inventory()
+
+    async def _step(self, inv: Inventory, name: str, work: Awaitable[_T]) -> _T:
+        start = time.monotonic()
+        result = await work
+        took = time.monotonic() - start
+        inv.record_step(name, took)
+        self.progress(f"{name} ({took:.1f} s)")
+        return result
+
+    @asynccontextmanager
+    async def host_client(self, inv: Inventory, host: str,
+                          timeout: float = 5.0) -> AsyncIterator[RpcClient]:
+        row = inv.row("hosts", name=host)
+        if row is None:
+            names = ", ".join(r["name"] for r in inv.rows("hosts"))
+            raise LabStateError(f"unknown host {host!r} (hosts: {names})", host=host)
+        client = await RpcClient.connect(row["address"], row["agent_port"], self.dir.secret(),
+                                         timeout=timeout, peer=f"host {host}")
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    @asynccontextmanager
+    async def storage_client(self, inv: Inventory, node: str,
+                             timeout: float = 5.0) -> AsyncIterator[RpcClient]:
+        row = inv.row("storage_nodes", name=node)
+        if row is None:
+            raise LabStateError(f"unknown storage node {node!r}", node=node)
+        client = await RpcClient.connect(row["address"], row["agent_port"], self.dir.secret(),
+                                         timeout=timeout, peer=f"storage node {node}")
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    # ------------------------------------------------------------------ up
+    async def up(self, topo: Topology) -> dict[str, Any]:
+        """Bring the lab up. Idempotent for the same topology; refuses a different one."""
+        if topo.name != self.name:
+            raise TopologyError(topo.source, "name", f"names lab {topo.name}, not {self.name}")
+        _preflight()
+        with self.dir.lock():
+            if self.dir.exists():
+                inv = self.dir.inventory()
+                try:
+                    state = inv.get_meta("state")
+                    digest = inv.get_meta("topology_digest")
+                finally:
+                    inv.close()
+                if state == "up" and digest == topo.digest:
+                    self.progress(f"lab {self.name} is already up with this topology")
+                    return await self.status()
+                if state == "up":
+                    raise LabStateError(
+                        f"lab {self.name} is already up with a different topology; "
+                        f"run 'labctl down --lab {self.name}' first", lab=self.name)
+                raise LabStateError(
+                    f"lab {self.name} did not come up completely last time (state {state}); "
+                    f"run 'labctl down --lab {self.name}' to clean it up, then up again",
+                    lab=self.name, state=state)
+            self._check_host_network(topo)
+            self.dir.create()
+            inv = self.dir.inventory()
+            try:
+                await self._build(inv, topo)
+            finally:
+                inv.close()
+        return await self.status()
+
+    def _check_host_network(self, topo: Topology) -> None:
+        for i, site in enumerate(topo.sites):
+            clash = netns.overlapping_routes(site.subnet, ignore_ifnames=set())
+            if clash:
+                raise TopologyError(
+                    topo.source, f"sites[{i}].subnet",
+                    f"{site.subnet} overlaps a network this machine already uses ({'; '.join(clash)}); "
+                    "pick another subnet")
+
+    async def _build(self, inv: Inventory, topo: Topology) -> None:
+        from labctl import guestimage, images, storagenode
+        from labctl.qemu import kvm_usable
+
+        self._t0 = time.monotonic()
+        inv.set_meta("state", "creating")
+        inv.set_meta("topology_digest", topo.digest)
+        inv.set_meta("topology_source", str(Path(topo.source).resolve()))
+        inv.set_meta("created", str(time.time()))
+        (self.dir.path / "topology.json").write_text(_json(topo.raw))
+        t_start = time.monotonic()
+
+        # 1. images (cached by recipe) and the accelerator probe, side by side
+        simg, gimg = await self._step(inv, "images ready", asyncio.gather(
+            images.ensure_storage_image(progress=self.progress),
+            guestimage.ensure_guest_image(),
+        ))
+        accel = await self._step(inv, "accelerator probe", asyncio.to_thread(kvm_usable))
+        accel_name = "kvm" if accel else "tcg"
+        inv.set_meta("accel", accel_name)
+
+        # 2. network: one bridge per site, the controller holds .1 on it
+        t_net = time.monotonic()
+        for i, site in enumerate(topo.sites):
+            br = self.bridge_name(i)
+            inv.own("link", br, alias=netns.alias_for(self.name, "bridge", site.name))
+            netns.ensure_bridge(br, netns.alias_for(self.name, "bridge", site.name),
+                                ipaddress.IPv4Interface(f"{site.gateway}/{site.subnet.prefixlen}"))
+            inv.upsert("sites", name=site.name, subnet=str(site.subnet), bridge=br)
+        inv.record_step("network", time.monotonic() - t_net)
+
+        # 3. storage nodes (VMs through libvirt) and host agents, in parallel
+        await storagenode.ensure_libvirtd()
+        site_index = {s.name: i for i, s in enumerate(topo.sites)}
+        node_jobs = [self._start_storage_node(inv, topo, i, simg, accel_name, site_index)
+                     for i in range(len(topo.storage_nodes))]
+        host_jobs = [self._start_host(inv, topo, i, site_index) for i in range(len(topo.hosts))]
+        await self._step(inv, "storage nodes and hosts ready", _gather_all(*node_jobs, *host_jobs))
+
+        # 4. LUNs with ACLs, then every sharing host checks what it sees
+        await self._step(inv, "datastores exported", _gather_all(
+            *(self._export_datastore(inv, topo, d.name) for d in topo.datastores)))
+        await self._step(inv, "hosts scanned their LUNs", self.scan_hosts(inv))
+
+        # 5. VMs
+        inv.set_meta("guest_kernel", str(gimg.kernel))
+        inv.set_meta("guest_initrd", str(gimg.initrd))
+        for vm in topo.vms:
+            inv.upsert("vms", name=vm.name, host=vm.host, datastore=vm.datastore,
+                       memory=vm.memory, vcpus=vm.vcpus, dirty_rate=vm.dirty_rate,
+                       working_set=vm.working_set, state="stopped", pid=None, started_at=None)
+        for vm in topo.vms:
+            if vm.autostart:
+                await self._step(inv, f"VM {vm.name} first heartbeat", self._vm_start(inv, vm.name))
+        inv.set_meta("state", "up")
+        total = time.monotonic() - t_start
+        inv.record_step("lab ready", total)
+        self.progress(f"lab {self.name} is up ({total:.1f} s)")
+
+    async def _start_storage_node(self, inv: Inventory, topo: Topology, i: int, image: Any,
+                                  accel: str, site_index: dict[str, int]) -> None:
+        from labctl import storagenode
+
+        node = topo.storage_nodes[i]
+        site = topo.site(node.site)
+        domain = self.domain_name(node.name)
+        tap = self.tap_name(i)
+        inv.upsert("storage_nodes", name=node.name, site=node.site, address=str(node.address),
+                   target_iqn=node.target_iqn, domain=domain, tap=tap,
+                   agent_port=STORAGE_AGENT_PORT, capacity=node.capacity, state="starting")
+        disks = []
+        for ds in topo.datastores:
+            if ds.node != node.name:
+                continue
+            serial = uuid.uuid4().hex  # 32 hex digits: the LUN's unit serial, hence its NAA ID
+            disk_serial = f"lc-{ds.name}"[:20]
+            path = self.dir.storage_dir(node.name) / f"{ds.name}.img"
+            inv.upsert("datastores", name=ds.name, node=node.name, size_bytes=ds.size,
+                       unit_serial=serial, naa=None, lun=None, disk_serial=disk_serial,
+                       backing_path=str(path), state="allocated", created=time.time())
+            for h in ds.hosts:
+                inv.upsert("datastore_hosts", datastore=ds.name, host=h, seen_naa=None,
+                           seen_size=None, scanned_at=None)
+            disks.append(storagenode.DataDisk(serial=disk_serial, path=path, size_bytes=ds.size))
+        inv.own("domain", domain, lab_dir=str(self.dir.path))
+        spec = storagenode.StorageNodeSpec(
+            lab=self.name, name=node.name, lab_dir=self.dir.path,
+            address_cidr=f"{node.address}/{site.subnet.prefixlen}",
+            bridge=self.bridge_name(site_index[node.site]), tap=tap,
+            mac=_mac_for(self.dir.tag, "s", i), memory_mib=node.memory >> 20,
+            data_disks=disks, secret=self.dir.secret(), target_iqn=node.target_iqn,
+            agent_port=STORAGE_AGENT_PORT,
+        )
+        await storagenode.start(spec, image, accel="kvm" if accel == "kvm" else "qemu")
+        inv.update("storage_nodes", {"name": node.name}, state="up")
+        self.progress(f"storage node {node.name} is serving at {node.address}")
+
+    async def _start_host(self, inv: Inventory, topo: Topology, i: int,
+                          site_index: dict[str, int]) -> None:
+        host = topo.hosts[i]
+        site = topo.site(host.site)
+        ns = self.netns_name(host.name)
+        veth = self.veth_name(i)
+        inv.upsert("hosts", name=host.name, site=host.site, address=str(host.address),
+                   initiator_iqn=host.initiator_iqn, netns=ns, veth=veth,
+                   agent_port=HOST_AGENT_PORT, memory=host.memory, agent_pid=None, state="starting")
+        inv.own("netns", ns)
+        netns.ensure_netns(ns)
+        alias = netns.alias_for(self.name, "veth", host.name)
+        inv.own("link", veth, alias=alias)
+        netns.ensure_veth(netns.VethSpec(
+            outer=veth, netns=ns, bridge=self.bridge_name(site_index[host.site]),
+            address=ipaddress.IPv4Interface(f"{host.address}/{site.subnet.prefixlen}"), alias=alias))
+        hdir = self.dir.host_dir(host.name)
+        hdir.mkdir(parents=True, exist_ok=True)
+        argv = ["nsenter", f"--net=/run/netns/{ns}", "--", sys.executable, "-m", "labctl.agents.host",
+                "--lab-dir", str(self.dir.path), "--host", host.name,
+                "--listen", f"{host.address}:{HOST_AGENT_PORT}"]
+        with open(hdir / "agent.out", "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True, env={**os.environ, "LABCTL_LAB": self.name})
+        inv.own("process", f"host-agent:{host.name}", pid=proc.pid)
+        inv.update("hosts", {"name": host.name}, agent_pid=proc.pid)
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.returncode is not None:
+                tail = (hdir / "agent.out").read_text(errors="replace")[-1500:]
+                raise ProvisionError(f"the host agent of {host.name} exited at start "
+                                     f"(exit {proc.returncode})", host=host.name, log_tail=tail)
+            try:
+                async with self.host_client(inv, host.name, timeout=1.0) as c:
+                    await c.call("ping", timeout=5)
+                break
+            except AgentUnreachable:
+                if time.monotonic() > deadline:
+                    raise ProvisionError(f"the host agent of {host.name} did not answer within 15 s",
+                                         host=host.name) from None
+                await asyncio.sleep(0.1)
+        inv.update("hosts", {"name": host.name}, state="up")
+
+    async def _export_datastore(self, inv: Inventory, topo: Topology, name: str) -> None:
+        row = inv.row("datastores", name=name)
+        assert row is not None
+        hosts = [inv.row("hosts", name=h["host"]) for h in inv.rows("datastore_hosts", datastore=name)]
+        initiators = [h["initiator_iqn"] for h in hosts if h is not None]
+        async with self.storage_client(inv, row["node"]) as c:
+            lun = await c.call("ensure_lun", name=name, disk_serial=row["disk_serial"],
+                               unit_serial=row["unit_serial"], initiators=initiators)
+        inv.update("datastores", {"name": name}, naa=lun["naa"], lun=lun["lun"],
+                   size_bytes=lun["size_bytes"], state="exported")
+
+    def _lun_of(self, inv: Inventory, datastore: str, host: str) -> dict[str, Any]:
+        ds = inv.row("datastores", name=datastore)
+        h = inv.row("hosts", name=host)
+        assert ds is not None and h is not None
+        node = inv.row("storage_nodes", name=ds["node"])
+        assert node is not None
+        return {"datastore": datastore, "portal": f"{node['address']}:3260",
+                "target_iqn": node["target_iqn"], "lun": ds["lun"],
+                "initiator_iqn": h["initiator_iqn"], "naa": ds["naa"]}
+
+    async def scan_hosts(self, inv: Inventory) -> None:
+        """Every host looks at the LUNs it shares, from its namespace, and reports what it sees."""
+        async def scan(host: str) -> None:
+            shares = [r["datastore"] for r in inv.rows("datastore_hosts", host=host)]
+            if not shares:
+                return
+            luns = [self._lun_of(inv, d, host) for d in shares]
+            async with self.host_client(inv, host) as c:
+                seen = await c.call("scan_luns", luns=luns, timeout=60)
+            for d, s in zip(shares, seen, strict=True):
+                if not s.get("ok"):
+                    raise ProvisionError(f"host {host} cannot see datastore {d}: {s.get('error')}",
+                                         host=host, datastore=d, scan=s)
+                inv.update("datastore_hosts", {"datastore": d, "host": host},
+                           seen_naa=s["naa"], seen_size=s["size_bytes"], scanned_at=time.time())
+                want = inv.row("datastores", name=d)
+                assert want is not None
+                if s["naa"] != want["naa"]:
+                    raise ProvisionError(
+                        f"host {host} sees NAA {s['naa']} for datastore {d}, the storage node "
+                        f"reports {want['naa']}", host=host, datastore=d)
+
+        await _gather_all(*(scan(h["name"]) for h in inv.rows("hosts")))
+
+    # ------------------------------------------------------------------ VMs
+    async def vm_start(self, name: str) -> dict[str, Any]:
+        inv = self._open()
+        try:
+            with self.dir.lock():
+                return await self._vm_start(inv, name)
+        finally:
+            inv.close()
+
+    def vm_spec(self, inv: Inventory, name: str, host: str) -> dict[str, Any]:
+        vm = inv.row("vms", name=name)
+        assert vm is not None
+        disk = self._lun_of(inv, vm["datastore"], host) if vm["datastore"] else None
+        append = (f"console=ttyS0 quiet cryptomgr.notests labctl.vm={name} "
+                  f"labctl.rate={vm['dirty_rate']:g} labctl.wss={vm['working_set'] >> 20}")
+        return {"name": name, "memory_mib": vm["memory"] >> 20, "vcpus": vm["vcpus"],
+                "kernel": inv.get_meta("guest_kernel"), "initrd": inv.get_meta("guest_initrd"),
+                "append": append, "accel": inv.get_meta("accel", "tcg"), "disk": disk}
+
+    async def _vm_start(self, inv: Inventory, name: str) -> dict[str, Any]:
+        vm = self._vm_row(inv, name)
+        if vm["state"] == "running":
+            raise LabStateError(f"VM {name} is already running on {vm['host']}", vm=name)
+        spec = self.vm_spec(inv, name, vm["host"])
+        async with self.host_client(inv, vm["host"]) as c:
+            res = await c.call("vm_start", spec=spec, timeout=120)
+        inv.update("vms", {"name": name}, state="running", pid=res.get("pid"), started_at=time.time())
+        return dict(res)
+
+    async def vm_stop(self, name: str) -> None:
+        inv = self._open()
+        try:
+            with self.dir.lock():
+                vm = self._vm_row(inv, name)
+                if vm["state"] != "running":
+                    raise LabStateError(f"VM {name} is not running", vm=name)
+                async with self.host_client(inv, vm["host"]) as c:
+                    await c.call("vm_stop", name=name, timeout=60)
+                inv.update("vms", {"name": name}, state="stopped", pid=None)
+        finally:
+            inv.close()
+
+    def _vm_row(self, inv: Inventory, name: str) -> dict[str, Any]:
+        vm = inv.row("vms", name=name)
+        if vm is None:
+            names = ", ".join(r["name"] for r in inv.rows("vms")) or "none"
+            raise LabStateError(f"unknown VM {name!r} (VMs: {names})", vm=name)
+        return vm
+
+    # ------------------------------------------------------------------ status
+    async def status(self) -> dict[str, Any]:
+        inv = self._open()
+        try:
+            return await self._status(inv)
+        finally:
+            inv.close()
+
+    async def _status(self, inv: Inventory) -> dict[str, Any]:
+        hosts = inv.rows("hosts")
+        vm_live: dict[str, dict[str, Any]] = {}
+        agent_state: dict[str, str] = {}
+
+        async def probe(host: dict[str, Any]) -> None:
+            try:
+                async with self.host_client(inv, host["name"], timeout=2.0) as c:
+                    await c.call("ping", timeout=3)
+                    agent_state[host["name"]] = "up"
+                    for v in await c.call("vm_list", timeout=5):
+                        vm_live[v["name"]] = {**v, "host": host["name"]}
+            except AgentError as exc:
+                agent_state[host["name"]] = f"unreachable: {exc.message}"
+
+        await asyncio.gather(*(probe(h) for h in hosts if h["state"] == "up"))
+        out_hosts = [{"name": h["name"], "site": h["site"], "address": h["address"],
+                      "initiator_iqn": h["initiator_iqn"], "netns": h["netns"],
+                      "agent": agent_state.get(h["name"], h["state"])} for h in hosts]
+        nodes = [{"name": n["name"], "site": n["site"], "address": n["address"],
+                  "target_iqn": n["target_iqn"], "domain": n["domain"], "state": n["state"]}
+                 for n in inv.rows("storage_nodes")]
+        stores = []
+        for d in inv.rows("datastores"):
+            shares = inv.rows("datastore_hosts", datastore=d["name"])
+            seen = {s["seen_naa"] for s in shares if s["seen_naa"]}
+            stores.append({
+                "name": d["name"], "node": d["node"], "naa": seen.pop() if len(seen) == 1 else d["naa"],
+                "lun": d["lun"], "size_bytes": d["size_bytes"], "state": d["state"],
+                "hosts": [s["host"] for s in shares],
+                "seen_by": {s["host"]: {"naa": s["seen_naa"], "size_bytes": s["seen_size"]}
+                            for s in shares},
+            })
+        vms = []
+        for v in inv.rows("vms"):
+            live = vm_live.get(v["name"])
+            entry: dict[str, Any] = {"name": v["name"], "host": v["host"], "datastore": v["datastore"],
+                                     "memory_bytes": v["memory"], "state": v["state"]}
+            if live is not None:
+                entry.update(host=live["host"], state=live.get("state", "running"),
+                             pid=live.get("pid"), heartbeat=live.get("heartbeat"),
+                             disk_counter=live.get("disk_counter"))
+            elif v["state"] == "running":
+                entry["state"] = "unknown (its host agent does not report it)"
+            vms.append(entry)
+        return {"lab": self.name, "state": inv.get_meta("state"), "accel": inv.get_meta("accel"),
+                "topology": inv.get_meta("topology_source"), "hosts": out_hosts,
+                "storage_nodes": nodes, "datastores": stores, "vms": vms,
+                "steps": [{"name": s["name"], "seconds": round(s["seconds"], 3)}
+                          for s in inv.rows("steps")]}
+
+    # ------------------------------------------------------------------ down
+    async def down(self) -> list[str]:
+        """Remove exactly what this lab owns. Works after a crash mid-up; says so when nothing is up."""
+        if not self.dir.path.exists():
+            raise LabStateError(f"lab {self.name} is not up: nothing to tear down", lab=self.name)
+        with self.dir.lock():
+            removed = await self._teardown()
+        shutil.rmtree(self.dir.path, ignore_errors=True)
+        self.progress(f"lab {self.name} is down")
+        return removed
+
+    async def _teardown(self) -> list[str]:
+        from labctl import storagenode
+
+        removed: list[str] = []
+        inv = self.dir.inventory() if self.dir.exists() else None
+        owned = inv.owned() if inv is not None else []
+        # processes first (host agents stop their VMs softly on SIGTERM), then any QEMU left
+        agents = [(n, d["pid"]) for k, n, d in owned if k == "process" and "pid" in d]
+        await _gather_all(*(self._stop_process(name, pid, removed) for name, pid in agents))
+        for pidfile in sorted(self.dir.path.glob("hosts/*/vms/*/*.pid")):
+            with contextlib.suppress(ValueError, OSError):
+                await self._stop_process(f"qemu:{pidfile.parent.name}",
+                                         int(pidfile.read_text().split()[0]), removed)
+        try:
+            for dom in await storagenode.destroy_owned(self.name, self.dir.path):
+                removed.append(f"domain {dom}")
+        except LabError as exc:
+            self.progress(f"warning: {exc.message}")
+        for kind, name, detail in owned:
+            if kind == "link" and netns.delete_link(name, detail["alias"]):
+                removed.append(f"link {name}")
+            elif kind == "netns" and netns.delete_netns(name):
+                removed.append(f"netns {name}")
+            if inv is not None:
+                inv.disown(kind, name)
+        if inv is not None:
+            inv.close()
+        for item in removed:
+            self.progress(f"removed {item}")
+        return removed
+
+    async def _stop_process(self, name: str, pid: int, removed: list[str]) -> None:
+        if not pid_owned_by(pid, self.dir.path):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not pid_owned_by(pid, self.dir.path):
+                removed.append(f"process {name} (pid {pid})")
+                return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        removed.append(f"process {name} (pid {pid}, killed)")
+
+
+async def _gather_all(*jobs: Awaitable[Any]) -> list[Any]:
+    """Run jobs together; if one fails, cancel the rest and raise the first error."""
+    tasks = [asyncio.ensure_future(j) for j in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _preflight() -> None:
+    if os.geteuid() != 0:
+        raise MissingDependency("labctl needs root to create network namespaces and bridges "
+                                "(run it with sudo)")
+    qemu = os.environ.get("LABCTL_QEMU", "qemu-system-x86_64")
+    if shutil.which(qemu) is None:
+        raise MissingDependency(f"QEMU ({qemu}) is not installed; run scripts/setup.sh", program=qemu)
+    for tool in ("iscsi-inq", "iscsi-ls", "mmdebstrap", "nsenter"):
+        if shutil.which(tool) is None:
+            raise MissingDependency(f"{tool} is not installed; run scripts/setup.sh", program=tool)
+
+
+def _mac_for(tag: str, role: str, index: int) -> str:
+    return f"52:54:{tag[:2]}:{tag[2:4]}:{ord(role):02x}:{index:02x}"
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, default=str)

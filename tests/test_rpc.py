@@ -1,0 +1,87 @@
+"""The agent RPC: both sides must hold the lab secret; tampered frames end the session."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from labctl.errors import AuthenticationFailed, RemoteError, StorageNodeError
+from labctl.rpc import RpcClient, RpcServer
+
+SECRET = b"s" * 32
+
+
+async def _server() -> tuple[RpcServer, int]:
+    async def echo(**kw: Any) -> Any:
+        return kw
+
+    async def boom() -> None:
+        raise StorageNodeError("no room on the node", free=0)
+
+    server = RpcServer(SECRET, {"echo": echo, "boom": boom})
+    await server.start("127.0.0.1", 0)
+    assert server._server is not None
+    port = server._server.sockets[0].getsockname()[1]
+    return server, port
+
+
+def test_call_and_remote_error() -> None:
+    async def go() -> None:
+        server, port = await _server()
+        async with await RpcClient.connect("127.0.0.1", port, SECRET) as c:
+            assert await c.call("echo", a=1, b=[2]) == {"a": 1, "b": [2]}
+            with pytest.raises(RemoteError) as info:
+                await c.call("boom")
+            assert info.value.remote_type == "StorageNodeError"
+            assert info.value.evidence["remote"] == {"free": 0}
+            with pytest.raises(RemoteError):
+                await c.call("nope")
+        await server.close()
+
+    asyncio.run(go())
+
+
+def test_wrong_secret_refused() -> None:
+    async def go() -> None:
+        server, port = await _server()
+        with pytest.raises(AuthenticationFailed):
+            await RpcClient.connect("127.0.0.1", port, b"x" * 32)
+        assert server.rejected == 1
+        await server.close()
+
+    asyncio.run(go())
+
+
+def test_unauthenticated_raw_request_gets_nothing() -> None:
+    async def go() -> None:
+        server, port = await _server()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        import json
+        import struct
+        head = await reader.readexactly(36)  # the hello frame
+        await reader.readexactly(struct.unpack(">I", head[:4])[0])
+        # send a request instead of the handshake answer
+        body = json.dumps({"id": 1, "method": "echo", "params": {"x": 1}}).encode()
+        writer.write(struct.pack(">I", len(body)) + bytes(32) + body)
+        await writer.drain()
+        data = await reader.read(65536)
+        assert b'"x"' not in data and b"AuthenticationFailed" in data
+        writer.close()
+        await server.close()
+
+    asyncio.run(go())
+
+
+def test_tampered_frame_drops_connection() -> None:
+    async def go() -> None:
+        server, port = await _server()
+        c = await RpcClient.connect("127.0.0.1", port, SECRET)
+        c._chan.key = b"k" * 32  # frames now carry a MAC the server cannot verify
+        with pytest.raises(Exception):  # noqa: B017 - lost connection or timeout, both are a refusal
+            await c.call("echo", timeout=2, a=1)
+        await c.close()
+        await server.close()
+
+    asyncio.run(go())

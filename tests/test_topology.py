@@ -1,0 +1,105 @@
+"""Topology validation: every bad input names the file, the place in it and the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labctl import topology
+from labctl.errors import TopologyError
+
+GOOD = """
+name: t1
+sites: [{name: s1, subnet: 10.231.8.0/24}]
+storage_nodes: [{name: stor1, capacity: 1G}]
+hosts: [{name: h1}, {name: h2}, {name: h3, address: 10.231.8.12}]
+datastores: [{name: ds1, size: 256M, hosts: [h1, h2]}]
+vms: [{name: vm1, host: h1, datastore: ds1}]
+"""
+
+
+def test_default_lab_is_valid() -> None:
+    topo = topology.load(Path(__file__).parent.parent / "labs" / "default.yaml")
+    assert [h.name for h in topo.hosts] == ["host1", "host2"]
+    assert topo.datastores[0].hosts == ("host1", "host2")
+    assert topo.vms[0].host == "host1"
+
+
+def test_addresses_and_iqns() -> None:
+    topo = topology.parse(GOOD, "good.yaml")
+    assert str(topo.storage_node("stor1").address) == "10.231.8.2"
+    # h3 asked for .12 explicitly, so automatic assignment skips it
+    assert [str(h.address) for h in topo.hosts] == ["10.231.8.11", "10.231.8.13", "10.231.8.12"]
+    assert topo.host("h1").initiator_iqn.endswith(":t1.h1")
+    assert topo.storage_node("stor1").target_iqn.startswith("iqn.")
+    assert topo.datastore("ds1").size == 256 << 20
+
+
+def _error(text: str) -> TopologyError:
+    with pytest.raises(TopologyError) as info:
+        topology.parse(text, "lab.yaml")
+    return info.value
+
+
+@pytest.mark.parametrize(("change", "path", "words"), [
+    (("hosts: [{name: h1}, {name: h2}, {name: h3, address: 10.231.8.12}]",
+      "hosts: [{name: h1}, {name: h1}]"), "hosts[1].name", "duplicate name 'h1'"),
+    (("hosts: [{name: h1}, {name: h2}, {name: h3, address: 10.231.8.12}]",
+      "hosts: [{name: h1}, {name: H2}]"), "hosts[1].name", "is not valid"),
+    (("vms: [{name: vm1, host: h1, datastore: ds1}]", "vms: [{name: vm1, host: h9}]"),
+     "vms[0].host", "unknown host 'h9'"),
+    (("size: 256M", "size: 5G"), "datastores[0].size", "does not fit on storage node stor1"),
+    (("vms: [{name: vm1, host: h1, datastore: ds1}]", "vms: [{name: vm1, host: h1, datastore: dsx}]"),
+     "vms[0].datastore", "unknown datastore 'dsx'"),
+    (("hosts: [h1, h2]", "hosts: [h2]"), "vms[0].datastore", "does not share datastore ds1"),
+    (("sites: [{name: s1, subnet: 10.231.8.0/24}]",
+      "sites: [{name: s1, subnet: 10.231.8.0/24}, {name: s2, subnet: 10.231.0.0/16}]"),
+     "sites[1].subnet", "overlaps 10.231.8.0/24"),
+    (("name: t1", "name: t1\nbogus: 1"), "", "unknown key"),
+    (("{name: h3, address: 10.231.8.12}", "{name: h3, address: 10.9.9.9}"), "hosts[2].address",
+     "not a usable address"),
+    (("{name: h2}", "{name: h2, address: 10.231.8.12}"), "hosts[2].address",
+     "already used by hosts[1]"),
+    (("datastore: ds1}]", "datastore: ds1, memory: 4G}]"), "vms[0].memory", "offers 2G"),
+])
+def test_bad_topology(change: tuple[str, str], path: str, words: str) -> None:
+    old, new = change
+    assert old in GOOD
+    err = _error(GOOD.replace(old, new))
+    assert err.path == path
+    assert words in err.problem
+    assert str(err).startswith("lab.yaml: ")
+
+
+def test_invalid_yaml_names_line() -> None:
+    err = _error("name: t1\nsites: [\n  - oops: : :\n")
+    assert "invalid YAML" in err.problem
+    assert err.path.startswith("line ")
+
+
+def test_missing_file() -> None:
+    with pytest.raises(TopologyError) as info:
+        topology.load("/nonexistent/lab.yaml")
+    assert "cannot read the file" in str(info.value)
+
+
+def test_sizes() -> None:
+    assert topology.parse_size("1G") == 1 << 30
+    assert topology.parse_size("512MiB") == 512 << 20
+    assert topology.parse_size(4096) == 4096
+    assert topology.format_size(256 << 20) == "256M"
+
+
+def test_cli_reports_one_line_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("hosts: [{name: h1}, {name: h2}, {name: h3, address: 10.231.8.12}]",
+                                "hosts: [{name: h1}, {name: h1}]"))
+    res = subprocess.run([sys.executable, "-m", "labctl.cli", "validate", str(bad)],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (f"labctl: error: {bad}: hosts[1].name: duplicate name 'h1' "
+                                  "(also hosts[0])")
+    assert "Traceback" not in res.stderr
