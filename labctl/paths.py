@@ -13,8 +13,9 @@ def home() -> Path:
 
 
 def cache_dir() -> Path:
-    """Built images, shared by all labs and kept across them."""
-    return home() / "cache"
+    """Built images, shared by all labs and kept across them (``$LABCTL_CACHE`` overrides)."""
+    env = os.environ.get("LABCTL_CACHE")
+    return Path(env) if env else home() / "cache"
 
 
 def labs_dir() -> Path:
