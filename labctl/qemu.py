@@ -282,6 +282,8 @@ class QemuVm:
         self._console_lock: asyncio.Lock | None = None
         self._events = EventListener()
         self._dirfds: list[int] = []
+        #: called once if QEMU exits without being asked to (e.g. to report an event)
+        self.on_unexpected_exit: Callable[[QemuVm], None] | None = None
 
     # -- paths
     @property
@@ -398,6 +400,11 @@ class QemuVm:
             self.state = VmState.FAILED
             log.warning("%s: QEMU (pid %s) exited unexpectedly with status %s",
                         self.spec.name, self.pid, rc)
+            if self.on_unexpected_exit is not None:
+                try:
+                    self.on_unexpected_exit(self)
+                except Exception:
+                    log.exception("%s: exit callback failed", self.spec.name)
         self._dead.set()
         await asyncio.sleep(0.2)  # let the console reader drain the last lines
         for w in self._waiters:
@@ -512,9 +519,9 @@ class QemuVm:
             self._check_alive()
             raise self._error(f"QMP {cmd}: {exc!r}") from exc
 
-    async def query_status(self) -> dict[str, Any]:
+    async def query_status(self, timeout: float = 30.0) -> dict[str, Any]:
         """QMP ``query-status``: {"status": "running"|"paused"|..., "running": bool, ...}."""
-        res = await self.execute("query-status")
+        res = await self.execute("query-status", timeout=timeout)
         assert isinstance(res, dict)
         return res
 
