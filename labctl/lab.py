@@ -30,6 +30,7 @@ from labctl.errors import (
     ProvisionError,
     TopologyError,
 )
+from labctl.guestimage import guest_append
 from labctl.inventory import Inventory
 from labctl.labdir import LabDir, existing_labs, pid_owned_by
 from labctl.rpc import RpcClient
@@ -364,9 +365,13 @@ class Lab:
     def vm_spec(self, inv: Inventory, name: str, host: str) -> dict[str, Any]:
         vm = inv.row("vms", name=name)
         assert vm is not None
-        disk = self._lun_of(inv, vm["datastore"], host) if vm["datastore"] else None
-        append = (f"console=ttyS0 quiet cryptomgr.notests labctl.vm={name} "
-                  f"labctl.rate={vm['dirty_rate']:g} labctl.wss={vm['working_set'] >> 20}")
+        disk = None
+        if vm["datastore"]:
+            lun = self._lun_of(inv, vm["datastore"], host)
+            disk = {"kind": "iscsi", **{k: lun[k] for k in
+                                        ("portal", "target_iqn", "lun", "initiator_iqn", "naa")}}
+        append = guest_append(round(vm["dirty_rate"]), vm["working_set"] >> 20,
+                              extra=[f"labctl.vm={name}"])
         return {"name": name, "memory_mib": vm["memory"] >> 20, "vcpus": vm["vcpus"],
                 "kernel": inv.get_meta("guest_kernel"), "initrd": inv.get_meta("guest_initrd"),
                 "append": append, "accel": inv.get_meta("accel", "tcg"), "disk": disk}

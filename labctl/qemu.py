@@ -40,7 +40,7 @@ from labctl.proc import which
 
 log = logging.getLogger(__name__)
 
-QEMU_BINARY = "qemu-system-x86_64"
+QEMU_BINARY = os.environ.get("LABCTL_QEMU", "qemu-system-x86_64")
 DEFAULT_MACHINE = "pc-q35-10.0"  # pinned: source and destination of a migration must agree
 ACCELS = ("tcg", "kvm")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
