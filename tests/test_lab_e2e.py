@@ -103,11 +103,15 @@ def test_outside_iscsi_client_sees_same_naa(lab: dict[str, Any]) -> None:
     ds = s["datastores"][0]
     for host in s["hosts"][:2]:
         url = f"iscsi://{node['address']}/{node['target_iqn']}/{ds['lun']}"
-        inq = in_ns(lab["name"], host["name"], "iscsi-inq", "-i", host["initiator_iqn"],
-                    "-e", "1", "-c", "0x83", url)
+        # iscsi-inq parses -c with atoi (so 0x83 must be 131) and prints binary designators
+        # with %s: the NAA bytes appear raw, up to the first zero byte
+        inq = subprocess.run(["ip", "netns", "exec", f"labctl-{lab['name']}-{host['name']}",
+                              "iscsi-inq", "-i", host["initiator_iqn"], "-e", "1", "-c", "131", url],
+                             capture_output=True, timeout=60, check=False)
         assert inq.returncode == 0, inq.stderr
-        digits = ds["naa"].removeprefix("naa.")
-        assert digits in inq.stdout.replace(" ", "").lower() or digits in inq.stdout, inq.stdout
+        raw = bytes.fromhex(ds["naa"].removeprefix("naa."))
+        shown = raw.split(b"\0")[0]
+        assert len(shown) >= 4 and shown in inq.stdout, inq.stdout
         ls = in_ns(lab["name"], host["name"], "iscsi-ls", "-s", "-i", host["initiator_iqn"],
                    f"iscsi://{node['address']}")
         assert ls.returncode == 0 and node["target_iqn"] in ls.stdout, ls.stdout + ls.stderr
