@@ -260,7 +260,9 @@ class Lab:
             data_disks=disks, secret=self.dir.secret(), target_iqn=node.target_iqn,
             agent_port=STORAGE_AGENT_PORT,
         )
+        t0 = time.monotonic()
         await storagenode.start(spec, image, accel="kvm" if accel == "kvm" else "qemu")
+        inv.record_step(f"storage node {node.name} boot to agent ready", time.monotonic() - t0)
         inv.update("storage_nodes", {"name": node.name}, state="up")
         self.progress(f"storage node {node.name} is serving at {node.address}")
 
@@ -280,6 +282,7 @@ class Lab:
         netns.ensure_veth(netns.VethSpec(
             outer=veth, netns=ns, bridge=self.bridge_name(site_index[host.site]),
             address=ipaddress.IPv4Interface(f"{host.address}/{site.subnet.prefixlen}"), alias=alias))
+        t0 = time.monotonic()
         hdir = self.dir.host_dir(host.name)
         hdir.mkdir(parents=True, exist_ok=True)
         argv = ["nsenter", f"--net=/run/netns/{ns}", "--", sys.executable, "-m", "labctl.agents.host",
@@ -306,6 +309,7 @@ class Lab:
                     raise ProvisionError(f"the host agent of {host.name} did not answer within 15 s",
                                          host=host.name) from None
                 await asyncio.sleep(0.1)
+        inv.record_step(f"host {host.name} namespace and agent ready", time.monotonic() - t0)
         inv.update("hosts", {"name": host.name}, state="up")
 
     async def _export_datastore(self, inv: Inventory, topo: Topology, name: str) -> None:
