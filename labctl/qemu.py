@@ -181,10 +181,12 @@ def socket_arg(run_dir: Path, name: str) -> str:
 
 
 def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
-               qemu: str = QEMU_BINARY) -> list[str]:
+               qemu: str = QEMU_BINARY, blockdevs: list[str] | None = None) -> list[str]:
     """QEMU's argument list for ``spec``, with its sockets and files in ``run_dir``.
 
     ``incoming`` is passed to ``-incoming`` (e.g. ``"defer"`` for a migration target).
+    ``blockdevs``, when given, replaces the disk's own ``-blockdev`` node: a block graph
+    whose top node is ``disk0`` (a migration target uses this to put a placeholder there).
     """
     run_dir = run_dir.absolute()
     argv = [
@@ -209,7 +211,10 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
         "-msg", "timestamp=on",
     ]
     disk = spec.disk
-    if isinstance(disk, IscsiDisk):
+    if disk is not None and blockdevs is not None:
+        for node in blockdevs:
+            argv += ["-blockdev", node]
+    elif isinstance(disk, IscsiDisk):
         argv += ["-blockdev",
                  f"driver=iscsi,transport=tcp,portal={_opt(disk.portal)},"
                  f"target={_opt(disk.target_iqn)},lun={disk.lun},"
@@ -314,7 +319,8 @@ class QemuVm:
                        console_tail=self.console_tail(), stderr=self.stderr_tail(), **more)
 
     # -- start
-    async def start(self, incoming: str | None = None, timeout: float = 30.0) -> None:
+    async def start(self, incoming: str | None = None, timeout: float = 30.0,
+                    blockdevs: list[str] | None = None) -> None:
         """Launch QEMU and connect QMP and the console. Does not wait for the guest:
         see :meth:`wait_heartbeat`. Raises VmError (QEMU cleaned up) on failure."""
         if self.state is not VmState.NEW:
@@ -330,7 +336,7 @@ class QemuVm:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("qmp.sock", "console.sock", "qemu.pid"):
             (self.run_dir / name).unlink(missing_ok=True)
-        argv = build_argv(self.spec, self.run_dir, incoming, qemu=qemu_path)
+        argv = build_argv(self.spec, self.run_dir, incoming, qemu=qemu_path, blockdevs=blockdevs)
         (self.run_dir / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
         try:
             with open(self.log_path, "ab") as logf:
