@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     val = sub.add_parser("validate", help="check a topology file without building anything")
     val.add_argument("file")
+    from labctl.migration_cli import add_parsers
+
+    add_parsers(sub)
     return p
 
 
@@ -64,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"labctl: error: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if args.cmd == "migrate":
+            from labctl.migration_cli import interrupted_message
+
+            print(interrupted_message(), file=sys.stderr)
+            return 130
         print("labctl: interrupted; 'labctl down' removes whatever the lab had created",
               file=sys.stderr)
         return 130
@@ -105,6 +113,10 @@ async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
             await lab.vm_stop(args.name)
             print(f"VM {args.name} stopped")
         return 0
+    if args.cmd in ("migrate", "migrations"):
+        from labctl.migration_cli import dispatch
+
+        return await dispatch(lab, args)
     if args.cmd == "down":
         removed = await lab.down()
         print(f"lab {lab.name} is down ({len(removed)} objects removed)")

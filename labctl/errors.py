@@ -18,6 +18,7 @@ console tail, ...), so a failure can be diagnosed without re-running it.
      │   ├─ AuthenticationFailed
      │   └─ RemoteError       the agent ran the request and it failed there
      └─ VmError               a workload VM misbehaved (QEMU, QMP, console)
+         └─ MigrationError    a live migration was refused, failed or was cancelled
 """
 
 from __future__ import annotations
@@ -119,6 +120,11 @@ class RemoteError(AgentError):
 
 class VmError(LabError):
     """A workload VM failed to start, stop, or answer."""
+
+
+class MigrationError(VmError):
+    """A live migration was refused, failed or was cancelled; the evidence keeps the QMP
+    exchange, the last ``query-migrate`` and what was done to recover."""
 
 
 def _jsonable(value: Any) -> Any:

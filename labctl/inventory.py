@@ -43,6 +43,18 @@ CREATE TABLE IF NOT EXISTS vms (
     vcpus INTEGER NOT NULL, dirty_rate REAL NOT NULL, working_set INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'stopped', pid INTEGER, started_at REAL);
 CREATE TABLE IF NOT EXISTS steps (name TEXT NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS migrations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL, source TEXT NOT NULL, dest TEXT NOT NULL,
+    policy TEXT NOT NULL, storage TEXT NOT NULL, state TEXT NOT NULL, started REAL NOT NULL,
+    finished REAL, total_ms REAL, downtime_ms REAL, blackout_ms REAL, passes INTEGER, bytes INTEGER,
+    error TEXT, result TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS migration_passes (
+    migration INTEGER NOT NULL, pass INTEGER NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (migration, pass));
+CREATE TABLE IF NOT EXISTS migration_decisions (
+    migration INTEGER NOT NULL, seq INTEGER NOT NULL, at_pass INTEGER, action TEXT NOT NULL,
+    reason TEXT NOT NULL, t_rel REAL NOT NULL, detail TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (migration, seq));
 """
 
 

@@ -403,6 +403,23 @@ class Lab:
         finally:
             inv.close()
 
+    async def migrate(self, vm: str, to: str, policy: Any = None,
+                      late_storage: bool | None = None) -> dict[str, Any]:
+        """Live-migrate ``vm`` to host ``to`` (see labctl/migration.py)."""
+        from labctl.migration import migrate_in_lab
+
+        return await migrate_in_lab(self, vm, to, policy, late_storage)
+
+    def migrations(self, mid: int | None = None) -> Any:
+        """Recorded migrations (a list), or one with its passes and decisions."""
+        from labctl.migration import get_migration, list_migrations
+
+        inv = self._open()
+        try:
+            return list_migrations(inv) if mid is None else get_migration(inv, mid)
+        finally:
+            inv.close()
+
     def _vm_row(self, inv: Inventory, name: str) -> dict[str, Any]:
         vm = inv.row("vms", name=name)
         if vm is None:

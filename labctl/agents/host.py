@@ -64,7 +64,13 @@ class HostAgent:
             "vm_status": self.vm_status, "vm_list": self.vm_list,
             "vm_console": self.vm_console, "vm_console_tail": self.vm_console_tail,
             "scan_luns": self.scan_luns, "lun_cache": self.get_lun_cache,
+            **self._migration_handlers(),
         }
+
+    def _migration_handlers(self) -> dict[str, Handler]:
+        from labctl.agents.host_migration import MigrationHandlers
+
+        return MigrationHandlers(self).handlers()
 
     def _vm(self, name: Any) -> QemuVm:
         if not isinstance(name, str) or name not in self.vms:

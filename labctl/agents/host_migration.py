@@ -1,0 +1,618 @@
+"""The host agent's side of a live migration (registered into the host agent's handler table).
+
+Destination (``mig_prepare`` ... ``mig_dest_finish`` / ``mig_dest_abort``):
+
+* ``mig_prepare`` starts QEMU with ``-incoming defer`` and the source's exact machine and
+  devices. The disk's block graph is ``raw`` (node ``disk0``, what the virtio-blk device uses)
+  over a protocol node. With *early* storage preparation the protocol node is the real disk
+  (iSCSI LUN / file), the host-level datastore check (LUN scan: NAA and capacity through
+  libiscsi) is done, and QEMU's own open node is read (``qemu-io`` on the inactive node;
+  sector 0 holds the guest's disk counter record) -- all before the source is asked to
+  migrate. With *late* preparation the protocol node is a ``null-co`` placeholder of the
+  same size, and all that work happens in ``mig_late_storage``, called in the
+  ``pause-before-switchover`` window: ``blockdev-add`` of the real node, ``blockdev-reopen``
+  of ``disk0`` onto it, the read check, the LUN scan.
+* The incoming VM holds a *lease*: the controller renews it while it drives the migration;
+  if it lapses (controller gone, link cut) before the migration completed, the agent drops
+  the incoming QEMU and its run directory by itself.
+
+Source (``mig_source_info``, ``mig_start``, ``mig_status``, ``mig_set``, ``mig_continue``,
+``mig_postcopy``, ``mig_cancel``, ``mig_source_finish``): the job registers its QMP event
+listener before any command, records a pass (``query-migrate`` right after each
+``MIGRATION_PASS``), every status change with its time (``time.monotonic()``, the same
+clock as the console timestamps), and pushes ``migration`` events to RPC subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qemu.qmp import EventListener
+
+from labctl import iscsi
+from labctl.errors import LabError, LabStateError, MigrationError, VmError
+from labctl.qemu import FileDisk, IscsiDisk, QemuVm, VmSpec, VmState
+from labctl.rpc import Handler
+
+if TYPE_CHECKING:
+    from labctl.agents.host import HostAgent
+
+log = logging.getLogger("labctl.agents.host_migration")
+
+FINAL = ("completed", "failed", "cancelled")
+#: capabilities that must be set on the destination too, before migrate-incoming
+DEST_CAPS = ("multifd", "postcopy-ram")
+DEST_PARAMS = ("multifd-channels",)
+_HEX_LINE = re.compile(r"^[0-9a-f]{8}:((?:\s+[0-9a-f]{2}){1,16})")
+_RECORD_MAGIC = b"LABCTLDC"
+
+
+def _fnv1a(data: bytes) -> int:
+    h = 1469598103934665603
+    for b in data:
+        h ^= b
+        h = (h * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def decode_disk_record(sector: bytes) -> int | None:
+    """The guest's disk counter from sector 0 (None: no valid record; 0: blank disk)."""
+    if len(sector) < 24:
+        return None
+    if sector[:8] == _RECORD_MAGIC:
+        (counter,) = struct.unpack("<Q", sector[8:16])
+        (csum,) = struct.unpack("<Q", sector[16:24])
+        return int(counter) if _fnv1a(sector[:16]) == csum else None
+    return 0 if not any(sector[:24]) else None
+
+
+def parse_qemu_io_dump(text: str) -> tuple[bytes, str | None]:
+    """Bytes from ``qemu-io read -v`` output, and the error line if the read failed."""
+    data = bytearray()
+    for line in text.splitlines():
+        if "failed" in line:
+            return bytes(data), line.strip()
+        m = _HEX_LINE.match(line)
+        if m:
+            data += bytes(int(x, 16) for x in m.group(1).split())
+    return bytes(data), None
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+@dataclass
+class _Incoming:
+    vm: QemuVm
+    mode: str  # "early" | "late"
+    real_node: dict[str, Any]
+    lease_until: float
+    uri: str = ""
+    storage_ready: bool = False
+    completed: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    vm: QemuVm
+    listener: EventListener
+    t0: float
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "setup"
+    final: dict[str, Any] | None = None
+    stop_t: float | None = None
+    last_hb_before_stop: dict[str, Any] | None = None
+    task: asyncio.Task[None] | None = None
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _hb(vm: QemuVm) -> dict[str, Any] | None:
+    hb = vm.last_heartbeat
+    return None if hb is None else {"counter": hb.counter, "disk_counter": hb.disk_counter,
+                                     "t": hb.t}
+
+
+def pass_record(q: dict[str, Any], t: float, t0: float, pass_no: int) -> dict[str, Any]:
+    """One pre-copy pass from a ``query-migrate`` answer taken at the pass start."""
+    ram = q.get("ram") or {}
+    page = int(ram.get("page-size") or 4096)
+    rate_pages = float(ram.get("dirty-pages-rate") or 0)
+    return {
+        "pass": pass_no, "t": t, "t_rel": round(t - t0, 4), "status": q.get("status"),
+        "dirty_sync_count": ram.get("dirty-sync-count"),
+        "transferred": ram.get("transferred"), "remaining": ram.get("remaining"),
+        "total": ram.get("total"),
+        "dirty_pages_rate": rate_pages, "dirty_rate_bytes": rate_pages * page,
+        "expected_downtime_ms": q.get("expected-downtime"),
+        "throttle_pct": q.get("cpu-throttle-percentage", 0),
+        "mbps": ram.get("mbps"),
+    }
+
+
+class MigrationHandlers:
+    """Migration RPC methods of one host agent."""
+
+    def __init__(self, agent: HostAgent) -> None:
+        self.agent = agent
+        self.incoming: dict[str, _Incoming] = {}
+        self.jobs: dict[str, _Job] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "mig_prepare": self.mig_prepare, "mig_renew": self.mig_renew,
+            "mig_incoming_status": self.mig_incoming_status,
+            "mig_late_storage": self.mig_late_storage,
+            "mig_dest_finish": self.mig_dest_finish, "mig_dest_abort": self.mig_dest_abort,
+            "mig_source_info": self.mig_source_info, "mig_start": self.mig_start,
+            "mig_status": self.mig_status, "mig_set": self.mig_set,
+            "mig_continue": self.mig_continue, "mig_postcopy": self.mig_postcopy,
+            "mig_cancel": self.mig_cancel, "mig_source_finish": self.mig_source_finish,
+        }
+
+    # ================================================================ destination
+    async def mig_prepare(self, spec: dict[str, Any], listen: str, storage: str = "early",
+                          capabilities: dict[str, bool] | None = None,
+                          parameters: dict[str, Any] | None = None,
+                          disk_size: int | None = None, lease_s: float = 15.0) -> dict[str, Any]:
+        """Start the incoming QEMU and (early) make its storage ready. Returns the URI the
+        source must migrate to and what each step took."""
+        t_start = _now()
+        if storage not in ("early", "late"):
+            raise LabError(f"mig_prepare: storage must be 'early' or 'late', not {storage!r}")
+        if not isinstance(listen, str) or not re.match(r"^[0-9.]+$", listen):
+            raise LabError(f"mig_prepare: listen must be an IPv4 address, not {listen!r}")
+        if not isinstance(lease_s, int | float) or not 1 <= lease_s <= 600:
+            raise LabError("mig_prepare: lease_s must be 1..600 seconds")
+        try:
+            vmspec = VmSpec.from_dict(spec)
+        except (ValueError, TypeError) as exc:
+            raise LabError(f"mig_prepare: bad VM spec: {exc}", spec=spec) from exc
+        name = vmspec.name
+        for path in (vmspec.kernel, vmspec.initrd):
+            if not path.is_file():
+                raise LabError(f"mig_prepare: {path} does not exist on host {self.agent.host}")
+        async with self.agent._lock(name):
+            old = self.agent.vms.get(name)
+            if old is not None and old.state in (VmState.STARTING, VmState.RUNNING):
+                raise LabStateError(f"VM {name} already runs on host {self.agent.host}",
+                                    vm=name, pid=old.pid)
+            real = _real_node(vmspec)
+            if vmspec.disk is not None and storage == "late":
+                size = disk_size if isinstance(disk_size, int) and disk_size > 0 else None
+                if size is None:
+                    raise LabError("mig_prepare: late storage preparation needs disk_size")
+                graph = [f"driver=null-co,node-name=disk0-ph,size={size}",
+                         "driver=raw,node-name=disk0,file=disk0-ph"]
+            elif vmspec.disk is not None:
+                graph = [_blockdev_opt(real), "driver=raw,node-name=disk0,file=disk0-file"]
+            else:
+                graph = None
+            run_dir = self.agent.state_dir / "vms" / name
+            vm = QemuVm(vmspec, run_dir)
+            inc = _Incoming(vm=vm, mode=storage, real_node=real, lease_until=_now() + lease_s)
+            vm.on_unexpected_exit = self._incoming_died
+            self.agent.vms[name] = vm
+            self.incoming[name] = inc
+            try:
+                t = _now()
+                await vm.start(incoming="defer", blockdevs=graph)
+                inc.timings["qemu_start_s"] = _now() - t
+                caps = [{"capability": c, "state": bool(v)}
+                        for c, v in (capabilities or {}).items() if c in DEST_CAPS]
+                if caps:
+                    await vm.execute("migrate-set-capabilities", {"capabilities": caps})
+                params = {k: v for k, v in (parameters or {}).items() if k in DEST_PARAMS}
+                if params:
+                    await vm.execute("migrate-set-parameters", params)
+                if vmspec.disk is not None and storage == "early":
+                    await self._storage_work(inc, attach=False)
+                t = _now()
+                await vm.execute("migrate-incoming", {"uri": f"tcp:{listen}:0"})
+                q = await vm.execute("query-migrate")
+                addrs = q.get("socket-address") or []
+                if not addrs:
+                    raise vm._error("the incoming QEMU reports no listening address", answer=q)
+                inc.uri = f"tcp:{listen}:{addrs[0]['port']}"
+                inc.timings["listen_s"] = _now() - t
+            except BaseException:
+                await self._drop(name)
+                raise
+            inc.timings["prepare_s"] = _now() - t_start
+            self._ensure_watchdog()
+            log.info("incoming %s ready at %s (storage %s, %.3f s)", name, inc.uri, storage,
+                     inc.timings["prepare_s"])
+            return {"uri": inc.uri, "pid": vm.pid, "storage": storage, "timings": inc.timings,
+                    "checks": inc.checks, "run_dir": str(vm.run_dir)}
+
+    async def _storage_work(self, inc: _Incoming, attach: bool) -> None:
+        """Make the datastore usable on this host and prove QEMU can read the disk:
+        LUN scan (NAA, capacity) or file check; for late preparation, open the real node
+        in QEMU and swap it under ``disk0``; then read sector 0 through QEMU's node."""
+        vm = inc.vm
+        disk = vm.spec.disk
+        t = _now()
+        inc.checks["datastore"] = await self._datastore_check(disk)
+        inc.timings["datastore_check_s"] = _now() - t
+        if attach:
+            t = _now()
+            await vm.execute("blockdev-add", inc.real_node)
+            await vm.execute("blockdev-reopen", {"options": [
+                {"driver": "raw", "node-name": "disk0", "file": "disk0-file"}]})
+            await vm.execute("blockdev-del", {"node-name": "disk0-ph"})
+            inc.timings["qemu_open_s"] = _now() - t
+        t = _now()
+        inc.checks["read"] = await self._read_check(vm)
+        inc.timings["read_check_s"] = _now() - t
+        inc.storage_ready = True
+
+    async def _datastore_check(self, disk: Any) -> dict[str, Any]:
+        if isinstance(disk, IscsiDisk):
+            args = (disk.portal, disk.target_iqn, disk.lun, disk.initiator_iqn)
+            naa, size = await asyncio.gather(iscsi.inquiry_naa(*args), iscsi.read_capacity(*args))
+            key = f"{disk.portal}/{disk.target_iqn}/{disk.lun}"
+            self.agent.lun_cache[key] = {"portal": disk.portal, "target_iqn": disk.target_iqn,
+                                         "lun": disk.lun, "initiator_iqn": disk.initiator_iqn,
+                                         "naa": naa, "size_bytes": size, "ok": True,
+                                         "error": None, "scanned_at": time.time()}
+            if disk.naa and naa.lower() != disk.naa.lower():
+                raise MigrationError(
+                    f"host {self.agent.host} sees NAA {naa} at {disk.url}, the VM's datastore "
+                    f"is {disk.naa}: refusing to open another LUN", naa_seen=naa, naa_want=disk.naa)
+            return {"kind": "iscsi", "naa": naa, "size_bytes": size}
+        if isinstance(disk, FileDisk):
+            try:
+                size = disk.path.stat().st_size
+                with open(disk.path, "rb") as f:
+                    f.read(512)
+            except OSError as exc:
+                raise MigrationError(f"host {self.agent.host} cannot read {disk.path}: {exc}") from exc
+            return {"kind": "file", "path": str(disk.path), "size_bytes": size}
+        return {"kind": "none"}
+
+    async def _read_check(self, vm: QemuVm) -> dict[str, Any]:
+        """Read sector 0 through QEMU's own (inactive) node; qemu-io prints to QEMU's stdout."""
+        try:
+            offset = vm.log_path.stat().st_size
+        except OSError:
+            offset = 0
+        answer = await vm.execute("human-monitor-command",
+                                  {"command-line": 'qemu-io disk0 "read -v 0 512"'})
+        out = ""
+        for _ in range(50):
+            with open(vm.log_path, "rb") as f:
+                f.seek(offset)
+                out = f.read().decode(errors="replace")
+            if "bytes at offset" in out or "failed" in out:
+                break
+            await asyncio.sleep(0.01)
+        data, error = parse_qemu_io_dump(out)
+        if error or str(answer).strip() or len(data) < 512:
+            raise MigrationError(
+                f"{vm.spec.name}: QEMU on host {self.agent.host} cannot read the VM's disk: "
+                f"{error or str(answer).strip() or 'no data'}", qemu_io=out[-2000:], answer=answer)
+        return {"bytes": len(data), "disk_counter": decode_disk_record(data)}
+
+    async def mig_renew(self, name: str, lease_s: float = 15.0) -> dict[str, Any]:
+        inc = self._inc(name)
+        inc.lease_until = _now() + float(lease_s)
+        return {"lease_until": inc.lease_until}
+
+    async def mig_incoming_status(self, name: str, lease_s: float = 15.0) -> dict[str, Any]:
+        inc = self._inc(name)
+        inc.lease_until = _now() + float(lease_s)
+        st = await inc.vm.query_status(timeout=5.0)
+        return {"status": st.get("status"), "storage_ready": inc.storage_ready,
+                "heartbeat": _hb(inc.vm)}
+
+    async def mig_late_storage(self, name: str) -> dict[str, Any]:
+        """Late storage preparation, in the pre-switchover window (the source is stopped)."""
+        inc = self._inc(name)
+        t = _now()
+        if inc.mode != "late":
+            raise LabStateError(f"incoming {name} was prepared with early storage")
+        if not inc.storage_ready and inc.vm.spec.disk is not None:
+            await self._storage_work(inc, attach=True)
+        inc.timings["late_storage_s"] = _now() - t
+        return {"timings": inc.timings, "checks": inc.checks}
+
+    async def mig_dest_finish(self, name: str, after_counter: int | None,
+                              timeout: float = 20.0) -> dict[str, Any]:
+        """After completion: wait for the guest's next heartbeat here and read its disk."""
+        inc = self._inc(name)
+        vm = inc.vm
+        inc.completed = True
+        inc.lease_until = float("inf")
+        try:
+            await vm.wait_heartbeat(timeout, after=after_counter)
+        except VmError:
+            if vm.last_heartbeat is None or (after_counter is not None
+                                              and vm.last_heartbeat.counter <= after_counter):
+                raise
+        first = next((ln for ln in vm.lines if ln.text.startswith("HB ")), None)
+        first_hb = None
+        if first is not None:
+            p = first.text.split()
+            first_hb = {"counter": int(p[1]), "disk_counter": int(p[2]), "t": first.t}
+        resume_t = next((e["t"] for e in vm.events if e["event"] == "RESUME"), None)
+        read = await vm.console_command("read", "DISK read", timeout=10.0)
+        status = await vm.query_status(timeout=5.0)
+        vm.on_unexpected_exit = self.agent._on_exit
+        self.incoming.pop(name, None)
+        return {"first_heartbeat": first_hb, "heartbeat": _hb(vm), "resume_t": resume_t,
+                "disk_read": read, "status": status.get("status"), "pid": vm.pid,
+                "timings": inc.timings, "checks": inc.checks}
+
+    async def mig_dest_abort(self, name: str) -> dict[str, Any]:
+        """Drop an incoming VM: stop its QEMU and remove its run directory. Idempotent."""
+        if name not in self.incoming:
+            return {"name": name, "removed": False}
+        await self._drop(name)
+        return {"name": name, "removed": True}
+
+    def _inc(self, name: Any) -> _Incoming:
+        if not isinstance(name, str) or name not in self.incoming:
+            raise LabStateError(f"host {self.agent.host} has no incoming migration of {name!r}",
+                                vm=name, host=self.agent.host)
+        return self.incoming[name]
+
+    async def _drop(self, name: str) -> None:
+        inc = self.incoming.pop(name, None)
+        if inc is None:
+            return
+        vm = inc.vm
+        vm.on_unexpected_exit = None
+        await vm.stop(timeout=3.0)
+        if self.agent.vms.get(name) is vm:
+            self.agent.vms.pop(name, None)
+        shutil.rmtree(vm.run_dir, ignore_errors=True)
+        log.info("dropped incoming %s (QEMU pid %s, status %s)", name, vm.pid, vm.returncode)
+
+    def _incoming_died(self, vm: QemuVm) -> None:
+        name = vm.spec.name
+        log.warning("incoming QEMU of %s died (status %s): cleaning up", name, vm.returncode)
+        inc = self.incoming.get(name)
+        if inc is not None:
+            inc.checks["died"] = {"returncode": vm.returncode, "stderr": vm.stderr_tail(10)}
+        self.agent._on_exit(vm)
+        asyncio.get_running_loop().call_soon(
+            lambda: asyncio.ensure_future(self._drop(name)))
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.ensure_future(self._watch_leases())
+
+    async def _watch_leases(self) -> None:
+        while self.incoming:
+            await asyncio.sleep(0.5)
+            now = _now()
+            for name, inc in list(self.incoming.items()):
+                if not inc.completed and now > inc.lease_until:
+                    log.warning("incoming %s: lease lapsed (controller gone?): dropping it", name)
+                    with contextlib.suppress(Exception):
+                        await self._drop(name)
+
+    # ================================================================ source
+    async def mig_source_info(self, name: str) -> dict[str, Any]:
+        vm = self.agent._vm(name)
+        st = await vm.query_status(timeout=5.0)
+        size = None
+        if vm.spec.disk is not None:
+            nodes = await vm.execute("query-named-block-nodes", {"flat": True})
+            for n in nodes:
+                if n.get("node-name") == "disk0":
+                    size = int(n["image"]["virtual-size"])
+        return {"spec": vm.spec.to_dict(), "status": st.get("status"), "disk_size": size,
+                "heartbeat": _hb(vm), "pid": vm.pid, "process": vm.state.value,
+                "migrating": name in self.jobs and self.jobs[name].final is None}
+
+    async def mig_start(self, name: str, uri: str, capabilities: dict[str, bool],
+                        parameters: dict[str, Any]) -> dict[str, Any]:
+        vm = self.agent._vm(name)
+        if name in self.jobs and self.jobs[name].final is None:
+            raise LabStateError(f"VM {name} is already migrating", vm=name)
+        if not isinstance(uri, str) or not uri.startswith("tcp:"):
+            raise LabError(f"mig_start: bad URI {uri!r}")
+        listener = EventListener(("MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"))
+        vm.qmp.register_listener(listener)  # before anything that can cause these events
+        job = _Job(vm=vm, listener=listener, t0=_now())
+        self.jobs[name] = job
+        job.task = asyncio.ensure_future(self._follow(name, job))
+        try:
+            caps = [{"capability": c, "state": bool(v)} for c, v in capabilities.items()]
+            await self._exec(job, "migrate-set-capabilities", {"capabilities": caps})
+            if parameters:
+                await self._exec(job, "migrate-set-parameters", dict(parameters))
+            job.t0 = _now()
+            await self._exec(job, "migrate", {"uri": uri})
+        except BaseException:
+            await self._end_job(job)
+            job.final = {"status": "failed"}
+            raise
+        return {"t0": job.t0}
+
+    async def _exec(self, job: _Job, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        entry: dict[str, Any] = {"t": _now(), "cmd": cmd, "args": args}
+        job.sent.append(entry)
+        try:
+            res = await job.vm.execute(cmd, args)
+        except VmError as exc:
+            entry["error"] = exc.message
+            raise MigrationError(exc.message, qmp_log=job.sent[-20:], **{
+                k: v for k, v in exc.evidence.items() if k != "qmp_log"}) from exc
+        entry["result"] = res
+        return res
+
+    async def _follow(self, name: str, job: _Job) -> None:
+        """Record passes and status changes as QEMU reports them."""
+        server = self.agent.server
+        try:
+            async for ev in job.listener:
+                t = _now()
+                kind = ev.get("event")
+                raw = ev.get("data")
+                data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+                if kind == "STOP" and job.stop_t is None:
+                    job.stop_t = t
+                    job.last_hb_before_stop = _hb(job.vm)
+                elif kind == "MIGRATION_PASS":
+                    try:
+                        q = await job.vm.execute("query-migrate", timeout=5.0)
+                    except VmError:
+                        continue
+                    rec = pass_record(q, t, job.t0, int(data.get("pass", len(job.passes) + 1)))
+                    job.passes.append(rec)
+                    if server is not None:
+                        server.publish("migration", {"vm": name, "pass": rec})
+                elif kind == "MIGRATION":
+                    status = str(data.get("status"))
+                    job.status = status
+                    job.statuses.append({"t": t, "t_rel": round(t - job.t0, 4), "status": status})
+                    if server is not None:
+                        server.publish("migration", {"vm": name, "status": status, "t": t})
+                    if status in FINAL:
+                        with contextlib.suppress(VmError):
+                            job.final = await job.vm.execute("query-migrate", timeout=5.0)
+                        if job.final is None:
+                            job.final = {"status": status}
+                        break
+        finally:
+            with contextlib.suppress(Exception):
+                job.vm.qmp.remove_listener(job.listener)
+
+    async def _end_job(self, job: _Job) -> None:
+        if job.task is not None and not job.task.done():
+            job.task.cancel()
+            with contextlib.suppress(BaseException):
+                await job.task
+        with contextlib.suppress(Exception):
+            job.vm.qmp.remove_listener(job.listener)
+
+    def _job(self, name: Any) -> _Job:
+        if not isinstance(name, str) or name not in self.jobs:
+            raise LabStateError(f"host {self.agent.host} has no migration of {name!r}", vm=name)
+        return self.jobs[name]
+
+    async def mig_status(self, name: str, since: int = 0) -> dict[str, Any]:
+        job = self._job(name)
+        vm = job.vm
+        now: dict[str, Any] | None = None
+        if vm.state is VmState.RUNNING:
+            with contextlib.suppress(VmError):
+                now = await vm.execute("query-migrate", timeout=5.0)
+        status = job.status
+        if job.final is not None:
+            status = str(job.final.get("status", status))
+        elif now is not None and now.get("status") in FINAL:
+            status = str(now["status"])  # the event is on its way; the answer is already final
+            job.final = now
+        return {"status": status, "t0": job.t0, "passes": job.passes[since:],
+                "statuses": job.statuses, "now": now, "final": job.final,
+                "stop_t": job.stop_t, "last_hb_before_stop": job.last_hb_before_stop,
+                "heartbeat": _hb(vm), "process": vm.state.value, "t": _now()}
+
+    async def mig_set(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        job = self._job(name)
+        await self._exec(job, "migrate-set-parameters", dict(parameters))
+        return {"ok": True}
+
+    async def mig_continue(self, name: str) -> dict[str, Any]:
+        job = self._job(name)
+        await self._exec(job, "migrate-continue", {"state": "pre-switchover"})
+        return {"t": _now()}
+
+    async def mig_postcopy(self, name: str) -> dict[str, Any]:
+        job = self._job(name)
+        await self._exec(job, "migrate-start-postcopy")
+        return {"t": _now()}
+
+    async def mig_cancel(self, name: str, timeout: float = 15.0) -> dict[str, Any]:
+        """migrate_cancel, then wait until QEMU says the migration is over and the guest runs
+        again (``cont`` if QEMU left it paused). Safe to call when nothing runs."""
+        job = self.jobs.get(name)
+        vm = self.agent._vm(name)
+        t = _now()
+        if job is not None and job.final is None:
+            with contextlib.suppress(MigrationError):
+                await self._exec(job, "migrate_cancel")
+        deadline = _now() + timeout
+        status = "none"
+        while _now() < deadline:
+            q = await vm.execute("query-migrate", timeout=5.0)
+            status = str(q.get("status", "none"))
+            if status in (*FINAL, "none"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise MigrationError(f"{name}: migration still {status} {timeout:g} s after cancel",
+                                 status=status, qmp_log=job.sent[-20:] if job else [])
+        run = await vm.query_status(timeout=5.0)
+        resumed_by_us = False
+        if not run.get("running") and run.get("status") not in ("postmigrate", "shutdown"):
+            await vm.execute("cont")
+            resumed_by_us = True
+            run = await vm.query_status(timeout=5.0)
+        if job is not None:
+            await self._end_job(job)
+            if job.final is None:
+                job.final = {"status": status}
+        return {"status": status, "vm_status": run.get("status"), "resumed_by_us": resumed_by_us,
+                "took_s": _now() - t}
+
+    async def mig_source_finish(self, name: str) -> dict[str, Any]:
+        """The migration completed: stop the (paused) source QEMU and forget the VM here."""
+        job = self.jobs.pop(name, None)
+        vm = self.agent._vm(name)
+        st = await vm.query_status(timeout=5.0)
+        if st.get("status") != "postmigrate":
+            raise LabStateError(f"{name} on {self.agent.host} is {st.get('status')}, not "
+                                "postmigrate: refusing to stop it", vm=name)
+        if job is not None:
+            await self._end_job(job)
+        async with self.agent._lock(name):
+            await vm.stop(timeout=5.0)
+            self.agent.vms.pop(name, None)
+        return {"name": name, "returncode": vm.returncode}
+
+
+def _real_node(spec: VmSpec) -> dict[str, Any]:
+    """The QMP blockdev-add options of the VM's disk as node ``disk0-file``."""
+    disk = spec.disk
+    if isinstance(disk, IscsiDisk):
+        return {"driver": "iscsi", "node-name": "disk0-file", "transport": "tcp",
+                "portal": disk.portal, "target": disk.target_iqn, "lun": disk.lun,
+                "initiator-name": disk.initiator_iqn, "cache": {"direct": True}}
+    if isinstance(disk, FileDisk):
+        return {"driver": "file", "node-name": "disk0-file", "filename": str(Path(disk.path).absolute()),
+                "cache": {"direct": disk.direct}}
+    return {}
+
+
+def _blockdev_opt(node: dict[str, Any]) -> str:
+    """The same node as a ``-blockdev`` key=value string."""
+    parts = []
+    for k, v in node.items():
+        if isinstance(v, dict):
+            parts += [f"{k}.{kk}={_val(vv)}" for kk, vv in v.items()]
+        else:
+            parts.append(f"{k}={_val(v)}")
+    return ",".join(parts)
+
+
+def _val(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return str(v).replace(",", ",,")

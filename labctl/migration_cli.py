@@ -1,0 +1,160 @@
+"""``labctl migrate`` and ``labctl migrations``: the command-line face of labctl/migration.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from labctl.migration import BUILTIN_POLICIES
+
+if TYPE_CHECKING:
+    from labctl.lab import Lab
+
+_interrupted: dict[str, Any] = {}
+
+
+def add_parsers(sub: Any) -> None:
+    mig = sub.add_parser("migrate", help="live-migrate a VM to another host (pre-copy over QMP)",
+                         description="Live-migrate a VM. The destination's QEMU, disks and "
+                         "datastore are made ready before the source is asked to migrate. "
+                         "Ctrl-C cancels the migration cleanly (the VM keeps running on the "
+                         "source).")
+    mig.add_argument("vm")
+    mig.add_argument("--to", required=True, metavar="HOST", help="destination host")
+    mig.add_argument("--policy", default="default", metavar="FILE|NAME",
+                     help=f"built-in policy ({', '.join(BUILTIN_POLICIES)}) or a YAML file")
+    prep = mig.add_mutually_exclusive_group()
+    prep.add_argument("--late-storage", dest="late", action="store_true", default=None,
+                      help="prepare the destination's storage in the pause-before-switchover "
+                           "window (after the source stopped), for comparison")
+    prep.add_argument("--early-storage", dest="late", action="store_false",
+                      help="prepare it before the migration starts (the default)")
+    mig.add_argument("--json", action="store_true", help="print the full record as JSON")
+    ms = sub.add_parser("migrations", help="list recorded migrations, or show one")
+    ms.add_argument("action", nargs="?", choices=["list", "show", "policies"], default="list")
+    ms.add_argument("id", nargs="?", type=int)
+    ms.add_argument("--json", action="store_true")
+    ms.add_argument("--plot", metavar="FILE", type=Path, help="write a timeline PNG (show)")
+
+
+def interrupted_message() -> str:
+    lab: Lab | None = _interrupted.get("lab")
+    rec: dict[str, Any] = {}
+    if lab is not None:
+        try:
+            rows = lab.migrations()
+            if rows:
+                rec = lab.migrations(rows[-1]["id"])["result"].get("recovery") or {}
+        except Exception:  # the message must be printed whatever the inventory says
+            rec = {}
+    src = rec.get("source") or {}
+    dest = "destination cleaned up" if rec.get("dest") else \
+        (rec.get("dest_error") or "destination cleanup unknown")
+    alive = "the VM keeps running on the source" if src.get("alive") else \
+        f"source state: {src.get('status', 'unknown')}"
+    return f"labctl: migration cancelled (Ctrl-C): {alive}; {dest}"
+
+
+async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
+    if args.cmd == "migrate":
+        _interrupted["lab"] = lab
+        res = await lab.migrate(args.vm, args.to, args.policy, args.late)
+        if args.json:
+            print(json.dumps(res, indent=2, default=str))
+        else:
+            print_result(res)
+        return 0
+    if args.action == "policies":
+        for name, pol in BUILTIN_POLICIES.items():
+            print(f"{name}: {json.dumps(pol.to_dict())}" if args.json else
+                  f"{name:9} downtime {pol.downtime_limit_ms} ms, bandwidth "
+                  f"{pol.max_bandwidth_mib_s or 'uncapped'} MiB/s, on non-convergence: "
+                  f"{' -> '.join(pol.convergence.actions)}, storage {pol.storage}")
+        return 0
+    if args.action == "show" or args.id is not None:
+        if args.id is None:
+            raise SystemExit("labctl migrations show: give a migration ID (see labctl migrations)")
+        m = lab.migrations(args.id)
+        if args.plot:
+            from labctl import timeline
+
+            res = dict(m["result"])
+            res.setdefault("pass_records", m["pass_records"])
+            res.setdefault("decisions", m["decisions"])
+            timeline.plot(res, args.plot)
+            print(f"wrote {args.plot}")
+        if args.json:
+            print(json.dumps(m, indent=2, default=str))
+        elif not args.plot:
+            print_result({**m["result"], "state": m["state"], "id": m["id"]})
+            for p in m["pass_records"]:
+                print("  " + _pass(p))
+        return 0
+    rows = lab.migrations()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no migrations recorded")
+        return 0
+    print(f"{'id':>3} {'vm':8} {'from':8} {'to':8} {'policy':9} {'storage':7} {'state':10} "
+          f"{'total ms':>8} {'downtime':>8} {'blackout':>8} {'passes':>6} {'MiB':>6}  error")
+    for r in rows:
+        print(f"{r['id']:>3} {r['vm']:8} {r['source']:8} {r['dest']:8} {r['policy'] or '':9} "
+              f"{r['storage']:7} {r['state']:10} {_n(r['total_ms'])} {_n(r['downtime_ms'])} "
+              f"{_n(r['blackout_ms'])} {_n(r['passes'], 6)} {_n((r['bytes'] or 0) >> 20, 6)}  "
+              f"{(r['error'] or '')[:60]}")
+    return 0
+
+
+def _n(v: Any, w: int = 8) -> str:
+    return f"{v:>{w}.0f}" if isinstance(v, int | float) else f"{'-':>{w}}"
+
+
+def _pass(p: dict[str, Any]) -> str:
+    rate = p.get("dirty_rate_bytes") or p.get("dirty_rate_est_bytes") or 0
+    return (f"pass {p['pass']:>3} at {p['t_rel']:7.3f} s: sync {p.get('dirty_sync_count')}, sent "
+            f"{int(p.get('transferred') or 0) >> 20} MiB, remaining "
+            f"{int(p.get('remaining') or 0) >> 20} MiB, dirty {rate / 1e6:.1f} MB/s, expected "
+            f"downtime {p.get('expected_downtime_ms')} ms, throttle {p.get('throttle_pct')}%")
+
+
+def print_result(r: dict[str, Any]) -> None:
+    print(f"migration {r.get('id')}: {r.get('vm')} {r.get('source')} -> {r.get('dest')}: "
+          f"{r.get('state', 'completed')} (policy {r.get('policy')}, storage {r.get('storage')})")
+    if r.get("error"):
+        print(f"  error: {r['error']}")
+        rec = r.get("recovery") or {}
+        if rec:
+            print(f"  recovery: source {rec.get('source')}, destination "
+                  f"{rec.get('dest') or rec.get('dest_error')}")
+    if r.get("total_ms") is not None:
+        print(f"  total {r['total_ms']} ms (setup {r.get('setup_ms')} ms), QEMU downtime "
+              f"{r.get('downtime_ms')} ms, guest blackout {r.get('blackout_ms') or 0:.0f} ms "
+              f"(heartbeat every 100 ms)")
+        print(f"  {r.get('passes')} passes, {int(r.get('bytes_sent') or 0) >> 20} MiB sent "
+              f"({r.get('mbps') or 0:.0f} Mbit/s)")
+    prep = (r.get("prepare") or {}).get("timings") or {}
+    if prep:
+        print(f"  destination prepared in {prep.get('prepare_s', 0):.3f} s before the source was "
+              f"asked (QEMU {prep.get('qemu_start_s', 0):.3f} s"
+              + (f", datastore check {prep['datastore_check_s']:.3f} s, read check "
+                 f"{prep.get('read_check_s', 0):.3f} s" if "datastore_check_s" in prep else "")
+              + ")")
+    if r.get("late_window"):
+        w = r["late_window"]
+        print(f"  late storage preparation in the stopped window: {w['storage_s'] * 1000:.0f} ms "
+              f"(window {w['window_s'] * 1000:.0f} ms)")
+    hb = r.get("heartbeat") or {}
+    if hb:
+        disk = r.get("disk") or {}
+        print(f"  guest verified on {r.get('dest')}: heartbeat "
+              f"{(hb.get('source_last') or {}).get('counter')} -> "
+              f"{(hb.get('dest_first') or {}).get('counter')} "
+              f"({'continues' if hb.get('continues') else 'DOES NOT CONTINUE'}), disk counter "
+              f"{disk.get('source_last')} -> read back {disk.get('dest_read')} "
+              f"({'ok' if disk.get('ok') else 'STALE'})")
+    for d in r.get("decisions") or []:
+        print(f"  decision at pass {d.get('at_pass')}: {d.get('action')}: {d.get('reason')}")
