@@ -203,6 +203,11 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
         "-chardev", f"socket,id=qmp0,path={_opt(socket_arg(run_dir, 'qmp.sock'))},"
                     "server=on,wait=off",
         "-mon", "chardev=qmp0,mode=control",
+        # a second QMP monitor for outside checks (tests, an operator's qmp-shell): a QMP
+        # socket serves one client at a time and the host agent holds qmp.sock
+        "-chardev", f"socket,id=qmp1,path={_opt(socket_arg(run_dir, 'qmp-check.sock'))},"
+                    "server=on,wait=off",
+        "-mon", "chardev=qmp1,mode=control",
         "-chardev", f"socket,id=con0,path={_opt(socket_arg(run_dir, 'console.sock'))},"
                     f"server=on,wait=off,logfile={_opt(str(run_dir / 'console.log'))},"
                     "logappend=on",
@@ -592,7 +597,7 @@ class QemuVm:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._dirfds = []
-            for name in ("qmp.sock", "console.sock"):
+            for name in ("qmp.sock", "qmp-check.sock", "console.sock"):
                 (self.run_dir / name).unlink(missing_ok=True)
 
     async def __aenter__(self) -> QemuVm:
