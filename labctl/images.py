@@ -151,8 +151,11 @@ def storage_recipe_dir() -> Path:
     return repo_root() / "images" / "storage"
 
 
-def _storage_packages(recipe: Path) -> list[str]:
-    lines = (recipe / "packages").read_text().splitlines()
+def _storage_packages(recipe: Path, name: str = "packages") -> list[str]:
+    path = recipe / name
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
@@ -210,6 +213,10 @@ async def ensure_storage_image(
         argv += [f"--dpkgopt=path-exclude={p}" for p in _SLIM_EXCLUDES]
         argv += [suite, str(root), f"deb http://deb.debian.org/debian {suite} main"]
         await run(argv, timeout=1800, what="mmdebstrap (storage node image)")
+        purge = _storage_packages(recipe, "purge")
+        if purge:
+            await run(["chroot", str(root), "dpkg", "--purge", *purge], timeout=300,
+                      what="dpkg --purge in the storage image")
         say(f"rootfs bootstrapped in {time.monotonic() - t0:.1f} s; adding kernel modules")
         await _customize_storage_root(root, kernel, recipe)
         size_kib = _tree_kib(root) * 5 // 4 + 64 * 1024
@@ -256,6 +263,7 @@ async def _customize_storage_root(root: Path, kernel: Kernel, recipe: Path) -> N
     shutil.copyfile(recipe / "init.py", init)
     init.chmod(0o755)
     (root / "etc" / "rtslib-fb-target").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "target").mkdir(exist_ok=True)  # target_core_mod's default db_root
     (root / "etc" / "hostname").write_text("storage\n")
     for d in ("proc", "sys", "dev", "run", "tmp"):
         (root / d).mkdir(exist_ok=True)
