@@ -249,6 +249,9 @@ def domain_xml(spec: StorageNodeSpec, image: StorageImage, overlay: Path, config
     ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", {"arch": "x86_64", "machine": "pc"}).text = "hvm"
+    qboot = Path("/usr/share/qemu/qboot.rom")
+    if qboot.exists():  # minimal firmware for direct kernel boot: faster than SeaBIOS
+        ET.SubElement(os_el, "loader", {"type": "rom", "readonly": "yes"}).text = str(qboot)
     ET.SubElement(os_el, "kernel").text = str(image.kernel)
     ET.SubElement(os_el, "cmdline").text = KERNEL_CMDLINE
     feats = ET.SubElement(dom, "features")
