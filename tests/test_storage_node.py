@@ -210,7 +210,10 @@ def storage_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab
             target_iqn=TARGET_IQN,
             data_disks=[storagenode.DataDisk(DISK_SERIAL, lab_dir / "ds1.img", 64 << 20)])
         handle = asyncio.run(storagenode.start(spec, image))
-        print(f"storage node answered {handle.boot_s:.2f} s after domain start", file=sys.stderr)
+        ready = [ln for ln in handle.console_log.read_text(errors="replace").splitlines()
+                 if "labctl-storage: ready" in ln]
+        print(f"storage node answered {handle.boot_s:.2f} s after domain start; console: {ready}",
+              file=sys.stderr)
         yield StorageLab(handle, secret, nss[0], nss[1], lab_dir)
     finally:
         removed = asyncio.run(storagenode.destroy_owned(lab, lab_dir))
