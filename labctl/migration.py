@@ -419,6 +419,9 @@ class Migration:
 
     async def run(self) -> dict[str, Any]:
         t_wall = time.time()
+        if self.src.host == self.dst.host:
+            raise MigrationError(f"VM {self.vm} already runs on {self.dst.host}: nothing to migrate",
+                                 vm=self.vm, host=self.dst.host)
         info = await self.src.client.call("mig_source_info", name=self.vm, timeout=15)
         if info["status"] != "running":
             raise MigrationError(f"VM {self.vm} is not running on {self.src.host} "
@@ -643,9 +646,9 @@ class Migration:
                              and before is not None and after > before}
         except LabError as exc:
             out["source_error"] = exc.message
-        for attempt in range(3):
+        for attempt in range(2):  # an unreachable destination drops itself when its lease lapses
             try:
-                out["dest"] = await self.dst.client.call("mig_dest_abort", timeout=3, name=self.vm)
+                out["dest"] = await self.dst.client.call("mig_dest_abort", timeout=2, name=self.vm)
                 break
             except AgentError as exc:
                 out["dest_error"] = (f"{exc.message} (attempt {attempt + 1}); the destination's "

@@ -513,12 +513,12 @@ class MigrationHandlers:
         if vm.state is VmState.RUNNING:
             with contextlib.suppress(VmError):
                 now = await vm.execute("query-migrate", timeout=5.0)
-        status = job.status
+        if job.final is None and now is not None and now.get("status") in FINAL:
+            job.final = now  # QEMU's answer is final even if the event is still on its way
         if job.final is not None:
-            status = str(job.final.get("status", status))
-        elif now is not None and now.get("status") in FINAL:
-            status = str(now["status"])  # the event is on its way; the answer is already final
-            job.final = now
+            status = str(job.final.get("status", job.status))
+        else:  # the event said final, its query-migrate is not back yet: not final for us
+            status = job.status if job.status not in FINAL else "device"
         return {"status": status, "t0": job.t0, "passes": job.passes[since:],
                 "statuses": job.statuses, "now": now, "final": job.final,
                 "stop_t": job.stop_t, "last_hb_before_stop": job.last_hb_before_stop,

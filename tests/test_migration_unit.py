@@ -1,0 +1,119 @@
+"""Migration units: policy files, the convergence detector and policy on recorded pass data,
+the disk record and qemu-io parsers, the timeline picture. No VM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from labctl.agents.host_migration import decode_disk_record, parse_qemu_io_dump
+from labctl.errors import LabError
+from labctl.migration import (
+    BUILTIN_POLICIES,
+    ConvergencePolicy,
+    load_policy,
+    not_converging,
+    policy_from_dict,
+)
+
+MIB = 1 << 20
+
+
+def _passes(remaining_mib: list[float], dt: float = 0.5) -> list[dict[str, object]]:
+    return [{"pass": i + 1, "t": i * dt, "t_rel": i * dt, "remaining": int(r * MIB),
+             "expected_downtime_ms": int(r * 20), "transferred": i * 50 * MIB}
+            for i, r in enumerate(remaining_mib)]
+
+
+def test_builtin_policies_and_capabilities() -> None:
+    assert {"default", "capped", "converge", "postcopy", "strict"} <= set(BUILTIN_POLICIES)
+    conv = load_policy("converge")
+    caps = conv.capabilities()
+    assert caps["auto-converge"] and caps["events"] and not caps["postcopy-ram"]
+    assert conv.parameters()["throttle-trigger-threshold"] == 100  # armed, dormant
+    assert conv.parameters()["max-bandwidth"] == 50 * MIB
+    assert load_policy("postcopy").capabilities()["postcopy-ram"]
+    assert load_policy("late").capabilities()["pause-before-switchover"]
+    assert not load_policy("default").capabilities()["pause-before-switchover"]
+
+
+def test_policy_file(tmp_path: Path) -> None:
+    f = tmp_path / "slow.yaml"
+    f.write_text("base: capped\nmax_bandwidth_mib_s: 20\nconvergence:\n  window: 2\n"
+                 "  actions: [raise_downtime, cancel]\n  downtime_steps_ms: [500, 900]\n")
+    p = load_policy(str(f))
+    assert p.name == "slow" and p.max_bandwidth_mib_s == 20 and p.convergence.window == 2
+    assert p.convergence.downtime_steps_ms == (500, 900)
+    for bad, where in (({"downtime_limit_ms": "fast"}, "downtime_limit_ms"),
+                       ({"convergence": {"actions": ["pray"]}}, "convergence.actions[0]"),
+                       ({"colour": 1}, "colour"), ({"storage": "sideways"}, "storage"),
+                       ({"convergence": {"actions": ["postcopy"]}}, "postcopy: true"),
+                       ({"base": "nope"}, "base")):
+        with pytest.raises(LabError, match=where.replace("[", r"\[").replace("]", r"\]")):
+            policy_from_dict(bad, "x.yaml")
+    with pytest.raises(LabError, match="no migration policy"):
+        load_policy("no-such-policy")
+
+
+def test_detector_converging_migration_is_left_alone() -> None:
+    passes = _passes([256, 90, 40, 18, 8, 3])
+    assert not_converging(passes, 0, 3, 0.1) is None
+
+
+def test_detector_fires_within_five_passes_on_flat_remaining() -> None:
+    passes = _passes([256, 60, 58, 61, 59, 60, 62])
+    fired = [n for n in range(1, len(passes) + 1) if not_converging(passes[:n], 0, 3, 0.1)]
+    assert fired and fired[0] <= 5
+    assert "not falling over 3 passes" in (not_converging(passes[:5], 0, 3, 0.1) or "")
+
+
+def test_policy_walks_its_actions_and_records_reasons() -> None:
+    pol = ConvergencePolicy(load_policy("converge"))
+    flat = _passes([256] + [60] * 30)
+    actions = []
+    for n in range(1, len(flat) + 1):
+        d = pol.decide(flat[:n], float(n))
+        if d is not None:
+            actions.append((d.action, d.detail.get("downtime-limit"), d.at_pass))
+            assert d.reason
+            if d.action == "cancel":
+                break
+    assert [a for a, _, _ in actions] == ["raise_downtime"] * 3 + ["auto_converge", "cancel"]
+    assert [x for _, x, _ in actions[:3]] == [600, 1200, 2400]
+    assert actions[0][2] <= 5
+
+
+def test_disk_record_and_qemu_io_dump() -> None:
+    import struct
+
+    from labctl.agents.host_migration import _fnv1a
+
+    head = b"LABCTLDC" + struct.pack("<Q", 42)
+    sector = head + struct.pack("<Q", _fnv1a(head)) + bytes(488)
+    assert decode_disk_record(sector) == 42
+    assert decode_disk_record(bytes(512)) == 0
+    assert decode_disk_record(head + bytes(8) + bytes(488)) is None
+    dump = "".join(f"{i * 16:08x}:  " + " ".join(f"{b:02x}" for b in sector[i * 16:i * 16 + 16])
+                   + "  ................\n" for i in range(32)) + "read 512/512 bytes at offset 0\n"
+    data, err = parse_qemu_io_dump(dump)
+    assert err is None and data == sector
+    assert parse_qemu_io_dump("read failed: Input/output error\n")[1]
+
+
+def test_timeline_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from labctl import timeline
+
+    passes = _passes([256, 90, 40, 18])
+    for p in passes:
+        p["dirty_rate_bytes"] = 10e6
+    mig = {"id": 1, "vm": "vm1", "source": "a", "dest": "b", "policy": "default",
+           "storage": "early", "t0": 0.0, "stop_t": 1.6, "total_ms": 1700, "downtime_ms": 90,
+           "blackout_ms": 180.0, "pass_records": passes,
+           "heartbeat": {"source_last": {"t": 1.58}, "dest_first": {"t": 1.76}},
+           "decisions": [{"action": "raise_downtime", "t_rel": 1.2}]}
+    out = timeline.plot(mig, tmp_path / "t.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(LabError):
+        timeline.plot({**mig, "pass_records": []}, tmp_path / "u.png")
