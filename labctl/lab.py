@@ -320,7 +320,7 @@ class Lab:
         async with self.storage_client(inv, row["node"]) as c:
             lun = await c.call("ensure_lun", name=name, disk_serial=row["disk_serial"],
                                unit_serial=row["unit_serial"], initiators=initiators)
-        inv.update("datastores", {"name": name}, naa=lun["naa"], lun=lun["lun"],
+        inv.update("datastores", {"name": name}, naa=normal_naa(lun["naa"]), lun=lun["lun"],
                    size_bytes=lun["size_bytes"], state="exported")
 
     def _lun_of(self, inv: Inventory, datastore: str, host: str) -> dict[str, Any]:
@@ -350,7 +350,7 @@ class Lab:
                            seen_naa=s["naa"], seen_size=s["size_bytes"], scanned_at=time.time())
                 want = inv.row("datastores", name=d)
                 assert want is not None
-                if s["naa"] != want["naa"]:
+                if normal_naa(s["naa"]) != want["naa"]:
                     raise ProvisionError(
                         f"host {host} sees NAA {s['naa']} for datastore {d}, the storage node "
                         f"reports {want['naa']}", host=host, datastore=d)
@@ -565,6 +565,11 @@ def _preflight() -> None:
     for tool in ("iscsi-inq", "iscsi-ls", "mmdebstrap", "nsenter"):
         if shutil.which(tool) is None:
             raise MissingDependency(f"{tool} is not installed; run scripts/setup.sh", program=tool)
+
+
+def normal_naa(naa: str) -> str:
+    """``naa.`` + lowercase hex digits, whichever form a tool printed."""
+    return "naa." + naa.lower().removeprefix("naa.")
 
 
 def _mac_for(tag: str, role: str, index: int) -> str:

@@ -7,11 +7,16 @@ so teardown only ever deletes links the lab owns, whatever their name.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -19,6 +24,24 @@ from pyroute2.netlink.exceptions import NetlinkError
 from labctl.errors import NetworkSetupError
 
 NETNS_DIR = "/run/netns"
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _netlink(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """pyroute2's sync sockets refuse to work in a thread whose event loop is running: there,
+    run the (millisecond) netlink exchange in a worker thread and wait for it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+
+    return wrapper
 
 
 def alias_for(lab: str, role: str, name: str) -> str:
@@ -30,6 +53,7 @@ def _index(ipr: IPRoute | NetNS, ifname: str) -> int | None:
     return int(found[0]) if found else None
 
 
+@_netlink
 def link_alias(ifname: str) -> str | None:
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
@@ -43,6 +67,7 @@ def _fail(what: str, exc: Exception, **evidence: object) -> NetworkSetupError:
     return NetworkSetupError(f"{what}: {exc}", **evidence)
 
 
+@_netlink
 def ensure_bridge(ifname: str, alias: str, address: ipaddress.IPv4Interface) -> None:
     """A bridge in this namespace with ``address`` on it, up. Refuses a foreign link of that name."""
     try:
@@ -67,6 +92,7 @@ def ensure_bridge(ifname: str, alias: str, address: ipaddress.IPv4Interface) -> 
         raise _fail(f"cannot set up bridge {ifname}", exc, ifname=ifname) from exc
 
 
+@_netlink
 def ensure_netns(name: str) -> None:
     if name not in netns.listnetns():
         try:
@@ -89,6 +115,7 @@ class VethSpec:
     inner: str = "eth0"
 
 
+@_netlink
 def ensure_veth(spec: VethSpec) -> None:
     """A veth from ``spec.bridge`` into ``spec.netns``, named ``inner`` there, addressed and up."""
     try:
@@ -129,6 +156,7 @@ def ensure_veth(spec: VethSpec) -> None:
                     veth=spec.outer, netns=spec.netns) from exc
 
 
+@_netlink
 def set_link_state(ifname: str, up: bool, alias: str) -> None:
     """Bring an owned link up or down (used to cut a host off its network)."""
     with IPRoute() as ipr:
@@ -138,6 +166,7 @@ def set_link_state(ifname: str, up: bool, alias: str) -> None:
         ipr.link("set", index=idx, state="up" if up else "down")
 
 
+@_netlink
 def delete_link(ifname: str, alias: str) -> bool:
     """Delete ``ifname`` if it exists and carries ``alias``. True if something was removed."""
     with IPRoute() as ipr:
@@ -152,6 +181,7 @@ def delete_link(ifname: str, alias: str) -> bool:
         return True
 
 
+@_netlink
 def delete_netns(name: str) -> bool:
     if name not in netns.listnetns():
         return False
@@ -167,6 +197,7 @@ def netns_exists(name: str) -> bool:
     return os.path.exists(os.path.join(NETNS_DIR, name))
 
 
+@_netlink
 def overlapping_routes(subnet: ipaddress.IPv4Network, ignore_ifnames: set[str]) -> list[str]:
     """Routes and addresses of this machine that overlap ``subnet`` (outside our own links)."""
     found: list[str] = []
