@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from labctl import topology
-from labctl.errors import LabError
+from labctl.errors import LabError, LabStateError
 from labctl.lab import Lab
 from labctl.paths import repo_root
 
@@ -43,9 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("file", nargs="?", help=f"topology file (default {DEFAULT_TOPOLOGY})")
     st = sub.add_parser("status", help="show the lab")
     st.add_argument("--json", action="store_true")
-    vm = sub.add_parser("vm", help="start or stop a VM")
-    vm.add_argument("action", choices=["start", "stop"])
+    vm = sub.add_parser("vm", help="start or stop a VM, or talk to its test guest")
+    vm.add_argument("action", choices=["start", "stop", "console"])
     vm.add_argument("name")
+    vm.add_argument("command", nargs="*",
+                    help="with console: rate MB/s | wss MiB | read | sync")
     sub.add_parser("down", help="tear the lab down (removes exactly what it created)")
     demo = sub.add_parser("demo", help="bring up the default lab, show its VM running, tear down")
     demo.add_argument("file", nargs="?", help=f"topology file (default {DEFAULT_TOPOLOGY})")
@@ -105,7 +107,11 @@ async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
             _print_status(status)
         return 0
     if args.cmd == "vm":
-        if args.action == "start":
+        if args.action == "console":
+            if not args.command:
+                raise LabStateError("vm console needs a command: rate N | wss N | read | sync")
+            print(await lab.vm_console(args.name, " ".join(args.command)))
+        elif args.action == "start":
             res = await lab.vm_start(args.name)
             print(f"VM {args.name} running (pid {res.get('pid')}), first heartbeat after "
                   f"{res.get('first_heartbeat_s', 0):.1f} s")
@@ -138,8 +144,11 @@ async def _demo(lab: Lab, status: dict[str, Any], keep: bool, progress: _Progres
             hb = now.get("heartbeat") or {}
             delta = (hb.get("counter") or 0) - (first.get("counter") or 0)
             print(f"VM {vm['name']} on {now['host']}: heartbeat {first.get('counter')} -> "
-                  f"{hb.get('counter')} in 2 s ({delta} beats), disk counter {now.get('disk_counter')}")
-            ok = ok and delta > 0
+                  f"{hb.get('counter')} in 2 s ({delta} beats)")
+            answer = await lab.vm_console(vm["name"], "read")
+            print(f"VM {vm['name']}: disk counter read back from the LUN: {answer.split()[-1]} "
+                  f"(last heartbeat reported {now.get('disk_counter')})")
+            ok = ok and delta > 0 and answer.startswith("DISK read")
     finally:
         if not keep:
             await lab.down()
@@ -157,6 +166,9 @@ def _print_status(s: dict[str, Any]) -> None:
     for d in s["datastores"]:
         print(f"  datastore {d['name']:6} {d['naa']}  {d['size_bytes'] >> 20} MiB  "
               f"on {d['node']} lun {d['lun']}  hosts {','.join(d['hosts'])}")
+        for host, seen in d.get("seen_by", {}).items():
+            if seen.get("naa"):
+                print(f"    seen by {host} over iSCSI: {seen['naa']}, {seen['size_bytes']} bytes")
     for v in s["vms"]:
         hb = v.get("heartbeat") or {}
         beat = f"  heartbeat #{hb.get('counter')}" if hb else ""

@@ -420,6 +420,18 @@ class Lab:
         finally:
             inv.close()
 
+    async def vm_console(self, name: str, command: str) -> str:
+        """Send a console command to the test guest (``rate N``, ``wss N``, ``read``, ``sync``)."""
+        inv = self._open()
+        try:
+            vm = self._vm_row(inv, name)
+            if vm["state"] != "running":
+                raise LabStateError(f"VM {name} is not running", vm=name)
+            async with self.host_client(inv, vm["host"]) as c:
+                return str(await c.call("vm_console", name=name, command=command, timeout=30))
+        finally:
+            inv.close()
+
     def _vm_row(self, inv: Inventory, name: str) -> dict[str, Any]:
         vm = inv.row("vms", name=name)
         if vm is None:
