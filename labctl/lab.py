@@ -37,6 +37,7 @@ from labctl.rpc import RpcClient
 from labctl.topology import Topology
 
 HOST_AGENT_PORT = 7600
+LIBVIRT_QEMU_LOGS = Path("/var/log/libvirt/qemu")
 STORAGE_AGENT_PORT = 7700
 Progress = Callable[[str], None]
 _T = TypeVar("_T")
@@ -525,6 +526,11 @@ class Lab:
         try:
             for dom in await storagenode.destroy_owned(self.name, self.dir.path):
                 removed.append(f"domain {dom}")
+                # libvirt keeps the domain's QEMU log after undefine; it is this lab's file
+                log = LIBVIRT_QEMU_LOGS / f"{dom}.log"
+                if log.exists():
+                    log.unlink()
+                    removed.append(f"file {log}")
         except LabError as exc:
             self.progress(f"warning: {exc.message}")
         for kind, name, detail in owned:

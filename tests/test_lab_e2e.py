@@ -60,6 +60,9 @@ def leftovers(lab: str, lab_dir: Path) -> list[str]:
     doms = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                           capture_output=True, text=True, check=False).stdout
     found += [f"domain {d}" for d in doms.split() if d.startswith(f"labctl-{lab}-")]
+    log = Path(f"/var/log/libvirt/qemu/labctl-{lab}-stor1.log")
+    if log.exists():
+        found.append(f"file {log}")
     if lab_dir.exists():
         found.append(f"directory {lab_dir}")
     return found
