@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     from labctl.migration_cli import add_parsers
 
     add_parsers(sub)
+    from labctl import storage_cli
+
+    storage_cli.add_parsers(sub)
     return p
 
 
@@ -119,6 +122,10 @@ async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
             await lab.vm_stop(args.name)
             print(f"VM {args.name} stopped")
         return 0
+    if args.cmd in ("datastore", "host", "events", "rescan", "storage"):
+        from labctl import storage_cli
+
+        return await storage_cli.dispatch(lab, args)
     if args.cmd in ("migrate", "migrations"):
         from labctl.migration_cli import dispatch
 

@@ -14,13 +14,13 @@ import shutil
 import signal
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from labctl import netns
+from labctl.datastores import IdRegistry, attach_for_vm, hand_mappings
 from labctl.errors import (
     AgentError,
     AgentUnreachable,
@@ -211,6 +211,8 @@ class Lab:
         await self._step(inv, "datastores exported", _gather_all(
             *(self._export_datastore(inv, topo, d.name) for d in topo.datastores)))
         await self._step(inv, "hosts scanned their LUNs", self.scan_hosts(inv))
+        await self._step(inv, "datastore mappings handed to hosts", hand_mappings(self, inv))
+        await self._step(inv, "rescan service subscribed", self._start_rescan(inv, topo))
 
         # 5. VMs
         inv.set_meta("guest_kernel", str(gimg.kernel))
@@ -242,7 +244,8 @@ class Lab:
         for ds in topo.datastores:
             if ds.node != node.name:
                 continue
-            serial = uuid.uuid4().hex  # 32 hex digits: the LUN's unit serial, hence its NAA ID
+            # 32 hex digits: the LUN's unit serial, hence its NAA ID; never issued before
+            serial, _naa = IdRegistry().issue(self.name, self.dir.path, node.name, ds.name)
             disk_serial = f"lc-{ds.name}"[:20]
             path = self.dir.storage_dir(node.name) / f"{ds.name}.img"
             inv.upsert("datastores", name=ds.name, node=node.name, size_bytes=ds.size,
@@ -312,6 +315,28 @@ class Lab:
                 await asyncio.sleep(0.1)
         inv.record_step(f"host {host.name} namespace and agent ready", time.monotonic() - t0)
         inv.update("hosts", {"name": host.name}, state="up")
+
+    async def _start_rescan(self, inv: Inventory, topo: Topology) -> None:
+        """The lab's rescan service (labctl/rescan.py), a process owned by the lab."""
+        from labctl.rescan import set_lookup
+
+        set_lookup(inv, str((topo.raw.get("rescan") or {}).get("lookup", "inventory")))
+        log = self.dir.path / "rescan.out"
+        argv = [sys.executable, "-m", "labctl.rescan", "--lab-dir", str(self.dir.path),
+                "--lab", self.name]
+        with open(log, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True)
+        inv.own("process", "rescan-service", pid=proc.pid)
+        deadline = time.monotonic() + 20
+        while inv.get_meta("rescan_ready") is None:
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise ProvisionError("the rescan service did not subscribe to every agent "
+                                     "within 20 s" if proc.returncode is None else
+                                     f"the rescan service exited (status {proc.returncode})",
+                                     log_tail=log.read_text(errors="replace")[-1500:])
+            await asyncio.sleep(0.05)
 
     async def _export_datastore(self, inv: Inventory, topo: Topology, name: str) -> None:
         row = inv.row("datastores", name=name)
@@ -387,6 +412,8 @@ class Lab:
             raise LabStateError(f"VM {name} is already running on {vm['host']}", vm=name)
         spec = self.vm_spec(inv, name, vm["host"])
         async with self.host_client(inv, vm["host"]) as c:
+            if vm["datastore"]:  # the host attaches by ID: hand it the mapping, it checks the LUN
+                await attach_for_vm(c, inv, vm["datastore"], vm["host"])
             res = await c.call("vm_start", spec=spec, timeout=120)
         inv.update("vms", {"name": name}, state="running", pid=res.get("pid"), started_at=time.time())
         return dict(res)

@@ -569,3 +569,85 @@ def _resize(lab: str, name: str, serial: str, new_size: int) -> None:
 async def resize_data_disk(lab: str, name: str, serial: str, new_size_bytes: int) -> None:
     """Grow a data disk of a running node (libvirt blockResize); LIO's iblock LUN follows."""
     await _in_thread(_resize, lab, name, serial, new_size_bytes)
+
+
+# --- hot-plug of data disks (datastores created or deleted while the node runs) -----------
+
+def _owned_domain(conn: Any, lab: str, name: str) -> Any:
+    lv = _libvirt()
+    try:
+        dom = conn.lookupByName(domain_name(lab, name))
+    except lv.libvirtError as exc:
+        raise StorageNodeError(f"no storage node domain {domain_name(lab, name)}",
+                               domain=domain_name(lab, name)) from exc
+    if (_owner(dom) or {}).get("lab") != lab:
+        raise StorageNodeError(f"domain {dom.name()} is not owned by lab {lab}", domain=dom.name())
+    return dom
+
+
+def _disk_xml(dd: DataDisk, target: str) -> str:
+    d = ET.Element("disk", {"type": "file", "device": "disk"})
+    ET.SubElement(d, "driver", {"name": "qemu", "type": "raw", "discard": "unmap"})
+    ET.SubElement(d, "source", {"file": str(dd.path)})
+    ET.SubElement(d, "target", {"dev": target, "bus": "virtio"})
+    ET.SubElement(d, "serial").text = dd.serial
+    return ET.tostring(d, encoding="unicode")
+
+
+def _attach(lab: str, name: str, dd: DataDisk) -> str:
+    lv = _libvirt()
+    conn = _open()
+    try:
+        dom = _owned_domain(conn, lab, name)
+        root = ET.fromstring(dom.XMLDesc(0))
+        used = set()
+        for d in root.iter("disk"):
+            tgt = d.find("target")
+            if d.findtext("serial") == dd.serial and tgt is not None:
+                return str(tgt.get("dev"))  # already attached
+            if tgt is not None:
+                used.add(tgt.get("dev"))
+        target = next(_vd_name(i) for i in range(1, 700) if _vd_name(i) not in used)
+        try:
+            dom.attachDeviceFlags(_disk_xml(dd, target), lv.VIR_DOMAIN_AFFECT_LIVE)
+        except lv.libvirtError as exc:
+            raise StorageNodeError(f"hot-plugging disk {dd.serial} into {dom.name()} failed: {exc}",
+                                   domain=dom.name(), serial=dd.serial) from exc
+        return target
+    finally:
+        conn.close()
+
+
+def _detach(lab: str, name: str, serial: str) -> bool:
+    lv = _libvirt()
+    conn = _open()
+    try:
+        dom = _owned_domain(conn, lab, name)
+        root = ET.fromstring(dom.XMLDesc(0))
+        for d in root.iter("disk"):
+            if d.findtext("serial") == serial:
+                try:
+                    dom.detachDeviceFlags(ET.tostring(d, encoding="unicode"),
+                                          lv.VIR_DOMAIN_AFFECT_LIVE)
+                except lv.libvirtError as exc:
+                    raise StorageNodeError(f"unplugging disk {serial} from {dom.name()} failed: "
+                                           f"{exc}", domain=dom.name(), serial=serial) from exc
+                return True
+        return False
+    finally:
+        conn.close()
+
+
+async def attach_data_disk(lab: str, name: str, dd: DataDisk) -> str:
+    """Create ``dd``'s sparse file if needed and hot-plug it into the running node (virtio-blk on
+    the node's PCI bus, ACPI hotplug); returns the libvirt target. Idempotent by serial."""
+    if not 1 <= len(dd.serial) <= 20 or dd.serial == CONFIG_DISK_SERIAL:
+        raise StorageNodeError(f"data disk serial {dd.serial!r} must be 1-20 characters and "
+                               f"not {CONFIG_DISK_SERIAL!r}", serial=dd.serial)
+    _ensure_data_disk(dd)
+    return await _in_thread(_attach, lab, name, dd)
+
+
+async def detach_data_disk(lab: str, name: str, serial: str) -> bool:
+    """Hot-unplug the data disk with ``serial`` (libvirt waits for the guest to release it)."""
+    return await _in_thread(_detach, lab, name, serial)

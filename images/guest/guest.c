@@ -10,11 +10,12 @@
  *     the page writes evenly over each 100 ms slice;
  *   - once a second writes a counter record to sector 0 of /dev/vda, and
  *     continues from the record it finds there at boot;
- *   - answers console commands: rate <MiB/s>, wss <MiB>, read, sync.
+ *   - answers console commands: rate <MiB/s>, wss <MiB>, read, sync, size.
  *
  * Output lines (each written with one write(2), starting at column 0):
  *   READY | HB <n> <disk> | DISK boot <c> | DISK none | DISK invalid
  *   DISK read <c> | DISK wrote <c> | DISK error <what> <errno>
+ *   DISK size <bytes> (the disk's size as the guest kernel sees it, BLKGETSIZE64)
  *   OK rate <n> | OK wss <n> | ERR <line>
  * <disk> in HB lines is the last counter written (or found at boot), -1 when
  * there is no disk.
@@ -29,6 +30,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/klog.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
@@ -327,6 +330,13 @@ static void command(char *line)
             say("DISK read invalid");
         else
             say("DISK error read %d", errno);
+        return;
+    } else if (strcmp(line, "size") == 0 && disk >= 0) {
+        uint64_t bytes = 0;
+        if (ioctl(disk, BLKGETSIZE64, &bytes) == 0)
+            say("DISK size %llu", (unsigned long long)bytes);
+        else
+            say("DISK error size %d", errno);
         return;
     } else if (strcmp(line, "sync") == 0 && disk >= 0) {
         if (record_write() == 0)

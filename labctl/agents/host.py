@@ -38,7 +38,7 @@ log = logging.getLogger("labctl.agents.host")
 DEFAULT_PORT = 7600
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _CONSOLE_COMMANDS = {"rate": "OK rate", "wss": "OK wss", "read": "DISK read",
-                     "sync": "DISK wrote"}
+                     "sync": "DISK wrote", "size": "DISK size"}
 
 
 class HostAgent:
@@ -65,7 +65,15 @@ class HostAgent:
             "vm_console": self.vm_console, "vm_console_tail": self.vm_console_tail,
             "scan_luns": self.scan_luns, "lun_cache": self.get_lun_cache,
             **self._migration_handlers(),
+            **self._storage_handlers(),
         }
+
+    def _storage_handlers(self) -> dict[str, Handler]:
+        from labctl.agents.host_storage import HostStorage
+
+        if not hasattr(self, "storage"):
+            self.storage = HostStorage(self)
+        return self.storage.handlers()
 
     def _migration_handlers(self) -> dict[str, Handler]:
         from labctl.agents.host_migration import MigrationHandlers
@@ -211,7 +219,7 @@ class HostAgent:
                 (len(words) != 2 or not words[1].isdigit()) if words[0] in ("rate", "wss")
                 else len(words) != 1):
             raise LabError(f"vm_console: unknown command {command!r} (rate <MiB/s>, "
-                           "wss <MiB>, read, sync)", command=command)
+                           "wss <MiB>, read, sync, size)", command=command)
         return await vm.console_command(" ".join(words), _CONSOLE_COMMANDS[words[0]], timeout)
 
     async def vm_console_tail(self, name: str, lines: int = 50) -> list[str]:

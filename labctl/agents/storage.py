@@ -120,14 +120,19 @@ class StorageAgent:
         self._lock = asyncio.Lock()
         self._rts: Any = None  # the rtslib_fb module, once RTSRoot() worked
         self._last_size: dict[str, int] = {}
+        # LUNs whose backing device size is watched: name -> {device, naa, lun, size_bytes}
+        self._watched: dict[str, dict[str, Any]] = {}
+        self._portal_down = False
 
     def handlers(self) -> dict[str, Handler]:
         return {
             "status": self.status,
+            "ping": self.ping,
             "ensure_lun": self.ensure_lun,
             "set_initiators": self.set_initiators,
             "delete_lun": self.delete_lun,
             "refresh_capacity": self.refresh_capacity,
+            "portal_set": self.portal_set,
         }
 
     # RPC methods -------------------------------------------------------------------------
@@ -135,6 +140,11 @@ class StorageAgent:
     async def status(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._locked(self._status)
         return result
+
+    async def ping(self) -> dict[str, Any]:
+        """Cheap liveness (no LIO call); uptime tells a restarted node from a live one."""
+        return {"node": self.node, "uptime_s": round(_uptime(), 2),
+                "portal_down": self._portal_down}
 
     async def ensure_lun(self, name: str, disk_serial: str, unit_serial: str,
                          initiators: list[str]) -> dict[str, Any]:
@@ -146,6 +156,9 @@ class StorageAgent:
                                    disk_serial=disk_serial)
         result: dict[str, Any] = await self._locked(self._ensure_lun, name, disk_serial, serial,
                                                     want)
+        self._watch(result)
+        if result.get("created"):
+            self._publish("lun_added", result)
         return result
 
     async def set_initiators(self, name: str, initiators: list[str]) -> dict[str, Any]:
@@ -156,18 +169,67 @@ class StorageAgent:
 
     async def delete_lun(self, name: str) -> dict[str, Any]:
         check_lun_name(name)
+        gone = self._watched.pop(name, None)
         result: dict[str, Any] = await self._locked(self._delete_lun, name)
+        if result.get("deleted"):
+            self._publish("lun_removed", {**(gone or {}), **result})
         return result
 
     async def refresh_capacity(self, name: str) -> dict[str, Any]:
         check_lun_name(name)
         result: dict[str, Any] = await self._locked(self._capacity, name)
-        before = self._last_size.get(name)
+        watched = self._watched.get(name)
+        before = watched["size_bytes"] if watched else self._last_size.get(name)
         self._last_size[name] = int(result["size_bytes"])
+        if watched:
+            watched["size_bytes"] = int(result["size_bytes"])
+            result.update(naa=watched["naa"], lun=watched["lun"])
         result["previous_size_bytes"] = before
-        if before is not None and before != result["size_bytes"] and self.server is not None:
-            self.server.publish("lun_capacity_changed", result)
+        if before is not None and before != result["size_bytes"]:
+            self._publish("lun_capacity_changed", result)
         return result
+
+    async def portal_set(self, up: bool) -> dict[str, Any]:
+        """Take the iSCSI portal down (new logins refused) or bring it back; publish it."""
+        if not isinstance(up, bool):
+            raise StorageNodeError("portal_set: up must be true or false", up=up)
+        result: dict[str, Any] = await self._locked(self._set_portal, up)
+        self._publish("portal_up" if up else "portal_down", result)
+        return result
+
+    # events ------------------------------------------------------------------------------
+
+    def _publish(self, event: str, data: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.publish(event, {"node": self.node, "portal": f"{self.ip}:{ISCSI_PORT}",
+                                        "target_iqn": self.target_iqn, **data})
+
+    def _watch(self, lun: dict[str, Any]) -> None:
+        self._watched[str(lun["name"])] = {
+            "name": lun["name"], "device": os.path.basename(str(lun["device"])),
+            "naa": lun["naa"], "lun": lun["lun"], "size_bytes": int(lun["size_bytes"])}
+
+    async def watch_capacity(self, interval: float = 0.1) -> None:
+        """Notice a capacity change of a backing disk by itself (a libvirt block resize of the
+        node's virtio disk: iblock reports the new size at once) and publish it.
+
+        A read of /sys/block/<dev>/size per exported LUN every ``interval`` s: cheap, and no
+        udev is needed in the node."""
+        while True:
+            await asyncio.sleep(interval)
+            for name, w in list(self._watched.items()):
+                try:
+                    size = int((self.sys_block / w["device"] / "size").read_text()) * 512
+                except (OSError, ValueError):
+                    continue
+                if size == w["size_bytes"] or self._watched.get(name) is not w:
+                    continue
+                before, w["size_bytes"] = w["size_bytes"], size
+                self._last_size[name] = size
+                log.info("LUN %s: capacity %d -> %d bytes", name, before, size)
+                self._publish("lun_capacity_changed", {
+                    "name": name, "naa": w["naa"], "lun": w["lun"], "size_bytes": size,
+                    "previous_size_bytes": before, "device": f"/dev/{w['device']}"})
 
     # plumbing ----------------------------------------------------------------------------
 
@@ -220,7 +282,8 @@ class StorageAgent:
             tpg = rts.TPG(target, TPG_TAG, "any" if create else "lookup")
             if not create:
                 return tpg
-            rts.NetworkPortal(tpg, self.ip, ISCSI_PORT, "any")
+            if not self._portal_down:
+                rts.NetworkPortal(tpg, self.ip, ISCSI_PORT, "any")
             self._apply_auth(tpg)
             tpg.set_attribute("generate_node_acls", "0")
             tpg.set_attribute("demo_mode_write_protect", "1")
@@ -323,6 +386,7 @@ class StorageAgent:
             log.info("backstore %s on %s, unit serial %s", name, device, serial)
         tpg = self._tpg(create=True)
         lun = self._tpg_lun_of(tpg, so)
+        created = lun is None
         if lun is None:
             try:
                 lun = rts.LUN(tpg, storage_object=so, alias=name)
@@ -330,7 +394,19 @@ class StorageAgent:
                 raise self._rtserr(f"cannot export {name} as a LUN", exc, name=name) from exc
             log.info("exported %s as LUN %d", name, lun.lun)
         self._map(tpg, lun, want)
-        return self._lun_dict(tpg, so)
+        return {**self._lun_dict(tpg, so), "created": created}
+
+    def _set_portal(self, up: bool) -> dict[str, Any]:
+        rts = self._lio()
+        self._portal_down = not up
+        tpg = self._tpg(create=True)
+        try:
+            if not up:
+                for portal in list(tpg.network_portals):
+                    portal.delete()
+        except rts.RTSLibError as exc:
+            raise self._rtserr("cannot change the portal", exc) from exc
+        return {"up": up, "portals": [f"{p.ip_address}:{p.port}" for p in tpg.network_portals]}
 
     def _map(self, tpg: Any, lun: Any, want: list[str]) -> None:
         """Make exactly the initiators in ``want`` see ``lun`` (at the same LUN number)."""
@@ -420,8 +496,10 @@ async def serve(config: dict[str, Any], on_ready: Callable[[], None] | None = No
     if on_ready is not None:
         on_ready()
     warm = asyncio.ensure_future(agent.warm_up())
+    watch = asyncio.ensure_future(agent.watch_capacity())
     try:
         await server.serve_forever()
     finally:
         warm.cancel()
+        watch.cancel()
         await server.close()
