@@ -343,8 +343,12 @@ class RescanService:
             self._update(eid, state="ignored", finished=time.time(),
                          message=f"warning: {unit} is no longer a datastore of this lab")
             return
-        self._update(eid, state="processing")
         mode = self._lookup_mode()
+        if ev["kind"] == "lun_removed":  # datastore delete: the sharing hosts already dropped it
+            self._update(eid, state="done", lookup=mode, hosts_refreshed=[], finished=time.time(),
+                         message="LUN removed; the hosts named for it were told to drop it")
+            return
+        self._update(eid, state="processing")
         want = await self._expected(ds)
         sharing, polled, unknown = await self._sharing(unit, ds, mode)
         results = await asyncio.gather(*(self._refresh_host(h, unit, want) for h in sharing))
@@ -374,7 +378,7 @@ class RescanService:
         if want["state"] == "ok":
             if want["size_bytes"] != ds["size_bytes"]:
                 self.inv.update("datastores", {"name": ds["name"]}, size_bytes=want["size_bytes"])
-            vms = await self._resize_vms(ds["name"], want["size_bytes"])
+                vms = await self._resize_vms(ds["name"], want["size_bytes"])
         ok = not stale and not disagree
         self._update(
             eid, state="done" if ok else "partial", lookup=mode, expected=want,

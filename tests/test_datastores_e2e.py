@@ -1,0 +1,167 @@
+"""Datastores on the real lab: allocation with array-style IDs, ACLs to exactly the named
+hosts, outside iSCSI clients agree with the inventory, resize refreshes exactly the sharing
+hosts (inventory lookup and polling), delete rules, IDs never repeat."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import e2e_ready
+from tests.test_lab_e2e import in_ns, labctl, leftovers
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
+                                                  reason=e2e_ready() or "")]
+
+NAME = "dse"
+TOPO = f"""
+name: {NAME}
+sites: [{{name: s1, subnet: 10.231.71.0/24}}]
+storage_nodes: [{{name: stor1, capacity: 512M}}]
+hosts: [{{name: h1}}, {{name: h2}}, {{name: h3}}, {{name: h4}}]
+datastores: [{{name: ds1, size: 64M, hosts: [h1, h2]}}]
+vms: [{{name: vm1, host: h1, datastore: ds1, memory: 128M, working_set: 16M}}]
+"""
+
+
+def lc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return labctl("--lab", NAME, *args, check=check)
+
+
+def js(*args: str) -> Any:
+    return json.loads(lc(*args, "--json").stdout)
+
+
+@pytest.fixture(scope="module")
+def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    topo = tmp_path_factory.mktemp("topo") / "lab.yaml"
+    topo.write_text(TOPO)
+    lab_dir = lab_home / "labs" / NAME
+    try:
+        labctl("up", str(topo), timeout=900)
+        yield {"dir": lab_dir, "home": lab_home,
+               "status": json.loads(lc("status", "--json").stdout)}
+    finally:
+        labctl("--lab", NAME, "down", check=False)
+    assert leftovers(NAME, lab_dir) == []
+
+
+def outside_naa(host: str, m: dict[str, Any]) -> subprocess.CompletedProcess[bytes]:
+    """VPD 0x83 as iscsi-inq prints it, from the host's namespace (-c 131: atoi)."""
+    url = f"iscsi://{m['portal'].split(':')[0]}/{m['target_iqn']}/{m['lun']}"
+    return subprocess.run(["ip", "netns", "exec", f"labctl-{NAME}-{host}", "iscsi-inq", "-i",
+                           f"iqn.2026-11.dev.labctl:{NAME}.{host}", "-e", "1", "-c", "131", url],
+                          capture_output=True, timeout=60, check=False)
+
+
+def outside_size(host: str, m: dict[str, Any]) -> int:
+    url = f"iscsi://{m['portal'].split(':')[0]}/{m['target_iqn']}/{m['lun']}"
+    res = in_ns(NAME, host, "iscsi-readcapacity16", "-s", "-i",
+                f"iqn.2026-11.dev.labctl:{NAME}.{host}", url)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip())
+
+
+def test_create_gives_lio_naa_id_seen_only_by_named_hosts(lab: dict[str, Any]) -> None:
+    res = js("datastore", "create", "dsa", "--size", "32M", "--hosts", "h2,h3")
+    assert re.fullmatch(r"naa\.6001405[0-9a-f]{25}", res["id"]), res["id"]
+    assert res["node"] == "stor1" and res["size_bytes"] == 32 << 20
+    assert sorted(res["seen_by"]) == ["h2", "h3"]
+    assert all(s["seen_naa"] == res["id"] and s["state"] == "ok" for s in res["seen_by"].values())
+    shown = js("datastore", "show", "dsa")
+    assert shown["id"] == res["id"] and shown["lun"] == res["lun"]
+    assert Path(shown["backing"]["path"]).exists()
+    raw = bytes.fromhex(res["id"].removeprefix("naa.")).split(b"\0")[0]
+    for host in ("h2", "h3"):
+        inq = outside_naa(host, res)
+        assert inq.returncode == 0, inq.stderr
+        assert len(raw) >= 4 and raw in inq.stdout
+        assert outside_size(host, res) == 32 << 20
+    for host in ("h1", "h4"):  # not named: the ACL hides the LUN
+        assert outside_naa(host, res).returncode != 0
+        units = js("host", "storage", host)["units"]
+        assert res["id"] not in [u["id"] for u in units]
+    assert res["id"] in [u["id"] for u in js("host", "storage", "h3")["units"]]
+
+
+def test_allocation_refuses_when_no_node_has_room(lab: dict[str, Any]) -> None:
+    res = lc("datastore", "create", "huge", "--size", "2G", "--hosts", "h1", check=False)
+    assert res.returncode == 1
+    assert "no storage node has room for 2G (stor1:" in res.stderr and "free of 512M" in res.stderr
+    assert "huge" not in lc("datastore", "list").stdout
+
+
+def test_ids_never_repeat_after_delete(lab: dict[str, Any]) -> None:
+    first = js("datastore", "create", "dsb", "--size", "8M", "--hosts", "h4")
+    lc("datastore", "delete", "dsb")
+    again = js("datastore", "create", "dsb", "--size", "8M", "--hosts", "h4")
+    assert again["id"] != first["id"]
+    reg = sqlite3.connect(lab["home"] / "registry" / "datastore-ids.db")
+    rows = reg.execute("SELECT naa, released FROM ids").fetchall()
+    naas = [r[0] for r in rows]
+    assert len(naas) == len(set(naas)) and first["id"] in naas and again["id"] in naas
+    assert dict(rows)[first["id"]] is not None  # released, kept forever
+    lc("datastore", "delete", "dsb")
+
+
+def test_delete_refused_while_a_vm_uses_it(lab: dict[str, Any]) -> None:
+    res = lc("datastore", "delete", "ds1", check=False)
+    assert res.returncode == 1
+    assert "datastore ds1 is the disk of VM vm1: delete refused" in res.stderr
+
+
+def _commands(host: str) -> int:
+    return int(js("host", "storage", host)["scsi_commands"])
+
+
+@pytest.mark.parametrize("lookup", ["inventory", "poll"])
+def test_resize_refreshes_exactly_the_sharing_hosts(lab: dict[str, Any], lookup: str) -> None:
+    lc("rescan", "lookup", lookup)
+    m = js("datastore", "show", "ds1")
+    size = m["size_bytes"] + (16 << 20)
+    before = {h: _commands(h) for h in ("h1", "h2", "h3", "h4")}
+    res = js("datastore", "resize", "ds1", f"{size >> 20}M")
+    ev = res["event"]
+    assert ev["kind"] == "lun_capacity_changed" and ev["state"] == "done", ev
+    assert ev["lookup"] == lookup
+    assert sorted(ev["hosts_refreshed"]) == ["h1", "h2"] and ev["hosts_stale"] == []
+    assert ev["size_bytes"] == size
+    assert set(ev["scsi_commands"]) == {"h1", "h2"}
+    if lookup == "poll":
+        assert sorted(ev["hosts_polled"]) == ["h1", "h2", "h3", "h4"]
+    after = {h: _commands(h) for h in ("h1", "h2", "h3", "h4")}
+    assert after["h3"] == before["h3"] and after["h4"] == before["h4"]  # not touched
+    assert after["h1"] > before["h1"] and after["h2"] > before["h2"]
+    for host in ("h1", "h2"):
+        assert outside_size(host, m) == size
+        unit = next(u for u in js("host", "storage", host)["units"] if u["id"] == m["id"])
+        assert unit["size_bytes"] == size and unit["state"] == "ok"
+    assert js("datastore", "show", "ds1")["size_bytes"] == size
+    # the VM on the LUN was told (block_resize) and its guest sees the new size
+    assert [v["vm"] for v in ev["vms_resized"]] == ["vm1"]
+    deadline = time.monotonic() + 10
+    while True:
+        out = lc("vm", "console", "vm1", "size", check=False).stdout
+        if f"DISK size {size}" in out or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert f"DISK size {size}" in out
+    shown = lc("events").stdout
+    assert "lun_capacity_changed" in shown and "refreshed h1,h2" in shown
+
+
+def test_delete_drops_acls_and_cache(lab: dict[str, Any]) -> None:
+    m = js("datastore", "show", "dsa")
+    lc("datastore", "delete", "dsa")
+    assert "dsa" not in lc("datastore", "list").stdout
+    assert outside_naa("h2", m).returncode != 0
+    assert m["id"] not in [u["id"] for u in js("host", "storage", "h2")["units"]]
+    assert not Path(m["backing"]["path"]).exists()

@@ -1,0 +1,188 @@
+"""Rescan service faults on the real lab: a sharing host down during a refresh, a burst of
+events on one LUN, an event about an unknown LUN, the storage node restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labctl import storagenode
+from labctl.rpc import RpcClient
+from tests.conftest import e2e_ready
+from tests.test_lab_e2e import in_ns, labctl, leftovers
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
+                                                  reason=e2e_ready() or "")]
+
+NAME = "rse"
+TOPO = f"""
+name: {NAME}
+sites: [{{name: s1, subnet: 10.231.72.0/24}}]
+storage_nodes: [{{name: stor1, capacity: 1G}}]
+hosts: [{{name: h1}}, {{name: h2}}, {{name: h3}}]
+datastores:
+  - {{name: ds1, size: 64M, hosts: [h1, h2]}}
+  - {{name: ds2, size: 32M, hosts: [h2, h3]}}
+vms: [{{name: vm1, host: h1, datastore: ds1, memory: 128M, working_set: 16M}}]
+"""
+
+
+def lc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return labctl("--lab", NAME, *args, check=check)
+
+
+def js(*args: str) -> Any:
+    return json.loads(lc(*args, "--json").stdout)
+
+
+def events() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lc("events", "--json").stdout.splitlines()]
+
+
+def host_call(lab: dict[str, Any], host: str, method: str, **params: Any) -> Any:
+    h = next(x for x in lab["status"]["hosts"] if x["name"] == host)
+    secret = bytes.fromhex((lab["dir"] / "secret").read_text().strip())
+
+    async def go() -> Any:
+        c = await RpcClient.connect(h["address"], 7600, secret, timeout=5)
+        try:
+            return await c.call(method, **params)
+        finally:
+            await c.close()
+
+    return asyncio.run(go())
+
+
+def wait(pred: Any, timeout: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    topo = tmp_path_factory.mktemp("topo") / "lab.yaml"
+    topo.write_text(TOPO)
+    lab_dir = lab_home / "labs" / NAME
+    try:
+        labctl("up", str(topo), timeout=900)
+        yield {"dir": lab_dir, "status": json.loads(lc("status", "--json").stdout)}
+    finally:
+        labctl("--lab", NAME, "down", check=False)
+    assert leftovers(NAME, lab_dir) == []
+
+
+def _unit(host: str, unit: str) -> dict[str, Any]:
+    return dict(next(u for u in js("host", "storage", host)["units"] if u["id"] == unit))
+
+
+def test_sharing_host_down_is_marked_stale_and_caught_up(lab: dict[str, Any]) -> None:
+    pid = next(h for h in json.loads(lc("status", "--json").stdout)["hosts"] if h["name"] == "h2")
+    db = sqlite3.connect(lab["dir"] / "inventory.db")
+    inv_pid = int(db.execute("SELECT agent_pid FROM hosts WHERE name='h2'").fetchone()[0])
+    db.close()
+    assert pid["agent"] == "up"
+    m = js("datastore", "show", "ds1")
+    size = m["size_bytes"] + (8 << 20)
+    os.kill(inv_pid, signal.SIGSTOP)  # the lab's own host agent: h2 stops answering
+    try:
+        res = js("datastore", "resize", "ds1", f"{size >> 20}M")
+        ev = res["event"]
+        assert ev["state"] == "partial", ev
+        assert ev["hosts_refreshed"] == ["h1"] and ev["hosts_stale"] == ["h2"]
+        assert _unit("h1", m["id"])["size_bytes"] == size
+    finally:
+        os.kill(inv_pid, signal.SIGCONT)
+    caught = wait(lambda: next((e for e in events() if e["id"] == ev["id"]
+                                and "h2" in e["hosts_late"]), None), 30, "h2 to catch up")
+    assert caught["state"] == "done"
+    assert _unit("h2", m["id"])["size_bytes"] == size
+    assert "late h2" in lc("events").stdout
+
+
+def test_burst_on_one_lun_is_coalesced(lab: dict[str, Any]) -> None:
+    m = js("datastore", "show", "ds2")
+    last = max((e["id"] for e in events()), default=0)
+    # a burst of host reports about one unit: the first starts a round, the rest coalesce
+    for _ in range(6):
+        host_call(lab, "h3", "storage_report", kind="unit_attention", unit=m["id"])
+    # and a burst of real capacity changes on the storage node
+    sizes = [m["size_bytes"] + (i << 20) for i in range(1, 6)]
+
+    async def grow() -> None:
+        for s in sizes:
+            await storagenode.resize_data_disk(NAME, "stor1", m["backing"]["disk_serial"], s)
+
+    asyncio.run(grow())
+    final = sizes[-1]
+
+    def settled() -> list[dict[str, Any]] | None:
+        evs = [e for e in events() if e["id"] > last and e["unit"] == m["id"]]
+        done = [e for e in evs if e["state"] in ("done", "partial", "coalesced")]
+        ok = (len(done) == len(evs) and any(e.get("size_bytes") == final for e in evs)
+              and any(e["kind"] == "lun_capacity_changed" for e in evs))
+        return evs if ok else None
+
+    evs = wait(settled, 30, "the burst to settle")
+    assert any(e["state"] == "coalesced" for e in evs), evs
+    rounds = [e for e in evs if e["state"] != "coalesced"]
+    assert len(rounds) < len(evs)
+    for e in evs:
+        if e["state"] == "coalesced":
+            assert e["coalesced_into"] in [r["id"] for r in rounds]
+    for host in ("h2", "h3"):
+        assert _unit(host, m["id"])["size_bytes"] == final
+        url = f"iscsi://{m['portal'].split(':')[0]}/{m['target_iqn']}/{m['lun']}"
+        out = in_ns(NAME, host, "iscsi-readcapacity16", "-s", "-i",
+                    f"iqn.2026-11.dev.labctl:{NAME}.{host}", url)
+        assert int(out.stdout.strip()) == final
+    assert m["id"] not in [u["id"] for u in js("host", "storage", "h1")["units"]]
+
+
+def test_event_about_unknown_lun_is_a_warning(lab: dict[str, Any]) -> None:
+    before = {h: js("host", "storage", h) for h in ("h1", "h2", "h3")}
+    stores = lc("datastore", "list").stdout
+    bogus = "naa.6001405" + "f" * 25
+    host_call(lab, "h1", "storage_report", kind="io_error", unit=bogus)
+    ev = wait(lambda: next((e for e in events() if e["unit"] == bogus
+                            and e["state"] == "ignored"), None), 10, "the unknown-LUN event")
+    assert ev["message"].startswith("warning: event about an unknown LUN")
+    assert ev["hosts_refreshed"] is None
+    assert lc("datastore", "list").stdout == stores
+    for h, view in before.items():
+        assert js("host", "storage", h)["scsi_commands"] == view["scsi_commands"]
+    assert "unknown LUN" in (lab["dir"] / "rescan.log").read_text()
+
+
+def test_storage_node_restart_hosts_and_vm_reconnect(lab: dict[str, Any]) -> None:
+    def vm() -> dict[str, Any]:
+        return dict(json.loads(lc("status", "--json").stdout)["vms"][0])
+
+    ids = {d["datastore"]: d["id"] for d in js("datastore", "list")}
+    before = vm()["disk_counter"]
+    out = lc("storage", "restart", "stor1").stdout
+    assert "re-exported" in out
+    assert {d["datastore"]: d["id"] for d in js("datastore", "list")} == ids
+    # the guest's disk counter continues past where it was (QEMU's libiscsi reconnected)
+    wait(lambda: (vm().get("disk_counter") or 0) > before + 2, 60, "the disk counter to advance")
+    read = lc("vm", "console", "vm1", "read").stdout
+    assert int(read.split()[-1]) > before
+    for host, ds in (("h1", "ds1"), ("h2", "ds1"), ("h2", "ds2"), ("h3", "ds2")):
+        wait(lambda h=host, d=ds: _unit(h, ids[d])["state"] == "ok", 30, f"{host} sees {ds}")
+    kinds = {e["kind"] for e in events()}
+    assert {"storage_agent_lost", "lun_added"} <= kinds
