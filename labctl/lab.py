@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,28 +98,25 @@ class Lab:
         self.progress(f"{name} ({took:.1f} s)")
         return result
 
-    @asynccontextmanager
-    async def host_client(self, inv: Inventory, host: str,
-                          timeout: float = 5.0) -> AsyncIterator[RpcClient]:
-        row = inv.row("hosts", name=host)
-        if row is None:
-            names = ", ".join(r["name"] for r in inv.rows("hosts"))
-            raise LabStateError(f"unknown host {host!r} (hosts: {names})", host=host)
-        client = await RpcClient.connect(row["address"], row["agent_port"], self.dir.secret(),
-                                         timeout=timeout, peer=f"host {host}")
-        try:
-            yield client
-        finally:
-            await client.close()
+    def host_client(self, inv: Inventory, host: str,
+                    timeout: float = 5.0) -> AbstractAsyncContextManager[RpcClient]:
+        """An authenticated connection to ``host``'s agent (closed on exit)."""
+        return self._agent_client(inv, "hosts", "host", host, timeout)
+
+    def storage_client(self, inv: Inventory, node: str,
+                       timeout: float = 5.0) -> AbstractAsyncContextManager[RpcClient]:
+        """An authenticated connection to storage node ``node``'s agent (closed on exit)."""
+        return self._agent_client(inv, "storage_nodes", "storage node", node, timeout)
 
     @asynccontextmanager
-    async def storage_client(self, inv: Inventory, node: str,
-                             timeout: float = 5.0) -> AsyncIterator[RpcClient]:
-        row = inv.row("storage_nodes", name=node)
+    async def _agent_client(self, inv: Inventory, table: str, kind: str, name: str,
+                            timeout: float) -> AsyncIterator[RpcClient]:
+        row = inv.row(table, name=name)
         if row is None:
-            raise LabStateError(f"unknown storage node {node!r}", node=node)
+            names = ", ".join(r["name"] for r in inv.rows(table)) or "none"
+            raise LabStateError(f"unknown {kind} {name!r} ({kind}s: {names})", name=name)
         client = await RpcClient.connect(row["address"], row["agent_port"], self.dir.secret(),
-                                         timeout=timeout, peer=f"storage node {node}")
+                                         timeout=timeout, peer=f"{kind} {name}")
         try:
             yield client
         finally:
