@@ -1,0 +1,96 @@
+"""Units: the ID registry, allocation policy, datastore ID parsing, event formatting."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from labctl import rescan
+from labctl.agents.host_storage import normal_id
+from labctl.agents.storage import naa_from_unit_serial
+from labctl.datastores import IdRegistry, pick_node
+from labctl.errors import LabError, LabStateError
+from labctl.inventory import Inventory
+
+
+def test_registry_issues_lio_naa_ids_once(tmp_path: Path) -> None:
+    reg = IdRegistry(tmp_path / "ids.db")
+    got = [reg.issue("lab", tmp_path, "stor1", f"ds{i}") for i in range(200)]
+    naas = [naa for _, naa in got]
+    assert len(set(naas)) == len(naas)
+    for serial, naa in got:
+        assert len(serial) == 32 and naa == "naa." + naa_from_unit_serial(serial)
+        assert naa.startswith("naa.6001405")
+    reg.release(naas[0])
+    row = reg.get(naas[0])
+    assert row is not None and row["released"] is not None  # kept after a delete
+    assert len(reg.all()) == 200
+
+
+def test_registry_never_reissues_a_colliding_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    import uuid
+
+    reg = IdRegistry(tmp_path / "ids.db")
+    fixed = [uuid.UUID("0123456789abcdef0123456789abcdef"),
+             uuid.UUID("0123456789abcdef0123456789abcd00"),  # same first 25 digits: same NAA
+             uuid.UUID("fedcba9876543210fedcba9876543210")]
+    monkeypatch.setattr(uuid, "uuid4", lambda: fixed.pop(0))
+    a = reg.issue("lab", tmp_path, "stor1", "a")
+    b = reg.issue("lab2", tmp_path, "stor2", "b")
+    assert a[1] != b[1] and b[0].startswith("fedcba")
+
+
+def _inv(tmp_path: Path) -> Inventory:
+    inv = Inventory.open(tmp_path / "inv.db")
+    for name, cap, state in (("s1", 1 << 30, "up"), ("s2", 2 << 30, "up"), ("s3", 8 << 30, "down")):
+        inv.upsert("storage_nodes", name=name, site="a", address="10.0.0.2", target_iqn="iqn.x",
+                   domain="d", tap="t", agent_port=1, capacity=cap, state=state)
+    inv.upsert("datastores", name="big", node="s2", size_bytes=(1 << 30) + (512 << 20),
+               unit_serial="0" * 32, naa=None, lun=None, disk_serial="lc-big", backing_path="/x",
+               state="exported", created=time.time())
+    return inv
+
+
+def test_pick_node_most_free_space_and_refusal(tmp_path: Path) -> None:
+    inv = _inv(tmp_path)
+    assert pick_node(inv, 256 << 20, "a") == "s1"  # s1 1G free, s2 512M free, s3 down
+    assert pick_node(inv, 256 << 20, "a", node="s2") == "s2"
+    with pytest.raises(LabStateError) as exc:
+        pick_node(inv, 2 << 30, "a")
+    assert exc.value.message == ("no storage node has room for 2G (s1: 1G free of 1G; "
+                                 "s2: 512M free of 2G; s3: 8G free of 8G (down))")
+    with pytest.raises(LabStateError, match="no storage node in site b"):
+        pick_node(inv, 1 << 20, "b")
+
+
+def test_normal_id() -> None:
+    assert normal_id("NAA.6001405ABC" + "0" * 22) == "naa.6001405abc" + "0" * 22
+    assert normal_id("6001405abcdef0123456789012345678") == "naa.6001405abcdef0123456789012345678"
+    for bad in ("", "naa.xyz", "naa.1234"):
+        with pytest.raises(LabError):
+            normal_id(bad)
+
+
+def test_agreement_rules() -> None:
+    unit = "naa." + "6" * 32
+    ok = {"state": "ok", "seen_naa": unit, "size_bytes": 10}
+    assert rescan.RescanService._agrees(ok, {"state": "ok", "size_bytes": 10}, unit)
+    assert not rescan.RescanService._agrees(ok, {"state": "ok", "size_bytes": 11}, unit)
+    assert not rescan.RescanService._agrees({**ok, "seen_naa": "naa.1"},
+                                            {"state": "ok", "size_bytes": 10}, unit)
+    assert rescan.RescanService._agrees({"state": "unreachable"}, {"state": "unreachable"}, unit)
+
+
+def test_format_event() -> None:
+    ev = {"id": 3, "at": time.time(), "source": "storage:stor1", "kind": "lun_capacity_changed",
+          "unit": "naa.6001", "datastore": "ds1", "state": "partial", "size_bytes": 96 << 20,
+          "lookup": "inventory", "hosts_refreshed": ["h1"], "hosts_stale": ["h2"],
+          "hosts_late": [], "hosts_disagree": [], "agreed_ms": None, "vms_resized": [],
+          "message": None, "coalesced_into": None}
+    line = rescan.format_event(ev)
+    assert "size 96 MiB; lookup inventory; refreshed h1; stale h2 [partial]" in line
+    assert "coalesced into #3" in rescan.format_event({**ev, "state": "coalesced",
+                                                       "coalesced_into": 3})
