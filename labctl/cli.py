@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from labctl import topology
-from labctl.errors import LabError, LabStateError
+from labctl.errors import LabError
 from labctl.lab import Lab
 from labctl.paths import repo_root
 
@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     vm.add_argument("action", choices=["start", "stop", "console"])
     vm.add_argument("name")
     vm.add_argument("command", nargs="*",
-                    help="with console: rate MB/s | wss MiB | read | sync")
+                    help="with console: rate MB/s | wss MiB | read | sync "
+                         "(none: print the last console lines)")
     sub.add_parser("down", help="tear the lab down (removes exactly what it created)")
     demo = sub.add_parser("demo", help="bring up the default lab, show its VM running, tear down")
     demo.add_argument("file", nargs="?", help=f"topology file (default {DEFAULT_TOPOLOGY})")
@@ -111,9 +112,10 @@ async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
         return 0
     if args.cmd == "vm":
         if args.action == "console":
-            if not args.command:
-                raise LabStateError("vm console needs a command: rate N | wss N | read | sync")
-            print(await lab.vm_console(args.name, " ".join(args.command)))
+            if args.command:
+                print(await lab.vm_console(args.name, " ".join(args.command)))
+            else:
+                print("\n".join(await lab.vm_console_tail(args.name)))
         elif args.action == "start":
             res = await lab.vm_start(args.name)
             print(f"VM {args.name} running (pid {res.get('pid')}), first heartbeat after "

@@ -148,6 +148,7 @@ class Lab:
                     f"run 'labctl down --lab {self.name}' to clean it up, then up again",
                     lab=self.name, state=state)
             self._check_host_network(topo)
+            _check_disk_space(topo, self.dir.path.parent)
             self.dir.create()
             inv = self.dir.inventory()
             try:
@@ -263,6 +264,8 @@ class Lab:
         )
         t0 = time.monotonic()
         await storagenode.start(spec, image, accel="kvm" if accel == "kvm" else "qemu")
+        # libvirt made the tap; label it like every other link of the lab
+        netns.label_link(tap, netns.alias_for(self.name, "tap", node.name))
         inv.record_step(f"storage node {node.name} boot to agent ready", time.monotonic() - t0)
         inv.update("storage_nodes", {"name": node.name}, state="up")
         self.progress(f"storage node {node.name} is serving at {node.address}")
@@ -447,13 +450,21 @@ class Lab:
 
     async def vm_console(self, name: str, command: str) -> str:
         """Send a console command to the test guest (``rate N``, ``wss N``, ``read``, ``sync``)."""
+        return str(await self._call_vm_host(name, "vm_console", name=name, command=command))
+
+    async def vm_console_tail(self, name: str, lines: int = 20) -> list[str]:
+        """The last console lines of a running VM, as its host agent read them."""
+        return [str(x) for x in await self._call_vm_host(name, "vm_console_tail", name=name,
+                                                         lines=lines)]
+
+    async def _call_vm_host(self, vm_name: str, method: str, **params: Any) -> Any:
         inv = self._open()
         try:
-            vm = self._vm_row(inv, name)
+            vm = self._vm_row(inv, vm_name)
             if vm["state"] != "running":
-                raise LabStateError(f"VM {name} is not running", vm=name)
+                raise LabStateError(f"VM {vm_name} is not running", vm=vm_name)
             async with self.host_client(inv, vm["host"]) as c:
-                return str(await c.call("vm_console", name=name, command=command, timeout=30))
+                return await c.call(method, timeout=30, **params)
         finally:
             inv.close()
 
@@ -595,6 +606,19 @@ async def _gather_all(*jobs: Awaitable[Any]) -> list[Any]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _check_disk_space(topo: Topology, where: Path) -> None:
+    """Datastores are sparse files in the lab directory: refuse a lab whose datastores could
+    not all be filled on the filesystem that holds it (plus room for the node's overlay)."""
+    where.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(where).free
+    need = sum(d.size for d in topo.datastores) + len(topo.storage_nodes) * (256 << 20)
+    if need > free:
+        raise TopologyError(
+            topo.source, "datastores",
+            f"the datastores need {need >> 20} MiB but the filesystem of {where} has "
+            f"{free >> 20} MiB free", need=need, free=free)
 
 
 def _preflight() -> None:

@@ -6,6 +6,7 @@ inventory's ``resources`` table; everything inside it goes with the directory.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -59,14 +60,22 @@ class LabDir:
     def lock(self) -> Iterator[None]:
         """Exclusive lock so two labctl commands never change one lab at once."""
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.path / ".lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LabStateError(
-                    f"another labctl command is working on lab {self.name}; wait for it to finish",
-                    lab=self.name) from None
-            yield
+        lock = self.path / ".lock"
+        try:
+            with open(lock, "w") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise LabStateError(
+                        f"another labctl command is working on lab {self.name}; wait for it "
+                        "to finish", lab=self.name) from None
+                yield
+        finally:
+            # a refused request leaves no trace: drop a directory that holds only the lock
+            with contextlib.suppress(OSError):
+                if [p.name for p in self.path.iterdir()] == [".lock"]:
+                    lock.unlink()
+                    self.path.rmdir()
 
 
 def existing_labs(root: Path | None = None) -> list[str]:

@@ -157,6 +157,19 @@ def ensure_veth(spec: VethSpec) -> None:
 
 
 @_netlink
+def label_link(ifname: str, alias: str) -> None:
+    """Give a link another program created for the lab (libvirt's tap) the lab's alias.
+    A link that already carries a different alias is left alone."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        if idx is None:
+            raise NetworkSetupError(f"no link {ifname} to label", ifname=ifname)
+        have = ipr.get_links(idx)[0].get_attr("IFLA_IFALIAS")
+        if have in (None, "", alias):
+            ipr.link("set", index=idx, ifalias=alias)
+
+
+@_netlink
 def set_link_state(ifname: str, up: bool, alias: str) -> None:
     """Bring an owned link up or down (used to cut a host off its network)."""
     with IPRoute() as ipr:

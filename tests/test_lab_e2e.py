@@ -143,6 +143,24 @@ def test_heartbeat_is_live_and_disk_counter_advances(lab: dict[str, Any]) -> Non
     assert b["disk_counter"] > a["disk_counter"]
 
 
+def test_console_tail_shows_heartbeats(lab: dict[str, Any]) -> None:
+    res = labctl("--lab", lab["name"], "vm", "console", "vm1")
+    beats = [line for line in res.stdout.splitlines() if line.startswith("HB ")]
+    assert len(beats) >= 5, res.stdout
+    answer = labctl("--lab", lab["name"], "vm", "console", "vm1", "read").stdout.strip()
+    assert re.fullmatch(r"DISK read [0-9]+", answer), answer
+
+
+def test_datastores_larger_than_the_disk_are_refused(lab_home: Path, tmp_path: Path) -> None:
+    topo = tmp_path / "big.yaml"
+    topo.write_text(TOPO.format(name="e2ebig", subnet="10.231.43.0/24")
+                    .replace("capacity: 1G", "capacity: 900T").replace("size: 64M", "size: 800T"))
+    res = labctl("up", str(topo), check=False)
+    assert res.returncode == 1
+    assert "lab.yaml" not in res.stderr and "big.yaml: datastores: the datastores need" in res.stderr
+    assert not (lab_home / "labs" / "e2ebig").exists()
+
+
 def test_up_twice_is_idempotent(lab: dict[str, Any]) -> None:
     res = labctl("up", str(lab["topo"]))
     assert "already up" in res.stderr
