@@ -6,7 +6,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/ruff check labctl tests bench images
 .venv/bin/mypy
-.venv/bin/mypy bench/rescan  # its own run: a second extensionless script would also be "__main__"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo --preserve-env=LABCTL_HOME"; fi
 $SUDO .venv/bin/python -m pytest -v -p no:cacheprovider "$@"
