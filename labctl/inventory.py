@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS migrations (
     id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL, source TEXT NOT NULL, dest TEXT NOT NULL,
     policy TEXT NOT NULL, storage TEXT NOT NULL, state TEXT NOT NULL, started REAL NOT NULL,
     finished REAL, total_ms REAL, downtime_ms REAL, blackout_ms REAL, passes INTEGER, bytes INTEGER,
-    error TEXT, result TEXT NOT NULL DEFAULT '{}');
+    error TEXT, result TEXT NOT NULL DEFAULT '{}', stop_to_resume_ms REAL);
 CREATE TABLE IF NOT EXISTS migration_passes (
     migration INTEGER NOT NULL, pass INTEGER NOT NULL, data TEXT NOT NULL,
     PRIMARY KEY (migration, pass));
@@ -56,6 +56,9 @@ CREATE TABLE IF NOT EXISTS migration_decisions (
     reason TEXT NOT NULL, t_rel REAL NOT NULL, detail TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (migration, seq));
 """
+
+#: columns added after a table was first shipped: (table, column, declaration)
+_ADDED_COLUMNS = (("migrations", "stop_to_resume_ms", "REAL"),)
 
 
 class Inventory:
@@ -70,6 +73,10 @@ class Inventory:
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(_SCHEMA)
+        for table, column, decl in _ADDED_COLUMNS:  # inventories made before the column existed
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         return cls(conn)
 
     def close(self) -> None:

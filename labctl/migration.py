@@ -347,16 +347,19 @@ class Recorder:
         if self.inv is not None and self.id is not None:
             self.inv.conn.execute(
                 "UPDATE migrations SET state=?, finished=?, total_ms=?, downtime_ms=?, "
-                "blackout_ms=?, passes=?, bytes=?, error=?, result=? WHERE id=?",
+                "blackout_ms=?, passes=?, bytes=?, error=?, result=?, stop_to_resume_ms=? "
+                "WHERE id=?",
                 (state, time.time(), result.get("total_ms"), result.get("downtime_ms"),
                  result.get("blackout_ms"), result.get("passes"), result.get("bytes_sent"),
-                 result.get("error"), json.dumps(result, default=str), self.id))
+                 result.get("error"), json.dumps(result, default=str),
+                 result.get("stop_to_resume_ms"), self.id))
 
 
 def list_migrations(inv: Inventory) -> list[dict[str, Any]]:
     rows = inv.conn.execute(
         "SELECT id, vm, source, dest, policy, storage, state, started, finished, total_ms, "
-        "downtime_ms, blackout_ms, passes, bytes, error FROM migrations ORDER BY id").fetchall()
+        "downtime_ms, stop_to_resume_ms, blackout_ms, passes, bytes, error FROM migrations "
+        "ORDER BY id").fetchall()
     out = []
     for r in rows:
         d = dict(r)
@@ -396,8 +399,9 @@ class Migration:
 
     def __init__(self, vm: str, src: Endpoint, dst: Endpoint, policy: Policy,
                  dest_disk: dict[str, Any] | None = None, recorder: Recorder | None = None,
-                 progress: Progress = _quiet) -> None:
+                 progress: Progress = _quiet, measure_dirty_rate: bool = False) -> None:
         self.vm = vm
+        self.measure_dirty_rate = measure_dirty_rate
         self.src = src
         self.dst = dst
         self.policy = policy
@@ -432,11 +436,18 @@ class Migration:
         spec = dict(info["spec"])
         if self.dest_disk is not None:
             spec["disk"] = self.dest_disk
+        measured = None
+        if self.measure_dirty_rate:  # before anything starts: it uses QEMU's dirty tracking too
+            measured = await self.src.client.call("mig_dirty_rate", timeout=30, name=self.vm,
+                                                  calc_time_s=1, sample_pages=8192)
+            self.progress(f"{self.src.host}: calc-dirty-rate: {self.vm} dirties "
+                          f"{measured['dirty_rate_mib_s']} MiB/s")
         self.rec.start(self.vm, self.src.host, self.dst.host, self.policy)
         self.result = {"id": self.rec.id, "vm": self.vm, "source": self.src.host,
                        "dest": self.dst.host, "policy": self.policy.name,
                        "storage": self.policy.storage, "started": t_wall,
-                       "heartbeat_period_ms": HEARTBEAT_PERIOD_S * 1000}
+                       "heartbeat_period_ms": HEARTBEAT_PERIOD_S * 1000,
+                       "dirty_rate_measured": measured}
         lease: asyncio.Task[None] | None = None
         try:
             self.progress(f"{self.dst.host}: starting the incoming QEMU"
@@ -598,6 +609,7 @@ class Migration:
         plausible = continues and blackout is not None and \
             first["counter"] - src_hb["counter"] <= math.ceil(blackout / 100) + 2
         disk_ok = disk_read is not None and (src_disk is None or src_disk < 0 or disk_read >= src_disk)
+        sw = switchover_breakdown(st, fin, src_hb.get("t"), first.get("t"))
         rates = [p["dirty_rate_bytes"] for p in self.passes if p.get("dirty_rate_bytes")]
         # pages dirtied during a pass / its duration; short passes say little (timer noise)
         est = [p["dirty_rate_est_bytes"] for p in self.passes[1:]
@@ -611,6 +623,7 @@ class Migration:
             "dirty_rate_max_bytes": max(rates) if rates else 0.0,
             "dirty_rate_est_bytes": sorted(est)[len(est) // 2] if est else None,
             "stop_t": st.get("stop_t"), "resume_t": fin.get("resume_t"),
+            "stop_to_resume_ms": sw.get("stop_to_resume_ms"), "switchover": sw,
             "heartbeat": {"source_last": src_hb, "dest_first": first,
                           "continues": continues and plausible},
             "disk": {"source_last": src_disk, "dest_read": disk_read, "ok": disk_ok},
@@ -663,6 +676,43 @@ class Migration:
         return out
 
 
+def switchover_breakdown(src: dict[str, Any], dst: dict[str, Any], last_src_hb_t: float | None,
+                         first_dst_hb_t: float | None) -> dict[str, Any]:
+    """Where the guest's blackout goes, in ms, all on one time.monotonic() axis:
+
+    blackout = hb_before_stop + stop_to_resume + after_resume, exactly, where
+    hb_before_stop = source STOP - last source heartbeat, stop_to_resume = the source QEMU's
+    STOP event to the destination QEMU's RESUME event (each timestamped by its host agent on
+    arrival), after_resume = RESUME - first destination heartbeat. The guest keeps its
+    heartbeat deadlines in guest time, which does not advance while the VM is stopped, so
+    hb_before_stop + after_resume = one period + restart_overhead (the time the resumed guest
+    needs beyond its own schedule: TCG translation cache refill, timer catch-up, console).
+
+    ``src``/``dst`` are the agents' answers (``stop_t``, ``stop_qemu_t``, ``checkpoints`` /
+    ``resume_t``, ``resume_qemu_t``, ``checkpoints``); checkpoints are QEMU's own
+    ``vmstate_downtime_checkpoint`` trace points, given relative to QEMU's STOP stamp."""
+    stop, resume = src.get("stop_t"), dst.get("resume_t")
+    out: dict[str, Any] = {"period_ms": HEARTBEAT_PERIOD_S * 1000}
+
+    def ms(a: Any, b: Any) -> float | None:
+        return round((float(b) - float(a)) * 1000, 2) if a is not None and b is not None else None
+
+    out["stop_to_resume_ms"] = ms(stop, resume)
+    out["stop_to_resume_qemu_ms"] = ms(src.get("stop_qemu_t"), dst.get("resume_qemu_t"))
+    out["hb_before_stop_ms"] = ms(last_src_hb_t, stop)
+    out["after_resume_ms"] = ms(resume, first_dst_hb_t)
+    if out["hb_before_stop_ms"] is not None and out["after_resume_ms"] is not None:
+        out["restart_overhead_ms"] = round(out["hb_before_stop_ms"] + out["after_resume_ms"]
+                                           - out["period_ms"], 2)
+    zero = src.get("stop_qemu_t") or stop
+    points = {**{k: v for k, v in (src.get("checkpoints") or {}).items()},
+              **{k: v for k, v in (dst.get("checkpoints") or {}).items()}}
+    out["checkpoints_ms"] = {k: ms(zero, v) for k, v in sorted(points.items(), key=lambda kv: kv[1])}
+    if dst.get("resume_qemu_t") is not None:
+        out["checkpoints_ms"]["RESUME (QEMU stamp)"] = ms(zero, dst["resume_qemu_t"])
+    return out
+
+
 def _pass_line(rec: dict[str, Any]) -> str:
     return (f"pass {rec['pass']:>3} t={rec['t_rel']:7.3f}s sent {int(rec['transferred'] or 0) >> 20:5d} MiB"
             f" remaining {int(rec['remaining'] or 0) >> 20:5d} MiB dirty "
@@ -685,7 +735,8 @@ def _disk_value(text: Any) -> int | None:
 # ================================================================== the lab's face
 
 async def migrate_in_lab(lab: Lab, vm: str, to: str, policy: str | Policy | None = None,
-                         late_storage: bool | None = None) -> dict[str, Any]:
+                         late_storage: bool | None = None,
+                         measure_dirty_rate: bool = False) -> dict[str, Any]:
     """Migrate ``vm`` of ``lab`` to host ``to``; refuses impossible requests before anything
     starts. Returns the recorded result (see ``labctl migrations show ID``)."""
     pol = load_policy(policy)
@@ -727,7 +778,8 @@ async def migrate_in_lab(lab: Lab, vm: str, to: str, policy: str | Policy | None
             async with lab.host_client(inv, src_host) as sc, lab.host_client(inv, to) as dc:
                 mig = Migration(vm, Endpoint(src_host, sc, src_row["address"]),
                                 Endpoint(to, dc, dst["address"]), pol, dest_disk=dest_disk,
-                                recorder=Recorder(inv), progress=lab.progress)
+                                recorder=Recorder(inv), progress=lab.progress,
+                                measure_dirty_rate=measure_dirty_rate)
                 result = await mig.run()
             inv.update("vms", {"name": vm}, host=to, pid=result.get("dest_pid"),
                        started_at=time.time())

@@ -31,6 +31,9 @@ def add_parsers(sub: Any) -> None:
                            "window (after the source stopped), for comparison")
     prep.add_argument("--early-storage", dest="late", action="store_false",
                       help="prepare it before the migration starts (the default)")
+    mig.add_argument("--measure-dirty-rate", action="store_true",
+                     help="first measure the guest's dirty rate with QEMU's calc-dirty-rate "
+                          "(page sampling, 1 s) and record it with the migration")
     mig.add_argument("--json", action="store_true", help="print the full record as JSON")
     ms = sub.add_parser("migrations", help="list recorded migrations, or show one")
     ms.add_argument("action", nargs="?", choices=["list", "show", "policies"], default="list")
@@ -60,7 +63,10 @@ def interrupted_message() -> str:
 async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
     if args.cmd == "migrate":
         _interrupted["lab"] = lab
-        res = await lab.migrate(args.vm, args.to, args.policy, args.late)
+        from labctl.migration import migrate_in_lab
+
+        res = await migrate_in_lab(lab, args.vm, args.to, args.policy, args.late,
+                                   measure_dirty_rate=args.measure_dirty_rate)
         if args.json:
             print(json.dumps(res, indent=2, default=str))
         else:
@@ -100,11 +106,13 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
         print("no migrations recorded")
         return 0
     print(f"{'id':>3} {'vm':8} {'from':8} {'to':8} {'policy':9} {'storage':7} {'state':10} "
-          f"{'total ms':>8} {'downtime':>8} {'blackout':>8} {'passes':>6} {'MiB':>6}  error")
+          f"{'total ms':>8} {'downtime':>8} {'stop>res':>8} {'blackout':>8} {'passes':>6} "
+          f"{'MiB':>6}  error")
     for r in rows:
         print(f"{r['id']:>3} {r['vm']:8} {r['source']:8} {r['dest']:8} {r['policy'] or '':9} "
               f"{r['storage']:7} {r['state']:10} {_n(r['total_ms'])} {_n(r['downtime_ms'])} "
-              f"{_n(r['blackout_ms'])} {_n(r['passes'], 6)} {_n((r['bytes'] or 0) >> 20, 6)}  "
+              f"{_n(r.get('stop_to_resume_ms'))} {_n(r['blackout_ms'])} {_n(r['passes'], 6)} "
+              f"{_n((r['bytes'] or 0) >> 20, 6)}  "
               f"{(r['error'] or '')[:60]}")
     return 0
 
@@ -134,8 +142,19 @@ def print_result(r: dict[str, Any]) -> None:
         print(f"  total {r['total_ms']} ms (setup {r.get('setup_ms')} ms), QEMU downtime "
               f"{r.get('downtime_ms')} ms, guest blackout {r.get('blackout_ms') or 0:.0f} ms "
               f"(heartbeat every 100 ms)")
+        sw = r.get("switchover") or {}
+        if sw.get("stop_to_resume_ms") is not None:
+            print(f"  source STOP -> destination RESUME {sw['stop_to_resume_ms']:.0f} ms (host "
+                  f"clock); blackout = {_n(sw.get('hb_before_stop_ms'), 0)} ms last beat -> STOP "
+                  f"+ {sw['stop_to_resume_ms']:.0f} + {_n(sw.get('after_resume_ms'), 0)} ms RESUME "
+                  f"-> first beat (one {sw.get('period_ms', 100):.0f} ms period + "
+                  f"{_n(sw.get('restart_overhead_ms'), 0)} ms guest restart overhead)")
         print(f"  {r.get('passes')} passes, {int(r.get('bytes_sent') or 0) >> 20} MiB sent "
               f"({r.get('mbps') or 0:.0f} Mbit/s)")
+        dr = r.get("dirty_rate_measured") or {}
+        if dr:
+            print(f"  dirty rate before the migration (QEMU calc-dirty-rate, page sampling): "
+                  f"{dr.get('dirty_rate_mib_s')} MiB/s")
     prep = (r.get("prepare") or {}).get("timings") or {}
     if prep:
         print(f"  destination prepared in {prep.get('prepare_s', 0):.3f} s before the source was "

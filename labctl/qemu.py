@@ -424,8 +424,13 @@ class QemuVm:
 
     async def _watch_events(self) -> None:
         async for event in self._events:
-            self.events.append({"t": time.monotonic(), "event": event.get("event"),
-                                "data": event.get("data", {})})
+            t = time.monotonic()
+            ts = event.get("timestamp")
+            # "t": arrival here (time.monotonic()); "qemu_time": QEMU's own stamp (CLOCK_REALTIME)
+            self.events.append({"t": t, "event": event.get("event"),
+                                "data": event.get("data", {}),
+                                "qemu_time": float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+                                if isinstance(ts, dict) and "seconds" in ts else None})
 
     async def _read_console(self) -> None:
         assert self._con_reader is not None

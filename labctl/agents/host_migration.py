@@ -54,6 +54,9 @@ DEST_CAPS = ("multifd", "postcopy-ram")
 DEST_PARAMS = ("multifd-channels",)
 _HEX_LINE = re.compile(r"^[0-9a-f]{8}:((?:\s+[0-9a-f]{2}){1,16})")
 _RECORD_MAGIC = b"LABCTLDC"
+#: QEMU's own switchover checkpoints (QEMU >= 8.2, "log" trace backend: to QEMU's stderr)
+CHECKPOINT_EVENT = "vmstate_downtime_checkpoint"
+_CHECKPOINT_LINE = re.compile(r"^\d+@(\d+\.\d+):vmstate_downtime_checkpoint\s+(\S+)")
 
 
 def _fnv1a(data: bytes) -> int:
@@ -91,6 +94,61 @@ def _now() -> float:
     return time.monotonic()
 
 
+def _mono(realtime: float | None) -> float | None:
+    """A CLOCK_REALTIME stamp (QEMU's event and trace stamps) on the time.monotonic() axis."""
+    return None if realtime is None else realtime - (time.time() - time.monotonic())
+
+
+async def enable_checkpoints(vm: QemuVm) -> int | None:
+    """Turn on QEMU's switchover checkpoint trace; the offset in QEMU's log where its lines
+    will start, or None if this QEMU cannot trace (then there is no breakdown, nothing else)."""
+    try:
+        offset = vm.log_path.stat().st_size
+    except OSError:
+        offset = 0
+    try:
+        await vm.execute("trace-event-set-state", {"name": CHECKPOINT_EVENT, "enable": True},
+                         timeout=5.0)
+    except VmError as exc:
+        log.info("%s: no switchover checkpoints: %s", vm.spec.name, exc.message)
+        return None
+    return offset
+
+
+def parse_checkpoints(text: str) -> dict[str, float]:
+    """``{checkpoint: CLOCK_REALTIME seconds}`` from QEMU's trace lines (first of each)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _CHECKPOINT_LINE.match(line)
+        if m:
+            out.setdefault(m.group(2), float(m.group(1)))
+    return out
+
+
+def read_checkpoints(vm: QemuVm, offset: int | None) -> dict[str, float]:
+    """QEMU's switchover checkpoints logged since ``offset``, on the time.monotonic() axis."""
+    if offset is None:
+        return {}
+    try:
+        with open(vm.log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read(1 << 20).decode(errors="replace")
+    except OSError:
+        return {}
+    shift = time.time() - time.monotonic()
+    return {k: v - shift for k, v in parse_checkpoints(text).items()}
+
+
+def event_time(vm: QemuVm, name: str, after: float) -> tuple[float | None, float | None]:
+    """(arrival at this agent, QEMU's own stamp), both time.monotonic(), of the first QMP
+    event ``name`` that arrived after ``after``. The arrival is taken by the VM's own event
+    listener, which never waits on a command, so it is not delayed by the migration job."""
+    for e in vm.events:
+        if e["event"] == name and e["t"] >= after:
+            return float(e["t"]), _mono(e.get("qemu_time"))
+    return None, None
+
+
 @dataclass
 class _Incoming:
     vm: QemuVm
@@ -100,6 +158,8 @@ class _Incoming:
     uri: str = ""
     storage_ready: bool = False
     completed: bool = False
+    log_offset: int | None = None
+    t_prepared: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
 
@@ -117,6 +177,8 @@ class _Job:
     last_hb_before_stop: dict[str, Any] | None = None
     task: asyncio.Task[None] | None = None
     sent: list[dict[str, Any]] = field(default_factory=list)
+    log_offset: int | None = None
+    checkpoints: dict[str, float] | None = None
 
 
 def _hb(vm: QemuVm) -> dict[str, Any] | None:
@@ -161,6 +223,7 @@ class MigrationHandlers:
             "mig_status": self.mig_status, "mig_set": self.mig_set,
             "mig_continue": self.mig_continue, "mig_postcopy": self.mig_postcopy,
             "mig_cancel": self.mig_cancel, "mig_source_finish": self.mig_source_finish,
+            "mig_dirty_rate": self.mig_dirty_rate,
         }
 
     # ================================================================ destination
@@ -218,6 +281,7 @@ class MigrationHandlers:
                 params = {k: v for k, v in (parameters or {}).items() if k in DEST_PARAMS}
                 if params:
                     await vm.execute("migrate-set-parameters", params)
+                inc.log_offset = await enable_checkpoints(vm)
                 if vmspec.disk is not None and storage == "early":
                     await self._storage_work(inc, attach=False)
                 t = _now()
@@ -232,6 +296,7 @@ class MigrationHandlers:
                 await self._drop(name)
                 raise
             inc.timings["prepare_s"] = _now() - t_start
+            inc.t_prepared = t_start
             self._ensure_watchdog()
             log.info("incoming %s ready at %s (storage %s, %.3f s)", name, inc.uri, storage,
                      inc.timings["prepare_s"])
@@ -347,13 +412,15 @@ class MigrationHandlers:
         if first is not None:
             p = first.text.split()
             first_hb = {"counter": int(p[1]), "disk_counter": int(p[2]), "t": first.t}
-        resume_t = next((e["t"] for e in vm.events if e["event"] == "RESUME"), None)
+        resume_t, resume_qemu_t = event_time(vm, "RESUME", inc.t_prepared)
         read = await vm.console_command("read", "DISK read", timeout=10.0)
         status = await vm.query_status(timeout=5.0)
         vm.on_unexpected_exit = self.agent._on_exit
         self.incoming.pop(name, None)
         return {"first_heartbeat": first_hb, "heartbeat": _hb(vm), "resume_t": resume_t,
-                "disk_read": read, "status": status.get("status"), "pid": vm.pid,
+                "resume_qemu_t": resume_qemu_t,
+                "checkpoints": read_checkpoints(vm, inc.log_offset), "disk_read": read,
+                "status": status.get("status"), "pid": vm.pid,
                 "timings": inc.timings, "checks": inc.checks}
 
     async def mig_dest_abort(self, name: str) -> dict[str, Any]:
@@ -419,6 +486,34 @@ class MigrationHandlers:
                 "heartbeat": _hb(vm), "pid": vm.pid, "process": vm.state.value,
                 "migrating": name in self.jobs and self.jobs[name].final is None}
 
+    async def mig_dirty_rate(self, name: str, calc_time_s: int = 1,
+                             sample_pages: int = 8192) -> dict[str, Any]:
+        """The guest's dirty rate as QEMU measures it (``calc-dirty-rate``, page sampling):
+        QEMU hashes ``sample_pages`` sampled pages per GiB and counts those that changed over
+        ``calc_time_s``. QEMU's unit is MiB/s. Not while the VM migrates (both use dirty
+        tracking)."""
+        vm = self.agent._vm(name)
+        if name in self.jobs and self.jobs[name].final is None:
+            raise LabStateError(f"VM {name} is migrating: measure its dirty rate before", vm=name)
+        if not isinstance(calc_time_s, int) or not 1 <= calc_time_s <= 60:
+            raise LabError("mig_dirty_rate: calc_time_s must be 1..60 seconds")
+        if not isinstance(sample_pages, int) or not 128 <= sample_pages <= 1048576:
+            raise LabError("mig_dirty_rate: sample_pages must be 128..1048576")
+        t = _now()
+        await vm.execute("calc-dirty-rate", {"calc-time": calc_time_s, "mode": "page-sampling",
+                                             "sample-pages": sample_pages})
+        await asyncio.sleep(calc_time_s)
+        q: dict[str, Any] = {}
+        while _now() - t < calc_time_s + 15:
+            q = await vm.execute("query-dirty-rate", timeout=5.0)
+            if q.get("status") == "measured":
+                return {"dirty_rate_mib_s": q.get("dirty-rate"), "mode": q.get("mode"),
+                        "calc_time_s": q.get("calc-time"), "sample_pages": q.get("sample-pages"),
+                        "took_s": _now() - t}
+            await asyncio.sleep(0.05)
+        raise MigrationError(f"{name}: calc-dirty-rate did not finish within "
+                             f"{calc_time_s + 15} s", answer=q)
+
     async def mig_start(self, name: str, uri: str, capabilities: dict[str, bool],
                         parameters: dict[str, Any]) -> dict[str, Any]:
         vm = self.agent._vm(name)
@@ -436,6 +531,7 @@ class MigrationHandlers:
             await self._exec(job, "migrate-set-capabilities", {"capabilities": caps})
             if parameters:
                 await self._exec(job, "migrate-set-parameters", dict(parameters))
+            job.log_offset = await enable_checkpoints(vm)
             job.t0 = _now()
             await self._exec(job, "migrate", {"uri": uri})
         except BaseException:
@@ -519,9 +615,16 @@ class MigrationHandlers:
             status = str(job.final.get("status", job.status))
         else:  # the event said final, its query-migrate is not back yet: not final for us
             status = job.status if job.status not in FINAL else "device"
+        # the STOP as the VM's own listener timestamped it (job.stop_t is taken by _follow,
+        # which may be waiting on a query-migrate when the STOP comes)
+        stop_t, stop_qemu_t = event_time(vm, "STOP", job.t0)
+        if status in FINAL and job.checkpoints is None:
+            job.checkpoints = read_checkpoints(vm, job.log_offset)
         return {"status": status, "t0": job.t0, "passes": job.passes[since:],
                 "statuses": job.statuses, "now": now, "final": job.final,
-                "stop_t": job.stop_t, "last_hb_before_stop": job.last_hb_before_stop,
+                "stop_t": stop_t if stop_t is not None else job.stop_t,
+                "stop_qemu_t": stop_qemu_t, "checkpoints": job.checkpoints or {},
+                "last_hb_before_stop": job.last_hb_before_stop,
                 "heartbeat": _hb(vm), "process": vm.state.value, "t": _now()}
 
     async def mig_set(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
