@@ -106,7 +106,10 @@ class Policy:
 
 
 BUILTIN_POLICIES: dict[str, Policy] = {
-    "default": Policy("default"),
+    # 50 ms, not QEMU's 300: with an uncapped link QEMU's bandwidth estimate is high, so a
+    # 300 ms limit lets it stop the guest with ~100 MiB still dirty (a ~100 ms final burst);
+    # at 50 ms it does one more short pass first (bench/migration, "switchover levers")
+    "default": Policy("default", downtime_limit_ms=50),
     "capped": Policy("capped", max_bandwidth_mib_s=50),
     "converge": Policy("converge", max_bandwidth_mib_s=50, convergence=Convergence(
         actions=("raise_downtime", "auto_converge", "cancel"))),
@@ -239,16 +242,38 @@ def load_policy(spec: str | Policy | None) -> Policy:
 # ================================================================== convergence
 
 def not_converging(passes: list[dict[str, Any]], since: int, window: int,
-                   min_improvement: float) -> str | None:
+                   min_improvement: float, downtime_limit_ms: float | None = None) -> str | None:
     """Why the migration is not converging, or None.
 
     ``passes`` are pass records in order; only those at index >= ``since`` count (the
-    detector restarts after each action). Pass 1 sends all of memory, so it is skipped. The
-    measure is the dirty memory left at the start of each pass (``remaining``), which is the
-    expected downtime times the bandwidth: it has not converged when the last ``window``
-    passes brought no new low at least ``min_improvement`` below the best before them.
+    detector restarts after each action). Pass 1 sends all of memory, so it is skipped.
+    Two rules, the first that holds wins:
+
+    * *rate*: on the last two passes (pass 3 on: QEMU's dirty rate needs a second of
+      history), the guest dirtied memory at least ``1 - min_improvement`` times as fast as
+      the migration sent it (QEMU's ``dirty-pages-rate`` against its ``mbps``) and QEMU
+      still expected more downtime than ``downtime_limit_ms``: remaining cannot fall;
+    * *window*: the dirty memory left at the start of each pass (``remaining``, the expected
+      downtime times the bandwidth) made no new low, over the last ``window`` passes, at
+      least ``min_improvement`` below the best before them. A guest whose working set is
+      dirtied faster than the link carries it keeps ``remaining`` near the working set, but
+      the passes after the long first one can still shrink a little, so this rule alone may
+      first fire at pass ``window + 3``.
     """
     seq = [p for p in passes[since:] if (p.get("pass") or 0) >= 2 and p.get("remaining") is not None]
+    rated = [p for p in seq if (p.get("pass") or 0) >= 3][-2:]
+    if downtime_limit_ms is not None and len(rated) == 2 and all(
+            (p.get("dirty_rate_bytes") or 0) > 0 and (p.get("mbps") or 0) > 0
+            and (p.get("expected_downtime_ms") or 0) > downtime_limit_ms for p in rated) and all(
+            float(p["dirty_rate_bytes"]) >= (1.0 - min_improvement) * float(p["mbps"]) * 1e6 / 8
+            for p in rated):
+        dirty = ", ".join(f"{float(p['dirty_rate_bytes']) / 1e6:.0f}" for p in rated)
+        sent = ", ".join(f"{float(p['mbps']) / 8:.0f}" for p in rated)
+        return (f"the guest dirties memory as fast as it is sent (passes "
+                f"{rated[0]['pass']}-{rated[1]['pass']}: dirty {dirty} MB/s, "
+                f"sent {sent} MB/s; expected "
+                f"downtime {[p.get('expected_downtime_ms') for p in rated]} ms > "
+                f"{downtime_limit_ms:g} ms)")
     if len(seq) < window + 1:
         return None
     before = min(float(p["remaining"]) for p in seq[:-window])
@@ -283,7 +308,8 @@ class ConvergencePolicy:
         self.downtime_ms = policy.downtime_limit_ms
 
     def decide(self, passes: list[dict[str, Any]], t_rel: float) -> Decision | None:
-        reason = not_converging(passes, self.since, self.conv.window, self.conv.min_improvement)
+        reason = not_converging(passes, self.since, self.conv.window, self.conv.min_improvement,
+                                self.downtime_ms)
         if reason is None:
             return None
         self.since = len(passes)

@@ -26,13 +26,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
 
 TOPO = """
 name: {name}
-sites: [{{name: s1, subnet: 10.231.60.0/24}}]
+sites: [{{name: s1, subnet: 10.231.92.0/24}}]
 storage_nodes: [{{name: stor1, capacity: 1G}}]
 hosts: [{{name: h1}}, {{name: h2}}, {{name: h3}}]
 datastores: [{{name: ds1, size: 64M, hosts: [h1, h2]}}]
 vms: [{{name: vm1, host: h1, datastore: ds1, memory: 192M, working_set: 48M, dirty_rate: 10}}]
 """
 SLOW_POLICY = "base: capped\nmax_bandwidth_mib_s: 16\nstall_timeout_s: 4\nlease_s: 6\n"
+#: capped, and cancel as soon as non-convergence is detected
+NO_CONVERGE_POLICY = "base: capped\nmax_bandwidth_mib_s: 20\nconvergence: {actions: [cancel]}\n"
 
 
 def labctl(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -49,9 +51,12 @@ def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     topo.write_text(TOPO.format(name="mig"))
     policy = topo.parent / "slow.yaml"
     policy.write_text(SLOW_POLICY)
+    nc = topo.parent / "noconv.yaml"
+    nc.write_text(NO_CONVERGE_POLICY)
     try:
         labctl("up", str(topo), timeout=900)
-        yield {"name": "mig", "dir": lab_home / "labs" / "mig", "slow": str(policy)}
+        yield {"name": "mig", "dir": lab_home / "labs" / "mig", "slow": str(policy),
+               "noconv": str(nc)}
     finally:
         labctl("--lab", "mig", "down", check=False, timeout=300)
 
@@ -84,14 +89,28 @@ def other(host: str) -> str:
     return "h2" if host == "h1" else "h1"
 
 
+def set_rate(lab: dict[str, Any], mb_s: int) -> None:
+    """The guest dirties memory at ``mb_s`` MB/s (it takes MiB/s), set on its console."""
+    out = labctl("--lab", lab["name"], "vm", "console", "vm1", f"rate {round(mb_s / 1.048576)}")
+    assert "OK rate" in out.stdout, out.stdout
+
+
 def test_back_and_forth_at_several_rates(lab: dict[str, Any]) -> None:
-    for rate in (0, 10, 40):
+    for rate in (0, 10, 40, 100):
         src = vm_host(lab)
         dst = other(src)
-        # the guest's dirty rate is set through its console by the host agent
-        res = json.loads(labctl("--lab", lab["name"], "migrate", "vm1", "--to", dst, "--json").stdout)
+        set_rate(lab, rate)
+        res = json.loads(labctl("--lab", lab["name"], "migrate", "vm1", "--to", dst, "--json",
+                                "--measure-dirty-rate").stdout)
         assert res["state"] == "completed" and res["dest"] == dst, res
         assert res["heartbeat"]["continues"] and res["disk"]["ok"], res
+        assert res["dirty_rate_measured"]["dirty_rate_mib_s"] is not None
+        # the host-observed switchover: source STOP before destination RESUME; the blackout
+        # is exactly last beat -> STOP -> RESUME -> first beat
+        sw = res["switchover"]
+        assert res["stop_to_resume_ms"] > 0 and res["stop_t"] < res["resume_t"], sw
+        assert abs(sw["hb_before_stop_ms"] + sw["stop_to_resume_ms"] + sw["after_resume_ms"]
+                   - res["blackout_ms"]) < 0.5, sw
         assert res["prepare"]["checks"]["datastore"]["kind"] == "iscsi"
         assert res["prepare"]["checks"]["datastore"]["naa"]
         qmp = lab["dir"] / "hosts" / dst / "vms" / "vm1" / "qmp-check.sock"
@@ -99,12 +118,33 @@ def test_back_and_forth_at_several_rates(lab: dict[str, Any]) -> None:
                              timeout=30, check=True).stdout
         assert json.loads(out)["status"] == "running"
         alive(lab, dst)
-        _ = rate
+    set_rate(lab, 10)
     listing = json.loads(labctl("--lab", lab["name"], "migrations", "--json").stdout)
-    assert len(listing) >= 3 and all(m["state"] == "completed" for m in listing[-3:])
+    assert len(listing) >= 4 and all(m["state"] == "completed" for m in listing[-4:])
+    assert all(m["stop_to_resume_ms"] > 0 for m in listing[-4:])
     png = lab["dir"] / "t.png"
     labctl("--lab", lab["name"], "migrations", "show", str(listing[-1]["id"]), "--plot", str(png))
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_non_convergence_detected_by_pass_5(lab: dict[str, Any]) -> None:
+    """A capped link (20 MiB/s) and a guest dirtying ~100 MB/s: the detector fires by pass 5,
+    the policy cancels, the VM keeps running on the source."""
+    src = vm_host(lab)
+    set_rate(lab, 100)
+    try:
+        r = labctl("--lab", lab["name"], "migrate", "vm1", "--to", other(src), "--policy",
+                   lab["noconv"], check=False)
+        assert r.returncode == 1 and "did not converge" in r.stderr, r.stderr
+        alive(lab, src)
+        dest_clean(lab, other(src))
+        last = json.loads(labctl("--lab", lab["name"], "migrations", "--json").stdout)[-1]
+        m = json.loads(labctl("--lab", lab["name"], "migrations", "show", str(last["id"]),
+                              "--json").stdout)
+        assert m["decisions"] and m["decisions"][0]["action"] == "cancel"
+        assert m["decisions"][0]["at_pass"] <= 5, m["decisions"]
+    finally:
+        set_rate(lab, 10)
 
 
 def test_refusals(lab: dict[str, Any]) -> None:

@@ -3,11 +3,12 @@ the disk record and qemu-io parsers, the timeline picture. No VM."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from labctl.agents.host_migration import decode_disk_record, parse_qemu_io_dump
+from labctl.agents.host_migration import decode_disk_record, parse_checkpoints, parse_qemu_io_dump
 from labctl.errors import LabError
 from labctl.migration import (
     BUILTIN_POLICIES,
@@ -15,12 +16,13 @@ from labctl.migration import (
     load_policy,
     not_converging,
     policy_from_dict,
+    switchover_breakdown,
 )
 
 MIB = 1 << 20
 
 
-def _passes(remaining_mib: list[float], dt: float = 0.5) -> list[dict[str, object]]:
+def _passes(remaining_mib: Sequence[float], dt: float = 0.5) -> list[dict[str, object]]:
     return [{"pass": i + 1, "t": i * dt, "t_rel": i * dt, "remaining": int(r * MIB),
              "expected_downtime_ms": int(r * 20), "transferred": i * 50 * MIB}
             for i, r in enumerate(remaining_mib)]
@@ -81,7 +83,7 @@ def test_policy_walks_its_actions_and_records_reasons() -> None:
                 break
     assert [a for a, _, _ in actions] == ["raise_downtime"] * 3 + ["auto_converge", "cancel"]
     assert [x for _, x, _ in actions[:3]] == [600, 1200, 2400]
-    assert actions[0][2] <= 5
+    assert actions[0][2] is not None and actions[0][2] <= 5
 
 
 def test_disk_record_and_qemu_io_dump() -> None:
@@ -115,5 +117,62 @@ def test_timeline_png(tmp_path: Path) -> None:
            "decisions": [{"action": "raise_downtime", "t_rel": 1.2}]}
     out = timeline.plot(mig, tmp_path / "t.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # with the switchover zoom (RESUME, checkpoints) and a calc-dirty-rate line
+    sw = switchover_breakdown({"stop_t": 1.6, "checkpoints": {"src-downtime-end": 1.69}},
+                              {"resume_t": 1.7}, 1.58, 1.76)
+    out = timeline.plot({**mig, "resume_t": 1.7, "switchover": sw,
+                         "dirty_rate_measured": {"dirty_rate_mib_s": 38}}, tmp_path / "z.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(LabError):
         timeline.plot({**mig, "pass_records": []}, tmp_path / "u.png")
+
+
+def test_checkpoint_lines_parsed() -> None:
+    log = ("1234@1795709025.306374:vmstate_downtime_save type=non-iterable idstr=hpet\n"
+           "1234@1795709025.308206:vmstate_downtime_checkpoint src-non-iterable-saved\n"
+           "2026-11-26T16:00:00.000000Z qemu-system-x86_64: something else\n"
+           "1234@1795709025.309331:vmstate_downtime_checkpoint src-downtime-end\n"
+           "1234@1795709026.000000:vmstate_downtime_checkpoint src-downtime-end\n")
+    cps = parse_checkpoints(log)
+    assert cps == {"src-non-iterable-saved": 1795709025.308206, "src-downtime-end": 1795709025.309331}
+
+
+def test_switchover_breakdown_adds_up() -> None:
+    src = {"stop_t": 10.0, "stop_qemu_t": 10.001,
+           "checkpoints": {"src-iterable-saved": 10.081, "src-downtime-end": 10.091}}
+    dst = {"resume_t": 10.12, "resume_qemu_t": 10.119,
+           "checkpoints": {"dst-precopy-loadvm-completed": 10.118}}
+    sw = switchover_breakdown(src, dst, last_src_hb_t=9.96, first_dst_hb_t=10.19)
+    assert sw["stop_to_resume_ms"] == pytest.approx(120)
+    assert sw["stop_to_resume_qemu_ms"] == pytest.approx(118)
+    assert sw["hb_before_stop_ms"] == pytest.approx(40)
+    assert sw["after_resume_ms"] == pytest.approx(70)
+    assert sw["restart_overhead_ms"] == pytest.approx(10)
+    # blackout = last beat -> STOP + STOP -> RESUME + RESUME -> first beat
+    assert sw["hb_before_stop_ms"] + sw["stop_to_resume_ms"] + sw["after_resume_ms"] == \
+        pytest.approx((10.19 - 9.96) * 1000)
+    assert list(sw["checkpoints_ms"]) == ["src-iterable-saved", "src-downtime-end",
+                                          "dst-precopy-loadvm-completed", "RESUME (QEMU stamp)"]
+    assert sw["checkpoints_ms"]["src-downtime-end"] == pytest.approx(90)
+    # a side that reported nothing: no numbers, no crash
+    assert switchover_breakdown({}, {}, None, None)["stop_to_resume_ms"] is None
+
+
+def test_rate_rule_detects_by_pass_4() -> None:
+    """A guest dirtying 65 MB/s over a 50 MiB/s cap: remaining stays at the working set but
+    shrinks a little after the long first pass; the rate rule fires as soon as QEMU's dirty
+    rate is known for two passes."""
+    rem = [256, 70, 48, 45, 46, 47]
+    passes = _passes(rem)
+    for p in passes:
+        p.update(dirty_rate_bytes=65e6, mbps=50 * 8.388608, expected_downtime_ms=900)
+    fired = [n for n in range(1, len(passes) + 1) if not_converging(passes[:n], 0, 3, 0.1, 300)]
+    assert fired and fired[0] == 4
+    assert "as fast as it is sent" in (not_converging(passes[:4], 0, 3, 0.1, 300) or "")
+    # the window rule alone would wait until pass 6 here
+    assert next(n for n in range(1, 7) if not_converging(passes[:n], 0, 3, 0.1)) == 6
+    # a guest slower than the link, or QEMU expecting a downtime within the limit: no
+    slow = [{**p, "dirty_rate_bytes": 40e6} for p in passes[:4]]
+    assert not_converging(slow, 0, 3, 0.1, 300) is None
+    near = [{**p, "expected_downtime_ms": 250} for p in passes[:4]]
+    assert not_converging(near, 0, 3, 0.1, 300) is None
