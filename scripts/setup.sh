@@ -17,7 +17,6 @@ if [ "${VERSION_CODENAME:-}" = "bookworm" ]; then
   if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
     echo "deb http://deb.debian.org/debian bookworm-backports main" |
       $SUDO tee /etc/apt/sources.list.d/labctl-backports.list >/dev/null
-    rm -f .venv/.apt-done
   fi
   BACKPORTS=(-t bookworm-backports)
 fi
@@ -35,8 +34,18 @@ if [ "${VERSION_CODENAME:-}" = "bookworm" ] && command -v qemu-system-x86_64 >/d
   major=$(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
   [ "${major:-0}" -ge 9 ] || missing+=(qemu-system-x86)
 fi
+if [ "${VERSION_CODENAME:-}" = "bookworm" ] && command -v libvirtd >/dev/null; then
+  major=$(libvirtd --version | sed -n 's/.* \([0-9]*\)\.[0-9]*\.[0-9]*$/\1/p')
+  [ "${major:-0}" -ge 10 ] || missing+=(libvirt-daemon)
+fi
+# the images are built from Debian packages (the cloud kernel is fetched with apt-get
+# download): the package lists must know it
+policy=$(apt-cache policy linux-image-cloud-amd64 2>/dev/null || true)
+if ! grep -q "Candidate: [0-9]" <<<"$policy"; then
+  missing+=(apt-lists)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "labctl setup: installing ${missing[*]}"
+  echo "labctl setup: missing ${missing[*]}"
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends "${BACKPORTS[@]}" "${BP_PKGS[@]}"
   $SUDO apt-get install -y -q --no-install-recommends "${PKGS[@]}"
