@@ -169,7 +169,8 @@ async def _demo(lab: Lab, status: dict[str, Any], keep: bool, progress: _Progres
 def _print_status(s: dict[str, Any]) -> None:
     print(f"lab {s['lab']}: {s['state']} (accel {s.get('accel')})")
     for n in s["storage_nodes"]:
-        print(f"  storage {n['name']:8} {n['address']:15} {n['target_iqn']}  [{n['state']}]")
+        print(f"  storage {n['name']:8} {n['address']:15} {n['target_iqn']}  "
+              f"[agent {n.get('agent', n['state'])}]")
     for h in s["hosts"]:
         print(f"  host    {h['name']:8} {h['address']:15} {h['initiator_iqn']}  [agent {h['agent']}]")
     for d in s["datastores"]:

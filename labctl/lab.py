@@ -498,12 +498,24 @@ class Lab:
             except AgentError as exc:
                 agent_state[host["name"]] = f"unreachable: {exc.message}"
 
-        await asyncio.gather(*(probe(h) for h in hosts if h["state"] == "up"))
+        node_state: dict[str, str] = {}
+
+        async def probe_node(node: dict[str, Any]) -> None:
+            try:
+                async with self.storage_client(inv, node["name"], timeout=2.0) as c:
+                    up = await c.call("ping", timeout=3)
+                    node_state[node["name"]] = f"up {up.get('uptime_s', 0):.0f} s"
+            except AgentError as exc:
+                node_state[node["name"]] = f"unreachable: {exc.message}"
+
+        await asyncio.gather(*(probe(h) for h in hosts if h["state"] == "up"),
+                             *(probe_node(n) for n in inv.rows("storage_nodes") if n["state"] == "up"))
         out_hosts = [{"name": h["name"], "site": h["site"], "address": h["address"],
                       "initiator_iqn": h["initiator_iqn"], "netns": h["netns"],
                       "agent": agent_state.get(h["name"], h["state"])} for h in hosts]
         nodes = [{"name": n["name"], "site": n["site"], "address": n["address"],
-                  "target_iqn": n["target_iqn"], "domain": n["domain"], "state": n["state"]}
+                  "target_iqn": n["target_iqn"], "domain": n["domain"], "state": n["state"],
+                  "agent": node_state.get(n["name"], n["state"])}
                  for n in inv.rows("storage_nodes")]
         stores = []
         for d in inv.rows("datastores"):

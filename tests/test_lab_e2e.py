@@ -94,6 +94,7 @@ def test_status_lists_everything(lab: dict[str, Any]) -> None:
     assert [h["name"] for h in s["hosts"]] == ["h1", "h2", "h3"]
     assert all(h["initiator_iqn"].startswith("iqn.") and h["agent"] == "up" for h in s["hosts"])
     assert s["storage_nodes"][0]["target_iqn"].startswith("iqn.")
+    assert s["storage_nodes"][0]["agent"].startswith("up ")
     ds = s["datastores"][0]
     assert ds["size_bytes"] == 64 << 20 and ds["hosts"] == ["h1", "h2"]
     assert re.fullmatch(r"naa\.6001405[0-9a-f]{25}", ds["naa"]), ds["naa"]
