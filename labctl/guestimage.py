@@ -26,6 +26,10 @@ CFLAGS = ("-static", "-O2", "-Wall")
 GUEST_MODULES = ("virtio_pci", "virtio_blk")
 RECIPE_VERSION = "1"  # bump when the layout of the initramfs changes
 DEFAULT_WSS_MIB = 64
+#: the guest's heartbeat period (kernel parameter ``labctl.hb_ms``), and its allowed range
+DEFAULT_HEARTBEAT_MS = 100
+HEARTBEAT_MS_MIN = 10
+HEARTBEAT_MS_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,18 @@ def guest_append(rate_mib_s: int = 0, wss_mib: int = DEFAULT_WSS_MIB, extra: Ite
     parts = ["console=ttyS0", "quiet", "cryptomgr.notests",
              f"labctl.rate={rate_mib_s}", f"labctl.wss={wss_mib}", *extra]
     return " ".join(parts)
+
+
+def heartbeat_ms_of(append: str) -> int:
+    """The heartbeat period a guest booted with ``append`` uses: its first ``labctl.hb_ms=N``
+    when N is in range, else the default (as the guest itself decides)."""
+    for word in append.split():
+        key, _, value = word.partition("=")
+        if key == "labctl.hb_ms":
+            if value.isdigit() and HEARTBEAT_MS_MIN <= int(value) <= HEARTBEAT_MS_MAX:
+                return int(value)
+            return DEFAULT_HEARTBEAT_MS
+    return DEFAULT_HEARTBEAT_MS
 
 
 # ---- cpio (newc) ------------------------------------------------------------

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS datastore_hosts (
 CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY, host TEXT NOT NULL, datastore TEXT, memory INTEGER NOT NULL,
     vcpus INTEGER NOT NULL, dirty_rate REAL NOT NULL, working_set INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'stopped', pid INTEGER, started_at REAL);
+    state TEXT NOT NULL DEFAULT 'stopped', pid INTEGER, started_at REAL,
+    heartbeat_ms INTEGER NOT NULL DEFAULT 100);
 CREATE TABLE IF NOT EXISTS steps (name TEXT NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS migrations (
     id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL, source TEXT NOT NULL, dest TEXT NOT NULL,
@@ -58,7 +59,8 @@ CREATE TABLE IF NOT EXISTS migration_decisions (
 """
 
 #: columns added after a table was first shipped: (table, column, declaration)
-_ADDED_COLUMNS = (("migrations", "stop_to_resume_ms", "REAL"),)
+_ADDED_COLUMNS = (("migrations", "stop_to_resume_ms", "REAL"),
+                  ("vms", "heartbeat_ms", "INTEGER NOT NULL DEFAULT 100"))
 
 
 class Inventory:

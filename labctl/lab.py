@@ -218,7 +218,8 @@ class Lab:
         for vm in topo.vms:
             inv.upsert("vms", name=vm.name, host=vm.host, datastore=vm.datastore,
                        memory=vm.memory, vcpus=vm.vcpus, dirty_rate=vm.dirty_rate,
-                       working_set=vm.working_set, state="stopped", pid=None, started_at=None)
+                       working_set=vm.working_set, state="stopped", pid=None, started_at=None,
+                       heartbeat_ms=vm.heartbeat_ms)
         for vm in topo.vms:
             if vm.autostart:
                 await self._step(inv, f"VM {vm.name} first heartbeat", self._vm_start(inv, vm.name))
@@ -401,7 +402,7 @@ class Lab:
             disk = {"kind": "iscsi", **{k: lun[k] for k in
                                         ("portal", "target_iqn", "lun", "initiator_iqn", "naa")}}
         append = guest_append(round(vm["dirty_rate"]), vm["working_set"] >> 20,
-                              extra=[f"labctl.vm={name}"])
+                              extra=[f"labctl.vm={name}", f"labctl.hb_ms={vm['heartbeat_ms']}"])
         return {"name": name, "memory_mib": vm["memory"] >> 20, "vcpus": vm["vcpus"],
                 "kernel": inv.get_meta("guest_kernel"), "initrd": inv.get_meta("guest_initrd"),
                 "append": append, "accel": inv.get_meta("accel", "tcg"), "disk": disk}
@@ -417,6 +418,26 @@ class Lab:
             res = await c.call("vm_start", spec=spec, timeout=120)
         inv.update("vms", {"name": name}, state="running", pid=res.get("pid"), started_at=time.time())
         return dict(res)
+
+    def vm_set_heartbeat(self, name: str, period_ms: int) -> None:
+        """Set a stopped VM's heartbeat period (``labctl.hb_ms`` on its next start); the
+        migration code reads the period from the inventory."""
+        from labctl.guestimage import HEARTBEAT_MS_MAX, HEARTBEAT_MS_MIN
+
+        if isinstance(period_ms, bool) or not isinstance(period_ms, int) \
+                or not HEARTBEAT_MS_MIN <= period_ms <= HEARTBEAT_MS_MAX:
+            raise LabError(f"heartbeat period {period_ms!r}: an integer from {HEARTBEAT_MS_MIN} "
+                           f"to {HEARTBEAT_MS_MAX} ms", vm=name)
+        inv = self._open()
+        try:
+            with self.dir.lock():
+                vm = self._vm_row(inv, name)
+                if vm["state"] == "running":
+                    raise LabStateError(f"VM {name} is running: stop it before changing its "
+                                        f"heartbeat period", vm=name)
+                inv.update("vms", {"name": name}, heartbeat_ms=period_ms)
+        finally:
+            inv.close()
 
     async def vm_stop(self, name: str) -> None:
         inv = self._open()
@@ -532,7 +553,8 @@ class Lab:
         for v in inv.rows("vms"):
             live = vm_live.get(v["name"])
             entry: dict[str, Any] = {"name": v["name"], "host": v["host"], "datastore": v["datastore"],
-                                     "memory_bytes": v["memory"], "state": v["state"]}
+                                     "memory_bytes": v["memory"], "state": v["state"],
+                                     "heartbeat_ms": v["heartbeat_ms"]}
             if live is not None:
                 entry.update(host=live["host"], state=live.get("state", "running"),
                              pid=live.get("pid"), heartbeat=live.get("heartbeat"),

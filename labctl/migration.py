@@ -19,7 +19,8 @@ The order of work (idea 6: early preparation)::
 
 Blackout is measured on the host: the console lines of both QEMUs are timestamped with
 ``time.monotonic()`` by their host agents (one clock on this machine): first heartbeat on
-the destination minus last heartbeat on the source. The guest beats every 100 ms.
+the destination minus last heartbeat on the source. The guest beats every ``heartbeat_ms``
+(the VM's ``labctl.hb_ms``: ``vms[].heartbeat_ms`` in the topology, default 100 ms).
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from labctl.errors import AgentError, LabError, LabStateError, MigrationError
+from labctl.guestimage import DEFAULT_HEARTBEAT_MS, heartbeat_ms_of
 from labctl.inventory import Inventory
 from labctl.rpc import RpcClient
 
 if TYPE_CHECKING:
     from labctl.lab import Lab
 
-HEARTBEAT_PERIOD_S = 0.1
 UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s: QEMU's default cap is 128 MiB/s, so say "none" loudly
 ACTIONS = ("raise_downtime", "auto_converge", "postcopy", "cancel")
 Progress = Callable[[str], None]
@@ -425,8 +426,11 @@ class Migration:
 
     def __init__(self, vm: str, src: Endpoint, dst: Endpoint, policy: Policy,
                  dest_disk: dict[str, Any] | None = None, recorder: Recorder | None = None,
-                 progress: Progress = _quiet, measure_dirty_rate: bool = False) -> None:
+                 progress: Progress = _quiet, measure_dirty_rate: bool = False,
+                 heartbeat_ms: int | None = None) -> None:
         self.vm = vm
+        #: the guest's heartbeat period; None: read from the source QEMU's kernel command line
+        self.heartbeat_ms = heartbeat_ms
         self.measure_dirty_rate = measure_dirty_rate
         self.src = src
         self.dst = dst
@@ -442,6 +446,10 @@ class Migration:
         self._started = False
         self._postcopy = False
         self._src_status: dict[str, Any] = {}
+
+    @property
+    def period_ms(self) -> int:
+        return self.heartbeat_ms or DEFAULT_HEARTBEAT_MS
 
     def _on_event(self, event: str, data: Any) -> None:
         if event == "migration" and isinstance(data, dict) and data.get("vm") == self.vm:
@@ -460,6 +468,8 @@ class Migration:
         if info.get("migrating"):
             raise MigrationError(f"VM {self.vm} is already migrating", vm=self.vm)
         spec = dict(info["spec"])
+        if self.heartbeat_ms is None:
+            self.heartbeat_ms = heartbeat_ms_of(str(spec.get("append") or ""))
         if self.dest_disk is not None:
             spec["disk"] = self.dest_disk
         measured = None
@@ -472,7 +482,7 @@ class Migration:
         self.result = {"id": self.rec.id, "vm": self.vm, "source": self.src.host,
                        "dest": self.dst.host, "policy": self.policy.name,
                        "storage": self.policy.storage, "started": t_wall,
-                       "heartbeat_period_ms": HEARTBEAT_PERIOD_S * 1000,
+                       "heartbeat_period_ms": self.period_ms,
                        "dirty_rate_measured": measured}
         lease: asyncio.Task[None] | None = None
         try:
@@ -633,9 +643,9 @@ class Migration:
         src_disk = src_hb.get("disk_counter")
         continues = bool(first) and first.get("counter", -1) > src_hb.get("counter", 1 << 62)
         plausible = continues and blackout is not None and \
-            first["counter"] - src_hb["counter"] <= math.ceil(blackout / 100) + 2
+            first["counter"] - src_hb["counter"] <= math.ceil(blackout / self.period_ms) + 2
         disk_ok = disk_read is not None and (src_disk is None or src_disk < 0 or disk_read >= src_disk)
-        sw = switchover_breakdown(st, fin, src_hb.get("t"), first.get("t"))
+        sw = switchover_breakdown(st, fin, src_hb.get("t"), first.get("t"), self.period_ms)
         rates = [p["dirty_rate_bytes"] for p in self.passes if p.get("dirty_rate_bytes")]
         # pages dirtied during a pass / its duration; short passes say little (timer noise)
         est = [p["dirty_rate_est_bytes"] for p in self.passes[1:]
@@ -679,7 +689,7 @@ class Migration:
                 out["cancel"] = await self.src.client.call("mig_cancel", timeout=30, name=self.vm)
             info = await self.src.client.call("mig_source_info", name=self.vm, timeout=10)
             before = (info.get("heartbeat") or {}).get("counter")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(max(0.5, 2.5 * self.period_ms / 1000))  # a few beats
             info2 = await self.src.client.call("mig_source_info", name=self.vm, timeout=10)
             after = (info2.get("heartbeat") or {}).get("counter")
             out["source"] = {"status": info2["status"], "heartbeat_before": before,
@@ -703,7 +713,8 @@ class Migration:
 
 
 def switchover_breakdown(src: dict[str, Any], dst: dict[str, Any], last_src_hb_t: float | None,
-                         first_dst_hb_t: float | None) -> dict[str, Any]:
+                         first_dst_hb_t: float | None,
+                         period_ms: float = DEFAULT_HEARTBEAT_MS) -> dict[str, Any]:
     """Where the guest's blackout goes, in ms, all on one time.monotonic() axis:
 
     blackout = hb_before_stop + stop_to_resume + after_resume, exactly, where
@@ -718,7 +729,7 @@ def switchover_breakdown(src: dict[str, Any], dst: dict[str, Any], last_src_hb_t
     ``resume_t``, ``resume_qemu_t``, ``checkpoints``); checkpoints are QEMU's own
     ``vmstate_downtime_checkpoint`` trace points, given relative to QEMU's STOP stamp."""
     stop, resume = src.get("stop_t"), dst.get("resume_t")
-    out: dict[str, Any] = {"period_ms": HEARTBEAT_PERIOD_S * 1000}
+    out: dict[str, Any] = {"period_ms": period_ms}
 
     def ms(a: Any, b: Any) -> float | None:
         return round((float(b) - float(a)) * 1000, 2) if a is not None and b is not None else None
@@ -805,7 +816,8 @@ async def migrate_in_lab(lab: Lab, vm: str, to: str, policy: str | Policy | None
                 mig = Migration(vm, Endpoint(src_host, sc, src_row["address"]),
                                 Endpoint(to, dc, dst["address"]), pol, dest_disk=dest_disk,
                                 recorder=Recorder(inv), progress=lab.progress,
-                                measure_dirty_rate=measure_dirty_rate)
+                                measure_dirty_rate=measure_dirty_rate,
+                                heartbeat_ms=int(row["heartbeat_ms"]))
                 result = await mig.run()
             inv.update("vms", {"name": vm}, host=to, pid=result.get("dest_pid"),
                        started_at=time.time())

@@ -141,7 +141,7 @@ def print_result(r: dict[str, Any]) -> None:
     if r.get("total_ms") is not None:
         print(f"  total {r['total_ms']} ms (setup {r.get('setup_ms')} ms), QEMU downtime "
               f"{r.get('downtime_ms')} ms, guest blackout {r.get('blackout_ms') or 0:.0f} ms "
-              f"(heartbeat every 100 ms)")
+              f"(heartbeat every {r.get('heartbeat_period_ms') or 100:.0f} ms)")
         sw = r.get("switchover") or {}
         if sw.get("stop_to_resume_ms") is not None:
             print(f"  source STOP -> destination RESUME {sw['stop_to_resume_ms']:.0f} ms (host "

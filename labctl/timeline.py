@@ -134,7 +134,8 @@ def _zoom(ax: Any, stop: float, resume: float, last_hb: float, first_hb: float,
         if isinstance(v, int | float):
             rows.append((label, prev, float(v), "tab:gray"))
             prev = float(v)
-    rows.append(("guest after RESUME: rest of its 100 ms slice + restart", rel(resume),
+    period = sw.get("period_ms") or 100
+    rows.append((f"guest after RESUME: rest of its {period:.0f} ms slice + restart", rel(resume),
                  rel(first_hb), "tab:green"))
     rows.append(("guest before STOP: since its last beat", rel(last_hb), 0.0, "tab:olive"))
     for i, (label, a, b, color) in enumerate(reversed(rows)):

@@ -31,6 +31,7 @@ DEFAULT_NODE_MEMORY = 256 << 20
 DEFAULT_HOST_MEMORY = 2 << 30
 DEFAULT_VM_MEMORY = 256 << 20
 DEFAULT_WORKING_SET = 64 << 20
+DEFAULT_HEARTBEAT_MS = 100  # the guest's heartbeat period; 10..1000 (the schema checks it)
 
 
 def parse_size(value: int | str) -> int:
@@ -98,6 +99,7 @@ class Vm:
     dirty_rate: float
     working_set: int
     autostart: bool
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,9 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         return str(err.message).replace("Additional properties are not allowed", "unknown key")
     if err.validator == "oneOf" and isinstance(err.schema, dict) and err.schema.get("description"):
         return f"{err.instance!r} is not valid: {err.schema['description']}"
+    if err.validator in ("minimum", "maximum", "type") and isinstance(err.schema, dict) \
+            and err.schema.get("description"):
+        return f"{err.message}: {err.schema['description']}"
     return str(err.message)
 
 
@@ -359,7 +364,8 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                            f"host {host.name} offers {format_size(host.memory)} to VMs and its VMs "
                            f"would need {format_size(load_on[host.name])}")
         vms.append(Vm(v["name"], v["host"], ds, memory, int(v.get("vcpus", 1)),
-                      float(v.get("dirty_rate", 0)), wss, bool(v.get("autostart", True))))
+                      float(v.get("dirty_rate", 0)), wss, bool(v.get("autostart", True)),
+                      int(v.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS))))
 
     return Topology(
         name=lab, source=file,

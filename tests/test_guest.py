@@ -27,6 +27,7 @@ from labctl.guestimage import (
     cpio_entries,
     ensure_guest_image,
     guest_append,
+    heartbeat_ms_of,
 )
 from labctl.qemu import DEFAULT_MACHINE, FileDisk, IscsiDisk, QemuVm, VmSpec, build_argv
 
@@ -109,6 +110,14 @@ def test_vmspec_json_round_trip_and_validation() -> None:
         IscsiDisk("10.0.0.2:3260,evil=1", "iqn.2003-01.org.x:t", 0, "iqn.2024-01.org.y:h")
 
 
+def test_heartbeat_period_from_the_command_line() -> None:
+    assert heartbeat_ms_of(guest_append(10, 64)) == 100  # the default
+    assert heartbeat_ms_of(guest_append(10, 64, extra=["labctl.hb_ms=20"])) == 20
+    assert heartbeat_ms_of("labctl.hb_ms=5 quiet") == 100  # out of range: the guest's default
+    assert heartbeat_ms_of("labctl.hb_ms=1001") == 100
+    assert heartbeat_ms_of("xlabctl.hb_ms=20") == 100
+
+
 def test_iscsi_parsers() -> None:
     text = ("Target:iqn.2003-01.org.linux-iscsi.s1:ds Portal:10.0.0.2:3260,1\n"
             "Lun:0    Type:DIRECT_ACCESS (Size:1G)\nLun:1    Type:DIRECT_ACCESS (Size:63M)\n")
@@ -140,9 +149,9 @@ def raw_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 async def _boot(image: GuestImage, run_dir: Path, disk: Path | None, rate: int = 0,
-                wss: int = 64) -> QemuVm:
+                wss: int = 64, extra: tuple[str, ...] = ()) -> QemuVm:
     spec = VmSpec(name="guest-test", memory_mib=256, vcpus=1, kernel=image.kernel,
-                  initrd=image.initrd, append=guest_append(rate, wss),
+                  initrd=image.initrd, append=guest_append(rate, wss, extra=extra),
                   disk=FileDisk(disk) if disk else None)
     vm = QemuVm(spec, run_dir)
     try:
@@ -252,6 +261,51 @@ def test_guest_dirty_rate_is_real(image: GuestImage, tmp_path: Path) -> None:
             busy = await _dirty_rate(vm)
             assert busy >= 8, (idle, busy)
             assert busy >= 4 * max(idle, 1), (idle, busy)
+        finally:
+            await vm.stop()
+
+    asyncio.run(scenario())
+
+
+def _beats_in(vm: QemuVm, t0: float, t1: float) -> int:
+    return sum(1 for ln in list(vm.lines) if ln.text.startswith("HB ") and t0 <= ln.t < t1)
+
+
+@pytest.mark.e2e
+@needs_qemu
+@needs_gcc
+def test_guest_heartbeat_period_from_the_command_line(image: GuestImage, raw_disk: Path,
+                                                       tmp_path: Path) -> None:
+    """labctl.hb_ms=20: about five beats per 100 ms (counted over a 3 s window, loose bounds);
+    the disk record still once a second; ``hb`` changes the period at run time."""
+    async def scenario() -> None:
+        vm = await _boot(image, tmp_path / "run", raw_disk, rate=10, extra=("labctl.hb_ms=20",))
+        try:
+            await asyncio.sleep(1.0)  # past the boot
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await asyncio.sleep(3.0)
+            t1 = loop.time()
+            n = _beats_in(vm, t0, t1)
+            # 150 expected; the default period would give 30
+            assert 75 <= n <= 200, n
+            hbs = [int(ln.text.split()[1]) for ln in vm.lines if ln.text.startswith("HB ")]
+            assert hbs == list(range(hbs[0], hbs[0] + len(hbs)))  # every beat, in order
+            d1 = vm.disk_counter
+            assert d1 is not None and 2 <= d1 <= 8, d1  # ~4 s up: once a second, not per 10 beats
+            assert await vm.console_command("rate 20", "OK rate") == "OK rate 20"
+            assert await vm.console_command("size", "DISK size") == f"DISK size {1 << 20}"
+            assert await vm.console_command("hb 200", "OK hb") == "OK hb 200"
+            await asyncio.sleep(0.5)
+            t2 = loop.time()
+            await asyncio.sleep(3.0)
+            n2 = _beats_in(vm, t2, loop.time())
+            assert 8 <= n2 <= 25, n2  # 15 expected at 200 ms, 150 at 20 ms
+            for bad in ("hb 5", "hb 1001", "hb x"):
+                with pytest.raises(VmError, match="ERR hb"):
+                    await vm.console_command(bad, "OK hb")
+            read = await vm.console_command("read", "DISK read")
+            assert int(read.split()[2]) >= d1
         finally:
             await vm.stop()
 

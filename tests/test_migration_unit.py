@@ -156,6 +156,10 @@ def test_switchover_breakdown_adds_up() -> None:
     assert sw["checkpoints_ms"]["src-downtime-end"] == pytest.approx(90)
     # a side that reported nothing: no numbers, no crash
     assert switchover_breakdown({}, {}, None, None)["stop_to_resume_ms"] is None
+    # a 20 ms heartbeat (labctl.hb_ms=20): one period is 20 ms of the blackout, not 100
+    sw20 = switchover_breakdown(src, dst, last_src_hb_t=9.99, first_dst_hb_t=10.135, period_ms=20)
+    assert sw20["period_ms"] == 20
+    assert sw20["restart_overhead_ms"] == pytest.approx(10 + 15 - 20)
 
 
 def test_rate_rule_detects_by_pass_4() -> None:

@@ -64,6 +64,12 @@ def _error(text: str) -> TopologyError:
     (("{name: h2}", "{name: h2, address: 10.231.8.12}"), "hosts[2].address",
      "already used by hosts[1]"),
     (("datastore: ds1}]", "datastore: ds1, memory: 4G}]"), "vms[0].memory", "offers 2G"),
+    (("datastore: ds1}]", "datastore: ds1, heartbeat_ms: 5}]"), "vms[0].heartbeat_ms",
+     "less than the minimum of 10"),
+    (("datastore: ds1}]", "datastore: ds1, heartbeat_ms: 1001}]"), "vms[0].heartbeat_ms",
+     "heartbeat period in ms, 10..1000"),
+    (("datastore: ds1}]", "datastore: ds1, heartbeat_ms: 20.5}]"), "vms[0].heartbeat_ms",
+     "not of type 'integer'"),
 ])
 def test_bad_topology(change: tuple[str, str], path: str, words: str) -> None:
     old, new = change
@@ -72,6 +78,12 @@ def test_bad_topology(change: tuple[str, str], path: str, words: str) -> None:
     assert err.path == path
     assert words in err.problem
     assert str(err).startswith("lab.yaml: ")
+
+
+def test_heartbeat_period() -> None:
+    assert topology.parse(GOOD, "good.yaml").vm("vm1").heartbeat_ms == 100  # the default
+    topo = topology.parse(GOOD.replace("datastore: ds1}]", "datastore: ds1, heartbeat_ms: 10}]"))
+    assert topo.vm("vm1").heartbeat_ms == 10
 
 
 def test_invalid_yaml_names_line() -> None:

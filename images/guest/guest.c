@@ -4,19 +4,21 @@
  * It mounts /dev, /proc and /sys, loads the kernel modules listed in
  * /modules.list with finit_module(2), opens the serial console and then,
  * forever:
- *   - prints "HB <counter> <disk_counter>" every 100 ms (CLOCK_MONOTONIC
- *     deadlines, so the period does not drift);
+ *   - prints "HB <counter> <disk_counter>" every labctl.hb_ms ms (10..1000,
+ *     default 100; CLOCK_MONOTONIC deadlines, so the period does not drift);
  *   - dirties a working set of labctl.wss MiB at labctl.rate MiB/s, spreading
- *     the page writes evenly over each 100 ms slice;
+ *     the page writes evenly over each heartbeat slice;
  *   - once a second writes a counter record to sector 0 of /dev/vda, and
  *     continues from the record it finds there at boot;
- *   - answers console commands: rate <MiB/s>, wss <MiB>, read, sync, size.
+ *   - answers console commands: rate <MiB/s>, wss <MiB>, hb <ms>, read, sync,
+ *     size (hb changes the heartbeat period from the next slice on).
  *
  * Output lines (each written with one write(2), starting at column 0):
  *   READY | HB <n> <disk> | DISK boot <c> | DISK none | DISK invalid
  *   DISK read <c> | DISK wrote <c> | DISK error <what> <errno>
  *   DISK size <bytes> (the disk's size as the guest kernel sees it, BLKGETSIZE64)
- *   OK rate <n> | OK wss <n> | ERR <line>
+ *   OK rate <n> | OK wss <n> | OK hb <n> | ERR <line>
+ * (ERR hb_ms before READY: labctl.hb_ms was out of range, the default is used)
  * <disk> in HB lines is the last counter written (or found at boot), -1 when
  * there is no disk.
  */
@@ -41,8 +43,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SLICE_NS 100000000L /* one heartbeat */
-#define STEPS 10            /* dirtying steps per slice */
+#define HB_MS_DEFAULT 100  /* one heartbeat slice, unless labctl.hb_ms says otherwise */
+#define HB_MS_MIN 10
+#define HB_MS_MAX 1000
+#define STEPS 10           /* dirtying steps per slice */
 #define PAGE 4096UL
 #define MIB (1024UL * 1024UL)
 #define SECTOR 512
@@ -53,6 +57,7 @@ static size_t ws_pages;
 static size_t ws_cursor;
 static uint64_t ws_value;
 static long rate_mib = 0;  /* MiB/s */
+static long hb_ms = HB_MS_DEFAULT; /* heartbeat period */
 static int disk = -1;      /* /dev/vda, O_DIRECT */
 static int64_t disk_counter = -1;
 static unsigned char *sector; /* aligned I/O buffer */
@@ -90,12 +95,12 @@ static void add_ns(struct timespec *t, long ns)
     }
 }
 
-static long ms_until(const struct timespec *t)
+static long long ns_until(const struct timespec *t)
 {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
-    long ms = (t->tv_sec - now.tv_sec) * 1000L + (t->tv_nsec - now.tv_nsec) / 1000000L;
-    return ms < 0 ? 0 : ms;
+    long long ns = (long long)(t->tv_sec - now.tv_sec) * 1000000000LL + (t->tv_nsec - now.tv_nsec);
+    return ns < 0 ? 0 : ns;
 }
 
 /* ---- setup ------------------------------------------------------------- */
@@ -319,6 +324,13 @@ static void command(char *line)
             say("OK wss %ld", n);
             return;
         }
+    } else if (strncmp(line, "hb ", 3) == 0) {
+        n = strtol(line + 3, &arg, 10);
+        if (arg != line + 3 && *arg == 0 && n >= HB_MS_MIN && n <= HB_MS_MAX) {
+            hb_ms = n;
+            say("OK hb %ld", n);
+            return;
+        }
     } else if (strcmp(line, "read") == 0 && disk >= 0) {
         uint64_t c = 0;
         int r = record_read(&c);
@@ -346,15 +358,15 @@ static void command(char *line)
     say("ERR %s", line);
 }
 
-static void poll_console(long timeout_ms)
+static void poll_console(long long timeout_ns)
 {
     struct pollfd p = {.fd = con, .events = POLLIN};
+    struct timespec t = {(time_t)(timeout_ns / 1000000000LL), (long)(timeout_ns % 1000000000LL)};
     if (con < 0) {
-        struct timespec t = {timeout_ms / 1000, (timeout_ms % 1000) * 1000000L};
         nanosleep(&t, NULL);
         return;
     }
-    if (poll(&p, 1, (int)timeout_ms) <= 0 || !(p.revents & POLLIN))
+    if (ppoll(&p, 1, &t, NULL) <= 0 || !(p.revents & POLLIN))
         return;
     char buf[128];
     ssize_t r = read(con, buf, sizeof buf);
@@ -393,6 +405,11 @@ int main(void)
     rate_mib = cmdline_long(cmdline, "labctl.rate", 0);
     if (rate_mib < 0)
         rate_mib = 0;
+    hb_ms = cmdline_long(cmdline, "labctl.hb_ms", HB_MS_DEFAULT);
+    if (hb_ms < HB_MS_MIN || hb_ms > HB_MS_MAX) {
+        say("ERR hb_ms %ld", hb_ms);
+        hb_ms = HB_MS_DEFAULT;
+    }
     if (set_wss(cmdline_long(cmdline, "labctl.wss", 64)) != 0 && set_wss(16) != 0)
         say("ERR wss");
 
@@ -405,11 +422,15 @@ int main(void)
     clock_gettime(CLOCK_MONOTONIC, &next);
     uint64_t hb = 0;
     double carry = 0.0;
+    long since_write_ms = 0;
     for (;;) {
         say("HB %llu %lld", (unsigned long long)hb, (long long)disk_counter);
         struct timespec slice = next;
-        /* pages to dirty in this slice, spread over STEPS steps */
-        double want = (double)rate_mib * (double)MIB / (double)PAGE / 10.0 + carry;
+        long slice_ms = hb_ms; /* an "hb" command takes effect from the next slice */
+        long slice_ns = slice_ms * 1000000L;
+        /* pages to dirty in this slice (rate x slice length), spread over STEPS steps */
+        double want = (double)rate_mib * (double)MIB / (double)PAGE * (double)slice_ms / 1000.0
+                      + carry;
         size_t pages = (size_t)want;
         carry = want - (double)pages;
         for (int s = 1; s <= STEPS; s++) {
@@ -417,16 +438,20 @@ int main(void)
             size_t before = pages * (size_t)(s - 1) / STEPS;
             dirty(upto - before);
             struct timespec step = slice;
-            add_ns(&step, SLICE_NS / STEPS * s);
-            long ms;
-            while ((ms = ms_until(&step)) > 0)
-                poll_console(ms);
+            add_ns(&step, slice_ns / STEPS * s);
+            long long ns;
+            while ((ns = ns_until(&step)) > 0)
+                poll_console(ns);
             poll_console(0);
         }
         hb++;
-        if (disk >= 0 && hb % 10 == 0)
-            record_write();
-        add_ns(&next, SLICE_NS);
+        since_write_ms += slice_ms; /* the disk record: once a second, whatever the period */
+        if (since_write_ms >= 1000) {
+            since_write_ms -= 1000;
+            if (disk >= 0)
+                record_write();
+        }
+        add_ns(&next, slice_ns);
         /* after a long stall (e.g. a VM pause), restart the schedule from now */
         struct timespec now;
         clock_gettime(CLOCK_MONOTONIC, &now);
