@@ -129,11 +129,12 @@ class PairTestbed:
         self.clients[h] = await self._connect(h)
         return self.clients[h]
 
-    async def start_vm(self, rate_mib_s: int = 0, wss_mib: int = 64) -> dict[str, Any]:
+    async def start_vm(self, rate_mib_s: int = 0, wss_mib: int = 64,
+                       heartbeat_ms: int = 100) -> dict[str, Any]:
         res: dict[str, Any] = await self.clients[self.vm_host].call(
             "vm_start", timeout=120, spec={
                 "name": self.vm, "memory_mib": self.memory_mib, "accel": "tcg",
-                "rate_mib_s": rate_mib_s, "wss_mib": wss_mib,
+                "rate_mib_s": rate_mib_s, "wss_mib": wss_mib, "heartbeat_ms": heartbeat_ms,
                 "disk": {"kind": "file", "path": str(self.disk)}})
         return res
 

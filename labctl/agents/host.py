@@ -28,7 +28,14 @@ from typing import Any
 
 from labctl import iscsi
 from labctl.errors import LabError, LabStateError, MissingDependency, VmError
-from labctl.guestimage import DEFAULT_WSS_MIB, ensure_guest_image, guest_append
+from labctl.guestimage import (
+    DEFAULT_HEARTBEAT_MS,
+    DEFAULT_WSS_MIB,
+    HEARTBEAT_MS_MAX,
+    HEARTBEAT_MS_MIN,
+    ensure_guest_image,
+    guest_append,
+)
 from labctl.proc import which
 from labctl.qemu import QEMU_BINARY, QemuVm, VmSpec, VmState, kvm_usable, qemu_version
 from labctl.rpc import Handler, RpcServer
@@ -126,7 +133,8 @@ class HostAgent:
         """Start a VM and wait (bounded) for its first heartbeat.
 
         ``spec`` is :meth:`VmSpec.to_dict` form; ``kernel``/``initrd``/``append`` may be left
-        out for the test guest, which then takes ``rate_mib_s`` and ``wss_mib``; ``accel``
+        out for the test guest, which then takes ``rate_mib_s``, ``wss_mib`` and
+        ``heartbeat_ms`` (its heartbeat period, default 100); ``accel``
         may be ``"auto"``; ``incoming`` (e.g. ``"defer"``) starts a migration target, which
         is not waited for.
         """
@@ -135,10 +143,15 @@ class HostAgent:
         fields = dict(spec)
         rate = fields.pop("rate_mib_s", 0)
         wss = fields.pop("wss_mib", DEFAULT_WSS_MIB)
+        hb_ms = fields.pop("heartbeat_ms", DEFAULT_HEARTBEAT_MS)
         incoming = fields.pop("incoming", None)
         if not isinstance(rate, int) or not isinstance(wss, int) or rate < 0 or wss < 1:
             raise LabError("vm_start: rate_mib_s and wss_mib must be integers (>= 0, >= 1)",
                            rate_mib_s=rate, wss_mib=wss)
+        if isinstance(hb_ms, bool) or not isinstance(hb_ms, int) \
+                or not HEARTBEAT_MS_MIN <= hb_ms <= HEARTBEAT_MS_MAX:
+            raise LabError(f"vm_start: heartbeat_ms must be an integer {HEARTBEAT_MS_MIN}.."
+                           f"{HEARTBEAT_MS_MAX}", heartbeat_ms=hb_ms)
         if incoming is not None and (not isinstance(incoming, str) or not incoming):
             raise LabError("vm_start: incoming must be a string such as 'defer'")
         if not isinstance(heartbeat_timeout, int | float) or heartbeat_timeout <= 0:
@@ -152,7 +165,7 @@ class HostAgent:
             image = await ensure_guest_image()
             fields.setdefault("kernel", str(image.kernel))
             fields.setdefault("initrd", str(image.initrd))
-            fields.setdefault("append", guest_append(rate, wss))
+            fields.setdefault("append", guest_append(rate, wss, extra=[f"labctl.hb_ms={hb_ms}"]))
         try:
             vmspec = VmSpec.from_dict(fields)
         except (ValueError, TypeError) as exc:
