@@ -1,0 +1,83 @@
+"""Live migration on the real lab with a 20 ms heartbeat (``vms[].heartbeat_ms: 20``): the
+period reaches the guest's kernel command line on both hosts, the migration measures with it,
+and the guest survives (counter continues, disk counter read back on the destination)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import e2e_ready
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
+                                                  reason=e2e_ready() or "")]
+
+TOPO = """
+name: hbmig
+sites: [{name: s1, subnet: 10.231.94.0/24}]
+storage_nodes: [{name: stor1, capacity: 1G}]
+hosts: [{name: h1}, {name: h2}]
+datastores: [{name: ds1, size: 64M, hosts: [h1, h2]}]
+vms: [{name: vm1, host: h1, datastore: ds1, memory: 192M, working_set: 48M, dirty_rate: 10,
+       heartbeat_ms: 20}]
+"""
+
+
+def labctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "labctl.cli", *args], capture_output=True,
+                         text=True, timeout=timeout, check=False)
+    if res.returncode != 0:
+        raise AssertionError(f"labctl {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    topo = tmp_path_factory.mktemp("topo") / "hbmig.yaml"
+    topo.write_text(TOPO)
+    try:
+        labctl("up", str(topo), timeout=900)
+        yield lab_home / "labs" / "hbmig"
+    finally:
+        subprocess.run([sys.executable, "-m", "labctl.cli", "--lab", "hbmig", "down"],
+                       capture_output=True, text=True, timeout=300, check=False)
+
+
+def vm1() -> dict[str, Any]:
+    st = json.loads(labctl("--lab", "hbmig", "status", "--json").stdout)
+    return dict(next(v for v in st["vms"] if v["name"] == "vm1"))
+
+
+def test_migration_with_a_20_ms_heartbeat(lab: Path) -> None:
+    before = vm1()
+    assert before["heartbeat_ms"] == 20 and before["host"] == "h1", before
+    argv = json.loads((lab / "hosts" / "h1" / "vms" / "vm1" / "argv.json").read_text())
+    assert "labctl.hb_ms=20" in argv[argv.index("-append") + 1].split()
+    for src, dst in (("h1", "h2"), ("h2", "h1")):
+        res = json.loads(labctl("--lab", "hbmig", "migrate", "vm1", "--to", dst, "--json").stdout)
+        assert res["state"] == "completed" and res["source"] == src and res["dest"] == dst, res
+        assert res["heartbeat_period_ms"] == 20 and res["switchover"]["period_ms"] == 20, res
+        hb = res["heartbeat"]
+        assert hb["continues"], hb  # no reset, and no more beats than the blackout allows
+        assert hb["dest_first"]["counter"] > hb["source_last"]["counter"], hb
+        assert res["disk"]["ok"] and res["disk"]["dest_read"] >= 1, res["disk"]
+        argv = json.loads((lab / "hosts" / dst / "vms" / "vm1" / "argv.json").read_text())
+        assert "labctl.hb_ms=20" in argv[argv.index("-append") + 1].split()
+        # still beating on the destination, and the disk counter reads back from the LUN
+        first = vm1()
+        time.sleep(0.5)
+        again = vm1()
+        assert again["host"] == dst and again["state"] == "running", again
+        assert again["heartbeat"]["counter"] > first["heartbeat"]["counter"], (first, again)
+        read = labctl("--lab", "hbmig", "vm", "console", "vm1", "read").stdout
+        assert "DISK read" in read, read
+        assert int(read.split()[-1]) >= res["disk"]["dest_read"], (read, res["disk"])
+    shown = labctl("--lab", "hbmig", "migrations", "show", str(res["id"])).stdout
+    assert "heartbeat every 20 ms" in shown, shown
