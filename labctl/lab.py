@@ -558,6 +558,8 @@ class Lab:
             if live is not None:
                 entry.update(host=live["host"], state=live.get("state", "running"),
                              pid=live.get("pid"), heartbeat=live.get("heartbeat"),
+                             qmp_check_socket=live.get("qmp_check_socket"),
+                             console_log=live.get("console_log"),
                              disk_counter=live.get("disk_counter"))
             elif v["state"] == "running":
                 entry["state"] = "unknown (its host agent does not report it)"

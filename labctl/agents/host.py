@@ -218,6 +218,9 @@ class HostAgent:
                 "counter": hb.counter, "age_s": round(time.monotonic() - hb.t, 3)},
             "disk_counter": vm.disk_counter,
             "first_heartbeat_s": vm.first_heartbeat_s,
+            # for checks from outside labctl: a free QMP monitor and the console log
+            "qmp_check_socket": str(vm.run_dir / "qmp-check.sock"),
+            "console_log": str(vm.run_dir / "console.log"),
         }
 
     async def vm_list(self) -> list[dict[str, Any]]:
