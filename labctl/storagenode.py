@@ -547,14 +547,7 @@ def _resize(lab: str, name: str, serial: str, new_size: int) -> None:
     lv = _libvirt()
     conn = _open()
     try:
-        try:
-            dom = conn.lookupByName(domain_name(lab, name))
-        except lv.libvirtError as exc:
-            raise StorageNodeError(f"no storage node domain {domain_name(lab, name)}",
-                                   domain=domain_name(lab, name)) from exc
-        if (_owner(dom) or {}).get("lab") != lab:
-            raise StorageNodeError(f"domain {dom.name()} is not owned by lab {lab}",
-                                   domain=dom.name())
+        dom = _owned_domain(conn, lab, name)
         target = _disk_target(dom, serial)
         try:
             dom.blockResize(target, new_size, lv.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
