@@ -184,7 +184,10 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
                qemu: str = QEMU_BINARY, blockdevs: list[str] | None = None) -> list[str]:
     """QEMU's argument list for ``spec``, with its sockets and files in ``run_dir``.
 
-    ``incoming`` is passed to ``-incoming`` (e.g. ``"defer"`` for a migration target).
+    ``incoming`` is passed to ``-incoming`` (e.g. ``"defer"`` for a migration target). A
+    target also gets ``-mem-prealloc``: its guest RAM is faulted in while it is being
+    prepared, before the source is asked, instead of page by page as the stream arrives
+    (measured: fresh RAM made the same migration take 100 ms or 400-580 ms, by chance).
     ``blockdevs``, when given, replaces the disk's own ``-blockdev`` node: a block graph
     whose top node is ``disk0`` (a migration target uses this to put a placeholder there).
     """
@@ -231,7 +234,7 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
     if disk is not None:
         argv += ["-device", "virtio-blk-pci,drive=disk0,id=vda"]
     if incoming is not None:
-        argv += ["-incoming", incoming]
+        argv += ["-mem-prealloc", "-incoming", incoming]
     return argv
 
 

@@ -76,7 +76,7 @@ def test_build_argv_iscsi(tmp_path: Path) -> None:
                   "initiator-name=iqn.2024-01.org.labctl:host1,node-name=disk0,cache.direct=on")
     assert f"path={tmp_path}/qmp.sock" in joined
     assert f"logfile={tmp_path}/console.log" in joined
-    assert "-incoming" not in argv
+    assert "-incoming" not in argv and "-mem-prealloc" not in argv
     assert disk.url == "iscsi://10.0.0.2:3260/iqn.2003-01.org.linux-iscsi.lab:ds1/3"
 
 
@@ -86,6 +86,7 @@ def test_build_argv_file_disk_incoming_and_escaping(tmp_path: Path) -> None:
     bd = argv[argv.index("-blockdev") + 1]
     assert bd.startswith(f"driver=file,filename={tmp_path}/a,,b/disk.raw,node-name=disk0")
     assert argv[argv.index("-incoming") + 1] == "defer"
+    assert "-mem-prealloc" in argv  # a migration target faults its RAM in before the stream
     assert argv[argv.index("-pidfile") + 1] == str(odd / "qemu.pid")  # not an option string
 
 
