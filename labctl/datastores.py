@@ -223,7 +223,7 @@ async def create(lab: Lab, name: str, size: int | str, hosts: list[str],
 
     _check_name(name)
     nbytes = _size(size)
-    inv = lab._open()
+    inv = lab.open_inventory()
     try:
         with lab.dir.lock():
             if inv.row("datastores", name=name) is not None:
@@ -296,7 +296,7 @@ async def delete(lab: Lab, name: str) -> dict[str, Any]:
     """Remove a datastore no VM uses: hosts forget it, LIO drops it, the disk is unplugged."""
     from labctl import storagenode
 
-    inv = lab._open()
+    inv = lab.open_inventory()
     try:
         with lab.dir.lock():
             m = mapping(inv, name)
@@ -333,7 +333,7 @@ async def resize(lab: Lab, name: str, size: int | str, wait: float = 30.0) -> di
     from labctl import rescan, storagenode
 
     nbytes = _size(size)
-    inv = lab._open()
+    inv = lab.open_inventory()
     try:
         with lab.dir.lock():
             m = mapping(inv, name)
@@ -360,7 +360,7 @@ async def resize(lab: Lab, name: str, size: int | str, wait: float = 30.0) -> di
 
 
 def show(lab: Lab, name: str) -> dict[str, Any]:
-    inv = lab._open()
+    inv = lab.open_inventory()
     try:
         m = mapping(inv, name)
         m["seen_by"] = {r["host"]: {"naa": r["seen_naa"], "size_bytes": r["seen_size"],
@@ -375,7 +375,7 @@ def show(lab: Lab, name: str) -> dict[str, Any]:
 
 
 def list_all(lab: Lab) -> list[dict[str, Any]]:
-    inv = lab._open()
+    inv = lab.open_inventory()
     try:
         return [mapping(inv, d["name"]) for d in inv.rows("datastores")]
     finally:
@@ -386,7 +386,7 @@ def list_all(lab: Lab) -> list[dict[str, Any]]:
 
 async def host_storage(lab: Lab, host: str, rescan_unit: str | None = None,
                        rescan_all: bool = False) -> dict[str, Any]:
-    inv = lab._open()
+    inv = lab.open_inventory()
     try:
         async with lab.host_client(inv, host) as c:
             if rescan_all or rescan_unit is not None:
@@ -405,7 +405,7 @@ async def restart_node(lab: Lab, node: str) -> dict[str, Any]:
     from labctl import images, storagenode, topology
     from labctl.lab import STORAGE_AGENT_PORT, _mac_for
 
-    inv = lab._open()
+    inv = lab.open_inventory()
     try:
         with lab.dir.lock():
             row = inv.row("storage_nodes", name=node)

@@ -85,7 +85,8 @@ class Lab:
         return f"labctl-{self.name}-{node}"
 
     # ------------------------------------------------------------------ helpers
-    def _open(self) -> Inventory:
+    def open_inventory(self) -> Inventory:
+        """The lab's inventory (the caller closes it); a clear error when the lab is not up."""
         if not self.dir.exists():
             raise LabStateError(f"lab {self.name} is not up (start it with: labctl up)", lab=self.name)
         return self.dir.inventory()
@@ -208,8 +209,8 @@ class Lab:
         # 4. LUNs with ACLs, then every sharing host checks what it sees
         await self._step(inv, "datastores exported", _gather_all(
             *(self._export_datastore(inv, topo, d.name) for d in topo.datastores)))
-        await self._step(inv, "hosts scanned their LUNs", self.scan_hosts(inv))
-        await self._step(inv, "datastore mappings handed to hosts", hand_mappings(self, inv))
+        await self._step(inv, "mappings handed to hosts, each scanned its LUNs",
+                         self._hand_mappings_checked(inv))
         await self._step(inv, "rescan service subscribed", self._start_rescan(inv, topo))
 
         # 5. VMs
@@ -360,33 +361,21 @@ class Lab:
                 "target_iqn": node["target_iqn"], "lun": ds["lun"],
                 "initiator_iqn": h["initiator_iqn"], "naa": ds["naa"]}
 
-    async def scan_hosts(self, inv: Inventory) -> None:
-        """Every host looks at the LUNs it shares, from its namespace, and reports what it sees."""
-        async def scan(host: str) -> None:
-            shares = [r["datastore"] for r in inv.rows("datastore_hosts", host=host)]
-            if not shares:
-                return
-            luns = [self._lun_of(inv, d, host) for d in shares]
-            async with self.host_client(inv, host) as c:
-                seen = await c.call("scan_luns", luns=luns, timeout=60)
-            for d, s in zip(shares, seen, strict=True):
-                if not s.get("ok"):
-                    raise ProvisionError(f"host {host} cannot see datastore {d}: {s.get('error')}",
-                                         host=host, datastore=d, scan=s)
-                inv.update("datastore_hosts", {"datastore": d, "host": host},
-                           seen_naa=s["naa"], seen_size=s["size_bytes"], scanned_at=time.time())
-                want = inv.row("datastores", name=d)
-                assert want is not None
-                if normal_naa(s["naa"]) != want["naa"]:
+    async def _hand_mappings_checked(self, inv: Inventory) -> None:
+        """Each host takes the mappings of the datastores it shares and scans them by ID from
+        its namespace; a host that cannot see one, or sees another ID, stops the bring-up."""
+        seen = await hand_mappings(self, inv)
+        for host, units in seen.items():
+            for unit in units:
+                if unit.get("state") != "ok":
                     raise ProvisionError(
-                        f"host {host} sees NAA {s['naa']} for datastore {d}, the storage node "
-                        f"reports {want['naa']}", host=host, datastore=d)
-
-        await _gather_all(*(scan(h["name"]) for h in inv.rows("hosts")))
+                        f"host {host} cannot use datastore {unit.get('datastore')} "
+                        f"({unit.get('id')}): {unit.get('error') or unit.get('state')}",
+                        host=host, unit=unit)
 
     # ------------------------------------------------------------------ VMs
     async def vm_start(self, name: str) -> dict[str, Any]:
-        inv = self._open()
+        inv = self.open_inventory()
         try:
             with self.dir.lock():
                 return await self._vm_start(inv, name)
@@ -408,7 +397,7 @@ class Lab:
                 "append": append, "accel": inv.get_meta("accel", "tcg"), "disk": disk}
 
     async def _vm_start(self, inv: Inventory, name: str) -> dict[str, Any]:
-        vm = self._vm_row(inv, name)
+        vm = self.vm_row(inv, name)
         if vm["state"] == "running":
             raise LabStateError(f"VM {name} is already running on {vm['host']}", vm=name)
         spec = self.vm_spec(inv, name, vm["host"])
@@ -428,10 +417,10 @@ class Lab:
                 or not HEARTBEAT_MS_MIN <= period_ms <= HEARTBEAT_MS_MAX:
             raise LabError(f"heartbeat period {period_ms!r}: an integer from {HEARTBEAT_MS_MIN} "
                            f"to {HEARTBEAT_MS_MAX} ms", vm=name)
-        inv = self._open()
+        inv = self.open_inventory()
         try:
             with self.dir.lock():
-                vm = self._vm_row(inv, name)
+                vm = self.vm_row(inv, name)
                 if vm["state"] == "running":
                     raise LabStateError(f"VM {name} is running: stop it before changing its "
                                         f"heartbeat period", vm=name)
@@ -440,10 +429,10 @@ class Lab:
             inv.close()
 
     async def vm_stop(self, name: str) -> None:
-        inv = self._open()
+        inv = self.open_inventory()
         try:
             with self.dir.lock():
-                vm = self._vm_row(inv, name)
+                vm = self.vm_row(inv, name)
                 if vm["state"] != "running":
                     raise LabStateError(f"VM {name} is not running", vm=name)
                 async with self.host_client(inv, vm["host"]) as c:
@@ -463,7 +452,7 @@ class Lab:
         """Recorded migrations (a list), or one with its passes and decisions."""
         from labctl.migration import get_migration, list_migrations
 
-        inv = self._open()
+        inv = self.open_inventory()
         try:
             return list_migrations(inv) if mid is None else get_migration(inv, mid)
         finally:
@@ -479,9 +468,9 @@ class Lab:
                                                          lines=lines)]
 
     async def _call_vm_host(self, vm_name: str, method: str, **params: Any) -> Any:
-        inv = self._open()
+        inv = self.open_inventory()
         try:
-            vm = self._vm_row(inv, vm_name)
+            vm = self.vm_row(inv, vm_name)
             if vm["state"] != "running":
                 raise LabStateError(f"VM {vm_name} is not running", vm=vm_name)
             async with self.host_client(inv, vm["host"]) as c:
@@ -489,7 +478,7 @@ class Lab:
         finally:
             inv.close()
 
-    def _vm_row(self, inv: Inventory, name: str) -> dict[str, Any]:
+    def vm_row(self, inv: Inventory, name: str) -> dict[str, Any]:
         vm = inv.row("vms", name=name)
         if vm is None:
             names = ", ".join(r["name"] for r in inv.rows("vms")) or "none"
@@ -498,7 +487,7 @@ class Lab:
 
     # ------------------------------------------------------------------ status
     async def status(self) -> dict[str, Any]:
-        inv = self._open()
+        inv = self.open_inventory()
         try:
             return await self._status(inv)
         finally:

@@ -780,10 +780,10 @@ async def migrate_in_lab(lab: Lab, vm: str, to: str, policy: str | Policy | None
     if late_storage is not None:
         pol = Policy(**{**asdict(pol), "convergence": pol.convergence,
                         "storage": "late" if late_storage else "early"})
-    inv = lab._open()
+    inv = lab.open_inventory()
     try:
         with lab.dir.lock():
-            row = lab._vm_row(inv, vm)
+            row = lab.vm_row(inv, vm)
             if row["state"] != "running":
                 raise MigrationError(f"VM {vm} is not running (state {row['state']}): start it "
                                      f"first with 'labctl vm start {vm}'", vm=vm, state=row["state"])

@@ -101,7 +101,7 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
     if args.cmd == "events":
         return await _events(lab, args)
     if args.cmd == "rescan":
-        inv = lab._open()
+        inv = lab.open_inventory()
         try:
             if args.mode:
                 rescan.set_lookup(inv, args.mode)
@@ -116,7 +116,7 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
             print(f"storage node {res['node']} restarted (agent after {res['boot_s']} s); "
                   f"re-exported {', '.join(lun['datastore'] + ' ' + lun['id'] for lun in res['luns'])}")
         else:
-            inv = lab._open()
+            inv = lab.open_inventory()
             try:
                 async with lab.storage_client(inv, args.node) as c:
                     res = await c.call("portal_set", up=args.state == "up")
@@ -193,7 +193,7 @@ def _print_host(res: dict[str, Any]) -> None:
 async def _events(lab: Lab, args: argparse.Namespace) -> int:
     """Every event with its outcome. With --follow, an event is printed once it is finished,
     and again if its outcome changes later (a stale host caught up)."""
-    inv = lab._open()
+    inv = lab.open_inventory()
     try:
         shown: dict[int, tuple[str, str]] = {}
         evs = rescan.events(inv)
