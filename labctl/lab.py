@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from labctl import netns
-from labctl.datastores import IdRegistry, attach_for_vm, hand_mappings
+from labctl.datastores import IdRegistry, attach_for_vm, hand_mappings, mapping
 from labctl.errors import (
     AgentError,
     AgentUnreachable,
@@ -54,7 +55,6 @@ class Lab:
         self.dir = LabDir(name, root)
         self.name = name
         self.progress = progress
-        self._t0 = time.monotonic()
 
     @classmethod
     def find(cls, name: str | None, root: Path | None = None, progress: Progress = _quiet) -> Lab:
@@ -171,12 +171,11 @@ class Lab:
         from labctl import guestimage, images, storagenode
         from labctl.qemu import kvm_usable
 
-        self._t0 = time.monotonic()
         inv.set_meta("state", "creating")
         inv.set_meta("topology_digest", topo.digest)
         inv.set_meta("topology_source", str(Path(topo.source).resolve()))
         inv.set_meta("created", str(time.time()))
-        (self.dir.path / "topology.json").write_text(_json(topo.raw))
+        (self.dir.path / "topology.json").write_text(json.dumps(topo.raw, indent=2, default=str))
         t_start = time.monotonic()
 
         # 1. images (cached by recipe) and the accelerator probe, side by side
@@ -351,16 +350,6 @@ class Lab:
         inv.update("datastores", {"name": name}, naa=normal_naa(lun["naa"]), lun=lun["lun"],
                    size_bytes=lun["size_bytes"], state="exported")
 
-    def _lun_of(self, inv: Inventory, datastore: str, host: str) -> dict[str, Any]:
-        ds = inv.row("datastores", name=datastore)
-        h = inv.row("hosts", name=host)
-        assert ds is not None and h is not None
-        node = inv.row("storage_nodes", name=ds["node"])
-        assert node is not None
-        return {"datastore": datastore, "portal": f"{node['address']}:3260",
-                "target_iqn": node["target_iqn"], "lun": ds["lun"],
-                "initiator_iqn": h["initiator_iqn"], "naa": ds["naa"]}
-
     async def _hand_mappings_checked(self, inv: Inventory) -> None:
         """Each host takes the mappings of the datastores it shares and scans them by ID from
         its namespace; a host that cannot see one, or sees another ID, stops the bring-up."""
@@ -387,9 +376,9 @@ class Lab:
         assert vm is not None
         disk = None
         if vm["datastore"]:
-            lun = self._lun_of(inv, vm["datastore"], host)
-            disk = {"kind": "iscsi", **{k: lun[k] for k in
-                                        ("portal", "target_iqn", "lun", "initiator_iqn", "naa")}}
+            m = mapping(inv, vm["datastore"], host)
+            disk = {"kind": "iscsi", "portal": m["portal"], "target_iqn": m["target_iqn"],
+                    "lun": m["lun"], "initiator_iqn": m["initiator_iqn"], "naa": m["id"]}
         append = guest_append(round(vm["dirty_rate"]), vm["working_set"] >> 20,
                               extra=[f"labctl.vm={name}", f"labctl.hb_ms={vm['heartbeat_ms']}"])
         return {"name": name, "memory_mib": vm["memory"] >> 20, "vcpus": vm["vcpus"],
@@ -666,8 +655,3 @@ def normal_naa(naa: str) -> str:
 def _mac_for(tag: str, role: str, index: int) -> str:
     return f"52:54:{tag[:2]}:{tag[2:4]}:{ord(role):02x}:{index:02x}"
 
-
-def _json(data: Any) -> str:
-    import json
-
-    return json.dumps(data, indent=2, default=str)
