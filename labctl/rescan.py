@@ -45,12 +45,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from labctl.errors import AgentError, LabError, LabStateError
 from labctl.inventory import Inventory
-from labctl.rpc import RpcClient
+from labctl.rpc import Cursor, RpcClient
 
 log = logging.getLogger("labctl.rescan")
 
@@ -166,6 +167,25 @@ def set_lookup(inv: Inventory, mode: str) -> None:
 
 
 # ------------------------------------------------------------------------------ the service
+
+class _Gate:
+    """An event sink that holds events until ``open()``, then passes them on in order."""
+
+    def __init__(self, sink: Callable[[str, Any], None]) -> None:
+        self.sink = sink
+        self.held: list[tuple[str, Any]] | None = []
+
+    def __call__(self, event: str, data: Any) -> None:
+        if self.held is None:
+            self.sink(event, data)
+        else:
+            self.held.append((event, data))
+
+    def open(self) -> None:
+        held, self.held = self.held or [], None
+        for event, data in held:
+            self.sink(event, data)
+
 
 class RescanService:
     """Follows every agent of one lab and runs the event -> refresh rounds."""
@@ -470,6 +490,7 @@ class RescanService:
         key = f"{kind}:{name}"
         was_lost = False
         last_uptime: float | None = None
+        cursor: Cursor | None = None
         while True:
             try:
                 client = await RpcClient.connect(address, port, self.secret, timeout=2.0,
@@ -482,15 +503,19 @@ class RescanService:
                 continue
             try:
                 if kind == "storage":
-                    await client.subscribe(lambda ev, data: self._on_storage_event(name, ev, data))
+                    # events replayed on (re)subscribing come after our own "back"
+                    gate = _Gate(lambda ev, data: self._on_storage_event(name, ev, data))
+                    await client.subscribe(gate, cursor)
                     self.nodes[name] = client
                     ping = await client.call("ping", timeout=5)
                     if was_lost or (last_uptime is not None and ping["uptime_s"] < last_uptime):
                         was_lost = False
                         self._storage_back(name)
                     last_uptime = float(ping["uptime_s"])
+                    gate.open()
                 else:
-                    await client.subscribe(lambda ev, data: self._on_host_event(name, ev, data))
+                    await client.subscribe(
+                        lambda ev, data: self._on_host_event(name, ev, data), cursor)
                     self.hosts[name] = client
                 self._connected.add(key)
                 self._write_ready()
@@ -512,6 +537,7 @@ class RescanService:
                     self.nodes.pop(name, None)
                 else:
                     self.hosts.pop(name, None)
+                cursor = client.cursor  # the next connection asks for what came after it
                 await client.close()
             if kind == "storage" and not was_lost:
                 was_lost = True

@@ -13,7 +13,14 @@ After it, every frame is authenticated with a session key
 ``HMAC(secret, "session"|sn|cn)`` over ``direction | seq | payload``; a frame
 with a bad MAC ends the connection. Requests are ``{"id", "method",
 "params"}``; answers ``{"id", "result"}`` or ``{"id", "error": {"type",
-"message", "data"}}``; a server may push ``{"event", "data"}`` at any time.
+"message", "data"}}``; a server may push ``{"event", "data", "epoch", "seq"}`` at
+any time to a client that called ``subscribe``.
+
+Events are numbered per server instance (``epoch`` is random per start, ``seq``
+counts up) and the last ``EVENT_LOG`` of them are kept, so a subscriber that
+reconnects loses nothing: it passes the cursor it last saw, and the server
+replays what came after it -- all it has when the epoch is not its own (the
+agent restarted and may have published before the subscriber got back).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import logging
 import os
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,11 +42,13 @@ from labctl.errors import AgentUnreachable, AuthenticationFailed, LabError, Remo
 
 PROTO = "labctl-rpc/1"
 MAX_FRAME = 16 * 1024 * 1024
+EVENT_LOG = 512
 _ZERO_MAC = bytes(32)
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[Any]]
 EventSink = Callable[[str, Any], None]
+Cursor = tuple[str, int]
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:
@@ -59,13 +69,17 @@ class _Channel:
         self.send_seq = 0
         self.recv_seq = 0
 
-    async def send(self, obj: Any) -> None:
+    def write(self, obj: Any) -> None:
+        """Queue one frame; frames go out in the order of these calls."""
         payload = json.dumps(obj, separators=(",", ":")).encode()
         mac = _ZERO_MAC
         if self.key is not None:
             mac = _mac(self.key, self.send_dir, str(self.send_seq).encode(), payload)
             self.send_seq += 1
         self.writer.write(struct.pack(">I", len(payload)) + mac + payload)
+
+    async def send(self, obj: Any) -> None:
+        self.write(obj)
         await self.writer.drain()
 
     async def recv(self) -> Any:
@@ -97,6 +111,9 @@ class RpcServer:
         self._subscribers: set[_Channel] = set()
         self._tasks: set[asyncio.Future[None]] = set()
         self.rejected = 0
+        self.epoch = os.urandom(8).hex()
+        self._seq = 0
+        self._log: deque[dict[str, Any]] = deque(maxlen=EVENT_LOG)
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
@@ -111,9 +128,12 @@ class RpcServer:
             await self._server.wait_closed()
 
     def publish(self, event: str, data: Any) -> None:
-        """Push an event to every client that called ``subscribe``."""
+        """Push an event to every client that called ``subscribe`` and keep it for replay."""
+        self._seq += 1
+        msg = {"event": event, "data": data, "epoch": self.epoch, "seq": self._seq}
+        self._log.append(msg)
         for chan in list(self._subscribers):
-            task = asyncio.ensure_future(chan.send({"event": event, "data": data}))
+            task = asyncio.ensure_future(chan.send(msg))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             task.add_done_callback(functools.partial(self._drop_on_error, chan=chan))
@@ -162,9 +182,11 @@ class RpcServer:
         method = str(req.get("method", ""))
         reply: dict[str, Any]
         if method == "subscribe":
-            self._subscribers.add(chan)
-            reply = {"id": rid, "result": True}
-        elif method not in self.handlers:
+            self._subscribe(chan, rid, req.get("params", {}))
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await chan.writer.drain()
+            return
+        if method not in self.handlers:
             reply = {"id": rid, "error": {"type": "UnknownMethod", "message": f"no method {method!r}"}}
         else:
             try:
@@ -178,6 +200,24 @@ class RpcServer:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await chan.send(reply)
 
+    def _subscribe(self, chan: _Channel, rid: Any, params: dict[str, Any]) -> None:
+        """Add a subscriber, replaying what it missed; no await, so nothing interleaves."""
+        epoch, since = params.get("epoch"), params.get("since")
+        first = None  # the first seq the subscriber has not seen, if it asked for a replay
+        if isinstance(epoch, str) and epoch != self.epoch:
+            first = 1  # we restarted since it last heard from us
+        elif epoch == self.epoch and isinstance(since, int):
+            first = since + 1
+        replay = [m for m in self._log if first is not None and m["seq"] >= first]
+        if first is not None and self._seq >= first and (not replay or replay[0]["seq"] > first):
+            log.warning("%s: a subscriber missed events older than the last %d",
+                        self.name, EVENT_LOG)
+        self._subscribers.add(chan)
+        for msg in replay:
+            chan.write(msg)
+        chan.write({"id": rid, "result": {"epoch": self.epoch, "seq": self._seq,
+                                          "replayed": len(replay)}})
+
 
 class RpcClient:
     """One authenticated connection to an agent. Use ``await RpcClient.connect(...)``."""
@@ -188,6 +228,7 @@ class RpcClient:
         self._next_id = 0
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._on_event: EventSink | None = None
+        self.cursor: Cursor | None = None
         self._reader_task = asyncio.ensure_future(self._read_loop())
 
     @classmethod
@@ -256,9 +297,24 @@ class RpcClient:
             )
         return reply.get("result")
 
-    async def subscribe(self, sink: EventSink) -> None:
+    async def subscribe(self, sink: EventSink, cursor: Cursor | None = None) -> int:
+        """Receive events from now on; with ``cursor`` (the ``cursor`` of an earlier
+        client to the same agent) first those published after it. Returns how many
+        were replayed."""
         self._on_event = sink
-        await self.call("subscribe")
+        params: dict[str, Any] = {}
+        if cursor is not None:
+            params = {"epoch": cursor[0], "since": cursor[1]}
+            self.cursor = cursor
+        result = await self.call("subscribe", **params)
+        if isinstance(result, dict):
+            self._advance(str(result["epoch"]), int(result["seq"]))
+            return int(result.get("replayed", 0))
+        return 0
+
+    def _advance(self, epoch: str, seq: int) -> None:
+        if self.cursor is None or self.cursor[0] != epoch or seq > self.cursor[1]:
+            self.cursor = (epoch, seq)
 
     async def _read_loop(self) -> None:
         exc: BaseException = ConnectionError("connection closed")
@@ -266,6 +322,8 @@ class RpcClient:
             while True:
                 msg = await self._chan.recv()
                 if "event" in msg:
+                    if isinstance(msg.get("epoch"), str) and isinstance(msg.get("seq"), int):
+                        self._advance(msg["epoch"], msg["seq"])
                     if self._on_event is not None:
                         self._on_event(str(msg["event"]), msg.get("data"))
                     continue

@@ -85,3 +85,42 @@ def test_tampered_frame_drops_connection() -> None:
         await server.close()
 
     asyncio.run(go())
+
+
+def test_resubscribe_replays_missed_events_and_a_restart_replays_all() -> None:
+    async def go() -> None:
+        server, port = await _server()
+        seen: list[Any] = []
+        c = await RpcClient.connect("127.0.0.1", port, SECRET)
+        assert await c.subscribe(lambda ev, d: seen.append(d)) == 0
+        server.publish("e", 1)
+        await asyncio.sleep(0.05)
+        cursor = c.cursor
+        await c.close()
+        server.publish("e", 2)  # nobody listening
+        server.publish("e", 3)
+        c = await RpcClient.connect("127.0.0.1", port, SECRET)
+        assert await c.subscribe(lambda ev, d: seen.append(d), cursor) == 2
+        server.publish("e", 4)
+        await asyncio.sleep(0.05)
+        assert seen == [1, 2, 3, 4]  # nothing lost, nothing twice, in order
+        cursor = c.cursor
+        await c.close()
+        await server.close()
+
+        # the agent restarts and publishes before the subscriber is back
+        server, port = await _server()
+        server.publish("e", "after-restart")
+        c = await RpcClient.connect("127.0.0.1", port, SECRET)
+        assert await c.subscribe(lambda ev, d: seen.append(d), cursor) == 1
+        await asyncio.sleep(0.05)
+        assert seen[-1] == "after-restart"
+        # a first subscription (no cursor) gets only what comes next
+        fresh: list[Any] = []
+        c2 = await RpcClient.connect("127.0.0.1", port, SECRET)
+        assert await c2.subscribe(lambda ev, d: fresh.append(d)) == 0
+        await c.close()
+        await c2.close()
+        await server.close()
+
+    asyncio.run(go())
