@@ -90,9 +90,10 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
     if args.cmd == "validate":
         topo = topology.load(args.file)
-        print(f"{args.file}: lab {topo.name}: {len(topo.hosts)} hosts, "
-              f"{len(topo.storage_nodes)} storage nodes, {len(topo.datastores)} datastores, "
-              f"{len(topo.vms)} VMs: valid")
+        counts = ((len(topo.hosts), "host"), (len(topo.storage_nodes), "storage node"),
+                  (len(topo.datastores), "datastore"), (len(topo.vms), "VM"))
+        print(f"{args.file}: lab {topo.name}: "
+              + ", ".join(f"{n} {w}{'' if n == 1 else 's'}" for n, w in counts) + ": valid")
         return 0
     if args.cmd in ("up", "demo"):
         topo = topology.load(args.file or _default_topology())

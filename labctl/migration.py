@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s: QEMU's default cap is 128 MiB/s, so say "none" loudly
 ACTIONS = ("raise_downtime", "auto_converge", "postcopy", "cancel")
+MEM_RESERVE = 64 << 20  # bytes a QEMU needs beyond guest RAM (code, TCG translation cache)
 Progress = Callable[[str], None]
 
 
@@ -813,6 +814,14 @@ async def migrate_in_lab(lab: Lab, vm: str, to: str, policy: str | Policy | None
             src_row = inv.row("hosts", name=src_host)
             assert src_row is not None
             async with lab.host_client(inv, src_host) as sc, lab.host_client(inv, to) as dc:
+                # the topology's offer is a budget; the machine must also really have the RAM
+                # (the incoming QEMU preallocates it all)
+                avail = (await dc.call("ping", timeout=10)).get("mem_available")
+                if avail is not None and row["memory"] + MEM_RESERVE > avail:
+                    raise MigrationError(
+                        f"host {to} lacks memory for VM {vm}: it needs {row['memory'] >> 20} MiB "
+                        f"plus {MEM_RESERVE >> 20} MiB for QEMU, the machine has "
+                        f"{avail >> 20} MiB available", vm=vm, host=to, mem_available=avail)
                 mig = Migration(vm, Endpoint(src_host, sc, src_row["address"]),
                                 Endpoint(to, dc, dst["address"]), pol, dest_disk=dest_disk,
                                 recorder=Recorder(inv), progress=lab.progress,

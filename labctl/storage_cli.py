@@ -180,7 +180,8 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
 
 
 def _print_host(res: dict[str, Any]) -> None:
-    print(f"host {res['host']}: {len(res['units'])} datastores, "
+    n = len(res["units"])
+    print(f"host {res['host']}: {n} datastore{'' if n == 1 else 's'}, "
           f"{res['scsi_commands']} SCSI commands sent")
     for u in res["units"]:
         when = time.strftime("%H:%M:%S", time.localtime(u["scanned_at"])) if u["scanned_at"] else "-"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -154,6 +155,19 @@ def test_refusals(lab: dict[str, Any]) -> None:
     r = labctl("--lab", lab["name"], "migrate", "vm1", "--to", "h3", check=False)
     assert r.returncode == 1 and "cannot reach datastore ds1" in r.stderr
     assert not (lab["dir"] / "hosts" / "h3" / "vms" / "vm1").exists()
+    # a destination whose memory offer is too small for the VM
+    db = sqlite3.connect(lab["dir"] / "inventory.db")
+    offer = db.execute("SELECT memory FROM hosts WHERE name=?", (other(src),)).fetchone()[0]
+    with db:
+        db.execute("UPDATE hosts SET memory=? WHERE name=?", (128 << 20, other(src)))
+    try:
+        r = labctl("--lab", lab["name"], "migrate", "vm1", "--to", other(src), check=False)
+        assert r.returncode == 1 and f"host {other(src)} lacks memory for VM vm1" in r.stderr
+        assert not (lab["dir"] / "hosts" / other(src) / "vms" / "vm1").exists()
+    finally:
+        with db:
+            db.execute("UPDATE hosts SET memory=? WHERE name=?", (offer, other(src)))
+        db.close()
     labctl("--lab", lab["name"], "vm", "stop", "vm1")
     try:
         r = labctl("--lab", lab["name"], "migrate", "vm1", "--to", other(src), check=False)

@@ -48,6 +48,18 @@ _CONSOLE_COMMANDS = {"rate": "OK rate", "wss": "OK wss", "read": "DISK read",
                      "sync": "DISK wrote", "size": "DISK size"}
 
 
+def _mem_available() -> int | None:
+    """The machine's MemAvailable in bytes (what a new QEMU can really get), if known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class HostAgent:
     """The agent's state and its RPC methods (each returns JSON-able data)."""
 
@@ -126,7 +138,8 @@ class HostAgent:
         accel = self._accel if self._accel is not None else "probing"
         if self._accel_task is None:
             self._accel_task = asyncio.ensure_future(self._probe_accel())
-        return {"host": self.host, "pid": os.getpid(), "qemu_version": version, "accel": accel}
+        return {"host": self.host, "pid": os.getpid(), "qemu_version": version, "accel": accel,
+                "mem_available": _mem_available()}
 
     async def vm_start(self, spec: dict[str, Any], heartbeat_timeout: float = 60.0
                        ) -> dict[str, Any]:
