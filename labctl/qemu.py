@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -287,8 +288,7 @@ class QemuVm:
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
         self.qmp = QMPClient(spec.name)
         self._proc: asyncio.subprocess.Process | None = None
-        self._con_reader: asyncio.StreamReader | None = None
-        self._con_writer: asyncio.StreamWriter | None = None
+        self._con_sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: list[_Waiter] = []
         self._dead: asyncio.Event | None = None
@@ -398,8 +398,17 @@ class QemuVm:
 
     async def _connect_console(self) -> None:
         addr = await self._sock_ready(self.console_path)
-        self._con_reader, self._con_writer = await asyncio.open_unix_connection(addr)
-        self._tasks.append(asyncio.create_task(self._read_console()))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await asyncio.to_thread(sock.connect, addr)
+        except OSError:
+            sock.close()
+            raise
+        self._con_sock = sock
+        # A thread of its own reads the console and stamps each line the moment it arrives,
+        # so a busy event loop (QMP events at switchover) does not delay the heartbeat stamps.
+        threading.Thread(target=self._read_console, args=(sock, asyncio.get_running_loop()),
+                         name=f"console-{self.spec.name}", daemon=True).start()
 
     def _check_alive(self) -> None:
         if self._proc is not None and self._proc.returncode is not None:
@@ -435,17 +444,23 @@ class QemuVm:
                                 "qemu_time": float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
                                 if isinstance(ts, dict) and "seconds" in ts else None})
 
-    async def _read_console(self) -> None:
-        assert self._con_reader is not None
+    def _read_console(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        buf = b""
         while True:
             try:
-                raw = await self._con_reader.readline()
-            except (ConnectionError, ValueError):
+                data = sock.recv(65536)
+            except OSError:
                 return
-            if not raw:
+            if not data:
                 return
-            text = raw.decode(errors="replace").rstrip("\r\n")
-            self._on_line(ConsoleLine(time.monotonic(), text))
+            t = time.monotonic()
+            *lines, buf = (buf + data).split(b"\n")
+            for raw in lines:
+                line = ConsoleLine(t, raw.decode(errors="replace").rstrip("\r"))
+                try:
+                    loop.call_soon_threadsafe(self._on_line, line)
+                except RuntimeError:  # the loop is gone
+                    return
 
     def _on_line(self, line: ConsoleLine) -> None:
         self.lines.append(line)
@@ -499,21 +514,20 @@ class QemuVm:
         ``expect_prefix``). An ``ERR`` answer raises VmError."""
         if "\n" in command or "\r" in command or not command.strip():
             raise ValueError(f"bad console command {command!r}")
-        if self._con_writer is None or self._console_lock is None:
+        if self._con_sock is None or self._console_lock is None:
             raise self._error("the console is not connected")
         prefixes = (expect_prefix,) if isinstance(expect_prefix, str) else expect_prefix
         async with self._console_lock:
             w = _Waiter(lambda ln: ln.text.startswith((*prefixes, "ERR ", "DISK error")))
             self._waiters.append(w)
             try:
-                self._con_writer.write(command.encode() + b"\n")
-                await self._con_writer.drain()
+                self._con_sock.sendall(command.encode() + b"\n")  # a few bytes: never blocks
                 async with asyncio.timeout(timeout):
                     line = await w.fut
             except TimeoutError:
                 raise self._error(f"no answer to console command {command!r} within "
                                   f"{timeout:g} s", command=command) from None
-            except ConnectionError as exc:
+            except OSError as exc:
                 raise self._error(f"console lost during {command!r}: {exc}") from exc
             finally:
                 self._waiters.remove(w)
@@ -591,10 +605,10 @@ class QemuVm:
                 await self.qmp.disconnect()
             with contextlib.suppress(Exception):
                 self.qmp.remove_listener(self._events)
-            if self._con_writer is not None:
-                self._con_writer.close()
-                with contextlib.suppress(Exception):
-                    await self._con_writer.wait_closed()
+            if self._con_sock is not None:
+                with contextlib.suppress(OSError):
+                    self._con_sock.shutdown(socket.SHUT_RDWR)  # ends the reader thread
+                self._con_sock.close()
             for task in self._tasks:
                 task.cancel()
             for task in self._tasks:
