@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s: QEMU's default cap is 128 MiB/s, so say "none" loudly
 ACTIONS = ("raise_downtime", "auto_converge", "postcopy", "cancel")
+MAX_CPU_THROTTLE = 99  # QEMU's default max-cpu-throttle (%)
+RECOVER_WAIT_S = 10.0  # how long a cancelled migration waits to see the source guest beat
 MEM_RESERVE = 64 << 20  # bytes a QEMU needs beyond guest RAM (code, TCG translation cache)
 Progress = Callable[[str], None]
 
@@ -308,8 +310,25 @@ class ConvergencePolicy:
         self.action_index = 0
         self.step_index = 0
         self.downtime_ms = policy.downtime_limit_ms
+        self.throttle_from: int | None = None  # pass index where auto-converge was turned on
+
+    def _throttle_ramping(self, passes: list[dict[str, Any]]) -> bool:
+        """After auto-converge, QEMU raises the vCPU throttle one step per pass (starting
+        about two passes later) up to ``max-cpu-throttle``: judging before the ramp ends
+        would give up on a throttle that has not had its effect yet."""
+        if self.throttle_from is None:
+            return False
+        since = passes[self.throttle_from:]
+        pct = [int(p.get("throttle_pct") or 0) for p in since]
+        if pct and pct[-1] >= MAX_CPU_THROTTLE:
+            return False
+        # give it three passes to start, then hold as long as it keeps rising
+        return len(since) < 3 or pct[-1] > pct[-3]
 
     def decide(self, passes: list[dict[str, Any]], t_rel: float) -> Decision | None:
+        if self._throttle_ramping(passes):
+            self.since = len(passes)  # the detector judges what the full throttle does
+            return None
         reason = not_converging(passes, self.since, self.conv.window, self.conv.min_improvement,
                                 self.downtime_ms)
         if reason is None:
@@ -328,6 +347,7 @@ class ConvergencePolicy:
                 continue
             self.action_index += 1
             if action == "auto_converge":
+                self.throttle_from = len(passes)
                 return Decision(action, f"{reason}: throttling the guest's vCPU (auto-converge "
                                 f"from {self.conv.throttle_initial}%, +{self.conv.throttle_increment}%)",
                                 at, t_rel, {"throttle-trigger-threshold": 50,
@@ -690,9 +710,17 @@ class Migration:
                 out["cancel"] = await self.src.client.call("mig_cancel", timeout=30, name=self.vm)
             info = await self.src.client.call("mig_source_info", name=self.vm, timeout=10)
             before = (info.get("heartbeat") or {}).get("counter")
-            await asyncio.sleep(max(0.5, 2.5 * self.period_ms / 1000))  # a few beats
-            info2 = await self.src.client.call("mig_source_info", name=self.vm, timeout=10)
-            after = (info2.get("heartbeat") or {}).get("counter")
+            # a few beats; longer if needed: a guest that was throttled hard (auto-converge)
+            # or starved of CPU takes a moment to catch up after the cancel
+            await asyncio.sleep(max(0.5, 2.5 * self.period_ms / 1000))
+            deadline = time.monotonic() + RECOVER_WAIT_S
+            while True:
+                info2 = await self.src.client.call("mig_source_info", name=self.vm, timeout=10)
+                after = (info2.get("heartbeat") or {}).get("counter")
+                if (after is not None and before is not None and after > before) \
+                        or info2["status"] != "running" or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.25)
             out["source"] = {"status": info2["status"], "heartbeat_before": before,
                              "heartbeat_after": after,
                              "alive": info2["status"] == "running" and after is not None

@@ -36,6 +36,12 @@ vms: [{{name: vm1, host: h1, datastore: ds1, memory: 192M, working_set: 48M, dir
 SLOW_POLICY = "base: capped\nmax_bandwidth_mib_s: 16\nstall_timeout_s: 4\nlease_s: 6\n"
 #: capped, and cancel as soon as non-convergence is detected
 NO_CONVERGE_POLICY = "base: capped\nmax_bandwidth_mib_s: 20\nconvergence: {actions: [cancel]}\n"
+#: every action short of post-copy, in order; a fast throttle ramp (50%, then 99%)
+ESCALATE_POLICY = ("base: capped\nmax_bandwidth_mib_s: 20\nconvergence: {actions: [raise_downtime, "
+                   "auto_converge, cancel], downtime_steps_ms: [600], throttle_initial: 50, "
+                   "throttle_increment: 49}\n")
+POSTCOPY_POLICY = ("base: capped\nmax_bandwidth_mib_s: 20\npostcopy: true\n"
+                   "convergence: {actions: [postcopy]}\n")
 
 
 def labctl(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -54,10 +60,13 @@ def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     policy.write_text(SLOW_POLICY)
     nc = topo.parent / "noconv.yaml"
     nc.write_text(NO_CONVERGE_POLICY)
+    (topo.parent / "escalate.yaml").write_text(ESCALATE_POLICY)
+    (topo.parent / "postcopy.yaml").write_text(POSTCOPY_POLICY)
     try:
         labctl("up", str(topo), timeout=900)
         yield {"name": "mig", "dir": lab_home / "labs" / "mig", "slow": str(policy),
-               "noconv": str(nc)}
+               "noconv": str(nc), "escalate": str(topo.parent / "escalate.yaml"),
+               "postcopy": str(topo.parent / "postcopy.yaml")}
     finally:
         labctl("--lab", "mig", "down", check=False, timeout=300)
 
@@ -114,10 +123,7 @@ def test_back_and_forth_at_several_rates(lab: dict[str, Any]) -> None:
                    - res["blackout_ms"]) < 0.5, sw
         assert res["prepare"]["checks"]["datastore"]["kind"] == "iscsi"
         assert res["prepare"]["checks"]["datastore"]["naa"]
-        qmp = lab["dir"] / "hosts" / dst / "vms" / "vm1" / "qmp-check.sock"
-        out = subprocess.run(["python3", "-c", _QMP, str(qmp)], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
-        assert json.loads(out)["status"] == "running"
+        assert qmp_check(lab, dst, "query-status")["status"] == "running"
         alive(lab, dst)
     set_rate(lab, 10)
     listing = json.loads(labctl("--lab", lab["name"], "migrations", "--json").stdout)
@@ -148,6 +154,86 @@ def test_non_convergence_detected_by_pass_5(lab: dict[str, Any]) -> None:
         set_rate(lab, 10)
 
 
+def qmp_check(lab: dict[str, Any], host: str, command: str) -> Any:
+    """``command``'s answer from the VM's QEMU on ``host``, over its own spare QMP socket."""
+    sock = lab["dir"] / "hosts" / host / "vms" / "vm1" / "qmp-check.sock"
+    out = subprocess.run(["python3", "-c", _QMP, str(sock), command], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    return json.loads(out)
+
+
+def show(lab: dict[str, Any], mid: int) -> dict[str, Any]:
+    return dict(json.loads(labctl("--lab", lab["name"], "migrations", "show", str(mid),
+                                  "--json").stdout))
+
+
+def test_multifd_policy(lab: dict[str, Any]) -> None:
+    src = vm_host(lab)
+    dst = other(src)
+    set_rate(lab, 40)
+    try:
+        res = json.loads(labctl("--lab", lab["name"], "migrate", "vm1", "--to", dst,
+                                "--policy", "multifd", "--json").stdout)
+    finally:
+        set_rate(lab, 10)
+    assert res["state"] == "completed" and res["heartbeat"]["continues"] and res["disk"]["ok"]
+    # the destination QEMU really received over multifd channels
+    caps = {c["capability"]: c["state"]
+            for c in qmp_check(lab, dst, "query-migrate-capabilities")}
+    assert caps["multifd"] is True
+    assert qmp_check(lab, dst, "query-migrate-parameters")["multifd-channels"] == 2
+    alive(lab, dst)
+
+
+def test_policy_escalates_downtime_then_throttle_then_cancels(lab: dict[str, Any]) -> None:
+    """A guest dirtying ~100 MB/s over a 20 MiB/s link: the policy raises the downtime limit,
+    then turns on auto-converge and waits for QEMU's throttle to ramp up before it judges
+    again; whatever the outcome, the guest is alive and verified."""
+    src = vm_host(lab)
+    set_rate(lab, 100)
+    try:
+        r = labctl("--lab", lab["name"], "migrate", "vm1", "--to", other(src), "--policy",
+                   lab["escalate"], "--json", check=False, timeout=180)
+    finally:
+        set_rate(lab, 10)
+    last = json.loads(labctl("--lab", lab["name"], "migrations", "--json").stdout)[-1]
+    m = show(lab, last["id"])
+    actions = [d["action"] for d in m["decisions"]]
+    assert actions[:2] == ["raise_downtime", "auto_converge"], m["decisions"]
+    ac = m["decisions"][1]["at_pass"]
+    throttles = [p["throttle_pct"] for p in m["pass_records"] if p["pass"] > ac]
+    assert max(throttles) >= 50, throttles  # QEMU really throttled the vCPU
+    if r.returncode == 0:  # the throttle was enough
+        res = json.loads(r.stdout)
+        assert res["heartbeat"]["continues"] and res["disk"]["ok"], res
+        alive(lab, other(src))
+    else:
+        assert actions[-1] == "cancel" and "did not converge" in r.stderr, r.stderr
+        cancel = m["decisions"][-1]["at_pass"]
+        # judged again only with the throttle at QEMU's maximum
+        assert [p["throttle_pct"] for p in m["pass_records"] if p["pass"] == cancel] == [99]
+        alive(lab, src)
+        dest_clean(lab, other(src))
+
+
+def test_postcopy_when_not_converging(lab: dict[str, Any]) -> None:
+    src = vm_host(lab)
+    dst = other(src)
+    set_rate(lab, 100)
+    try:
+        res = json.loads(labctl("--lab", lab["name"], "migrate", "vm1", "--to", dst,
+                                "--policy", lab["postcopy"], "--json", timeout=180).stdout)
+    finally:
+        set_rate(lab, 10)
+    assert res["state"] == "completed" and res["postcopy"], res
+    assert res["decisions"][0]["action"] == "postcopy" and res["decisions"][0]["at_pass"] <= 5
+    # QEMU itself went through post-copy
+    assert "postcopy-active" in [s["status"] for s in res["statuses"]], res["statuses"]
+    assert res["heartbeat"]["continues"] and res["disk"]["ok"], res
+    assert qmp_check(lab, dst, "query-status")["status"] == "running"
+    alive(lab, dst)
+
+
 def test_refusals(lab: dict[str, Any]) -> None:
     src = vm_host(lab)
     r = labctl("--lab", lab["name"], "migrate", "vm1", "--to", src, check=False)
@@ -156,6 +242,8 @@ def test_refusals(lab: dict[str, Any]) -> None:
     assert r.returncode == 1 and "cannot reach datastore ds1" in r.stderr
     assert not (lab["dir"] / "hosts" / "h3" / "vms" / "vm1").exists()
     # a destination whose memory offer is too small for the VM
+    run = lab["dir"] / "hosts" / other(src) / "vms" / "vm1"  # an old source's logs may be there
+    listing = sorted(os.listdir(run)) if run.exists() else None
     db = sqlite3.connect(lab["dir"] / "inventory.db")
     offer = db.execute("SELECT memory FROM hosts WHERE name=?", (other(src),)).fetchone()[0]
     with db:
@@ -163,7 +251,7 @@ def test_refusals(lab: dict[str, Any]) -> None:
     try:
         r = labctl("--lab", lab["name"], "migrate", "vm1", "--to", other(src), check=False)
         assert r.returncode == 1 and f"host {other(src)} lacks memory for VM vm1" in r.stderr
-        assert not (lab["dir"] / "hosts" / other(src) / "vms" / "vm1").exists()
+        assert (sorted(os.listdir(run)) if run.exists() else None) == listing  # nothing started
     finally:
         with db:
             db.execute("UPDATE hosts SET memory=? WHERE name=?", (offer, other(src)))
@@ -243,7 +331,7 @@ _QMP = r"""
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
 f.readline()
-for cmd in ("qmp_capabilities", "query-status"):
+for cmd in ("qmp_capabilities", sys.argv[2]):
     f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
     while True:
         m = json.loads(f.readline())

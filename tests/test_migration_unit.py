@@ -180,3 +180,29 @@ def test_rate_rule_detects_by_pass_4() -> None:
     assert not_converging(slow, 0, 3, 0.1, 300) is None
     near = [{**p, "expected_downtime_ms": 250} for p in passes[:4]]
     assert not_converging(near, 0, 3, 0.1, 300) is None
+
+
+def test_auto_converge_gets_its_throttle_ramp_before_the_next_action() -> None:
+    """QEMU raises the throttle a step per pass, starting ~2 passes after auto-converge is
+    turned on; the policy must not cancel while the throttle is still rising."""
+    pol = ConvergencePolicy(load_policy("converge"))
+    pol.downtime_ms = 2400
+    pol.action_index = 1  # the downtime steps are used up: auto_converge is next
+    pol.step_index = 3
+    flat = _passes([256] + [60] * 30)
+    throttle = [0] * 6 + [0, 30, 50, 70, 90, 99] + [99] * 20
+    for p, t in zip(flat, throttle, strict=False):
+        p["throttle_pct"] = t
+    got = []
+    for n in range(1, len(flat) + 1):
+        d = pol.decide(flat[:n], float(n))
+        if d is not None:
+            got.append((d.action, d.at_pass))
+            if d.action == "cancel":
+                break
+    assert [a for a, _ in got] == ["auto_converge", "cancel"], got
+    ac_pass = got[0][1]
+    cancel_pass = got[1][1]
+    assert ac_pass is not None and cancel_pass is not None
+    first_full = throttle.index(99) + 1  # pass numbers count from 1
+    assert cancel_pass > first_full, got  # judged only once the throttle was at its max
