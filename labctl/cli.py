@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="with console: rate MB/s | wss MiB | read | sync "
                          "(none: print the last console lines)")
     sub.add_parser("down", help="tear the lab down (removes exactly what it created)")
-    demo = sub.add_parser("demo", help="bring up the default lab, show its VM running, tear down")
+    demo = sub.add_parser("demo", help="bring up the default lab, show its VM alive, migrate it "
+                                          "there and back, grow its datastore, tear down")
     demo.add_argument("file", nargs="?", help=f"topology file (default {DEFAULT_TOPOLOGY})")
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     val = sub.add_parser("validate", help="check a topology file without building anything")
@@ -141,30 +142,61 @@ async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 async def _demo(lab: Lab, status: dict[str, Any], keep: bool, progress: _Progress) -> int:
-    """Show the VM is really alive: heartbeats advance and its disk counter reads back."""
-    ok = True
+    """The flagship scenario on the lab just brought up: the VM is really alive (heartbeats
+    advance, its disk counter reads back from the LUN); it live-migrates to another host that
+    shares its datastore and back, verified each time; its datastore grows at the storage node
+    and every sharing host, and the guest itself, see the new size."""
+    from labctl import datastores, rescan
+    from labctl.migration_cli import print_result
+
+    failures: list[str] = []
     try:
         for vm in status["vms"]:
             if vm["state"] != "running":
                 continue
+            name = vm["name"]
             first = vm.get("heartbeat") or {}
             await asyncio.sleep(2)
             again = await lab.status()
-            now = next(v for v in again["vms"] if v["name"] == vm["name"])
+            now = next(v for v in again["vms"] if v["name"] == name)
             hb = now.get("heartbeat") or {}
             delta = (hb.get("counter") or 0) - (first.get("counter") or 0)
-            print(f"VM {vm['name']} on {now['host']}: heartbeat {first.get('counter')} -> "
+            print(f"VM {name} on {now['host']}: heartbeat {first.get('counter')} -> "
                   f"{hb.get('counter')} in 2 s ({delta} beats)")
-            answer = await lab.vm_console(vm["name"], "read")
-            print(f"VM {vm['name']}: disk counter read back from the LUN: {answer.split()[-1]} "
+            answer = await lab.vm_console(name, "read")
+            print(f"VM {name}: disk counter read back from the LUN: {answer.split()[-1]} "
                   f"(last heartbeat reported {now.get('disk_counter')})")
-            ok = ok and delta > 0 and answer.startswith("DISK read")
+            if delta <= 0 or not answer.startswith("DISK read"):
+                failures.append(f"VM {name} shows no heartbeat progress or disk read")
+                continue
+            ds = next((d for d in again["datastores"] if d["name"] == now.get("datastore")), None)
+            if ds is None:
+                continue
+            home = now["host"]
+            peers = [h for h in ds["hosts"] if h != home]
+            for to in peers[:1] + ([home] if peers else []):
+                print(f"\n$ labctl migrate {name} --to {to}")
+                res = await lab.migrate(name, to)
+                print_result(res)
+                if not (res.get("heartbeat", {}).get("continues") and res.get("disk", {}).get("ok")):
+                    failures.append(f"migration of {name} to {to} did not verify")
+            grow = ds["size_bytes"] + (64 << 20)
+            print(f"\n$ labctl datastore resize {ds['name']} {grow >> 20}M")
+            res = await datastores.resize(lab, ds["name"], grow)
+            if res["event"] is not None:
+                print(rescan.format_event(res["event"]))
+            size = (await lab.vm_console(name, "size")).split()
+            print(f"VM {name}: the guest sees its disk as {size[-1]} bytes "
+                  f"({'' if size[-1] == str(grow) else 'NOT '}the new size)")
+            if res["event"] is None or str(grow) not in size:
+                failures.append(f"the resize of {ds['name']} did not reach every sharing host "
+                                f"and the guest")
     finally:
         if not keep:
             await lab.down()
-            print(f"lab {lab.name} torn down (run with --keep to leave it up)")
-    print("demo: OK" if ok else "demo: FAILED (no heartbeat progress)")
-    return 0 if ok else 1
+            print(f"\nlab {lab.name} torn down (run with --keep to leave it up)")
+    print("demo: OK" if not failures else "demo: FAILED: " + "; ".join(failures))
+    return 0 if not failures else 1
 
 
 def _print_status(s: dict[str, Any]) -> None:
