@@ -448,8 +448,12 @@ class Migration:
     def __init__(self, vm: str, src: Endpoint, dst: Endpoint, policy: Policy,
                  dest_disk: dict[str, Any] | None = None, recorder: Recorder | None = None,
                  progress: Progress = _quiet, measure_dirty_rate: bool = False,
-                 heartbeat_ms: int | None = None) -> None:
+                 heartbeat_ms: int | None = None, cancel: asyncio.Event | None = None) -> None:
         self.vm = vm
+        #: set by whoever wants the migration cancelled (the CLI's Ctrl-C); checked at every
+        #: step as well as delivered as a task cancellation, which Python 3.11's wait_for can
+        #: swallow when it races with a completing wait
+        self.cancel = cancel
         #: the guest's heartbeat period; None: read from the source QEMU's kernel command line
         self.heartbeat_ms = heartbeat_ms
         self.measure_dirty_rate = measure_dirty_rate
@@ -467,6 +471,10 @@ class Migration:
         self._started = False
         self._postcopy = False
         self._src_status: dict[str, Any] = {}
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set() and not self._postcopy:
+            raise asyncio.CancelledError("cancelled by the user")
 
     @property
     def period_ms(self) -> int:
@@ -517,6 +525,7 @@ class Migration:
                 lease_s=self.policy.lease_s)
             self.result["prepare"] = {"wall_s": time.monotonic() - t, **prep}
             lease = asyncio.ensure_future(self._keep_lease())
+            self._check_cancel()
             await self.src.client.subscribe(self._on_event)
             self.progress(f"{self.src.host}: migrating to {prep['uri']} (policy {self.policy.name})")
             self._started = True
@@ -574,9 +583,11 @@ class Migration:
         t_start = time.monotonic()
         late_done = False
         while True:
+            self._check_cancel()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.1)
             self._wake.clear()
+            self._check_cancel()
             st = await self.src.client.call("mig_status", timeout=10, name=self.vm,
                                             since=len(self.passes))
             self._src_status = st
@@ -802,7 +813,8 @@ def _disk_value(text: Any) -> int | None:
 
 async def migrate_in_lab(lab: Lab, vm: str, to: str, policy: str | Policy | None = None,
                          late_storage: bool | None = None,
-                         measure_dirty_rate: bool = False) -> dict[str, Any]:
+                         measure_dirty_rate: bool = False,
+                         cancel: asyncio.Event | None = None) -> dict[str, Any]:
     """Migrate ``vm`` of ``lab`` to host ``to``; refuses impossible requests before anything
     starts. Returns the recorded result (see ``labctl migrations show ID``)."""
     pol = load_policy(policy)
@@ -854,7 +866,7 @@ async def migrate_in_lab(lab: Lab, vm: str, to: str, policy: str | Policy | None
                                 Endpoint(to, dc, dst["address"]), pol, dest_disk=dest_disk,
                                 recorder=Recorder(inv), progress=lab.progress,
                                 measure_dirty_rate=measure_dirty_rate,
-                                heartbeat_ms=int(row["heartbeat_ms"]))
+                                heartbeat_ms=int(row["heartbeat_ms"]), cancel=cancel)
                 result = await mig.run()
             inv.update("vms", {"name": vm}, host=to, pid=result.get("dest_pid"),
                        started_at=time.time())

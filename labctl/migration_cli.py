@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,10 +65,7 @@ def interrupted_message() -> str:
 async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
     if args.cmd == "migrate":
         _interrupted["lab"] = lab
-        from labctl.migration import migrate_in_lab
-
-        res = await migrate_in_lab(lab, args.vm, args.to, args.policy, args.late,
-                                   measure_dirty_rate=args.measure_dirty_rate)
+        res = await _migrate_with_ctrl_c(lab, args)
         if args.json:
             print(json.dumps(res, indent=2, default=str))
         else:
@@ -115,6 +114,35 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
               f"{_n((r['bytes'] or 0) >> 20, 6)}  "
               f"{(r['error'] or '')[:60]}")
     return 0
+
+
+async def _migrate_with_ctrl_c(lab: Lab, args: argparse.Namespace) -> dict[str, Any]:
+    """Ctrl-C cancels the migration (the source keeps the VM, the destination is cleaned up);
+    a second Ctrl-C only says the cleanup is still running, it cannot abandon it halfway."""
+    from labctl.migration import migrate_in_lab
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    cancel = asyncio.Event()
+
+    def on_sigint() -> None:
+        if cancel.is_set():
+            lab.progress("still cancelling the migration and checking the source; please wait")
+            return
+        cancel.set()
+        if task is not None:
+            task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        return await migrate_in_lab(lab, args.vm, args.to, args.policy, args.late,
+                                    measure_dirty_rate=args.measure_dirty_rate, cancel=cancel)
+    except asyncio.CancelledError:
+        if cancel.is_set():
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def _n(v: Any, w: int = 8) -> str:

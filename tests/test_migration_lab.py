@@ -318,6 +318,8 @@ def test_ctrl_c_cancels_cleanly(lab: dict[str, Any]) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(4.0)
     proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)  # an impatient second Ctrl-C must not abandon the cleanup
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "migration cancelled" in err and "keeps running on the source" in err, err
