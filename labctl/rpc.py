@@ -290,8 +290,9 @@ class RpcClient:
             self._pending.pop(rid, None)
         if "error" in reply:
             err = reply["error"]
+            msg = str(err.get("message", "failed"))
             raise RemoteError(
-                f"{self.peer}: {method}: {err.get('message', 'failed')}",
+                f"{self.peer}: {msg if msg.startswith(method + ':') else f'{method}: {msg}'}",
                 remote_type=str(err.get("type", "Error")),
                 peer=self.peer, method=method, params=params, remote=err.get("data", {}),
             )
