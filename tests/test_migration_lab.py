@@ -167,15 +167,19 @@ def show(lab: dict[str, Any], mid: int) -> dict[str, Any]:
                                   "--json").stdout))
 
 
-def test_multifd_policy(lab: dict[str, Any]) -> None:
-    src = vm_host(lab)
-    dst = other(src)
-    set_rate(lab, 40)
+def migrate_at(lab: dict[str, Any], dst: str, mb_s: int, policy: str) -> dict[str, Any]:
+    """Migrate vm1 to ``dst`` while it dirties ``mb_s`` MB/s; the rate is put back to 10."""
+    set_rate(lab, mb_s)
     try:
-        res = json.loads(labctl("--lab", lab["name"], "migrate", "vm1", "--to", dst,
-                                "--policy", "multifd", "--json").stdout)
+        return dict(json.loads(labctl("--lab", lab["name"], "migrate", "vm1", "--to", dst,
+                                      "--policy", policy, "--json", timeout=180).stdout))
     finally:
         set_rate(lab, 10)
+
+
+def test_multifd_policy(lab: dict[str, Any]) -> None:
+    dst = other(vm_host(lab))
+    res = migrate_at(lab, dst, 40, "multifd")
     assert res["state"] == "completed" and res["heartbeat"]["continues"] and res["disk"]["ok"]
     # the destination QEMU really received over multifd channels
     caps = {c["capability"]: c["state"]
@@ -217,14 +221,8 @@ def test_policy_escalates_downtime_then_throttle_then_cancels(lab: dict[str, Any
 
 
 def test_postcopy_when_not_converging(lab: dict[str, Any]) -> None:
-    src = vm_host(lab)
-    dst = other(src)
-    set_rate(lab, 100)
-    try:
-        res = json.loads(labctl("--lab", lab["name"], "migrate", "vm1", "--to", dst,
-                                "--policy", lab["postcopy"], "--json", timeout=180).stdout)
-    finally:
-        set_rate(lab, 10)
+    dst = other(vm_host(lab))
+    res = migrate_at(lab, dst, 100, lab["postcopy"])
     assert res["state"] == "completed" and res["postcopy"], res
     assert res["decisions"][0]["action"] == "postcopy" and res["decisions"][0]["at_pass"] <= 5
     # QEMU itself went through post-copy
