@@ -313,9 +313,10 @@ class ConvergencePolicy:
         self.throttle_from: int | None = None  # pass index where auto-converge was turned on
 
     def _throttle_ramping(self, passes: list[dict[str, Any]]) -> bool:
-        """After auto-converge, QEMU raises the vCPU throttle one step per pass (starting
-        about two passes later) up to ``max-cpu-throttle``: judging before the ramp ends
-        would give up on a throttle that has not had its effect yet."""
+        """After auto-converge, QEMU starts throttling about two passes later and raises the
+        vCPU throttle by ``cpu-throttle-increment`` every pass or two (every other pass here)
+        up to ``max-cpu-throttle``: judging before the ramp ends would give up on a throttle
+        that has not had its effect yet."""
         if self.throttle_from is None:
             return False
         since = passes[self.throttle_from:]
