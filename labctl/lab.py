@@ -29,6 +29,7 @@ from labctl.errors import (
     LabStateError,
     MissingDependency,
     ProvisionError,
+    RemoteError,
     TopologyError,
 )
 from labctl.guestimage import guest_append
@@ -387,10 +388,19 @@ class Lab:
 
     async def _vm_start(self, inv: Inventory, name: str) -> dict[str, Any]:
         vm = self.vm_row(inv, name)
-        if vm["state"] == "running":
-            raise LabStateError(f"VM {name} is already running on {vm['host']}", vm=name)
         spec = self.vm_spec(inv, name, vm["host"])
         async with self.host_client(inv, vm["host"]) as c:
+            if vm["state"] == "running":  # as far as the inventory knows: ask its host
+                try:
+                    live = await c.call("vm_status", name=name, timeout=15)
+                except RemoteError:
+                    live = {"process": "gone"}
+                if live.get("process") in ("starting", "running"):
+                    raise LabStateError(f"VM {name} is already running on {vm['host']}",
+                                        vm=name)
+                self.progress(f"VM {name} had died on {vm['host']} (QEMU "
+                              f"{live.get('process')}, exit status {live.get('returncode')}): "
+                              f"starting it again")
             if vm["datastore"]:  # the host attaches by ID: hand it the mapping, it checks the LUN
                 await attach_for_vm(c, inv, vm["datastore"], vm["host"])
             res = await c.call("vm_start", spec=spec, timeout=120)

@@ -471,6 +471,7 @@ class Migration:
         self._lease_failures = 0
         self._started = False
         self._postcopy = False
+        self._source_died = False
         self._src_status: dict[str, Any] = {}
 
     def _check_cancel(self) -> None:
@@ -603,6 +604,14 @@ class Migration:
                 self.rec.add_pass(rec)
                 self.progress(_pass_line(rec))
             status = st["status"]
+            if st.get("process") in ("failed", "stopped") and status != "completed":
+                self._source_died = True
+                raise MigrationError(
+                    f"the source QEMU of {self.vm} on {self.src.host} exited during the "
+                    f"migration (exit status {st.get('returncode')}): the guest is gone with it, "
+                    f"nothing is left to move; the destination is dropped",
+                    vm=self.vm, host=self.src.host, returncode=st.get("returncode"),
+                    status=status)
             if status == "completed":
                 return dict(st)
             if status in ("failed", "cancelled"):
@@ -717,7 +726,11 @@ class Migration:
         if self._postcopy:
             out["note"] = ("post-copy had started: the guest's state is split between hosts; "
                            "QEMU cannot go back to the source")
+        if self._source_died:
+            out["note"] = "the source QEMU had exited: no source to go back to"
         try:
+            if self._source_died:
+                raise LabStateError(f"the source QEMU of {self.vm} exited", vm=self.vm)
             if self._started and not self._postcopy:
                 out["cancel"] = await self.src.client.call("mig_cancel", timeout=30, name=self.vm)
             info = await self.src.client.call("mig_source_info", name=self.vm, timeout=10)

@@ -327,6 +327,35 @@ def test_ctrl_c_cancels_cleanly(lab: dict[str, Any]) -> None:
     assert last["state"] == "cancelled"
 
 
+def test_source_qemu_killed(lab: dict[str, Any]) -> None:
+    """The source QEMU dies mid-migration: one clear message at once (not a stall later), the
+    destination is dropped, and `vm start` brings the VM back with its disk counter intact."""
+    src = vm_host(lab)
+    dst = other(src)
+    disk_before = int(labctl("--lab", lab["name"], "vm", "console", "vm1", "read")
+                      .stdout.split()[-1])
+    pidfile = lab["dir"] / "hosts" / src / "vms" / "vm1" / "qemu.pid"
+    pid = int(pidfile.read_text().split()[0])
+    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "migrate",
+                             "vm1", "--to", dst, "--policy", lab["slow"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)
+    os.kill(pid, signal.SIGKILL)
+    t = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t < 3.0, err  # noticed at once, not after the stall timeout
+    assert proc.returncode == 1, err
+    assert f"the source QEMU of vm1 on {src} exited during the migration" in err, err
+    dest_clean(lab, dst)
+    st = json.loads(labctl("--lab", lab["name"], "status", "--json").stdout)
+    assert next(v for v in st["vms"] if v["name"] == "vm1")["state"] == "failed"
+    out = labctl("--lab", lab["name"], "vm", "start", "vm1")
+    assert "had died" in out.stderr, out.stderr
+    alive(lab, src)
+    read = labctl("--lab", lab["name"], "vm", "console", "vm1", "read").stdout
+    assert int(read.split()[-1]) >= disk_before, read  # no disk data lost
+
+
 _QMP = r"""
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")

@@ -625,7 +625,8 @@ class MigrationHandlers:
                 "stop_t": stop_t if stop_t is not None else job.stop_t,
                 "stop_qemu_t": stop_qemu_t, "checkpoints": job.checkpoints or {},
                 "last_hb_before_stop": job.last_hb_before_stop,
-                "heartbeat": _hb(vm), "process": vm.state.value, "t": _now()}
+                "heartbeat": _hb(vm), "process": vm.state.value,
+                "returncode": vm.returncode, "t": _now()}
 
     async def mig_set(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
         job = self._job(name)
