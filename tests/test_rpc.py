@@ -7,14 +7,18 @@ from typing import Any
 
 import pytest
 
-from labctl.errors import AuthenticationFailed, RemoteError, StorageNodeError
+from labctl.errors import AgentUnreachable, AuthenticationFailed, RemoteError, StorageNodeError
 from labctl.rpc import RpcClient, RpcServer
 
 SECRET = b"s" * 32
 
 
-async def _server() -> tuple[RpcServer, int]:
+async def _server(calls: list[dict[str, Any]] | None = None) -> tuple[RpcServer, int]:
+    """A server on a free port; every call of its ``echo`` is appended to ``calls``."""
+
     async def echo(**kw: Any) -> Any:
+        if calls is not None:
+            calls.append(kw)
         return kw
 
     async def boom() -> None:
@@ -76,11 +80,13 @@ def test_unauthenticated_raw_request_gets_nothing() -> None:
 
 def test_tampered_frame_drops_connection() -> None:
     async def go() -> None:
-        server, port = await _server()
+        calls: list[dict[str, Any]] = []
+        server, port = await _server(calls)
         c = await RpcClient.connect("127.0.0.1", port, SECRET)
         c._chan.key = b"k" * 32  # frames now carry a MAC the server cannot verify
-        with pytest.raises(Exception):  # noqa: B017 - lost connection or timeout, both are a refusal
+        with pytest.raises(AgentUnreachable):  # the server dropped the connection
             await c.call("echo", timeout=2, a=1)
+        assert calls == []  # the server refused the frame before running the method
         await c.close()
         await server.close()
 
