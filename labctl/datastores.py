@@ -133,14 +133,6 @@ def mapping(inv: Inventory, name: str, host: str | None = None) -> dict[str, Any
     return out
 
 
-def by_id(inv: Inventory, unit: str) -> dict[str, Any] | None:
-    want = "naa." + unit.lower().removeprefix("naa.")
-    for ds in inv.rows("datastores"):
-        if ds["naa"] == want:
-            return ds
-    return None
-
-
 async def hand_mappings(lab: Lab, inv: Inventory, hosts: list[str] | None = None,
                         datastores: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Give each host the mappings of the datastores it is named for; each scans them by ID."""

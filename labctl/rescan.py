@@ -93,12 +93,11 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def events(inv: Inventory, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+def events(inv: Inventory, after: int = 0) -> list[dict[str, Any]]:
     ensure_tables(inv)
     rows = inv.conn.execute("SELECT * FROM rescan_events WHERE id > ? ORDER BY id",
                             (after,)).fetchall()
-    out = [_decode(dict(r)) for r in rows]
-    return out[-limit:] if limit else out
+    return [_decode(dict(r)) for r in rows]
 
 
 def event(inv: Inventory, eid: int) -> dict[str, Any] | None:
@@ -190,9 +189,8 @@ class _Gate:
 class RescanService:
     """Follows every agent of one lab and runs the event -> refresh rounds."""
 
-    def __init__(self, lab_dir: Path, lab: str) -> None:
+    def __init__(self, lab_dir: Path) -> None:
         self.lab_dir = lab_dir
-        self.lab = lab
         self.inv = Inventory.open(lab_dir / "inventory.db")
         ensure_tables(self.inv)
         self.secret = bytes.fromhex((lab_dir / "secret").read_text().strip())
@@ -581,7 +579,7 @@ class RescanService:
 
 
 async def serve(lab_dir: Path, lab: str) -> None:
-    svc = RescanService(lab_dir, lab)
+    svc = RescanService(lab_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

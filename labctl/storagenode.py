@@ -107,10 +107,6 @@ class StorageNodeHandle:
     boot_s: float  # from domain start to the agent answering
     secret: bytes = field(repr=False)
 
-    @property
-    def portal(self) -> str:
-        return f"{self.address}:3260"
-
     async def client(self, timeout: float = 10.0) -> RpcClient:
         return await RpcClient.connect(self.address, self.agent_port, self.secret,
                                        timeout=timeout, peer=f"storage node {self.name}")
@@ -474,30 +470,6 @@ async def start(spec: StorageNodeSpec, image: StorageImage, accel: str = "qemu",
                              address=spec.ip, agent_port=spec.agent_port,
                              target_iqn=spec.target_iqn, console_log=console_log,
                              boot_s=time.monotonic() - t0, secret=spec.secret)
-
-
-def _stop(lab: str, name: str) -> bool:
-    lv = _libvirt()
-    conn = _open()
-    try:
-        try:
-            dom = conn.lookupByName(domain_name(lab, name))
-        except lv.libvirtError:
-            return False
-        owner = _owner(dom) or {}
-        if owner.get("lab") != lab:
-            raise StorageNodeError(
-                f"domain {domain_name(lab, name)} is not owned by lab {lab}: refusing to stop it",
-                domain=domain_name(lab, name), owner=owner)
-        _remove_domain(dom)
-        return True
-    finally:
-        conn.close()
-
-
-async def stop(lab: str, name: str) -> bool:
-    """Destroy and undefine storage node ``name`` of ``lab``. False if it was not there."""
-    return await _in_thread(_stop, lab, name)
 
 
 def _destroy_owned(lab: str, lab_dir: Path) -> list[str]:
