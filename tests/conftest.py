@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,16 @@ def e2e_ready() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (run scripts/setup.sh)"
     return None
+
+
+def naa_designator(inq_stdout: bytes) -> bytes:
+    """The NAA designator in ``iscsi-inq -e 1 -c 131`` output, as it prints it: binary
+    designators go out with %s, so the raw bytes up to the first zero byte. Each designator
+    ends with ``]`` and a newline, then the next designator or the end of the output."""
+    m = re.search(rb"Designator Type:\(3\) NAA\nDesignator:\[(.*?)\]\n(?=DEVICE DESIGNATOR #|\Z)",
+                  inq_stdout, re.S)
+    assert m, inq_stdout
+    return m.group(1)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready
+from tests.conftest import e2e_ready, naa_designator
 from tests.test_lab_e2e import in_ns, labctl, leftovers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
@@ -83,7 +83,7 @@ def test_create_gives_lio_naa_id_seen_only_by_named_hosts(lab: dict[str, Any]) -
     for host in ("h2", "h3"):
         inq = outside_naa(host, res)
         assert inq.returncode == 0, inq.stderr
-        assert len(raw) >= 4 and raw in inq.stdout
+        assert naa_designator(inq.stdout) == raw, inq.stdout
         assert outside_size(host, res) == 32 << 20
     for host in ("h1", "h4"):  # not named: the ACL hides the LUN
         assert outside_naa(host, res).returncode != 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready
+from tests.conftest import e2e_ready, naa_designator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -115,7 +115,7 @@ def test_outside_iscsi_client_sees_same_naa(lab: dict[str, Any]) -> None:
         assert inq.returncode == 0, inq.stderr
         raw = bytes.fromhex(ds["naa"].removeprefix("naa."))
         shown = raw.split(b"\0")[0]
-        assert len(shown) >= 4 and shown in inq.stdout, inq.stdout
+        assert naa_designator(inq.stdout) == shown, inq.stdout
         ls = in_ns(lab["name"], host["name"], "iscsi-ls", "-s", "-i", host["initiator_iqn"],
                    f"iscsi://{node['address']}")
         assert ls.returncode == 0 and node["target_iqn"] in ls.stdout, ls.stdout + ls.stderr
