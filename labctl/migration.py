@@ -449,12 +449,8 @@ class Migration:
     def __init__(self, vm: str, src: Endpoint, dst: Endpoint, policy: Policy,
                  dest_disk: dict[str, Any] | None = None, recorder: Recorder | None = None,
                  progress: Progress = _quiet, measure_dirty_rate: bool = False,
-                 heartbeat_ms: int | None = None, cancel: asyncio.Event | None = None) -> None:
+                 heartbeat_ms: int | None = None) -> None:
         self.vm = vm
-        #: set by whoever wants the migration cancelled (the CLI's Ctrl-C); checked at every
-        #: step as well as delivered as a task cancellation, which Python 3.11's wait_for can
-        #: swallow when it races with a completing wait
-        self.cancel = cancel
         #: the guest's heartbeat period; None: read from the source QEMU's kernel command line
         self.heartbeat_ms = heartbeat_ms
         self.measure_dirty_rate = measure_dirty_rate
@@ -473,10 +469,6 @@ class Migration:
         self._postcopy = False
         self._source_died = False
         self._src_status: dict[str, Any] = {}
-
-    def _check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel.is_set() and not self._postcopy:
-            raise asyncio.CancelledError("cancelled by the user")
 
     @property
     def period_ms(self) -> int:
@@ -527,7 +519,6 @@ class Migration:
                 lease_s=self.policy.lease_s)
             self.result["prepare"] = {"wall_s": time.monotonic() - t, **prep}
             lease = asyncio.ensure_future(self._keep_lease())
-            self._check_cancel()
             await self.src.client.subscribe(self._on_event)
             self.progress(f"{self.src.host}: migrating to {prep['uri']} (policy {self.policy.name})")
             self._started = True
@@ -585,11 +576,10 @@ class Migration:
         t_start = time.monotonic()
         late_done = False
         while True:
-            self._check_cancel()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.1)
+                async with asyncio.timeout(0.1):
+                    await self._wake.wait()
             self._wake.clear()
-            self._check_cancel()
             st = await self.src.client.call("mig_status", timeout=10, name=self.vm,
                                             since=len(self.passes))
             self._src_status = st
@@ -673,9 +663,8 @@ class Migration:
 
     async def _finish_success(self, st: dict[str, Any]) -> None:
         final = st.get("final") or {}
-        src_hb = st.get("last_hb_before_stop") or st.get("heartbeat") or {}
-        # the last source heartbeat: console lines may arrive just after the STOP event
-        src_hb = st.get("heartbeat") or src_hb
+        # the last source heartbeat (console lines may arrive just after the STOP event)
+        src_hb = st.get("heartbeat") or {}
         fin = await self.dst.client.call("mig_dest_finish", timeout=40, name=self.vm,
                                          after_counter=src_hb.get("counter"))
         first = fin.get("first_heartbeat") or {}
@@ -827,8 +816,7 @@ def _disk_value(text: Any) -> int | None:
 
 async def migrate_in_lab(lab: Lab, vm: str, to: str, policy: str | Policy | None = None,
                          late_storage: bool | None = None,
-                         measure_dirty_rate: bool = False,
-                         cancel: asyncio.Event | None = None) -> dict[str, Any]:
+                         measure_dirty_rate: bool = False) -> dict[str, Any]:
     """Migrate ``vm`` of ``lab`` to host ``to``; refuses impossible requests before anything
     starts. Returns the recorded result (see ``labctl migrations show ID``)."""
     pol = load_policy(policy)
@@ -880,7 +868,7 @@ async def migrate_in_lab(lab: Lab, vm: str, to: str, policy: str | Policy | None
                                 Endpoint(to, dc, dst["address"]), pol, dest_disk=dest_disk,
                                 recorder=Recorder(inv), progress=lab.progress,
                                 measure_dirty_rate=measure_dirty_rate,
-                                heartbeat_ms=int(row["heartbeat_ms"]), cancel=cancel)
+                                heartbeat_ms=int(row["heartbeat_ms"]))
                 result = await mig.run()
             inv.update("vms", {"name": vm}, host=to, pid=result.get("dest_pid"),
                        started_at=time.time())

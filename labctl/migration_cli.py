@@ -123,22 +123,23 @@ async def _migrate_with_ctrl_c(lab: Lab, args: argparse.Namespace) -> dict[str, 
 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    cancel = asyncio.Event()
+    interrupted = False
 
     def on_sigint() -> None:
-        if cancel.is_set():
+        nonlocal interrupted
+        if interrupted:
             lab.progress("still cancelling the migration and checking the source; please wait")
             return
-        cancel.set()
+        interrupted = True
         if task is not None:
             task.cancel()
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     try:
         return await migrate_in_lab(lab, args.vm, args.to, args.policy, args.late,
-                                    measure_dirty_rate=args.measure_dirty_rate, cancel=cancel)
+                                    measure_dirty_rate=args.measure_dirty_rate)
     except asyncio.CancelledError:
-        if cancel.is_set():
+        if interrupted:
             raise KeyboardInterrupt from None
         raise
     finally:

@@ -27,6 +27,7 @@ from labctl import netns
 from labctl.errors import AgentUnreachable, LabError
 from labctl.inventory import Inventory
 from labctl.migration import Endpoint, Migration, Policy, Progress, Recorder, _quiet
+from labctl.proc import netns_argv
 from labctl.rpc import RpcClient
 
 PORT = 7600
@@ -80,10 +81,10 @@ class PairTestbed:
             log = open(self.work_dir / f"agent-{h}.out", "ab")
             try:
                 self.procs[h] = await asyncio.create_subprocess_exec(
-                    "nsenter", f"--net=/run/netns/{self.netns_name(h)}", "--", sys.executable,
-                    "-m", "labctl.agents.host", "--lab-dir", str(self.lab_dir), "--host", h,
-                    "--listen", f"{addr}:{PORT}", stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log, stderr=log)
+                    *netns_argv(self.netns_name(h), [
+                        sys.executable, "-m", "labctl.agents.host", "--lab-dir",
+                        str(self.lab_dir), "--host", h, "--listen", f"{addr}:{PORT}"]),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
             finally:
                 log.close()
         for h in self.hosts:
@@ -165,7 +166,8 @@ class PairTestbed:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)  # the PID we started; it stops its VMs
                 try:
-                    await asyncio.wait_for(proc.wait(), 30)
+                    async with asyncio.timeout(30):
+                        await proc.wait()
                 except TimeoutError:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()

@@ -67,7 +67,8 @@ async def run(
         cwd=cwd,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(input)
     except TimeoutError:
         proc.kill()
         await proc.wait()

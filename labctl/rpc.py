@@ -145,7 +145,8 @@ class RpcServer:
     async def _handshake(self, chan: _Channel) -> bool:
         sn = os.urandom(16).hex()
         await chan.send({"hello": PROTO, "nonce": sn})
-        msg = await asyncio.wait_for(chan.recv(), 10)
+        async with asyncio.timeout(10):
+            msg = await chan.recv()
         cn = str(msg.get("nonce", ""))
         proof = bytes.fromhex(str(msg.get("proof", "")))
         if len(cn) < 32 or not hmac.compare_digest(
@@ -237,7 +238,8 @@ class RpcClient:
     ) -> RpcClient:
         peer = peer or f"{host}:{port}"
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
             raise AgentUnreachable(
                 f"cannot reach the agent of {peer} at {host}:{port}: {exc or 'timed out'}",
@@ -245,13 +247,15 @@ class RpcClient:
             ) from exc
         chan = _Channel(reader, writer, b"c")
         try:
-            hello = await asyncio.wait_for(chan.recv(), timeout)
+            async with asyncio.timeout(timeout):
+                hello = await chan.recv()
             if hello.get("hello") != PROTO:
                 raise AgentUnreachable(f"{peer} does not speak {PROTO}", peer=peer, hello=hello)
             sn, cn = str(hello["nonce"]), os.urandom(16).hex()
             proof = _mac(secret, b"client", sn.encode(), cn.encode())
             await chan.send({"nonce": cn, "proof": proof.hex()})
-            answer = await asyncio.wait_for(chan.recv(), timeout)
+            async with asyncio.timeout(timeout):
+                answer = await chan.recv()
             want = _mac(secret, b"server", sn.encode(), cn.encode())
             if "proof" not in answer or not hmac.compare_digest(
                 bytes.fromhex(answer["proof"]), want
@@ -277,7 +281,10 @@ class RpcClient:
         self._pending[rid] = fut
         try:
             await self._chan.send({"id": rid, "method": method, "params": params})
-            reply = await asyncio.wait_for(fut, timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # of the caller that races the reply (a Ctrl-C'd migration then ran on)
+            async with asyncio.timeout(timeout):
+                reply = await fut
         except TimeoutError as exc:
             raise AgentUnreachable(
                 f"{self.peer} did not answer {method} within {timeout:g} s", peer=self.peer,
