@@ -73,7 +73,6 @@ class HostAgent:
         self.lun_cache: dict[str, dict[str, Any]] = {}
         self.server: RpcServer | None = None
         self._locks: dict[str, asyncio.Lock] = {}
-        self._accel: str | None = None
         self._accel_task: asyncio.Task[str] | None = None
 
     # -- helpers
@@ -108,13 +107,15 @@ class HostAgent:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
+    def _accel_probe(self) -> asyncio.Task[str]:
+        """The KVM probe, started on first use and run once."""
+        if self._accel_task is None:
+            self._accel_task = asyncio.ensure_future(self._probe_accel())
+        return self._accel_task
+
     async def accel(self) -> str:
         """"kvm" when a probe showed KVM really runs the test guest here, else "tcg"."""
-        if self._accel is None:
-            if self._accel_task is None:
-                self._accel_task = asyncio.ensure_future(self._probe_accel())
-            self._accel = await asyncio.shield(self._accel_task)
-        return self._accel
+        return await asyncio.shield(self._accel_probe())
 
     async def _probe_accel(self) -> str:
         try:
@@ -135,9 +136,8 @@ class HostAgent:
             version: str | None = await asyncio.to_thread(qemu_version)
         except MissingDependency:
             version = None
-        accel = self._accel if self._accel is not None else "probing"
-        if self._accel_task is None:
-            self._accel_task = asyncio.ensure_future(self._probe_accel())
+        probe = self._accel_probe()
+        accel = probe.result() if probe.done() else "probing"
         return {"host": self.host, "pid": os.getpid(), "qemu_version": version, "accel": accel,
                 "mem_available": _mem_available()}
 
