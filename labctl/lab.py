@@ -35,6 +35,7 @@ from labctl.errors import (
 from labctl.guestimage import guest_append
 from labctl.inventory import Inventory
 from labctl.labdir import LabDir, existing_labs, pid_owned_by
+from labctl.proc import netns_argv, which
 from labctl.rpc import RpcClient
 from labctl.topology import Topology
 
@@ -291,9 +292,9 @@ class Lab:
         t0 = time.monotonic()
         hdir = self.dir.host_dir(host.name)
         hdir.mkdir(parents=True, exist_ok=True)
-        argv = ["nsenter", f"--net=/run/netns/{ns}", "--", sys.executable, "-m", "labctl.agents.host",
-                "--lab-dir", str(self.dir.path), "--host", host.name,
-                "--listen", f"{host.address}:{HOST_AGENT_PORT}"]
+        argv = netns_argv(ns, [sys.executable, "-m", "labctl.agents.host",
+                               "--lab-dir", str(self.dir.path), "--host", host.name,
+                               "--listen", f"{host.address}:{HOST_AGENT_PORT}"])
         with open(hdir / "agent.out", "ab") as out:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
@@ -649,17 +650,16 @@ def _preflight() -> None:
     if os.geteuid() != 0:
         raise MissingDependency("labctl needs root to create network namespaces and bridges "
                                 "(run it with sudo)")
-    qemu = os.environ.get("LABCTL_QEMU", "qemu-system-x86_64")
-    if shutil.which(qemu) is None:
-        raise MissingDependency(f"QEMU ({qemu}) is not installed; run scripts/setup.sh", program=qemu)
+    from labctl.qemu import QEMU_BINARY
+
+    if shutil.which(QEMU_BINARY) is None:
+        raise MissingDependency(f"QEMU ({QEMU_BINARY}) is not installed; run scripts/setup.sh",
+                                program=QEMU_BINARY)
     for tool in ("iscsi-inq", "iscsi-ls", "mmdebstrap", "nsenter"):
-        if shutil.which(tool) is None:
-            raise MissingDependency(f"{tool} is not installed; run scripts/setup.sh", program=tool)
+        which(tool)
 
 
-def normal_naa(naa: str) -> str:
-    """``naa.`` + lowercase hex digits, whichever form a tool printed."""
-    return "naa." + naa.lower().removeprefix("naa.")
+from labctl.agents.storage import normal_naa as normal_naa  # noqa: E402  (re-exported)
 
 
 def _mac_for(tag: str, role: str, index: int) -> str:

@@ -174,7 +174,6 @@ class _Job:
     status: str = "setup"
     final: dict[str, Any] | None = None
     stop_t: float | None = None
-    last_hb_before_stop: dict[str, Any] | None = None
     task: asyncio.Task[None] | None = None
     sent: list[dict[str, Any]] = field(default_factory=list)
     log_offset: int | None = None
@@ -216,7 +215,6 @@ class MigrationHandlers:
     def handlers(self) -> dict[str, Handler]:
         return {
             "mig_prepare": self.mig_prepare, "mig_renew": self.mig_renew,
-            "mig_incoming_status": self.mig_incoming_status,
             "mig_late_storage": self.mig_late_storage,
             "mig_dest_finish": self.mig_dest_finish, "mig_dest_abort": self.mig_dest_abort,
             "mig_source_info": self.mig_source_info, "mig_start": self.mig_start,
@@ -376,13 +374,6 @@ class MigrationHandlers:
         inc.lease_until = _now() + float(lease_s)
         return {"lease_until": inc.lease_until}
 
-    async def mig_incoming_status(self, name: str, lease_s: float = 15.0) -> dict[str, Any]:
-        inc = self._inc(name)
-        inc.lease_until = _now() + float(lease_s)
-        st = await inc.vm.query_status(timeout=5.0)
-        return {"status": st.get("status"), "storage_ready": inc.storage_ready,
-                "heartbeat": _hb(inc.vm)}
-
     async def mig_late_storage(self, name: str) -> dict[str, Any]:
         """Late storage preparation, in the pre-switchover window (the source is stopped)."""
         inc = self._inc(name)
@@ -521,7 +512,7 @@ class MigrationHandlers:
             raise LabStateError(f"VM {name} is already migrating", vm=name)
         if not isinstance(uri, str) or not uri.startswith("tcp:"):
             raise LabError(f"mig_start: bad URI {uri!r}")
-        listener = EventListener(("MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"))
+        listener = EventListener(("MIGRATION", "MIGRATION_PASS", "STOP"))
         vm.qmp.register_listener(listener)  # before anything that can cause these events
         job = _Job(vm=vm, listener=listener, t0=_now())
         self.jobs[name] = job
@@ -563,7 +554,6 @@ class MigrationHandlers:
                 data: dict[str, Any] = raw if isinstance(raw, dict) else {}
                 if kind == "STOP" and job.stop_t is None:
                     job.stop_t = t
-                    job.last_hb_before_stop = _hb(job.vm)
                 elif kind == "MIGRATION_PASS":
                     try:
                         q = await job.vm.execute("query-migrate", timeout=5.0)
@@ -624,7 +614,6 @@ class MigrationHandlers:
                 "statuses": job.statuses, "now": now, "final": job.final,
                 "stop_t": stop_t if stop_t is not None else job.stop_t,
                 "stop_qemu_t": stop_qemu_t, "checkpoints": job.checkpoints or {},
-                "last_hb_before_stop": job.last_hb_before_stop,
                 "heartbeat": _hb(vm), "process": vm.state.value,
                 "returncode": vm.returncode, "t": _now()}
 
