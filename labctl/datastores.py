@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from labctl import paths
-from labctl.agents.storage import naa_from_unit_serial
+from labctl.agents.storage import naa_from_unit_serial, normal_naa
 from labctl.errors import AgentError, LabStateError, StorageNodeError
 from labctl.inventory import Inventory
 from labctl.topology import format_size, parse_size
@@ -260,8 +260,6 @@ async def create(lab: Lab, name: str, size: int | str, hosts: list[str],
 
 async def _ensure_lun(lab: Lab, inv: Inventory, name: str, wait_disk: float = 0.0
                       ) -> dict[str, Any]:
-    from labctl.lab import normal_naa
-
     ds = inv.row("datastores", name=name)
     assert ds is not None
     initiators = [h["initiator_iqn"] for h in (inv.row("hosts", name=r["host"]) for r in

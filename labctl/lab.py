@@ -659,7 +659,8 @@ def _preflight() -> None:
         which(tool)
 
 
-from labctl.agents.storage import normal_naa as normal_naa  # noqa: E402  (re-exported)
+# lives with the storage agent (stdlib only), so the rescan service need not import this module
+from labctl.agents.storage import normal_naa as normal_naa  # noqa: E402
 
 
 def _mac_for(tag: str, role: str, index: int) -> str:

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from labctl.agents.storage import normal_naa
 from labctl.errors import AgentError, LabError, LabStateError
 from labctl.inventory import Inventory
 from labctl.rpc import Cursor, RpcClient
@@ -226,7 +227,7 @@ class RescanService:
                 self.submit(source, kind, ds["naa"], data)
             return
         naa = data.get("naa")
-        unit = "naa." + str(naa).lower().removeprefix("naa.") if naa else None
+        unit = normal_naa(str(naa)) if naa else None
         if kind == "lun_added":
             self.portal_down[node] = False
         self.submit(source, kind, unit, data)
@@ -258,11 +259,7 @@ class RescanService:
         return eid
 
     def _datastore(self, unit: str) -> dict[str, Any] | None:
-        want = "naa." + unit.lower().removeprefix("naa.")
-        for ds in self.inv.rows("datastores"):
-            if ds["naa"] == want:
-                return ds
-        return None
+        return self.inv.row("datastores", naa=normal_naa(unit))
 
     # -- rounds
     async def _work(self, unit: str) -> None:

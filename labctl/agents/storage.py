@@ -60,6 +60,11 @@ def naa_from_unit_serial(unit_serial: str, company_id: int = LIO_COMPANY_ID) -> 
     return f"6{company_id:06x}{digits.ljust(25, '0')}"
 
 
+def normal_naa(naa: str) -> str:
+    """``naa.`` + lowercase hex digits, whichever form a tool printed."""
+    return "naa." + naa.lower().removeprefix("naa.")
+
+
 def check_lun_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise StorageNodeError(
