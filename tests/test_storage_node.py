@@ -148,7 +148,7 @@ DISK_SERIAL = "lc-ds1"
 def _missing_e2e_requirements() -> str | None:
     if os.geteuid() != 0:
         return "needs root (bridges, namespaces, libvirt qemu:///system)"
-    for tool in ("qemu-system-x86_64", "qemu-img", "libvirtd", "virtlogd", "mmdebstrap",
+    for tool in ("qemu-system-x86_64", "qemu-img", "libvirtd", "virtlogd", "virsh", "mmdebstrap",
                  "mkfs.ext4", "ip", "nsenter", "iscsi-inq", "iscsi-ls", "iscsi-readcapacity16"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (run scripts/setup.sh)"
@@ -216,14 +216,19 @@ def storage_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab
               file=sys.stderr)
         yield StorageLab(handle, secret, nss[0], nss[1], lab_dir)
     finally:
-        removed = asyncio.run(storagenode.destroy_owned(lab, lab_dir))
-        assert asyncio.run(storagenode.destroy_owned(lab, lab_dir)) == []
-        print(f"removed domains {removed}", file=sys.stderr)
-        for ns in nss:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        for link in (*veths, bridge):
-            subprocess.run(["ip", "link", "del", link], capture_output=True)
-        shutil.rmtree(lab_dir, ignore_errors=True)
+        try:
+            removed = asyncio.run(storagenode.destroy_owned(lab, lab_dir))
+            print(f"removed domains {removed}", file=sys.stderr)
+        finally:
+            for ns in nss:
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            for link in (*veths, bridge):
+                subprocess.run(["ip", "link", "del", link], capture_output=True)
+            shutil.rmtree(lab_dir, ignore_errors=True)
+    # checked from outside labctl, once everything else is cleaned up
+    doms = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                          capture_output=True, text=True, check=True).stdout
+    assert [d for d in doms.split() if d.startswith(f"labctl-{lab}-")] == []
 
 
 async def _ensure_lun(lab: StorageLab, initiators: list[str]) -> dict[str, object]:
