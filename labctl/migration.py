@@ -31,7 +31,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -211,12 +211,8 @@ def policy_from_dict(d: Any, source: str = "<policy>") -> Policy:
                 raise _policy_error(source, "convergence.downtime_steps_ms",
                                     "must be a non-empty list of milliseconds (1..600000)")
             ckw["downtime_steps_ms"] = tuple(steps)
-        conv = Convergence(**{**asdict(base.convergence), **ckw})
-        conv = Convergence(**{**asdict(conv), "actions": tuple(conv.actions),
-                              "downtime_steps_ms": tuple(conv.downtime_steps_ms)})
-    base_kw = {**asdict(base), "convergence": conv}
-    base_kw.update(kw)
-    pol = Policy(**base_kw)
+        conv = replace(base.convergence, **ckw)
+    pol = replace(base, convergence=conv, **kw)
     if "postcopy" in pol.convergence.actions and not pol.postcopy:
         raise _policy_error(source, "convergence.actions",
                             "'postcopy' needs 'postcopy: true' (QEMU needs the capability on both "
@@ -400,7 +396,10 @@ class Recorder:
                 "WHERE id=?",
                 (state, time.time(), result.get("total_ms"), result.get("downtime_ms"),
                  result.get("blackout_ms"), result.get("passes"), result.get("bytes_sent"),
-                 result.get("error"), json.dumps(result, default=str),
+                 result.get("error"),
+                 # passes and decisions have their own tables (get_migration reads them there)
+                 json.dumps({k: v for k, v in result.items()
+                             if k not in ("pass_records", "decisions")}, default=str),
                  result.get("stop_to_resume_ms"), self.id))
 
 
@@ -592,7 +591,7 @@ class Migration:
                         rec["dirty_rate_est_bytes"] = float(rec["remaining"]) / dt
                 self.passes.append(rec)
                 self.rec.add_pass(rec)
-                self.progress(_pass_line(rec))
+                self.progress(pass_line(rec))
             status = st["status"]
             if st.get("process") in ("failed", "stopped") and status != "completed":
                 self._source_died = True
@@ -708,6 +707,25 @@ class Migration:
                 heartbeat=self.result["heartbeat"], disk=self.result["disk"])
         await self.src.client.call("mig_source_finish", timeout=30, name=self.vm)
 
+    async def _source_beats_again(self) -> dict[str, Any]:
+        """Whether the guest beats on the source again: a few beats, longer if needed (a
+        guest that was throttled hard or starved of CPU takes a moment to catch up)."""
+        def counter(st: dict[str, Any]) -> int | None:
+            return (st.get("heartbeat") or {}).get("counter")
+
+        before = counter(await self.src.client.call("vm_status", name=self.vm, timeout=10))
+        await asyncio.sleep(max(0.5, 2.5 * self.period_ms / 1000))
+        deadline = time.monotonic() + RECOVER_WAIT_S
+        while True:
+            st = await self.src.client.call("vm_status", name=self.vm, timeout=10)
+            after = counter(st)
+            alive = (st["state"] == "running" and before is not None and after is not None
+                     and after > before)
+            if alive or st["state"] != "running" or time.monotonic() > deadline:
+                return {"status": st["state"], "heartbeat_before": before,
+                        "heartbeat_after": after, "alive": alive}
+            await asyncio.sleep(0.25)
+
     async def _recover(self) -> dict[str, Any]:
         """Cancel on the source, check the guest runs there, drop the destination's leftovers.
         Runs even when the migration task was cancelled (Ctrl-C)."""
@@ -717,30 +735,14 @@ class Migration:
                            "QEMU cannot go back to the source")
         if self._source_died:
             out["note"] = "the source QEMU had exited: no source to go back to"
-        try:
-            if self._source_died:
-                raise LabStateError(f"the source QEMU of {self.vm} exited", vm=self.vm)
-            if self._started and not self._postcopy:
-                out["cancel"] = await self.src.client.call("mig_cancel", timeout=30, name=self.vm)
-            info = await self.src.client.call("mig_source_info", name=self.vm, timeout=10)
-            before = (info.get("heartbeat") or {}).get("counter")
-            # a few beats; longer if needed: a guest that was throttled hard (auto-converge)
-            # or starved of CPU takes a moment to catch up after the cancel
-            await asyncio.sleep(max(0.5, 2.5 * self.period_ms / 1000))
-            deadline = time.monotonic() + RECOVER_WAIT_S
-            while True:
-                info2 = await self.src.client.call("mig_source_info", name=self.vm, timeout=10)
-                after = (info2.get("heartbeat") or {}).get("counter")
-                if (after is not None and before is not None and after > before) \
-                        or info2["status"] != "running" or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.25)
-            out["source"] = {"status": info2["status"], "heartbeat_before": before,
-                             "heartbeat_after": after,
-                             "alive": info2["status"] == "running" and after is not None
-                             and before is not None and after > before}
-        except LabError as exc:
-            out["source_error"] = exc.message
+        else:
+            try:
+                if self._started and not self._postcopy:
+                    out["cancel"] = await self.src.client.call("mig_cancel", timeout=30,
+                                                               name=self.vm)
+                out["source"] = await self._source_beats_again()
+            except LabError as exc:
+                out["source_error"] = exc.message
         for attempt in range(2):  # an unreachable destination drops itself when its lease lapses
             try:
                 out["dest"] = await self.dst.client.call("mig_dest_abort", timeout=2, name=self.vm)
@@ -793,11 +795,13 @@ def switchover_breakdown(src: dict[str, Any], dst: dict[str, Any], last_src_hb_t
     return out
 
 
-def _pass_line(rec: dict[str, Any]) -> str:
-    return (f"pass {rec['pass']:>3} t={rec['t_rel']:7.3f}s sent {int(rec['transferred'] or 0) >> 20:5d} MiB"
-            f" remaining {int(rec['remaining'] or 0) >> 20:5d} MiB dirty "
-            f"{rec['dirty_rate_bytes'] / 1e6:6.1f} MB/s expected downtime "
-            f"{rec['expected_downtime_ms']} ms throttle {rec['throttle_pct']}%")
+def pass_line(p: dict[str, Any]) -> str:
+    """One pass record as a line (progress while migrating, ``labctl migrations show``)."""
+    rate = p.get("dirty_rate_bytes") or p.get("dirty_rate_est_bytes") or 0
+    return (f"pass {p['pass']:>3} t={p['t_rel']:7.3f}s sync {p.get('dirty_sync_count')} sent "
+            f"{int(p.get('transferred') or 0) >> 20:5d} MiB remaining "
+            f"{int(p.get('remaining') or 0) >> 20:5d} MiB dirty {rate / 1e6:6.1f} MB/s expected "
+            f"downtime {p.get('expected_downtime_ms')} ms throttle {p.get('throttle_pct')}%")
 
 
 def _why_failed(st: dict[str, Any]) -> str:
@@ -821,8 +825,7 @@ async def migrate_in_lab(lab: Lab, vm: str, to: str, policy: str | Policy | None
     starts. Returns the recorded result (see ``labctl migrations show ID``)."""
     pol = load_policy(policy)
     if late_storage is not None:
-        pol = Policy(**{**asdict(pol), "convergence": pol.convergence,
-                        "storage": "late" if late_storage else "early"})
+        pol = replace(pol, storage="late" if late_storage else "early")
     inv = lab.open_inventory()
     try:
         with lab.dir.lock():

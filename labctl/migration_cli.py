@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labctl.migration import BUILTIN_POLICIES
+from labctl.migration import BUILTIN_POLICIES, pass_line
 
 if TYPE_CHECKING:
     from labctl.lab import Lab
@@ -82,20 +82,20 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
         if args.id is None:
             raise SystemExit("labctl migrations show: give a migration ID (see labctl migrations)")
         m = lab.migrations(args.id)
+        # passes and decisions are stored in their own tables, not in the result
+        res = {**m["result"], "state": m["state"], "id": m["id"],
+               "pass_records": m["pass_records"], "decisions": m["decisions"]}
         if args.plot:
             from labctl import timeline
 
-            res = dict(m["result"])
-            res.setdefault("pass_records", m["pass_records"])
-            res.setdefault("decisions", m["decisions"])
             timeline.plot(res, args.plot)
             print(f"wrote {args.plot}")
         if args.json:
             print(json.dumps(m, indent=2, default=str))
         elif not args.plot:
-            print_result({**m["result"], "state": m["state"], "id": m["id"]})
+            print_result(res)
             for p in m["pass_records"]:
-                print("  " + _pass(p))
+                print("  " + pass_line(p))
         return 0
     rows = lab.migrations()
     if args.json:
@@ -148,14 +148,6 @@ async def _migrate_with_ctrl_c(lab: Lab, args: argparse.Namespace) -> dict[str, 
 
 def _n(v: Any, w: int = 8) -> str:
     return f"{v:>{w}.0f}" if isinstance(v, int | float) else f"{'-':>{w}}"
-
-
-def _pass(p: dict[str, Any]) -> str:
-    rate = p.get("dirty_rate_bytes") or p.get("dirty_rate_est_bytes") or 0
-    return (f"pass {p['pass']:>3} at {p['t_rel']:7.3f} s: sync {p.get('dirty_sync_count')}, sent "
-            f"{int(p.get('transferred') or 0) >> 20} MiB, remaining "
-            f"{int(p.get('remaining') or 0) >> 20} MiB, dirty {rate / 1e6:.1f} MB/s, expected "
-            f"downtime {p.get('expected_downtime_ms')} ms, throttle {p.get('throttle_pct')}%")
 
 
 def print_result(r: dict[str, Any]) -> None:
