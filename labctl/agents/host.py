@@ -113,6 +113,24 @@ class HostAgent:
             self._accel_task = asyncio.ensure_future(self._probe_accel())
         return self._accel_task
 
+    def checked_spec(self, fields: dict[str, Any], method: str) -> VmSpec:
+        """A VM spec from its wire form, with its kernel and initrd present on this host."""
+        try:
+            vmspec = VmSpec.from_dict(fields)
+        except (ValueError, TypeError) as exc:
+            raise LabError(f"{method}: bad VM spec: {exc}", spec=fields) from exc
+        for path in (vmspec.kernel, vmspec.initrd):
+            if not path.is_file():
+                raise LabError(f"{method}: {path} does not exist on host {self.host}")
+        return vmspec
+
+    def check_not_running(self, name: str) -> None:
+        """Refuse a second QEMU for VM ``name`` here (call with its lock held)."""
+        old = self.vms.get(name)
+        if old is not None and old.state in (VmState.STARTING, VmState.RUNNING):
+            raise LabStateError(f"VM {name} already runs on host {self.host}", vm=name,
+                                pid=old.pid)
+
     async def accel(self) -> str:
         """"kvm" when a probe showed KVM really runs the test guest here, else "tcg"."""
         return await asyncio.shield(self._accel_probe())
@@ -179,19 +197,10 @@ class HostAgent:
             fields.setdefault("kernel", str(image.kernel))
             fields.setdefault("initrd", str(image.initrd))
             fields.setdefault("append", guest_append(rate, wss, extra=[f"labctl.hb_ms={hb_ms}"]))
-        try:
-            vmspec = VmSpec.from_dict(fields)
-        except (ValueError, TypeError) as exc:
-            raise LabError(f"vm_start: bad VM spec: {exc}", spec=spec) from exc
-        for path in (vmspec.kernel, vmspec.initrd):
-            if not path.is_file():
-                raise LabError(f"vm_start: {path} does not exist on host {self.host}")
+        vmspec = self.checked_spec(fields, "vm_start")
         name = vmspec.name
         async with self._lock(name):
-            old = self.vms.get(name)
-            if old is not None and old.state in (VmState.STARTING, VmState.RUNNING):
-                raise LabStateError(f"VM {name} already runs on host {self.host}",
-                                    vm=name, pid=old.pid)
+            self.check_not_running(name)
             vm = QemuVm(vmspec, self.state_dir / "vms" / name)
             vm.on_unexpected_exit = self._on_exit
             self.vms[name] = vm

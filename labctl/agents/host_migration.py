@@ -238,19 +238,10 @@ class MigrationHandlers:
             raise LabError(f"mig_prepare: listen must be an IPv4 address, not {listen!r}")
         if not isinstance(lease_s, int | float) or not 1 <= lease_s <= 600:
             raise LabError("mig_prepare: lease_s must be 1..600 seconds")
-        try:
-            vmspec = VmSpec.from_dict(spec)
-        except (ValueError, TypeError) as exc:
-            raise LabError(f"mig_prepare: bad VM spec: {exc}", spec=spec) from exc
+        vmspec = self.agent.checked_spec(spec, "mig_prepare")
         name = vmspec.name
-        for path in (vmspec.kernel, vmspec.initrd):
-            if not path.is_file():
-                raise LabError(f"mig_prepare: {path} does not exist on host {self.agent.host}")
         async with self.agent._lock(name):
-            old = self.agent.vms.get(name)
-            if old is not None and old.state in (VmState.STARTING, VmState.RUNNING):
-                raise LabStateError(f"VM {name} already runs on host {self.agent.host}",
-                                    vm=name, pid=old.pid)
+            self.agent.check_not_running(name)
             real = _real_node(vmspec)
             if vmspec.disk is not None and storage == "late":
                 size = disk_size if isinstance(disk_size, int) and disk_size > 0 else None
@@ -675,10 +666,7 @@ class MigrationHandlers:
                                 "postmigrate: refusing to stop it", vm=name)
         if job is not None:
             await self._end_job(job)
-        async with self.agent._lock(name):
-            await vm.stop(timeout=5.0)
-            self.agent.vms.pop(name, None)
-        return {"name": name, "returncode": vm.returncode}
+        return await self.agent.vm_stop(name, timeout=5.0)
 
 
 def _real_node(spec: VmSpec) -> dict[str, Any]:
