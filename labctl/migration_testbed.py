@@ -142,12 +142,13 @@ class PairTestbed:
     def other(self, h: str) -> str:
         return "b" if h == "a" else "a"
 
-    def migration(self, policy: Policy, to: str | None = None) -> Migration:
+    def migration(self, policy: Policy, to: str | None = None, **kw: Any) -> Migration:
+        """A migration of the testbed's VM (``kw``: more Migration arguments)."""
         src = self.vm_host
         dst = to or self.other(src)
         return Migration(self.vm, Endpoint(src, self.clients[src], self.hosts[src]),
                          Endpoint(dst, self.clients[dst], self.hosts[dst]), policy,
-                         recorder=Recorder(self.inv), progress=self.progress)
+                         recorder=Recorder(self.inv), progress=self.progress, **kw)
 
     async def migrate(self, policy: Policy, to: str | None = None) -> dict[str, Any]:
         res = await self.migration(policy, to).run()
