@@ -16,11 +16,14 @@ with ``-i``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,7 +169,10 @@ _ISCSI_SESSION_NORMAL = 2
 _VPD_DEVICE_IDENTIFICATION = 0x83
 
 
+@functools.cache
 def _libiscsi() -> ctypes.CDLL:
+    """libiscsi with the prototypes used here, loaded once per process (finding it runs
+    ldconfig)."""
     name = ctypes.util.find_library("iscsi") or "libiscsi.so.7"
     try:
         lib = ctypes.CDLL(name)
@@ -180,6 +186,7 @@ def _libiscsi() -> ctypes.CDLL:
         ("iscsi_set_session_type", ci, [vp, ci]),
         ("iscsi_full_connect_sync", ci, [vp, cp, ci]),
         ("iscsi_inquiry_sync", vp, [vp, ci, ci, ci, ci]),
+        ("iscsi_readcapacity16_sync", vp, [vp, ci]),
         ("iscsi_get_error", cp, [vp]),
         ("iscsi_logout_sync", ci, [vp]),
         ("iscsi_destroy_context", ci, [vp]),
@@ -193,56 +200,87 @@ def _libiscsi() -> ctypes.CDLL:
     return lib
 
 
-def vpd83_sync(portal: str, target: str, lun: int, initiator: str) -> list[dict[str, Any]]:
-    """INQUIRY VPD 0x83 through libiscsi in this process (blocking)."""
+@dataclass
+class Session:
+    """A libiscsi context logged in to one target (see :func:`login`)."""
+
+    lib: ctypes.CDLL
+    ctx: int
+    evidence: dict[str, Any]
+
+    def error(self, what: str, **evidence: Any) -> LabError:
+        """``what`` plus libiscsi's last error, with the session's evidence (updated by
+        ``evidence``)."""
+        msg = self.lib.iscsi_get_error(self.ctx)
+        return LabError(f"{what}: {msg.decode(errors='replace') if msg else 'failed'}",
+                        **{**self.evidence, **evidence})
+
+
+@contextlib.contextmanager
+def login(portal: str, target: str, lun: int, initiator: str, **evidence: Any
+          ) -> Iterator[Session]:
+    """A normal session to ``target`` at ``portal`` as ``initiator`` (blocking): logged out
+    when the block ends without an error, the context destroyed in any case. Errors carry
+    portal, target, lun and ``evidence``."""
     lib = _libiscsi()
     ctx = lib.iscsi_create_context(initiator.encode())
     if not ctx:
         raise LabError("libiscsi: cannot create a context")
-
-    def err(what: str) -> LabError:
-        msg = lib.iscsi_get_error(ctx)
-        return LabError(f"{what}: {msg.decode(errors='replace') if msg else 'failed'}",
-                        portal=portal, target=target, lun=lun)
-
-    task = None
+    session = Session(lib, ctx, {"portal": portal, "target": target, "lun": lun, **evidence})
     try:
         lib.iscsi_set_targetname(ctx, target.encode())
         lib.iscsi_set_session_type(ctx, _ISCSI_SESSION_NORMAL)
         if lib.iscsi_full_connect_sync(ctx, portal.encode(), lun) != 0:
-            raise err(f"iSCSI login to {target} at {portal} failed")
-        size = 255
-        for _ in range(2):
-            task = lib.iscsi_inquiry_sync(ctx, lun, 1, _VPD_DEVICE_IDENTIFICATION, size)
-            # struct scsi_task starts with "int status" (SCSI_STATUS_GOOD = 0)
-            if not task or ctypes.cast(task, ctypes.POINTER(ctypes.c_int))[0] != 0:
-                raise err(f"INQUIRY VPD 0x83 of LUN {lun} failed")
-            full = lib.scsi_datain_getfullsize(task)
-            if full <= size:
-                break
-            lib.scsi_free_scsi_task(task)
-            task = None
-            size = full
-        inq = lib.scsi_datain_unmarshall(task)
-        if not inq:
-            raise err("cannot decode VPD page 0x83")
-        ident = ctypes.cast(inq, ctypes.POINTER(_DeviceIdentification)).contents
-        out: list[dict[str, Any]] = []
-        d = ident.designators
-        while d:
-            dd = d.contents
-            raw = bytes(dd.designator[:dd.designator_length]) if dd.designator else b""
-            text = raw.rstrip(b"\0").decode("ascii", "replace") if dd.code_set in (2, 3) else None
-            out.append({"type": dd.designator_type, "association": dd.association,
-                        "code_set": dd.code_set, "hex": raw.hex(), "text": text})
-            d = dd.next
-        out.reverse()  # libiscsi prepends: restore the order of the page
+            raise session.error(f"iSCSI login to {target} at {portal} failed")
+        yield session
         lib.iscsi_logout_sync(ctx)
-        return out
     finally:
-        if task:
-            lib.scsi_free_scsi_task(task)
         lib.iscsi_destroy_context(ctx)
+
+
+def designator_list(inq: int) -> list[dict[str, Any]]:
+    """The designators of an unmarshalled VPD page 0x83 in libiscsi's list order (the
+    reverse of the page's): {"type", "association", "code_set", "hex", "text"}."""
+    ident = ctypes.cast(inq, ctypes.POINTER(_DeviceIdentification)).contents
+    out: list[dict[str, Any]] = []
+    d = ident.designators
+    while d:
+        dd = d.contents
+        raw = bytes(dd.designator[:dd.designator_length]) if dd.designator else b""
+        text = raw.rstrip(b"\0").decode("ascii", "replace") if dd.code_set in (2, 3) else None
+        out.append({"type": dd.designator_type, "association": dd.association,
+                    "code_set": dd.code_set, "hex": raw.hex(), "text": text})
+        d = dd.next
+    return out
+
+
+def vpd83_sync(portal: str, target: str, lun: int, initiator: str) -> list[dict[str, Any]]:
+    """INQUIRY VPD 0x83 through libiscsi in this process (blocking)."""
+    with login(portal, target, lun, initiator) as s:
+        lib = s.lib
+        task = None
+        try:
+            size = 255
+            for _ in range(2):
+                task = lib.iscsi_inquiry_sync(s.ctx, lun, 1, _VPD_DEVICE_IDENTIFICATION, size)
+                # struct scsi_task starts with "int status" (SCSI_STATUS_GOOD = 0)
+                if not task or ctypes.cast(task, ctypes.POINTER(ctypes.c_int))[0] != 0:
+                    raise s.error(f"INQUIRY VPD 0x83 of LUN {lun} failed")
+                full = lib.scsi_datain_getfullsize(task)
+                if full <= size:
+                    break
+                lib.scsi_free_scsi_task(task)
+                task = None
+                size = full
+            inq = lib.scsi_datain_unmarshall(task)
+            if not inq:
+                raise s.error("cannot decode VPD page 0x83")
+            out = designator_list(inq)
+        finally:
+            if task:
+                lib.scsi_free_scsi_task(task)
+    out.reverse()  # libiscsi prepends: restore the order of the page
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -82,49 +82,36 @@ def probe_unit(portal: str, target: str, lun: int, initiator: str) -> dict[str, 
 
     Returns {naa, size_bytes, block_size, commands, unit_attentions: [(key, ascq)]}.
     """
-    lib = iscsi._libiscsi()
-    for fn, res, args in (("iscsi_readcapacity16_sync", ctypes.c_void_p,
-                           [ctypes.c_void_p, ctypes.c_int]),):
-        f = getattr(lib, fn)
-        f.restype, f.argtypes = res, args
-    ctx = lib.iscsi_create_context(initiator.encode())
-    if not ctx:
-        raise LabError("libiscsi: cannot create a context")
     commands = 0
     attentions: list[tuple[int, int]] = []
+    with iscsi.login(portal, target, lun, initiator, scsi_commands=commands) as s:
+        lib, ctx = s.lib, s.ctx
 
-    def err(what: str) -> LabError:
-        msg = lib.iscsi_get_error(ctx)
-        return LabError(f"{what}: {msg.decode(errors='replace') if msg else 'failed'}",
-                        portal=portal, target=target, lun=lun, scsi_commands=commands)
+        def err(what: str) -> LabError:
+            return s.error(what, scsi_commands=commands)
 
-    def run(issue: Any, what: str) -> Any:
-        nonlocal commands
-        for _ in range(3):
-            commands += 1
-            task = issue()
-            if not task:
-                raise err(what)
-            status = ctypes.cast(task, ctypes.POINTER(ctypes.c_int))[0]
-            if status == _SCSI_STATUS_GOOD:
-                return task
-            if status == _SCSI_STATUS_CHECK_CONDITION:
-                key = ctypes.c_int.from_address(task + _TASK_SENSE_KEY).value
-                ascq = ctypes.c_int.from_address(task + _TASK_SENSE_ASCQ).value
+        def run(issue: Any, what: str) -> Any:
+            nonlocal commands
+            for _ in range(3):
+                commands += 1
+                task = issue()
+                if not task:
+                    raise err(what)
+                status = ctypes.cast(task, ctypes.POINTER(ctypes.c_int))[0]
+                if status == _SCSI_STATUS_GOOD:
+                    return task
+                if status == _SCSI_STATUS_CHECK_CONDITION:
+                    key = ctypes.c_int.from_address(task + _TASK_SENSE_KEY).value
+                    ascq = ctypes.c_int.from_address(task + _TASK_SENSE_ASCQ).value
+                    lib.scsi_free_scsi_task(task)
+                    if key == _SENSE_UNIT_ATTENTION:
+                        attentions.append((key, ascq))
+                        continue  # a unit attention is reported once per nexus: retry
+                    raise err(f"{what}: CHECK CONDITION sense key {key:#x} ascq {ascq:#06x}")
                 lib.scsi_free_scsi_task(task)
-                if key == _SENSE_UNIT_ATTENTION:
-                    attentions.append((key, ascq))
-                    continue  # a unit attention is reported once per nexus: retry
-                raise err(f"{what}: CHECK CONDITION sense key {key:#x} ascq {ascq:#06x}")
-            lib.scsi_free_scsi_task(task)
-            raise err(f"{what}: SCSI status {status:#x}")
-        raise err(f"{what}: unit attention did not clear")
+                raise err(f"{what}: SCSI status {status:#x}")
+            raise err(f"{what}: unit attention did not clear")
 
-    try:
-        lib.iscsi_set_targetname(ctx, target.encode())
-        lib.iscsi_set_session_type(ctx, 2)
-        if lib.iscsi_full_connect_sync(ctx, portal.encode(), lun) != 0:
-            raise err(f"iSCSI login to {target} at {portal} failed")
         task = run(lambda: lib.iscsi_readcapacity16_sync(ctx, lun), "READ CAPACITY(16)")
         try:
             rc = lib.scsi_datain_unmarshall(task)
@@ -140,22 +127,11 @@ def probe_unit(portal: str, target: str, lun: int, initiator: str) -> dict[str, 
             inq = lib.scsi_datain_unmarshall(task)
             if not inq:
                 raise err("cannot decode VPD page 0x83")
-            ident = ctypes.cast(inq, ctypes.POINTER(iscsi._DeviceIdentification)).contents
-            found: list[dict[str, Any]] = []
-            d = ident.designators
-            while d:
-                dd = d.contents
-                raw = bytes(dd.designator[:dd.designator_length]) if dd.designator else b""
-                found.append({"type": dd.designator_type, "association": dd.association,
-                              "hex": raw.hex()})
-                d = dd.next
+            found = iscsi.designator_list(inq)
         finally:
             lib.scsi_free_scsi_task(task)
-        lib.iscsi_logout_sync(ctx)
-        return {"naa": iscsi.naa_from_designators(found), "size_bytes": size,
-                "block_size": block, "commands": commands, "unit_attentions": attentions}
-    finally:
-        lib.iscsi_destroy_context(ctx)
+    return {"naa": iscsi.naa_from_designators(found), "size_bytes": size,
+            "block_size": block, "commands": commands, "unit_attentions": attentions}
 
 
 class HostStorage:
