@@ -1,12 +1,19 @@
-"""Shared fixtures: a throwaway labctl home per test session, the image cache kept."""
+"""Shared fixtures: a throwaway labctl home per test session, the image cache kept; and the
+helpers the end-to-end tests share (the CLI, a module's lab, checks from outside labctl)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +53,81 @@ def lab_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# --- end-to-end helpers -------------------------------------------------------------------
+
+
+def labctl(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The labctl CLI, as a user runs it; with ``check``, a non-zero exit fails the test."""
+    res = subprocess.run([sys.executable, "-m", "labctl.cli", *args], capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    if check and res.returncode != 0:
+        raise AssertionError(f"labctl {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
+    return res
+
+
+@dataclass(frozen=True)
+class LabCli:
+    """``labctl --lab <name> ...`` for one lab: call it like ``labctl``; ``json`` adds
+    ``--json`` and parses the output."""
+
+    name: str
+
+    def __call__(self, *args: str, check: bool = True,
+                 timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return labctl("--lab", self.name, *args, check=check, timeout=timeout)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "--json").stdout)
+
+
+def in_ns(lab: str, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``argv`` run in the network namespace of ``host`` of lab ``lab``."""
+    return subprocess.run(["ip", "netns", "exec", f"labctl-{lab}-{host}", *argv],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def leftovers(lab: str, lab_dir: Path) -> list[str]:
+    """Everything of lab ``lab`` that still exists, looked up without labctl's help."""
+    found: list[str] = []
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    found += [f"netns {line.split()[0]}" for line in ns.splitlines()
+              if line.startswith(f"labctl-{lab}-")]
+    links = json.loads(subprocess.run(["ip", "-j", "-d", "link", "show"], capture_output=True,
+                                      text=True, check=True).stdout)
+    found += [f"link {link['ifname']}" for link in links
+              if str(link.get("ifalias", "")).startswith(f"labctl:{lab}:")]
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(lab_dir).encode() in cmd and int(pid) != os.getpid():
+                found.append(f"process {pid} {cmd[:80]!r}")
+    doms = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                          capture_output=True, text=True, check=False).stdout
+    found += [f"domain {d}" for d in doms.split() if d.startswith(f"labctl-{lab}-")]
+    log = Path(f"/var/log/libvirt/qemu/labctl-{lab}-stor1.log")
+    if log.exists():
+        found.append(f"file {log}")
+    if lab_dir.exists():
+        found.append(f"directory {lab_dir}")
+    return found
+
+
+@contextlib.contextmanager
+def module_lab(name: str, topo_text: str, lab_home: Path,
+               tmp_path_factory: pytest.TempPathFactory,
+               filename: str = "lab.yaml") -> Iterator[Path]:
+    """Lab ``name`` up from ``topo_text`` (written to a fresh ``filename``, which is yielded)
+    for the body; then down, and nothing of it may be left."""
+    topo = tmp_path_factory.mktemp("topo") / filename
+    topo.write_text(topo_text)
+    try:
+        labctl("up", str(topo), timeout=900)
+        yield topo
+    finally:
+        labctl("--lab", name, "down", check=False)
+    assert leftovers(name, lab_home / "labs" / name) == []

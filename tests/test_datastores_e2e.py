@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, naa_designator
-from tests.test_lab_e2e import in_ns, labctl, leftovers
+from tests.conftest import LabCli, e2e_ready, in_ns, module_lab, naa_designator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -32,26 +31,15 @@ vms: [{{name: vm1, host: h1, datastore: ds1, memory: 128M, working_set: 16M}}]
 """
 
 
-def lc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return labctl("--lab", NAME, *args, check=check)
-
-
-def js(*args: str) -> Any:
-    return json.loads(lc(*args, "--json").stdout)
+lc = LabCli(NAME)
+js = lc.json
 
 
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    topo = tmp_path_factory.mktemp("topo") / "lab.yaml"
-    topo.write_text(TOPO)
-    lab_dir = lab_home / "labs" / NAME
-    try:
-        labctl("up", str(topo), timeout=900)
-        yield {"dir": lab_dir, "home": lab_home,
+    with module_lab(NAME, TOPO, lab_home, tmp_path_factory):
+        yield {"dir": lab_home / "labs" / NAME, "home": lab_home,
                "status": json.loads(lc("status", "--json").stdout)}
-    finally:
-        labctl("--lab", NAME, "down", check=False)
-    assert leftovers(NAME, lab_dir) == []
 
 
 def outside_naa(host: str, m: dict[str, Any]) -> subprocess.CompletedProcess[bytes]:

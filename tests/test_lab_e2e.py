@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, naa_designator
+from tests.conftest import e2e_ready, in_ns, labctl, leftovers, module_lab, naa_designator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -31,61 +31,13 @@ vms: [{{name: vm1, host: h1, datastore: ds1, memory: 128M, working_set: 32M, dir
 """
 
 
-def labctl(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([sys.executable, "-m", "labctl.cli", *args], capture_output=True, text=True,
-                         timeout=timeout, check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"labctl {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
-    return res
-
-
-def leftovers(lab: str, lab_dir: Path) -> list[str]:
-    """Everything of lab ``lab`` that still exists, looked up without labctl's help."""
-    found: list[str] = []
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    found += [f"netns {line.split()[0]}" for line in ns.splitlines()
-              if line.startswith(f"labctl-{lab}-")]
-    links = json.loads(subprocess.run(["ip", "-j", "-d", "link", "show"], capture_output=True,
-                                      text=True, check=True).stdout)
-    found += [f"link {link['ifname']}" for link in links
-              if str(link.get("ifalias", "")).startswith(f"labctl:{lab}:")]
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(lab_dir).encode() in cmd and int(pid) != os.getpid():
-                found.append(f"process {pid} {cmd[:80]!r}")
-    doms = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                          capture_output=True, text=True, check=False).stdout
-    found += [f"domain {d}" for d in doms.split() if d.startswith(f"labctl-{lab}-")]
-    log = Path(f"/var/log/libvirt/qemu/labctl-{lab}-stor1.log")
-    if log.exists():
-        found.append(f"file {log}")
-    if lab_dir.exists():
-        found.append(f"directory {lab_dir}")
-    return found
-
-
-def in_ns(lab: str, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", "netns", "exec", f"labctl-{lab}-{host}", *argv],
-                          capture_output=True, text=True, timeout=60, check=False)
-
-
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     name = "e2e"
-    topo = tmp_path_factory.mktemp("topo") / "lab.yaml"
-    topo.write_text(TOPO.format(name=name, subnet="10.231.40.0/24"))
-    lab_dir = lab_home / "labs" / name
-    try:
-        labctl("up", str(topo), timeout=900)
+    with module_lab(name, TOPO.format(name=name, subnet="10.231.40.0/24"), lab_home,
+                    tmp_path_factory) as topo:
         status = json.loads(labctl("--lab", name, "status", "--json").stdout)
-        yield {"name": name, "dir": lab_dir, "status": status, "topo": topo}
-    finally:
-        labctl("--lab", name, "down", check=False)
-    assert leftovers(name, lab_dir) == []
+        yield {"name": name, "dir": lab_home / "labs" / name, "status": status, "topo": topo}
 
 
 def test_status_lists_everything(lab: dict[str, Any]) -> None:

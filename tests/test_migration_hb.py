@@ -5,8 +5,6 @@ and the guest survives (counter continues, disk counter read back on the destina
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready
+from tests.conftest import e2e_ready, labctl, module_lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -30,24 +28,10 @@ vms: [{name: vm1, host: h1, datastore: ds1, memory: 192M, working_set: 48M, dirt
 """
 
 
-def labctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([sys.executable, "-m", "labctl.cli", *args], capture_output=True,
-                         text=True, timeout=timeout, check=False)
-    if res.returncode != 0:
-        raise AssertionError(f"labctl {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
-    return res
-
-
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    topo = tmp_path_factory.mktemp("topo") / "hbmig.yaml"
-    topo.write_text(TOPO)
-    try:
-        labctl("up", str(topo), timeout=900)
+    with module_lab("hbmig", TOPO, lab_home, tmp_path_factory, filename="hbmig.yaml"):
         yield lab_home / "labs" / "hbmig"
-    finally:
-        subprocess.run([sys.executable, "-m", "labctl.cli", "--lab", "hbmig", "down"],
-                       capture_output=True, text=True, timeout=300, check=False)
 
 
 def vm1() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready
+from tests.conftest import e2e_ready, labctl, module_lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -44,31 +44,19 @@ POSTCOPY_POLICY = ("base: capped\nmax_bandwidth_mib_s: 20\npostcopy: true\n"
                    "convergence: {actions: [postcopy]}\n")
 
 
-def labctl(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([sys.executable, "-m", "labctl.cli", *args], capture_output=True,
-                         text=True, timeout=timeout, check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"labctl {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
-    return res
-
-
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    topo = tmp_path_factory.mktemp("topo") / "mig.yaml"
-    topo.write_text(TOPO.format(name="mig"))
-    policy = topo.parent / "slow.yaml"
-    policy.write_text(SLOW_POLICY)
-    nc = topo.parent / "noconv.yaml"
-    nc.write_text(NO_CONVERGE_POLICY)
-    (topo.parent / "escalate.yaml").write_text(ESCALATE_POLICY)
-    (topo.parent / "postcopy.yaml").write_text(POSTCOPY_POLICY)
-    try:
-        labctl("up", str(topo), timeout=900)
+    with module_lab("mig", TOPO.format(name="mig"), lab_home, tmp_path_factory,
+                    filename="mig.yaml") as topo:
+        policy = topo.parent / "slow.yaml"
+        policy.write_text(SLOW_POLICY)
+        nc = topo.parent / "noconv.yaml"
+        nc.write_text(NO_CONVERGE_POLICY)
+        (topo.parent / "escalate.yaml").write_text(ESCALATE_POLICY)
+        (topo.parent / "postcopy.yaml").write_text(POSTCOPY_POLICY)
         yield {"name": "mig", "dir": lab_home / "labs" / "mig", "slow": str(policy),
                "noconv": str(nc), "escalate": str(topo.parent / "escalate.yaml"),
                "postcopy": str(topo.parent / "postcopy.yaml")}
-    finally:
-        labctl("--lab", "mig", "down", check=False, timeout=300)
 
 
 def vm_host(lab: dict[str, Any]) -> str:

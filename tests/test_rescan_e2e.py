@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,7 @@ import pytest
 
 from labctl import storagenode
 from labctl.rpc import RpcClient
-from tests.conftest import e2e_ready
-from tests.test_lab_e2e import in_ns, labctl, leftovers
+from tests.conftest import LabCli, e2e_ready, in_ns, module_lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -37,12 +35,8 @@ vms: [{{name: vm1, host: h1, datastore: ds1, memory: 128M, working_set: 16M}}]
 """
 
 
-def lc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return labctl("--lab", NAME, *args, check=check)
-
-
-def js(*args: str) -> Any:
-    return json.loads(lc(*args, "--json").stdout)
+lc = LabCli(NAME)
+js = lc.json
 
 
 def events() -> list[dict[str, Any]]:
@@ -76,15 +70,8 @@ def wait(pred: Any, timeout: float = 30.0, what: str = "") -> Any:
 
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    topo = tmp_path_factory.mktemp("topo") / "lab.yaml"
-    topo.write_text(TOPO)
-    lab_dir = lab_home / "labs" / NAME
-    try:
-        labctl("up", str(topo), timeout=900)
-        yield {"dir": lab_dir, "status": json.loads(lc("status", "--json").stdout)}
-    finally:
-        labctl("--lab", NAME, "down", check=False)
-    assert leftovers(NAME, lab_dir) == []
+    with module_lab(NAME, TOPO, lab_home, tmp_path_factory):
+        yield {"dir": lab_home / "labs" / NAME, "status": json.loads(lc("status", "--json").stdout)}
 
 
 def _unit(host: str, unit: str) -> dict[str, Any]:
