@@ -251,12 +251,17 @@ def test_refusals(lab: dict[str, Any]) -> None:
     alive(lab, src)
 
 
+def start_migrate(lab: dict[str, Any], dst: str) -> subprocess.Popen[str]:
+    """``labctl migrate vm1 --to dst`` with the slow policy, started in the background."""
+    return subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "migrate",
+                             "vm1", "--to", dst, "--policy", lab["slow"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_destination_qemu_killed(lab: dict[str, Any]) -> None:
     src = vm_host(lab)
     dst = other(src)
-    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "migrate",
-                             "vm1", "--to", dst, "--policy", lab["slow"]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_migrate(lab, dst)
     pidfile = lab["dir"] / "hosts" / dst / "vms" / "vm1" / "qemu.pid"
     deadline = time.monotonic() + 60
     while not pidfile.exists():
@@ -280,9 +285,7 @@ def test_destination_link_cut(lab: dict[str, Any]) -> None:
     veth = inv.row("hosts", name=dst)["veth"]  # type: ignore[index]
     inv.close()
     alias = alias_for(lab["name"], "veth", dst)
-    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "migrate",
-                             "vm1", "--to", dst, "--policy", lab["slow"]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_migrate(lab, dst)
     time.sleep(4.0)
     set_link_state(veth, False, alias)
     t = time.monotonic()
@@ -299,9 +302,7 @@ def test_destination_link_cut(lab: dict[str, Any]) -> None:
 def test_ctrl_c_cancels_cleanly(lab: dict[str, Any]) -> None:
     src = vm_host(lab)
     dst = other(src)
-    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "migrate",
-                             "vm1", "--to", dst, "--policy", lab["slow"]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_migrate(lab, dst)
     time.sleep(4.0)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
@@ -324,9 +325,7 @@ def test_source_qemu_killed(lab: dict[str, Any]) -> None:
                       .stdout.split()[-1])
     pidfile = lab["dir"] / "hosts" / src / "vms" / "vm1" / "qemu.pid"
     pid = int(pidfile.read_text().split()[0])
-    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "migrate",
-                             "vm1", "--to", dst, "--policy", lab["slow"]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_migrate(lab, dst)
     time.sleep(3.0)
     os.kill(pid, signal.SIGKILL)
     t = time.monotonic()
