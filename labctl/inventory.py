@@ -56,6 +56,17 @@ CREATE TABLE IF NOT EXISTS migration_decisions (
     migration INTEGER NOT NULL, seq INTEGER NOT NULL, at_pass INTEGER, action TEXT NOT NULL,
     reason TEXT NOT NULL, t_rel REAL NOT NULL, detail TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (migration, seq));
+CREATE TABLE IF NOT EXISTS rescan_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, source TEXT NOT NULL,
+    kind TEXT NOT NULL, unit TEXT, datastore TEXT, detail TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL, coalesced_into INTEGER, lookup TEXT, size_bytes INTEGER,
+    expected TEXT, hosts_sharing TEXT, hosts_polled TEXT, hosts_refreshed TEXT,
+    hosts_stale TEXT, hosts_disagree TEXT, hosts_late TEXT NOT NULL DEFAULT '[]',
+    scsi_commands TEXT, vms_resized TEXT, agreed_ms REAL, agreed_at REAL, finished REAL,
+    message TEXT);
+CREATE TABLE IF NOT EXISTS host_units (
+    host TEXT NOT NULL, unit TEXT NOT NULL, datastore TEXT, state TEXT NOT NULL,
+    size_bytes INTEGER, refreshed_at REAL, event INTEGER, PRIMARY KEY (host, unit));
 """
 
 #: columns added after a table was first shipped: (table, column, declaration)

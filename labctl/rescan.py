@@ -58,29 +58,11 @@ log = logging.getLogger("labctl.rescan")
 
 LOOKUPS = ("inventory", "poll")
 FINAL = ("done", "partial", "ignored", "coalesced", "failed")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rescan_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, source TEXT NOT NULL,
-    kind TEXT NOT NULL, unit TEXT, datastore TEXT, detail TEXT NOT NULL DEFAULT '{}',
-    state TEXT NOT NULL, coalesced_into INTEGER, lookup TEXT, size_bytes INTEGER,
-    expected TEXT, hosts_sharing TEXT, hosts_polled TEXT, hosts_refreshed TEXT,
-    hosts_stale TEXT, hosts_disagree TEXT, hosts_late TEXT NOT NULL DEFAULT '[]',
-    scsi_commands TEXT, vms_resized TEXT, agreed_ms REAL, agreed_at REAL, finished REAL,
-    message TEXT);
-CREATE TABLE IF NOT EXISTS host_units (
-    host TEXT NOT NULL, unit TEXT NOT NULL, datastore TEXT, state TEXT NOT NULL,
-    size_bytes INTEGER, refreshed_at REAL, event INTEGER, PRIMARY KEY (host, unit));
-"""
 _REFRESH_TIMEOUT = 3.0
 _AGREE_TRIES = 10
 
 
-def ensure_tables(inv: Inventory) -> None:
-    inv.conn.executescript(_SCHEMA)
-
-
 def last_event_id(inv: Inventory) -> int:
-    ensure_tables(inv)
     row = inv.conn.execute("SELECT MAX(id) FROM rescan_events").fetchone()
     return int(row[0] or 0)
 
@@ -95,14 +77,12 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def events(inv: Inventory, after: int = 0) -> list[dict[str, Any]]:
-    ensure_tables(inv)
     rows = inv.conn.execute("SELECT * FROM rescan_events WHERE id > ? ORDER BY id",
                             (after,)).fetchall()
     return [_decode(dict(r)) for r in rows]
 
 
 def event(inv: Inventory, eid: int) -> dict[str, Any] | None:
-    ensure_tables(inv)
     row = inv.conn.execute("SELECT * FROM rescan_events WHERE id=?", (eid,)).fetchone()
     return _decode(dict(row)) if row else None
 
@@ -193,7 +173,6 @@ class RescanService:
     def __init__(self, lab_dir: Path) -> None:
         self.lab_dir = lab_dir
         self.inv = Inventory.open(lab_dir / "inventory.db")
-        ensure_tables(self.inv)
         self.secret = bytes.fromhex((lab_dir / "secret").read_text().strip())
         self.hosts: dict[str, RpcClient] = {}
         self.nodes: dict[str, RpcClient] = {}
