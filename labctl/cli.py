@@ -7,7 +7,6 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     progress = _Progress(args.quiet)
     try:
-        return _run(_dispatch(args, progress))
+        return asyncio.run(_dispatch(args, progress))
     except LabError as exc:
         print(f"labctl: error: {exc.message}", file=sys.stderr)
         return 1
@@ -82,10 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         print("labctl: interrupted; 'labctl down' removes whatever the lab had created",
               file=sys.stderr)
         return 130
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    return asyncio.run(coro)
 
 
 async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
@@ -102,7 +97,7 @@ async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
         status = await lab.up(topo)
         _print_status(status)
         if args.cmd == "demo":
-            return await _demo(lab, status, args.keep, progress)
+            return await _demo(lab, status, args.keep)
         return 0
     lab = Lab.find(args.lab, progress=progress)
     if args.cmd == "status":
@@ -141,7 +136,7 @@ async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
     raise AssertionError(args.cmd)
 
 
-async def _demo(lab: Lab, status: dict[str, Any], keep: bool, progress: _Progress) -> int:
+async def _demo(lab: Lab, status: dict[str, Any], keep: bool) -> int:
     """The flagship scenario on the lab just brought up: the VM is really alive (heartbeats
     advance, its disk counter reads back from the LUN); it live-migrates to another host that
     shares its datastore and back, verified each time; its datastore grows at the storage node

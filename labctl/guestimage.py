@@ -32,6 +32,12 @@ HEARTBEAT_MS_MIN = 10
 HEARTBEAT_MS_MAX = 1000
 
 
+def valid_heartbeat_ms(value: object) -> bool:
+    """Whether ``value`` is a heartbeat period the guest accepts (an int in range)."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and HEARTBEAT_MS_MIN <= value <= HEARTBEAT_MS_MAX)
+
+
 @dataclass(frozen=True)
 class GuestImage:
     kernel: Path
@@ -55,7 +61,7 @@ def heartbeat_ms_of(append: str) -> int:
     for word in append.split():
         key, _, value = word.partition("=")
         if key == "labctl.hb_ms":
-            if value.isdigit() and HEARTBEAT_MS_MIN <= int(value) <= HEARTBEAT_MS_MAX:
+            if value.isdigit() and valid_heartbeat_ms(int(value)):
                 return int(value)
             return DEFAULT_HEARTBEAT_MS
     return DEFAULT_HEARTBEAT_MS

@@ -162,7 +162,7 @@ class Lab:
 
     def _check_host_network(self, topo: Topology) -> None:
         for i, site in enumerate(topo.sites):
-            clash = netns.overlapping_routes(site.subnet, ignore_ifnames=set())
+            clash = netns.overlapping_routes(site.subnet)
             if clash:
                 raise TopologyError(
                     topo.source, f"sites[{i}].subnet",
@@ -411,10 +411,9 @@ class Lab:
     def vm_set_heartbeat(self, name: str, period_ms: int) -> None:
         """Set a stopped VM's heartbeat period (``labctl.hb_ms`` on its next start); the
         migration code reads the period from the inventory."""
-        from labctl.guestimage import HEARTBEAT_MS_MAX, HEARTBEAT_MS_MIN
+        from labctl.guestimage import HEARTBEAT_MS_MAX, HEARTBEAT_MS_MIN, valid_heartbeat_ms
 
-        if isinstance(period_ms, bool) or not isinstance(period_ms, int) \
-                or not HEARTBEAT_MS_MIN <= period_ms <= HEARTBEAT_MS_MAX:
+        if not valid_heartbeat_ms(period_ms):
             raise LabError(f"heartbeat period {period_ms!r}: an integer from {HEARTBEAT_MS_MIN} "
                            f"to {HEARTBEAT_MS_MAX} ms", vm=name)
         inv = self.open_inventory()

@@ -20,6 +20,18 @@ from labctl.inventory import Inventory
 from labctl.paths import labs_dir
 
 
+def read_secret(lab_dir: Path) -> bytes:
+    """The lab's shared secret (``<lab dir>/secret``, hex), checked."""
+    path = lab_dir / "secret"
+    try:
+        secret = bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise LabStateError(f"cannot read the lab secret from {path}: {exc}") from exc
+    if len(secret) < 16:
+        raise LabStateError(f"the lab secret in {path} is too short")
+    return secret
+
+
 class LabDir:
     def __init__(self, name: str, root: Path | None = None) -> None:
         self.name = name
@@ -42,10 +54,9 @@ class LabDir:
                 f.write(secrets.token_hex(32) + "\n")
 
     def secret(self) -> bytes:
-        try:
-            return bytes.fromhex((self.path / "secret").read_text().strip())
-        except FileNotFoundError:
-            raise LabStateError(f"lab {self.name} has no secret (is it up?)", lab=self.name) from None
+        if not (self.path / "secret").exists():
+            raise LabStateError(f"lab {self.name} has no secret (is it up?)", lab=self.name)
+        return read_secret(self.path)
 
     def inventory(self) -> Inventory:
         return Inventory.open(self.path / "inventory.db")

@@ -13,7 +13,6 @@ import contextlib
 import errno
 import functools
 import ipaddress
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
@@ -23,7 +22,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from labctl.errors import NetworkSetupError
 
-NETNS_DIR = "/run/netns"
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -51,16 +49,6 @@ def alias_for(lab: str, role: str, name: str) -> str:
 def _index(ipr: IPRoute | NetNS, ifname: str) -> int | None:
     found = ipr.link_lookup(ifname=ifname)
     return int(found[0]) if found else None
-
-
-@_netlink
-def link_alias(ifname: str) -> str | None:
-    with IPRoute() as ipr:
-        idx = _index(ipr, ifname)
-        if idx is None:
-            return None
-        value = ipr.get_links(idx)[0].get_attr("IFLA_IFALIAS")
-        return str(value) if value is not None else None
 
 
 def _fail(what: str, exc: Exception, **evidence: object) -> NetworkSetupError:
@@ -206,20 +194,14 @@ def delete_netns(name: str) -> bool:
     return True
 
 
-def netns_exists(name: str) -> bool:
-    return os.path.exists(os.path.join(NETNS_DIR, name))
-
-
 @_netlink
-def overlapping_routes(subnet: ipaddress.IPv4Network, ignore_ifnames: set[str]) -> list[str]:
-    """Routes and addresses of this machine that overlap ``subnet`` (outside our own links)."""
+def overlapping_routes(subnet: ipaddress.IPv4Network) -> list[str]:
+    """Routes and addresses of this machine that overlap ``subnet``."""
     found: list[str] = []
     with IPRoute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for addr in ipr.get_addr(family=2):
             ifname = names.get(addr["index"], "?")
-            if ifname in ignore_ifnames:
-                continue
             net = ipaddress.IPv4Interface(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}").network
             if net.overlaps(subnet) and not net.is_loopback:
                 found.append(f"{net} on {ifname}")
@@ -228,8 +210,6 @@ def overlapping_routes(subnet: ipaddress.IPv4Network, ignore_ifnames: set[str]) 
             if dst is None or route["dst_len"] == 0:
                 continue
             ifname = names.get(route.get_attr("RTA_OIF"), "?")
-            if ifname in ignore_ifnames:
-                continue
             net = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False)
             if net.overlaps(subnet) and not net.is_loopback and f"{net} on {ifname}" not in found:
                 found.append(f"{net} via {ifname}")

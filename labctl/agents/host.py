@@ -35,7 +35,9 @@ from labctl.guestimage import (
     HEARTBEAT_MS_MIN,
     ensure_guest_image,
     guest_append,
+    valid_heartbeat_ms,
 )
+from labctl.labdir import read_secret
 from labctl.proc import which
 from labctl.qemu import QEMU_BINARY, QemuVm, VmSpec, VmState, kvm_usable, qemu_version
 from labctl.rpc import Handler, RpcServer
@@ -179,8 +181,7 @@ class HostAgent:
         if not isinstance(rate, int) or not isinstance(wss, int) or rate < 0 or wss < 1:
             raise LabError("vm_start: rate_mib_s and wss_mib must be integers (>= 0, >= 1)",
                            rate_mib_s=rate, wss_mib=wss)
-        if isinstance(hb_ms, bool) or not isinstance(hb_ms, int) \
-                or not HEARTBEAT_MS_MIN <= hb_ms <= HEARTBEAT_MS_MAX:
+        if not valid_heartbeat_ms(hb_ms):
             raise LabError(f"vm_start: heartbeat_ms must be an integer {HEARTBEAT_MS_MIN}.."
                            f"{HEARTBEAT_MS_MAX}", heartbeat_ms=hb_ms)
         if incoming is not None and (not isinstance(incoming, str) or not incoming):
@@ -318,17 +319,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not 0 < portnum < 65536:
         raise LabError(f"--listen: bad port {portnum}")
     return host, portnum
-
-
-def read_secret(lab_dir: Path) -> bytes:
-    path = lab_dir / "secret"
-    try:
-        secret = bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError) as exc:
-        raise LabError(f"cannot read the lab secret from {path}: {exc}") from exc
-    if len(secret) < 16:
-        raise LabError(f"the lab secret in {path} is too short")
-    return secret
 
 
 async def serve(lab_dir: Path, host: str, listen: str) -> None:
