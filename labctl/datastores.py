@@ -149,9 +149,7 @@ async def hand_mappings(lab: Lab, inv: Inventory, hosts: list[str] | None = None
         seen[host] = list(got)
         for d, g in zip(names, got, strict=True):
             if g.get("state") == "ok":
-                inv.update("datastore_hosts", {"datastore": d, "host": host},
-                           seen_naa=g["seen_naa"], seen_size=g["size_bytes"],
-                           scanned_at=g["scanned_at"])
+                inv.record_seen(d, host, g)
 
     targets = hosts if hosts is not None else [h["name"] for h in inv.rows("hosts")]
     await asyncio.gather(*(one(h) for h in targets))

@@ -158,6 +158,12 @@ class Inventory:
         found = self.rows(table, **where)
         return found[0] if found else None
 
+    def record_seen(self, datastore: str, host: str, entry: dict[str, Any]) -> None:
+        """What ``host`` last read of ``datastore``, from its storage cache ``entry``."""
+        self.update("datastore_hosts", {"datastore": datastore, "host": host},
+                    seen_naa=entry.get("seen_naa"), seen_size=entry.get("size_bytes"),
+                    scanned_at=entry.get("scanned_at"))
+
     def record_step(self, name: str, seconds: float) -> None:
         self.conn.execute("INSERT INTO steps(name, seconds, at) VALUES (?, ?, ?)",
                           (name, seconds, time.time()))

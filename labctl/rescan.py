@@ -356,9 +356,7 @@ class RescanService:
                 agreed_at = max(agreed_at or 0.0, at or 0.0)
                 self._host_unit(h, unit, ds["name"], "fresh", entry, eid)
                 if entry is not None and want["state"] == "ok":
-                    self.inv.update("datastore_hosts", {"datastore": ds["name"], "host": h},
-                                    seen_naa=entry.get("seen_naa"), seen_size=entry.get("size_bytes"),
-                                    scanned_at=entry.get("scanned_at"))
+                    self.inv.record_seen(ds["name"], h, entry)
             elif outcome == "stale":
                 stale.append(h)
                 self._host_unit(h, unit, ds["name"], "stale", None, eid)
@@ -434,9 +432,7 @@ class RescanService:
             if outcome == "ok":
                 self._host_unit(host, unit, ds["name"], "fresh", entry, row["event"])
                 if entry is not None and want["state"] == "ok":
-                    self.inv.update("datastore_hosts", {"datastore": ds["name"], "host": host},
-                                    seen_naa=entry.get("seen_naa"), seen_size=entry.get("size_bytes"),
-                                    scanned_at=entry.get("scanned_at"))
+                    self.inv.record_seen(ds["name"], host, entry)
                 ev = event(self.inv, int(row["event"]))
                 if ev is not None:
                     late = list(ev.get("hosts_late") or [])
