@@ -199,9 +199,9 @@ async def _events(lab: Lab, args: argparse.Namespace) -> int:
         shown: dict[int, tuple[str, str]] = {}
         evs = rescan.events(inv)
         if args.last:
-            evs = evs[-args.last:]
-            for ev in rescan.events(inv)[:-args.last]:
+            for ev in evs[:-args.last]:
                 shown[ev["id"]] = (ev["state"], json.dumps(ev.get("hosts_late")))
+            evs = evs[-args.last:]
         while True:
             for ev in evs:
                 key = (ev["state"], json.dumps(ev.get("hosts_late")))
