@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -131,3 +132,32 @@ def module_lab(name: str, topo_text: str, lab_home: Path,
     finally:
         labctl("--lab", name, "down", check=False)
     assert leftovers(name, lab_home / "labs" / name) == []
+
+
+def outside_qmp(sock: Path | str, command: str, timeout: float = 30) -> Any:
+    """What a QEMU returns for ``command`` on the QMP socket ``sock``, asked with a plain
+    socket (none of labctl's code). An ``error`` answer fails the test with its message."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        f = s.makefile("rw")
+
+        def answer() -> Any:
+            line = f.readline()
+            assert line, f"QMP {sock} closed the connection"
+            return json.loads(line)
+
+        greeting = answer()
+        assert "QMP" in greeting, greeting
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}) + "\n")
+            f.flush()
+            while True:  # events may come first
+                msg = answer()
+                if "error" in msg:
+                    err = msg["error"]
+                    raise AssertionError(f"QMP {cmd} on {sock} failed: {err.get('class')}: "
+                                         f"{err.get('desc')}")
+                if "return" in msg:
+                    break
+        return msg["return"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, in_ns, labctl, leftovers, module_lab, naa_designator
+from tests.conftest import e2e_ready, in_ns, labctl, leftovers, module_lab, naa_designator, outside_qmp
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -98,20 +98,8 @@ def test_heartbeat_is_live_and_disk_counter_advances(lab: dict[str, Any]) -> Non
 
 def test_outside_qmp_and_console_log(lab: dict[str, Any]) -> None:
     """The VM's own QEMU answers on its spare QMP socket; its console log holds heartbeats."""
-    import socket
-
     vm = json.loads(labctl("--lab", lab["name"], "status", "--json").stdout)["vms"][0]
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(10)
-        sock.connect(vm["qmp_check_socket"])
-        f = sock.makefile("rw")
-        assert "QMP" in json.loads(f.readline())
-        for cmd in ("qmp_capabilities", "query-status"):
-            f.write(json.dumps({"execute": cmd}) + "\n")
-            f.flush()
-            while "return" not in (answer := json.loads(f.readline())):
-                pass
-        assert answer["return"]["status"] == "running"
+    assert outside_qmp(vm["qmp_check_socket"], "query-status", timeout=10)["status"] == "running"
     log = Path(vm["console_log"]).read_text(errors="replace")
     assert sum(1 for line in log.splitlines() if line.startswith("HB ")) >= 10
 

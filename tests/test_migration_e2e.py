@@ -6,7 +6,6 @@ processes and files that must (not) exist."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ import pytest
 from labctl.errors import MigrationError
 from labctl.migration import load_policy
 from labctl.migration_testbed import PairTestbed, qemu_pids_under
+from tests.conftest import outside_qmp
 
 pytestmark = [
     pytest.mark.e2e,
@@ -79,23 +79,6 @@ async def _dest_clean(tb: PairTestbed, host: str, within: float = 3.0) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _outside_qmp(sock: Path, cmd: str) -> dict[str, Any]:
-    """Ask a QEMU over its second QMP monitor, without labctl's help."""
-    r, w = await asyncio.open_unix_connection(str(sock))
-    try:
-        await r.readline()  # greeting
-        for line in (json.dumps({"execute": "qmp_capabilities"}), json.dumps({"execute": cmd})):
-            w.write(line.encode() + b"\n")
-            await w.drain()
-            while True:
-                msg = json.loads(await r.readline())
-                if "return" in msg or "error" in msg:
-                    break
-        return dict(msg)
-    finally:
-        w.close()
-
-
 def test_back_and_forth_guest_survives(tb: PairTestbed, loop: asyncio.AbstractEventLoop) -> None:
     async def go() -> None:
         for rate in (10, 40):
@@ -117,8 +100,8 @@ def test_back_and_forth_guest_survives(tb: PairTestbed, loop: asyncio.AbstractEv
             assert res["prepare"]["checks"]["read"]["bytes"] == 512
             # outside: the destination's QEMU says running, the source's QEMU is gone
             run_dir = tb.lab_dir / "hosts" / dst / "vms" / tb.vm
-            st = await _outside_qmp(run_dir / "qmp-check.sock", "query-status")
-            assert st["return"]["status"] == "running"
+            st = await asyncio.to_thread(outside_qmp, run_dir / "qmp-check.sock", "query-status")
+            assert st["status"] == "running"
             assert qemu_pids_under(tb.lab_dir / "hosts" / src / "vms") == []
             assert await tb.clients[src].call("vm_list") == []
             await _alive_on(tb, dst)

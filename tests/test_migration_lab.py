@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, labctl, module_lab
+from tests.conftest import e2e_ready, labctl, module_lab, outside_qmp
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -144,10 +144,7 @@ def test_non_convergence_detected_by_pass_5(lab: dict[str, Any]) -> None:
 
 def qmp_check(lab: dict[str, Any], host: str, command: str) -> Any:
     """``command``'s answer from the VM's QEMU on ``host``, over its own spare QMP socket."""
-    sock = lab["dir"] / "hosts" / host / "vms" / "vm1" / "qmp-check.sock"
-    out = subprocess.run(["python3", "-c", _QMP, str(sock), command], capture_output=True,
-                         text=True, timeout=30, check=True).stdout
-    return json.loads(out)
+    return outside_qmp(lab["dir"] / "hosts" / host / "vms" / "vm1" / "qmp-check.sock", command)
 
 
 def show(lab: dict[str, Any], mid: int) -> dict[str, Any]:
@@ -341,17 +338,3 @@ def test_source_qemu_killed(lab: dict[str, Any]) -> None:
     alive(lab, src)
     read = labctl("--lab", lab["name"], "vm", "console", "vm1", "read").stdout
     assert int(read.split()[-1]) >= disk_before, read  # no disk data lost
-
-
-_QMP = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
-f.readline()
-for cmd in ("qmp_capabilities", sys.argv[2]):
-    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
-    while True:
-        m = json.loads(f.readline())
-        if "return" in m or "error" in m:
-            break
-print(json.dumps(m["return"]))
-"""
