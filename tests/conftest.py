@@ -89,6 +89,16 @@ def in_ns(lab: str, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+def outside_size(lab: str, host: str, m: dict[str, Any]) -> int:
+    """The size of datastore ``m`` (as ``datastore show`` gives it) that an iSCSI client in
+    ``host``'s namespace reads, logged in with the host's initiator name."""
+    url = f"iscsi://{m['portal'].split(':')[0]}/{m['target_iqn']}/{m['lun']}"
+    res = in_ns(lab, host, "iscsi-readcapacity16", "-s", "-i",
+                f"iqn.2026-11.dev.labctl:{lab}.{host}", url)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip())
+
+
 def leftovers(lab: str, lab_dir: Path) -> list[str]:
     """Everything of lab ``lab`` that still exists, looked up without labctl's help."""
     found: list[str] = []

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LabCli, e2e_ready, in_ns, module_lab, naa_designator
+from tests.conftest import LabCli, e2e_ready, module_lab, naa_designator, outside_size
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -50,14 +50,6 @@ def outside_naa(host: str, m: dict[str, Any]) -> subprocess.CompletedProcess[byt
                           capture_output=True, timeout=60, check=False)
 
 
-def outside_size(host: str, m: dict[str, Any]) -> int:
-    url = f"iscsi://{m['portal'].split(':')[0]}/{m['target_iqn']}/{m['lun']}"
-    res = in_ns(NAME, host, "iscsi-readcapacity16", "-s", "-i",
-                f"iqn.2026-11.dev.labctl:{NAME}.{host}", url)
-    assert res.returncode == 0, res.stderr
-    return int(res.stdout.strip())
-
-
 def test_create_gives_lio_naa_id_seen_only_by_named_hosts(lab: dict[str, Any]) -> None:
     res = js("datastore", "create", "dsa", "--size", "32M", "--hosts", "h2,h3")
     assert re.fullmatch(r"naa\.6001405[0-9a-f]{25}", res["id"]), res["id"]
@@ -72,7 +64,7 @@ def test_create_gives_lio_naa_id_seen_only_by_named_hosts(lab: dict[str, Any]) -
         inq = outside_naa(host, res)
         assert inq.returncode == 0, inq.stderr
         assert naa_designator(inq.stdout) == raw, inq.stdout
-        assert outside_size(host, res) == 32 << 20
+        assert outside_size(NAME, host, res) == 32 << 20
     for host in ("h1", "h4"):  # not named: the ACL hides the LUN
         assert outside_naa(host, res).returncode != 0
         units = js("host", "storage", host)["units"]
@@ -129,7 +121,7 @@ def test_resize_refreshes_exactly_the_sharing_hosts(lab: dict[str, Any], lookup:
     assert after["h3"] == before["h3"] and after["h4"] == before["h4"]  # not touched
     assert after["h1"] > before["h1"] and after["h2"] > before["h2"]
     for host in ("h1", "h2"):
-        assert outside_size(host, m) == size
+        assert outside_size(NAME, host, m) == size
         unit = next(u for u in js("host", "storage", host)["units"] if u["id"] == m["id"])
         assert unit["size_bytes"] == size and unit["state"] == "ok"
     assert js("datastore", "show", "ds1")["size_bytes"] == size

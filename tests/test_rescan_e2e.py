@@ -17,7 +17,7 @@ import pytest
 
 from labctl import storagenode
 from labctl.rpc import RpcClient
-from tests.conftest import LabCli, e2e_ready, in_ns, module_lab
+from tests.conftest import LabCli, e2e_ready, module_lab, outside_size
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -135,10 +135,7 @@ def test_burst_on_one_lun_is_coalesced(lab: dict[str, Any]) -> None:
             assert e["coalesced_into"] in [r["id"] for r in rounds]
     for host in ("h2", "h3"):
         assert _unit(host, m["id"])["size_bytes"] == final
-        url = f"iscsi://{m['portal'].split(':')[0]}/{m['target_iqn']}/{m['lun']}"
-        out = in_ns(NAME, host, "iscsi-readcapacity16", "-s", "-i",
-                    f"iqn.2026-11.dev.labctl:{NAME}.{host}", url)
-        assert int(out.stdout.strip()) == final
+        assert outside_size(NAME, host, m) == final
     assert m["id"] not in [u["id"] for u in js("host", "storage", "h1")["units"]]
 
 
