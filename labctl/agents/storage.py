@@ -124,7 +124,6 @@ class StorageAgent:
         self.server: RpcServer | None = None
         self._lock = asyncio.Lock()
         self._rts: Any = None  # the rtslib_fb module, once RTSRoot() worked
-        self._last_size: dict[str, int] = {}
         # LUNs whose backing device size is watched: name -> {device, naa, lun, size_bytes}
         self._watched: dict[str, dict[str, Any]] = {}
         self._portal_down = False
@@ -183,15 +182,13 @@ class StorageAgent:
     async def refresh_capacity(self, name: str) -> dict[str, Any]:
         check_lun_name(name)
         result: dict[str, Any] = await self._locked(self._capacity, name)
-        watched = self._watched.get(name)
-        before = watched["size_bytes"] if watched else self._last_size.get(name)
-        self._last_size[name] = int(result["size_bytes"])
-        if watched:
-            watched["size_bytes"] = int(result["size_bytes"])
-            result.update(naa=watched["naa"], lun=watched["lun"])
-        result["previous_size_bytes"] = before
-        if before is not None and before != result["size_bytes"]:
-            self._publish("lun_capacity_changed", result)
+        w = self._watched.get(name)
+        if w is None:
+            result["previous_size_bytes"] = None
+            return result
+        seen = self._observe(w, int(result["size_bytes"]), str(result["device"]))
+        result.update(naa=seen["naa"], lun=seen["lun"],
+                      previous_size_bytes=seen["previous_size_bytes"])
         return result
 
     async def portal_set(self, up: bool) -> dict[str, Any]:
@@ -222,19 +219,21 @@ class StorageAgent:
         udev is needed in the node."""
         while True:
             await asyncio.sleep(interval)
-            for name, w in list(self._watched.items()):
-                try:
-                    size = int((self.sys_block / w["device"] / "size").read_text()) * 512
-                except (OSError, ValueError):
-                    continue
-                if size == w["size_bytes"] or self._watched.get(name) is not w:
-                    continue
-                before, w["size_bytes"] = w["size_bytes"], size
-                self._last_size[name] = size
-                log.info("LUN %s: capacity %d -> %d bytes", name, before, size)
-                self._publish("lun_capacity_changed", {
-                    "name": name, "naa": w["naa"], "lun": w["lun"], "size_bytes": size,
-                    "previous_size_bytes": before, "device": f"/dev/{w['device']}"})
+            for w in list(self._watched.values()):
+                size = self._device_size(w["device"])
+                if size is not None and size != w["size_bytes"]:
+                    self._observe(w, size)
+
+    def _observe(self, w: dict[str, Any], size: int, device: str | None = None) -> dict[str, Any]:
+        """Record ``size`` bytes as the capacity of the watched LUN ``w``; a change is logged
+        and published as ``lun_capacity_changed``. Returns what was observed."""
+        before, w["size_bytes"] = w["size_bytes"], size
+        seen = {"name": w["name"], "naa": w["naa"], "lun": w["lun"], "size_bytes": size,
+                "previous_size_bytes": before, "device": device or f"/dev/{w['device']}"}
+        if size != before:
+            log.info("LUN %s: capacity %d -> %d bytes", w["name"], before, size)
+            self._publish("lun_capacity_changed", seen)
+        return seen
 
     # plumbing ----------------------------------------------------------------------------
 
@@ -342,14 +341,17 @@ class StorageAgent:
             "initiators": sorted(set(initiators)),
         }
 
+    def _device_size(self, dev: str) -> int | None:
+        """Bytes of block device ``dev`` (its name under /sys/block) as the kernel sees it now."""
+        try:
+            return int((self.sys_block / dev / "size").read_text()) * 512
+        except (OSError, ValueError):
+            return None
+
     def _size(self, so: Any) -> int:
         """Capacity of the backing device as LIO sees it (iblock reads the live bdev size)."""
-        dev = os.path.basename(so.udev_path)
-        try:
-            sectors = int((self.sys_block / dev / "size").read_text())
-            return sectors * 512
-        except (OSError, ValueError):
-            return int(so.size)
+        size = self._device_size(os.path.basename(so.udev_path))
+        return int(so.size) if size is None else size
 
     def _status(self) -> dict[str, Any]:
         rts = self._lio()
@@ -463,7 +465,6 @@ class StorageAgent:
             so.delete()
         except rts.RTSLibError as exc:
             raise self._rtserr(f"cannot delete LUN {name}", exc, name=name) from exc
-        self._last_size.pop(name, None)
         log.info("deleted LUN %s", name)
         return {"name": name, "deleted": True}
 
