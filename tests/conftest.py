@@ -11,7 +11,8 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,21 @@ def in_ns(lab: str, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
     """``argv`` run in the network namespace of ``host`` of lab ``lab``."""
     return subprocess.run(["ip", "netns", "exec", f"labctl-{lab}-{host}", *argv],
                           capture_output=True, text=True, timeout=60, check=False)
+
+
+def wait(pred: Callable[..., Any], timeout: float = 30.0, what: str | Callable[[], str] = "",
+         interval: float = 0.2) -> Any:
+    """Call ``pred`` every ``interval`` s until it returns something true, and return that;
+    after ``timeout`` s fail the test, saying what it waited for (``what``, or what it
+    returns then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
 
 
 def outside_size(lab: str, host: str, m: dict[str, Any]) -> int:

@@ -8,14 +8,13 @@ import json
 import re
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import LabCli, e2e_ready, module_lab, naa_designator, outside_size
+from tests.conftest import LabCli, e2e_ready, module_lab, naa_designator, outside_size, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -127,13 +126,8 @@ def test_resize_refreshes_exactly_the_sharing_hosts(lab: dict[str, Any], lookup:
     assert js("datastore", "show", "ds1")["size_bytes"] == size
     # the VM on the LUN was told (block_resize) and its guest sees the new size
     assert [v["vm"] for v in ev["vms_resized"]] == ["vm1"]
-    deadline = time.monotonic() + 10
-    while True:
-        out = lc("vm", "console", "vm1", "size", check=False).stdout
-        if f"DISK size {size}" in out or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    assert f"DISK size {size}" in out
+    wait(lambda: f"DISK size {size}" in lc("vm", "console", "vm1", "size", check=False).stdout,
+         10, f"the guest to see DISK size {size}", interval=0.3)
     shown = lc("events").stdout
     assert "lun_capacity_changed" in shown and "refreshed h1,h2" in shown
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, in_ns, labctl, leftovers, module_lab, naa_designator, outside_qmp
+from tests.conftest import e2e_ready, in_ns, labctl, leftovers, module_lab, naa_designator, outside_qmp, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -149,19 +149,17 @@ def test_down_after_sigkill_mid_up(lab_home: Path, tmp_path: Path) -> None:
     topo = tmp_path / "kill.yaml"
     topo.write_text(TOPO.format(name=name, subnet="10.231.41.0/24"))
     lab_dir = lab_home / "labs" / name
+
+    def node_defined() -> bool:
+        doms = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"],
+                              capture_output=True, text=True, check=False).stdout
+        return f"labctl-{name}-stor1" in doms
+
     proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "up", str(topo)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
         # kill it once the storage VM exists, while it is still booting
-        while time.monotonic() < deadline:
-            doms = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"],
-                                  capture_output=True, text=True, check=False).stdout
-            if f"labctl-{name}-stor1" in doms:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the storage node never appeared")
+        wait(node_defined, 120, "the storage node to appear", interval=0.1)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, labctl, module_lab, outside_qmp
+from tests.conftest import e2e_ready, labctl, module_lab, outside_qmp, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -77,10 +77,8 @@ def alive(lab: dict[str, Any], host: str) -> dict[str, Any]:
 
 def dest_clean(lab: dict[str, Any], host: str, within: float = 3.0) -> None:
     run_dir = lab["dir"] / "hosts" / host / "vms" / "vm1"
-    deadline = time.monotonic() + within
-    while run_dir.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not run_dir.exists(), f"leftover {run_dir}: {os.listdir(run_dir)}"
+    wait(lambda: not run_dir.exists(), within,
+         lambda: f"{run_dir} to go; it holds {os.listdir(run_dir)}")
 
 
 def other(host: str) -> str:
@@ -260,10 +258,14 @@ def test_destination_qemu_killed(lab: dict[str, Any]) -> None:
     dst = other(src)
     proc = start_migrate(lab, dst)
     pidfile = lab["dir"] / "hosts" / dst / "vms" / "vm1" / "qemu.pid"
-    deadline = time.monotonic() + 60
-    while not pidfile.exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.1)
+
+    def dest_started() -> bool:
+        if pidfile.exists():
+            return True
+        assert proc.poll() is None, proc.communicate()[1]  # the migration ended first
+        return False
+
+    wait(dest_started, 60, "the destination QEMU's pidfile", interval=0.1)
     time.sleep(2.0)
     os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
     _, err = proc.communicate(timeout=60)

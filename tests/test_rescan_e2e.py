@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 
 from labctl import storagenode
 from labctl.rpc import RpcClient
-from tests.conftest import LabCli, e2e_ready, module_lab, outside_size
+from tests.conftest import LabCli, e2e_ready, module_lab, outside_size, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -55,17 +54,6 @@ def host_call(lab: dict[str, Any], host: str, method: str, **params: Any) -> Any
             await c.close()
 
     return asyncio.run(go())
-
-
-def wait(pred: Any, timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
