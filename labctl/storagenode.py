@@ -260,19 +260,9 @@ def domain_xml(spec: StorageNodeSpec, image: StorageImage, overlay: Path, config
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(dom, event).text = "destroy"  # a dead node stays visibly dead
     devs = ET.SubElement(dom, "devices")
-
-    def disk(path: Path, target: str, serial: str, readonly: bool = False) -> None:
-        d = ET.SubElement(devs, "disk", {"type": "file", "device": "disk"})
-        ET.SubElement(d, "driver", {"name": "qemu", "type": "raw", "discard": "unmap"})
-        ET.SubElement(d, "source", {"file": str(path)})
-        ET.SubElement(d, "target", {"dev": target, "bus": "virtio"})
-        ET.SubElement(d, "serial").text = serial
-        if readonly:
-            ET.SubElement(d, "readonly")
-
-    disk(config_disk, "vda", CONFIG_DISK_SERIAL, readonly=True)
+    devs.append(_disk_element(config_disk, "vda", CONFIG_DISK_SERIAL, readonly=True))
     for i, dd in enumerate(spec.data_disks):
-        disk(dd.path, _vd_name(i + 1), dd.serial)
+        devs.append(_disk_element(dd.path, _vd_name(i + 1), dd.serial))
     nic = ET.SubElement(devs, "interface", {"type": "bridge"})
     ET.SubElement(nic, "source", {"bridge": spec.bridge})
     ET.SubElement(nic, "target", {"dev": spec.tap})
@@ -299,6 +289,23 @@ def domain_xml(spec: StorageNodeSpec, image: StorageImage, overlay: Path, config
                 "-device", f"nvme,drive=lcroot,serial={ROOT_DISK_SERIAL},bus=pci.0,addr=0x1f"):
         ET.SubElement(cmd, f"{{{qemu_ns}}}arg", {"value": arg})
     return ET.tostring(dom, encoding="unicode")
+
+
+def _disk_element(path: Path, target: str, serial: str, readonly: bool = False) -> ET.Element:
+    """A raw file as a virtio-blk ``<disk>`` the node finds by ``serial``."""
+    d = ET.Element("disk", {"type": "file", "device": "disk"})
+    ET.SubElement(d, "driver", {"name": "qemu", "type": "raw", "discard": "unmap"})
+    ET.SubElement(d, "source", {"file": str(path)})
+    ET.SubElement(d, "target", {"dev": target, "bus": "virtio"})
+    ET.SubElement(d, "serial").text = serial
+    if readonly:
+        ET.SubElement(d, "readonly")
+    return d
+
+
+def _find_disk(root: ET.Element, serial: str) -> ET.Element | None:
+    """The ``<disk>`` with ``serial`` in a domain's XML, or None."""
+    return next((d for d in root.iter("disk") if d.findtext("serial") == serial), None)
 
 
 def _vd_name(i: int) -> str:
@@ -354,6 +361,12 @@ def _ensure_data_disk(dd: DataDisk) -> None:
         os.close(fd)
 
 
+def _check_serial(dd: DataDisk) -> None:
+    if not 1 <= len(dd.serial) <= 20 or dd.serial == CONFIG_DISK_SERIAL:
+        raise StorageNodeError(f"data disk serial {dd.serial!r} must be 1-20 characters and "
+                               f"not {CONFIG_DISK_SERIAL!r}", serial=dd.serial)
+
+
 def _check_spec(spec: StorageNodeSpec) -> None:
     if not 1 <= len(spec.tap) <= 15:
         raise StorageNodeError(f"tap name {spec.tap!r} must be 1-15 characters", tap=spec.tap)
@@ -361,9 +374,7 @@ def _check_spec(spec: StorageNodeSpec) -> None:
         raise StorageNodeError(f"bridge {spec.bridge} does not exist: create it before "
                                "starting storage node " + spec.name, bridge=spec.bridge)
     for dd in spec.data_disks:
-        if not 1 <= len(dd.serial) <= 20 or dd.serial == CONFIG_DISK_SERIAL:
-            raise StorageNodeError(f"data disk serial {dd.serial!r} must be 1-20 characters and "
-                                   f"not {CONFIG_DISK_SERIAL!r}", serial=dd.serial)
+        _check_serial(dd)
     try:
         ipaddress.IPv4Interface(spec.address_cidr)
     except ValueError as exc:
@@ -502,17 +513,14 @@ async def destroy_owned(lab: str, lab_dir: Path) -> list[str]:
 
 def _disk_target(dom: Any, serial: str) -> str:
     root = ET.fromstring(dom.XMLDesc(0))
-    seen = []
-    for d in root.iter("disk"):
-        s = d.findtext("serial")
-        tgt = d.find("target")
-        if tgt is None:
-            continue
-        seen.append(s)
-        if s == serial:
-            return str(tgt.get("dev"))
-    raise StorageNodeError(f"domain {dom.name()} has no disk with serial {serial!r}",
-                           domain=dom.name(), serials=seen)
+    disk = _find_disk(root, serial)
+    tgt = disk.find("target") if disk is not None else None
+    if tgt is None:
+        raise StorageNodeError(f"domain {dom.name()} has no disk with serial {serial!r}",
+                               domain=dom.name(),
+                               serials=[d.findtext("serial") for d in root.iter("disk")
+                                        if d.find("target") is not None])
+    return str(tgt.get("dev"))
 
 
 def _resize(lab: str, name: str, serial: str, new_size: int) -> None:
@@ -550,31 +558,21 @@ def _owned_domain(conn: Any, lab: str, name: str) -> Any:
     return dom
 
 
-def _disk_xml(dd: DataDisk, target: str) -> str:
-    d = ET.Element("disk", {"type": "file", "device": "disk"})
-    ET.SubElement(d, "driver", {"name": "qemu", "type": "raw", "discard": "unmap"})
-    ET.SubElement(d, "source", {"file": str(dd.path)})
-    ET.SubElement(d, "target", {"dev": target, "bus": "virtio"})
-    ET.SubElement(d, "serial").text = dd.serial
-    return ET.tostring(d, encoding="unicode")
-
-
 def _attach(lab: str, name: str, dd: DataDisk) -> str:
     lv = _libvirt()
     conn = _open()
     try:
         dom = _owned_domain(conn, lab, name)
         root = ET.fromstring(dom.XMLDesc(0))
-        used = set()
-        for d in root.iter("disk"):
-            tgt = d.find("target")
-            if d.findtext("serial") == dd.serial and tgt is not None:
-                return str(tgt.get("dev"))  # already attached
-            if tgt is not None:
-                used.add(tgt.get("dev"))
+        have = _find_disk(root, dd.serial)
+        tgt = have.find("target") if have is not None else None
+        if tgt is not None:
+            return str(tgt.get("dev"))  # already attached
+        used = {t.get("dev") for t in (d.find("target") for d in root.iter("disk")) if t is not None}
         target = next(_vd_name(i) for i in range(1, 700) if _vd_name(i) not in used)
+        xml = ET.tostring(_disk_element(dd.path, target, dd.serial), encoding="unicode")
         try:
-            dom.attachDeviceFlags(_disk_xml(dd, target), lv.VIR_DOMAIN_AFFECT_LIVE)
+            dom.attachDeviceFlags(xml, lv.VIR_DOMAIN_AFFECT_LIVE)
         except lv.libvirtError as exc:
             raise StorageNodeError(f"hot-plugging disk {dd.serial} into {dom.name()} failed: {exc}",
                                    domain=dom.name(), serial=dd.serial) from exc
@@ -588,17 +586,15 @@ def _detach(lab: str, name: str, serial: str) -> bool:
     conn = _open()
     try:
         dom = _owned_domain(conn, lab, name)
-        root = ET.fromstring(dom.XMLDesc(0))
-        for d in root.iter("disk"):
-            if d.findtext("serial") == serial:
-                try:
-                    dom.detachDeviceFlags(ET.tostring(d, encoding="unicode"),
-                                          lv.VIR_DOMAIN_AFFECT_LIVE)
-                except lv.libvirtError as exc:
-                    raise StorageNodeError(f"unplugging disk {serial} from {dom.name()} failed: "
-                                           f"{exc}", domain=dom.name(), serial=serial) from exc
-                return True
-        return False
+        disk = _find_disk(ET.fromstring(dom.XMLDesc(0)), serial)
+        if disk is None:
+            return False
+        try:
+            dom.detachDeviceFlags(ET.tostring(disk, encoding="unicode"), lv.VIR_DOMAIN_AFFECT_LIVE)
+        except lv.libvirtError as exc:
+            raise StorageNodeError(f"unplugging disk {serial} from {dom.name()} failed: {exc}",
+                                   domain=dom.name(), serial=serial) from exc
+        return True
     finally:
         conn.close()
 
@@ -606,9 +602,7 @@ def _detach(lab: str, name: str, serial: str) -> bool:
 async def attach_data_disk(lab: str, name: str, dd: DataDisk) -> str:
     """Create ``dd``'s sparse file if needed and hot-plug it into the running node (virtio-blk on
     the node's PCI bus, ACPI hotplug); returns the libvirt target. Idempotent by serial."""
-    if not 1 <= len(dd.serial) <= 20 or dd.serial == CONFIG_DISK_SERIAL:
-        raise StorageNodeError(f"data disk serial {dd.serial!r} must be 1-20 characters and "
-                               f"not {CONFIG_DISK_SERIAL!r}", serial=dd.serial)
+    _check_serial(dd)
     _ensure_data_disk(dd)
     return await _in_thread(_attach, lab, name, dd)
 
