@@ -180,7 +180,7 @@ def test_agent_refuses_bad_secret_file(tmp_path: Path) -> None:
     lab = tmp_path / "lab"
     lab.mkdir()
     (lab / "secret").write_text("not hex\n")
-    from labctl.agents.host import read_secret
+    from labctl.labdir import read_secret
 
     with pytest.raises(LabError, match="secret"):
         read_secret(lab)
