@@ -298,6 +298,8 @@ class QemuVm:
         self._dirfds: list[int] = []
         #: called once if QEMU exits without being asked to (e.g. to report an event)
         self.on_unexpected_exit: Callable[[QemuVm], None] | None = None
+        #: called with each QMP event as it arrives (after it is recorded in ``events``)
+        self.on_event: Callable[[QemuVm, dict[str, Any]], None] | None = None
 
     # -- paths
     @property
@@ -440,10 +442,15 @@ class QemuVm:
             t = time.monotonic()
             ts = event.get("timestamp")
             # "t": arrival here (time.monotonic()); "qemu_time": QEMU's own stamp (CLOCK_REALTIME)
-            self.events.append({"t": t, "event": event.get("event"),
-                                "data": event.get("data", {}),
-                                "qemu_time": float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
-                                if isinstance(ts, dict) and "seconds" in ts else None})
+            rec = {"t": t, "event": event.get("event"), "data": event.get("data", {}),
+                   "qemu_time": float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+                   if isinstance(ts, dict) and "seconds" in ts else None}
+            self.events.append(rec)
+            if self.on_event is not None:
+                try:
+                    self.on_event(self, rec)
+                except Exception:
+                    log.exception("%s: event callback failed", self.spec.name)
 
     def _read_console(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         buf = b""

@@ -144,6 +144,11 @@ class HostAgent:
             log.warning("KVM probe failed (%s): using TCG", exc)
             return "tcg"
 
+    def on_vm_event(self, vm: QemuVm, event: dict[str, Any]) -> None:
+        """A QMP event of one of our VMs: I/O errors on its disk become storage events."""
+        if event["event"] == "BLOCK_IO_ERROR":
+            self.storage.vm_io_error(vm, event)
+
     def _on_exit(self, vm: QemuVm) -> None:
         if self.server is not None:
             self.server.publish("vm_exited", {"host": self.host, "name": vm.spec.name,
@@ -204,6 +209,7 @@ class HostAgent:
             self.check_not_running(name)
             vm = QemuVm(vmspec, self.state_dir / "vms" / name)
             vm.on_unexpected_exit = self._on_exit
+            vm.on_event = self.on_vm_event
             self.vms[name] = vm
             try:
                 await vm.start(incoming=incoming)

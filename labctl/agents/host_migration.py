@@ -257,6 +257,7 @@ class MigrationHandlers:
             vm = QemuVm(vmspec, run_dir)
             inc = _Incoming(vm=vm, mode=storage, real_node=real, lease_until=_now() + lease_s)
             vm.on_unexpected_exit = self._incoming_died
+            vm.on_event = self.agent.on_vm_event
             self.agent.vms[name] = vm
             self.incoming[name] = inc
             try:

@@ -33,7 +33,6 @@ Events pushed (besides the agent's own): ``host_capacity_changed``,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import time
@@ -44,6 +43,7 @@ from labctl.errors import LabError, LabStateError
 
 if TYPE_CHECKING:
     from labctl.agents.host import HostAgent
+    from labctl.qemu import QemuVm
     from labctl.rpc import Handler
 
 log = logging.getLogger("labctl.agents.host.storage")
@@ -55,7 +55,6 @@ _SENSE_UNIT_ATTENTION = 6
 # {unsigned char error_type; enum key; int ascq;} @48 -> key @52, ascq @56
 _TASK_SENSE_KEY = 52
 _TASK_SENSE_ASCQ = 56
-_IO_WATCH_S = 0.25
 
 
 class _ReadCapacity16(ctypes.Structure):
@@ -142,8 +141,6 @@ class HostStorage:
         self.cache: dict[str, dict[str, Any]] = {}
         self.scsi_commands = 0
         self._locks: dict[str, asyncio.Lock] = {}
-        self._io_seen: dict[str, float] = {}
-        self._watch: asyncio.Task[None] | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -155,8 +152,6 @@ class HostStorage:
 
     # -- helpers
     def _publish(self, event: str, data: dict[str, Any]) -> None:
-        if self._watch is None:
-            self._watch = asyncio.ensure_future(self._watch_io_errors())
         if self.agent.server is not None:
             self.agent.server.publish(event, {"host": self.agent.host, "at": time.time(), **data})
 
@@ -173,8 +168,6 @@ class HostStorage:
                                        "scans", "scsi_commands", "error")}
 
     async def _scan(self, uid: str, origin: str) -> dict[str, Any]:
-        if self._watch is None:
-            self._watch = asyncio.ensure_future(self._watch_io_errors())
         e = self.cache[uid]
         async with self._locks.setdefault(uid, asyncio.Lock()):
             before = e.get("size_bytes")
@@ -293,25 +286,14 @@ class HostStorage:
         return {"name": name, "size_bytes": size_bytes}
 
     # -- QEMU block I/O errors
-    async def _watch_io_errors(self) -> None:
-        while True:
-            await asyncio.sleep(_IO_WATCH_S)
-            with contextlib.suppress(Exception):
-                self._scan_io_errors()
-
-    def _scan_io_errors(self) -> None:
-        for name, vm in list(self.agent.vms.items()):
-            seen = self._io_seen.get(name, 0.0)
-            for ev in list(vm.events):
-                if ev.get("event") != "BLOCK_IO_ERROR" or ev["t"] <= seen:
-                    continue
-                self._io_seen[name] = ev["t"]
-                disk = getattr(vm.spec.disk, "naa", None)
-                unit = normal_id(disk) if isinstance(disk, str) and disk else None
-                if unit is None:
-                    for uid, e in self.cache.items():
-                        if getattr(vm.spec.disk, "lun", None) == e.get("lun") and getattr(
-                                vm.spec.disk, "portal", None) == e.get("portal"):
-                            unit = uid
-                self._publish("io_error", {"unit": unit, "vm": name,
-                                           "detail": ev.get("data", {})})
+    def vm_io_error(self, vm: QemuVm, ev: dict[str, Any]) -> None:
+        """QEMU reported BLOCK_IO_ERROR on a VM's disk: publish it for the datastore."""
+        disk = getattr(vm.spec.disk, "naa", None)
+        unit = normal_id(disk) if isinstance(disk, str) and disk else None
+        if unit is None:
+            for uid, e in self.cache.items():
+                if getattr(vm.spec.disk, "lun", None) == e.get("lun") and getattr(
+                        vm.spec.disk, "portal", None) == e.get("portal"):
+                    unit = uid
+        self._publish("io_error", {"unit": unit, "vm": vm.spec.name,
+                                   "detail": ev.get("data", {})})
