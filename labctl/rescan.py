@@ -60,6 +60,7 @@ LOOKUPS = ("inventory", "poll")
 FINAL = ("done", "partial", "ignored", "coalesced", "failed")
 _REFRESH_TIMEOUT = 3.0
 _AGREE_TRIES = 10
+_HEAL_BACKOFF_MAX_S = 30.0  # a host that keeps disagreeing is asked again at most this rarely
 
 
 def last_event_id(inv: Inventory) -> int:
@@ -182,6 +183,8 @@ class RescanService:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._connected: set[str] = set()
+        self._asking: dict[str, asyncio.Task[dict[str, Any]]] = {}  # storage queries in flight
+        self._heal_backoff: dict[tuple[str, str], tuple[float, float]] = {}  # (next try, delay)
 
     # -- recording
     def _record(self, source: str, kind: str, unit: str | None, datastore: str | None,
@@ -265,6 +268,15 @@ class RescanService:
         return await client.call(method, timeout=timeout, **params)
 
     async def _expected(self, ds: dict[str, Any]) -> dict[str, Any]:
+        """The unit's state as the storage reports it now. Concurrent callers (each sharing
+        host's retries in a round) share one query to the storage agent."""
+        task = self._asking.get(ds["name"])
+        if task is None or task.done():
+            task = asyncio.ensure_future(self._ask_storage(ds))
+            self._asking[ds["name"]] = task
+        return await asyncio.shield(task)
+
+    async def _ask_storage(self, ds: dict[str, Any]) -> dict[str, Any]:
         node = ds["node"]
         if self.node_lost.get(node) or self.portal_down.get(node):
             return {"state": "unreachable"}
@@ -425,11 +437,19 @@ class RescanService:
                     self.inv.conn.execute("DELETE FROM host_units WHERE host=? AND unit=?",
                                           (host, unit))
                     continue
+            key = (host, unit)
+            if row["state"] == "disagree" and time.monotonic() < self._heal_backoff.get(
+                    key, (0.0, 0.0))[0]:
+                continue
             want = await self._expected(ds)
             outcome, entry, _, _ = await self._refresh_host(host, unit, want)
             if outcome == "stale":
                 return
+            if outcome == "disagree":  # it keeps disagreeing: ask again later, less often
+                delay = min(_HEAL_BACKOFF_MAX_S, 2 * self._heal_backoff.get(key, (0.0, 0.5))[1])
+                self._heal_backoff[key] = (time.monotonic() + delay, delay)
             if outcome == "ok":
+                self._heal_backoff.pop(key, None)
                 self._host_unit(host, unit, ds["name"], "fresh", entry, row["event"])
                 if entry is not None and want["state"] == "ok":
                     self.inv.record_seen(ds["name"], host, entry)
