@@ -37,6 +37,7 @@ from labctl.topology import format_size, parse_size
 
 if TYPE_CHECKING:
     from labctl.lab import Lab
+    from labctl.storagenode import DataDisk
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
 MIN_SIZE = 1 << 20
@@ -231,20 +232,10 @@ async def create(lab: Lab, name: str, size: int | str, hosts: list[str],
             if len(sites) != 1:
                 raise LabStateError(f"the hosts of a datastore must be in one site ({sorted(sites)})")
             chosen = pick_node(inv, nbytes, sites.pop(), node)
-            serial, naa = IdRegistry().issue(lab.name, lab.dir.path, chosen, name)
-            disk_serial = f"lc-{name}"[:20]
-            path = lab.dir.storage_dir(chosen) / f"{name}.img"
-            inv.upsert("datastores", name=name, node=chosen, size_bytes=nbytes, unit_serial=serial,
-                       naa=naa, lun=None, disk_serial=disk_serial, backing_path=str(path),
-                       state="allocating", created=time.time())
-            for h in hosts:
-                inv.upsert("datastore_hosts", datastore=name, host=h, seen_naa=None,
-                           seen_size=None, scanned_at=None)
+            naa, disk = register(lab, inv, chosen, name, nbytes, hosts, "allocating")
             t0 = time.monotonic()
-            await storagenode.attach_data_disk(
-                lab.name, chosen, storagenode.DataDisk(serial=disk_serial, path=path,
-                                                       size_bytes=nbytes))
-            lun = await _ensure_lun(lab, inv, name, wait_disk=10.0)
+            await storagenode.attach_data_disk(lab.name, chosen, disk)
+            lun = await export_lun(lab, inv, name, wait_disk=10.0)
             if lun["naa"] != naa:
                 raise StorageNodeError(f"LIO built NAA {lun['naa']} for {name}, the registry "
                                        f"issued {naa}", datastore=name)
@@ -256,8 +247,28 @@ async def create(lab: Lab, name: str, size: int | str, hosts: list[str],
         inv.close()
 
 
-async def _ensure_lun(lab: Lab, inv: Inventory, name: str, wait_disk: float = 0.0
-                      ) -> dict[str, Any]:
+def register(lab: Lab, inv: Inventory, node: str, name: str, size: int, hosts: list[str],
+             state: str) -> tuple[str, DataDisk]:
+    """Issue the datastore's ID and record it, its backing disk and who shares it in the
+    inventory. Returns the NAA ID and the backing disk to give the storage node."""
+    from labctl.storagenode import DataDisk
+
+    serial, naa = IdRegistry().issue(lab.name, lab.dir.path, node, name)
+    disk = DataDisk(serial=f"lc-{name}"[:20], path=lab.dir.storage_dir(node) / f"{name}.img",
+                    size_bytes=size)
+    inv.upsert("datastores", name=name, node=node, size_bytes=size, unit_serial=serial,
+               naa=naa, lun=None, disk_serial=disk.serial, backing_path=str(disk.path),
+               state=state, created=time.time())
+    for h in hosts:
+        inv.upsert("datastore_hosts", datastore=name, host=h, seen_naa=None, seen_size=None,
+                   scanned_at=None)
+    return naa, disk
+
+
+async def export_lun(lab: Lab, inv: Inventory, name: str, wait_disk: float = 0.0
+                     ) -> dict[str, Any]:
+    """Have the storage node export the datastore as a LUN to exactly its hosts (the ACLs);
+    the inventory takes the LUN as LIO reports it."""
     ds = inv.row("datastores", name=name)
     assert ds is not None
     initiators = [h["initiator_iqn"] for h in (inv.row("hosts", name=r["host"]) for r in
@@ -423,7 +434,7 @@ async def restart_node(lab: Lab, node: str) -> dict[str, Any]:
             inv.update("storage_nodes", {"name": node}, state="up")
             luns = []
             for d in stores:
-                lun = await _ensure_lun(lab, inv, d["name"])
+                lun = await export_lun(lab, inv, d["name"])
                 if lun["naa"] != d["naa"]:
                     raise StorageNodeError(f"after the restart {d['name']} has NAA {lun['naa']}, "
                                            f"not {d['naa']}", datastore=d["name"])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from labctl import netns
-from labctl.datastores import IdRegistry, attach_for_vm, hand_mappings, mapping
+from labctl.datastores import attach_for_vm, export_lun, hand_mappings, mapping, register
 from labctl.errors import (
     AgentError,
     AgentUnreachable,
@@ -209,7 +209,7 @@ class Lab:
 
         # 4. LUNs with ACLs, then every sharing host checks what it sees
         await self._step(inv, "datastores exported", _gather_all(
-            *(self._export_datastore(inv, topo, d.name) for d in topo.datastores)))
+            *(export_lun(self, inv, d.name) for d in topo.datastores)))
         await self._step(inv, "mappings handed to hosts, each scanned its LUNs",
                          self._hand_mappings_checked(inv))
         await self._step(inv, "rescan service subscribed", self._start_rescan(inv, topo))
@@ -245,17 +245,10 @@ class Lab:
         for ds in topo.datastores:
             if ds.node != node.name:
                 continue
-            # 32 hex digits: the LUN's unit serial, hence its NAA ID; never issued before
-            serial, _naa = IdRegistry().issue(self.name, self.dir.path, node.name, ds.name)
-            disk_serial = f"lc-{ds.name}"[:20]
-            path = self.dir.storage_dir(node.name) / f"{ds.name}.img"
-            inv.upsert("datastores", name=ds.name, node=node.name, size_bytes=ds.size,
-                       unit_serial=serial, naa=None, lun=None, disk_serial=disk_serial,
-                       backing_path=str(path), state="allocated", created=time.time())
-            for h in ds.hosts:
-                inv.upsert("datastore_hosts", datastore=ds.name, host=h, seen_naa=None,
-                           seen_size=None, scanned_at=None)
-            disks.append(storagenode.DataDisk(serial=disk_serial, path=path, size_bytes=ds.size))
+            # its ID: a unit serial never issued before, hence the LUN's NAA ID
+            _naa, disk = register(self, inv, node.name, ds.name, ds.size, list(ds.hosts),
+                                  "allocated")
+            disks.append(disk)
         inv.own("domain", domain, lab_dir=str(self.dir.path))
         spec = storagenode.StorageNodeSpec(
             lab=self.name, name=node.name, lab_dir=self.dir.path,
@@ -340,17 +333,6 @@ class Lab:
                                      f"the rescan service exited (status {proc.returncode})",
                                      log_tail=log.read_text(errors="replace")[-1500:])
             await asyncio.sleep(0.05)
-
-    async def _export_datastore(self, inv: Inventory, topo: Topology, name: str) -> None:
-        row = inv.row("datastores", name=name)
-        assert row is not None
-        hosts = [inv.row("hosts", name=h["host"]) for h in inv.rows("datastore_hosts", datastore=name)]
-        initiators = [h["initiator_iqn"] for h in hosts if h is not None]
-        async with self.storage_client(inv, row["node"]) as c:
-            lun = await c.call("ensure_lun", name=name, disk_serial=row["disk_serial"],
-                               unit_serial=row["unit_serial"], initiators=initiators)
-        inv.update("datastores", {"name": name}, naa=normal_naa(lun["naa"]), lun=lun["lun"],
-                   size_bytes=lun["size_bytes"], state="exported")
 
     async def _hand_mappings_checked(self, inv: Inventory) -> None:
         """Each host takes the mappings of the datastores it shares and scans them by ID from
@@ -656,10 +638,6 @@ def _preflight() -> None:
                                 program=QEMU_BINARY)
     for tool in ("iscsi-inq", "iscsi-ls", "mmdebstrap", "nsenter"):
         which(tool)
-
-
-# lives with the storage agent (stdlib only), so the rescan service need not import this module
-from labctl.agents.storage import normal_naa as normal_naa  # noqa: E402
 
 
 def _mac_for(tag: str, role: str, index: int) -> str:
