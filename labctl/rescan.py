@@ -52,6 +52,7 @@ from typing import Any
 from labctl.agents.storage import normal_naa
 from labctl.errors import AgentError, LabError, LabStateError
 from labctl.inventory import Inventory
+from labctl.labdir import read_secret
 from labctl.rpc import Cursor, RpcClient
 
 log = logging.getLogger("labctl.rescan")
@@ -174,7 +175,7 @@ class RescanService:
     def __init__(self, lab_dir: Path) -> None:
         self.lab_dir = lab_dir
         self.inv = Inventory.open(lab_dir / "inventory.db")
-        self.secret = bytes.fromhex((lab_dir / "secret").read_text().strip())
+        self.secret = read_secret(lab_dir)
         self.hosts: dict[str, RpcClient] = {}
         self.nodes: dict[str, RpcClient] = {}
         self.node_lost: dict[str, bool] = {}
