@@ -182,6 +182,32 @@ def socket_arg(run_dir: Path, name: str) -> str:
     return full if len(full) <= _SUN_PATH_MAX else name
 
 
+def disk_node(disk: IscsiDisk | FileDisk, node_name: str) -> dict[str, Any]:
+    """The VM disk's protocol node as QMP ``blockdev-add`` options (the LUN through QEMU's
+    own libiscsi driver, or a file), named ``node_name``."""
+    if isinstance(disk, IscsiDisk):
+        return {"driver": "iscsi", "transport": "tcp", "portal": disk.portal,
+                "target": disk.target_iqn, "lun": disk.lun,
+                "initiator-name": disk.initiator_iqn, "node-name": node_name,
+                "cache": {"direct": True}}
+    return {"driver": "file", "filename": str(disk.path.absolute()), "node-name": node_name,
+            "cache": {"direct": disk.direct}}
+
+
+def blockdev_arg(node: dict[str, Any]) -> str:
+    """The same node as a ``-blockdev`` key=value string."""
+    def val(v: Any) -> str:
+        return ("on" if v else "off") if isinstance(v, bool) else _opt(str(v))
+
+    parts = []
+    for k, v in node.items():
+        if isinstance(v, dict):
+            parts += [f"{k}.{kk}={val(vv)}" for kk, vv in v.items()]
+        else:
+            parts.append(f"{k}={val(v)}")
+    return ",".join(parts)
+
+
 def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
                qemu: str = QEMU_BINARY, blockdevs: list[str] | None = None) -> list[str]:
     """QEMU's argument list for ``spec``, with its sockets and files in ``run_dir``.
@@ -224,15 +250,8 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
     if disk is not None and blockdevs is not None:
         for node in blockdevs:
             argv += ["-blockdev", node]
-    elif isinstance(disk, IscsiDisk):
-        argv += ["-blockdev",
-                 f"driver=iscsi,transport=tcp,portal={_opt(disk.portal)},"
-                 f"target={_opt(disk.target_iqn)},lun={disk.lun},"
-                 f"initiator-name={_opt(disk.initiator_iqn)},node-name=disk0,cache.direct=on"]
-    elif isinstance(disk, FileDisk):
-        argv += ["-blockdev",
-                 f"driver=file,filename={_opt(str(disk.path.absolute()))},node-name=disk0,"
-                 f"cache.direct={'on' if disk.direct else 'off'}"]
+    elif disk is not None:
+        argv += ["-blockdev", blockdev_arg(disk_node(disk, "disk0"))]
     if disk is not None:
         argv += ["-device", "virtio-blk-pci,drive=disk0,id=vda"]
     if incoming is not None:

@@ -33,14 +33,13 @@ import shutil
 import struct
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qemu.qmp import EventListener
 
 from labctl import iscsi
 from labctl.errors import LabError, LabStateError, MigrationError, VmError
-from labctl.qemu import FileDisk, IscsiDisk, QemuVm, VmSpec, VmState
+from labctl.qemu import FileDisk, IscsiDisk, QemuVm, VmState, blockdev_arg, disk_node
 from labctl.rpc import Handler
 
 if TYPE_CHECKING:
@@ -242,7 +241,7 @@ class MigrationHandlers:
         name = vmspec.name
         async with self.agent._lock(name):
             self.agent.check_not_running(name)
-            real = _real_node(vmspec)
+            real = disk_node(vmspec.disk, "disk0-file") if vmspec.disk is not None else {}
             if vmspec.disk is not None and storage == "late":
                 size = disk_size if isinstance(disk_size, int) and disk_size > 0 else None
                 if size is None:
@@ -250,7 +249,7 @@ class MigrationHandlers:
                 graph = [f"driver=null-co,node-name=disk0-ph,size={size}",
                          "driver=raw,node-name=disk0,file=disk0-ph"]
             elif vmspec.disk is not None:
-                graph = [_blockdev_opt(real), "driver=raw,node-name=disk0,file=disk0-file"]
+                graph = [blockdev_arg(real), "driver=raw,node-name=disk0,file=disk0-file"]
             else:
                 graph = None
             run_dir = self.agent.state_dir / "vms" / name
@@ -668,33 +667,3 @@ class MigrationHandlers:
         if job is not None:
             await self._end_job(job)
         return await self.agent.vm_stop(name, timeout=5.0)
-
-
-def _real_node(spec: VmSpec) -> dict[str, Any]:
-    """The QMP blockdev-add options of the VM's disk as node ``disk0-file``."""
-    disk = spec.disk
-    if isinstance(disk, IscsiDisk):
-        return {"driver": "iscsi", "node-name": "disk0-file", "transport": "tcp",
-                "portal": disk.portal, "target": disk.target_iqn, "lun": disk.lun,
-                "initiator-name": disk.initiator_iqn, "cache": {"direct": True}}
-    if isinstance(disk, FileDisk):
-        return {"driver": "file", "node-name": "disk0-file", "filename": str(Path(disk.path).absolute()),
-                "cache": {"direct": disk.direct}}
-    return {}
-
-
-def _blockdev_opt(node: dict[str, Any]) -> str:
-    """The same node as a ``-blockdev`` key=value string."""
-    parts = []
-    for k, v in node.items():
-        if isinstance(v, dict):
-            parts += [f"{k}.{kk}={_val(vv)}" for kk, vv in v.items()]
-        else:
-            parts.append(f"{k}={_val(v)}")
-    return ",".join(parts)
-
-
-def _val(v: Any) -> str:
-    if isinstance(v, bool):
-        return "on" if v else "off"
-    return str(v).replace(",", ",,")
