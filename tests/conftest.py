@@ -84,6 +84,19 @@ class LabCli:
         return json.loads(self(*args, "--json").stdout)
 
 
+#: how the target refuses an initiator: no ACL for it at all, or no such LUN in its ACL
+NO_ACL = "Authorization failure"
+NO_LUN = "LOGICAL_UNIT_NOT_SUPPORTED"
+
+
+def refused(res: subprocess.CompletedProcess[Any], *why: str) -> bool:
+    """A libiscsi tool failed because the target refused it (for one of ``why``: default
+    either refusal), not for some other reason (a missing namespace, route or tool)."""
+    out = res.stdout + res.stderr
+    text = out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+    return res.returncode != 0 and any(w in text for w in (why or (NO_ACL, NO_LUN)))
+
+
 def in_ns(lab: str, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
     """``argv`` run in the network namespace of ``host`` of lab ``lab``."""
     return subprocess.run(["ip", "netns", "exec", f"labctl-{lab}-{host}", *argv],

@@ -14,7 +14,17 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LabCli, e2e_ready, module_lab, naa_designator, outside_size, wait
+from tests.conftest import (
+    NO_ACL,
+    NO_LUN,
+    LabCli,
+    e2e_ready,
+    module_lab,
+    naa_designator,
+    outside_size,
+    refused,
+    wait,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -64,8 +74,9 @@ def test_create_gives_lio_naa_id_seen_only_by_named_hosts(lab: dict[str, Any]) -
         assert inq.returncode == 0, inq.stderr
         assert naa_designator(inq.stdout) == raw, inq.stdout
         assert outside_size(NAME, host, res) == 32 << 20
-    for host in ("h1", "h4"):  # not named: the ACL hides the LUN
-        assert outside_naa(host, res).returncode != 0
+    # not named: h1 (named for ds1) logs in but has no such LUN, h4 (named for nothing) is refused
+    for host, why in (("h1", NO_LUN), ("h4", NO_ACL)):
+        assert refused(outside_naa(host, res), why), host
         units = js("host", "storage", host)["units"]
         assert res["id"] not in [u["id"] for u in units]
     assert res["id"] in [u["id"] for u in js("host", "storage", "h3")["units"]]
@@ -136,6 +147,6 @@ def test_delete_drops_acls_and_cache(lab: dict[str, Any]) -> None:
     m = js("datastore", "show", "dsa")
     lc("datastore", "delete", "dsa")
     assert "dsa" not in lc("datastore", "list").stdout
-    assert outside_naa("h2", m).returncode != 0
+    assert refused(outside_naa("h2", m), NO_LUN)
     assert m["id"] not in [u["id"] for u in js("host", "storage", "h2")["units"]]
     assert not Path(m["backing"]["path"]).exists()

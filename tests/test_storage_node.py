@@ -28,6 +28,7 @@ from labctl.agents import storage as agent
 from labctl.errors import AuthenticationFailed, ImageBuildError, StorageNodeError
 from labctl.images import StorageImage, make_config_disk
 from labctl.proc import run
+from tests.conftest import NO_ACL, NO_LUN
 
 # --- unit tests (no VM) -------------------------------------------------------------------
 
@@ -283,6 +284,7 @@ def test_lun_naa_size_and_acls(storage_lab: StorageLab) -> None:
         refused = await run(["iscsi-readcapacity16", "-s", "-i", H2_IQN, url],
                             netns=storage_lab.ns_other, check=False)
         assert refused.returncode != 0
+        assert any(w in refused.stdout + refused.stderr for w in (NO_ACL, NO_LUN)), refused
 
     asyncio.run(probe())
 
@@ -297,6 +299,7 @@ def test_initiators_follow_ensure_lun(storage_lab: StorageLab) -> None:
         gone = await run(["iscsi-readcapacity16", "-s", "-i", H1_IQN, url],
                          netns=storage_lab.ns_named, check=False)
         assert gone.returncode != 0
+        assert any(w in gone.stdout + gone.stderr for w in (NO_ACL, NO_LUN)), gone
         ok = await run(["iscsi-readcapacity16", "-s", "-i", H2_IQN, url],
                        netns=storage_lab.ns_other)
         assert int(ok.stdout.strip()) >= 64 << 20
