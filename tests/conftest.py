@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from labctl.paths import cache_dir
+from labctl.core.paths import cache_dir
 
 
 def e2e_ready() -> str | None:

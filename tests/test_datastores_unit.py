@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from labctl import rescan
-from labctl.agents.host_storage import normal_id
-from labctl.agents.storage import naa_from_unit_serial
-from labctl.datastores import IdRegistry, pick_node
-from labctl.errors import LabError, LabStateError
-from labctl.inventory import Inventory
+from labctl.core.errors import LabError, LabStateError
+from labctl.core.ids import naa_from_unit_serial, normal_id
+from labctl.datastores import rescan
+from labctl.datastores.registry import IdRegistry
+from labctl.datastores.service import pick_node
+from labctl.datastores.tables import DATASTORES
+from labctl.state.inventory import Inventory
 
 
 def test_registry_issues_lio_naa_ids_once(tmp_path: Path) -> None:
@@ -44,7 +45,7 @@ def test_registry_never_reissues_a_colliding_id(tmp_path: Path, monkeypatch: pyt
 
 
 def _inv(tmp_path: Path) -> Inventory:
-    inv = Inventory.open(tmp_path / "inv.db")
+    inv = Inventory.open(tmp_path / "inv.db", [DATASTORES])
     for name, cap, state in (("s1", 1 << 30, "up"), ("s2", 2 << 30, "up"), ("s3", 8 << 30, "down")):
         inv.upsert("storage_nodes", name=name, site="a", address="10.0.0.2", target_iqn="iqn.x",
                    domain="d", tap="t", agent_port=1, capacity=cap, state=state)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from labctl import iscsi
-from labctl.errors import VmError
-from labctl.guestimage import (
+from labctl.core.errors import ProtocolError, VmError
+from labctl.drivers import iscsi
+from labctl.drivers.qemu import QemuVm, build_argv
+from labctl.guest.image import (
     S_IFCHR,
     S_IFDIR,
     S_IFREG,
@@ -26,10 +27,9 @@ from labctl.guestimage import (
     cpio_bytes,
     cpio_entries,
     ensure_guest_image,
-    guest_append,
-    heartbeat_ms_of,
 )
-from labctl.qemu import DEFAULT_MACHINE, FileDisk, IscsiDisk, QemuVm, VmSpec, build_argv
+from labctl.guest.protocol import boot_args, heartbeat_ms_of
+from labctl.hosts.protocol import DEFAULT_MACHINE, FileDisk, IscsiDisk, VmSpec
 
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86_64 is not installed "
@@ -55,7 +55,7 @@ def test_cpio_round_trip() -> None:
 
 def _spec(disk: IscsiDisk | FileDisk | None) -> VmSpec:
     return VmSpec(name="vm1", memory_mib=256, vcpus=1, kernel=Path("/k/vmlinuz"),
-                  initrd=Path("/k/initrd.img"), append=guest_append(20, 64), disk=disk)
+                  initrd=Path("/k/initrd.img"), append=boot_args(20, 64), disk=disk)
 
 
 def test_build_argv_iscsi(tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_build_argv_iscsi(tmp_path: Path) -> None:
                   "-accel tcg", "-cpu max", "-m 256", "-smp 1", "-serial chardev:con0",
                   "-mon chardev=qmp0,mode=control", "-device virtio-blk-pci,drive=disk0,id=vda"):
         assert piece in joined, piece
-    assert argv[argv.index("-append") + 1] == guest_append(20, 64)
+    assert argv[argv.index("-append") + 1] == boot_args(20, 64)
     bd = argv[argv.index("-blockdev") + 1]
     assert bd == ("driver=iscsi,transport=tcp,portal=10.0.0.2:3260,"
                   "target=iqn.2003-01.org.linux-iscsi.lab:ds1,lun=3,"
@@ -102,18 +102,22 @@ def test_vmspec_json_round_trip_and_validation() -> None:
                  IscsiDisk("10.0.0.2:3260", "iqn.2003-01.org.x:t", 0, "iqn.2024-01.org.y:h",
                            "naa.6001405abc")):
         spec = _spec(disk)
-        assert VmSpec.from_dict(spec.to_dict()) == spec
-    with pytest.raises(ValueError):
-        VmSpec.from_dict({**_spec(None).to_dict(), "name": "bad name; rm -rf /"})
-    with pytest.raises(ValueError):
-        VmSpec.from_dict({**_spec(None).to_dict(), "surprise": 1})
+        assert VmSpec.from_wire(spec.to_wire()) == spec
+    with pytest.raises(ProtocolError, match="bad VM name"):
+        VmSpec.from_wire({**_spec(None).to_wire(), "name": "bad name; rm -rf /"})
+    with pytest.raises(ProtocolError, match="unknown field 'surprise'"):
+        VmSpec.from_wire({**_spec(None).to_wire(), "surprise": 1})
+    with pytest.raises(ProtocolError, match="memory_mib: expected int"):
+        VmSpec.from_wire({**_spec(None).to_wire(), "memory_mib": "256"})
+    with pytest.raises(ProtocolError, match="missing field 'kernel'"):
+        VmSpec.from_wire({k: v for k, v in _spec(None).to_wire().items() if k != "kernel"})
     with pytest.raises(ValueError):
         IscsiDisk("10.0.0.2:3260,evil=1", "iqn.2003-01.org.x:t", 0, "iqn.2024-01.org.y:h")
 
 
 def test_heartbeat_period_from_the_command_line() -> None:
-    assert heartbeat_ms_of(guest_append(10, 64)) == 100  # the default
-    assert heartbeat_ms_of(guest_append(10, 64, extra=["labctl.hb_ms=20"])) == 20
+    assert heartbeat_ms_of(boot_args(10, 64)) == 100  # the default
+    assert heartbeat_ms_of(boot_args(10, 64, extra=["labctl.hb_ms=20"])) == 20
     assert heartbeat_ms_of("labctl.hb_ms=5 quiet") == 100  # out of range: the guest's default
     assert heartbeat_ms_of("labctl.hb_ms=1001") == 100
     assert heartbeat_ms_of("xlabctl.hb_ms=20") == 100
@@ -152,7 +156,7 @@ def raw_disk(tmp_path: Path) -> Iterator[Path]:
 async def _boot(image: GuestImage, run_dir: Path, disk: Path | None, rate: int = 0,
                 wss: int = 64, extra: tuple[str, ...] = ()) -> QemuVm:
     spec = VmSpec(name="guest-test", memory_mib=256, vcpus=1, kernel=image.kernel,
-                  initrd=image.initrd, append=guest_append(rate, wss, extra=extra),
+                  initrd=image.initrd, append=boot_args(rate, wss, extra=extra),
                   disk=FileDisk(disk) if disk else None)
     vm = QemuVm(spec, run_dir)
     try:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from labctl.errors import AuthenticationFailed, LabError, RemoteError
-from labctl.rpc import RpcClient
+from labctl.core.errors import AuthenticationFailed, LabError, RemoteError
+from labctl.core.rpc import RpcClient
 
 pytestmark = [
     pytest.mark.e2e,
@@ -66,7 +66,8 @@ def agent(tmp_path: Path, lab_home: Path) -> Iterator[AgentProc]:
         _ip("-n", ns, "link", "set", "lo", "up")
         proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{ns}", "--", sys.executable, "-m",
-             "labctl.agents.host", "--lab-dir", str(lab_dir), "--host", "h1",
+             "labctl.agents.host", "--state-dir", str(lab_dir / "hosts" / "h1"),
+             "--secret-file", str(lab_dir / "secret"), "--host", "h1",
              "--listen", f"{agent_ip}:7600"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         pidfile = lab_dir / "hosts" / "h1" / "agent.pid"
@@ -143,24 +144,27 @@ def test_host_agent_end_to_end(agent: AgentProc, tmp_path: Path) -> None:
             assert s2["heartbeat"]["age_s"] < 1.0
             assert s2["disk_counter"] >= 1
 
-            assert await c.call("vm_console", name="vm1", command="rate 20") == "OK rate 20"
-            assert (await c.call("vm_console", name="vm1", command="sync")).startswith(
+            assert (await c.call("vm_console", name="vm1", command="rate 20"))["answer"] == \
+                "OK rate 20"
+            assert (await c.call("vm_console", name="vm1", command="sync"))["answer"].startswith(
                 "DISK wrote ")
             with pytest.raises(RemoteError):
                 await c.call("vm_console", name="vm1", command="reboot now")
-            tail = await c.call("vm_console_tail", name="vm1", lines=5)
+            tail = (await c.call("vm_console_tail", name="vm1", lines=5))["lines"]
             assert len(tail) == 5 and any(t.startswith(("HB ", "DISK wrote")) for t in tail)
-            assert [v["name"] for v in await c.call("vm_list")] == ["vm1"]
+            assert [v["name"] for v in (await c.call("vm_list"))["vms"]] == ["vm1"]
 
-            scanned = await c.call("scan_luns", timeout=90, luns=[{
-                "portal": "10.231.250.250:3260", "target_iqn": "iqn.2003-01.org.example:none",
-                "lun": 0, "initiator_iqn": "iqn.2024-01.org.labctl:h1"}])
-            assert scanned[0]["ok"] is False and scanned[0]["error"]
+            # a unit behind a portal nobody answers: reported unreachable, the agent goes on
+            scanned = await c.call("storage_attach", timeout=90, units=[{
+                "id": "naa.6001405" + "0" * 25, "portal": "10.231.250.250:3260",
+                "target_iqn": "iqn.2003-01.org.example:none", "lun": 0,
+                "initiator_iqn": "iqn.2024-01.org.labctl:h1"}])
+            assert scanned[0]["state"] == "unreachable" and scanned[0]["error"]
 
             stopped = await c.call("vm_stop", name="vm1", timeout=60)
             assert stopped["returncode"] is not None
             assert not _pid_alive(qemu_pid)
-            assert await c.call("vm_list") == []
+            assert (await c.call("vm_list"))["vms"] == []
 
             # a VM left running is stopped when the agent gets SIGTERM
             started2 = await c.call("vm_start", timeout=120, spec={
@@ -180,7 +184,7 @@ def test_agent_refuses_bad_secret_file(tmp_path: Path) -> None:
     lab = tmp_path / "lab"
     lab.mkdir()
     (lab / "secret").write_text("not hex\n")
-    from labctl.labdir import read_secret
+    from labctl.core.secret import read_secret
 
     with pytest.raises(LabError, match="secret"):
-        read_secret(lab)
+        read_secret(lab / "secret")

@@ -275,8 +275,9 @@ def test_destination_qemu_killed(lab: dict[str, Any]) -> None:
 
 
 def test_destination_link_cut(lab: dict[str, Any]) -> None:
-    from labctl.inventory import Inventory
-    from labctl.netns import alias_for, set_link_state
+    from labctl.core.names import alias as alias_for
+    from labctl.drivers.netlink import set_link_state
+    from labctl.state.inventory import Inventory
 
     src = vm_host(lab)
     dst = other(src)

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from labctl.agents.host_migration import decode_disk_record, parse_checkpoints, parse_qemu_io_dump
-from labctl.errors import LabError
-from labctl.migration import (
-    BUILTIN_POLICIES,
-    ConvergencePolicy,
-    load_policy,
-    not_converging,
-    policy_from_dict,
-    switchover_breakdown,
-)
+from labctl.core.errors import LabError
+from labctl.guest.protocol import decode_disk_record, fnv1a
+from labctl.migration import timeline
+from labctl.migration.convergence import ConvergencePolicy, not_converging
+from labctl.migration.driver import switchover_breakdown
+from labctl.migration.hostside import parse_checkpoints, parse_qemu_io_dump
+from labctl.migration.policy import BUILTIN_POLICIES, load_policy, policy_from_dict
 
 MIB = 1 << 20
 
@@ -89,10 +86,9 @@ def test_policy_walks_its_actions_and_records_reasons() -> None:
 def test_disk_record_and_qemu_io_dump() -> None:
     import struct
 
-    from labctl.agents.host_migration import _fnv1a
 
     head = b"LABCTLDC" + struct.pack("<Q", 42)
-    sector = head + struct.pack("<Q", _fnv1a(head)) + bytes(488)
+    sector = head + struct.pack("<Q", fnv1a(head)) + bytes(488)
     assert decode_disk_record(sector) == 42
     assert decode_disk_record(bytes(512)) == 0
     assert decode_disk_record(head + bytes(8) + bytes(488)) is None
@@ -105,7 +101,6 @@ def test_disk_record_and_qemu_io_dump() -> None:
 
 def test_timeline_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from labctl import timeline
 
     passes = _passes([256, 90, 40, 18])
     for p in passes:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from labctl import storagenode
-from labctl.rpc import RpcClient
+from labctl.core.rpc import RpcClient
+from labctl.storage import node as storagenode
 from tests.conftest import LabCli, e2e_ready, module_lab, outside_size, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from labctl.errors import AgentUnreachable, AuthenticationFailed, RemoteError, StorageNodeError
-from labctl.rpc import RpcClient, RpcServer
+from labctl.core.errors import AgentUnreachable, AuthenticationFailed, RemoteError, StorageNodeError
+from labctl.core.rpc import RpcClient, RpcServer
 
 SECRET = b"s" * 32
 

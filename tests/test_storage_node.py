@@ -24,10 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from labctl.agents import storage as agent
-from labctl.errors import AuthenticationFailed, ImageBuildError, StorageNodeError
-from labctl.images import StorageImage, make_config_disk
-from labctl.proc import run
+from labctl.core.errors import AuthenticationFailed, ImageBuildError, StorageNodeError
+from labctl.core.ids import naa_from_unit_serial
+from labctl.core.proc import run
+from labctl.drivers.debian import make_config_disk
+from labctl.drivers.lio import find_disk_by_serial
+from labctl.storage import agent
+from labctl.storage.image import StorageImage
 from tests.conftest import NO_ACL, NO_LUN
 
 # --- unit tests (no VM) -------------------------------------------------------------------
@@ -35,13 +38,13 @@ from tests.conftest import NO_ACL, NO_LUN
 
 def test_naa_from_unit_serial_matches_lio() -> None:
     # observed on the wire from LIO (VPD 0x83) for this serial
-    assert agent.naa_from_unit_serial("0123456789abcdef0123456789abcdef") == (
+    assert naa_from_unit_serial("0123456789abcdef0123456789abcdef") == (
         "60014050123456789abcdef012345678")
     # only hex digits count, the rest is skipped; short serials are zero-filled
-    assert agent.naa_from_unit_serial("ab-cd") == "6001405abcd" + "0" * 21
-    assert agent.naa_from_unit_serial("f" * 32, company_id=0xABCDEF) == "6abcdef" + "f" * 25
+    assert naa_from_unit_serial("ab-cd") == "6001405abcd" + "0" * 21
+    assert naa_from_unit_serial("f" * 32, company_id=0xABCDEF) == "6abcdef" + "f" * 25
     with pytest.raises(ValueError):
-        agent.naa_from_unit_serial("00", company_id=1 << 24)
+        naa_from_unit_serial("00", company_id=1 << 24)
 
 
 def test_input_checks() -> None:
@@ -63,9 +66,9 @@ def test_find_disk_by_serial(tmp_path: Path) -> None:
     for dev, serial in (("vda", "labctl-config"), ("vdb", "lc-ds1"), ("vdc", "lc-ds2")):
         (tmp_path / dev).mkdir()
         (tmp_path / dev / "serial").write_text(serial + "\n")
-    assert agent.find_disk_by_serial("lc-ds2", tmp_path) == "/dev/vdc"
+    assert find_disk_by_serial("lc-ds2", tmp_path) == "/dev/vdc"
     with pytest.raises(StorageNodeError) as err:
-        agent.find_disk_by_serial("lc-zz", tmp_path)
+        find_disk_by_serial("lc-zz", tmp_path)
     assert err.value.evidence["disks"] == {"vda": "labctl-config", "vdb": "lc-ds1",
                                            "vdc": "lc-ds2"}
 
@@ -102,7 +105,7 @@ def test_make_config_disk(tmp_path: Path) -> None:
 
 
 def test_domain_xml(tmp_path: Path) -> None:
-    from labctl import storagenode as sn
+    from labctl.storage import node as sn
 
     spec = sn.StorageNodeSpec(
         lab="l1", name="st1", address_cidr="10.9.0.2/24", bridge="br0", tap="lctap0",
@@ -183,7 +186,8 @@ def storage_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab
     why = _missing_e2e_requirements()
     if why:
         pytest.skip(why)
-    from labctl import images, storagenode
+    from labctl.storage import node as storagenode
+    from labctl.storage.image import ensure_storage_image
 
     tag = f"{os.getpid() % 10000:04d}"
     bridge, tap = f"lctestb{tag}", f"lctestt{tag}"
@@ -193,7 +197,7 @@ def storage_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab
     lab_dir = tmp_path_factory.mktemp("storage-lab")
     secret = os.urandom(32)
     try:
-        image = asyncio.run(images.ensure_storage_image())
+        image = asyncio.run(ensure_storage_image())
         asyncio.run(storagenode.ensure_libvirtd())
         _ip("link", "add", bridge, "type", "bridge")
         _ip("addr", "add", f"{SUBNET[1]}/{SUBNET.prefixlen}", "dev", bridge)
@@ -233,7 +237,7 @@ def storage_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab
 
 
 async def _ensure_lun(lab: StorageLab, initiators: list[str]) -> dict[str, object]:
-    from labctl.storagenode import StorageNodeHandle
+    from labctl.storage.node import StorageNodeHandle
 
     node = lab.node
     assert isinstance(node, StorageNodeHandle)
@@ -254,7 +258,7 @@ def _naa_seen(inq_stdout: bytes) -> str:
 @pytest.mark.e2e
 def test_lun_naa_size_and_acls(storage_lab: StorageLab) -> None:
     lun = asyncio.run(_ensure_lun(storage_lab, [H1_IQN]))
-    assert lun["naa"] == agent.naa_from_unit_serial(UNIT_SERIAL)
+    assert lun["naa"] == naa_from_unit_serial(UNIT_SERIAL)
     assert lun["size_bytes"] == 64 << 20
     assert lun["initiators"] == [H1_IQN]
     url = f"iscsi://{NODE_IP}/{TARGET_IQN}/{lun['lun']}"
@@ -311,8 +315,8 @@ def test_initiators_follow_ensure_lun(storage_lab: StorageLab) -> None:
 
 @pytest.mark.e2e
 def test_resize_shows_through_lio(storage_lab: StorageLab) -> None:
-    from labctl import storagenode
-    from labctl.storagenode import StorageNodeHandle
+    from labctl.storage import node as storagenode
+    from labctl.storage.node import StorageNodeHandle
 
     node = storage_lab.node
     assert isinstance(node, StorageNodeHandle)
@@ -340,8 +344,8 @@ def test_resize_shows_through_lio(storage_lab: StorageLab) -> None:
 
 @pytest.mark.e2e
 def test_wrong_secret_is_refused(storage_lab: StorageLab) -> None:
-    from labctl.rpc import RpcClient
-    from labctl.storagenode import StorageNodeHandle
+    from labctl.core.rpc import RpcClient
+    from labctl.storage.node import StorageNodeHandle
 
     node = storage_lab.node
     assert isinstance(node, StorageNodeHandle)

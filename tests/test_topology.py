@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from labctl import topology
-from labctl.errors import TopologyError
+from labctl.core.errors import TopologyError
+from labctl.lab import topology
 
 GOOD = """
 name: t1

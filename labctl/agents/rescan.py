@@ -1,0 +1,52 @@
+"""Entry point of a lab's rescan service (:mod:`labctl.datastores.rescan`).
+
+    python -m labctl.agents.rescan --lab-dir DIR --lab NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from labctl.core.errors import LabError
+from labctl.datastores.rescan import RescanService
+
+log = logging.getLogger("labctl.rescan")
+
+
+async def serve(lab_dir: Path, lab: str) -> None:
+    svc = RescanService(lab_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    (lab_dir / "rescan.pid").write_text(f"{os.getpid()}\n")
+    log.info("rescan service of lab %s (pid %d)", lab, os.getpid())
+    await svc.run(stop)
+    log.info("rescan service stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m labctl.agents.rescan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lab-dir", required=True, type=Path)
+    ap.add_argument("--lab", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(filename=args.lab_dir / "rescan.log", level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args.lab_dir, args.lab))
+    except LabError as exc:
+        log.error("%s", exc)
+        print(f"rescan service: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

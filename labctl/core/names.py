@@ -1,0 +1,71 @@
+"""Every name labctl puts on a machine, in one place: ports, interface names and aliases,
+namespaces, libvirt domains, MAC addresses, iSCSI names.
+
+Standard library only: agents (on hosts and inside the storage VM) use it too.
+
+IFNAMSIZ is 15, so links are ``lc<tag><role><index>``, where ``<tag>`` is four hex
+digits derived from the lab's name and directory (:func:`lab_tag`); the identity that
+teardown checks is the link's alias, ``labctl:<lab>:<role>:<name>``, never its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+#: the QEMU system emulator labctl runs on hosts (``$LABCTL_QEMU`` overrides)
+QEMU_BINARY = os.environ.get("LABCTL_QEMU", "qemu-system-x86_64")
+HOST_AGENT_PORT = 7600
+STORAGE_AGENT_PORT = 7700
+ISCSI_PORT = 3260
+IQN_PREFIX = "iqn.2026-11.dev.labctl"
+#: XML namespace of the ownership record in libvirt domain metadata
+LIBVIRT_METADATA_NS = "https://labctl.invalid/xmlns/labctl/1"
+
+
+def lab_tag(lab: str, lab_path: Path) -> str:
+    """Four hex digits that make one lab's interface names unique on this machine."""
+    return hashlib.sha1(f"{lab}@{lab_path}".encode()).hexdigest()[:4]
+
+
+def alias(lab: str, role: str, name: str) -> str:
+    """The alias every link of a lab carries (what teardown checks)."""
+    return f"labctl:{lab}:{role}:{name}"
+
+
+def bridge(tag: str, site_index: int) -> str:
+    return f"lc{tag}b{site_index}"
+
+
+def veth(tag: str, host_index: int) -> str:
+    return f"lc{tag}h{host_index}"
+
+
+def tap(tag: str, node_index: int) -> str:
+    return f"lc{tag}s{node_index}"
+
+
+def netns(lab: str, host: str) -> str:
+    return f"labctl-{lab}-{host}"
+
+
+def domain(lab: str, node: str) -> str:
+    return f"labctl-{lab}-{node}"
+
+
+def mac(tag: str, role: str, index: int) -> str:
+    """A locally administered MAC for a lab NIC (``role``: one letter, e.g. "s" storage)."""
+    return f"52:54:{tag[:2]}:{tag[2:4]}:{ord(role):02x}:{index:02x}"
+
+
+def host_iqn(lab: str, host: str) -> str:
+    return f"{IQN_PREFIX}:{lab}.{host}"
+
+
+def target_iqn(lab: str, node: str) -> str:
+    return f"{IQN_PREFIX}:{lab}.{node}"
+
+
+def portal(address: str) -> str:
+    return f"{address}:{ISCSI_PORT}"

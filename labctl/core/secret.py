@@ -1,0 +1,31 @@
+"""The lab secret: 32 random bytes, hex, in a file of mode 0600. Agents prove they hold it
+(labctl.core.rpc); it is never put on a command line, only a path to it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from labctl.core.errors import LabStateError
+
+
+def read_secret(path: Path) -> bytes:
+    """The secret in ``path`` (hex), checked."""
+    try:
+        secret = bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise LabStateError(f"cannot read the lab secret from {path}: {exc}") from exc
+    if len(secret) < 16:
+        raise LabStateError(f"the lab secret in {path} is too short")
+    return secret
+
+
+def write_secret(path: Path, secret: bytes | None = None) -> bytes:
+    """Create ``path`` (mode 0600, never over an existing file) holding ``secret`` (a fresh
+    one if None); returns the secret."""
+    value = secret if secret is not None else secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value.hex() + "\n")
+    return value

@@ -1,0 +1,240 @@
+"""Typed messages between the controller and its agents. Standard library only.
+
+A message is a frozen dataclass deriving from :class:`Message`. Its fields may be
+``str``, ``int``, ``float``, ``bool``, ``None``, ``Literal[...]``, another message,
+``pathlib.Path`` (a string on the wire), ``list[X]``, ``dict[str, X]``, unions of
+those, or :data:`Json` for data that is
+passed through as it came (QEMU's own answers, evidence). Decoding checks every
+field against its annotation: an unknown field, a missing one or a wrong type is a
+:class:`~labctl.core.errors.ProtocolError` naming the message and the field.
+
+A :class:`Method` binds an RPC method name to its request and reply types; both sides
+use the same object::
+
+    # protocol module (imports only labctl.core)
+    @dataclass(frozen=True)
+    class PingReply(Message):
+        host: str
+        pid: int
+
+    PING = Method("ping", Empty, PingReply)
+
+    # agent side
+    server = RpcServer(secret, handlers(PING.serve(agent.ping), ...))
+
+    # controller side
+    reply = await PING.call(client)          # -> PingReply, checked
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, Union
+
+from labctl.core.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from labctl.core.rpc import Handler, RpcClient
+
+#: JSON as it came: QEMU's answers, a remote error's evidence. Not checked beyond being JSON.
+Json = Any
+
+M = TypeVar("M", bound="Message")
+Req = TypeVar("Req", bound="Message")
+Rep = TypeVar("Rep", bound="Message")
+
+
+class Message:
+    """Base of every typed message (subclasses are frozen dataclasses)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @classmethod
+    def from_wire(cls: type[M], data: object, where: str = "") -> M:
+        """Decode and check ``data`` (a JSON object); ProtocolError on any mismatch."""
+        return _decode_message(cls, data, where or cls.__name__)
+
+    def to_wire(self) -> dict[str, Json]:
+        """The JSON form (fields by name; nested messages as objects)."""
+        out: dict[str, Json] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type, unused-ignore]
+            out[f.name] = _encode(getattr(self, f.name))
+        return out
+
+    def replace(self: M, **changes: Any) -> M:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var, unused-ignore]
+
+
+@dataclasses.dataclass(frozen=True)
+class Empty(Message):
+    """A request or reply without fields."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method(Generic[Req, Rep]):
+    """One RPC method: its name, request and reply types."""
+
+    name: str
+    request: type[Req]
+    reply: type[Rep]
+
+    async def call(self, client: RpcClient, req: Req | None = None,
+                   timeout: float = 60.0) -> Rep:
+        """Call the method on ``client``'s agent; the reply is decoded and checked."""
+        params = (req if req is not None else self.request()).to_wire()
+        raw = await client.call(self.name, timeout=timeout, **params)
+        return self.reply.from_wire(raw, f"{self.name} reply from {client.peer}")
+
+    def serve(self, fn: Callable[[Req], Awaitable[Rep]]) -> tuple[str, Handler]:
+        """A server-side handler entry: decodes the request, encodes the reply."""
+        async def handler(**params: Json) -> Json:
+            req = self.request.from_wire(params, f"{self.name} request")
+            rep = await fn(req)
+            if not isinstance(rep, self.reply):
+                raise ProtocolError(f"{self.name}: the handler answered {type(rep).__name__}, "
+                                    f"not {self.reply.__name__}")
+            return rep.to_wire()
+
+        return self.name, handler
+
+
+def handlers(*entries: tuple[str, Handler]) -> dict[str, Handler]:
+    """A handler table from :meth:`Method.serve` entries; a name given twice is a bug."""
+    table: dict[str, Handler] = {}
+    for name, fn in entries:
+        if name in table:
+            raise ValueError(f"RPC method {name} registered twice")
+        table[name] = fn
+    return table
+
+
+def methods(module_globals: Iterable[object]) -> list[Method[Any, Any]]:
+    """Every Method in a protocol module (``methods(vars(module).values())``)."""
+    return [m for m in module_globals if isinstance(m, Method)]
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+def _encode(value: Any) -> Json:
+    if isinstance(value, Message):
+        return value.to_wire()
+    if isinstance(value, list | tuple):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _decode_message(cls: type[M], data: object, where: str) -> M:
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{where}: expected an object, got {_kind(data)}", where=where)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type, unused-ignore]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ProtocolError(f"{where}: unknown field {unknown[0]!r} (known: "
+                            f"{', '.join(fields) or 'none'})", where=where, field=unknown[0])
+    hints = _hints(cls)
+    kw: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{where}: missing field {name!r}", where=where, field=name)
+            continue
+        kw[name] = _decode(hints[name], data[name], f"{where}.{name}")
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as exc:  # a message's own __post_init__ checks
+        raise ProtocolError(f"{where}: {exc}", where=where) from exc
+
+
+def _decode(tp: Any, value: object, where: str) -> Any:
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(tp):
+            try:
+                return _decode(alt, value, where)
+            except ProtocolError as exc:
+                errors.append(exc.message)
+        raise ProtocolError(f"{where}: {_kind(value)} fits none of "
+                            f"{' | '.join(_name(a) for a in typing.get_args(tp))}", where=where)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ProtocolError(f"{where}: {value!r} is not one of "
+                            f"{', '.join(repr(a) for a in typing.get_args(tp))}", where=where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list, got {_kind(value)}", where=where)
+        (item,) = typing.get_args(tp)
+        return [_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected an object, got {_kind(value)}", where=where)
+        _, item = typing.get_args(tp)
+        return {str(k): _decode(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ProtocolError(f"{where}: expected null, got {_kind(value)}", where=where)
+    if isinstance(tp, type) and issubclass(tp, Message):
+        return _decode_message(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value)
+    else:
+        raise ProtocolError(f"{where}: a field of type {_name(tp)} cannot be decoded",
+                            where=where)
+    raise ProtocolError(f"{where}: expected {_name(tp)}, got {_kind(value)}", where=where)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)

@@ -1,0 +1,357 @@
+"""Datastores with array-style IDs: allocation, the ID registry, create/delete/resize.
+
+A datastore is one iSCSI LUN (LIO iblock) on a virtio data disk of a storage node
+VM. Its **ID is the NAA identifier LIO builds for the LUN**: NAA type 6, LIO's
+company ID 0x001405, then the first 25 hex digits of the LUN's unit serial
+(``naa_from_unit_serial``). The controller draws a random 32-hex-digit unit
+serial and asks the :class:`IdRegistry` for it: the registry (SQLite under
+``labctl.paths.home()``, outside every lab) records every ID ever issued, across
+labs and storage nodes, and never hands one out twice — also after a delete.
+
+Allocation policy: the datastore goes to a storage node that is up, in the site of
+its hosts, with room for it (node capacity minus the sizes of its datastores); among
+those, the one with the **most free space** (ties: topology order), unless ``node=``
+names one. No such node: a clear refusal listing each node's free space.
+
+The mapping ID -> storage node, target, LUN, backing volume lives in the lab
+inventory (``datastores`` table); a host gets it (``storage_attach``) when it is
+named for the datastore, and again when a VM on it starts there, so the host
+attaches by ID and checks the LUN really reports that ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from labctl.core import names
+from labctl.core.errors import AgentError, LabStateError, StorageNodeError
+from labctl.core.ids import normal_naa
+from labctl.core.sizes import format_size, parse_size
+from labctl.datastores import rescan
+from labctl.datastores.registry import IdRegistry
+from labctl.datastores.tables import record_seen
+from labctl.state.context import LabContext
+from labctl.state.inventory import Inventory
+from labctl.storage import node as storagenode
+from labctl.storage.image import ensure_storage_image
+from labctl.storage.node import DataDisk
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
+MIN_SIZE = 1 << 20
+
+
+# ------------------------------------------------------------------------------ mappings
+
+def mapping(inv: Inventory, name: str, host: str | None = None) -> dict[str, Any]:
+    """The inventory's mapping of datastore ``name``: ID -> node, target, LUN, backing volume."""
+    ds = inv.row("datastores", name=name)
+    if ds is None:
+        known = ", ".join(r["name"] for r in inv.rows("datastores")) or "none"
+        raise LabStateError(f"unknown datastore {name!r} (datastores: {known})", datastore=name)
+    node = inv.row("storage_nodes", name=ds["node"])
+    assert node is not None
+    out: dict[str, Any] = {
+        "id": ds["naa"], "datastore": name, "node": ds["node"],
+        "portal": names.portal(node["address"]), "target_iqn": node["target_iqn"], "lun": ds["lun"],
+        "backing": {"path": ds["backing_path"], "disk_serial": ds["disk_serial"]},
+        "unit_serial": ds["unit_serial"], "size_bytes": ds["size_bytes"], "state": ds["state"],
+        "hosts": [r["host"] for r in inv.rows("datastore_hosts", datastore=name)],
+    }
+    if host is not None:
+        h = inv.row("hosts", name=host)
+        if h is None:
+            raise LabStateError(f"unknown host {host!r}", host=host)
+        out["initiator_iqn"] = h["initiator_iqn"]
+    return out
+
+
+async def hand_mappings(ctx: LabContext, hosts: list[str] | None = None,
+                        datastores: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Give each host the mappings of the datastores it is named for; each scans them by ID."""
+    seen: dict[str, list[dict[str, Any]]] = {}
+    inv = ctx.inv
+
+    async def one(host: str) -> None:
+        names = [r["datastore"] for r in inv.rows("datastore_hosts", host=host)
+                 if datastores is None or r["datastore"] in datastores]
+        if not names:
+            return
+        units = [mapping(inv, d, host) for d in names]
+        async with ctx.host_client(host) as c:
+            got = await c.call("storage_attach", units=units, timeout=60)
+        seen[host] = list(got)
+        for d, g in zip(names, got, strict=True):
+            if g.get("state") == "ok":
+                record_seen(inv, d, host, g)
+
+    targets = hosts if hosts is not None else [h["name"] for h in inv.rows("hosts")]
+    await asyncio.gather(*(one(h) for h in targets))
+    return seen
+
+
+# ------------------------------------------------------------------------------ allocation
+
+def free_space(inv: Inventory) -> dict[str, int]:
+    free = {n["name"]: int(n["capacity"]) for n in inv.rows("storage_nodes")}
+    for ds in inv.rows("datastores"):
+        free[ds["node"]] = free.get(ds["node"], 0) - int(ds["size_bytes"])
+    return free
+
+
+def pick_node(inv: Inventory, size: int, site: str, node: str | None = None) -> str:
+    """The storage node a new datastore of ``size`` bytes goes to (see the module's policy)."""
+    free = free_space(inv)
+    nodes = [n for n in inv.rows("storage_nodes") if n["site"] == site]
+    if node is not None:
+        row = inv.row("storage_nodes", name=node)
+        if row is None:
+            raise LabStateError(f"unknown storage node {node!r} (storage nodes: "
+                                f"{', '.join(n['name'] for n in inv.rows('storage_nodes'))})")
+        if row["site"] != site:
+            raise LabStateError(f"storage node {node} is in site {row['site']}, the hosts in {site}")
+        nodes = [row]
+    fits = [n for n in nodes if n["state"] == "up" and free[n["name"]] >= size]
+    if not fits:
+        room = "; ".join(f"{n['name']}: {format_size(max(free[n['name']], 0))} free of "
+                         f"{format_size(n['capacity'])}" + ("" if n["state"] == "up" else
+                                                             f" ({n['state']})")
+                         for n in nodes) or f"no storage node in site {site}"
+        raise LabStateError(f"no storage node has room for {format_size(size)} ({room})",
+                            size_bytes=size, free=free)
+    return str(max(fits, key=lambda n: free[n["name"]])["name"])
+
+
+def _check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise LabStateError(f"bad datastore name {name!r}: lowercase letters, digits and '-', "
+                            "starting with a letter, at most 16 characters", datastore=name)
+
+
+def _size(size: int | str) -> int:
+    try:
+        n = parse_size(size)
+    except ValueError as exc:
+        raise LabStateError(f"bad size {size!r}: {exc}") from None
+    if n < MIN_SIZE or n % 512:
+        raise LabStateError(f"bad size {size!r}: at least 1M and a multiple of 512 bytes")
+    return n
+
+
+# ------------------------------------------------------------------------------ operations
+
+async def create(ctx: LabContext, name: str, size: int | str, hosts: list[str],
+                 node: str | None = None) -> dict[str, Any]:
+    """Allocate, export and hand out a new datastore while the lab runs."""
+    _check_name(name)
+    nbytes = _size(size)
+    inv = ctx.inv
+    with ctx.lock():
+        if inv.row("datastores", name=name) is not None:
+            raise LabStateError(f"datastore {name} already exists", datastore=name)
+        if not hosts or len(set(hosts)) != len(hosts):
+            raise LabStateError("name each host once: --hosts h1,h2", hosts=hosts)
+        rows = []
+        for h in hosts:
+            row = inv.row("hosts", name=h)
+            if row is None:
+                known = ", ".join(r["name"] for r in inv.rows("hosts"))
+                raise LabStateError(f"unknown host {h!r} (hosts: {known})", host=h)
+            rows.append(row)
+        sites = {r["site"] for r in rows}
+        if len(sites) != 1:
+            raise LabStateError(f"the hosts of a datastore must be in one site ({sorted(sites)})")
+        chosen = pick_node(inv, nbytes, sites.pop(), node)
+        naa, disk = register(ctx, chosen, name, nbytes, hosts, "allocating")
+        t0 = time.monotonic()
+        await storagenode.attach_data_disk(ctx.name, chosen, disk)
+        lun = await export_lun(ctx, name, wait_disk=10.0)
+        if lun["naa"] != naa:
+            raise StorageNodeError(f"LIO built NAA {lun['naa']} for {name}, the registry "
+                                   f"issued {naa}", datastore=name)
+        seen = await hand_mappings(ctx, hosts=hosts, datastores=[name])
+        took = time.monotonic() - t0
+        return {**mapping(inv, name), "seen_by": {h: s[0] for h, s in seen.items()},
+                "seconds": round(took, 3)}
+
+
+def register(ctx: LabContext, node: str, name: str, size: int, hosts: list[str],
+             state: str) -> tuple[str, DataDisk]:
+    """Issue the datastore's ID and record it, its backing disk and who shares it in the
+    inventory. Returns the NAA ID and the backing disk to give the storage node."""
+    inv = ctx.inv
+    serial, naa = IdRegistry().issue(ctx.name, ctx.dir.path, node, name)
+    disk = DataDisk(serial=f"lc-{name}"[:20], path=ctx.dir.storage_dir(node) / f"{name}.img",
+                    size_bytes=size)
+    inv.upsert("datastores", name=name, node=node, size_bytes=size, unit_serial=serial,
+               naa=naa, lun=None, disk_serial=disk.serial, backing_path=str(disk.path),
+               state=state, created=time.time())
+    for h in hosts:
+        inv.upsert("datastore_hosts", datastore=name, host=h, seen_naa=None, seen_size=None,
+                   scanned_at=None)
+    return naa, disk
+
+
+async def export_lun(ctx: LabContext, name: str, wait_disk: float = 0.0) -> dict[str, Any]:
+    """Have the storage node export the datastore as a LUN to exactly its hosts (the ACLs);
+    the inventory takes the LUN as LIO reports it."""
+    inv = ctx.inv
+    ds = inv.row("datastores", name=name)
+    assert ds is not None
+    initiators = [h["initiator_iqn"] for h in (inv.row("hosts", name=r["host"]) for r in
+                  inv.rows("datastore_hosts", datastore=name)) if h is not None]
+    deadline = time.monotonic() + wait_disk
+    async with ctx.storage_client(ds["node"]) as c:
+        while True:
+            try:
+                lun = await c.call("ensure_lun", name=name, disk_serial=ds["disk_serial"],
+                                   unit_serial=ds["unit_serial"], initiators=initiators)
+                break
+            except AgentError as exc:
+                # a hot-plugged disk needs a moment before the node's kernel lists it
+                if "no virtio disk" not in exc.message or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+    naa = normal_naa(lun["naa"])
+    inv.update("datastores", {"name": name}, naa=naa, lun=lun["lun"],
+               size_bytes=lun["size_bytes"], state="exported")
+    return {**lun, "naa": naa}
+
+
+async def delete(ctx: LabContext, name: str) -> dict[str, Any]:
+    """Remove a datastore no VM uses: hosts forget it, LIO drops it, the disk is unplugged."""
+    inv = ctx.inv
+    with ctx.lock():
+        m = mapping(inv, name)
+        users = [v["name"] for v in inv.rows("vms", datastore=name)]
+        if users:
+            raise LabStateError(f"datastore {name} is the disk of VM {', '.join(users)}: "
+                                "delete refused", datastore=name, vms=users)
+        forgot = []
+        for h in m["hosts"]:
+            try:
+                async with ctx.host_client(h) as c:
+                    await c.call("storage_forget", units=[m["id"]])
+                forgot.append(h)
+            except AgentError as exc:
+                ctx.progress(f"warning: host {h} did not drop {m['id']}: {exc.message}")
+        async with ctx.storage_client(m["node"]) as c:
+            await c.call("delete_lun", name=name, timeout=60)
+        await storagenode.detach_data_disk(ctx.name, m["node"], m["backing"]["disk_serial"])
+        Path(m["backing"]["path"]).unlink(missing_ok=True)
+        with inv.transaction():
+            inv.conn.execute("DELETE FROM datastore_hosts WHERE datastore=?", (name,))
+            inv.conn.execute("DELETE FROM datastores WHERE name=?", (name,))
+        if m["id"]:
+            IdRegistry().release(m["id"])
+        return {"datastore": name, "id": m["id"], "hosts_told": forgot}
+
+
+async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
+                 ) -> dict[str, Any]:
+    """Grow the datastore's backing disk through libvirt (a hardware reconfiguration: LIO
+    itself then reports the new capacity); the storage agent notices and publishes the
+    event, and the lab's rescan service refreshes the sharing hosts. Waits for its record."""
+    nbytes = _size(size)
+    inv = ctx.inv
+    with ctx.lock():
+        m = mapping(inv, name)
+        if nbytes <= m["size_bytes"]:
+            raise LabStateError(f"datastore {name} is {format_size(m['size_bytes'])}: a LUN "
+                                f"only grows (asked for {format_size(nbytes)})",
+                                datastore=name)
+        free = free_space(inv)[m["node"]]
+        if nbytes - m["size_bytes"] > free:
+            raise LabStateError(f"storage node {m['node']} has {format_size(free)} free: "
+                                f"cannot grow {name} by "
+                                f"{format_size(nbytes - m['size_bytes'])}", datastore=name)
+        after = rescan.last_event_id(inv)
+        t0 = time.time()
+        await storagenode.resize_data_disk(ctx.name, m["node"], m["backing"]["disk_serial"],
+                                           nbytes)
+    if wait <= 0:
+        return {"datastore": name, "id": m["id"], "size_bytes": nbytes, "event": None}
+    ev = await rescan.wait_for_event(inv, m["id"], after, size_bytes=nbytes, timeout=wait)
+    return {"datastore": name, "id": m["id"], "size_bytes": nbytes, "resized_at": t0,
+            "event": ev}
+
+
+def show(ctx: LabContext, name: str) -> dict[str, Any]:
+    inv = ctx.inv
+    m = mapping(inv, name)
+    m["seen_by"] = {r["host"]: {"naa": r["seen_naa"], "size_bytes": r["seen_size"],
+                                "scanned_at": r["scanned_at"]}
+                    for r in inv.rows("datastore_hosts", datastore=name)}
+    m["vms"] = [v["name"] for v in inv.rows("vms", datastore=name)]
+    reg = IdRegistry().get(m["id"]) if m["id"] else None
+    m["registry"] = None if reg is None else {"issued": reg["issued"], "lab": reg["lab"]}
+    return m
+
+
+def list_all(ctx: LabContext) -> list[dict[str, Any]]:
+    return [mapping(ctx.inv, d["name"]) for d in ctx.inv.rows("datastores")]
+
+
+# ------------------------------------------------------------------------------ hosts
+
+async def host_storage(ctx: LabContext, host: str, rescan_unit: str | None = None,
+                       rescan_all: bool = False) -> dict[str, Any]:
+    async with ctx.host_client(host) as c:
+        if rescan_all or rescan_unit is not None:
+            await c.call("storage_rescan", unit=rescan_unit, timeout=120)
+        res: dict[str, Any] = await c.call("storage_cache")
+    return res
+
+
+# ------------------------------------------------------------------------------ node restart
+
+async def restart_node(ctx: LabContext, node: str) -> dict[str, Any]:
+    """Restart a storage node (a fresh root overlay: LIO state is gone) and re-export every
+    datastore on it with the same unit serials, so every ID stays what hosts know."""
+    inv = ctx.inv
+    with ctx.lock():
+        row = inv.row("storage_nodes", name=node)
+        if row is None:
+            raise LabStateError(f"unknown storage node {node!r}", node=node)
+        index = [n["name"] for n in inv.rows("storage_nodes")].index(node)
+        site = inv.row("sites", name=row["site"])
+        assert site is not None
+        prefix = site["subnet"].split("/")[1]
+        stores = inv.rows("datastores", node=node)
+        spec = storagenode.StorageNodeSpec(
+            lab=ctx.name, name=node, lab_dir=ctx.dir.path,
+            address_cidr=f"{row['address']}/{prefix}", bridge=site["bridge"], tap=row["tap"],
+            mac=names.mac(ctx.dir.tag, "s", index), memory_mib=int(row["memory"]) >> 20,
+            data_disks=[DataDisk(serial=d["disk_serial"], path=Path(d["backing_path"]),
+                                 size_bytes=d["size_bytes"]) for d in stores],
+            secret=ctx.dir.secret(), target_iqn=row["target_iqn"],
+            agent_port=names.STORAGE_AGENT_PORT)
+        image = await ensure_storage_image(progress=ctx.progress)
+        inv.update("storage_nodes", {"name": node}, state="restarting")
+        t0 = time.monotonic()
+        handle = await storagenode.start(spec, image, accel=str(row["domain_type"]))
+        inv.update("storage_nodes", {"name": node}, state="up")
+        luns = []
+        for d in stores:
+            lun = await export_lun(ctx, d["name"])
+            if lun["naa"] != d["naa"]:
+                raise StorageNodeError(f"after the restart {d['name']} has NAA {lun['naa']}, "
+                                       f"not {d['naa']}", datastore=d["name"])
+            luns.append({"datastore": d["name"], "id": lun["naa"], "lun": lun["lun"]})
+        return {"node": node, "boot_s": round(handle.boot_s, 2),
+                "seconds": round(time.monotonic() - t0, 2), "luns": luns}
+
+
+async def attach_for_vm(client: Any, inv: Inventory, datastore: str, host: str) -> dict[str, Any]:
+    """Hand ``host`` the mapping of a VM's datastore before the VM starts there; the host scans
+    the unit by ID and the VM is started only if the LUN really reports that ID."""
+    m = mapping(inv, datastore, host)
+    got = (await client.call("storage_attach", units=[m], timeout=60))[0]
+    if got.get("state") != "ok":
+        raise LabStateError(f"host {host} cannot attach datastore {datastore} by its ID "
+                            f"{m['id']}: {got.get('error') or got.get('state')}",
+                            host=host, datastore=datastore, seen=got)
+    return dict(got)

@@ -1,0 +1,377 @@
+"""What a host sees of an iSCSI LUN, through libiscsi (user space, no kernel initiator).
+
+Thin async wrappers, each run as a separate program (optionally inside a network
+namespace, via :func:`labctl.proc.run`):
+
+* :func:`list_luns` — ``iscsi-ls -s``
+* :func:`read_capacity` — ``iscsi-readcapacity16 -s``
+* :func:`inquiry_naa` — VPD page 0x83. ``iscsi-inq`` prints binary designators
+  with ``%s`` (an NAA ID is cut at its first zero byte), so this one runs
+  ``python -m labctl.drivers.iscsi vpd83 ...``: a few lines of ctypes over libiscsi that
+  print every designator in hex, as JSON.
+
+An iSCSI URL is ``iscsi://<portal>/<target>/<lun>``; the initiator name is given
+with ``-i``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from labctl.core.errors import CommandFailed, LabError, MissingDependency
+from labctl.core.proc import run
+
+_TIMEOUT = 30.0
+_NAME_RE = re.compile(r"^[A-Za-z0-9.:_-]+$")
+_PORTAL_RE = re.compile(r"^([0-9A-Za-z.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
+
+
+@dataclass(frozen=True)
+class LunInfo:
+    target_iqn: str
+    portal: str  # as the target reports it, e.g. "10.0.0.2:3260,1"
+    lun: int
+    device_type: str  # e.g. DIRECT_ACCESS
+    size: str | None  # iscsi-ls's rounded size text, e.g. "63M"
+
+
+def url(portal: str, target: str, lun: int) -> str:
+    _check(portal, target, lun)
+    return f"iscsi://{portal}/{target}/{lun}"
+
+
+def _check(portal: str, target: str | None = None, lun: int | None = None,
+           initiator: str | None = None) -> None:
+    if not _PORTAL_RE.match(portal):
+        raise LabError(f"bad iSCSI portal {portal!r} (want ip:port)", portal=portal)
+    for what, name in (("target", target), ("initiator", initiator)):
+        if name is not None and not _NAME_RE.match(name):
+            raise LabError(f"bad iSCSI {what} name {name!r}", name=name)
+    if lun is not None and (isinstance(lun, bool) or not isinstance(lun, int)
+                            or not 0 <= lun < 16384):
+        raise LabError(f"bad LUN {lun!r}", lun=lun)
+
+
+async def list_luns(portal: str, initiator: str, netns: str | None = None) -> list[LunInfo]:
+    """Every target and LUN the portal shows to ``initiator`` (``iscsi-ls -s``)."""
+    _check(portal, initiator=initiator)
+    res = await run(["iscsi-ls", "-s", "-i", initiator, f"iscsi://{portal}"], netns=netns,
+                    timeout=_TIMEOUT, what=f"iscsi-ls on {portal}")
+    return parse_iscsi_ls(res.stdout)
+
+
+def parse_iscsi_ls(text: str) -> list[LunInfo]:
+    out: list[LunInfo] = []
+    target = portal = None
+    for line in text.splitlines():
+        line = line.strip()
+        m = re.match(r"^Target:(\S+)\s+Portal:(\S+)", line)
+        if m:
+            target, portal = m.group(1), m.group(2)
+            continue
+        m = re.match(r"^Lun:(\d+)\s+Type:(\S+)(?:\s+\(Size:([^)]*)\))?", line)
+        if m and target is not None and portal is not None:
+            out.append(LunInfo(target, portal, int(m.group(1)), m.group(2), m.group(3)))
+    return out
+
+
+async def read_capacity(portal: str, target: str, lun: int, initiator: str,
+                        netns: str | None = None) -> int:
+    """The LUN's size in bytes (READ CAPACITY 16)."""
+    _check(portal, target, lun, initiator)
+    res = await run(["iscsi-readcapacity16", "-s", "-i", initiator, url(portal, target, lun)],
+                    netns=netns, timeout=_TIMEOUT, what=f"iscsi-readcapacity16 on LUN {lun}")
+    return parse_readcapacity(res.stdout, res.argv)
+
+
+def parse_readcapacity(text: str, argv: list[str] | None = None) -> int:
+    for line in text.splitlines():
+        line = line.strip()
+        if line.isdigit():
+            return int(line)
+        m = re.match(r"^Total size:(\d+)", line)
+        if m:
+            return int(m.group(1))
+    raise LabError("iscsi-readcapacity16 printed no size", argv=argv, stdout=text[-2000:])
+
+
+async def designators(portal: str, target: str, lun: int, initiator: str,
+                      netns: str | None = None) -> list[dict[str, Any]]:
+    """Every designator of VPD page 0x83: {"type", "association", "code_set", "hex"}."""
+    _check(portal, target, lun, initiator)
+    res = await run([sys.executable, "-m", "labctl.drivers.iscsi", "vpd83", portal, target, str(lun),
+                     initiator], netns=netns, timeout=_TIMEOUT,
+                    what=f"INQUIRY VPD 0x83 of {url(portal, target, lun)}")
+    try:
+        data = json.loads(res.stdout)
+    except ValueError as exc:
+        raise CommandFailed(res.argv, 0, res.stdout, res.stderr,
+                            what="vpd83 printed no JSON") from exc
+    if not isinstance(data, list):
+        raise LabError("vpd83 printed something else than a list", stdout=res.stdout)
+    return data
+
+
+async def inquiry_naa(portal: str, target: str, lun: int, initiator: str,
+                      netns: str | None = None) -> str:
+    """The LUN's NAA designator as LIO presents it, e.g. ``naa.6001405...`` (lower case)."""
+    found = await designators(portal, target, lun, initiator, netns)
+    return naa_from_designators(found)
+
+
+def naa_from_designators(found: list[dict[str, Any]]) -> str:
+    """The logical unit's NAA designator (type 3, association 0) in ``naa.<hex>`` form;
+    with several, the richest NAA format (6: registered extended, as LIO has) wins."""
+    naas = [str(d["hex"]).lower() for d in found
+            if d.get("type") == 3 and d.get("association") == 0 and d.get("hex")]
+    if naas:
+        return "naa." + max(naas, key=lambda h: int(h[0], 16))
+    raise LabError("the LUN reports no NAA designator in VPD page 0x83", designators=found)
+
+
+# ---- the vpd83 helper (runs as its own process, possibly inside a namespace) ----
+
+class _Designator(ctypes.Structure):
+    pass
+
+
+_Designator._fields_ = [
+    ("next", ctypes.POINTER(_Designator)),
+    ("protocol_identifier", ctypes.c_int),
+    ("code_set", ctypes.c_int),
+    ("piv", ctypes.c_int),
+    ("association", ctypes.c_int),
+    ("designator_type", ctypes.c_int),
+    ("designator_length", ctypes.c_int),
+    ("designator", ctypes.POINTER(ctypes.c_ubyte)),
+]
+
+
+class _DeviceIdentification(ctypes.Structure):
+    _fields_ = [
+        ("qualifier", ctypes.c_int),
+        ("device_type", ctypes.c_int),
+        ("pagecode", ctypes.c_int),
+        ("designators", ctypes.POINTER(_Designator)),
+    ]
+
+
+_ISCSI_SESSION_NORMAL = 2
+_VPD_DEVICE_IDENTIFICATION = 0x83
+
+
+@functools.cache
+def _libiscsi() -> ctypes.CDLL:
+    """libiscsi with the prototypes used here, loaded once per process (finding it runs
+    ldconfig)."""
+    name = ctypes.util.find_library("iscsi") or "libiscsi.so.7"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError as exc:
+        raise MissingDependency("libiscsi is not installed (package libiscsi7, from "
+                                "libiscsi-bin; run scripts/setup.sh)") from exc
+    vp, cp, ci = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+    for fn, res, args in (
+        ("iscsi_create_context", vp, [cp]),
+        ("iscsi_set_targetname", ci, [vp, cp]),
+        ("iscsi_set_session_type", ci, [vp, ci]),
+        ("iscsi_full_connect_sync", ci, [vp, cp, ci]),
+        ("iscsi_inquiry_sync", vp, [vp, ci, ci, ci, ci]),
+        ("iscsi_readcapacity16_sync", vp, [vp, ci]),
+        ("iscsi_get_error", cp, [vp]),
+        ("iscsi_logout_sync", ci, [vp]),
+        ("iscsi_destroy_context", ci, [vp]),
+        ("scsi_datain_getfullsize", ci, [vp]),
+        ("scsi_datain_unmarshall", vp, [vp]),
+        ("scsi_free_scsi_task", None, [vp]),
+    ):
+        f = getattr(lib, fn)
+        f.restype = res
+        f.argtypes = args
+    return lib
+
+
+@dataclass
+class Session:
+    """A libiscsi context logged in to one target (see :func:`login`)."""
+
+    lib: ctypes.CDLL
+    ctx: int
+    evidence: dict[str, Any]
+
+    def error(self, what: str, **evidence: Any) -> LabError:
+        """``what`` plus libiscsi's last error, with the session's evidence (updated by
+        ``evidence``)."""
+        msg = self.lib.iscsi_get_error(self.ctx)
+        return LabError(f"{what}: {msg.decode(errors='replace') if msg else 'failed'}",
+                        **{**self.evidence, **evidence})
+
+
+@contextlib.contextmanager
+def login(portal: str, target: str, lun: int, initiator: str, **evidence: Any
+          ) -> Iterator[Session]:
+    """A normal session to ``target`` at ``portal`` as ``initiator`` (blocking): logged out
+    when the block ends without an error, the context destroyed in any case. Errors carry
+    portal, target, lun and ``evidence``."""
+    lib = _libiscsi()
+    ctx = lib.iscsi_create_context(initiator.encode())
+    if not ctx:
+        raise LabError("libiscsi: cannot create a context")
+    session = Session(lib, ctx, {"portal": portal, "target": target, "lun": lun, **evidence})
+    try:
+        lib.iscsi_set_targetname(ctx, target.encode())
+        lib.iscsi_set_session_type(ctx, _ISCSI_SESSION_NORMAL)
+        if lib.iscsi_full_connect_sync(ctx, portal.encode(), lun) != 0:
+            raise session.error(f"iSCSI login to {target} at {portal} failed")
+        yield session
+        lib.iscsi_logout_sync(ctx)
+    finally:
+        lib.iscsi_destroy_context(ctx)
+
+
+def designator_list(inq: int) -> list[dict[str, Any]]:
+    """The designators of an unmarshalled VPD page 0x83 in libiscsi's list order (the
+    reverse of the page's): {"type", "association", "code_set", "hex", "text"}."""
+    ident = ctypes.cast(inq, ctypes.POINTER(_DeviceIdentification)).contents
+    out: list[dict[str, Any]] = []
+    d = ident.designators
+    while d:
+        dd = d.contents
+        raw = bytes(dd.designator[:dd.designator_length]) if dd.designator else b""
+        text = raw.rstrip(b"\0").decode("ascii", "replace") if dd.code_set in (2, 3) else None
+        out.append({"type": dd.designator_type, "association": dd.association,
+                    "code_set": dd.code_set, "hex": raw.hex(), "text": text})
+        d = dd.next
+    return out
+
+
+def vpd83_sync(portal: str, target: str, lun: int, initiator: str) -> list[dict[str, Any]]:
+    """INQUIRY VPD 0x83 through libiscsi in this process (blocking)."""
+    with login(portal, target, lun, initiator) as s:
+        lib = s.lib
+        task = None
+        try:
+            size = 255
+            for _ in range(2):
+                task = lib.iscsi_inquiry_sync(s.ctx, lun, 1, _VPD_DEVICE_IDENTIFICATION, size)
+                # struct scsi_task starts with "int status" (SCSI_STATUS_GOOD = 0)
+                if not task or ctypes.cast(task, ctypes.POINTER(ctypes.c_int))[0] != 0:
+                    raise s.error(f"INQUIRY VPD 0x83 of LUN {lun} failed")
+                full = lib.scsi_datain_getfullsize(task)
+                if full <= size:
+                    break
+                lib.scsi_free_scsi_task(task)
+                task = None
+                size = full
+            inq = lib.scsi_datain_unmarshall(task)
+            if not inq:
+                raise s.error("cannot decode VPD page 0x83")
+            out = designator_list(inq)
+        finally:
+            if task:
+                lib.scsi_free_scsi_task(task)
+    out.reverse()  # libiscsi prepends: restore the order of the page
+    return out
+
+
+# ---- the probe a host's storage cache uses (in-process, one login) ----
+
+_SCSI_STATUS_GOOD = 0
+_SCSI_STATUS_CHECK_CONDITION = 2
+_SENSE_UNIT_ATTENTION = 6
+# struct scsi_task (libiscsi scsi-lowlevel.h, x86_64): int status @0 ... struct scsi_sense
+# {unsigned char error_type; enum key; int ascq;} @48 -> key @52, ascq @56
+_TASK_SENSE_KEY = 52
+_TASK_SENSE_ASCQ = 56
+
+
+class _ReadCapacity16(ctypes.Structure):
+    _fields_ = [("returned_lba", ctypes.c_uint64), ("block_length", ctypes.c_uint32),
+                ("p_type", ctypes.c_uint8), ("prot_en", ctypes.c_uint8),
+                ("p_i_exp", ctypes.c_uint8), ("lbppbe", ctypes.c_uint8),
+                ("lbpme", ctypes.c_uint8), ("lbprz", ctypes.c_uint8),
+                ("lalba", ctypes.c_uint16)]
+
+
+def probe_unit(portal: str, target: str, lun: int, initiator: str) -> dict[str, Any]:
+    """Log in, read VPD 0x83 and READ CAPACITY(16), log out (blocking; run in a thread).
+
+    Returns {naa, size_bytes, block_size, commands, unit_attentions: [(key, ascq)]}.
+    """
+    commands = 0
+    attentions: list[tuple[int, int]] = []
+    with login(portal, target, lun, initiator, scsi_commands=commands) as s:
+        lib, ctx = s.lib, s.ctx
+
+        def err(what: str) -> LabError:
+            return s.error(what, scsi_commands=commands)
+
+        def run(issue: Any, what: str) -> Any:
+            nonlocal commands
+            for _ in range(3):
+                commands += 1
+                task = issue()
+                if not task:
+                    raise err(what)
+                status = ctypes.cast(task, ctypes.POINTER(ctypes.c_int))[0]
+                if status == _SCSI_STATUS_GOOD:
+                    return task
+                if status == _SCSI_STATUS_CHECK_CONDITION:
+                    key = ctypes.c_int.from_address(task + _TASK_SENSE_KEY).value
+                    ascq = ctypes.c_int.from_address(task + _TASK_SENSE_ASCQ).value
+                    lib.scsi_free_scsi_task(task)
+                    if key == _SENSE_UNIT_ATTENTION:
+                        attentions.append((key, ascq))
+                        continue  # a unit attention is reported once per nexus: retry
+                    raise err(f"{what}: CHECK CONDITION sense key {key:#x} ascq {ascq:#06x}")
+                lib.scsi_free_scsi_task(task)
+                raise err(f"{what}: SCSI status {status:#x}")
+            raise err(f"{what}: unit attention did not clear")
+
+        task = run(lambda: lib.iscsi_readcapacity16_sync(ctx, lun), "READ CAPACITY(16)")
+        try:
+            rc = lib.scsi_datain_unmarshall(task)
+            if not rc:
+                raise err("cannot decode READ CAPACITY(16)")
+            cap = ctypes.cast(rc, ctypes.POINTER(_ReadCapacity16)).contents
+            block = int(cap.block_length)
+            size = (int(cap.returned_lba) + 1) * block
+        finally:
+            lib.scsi_free_scsi_task(task)
+        task = run(lambda: lib.iscsi_inquiry_sync(ctx, lun, 1, 0x83, 255), "INQUIRY VPD 0x83")
+        try:
+            inq = lib.scsi_datain_unmarshall(task)
+            if not inq:
+                raise err("cannot decode VPD page 0x83")
+            found = designator_list(inq)
+        finally:
+            lib.scsi_free_scsi_task(task)
+    return {"naa": naa_from_designators(found), "size_bytes": size,
+            "block_size": block, "commands": commands, "unit_attentions": attentions}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 5 or argv[0] != "vpd83":
+        print("usage: python -m labctl.drivers.iscsi vpd83 <portal> <target-iqn> <lun> <initiator-iqn>",
+              file=sys.stderr)
+        return 2
+    try:
+        _check(argv[1], argv[2], int(argv[3]), argv[4])
+        print(json.dumps(vpd83_sync(argv[1], argv[2], int(argv[3]), argv[4])))
+    except (LabError, ValueError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

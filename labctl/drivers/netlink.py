@@ -1,0 +1,212 @@
+"""Network namespaces, bridges and veths through pyroute2 (netlink, no `ip` execs).
+
+Operations are ensure-style and idempotent. Every link labctl creates carries
+an interface alias ``labctl:<lab>:<role>:<name>``; removal checks that alias,
+so teardown only ever deletes links the lab owns, whatever their name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import functools
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+from pyroute2 import IPRoute, NetNS, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from labctl.core.errors import NetworkSetupError
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _netlink(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """pyroute2's sync sockets refuse to work in a thread whose event loop is running: there,
+    run the (millisecond) netlink exchange in a worker thread and wait for it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+
+    return wrapper
+
+
+def _index(ipr: IPRoute | NetNS, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
+
+
+def _fail(what: str, exc: Exception, **evidence: object) -> NetworkSetupError:
+    return NetworkSetupError(f"{what}: {exc}", **evidence)
+
+
+@_netlink
+def ensure_bridge(ifname: str, alias: str, address: ipaddress.IPv4Interface) -> None:
+    """A bridge in this namespace with ``address`` on it, up. Refuses a foreign link of that name."""
+    try:
+        with IPRoute() as ipr:
+            idx = _index(ipr, ifname)
+            if idx is None:
+                ipr.link("add", ifname=ifname, kind="bridge")
+                idx = _index(ipr, ifname)
+                assert idx is not None
+                ipr.link("set", index=idx, ifalias=alias)
+            else:
+                have = ipr.get_links(idx)[0].get_attr("IFLA_IFALIAS")
+                if have != alias:
+                    raise NetworkSetupError(
+                        f"a network interface named {ifname} exists and is not this lab's "
+                        f"(alias {have!r}); refusing to touch it", ifname=ifname, alias=have)
+            addrs = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
+            if (str(address.ip), address.network.prefixlen) not in addrs:
+                ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
+            ipr.link("set", index=idx, state="up")
+    except NetlinkError as exc:
+        raise _fail(f"cannot set up bridge {ifname}", exc, ifname=ifname) from exc
+
+
+@_netlink
+def ensure_netns(name: str) -> None:
+    if name not in netns.listnetns():
+        try:
+            netns.create(name)
+        except OSError as exc:
+            raise _fail(f"cannot create network namespace {name}", exc, netns=name) from exc
+    with NetNS(name) as ns:
+        lo = _index(ns, "lo")
+        if lo is not None:
+            ns.link("set", index=lo, state="up")
+
+
+@dataclass(frozen=True)
+class VethSpec:
+    outer: str  # name on the bridge side (root namespace)
+    netns: str
+    bridge: str
+    address: ipaddress.IPv4Interface
+    alias: str
+    inner: str = "eth0"
+
+
+@_netlink
+def ensure_veth(spec: VethSpec) -> None:
+    """A veth from ``spec.bridge`` into ``spec.netns``, named ``inner`` there, addressed and up."""
+    try:
+        with IPRoute() as ipr:
+            outer = _index(ipr, spec.outer)
+            if outer is None:
+                peer = spec.outer + "p"
+                ipr.link("add", ifname=spec.outer, kind="veth", peer={"ifname": peer})
+                outer = _index(ipr, spec.outer)
+                peer_idx = _index(ipr, peer)
+                assert outer is not None and peer_idx is not None
+                ipr.link("set", index=outer, ifalias=spec.alias)
+                ipr.link("set", index=peer_idx, ifalias=spec.alias + ":inner")
+                ipr.link("set", index=peer_idx, net_ns_fd=spec.netns)
+                with NetNS(spec.netns) as ns:
+                    idx = _index(ns, peer)
+                    assert idx is not None
+                    ns.link("set", index=idx, ifname=spec.inner)
+            elif ipr.get_links(outer)[0].get_attr("IFLA_IFALIAS") != spec.alias:
+                raise NetworkSetupError(f"a network interface named {spec.outer} exists and is "
+                                        "not this lab's; refusing to touch it", ifname=spec.outer)
+            bridge = _index(ipr, spec.bridge)
+            if bridge is None:
+                raise NetworkSetupError(f"bridge {spec.bridge} does not exist", bridge=spec.bridge)
+            ipr.link("set", index=outer, master=bridge, state="up")
+        with NetNS(spec.netns) as ns:
+            idx = _index(ns, spec.inner)
+            if idx is None:
+                raise NetworkSetupError(f"{spec.inner} is missing in namespace {spec.netns}",
+                                        netns=spec.netns)
+            addrs = {a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=idx)}
+            if str(spec.address.ip) not in addrs:
+                ns.addr("add", index=idx, address=str(spec.address.ip),
+                        prefixlen=spec.address.network.prefixlen)
+            ns.link("set", index=idx, state="up")
+    except NetlinkError as exc:
+        raise _fail(f"cannot set up veth {spec.outer} into {spec.netns}", exc,
+                    veth=spec.outer, netns=spec.netns) from exc
+
+
+@_netlink
+def label_link(ifname: str, alias: str) -> None:
+    """Give a link another program created for the lab (libvirt's tap) the lab's alias.
+    A link that already carries a different alias is left alone."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        if idx is None:
+            raise NetworkSetupError(f"no link {ifname} to label", ifname=ifname)
+        have = ipr.get_links(idx)[0].get_attr("IFLA_IFALIAS")
+        if have in (None, "", alias):
+            ipr.link("set", index=idx, ifalias=alias)
+
+
+@_netlink
+def set_link_state(ifname: str, up: bool, alias: str) -> None:
+    """Bring an owned link up or down (used to cut a host off its network)."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        if idx is None or ipr.get_links(idx)[0].get_attr("IFLA_IFALIAS") != alias:
+            raise NetworkSetupError(f"no link {ifname} of this lab", ifname=ifname)
+        ipr.link("set", index=idx, state="up" if up else "down")
+
+
+@_netlink
+def delete_link(ifname: str, alias: str) -> bool:
+    """Delete ``ifname`` if it exists and carries ``alias``. True if something was removed."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        if idx is None:
+            return False
+        have = ipr.get_links(idx)[0].get_attr("IFLA_IFALIAS")
+        if have != alias:
+            return False
+        with contextlib.suppress(NetlinkError):
+            ipr.link("del", index=idx)
+        return True
+
+
+@_netlink
+def delete_netns(name: str) -> bool:
+    if name not in netns.listnetns():
+        return False
+    try:
+        netns.remove(name)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise _fail(f"cannot remove network namespace {name}", exc, netns=name) from exc
+    return True
+
+
+@_netlink
+def overlapping_routes(subnet: ipaddress.IPv4Network) -> list[str]:
+    """Routes and addresses of this machine that overlap ``subnet``."""
+    found: list[str] = []
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in ipr.get_addr(family=2):
+            ifname = names.get(addr["index"], "?")
+            net = ipaddress.IPv4Interface(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}").network
+            if net.overlaps(subnet) and not net.is_loopback:
+                found.append(f"{net} on {ifname}")
+        for route in ipr.get_routes(family=2, table=254):
+            dst = route.get_attr("RTA_DST")
+            if dst is None or route["dst_len"] == 0:
+                continue
+            ifname = names.get(route.get_attr("RTA_OIF"), "?")
+            net = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False)
+            if net.overlaps(subnet) and not net.is_loopback and f"{net} on {ifname}" not in found:
+                found.append(f"{net} via {ifname}")
+    return found

@@ -1,0 +1,87 @@
+"""Which accelerator this host really has: KVM only when a probe boots the test guest under
+``-accel kvm`` and sees its heartbeat (a /dev/kvm that exists may still hang a guest).
+Agent side: each host agent probes its own machine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from labctl.core.errors import LabError
+from labctl.core.paths import cache_dir
+from labctl.drivers.qemu import QemuVm, qemu_version
+from labctl.guest.image import ensure_guest_image
+from labctl.guest.protocol import boot_args
+from labctl.hosts.protocol import VmSpec
+
+log = logging.getLogger(__name__)
+
+_kvm_lock = threading.Lock()
+_kvm_answer: bool | None = None
+
+
+def kvm_usable(timeout: float = 10.0) -> bool:
+    """Whether ``-accel kvm`` really runs the test guest here: boots it with KVM and waits
+    for its first heartbeat. The answer is cached per process and per host boot (a file
+    under the cache); the first call blocks for up to ``timeout`` seconds, so call it from a
+    thread (``asyncio.to_thread``) in async code."""
+    global _kvm_answer
+    with _kvm_lock:
+        if _kvm_answer is not None:
+            return _kvm_answer
+        try:
+            fd = os.open("/dev/kvm", os.O_RDWR)
+            os.close(fd)
+        except OSError:
+            _kvm_answer = False
+            return False
+        key = _kvm_cache_key()
+        cache = cache_dir() / "kvm-probe.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            data = json.loads(cache.read_text())
+            if data["key"] == key:
+                _kvm_answer = bool(data["usable"])
+                return _kvm_answer
+        try:  # callers run this in a thread of its own, which has no event loop
+            _kvm_answer = bool(asyncio.run(_probe_kvm(timeout)))
+        except Exception:  # a probe that cannot even run means "not usable"
+            log.exception("KVM probe failed")
+            _kvm_answer = False
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"key": key, "usable": _kvm_answer}) + "\n")
+        return _kvm_answer
+
+
+def _kvm_cache_key() -> str:
+    boot = ""
+    with contextlib.suppress(OSError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    try:
+        ver = qemu_version()
+    except LabError:
+        ver = "none"
+    return f"{boot} {ver}"
+
+
+async def _probe_kvm(timeout: float) -> bool:
+    image = await ensure_guest_image()
+    with tempfile.TemporaryDirectory(prefix="labctl-kvm-") as tmp:
+        spec = VmSpec(name="kvm-probe", memory_mib=128, vcpus=1, kernel=image.kernel,
+                      initrd=image.initrd, append=boot_args(0, 8), accel="kvm")
+        vm = QemuVm(spec, Path(tmp))
+        try:
+            await vm.start(timeout=timeout)
+            await vm.wait_heartbeat(timeout)
+            return True
+        except LabError as exc:
+            log.info("KVM probe: not usable here (%s)", exc)
+            return False
+        finally:
+            await vm.stop(timeout=2.0)

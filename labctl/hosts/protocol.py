@@ -1,0 +1,226 @@
+"""The host agent's VM protocol: what the controller may ask a host about its VMs.
+
+Imports only ``labctl.core``: the controller, the host agent and anything that poses as a
+host (a mobility agent) share these types. The host's storage methods are in
+:mod:`labctl.datastores.protocol`, its migration methods in :mod:`labctl.migration.protocol`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from labctl.core.wire import Empty, Message, Method
+
+DEFAULT_MACHINE = "pc-q35-10.0"  # pinned: source and destination of a migration must agree
+ACCELS = ("tcg", "kvm")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_IQN_RE = re.compile(r"^(iqn\.[0-9]{4}-[0-9]{2}\.[^\s,/]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]+)$")
+_PORTAL_RE = re.compile(r"^([0-9A-Za-z.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
+
+
+# --- VM description --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IscsiDisk(Message):
+    """A LUN reached with QEMU's own libiscsi driver."""
+
+    portal: str  # "ip:port"
+    target_iqn: str
+    lun: int
+    initiator_iqn: str
+    naa: str | None = None  # the LUN's NAA ID as the array presents it, when known
+    kind: Literal["iscsi"] = "iscsi"
+
+    def __post_init__(self) -> None:
+        if not _PORTAL_RE.match(self.portal):
+            raise ValueError(f"bad iSCSI portal {self.portal!r} (want ip:port)")
+        for what, iqn in (("target", self.target_iqn), ("initiator", self.initiator_iqn)):
+            if not _IQN_RE.match(iqn):
+                raise ValueError(f"bad iSCSI {what} name {iqn!r}")
+        if not 0 <= self.lun < 16384:
+            raise ValueError(f"bad LUN {self.lun}")
+
+    @property
+    def url(self) -> str:
+        return f"iscsi://{self.portal}/{self.target_iqn}/{self.lun}"
+
+
+@dataclass(frozen=True)
+class FileDisk(Message):
+    """A raw file on the host (tests, the migration testbed)."""
+
+    path: Path
+    direct: bool = True  # O_DIRECT on the host (not on tmpfs)
+    kind: Literal["file"] = "file"
+
+
+Disk = IscsiDisk | FileDisk
+
+
+@dataclass(frozen=True)
+class VmSpec(Message):
+    """A workload VM, complete: what QEMU is started with."""
+
+    name: str
+    memory_mib: int
+    vcpus: int
+    kernel: Path
+    initrd: Path
+    append: str
+    disk: IscsiDisk | FileDisk | None = None
+    machine: str = DEFAULT_MACHINE
+    accel: str = "tcg"
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"bad VM name {self.name!r} (letters, digits, _ . -; max 63)")
+        if not 64 <= self.memory_mib <= 65536:
+            raise ValueError(f"bad memory size {self.memory_mib} MiB")
+        if not 1 <= self.vcpus <= 64:
+            raise ValueError(f"bad vCPU count {self.vcpus}")
+        if self.accel not in ACCELS:
+            raise ValueError(f"bad accelerator {self.accel!r} (one of {', '.join(ACCELS)})")
+        if not re.match(r"^[A-Za-z0-9_.-]+$", self.machine):
+            raise ValueError(f"bad machine type {self.machine!r}")
+
+
+@dataclass(frozen=True)
+class VmStartSpec(Message):
+    """What ``vm_start`` takes: a VM spec whose boot files may be left out for the test
+    guest (the host uses its own cached image, booted with ``rate_mib_s``, ``wss_mib``
+    and ``heartbeat_ms``); ``accel`` may be ``auto`` (the host's own probe decides);
+    ``incoming`` (e.g. ``defer``) starts a migration target, which is not waited for."""
+
+    name: str
+    memory_mib: int = 256
+    vcpus: int = 1
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    disk: IscsiDisk | FileDisk | None = None
+    machine: str = DEFAULT_MACHINE
+    accel: Literal["auto", "tcg", "kvm"] = "auto"
+    rate_mib_s: int = 0
+    wss_mib: int = 64
+    heartbeat_ms: int = 100
+    incoming: str | None = None
+
+
+# --- requests and replies --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VmStart(Message):
+    spec: VmStartSpec
+    heartbeat_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class VmStarted(Message):
+    name: str
+    pid: int | None
+    run_dir: str
+    first_heartbeat_s: float | None
+    accel: str
+
+
+@dataclass(frozen=True)
+class VmName(Message):
+    name: str
+
+
+@dataclass(frozen=True)
+class VmStop(Message):
+    name: str
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class VmStopped(Message):
+    name: str
+    pid: int | None
+    returncode: int | None
+
+
+@dataclass(frozen=True)
+class HeartbeatAge(Message):
+    counter: int
+    age_s: float
+
+
+@dataclass(frozen=True)
+class VmStatus(Message):
+    name: str
+    #: QEMU's run state (``running``, ``paused``, ``postmigrate``...) or the process state
+    state: str
+    #: the QEMU process: new, starting, running, stopping, stopped, failed
+    process: str
+    pid: int | None
+    returncode: int | None
+    heartbeat: HeartbeatAge | None
+    disk_counter: int | None
+    first_heartbeat_s: float | None
+    #: for checks from outside labctl: a free QMP monitor and the console log
+    qmp_check_socket: str
+    console_log: str
+
+
+@dataclass(frozen=True)
+class VmList(Message):
+    vms: list[VmStatus] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConsoleCommand(Message):
+    name: str
+    command: str
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ConsoleAnswer(Message):
+    answer: str
+
+
+@dataclass(frozen=True)
+class ConsoleTailRequest(Message):
+    name: str
+    lines: int = 50
+
+
+@dataclass(frozen=True)
+class ConsoleTail(Message):
+    lines: list[str]
+
+
+@dataclass(frozen=True)
+class HostPing(Message):
+    host: str
+    pid: int
+    qemu_version: str | None
+    #: "kvm" or "tcg" once the host's own probe has answered, "probing" before
+    accel: str
+    #: the machine's MemAvailable in bytes (what a new QEMU can really get)
+    mem_available: int | None
+
+
+@dataclass(frozen=True)
+class VmExited(Message):
+    """Event ``vm_exited``: a VM's QEMU exited without being asked to."""
+
+    host: str
+    name: str
+    returncode: int | None
+    console_tail: list[str]
+
+
+PING = Method("ping", Empty, HostPing)
+VM_START = Method("vm_start", VmStart, VmStarted)
+VM_STOP = Method("vm_stop", VmStop, VmStopped)
+VM_STATUS = Method("vm_status", VmName, VmStatus)
+VM_LIST = Method("vm_list", Empty, VmList)
+VM_CONSOLE = Method("vm_console", ConsoleCommand, ConsoleAnswer)
+VM_CONSOLE_TAIL = Method("vm_console_tail", ConsoleTailRequest, ConsoleTail)
+EVENT_VM_EXITED = "vm_exited"

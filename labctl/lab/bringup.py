@@ -1,0 +1,260 @@
+"""Bring-up: a topology becomes a running lab.
+
+images (cached) and the accelerator probe -> one bridge per site -> storage node VMs
+(libvirt) in parallel with the hosts (through the host provider) -> LUNs exported with
+ACLs -> each sharing host handed its mappings, scanning each LUN by ID -> the rescan
+service -> VMs. Each step's time is recorded in the inventory (``steps``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from labctl.core import names
+from labctl.core.errors import MissingDependency, ProvisionError, TopologyError
+from labctl.core.names import QEMU_BINARY
+from labctl.core.proc import run, which
+from labctl.datastores import rescan
+from labctl.datastores import service as datastores
+from labctl.drivers import netlink
+from labctl.guest.image import GuestImage, ensure_guest_image
+from labctl.hosts.provider import HostPlan, NamespaceHosts
+from labctl.lab import vms
+from labctl.lab.topology import Topology
+from labctl.state.context import LabContext
+from labctl.storage import node as storagenode
+from labctl.storage.image import StorageImage, ensure_storage_image
+
+_T = TypeVar("_T")
+
+
+async def step(ctx: LabContext, name: str, work: Awaitable[_T]) -> _T:
+    """Run one bring-up step, record and report how long it took."""
+    start = time.monotonic()
+    result = await work
+    took = time.monotonic() - start
+    ctx.inv.record_step(name, took)
+    ctx.progress(f"{name} ({took:.1f} s)")
+    return result
+
+
+async def gather_all(*jobs: Awaitable[Any]) -> list[Any]:
+    """Run jobs together; if one fails, cancel the rest and raise the first error."""
+    tasks = [asyncio.ensure_future(j) for j in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def preflight() -> None:
+    """What the local provider needs on this machine, refused with one clear line."""
+    if os.geteuid() != 0:
+        raise MissingDependency("labctl needs root to create network namespaces and bridges "
+                                "(run it with sudo)")
+    if shutil.which(QEMU_BINARY) is None:
+        raise MissingDependency(f"QEMU ({QEMU_BINARY}) is not installed; run scripts/setup.sh",
+                                program=QEMU_BINARY)
+    for tool in ("iscsi-inq", "iscsi-ls", "mmdebstrap", "nsenter"):
+        which(tool)
+
+
+def check_host_network(topo: Topology) -> None:
+    for i, site in enumerate(topo.sites):
+        clash = netlink.overlapping_routes(site.subnet)
+        if clash:
+            raise TopologyError(
+                topo.source, f"sites[{i}].subnet",
+                f"{site.subnet} overlaps a network this machine already uses ({'; '.join(clash)}); "
+                "pick another subnet")
+
+
+def check_disk_space(topo: Topology, where: Path) -> None:
+    """Datastores are sparse files in the lab directory: refuse a lab whose datastores could
+    not all be filled on the filesystem that holds it (plus room for the node's overlay)."""
+    where.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(where).free
+    need = sum(d.size for d in topo.datastores) + len(topo.storage_nodes) * (256 << 20)
+    if need > free:
+        raise TopologyError(
+            topo.source, "datastores",
+            f"the datastores need {need >> 20} MiB but the filesystem of {where} has "
+            f"{free >> 20} MiB free", need=need, free=free)
+
+
+async def probe_accel() -> str:
+    """"kvm" or "tcg" for the storage node's libvirt domain: asked of an agent-side probe
+    process (the controller never runs QEMU itself); cached per boot by the probe."""
+    res = await run([sys.executable, "-m", "labctl.agents.probe"], timeout=60,
+                    what="accelerator probe")
+    answer = json.loads(res.stdout)
+    return "kvm" if answer.get("accel") == "kvm" else "tcg"
+
+
+async def build(ctx: LabContext, topo: Topology) -> None:
+    """Build the lab described by ``topo`` (its directory exists and is locked)."""
+    inv = ctx.inv
+    inv.set_meta("state", "creating")
+    inv.set_meta("topology_digest", topo.digest)
+    inv.set_meta("topology_source", str(Path(topo.source).resolve()))
+    inv.set_meta("created", str(time.time()))
+    (ctx.dir.path / "topology.json").write_text(json.dumps(topo.raw, indent=2, default=str))
+    t_start = time.monotonic()
+
+    # 1. images (cached by recipe) and the accelerator probe, side by side
+    simg, gimg = await step(ctx, "images ready", asyncio.gather(
+        ensure_storage_image(progress=ctx.progress), ensure_guest_image()))
+    accel = await step(ctx, "accelerator probe", probe_accel())
+    inv.set_meta("accel", accel)
+
+    # 2. network: one bridge per site, the controller holds .1 on it
+    t_net = time.monotonic()
+    for i, site in enumerate(topo.sites):
+        br = names.bridge(ctx.dir.tag, i)
+        alias = names.alias(ctx.name, "bridge", site.name)
+        inv.own("link", br, alias=alias)
+        netlink.ensure_bridge(br, alias, ipaddress.IPv4Interface(
+            f"{site.gateway}/{site.subnet.prefixlen}"))
+        inv.upsert("sites", name=site.name, subnet=str(site.subnet), bridge=br)
+    inv.record_step("network", time.monotonic() - t_net)
+
+    # 3. storage nodes (VMs through libvirt) and hosts (through the provider), in parallel
+    await storagenode.ensure_libvirtd()
+    provider = NamespaceHosts(ctx.name, ctx.dir.path, inv)
+    node_jobs = [_start_storage_node(ctx, topo, i, simg, accel)
+                 for i in range(len(topo.storage_nodes))]
+    host_jobs = [_start_host(ctx, topo, i, provider) for i in range(len(topo.hosts))]
+    await step(ctx, "storage nodes and hosts ready", gather_all(*node_jobs, *host_jobs))
+
+    # 4. LUNs with ACLs, then every sharing host checks what it sees
+    await step(ctx, "datastores exported", gather_all(
+        *(datastores.export_lun(ctx, d.name) for d in topo.datastores)))
+    await step(ctx, "mappings handed to hosts, each scanned its LUNs", _hand_mappings_checked(ctx))
+    await step(ctx, "rescan service subscribed", _start_rescan(ctx, topo))
+
+    # 5. VMs
+    _record_vms(ctx, topo, gimg)
+    for vm in topo.vms:
+        if vm.autostart:
+            await step(ctx, f"VM {vm.name} first heartbeat", vms.start(ctx, vm.name))
+    inv.set_meta("state", "up")
+    total = time.monotonic() - t_start
+    inv.record_step("lab ready", total)
+    ctx.progress(f"lab {ctx.name} is up ({total:.1f} s)")
+
+
+def _record_vms(ctx: LabContext, topo: Topology, gimg: GuestImage) -> None:
+    inv = ctx.inv
+    inv.set_meta("guest_kernel", str(gimg.kernel))
+    inv.set_meta("guest_initrd", str(gimg.initrd))
+    for vm in topo.vms:
+        inv.upsert("vms", name=vm.name, host=vm.host, datastore=vm.datastore,
+                   memory=vm.memory, vcpus=vm.vcpus, dirty_rate=vm.dirty_rate,
+                   working_set=vm.working_set, state="stopped", pid=None, started_at=None,
+                   heartbeat_ms=vm.heartbeat_ms)
+
+
+async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: StorageImage,
+                              accel: str) -> None:
+    inv = ctx.inv
+    node = topo.storage_nodes[i]
+    site = topo.site(node.site)
+    site_index = [s.name for s in topo.sites].index(node.site)
+    domain = names.domain(ctx.name, node.name)
+    tap = names.tap(ctx.dir.tag, i)
+    domain_type = "kvm" if accel == "kvm" else "qemu"
+    inv.upsert("storage_nodes", name=node.name, site=node.site, address=str(node.address),
+               target_iqn=node.target_iqn, domain=domain, tap=tap,
+               agent_port=names.STORAGE_AGENT_PORT, capacity=node.capacity, state="starting",
+               memory=node.memory, domain_type=domain_type)
+    disks = []
+    for ds in topo.datastores:
+        if ds.node != node.name:
+            continue
+        # its ID: a unit serial never issued before, hence the LUN's NAA ID
+        _naa, disk = datastores.register(ctx, node.name, ds.name, ds.size, list(ds.hosts),
+                                         "allocated")
+        disks.append(disk)
+    inv.own("domain", domain, lab_dir=str(ctx.dir.path))
+    spec = storagenode.StorageNodeSpec(
+        lab=ctx.name, name=node.name, lab_dir=ctx.dir.path,
+        address_cidr=f"{node.address}/{site.subnet.prefixlen}",
+        bridge=names.bridge(ctx.dir.tag, site_index), tap=tap,
+        mac=names.mac(ctx.dir.tag, "s", i), memory_mib=node.memory >> 20,
+        data_disks=disks, secret=ctx.dir.secret(), target_iqn=node.target_iqn,
+        agent_port=names.STORAGE_AGENT_PORT,
+    )
+    t0 = time.monotonic()
+    await storagenode.start(spec, image, accel=domain_type)
+    # libvirt made the tap; label it like every other link of the lab
+    netlink.label_link(tap, names.alias(ctx.name, "tap", node.name))
+    inv.record_step(f"storage node {node.name} boot to agent ready", time.monotonic() - t0)
+    inv.update("storage_nodes", {"name": node.name}, state="up")
+    ctx.progress(f"storage node {node.name} is serving at {node.address}")
+
+
+async def _start_host(ctx: LabContext, topo: Topology, i: int, provider: NamespaceHosts) -> None:
+    inv = ctx.inv
+    host = topo.hosts[i]
+    site = topo.site(host.site)
+    site_index = [s.name for s in topo.sites].index(host.site)
+    inv.upsert("hosts", name=host.name, site=host.site, address=str(host.address),
+               initiator_iqn=host.initiator_iqn, netns=names.netns(ctx.name, host.name),
+               veth=names.veth(ctx.dir.tag, i), agent_port=names.HOST_AGENT_PORT,
+               memory=host.memory, agent_pid=None, state="starting")
+    t0 = time.monotonic()
+    got = await provider.provision(HostPlan(
+        name=host.name, index=i,
+        address=ipaddress.IPv4Interface(f"{host.address}/{site.subnet.prefixlen}"),
+        bridge=names.bridge(ctx.dir.tag, site_index),
+        state_dir=ctx.dir.host_dir(host.name)), ctx.dir.secret())
+    inv.record_step(f"host {host.name} namespace and agent ready", time.monotonic() - t0)
+    inv.update("hosts", {"name": host.name}, state="up", agent_pid=got.agent_pid,
+               address=got.address, agent_port=got.agent_port)
+
+
+async def _start_rescan(ctx: LabContext, topo: Topology) -> None:
+    """The lab's rescan service (labctl/datastores/rescan.py), a process owned by the lab."""
+    inv = ctx.inv
+    rescan.set_lookup(inv, str((topo.raw.get("rescan") or {}).get("lookup", "inventory")))
+    log = ctx.dir.path / "rescan.out"
+    argv = [sys.executable, "-m", "labctl.agents.rescan", "--lab-dir", str(ctx.dir.path),
+            "--lab", ctx.name]
+    with open(log, "ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+            start_new_session=True)
+    inv.own("process", "rescan-service", pid=proc.pid)
+    deadline = time.monotonic() + 20
+    while inv.get_meta("rescan_ready") is None:
+        if proc.returncode is not None or time.monotonic() > deadline:
+            raise ProvisionError("the rescan service did not subscribe to every agent "
+                                 "within 20 s" if proc.returncode is None else
+                                 f"the rescan service exited (status {proc.returncode})",
+                                 log_tail=log.read_text(errors="replace")[-1500:])
+        await asyncio.sleep(0.05)
+
+
+async def _hand_mappings_checked(ctx: LabContext) -> None:
+    """Each host takes the mappings of the datastores it shares and scans them by ID from
+    its namespace; a host that cannot see one, or sees another ID, stops the bring-up."""
+    seen = await datastores.hand_mappings(ctx)
+    for host, units in seen.items():
+        for unit in units:
+            if unit.get("state") != "ok":
+                raise ProvisionError(
+                    f"host {host} cannot use datastore {unit.get('datastore')} "
+                    f"({unit.get('id')}): {unit.get('error') or unit.get('state')}",
+                    host=host, unit=unit)

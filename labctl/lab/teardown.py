@@ -1,0 +1,47 @@
+"""Teardown by ownership: remove exactly what the lab's journal says it created, each only
+if it still proves to be the lab's (a link's alias, a domain's metadata, a process's
+command line naming the lab directory). Never by a name pattern; works after a SIGKILL
+mid-``up``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from labctl.core.errors import LabError
+from labctl.drivers import netlink
+from labctl.hosts.provider import NamespaceHosts, stop_owned_process
+from labctl.state.context import LabContext
+from labctl.storage import node as storagenode
+
+LIBVIRT_QEMU_LOGS = Path("/var/log/libvirt/qemu")
+
+
+async def teardown(ctx: LabContext) -> list[str]:
+    """Remove the lab's objects; returns what was removed (one line each)."""
+    removed: list[str] = []
+    inv = ctx.inv
+    # the hosts first (their agents stop their VMs softly), through their provider
+    await NamespaceHosts(ctx.name, ctx.dir.path, inv).teardown(inv, removed)
+    owned = inv.owned()
+    await asyncio.gather(*(stop_owned_process(name, int(d["pid"]), ctx.dir.path, removed)
+                           for kind, name, d in owned if kind == "process" and "pid" in d))
+    try:
+        for dom in await storagenode.destroy_owned(ctx.name, ctx.dir.path):
+            removed.append(f"domain {dom}")
+            # libvirt keeps the domain's QEMU log after undefine; it is this lab's file
+            log = LIBVIRT_QEMU_LOGS / f"{dom}.log"
+            if log.exists():
+                log.unlink()
+                removed.append(f"file {log}")
+    except LabError as exc:
+        ctx.progress(f"warning: {exc.message}")
+    for kind, name, detail in owned:
+        if kind == "link" and netlink.delete_link(name, detail["alias"]):
+            removed.append(f"link {name}")
+        elif kind == "netns" and netlink.delete_netns(name):
+            removed.append(f"netns {name}")
+        inv.disown(kind, name)
+    for item in removed:
+        ctx.progress(f"removed {item}")
+    return removed

@@ -1,0 +1,640 @@
+"""The host agent's side of a live migration (registered into the host agent's handler table).
+
+Destination (``mig_prepare`` ... ``mig_dest_finish`` / ``mig_dest_abort``):
+
+* ``mig_prepare`` starts QEMU with ``-incoming defer`` and the source's exact machine and
+  devices. The disk's block graph is ``raw`` (node ``disk0``, what the virtio-blk device uses)
+  over a protocol node. With *early* storage preparation the protocol node is the real disk
+  (iSCSI LUN / file), the host-level datastore check (LUN scan: NAA and capacity through
+  libiscsi) is done, and QEMU's own open node is read (``qemu-io`` on the inactive node;
+  sector 0 holds the guest's disk counter record) -- all before the source is asked to
+  migrate. With *late* preparation the protocol node is a ``null-co`` placeholder of the
+  same size, and all that work happens in ``mig_late_storage``, called in the
+  ``pause-before-switchover`` window: ``blockdev-add`` of the real node, ``blockdev-reopen``
+  of ``disk0`` onto it, the read check, the LUN scan.
+* The incoming VM holds a *lease*: the controller renews it while it drives the migration;
+  if it lapses (controller gone, link cut) before the migration completed, the agent drops
+  the incoming QEMU and its run directory by itself.
+
+Source (``mig_source_info``, ``mig_start``, ``mig_status``, ``mig_set``, ``mig_continue``,
+``mig_postcopy``, ``mig_cancel``, ``mig_source_finish``): the job registers its QMP event
+listener before any command, records a pass (``query-migrate`` right after each
+``MIGRATION_PASS``), every status change with its time (``time.monotonic()``, the same
+clock as the console timestamps), and pushes ``migration`` events to RPC subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qemu.qmp import EventListener
+
+from labctl.core.errors import LabError, LabStateError, MigrationError, VmError
+from labctl.core.rpc import Handler
+from labctl.drivers.qemu import QemuVm, VmState, blockdev_arg, disk_node
+from labctl.guest.protocol import decode_disk_record
+from labctl.hosts.agent import HostAgent
+from labctl.hosts.protocol import FileDisk, IscsiDisk, VmSpec, VmStop
+from labctl.migration.protocol import EVENT_PROGRESS, MigrationProgress
+
+DiskProbe = Callable[[IscsiDisk], Awaitable[tuple[str, int]]]
+log = logging.getLogger("labctl.migration.hostside")
+
+FINAL = ("completed", "failed", "cancelled")
+#: capabilities that must be set on the destination too, before migrate-incoming
+DEST_CAPS = ("multifd", "postcopy-ram")
+DEST_PARAMS = ("multifd-channels",)
+_HEX_LINE = re.compile(r"^[0-9a-f]{8}:((?:\s+[0-9a-f]{2}){1,16})")
+#: QEMU's own switchover checkpoints (QEMU >= 8.2, "log" trace backend: to QEMU's stderr)
+CHECKPOINT_EVENT = "vmstate_downtime_checkpoint"
+_CHECKPOINT_LINE = re.compile(r"^\d+@(\d+\.\d+):vmstate_downtime_checkpoint\s+(\S+)")
+
+
+def parse_qemu_io_dump(text: str) -> tuple[bytes, str | None]:
+    """Bytes from ``qemu-io read -v`` output, and the error line if the read failed."""
+    data = bytearray()
+    for line in text.splitlines():
+        if "failed" in line:
+            return bytes(data), line.strip()
+        m = _HEX_LINE.match(line)
+        if m:
+            data += bytes(int(x, 16) for x in m.group(1).split())
+    return bytes(data), None
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def _mono(realtime: float | None) -> float | None:
+    """A CLOCK_REALTIME stamp (QEMU's event and trace stamps) on the time.monotonic() axis."""
+    return None if realtime is None else realtime - (time.time() - time.monotonic())
+
+
+async def enable_checkpoints(vm: QemuVm) -> int | None:
+    """Turn on QEMU's switchover checkpoint trace; the offset in QEMU's log where its lines
+    will start, or None if this QEMU cannot trace (then there is no breakdown, nothing else)."""
+    try:
+        offset = vm.log_path.stat().st_size
+    except OSError:
+        offset = 0
+    try:
+        await vm.execute("trace-event-set-state", {"name": CHECKPOINT_EVENT, "enable": True},
+                         timeout=5.0)
+    except VmError as exc:
+        log.info("%s: no switchover checkpoints: %s", vm.spec.name, exc.message)
+        return None
+    return offset
+
+
+def parse_checkpoints(text: str) -> dict[str, float]:
+    """``{checkpoint: CLOCK_REALTIME seconds}`` from QEMU's trace lines (first of each)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _CHECKPOINT_LINE.match(line)
+        if m:
+            out.setdefault(m.group(2), float(m.group(1)))
+    return out
+
+
+def read_checkpoints(vm: QemuVm, offset: int | None) -> dict[str, float]:
+    """QEMU's switchover checkpoints logged since ``offset``, on the time.monotonic() axis."""
+    if offset is None:
+        return {}
+    try:
+        with open(vm.log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read(1 << 20).decode(errors="replace")
+    except OSError:
+        return {}
+    shift = time.time() - time.monotonic()
+    return {k: v - shift for k, v in parse_checkpoints(text).items()}
+
+
+def event_time(vm: QemuVm, name: str, after: float) -> tuple[float | None, float | None]:
+    """(arrival at this agent, QEMU's own stamp), both time.monotonic(), of the first QMP
+    event ``name`` that arrived after ``after``. The arrival is taken by the VM's own event
+    listener, which never waits on a command, so it is not delayed by the migration job."""
+    for e in vm.events:
+        if e["event"] == name and e["t"] >= after:
+            return float(e["t"]), _mono(e.get("qemu_time"))
+    return None, None
+
+
+@dataclass
+class _Incoming:
+    vm: QemuVm
+    mode: str  # "early" | "late"
+    real_node: dict[str, Any]
+    lease_until: float
+    uri: str = ""
+    storage_ready: bool = False
+    completed: bool = False
+    log_offset: int | None = None
+    t_prepared: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    vm: QemuVm
+    listener: EventListener
+    t0: float
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "setup"
+    final: dict[str, Any] | None = None
+    stop_t: float | None = None
+    task: asyncio.Task[None] | None = None
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    log_offset: int | None = None
+    checkpoints: dict[str, float] | None = None
+
+
+def _hb(vm: QemuVm) -> dict[str, Any] | None:
+    hb = vm.last_heartbeat
+    return None if hb is None else {"counter": hb.counter, "disk_counter": hb.disk_counter,
+                                     "t": hb.t}
+
+
+def pass_record(q: dict[str, Any], t: float, t0: float, pass_no: int) -> dict[str, Any]:
+    """One pre-copy pass from a ``query-migrate`` answer taken at the pass start."""
+    ram = q.get("ram") or {}
+    page = int(ram.get("page-size") or 4096)
+    rate_pages = float(ram.get("dirty-pages-rate") or 0)
+    return {
+        "pass": pass_no, "t": t, "t_rel": round(t - t0, 4), "status": q.get("status"),
+        "dirty_sync_count": ram.get("dirty-sync-count"),
+        "transferred": ram.get("transferred"), "remaining": ram.get("remaining"),
+        "total": ram.get("total"),
+        "dirty_pages_rate": rate_pages, "dirty_rate_bytes": rate_pages * page,
+        "expected_downtime_ms": q.get("expected-downtime"),
+        "throttle_pct": q.get("cpu-throttle-percentage", 0),
+        "mbps": ram.get("mbps"),
+    }
+
+
+class MigrationHandlers:
+    """Migration RPC methods of one host agent."""
+
+    def __init__(self, agent: HostAgent, probe_disk: DiskProbe) -> None:
+        self.agent = agent
+        #: what a VM's iSCSI disk reports to this host now: (NAA ID, capacity); the host's
+        #: storage cache provides it, so there is one view of a host's LUNs
+        self.probe_disk = probe_disk
+        self.incoming: dict[str, _Incoming] = {}
+        self.jobs: dict[str, _Job] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "mig_prepare": self.mig_prepare, "mig_renew": self.mig_renew,
+            "mig_late_storage": self.mig_late_storage,
+            "mig_dest_finish": self.mig_dest_finish, "mig_dest_abort": self.mig_dest_abort,
+            "mig_source_info": self.mig_source_info, "mig_start": self.mig_start,
+            "mig_status": self.mig_status, "mig_set": self.mig_set,
+            "mig_continue": self.mig_continue, "mig_postcopy": self.mig_postcopy,
+            "mig_cancel": self.mig_cancel, "mig_source_finish": self.mig_source_finish,
+            "mig_dirty_rate": self.mig_dirty_rate,
+        }
+
+    # ================================================================ destination
+    async def mig_prepare(self, spec: dict[str, Any], listen: str, storage: str = "early",
+                          capabilities: dict[str, bool] | None = None,
+                          parameters: dict[str, Any] | None = None,
+                          disk_size: int | None = None, lease_s: float = 15.0) -> dict[str, Any]:
+        """Start the incoming QEMU and (early) make its storage ready. Returns the URI the
+        source must migrate to and what each step took."""
+        t_start = _now()
+        if storage not in ("early", "late"):
+            raise LabError(f"mig_prepare: storage must be 'early' or 'late', not {storage!r}")
+        if not isinstance(listen, str) or not re.match(r"^[0-9.]+$", listen):
+            raise LabError(f"mig_prepare: listen must be an IPv4 address, not {listen!r}")
+        if not isinstance(lease_s, int | float) or not 1 <= lease_s <= 600:
+            raise LabError("mig_prepare: lease_s must be 1..600 seconds")
+        vmspec = self.agent.check_spec(VmSpec.from_wire(spec, "mig_prepare spec"), "mig_prepare")
+        name = vmspec.name
+        async with self.agent.lock(name):
+            self.agent.check_not_running(name)
+            real = disk_node(vmspec.disk, "disk0-file") if vmspec.disk is not None else {}
+            if vmspec.disk is not None and storage == "late":
+                size = disk_size if isinstance(disk_size, int) and disk_size > 0 else None
+                if size is None:
+                    raise LabError("mig_prepare: late storage preparation needs disk_size")
+                graph = [f"driver=null-co,node-name=disk0-ph,size={size}",
+                         "driver=raw,node-name=disk0,file=disk0-ph"]
+            elif vmspec.disk is not None:
+                graph = [blockdev_arg(real), "driver=raw,node-name=disk0,file=disk0-file"]
+            else:
+                graph = None
+            vm = QemuVm(vmspec, self.agent.run_dir(name))
+            inc = _Incoming(vm=vm, mode=storage, real_node=real, lease_until=_now() + lease_s)
+            self.agent.adopt(vm, on_exit=self._incoming_died)
+            self.incoming[name] = inc
+            try:
+                t = _now()
+                await vm.start(incoming="defer", blockdevs=graph)
+                inc.timings["qemu_start_s"] = _now() - t
+                caps = [{"capability": c, "state": bool(v)}
+                        for c, v in (capabilities or {}).items() if c in DEST_CAPS]
+                if caps:
+                    await vm.execute("migrate-set-capabilities", {"capabilities": caps})
+                params = {k: v for k, v in (parameters or {}).items() if k in DEST_PARAMS}
+                if params:
+                    await vm.execute("migrate-set-parameters", params)
+                inc.log_offset = await enable_checkpoints(vm)
+                if vmspec.disk is not None and storage == "early":
+                    await self._storage_work(inc, attach=False)
+                t = _now()
+                await vm.execute("migrate-incoming", {"uri": f"tcp:{listen}:0"})
+                q = await vm.execute("query-migrate")
+                addrs = q.get("socket-address") or []
+                if not addrs:
+                    raise vm._error("the incoming QEMU reports no listening address", answer=q)
+                inc.uri = f"tcp:{listen}:{addrs[0]['port']}"
+                inc.timings["listen_s"] = _now() - t
+            except BaseException:
+                await self._drop(name)
+                raise
+            inc.timings["prepare_s"] = _now() - t_start
+            inc.t_prepared = t_start
+            self._ensure_watchdog()
+            log.info("incoming %s ready at %s (storage %s, %.3f s)", name, inc.uri, storage,
+                     inc.timings["prepare_s"])
+            return {"uri": inc.uri, "pid": vm.pid, "storage": storage, "timings": inc.timings,
+                    "checks": inc.checks, "run_dir": str(vm.run_dir)}
+
+    async def _storage_work(self, inc: _Incoming, attach: bool) -> None:
+        """Make the datastore usable on this host and prove QEMU can read the disk:
+        LUN scan (NAA, capacity) or file check; for late preparation, open the real node
+        in QEMU and swap it under ``disk0``; then read sector 0 through QEMU's node."""
+        vm = inc.vm
+        disk = vm.spec.disk
+        t = _now()
+        inc.checks["datastore"] = await self._datastore_check(disk)
+        inc.timings["datastore_check_s"] = _now() - t
+        if attach:
+            t = _now()
+            await vm.execute("blockdev-add", inc.real_node)
+            await vm.execute("blockdev-reopen", {"options": [
+                {"driver": "raw", "node-name": "disk0", "file": "disk0-file"}]})
+            await vm.execute("blockdev-del", {"node-name": "disk0-ph"})
+            inc.timings["qemu_open_s"] = _now() - t
+        t = _now()
+        inc.checks["read"] = await self._read_check(vm)
+        inc.timings["read_check_s"] = _now() - t
+        inc.storage_ready = True
+
+    async def _datastore_check(self, disk: Any) -> dict[str, Any]:
+        if isinstance(disk, IscsiDisk):
+            naa, size = await self.probe_disk(disk)
+            if disk.naa and naa.lower() != disk.naa.lower():
+                raise MigrationError(
+                    f"host {self.agent.host} sees NAA {naa} at {disk.url}, the VM's datastore "
+                    f"is {disk.naa}: refusing to open another LUN", naa_seen=naa, naa_want=disk.naa)
+            return {"kind": "iscsi", "naa": naa, "size_bytes": size}
+        if isinstance(disk, FileDisk):
+            try:
+                size = disk.path.stat().st_size
+                with open(disk.path, "rb") as f:
+                    f.read(512)
+            except OSError as exc:
+                raise MigrationError(f"host {self.agent.host} cannot read {disk.path}: {exc}") from exc
+            return {"kind": "file", "path": str(disk.path), "size_bytes": size}
+        return {"kind": "none"}
+
+    async def _read_check(self, vm: QemuVm) -> dict[str, Any]:
+        """Read sector 0 through QEMU's own (inactive) node; qemu-io prints to QEMU's stdout."""
+        try:
+            offset = vm.log_path.stat().st_size
+        except OSError:
+            offset = 0
+        answer = await vm.execute("human-monitor-command",
+                                  {"command-line": 'qemu-io disk0 "read -v 0 512"'})
+        out = ""
+        for _ in range(50):
+            with open(vm.log_path, "rb") as f:
+                f.seek(offset)
+                out = f.read().decode(errors="replace")
+            if "bytes at offset" in out or "failed" in out:
+                break
+            await asyncio.sleep(0.01)
+        data, error = parse_qemu_io_dump(out)
+        if error or str(answer).strip() or len(data) < 512:
+            raise MigrationError(
+                f"{vm.spec.name}: QEMU on host {self.agent.host} cannot read the VM's disk: "
+                f"{error or str(answer).strip() or 'no data'}", qemu_io=out[-2000:], answer=answer)
+        return {"bytes": len(data), "disk_counter": decode_disk_record(data)}
+
+    async def mig_renew(self, name: str, lease_s: float = 15.0) -> dict[str, Any]:
+        inc = self._inc(name)
+        inc.lease_until = _now() + float(lease_s)
+        return {"lease_until": inc.lease_until}
+
+    async def mig_late_storage(self, name: str) -> dict[str, Any]:
+        """Late storage preparation, in the pre-switchover window (the source is stopped)."""
+        inc = self._inc(name)
+        t = _now()
+        if inc.mode != "late":
+            raise LabStateError(f"incoming {name} was prepared with early storage")
+        if not inc.storage_ready and inc.vm.spec.disk is not None:
+            await self._storage_work(inc, attach=True)
+        inc.timings["late_storage_s"] = _now() - t
+        return {"timings": inc.timings, "checks": inc.checks}
+
+    async def mig_dest_finish(self, name: str, after_counter: int | None,
+                              timeout: float = 20.0) -> dict[str, Any]:
+        """After completion: wait for the guest's next heartbeat here and read its disk."""
+        inc = self._inc(name)
+        vm = inc.vm
+        inc.completed = True
+        inc.lease_until = float("inf")
+        try:
+            await vm.wait_heartbeat(timeout, after=after_counter)
+        except VmError:
+            if vm.last_heartbeat is None or (after_counter is not None
+                                              and vm.last_heartbeat.counter <= after_counter):
+                raise
+        first = next((ln for ln in vm.lines if ln.text.startswith("HB ")), None)
+        first_hb = None
+        if first is not None:
+            p = first.text.split()
+            first_hb = {"counter": int(p[1]), "disk_counter": int(p[2]), "t": first.t}
+        resume_t, resume_qemu_t = event_time(vm, "RESUME", inc.t_prepared)
+        read = await vm.console_command("read", "DISK read", timeout=10.0)
+        status = await vm.query_status(timeout=5.0)
+        vm.on_unexpected_exit = self.agent.vm_exited
+        self.incoming.pop(name, None)
+        return {"first_heartbeat": first_hb, "heartbeat": _hb(vm), "resume_t": resume_t,
+                "resume_qemu_t": resume_qemu_t,
+                "checkpoints": read_checkpoints(vm, inc.log_offset), "disk_read": read,
+                "status": status.get("status"), "pid": vm.pid,
+                "timings": inc.timings, "checks": inc.checks}
+
+    async def mig_dest_abort(self, name: str) -> dict[str, Any]:
+        """Drop an incoming VM: stop its QEMU and remove its run directory. Idempotent."""
+        if name not in self.incoming:
+            return {"name": name, "removed": False}
+        await self._drop(name)
+        return {"name": name, "removed": True}
+
+    def _inc(self, name: Any) -> _Incoming:
+        if not isinstance(name, str) or name not in self.incoming:
+            raise LabStateError(f"host {self.agent.host} has no incoming migration of {name!r}",
+                                vm=name, host=self.agent.host)
+        return self.incoming[name]
+
+    async def _drop(self, name: str) -> None:
+        inc = self.incoming.pop(name, None)
+        if inc is None:
+            return
+        vm = inc.vm
+        vm.on_unexpected_exit = None
+        await vm.stop(timeout=3.0)
+        self.agent.forget(vm)
+        shutil.rmtree(vm.run_dir, ignore_errors=True)
+        log.info("dropped incoming %s (QEMU pid %s, status %s)", name, vm.pid, vm.returncode)
+
+    def _incoming_died(self, vm: QemuVm) -> None:
+        name = vm.spec.name
+        log.warning("incoming QEMU of %s died (status %s): cleaning up", name, vm.returncode)
+        inc = self.incoming.get(name)
+        if inc is not None:
+            inc.checks["died"] = {"returncode": vm.returncode, "stderr": vm.stderr_tail(10)}
+        self.agent.vm_exited(vm)
+        asyncio.get_running_loop().call_soon(
+            lambda: asyncio.ensure_future(self._drop(name)))
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.ensure_future(self._watch_leases())
+
+    async def _watch_leases(self) -> None:
+        while self.incoming:
+            await asyncio.sleep(0.5)
+            now = _now()
+            for name, inc in list(self.incoming.items()):
+                if not inc.completed and now > inc.lease_until:
+                    log.warning("incoming %s: lease lapsed (controller gone?): dropping it", name)
+                    with contextlib.suppress(Exception):
+                        await self._drop(name)
+
+    # ================================================================ source
+    async def mig_source_info(self, name: str) -> dict[str, Any]:
+        vm = self.agent.vm(name)
+        st = await vm.query_status(timeout=5.0)
+        size = None
+        if vm.spec.disk is not None:
+            nodes = await vm.execute("query-named-block-nodes", {"flat": True})
+            for n in nodes:
+                if n.get("node-name") == "disk0":
+                    size = int(n["image"]["virtual-size"])
+        return {"spec": vm.spec.to_wire(), "status": st.get("status"), "disk_size": size,
+                "heartbeat": _hb(vm), "pid": vm.pid, "process": vm.state.value,
+                "migrating": name in self.jobs and self.jobs[name].final is None}
+
+    async def mig_dirty_rate(self, name: str, calc_time_s: int = 1,
+                             sample_pages: int = 8192) -> dict[str, Any]:
+        """The guest's dirty rate as QEMU measures it (``calc-dirty-rate``, page sampling):
+        QEMU hashes ``sample_pages`` sampled pages per GiB and counts those that changed over
+        ``calc_time_s``. QEMU's unit is MiB/s. Not while the VM migrates (both use dirty
+        tracking)."""
+        vm = self.agent.vm(name)
+        if name in self.jobs and self.jobs[name].final is None:
+            raise LabStateError(f"VM {name} is migrating: measure its dirty rate before", vm=name)
+        if not isinstance(calc_time_s, int) or not 1 <= calc_time_s <= 60:
+            raise LabError("mig_dirty_rate: calc_time_s must be 1..60 seconds")
+        if not isinstance(sample_pages, int) or not 128 <= sample_pages <= 1048576:
+            raise LabError("mig_dirty_rate: sample_pages must be 128..1048576")
+        t = _now()
+        await vm.execute("calc-dirty-rate", {"calc-time": calc_time_s, "mode": "page-sampling",
+                                             "sample-pages": sample_pages})
+        await asyncio.sleep(calc_time_s)
+        q: dict[str, Any] = {}
+        while _now() - t < calc_time_s + 15:
+            q = await vm.execute("query-dirty-rate", timeout=5.0)
+            if q.get("status") == "measured":
+                return {"dirty_rate_mib_s": q.get("dirty-rate"), "mode": q.get("mode"),
+                        "calc_time_s": q.get("calc-time"), "sample_pages": q.get("sample-pages"),
+                        "took_s": _now() - t}
+            await asyncio.sleep(0.05)
+        raise MigrationError(f"{name}: calc-dirty-rate did not finish within "
+                             f"{calc_time_s + 15} s", answer=q)
+
+    async def mig_start(self, name: str, uri: str, capabilities: dict[str, bool],
+                        parameters: dict[str, Any]) -> dict[str, Any]:
+        vm = self.agent.vm(name)
+        if name in self.jobs and self.jobs[name].final is None:
+            raise LabStateError(f"VM {name} is already migrating", vm=name)
+        if not isinstance(uri, str) or not uri.startswith("tcp:"):
+            raise LabError(f"mig_start: bad URI {uri!r}")
+        listener = EventListener(("MIGRATION", "MIGRATION_PASS", "STOP"))
+        vm.qmp.register_listener(listener)  # before anything that can cause these events
+        job = _Job(vm=vm, listener=listener, t0=_now())
+        self.jobs[name] = job
+        job.task = asyncio.ensure_future(self._follow(name, job))
+        try:
+            caps = [{"capability": c, "state": bool(v)} for c, v in capabilities.items()]
+            await self._exec(job, "migrate-set-capabilities", {"capabilities": caps})
+            if parameters:
+                await self._exec(job, "migrate-set-parameters", dict(parameters))
+            job.log_offset = await enable_checkpoints(vm)
+            job.t0 = _now()
+            await self._exec(job, "migrate", {"uri": uri})
+        except BaseException:
+            await self._end_job(job)
+            job.final = {"status": "failed"}
+            raise
+        return {"t0": job.t0}
+
+    async def _exec(self, job: _Job, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        entry: dict[str, Any] = {"t": _now(), "cmd": cmd, "args": args}
+        job.sent.append(entry)
+        try:
+            res = await job.vm.execute(cmd, args)
+        except VmError as exc:
+            entry["error"] = exc.message
+            raise MigrationError(exc.message, qmp_log=job.sent[-20:], **{
+                k: v for k, v in exc.evidence.items() if k != "qmp_log"}) from exc
+        entry["result"] = res
+        return res
+
+    async def _follow(self, name: str, job: _Job) -> None:
+        """Record passes and status changes as QEMU reports them."""
+        try:
+            async for ev in job.listener:
+                t = _now()
+                kind = ev.get("event")
+                raw = ev.get("data")
+                data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+                if kind == "STOP" and job.stop_t is None:
+                    job.stop_t = t
+                elif kind == "MIGRATION_PASS":
+                    try:
+                        q = await job.vm.execute("query-migrate", timeout=5.0)
+                    except VmError:
+                        continue
+                    rec = pass_record(q, t, job.t0, int(data.get("pass", len(job.passes) + 1)))
+                    job.passes.append(rec)
+                    self.agent.publish(EVENT_PROGRESS, MigrationProgress(vm=name, t=t, pass_no=rec["pass"]))
+                elif kind == "MIGRATION":
+                    status = str(data.get("status"))
+                    job.status = status
+                    job.statuses.append({"t": t, "t_rel": round(t - job.t0, 4), "status": status})
+                    self.agent.publish(EVENT_PROGRESS, MigrationProgress(vm=name, t=t, status=status))
+                    if status in FINAL:
+                        with contextlib.suppress(VmError):
+                            job.final = await job.vm.execute("query-migrate", timeout=5.0)
+                        if job.final is None:
+                            job.final = {"status": status}
+                        break
+        finally:
+            with contextlib.suppress(Exception):
+                job.vm.qmp.remove_listener(job.listener)
+
+    async def _end_job(self, job: _Job) -> None:
+        if job.task is not None and not job.task.done():
+            job.task.cancel()
+            with contextlib.suppress(BaseException):
+                await job.task
+        with contextlib.suppress(Exception):
+            job.vm.qmp.remove_listener(job.listener)
+
+    def _job(self, name: Any) -> _Job:
+        if not isinstance(name, str) or name not in self.jobs:
+            raise LabStateError(f"host {self.agent.host} has no migration of {name!r}", vm=name)
+        return self.jobs[name]
+
+    async def mig_status(self, name: str, since: int = 0) -> dict[str, Any]:
+        job = self._job(name)
+        vm = job.vm
+        now: dict[str, Any] | None = None
+        if vm.state is VmState.RUNNING:
+            with contextlib.suppress(VmError):
+                now = await vm.execute("query-migrate", timeout=5.0)
+        if job.final is None and now is not None and now.get("status") in FINAL:
+            job.final = now  # QEMU's answer is final even if the event is still on its way
+        if job.final is not None:
+            status = str(job.final.get("status", job.status))
+        else:  # the event said final, its query-migrate is not back yet: not final for us
+            status = job.status if job.status not in FINAL else "device"
+        # the STOP as the VM's own listener timestamped it (job.stop_t is taken by _follow,
+        # which may be waiting on a query-migrate when the STOP comes)
+        stop_t, stop_qemu_t = event_time(vm, "STOP", job.t0)
+        if status in FINAL and job.checkpoints is None:
+            job.checkpoints = read_checkpoints(vm, job.log_offset)
+        return {"status": status, "t0": job.t0, "passes": job.passes[since:],
+                "statuses": job.statuses, "now": now, "final": job.final,
+                "stop_t": stop_t if stop_t is not None else job.stop_t,
+                "stop_qemu_t": stop_qemu_t, "checkpoints": job.checkpoints or {},
+                "heartbeat": _hb(vm), "process": vm.state.value,
+                "returncode": vm.returncode, "t": _now()}
+
+    async def mig_set(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        job = self._job(name)
+        await self._exec(job, "migrate-set-parameters", dict(parameters))
+        return {"ok": True}
+
+    async def mig_continue(self, name: str) -> dict[str, Any]:
+        job = self._job(name)
+        await self._exec(job, "migrate-continue", {"state": "pre-switchover"})
+        return {"t": _now()}
+
+    async def mig_postcopy(self, name: str) -> dict[str, Any]:
+        job = self._job(name)
+        await self._exec(job, "migrate-start-postcopy")
+        return {"t": _now()}
+
+    async def mig_cancel(self, name: str, timeout: float = 15.0) -> dict[str, Any]:
+        """migrate_cancel, then wait until QEMU says the migration is over and the guest runs
+        again (``cont`` if QEMU left it paused). Safe to call when nothing runs."""
+        job = self.jobs.get(name)
+        vm = self.agent.vm(name)
+        t = _now()
+        if job is not None and job.final is None:
+            with contextlib.suppress(MigrationError):
+                await self._exec(job, "migrate_cancel")
+        deadline = _now() + timeout
+        status = "none"
+        while _now() < deadline:
+            q = await vm.execute("query-migrate", timeout=5.0)
+            status = str(q.get("status", "none"))
+            if status in (*FINAL, "none"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise MigrationError(f"{name}: migration still {status} {timeout:g} s after cancel",
+                                 status=status, qmp_log=job.sent[-20:] if job else [])
+        run = await vm.query_status(timeout=5.0)
+        resumed_by_us = False
+        if not run.get("running") and run.get("status") not in ("postmigrate", "shutdown"):
+            await vm.execute("cont")
+            resumed_by_us = True
+            run = await vm.query_status(timeout=5.0)
+        if job is not None:
+            await self._end_job(job)
+            if job.final is None:
+                job.final = {"status": status}
+        return {"status": status, "vm_status": run.get("status"), "resumed_by_us": resumed_by_us,
+                "took_s": _now() - t}
+
+    async def mig_source_finish(self, name: str) -> dict[str, Any]:
+        """The migration completed: stop the (paused) source QEMU and forget the VM here."""
+        job = self.jobs.pop(name, None)
+        vm = self.agent.vm(name)
+        st = await vm.query_status(timeout=5.0)
+        if st.get("status") != "postmigrate":
+            raise LabStateError(f"{name} on {self.agent.host} is {st.get('status')}, not "
+                                "postmigrate: refusing to stop it", vm=name)
+        if job is not None:
+            await self._end_job(job)
+        return (await self.agent.vm_stop(VmStop(name, timeout=5.0))).to_wire()

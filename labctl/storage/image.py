@@ -1,0 +1,184 @@
+"""The storage node's image: Debian's cloud kernel and a slim mmdebstrap root (python3,
+rtslib-fb, kmod, iproute2) with labctl's PID 1, cached by recipe hash. The recipe files
+live in ``images/storage/``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from labctl.core.errors import CommandFailed, ImageBuildError
+from labctl.core.paths import cache_dir, repo_root
+from labctl.core.proc import run, which
+from labctl.drivers.debian import Kernel, digest, ensure_kernel
+
+STORAGE_RECIPE_VERSION = "storage-1"
+"""Bump when the build steps below change in a way the recipe files do not show."""
+
+STORAGE_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "configfs", "target_core_mod",
+                   "target_core_iblock", "iscsi_target_mod")
+"""Kernel modules the storage node loads at boot (with their dependencies)."""
+
+_SLIM_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
+                  "/usr/share/locale/*", "/usr/share/lintian/*")
+
+
+@dataclass(frozen=True)
+class StorageImage:
+    """The storage node's kernel and its (read-only, shared) root filesystem."""
+
+    kernel: Path
+    rootfs: Path
+    recipe_hash: str
+
+
+def storage_recipe_dir() -> Path:
+    return repo_root() / "images" / "storage"
+
+
+def _storage_packages(recipe: Path, name: str = "packages") -> list[str]:
+    path = recipe / name
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _debian_suite() -> str:
+    """The host's Debian release; the image and the cloud kernel come from the same one."""
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("VERSION_CODENAME="):
+                name = line.split("=", 1)[1].strip().strip('"')
+                if name:
+                    return name
+    except OSError:
+        pass
+    return "bookworm"
+
+
+def storage_recipe_hash(kernel_version: str, recipe: Path | None = None) -> str:
+    recipe = recipe or storage_recipe_dir()
+    parts: list[str | bytes] = [STORAGE_RECIPE_VERSION, kernel_version, _debian_suite(),
+                                *STORAGE_MODULES, *_SLIM_EXCLUDES]
+    for f in sorted(p for p in recipe.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        parts += [str(f.relative_to(recipe)), f.read_bytes()]
+    return digest(*parts)
+
+
+async def ensure_storage_image(
+    cache: Path | None = None, progress: Callable[[str], None] | None = None
+) -> StorageImage:
+    """Build (once per recipe hash) the storage node's root filesystem; return it.
+
+    The result lives in ``<cache>/storage/<hash>/`` as ``rootfs.ext4`` (raw ext4,
+    to be used only as a read-only backing file) and ``vmlinuz``.
+    """
+    say = progress or (lambda _msg: None)
+    kernel = await ensure_kernel(cache)
+    recipe = storage_recipe_dir()
+    h = storage_recipe_hash(kernel.version, recipe)
+    base = (cache or cache_dir()) / "storage"
+    dest = base / h
+    image = StorageImage(kernel=dest / "vmlinuz", rootfs=dest / "rootfs.ext4", recipe_hash=h)
+    if (dest / "done").exists():
+        return image
+    which("mmdebstrap", "needed to build the storage node image")
+    which("mkfs.ext4", "e2fsprogs, needed to build the storage node image")
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{h}."))
+    try:
+        t0 = time.monotonic()
+        root = tmp / "root"
+        packages = _storage_packages(recipe)
+        suite = _debian_suite()
+        say(f"mmdebstrap {suite} with {', '.join(packages)}")
+        argv = ["mmdebstrap", "--mode=root", "--variant=essential", "--quiet",
+                "--include=" + ",".join(packages)]
+        argv += [f"--dpkgopt=path-exclude={p}" for p in _SLIM_EXCLUDES]
+        argv += [suite, str(root), f"deb http://deb.debian.org/debian {suite} main"]
+        await run(argv, timeout=1800, what="mmdebstrap (storage node image)")
+        purge = _storage_packages(recipe, "purge")
+        if purge:
+            await run(["chroot", str(root), "dpkg", "--purge", *purge], timeout=300,
+                      what="dpkg --purge in the storage image")
+        say(f"rootfs bootstrapped in {time.monotonic() - t0:.1f} s; adding kernel modules")
+        await _customize_storage_root(root, kernel, recipe)
+        size_kib = _tree_kib(root) * 5 // 4 + 64 * 1024
+        rootfs = tmp / "rootfs.ext4"
+        await run(["mkfs.ext4", "-q", "-F", "-L", "labctl-root", "-E", "root_owner=0:0",
+                   "-d", str(root), str(rootfs), f"{size_kib}k"], timeout=600,
+                  what="mkfs.ext4 (storage node rootfs)")
+        shutil.copyfile(kernel.vmlinuz, tmp / "vmlinuz")
+        shutil.rmtree(root)
+        (tmp / "done").write_text(f"{h} {kernel.version} built in {time.monotonic() - t0:.1f} s\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        say(f"storage image {h} ready in {time.monotonic() - t0:.1f} s")
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, ImageBuildError | CommandFailed) or not isinstance(exc, Exception):
+            raise
+        raise ImageBuildError(f"building the storage node image failed: {exc}",
+                              recipe_hash=h) from exc
+    return image
+
+
+async def _customize_storage_root(root: Path, kernel: Kernel, recipe: Path) -> None:
+    """Kernel modules, the PID-1 init, and what rtslib-fb expects, into ``root``."""
+    mod_root = root / "lib" / "modules" / kernel.version
+    order: list[str] = []
+    for name in STORAGE_MODULES:
+        for path in kernel.module_with_deps(name):
+            rel = str(path.relative_to(kernel.modules))
+            if rel not in order:
+                order.append(rel)
+            target = mod_root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    for meta in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        if (kernel.modules / meta).exists():
+            shutil.copyfile(kernel.modules / meta, mod_root / meta)
+    await run(["depmod", "-b", str(root), kernel.version], what="depmod (storage image)")
+    etc = root / "etc" / "labctl-storage"
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "modules").write_text("".join(rel + "\n" for rel in order))
+    init = root / "sbin" / "labctl-init"
+    shutil.copyfile(recipe / "init.py", init)
+    init.chmod(0o755)
+    (root / "etc" / "rtslib-fb-target").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "target").mkdir(exist_ok=True)  # target_core_mod's default db_root
+    (root / "etc" / "hostname").write_text("storage\n")
+    for d in ("proc", "sys", "dev", "run", "tmp"):
+        (root / d).mkdir(exist_ok=True)
+    console = root / "dev" / "console"
+    if not console.exists():  # the kernel opens it for PID 1 before devtmpfs is mounted
+        os.mknod(console, 0o600 | stat.S_IFCHR, os.makedev(5, 1))
+    for junk in ("var/cache/apt", "var/lib/apt/lists", "var/log"):
+        p = root / junk
+        if p.is_dir():
+            for child in p.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+
+
+def _tree_kib(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        total += 4
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += (os.lstat(os.path.join(dirpath, name)).st_size + 4095) // 4096 * 4
+    return total
+
+

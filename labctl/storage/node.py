@@ -1,0 +1,617 @@
+"""Storage node lifecycle on the controller: a libvirt domain booted from the storage image.
+
+The node boots the cached kernel directly with a per-lab qcow2 overlay of the
+cached root filesystem on an emulated NVMe disk (built into the cloud kernel,
+so no initramfs), a small read-only **config disk** carrying config.json and the
+storage agent's code, and one virtio-blk data disk per datastore (identified in
+the guest by its ``<serial>``). Its NIC is a tap that libvirt puts on the lab
+bridge, which must exist before :func:`start`.
+
+Every domain carries a ``<metadata>`` element in the labctl namespace naming its
+lab and lab directory: teardown removes exactly the domains that say they belong
+to the lab, never by name pattern alone.
+
+libvirt-python is blocking: every libvirt call here runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import ipaddress
+import json
+import os
+import stat
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from labctl.core import names
+from labctl.core.errors import (
+    AgentUnreachable,
+    AuthenticationFailed,
+    CommandFailed,
+    MissingDependency,
+    StorageNodeError,
+)
+from labctl.core.paths import repo_root
+from labctl.core.proc import run, which
+from labctl.core.rpc import RpcClient
+from labctl.drivers.debian import make_config_disk
+from labctl.storage.image import StorageImage
+
+LIBVIRT_URI = "qemu:///system"
+METADATA_NS = names.LIBVIRT_METADATA_NS
+METADATA_PREFIX = "labctl"
+CONFIG_DISK_SERIAL = "labctl-config"
+ROOT_DISK_SERIAL = "labctl-root"
+KERNEL_CMDLINE = ("console=ttyS0 cryptomgr.notests root=/dev/nvme0n1 rootfstype=ext4 rw "
+                  "init=/sbin/labctl-init panic=1 random.trust_cpu=on loglevel=4")
+AGENT_FILES = ("labctl/__init__.py", "labctl/core/__init__.py", "labctl/core/errors.py",
+               "labctl/core/rpc.py", "labctl/core/ids.py", "labctl/core/names.py",
+               "labctl/core/wire.py", "labctl/storage/__init__.py", "labctl/storage/agent.py",
+               "labctl/storage/protocol.py", "labctl/drivers/__init__.py",
+               "labctl/drivers/lio.py", "labctl/agents/__init__.py",
+               "labctl/agents/storage.py")
+"""The python pieces the storage agent needs, copied onto the config disk."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DataDisk:
+    """A datastore's backing disk: a sparse raw file on the controller, virtio-blk in the node."""
+
+    serial: str  # virtio serial (at most 20 characters), how the agent finds the disk
+    path: Path
+    size_bytes: int
+
+
+@dataclass
+class StorageNodeSpec:
+    lab: str
+    name: str
+    address_cidr: str  # e.g. "10.99.0.2/24"
+    bridge: str  # must exist before start()
+    tap: str  # Linux ifname (at most 15 characters) libvirt gives the node's tap
+    mac: str
+    lab_dir: Path
+    secret: bytes
+    target_iqn: str
+    memory_mib: int = 256
+    vcpus: int = 1
+    data_disks: list[DataDisk] = field(default_factory=list)
+    agent_port: int = 7700
+    gateway: str | None = None
+
+    @property
+    def domain_name(self) -> str:
+        return domain_name(self.lab, self.name)
+
+    @property
+    def ip(self) -> str:
+        return str(ipaddress.IPv4Interface(self.address_cidr).ip)
+
+    @property
+    def node_dir(self) -> Path:
+        return self.lab_dir / "storage" / self.name
+
+
+@dataclass(frozen=True)
+class StorageNodeHandle:
+    """A running storage node whose agent answered."""
+
+    lab: str
+    name: str
+    domain: str
+    address: str  # IP of the agent and of the iSCSI portal
+    agent_port: int
+    target_iqn: str
+    console_log: Path
+    boot_s: float  # from domain start to the agent answering
+    secret: bytes = field(repr=False)
+
+    async def client(self, timeout: float = 10.0) -> RpcClient:
+        return await RpcClient.connect(self.address, self.agent_port, self.secret,
+                                       timeout=timeout, peer=f"storage node {self.name}")
+
+
+def domain_name(lab: str, name: str) -> str:
+    return names.domain(lab, name)
+
+
+# --- libvirt plumbing ---------------------------------------------------------------------
+
+def _libvirt() -> Any:
+    try:
+        import libvirt  # noqa: PLC0415 (optional heavy module: only where libvirt runs)
+    except ImportError as exc:
+        raise MissingDependency("libvirt-python is not installed (run scripts/setup.sh)",
+                                error=str(exc)) from exc
+    # libvirt prints every error to stderr by default; we raise them with evidence instead
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def _open() -> Any:
+    lv = _libvirt()
+    try:
+        return lv.open(LIBVIRT_URI)
+    except lv.libvirtError as exc:
+        raise StorageNodeError(f"cannot connect to libvirt at {LIBVIRT_URI}: {exc}",
+                               uri=LIBVIRT_URI) from exc
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(fn, *args)
+
+
+def _try_connect() -> str | None:
+    """None when libvirtd answers, else why not."""
+    lv = _libvirt()
+    try:
+        conn = lv.open(LIBVIRT_URI)
+    except lv.libvirtError as exc:
+        return str(exc)
+    conn.close()
+    return None
+
+
+async def ensure_libvirtd(timeout: float = 30.0) -> None:
+    """Make sure libvirtd answers at qemu:///system, starting the daemons by hand if needed.
+
+    There is no systemd here: ``virtlogd -d`` then ``libvirtd -d``. They are system
+    services, not lab objects, and stay running after the lab is gone.
+    """
+    _fix_kvm_node()
+    if await _in_thread(_try_connect) is None:
+        return
+    for daemon in ("virtlogd", "libvirtd"):
+        which(daemon, "libvirt-daemon from bookworm-backports")
+    # An already running virtlogd refuses a second copy: that is fine.
+    vlog = await run(["virtlogd", "-d"], check=False, timeout=30, what="virtlogd -d")
+    start = await run(["libvirtd", "-d"], check=False, timeout=30, what="libvirtd -d")
+    deadline = time.monotonic() + timeout
+    why: str | None = "not tried"
+    while time.monotonic() < deadline:
+        why = await _in_thread(_try_connect)
+        if why is None:
+            return
+        await asyncio.sleep(0.25)
+    raise StorageNodeError(
+        f"libvirtd did not answer at {LIBVIRT_URI} within {timeout:g} s after starting it: {why}",
+        uri=LIBVIRT_URI, virtlogd_rc=vlog.returncode, virtlogd_stderr=vlog.stderr[-2000:],
+        libvirtd_rc=start.returncode, libvirtd_stderr=start.stderr[-2000:])
+
+
+def _fix_kvm_node(dev: Path = Path("/dev/kvm")) -> None:
+    """Give /dev/kvm the owner and mode udev gives it on Debian (root:kvm 0660).
+
+    Without udev the node stays root:root 0600. libvirt then finds KVM in its QEMU
+    probe but not for the QEMU user, declares its capability cache stale on every
+    lookup and re-probes QEMU (~4 s each; ~56 s per domain define, measured). We do
+    not use KVM for TCG domains either way; this only keeps libvirt's cache valid.
+    """
+    try:
+        st = dev.stat()
+        kvm_gid = grp.getgrnam("kvm").gr_gid
+    except (OSError, KeyError):
+        return
+    if not stat.S_ISCHR(st.st_mode) or (st.st_gid == kvm_gid and st.st_mode & 0o060 == 0o060):
+        return
+    try:
+        os.chown(dev, -1, kvm_gid)
+        os.chmod(dev, 0o660)
+    except OSError as exc:
+        raise StorageNodeError(
+            f"{dev} is not usable by group kvm and cannot be fixed ({exc}); libvirt would re-probe "
+            "QEMU on every call (about a minute per domain): run as root or fix the node",
+            device=str(dev)) from exc
+
+
+def _owner(dom: Any) -> dict[str, str] | None:
+    """The labctl ownership recorded in a domain's metadata, or None."""
+    lv = _libvirt()
+    try:
+        xml = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+    except lv.libvirtError:
+        return None
+    try:
+        el = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    return {child.tag.split("}")[-1]: (child.text or "") for child in el}
+
+
+def _metadata_xml(spec: StorageNodeSpec) -> str:
+    el = ET.Element(f"{METADATA_PREFIX}:owner", {f"xmlns:{METADATA_PREFIX}": METADATA_NS})
+    for key, value in (("lab", spec.lab), ("lab_dir", str(spec.lab_dir.resolve())),
+                       ("node", spec.name), ("role", "storage-node")):
+        ET.SubElement(el, f"{METADATA_PREFIX}:{key}").text = value
+    return ET.tostring(el, encoding="unicode")
+
+
+def domain_xml(spec: StorageNodeSpec, image: StorageImage, overlay: Path, config_disk: Path,
+               console_log: Path, accel: str = "qemu") -> str:
+    """The libvirt domain of a storage node (pure: no I/O)."""
+    if accel not in ("qemu", "kvm"):
+        raise StorageNodeError(f"unknown accelerator {accel!r} (qemu or kvm)", accel=accel)
+    qemu_ns = "http://libvirt.org/schemas/domain/qemu/1.0"
+    ET.register_namespace("qemu", qemu_ns)
+    dom = ET.Element("domain", {"type": accel})
+    ET.SubElement(dom, "name").text = spec.domain_name
+    meta = ET.SubElement(dom, "metadata")
+    meta.append(ET.fromstring(_metadata_xml(spec)))
+    ET.SubElement(dom, "memory", {"unit": "MiB"}).text = str(spec.memory_mib)
+    ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", {"arch": "x86_64", "machine": "pc"}).text = "hvm"
+    qboot = Path("/usr/share/qemu/qboot.rom")
+    if qboot.exists():  # minimal firmware for direct kernel boot: faster than SeaBIOS
+        ET.SubElement(os_el, "loader", {"type": "rom", "readonly": "yes"}).text = str(qboot)
+    ET.SubElement(os_el, "kernel").text = str(image.kernel)
+    ET.SubElement(os_el, "cmdline").text = KERNEL_CMDLINE
+    feats = ET.SubElement(dom, "features")
+    ET.SubElement(feats, "acpi")  # acpi=off stalls boots (DESIGN); needed for power-off
+    if accel == "kvm":
+        ET.SubElement(dom, "cpu", {"mode": "host-passthrough", "check": "none"})
+    else:
+        ET.SubElement(dom, "cpu", {"mode": "maximum", "check": "none"})
+    ET.SubElement(dom, "clock", {"offset": "utc"})
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        ET.SubElement(dom, event).text = "destroy"  # a dead node stays visibly dead
+    devs = ET.SubElement(dom, "devices")
+    devs.append(_disk_element(config_disk, "vda", CONFIG_DISK_SERIAL, readonly=True))
+    for i, dd in enumerate(spec.data_disks):
+        devs.append(_disk_element(dd.path, _vd_name(i + 1), dd.serial))
+    nic = ET.SubElement(devs, "interface", {"type": "bridge"})
+    ET.SubElement(nic, "source", {"bridge": spec.bridge})
+    ET.SubElement(nic, "target", {"dev": spec.tap})
+    ET.SubElement(nic, "mac", {"address": spec.mac})
+    ET.SubElement(nic, "model", {"type": "virtio"})
+    # no iPXE option ROM: with it SeaBIOS tries a network boot (DHCP timeouts, ~60 s)
+    # before the direct kernel boot
+    ET.SubElement(nic, "rom", {"enabled": "no"})
+    ser = ET.SubElement(devs, "serial", {"type": "file"})
+    ET.SubElement(ser, "source", {"path": str(console_log)})
+    ET.SubElement(ser, "target", {"port": "0"})
+    ET.SubElement(devs, "memballoon", {"model": "none"})
+    video = ET.SubElement(devs, "video")
+    ET.SubElement(video, "model", {"type": "none"})
+    # QEMU runs as root for this domain: the cached image may sit under a private home
+    sec = ET.SubElement(dom, "seclabel", {"type": "static", "model": "dac", "relabel": "no"})
+    ET.SubElement(sec, "label").text = "+0:+0"
+    # libvirt 11.3 has no NVMe disk bus: pass the root disk to QEMU directly, in a PCI
+    # slot libvirt does not hand out (it fills slots from 2 upwards)
+    root_node = {"driver": "qcow2", "node-name": "lcroot",
+                 "file": {"driver": "file", "filename": str(overlay)}}
+    cmd = ET.SubElement(dom, f"{{{qemu_ns}}}commandline")
+    for arg in ("-blockdev", json.dumps(root_node, separators=(",", ":")),
+                "-device", f"nvme,drive=lcroot,serial={ROOT_DISK_SERIAL},bus=pci.0,addr=0x1f"):
+        ET.SubElement(cmd, f"{{{qemu_ns}}}arg", {"value": arg})
+    return ET.tostring(dom, encoding="unicode")
+
+
+def _disk_element(path: Path, target: str, serial: str, readonly: bool = False) -> ET.Element:
+    """A raw file as a virtio-blk ``<disk>`` the node finds by ``serial``."""
+    d = ET.Element("disk", {"type": "file", "device": "disk"})
+    ET.SubElement(d, "driver", {"name": "qemu", "type": "raw", "discard": "unmap"})
+    ET.SubElement(d, "source", {"file": str(path)})
+    ET.SubElement(d, "target", {"dev": target, "bus": "virtio"})
+    ET.SubElement(d, "serial").text = serial
+    if readonly:
+        ET.SubElement(d, "readonly")
+    return d
+
+
+def _find_disk(root: ET.Element, serial: str) -> ET.Element | None:
+    """The ``<disk>`` with ``serial`` in a domain's XML, or None."""
+    return next((d for d in root.iter("disk") if d.findtext("serial") == serial), None)
+
+
+def _vd_name(i: int) -> str:
+    letters = ""
+    i += 1
+    while i:
+        i, rem = divmod(i - 1, 26)
+        letters = chr(ord("a") + rem) + letters
+    return "vd" + letters
+
+
+def console_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no console log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- lifecycle ----------------------------------------------------------------------------
+
+def _agent_files(config: dict[str, Any]) -> dict[str, bytes]:
+    root = repo_root()
+    files = {"config.json": json.dumps(config, indent=1).encode()}
+    for rel in AGENT_FILES:
+        files[f"python/{rel}"] = (root / rel).read_bytes()
+    return files
+
+
+def _node_config(spec: StorageNodeSpec) -> dict[str, Any]:
+    return {
+        "lab": spec.lab,
+        "node": spec.name,
+        "address": spec.address_cidr,
+        "gateway": spec.gateway,
+        "mac": spec.mac,
+        "agent_port": spec.agent_port,
+        "secret": spec.secret.hex(),
+        "target_iqn": spec.target_iqn,
+    }
+
+
+def _ensure_data_disk(dd: DataDisk) -> None:
+    """Create the sparse backing file if missing; never shrink or truncate an existing one."""
+    dd.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(dd.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.ftruncate(fd, dd.size_bytes)
+    finally:
+        os.close(fd)
+
+
+def _check_serial(dd: DataDisk) -> None:
+    if not 1 <= len(dd.serial) <= 20 or dd.serial == CONFIG_DISK_SERIAL:
+        raise StorageNodeError(f"data disk serial {dd.serial!r} must be 1-20 characters and "
+                               f"not {CONFIG_DISK_SERIAL!r}", serial=dd.serial)
+
+
+def _check_spec(spec: StorageNodeSpec) -> None:
+    if not 1 <= len(spec.tap) <= 15:
+        raise StorageNodeError(f"tap name {spec.tap!r} must be 1-15 characters", tap=spec.tap)
+    if not Path("/sys/class/net", spec.bridge).exists():
+        raise StorageNodeError(f"bridge {spec.bridge} does not exist: create it before "
+                               "starting storage node " + spec.name, bridge=spec.bridge)
+    for dd in spec.data_disks:
+        _check_serial(dd)
+    try:
+        ipaddress.IPv4Interface(spec.address_cidr)
+    except ValueError as exc:
+        raise StorageNodeError(f"bad node address {spec.address_cidr!r}: {exc}") from exc
+
+
+def _remove_domain(dom: Any) -> None:
+    lv = _libvirt()
+    with contextlib.suppress(lv.libvirtError):
+        if dom.isActive():
+            dom.destroy()
+    with contextlib.suppress(lv.libvirtError):
+        dom.undefine()
+
+
+def _replace_and_start(spec: StorageNodeSpec, xml: str) -> None:
+    lv = _libvirt()
+    conn = _open()
+    try:
+        with contextlib.suppress(lv.libvirtError):
+            old = conn.lookupByName(spec.domain_name)
+            owner = _owner(old) or {}
+            if owner.get("lab") != spec.lab or owner.get("lab_dir") != str(spec.lab_dir.resolve()):
+                raise StorageNodeError(
+                    f"a domain named {spec.domain_name} exists and is not owned by lab "
+                    f"{spec.lab} at {spec.lab_dir}: refusing to touch it",
+                    domain=spec.domain_name, owner=owner)
+            _remove_domain(old)
+        try:
+            dom = conn.defineXML(xml)
+            dom.create()
+        except lv.libvirtError as exc:
+            raise StorageNodeError(f"libvirt could not start {spec.domain_name}: {exc}",
+                                   domain=spec.domain_name, xml=xml) from exc
+    finally:
+        conn.close()
+
+
+def _is_active(name: str) -> bool:
+    lv = _libvirt()
+    conn = _open()
+    try:
+        return bool(conn.lookupByName(name).isActive())
+    except lv.libvirtError:
+        return False
+    finally:
+        conn.close()
+
+
+async def start(spec: StorageNodeSpec, image: StorageImage, accel: str = "qemu",
+                timeout: float = 90.0) -> StorageNodeHandle:
+    """Boot storage node ``spec`` and return once its agent answers an authenticated status."""
+    _check_spec(spec)
+    which("qemu-img", "qemu-utils")
+    node_dir = spec.node_dir
+    node_dir.mkdir(parents=True, exist_ok=True)
+    overlay = node_dir / "root.qcow2"
+    config_disk = node_dir / "config.img"
+    console_log = node_dir / "console.log"
+    # The node's root holds nothing of value (LIO state is re-ensured by the controller):
+    # a fresh overlay per boot, so a rebuilt base image is never mixed with an old overlay.
+    overlay.unlink(missing_ok=True)
+    try:
+        await run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs),
+                   "-F", "raw", str(overlay)], what="qemu-img create (storage node overlay)")
+    except CommandFailed as exc:
+        raise StorageNodeError(f"cannot create the root overlay of {spec.name}: {exc.message}",
+                               **exc.evidence) from exc
+    await make_config_disk(config_disk, _agent_files(_node_config(spec)))
+    for dd in spec.data_disks:
+        _ensure_data_disk(dd)
+    console_log.unlink(missing_ok=True)
+    xml = domain_xml(spec, image, overlay, config_disk, console_log, accel)
+    (node_dir / "domain.xml").write_text(xml)
+    t0 = time.monotonic()
+    await _in_thread(_replace_and_start, spec, xml)
+    deadline = t0 + timeout
+    last: Exception | None = None
+    while True:
+        try:
+            client = await RpcClient.connect(spec.ip, spec.agent_port, spec.secret, timeout=1.0,
+                                             peer=f"storage node {spec.name}")
+        except AuthenticationFailed:
+            raise
+        except AgentUnreachable as exc:
+            last = exc
+        else:
+            try:
+                await client.call("status", timeout=max(5.0, deadline - time.monotonic()))
+            finally:
+                await client.close()
+            break
+        if not await _in_thread(_is_active, spec.domain_name):
+            raise StorageNodeError(
+                f"storage node {spec.name} stopped before its agent answered",
+                domain=spec.domain_name, console_tail=console_tail(console_log))
+        if time.monotonic() > deadline:
+            raise StorageNodeError(
+                f"storage node {spec.name}: no agent at {spec.ip}:{spec.agent_port} within "
+                f"{timeout:g} s", domain=spec.domain_name, last_error=str(last),
+                console_tail=console_tail(console_log))
+        await asyncio.sleep(0.2)
+    return StorageNodeHandle(lab=spec.lab, name=spec.name, domain=spec.domain_name,
+                             address=spec.ip, agent_port=spec.agent_port,
+                             target_iqn=spec.target_iqn, console_log=console_log,
+                             boot_s=time.monotonic() - t0, secret=spec.secret)
+
+
+def _destroy_owned(lab: str, lab_dir: Path) -> list[str]:
+    conn = _open()
+    removed: list[str] = []
+    want_dir = str(lab_dir.resolve())
+    try:
+        for dom in conn.listAllDomains(0):
+            owner = _owner(dom)
+            if owner is None or owner.get("lab") != lab or owner.get("lab_dir") != want_dir:
+                continue
+            name = dom.name()
+            _remove_domain(dom)
+            removed.append(name)
+    finally:
+        conn.close()
+    return removed
+
+
+async def destroy_owned(lab: str, lab_dir: Path) -> list[str]:
+    """Destroy and undefine every domain whose metadata says it belongs to ``lab`` at ``lab_dir``.
+
+    Returns the names removed; a second call returns []. If libvirtd is not running
+    there is nothing of ours to remove either.
+    """
+    if await _in_thread(_try_connect) is not None:
+        return []
+    return await _in_thread(_destroy_owned, lab, lab_dir)
+
+
+def _disk_target(dom: Any, serial: str) -> str:
+    root = ET.fromstring(dom.XMLDesc(0))
+    disk = _find_disk(root, serial)
+    tgt = disk.find("target") if disk is not None else None
+    if tgt is None:
+        raise StorageNodeError(f"domain {dom.name()} has no disk with serial {serial!r}",
+                               domain=dom.name(),
+                               serials=[d.findtext("serial") for d in root.iter("disk")
+                                        if d.find("target") is not None])
+    return str(tgt.get("dev"))
+
+
+def _resize(lab: str, name: str, serial: str, new_size: int) -> None:
+    lv = _libvirt()
+    conn = _open()
+    try:
+        dom = _owned_domain(conn, lab, name)
+        target = _disk_target(dom, serial)
+        try:
+            dom.blockResize(target, new_size, lv.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        except lv.libvirtError as exc:
+            raise StorageNodeError(f"resizing disk {serial} ({target}) of {dom.name()} to "
+                                   f"{new_size} bytes failed: {exc}", domain=dom.name(),
+                                   serial=serial, size_bytes=new_size) from exc
+    finally:
+        conn.close()
+
+
+async def resize_data_disk(lab: str, name: str, serial: str, new_size_bytes: int) -> None:
+    """Grow a data disk of a running node (libvirt blockResize); LIO's iblock LUN follows."""
+    await _in_thread(_resize, lab, name, serial, new_size_bytes)
+
+
+# --- hot-plug of data disks (datastores created or deleted while the node runs) -----------
+
+def _owned_domain(conn: Any, lab: str, name: str) -> Any:
+    lv = _libvirt()
+    try:
+        dom = conn.lookupByName(domain_name(lab, name))
+    except lv.libvirtError as exc:
+        raise StorageNodeError(f"no storage node domain {domain_name(lab, name)}",
+                               domain=domain_name(lab, name)) from exc
+    if (_owner(dom) or {}).get("lab") != lab:
+        raise StorageNodeError(f"domain {dom.name()} is not owned by lab {lab}", domain=dom.name())
+    return dom
+
+
+def _attach(lab: str, name: str, dd: DataDisk) -> str:
+    lv = _libvirt()
+    conn = _open()
+    try:
+        dom = _owned_domain(conn, lab, name)
+        root = ET.fromstring(dom.XMLDesc(0))
+        have = _find_disk(root, dd.serial)
+        tgt = have.find("target") if have is not None else None
+        if tgt is not None:
+            return str(tgt.get("dev"))  # already attached
+        used = {t.get("dev") for t in (d.find("target") for d in root.iter("disk")) if t is not None}
+        target = next(_vd_name(i) for i in range(1, 700) if _vd_name(i) not in used)
+        xml = ET.tostring(_disk_element(dd.path, target, dd.serial), encoding="unicode")
+        try:
+            dom.attachDeviceFlags(xml, lv.VIR_DOMAIN_AFFECT_LIVE)
+        except lv.libvirtError as exc:
+            raise StorageNodeError(f"hot-plugging disk {dd.serial} into {dom.name()} failed: {exc}",
+                                   domain=dom.name(), serial=dd.serial) from exc
+        return target
+    finally:
+        conn.close()
+
+
+def _detach(lab: str, name: str, serial: str) -> bool:
+    lv = _libvirt()
+    conn = _open()
+    try:
+        dom = _owned_domain(conn, lab, name)
+        disk = _find_disk(ET.fromstring(dom.XMLDesc(0)), serial)
+        if disk is None:
+            return False
+        try:
+            dom.detachDeviceFlags(ET.tostring(disk, encoding="unicode"), lv.VIR_DOMAIN_AFFECT_LIVE)
+        except lv.libvirtError as exc:
+            raise StorageNodeError(f"unplugging disk {serial} from {dom.name()} failed: {exc}",
+                                   domain=dom.name(), serial=serial) from exc
+        return True
+    finally:
+        conn.close()
+
+
+async def attach_data_disk(lab: str, name: str, dd: DataDisk) -> str:
+    """Create ``dd``'s sparse file if needed and hot-plug it into the running node (virtio-blk on
+    the node's PCI bus, ACPI hotplug); returns the libvirt target. Idempotent by serial."""
+    _check_serial(dd)
+    _ensure_data_disk(dd)
+    return await _in_thread(_attach, lab, name, dd)
+
+
+async def detach_data_disk(lab: str, name: str, serial: str) -> bool:
+    """Hot-unplug the data disk with ``serial`` (libvirt waits for the guest to release it)."""
+    return await _in_thread(_detach, lab, name, serial)
