@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, labctl, module_lab
+from tests.conftest import e2e_ready, labctl, module_lab, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -40,7 +40,10 @@ def vm1() -> dict[str, Any]:
 
 
 def test_migration_with_a_20_ms_heartbeat(lab: Path) -> None:
-    before = vm1()
+    # the guest writes its disk counter once a second: a migration that starts before its
+    # first write has nothing to read back (seen once: source 0, destination 0)
+    before = wait(lambda: (v := vm1())["disk_counter"] and v["disk_counter"] >= 1 and v,
+                  timeout=15, what="the guest's first disk counter write")
     assert before["heartbeat_ms"] == 20 and before["host"] == "h1", before
     argv = json.loads((lab / "hosts" / "h1" / "vms" / "vm1" / "argv.json").read_text())
     assert "labctl.hb_ms=20" in argv[argv.index("-append") + 1].split()

@@ -24,4 +24,4 @@ def labs_dir() -> Path:
 
 def repo_root() -> Path:
     """The source tree (images/ recipes live next to the package)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parent.parent.parent

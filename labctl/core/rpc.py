@@ -275,6 +275,13 @@ class RpcClient:
         return cls(chan, peer)
 
     async def call(self, method: str, timeout: float = 60.0, **params: Any) -> Any:
+        """Call ``method`` with keyword ``params``; its result, or the agent's error raised
+        as its own class (see :func:`labctl.core.errors.remote_error`)."""
+        return await self.request(method, params, timeout)
+
+    async def request(self, method: str, params: dict[str, Any], timeout: float = 60.0) -> Any:
+        """Like :meth:`call`, with the parameters as one object (a parameter may then be
+        called ``timeout`` too)."""
         self._next_id += 1
         rid = self._next_id
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
