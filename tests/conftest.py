@@ -144,7 +144,9 @@ def leftovers(lab: str, lab_dir: Path) -> list[str]:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if str(lab_dir).encode() in cmd and int(pid) != os.getpid():
+            own = str(lab_dir).encode()
+            args = cmd.split(b"\0")
+            if any(a == own or own + b"/" in a for a in args) and int(pid) != os.getpid():
                 found.append(f"process {pid} {cmd[:80]!r}")
     doms = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                           capture_output=True, text=True, check=False).stdout

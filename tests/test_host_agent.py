@@ -70,9 +70,9 @@ def agent(tmp_path: Path, lab_home: Path) -> Iterator[AgentProc]:
              "--secret-file", str(lab_dir / "secret"), "--host", "h1",
              "--listen", f"{agent_ip}:7600"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        pidfile = lab_dir / "hosts" / "h1" / "agent.pid"
+        log = lab_dir / "hosts" / "h1" / "agent.log"
         deadline = time.monotonic() + 30
-        while not pidfile.exists():
+        while not (log.exists() and "listening on" in log.read_text()):
             if proc.poll() is not None:
                 out = proc.stdout.read().decode() if proc.stdout else ""
                 pytest.fail(f"the agent exited at once ({proc.returncode}): {out}")

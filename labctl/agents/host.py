@@ -61,7 +61,6 @@ async def serve(state_dir: Path, secret_file: Path, host: str, listen: str) -> N
         loop.add_signal_handler(sig, stop.set)
     pidfile = state_dir / "agent.pid"
     await server.start(addr, port)
-    pidfile.write_text(f"{os.getpid()}\n")
     log.info("host agent %s listening on %s:%d (pid %d)", host, addr, port, os.getpid())
     try:
         await stop.wait()
@@ -91,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"host agent: cannot create {state}: {exc}", file=sys.stderr)
         return 1
+    # first of all: teardown finds this process through its pidfile even if the controller
+    # that started it was killed before it could journal the PID
+    pidfile = state / "agent.pid"
+    pidfile.write_text(f"{os.getpid()}\n")
     logging.basicConfig(filename=state / "agent.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)

@@ -21,11 +21,12 @@ import contextlib
 import ipaddress
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from labctl.core import names
 from labctl.core.errors import AgentUnreachable, ProvisionError
@@ -71,12 +72,30 @@ class HostProvider(Protocol):
 
 
 def owned_by(pid: int, lab_path: Path) -> bool:
-    """True if process ``pid`` runs with this lab's directory on its command line."""
+    """True if process ``pid`` runs with this lab's directory (or a path inside it) as one of
+    its command-line arguments (lab ``a`` never matches lab ``ab``'s directory)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return str(lab_path).encode() in cmdline
+    own = str(lab_path).encode()
+    return any(a == own or own + b"/" in a for a in args)
+
+
+def spawn_owned(inv: Inventory, name: str, argv: list[str], log: Path,
+                **detail: str) -> subprocess.Popen[bytes]:
+    """Start a lab process (its own session, output to ``log``) and journal it.
+
+    The journal entry is written *before* the process exists (with ``detail``, e.g. the
+    state directory where it will write its pidfile) and completed with the PID right after
+    the fork, with no await in between: a controller killed at any point leaves an entry
+    that teardown can act on."""
+    inv.own("process", name, **detail)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
+    inv.own("process", name, pid=proc.pid, **detail)
+    return proc
 
 
 async def stop_owned_process(name: str, pid: int, lab_path: Path, removed: list[str]) -> None:
@@ -94,6 +113,24 @@ async def stop_owned_process(name: str, pid: int, lab_path: Path, removed: list[
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     removed.append(f"process {name} (pid {pid}, killed)")
+
+
+async def _agent_pids(detail: dict[str, Any], wait: float = 3.0) -> list[int]:
+    """The PIDs a journalled agent may have: the one the controller saw, and the one the
+    agent wrote to ``agent.pid`` in its state directory (waited for a moment: a controller
+    killed right after the fork journalled no PID, and the agent writes its pidfile first)."""
+    pids = {int(detail["pid"])} if "pid" in detail else set()
+    state = detail.get("state_dir")
+    pidfile = Path(state) / "agent.pid" if state else None
+    deadline = time.monotonic() + (wait if not pids else 0.0)
+    while pidfile is not None:
+        with contextlib.suppress(OSError, ValueError):
+            pids.add(int(pidfile.read_text().split()[0]))
+            break
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.1)
+    return sorted(pids)
 
 
 class NamespaceHosts:
@@ -123,21 +160,17 @@ class NamespaceHosts:
                                "--state-dir", str(plan.state_dir),
                                "--secret-file", str(secret_file), "--host", plan.name,
                                "--listen", f"{addr}:{names.HOST_AGENT_PORT}"])
-        with open(plan.state_dir / "agent.out", "ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True)
-        self.inv.own("process", f"host-agent:{plan.name}", pid=proc.pid,
-                     state_dir=str(plan.state_dir))
+        proc = spawn_owned(self.inv, f"host-agent:{plan.name}", argv,
+                           plan.state_dir / "agent.out", state_dir=str(plan.state_dir))
         await self._wait_agent(plan, addr, secret, proc)
         return ProvisionedHost(name=plan.name, address=addr, agent_port=names.HOST_AGENT_PORT,
                                agent_pid=proc.pid, netns=ns)
 
     async def _wait_agent(self, plan: HostPlan, addr: str, secret: bytes,
-                          proc: asyncio.subprocess.Process, timeout: float = 15.0) -> None:
+                          proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            if proc.returncode is not None:
+            if proc.poll() is not None:
                 tail = (plan.state_dir / "agent.out").read_text(errors="replace")[-1500:]
                 raise ProvisionError(f"the host agent of {plan.name} exited at start "
                                      f"(exit {proc.returncode})", host=plan.name, log_tail=tail)
@@ -159,8 +192,9 @@ class NamespaceHosts:
         owned = inv.owned()
         agents = [(n, d) for k, n, d in owned if k == "process" and n.startswith("host-agent:")]
         # the agents stop their VMs softly on SIGTERM
-        await asyncio.gather(*(stop_owned_process(n, int(d["pid"]), self.lab_path, removed)
-                               for n, d in agents if "pid" in d))
+        pids = [(n, pid) for n, d in agents for pid in await _agent_pids(d)]
+        await asyncio.gather(*(stop_owned_process(n, pid, self.lab_path, removed)
+                               for n, pid in pids))
         # a QEMU whose agent died without stopping it: its pidfile is in that agent's state
         # directory, which this provider made
         for _, d in agents:

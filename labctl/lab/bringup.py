@@ -27,7 +27,7 @@ from labctl.datastores import rescan
 from labctl.datastores import service as datastores
 from labctl.drivers import netlink
 from labctl.guest.image import GuestImage, ensure_guest_image
-from labctl.hosts.provider import HostPlan, NamespaceHosts
+from labctl.hosts.provider import HostPlan, NamespaceHosts, spawn_owned
 from labctl.lab import vms
 from labctl.lab.topology import Topology
 from labctl.state.context import LabContext
@@ -232,14 +232,10 @@ async def _start_rescan(ctx: LabContext, topo: Topology) -> None:
     log = ctx.dir.path / "rescan.out"
     argv = [sys.executable, "-m", "labctl.agents.rescan", "--lab-dir", str(ctx.dir.path),
             "--lab", ctx.name]
-    with open(log, "ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-            start_new_session=True)
-    inv.own("process", "rescan-service", pid=proc.pid)
+    proc = spawn_owned(inv, "rescan-service", argv, log)
     deadline = time.monotonic() + 20
     while inv.get_meta("rescan_ready") is None:
-        if proc.returncode is not None or time.monotonic() > deadline:
+        if proc.poll() is not None or time.monotonic() > deadline:
             raise ProvisionError("the rescan service did not subscribe to every agent "
                                  "within 20 s" if proc.returncode is None else
                                  f"the rescan service exited (status {proc.returncode})",
