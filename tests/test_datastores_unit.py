@@ -10,9 +10,10 @@ import pytest
 from labctl.core.errors import LabError, LabStateError
 from labctl.core.ids import naa_from_unit_serial, normal_id
 from labctl.datastores import rescan
+from labctl.datastores.protocol import CacheEntry
 from labctl.datastores.registry import IdRegistry
 from labctl.datastores.service import pick_node
-from labctl.datastores.tables import DATASTORES
+from labctl.datastores.tables import DATASTORES, RescanEvent
 from labctl.state.inventory import Inventory
 
 
@@ -26,7 +27,7 @@ def test_registry_issues_lio_naa_ids_once(tmp_path: Path) -> None:
         assert naa.startswith("naa.6001405")
     reg.release(naas[0])
     row = reg.get(naas[0])
-    assert row is not None and row["released"] is not None  # kept after a delete
+    assert row is not None and row.released is not None  # kept after a delete
     assert len(reg.all()) == 200
 
 
@@ -77,21 +78,27 @@ def test_normal_id() -> None:
 
 def test_agreement_rules() -> None:
     unit = "naa." + "6" * 32
-    ok = {"state": "ok", "seen_naa": unit, "size_bytes": 10}
-    assert rescan.RescanService._agrees(ok, {"state": "ok", "size_bytes": 10}, unit)
-    assert not rescan.RescanService._agrees(ok, {"state": "ok", "size_bytes": 11}, unit)
-    assert not rescan.RescanService._agrees({**ok, "seen_naa": "naa.1"},
-                                            {"state": "ok", "size_bytes": 10}, unit)
-    assert rescan.RescanService._agrees({"state": "unreachable"}, {"state": "unreachable"}, unit)
+    ok = CacheEntry(id=unit, datastore="ds1", portal="10.0.0.2:3260", target_iqn="iqn.x", lun=0,
+                    size_bytes=10, state="ok", seen_naa=unit, scanned_at=1.0, scans=1,
+                    scsi_commands=2, error=None)
+    agrees = rescan.RescanService._agrees
+    assert agrees(ok, rescan.Expected("ok", 10), unit)
+    assert not agrees(ok, rescan.Expected("ok", 11), unit)
+    assert not agrees(ok.replace(seen_naa="naa.1"), rescan.Expected("ok", 10), unit)
+    assert agrees(ok.replace(state="unreachable"), rescan.Expected("unreachable"), unit)
+    assert rescan.Expected("unreachable").record() == {"state": "unreachable"}
+    assert rescan.Expected("ok", 10).record() == {"state": "ok", "size_bytes": 10}
 
 
 def test_format_event() -> None:
-    ev = {"id": 3, "at": time.time(), "source": "storage:stor1", "kind": "lun_capacity_changed",
-          "unit": "naa.6001", "datastore": "ds1", "state": "partial", "size_bytes": 96 << 20,
-          "lookup": "inventory", "hosts_refreshed": ["h1"], "hosts_stale": ["h2"],
-          "hosts_late": [], "hosts_disagree": [], "agreed_ms": None, "vms_resized": [],
-          "message": None, "coalesced_into": None}
+    ev = RescanEvent(
+        id=3, at=time.time(), source="storage:stor1", kind="lun_capacity_changed",
+        unit="naa.6001", datastore="ds1", detail={}, state="partial", coalesced_into=None,
+        lookup="inventory", size_bytes=96 << 20, expected={"state": "ok"}, hosts_sharing=None,
+        hosts_polled=None, hosts_refreshed=["h1"], hosts_stale=["h2"], hosts_disagree=[],
+        hosts_late=[], scsi_commands=None, vms_resized=[], agreed_ms=None, agreed_at=None,
+        finished=None, message=None)
     line = rescan.format_event(ev)
     assert "size 96 MiB; lookup inventory; refreshed h1; stale h2 [partial]" in line
-    assert "coalesced into #3" in rescan.format_event({**ev, "state": "coalesced",
-                                                       "coalesced_into": 3})
+    assert "coalesced into #3" in rescan.format_event(ev.replace(state="coalesced",
+                                                                 coalesced_into=3))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from labctl.core.errors import ProtocolError, VmError
+from labctl.core.errors import LabError, ProtocolError, VmError
 from labctl.drivers import iscsi
 from labctl.drivers.qemu import QemuVm, build_argv
 from labctl.guest.image import (
@@ -131,10 +131,14 @@ def test_iscsi_parsers() -> None:
     assert luns[0].target_iqn == "iqn.2003-01.org.linux-iscsi.s1:ds"
     assert iscsi.parse_readcapacity("67108864\n") == 67108864
     assert iscsi.parse_readcapacity("x\nTotal size:1024\n") == 1024
-    found = [{"type": 1, "association": 0, "hex": "4c494f"},
-             {"type": 3, "association": 0, "hex": "6001405ABCDEF0000000000000000001"},
-             {"type": 3, "association": 1, "hex": "5000000000000001"}]
+    found = [iscsi.Designator(type=1, association=0, code_set=2, hex="4c494f", text="LIO"),
+             iscsi.Designator(type=3, association=0, code_set=1,
+                              hex="6001405ABCDEF0000000000000000001", text=None),
+             iscsi.Designator(type=3, association=1, code_set=1, hex="5000000000000001",
+                              text=None)]
     assert iscsi.naa_from_designators(found) == "naa.6001405abcdef0000000000000000001"
+    with pytest.raises(LabError, match="no NAA designator"):
+        iscsi.naa_from_designators(found[:1])
 
 
 # ---- end to end ----------------------------------------------------------------

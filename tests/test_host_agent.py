@@ -159,7 +159,8 @@ def test_host_agent_end_to_end(agent: AgentProc, tmp_path: Path) -> None:
                 "id": "naa.6001405" + "0" * 25, "portal": "10.231.250.250:3260",
                 "target_iqn": "iqn.2003-01.org.example:none", "lun": 0,
                 "initiator_iqn": "iqn.2024-01.org.labctl:h1"}])
-            assert scanned[0]["state"] == "unreachable" and scanned[0]["error"]
+            unit = scanned["units"][0]
+            assert unit["state"] == "unreachable" and unit["error"]
 
             stopped = await c.call("vm_stop", name="vm1", timeout=60)
             assert stopped["returncode"] is not None

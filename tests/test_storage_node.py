@@ -27,10 +27,12 @@ import pytest
 from labctl.core.errors import AuthenticationFailed, ImageBuildError, StorageNodeError
 from labctl.core.ids import naa_from_unit_serial
 from labctl.core.proc import run
+from labctl.core.wire import Empty
 from labctl.drivers.debian import make_config_disk
 from labctl.drivers.lio import find_disk_by_serial
 from labctl.storage import agent
 from labctl.storage.image import StorageImage
+from labctl.storage.protocol import NodeConfig
 from tests.conftest import NO_ACL, NO_LUN
 
 # --- unit tests (no VM) -------------------------------------------------------------------
@@ -81,10 +83,17 @@ def test_agent_without_lio_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
 
     fake.RTSRoot = no_configfs  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "rtslib_fb", fake)
-    a = agent.StorageAgent({"node": "s", "target_iqn": "iqn.2025-01.lab:s",
-                            "address": "10.0.0.2/24"})
+    a = agent.StorageAgent(NodeConfig(lab="l", node="s", address="10.0.0.2/24", gateway=None,
+                                      mac="52:54:00:00:00:01", secret="00" * 32,
+                                      target_iqn="iqn.2025-01.lab:s"))
     with pytest.raises(StorageNodeError, match="LIO is not available on this kernel"):
-        asyncio.run(a.status())
+        asyncio.run(a.status(Empty()))
+
+
+def test_bad_agent_config_is_refused() -> None:
+    with pytest.raises(StorageNodeError, match=r"bad storage agent config.*missing field 'secret'"):
+        asyncio.run(agent.serve({"lab": "l", "node": "s", "address": "10.0.0.2/24",
+                                 "gateway": None, "mac": "m", "target_iqn": "iqn.2025-01.lab:s"}))
 
 
 @pytest.mark.skipif(shutil.which("mkfs.ext4") is None or shutil.which("debugfs") is None,

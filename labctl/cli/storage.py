@@ -19,6 +19,7 @@ from typing import Any
 from labctl.core.sizes import format_size
 from labctl.datastores import rescan
 from labctl.datastores import service as datastores
+from labctl.datastores.protocol import HostCache
 from labctl.lab.face import Lab
 
 COMMANDS = ("datastore", "host", "events", "rescan", "storage")
@@ -82,7 +83,7 @@ def _unit(lab: Lab, text: str | None) -> str | None:
     if text is None or text.lower().startswith("naa."):
         return text
     with lab.context() as ctx:
-        return str(datastores.show(ctx, text)["id"])
+        return str(datastores.show(ctx, text).id)
 
 
 async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
@@ -95,7 +96,7 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
                                             rescan_all=(args.action == "rescan" or args.rescan)
                                             and unit is None)
         if args.json:
-            print(json.dumps(res, indent=2))
+            print(json.dumps(res.to_wire(), indent=2))
         else:
             _print_host(res)
         return 0
@@ -114,14 +115,14 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
     if args.cmd == "storage":
         if args.action == "restart":
             with lab.context() as ctx:
-                res = await datastores.restart_node(ctx, args.node)
-            print(f"storage node {res['node']} restarted (agent after {res['boot_s']} s); "
-                  f"re-exported {', '.join(lun['datastore'] + ' ' + lun['id'] for lun in res['luns'])}")
+                restarted = await datastores.restart_node(ctx, args.node)
+            print(f"storage node {restarted.node} restarted (agent after {restarted.boot_s} s); "
+                  f"re-exported {', '.join(lun.datastore + ' ' + lun.id for lun in restarted.luns)}")
         else:
             with lab.context() as ctx:
-                async with ctx.storage_client(args.node) as c:
-                    res = await c.call("portal_set", up=args.state == "up")
-            print(f"storage node {args.node}: portal {args.state} ({', '.join(res['portals']) or 'none'})")
+                portal = await datastores.portal_set(ctx, args.node, args.state == "up")
+            print(f"storage node {args.node}: portal {args.state} "
+                  f"({', '.join(portal.portals) or 'none'})")
         return 0
     raise AssertionError(args.cmd)
 
@@ -130,69 +131,70 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "create":
         hosts = [h for h in args.hosts.split(",") if h]
         with lab.context() as ctx:
-            res = await datastores.create(ctx, args.name, args.size, hosts, node=args.node)
+            created = await datastores.create(ctx, args.name, args.size, hosts, node=args.node)
         if args.json:
-            print(json.dumps(res, indent=2))
+            print(json.dumps(created.to_wire(), indent=2))
             return 0
-        print(f"datastore {res['datastore']}: {res['id']}  {format_size(res['size_bytes'])} on "
-              f"{res['node']} ({res['target_iqn']} LUN {res['lun']}, {res['backing']['path']})")
-        for h, seen in res["seen_by"].items():
-            print(f"  {h}: sees {seen.get('seen_naa')} {format_size(seen.get('size_bytes') or 0)} "
-                  f"[{seen.get('state')}]")
+        print(f"datastore {created.datastore}: {created.id}  {format_size(created.size_bytes)} on "
+              f"{created.node} ({created.target_iqn} LUN {created.lun}, {created.backing.path})")
+        for h, seen in created.seen_by.items():
+            print(f"  {h}: sees {seen.seen_naa} {format_size(seen.size_bytes or 0)} "
+                  f"[{seen.state}]")
         return 0
     if args.action == "list":
         with lab.context() as ctx:
             rows = datastores.list_all(ctx)
         if args.json:
-            print(json.dumps(rows, indent=2))
+            print(json.dumps([m.to_wire() for m in rows], indent=2))
             return 0
         print(f"{'NAME':<10} {'ID':<38} {'NODE':<8} {'LUN':>3} {'SIZE':>6}  HOSTS")
         for m in rows:
-            print(f"{m['datastore']:<10} {m['id'] or '-':<38} {m['node']:<8} "
-                  f"{m['lun'] if m['lun'] is not None else '-':>3} "
-                  f"{format_size(m['size_bytes']):>6}  {','.join(m['hosts'])}")
+            print(f"{m.datastore:<10} {m.id or '-':<38} {m.node:<8} "
+                  f"{m.lun if m.lun is not None else '-':>3} "
+                  f"{format_size(m.size_bytes):>6}  {','.join(m.hosts)}")
         return 0
     if args.action == "show":
         with lab.context() as ctx:
             m = datastores.show(ctx, args.name)
         if args.json:
-            print(json.dumps(m, indent=2))
+            print(json.dumps(m.to_wire(), indent=2))
             return 0
-        print(f"datastore {m['datastore']}\n  id       {m['id']}\n  node     {m['node']}\n"
-              f"  target   {m['target_iqn']} at {m['portal']}, LUN {m['lun']}\n"
-              f"  backing  {m['backing']['path']} (virtio serial {m['backing']['disk_serial']})\n"
-              f"  size     {format_size(m['size_bytes'])}\n  vms      {', '.join(m['vms']) or '-'}")
-        for h, s in m["seen_by"].items():
-            print(f"  host {h}: {s['naa'] or '-'} {format_size(s['size_bytes'] or 0)}")
+        print(f"datastore {m.datastore}\n  id       {m.id}\n  node     {m.node}\n"
+              f"  target   {m.target_iqn} at {m.portal}, LUN {m.lun}\n"
+              f"  backing  {m.backing.path} (virtio serial {m.backing.disk_serial})\n"
+              f"  size     {format_size(m.size_bytes)}\n  vms      {', '.join(m.vms) or '-'}")
+        for h, s in m.seen_by.items():
+            print(f"  host {h}: {s.naa or '-'} {format_size(s.size_bytes or 0)}")
         return 0
     if args.action == "delete":
         with lab.context() as ctx:
-            res = await datastores.delete(ctx, args.name)
-        print(f"datastore {res['datastore']} ({res['id']}) deleted; its ID is never reused")
+            deleted = await datastores.delete(ctx, args.name)
+        print(f"datastore {deleted.datastore} ({deleted.id}) deleted; its ID is never reused")
         return 0
     if args.action == "resize":
         with lab.context() as ctx:
-            res = await datastores.resize(ctx, args.name, args.size, wait=0 if args.no_wait else 30)
+            resized = await datastores.resize(ctx, args.name, args.size,
+                                              wait=0 if args.no_wait else 30)
         if args.json:
-            print(json.dumps(res, indent=2))
+            print(json.dumps(resized.to_wire(), indent=2))
             return 0
-        print(f"datastore {res['datastore']} ({res['id']}) grown to {format_size(res['size_bytes'])}")
-        if res["event"] is not None:
-            print(rescan.format_event(res["event"]))
+        print(f"datastore {resized.datastore} ({resized.id}) grown to "
+              f"{format_size(resized.size_bytes)}")
+        if resized.event is not None:
+            print(rescan.format_event(resized.event))
         return 0
     raise AssertionError(args.action)
 
 
-def _print_host(res: dict[str, Any]) -> None:
-    n = len(res["units"])
-    print(f"host {res['host']}: {n} datastore{'' if n == 1 else 's'}, "
-          f"{res['scsi_commands']} SCSI commands sent")
-    for u in res["units"]:
-        when = time.strftime("%H:%M:%S", time.localtime(u["scanned_at"])) if u["scanned_at"] else "-"
-        size = format_size(u["size_bytes"]) if u["size_bytes"] else "-"
-        print(f"  {u['datastore'] or '?':<10} {u['id']}  {size:>6}  {u['target_iqn']} LUN "
-              f"{u['lun']}  {u['state']}  scanned {when}" + (f"  ({u['error']})" if u["error"]
-                                                             else ""))
+def _print_host(res: HostCache) -> None:
+    n = len(res.units)
+    print(f"host {res.host}: {n} datastore{'' if n == 1 else 's'}, "
+          f"{res.scsi_commands} SCSI commands sent")
+    for u in res.units:
+        when = time.strftime("%H:%M:%S", time.localtime(u.scanned_at)) if u.scanned_at else "-"
+        size = format_size(u.size_bytes) if u.size_bytes else "-"
+        print(f"  {u.datastore or '?':<10} {u.id}  {size:>6}  {u.target_iqn} LUN "
+              f"{u.lun}  {u.state}  scanned {when}" + (f"  ({u.error})" if u.error else ""))
 
 
 async def _events(lab: Lab, args: argparse.Namespace) -> int:
@@ -204,15 +206,16 @@ async def _events(lab: Lab, args: argparse.Namespace) -> int:
         evs = rescan.events(inv)
         if args.last:
             for ev in evs[:-args.last]:
-                shown[ev["id"]] = (ev["state"], json.dumps(ev.get("hosts_late")))
+                shown[ev.id] = (ev.state, json.dumps(ev.hosts_late))
             evs = evs[-args.last:]
         while True:
             for ev in evs:
-                key = (ev["state"], json.dumps(ev.get("hosts_late")))
-                if shown.get(ev["id"]) == key or (args.follow and ev["state"] not in rescan.FINAL):
+                key = (ev.state, json.dumps(ev.hosts_late))
+                if shown.get(ev.id) == key or (args.follow and ev.state not in rescan.FINAL):
                     continue
-                shown[ev["id"]] = key
-                print(json.dumps(ev) if args.json else rescan.format_event(ev), flush=True)
+                shown[ev.id] = key
+                print(json.dumps(ev.to_wire()) if args.json else rescan.format_event(ev),
+                      flush=True)
             if not args.follow:
                 return 0
             await asyncio.sleep(0.2)

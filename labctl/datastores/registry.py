@@ -7,12 +7,26 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from labctl.core import paths
 from labctl.core.errors import StorageNodeError
 from labctl.core.ids import naa_from_unit_serial
+
+
+@dataclass(frozen=True)
+class IssuedId:
+    """One ID the registry issued: to which lab, node and datastore, and when."""
+
+    naa: str
+    unit_serial: str
+    lab: str
+    lab_dir: str
+    node: str
+    datastore: str
+    issued: float
+    released: float | None  # when its datastore was deleted (the ID stays taken)
 
 
 class IdRegistry:
@@ -63,18 +77,18 @@ class IdRegistry:
         finally:
             conn.close()
 
-    def get(self, naa: str) -> dict[str, Any] | None:
+    def get(self, naa: str) -> IssuedId | None:
         conn = self._conn()
         try:
             row = conn.execute("SELECT * FROM ids WHERE naa=?", (naa,)).fetchone()
-            return dict(row) if row else None
+            return IssuedId(**dict(row)) if row else None
         finally:
             conn.close()
 
-    def all(self) -> list[dict[str, Any]]:
+    def all(self) -> list[IssuedId]:
         conn = self._conn()
         try:
-            return [dict(r) for r in conn.execute("SELECT * FROM ids ORDER BY issued")]
+            return [IssuedId(**dict(r)) for r in conn.execute("SELECT * FROM ids ORDER BY issued")]
         finally:
             conn.close()
 

@@ -42,15 +42,30 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-from labctl.core.errors import AgentError, LabError, LabStateError
+from labctl.core.errors import AgentError, LabError, LabStateError, ProtocolError
 from labctl.core.ids import normal_naa
 from labctl.core.rpc import Cursor, RpcClient
 from labctl.core.secret import read_secret
-from labctl.datastores.tables import DATASTORES, record_seen
+from labctl.core.wire import Json, Message, Method
+from labctl.datastores import protocol as dp
+from labctl.datastores.tables import (
+    DATASTORES,
+    Datastore,
+    RescanEvent,
+    datastore,
+    datastores,
+    host_units,
+    record_seen,
+    rescan_events,
+    sharing,
+    typed_rows,
+)
 from labctl.state.inventory import Inventory
+from labctl.storage import protocol as sp
 
 log = logging.getLogger("labctl.datastores.rescan")
 
@@ -59,6 +74,10 @@ FINAL = ("done", "partial", "ignored", "coalesced", "failed")
 _REFRESH_TIMEOUT = 3.0
 _AGREE_TRIES = 10
 _HEAL_BACKOFF_MAX_S = 30.0  # a host that keeps disagreeing is asked again at most this rarely
+_LIVENESS_UNIT = "naa." + "0" * 32  # no host has it: a lookup of it is a cheap liveness call
+
+Q = TypeVar("Q", bound=Message)
+R = TypeVar("R", bound=Message)
 
 
 def last_event_id(inv: Inventory) -> int:
@@ -66,41 +85,30 @@ def last_event_id(inv: Inventory) -> int:
     return int(row[0] or 0)
 
 
-def _decode(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    for k in ("detail", "hosts_sharing", "hosts_polled", "hosts_refreshed", "hosts_stale",
-              "hosts_disagree", "hosts_late", "scsi_commands", "vms_resized", "expected"):
-        if out.get(k) is not None:
-            out[k] = json.loads(out[k])
-    return out
+def events(inv: Inventory, after: int = 0) -> list[RescanEvent]:
+    return rescan_events(inv, "id > ?", (after,))
 
 
-def events(inv: Inventory, after: int = 0) -> list[dict[str, Any]]:
-    rows = inv.conn.execute("SELECT * FROM rescan_events WHERE id > ? ORDER BY id",
-                            (after,)).fetchall()
-    return [_decode(dict(r)) for r in rows]
-
-
-def event(inv: Inventory, eid: int) -> dict[str, Any] | None:
-    row = inv.conn.execute("SELECT * FROM rescan_events WHERE id=?", (eid,)).fetchone()
-    return _decode(dict(row)) if row else None
+def event(inv: Inventory, eid: int) -> RescanEvent | None:
+    found = rescan_events(inv, "id=?", (eid,))
+    return found[0] if found else None
 
 
 async def wait_for_event(inv: Inventory, unit: str, after: int, size_bytes: int | None = None,
-                         timeout: float = 30.0) -> dict[str, Any]:
+                         timeout: float = 30.0) -> RescanEvent:
     """The first finished event about ``unit`` newer than ``after`` (for a resize: the round
     that ended with ``size_bytes``); follows coalescing to the round that carried it."""
     deadline = time.monotonic() + timeout
     while True:
         for ev in events(inv, after):
-            if ev["unit"] != unit or ev["state"] not in FINAL:
+            if ev.unit != unit or ev.state not in FINAL:
                 continue
-            if ev["state"] == "coalesced" and ev["coalesced_into"]:
-                primary = event(inv, int(ev["coalesced_into"]))
-                if primary is None or primary["state"] not in FINAL:
+            if ev.state == "coalesced" and ev.coalesced_into:
+                primary = event(inv, ev.coalesced_into)
+                if primary is None or primary.state not in FINAL:
                     continue
                 ev = primary
-            if size_bytes is None or ev.get("size_bytes") == size_bytes:
+            if size_bytes is None or ev.size_bytes == size_bytes:
                 return ev
         if time.monotonic() > deadline:
             running = inv.get_meta("rescan_ready")
@@ -111,32 +119,32 @@ async def wait_for_event(inv: Inventory, unit: str, after: int, size_bytes: int 
         await asyncio.sleep(0.05)
 
 
-def format_event(ev: dict[str, Any]) -> str:
-    t = time.strftime("%H:%M:%S", time.localtime(ev["at"])) + f".{int(ev['at'] * 1000) % 1000:03d}"
-    head = f"#{ev['id']:<4} {t} {ev['source']:<14} {ev['kind']:<22} "
-    what = f"{ev['datastore'] or '?'} {ev['unit'] or ''}".strip()
-    if ev["state"] == "coalesced":
-        return head + f"{what}: coalesced into #{ev['coalesced_into']}"
-    if ev["state"] == "ignored":
-        return head + f"{what}: {ev.get('message') or 'ignored'}"
-    if ev["state"] not in FINAL:
-        return head + f"{what}: {ev['state']}"
-    size = ev.get("size_bytes")
+def format_event(ev: RescanEvent) -> str:
+    t = time.strftime("%H:%M:%S", time.localtime(ev.at)) + f".{int(ev.at * 1000) % 1000:03d}"
+    head = f"#{ev.id:<4} {t} {ev.source:<14} {ev.kind:<22} "
+    what = f"{ev.datastore or '?'} {ev.unit or ''}".strip()
+    if ev.state == "coalesced":
+        return head + f"{what}: coalesced into #{ev.coalesced_into}"
+    if ev.state == "ignored":
+        return head + f"{what}: {ev.message or 'ignored'}"
+    if ev.state not in FINAL:
+        return head + f"{what}: {ev.state}"
+    size = ev.size_bytes
     parts = [what, f"size {size >> 20} MiB" if size else "",
-             f"lookup {ev['lookup']}", f"refreshed {','.join(ev['hosts_refreshed'] or []) or '-'}"]
-    if ev.get("hosts_stale"):
-        parts.append(f"stale {','.join(ev['hosts_stale'])}")
-    if ev.get("hosts_late"):
-        parts.append(f"late {','.join(ev['hosts_late'])}")
-    if ev.get("hosts_disagree"):
-        parts.append(f"disagree {','.join(ev['hosts_disagree'])}")
-    if ev.get("agreed_ms") is not None:
-        parts.append(f"all agreed in {ev['agreed_ms']:.0f} ms")
-    if ev.get("vms_resized"):
-        parts.append("VM " + ",".join(v["vm"] for v in ev["vms_resized"]) + " resized")
-    if ev.get("message"):
-        parts.append(str(ev["message"]))
-    return head + "; ".join(p for p in parts if p) + f" [{ev['state']}]"
+             f"lookup {ev.lookup}", f"refreshed {','.join(ev.hosts_refreshed or []) or '-'}"]
+    if ev.hosts_stale:
+        parts.append(f"stale {','.join(ev.hosts_stale)}")
+    if ev.hosts_late:
+        parts.append(f"late {','.join(ev.hosts_late)}")
+    if ev.hosts_disagree:
+        parts.append(f"disagree {','.join(ev.hosts_disagree)}")
+    if ev.agreed_ms is not None:
+        parts.append(f"all agreed in {ev.agreed_ms:.0f} ms")
+    if ev.vms_resized:
+        parts.append("VM " + ",".join(str(v.get("vm")) for v in ev.vms_resized) + " resized")
+    if ev.message:
+        parts.append(str(ev.message))
+    return head + "; ".join(p for p in parts if p) + f" [{ev.state}]"
 
 
 def set_lookup(inv: Inventory, mode: str) -> None:
@@ -147,14 +155,63 @@ def set_lookup(inv: Inventory, mode: str) -> None:
 
 # ------------------------------------------------------------------------------ the service
 
+@dataclass(frozen=True)
+class Expected:
+    """A unit's state as the storage reports it now: what every sharing host must end with."""
+
+    state: Literal["ok", "unreachable"]
+    size_bytes: int | None = None  # with state ok
+
+    def record(self) -> dict[str, object]:
+        """The form kept in ``rescan_events.expected``."""
+        if self.state == "unreachable":
+            return {"state": "unreachable"}
+        return {"state": "ok", "size_bytes": self.size_bytes}
+
+
+@dataclass(frozen=True)
+class VmResize:
+    """A running VM on the unit, told the new size (``ok``) or not (``error``)."""
+
+    vm: str
+    host: str
+    ok: bool
+    size_bytes: int | None = None
+    error: str | None = None
+
+    def record(self) -> dict[str, object]:
+        """The form kept in ``rescan_events.vms_resized``."""
+        if self.ok:
+            return {"vm": self.vm, "host": self.host, "size_bytes": self.size_bytes, "ok": True}
+        return {"vm": self.vm, "host": self.host, "ok": False, "error": self.error}
+
+
+@dataclass(frozen=True)
+class _Agent:
+    """A row of ``hosts`` or ``storage_nodes``: where its agent listens."""
+
+    name: str
+    address: str
+    agent_port: int
+
+
+@dataclass(frozen=True)
+class _Vm:
+    """A row of ``vms``: what the service needs to tell a VM its disk's new size."""
+
+    name: str
+    host: str
+    state: str
+
+
 class _Gate:
     """An event sink that holds events until ``open()``, then passes them on in order."""
 
-    def __init__(self, sink: Callable[[str, Any], None]) -> None:
+    def __init__(self, sink: Callable[[str, Json], None]) -> None:
         self.sink = sink
-        self.held: list[tuple[str, Any]] | None = []
+        self.held: list[tuple[str, Json]] | None = []
 
-    def __call__(self, event: str, data: Any) -> None:
+    def __call__(self, event: str, data: Json) -> None:
         if self.held is None:
             self.sink(event, data)
         else:
@@ -181,12 +238,12 @@ class RescanService:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._connected: set[str] = set()
-        self._asking: dict[str, asyncio.Task[dict[str, Any]]] = {}  # storage queries in flight
+        self._asking: dict[str, asyncio.Task[Expected]] = {}  # storage queries in flight
         self._heal_backoff: dict[tuple[str, str], tuple[float, float]] = {}  # (next try, delay)
 
     # -- recording
     def _record(self, source: str, kind: str, unit: str | None, datastore: str | None,
-                detail: dict[str, Any], state: str = "queued") -> int:
+                detail: dict[str, Json], state: str = "queued") -> int:
         cur = self.inv.conn.execute(
             "INSERT INTO rescan_events(at, source, kind, unit, datastore, detail, state) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -198,34 +255,53 @@ class RescanService:
         self.inv.update("rescan_events", {"id": eid}, **enc)
 
     # -- event intake
-    def _on_storage_event(self, node: str, kind: str, data: Any) -> None:
-        data = data if isinstance(data, dict) else {"data": data}
+    def _on_storage_event(self, node: str, kind: str, data: Json) -> None:
         source = f"storage:{node}"
-        if kind in ("portal_down", "portal_up"):
-            self.portal_down[node] = kind == "portal_down"
-            for ds in self.inv.rows("datastores", node=node):
-                self.submit(source, kind, ds["naa"], data)
+        try:
+            ev = sp.decode_event(kind, data)
+        except ProtocolError as exc:
+            self._malformed(source, kind, data, exc)
             return
-        naa = data.get("naa")
-        unit = normal_naa(str(naa)) if naa else None
-        if kind == "lun_added":
+        if ev is None:  # not an event of the storage protocol: recorded, nothing else
+            self.submit(source, kind, None, data if isinstance(data, dict) else {"data": data})
+            return
+        detail = ev.to_wire()
+        if isinstance(ev, sp.PortalChanged):
+            self.portal_down[node] = kind == sp.EVENT_PORTAL_DOWN
+            for ds in datastores(self.inv, node=node):
+                self.submit(source, kind, ds.naa, detail)
+            return
+        unit = normal_naa(ev.naa) if ev.naa else None
+        if isinstance(ev, sp.LunAdded):
             self.portal_down[node] = False
-        self.submit(source, kind, unit, data)
+        self.submit(source, kind, unit, detail)
 
-    def _on_host_event(self, host: str, kind: str, data: Any) -> None:
-        if kind not in ("host_capacity_changed", "unit_attention", "io_error"):
+    def _on_host_event(self, host: str, kind: str, data: Json) -> None:
+        source = f"host:{host}"
+        try:
+            ev = dp.decode_event(kind, data)
+        except ProtocolError as exc:
+            self._malformed(source, kind, data, exc)
             return
-        data = data if isinstance(data, dict) else {"data": data}
-        unit = data.get("unit")
-        self.submit(f"host:{host}", kind, str(unit) if unit else None, data)
+        if ev is None:  # not a storage event (e.g. vm_exited)
+            return
+        self.submit(source, kind, ev.unit or None, ev.to_wire())
 
-    def submit(self, source: str, kind: str, unit: str | None, detail: dict[str, Any]) -> int:
+    def _malformed(self, source: str, kind: str, data: Json, exc: ProtocolError) -> None:
+        """Record an event whose data does not fit its type; nothing else is done."""
+        eid = self._record(source, kind, None, None,
+                           data if isinstance(data, dict) else {"data": data})
+        log.warning("event #%d from %s: %s", eid, source, exc.message)
+        self._update(eid, state="ignored", message=f"warning: malformed event: {exc.message}",
+                     finished=time.time())
+
+    def submit(self, source: str, kind: str, unit: str | None, detail: dict[str, Json]) -> int:
         """Record an event and schedule the round for its unit (coalescing with a running one)."""
         ds = self._datastore(unit) if unit else None
-        eid = self._record(source, kind, unit, ds["name"] if ds else None, detail)
+        eid = self._record(source, kind, unit, ds.name if ds else None, detail)
         log.info("event #%d %s %s %s", eid, source, kind, unit)
         if unit is None or ds is None:
-            known_deleted = kind == "lun_removed"
+            known_deleted = kind == sp.EVENT_LUN_REMOVED
             msg = ("LUN removed (its datastore was deleted)" if known_deleted
                    else f"warning: event about an unknown LUN {unit or '(none)'}: nothing changed")
             if not known_deleted:
@@ -238,8 +314,8 @@ class RescanService:
             self._workers[unit] = asyncio.ensure_future(self._work(unit))
         return eid
 
-    def _datastore(self, unit: str) -> dict[str, Any] | None:
-        return self.inv.row("datastores", naa=normal_naa(unit))
+    def _datastore(self, unit: str) -> Datastore | None:
+        return datastore(self.inv, naa=normal_naa(unit))
 
     # -- rounds
     async def _work(self, unit: str) -> None:
@@ -259,48 +335,48 @@ class RescanService:
         mode = self.inv.get_meta("rescan_lookup", "inventory") or "inventory"
         return mode if mode in LOOKUPS else "inventory"
 
-    async def _host_call(self, host: str, method: str, timeout: float, **params: Any) -> Any:
+    async def _host_call(self, host: str, method: Method[Q, R], req: Q, timeout: float) -> R:
         client = self.hosts.get(host)
         if client is None:
             raise AgentError(f"host {host} is not connected", host=host)
-        return await client.call(method, timeout=timeout, **params)
+        return await method.call(client, req, timeout=timeout)
 
-    async def _expected(self, ds: dict[str, Any]) -> dict[str, Any]:
+    async def _expected(self, ds: Datastore) -> Expected:
         """The unit's state as the storage reports it now. Concurrent callers (each sharing
         host's retries in a round) share one query to the storage agent."""
-        task = self._asking.get(ds["name"])
+        task = self._asking.get(ds.name)
         if task is None or task.done():
             task = asyncio.ensure_future(self._ask_storage(ds))
-            self._asking[ds["name"]] = task
+            self._asking[ds.name] = task
         return await asyncio.shield(task)
 
-    async def _ask_storage(self, ds: dict[str, Any]) -> dict[str, Any]:
-        node = ds["node"]
+    async def _ask_storage(self, ds: Datastore) -> Expected:
+        node = ds.node
         if self.node_lost.get(node) or self.portal_down.get(node):
-            return {"state": "unreachable"}
+            return Expected("unreachable")
         client = self.nodes.get(node)
         if client is None:
-            return {"state": "unreachable"}
+            return Expected("unreachable")
         try:
-            cap = await client.call("refresh_capacity", name=ds["name"], timeout=10)
+            cap = await sp.REFRESH_CAPACITY.call(client, sp.LunName(ds.name), timeout=10)
         except AgentError as exc:
             if "no LUN" in exc.message:
-                return {"state": "unreachable"}
+                return Expected("unreachable")
             raise
-        return {"state": "ok", "size_bytes": int(cap["size_bytes"])}
+        return Expected("ok", cap.size_bytes)
 
-    async def _sharing(self, unit: str, ds: dict[str, Any], mode: str
+    async def _sharing(self, unit: str, ds: Datastore, mode: str
                        ) -> tuple[list[str], list[str], list[str]]:
         """(sharing hosts, hosts polled, hosts whose answer is unknown)."""
         if mode == "inventory":
-            return ([r["host"] for r in self.inv.rows("datastore_hosts", datastore=ds["name"])],
-                    [], [])
-        hosts = [h["name"] for h in self.inv.rows("hosts")]
+            return [r.host for r in sharing(self.inv, datastore=ds.name)], [], []
+        hosts = [h.name for h in typed_rows(self.inv, _Agent, "hosts")]
 
         async def ask(h: str) -> bool | None:
             try:
-                res = await self._host_call(h, "storage_lookup", _REFRESH_TIMEOUT, unit=unit)
-                return bool(res["shares"])
+                res = await self._host_call(h, dp.STORAGE_LOOKUP, dp.UnitId(unit),
+                                            _REFRESH_TIMEOUT)
+                return res.shares
             except AgentError:
                 return None
 
@@ -309,33 +385,34 @@ class RescanService:
                 hosts, [h for h, a in zip(hosts, answers, strict=True) if a is None])
 
     @staticmethod
-    def _agrees(entry: dict[str, Any], want: dict[str, Any], unit: str) -> bool:
-        if want["state"] == "unreachable":
-            return entry.get("state") in ("unreachable", "error")
-        return (entry.get("state") == "ok" and entry.get("seen_naa") == unit
-                and entry.get("size_bytes") == want["size_bytes"])
+    def _agrees(entry: dp.CacheEntry, want: Expected, unit: str) -> bool:
+        if want.state == "unreachable":
+            return entry.state in ("unreachable", "error")
+        return (entry.state == "ok" and entry.seen_naa == unit
+                and entry.size_bytes == want.size_bytes)
 
-    async def _refresh_host(self, host: str, unit: str, want: dict[str, Any]
-                            ) -> tuple[str, dict[str, Any] | None, int, float | None]:
+    async def _refresh_host(self, host: str, unit: str, want: Expected
+                            ) -> tuple[str, dp.Scan | None, int, float | None]:
         """(outcome ok|stale|disagree, last entry, SCSI commands, time it agreed)."""
         cmds = 0
-        entry: dict[str, Any] | None = None
+        entry: dp.Scan | None = None
         for _ in range(_AGREE_TRIES):
             try:
-                entry = await self._host_call(host, "storage_refresh", _REFRESH_TIMEOUT,
-                                              unit=unit, origin="controller")
+                entry = await self._host_call(host, dp.STORAGE_REFRESH,
+                                              dp.Refresh(unit, origin="controller"),
+                                              _REFRESH_TIMEOUT)
             except AgentError as exc:
-                if "no datastore" in exc.message:
-                    return "disagree", {"error": exc.message}, cmds, None
+                if "no datastore" in exc.message:  # the host does not know the unit
+                    return "disagree", None, cmds, None
                 return "stale", None, cmds, None
-            cmds += int(entry.get("commands_this_scan", 0))
+            cmds += entry.commands_this_scan
             if self._agrees(entry, want, unit):
                 return "ok", entry, cmds, time.time()
             await asyncio.sleep(0.1)
             want = await self._expected_again(unit, want)
         return "disagree", entry, cmds, None
 
-    async def _expected_again(self, unit: str, want: dict[str, Any]) -> dict[str, Any]:
+    async def _expected_again(self, unit: str, want: Expected) -> Expected:
         ds = self._datastore(unit)
         return await self._expected(ds) if ds is not None else want
 
@@ -348,47 +425,47 @@ class RescanService:
                          message=f"warning: {unit} is no longer a datastore of this lab")
             return
         mode = self._lookup_mode()
-        if ev["kind"] == "lun_removed":  # datastore delete: the sharing hosts already dropped it
+        if ev.kind == sp.EVENT_LUN_REMOVED:  # datastore delete: the sharing hosts dropped it
             self._update(eid, state="done", lookup=mode, hosts_refreshed=[], finished=time.time(),
                          message="LUN removed; the hosts named for it were told to drop it")
             return
         self._update(eid, state="processing")
         want = await self._expected(ds)
-        sharing, polled, unknown = await self._sharing(unit, ds, mode)
-        results = await asyncio.gather(*(self._refresh_host(h, unit, want) for h in sharing))
+        shared, polled, unknown = await self._sharing(unit, ds, mode)
+        results = await asyncio.gather(*(self._refresh_host(h, unit, want) for h in shared))
         refreshed, stale, disagree = [], [], []
         scsi: dict[str, int] = {}
         agreed_at = None
-        for h, (outcome, entry, cmds, at) in zip(sharing, results, strict=True):
+        for h, (outcome, entry, cmds, at) in zip(shared, results, strict=True):
             scsi[h] = cmds
             if outcome == "ok":
                 refreshed.append(h)
                 agreed_at = max(agreed_at or 0.0, at or 0.0)
-                self._host_unit(h, unit, ds["name"], "fresh", entry, eid)
-                if entry is not None and want["state"] == "ok":
-                    record_seen(self.inv, ds["name"], h, entry)
+                self._host_unit(h, unit, ds.name, "fresh", entry, eid)
+                if entry is not None and want.state == "ok":
+                    record_seen(self.inv, ds.name, h, entry)
             elif outcome == "stale":
                 stale.append(h)
-                self._host_unit(h, unit, ds["name"], "stale", None, eid)
+                self._host_unit(h, unit, ds.name, "stale", None, eid)
             else:
                 disagree.append(h)
-                self._host_unit(h, unit, ds["name"], "disagree", entry, eid)
+                self._host_unit(h, unit, ds.name, "disagree", entry, eid)
         for h in unknown:  # poll mode: a host that did not answer may share the unit
-            self._host_unit(h, unit, ds["name"], "unknown", None, eid)
+            self._host_unit(h, unit, ds.name, "unknown", None, eid)
         stale += [h for h in unknown if h not in stale]
-        vms: list[dict[str, Any]] = []
-        if want["state"] == "ok":
-            if want["size_bytes"] != ds["size_bytes"]:
-                self.inv.update("datastores", {"name": ds["name"]}, size_bytes=want["size_bytes"])
-                vms = await self._resize_vms(ds["name"], want["size_bytes"])
+        vms: list[VmResize] = []
+        if want.state == "ok" and want.size_bytes is not None:
+            if want.size_bytes != ds.size_bytes:
+                self.inv.update("datastores", {"name": ds.name}, size_bytes=want.size_bytes)
+                vms = await self._resize_vms(ds.name, want.size_bytes)
         ok = not stale and not disagree
         self._update(
-            eid, state="done" if ok else "partial", lookup=mode, expected=want,
-            size_bytes=want.get("size_bytes"), hosts_sharing=sharing, hosts_polled=polled,
+            eid, state="done" if ok else "partial", lookup=mode, expected=want.record(),
+            size_bytes=want.size_bytes, hosts_sharing=shared, hosts_polled=polled,
             hosts_refreshed=refreshed, hosts_stale=stale, hosts_disagree=disagree,
-            scsi_commands=scsi, vms_resized=vms,
+            scsi_commands=scsi, vms_resized=[v.record() for v in vms],
             agreed_at=agreed_at if ok else None,
-            agreed_ms=round((agreed_at - ev["at"]) * 1000, 1) if ok and agreed_at else
+            agreed_ms=round((agreed_at - ev.at) * 1000, 1) if ok and agreed_at else
             (0.0 if ok else None),
             finished=time.time(),
             message=(f"{coalesced} events coalesced" if coalesced > 1 else None))
@@ -396,47 +473,47 @@ class RescanService:
                  disagree)
 
     def _host_unit(self, host: str, unit: str, datastore: str, state: str,
-                   entry: dict[str, Any] | None, eid: int) -> None:
+                   entry: dp.CacheEntry | None, eid: int | None) -> None:
         self.inv.upsert("host_units", host=host, unit=unit, datastore=datastore, state=state,
-                        size_bytes=None if entry is None else entry.get("size_bytes"),
+                        size_bytes=None if entry is None else entry.size_bytes,
                         refreshed_at=time.time() if state == "fresh" else None, event=eid)
 
-    async def _resize_vms(self, datastore: str, size: int) -> list[dict[str, Any]]:
+    async def _resize_vms(self, datastore: str, size: int) -> list[VmResize]:
         out = []
-        for vm in self.inv.rows("vms", datastore=datastore):
-            if vm["state"] != "running":
+        for vm in typed_rows(self.inv, _Vm, "vms", datastore=datastore):
+            if vm.state != "running":
                 continue
             try:
-                await self._host_call(vm["host"], "vm_block_resize", 30.0, name=vm["name"],
-                                      size_bytes=size)
-                out.append({"vm": vm["name"], "host": vm["host"], "size_bytes": size, "ok": True})
+                await self._host_call(vm.host, dp.VM_BLOCK_RESIZE,
+                                      dp.VmSize(name=vm.name, size_bytes=size), 30.0)
+                out.append(VmResize(vm=vm.name, host=vm.host, ok=True, size_bytes=size))
             except AgentError as exc:
-                out.append({"vm": vm["name"], "host": vm["host"], "ok": False,
-                            "error": exc.message})
+                out.append(VmResize(vm=vm.name, host=vm.host, ok=False, error=exc.message))
         return out
 
     # -- stale hosts
     async def _heal(self, host: str) -> None:
         """Refresh every unit this host missed while it did not answer."""
-        for row in self.inv.rows("host_units", host=host):
-            if row["state"] not in ("stale", "unknown", "disagree"):
+        for row in host_units(self.inv, host=host):
+            if row.state not in ("stale", "unknown", "disagree"):
                 continue
-            unit = row["unit"]
+            unit = row.unit
             ds = self._datastore(unit)
             if ds is None:
                 self.inv.conn.execute("DELETE FROM host_units WHERE host=? AND unit=?", (host, unit))
                 continue
-            if row["state"] == "unknown":
+            if row.state == "unknown":
                 try:
-                    res = await self._host_call(host, "storage_lookup", _REFRESH_TIMEOUT, unit=unit)
+                    res = await self._host_call(host, dp.STORAGE_LOOKUP, dp.UnitId(unit),
+                                                _REFRESH_TIMEOUT)
                 except AgentError:
                     return
-                if not res["shares"]:
+                if not res.shares:
                     self.inv.conn.execute("DELETE FROM host_units WHERE host=? AND unit=?",
                                           (host, unit))
                     continue
             key = (host, unit)
-            if row["state"] == "disagree" and time.monotonic() < self._heal_backoff.get(
+            if row.state == "disagree" and time.monotonic() < self._heal_backoff.get(
                     key, (0.0, 0.0))[0]:
                 continue
             want = await self._expected(ds)
@@ -448,25 +525,25 @@ class RescanService:
                 self._heal_backoff[key] = (time.monotonic() + delay, delay)
             if outcome == "ok":
                 self._heal_backoff.pop(key, None)
-                self._host_unit(host, unit, ds["name"], "fresh", entry, row["event"])
-                if entry is not None and want["state"] == "ok":
-                    record_seen(self.inv, ds["name"], host, entry)
-                ev = event(self.inv, int(row["event"]))
+                self._host_unit(host, unit, ds.name, "fresh", entry, row.event)
+                if entry is not None and want.state == "ok":
+                    record_seen(self.inv, ds.name, host, entry)
+                ev = event(self.inv, row.event) if row.event is not None else None
                 if ev is not None:
-                    late = list(ev.get("hosts_late") or [])
+                    late = list(ev.hosts_late or [])
                     if host not in late:
                         late.append(host)
-                    still = [h for h in (ev.get("hosts_stale") or []) if h not in late]
-                    self._update(int(row["event"]), hosts_late=late,
-                                 state="done" if not still and not ev.get("hosts_disagree")
-                                 else ev["state"])
+                    still = [h for h in (ev.hosts_stale or []) if h not in late]
+                    self._update(ev.id, hosts_late=late,
+                                 state="done" if not still and not ev.hosts_disagree
+                                 else ev.state)
                 log.info("host %s caught up on %s", host, unit)
 
     async def _heal_loop(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            hosts = {r["host"] for r in self.inv.rows("host_units")
-                     if r["state"] in ("stale", "unknown", "disagree")}
+            hosts = {r.host for r in host_units(self.inv)
+                     if r.state in ("stale", "unknown", "disagree")}
             busy = {u for u, t in self._workers.items() if not t.done()}
             for h in sorted(hosts):
                 if h in self.hosts and not busy:
@@ -495,11 +572,11 @@ class RescanService:
                     gate = _Gate(lambda ev, data: self._on_storage_event(name, ev, data))
                     await client.subscribe(gate, cursor)
                     self.nodes[name] = client
-                    ping = await client.call("ping", timeout=5)
-                    if was_lost or (last_uptime is not None and ping["uptime_s"] < last_uptime):
+                    ping = await sp.PING.call(client, timeout=5)
+                    if was_lost or (last_uptime is not None and ping.uptime_s < last_uptime):
                         was_lost = False
                         self._storage_back(name)
-                    last_uptime = float(ping["uptime_s"])
+                    last_uptime = ping.uptime_s
                     gate.open()
                 else:
                     await client.subscribe(
@@ -511,13 +588,13 @@ class RescanService:
                 while True:
                     await asyncio.sleep(1.0)
                     if kind == "storage":
-                        ping = await client.call("ping", timeout=3)
-                        if ping["uptime_s"] < (last_uptime or 0):
+                        ping = await sp.PING.call(client, timeout=3)
+                        if ping.uptime_s < (last_uptime or 0):
                             self._storage_lost(name)
                             self._storage_back(name)
-                        last_uptime = float(ping["uptime_s"])
+                        last_uptime = ping.uptime_s
                     else:
-                        await client.call("storage_lookup", unit="naa." + "0" * 32, timeout=5)
+                        await dp.STORAGE_LOOKUP.call(client, dp.UnitId(_LIVENESS_UNIT), timeout=5)
             except (AgentError, LabError, KeyError, TypeError):
                 pass
             finally:
@@ -534,29 +611,29 @@ class RescanService:
 
     def _storage_lost(self, node: str) -> None:
         self.node_lost[node] = True
-        for ds in self.inv.rows("datastores", node=node):
-            self.submit("service", "storage_agent_lost", ds["naa"], {"node": node})
+        for ds in datastores(self.inv, node=node):
+            self.submit("service", "storage_agent_lost", ds.naa, {"node": node})
 
     def _storage_back(self, node: str) -> None:
         self.node_lost[node] = False
         self.portal_down[node] = False
-        for ds in self.inv.rows("datastores", node=node):
-            self.submit("service", "storage_agent_back", ds["naa"], {"node": node})
+        for ds in datastores(self.inv, node=node):
+            self.submit("service", "storage_agent_back", ds.naa, {"node": node})
 
     def _write_ready(self) -> None:
-        want = {f"storage:{n['name']}" for n in self.inv.rows("storage_nodes")} | {
-            f"host:{h['name']}" for h in self.inv.rows("hosts")}
+        want = {f"storage:{n.name}" for n in typed_rows(self.inv, _Agent, "storage_nodes")} | {
+            f"host:{h.name}" for h in typed_rows(self.inv, _Agent, "hosts")}
         if want <= self._connected and self.inv.get_meta("rescan_ready") is None:
             self.inv.set_meta("rescan_ready", str(time.time()))
             log.info("subscribed to every agent")
 
     async def run(self, stop: asyncio.Event) -> None:
-        for n in self.inv.rows("storage_nodes"):
+        for n in typed_rows(self.inv, _Agent, "storage_nodes"):
             self._tasks.append(asyncio.ensure_future(
-                self._follow("storage", n["name"], n["address"], n["agent_port"])))
-        for h in self.inv.rows("hosts"):
+                self._follow("storage", n.name, n.address, n.agent_port)))
+        for h in typed_rows(self.inv, _Agent, "hosts"):
             self._tasks.append(asyncio.ensure_future(
-                self._follow("host", h["name"], h["address"], h["agent_port"])))
+                self._follow("host", h.name, h.address, h.agent_port)))
         self._tasks.append(asyncio.ensure_future(self._heal_loop()))
         try:
             await stop.wait()

@@ -24,19 +24,23 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from labctl.core import names
-from labctl.core.errors import AgentError, LabStateError, StorageNodeError
+from labctl.core.errors import AgentError, LabStateError, ProtocolError, StorageNodeError
 from labctl.core.ids import normal_naa
+from labctl.core.rpc import RpcClient
 from labctl.core.sizes import format_size, parse_size
-from labctl.datastores import rescan
+from labctl.core.wire import Message
+from labctl.datastores import protocol as dp
+from labctl.datastores import rescan, tables
 from labctl.datastores.registry import IdRegistry
-from labctl.datastores.tables import record_seen
+from labctl.datastores.tables import RescanEvent, record_seen, sharing
 from labctl.state.context import LabContext
 from labctl.state.inventory import Inventory
 from labctl.storage import node as storagenode
+from labctl.storage import protocol as sp
 from labctl.storage.image import ensure_storage_image
 from labctl.storage.node import DataDisk
 
@@ -44,9 +48,110 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
 MIN_SIZE = 1 << 20
 
 
+# ------------------------------------------------------------------------------ results
+# What the operations return; ``to_wire()`` is what ``labctl datastore ... --json`` prints.
+
+@dataclass(frozen=True)
+class Backing(Message):
+    """A datastore's backing volume: the sparse file on the controller and its virtio serial."""
+
+    path: str
+    disk_serial: str
+
+
+@dataclass(frozen=True)
+class Mapping(Message):
+    """The inventory's mapping of a datastore: ID -> node, target, LUN, backing volume."""
+
+    #: the datastore ID (the LUN's NAA ID, ``naa.…``)
+    id: str | None
+    datastore: str
+    node: str
+    portal: str
+    target_iqn: str
+    #: None until the storage node exported it
+    lun: int | None
+    backing: Backing
+    unit_serial: str
+    size_bytes: int
+    state: str
+    #: the hosts named for it (they see the LUN)
+    hosts: list[str]
+
+
+@dataclass(frozen=True)
+class Seen(Message):
+    """What one host last read of a datastore (the inventory's record)."""
+
+    naa: str | None
+    size_bytes: int | None
+    scanned_at: float | None
+
+
+@dataclass(frozen=True)
+class Registered(Message):
+    """When the registry issued a datastore's ID, and to which lab."""
+
+    issued: float
+    lab: str
+
+
+@dataclass(frozen=True)
+class Shown(Mapping):
+    """``datastore show``: the mapping, what each host last read, its VMs, its registry entry."""
+
+    seen_by: dict[str, Seen]
+    vms: list[str]
+    registry: Registered | None
+
+
+@dataclass(frozen=True)
+class Created(Mapping):
+    """``datastore create``: the mapping and each named host's first scan of it."""
+
+    seen_by: dict[str, dp.Scan]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Deleted(Message):
+    datastore: str
+    id: str | None
+    #: the hosts that dropped the unit from their cache
+    hosts_told: list[str]
+
+
+@dataclass(frozen=True)
+class Resized(Message):
+    datastore: str
+    id: str | None
+    size_bytes: int
+    #: time.time() of the libvirt block resize
+    resized_at: float
+    #: the rescan service's record of the round that carried the new size (None: not waited)
+    event: RescanEvent | None
+
+
+@dataclass(frozen=True)
+class Reexported(Message):
+    datastore: str
+    id: str
+    lun: int | None
+
+
+@dataclass(frozen=True)
+class Restarted(Message):
+    node: str
+    #: from domain start to the agent answering
+    boot_s: float
+    #: the whole restart, re-export included
+    seconds: float
+    luns: list[Reexported]
+
+
 # ------------------------------------------------------------------------------ mappings
 
-def mapping(inv: Inventory, name: str, host: str | None = None) -> dict[str, Any]:
+def mapping(inv: Inventory, name: str) -> Mapping:
     """The inventory's mapping of datastore ``name``: ID -> node, target, LUN, backing volume."""
     ds = inv.row("datastores", name=name)
     if ds is None:
@@ -54,38 +159,48 @@ def mapping(inv: Inventory, name: str, host: str | None = None) -> dict[str, Any
         raise LabStateError(f"unknown datastore {name!r} (datastores: {known})", datastore=name)
     node = inv.row("storage_nodes", name=ds["node"])
     assert node is not None
-    out: dict[str, Any] = {
-        "id": ds["naa"], "datastore": name, "node": ds["node"],
-        "portal": names.portal(node["address"]), "target_iqn": node["target_iqn"], "lun": ds["lun"],
-        "backing": {"path": ds["backing_path"], "disk_serial": ds["disk_serial"]},
-        "unit_serial": ds["unit_serial"], "size_bytes": ds["size_bytes"], "state": ds["state"],
-        "hosts": [r["host"] for r in inv.rows("datastore_hosts", datastore=name)],
-    }
-    if host is not None:
-        h = inv.row("hosts", name=host)
-        if h is None:
-            raise LabStateError(f"unknown host {host!r}", host=host)
-        out["initiator_iqn"] = h["initiator_iqn"]
-    return out
+    return Mapping(
+        id=ds["naa"], datastore=name, node=ds["node"], portal=names.portal(node["address"]),
+        target_iqn=node["target_iqn"], lun=ds["lun"],
+        backing=Backing(path=ds["backing_path"], disk_serial=ds["disk_serial"]),
+        unit_serial=ds["unit_serial"], size_bytes=ds["size_bytes"], state=ds["state"],
+        hosts=[r.host for r in sharing(inv, datastore=name)])
+
+
+def unit(inv: Inventory, name: str, host: str) -> dp.Unit:
+    """Datastore ``name`` as ``host`` is handed it: its ID, where the host reaches it and as
+    which initiator."""
+    m = mapping(inv, name)
+    h = inv.row("hosts", name=host)
+    if h is None:
+        raise LabStateError(f"unknown host {host!r}", host=host)
+    if m.id is None or m.lun is None:
+        raise LabStateError(f"datastore {name} is not exported yet (state {m.state})",
+                            datastore=name, host=host)
+    return dp.Unit(id=m.id, portal=m.portal, target_iqn=m.target_iqn, lun=m.lun,
+                   initiator_iqn=h["initiator_iqn"], datastore=name)
 
 
 async def hand_mappings(ctx: LabContext, hosts: list[str] | None = None,
-                        datastores: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+                        datastores: list[str] | None = None) -> dict[str, list[dp.Scan]]:
     """Give each host the mappings of the datastores it is named for; each scans them by ID."""
-    seen: dict[str, list[dict[str, Any]]] = {}
+    seen: dict[str, list[dp.Scan]] = {}
     inv = ctx.inv
 
     async def one(host: str) -> None:
-        names = [r["datastore"] for r in inv.rows("datastore_hosts", host=host)
-                 if datastores is None or r["datastore"] in datastores]
+        names = [r.datastore for r in sharing(inv, host=host)
+                 if datastores is None or r.datastore in datastores]
         if not names:
             return
-        units = [mapping(inv, d, host) for d in names]
+        units = [unit(inv, d, host) for d in names]
         async with ctx.host_client(host) as c:
-            got = await c.call("storage_attach", units=units, timeout=60)
-        seen[host] = list(got)
-        for d, g in zip(names, got, strict=True):
-            if g.get("state") == "ok":
+            got = await dp.STORAGE_ATTACH.call(c, dp.StorageAttach(units), timeout=60)
+        if len(got.units) != len(units):
+            raise ProtocolError(f"host {host} answered storage_attach for {len(got.units)} "
+                                   f"of {len(units)} units", host=host)
+        seen[host] = got.units
+        for d, g in zip(names, got.units, strict=True):
+            if g.state == "ok":
                 record_seen(inv, d, host, g)
 
     targets = hosts if hosts is not None else [h["name"] for h in inv.rows("hosts")]
@@ -144,7 +259,7 @@ def _size(size: int | str) -> int:
 # ------------------------------------------------------------------------------ operations
 
 async def create(ctx: LabContext, name: str, size: int | str, hosts: list[str],
-                 node: str | None = None) -> dict[str, Any]:
+                 node: str | None = None) -> Created:
     """Allocate, export and hand out a new datastore while the lab runs."""
     _check_name(name)
     nbytes = _size(size)
@@ -169,13 +284,14 @@ async def create(ctx: LabContext, name: str, size: int | str, hosts: list[str],
         t0 = time.monotonic()
         await storagenode.attach_data_disk(ctx.name, chosen, disk)
         lun = await export_lun(ctx, name, wait_disk=10.0)
-        if lun["naa"] != naa:
-            raise StorageNodeError(f"LIO built NAA {lun['naa']} for {name}, the registry "
-                                   f"issued {naa}", datastore=name)
+        if normal_naa(lun.naa) != naa:
+            raise StorageNodeError(f"LIO built NAA {normal_naa(lun.naa)} for {name}, the "
+                                   f"registry issued {naa}", datastore=name)
         seen = await hand_mappings(ctx, hosts=hosts, datastores=[name])
         took = time.monotonic() - t0
-        return {**mapping(inv, name), "seen_by": {h: s[0] for h, s in seen.items()},
-                "seconds": round(took, 3)}
+        m = mapping(inv, name)
+        return Created(**vars(m), seen_by={h: s[0] for h, s in seen.items()},
+                       seconds=round(took, 3))
 
 
 def register(ctx: LabContext, node: str, name: str, size: int, hosts: list[str],
@@ -195,33 +311,33 @@ def register(ctx: LabContext, node: str, name: str, size: int, hosts: list[str],
     return naa, disk
 
 
-async def export_lun(ctx: LabContext, name: str, wait_disk: float = 0.0) -> dict[str, Any]:
+async def export_lun(ctx: LabContext, name: str, wait_disk: float = 0.0) -> sp.LunEnsured:
     """Have the storage node export the datastore as a LUN to exactly its hosts (the ACLs);
-    the inventory takes the LUN as LIO reports it."""
+    the inventory takes the LUN as LIO reports it (its ID as ``normal_naa(lun.naa)``)."""
     inv = ctx.inv
-    ds = inv.row("datastores", name=name)
+    ds = tables.datastore(inv, name=name)
     assert ds is not None
-    initiators = [h["initiator_iqn"] for h in (inv.row("hosts", name=r["host"]) for r in
-                  inv.rows("datastore_hosts", datastore=name)) if h is not None]
+    initiators = [h["initiator_iqn"] for h in (inv.row("hosts", name=r.host) for r in
+                  sharing(inv, datastore=name)) if h is not None]
+    req = sp.EnsureLun(name=name, disk_serial=ds.disk_serial, unit_serial=ds.unit_serial,
+                       initiators=initiators)
     deadline = time.monotonic() + wait_disk
-    async with ctx.storage_client(ds["node"]) as c:
+    async with ctx.storage_client(ds.node) as c:
         while True:
             try:
-                lun = await c.call("ensure_lun", name=name, disk_serial=ds["disk_serial"],
-                                   unit_serial=ds["unit_serial"], initiators=initiators)
+                lun = await sp.ENSURE_LUN.call(c, req)
                 break
             except AgentError as exc:
                 # a hot-plugged disk needs a moment before the node's kernel lists it
                 if "no virtio disk" not in exc.message or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
-    naa = normal_naa(lun["naa"])
-    inv.update("datastores", {"name": name}, naa=naa, lun=lun["lun"],
-               size_bytes=lun["size_bytes"], state="exported")
-    return {**lun, "naa": naa}
+    inv.update("datastores", {"name": name}, naa=normal_naa(lun.naa), lun=lun.lun,
+               size_bytes=lun.size_bytes, state="exported")
+    return lun
 
 
-async def delete(ctx: LabContext, name: str) -> dict[str, Any]:
+async def delete(ctx: LabContext, name: str) -> Deleted:
     """Remove a datastore no VM uses: hosts forget it, LIO drops it, the disk is unplugged."""
     inv = ctx.inv
     with ctx.lock():
@@ -231,27 +347,26 @@ async def delete(ctx: LabContext, name: str) -> dict[str, Any]:
             raise LabStateError(f"datastore {name} is the disk of VM {', '.join(users)}: "
                                 "delete refused", datastore=name, vms=users)
         forgot = []
-        for h in m["hosts"]:
+        for h in m.hosts:
             try:
                 async with ctx.host_client(h) as c:
-                    await c.call("storage_forget", units=[m["id"]])
+                    await dp.STORAGE_FORGET.call(c, dp.UnitIds(units=[m.id or ""]))
                 forgot.append(h)
             except AgentError as exc:
-                ctx.progress(f"warning: host {h} did not drop {m['id']}: {exc.message}")
-        async with ctx.storage_client(m["node"]) as c:
-            await c.call("delete_lun", name=name, timeout=60)
-        await storagenode.detach_data_disk(ctx.name, m["node"], m["backing"]["disk_serial"])
-        Path(m["backing"]["path"]).unlink(missing_ok=True)
+                ctx.progress(f"warning: host {h} did not drop {m.id}: {exc.message}")
+        async with ctx.storage_client(m.node) as c:
+            await sp.DELETE_LUN.call(c, sp.LunName(name), timeout=60)
+        await storagenode.detach_data_disk(ctx.name, m.node, m.backing.disk_serial)
+        Path(m.backing.path).unlink(missing_ok=True)
         with inv.transaction():
             inv.conn.execute("DELETE FROM datastore_hosts WHERE datastore=?", (name,))
             inv.conn.execute("DELETE FROM datastores WHERE name=?", (name,))
-        if m["id"]:
-            IdRegistry().release(m["id"])
-        return {"datastore": name, "id": m["id"], "hosts_told": forgot}
+        if m.id:
+            IdRegistry().release(m.id)
+        return Deleted(datastore=name, id=m.id, hosts_told=forgot)
 
 
-async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
-                 ) -> dict[str, Any]:
+async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0) -> Resized:
     """Grow the datastore's backing disk through libvirt (a hardware reconfiguration: LIO
     itself then reports the new capacity); the storage agent notices and publishes the
     event, and the lab's rescan service refreshes the sharing hosts. Waits for its record."""
@@ -259,56 +374,76 @@ async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
     inv = ctx.inv
     with ctx.lock():
         m = mapping(inv, name)
-        if nbytes <= m["size_bytes"]:
-            raise LabStateError(f"datastore {name} is {format_size(m['size_bytes'])}: a LUN "
+        if nbytes <= m.size_bytes:
+            raise LabStateError(f"datastore {name} is {format_size(m.size_bytes)}: a LUN "
                                 f"only grows (asked for {format_size(nbytes)})",
                                 datastore=name)
-        free = free_space(inv)[m["node"]]
-        if nbytes - m["size_bytes"] > free:
-            raise LabStateError(f"storage node {m['node']} has {format_size(free)} free: "
+        free = free_space(inv)[m.node]
+        if nbytes - m.size_bytes > free:
+            raise LabStateError(f"storage node {m.node} has {format_size(free)} free: "
                                 f"cannot grow {name} by "
-                                f"{format_size(nbytes - m['size_bytes'])}", datastore=name)
+                                f"{format_size(nbytes - m.size_bytes)}", datastore=name)
         after = rescan.last_event_id(inv)
         t0 = time.time()
-        await storagenode.resize_data_disk(ctx.name, m["node"], m["backing"]["disk_serial"],
-                                           nbytes)
-    if wait <= 0:
-        return {"datastore": name, "id": m["id"], "size_bytes": nbytes, "event": None}
-    ev = await rescan.wait_for_event(inv, m["id"], after, size_bytes=nbytes, timeout=wait)
-    return {"datastore": name, "id": m["id"], "size_bytes": nbytes, "resized_at": t0,
-            "event": ev}
+        await storagenode.resize_data_disk(ctx.name, m.node, m.backing.disk_serial, nbytes)
+    if wait <= 0 or m.id is None:
+        return Resized(datastore=name, id=m.id, size_bytes=nbytes, resized_at=t0, event=None)
+    ev = await rescan.wait_for_event(inv, m.id, after, size_bytes=nbytes, timeout=wait)
+    return Resized(datastore=name, id=m.id, size_bytes=nbytes, resized_at=t0, event=ev)
 
 
-def show(ctx: LabContext, name: str) -> dict[str, Any]:
+def show(ctx: LabContext, name: str) -> Shown:
     inv = ctx.inv
     m = mapping(inv, name)
-    m["seen_by"] = {r["host"]: {"naa": r["seen_naa"], "size_bytes": r["seen_size"],
-                                "scanned_at": r["scanned_at"]}
-                    for r in inv.rows("datastore_hosts", datastore=name)}
-    m["vms"] = [v["name"] for v in inv.rows("vms", datastore=name)]
-    reg = IdRegistry().get(m["id"]) if m["id"] else None
-    m["registry"] = None if reg is None else {"issued": reg["issued"], "lab": reg["lab"]}
-    return m
+    reg = IdRegistry().get(m.id) if m.id else None
+    return Shown(
+        **vars(m),
+        seen_by={r.host: Seen(naa=r.seen_naa, size_bytes=r.seen_size, scanned_at=r.scanned_at)
+                 for r in sharing(inv, datastore=name)},
+        vms=[v["name"] for v in inv.rows("vms", datastore=name)],
+        registry=None if reg is None else Registered(issued=reg.issued, lab=reg.lab))
 
 
-def list_all(ctx: LabContext) -> list[dict[str, Any]]:
-    return [mapping(ctx.inv, d["name"]) for d in ctx.inv.rows("datastores")]
+def list_all(ctx: LabContext) -> list[Mapping]:
+    return [mapping(ctx.inv, d.name) for d in tables.datastores(ctx.inv)]
 
 
 # ------------------------------------------------------------------------------ hosts
 
 async def host_storage(ctx: LabContext, host: str, rescan_unit: str | None = None,
-                       rescan_all: bool = False) -> dict[str, Any]:
+                       rescan_all: bool = False) -> dp.HostCache:
     async with ctx.host_client(host) as c:
         if rescan_all or rescan_unit is not None:
-            await c.call("storage_rescan", unit=rescan_unit, timeout=120)
-        res: dict[str, Any] = await c.call("storage_cache")
-    return res
+            await dp.STORAGE_RESCAN.call(c, dp.Rescan(unit=rescan_unit), timeout=120)
+        return await dp.STORAGE_CACHE.call(c)
 
 
-# ------------------------------------------------------------------------------ node restart
+async def attach_for_vm(client: RpcClient, inv: Inventory, datastore: str, host: str
+                        ) -> dp.Scan:
+    """Hand ``host`` the mapping of a VM's datastore before the VM starts there; the host scans
+    the unit by ID and the VM is started only if the LUN really reports that ID."""
+    u = unit(inv, datastore, host)
+    got = await dp.STORAGE_ATTACH.call(client, dp.StorageAttach([u]), timeout=60)
+    if len(got.units) != 1:
+        raise ProtocolError(f"host {host} answered storage_attach for {len(got.units)} units, "
+                            "not 1", host=host)
+    scan = got.units[0]
+    if scan.state != "ok":
+        raise LabStateError(f"host {host} cannot attach datastore {datastore} by its ID "
+                            f"{u.id}: {scan.error or scan.state}",
+                            host=host, datastore=datastore, seen=scan.to_wire())
+    return scan
 
-async def restart_node(ctx: LabContext, node: str) -> dict[str, Any]:
+
+# ------------------------------------------------------------------------------ storage nodes
+
+async def portal_set(ctx: LabContext, node: str, up: bool) -> sp.PortalState:
+    """Take a storage node's iSCSI portal down (new logins refused) or bring it back."""
+    async with ctx.storage_client(node) as c:
+        return await sp.PORTAL_SET.call(c, sp.PortalSet(up=up))
+
+
+async def restart_node(ctx: LabContext, node: str) -> Restarted:
     """Restart a storage node (a fresh root overlay: LIO state is gone) and re-export every
     datastore on it with the same unit serials, so every ID stays what hosts know."""
     inv = ctx.inv
@@ -320,13 +455,13 @@ async def restart_node(ctx: LabContext, node: str) -> dict[str, Any]:
         site = inv.row("sites", name=row["site"])
         assert site is not None
         prefix = site["subnet"].split("/")[1]
-        stores = inv.rows("datastores", node=node)
+        stores = tables.datastores(inv, node=node)
         spec = storagenode.StorageNodeSpec(
             lab=ctx.name, name=node, lab_dir=ctx.dir.path,
             address_cidr=f"{row['address']}/{prefix}", bridge=site["bridge"], tap=row["tap"],
             mac=names.mac(ctx.dir.tag, "s", index), memory_mib=int(row["memory"]) >> 20,
-            data_disks=[DataDisk(serial=d["disk_serial"], path=Path(d["backing_path"]),
-                                 size_bytes=d["size_bytes"]) for d in stores],
+            data_disks=[DataDisk(serial=d.disk_serial, path=Path(d.backing_path),
+                                 size_bytes=d.size_bytes) for d in stores],
             secret=ctx.dir.secret(), target_iqn=row["target_iqn"],
             agent_port=names.STORAGE_AGENT_PORT)
         image = await ensure_storage_image(progress=ctx.progress)
@@ -336,22 +471,11 @@ async def restart_node(ctx: LabContext, node: str) -> dict[str, Any]:
         inv.update("storage_nodes", {"name": node}, state="up")
         luns = []
         for d in stores:
-            lun = await export_lun(ctx, d["name"])
-            if lun["naa"] != d["naa"]:
-                raise StorageNodeError(f"after the restart {d['name']} has NAA {lun['naa']}, "
-                                       f"not {d['naa']}", datastore=d["name"])
-            luns.append({"datastore": d["name"], "id": lun["naa"], "lun": lun["lun"]})
-        return {"node": node, "boot_s": round(handle.boot_s, 2),
-                "seconds": round(time.monotonic() - t0, 2), "luns": luns}
-
-
-async def attach_for_vm(client: Any, inv: Inventory, datastore: str, host: str) -> dict[str, Any]:
-    """Hand ``host`` the mapping of a VM's datastore before the VM starts there; the host scans
-    the unit by ID and the VM is started only if the LUN really reports that ID."""
-    m = mapping(inv, datastore, host)
-    got = (await client.call("storage_attach", units=[m], timeout=60))[0]
-    if got.get("state") != "ok":
-        raise LabStateError(f"host {host} cannot attach datastore {datastore} by its ID "
-                            f"{m['id']}: {got.get('error') or got.get('state')}",
-                            host=host, datastore=datastore, seen=got)
-    return dict(got)
+            lun = await export_lun(ctx, d.name)
+            naa = normal_naa(lun.naa)
+            if naa != d.naa:
+                raise StorageNodeError(f"after the restart {d.name} has NAA {naa}, "
+                                       f"not {d.naa}", datastore=d.name)
+            luns.append(Reexported(datastore=d.name, id=naa, lun=lun.lun))
+        return Restarted(node=node, boot_s=round(handle.boot_s, 2),
+                         seconds=round(time.monotonic() - t0, 2), luns=luns)

@@ -27,8 +27,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from labctl.core.errors import CommandFailed, LabError, MissingDependency
+from labctl.core.errors import CommandFailed, LabError, MissingDependency, ProtocolError
 from labctl.core.proc import run
+from labctl.core.wire import Message
 
 _TIMEOUT = 30.0
 _NAME_RE = re.compile(r"^[A-Za-z0-9.:_-]+$")
@@ -42,6 +43,30 @@ class LunInfo:
     lun: int
     device_type: str  # e.g. DIRECT_ACCESS
     size: str | None  # iscsi-ls's rounded size text, e.g. "63M"
+
+
+@dataclass(frozen=True)
+class Designator(Message):
+    """One designator of VPD page 0x83 (SPC-4 7.8.6); the vpd83 helper prints a list."""
+
+    type: int  # designator type: 3 = NAA
+    association: int  # 0 = the logical unit
+    code_set: int  # 1 binary, 2 ASCII, 3 UTF-8
+    hex: str
+    text: str | None  # the ASCII/UTF-8 ones, as text
+
+
+@dataclass(frozen=True)
+class UnitProbe:
+    """What :func:`probe_unit` read of a LUN in one login."""
+
+    naa: str  # naa.<hex>
+    size_bytes: int
+    block_size: int
+    #: SCSI commands sent (a command retried after a unit attention counts twice)
+    commands: int
+    #: (sense key, ASCQ) of each UNIT ATTENTION met
+    unit_attentions: list[tuple[int, int]]
 
 
 def url(portal: str, target: str, lun: int) -> str:
@@ -105,8 +130,8 @@ def parse_readcapacity(text: str, argv: list[str] | None = None) -> int:
 
 
 async def designators(portal: str, target: str, lun: int, initiator: str,
-                      netns: str | None = None) -> list[dict[str, Any]]:
-    """Every designator of VPD page 0x83: {"type", "association", "code_set", "hex"}."""
+                      netns: str | None = None) -> list[Designator]:
+    """Every designator of VPD page 0x83, in the page's order."""
     _check(portal, target, lun, initiator)
     res = await run([sys.executable, "-m", "labctl.drivers.iscsi", "vpd83", portal, target, str(lun),
                      initiator], netns=netns, timeout=_TIMEOUT,
@@ -118,7 +143,11 @@ async def designators(portal: str, target: str, lun: int, initiator: str,
                             what="vpd83 printed no JSON") from exc
     if not isinstance(data, list):
         raise LabError("vpd83 printed something else than a list", stdout=res.stdout)
-    return data
+    try:
+        return [Designator.from_wire(d, f"vpd83 designator {i}") for i, d in enumerate(data)]
+    except ProtocolError as exc:
+        raise LabError(f"vpd83 printed an unexpected designator: {exc.message}",
+                       stdout=res.stdout) from exc
 
 
 async def inquiry_naa(portal: str, target: str, lun: int, initiator: str,
@@ -128,14 +157,14 @@ async def inquiry_naa(portal: str, target: str, lun: int, initiator: str,
     return naa_from_designators(found)
 
 
-def naa_from_designators(found: list[dict[str, Any]]) -> str:
+def naa_from_designators(found: list[Designator]) -> str:
     """The logical unit's NAA designator (type 3, association 0) in ``naa.<hex>`` form;
     with several, the richest NAA format (6: registered extended, as LIO has) wins."""
-    naas = [str(d["hex"]).lower() for d in found
-            if d.get("type") == 3 and d.get("association") == 0 and d.get("hex")]
+    naas = [d.hex.lower() for d in found if d.type == 3 and d.association == 0 and d.hex]
     if naas:
         return "naa." + max(naas, key=lambda h: int(h[0], 16))
-    raise LabError("the LUN reports no NAA designator in VPD page 0x83", designators=found)
+    raise LabError("the LUN reports no NAA designator in VPD page 0x83",
+                   designators=[d.to_wire() for d in found])
 
 
 # ---- the vpd83 helper (runs as its own process, possibly inside a namespace) ----
@@ -206,9 +235,9 @@ class Session:
 
     lib: ctypes.CDLL
     ctx: int
-    evidence: dict[str, Any]
+    evidence: dict[str, object]
 
-    def error(self, what: str, **evidence: Any) -> LabError:
+    def error(self, what: str, **evidence: object) -> LabError:
         """``what`` plus libiscsi's last error, with the session's evidence (updated by
         ``evidence``)."""
         msg = self.lib.iscsi_get_error(self.ctx)
@@ -217,7 +246,7 @@ class Session:
 
 
 @contextlib.contextmanager
-def login(portal: str, target: str, lun: int, initiator: str, **evidence: Any
+def login(portal: str, target: str, lun: int, initiator: str, **evidence: object
           ) -> Iterator[Session]:
     """A normal session to ``target`` at ``portal`` as ``initiator`` (blocking): logged out
     when the block ends without an error, the context destroyed in any case. Errors carry
@@ -238,23 +267,23 @@ def login(portal: str, target: str, lun: int, initiator: str, **evidence: Any
         lib.iscsi_destroy_context(ctx)
 
 
-def designator_list(inq: int) -> list[dict[str, Any]]:
+def designator_list(inq: int) -> list[Designator]:
     """The designators of an unmarshalled VPD page 0x83 in libiscsi's list order (the
-    reverse of the page's): {"type", "association", "code_set", "hex", "text"}."""
+    reverse of the page's)."""
     ident = ctypes.cast(inq, ctypes.POINTER(_DeviceIdentification)).contents
-    out: list[dict[str, Any]] = []
+    out: list[Designator] = []
     d = ident.designators
     while d:
         dd = d.contents
         raw = bytes(dd.designator[:dd.designator_length]) if dd.designator else b""
         text = raw.rstrip(b"\0").decode("ascii", "replace") if dd.code_set in (2, 3) else None
-        out.append({"type": dd.designator_type, "association": dd.association,
-                    "code_set": dd.code_set, "hex": raw.hex(), "text": text})
+        out.append(Designator(type=dd.designator_type, association=dd.association,
+                              code_set=dd.code_set, hex=raw.hex(), text=text))
         d = dd.next
     return out
 
 
-def vpd83_sync(portal: str, target: str, lun: int, initiator: str) -> list[dict[str, Any]]:
+def vpd83_sync(portal: str, target: str, lun: int, initiator: str) -> list[Designator]:
     """INQUIRY VPD 0x83 through libiscsi in this process (blocking)."""
     with login(portal, target, lun, initiator) as s:
         lib = s.lib
@@ -302,11 +331,8 @@ class _ReadCapacity16(ctypes.Structure):
                 ("lalba", ctypes.c_uint16)]
 
 
-def probe_unit(portal: str, target: str, lun: int, initiator: str) -> dict[str, Any]:
-    """Log in, read VPD 0x83 and READ CAPACITY(16), log out (blocking; run in a thread).
-
-    Returns {naa, size_bytes, block_size, commands, unit_attentions: [(key, ascq)]}.
-    """
+def probe_unit(portal: str, target: str, lun: int, initiator: str) -> UnitProbe:
+    """Log in, read VPD 0x83 and READ CAPACITY(16), log out (blocking; run in a thread)."""
     commands = 0
     attentions: list[tuple[int, int]] = []
     with login(portal, target, lun, initiator, scsi_commands=commands) as s:
@@ -355,8 +381,8 @@ def probe_unit(portal: str, target: str, lun: int, initiator: str) -> dict[str, 
             found = designator_list(inq)
         finally:
             lib.scsi_free_scsi_task(task)
-    return {"naa": naa_from_designators(found), "size_bytes": size,
-            "block_size": block, "commands": commands, "unit_attentions": attentions}
+    return UnitProbe(naa=naa_from_designators(found), size_bytes=size, block_size=block,
+                     commands=commands, unit_attentions=attentions)
 
 
 def main(argv: list[str]) -> int:
@@ -366,7 +392,8 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         _check(argv[1], argv[2], int(argv[3]), argv[4])
-        print(json.dumps(vpd83_sync(argv[1], argv[2], int(argv[3]), argv[4])))
+        print(json.dumps([d.to_wire() for d in vpd83_sync(argv[1], argv[2], int(argv[3]),
+                                                          argv[4])]))
     except (LabError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return 1

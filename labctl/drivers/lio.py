@@ -13,17 +13,37 @@ configfs is the only state: every operation reads it back, so all are idempotent
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from labctl.core.errors import StorageNodeError
 from labctl.core.ids import LIO_COMPANY_ID, naa_from_unit_serial
 from labctl.core.names import ISCSI_PORT
+from labctl.storage.protocol import LunDeleted, LunEnsured, LunInfo, PortalState
 
 TPG_TAG = 1
 log = logging.getLogger("labctl.storage")
+
+
+@dataclass(frozen=True)
+class TargetState:
+    """What :meth:`Lio.status` read: every iblock backstore and the target's NodeACLs."""
+
+    luns: list[LunInfo]
+    acls: list[str]
+
+
+@dataclass(frozen=True)
+class BackingSize:
+    """What :meth:`Lio.capacity` read of one backstore."""
+
+    name: str
+    size_bytes: int
+    device: str  # /dev/vdX
 
 
 def find_disk_by_serial(serial: str, sys_block: Path = Path("/sys/block")) -> str:
@@ -130,22 +150,22 @@ class Lio:
         except (OSError, ValueError):
             return LIO_COMPANY_ID
 
-    def _lun_dict(self, tpg: Any, so: Any) -> dict[str, Any]:
+    def _lun_info(self, tpg: Any, so: Any) -> LunInfo:
         lun = self._tpg_lun_of(tpg, so) if tpg is not None else None
         initiators: list[str] = []
         if lun is not None:
             for mlun in lun.mapped_luns:
-                initiators.append(mlun.parent_nodeacl.node_wwn)
-        serial = so.wwn
-        return {
-            "name": so.name,
-            "lun": lun.lun if lun is not None else None,
-            "naa": naa_from_unit_serial(serial, self._company_id(so)),
-            "serial": serial,
-            "size_bytes": self._size(so),
-            "device": so.udev_path,
-            "initiators": sorted(set(initiators)),
-        }
+                initiators.append(str(mlun.parent_nodeacl.node_wwn))
+        serial = str(so.wwn)
+        return LunInfo(
+            name=str(so.name),
+            lun=int(lun.lun) if lun is not None else None,
+            naa=naa_from_unit_serial(serial, self._company_id(so)),
+            serial=serial,
+            size_bytes=self._size(so),
+            device=str(so.udev_path),
+            initiators=sorted(set(initiators)),
+        )
 
     def device_size(self, dev: str) -> int | None:
         """Bytes of block device ``dev`` (its name under /sys/block) as the kernel sees it now."""
@@ -159,22 +179,17 @@ class Lio:
         size = self.device_size(os.path.basename(so.udev_path))
         return int(so.size) if size is None else size
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> TargetState:
         rts = self.open()
         tpg = self._tpg(create=False)
-        luns = [self._lun_dict(tpg, so) for so in rts.RTSRoot().storage_objects
+        luns = [self._lun_info(tpg, so) for so in rts.RTSRoot().storage_objects
                 if so.plugin == "block"]
-        acls = sorted(acl.node_wwn for acl in tpg.node_acls) if tpg is not None else []
-        return {
-            "node": self.node,
-            "target_iqn": self.target_iqn,
-            "portal": f"{self.ip}:{ISCSI_PORT}",
-            "luns": sorted(luns, key=lambda d: (d["lun"] is None, d["lun"], d["name"])),
-            "acls": acls,
-        }
+        acls = sorted(str(acl.node_wwn) for acl in tpg.node_acls) if tpg is not None else []
+        return TargetState(
+            luns=sorted(luns, key=lambda d: (d.lun is None, d.lun or 0, d.name)), acls=acls)
 
     def ensure_lun(self, name: str, disk_serial: str, serial: str,
-                    want: list[str]) -> dict[str, Any]:
+                    want: list[str]) -> LunEnsured:
         rts = self.open()
         device = find_disk_by_serial(disk_serial, self.sys_block)
         so = self._find_so(name)
@@ -206,9 +221,9 @@ class Lio:
                 raise self._rtserr(f"cannot export {name} as a LUN", exc, name=name) from exc
             log.info("exported %s as LUN %d", name, lun.lun)
         self._map(tpg, lun, want)
-        return {**self._lun_dict(tpg, so), "created": created}
+        return LunEnsured(**dataclasses.asdict(self._lun_info(tpg, so)), created=created)
 
-    def set_portal(self, up: bool) -> dict[str, Any]:
+    def set_portal(self, up: bool) -> PortalState:
         rts = self.open()
         self.portal_down = not up
         tpg = self._tpg(create=True)
@@ -218,7 +233,8 @@ class Lio:
                     portal.delete()
         except rts.RTSLibError as exc:
             raise self._rtserr("cannot change the portal", exc) from exc
-        return {"up": up, "portals": [f"{p.ip_address}:{p.port}" for p in tpg.network_portals]}
+        return PortalState(up=up,
+                           portals=[f"{p.ip_address}:{p.port}" for p in tpg.network_portals])
 
     def _map(self, tpg: Any, lun: Any, want: list[str]) -> None:
         """Make exactly the initiators in ``want`` see ``lun`` (at the same LUN number)."""
@@ -246,7 +262,7 @@ class Lio:
             raise self._rtserr(f"cannot set the initiators of LUN {lun.lun}", exc,
                                initiators=want) from exc
 
-    def set_initiators(self, name: str, want: list[str]) -> dict[str, Any]:
+    def set_initiators(self, name: str, want: list[str]) -> LunInfo:
         so = self._find_so(name)
         tpg = self._tpg(create=False)
         lun = self._tpg_lun_of(tpg, so) if (so is not None and tpg is not None) else None
@@ -254,13 +270,13 @@ class Lio:
             raise StorageNodeError(f"no LUN {name} on {self.node}: call ensure_lun first",
                                    name=name)
         self._map(tpg, lun, want)
-        return self._lun_dict(tpg, so)
+        return self._lun_info(tpg, so)
 
-    def delete_lun(self, name: str) -> dict[str, Any]:
+    def delete_lun(self, name: str) -> LunDeleted:
         rts = self.open()
         so = self._find_so(name)
         if so is None:
-            return {"name": name, "deleted": False}
+            return LunDeleted(name=name, deleted=False)
         tpg = self._tpg(create=False)
         try:
             lun = self._tpg_lun_of(tpg, so) if tpg is not None else None
@@ -271,12 +287,12 @@ class Lio:
         except rts.RTSLibError as exc:
             raise self._rtserr(f"cannot delete LUN {name}", exc, name=name) from exc
         log.info("deleted LUN %s", name)
-        return {"name": name, "deleted": True}
+        return LunDeleted(name=name, deleted=True)
 
-    def capacity(self, name: str) -> dict[str, Any]:
+    def capacity(self, name: str) -> BackingSize:
         so = self._find_so(name)
         if so is None:
             raise StorageNodeError(f"no LUN {name} on {self.node}", name=name)
-        return {"name": name, "size_bytes": self._size(so), "device": so.udev_path}
+        return BackingSize(name=name, size_bytes=self._size(so), device=str(so.udev_path))
 
 

@@ -249,8 +249,8 @@ async def _hand_mappings_checked(ctx: LabContext) -> None:
     seen = await datastores.hand_mappings(ctx)
     for host, units in seen.items():
         for unit in units:
-            if unit.get("state") != "ok":
+            if unit.state != "ok":
                 raise ProvisionError(
-                    f"host {host} cannot use datastore {unit.get('datastore')} "
-                    f"({unit.get('id')}): {unit.get('error') or unit.get('state')}",
-                    host=host, unit=unit)
+                    f"host {host} cannot use datastore {unit.datastore} "
+                    f"({unit.id}): {unit.error or unit.state}",
+                    host=host, unit=unit.to_wire())

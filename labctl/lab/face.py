@@ -28,6 +28,7 @@ from labctl.migration.records import MIGRATIONS, get_migration, list_migrations
 from labctl.state.context import LabContext, Progress, quiet
 from labctl.state.inventory import Inventory
 from labctl.state.labdir import LabDir, existing_labs
+from labctl.storage import protocol as sp
 
 #: every feature's inventory tables, each declared next to its feature
 SCHEMAS = (DATASTORES, MIGRATIONS)
@@ -146,7 +147,7 @@ class Lab:
         with self.context() as ctx, ctx.lock():
             row = vms.row(ctx, vm)
             store = row["datastore"]
-            sharing = datastores.mapping(ctx.inv, store)["hosts"] if store else None
+            sharing = datastores.mapping(ctx.inv, store).hosts if store else None
             dest_disk = (vms.disk(ctx, store, to)
                          if store and ctx.inv.row("hosts", name=to) is not None else None)
             return await inlab.migrate(ctx, vm, to, sharing=sharing, dest_disk=dest_disk,
@@ -184,8 +185,8 @@ class Lab:
         async def probe_node(node: dict[str, Any]) -> None:
             try:
                 async with ctx.storage_client(node["name"], timeout=2.0) as c:
-                    up = await c.call("ping", timeout=3)
-                    node_state[node["name"]] = f"up {up.get('uptime_s', 0):.0f} s"
+                    up = await sp.PING.call(c, timeout=3)
+                    node_state[node["name"]] = f"up {up.uptime_s:.0f} s"
             except AgentError as exc:
                 node_state[node["name"]] = f"unreachable: {exc.message}"
 

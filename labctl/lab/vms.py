@@ -27,9 +27,9 @@ def disk(ctx: LabContext, datastore: str | None, host: str) -> hp.IscsiDisk | No
     """The VM disk on ``datastore`` as ``host`` reaches it (its own initiator name)."""
     if not datastore:
         return None
-    m = datastores.mapping(ctx.inv, datastore, host)
-    return hp.IscsiDisk(portal=m["portal"], target_iqn=m["target_iqn"], lun=int(m["lun"]),
-                        initiator_iqn=m["initiator_iqn"], naa=m["id"])
+    u = datastores.unit(ctx.inv, datastore, host)
+    return hp.IscsiDisk(portal=u.portal, target_iqn=u.target_iqn, lun=u.lun,
+                        initiator_iqn=u.initiator_iqn, naa=u.id)
 
 
 def spec(ctx: LabContext, name: str, host: str) -> hp.VmStartSpec:

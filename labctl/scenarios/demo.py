@@ -52,13 +52,13 @@ async def run(lab: Lab, status: dict[str, Any], keep: bool,
             grow = ds["size_bytes"] + (64 << 20)
             print(f"\n$ labctl datastore resize {ds['name']} {grow >> 20}M")
             with lab.context() as ctx:
-                res = await datastores.resize(ctx, ds["name"], grow)
-            if res["event"] is not None:
-                print(rescan.format_event(res["event"]))
+                resized = await datastores.resize(ctx, ds["name"], grow)
+            if resized.event is not None:
+                print(rescan.format_event(resized.event))
             size = (await lab.vm_console(name, "size")).split()
             print(f"VM {name}: the guest sees its disk as {size[-1]} bytes "
                   f"({'' if size[-1] == str(grow) else 'NOT '}the new size)")
-            if res["event"] is None or str(grow) not in size:
+            if resized.event is None or str(grow) not in size:
                 failures.append(f"the resize of {ds['name']} did not reach every sharing host "
                                 f"and the guest")
     finally:

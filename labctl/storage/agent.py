@@ -20,15 +20,19 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-from labctl.core.errors import StorageNodeError
+from labctl.core.errors import ProtocolError, StorageNodeError
 from labctl.core.names import ISCSI_PORT, STORAGE_AGENT_PORT
 from labctl.core.rpc import Handler, RpcServer
+from labctl.core.wire import Empty, Json, handlers
 from labctl.drivers.lio import Lio
+from labctl.storage import protocol as p
 
 log = logging.getLogger("labctl.storage")
+T = TypeVar("T")
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -71,102 +75,114 @@ def check_initiators(initiators: list[str]) -> list[str]:
 
 # --- the agent ----------------------------------------------------------------------------
 
+@dataclass
+class _Watched:
+    """A LUN whose backing device size the agent watches."""
+
+    name: str
+    device: str  # its name under /sys/block
+    naa: str
+    lun: int | None
+    size_bytes: int
+
+
 class StorageAgent:
     """LIO state behind the RPC methods. rtslib calls run in a worker thread, one at a time."""
 
-    def __init__(self, config: dict[str, Any], sys_block: Path = Path("/sys/block")) -> None:
-        self.node = str(config.get("node", "storage"))
-        self.target_iqn = str(config["target_iqn"]).lower()
-        self.ip = str(config["address"]).split("/", 1)[0]
+    def __init__(self, config: p.NodeConfig, sys_block: Path = Path("/sys/block")) -> None:
+        self.node = config.node
+        self.target_iqn = config.target_iqn.lower()
+        self.ip = config.ip
         self.lio = Lio(self.node, self.target_iqn, self.ip, sys_block)
         self.server: RpcServer | None = None
         self._lock = asyncio.Lock()
-        # LUNs whose backing device size is watched: name -> {device, naa, lun, size_bytes}
-        self._watched: dict[str, dict[str, Any]] = {}
+        self._watched: dict[str, _Watched] = {}
 
     def handlers(self) -> dict[str, Handler]:
-        return {
-            "status": self.status,
-            "ping": self.ping,
-            "ensure_lun": self.ensure_lun,
-            "set_initiators": self.set_initiators,
-            "delete_lun": self.delete_lun,
-            "refresh_capacity": self.refresh_capacity,
-            "portal_set": self.portal_set,
-        }
+        return handlers(
+            p.STATUS.serve(self.status), p.PING.serve(self.ping),
+            p.ENSURE_LUN.serve(self.ensure_lun), p.SET_INITIATORS.serve(self.set_initiators),
+            p.DELETE_LUN.serve(self.delete_lun), p.REFRESH_CAPACITY.serve(self.refresh_capacity),
+            p.PORTAL_SET.serve(self.portal_set))
+
+    @property
+    def portal(self) -> str:
+        return f"{self.ip}:{ISCSI_PORT}"
 
     # RPC methods -------------------------------------------------------------------------
 
-    async def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._locked(self.lio.status)
-        result["uptime_s"] = round(_uptime(), 2)
-        return result
+    async def status(self, _: Empty) -> p.NodeStatus:
+        state = await self._locked(self.lio.status)
+        return p.NodeStatus(node=self.node, target_iqn=self.target_iqn, portal=self.portal,
+                            luns=state.luns, acls=state.acls, uptime_s=round(_uptime(), 2))
 
-    async def ping(self) -> dict[str, Any]:
+    async def ping(self, _: Empty) -> p.NodePing:
         """Cheap liveness (no LIO call); uptime tells a restarted node from a live one."""
-        return {"node": self.node, "uptime_s": round(_uptime(), 2),
-                "portal_down": self.lio.portal_down}
+        return p.NodePing(node=self.node, uptime_s=round(_uptime(), 2),
+                          portal_down=self.lio.portal_down)
 
-    async def ensure_lun(self, name: str, disk_serial: str, unit_serial: str,
-                         initiators: list[str]) -> dict[str, Any]:
-        check_lun_name(name)
-        serial = check_unit_serial(unit_serial)
-        want = check_initiators(initiators)
-        if not isinstance(disk_serial, str) or not disk_serial:
+    async def ensure_lun(self, req: p.EnsureLun) -> p.LunEnsured:
+        check_lun_name(req.name)
+        serial = check_unit_serial(req.unit_serial)
+        want = check_initiators(req.initiators)
+        if not req.disk_serial:
             raise StorageNodeError("disk_serial must name the virtio disk of the datastore",
-                                   disk_serial=disk_serial)
-        result: dict[str, Any] = await self._locked(self.lio.ensure_lun, name, disk_serial, serial,
-                                                    want)
-        self._watch(result)
-        if result.get("created"):
-            self._publish("lun_added", result)
+                                   disk_serial=req.disk_serial)
+        lun = await self._locked(self.lio.ensure_lun, req.name, req.disk_serial, serial, want)
+        self._watch(lun)
+        if lun.created:
+            self._publish(p.EVENT_LUN_ADDED, p.LunAdded(
+                node=self.node, portal=self.portal, target_iqn=self.target_iqn, name=lun.name,
+                lun=lun.lun, naa=lun.naa, serial=lun.serial, size_bytes=lun.size_bytes,
+                device=lun.device, initiators=lun.initiators, created=lun.created))
+        return lun
+
+    async def set_initiators(self, req: p.SetInitiators) -> p.LunInfo:
+        check_lun_name(req.name)
+        want = check_initiators(req.initiators)
+        return await self._locked(self.lio.set_initiators, req.name, want)
+
+    async def delete_lun(self, req: p.LunName) -> p.LunDeleted:
+        check_lun_name(req.name)
+        gone = self._watched.pop(req.name, None)
+        result = await self._locked(self.lio.delete_lun, req.name)
+        if result.deleted:
+            self._publish(p.EVENT_LUN_REMOVED, p.LunRemoved(
+                node=self.node, portal=self.portal, target_iqn=self.target_iqn,
+                name=result.name, device=None if gone is None else gone.device,
+                naa=None if gone is None else gone.naa, lun=None if gone is None else gone.lun,
+                size_bytes=None if gone is None else gone.size_bytes, deleted=True))
         return result
 
-    async def set_initiators(self, name: str, initiators: list[str]) -> dict[str, Any]:
-        check_lun_name(name)
-        want = check_initiators(initiators)
-        result: dict[str, Any] = await self._locked(self.lio.set_initiators, name, want)
-        return result
-
-    async def delete_lun(self, name: str) -> dict[str, Any]:
-        check_lun_name(name)
-        gone = self._watched.pop(name, None)
-        result: dict[str, Any] = await self._locked(self.lio.delete_lun, name)
-        if result.get("deleted"):
-            self._publish("lun_removed", {**(gone or {}), **result})
-        return result
-
-    async def refresh_capacity(self, name: str) -> dict[str, Any]:
-        check_lun_name(name)
-        result: dict[str, Any] = await self._locked(self.lio.capacity, name)
-        w = self._watched.get(name)
+    async def refresh_capacity(self, req: p.LunName) -> p.Capacity:
+        check_lun_name(req.name)
+        got = await self._locked(self.lio.capacity, req.name)
+        w = self._watched.get(req.name)
         if w is None:
-            result["previous_size_bytes"] = None
-            return result
-        seen = self._observe(w, int(result["size_bytes"]), str(result["device"]))
-        result.update(naa=seen["naa"], lun=seen["lun"],
-                      previous_size_bytes=seen["previous_size_bytes"])
-        return result
+            return p.Capacity(name=got.name, size_bytes=got.size_bytes, device=got.device)
+        seen = self._observe(w, got.size_bytes, got.device)
+        return p.Capacity(name=got.name, size_bytes=got.size_bytes, device=got.device,
+                          naa=seen.naa, lun=seen.lun,
+                          previous_size_bytes=seen.previous_size_bytes)
 
-    async def portal_set(self, up: bool) -> dict[str, Any]:
+    async def portal_set(self, req: p.PortalSet) -> p.PortalState:
         """Take the iSCSI portal down (new logins refused) or bring it back; publish it."""
-        if not isinstance(up, bool):
-            raise StorageNodeError("portal_set: up must be true or false", up=up)
-        result: dict[str, Any] = await self._locked(self.lio.set_portal, up)
-        self._publish("portal_up" if up else "portal_down", result)
+        result = await self._locked(self.lio.set_portal, req.up)
+        self._publish(p.EVENT_PORTAL_UP if req.up else p.EVENT_PORTAL_DOWN, p.PortalChanged(
+            node=self.node, portal=self.portal, target_iqn=self.target_iqn, up=result.up,
+            portals=result.portals))
         return result
 
     # events ------------------------------------------------------------------------------
 
-    def _publish(self, event: str, data: dict[str, Any]) -> None:
+    def _publish(self, event: str, data: p.StorageEvent) -> None:
         if self.server is not None:
-            self.server.publish(event, {"node": self.node, "portal": f"{self.ip}:{ISCSI_PORT}",
-                                        "target_iqn": self.target_iqn, **data})
+            self.server.publish(event, data.to_wire())
 
-    def _watch(self, lun: dict[str, Any]) -> None:
-        self._watched[str(lun["name"])] = {
-            "name": lun["name"], "device": os.path.basename(str(lun["device"])),
-            "naa": lun["naa"], "lun": lun["lun"], "size_bytes": int(lun["size_bytes"])}
+    def _watch(self, lun: p.LunInfo) -> None:
+        self._watched[lun.name] = _Watched(
+            name=lun.name, device=os.path.basename(lun.device), naa=lun.naa, lun=lun.lun,
+            size_bytes=lun.size_bytes)
 
     async def watch_capacity(self, interval: float = 0.1) -> None:
         """Notice a capacity change of a backing disk by itself (a libvirt block resize of the
@@ -177,24 +193,27 @@ class StorageAgent:
         while True:
             await asyncio.sleep(interval)
             for w in list(self._watched.values()):
-                size = self.lio.device_size(w["device"])
-                if size is not None and size != w["size_bytes"]:
+                size = self.lio.device_size(w.device)
+                if size is not None and size != w.size_bytes:
                     self._observe(w, size)
 
-    def _observe(self, w: dict[str, Any], size: int, device: str | None = None) -> dict[str, Any]:
+    def _observe(self, w: _Watched, size: int, device: str | None = None
+                 ) -> p.LunCapacityChanged:
         """Record ``size`` bytes as the capacity of the watched LUN ``w``; a change is logged
         and published as ``lun_capacity_changed``. Returns what was observed."""
-        before, w["size_bytes"] = w["size_bytes"], size
-        seen = {"name": w["name"], "naa": w["naa"], "lun": w["lun"], "size_bytes": size,
-                "previous_size_bytes": before, "device": device or f"/dev/{w['device']}"}
+        before, w.size_bytes = w.size_bytes, size
+        seen = p.LunCapacityChanged(
+            node=self.node, portal=self.portal, target_iqn=self.target_iqn, name=w.name,
+            naa=w.naa, lun=w.lun, size_bytes=size, previous_size_bytes=before,
+            device=device or f"/dev/{w.device}")
         if size != before:
-            log.info("LUN %s: capacity %d -> %d bytes", w["name"], before, size)
-            self._publish("lun_capacity_changed", seen)
+            log.info("LUN %s: capacity %d -> %d bytes", w.name, before, size)
+            self._publish(p.EVENT_LUN_CAPACITY_CHANGED, seen)
         return seen
 
     # plumbing ----------------------------------------------------------------------------
 
-    async def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _locked(self, fn: Callable[..., T], *args: object) -> T:
         async with self._lock:
             return await asyncio.to_thread(fn, *args)
 
@@ -205,6 +224,7 @@ class StorageAgent:
         except StorageNodeError as exc:
             log.error("%s", exc)
 
+
 def _uptime() -> float:
     try:
         return float(Path("/proc/uptime").read_text().split()[0])
@@ -212,23 +232,25 @@ def _uptime() -> float:
         return time.monotonic() - _BOOT
 
 
-async def serve(config: dict[str, Any], on_ready: Callable[[], None] | None = None) -> None:
-    """Serve the storage agent's RPC on ``config["address"]``'s IP, port ``agent_port``.
+async def serve(config: Json, on_ready: Callable[[], None] | None = None) -> None:
+    """Serve the storage agent's RPC on the config's address, port ``agent_port``
+    (``config`` is ``config.json`` of the config disk, a :class:`~labctl.storage.protocol.NodeConfig`).
 
     Returns only if the server stops. ``on_ready`` runs once the socket listens.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="labctl-storage: %(message)s")
     try:
-        secret = bytes.fromhex(str(config["secret"]))
-        port = int(config.get("agent_port") or STORAGE_AGENT_PORT)
-        agent = StorageAgent(config)
-    except (KeyError, ValueError) as exc:
+        conf = p.NodeConfig.from_wire(config, "storage agent config")
+        secret = bytes.fromhex(conf.secret)
+    except (ProtocolError, ValueError) as exc:
         raise StorageNodeError(f"bad storage agent config: {exc!r}",
-                               keys=sorted(config)) from exc
+                               keys=sorted(config) if isinstance(config, dict) else None
+                               ) from exc
+    agent = StorageAgent(conf)
     server = RpcServer(secret, agent.handlers(), name=f"storage agent {agent.node}")
     agent.server = server
-    await server.start(agent.ip, port)
+    await server.start(agent.ip, conf.agent_port or STORAGE_AGENT_PORT)
     if on_ready is not None:
         on_ready()
     warm = asyncio.ensure_future(agent.warm_up())

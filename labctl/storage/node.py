@@ -43,6 +43,7 @@ from labctl.core.proc import run, which
 from labctl.core.rpc import RpcClient
 from labctl.drivers.debian import make_config_disk
 from labctl.storage.image import StorageImage
+from labctl.storage.protocol import STATUS, NodeConfig
 
 LIBVIRT_URI = "qemu:///system"
 METADATA_NS = names.LIBVIRT_METADATA_NS
@@ -332,25 +333,18 @@ def console_tail(path: Path, lines: int = 40) -> str:
 
 # --- lifecycle ----------------------------------------------------------------------------
 
-def _agent_files(config: dict[str, Any]) -> dict[str, bytes]:
+def _agent_files(config: NodeConfig) -> dict[str, bytes]:
     root = repo_root()
-    files = {"config.json": json.dumps(config, indent=1).encode()}
+    files = {"config.json": json.dumps(config.to_wire(), indent=1).encode()}
     for rel in AGENT_FILES:
         files[f"python/{rel}"] = (root / rel).read_bytes()
     return files
 
 
-def _node_config(spec: StorageNodeSpec) -> dict[str, Any]:
-    return {
-        "lab": spec.lab,
-        "node": spec.name,
-        "address": spec.address_cidr,
-        "gateway": spec.gateway,
-        "mac": spec.mac,
-        "agent_port": spec.agent_port,
-        "secret": spec.secret.hex(),
-        "target_iqn": spec.target_iqn,
-    }
+def _node_config(spec: StorageNodeSpec) -> NodeConfig:
+    return NodeConfig(lab=spec.lab, node=spec.name, address=spec.address_cidr,
+                      gateway=spec.gateway, mac=spec.mac, secret=spec.secret.hex(),
+                      target_iqn=spec.target_iqn, agent_port=spec.agent_port)
 
 
 def _ensure_data_disk(dd: DataDisk) -> None:
@@ -468,7 +462,7 @@ async def start(spec: StorageNodeSpec, image: StorageImage, accel: str = "qemu",
             last = exc
         else:
             try:
-                await client.call("status", timeout=max(5.0, deadline - time.monotonic()))
+                await STATUS.call(client, timeout=max(5.0, deadline - time.monotonic()))
             finally:
                 await client.close()
             break

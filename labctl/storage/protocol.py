@@ -1,19 +1,260 @@
 """The storage agent's protocol: what the controller and the rescan service ask of a
-storage node, and the storage events it publishes. Imports only ``labctl.core``."""
+storage node, and the storage events it publishes. Imports only ``labctl.core``.
+
+Every method is answered by the storage agent inside the node VM
+(:mod:`labctl.storage.agent`); the callers are the datastore service, the CLI, the lab
+status and the rescan service. Events are published by the agent to every subscriber
+(the rescan service) as ``Message.to_wire()`` and decoded with ``from_wire`` there.
+
+A LUN's ``naa`` is its NAA designator as LIO builds it: 32 hex digits, *without* the
+``naa.`` prefix the controller's datastore IDs carry (``labctl.core.ids.normal_naa``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from labctl.core.names import STORAGE_AGENT_PORT
 from labctl.core.wire import Empty, Message, Method
 
+# --- the node's configuration ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodeConfig(Message):
+    """``config.json`` on the node's config disk: written by the controller
+    (``labctl.storage.node``), read by the node's PID 1 (network) and the storage agent."""
+
+    lab: str
+    node: str
+    #: the node's address with its prefix (``10.99.0.2/24``): the agent and the portal listen there
+    address: str
+    gateway: str | None
+    mac: str
+    #: the lab secret, hex (the config disk is readable by the node only)
+    secret: str
+    target_iqn: str
+    agent_port: int = STORAGE_AGENT_PORT
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/", 1)[0]
+
+
+# --- requests and replies ----------------------------------------------------------------
 
 @dataclass(frozen=True)
 class NodePing(Message):
+    """Reply of ``ping``: cheap liveness, no LIO call."""
+
     node: str
     #: seconds since the node booted: a smaller value than last time means it restarted
     uptime_s: float
+    #: the portal was taken down with ``portal_set`` (new logins are refused)
     portal_down: bool
 
 
+@dataclass(frozen=True)
+class LunInfo(Message):
+    """One exported datastore as LIO has it now."""
+
+    #: the datastore name (the iblock backstore's name)
+    name: str
+    #: the TPG LUN number; None while the backstore is not exported
+    lun: int | None
+    #: NAA designator, 32 hex digits, no ``naa.`` prefix
+    naa: str
+    #: the unit serial the NAA ID is derived from
+    serial: str
+    #: capacity of the backing device in bytes, as the node's kernel sees it now
+    size_bytes: int
+    #: the backing block device (``/dev/vdX``)
+    device: str
+    #: initiator IQNs that see the LUN (the ACLs mapping it), sorted
+    initiators: list[str]
+
+
+@dataclass(frozen=True)
+class LunEnsured(LunInfo):
+    """Reply of ``ensure_lun``: the LUN, and whether this call exported it."""
+
+    created: bool
+
+
+@dataclass(frozen=True)
+class NodeStatus(Message):
+    """Reply of ``status``: the node's whole LIO target."""
+
+    node: str
+    target_iqn: str
+    #: ``ip:port`` of the node's iSCSI portal
+    portal: str
+    #: every iblock backstore, exported ones first by LUN number
+    luns: list[LunInfo]
+    #: initiator IQNs with a NodeACL, sorted
+    acls: list[str]
+    uptime_s: float
+
+
+@dataclass(frozen=True)
+class EnsureLun(Message):
+    """Request of ``ensure_lun``: export a datastore (idempotent) to exactly ``initiators``."""
+
+    name: str
+    #: the virtio serial of the data disk backing it (how the agent finds the disk)
+    disk_serial: str
+    #: 32 hex digits; LIO's NAA ID is derived from it, so it fixes the datastore's ID
+    unit_serial: str
+    initiators: list[str]
+
+
+@dataclass(frozen=True)
+class SetInitiators(Message):
+    """Request of ``set_initiators``: exactly these initiators see LUN ``name``."""
+
+    name: str
+    initiators: list[str]
+
+
+@dataclass(frozen=True)
+class LunName(Message):
+    """Request naming one LUN (``delete_lun``, ``refresh_capacity``)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class LunDeleted(Message):
+    """Reply of ``delete_lun``; ``deleted`` is False when there was no such LUN."""
+
+    name: str
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Capacity(Message):
+    """Reply of ``refresh_capacity``: the LUN's capacity as LIO reports it now."""
+
+    name: str
+    size_bytes: int
+    device: str
+    #: the LUN's NAA ID and number, and the size the agent had recorded before this read;
+    #: None for a LUN the agent does not watch (not exported through this agent instance)
+    naa: str | None = None
+    lun: int | None = None
+    previous_size_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class PortalSet(Message):
+    """Request of ``portal_set``: take the iSCSI portal down (new logins refused) or up."""
+
+    up: bool
+
+
+@dataclass(frozen=True)
+class PortalState(Message):
+    """Reply of ``portal_set``."""
+
+    up: bool
+    #: the portals the TPG has now (``ip:port``)
+    portals: list[str]
+
+
+STATUS = Method("status", Empty, NodeStatus)
 PING = Method("ping", Empty, NodePing)
+ENSURE_LUN = Method("ensure_lun", EnsureLun, LunEnsured)
+SET_INITIATORS = Method("set_initiators", SetInitiators, LunInfo)
+DELETE_LUN = Method("delete_lun", LunName, LunDeleted)
+REFRESH_CAPACITY = Method("refresh_capacity", LunName, Capacity)
+PORTAL_SET = Method("portal_set", PortalSet, PortalState)
+
+
+# --- events ------------------------------------------------------------------------------
+# Each event names the node, its portal and target first, then what happened.
+
+EVENT_LUN_ADDED = "lun_added"
+EVENT_LUN_REMOVED = "lun_removed"
+EVENT_LUN_CAPACITY_CHANGED = "lun_capacity_changed"
+EVENT_PORTAL_DOWN = "portal_down"
+EVENT_PORTAL_UP = "portal_up"
+
+
+@dataclass(frozen=True)
+class LunAdded(Message):
+    """Event ``lun_added``: ``ensure_lun`` exported a LUN (the fields of its reply)."""
+
+    node: str
+    portal: str
+    target_iqn: str
+    name: str
+    lun: int | None
+    naa: str
+    serial: str
+    size_bytes: int
+    device: str
+    initiators: list[str]
+    created: bool
+
+
+@dataclass(frozen=True)
+class LunRemoved(Message):
+    """Event ``lun_removed``: ``delete_lun`` removed a LUN. ``device`` (its name under
+    /sys/block), ``naa``, ``lun`` and ``size_bytes`` are what the agent had watched, None
+    for a LUN it did not watch."""
+
+    node: str
+    portal: str
+    target_iqn: str
+    name: str
+    device: str | None
+    naa: str | None
+    lun: int | None
+    size_bytes: int | None
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class LunCapacityChanged(Message):
+    """Event ``lun_capacity_changed``: a watched LUN's backing disk changed size (the agent
+    noticed it by itself, or ``refresh_capacity`` read it)."""
+
+    node: str
+    portal: str
+    target_iqn: str
+    name: str
+    naa: str
+    lun: int | None
+    size_bytes: int
+    previous_size_bytes: int
+    #: the backing block device (``/dev/vdX``)
+    device: str
+
+
+@dataclass(frozen=True)
+class PortalChanged(Message):
+    """Events ``portal_down`` and ``portal_up`` (the fields of ``portal_set``'s reply)."""
+
+    node: str
+    portal: str
+    target_iqn: str
+    up: bool
+    portals: list[str]
+
+
+StorageEvent = LunAdded | LunRemoved | LunCapacityChanged | PortalChanged
+
+#: every storage event by name, with its type
+EVENTS: dict[str, type[StorageEvent]] = {
+    EVENT_LUN_ADDED: LunAdded,
+    EVENT_LUN_REMOVED: LunRemoved,
+    EVENT_LUN_CAPACITY_CHANGED: LunCapacityChanged,
+    EVENT_PORTAL_DOWN: PortalChanged,
+    EVENT_PORTAL_UP: PortalChanged,
+}
+
+
+def decode_event(kind: str, data: object) -> StorageEvent | None:
+    """The typed form of storage event ``kind`` (ProtocolError if ``data`` does not fit
+    it); None for an event this protocol does not define."""
+    cls = EVENTS.get(kind)
+    return None if cls is None else cls.from_wire(data, f"storage event {kind}")
