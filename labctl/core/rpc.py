@@ -275,6 +275,11 @@ class RpcClient:
         return cls(chan, peer)
 
     async def call(self, method: str, timeout: float = 60.0, **params: Any) -> Any:
+        return await self.request(method, params, timeout=timeout)
+
+    async def request(self, method: str, params: dict[str, Any], timeout: float = 60.0) -> Any:
+        """:meth:`call` with the parameters as one dict, so that a parameter may be called
+        ``timeout`` (``vm_stop``'s own timeout is not the RPC's)."""
         self._next_id += 1
         rid = self._next_id
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

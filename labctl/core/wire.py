@@ -86,7 +86,7 @@ class Method(Generic[Req, Rep]):
                    timeout: float = 60.0) -> Rep:
         """Call the method on ``client``'s agent; the reply is decoded and checked."""
         params = (req if req is not None else self.request()).to_wire()
-        raw = await client.call(self.name, timeout=timeout, **params)
+        raw = await client.request(self.name, params, timeout=timeout)
         return self.reply.from_wire(raw, f"{self.name} reply from {client.peer}")
 
     def serve(self, fn: Callable[[Req], Awaitable[Rep]]) -> tuple[str, Handler]:
