@@ -15,14 +15,23 @@ from labctl.migration.convergence import ConvergencePolicy, not_converging
 from labctl.migration.driver import switchover_breakdown
 from labctl.migration.hostside import parse_checkpoints, parse_qemu_io_dump
 from labctl.migration.policy import BUILTIN_POLICIES, load_policy, policy_from_dict
+from labctl.migration.protocol import PassRecord
+from labctl.migration.result import SideStamps
 
 MIB = 1 << 20
 
 
-def _passes(remaining_mib: Sequence[float], dt: float = 0.5) -> list[dict[str, object]]:
-    return [{"pass": i + 1, "t": i * dt, "t_rel": i * dt, "remaining": int(r * MIB),
-             "expected_downtime_ms": int(r * 20), "transferred": i * 50 * MIB}
-            for i, r in enumerate(remaining_mib)]
+def _pass(i: int, remaining_mib: float, dt: float) -> PassRecord:
+    """Pass ``i + 1`` as the source reports it before QEMU knows the dirty rate."""
+    return PassRecord(pass_=i + 1, t=i * dt, t_rel=i * dt, status="active",
+                      dirty_sync_count=i + 1, transferred=i * 50 * MIB,
+                      remaining=int(remaining_mib * MIB), total=512 * MIB, dirty_pages_rate=0.0,
+                      dirty_rate_bytes=0.0, expected_downtime_ms=int(remaining_mib * 20),
+                      throttle_pct=0, mbps=None)
+
+
+def _passes(remaining_mib: Sequence[float], dt: float = 0.5) -> list[PassRecord]:
+    return [_pass(i, r, dt) for i, r in enumerate(remaining_mib)]
 
 
 def test_builtin_policies_and_capabilities() -> None:
@@ -102,9 +111,7 @@ def test_disk_record_and_qemu_io_dump() -> None:
 def test_timeline_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
 
-    passes = _passes([256, 90, 40, 18])
-    for p in passes:
-        p["dirty_rate_bytes"] = 10e6
+    passes = [p.replace(dirty_rate_bytes=10e6).to_wire() for p in _passes([256, 90, 40, 18])]
     mig = {"id": 1, "vm": "vm1", "source": "a", "dest": "b", "policy": "default",
            "storage": "early", "t0": 0.0, "stop_t": 1.6, "total_ms": 1700, "downtime_ms": 90,
            "blackout_ms": 180.0, "pass_records": passes,
@@ -113,9 +120,9 @@ def test_timeline_png(tmp_path: Path) -> None:
     out = timeline.plot(mig, tmp_path / "t.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # with the switchover zoom (RESUME, checkpoints) and a calc-dirty-rate line
-    sw = switchover_breakdown({"stop_t": 1.6, "checkpoints": {"src-downtime-end": 1.69}},
-                              {"resume_t": 1.7}, 1.58, 1.76)
-    out = timeline.plot({**mig, "resume_t": 1.7, "switchover": sw,
+    sw = switchover_breakdown(SideStamps(1.6, checkpoints={"src-downtime-end": 1.69}),
+                              SideStamps(1.7), 1.58, 1.76)
+    out = timeline.plot({**mig, "resume_t": 1.7, "switchover": sw.to_wire(),
                          "dirty_rate_measured": {"dirty_rate_mib_s": 38}}, tmp_path / "z.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(LabError):
@@ -133,28 +140,31 @@ def test_checkpoint_lines_parsed() -> None:
 
 
 def test_switchover_breakdown_adds_up() -> None:
-    src = {"stop_t": 10.0, "stop_qemu_t": 10.001,
-           "checkpoints": {"src-iterable-saved": 10.081, "src-downtime-end": 10.091}}
-    dst = {"resume_t": 10.12, "resume_qemu_t": 10.119,
-           "checkpoints": {"dst-precopy-loadvm-completed": 10.118}}
+    src = SideStamps(t=10.0, qemu_t=10.001,
+                     checkpoints={"src-iterable-saved": 10.081, "src-downtime-end": 10.091})
+    dst = SideStamps(t=10.12, qemu_t=10.119,
+                     checkpoints={"dst-precopy-loadvm-completed": 10.118})
     sw = switchover_breakdown(src, dst, last_src_hb_t=9.96, first_dst_hb_t=10.19)
-    assert sw["stop_to_resume_ms"] == pytest.approx(120)
-    assert sw["stop_to_resume_qemu_ms"] == pytest.approx(118)
-    assert sw["hb_before_stop_ms"] == pytest.approx(40)
-    assert sw["after_resume_ms"] == pytest.approx(70)
-    assert sw["restart_overhead_ms"] == pytest.approx(10)
+    assert sw.stop_to_resume_ms == pytest.approx(120)
+    assert sw.stop_to_resume_qemu_ms == pytest.approx(118)
+    assert sw.hb_before_stop_ms == pytest.approx(40)
+    assert sw.after_resume_ms == pytest.approx(70)
+    assert sw.restart_overhead_ms == pytest.approx(10)
     # blackout = last beat -> STOP + STOP -> RESUME + RESUME -> first beat
-    assert sw["hb_before_stop_ms"] + sw["stop_to_resume_ms"] + sw["after_resume_ms"] == \
+    assert sw.hb_before_stop_ms is not None and sw.after_resume_ms is not None
+    assert sw.hb_before_stop_ms + sw.stop_to_resume_ms + sw.after_resume_ms == \
         pytest.approx((10.19 - 9.96) * 1000)
-    assert list(sw["checkpoints_ms"]) == ["src-iterable-saved", "src-downtime-end",
-                                          "dst-precopy-loadvm-completed", "RESUME (QEMU stamp)"]
-    assert sw["checkpoints_ms"]["src-downtime-end"] == pytest.approx(90)
+    assert list(sw.checkpoints_ms) == ["src-iterable-saved", "src-downtime-end",
+                                       "dst-precopy-loadvm-completed", "RESUME (QEMU stamp)"]
+    assert sw.checkpoints_ms["src-downtime-end"] == pytest.approx(90)
+    # the stored form keeps the keys the report and the timeline read
+    assert sw.to_wire()["stop_to_resume_ms"] == sw.stop_to_resume_ms
     # a side that reported nothing: no numbers, no crash
-    assert switchover_breakdown({}, {}, None, None)["stop_to_resume_ms"] is None
+    assert switchover_breakdown(SideStamps(), SideStamps(), None, None).stop_to_resume_ms is None
     # a 20 ms heartbeat (labctl.hb_ms=20): one period is 20 ms of the blackout, not 100
     sw20 = switchover_breakdown(src, dst, last_src_hb_t=9.99, first_dst_hb_t=10.135, period_ms=20)
-    assert sw20["period_ms"] == 20
-    assert sw20["restart_overhead_ms"] == pytest.approx(10 + 15 - 20)
+    assert sw20.period_ms == 20
+    assert sw20.restart_overhead_ms == pytest.approx(10 + 15 - 20)
 
 
 def test_rate_rule_detects_by_pass_4() -> None:
@@ -162,18 +172,17 @@ def test_rate_rule_detects_by_pass_4() -> None:
     shrinks a little after the long first pass; the rate rule fires as soon as QEMU's dirty
     rate is known for two passes."""
     rem = [256, 70, 48, 45, 46, 47]
-    passes = _passes(rem)
-    for p in passes:
-        p.update(dirty_rate_bytes=65e6, mbps=50 * 8.388608, expected_downtime_ms=900)
+    passes = [p.replace(dirty_rate_bytes=65e6, mbps=50 * 8.388608, expected_downtime_ms=900)
+              for p in _passes(rem)]
     fired = [n for n in range(1, len(passes) + 1) if not_converging(passes[:n], 0, 3, 0.1, 300)]
     assert fired and fired[0] == 4
     assert "as fast as it is sent" in (not_converging(passes[:4], 0, 3, 0.1, 300) or "")
     # the window rule alone would wait until pass 6 here
     assert next(n for n in range(1, 7) if not_converging(passes[:n], 0, 3, 0.1)) == 6
     # a guest slower than the link, or QEMU expecting a downtime within the limit: no
-    slow = [{**p, "dirty_rate_bytes": 40e6} for p in passes[:4]]
+    slow = [p.replace(dirty_rate_bytes=40e6) for p in passes[:4]]
     assert not_converging(slow, 0, 3, 0.1, 300) is None
-    near = [{**p, "expected_downtime_ms": 250} for p in passes[:4]]
+    near = [p.replace(expected_downtime_ms=250) for p in passes[:4]]
     assert not_converging(near, 0, 3, 0.1, 300) is None
 
 
@@ -184,10 +193,9 @@ def test_auto_converge_gets_its_throttle_ramp_before_the_next_action() -> None:
     pol.downtime_ms = 2400
     pol.action_index = 1  # the downtime steps are used up: auto_converge is next
     pol.step_index = 3
-    flat = _passes([256] + [60] * 30)
     throttle = [0] * 6 + [0, 30, 50, 70, 90, 99] + [99] * 20
-    for p, t in zip(flat, throttle, strict=False):
-        p["throttle_pct"] = t
+    flat = [p.replace(throttle_pct=t)
+            for p, t in zip(_passes([256] + [60] * 30), throttle, strict=False)]
     got = []
     for n in range(1, len(flat) + 1):
         d = pol.decide(flat[:n], float(n))

@@ -130,3 +130,36 @@ def test_resubscribe_replays_missed_events_and_a_restart_replays_all() -> None:
         await server.close()
 
     asyncio.run(go())
+
+
+def test_typed_call_whose_request_has_a_timeout_field() -> None:
+    """A request field called ``timeout`` (vm_stop's, mig_cancel's) is the method's own
+    parameter, not the RPC's timeout."""
+    from dataclasses import dataclass
+
+    from labctl.core.wire import Message, Method, handlers
+
+    @dataclass(frozen=True)
+    class Stop(Message):
+        name: str
+        timeout: float = 10.0
+
+    @dataclass(frozen=True)
+    class Stopped(Message):
+        waited: float
+
+    stop = Method("stop", Stop, Stopped)
+
+    async def serve(req: Stop) -> Stopped:
+        return Stopped(req.timeout)
+
+    async def go() -> None:
+        server = RpcServer(SECRET, handlers(stop.serve(serve)))
+        await server.start("127.0.0.1", 0)
+        assert server._server is not None
+        port = server._server.sockets[0].getsockname()[1]
+        async with await RpcClient.connect("127.0.0.1", port, SECRET) as c:
+            assert (await stop.call(c, Stop("vm1", timeout=3.0), timeout=5)).waited == 3.0
+        await server.close()
+
+    asyncio.run(go())

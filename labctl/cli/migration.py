@@ -9,13 +9,18 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from labctl.core.errors import ProtocolError
+from labctl.core.wire import Json
 from labctl.lab.face import Lab
 from labctl.migration import timeline
 from labctl.migration.policy import BUILTIN_POLICIES
+from labctl.migration.protocol import PassRecord
 from labctl.migration.report import fmt_num as _n
 from labctl.migration.report import pass_line, print_result
+from labctl.migration.result import Record
 
-_interrupted: dict[str, Any] = {}
+#: the lab of the running ``labctl migrate`` (for the Ctrl-C message)
+_interrupted: dict[str, Lab] = {}
 
 
 def add_parsers(sub: Any) -> None:
@@ -47,7 +52,7 @@ def add_parsers(sub: Any) -> None:
 
 def interrupted_message() -> str:
     lab: Lab | None = _interrupted.get("lab")
-    rec: dict[str, Any] = {}
+    rec: dict[str, Json] = {}
     if lab is not None:
         try:
             rows = lab.migrations()
@@ -94,7 +99,7 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
         elif not args.plot:
             print_result(res)
             for p in m["pass_records"]:
-                print("  " + pass_line(p))
+                print("  " + _stored_pass_line(p))
         return 0
     rows = lab.migrations()
     if args.json:
@@ -115,7 +120,16 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _migrate_with_ctrl_c(lab: Lab, args: argparse.Namespace) -> dict[str, Any]:
+def _stored_pass_line(p: Json) -> str:
+    """A stored pass record as a line (as JSON if it is not a pass record as this version
+    writes them)."""
+    try:
+        return pass_line(PassRecord.from_wire(p, "stored pass record"))
+    except ProtocolError:
+        return json.dumps(p, default=str)
+
+
+async def _migrate_with_ctrl_c(lab: Lab, args: argparse.Namespace) -> Record:
     """Ctrl-C cancels the migration (the source keeps the VM, the destination is cleaned up);
     a second Ctrl-C only says the cleanup is still running, it cannot abandon it halfway."""
     loop = asyncio.get_running_loop()

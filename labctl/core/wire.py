@@ -6,7 +6,8 @@ A message is a frozen dataclass deriving from :class:`Message`. Its fields may b
 those, or :data:`Json` for data that is
 passed through as it came (QEMU's own answers, evidence). Decoding checks every
 field against its annotation: an unknown field, a missing one or a wrong type is a
-:class:`~labctl.core.errors.ProtocolError` naming the message and the field.
+:class:`~labctl.core.errors.ProtocolError` naming the message and the field. A field
+named after a Python keyword plus ``_`` (``pass_``) is the keyword on the wire (``pass``).
 
 A :class:`Method` binds an RPC method name to its request and reply types; both sides
 use the same object::
@@ -29,6 +30,7 @@ use the same object::
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import types
 import typing
 from collections.abc import Awaitable, Callable, Iterable
@@ -62,7 +64,7 @@ class Message:
         """The JSON form (fields by name; nested messages as objects)."""
         out: dict[str, Json] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type, unused-ignore]
-            out[f.name] = _encode(getattr(self, f.name))
+            out[wire_name(f.name)] = _encode(getattr(self, f.name))
         return out
 
     def replace(self: M, **changes: Any) -> M:
@@ -119,6 +121,13 @@ def methods(module_globals: Iterable[object]) -> list[Method[Any, Any]]:
 
 # --- encoding ------------------------------------------------------------------------------
 
+def wire_name(field_name: str) -> str:
+    """A field's key on the wire: ``pass_`` (a keyword, so not a Python name) is ``pass``."""
+    if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]):
+        return field_name[:-1]
+    return field_name
+
+
 def _encode(value: Any) -> Json:
     if isinstance(value, Message):
         return value.to_wire()
@@ -146,7 +155,8 @@ def _hints(cls: type) -> dict[str, Any]:
 def _decode_message(cls: type[M], data: object, where: str) -> M:
     if not isinstance(data, dict):
         raise ProtocolError(f"{where}: expected an object, got {_kind(data)}", where=where)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type, unused-ignore]
+    fields = {wire_name(f.name): f
+              for f in dataclasses.fields(cls)}  # type: ignore[arg-type, unused-ignore]
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ProtocolError(f"{where}: unknown field {unknown[0]!r} (known: "
@@ -158,7 +168,7 @@ def _decode_message(cls: type[M], data: object, where: str) -> M:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ProtocolError(f"{where}: missing field {name!r}", where=where, field=name)
             continue
-        kw[name] = _decode(hints[name], data[name], f"{where}.{name}")
+        kw[f.name] = _decode(hints[f.name], data[name], f"{where}.{name}")
     try:
         return cls(**kw)
     except (TypeError, ValueError) as exc:  # a message's own __post_init__ checks

@@ -3,15 +3,17 @@ policy's actions (raise the downtime limit in steps, auto-converge, post-copy, c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from labctl.core.wire import Message
 from labctl.migration.policy import Policy
+from labctl.migration.protocol import Parameters, PassRecord
 
 MAX_CPU_THROTTLE = 99  # QEMU's default max-cpu-throttle (%)
 
 
-def not_converging(passes: list[dict[str, Any]], since: int, window: int,
+def not_converging(passes: Sequence[PassRecord], since: int, window: int,
                    min_improvement: float, downtime_limit_ms: float | None = None) -> str | None:
     """Why the migration is not converging, or None.
 
@@ -30,40 +32,43 @@ def not_converging(passes: list[dict[str, Any]], since: int, window: int,
       the passes after the long first one can still shrink a little, so this rule alone may
       first fire at pass ``window + 3``.
     """
-    seq = [p for p in passes[since:] if (p.get("pass") or 0) >= 2 and p.get("remaining") is not None]
-    rated = [p for p in seq if (p.get("pass") or 0) >= 3][-2:]
+    seq = [(p, p.remaining) for p in passes[since:] if p.pass_ >= 2 and p.remaining is not None]
+    rated = [p for p, _ in seq if p.pass_ >= 3][-2:]
     if downtime_limit_ms is not None and len(rated) == 2 and all(
-            (p.get("dirty_rate_bytes") or 0) > 0 and (p.get("mbps") or 0) > 0
-            and (p.get("expected_downtime_ms") or 0) > downtime_limit_ms for p in rated) and all(
-            float(p["dirty_rate_bytes"]) >= (1.0 - min_improvement) * float(p["mbps"]) * 1e6 / 8
+            p.dirty_rate_bytes > 0 and (p.mbps or 0) > 0
+            and (p.expected_downtime_ms or 0) > downtime_limit_ms for p in rated) and all(
+            p.dirty_rate_bytes >= (1.0 - min_improvement) * (p.mbps or 0) * 1e6 / 8
             for p in rated):
-        dirty = ", ".join(f"{float(p['dirty_rate_bytes']) / 1e6:.0f}" for p in rated)
-        sent = ", ".join(f"{float(p['mbps']) / 8:.0f}" for p in rated)
+        dirty = ", ".join(f"{p.dirty_rate_bytes / 1e6:.0f}" for p in rated)
+        sent = ", ".join(f"{(p.mbps or 0) / 8:.0f}" for p in rated)
         return (f"the guest dirties memory as fast as it is sent (passes "
-                f"{rated[0]['pass']}-{rated[1]['pass']}: dirty {dirty} MB/s, "
+                f"{rated[0].pass_}-{rated[1].pass_}: dirty {dirty} MB/s, "
                 f"sent {sent} MB/s; expected "
-                f"downtime {[p.get('expected_downtime_ms') for p in rated]} ms > "
+                f"downtime {[p.expected_downtime_ms for p in rated]} ms > "
                 f"{downtime_limit_ms:g} ms)")
     if len(seq) < window + 1:
         return None
-    before = min(float(p["remaining"]) for p in seq[:-window])
+    before = min(float(r) for _, r in seq[:-window])
     recent = seq[-window:]
-    best = min(float(p["remaining"]) for p in recent)
+    best = min(float(r) for _, r in recent)
     if best > (1.0 - min_improvement) * before:
-        exp = [p.get("expected_downtime_ms") for p in recent]
+        exp = [p.expected_downtime_ms for p, _ in recent]
         return (f"remaining dirty memory not falling over {window} passes "
                 f"(best {best / 2**20:.1f} MiB vs {before / 2**20:.1f} MiB before; "
-                f"passes {recent[0]['pass']}-{recent[-1]['pass']}, expected downtime {exp} ms)")
+                f"passes {recent[0][0].pass_}-{recent[-1][0].pass_}, expected downtime {exp} ms)")
     return None
 
 
-@dataclass
-class Decision:
-    action: str
+@dataclass(frozen=True)
+class Decision(Message):
+    """What the convergence policy decided, at which pass and when (seconds since the
+    driver started watching); ``detail``: the QEMU parameters the action sets."""
+
+    action: str  # raise_downtime, auto_converge, postcopy, cancel
     reason: str
     at_pass: int | None
     t_rel: float
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: Parameters = field(default_factory=dict)
 
 
 class ConvergencePolicy:
@@ -78,7 +83,7 @@ class ConvergencePolicy:
         self.downtime_ms = policy.downtime_limit_ms
         self.throttle_from: int | None = None  # pass index where auto-converge was turned on
 
-    def _throttle_ramping(self, passes: list[dict[str, Any]]) -> bool:
+    def _throttle_ramping(self, passes: Sequence[PassRecord]) -> bool:
         """After auto-converge, QEMU starts throttling about two passes later and raises the
         vCPU throttle by ``cpu-throttle-increment`` every pass or two (every other pass here)
         up to ``max-cpu-throttle``: judging before the ramp ends would give up on a throttle
@@ -86,13 +91,13 @@ class ConvergencePolicy:
         if self.throttle_from is None:
             return False
         since = passes[self.throttle_from:]
-        pct = [int(p.get("throttle_pct") or 0) for p in since]
+        pct = [p.throttle_pct for p in since]
         if pct and pct[-1] >= MAX_CPU_THROTTLE:
             return False
         # give it three passes to start, then hold as long as it keeps rising
         return len(since) < 3 or pct[-1] > pct[-3]
 
-    def decide(self, passes: list[dict[str, Any]], t_rel: float) -> Decision | None:
+    def decide(self, passes: Sequence[PassRecord], t_rel: float) -> Decision | None:
         if self._throttle_ramping(passes):
             self.since = len(passes)  # the detector judges what the full throttle does
             return None
@@ -101,7 +106,7 @@ class ConvergencePolicy:
         if reason is None:
             return None
         self.since = len(passes)
-        at = passes[-1].get("pass") if passes else None
+        at = passes[-1].pass_ if passes else None
         while self.action_index < len(self.conv.actions):
             action = self.conv.actions[self.action_index]
             if action == "raise_downtime":

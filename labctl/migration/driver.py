@@ -30,16 +30,32 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
-from labctl.core.errors import AgentError, LabError, MigrationError
+from labctl.core.errors import AgentError, LabError, MigrationError, ProtocolError
 from labctl.core.rpc import RpcClient
+from labctl.core.wire import Json
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS, heartbeat_ms_of, parse_disk_counter
+from labctl.hosts import protocol as hp
+from labctl.hosts.protocol import FileDisk, IscsiDisk, VmName
+from labctl.migration import protocol as mp
 from labctl.migration.convergence import ConvergencePolicy, Decision
 from labctl.migration.policy import Policy
+from labctl.migration.protocol import PassRecord, SourceStatus, qmp_float, qmp_int, qmp_str
 from labctl.migration.records import Recorder
 from labctl.migration.report import pass_line
+from labctl.migration.result import (
+    DiskCheck,
+    HeartbeatCheck,
+    LateWindow,
+    MigrationResult,
+    PrepareRecord,
+    Record,
+    Recovery,
+    SideStamps,
+    SourceCheck,
+    Switchover,
+)
 from labctl.state.context import Progress, quiet
 
 RECOVER_WAIT_S = 10.0  # how long a cancelled migration waits to see the source guest beat
@@ -58,7 +74,8 @@ class Migration:
     """One migration between two connected host agents. ``await run()`` once."""
 
     def __init__(self, vm: str, src: Endpoint, dst: Endpoint, policy: Policy,
-                 dest_disk: dict[str, Any] | None = None, recorder: Recorder | None = None,
+                 dest_disk: IscsiDisk | FileDisk | None = None,
+                 recorder: Recorder | None = None,
                  progress: Progress = quiet, measure_dirty_rate: bool = False,
                  heartbeat_ms: int | None = None) -> None:
         self.vm = vm
@@ -68,101 +85,108 @@ class Migration:
         self.src = src
         self.dst = dst
         self.policy = policy
+        #: the disk as the destination reaches it (None: as the source's spec says)
         self.dest_disk = dest_disk
         self.rec = recorder or Recorder(None)
         self.progress = progress
-        self.passes: list[dict[str, Any]] = []
+        self.passes: list[PassRecord] = []
         self.decisions: list[Decision] = []
-        self.result: dict[str, Any] = {}
+        self.result = MigrationResult(
+            id=None, vm=vm, source=src.host, dest=dst.host, policy=policy.name,
+            storage=policy.storage, started=time.time(), heartbeat_period_ms=self.period_ms)
         self._wake = asyncio.Event()
         self._lease_failures = 0
         self._started = False
         self._postcopy = False
         self._source_died = False
-        self._src_status: dict[str, Any] = {}
+        self._src_status: SourceStatus | None = None
 
     @property
     def period_ms(self) -> int:
         return self.heartbeat_ms or DEFAULT_HEARTBEAT_MS
 
-    def _on_event(self, event: str, data: Any) -> None:
-        if event == "migration" and isinstance(data, dict) and data.get("vm") == self.vm:
+    def _on_event(self, event: str, data: Json) -> None:
+        if event != mp.EVENT_PROGRESS:
+            return
+        try:
+            vm = mp.MigrationProgress.from_wire(data, f"{event} event from {self.src.host}").vm
+        except ProtocolError:
+            vm = self.vm  # a malformed event can only wake the driver early
+        if vm == self.vm:
             self._wake.set()
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self) -> Record:
+        """Migrate; the record as stored (:class:`MigrationResult` as JSON)."""
         t_wall = time.time()
         if self.src.host == self.dst.host:
             raise MigrationError(f"VM {self.vm} already runs on {self.dst.host}: nothing to migrate",
                                  vm=self.vm, host=self.dst.host)
-        info = await self.src.client.call("mig_source_info", name=self.vm, timeout=15)
-        if info["status"] != "running":
+        info = await mp.MIG_SOURCE_INFO.call(self.src.client, VmName(self.vm), timeout=15)
+        if info.status != "running":
             raise MigrationError(f"VM {self.vm} is not running on {self.src.host} "
-                                 f"(QEMU reports {info['status']}): nothing to migrate",
-                                 vm=self.vm, status=info["status"])
-        if info.get("migrating"):
+                                 f"(QEMU reports {info.status}): nothing to migrate",
+                                 vm=self.vm, status=info.status)
+        if info.migrating:
             raise MigrationError(f"VM {self.vm} is already migrating", vm=self.vm)
-        spec = dict(info["spec"])
+        spec = info.spec
         if self.heartbeat_ms is None:
-            self.heartbeat_ms = heartbeat_ms_of(str(spec.get("append") or ""))
+            self.heartbeat_ms = heartbeat_ms_of(spec.append)
         if self.dest_disk is not None:
-            spec["disk"] = self.dest_disk
+            spec = replace(spec, disk=self.dest_disk)
         measured = None
         if self.measure_dirty_rate:  # before anything starts: it uses QEMU's dirty tracking too
-            measured = await self.src.client.call("mig_dirty_rate", timeout=30, name=self.vm,
-                                                  calc_time_s=1, sample_pages=8192)
+            measured = await mp.MIG_DIRTY_RATE.call(
+                self.src.client, mp.DirtyRateRequest(self.vm, calc_time_s=1, sample_pages=8192),
+                timeout=30)
             self.progress(f"{self.src.host}: calc-dirty-rate: {self.vm} dirties "
-                          f"{measured['dirty_rate_mib_s']} MiB/s")
+                          f"{measured.dirty_rate_mib_s} MiB/s")
         self.rec.start(self.vm, self.src.host, self.dst.host, self.policy)
-        self.result = {"id": self.rec.id, "vm": self.vm, "source": self.src.host,
-                       "dest": self.dst.host, "policy": self.policy.name,
-                       "storage": self.policy.storage, "started": t_wall,
-                       "heartbeat_period_ms": self.period_ms,
-                       "dirty_rate_measured": measured}
+        self.result = replace(self.result, id=self.rec.id, started=t_wall,
+                              heartbeat_period_ms=self.period_ms, dirty_rate_measured=measured)
         lease: asyncio.Task[None] | None = None
         try:
             self.progress(f"{self.dst.host}: starting the incoming QEMU"
                           f"{' and opening the disk' if self.policy.storage == 'early' else ''}")
             t = time.monotonic()
-            prep = await self.dst.client.call(
-                "mig_prepare", timeout=90, spec=spec, listen=self.dst.address,
-                storage=self.policy.storage, capabilities=self.policy.capabilities(),
-                parameters=self.policy.parameters(), disk_size=info.get("disk_size"),
-                lease_s=self.policy.lease_s)
-            self.result["prepare"] = {"wall_s": time.monotonic() - t, **prep}
+            prep = await mp.MIG_PREPARE.call(self.dst.client, mp.Prepare(
+                spec=spec, listen=self.dst.address, storage=self.policy.storage,
+                capabilities=self.policy.capabilities(), parameters=self.policy.parameters(),
+                disk_size=info.disk_size, lease_s=self.policy.lease_s), timeout=90)
+            self.result = replace(self.result,
+                                  prepare=PrepareRecord.of(prep, time.monotonic() - t))
             lease = asyncio.ensure_future(self._keep_lease())
             await self.src.client.subscribe(self._on_event)
-            self.progress(f"{self.src.host}: migrating to {prep['uri']} (policy {self.policy.name})")
+            self.progress(f"{self.src.host}: migrating to {prep.uri} (policy {self.policy.name})")
             self._started = True
-            start = await self.src.client.call(
-                "mig_start", timeout=30, name=self.vm, uri=prep["uri"],
-                capabilities=self.policy.capabilities(), parameters=self.policy.parameters())
-            self.result["t0"] = start["t0"]
+            start = await mp.MIG_START.call(self.src.client, mp.Start(
+                self.vm, prep.uri, capabilities=self.policy.capabilities(),
+                parameters=self.policy.parameters()), timeout=30)
+            self.result = replace(self.result, t0=start.t0)
             final = await self._drive()
             await self._finish_success(final)
             self.rec.finish("completed", self.result)
-            return self.result
+            return self.result.to_wire()
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError | KeyboardInterrupt)
-            self.result["error"] = ("cancelled by the user" if cancelled
-                                    else getattr(exc, "message", None) or repr(exc))
+            error = ("cancelled by the user" if cancelled
+                     else getattr(exc, "message", None) or repr(exc))
             recovery = await self._recover()
-            self.result["recovery"] = recovery
-            self.result["passes"] = len(self.passes)
-            self.result["pass_records"] = self.passes
-            self.result["decisions"] = [asdict(d) for d in self.decisions]
-            state = "cancelled" if cancelled or "cancel" in str(self._src_status.get("status")) \
-                else "failed"
+            src_status = self._src_status.status if self._src_status is not None else ""
+            state = "cancelled" if cancelled or "cancel" in src_status else "failed"
+            self.result = replace(self.result, state=state, error=error, recovery=recovery,
+                                  passes=len(self.passes), pass_records=list(self.passes),
+                                  decisions=list(self.decisions))
             self.rec.finish(state, self.result)
             if cancelled:
                 raise
             if isinstance(exc, MigrationError):
-                exc.evidence.setdefault("recovery", recovery)
+                exc.evidence.setdefault("recovery", recovery.to_wire())
                 exc.evidence.setdefault("migration_id", self.rec.id)
                 raise
             if isinstance(exc, LabError):
                 raise MigrationError(f"migration of {self.vm} to {self.dst.host} failed: "
-                                     f"{exc.message}", recovery=recovery, cause=exc.evidence,
-                                     migration_id=self.rec.id) from exc
+                                     f"{exc.message}", recovery=recovery.to_wire(),
+                                     cause=exc.evidence, migration_id=self.rec.id) from exc
             raise
         finally:
             if lease is not None:
@@ -174,13 +198,24 @@ class Migration:
         while True:
             await asyncio.sleep(min(2.0, self.policy.lease_s / 4))
             try:
-                await self.dst.client.call("mig_renew", timeout=1.5, name=self.vm,
-                                           lease_s=self.policy.lease_s)
+                await mp.MIG_RENEW.call(self.dst.client, mp.Renew(self.vm, self.policy.lease_s),
+                                        timeout=1.5)
                 self._lease_failures = 0
             except AgentError:
                 self._lease_failures += 1
 
-    async def _drive(self) -> dict[str, Any]:
+    def _add_pass(self, rec: PassRecord) -> None:
+        if self.passes:  # pages dirtied during the previous pass, over its duration
+            prev = self.passes[-1]
+            dt = rec.t - prev.t
+            est = (float(rec.remaining) / dt
+                   if dt > 0 and rec.remaining is not None and prev.pass_ >= 1 else None)
+            rec = replace(rec, prev_pass_s=dt, dirty_rate_est_bytes=est)
+        self.passes.append(rec)
+        self.rec.add_pass(rec)
+        self.progress(pass_line(rec))
+
+    async def _drive(self) -> SourceStatus:
         conv = ConvergencePolicy(self.policy)
         last_bytes = -1
         last_move = time.monotonic()
@@ -191,187 +226,183 @@ class Migration:
                 async with asyncio.timeout(0.1):
                     await self._wake.wait()
             self._wake.clear()
-            st = await self.src.client.call("mig_status", timeout=10, name=self.vm,
-                                            since=len(self.passes))
+            st = await mp.MIG_STATUS.call(
+                self.src.client, mp.StatusRequest(self.vm, since=len(self.passes)), timeout=10)
             self._src_status = st
-            for rec in st["passes"]:
-                if self.passes:  # pages dirtied during the previous pass, over its duration
-                    prev = self.passes[-1]
-                    dt = rec["t"] - prev["t"]
-                    rec["prev_pass_s"] = dt
-                    if dt > 0 and rec.get("remaining") is not None and prev.get("pass", 0) >= 1:
-                        rec["dirty_rate_est_bytes"] = float(rec["remaining"]) / dt
-                self.passes.append(rec)
-                self.rec.add_pass(rec)
-                self.progress(pass_line(rec))
-            status = st["status"]
-            if st.get("process") in ("failed", "stopped") and status != "completed":
+            for rec in st.passes:
+                self._add_pass(rec)
+            status = st.status
+            if st.process in ("failed", "stopped") and status != "completed":
                 self._source_died = True
                 raise MigrationError(
                     f"the source QEMU of {self.vm} on {self.src.host} exited during the "
-                    f"migration (exit status {st.get('returncode')}): the guest is gone with it, "
+                    f"migration (exit status {st.returncode}): the guest is gone with it, "
                     f"nothing is left to move; the destination is dropped",
-                    vm=self.vm, host=self.src.host, returncode=st.get("returncode"),
-                    status=status)
+                    vm=self.vm, host=self.src.host, returncode=st.returncode, status=status)
             if status == "completed":
-                return dict(st)
+                return st
             if status in ("failed", "cancelled"):
                 raise MigrationError(
                     f"migration of {self.vm} {status} on {self.src.host} "
-                    f"({_why_failed(st)})", status=status, final=st.get("final"))
+                    f"({_why_failed(st)})", status=status, final=st.final)
             now = time.monotonic()
             if status == "pre-switchover" and not late_done:
                 late_done = True
                 await self._late_window(st)
                 continue
-            ram = ((st.get("now") or {}).get("ram") or {})
-            moved = int(ram.get("transferred") or 0)
+            moved = qmp_int(st.now, "ram", "transferred") or 0
+            at_pass = self.passes[-1].pass_ if self.passes else None
             if moved > last_bytes or status in ("setup", "pre-switchover", "device"):
                 last_bytes, last_move = moved, now
             elif now - last_move > self.policy.stall_timeout_s and not self._postcopy:
                 d = Decision("cancel", f"no migration progress for {now - last_move:.1f} s "
                              f"({moved} bytes sent; destination unreachable? "
                              f"{self._lease_failures} lease renewals failed)",
-                             self.passes[-1]["pass"] if self.passes else None, now - t_start)
+                             at_pass, now - t_start)
                 await self._apply(d)
                 raise MigrationError(f"migration of {self.vm} stalled: {d.reason}; cancelled",
-                                     decision=asdict(d))
+                                     decision=d.to_wire())
             if now - t_start > self.policy.timeout_s and not self._postcopy:
                 d = Decision("cancel", f"migration took longer than {self.policy.timeout_s:g} s",
-                             self.passes[-1]["pass"] if self.passes else None, now - t_start)
+                             at_pass, now - t_start)
                 await self._apply(d)
                 raise MigrationError(f"migration of {self.vm} timed out: cancelled",
-                                     decision=asdict(d))
+                                     decision=d.to_wire())
             if not self._postcopy and status == "active":
                 d2 = conv.decide(self.passes, now - t_start)
                 if d2 is not None:
                     await self._apply(d2)
                     if d2.action == "cancel":
                         raise MigrationError(f"migration of {self.vm} did not converge: {d2.reason}",
-                                             decision=asdict(d2), passes=len(self.passes))
+                                             decision=d2.to_wire(), passes=len(self.passes))
 
     async def _apply(self, d: Decision) -> None:
         self.decisions.append(d)
         self.rec.add_decision(len(self.decisions), d)
         self.progress(f"decision at pass {d.at_pass}: {d.action}: {d.reason}")
         if d.action in ("raise_downtime", "auto_converge"):
-            await self.src.client.call("mig_set", timeout=10, name=self.vm, parameters=d.detail)
+            await mp.MIG_SET.call(self.src.client, mp.SetParameters(self.vm, d.detail), timeout=10)
         elif d.action == "postcopy":
-            await self.src.client.call("mig_postcopy", timeout=10, name=self.vm)
+            await mp.MIG_POSTCOPY.call(self.src.client, VmName(self.vm), timeout=10)
             self._postcopy = True
         # "cancel" is carried out by _recover
 
-    async def _late_window(self, st: dict[str, Any]) -> None:
+    async def _late_window(self, st: SourceStatus) -> None:
         """Late storage preparation: the source is stopped (pre-switchover)."""
         t = time.monotonic()
         self.progress(f"source stopped; {self.dst.host}: preparing storage in the window")
-        late = await self.dst.client.call("mig_late_storage", timeout=60, name=self.vm)
+        late = await mp.MIG_LATE_STORAGE.call(self.dst.client, VmName(self.vm), timeout=60)
         t_storage = time.monotonic() - t
-        await self.src.client.call("mig_continue", timeout=10, name=self.vm)
-        self.result["late_window"] = {"storage_s": t_storage, "window_s": time.monotonic() - t,
-                                      "detected_after_stop_s": t - (st.get("stop_t") or t),
-                                      "dest": late}
+        await mp.MIG_CONTINUE.call(self.src.client, VmName(self.vm), timeout=10)
+        self.result = replace(self.result, late_window=LateWindow(
+            storage_s=t_storage, window_s=time.monotonic() - t,
+            detected_after_stop_s=t - (st.stop_t or t), dest=late))
 
-    async def _finish_success(self, st: dict[str, Any]) -> None:
-        final = st.get("final") or {}
+    async def _finish_success(self, st: SourceStatus) -> None:
+        final = st.final if st.final is not None else {}
         # the last source heartbeat (console lines may arrive just after the STOP event)
-        src_hb = st.get("heartbeat") or {}
-        fin = await self.dst.client.call("mig_dest_finish", timeout=40, name=self.vm,
-                                         after_counter=src_hb.get("counter"))
-        first = fin.get("first_heartbeat") or {}
-        ram = final.get("ram") or {}
-        blackout = (first["t"] - src_hb["t"]) * 1000 if first and src_hb else None
-        disk_read = _disk_value(fin.get("disk_read"))
-        src_disk = src_hb.get("disk_counter")
-        continues = bool(first) and first.get("counter", -1) > src_hb.get("counter", 1 << 62)
-        plausible = continues and blackout is not None and \
-            first["counter"] - src_hb["counter"] <= math.ceil(blackout / self.period_ms) + 2
+        src_hb = st.heartbeat
+        fin = await mp.MIG_DEST_FINISH.call(self.dst.client, mp.DestFinish(
+            self.vm, after_counter=None if src_hb is None else src_hb.counter), timeout=40)
+        first = fin.first_heartbeat
+        blackout = (first.t - src_hb.t) * 1000 if first and src_hb else None
+        disk_read = _disk_value(fin.disk_read)
+        src_disk = src_hb.disk_counter if src_hb else None
+        continues = plausible = False
+        if first is not None and src_hb is not None:
+            continues = first.counter > src_hb.counter
+            plausible = continues and blackout is not None and \
+                first.counter - src_hb.counter <= math.ceil(blackout / self.period_ms) + 2
         disk_ok = disk_read is not None and (src_disk is None or src_disk < 0 or disk_read >= src_disk)
-        sw = switchover_breakdown(st, fin, src_hb.get("t"), first.get("t"), self.period_ms)
-        rates = [p["dirty_rate_bytes"] for p in self.passes if p.get("dirty_rate_bytes")]
+        sw = switchover_breakdown(SideStamps(st.stop_t, st.stop_qemu_t, st.checkpoints),
+                                  SideStamps(fin.resume_t, fin.resume_qemu_t, fin.checkpoints),
+                                  src_hb.t if src_hb else None, first.t if first else None,
+                                  self.period_ms)
+        rates = [p.dirty_rate_bytes for p in self.passes if p.dirty_rate_bytes]
         # pages dirtied during a pass / its duration; short passes say little (timer noise)
-        est = [p["dirty_rate_est_bytes"] for p in self.passes[1:]
-               if p.get("dirty_rate_est_bytes") and p.get("prev_pass_s", 0) >= 0.3]
-        self.result.update({
-            "state": "completed",
-            "setup_ms": final.get("setup-time"), "total_ms": final.get("total-time"),
-            "downtime_ms": final.get("downtime"), "blackout_ms": blackout,
-            "passes": max([int(ram.get("dirty-sync-count") or 0), len(self.passes)]),
-            "bytes_sent": ram.get("transferred"), "mbps": ram.get("mbps"),
-            "dirty_rate_max_bytes": max(rates) if rates else 0.0,
-            "dirty_rate_est_bytes": sorted(est)[len(est) // 2] if est else None,
-            "stop_t": st.get("stop_t"), "resume_t": fin.get("resume_t"),
-            "stop_to_resume_ms": sw.get("stop_to_resume_ms"), "switchover": sw,
-            "heartbeat": {"source_last": src_hb, "dest_first": first,
-                          "continues": continues and plausible},
-            "disk": {"source_last": src_disk, "dest_read": disk_read, "ok": disk_ok},
-            "dest_status": fin.get("status"), "dest_pid": fin.get("pid"),
-            "dest_prepare": {"timings": fin.get("timings"), "checks": fin.get("checks")},
-            "statuses": st.get("statuses"), "final": final,
-            "pass_records": self.passes, "decisions": [asdict(d) for d in self.decisions],
-            "postcopy": self._postcopy,
-        })
-        if not (continues and plausible and disk_ok and fin.get("status") == "running"):
+        est = [p.dirty_rate_est_bytes for p in self.passes[1:]
+               if p.dirty_rate_est_bytes and (p.prev_pass_s or 0) >= 0.3]
+        heartbeat = HeartbeatCheck(source_last=src_hb, dest_first=first,
+                                   continues=continues and plausible)
+        disk = DiskCheck(source_last=src_disk, dest_read=disk_read, ok=disk_ok)
+        self.result = replace(
+            self.result, state="completed",
+            setup_ms=qmp_int(final, "setup-time"), total_ms=qmp_int(final, "total-time"),
+            downtime_ms=qmp_int(final, "downtime"), blackout_ms=blackout,
+            passes=max(qmp_int(final, "ram", "dirty-sync-count") or 0, len(self.passes)),
+            bytes_sent=qmp_int(final, "ram", "transferred"), mbps=qmp_float(final, "ram", "mbps"),
+            dirty_rate_max_bytes=max(rates) if rates else 0.0,
+            dirty_rate_est_bytes=sorted(est)[len(est) // 2] if est else None,
+            stop_t=st.stop_t, resume_t=fin.resume_t, stop_to_resume_ms=sw.stop_to_resume_ms,
+            switchover=sw, heartbeat=heartbeat, disk=disk,
+            dest_status=fin.status, dest_pid=fin.pid,
+            dest_prepare=mp.DestStorage(timings=fin.timings, checks=fin.checks),
+            statuses=st.statuses, final=final, pass_records=list(self.passes),
+            decisions=list(self.decisions), postcopy=self._postcopy)
+        if not (heartbeat.continues and disk_ok and fin.status == "running"):
             raise MigrationError(
                 f"{self.vm}: QEMU says completed but the guest did not verify on {self.dst.host}: "
-                f"heartbeat {src_hb.get('counter')} -> {first.get('counter')}, disk "
-                f"{src_disk} -> {disk_read}, status {fin.get('status')}",
-                heartbeat=self.result["heartbeat"], disk=self.result["disk"])
-        await self.src.client.call("mig_source_finish", timeout=30, name=self.vm)
+                f"heartbeat {src_hb.counter if src_hb else None} -> "
+                f"{first.counter if first else None}, disk "
+                f"{src_disk} -> {disk_read}, status {fin.status}",
+                heartbeat=heartbeat.to_wire(), disk=disk.to_wire())
+        await mp.MIG_SOURCE_FINISH.call(self.src.client, VmName(self.vm), timeout=30)
 
-    async def _source_beats_again(self) -> dict[str, Any]:
+    async def _source_beats_again(self) -> SourceCheck:
         """Whether the guest beats on the source again: a few beats, longer if needed (a
         guest that was throttled hard or starved of CPU takes a moment to catch up)."""
-        def counter(st: dict[str, Any]) -> int | None:
-            return (st.get("heartbeat") or {}).get("counter")
+        def counter(st: hp.VmStatus) -> int | None:
+            return None if st.heartbeat is None else st.heartbeat.counter
 
-        before = counter(await self.src.client.call("vm_status", name=self.vm, timeout=10))
+        before = counter(await hp.VM_STATUS.call(self.src.client, VmName(self.vm), timeout=10))
         await asyncio.sleep(max(0.5, 2.5 * self.period_ms / 1000))
         deadline = time.monotonic() + RECOVER_WAIT_S
         while True:
-            st = await self.src.client.call("vm_status", name=self.vm, timeout=10)
+            st = await hp.VM_STATUS.call(self.src.client, VmName(self.vm), timeout=10)
             after = counter(st)
-            alive = (st["state"] == "running" and before is not None and after is not None
+            alive = (st.state == "running" and before is not None and after is not None
                      and after > before)
-            if alive or st["state"] != "running" or time.monotonic() > deadline:
-                return {"status": st["state"], "heartbeat_before": before,
-                        "heartbeat_after": after, "alive": alive}
+            if alive or st.state != "running" or time.monotonic() > deadline:
+                return SourceCheck(status=st.state, heartbeat_before=before,
+                                   heartbeat_after=after, alive=alive)
             await asyncio.sleep(0.25)
 
-    async def _recover(self) -> dict[str, Any]:
+    async def _recover(self) -> Recovery:
         """Cancel on the source, check the guest runs there, drop the destination's leftovers.
         Runs even when the migration task was cancelled (Ctrl-C)."""
-        out: dict[str, Any] = {}
+        out = Recovery()
         if self._postcopy:
-            out["note"] = ("post-copy had started: the guest's state is split between hosts; "
-                           "QEMU cannot go back to the source")
+            out = replace(out, note="post-copy had started: the guest's state is split between "
+                          "hosts; QEMU cannot go back to the source")
         if self._source_died:
-            out["note"] = "the source QEMU had exited: no source to go back to"
+            out = replace(out, note="the source QEMU had exited: no source to go back to")
         else:
             try:
                 if self._started and not self._postcopy:
-                    out["cancel"] = await self.src.client.call("mig_cancel", timeout=30,
-                                                               name=self.vm)
-                out["source"] = await self._source_beats_again()
+                    out = replace(out, cancel=await mp.MIG_CANCEL.call(
+                        self.src.client, mp.Cancel(self.vm), timeout=30))
+                out = replace(out, source=await self._source_beats_again())
             except LabError as exc:
-                out["source_error"] = exc.message
+                out = replace(out, source_error=exc.message)
         for attempt in range(2):  # an unreachable destination drops itself when its lease lapses
             try:
-                out["dest"] = await self.dst.client.call("mig_dest_abort", timeout=2, name=self.vm)
+                out = replace(out, dest=await mp.MIG_DEST_ABORT.call(
+                    self.dst.client, VmName(self.vm), timeout=2))
                 break
             except AgentError as exc:
-                out["dest_error"] = (f"{exc.message} (attempt {attempt + 1}); the destination's "
-                                     f"agent drops the incoming VM itself when its lease "
-                                     f"({self.policy.lease_s:g} s) lapses")
+                out = replace(out, dest_error=(
+                    f"{exc.message} (attempt {attempt + 1}); the destination's agent drops the "
+                    f"incoming VM itself when its lease ({self.policy.lease_s:g} s) lapses"))
                 await asyncio.sleep(0.5)
-        self.progress("recovered: " + json.dumps({k: v for k, v in out.items()
-                                                  if k in ("source", "dest", "dest_error")}))
+        shown = {k: v for k, v in out.to_wire().items()
+                 if k in ("source", "dest", "dest_error") and v is not None}
+        self.progress("recovered: " + json.dumps(shown))
         return out
 
 
-def switchover_breakdown(src: dict[str, Any], dst: dict[str, Any], last_src_hb_t: float | None,
+def switchover_breakdown(src: SideStamps, dst: SideStamps, last_src_hb_t: float | None,
                          first_dst_hb_t: float | None,
-                         period_ms: float = DEFAULT_HEARTBEAT_MS) -> dict[str, Any]:
+                         period_ms: float = DEFAULT_HEARTBEAT_MS) -> Switchover:
     """Where the guest's blackout goes, in ms, all on one time.monotonic() axis:
 
     blackout = hb_before_stop + stop_to_resume + after_resume, exactly, where
@@ -382,38 +413,33 @@ def switchover_breakdown(src: dict[str, Any], dst: dict[str, Any], last_src_hb_t
     hb_before_stop + after_resume = one period + restart_overhead (the time the resumed guest
     needs beyond its own schedule: TCG translation cache refill, timer catch-up, console).
 
-    ``src``/``dst`` are the agents' answers (``stop_t``, ``stop_qemu_t``, ``checkpoints`` /
-    ``resume_t``, ``resume_qemu_t``, ``checkpoints``); checkpoints are QEMU's own
+    ``src`` is the source's STOP (``mig_status``: ``stop_t``, ``stop_qemu_t``,
+    ``checkpoints``), ``dst`` the destination's RESUME (``mig_dest_finish``: ``resume_t``,
+    ``resume_qemu_t``, ``checkpoints``); checkpoints are QEMU's own
     ``vmstate_downtime_checkpoint`` trace points, given relative to QEMU's STOP stamp."""
-    stop, resume = src.get("stop_t"), dst.get("resume_t")
-    out: dict[str, Any] = {"period_ms": period_ms}
+    stop, resume = src.t, dst.t
 
-    def ms(a: Any, b: Any) -> float | None:
-        return round((float(b) - float(a)) * 1000, 2) if a is not None and b is not None else None
+    def ms(a: float | None, b: float | None) -> float | None:
+        return round((b - a) * 1000, 2) if a is not None and b is not None else None
 
-    out["stop_to_resume_ms"] = ms(stop, resume)
-    out["stop_to_resume_qemu_ms"] = ms(src.get("stop_qemu_t"), dst.get("resume_qemu_t"))
-    out["hb_before_stop_ms"] = ms(last_src_hb_t, stop)
-    out["after_resume_ms"] = ms(resume, first_dst_hb_t)
-    if out["hb_before_stop_ms"] is not None and out["after_resume_ms"] is not None:
-        out["restart_overhead_ms"] = round(out["hb_before_stop_ms"] + out["after_resume_ms"]
-                                           - out["period_ms"], 2)
-    zero = src.get("stop_qemu_t") or stop
-    points = {**{k: v for k, v in (src.get("checkpoints") or {}).items()},
-              **{k: v for k, v in (dst.get("checkpoints") or {}).items()}}
-    out["checkpoints_ms"] = {k: ms(zero, v) for k, v in sorted(points.items(), key=lambda kv: kv[1])}
-    if dst.get("resume_qemu_t") is not None:
-        out["checkpoints_ms"]["RESUME (QEMU stamp)"] = ms(zero, dst["resume_qemu_t"])
-    return out
+    hb_before_stop = ms(last_src_hb_t, stop)
+    after_resume = ms(resume, first_dst_hb_t)
+    overhead = (round(hb_before_stop + after_resume - period_ms, 2)
+                if hb_before_stop is not None and after_resume is not None else None)
+    zero = src.qemu_t or stop
+    points = {**src.checkpoints, **dst.checkpoints}
+    checkpoints = {k: ms(zero, v) for k, v in sorted(points.items(), key=lambda kv: kv[1])}
+    if dst.qemu_t is not None:
+        checkpoints["RESUME (QEMU stamp)"] = ms(zero, dst.qemu_t)
+    return Switchover(period_ms=period_ms, stop_to_resume_ms=ms(stop, resume),
+                      stop_to_resume_qemu_ms=ms(src.qemu_t, dst.qemu_t),
+                      hb_before_stop_ms=hb_before_stop, after_resume_ms=after_resume,
+                      restart_overhead_ms=overhead, checkpoints_ms=checkpoints)
 
 
-def _why_failed(st: dict[str, Any]) -> str:
-    final = st.get("final") or {}
-    return str(final.get("error-desc") or "the destination went away?")
+def _why_failed(st: SourceStatus) -> str:
+    return qmp_str(st.final, "error-desc") or "the destination went away?"
 
 
-def _disk_value(text: Any) -> int | None:
-    return parse_disk_counter(text) if isinstance(text, str) and text.startswith("DISK read ") \
-        else None
-
-
+def _disk_value(text: str) -> int | None:
+    return parse_disk_counter(text) if text.startswith("DISK read ") else None

@@ -33,22 +33,31 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from qemu.qmp import EventListener
 
 from labctl.core.errors import LabError, LabStateError, MigrationError, VmError
 from labctl.core.rpc import Handler
+from labctl.core.wire import Json, handlers
 from labctl.drivers.qemu import QemuVm, VmState, blockdev_arg, disk_node
-from labctl.guest.protocol import decode_disk_record
+from labctl.guest.protocol import decode_disk_record, parse_heartbeat
 from labctl.hosts.agent import HostAgent
-from labctl.hosts.protocol import FileDisk, IscsiDisk, VmSpec, VmStop
-from labctl.migration.protocol import EVENT_PROGRESS, MigrationProgress
+from labctl.hosts.protocol import FileDisk, IscsiDisk, VmName, VmStop, VmStopped
+from labctl.migration import protocol as mp
+from labctl.migration.protocol import (
+    EVENT_PROGRESS,
+    FINAL_STATUSES,
+    StorageMode,
+    qmp_float,
+    qmp_get,
+    qmp_int,
+    qmp_str,
+)
 
 DiskProbe = Callable[[IscsiDisk], Awaitable[tuple[str, int]]]
 log = logging.getLogger("labctl.migration.hostside")
 
-FINAL = ("completed", "failed", "cancelled")
+FINAL = FINAL_STATUSES
 #: capabilities that must be set on the destination too, before migrate-incoming
 DEST_CAPS = ("multifd", "postcopy-ram")
 DEST_PARAMS = ("multifd-channels",)
@@ -132,8 +141,8 @@ def event_time(vm: QemuVm, name: str, after: float) -> tuple[float | None, float
 @dataclass
 class _Incoming:
     vm: QemuVm
-    mode: str  # "early" | "late"
-    real_node: dict[str, Any]
+    mode: StorageMode
+    real_node: dict[str, Json]  # the disk's blockdev-add options
     lease_until: float
     uri: str = ""
     storage_ready: bool = False
@@ -141,7 +150,12 @@ class _Incoming:
     log_offset: int | None = None
     t_prepared: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
-    checks: dict[str, Any] = field(default_factory=dict)
+    datastore: mp.IscsiDatastoreCheck | mp.FileDatastoreCheck | None = None
+    read: mp.ReadCheck | None = None
+    died: mp.QemuDied | None = None
+
+    def checks(self) -> mp.StorageChecks:
+        return mp.StorageChecks(datastore=self.datastore, read=self.read, died=self.died)
 
 
 @dataclass
@@ -149,38 +163,38 @@ class _Job:
     vm: QemuVm
     listener: EventListener
     t0: float
-    passes: list[dict[str, Any]] = field(default_factory=list)
-    statuses: list[dict[str, Any]] = field(default_factory=list)
+    passes: list[mp.PassRecord] = field(default_factory=list)
+    statuses: list[mp.StatusChange] = field(default_factory=list)
     status: str = "setup"
-    final: dict[str, Any] | None = None
+    #: QEMU's last query-migrate once the migration ended
+    final: Json = None
     stop_t: float | None = None
     task: asyncio.Task[None] | None = None
-    sent: list[dict[str, Any]] = field(default_factory=list)
+    #: the QMP commands sent for this job, with their answers (evidence of a failure)
+    sent: list[dict[str, Json]] = field(default_factory=list)
     log_offset: int | None = None
     checkpoints: dict[str, float] | None = None
 
 
-def _hb(vm: QemuVm) -> dict[str, Any] | None:
+def _hb(vm: QemuVm) -> mp.HeartbeatStamp | None:
     hb = vm.last_heartbeat
-    return None if hb is None else {"counter": hb.counter, "disk_counter": hb.disk_counter,
-                                     "t": hb.t}
+    return None if hb is None else mp.HeartbeatStamp(counter=hb.counter,
+                                                     disk_counter=hb.disk_counter, t=hb.t)
 
 
-def pass_record(q: dict[str, Any], t: float, t0: float, pass_no: int) -> dict[str, Any]:
+def pass_record(q: Json, t: float, t0: float, pass_no: int) -> mp.PassRecord:
     """One pre-copy pass from a ``query-migrate`` answer taken at the pass start."""
-    ram = q.get("ram") or {}
-    page = int(ram.get("page-size") or 4096)
-    rate_pages = float(ram.get("dirty-pages-rate") or 0)
-    return {
-        "pass": pass_no, "t": t, "t_rel": round(t - t0, 4), "status": q.get("status"),
-        "dirty_sync_count": ram.get("dirty-sync-count"),
-        "transferred": ram.get("transferred"), "remaining": ram.get("remaining"),
-        "total": ram.get("total"),
-        "dirty_pages_rate": rate_pages, "dirty_rate_bytes": rate_pages * page,
-        "expected_downtime_ms": q.get("expected-downtime"),
-        "throttle_pct": q.get("cpu-throttle-percentage", 0),
-        "mbps": ram.get("mbps"),
-    }
+    page = qmp_int(q, "ram", "page-size") or 4096
+    rate_pages = qmp_float(q, "ram", "dirty-pages-rate") or 0.0
+    return mp.PassRecord(
+        pass_=pass_no, t=t, t_rel=round(t - t0, 4), status=qmp_str(q, "status"),
+        dirty_sync_count=qmp_int(q, "ram", "dirty-sync-count"),
+        transferred=qmp_int(q, "ram", "transferred"), remaining=qmp_int(q, "ram", "remaining"),
+        total=qmp_int(q, "ram", "total"),
+        dirty_pages_rate=rate_pages, dirty_rate_bytes=rate_pages * page,
+        expected_downtime_ms=qmp_int(q, "expected-downtime"),
+        throttle_pct=qmp_int(q, "cpu-throttle-percentage") or 0,
+        mbps=qmp_float(q, "ram", "mbps"))
 
 
 class MigrationHandlers:
@@ -196,38 +210,35 @@ class MigrationHandlers:
         self._watchdog: asyncio.Task[None] | None = None
 
     def handlers(self) -> dict[str, Handler]:
-        return {
-            "mig_prepare": self.mig_prepare, "mig_renew": self.mig_renew,
-            "mig_late_storage": self.mig_late_storage,
-            "mig_dest_finish": self.mig_dest_finish, "mig_dest_abort": self.mig_dest_abort,
-            "mig_source_info": self.mig_source_info, "mig_start": self.mig_start,
-            "mig_status": self.mig_status, "mig_set": self.mig_set,
-            "mig_continue": self.mig_continue, "mig_postcopy": self.mig_postcopy,
-            "mig_cancel": self.mig_cancel, "mig_source_finish": self.mig_source_finish,
-            "mig_dirty_rate": self.mig_dirty_rate,
-        }
+        return handlers(
+            mp.MIG_PREPARE.serve(self.mig_prepare), mp.MIG_RENEW.serve(self.mig_renew),
+            mp.MIG_LATE_STORAGE.serve(self.mig_late_storage),
+            mp.MIG_DEST_FINISH.serve(self.mig_dest_finish),
+            mp.MIG_DEST_ABORT.serve(self.mig_dest_abort),
+            mp.MIG_SOURCE_INFO.serve(self.mig_source_info),
+            mp.MIG_DIRTY_RATE.serve(self.mig_dirty_rate), mp.MIG_START.serve(self.mig_start),
+            mp.MIG_STATUS.serve(self.mig_status), mp.MIG_SET.serve(self.mig_set),
+            mp.MIG_CONTINUE.serve(self.mig_continue), mp.MIG_POSTCOPY.serve(self.mig_postcopy),
+            mp.MIG_CANCEL.serve(self.mig_cancel),
+            mp.MIG_SOURCE_FINISH.serve(self.mig_source_finish))
 
     # ================================================================ destination
-    async def mig_prepare(self, spec: dict[str, Any], listen: str, storage: str = "early",
-                          capabilities: dict[str, bool] | None = None,
-                          parameters: dict[str, Any] | None = None,
-                          disk_size: int | None = None, lease_s: float = 15.0) -> dict[str, Any]:
+    async def mig_prepare(self, req: mp.Prepare) -> mp.Prepared:
         """Start the incoming QEMU and (early) make its storage ready. Returns the URI the
         source must migrate to and what each step took."""
         t_start = _now()
-        if storage not in ("early", "late"):
-            raise LabError(f"mig_prepare: storage must be 'early' or 'late', not {storage!r}")
-        if not isinstance(listen, str) or not re.match(r"^[0-9.]+$", listen):
+        storage, listen = req.storage, req.listen
+        if not re.match(r"^[0-9.]+$", listen):
             raise LabError(f"mig_prepare: listen must be an IPv4 address, not {listen!r}")
-        if not isinstance(lease_s, int | float) or not 1 <= lease_s <= 600:
+        if not 1 <= req.lease_s <= 600:
             raise LabError("mig_prepare: lease_s must be 1..600 seconds")
-        vmspec = self.agent.check_spec(VmSpec.from_wire(spec, "mig_prepare spec"), "mig_prepare")
+        vmspec = self.agent.check_spec(req.spec, "mig_prepare")
         name = vmspec.name
         async with self.agent.lock(name):
             self.agent.check_not_running(name)
             real = disk_node(vmspec.disk, "disk0-file") if vmspec.disk is not None else {}
             if vmspec.disk is not None and storage == "late":
-                size = disk_size if isinstance(disk_size, int) and disk_size > 0 else None
+                size = req.disk_size if req.disk_size is not None and req.disk_size > 0 else None
                 if size is None:
                     raise LabError("mig_prepare: late storage preparation needs disk_size")
                 graph = [f"driver=null-co,node-name=disk0-ph,size={size}",
@@ -237,18 +248,18 @@ class MigrationHandlers:
             else:
                 graph = None
             vm = QemuVm(vmspec, self.agent.run_dir(name))
-            inc = _Incoming(vm=vm, mode=storage, real_node=real, lease_until=_now() + lease_s)
+            inc = _Incoming(vm=vm, mode=storage, real_node=real, lease_until=_now() + req.lease_s)
             self.agent.adopt(vm, on_exit=self._incoming_died)
             self.incoming[name] = inc
             try:
                 t = _now()
                 await vm.start(incoming="defer", blockdevs=graph)
                 inc.timings["qemu_start_s"] = _now() - t
-                caps = [{"capability": c, "state": bool(v)}
-                        for c, v in (capabilities or {}).items() if c in DEST_CAPS]
+                caps = [{"capability": c, "state": v}
+                        for c, v in req.capabilities.items() if c in DEST_CAPS]
                 if caps:
                     await vm.execute("migrate-set-capabilities", {"capabilities": caps})
-                params = {k: v for k, v in (parameters or {}).items() if k in DEST_PARAMS}
+                params = {k: v for k, v in req.parameters.items() if k in DEST_PARAMS}
                 if params:
                     await vm.execute("migrate-set-parameters", params)
                 inc.log_offset = await enable_checkpoints(vm)
@@ -257,10 +268,11 @@ class MigrationHandlers:
                 t = _now()
                 await vm.execute("migrate-incoming", {"uri": f"tcp:{listen}:0"})
                 q = await vm.execute("query-migrate")
-                addrs = q.get("socket-address") or []
-                if not addrs:
+                addrs = qmp_get(q, "socket-address")
+                port = qmp_int(addrs[0], "port") if isinstance(addrs, list) and addrs else None
+                if port is None:
                     raise vm._error("the incoming QEMU reports no listening address", answer=q)
-                inc.uri = f"tcp:{listen}:{addrs[0]['port']}"
+                inc.uri = f"tcp:{listen}:{port}"
                 inc.timings["listen_s"] = _now() - t
             except BaseException:
                 await self._drop(name)
@@ -270,8 +282,9 @@ class MigrationHandlers:
             self._ensure_watchdog()
             log.info("incoming %s ready at %s (storage %s, %.3f s)", name, inc.uri, storage,
                      inc.timings["prepare_s"])
-            return {"uri": inc.uri, "pid": vm.pid, "storage": storage, "timings": inc.timings,
-                    "checks": inc.checks, "run_dir": str(vm.run_dir)}
+            return mp.Prepared(uri=inc.uri, pid=vm.pid, storage=storage,
+                               timings=dict(inc.timings), checks=inc.checks(),
+                               run_dir=str(vm.run_dir))
 
     async def _storage_work(self, inc: _Incoming, attach: bool) -> None:
         """Make the datastore usable on this host and prove QEMU can read the disk:
@@ -279,8 +292,9 @@ class MigrationHandlers:
         in QEMU and swap it under ``disk0``; then read sector 0 through QEMU's node."""
         vm = inc.vm
         disk = vm.spec.disk
+        assert disk is not None
         t = _now()
-        inc.checks["datastore"] = await self._datastore_check(disk)
+        inc.datastore = await self._datastore_check(disk)
         inc.timings["datastore_check_s"] = _now() - t
         if attach:
             t = _now()
@@ -290,29 +304,28 @@ class MigrationHandlers:
             await vm.execute("blockdev-del", {"node-name": "disk0-ph"})
             inc.timings["qemu_open_s"] = _now() - t
         t = _now()
-        inc.checks["read"] = await self._read_check(vm)
+        inc.read = await self._read_check(vm)
         inc.timings["read_check_s"] = _now() - t
         inc.storage_ready = True
 
-    async def _datastore_check(self, disk: Any) -> dict[str, Any]:
+    async def _datastore_check(self, disk: IscsiDisk | FileDisk
+                               ) -> mp.IscsiDatastoreCheck | mp.FileDatastoreCheck:
         if isinstance(disk, IscsiDisk):
             naa, size = await self.probe_disk(disk)
             if disk.naa and naa.lower() != disk.naa.lower():
                 raise MigrationError(
                     f"host {self.agent.host} sees NAA {naa} at {disk.url}, the VM's datastore "
                     f"is {disk.naa}: refusing to open another LUN", naa_seen=naa, naa_want=disk.naa)
-            return {"kind": "iscsi", "naa": naa, "size_bytes": size}
-        if isinstance(disk, FileDisk):
-            try:
-                size = disk.path.stat().st_size
-                with open(disk.path, "rb") as f:
-                    f.read(512)
-            except OSError as exc:
-                raise MigrationError(f"host {self.agent.host} cannot read {disk.path}: {exc}") from exc
-            return {"kind": "file", "path": str(disk.path), "size_bytes": size}
-        return {"kind": "none"}
+            return mp.IscsiDatastoreCheck(naa=naa, size_bytes=size)
+        try:
+            size = disk.path.stat().st_size
+            with open(disk.path, "rb") as f:
+                f.read(512)
+        except OSError as exc:
+            raise MigrationError(f"host {self.agent.host} cannot read {disk.path}: {exc}") from exc
+        return mp.FileDatastoreCheck(path=str(disk.path), size_bytes=size)
 
-    async def _read_check(self, vm: QemuVm) -> dict[str, Any]:
+    async def _read_check(self, vm: QemuVm) -> mp.ReadCheck:
         """Read sector 0 through QEMU's own (inactive) node; qemu-io prints to QEMU's stdout."""
         try:
             offset = vm.log_path.stat().st_size
@@ -333,62 +346,64 @@ class MigrationHandlers:
             raise MigrationError(
                 f"{vm.spec.name}: QEMU on host {self.agent.host} cannot read the VM's disk: "
                 f"{error or str(answer).strip() or 'no data'}", qemu_io=out[-2000:], answer=answer)
-        return {"bytes": len(data), "disk_counter": decode_disk_record(data)}
+        return mp.ReadCheck(bytes=len(data), disk_counter=decode_disk_record(data))
 
-    async def mig_renew(self, name: str, lease_s: float = 15.0) -> dict[str, Any]:
-        inc = self._inc(name)
-        inc.lease_until = _now() + float(lease_s)
-        return {"lease_until": inc.lease_until}
+    async def mig_renew(self, req: mp.Renew) -> mp.Renewed:
+        inc = self._inc(req.name)
+        inc.lease_until = _now() + req.lease_s
+        return mp.Renewed(lease_until=inc.lease_until)
 
-    async def mig_late_storage(self, name: str) -> dict[str, Any]:
+    async def mig_late_storage(self, req: VmName) -> mp.DestStorage:
         """Late storage preparation, in the pre-switchover window (the source is stopped)."""
-        inc = self._inc(name)
+        inc = self._inc(req.name)
         t = _now()
         if inc.mode != "late":
-            raise LabStateError(f"incoming {name} was prepared with early storage")
+            raise LabStateError(f"incoming {req.name} was prepared with early storage")
         if not inc.storage_ready and inc.vm.spec.disk is not None:
             await self._storage_work(inc, attach=True)
         inc.timings["late_storage_s"] = _now() - t
-        return {"timings": inc.timings, "checks": inc.checks}
+        return mp.DestStorage(timings=dict(inc.timings), checks=inc.checks())
 
-    async def mig_dest_finish(self, name: str, after_counter: int | None,
-                              timeout: float = 20.0) -> dict[str, Any]:
+    async def mig_dest_finish(self, req: mp.DestFinish) -> mp.DestFinished:
         """After completion: wait for the guest's next heartbeat here and read its disk."""
-        inc = self._inc(name)
+        inc = self._inc(req.name)
         vm = inc.vm
+        after = req.after_counter
         inc.completed = True
         inc.lease_until = float("inf")
         try:
-            await vm.wait_heartbeat(timeout, after=after_counter)
+            await vm.wait_heartbeat(req.timeout, after=after)
         except VmError:
-            if vm.last_heartbeat is None or (after_counter is not None
-                                              and vm.last_heartbeat.counter <= after_counter):
+            if vm.last_heartbeat is None or (after is not None
+                                              and vm.last_heartbeat.counter <= after):
                 raise
-        first = next((ln for ln in vm.lines if ln.text.startswith("HB ")), None)
         first_hb = None
-        if first is not None:
-            p = first.text.split()
-            first_hb = {"counter": int(p[1]), "disk_counter": int(p[2]), "t": first.t}
+        for ln in vm.lines:
+            beat = parse_heartbeat(ln.text)
+            if beat is not None:
+                first_hb = mp.HeartbeatStamp(counter=beat.counter,
+                                             disk_counter=beat.disk_counter, t=ln.t)
+                break
         resume_t, resume_qemu_t = event_time(vm, "RESUME", inc.t_prepared)
         read = await vm.console_command("read", "DISK read", timeout=10.0)
         status = await vm.query_status(timeout=5.0)
         vm.on_unexpected_exit = self.agent.vm_exited
-        self.incoming.pop(name, None)
-        return {"first_heartbeat": first_hb, "heartbeat": _hb(vm), "resume_t": resume_t,
-                "resume_qemu_t": resume_qemu_t,
-                "checkpoints": read_checkpoints(vm, inc.log_offset), "disk_read": read,
-                "status": status.get("status"), "pid": vm.pid,
-                "timings": inc.timings, "checks": inc.checks}
+        self.incoming.pop(req.name, None)
+        return mp.DestFinished(
+            first_heartbeat=first_hb, heartbeat=_hb(vm), resume_t=resume_t,
+            resume_qemu_t=resume_qemu_t, checkpoints=read_checkpoints(vm, inc.log_offset),
+            disk_read=read, status=qmp_str(status, "status"), pid=vm.pid,
+            timings=dict(inc.timings), checks=inc.checks())
 
-    async def mig_dest_abort(self, name: str) -> dict[str, Any]:
+    async def mig_dest_abort(self, req: VmName) -> mp.DestAborted:
         """Drop an incoming VM: stop its QEMU and remove its run directory. Idempotent."""
-        if name not in self.incoming:
-            return {"name": name, "removed": False}
-        await self._drop(name)
-        return {"name": name, "removed": True}
+        if req.name not in self.incoming:
+            return mp.DestAborted(name=req.name, removed=False)
+        await self._drop(req.name)
+        return mp.DestAborted(name=req.name, removed=True)
 
-    def _inc(self, name: Any) -> _Incoming:
-        if not isinstance(name, str) or name not in self.incoming:
+    def _inc(self, name: str) -> _Incoming:
+        if name not in self.incoming:
             raise LabStateError(f"host {self.agent.host} has no incoming migration of {name!r}",
                                 vm=name, host=self.agent.host)
         return self.incoming[name]
@@ -409,7 +424,7 @@ class MigrationHandlers:
         log.warning("incoming QEMU of %s died (status %s): cleaning up", name, vm.returncode)
         inc = self.incoming.get(name)
         if inc is not None:
-            inc.checks["died"] = {"returncode": vm.returncode, "stderr": vm.stderr_tail(10)}
+            inc.died = mp.QemuDied(returncode=vm.returncode, stderr=vm.stderr_tail(10))
         self.agent.vm_exited(vm)
         asyncio.get_running_loop().call_soon(
             lambda: asyncio.ensure_future(self._drop(name)))
@@ -429,53 +444,56 @@ class MigrationHandlers:
                         await self._drop(name)
 
     # ================================================================ source
-    async def mig_source_info(self, name: str) -> dict[str, Any]:
-        vm = self.agent.vm(name)
+    def _migrating(self, name: str) -> bool:
+        return name in self.jobs and self.jobs[name].final is None
+
+    async def mig_source_info(self, req: VmName) -> mp.SourceInfo:
+        vm = self.agent.vm(req.name)
         st = await vm.query_status(timeout=5.0)
         size = None
         if vm.spec.disk is not None:
             nodes = await vm.execute("query-named-block-nodes", {"flat": True})
             for n in nodes:
-                if n.get("node-name") == "disk0":
-                    size = int(n["image"]["virtual-size"])
-        return {"spec": vm.spec.to_wire(), "status": st.get("status"), "disk_size": size,
-                "heartbeat": _hb(vm), "pid": vm.pid, "process": vm.state.value,
-                "migrating": name in self.jobs and self.jobs[name].final is None}
+                if qmp_str(n, "node-name") == "disk0":
+                    size = qmp_int(n, "image", "virtual-size")
+        return mp.SourceInfo(spec=vm.spec, status=qmp_str(st, "status"), disk_size=size,
+                             heartbeat=_hb(vm), pid=vm.pid, process=vm.state.value,
+                             migrating=self._migrating(req.name))
 
-    async def mig_dirty_rate(self, name: str, calc_time_s: int = 1,
-                             sample_pages: int = 8192) -> dict[str, Any]:
+    async def mig_dirty_rate(self, req: mp.DirtyRateRequest) -> mp.DirtyRate:
         """The guest's dirty rate as QEMU measures it (``calc-dirty-rate``, page sampling):
         QEMU hashes ``sample_pages`` sampled pages per GiB and counts those that changed over
         ``calc_time_s``. QEMU's unit is MiB/s. Not while the VM migrates (both use dirty
         tracking)."""
+        name, calc_time_s = req.name, req.calc_time_s
         vm = self.agent.vm(name)
-        if name in self.jobs and self.jobs[name].final is None:
+        if self._migrating(name):
             raise LabStateError(f"VM {name} is migrating: measure its dirty rate before", vm=name)
-        if not isinstance(calc_time_s, int) or not 1 <= calc_time_s <= 60:
+        if not 1 <= calc_time_s <= 60:
             raise LabError("mig_dirty_rate: calc_time_s must be 1..60 seconds")
-        if not isinstance(sample_pages, int) or not 128 <= sample_pages <= 1048576:
+        if not 128 <= req.sample_pages <= 1048576:
             raise LabError("mig_dirty_rate: sample_pages must be 128..1048576")
         t = _now()
         await vm.execute("calc-dirty-rate", {"calc-time": calc_time_s, "mode": "page-sampling",
-                                             "sample-pages": sample_pages})
+                                             "sample-pages": req.sample_pages})
         await asyncio.sleep(calc_time_s)
-        q: dict[str, Any] = {}
+        q: Json = {}
         while _now() - t < calc_time_s + 15:
             q = await vm.execute("query-dirty-rate", timeout=5.0)
-            if q.get("status") == "measured":
-                return {"dirty_rate_mib_s": q.get("dirty-rate"), "mode": q.get("mode"),
-                        "calc_time_s": q.get("calc-time"), "sample_pages": q.get("sample-pages"),
-                        "took_s": _now() - t}
+            if qmp_str(q, "status") == "measured":
+                return mp.DirtyRate(dirty_rate_mib_s=qmp_int(q, "dirty-rate"),
+                                    mode=qmp_str(q, "mode"), calc_time_s=qmp_int(q, "calc-time"),
+                                    sample_pages=qmp_int(q, "sample-pages"), took_s=_now() - t)
             await asyncio.sleep(0.05)
         raise MigrationError(f"{name}: calc-dirty-rate did not finish within "
                              f"{calc_time_s + 15} s", answer=q)
 
-    async def mig_start(self, name: str, uri: str, capabilities: dict[str, bool],
-                        parameters: dict[str, Any]) -> dict[str, Any]:
+    async def mig_start(self, req: mp.Start) -> mp.Started:
+        name, uri = req.name, req.uri
         vm = self.agent.vm(name)
-        if name in self.jobs and self.jobs[name].final is None:
+        if self._migrating(name):
             raise LabStateError(f"VM {name} is already migrating", vm=name)
-        if not isinstance(uri, str) or not uri.startswith("tcp:"):
+        if not uri.startswith("tcp:"):
             raise LabError(f"mig_start: bad URI {uri!r}")
         listener = EventListener(("MIGRATION", "MIGRATION_PASS", "STOP"))
         vm.qmp.register_listener(listener)  # before anything that can cause these events
@@ -483,10 +501,10 @@ class MigrationHandlers:
         self.jobs[name] = job
         job.task = asyncio.ensure_future(self._follow(name, job))
         try:
-            caps = [{"capability": c, "state": bool(v)} for c, v in capabilities.items()]
+            caps = [{"capability": c, "state": v} for c, v in req.capabilities.items()]
             await self._exec(job, "migrate-set-capabilities", {"capabilities": caps})
-            if parameters:
-                await self._exec(job, "migrate-set-parameters", dict(parameters))
+            if req.parameters:
+                await self._exec(job, "migrate-set-parameters", dict(req.parameters))
             job.log_offset = await enable_checkpoints(vm)
             job.t0 = _now()
             await self._exec(job, "migrate", {"uri": uri})
@@ -494,10 +512,10 @@ class MigrationHandlers:
             await self._end_job(job)
             job.final = {"status": "failed"}
             raise
-        return {"t0": job.t0}
+        return mp.Started(t0=job.t0)
 
-    async def _exec(self, job: _Job, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        entry: dict[str, Any] = {"t": _now(), "cmd": cmd, "args": args}
+    async def _exec(self, job: _Job, cmd: str, args: dict[str, Json] | None = None) -> Json:
+        entry: dict[str, Json] = {"t": _now(), "cmd": cmd, "args": args}
         job.sent.append(entry)
         try:
             res = await job.vm.execute(cmd, args)
@@ -514,8 +532,7 @@ class MigrationHandlers:
             async for ev in job.listener:
                 t = _now()
                 kind = ev.get("event")
-                raw = ev.get("data")
-                data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+                data = ev.get("data")
                 if kind == "STOP" and job.stop_t is None:
                     job.stop_t = t
                 elif kind == "MIGRATION_PASS":
@@ -523,14 +540,20 @@ class MigrationHandlers:
                         q = await job.vm.execute("query-migrate", timeout=5.0)
                     except VmError:
                         continue
-                    rec = pass_record(q, t, job.t0, int(data.get("pass", len(job.passes) + 1)))
+                    pass_no = qmp_int(data, "pass")
+                    if pass_no is None:
+                        pass_no = len(job.passes) + 1
+                    rec = pass_record(q, t, job.t0, pass_no)
                     job.passes.append(rec)
-                    self.agent.publish(EVENT_PROGRESS, MigrationProgress(vm=name, t=t, pass_no=rec["pass"]))
+                    self.agent.publish(EVENT_PROGRESS,
+                                       mp.MigrationProgress(vm=name, t=t, pass_no=rec.pass_))
                 elif kind == "MIGRATION":
-                    status = str(data.get("status"))
+                    status = str(qmp_get(data, "status"))
                     job.status = status
-                    job.statuses.append({"t": t, "t_rel": round(t - job.t0, 4), "status": status})
-                    self.agent.publish(EVENT_PROGRESS, MigrationProgress(vm=name, t=t, status=status))
+                    job.statuses.append(mp.StatusChange(t=t, t_rel=round(t - job.t0, 4),
+                                                        status=status))
+                    self.agent.publish(EVENT_PROGRESS,
+                                       mp.MigrationProgress(vm=name, t=t, status=status))
                     if status in FINAL:
                         with contextlib.suppress(VmError):
                             job.final = await job.vm.execute("query-migrate", timeout=5.0)
@@ -549,22 +572,22 @@ class MigrationHandlers:
         with contextlib.suppress(Exception):
             job.vm.qmp.remove_listener(job.listener)
 
-    def _job(self, name: Any) -> _Job:
-        if not isinstance(name, str) or name not in self.jobs:
+    def _job(self, name: str) -> _Job:
+        if name not in self.jobs:
             raise LabStateError(f"host {self.agent.host} has no migration of {name!r}", vm=name)
         return self.jobs[name]
 
-    async def mig_status(self, name: str, since: int = 0) -> dict[str, Any]:
-        job = self._job(name)
+    async def mig_status(self, req: mp.StatusRequest) -> mp.SourceStatus:
+        job = self._job(req.name)
         vm = job.vm
-        now: dict[str, Any] | None = None
+        now: Json = None
         if vm.state is VmState.RUNNING:
             with contextlib.suppress(VmError):
                 now = await vm.execute("query-migrate", timeout=5.0)
-        if job.final is None and now is not None and now.get("status") in FINAL:
+        if job.final is None and qmp_str(now, "status") in FINAL:
             job.final = now  # QEMU's answer is final even if the event is still on its way
         if job.final is not None:
-            status = str(job.final.get("status", job.status))
+            status = qmp_str(job.final, "status") or job.status
         else:  # the event said final, its query-migrate is not back yet: not final for us
             status = job.status if job.status not in FINAL else "device"
         # the STOP as the VM's own listener timestamped it (job.stop_t is taken by _follow,
@@ -572,31 +595,32 @@ class MigrationHandlers:
         stop_t, stop_qemu_t = event_time(vm, "STOP", job.t0)
         if status in FINAL and job.checkpoints is None:
             job.checkpoints = read_checkpoints(vm, job.log_offset)
-        return {"status": status, "t0": job.t0, "passes": job.passes[since:],
-                "statuses": job.statuses, "now": now, "final": job.final,
-                "stop_t": stop_t if stop_t is not None else job.stop_t,
-                "stop_qemu_t": stop_qemu_t, "checkpoints": job.checkpoints or {},
-                "heartbeat": _hb(vm), "process": vm.state.value,
-                "returncode": vm.returncode, "t": _now()}
+        return mp.SourceStatus(
+            status=status, t0=job.t0, passes=job.passes[max(0, req.since):],
+            statuses=list(job.statuses), now=now, final=job.final,
+            stop_t=stop_t if stop_t is not None else job.stop_t, stop_qemu_t=stop_qemu_t,
+            checkpoints=job.checkpoints or {}, heartbeat=_hb(vm), process=vm.state.value,
+            returncode=vm.returncode, t=_now())
 
-    async def mig_set(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
-        job = self._job(name)
-        await self._exec(job, "migrate-set-parameters", dict(parameters))
-        return {"ok": True}
+    async def mig_set(self, req: mp.SetParameters) -> mp.Stamp:
+        job = self._job(req.name)
+        await self._exec(job, "migrate-set-parameters", dict(req.parameters))
+        return mp.Stamp(t=_now())
 
-    async def mig_continue(self, name: str) -> dict[str, Any]:
-        job = self._job(name)
+    async def mig_continue(self, req: VmName) -> mp.Stamp:
+        job = self._job(req.name)
         await self._exec(job, "migrate-continue", {"state": "pre-switchover"})
-        return {"t": _now()}
+        return mp.Stamp(t=_now())
 
-    async def mig_postcopy(self, name: str) -> dict[str, Any]:
-        job = self._job(name)
+    async def mig_postcopy(self, req: VmName) -> mp.Stamp:
+        job = self._job(req.name)
         await self._exec(job, "migrate-start-postcopy")
-        return {"t": _now()}
+        return mp.Stamp(t=_now())
 
-    async def mig_cancel(self, name: str, timeout: float = 15.0) -> dict[str, Any]:
+    async def mig_cancel(self, req: mp.Cancel) -> mp.Cancelled:
         """migrate_cancel, then wait until QEMU says the migration is over and the guest runs
         again (``cont`` if QEMU left it paused). Safe to call when nothing runs."""
+        name, timeout = req.name, req.timeout
         job = self.jobs.get(name)
         vm = self.agent.vm(name)
         t = _now()
@@ -607,7 +631,7 @@ class MigrationHandlers:
         status = "none"
         while _now() < deadline:
             q = await vm.execute("query-migrate", timeout=5.0)
-            status = str(q.get("status", "none"))
+            status = qmp_str(q, "status") or "none"
             if status in (*FINAL, "none"):
                 break
             await asyncio.sleep(0.05)
@@ -624,11 +648,12 @@ class MigrationHandlers:
             await self._end_job(job)
             if job.final is None:
                 job.final = {"status": status}
-        return {"status": status, "vm_status": run.get("status"), "resumed_by_us": resumed_by_us,
-                "took_s": _now() - t}
+        return mp.Cancelled(status=status, vm_status=qmp_str(run, "status"),
+                            resumed_by_us=resumed_by_us, took_s=_now() - t)
 
-    async def mig_source_finish(self, name: str) -> dict[str, Any]:
+    async def mig_source_finish(self, req: VmName) -> VmStopped:
         """The migration completed: stop the (paused) source QEMU and forget the VM here."""
+        name = req.name
         job = self.jobs.pop(name, None)
         vm = self.agent.vm(name)
         st = await vm.query_status(timeout=5.0)
@@ -637,4 +662,4 @@ class MigrationHandlers:
                                 "postmigrate: refusing to stop it", vm=name)
         if job is not None:
             await self._end_job(job)
-        return (await self.agent.vm_stop(VmStop(name, timeout=5.0))).to_wire()
+        return await self.agent.vm_stop(VmStop(name, timeout=5.0))

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
 
 from labctl.core.errors import MigrationError
 from labctl.hosts import protocol as hp
 from labctl.migration.driver import Endpoint, Migration
 from labctl.migration.policy import Policy, load_policy
 from labctl.migration.records import Recorder
+from labctl.migration.result import Record
 from labctl.state.context import LabContext
 
 MEM_RESERVE = 64 << 20  # bytes a QEMU needs beyond guest RAM (code, TCG translation cache)
@@ -26,7 +26,7 @@ MEM_RESERVE = 64 << 20  # bytes a QEMU needs beyond guest RAM (code, TCG transla
 async def migrate(ctx: LabContext, vm: str, to: str, *, sharing: list[str] | None,
                   dest_disk: hp.IscsiDisk | None, policy: str | Policy | None = None,
                   late_storage: bool | None = None,
-                  measure_dirty_rate: bool = False) -> dict[str, Any]:
+                  measure_dirty_rate: bool = False) -> Record:
     """Migrate ``vm`` to host ``to``; ``sharing`` lists the hosts that share its datastore
     (None: it has none). Returns the recorded result (``labctl migrations show ID``)."""
     pol = load_policy(policy)
@@ -72,7 +72,7 @@ async def migrate(ctx: LabContext, vm: str, to: str, *, sharing: list[str] | Non
                 f"{avail >> 20} MiB available", vm=vm, host=to, mem_available=avail)
         mig = Migration(vm, Endpoint(src_host, sc, src_row["address"]),
                         Endpoint(to, dc, dst["address"]), pol,
-                        dest_disk=None if dest_disk is None else dest_disk.to_wire(),
+                        dest_disk=dest_disk,
                         recorder=Recorder(inv), progress=ctx.progress,
                         measure_dirty_rate=measure_dirty_rate,
                         heartbeat_ms=int(row["heartbeat_ms"]))

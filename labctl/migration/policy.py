@@ -4,6 +4,7 @@ converge. Built-in policies by name, or a YAML file whose every error names its 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import yaml
 
 from labctl.core.errors import LabError
+from labctl.core.wire import Json
+from labctl.migration.protocol import Capabilities, Parameters, StorageMode
 
 UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s: QEMU's default cap is 128 MiB/s, so say "none" loudly
 ACTIONS = ("raise_downtime", "auto_converge", "postcopy", "cancel")
@@ -34,22 +37,22 @@ class Policy:
     auto_converge: bool = False  # throttling armed from the start at QEMU's own threshold
     multifd_channels: int = 0  # 0: a single stream
     postcopy: bool = False  # post-copy allowed (capability set on both sides)
-    storage: str = "early"  # "early" | "late" destination storage preparation
+    storage: StorageMode = "early"  # destination storage preparation
     convergence: Convergence = field(default_factory=Convergence)
     stall_timeout_s: float = 5.0  # no bytes moved for this long -> cancel
     timeout_s: float = 180.0
     lease_s: float = 10.0
 
-    def capabilities(self) -> dict[str, bool]:
+    def capabilities(self) -> Capabilities:
         ac = self.auto_converge or "auto_converge" in self.convergence.actions
         return {"events": True, "auto-converge": ac, "multifd": self.multifd_channels > 0,
                 "postcopy-ram": self.postcopy,
                 "pause-before-switchover": self.storage == "late"}
 
-    def parameters(self) -> dict[str, Any]:
+    def parameters(self) -> Parameters:
         bw = (UNLIMITED_BANDWIDTH if self.max_bandwidth_mib_s is None
               else int(self.max_bandwidth_mib_s * (1 << 20)))
-        p: dict[str, Any] = {"downtime-limit": self.downtime_limit_ms, "max-bandwidth": bw}
+        p: Parameters = {"downtime-limit": self.downtime_limit_ms, "max-bandwidth": bw}
         if self.multifd_channels > 0:
             p["multifd-channels"] = self.multifd_channels
         if "auto_converge" in self.convergence.actions and not self.auto_converge:
@@ -59,7 +62,8 @@ class Policy:
             p["throttle-trigger-threshold"] = 100
         return p
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Json]:
+        """The policy as JSON (stored with each migration)."""
         d = asdict(self)
         d["convergence"]["actions"] = list(self.convergence.actions)
         d["convergence"]["downtime_steps_ms"] = list(self.convergence.downtime_steps_ms)
@@ -103,8 +107,8 @@ def policy_from_dict(d: Any, source: str = "<policy>") -> Policy:
     if extra:
         raise _policy_error(source, extra[0], f"unknown field (known: {', '.join(sorted(known))})")
 
-    def num(key: str, lo: float, hi: float, integer: bool = False, src: dict[str, Any] = d,
-            prefix: str = "") -> Any:
+    def num(key: str, lo: float, hi: float, integer: bool = False, src: Mapping[str, object] = d,
+            prefix: str = "") -> int | float:
         v = src[key]
         if isinstance(v, bool) or not isinstance(v, int | float) or (integer and not isinstance(v, int)):
             raise _policy_error(source, prefix + key, f"must be {'an integer' if integer else 'a number'}")

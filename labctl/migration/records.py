@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 from labctl.core.errors import LabStateError
 from labctl.migration.convergence import Decision
 from labctl.migration.policy import Policy
+from labctl.migration.protocol import PassRecord
+from labctl.migration.result import MigrationResult, Record
 from labctl.state.inventory import Inventory, Schema
 
 #: each migration (its result JSON without passes and decisions), its passes and decisions
@@ -47,11 +48,11 @@ class Recorder:
         self.id = int(cur.lastrowid or 0)
         return self.id
 
-    def add_pass(self, rec: dict[str, Any]) -> None:
+    def add_pass(self, rec: PassRecord) -> None:
         if self.inv is not None and self.id is not None:
             self.inv.conn.execute(
                 "INSERT OR REPLACE INTO migration_passes(migration, pass, data) VALUES (?, ?, ?)",
-                (self.id, int(rec.get("pass") or 0), json.dumps(rec)))
+                (self.id, rec.pass_, json.dumps(rec.to_wire())))
 
     def add_decision(self, seq: int, d: Decision) -> None:
         if self.inv is not None and self.id is not None:
@@ -60,22 +61,21 @@ class Recorder:
                 "t_rel, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (self.id, seq, d.at_pass, d.action, d.reason, d.t_rel, json.dumps(d.detail)))
 
-    def finish(self, state: str, result: dict[str, Any]) -> None:
+    def finish(self, state: str, result: MigrationResult) -> None:
         if self.inv is not None and self.id is not None:
+            # passes and decisions have their own tables (get_migration reads them there)
+            stored = {k: v for k, v in result.to_wire().items()
+                      if k not in ("pass_records", "decisions")}
             self.inv.conn.execute(
                 "UPDATE migrations SET state=?, finished=?, total_ms=?, downtime_ms=?, "
                 "blackout_ms=?, passes=?, bytes=?, error=?, result=?, stop_to_resume_ms=? "
                 "WHERE id=?",
-                (state, time.time(), result.get("total_ms"), result.get("downtime_ms"),
-                 result.get("blackout_ms"), result.get("passes"), result.get("bytes_sent"),
-                 result.get("error"),
-                 # passes and decisions have their own tables (get_migration reads them there)
-                 json.dumps({k: v for k, v in result.items()
-                             if k not in ("pass_records", "decisions")}, default=str),
-                 result.get("stop_to_resume_ms"), self.id))
+                (state, time.time(), result.total_ms, result.downtime_ms, result.blackout_ms,
+                 result.passes, result.bytes_sent, result.error,
+                 json.dumps(stored, default=str), result.stop_to_resume_ms, self.id))
 
 
-def list_migrations(inv: Inventory) -> list[dict[str, Any]]:
+def list_migrations(inv: Inventory) -> list[Record]:
     rows = inv.conn.execute(
         "SELECT id, vm, source, dest, policy, storage, state, started, finished, total_ms, "
         "downtime_ms, stop_to_resume_ms, blackout_ms, passes, bytes, error FROM migrations "
@@ -88,7 +88,9 @@ def list_migrations(inv: Inventory) -> list[dict[str, Any]]:
     return out
 
 
-def get_migration(inv: Inventory, mid: int) -> dict[str, Any]:
+def get_migration(inv: Inventory, mid: int) -> Record:
+    """Migration ``mid`` as stored: its row, ``policy`` and ``result`` decoded, with its
+    ``pass_records`` and ``decisions``."""
     row = inv.conn.execute("SELECT * FROM migrations WHERE id=?", (mid,)).fetchone()
     if row is None:
         raise LabStateError(f"no migration {mid} in this lab (see: labctl migrations)", id=mid)

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from labctl.core.wire import Json
+from labctl.migration.protocol import PassRecord
+from labctl.migration.result import Record
 
 
-def pass_line(p: dict[str, Any]) -> str:
+def pass_line(p: PassRecord) -> str:
     """One pass record as a line (progress while migrating, ``labctl migrations show``)."""
-    rate = p.get("dirty_rate_bytes") or p.get("dirty_rate_est_bytes") or 0
-    return (f"pass {p['pass']:>3} t={p['t_rel']:7.3f}s sync {p.get('dirty_sync_count')} sent "
-            f"{int(p.get('transferred') or 0) >> 20:5d} MiB remaining "
-            f"{int(p.get('remaining') or 0) >> 20:5d} MiB dirty {rate / 1e6:6.1f} MB/s expected "
-            f"downtime {p.get('expected_downtime_ms')} ms throttle {p.get('throttle_pct')}%")
+    rate = p.dirty_rate_bytes or p.dirty_rate_est_bytes or 0
+    return (f"pass {p.pass_:>3} t={p.t_rel:7.3f}s sync {p.dirty_sync_count} sent "
+            f"{(p.transferred or 0) >> 20:5d} MiB remaining "
+            f"{(p.remaining or 0) >> 20:5d} MiB dirty {rate / 1e6:6.1f} MB/s expected "
+            f"downtime {p.expected_downtime_ms} ms throttle {p.throttle_pct}%")
 
 
-def fmt_num(v: Any, w: int = 8) -> str:
+def fmt_num(v: Json, w: int = 8) -> str:
     return f"{v:>{w}.0f}" if isinstance(v, int | float) else f"{'-':>{w}}"
 
 
-def print_result(r: dict[str, Any]) -> None:
+def print_result(r: Record) -> None:
+    """A migration's record (as stored, or as ``Migration.run`` returned it) for people."""
     print(f"migration {r.get('id')}: {r.get('vm')} {r.get('source')} -> {r.get('dest')}: "
           f"{r.get('state', 'completed')} (policy {r.get('policy')}, storage {r.get('storage')})")
     if r.get("error"):

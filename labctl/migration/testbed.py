@@ -29,9 +29,11 @@ from labctl.core.proc import netns_argv
 from labctl.core.rpc import RpcClient
 from labctl.core.secret import write_secret
 from labctl.drivers import netlink as netns
+from labctl.hosts import protocol as hp
 from labctl.migration.driver import Endpoint, Migration
 from labctl.migration.policy import Policy
 from labctl.migration.records import MIGRATIONS, Recorder
+from labctl.migration.result import Record
 from labctl.state.context import Progress, quiet
 from labctl.state.inventory import Inventory
 
@@ -138,13 +140,11 @@ class PairTestbed:
         return self.clients[h]
 
     async def start_vm(self, rate_mib_s: int = 0, wss_mib: int = 64,
-                       heartbeat_ms: int = 100) -> dict[str, Any]:
-        res: dict[str, Any] = await self.clients[self.vm_host].call(
-            "vm_start", timeout=120, spec={
-                "name": self.vm, "memory_mib": self.memory_mib, "accel": "tcg",
-                "rate_mib_s": rate_mib_s, "wss_mib": wss_mib, "heartbeat_ms": heartbeat_ms,
-                "disk": {"kind": "file", "path": str(self.disk)}})
-        return res
+                       heartbeat_ms: int = 100) -> hp.VmStarted:
+        return await hp.VM_START.call(self.clients[self.vm_host], hp.VmStart(hp.VmStartSpec(
+            name=self.vm, memory_mib=self.memory_mib, accel="tcg", rate_mib_s=rate_mib_s,
+            wss_mib=wss_mib, heartbeat_ms=heartbeat_ms, disk=hp.FileDisk(self.disk))),
+            timeout=120)
 
     def other(self, h: str) -> str:
         return "b" if h == "a" else "a"
@@ -157,7 +157,7 @@ class PairTestbed:
                          Endpoint(dst, self.clients[dst], self.hosts[dst]), policy,
                          recorder=Recorder(self.inv), progress=self.progress, **kw)
 
-    async def migrate(self, policy: Policy, to: str | None = None) -> dict[str, Any]:
+    async def migrate(self, policy: Policy, to: str | None = None) -> Record:
         res = await self.migration(policy, to).run()
         self.vm_host = res["dest"]
         return res

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from labctl.core.errors import LabError, MissingDependency
+from labctl.core.wire import Json
+from labctl.migration.result import Record
 
 #: QEMU's vmstate_downtime_checkpoint names, as the zoom labels them
 _STAGES = (("src-iterable-saved", "source: final RAM sent"),
@@ -24,7 +26,7 @@ _STAGES = (("src-iterable-saved", "source: final RAM sent"),
            ("dst-precopy-loadvm-completed", "destination: all loaded"))
 
 
-def plot(mig: dict[str, Any], path: Path, title: str | None = None) -> Path:
+def plot(mig: Record, path: Path, title: str | None = None) -> Path:
     """Write the PNG for ``mig`` (a result dict as stored: pass_records, t0, stop_t, resume_t,
     switchover, heartbeat, decisions, total_ms...) to ``path``."""
     try:
@@ -112,12 +114,12 @@ def plot(mig: dict[str, Any], path: Path, title: str | None = None) -> Path:
     return path
 
 
-def _ms(v: Any) -> str:
+def _ms(v: Json) -> str:
     return f"{v:.0f} ms" if isinstance(v, int | float) else "-"
 
 
 def _zoom(ax: Any, stop: float, resume: float, last_hb: float, first_hb: float,
-          sw: dict[str, Any]) -> None:
+          sw: dict[str, Json]) -> None:
     """The switchover in ms after the source's STOP, as stacked bars."""
     def rel(t: float) -> float:
         return (t - stop) * 1000
