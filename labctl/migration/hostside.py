@@ -269,8 +269,9 @@ class MigrationHandlers:
                 await vm.execute("migrate-incoming", {"uri": f"tcp:{listen}:0"})
                 q = await vm.execute("query-migrate")
                 addrs = qmp_get(q, "socket-address")
-                port = qmp_int(addrs[0], "port") if isinstance(addrs, list) and addrs else None
-                if port is None:
+                # QMP's InetSocketAddress carries the port as a string
+                port = qmp_get(addrs[0], "port") if isinstance(addrs, list) and addrs else None
+                if not (isinstance(port, str) and port.isdigit()):
                     raise vm._error("the incoming QEMU reports no listening address", answer=q)
                 inc.uri = f"tcp:{listen}:{port}"
                 inc.timings["listen_s"] = _now() - t

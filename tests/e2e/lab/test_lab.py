@@ -207,7 +207,7 @@ def test_demo_runs_the_flagship_scenario_and_leaves_nothing(lab_home: Path, tmp_
     """What the README's first command runs (`labctl demo`), on the default lab's topology
     (moved to a subnet of its own): alive, migrated there and back with the guest verified,
     the datastore grown and seen by both hosts and the guest, then torn down."""
-    default = (Path(__file__).parent.parent / "labs" / "default.yaml").read_text()
+    default = (Path(__file__).resolve().parents[3] / "labs" / "default.yaml").read_text()
     assert "10.231.0.0/24" in default and "name: default" in default
     topo = tmp_path / "demo.yaml"
     topo.write_text(default.replace("10.231.0.0/24", "10.231.44.0/24")

@@ -22,7 +22,7 @@ vms: [{name: vm1, host: h1, datastore: ds1}]
 
 
 def test_default_lab_is_valid() -> None:
-    topo = topology.load(Path(__file__).parent.parent / "labs" / "default.yaml")
+    topo = topology.load(Path(__file__).resolve().parents[3] / "labs" / "default.yaml")
     assert [h.name for h in topo.hosts] == ["host1", "host2"]
     assert topo.datastores[0].hosts == ("host1", "host2")
     assert topo.vms[0].host == "host1"

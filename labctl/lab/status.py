@@ -1,0 +1,167 @@
+"""``labctl status``: the lab as the inventory records it and its agents report it now.
+
+The reply is typed (:class:`LabStatus`); ``labctl status --json`` prints its wire form, so
+these messages are the JSON contract of that command: every key is always present (null
+when unknown, e.g. a stopped VM's heartbeat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from labctl.core.errors import AgentError
+from labctl.core.wire import Message
+from labctl.hosts import protocol as hp
+from labctl.state.context import LabContext
+from labctl.storage import protocol as sp
+
+
+@dataclass(frozen=True)
+class HostState(Message):
+    name: str
+    site: str
+    address: str
+    initiator_iqn: str
+    netns: str
+    #: "up", "unreachable: <why>", or the inventory's state when the agent was not asked
+    agent: str
+
+
+@dataclass(frozen=True)
+class NodeState(Message):
+    name: str
+    site: str
+    address: str
+    target_iqn: str
+    domain: str
+    state: str
+    #: "up <seconds> s", "unreachable: <why>", or the inventory's state
+    agent: str
+
+
+@dataclass(frozen=True)
+class Seen(Message):
+    """What one host last read of a datastore over iSCSI."""
+
+    naa: str | None
+    size_bytes: int | None
+
+
+@dataclass(frozen=True)
+class DatastoreState(Message):
+    name: str
+    node: str
+    #: the NAA ID the sharing hosts saw (the inventory's when they disagree or saw nothing)
+    naa: str | None
+    lun: int | None
+    size_bytes: int
+    state: str
+    hosts: list[str]
+    seen_by: dict[str, Seen]
+
+
+@dataclass(frozen=True)
+class VmState(Message):
+    name: str
+    host: str
+    datastore: str | None
+    memory_bytes: int
+    #: QEMU's run state when the host reports the VM, else the inventory's
+    state: str
+    heartbeat_ms: int
+    pid: int | None = None
+    heartbeat: hp.HeartbeatAge | None = None
+    disk_counter: int | None = None
+    #: for checks from outside labctl: a QMP monitor labctl never uses, the console log
+    qmp_check_socket: str | None = None
+    console_log: str | None = None
+
+
+@dataclass(frozen=True)
+class Step(Message):
+    name: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LabStatus(Message):
+    lab: str
+    state: str | None
+    accel: str | None
+    topology: str | None
+    hosts: list[HostState] = field(default_factory=list)
+    storage_nodes: list[NodeState] = field(default_factory=list)
+    datastores: list[DatastoreState] = field(default_factory=list)
+    vms: list[VmState] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+
+    def vm(self, name: str) -> VmState:
+        return next(v for v in self.vms if v.name == name)
+
+    def datastore(self, name: str | None) -> DatastoreState | None:
+        return next((d for d in self.datastores if d.name == name), None)
+
+
+async def status(ctx: LabContext) -> LabStatus:
+    """Ask every host and storage agent that should be up, in parallel (2-5 s bounds)."""
+    inv = ctx.inv
+    hosts = inv.rows("hosts")
+    nodes = inv.rows("storage_nodes")
+    live: dict[str, tuple[str, hp.VmStatus]] = {}
+    agent: dict[str, str] = {}
+    node_agent: dict[str, str] = {}
+
+    async def probe_host(name: str) -> None:
+        try:
+            async with ctx.host_client(name, timeout=2.0) as c:
+                await hp.PING.call(c, timeout=3)
+                agent[name] = "up"
+                for v in (await hp.VM_LIST.call(c, timeout=5)).vms:
+                    live[v.name] = (name, v)
+        except AgentError as exc:
+            agent[name] = f"unreachable: {exc.message}"
+
+    async def probe_node(name: str) -> None:
+        try:
+            async with ctx.storage_client(name, timeout=2.0) as c:
+                node_agent[name] = f"up {(await sp.PING.call(c, timeout=3)).uptime_s:.0f} s"
+        except AgentError as exc:
+            node_agent[name] = f"unreachable: {exc.message}"
+
+    await asyncio.gather(*(probe_host(h["name"]) for h in hosts if h["state"] == "up"),
+                         *(probe_node(n["name"]) for n in nodes if n["state"] == "up"))
+    stores = []
+    for d in inv.rows("datastores"):
+        shares = inv.rows("datastore_hosts", datastore=d["name"])
+        seen = {s["seen_naa"] for s in shares if s["seen_naa"]}
+        stores.append(DatastoreState(
+            name=d["name"], node=d["node"], naa=seen.pop() if len(seen) == 1 else d["naa"],
+            lun=d["lun"], size_bytes=d["size_bytes"], state=d["state"],
+            hosts=[s["host"] for s in shares],
+            seen_by={s["host"]: Seen(s["seen_naa"], s["seen_size"]) for s in shares}))
+    vms = []
+    for v in inv.rows("vms"):
+        base = VmState(name=v["name"], host=v["host"], datastore=v["datastore"],
+                       memory_bytes=v["memory"], state=v["state"],
+                       heartbeat_ms=v["heartbeat_ms"])
+        if v["name"] in live:
+            host, st = live[v["name"]]
+            base = base.replace(host=host, state=st.state, pid=st.pid, heartbeat=st.heartbeat,
+                                disk_counter=st.disk_counter,
+                                qmp_check_socket=st.qmp_check_socket, console_log=st.console_log)
+        elif v["state"] == "running":
+            base = base.replace(state="unknown (its host agent does not report it)")
+        vms.append(base)
+    return LabStatus(
+        lab=ctx.name, state=inv.get_meta("state"), accel=inv.get_meta("accel"),
+        topology=inv.get_meta("topology_source"),
+        hosts=[HostState(name=h["name"], site=h["site"], address=h["address"],
+                         initiator_iqn=h["initiator_iqn"], netns=h["netns"],
+                         agent=agent.get(h["name"], h["state"])) for h in hosts],
+        storage_nodes=[NodeState(name=n["name"], site=n["site"], address=n["address"],
+                                 target_iqn=n["target_iqn"], domain=n["domain"],
+                                 state=n["state"], agent=node_agent.get(n["name"], n["state"]))
+                       for n in nodes],
+        datastores=stores, vms=vms,
+        steps=[Step(s["name"], round(s["seconds"], 3)) for s in inv.rows("steps")])
