@@ -8,7 +8,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from labctl.cli import migration as migration_cli
 from labctl.cli import storage as storage_cli
@@ -16,6 +15,7 @@ from labctl.core.errors import LabError
 from labctl.core.paths import repo_root
 from labctl.lab import topology
 from labctl.lab.face import Lab
+from labctl.lab.status import LabStatus
 from labctl.scenarios import demo
 
 DEFAULT_TOPOLOGY = "labs/default.yaml"
@@ -94,13 +94,13 @@ async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
         status = await lab.up(topo)
         _print_status(status)
         if args.cmd == "demo":
-            return await demo.run(lab, status, args.keep, print_status=_print_status)
+            return await demo.run(lab, status, args.keep)
         return 0
     lab = Lab.find(args.lab, progress=progress)
     if args.cmd == "status":
         status = await lab.status()
         if args.json:
-            print(json.dumps(status, indent=2))
+            print(json.dumps(status.to_wire(), indent=2))
         else:
             _print_status(status)
         return 0
@@ -129,23 +129,21 @@ async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
     raise AssertionError(args.cmd)
 
 
-def _print_status(s: dict[str, Any]) -> None:
-    print(f"lab {s['lab']}: {s['state']} (accel {s.get('accel')})")
-    for n in s["storage_nodes"]:
-        print(f"  storage {n['name']:8} {n['address']:15} {n['target_iqn']}  "
-              f"[agent {n.get('agent', n['state'])}]")
-    for h in s["hosts"]:
-        print(f"  host    {h['name']:8} {h['address']:15} {h['initiator_iqn']}  [agent {h['agent']}]")
-    for d in s["datastores"]:
-        print(f"  datastore {d['name']:6} {d['naa']}  {d['size_bytes'] >> 20} MiB  "
-              f"on {d['node']} lun {d['lun']}  hosts {','.join(d['hosts'])}")
-        for host, seen in d.get("seen_by", {}).items():
-            if seen.get("naa"):
-                print(f"    seen by {host} over iSCSI: {seen['naa']}, {seen['size_bytes']} bytes")
-    for v in s["vms"]:
-        hb = v.get("heartbeat") or {}
-        beat = f"  heartbeat #{hb.get('counter')}" if hb else ""
-        print(f"  vm      {v['name']:8} on {v['host']:8} {v['state']}{beat}")
+def _print_status(s: LabStatus) -> None:
+    print(f"lab {s.lab}: {s.state} (accel {s.accel})")
+    for n in s.storage_nodes:
+        print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}  [agent {n.agent}]")
+    for h in s.hosts:
+        print(f"  host    {h.name:8} {h.address:15} {h.initiator_iqn}  [agent {h.agent}]")
+    for d in s.datastores:
+        print(f"  datastore {d.name:6} {d.naa}  {d.size_bytes >> 20} MiB  "
+              f"on {d.node} lun {d.lun}  hosts {','.join(d.hosts)}")
+        for host, seen in d.seen_by.items():
+            if seen.naa:
+                print(f"    seen by {host} over iSCSI: {seen.naa}, {seen.size_bytes} bytes")
+    for v in s.vms:
+        beat = f"  heartbeat #{v.heartbeat.counter}" if v.heartbeat else ""
+        print(f"  vm      {v.name:8} on {v.host:8} {v.state}{beat}")
 
 
 if __name__ == "__main__":

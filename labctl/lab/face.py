@@ -8,19 +8,20 @@ event loop.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from labctl.core.errors import AgentError, LabError, LabStateError, TopologyError
+from labctl.core.errors import LabError, LabStateError, TopologyError
 from labctl.datastores import service as datastores
 from labctl.datastores.tables import DATASTORES
 from labctl.guest.protocol import HEARTBEAT_MS_MAX, HEARTBEAT_MS_MIN, valid_heartbeat_ms
 from labctl.hosts import protocol as hp
 from labctl.lab import bringup, teardown, vms
+from labctl.lab.status import LabStatus
+from labctl.lab.status import status as lab_status
 from labctl.lab.topology import Topology
 from labctl.migration import inlab
 from labctl.migration.policy import Policy
@@ -28,7 +29,6 @@ from labctl.migration.records import MIGRATIONS, get_migration, list_migrations
 from labctl.state.context import LabContext, Progress, quiet
 from labctl.state.inventory import Inventory
 from labctl.state.labdir import LabDir, existing_labs
-from labctl.storage import protocol as sp
 
 #: every feature's inventory tables, each declared next to its feature
 SCHEMAS = (DATASTORES, MIGRATIONS)
@@ -70,7 +70,7 @@ class Lab:
             inv.close()
 
     # ------------------------------------------------------------------ up
-    async def up(self, topo: Topology) -> dict[str, Any]:
+    async def up(self, topo: Topology) -> LabStatus:
         """Bring the lab up. Idempotent for the same topology; refuses a different one."""
         if topo.name != self.name:
             raise TopologyError(topo.source, "name", f"names lab {topo.name}, not {self.name}")
@@ -160,76 +160,10 @@ class Lab:
             return list_migrations(ctx.inv) if mid is None else get_migration(ctx.inv, mid)
 
     # ------------------------------------------------------------------ status
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> LabStatus:
+        """The lab as the inventory records it and its agents report it now."""
         with self.context() as ctx:
-            return await self._status(ctx)
-
-    async def _status(self, ctx: LabContext) -> dict[str, Any]:
-        inv = ctx.inv
-        hosts = inv.rows("hosts")
-        vm_live: dict[str, dict[str, Any]] = {}
-        agent_state: dict[str, str] = {}
-
-        async def probe(host: dict[str, Any]) -> None:
-            try:
-                async with ctx.host_client(host["name"], timeout=2.0) as c:
-                    await hp.PING.call(c, timeout=3)
-                    agent_state[host["name"]] = "up"
-                    for v in (await hp.VM_LIST.call(c, timeout=5)).vms:
-                        vm_live[v.name] = {**v.to_wire(), "host": host["name"]}
-            except AgentError as exc:
-                agent_state[host["name"]] = f"unreachable: {exc.message}"
-
-        node_state: dict[str, str] = {}
-
-        async def probe_node(node: dict[str, Any]) -> None:
-            try:
-                async with ctx.storage_client(node["name"], timeout=2.0) as c:
-                    up = await sp.PING.call(c, timeout=3)
-                    node_state[node["name"]] = f"up {up.uptime_s:.0f} s"
-            except AgentError as exc:
-                node_state[node["name"]] = f"unreachable: {exc.message}"
-
-        await asyncio.gather(*(probe(h) for h in hosts if h["state"] == "up"),
-                             *(probe_node(n) for n in inv.rows("storage_nodes") if n["state"] == "up"))
-        out_hosts = [{"name": h["name"], "site": h["site"], "address": h["address"],
-                      "initiator_iqn": h["initiator_iqn"], "netns": h["netns"],
-                      "agent": agent_state.get(h["name"], h["state"])} for h in hosts]
-        nodes = [{"name": n["name"], "site": n["site"], "address": n["address"],
-                  "target_iqn": n["target_iqn"], "domain": n["domain"], "state": n["state"],
-                  "agent": node_state.get(n["name"], n["state"])}
-                 for n in inv.rows("storage_nodes")]
-        stores = []
-        for d in inv.rows("datastores"):
-            shares = inv.rows("datastore_hosts", datastore=d["name"])
-            seen = {s["seen_naa"] for s in shares if s["seen_naa"]}
-            stores.append({
-                "name": d["name"], "node": d["node"], "naa": seen.pop() if len(seen) == 1 else d["naa"],
-                "lun": d["lun"], "size_bytes": d["size_bytes"], "state": d["state"],
-                "hosts": [s["host"] for s in shares],
-                "seen_by": {s["host"]: {"naa": s["seen_naa"], "size_bytes": s["seen_size"]}
-                            for s in shares},
-            })
-        vms = []
-        for v in inv.rows("vms"):
-            live = vm_live.get(v["name"])
-            entry: dict[str, Any] = {"name": v["name"], "host": v["host"], "datastore": v["datastore"],
-                                     "memory_bytes": v["memory"], "state": v["state"],
-                                     "heartbeat_ms": v["heartbeat_ms"]}
-            if live is not None:
-                entry.update(host=live["host"], state=live.get("state", "running"),
-                             pid=live.get("pid"), heartbeat=live.get("heartbeat"),
-                             qmp_check_socket=live.get("qmp_check_socket"),
-                             console_log=live.get("console_log"),
-                             disk_counter=live.get("disk_counter"))
-            elif v["state"] == "running":
-                entry["state"] = "unknown (its host agent does not report it)"
-            vms.append(entry)
-        return {"lab": self.name, "state": inv.get_meta("state"), "accel": inv.get_meta("accel"),
-                "topology": inv.get_meta("topology_source"), "hosts": out_hosts,
-                "storage_nodes": nodes, "datastores": stores, "vms": vms,
-                "steps": [{"name": s["name"], "seconds": round(s["seconds"], 3)}
-                          for s in inv.rows("steps")]}
+            return await lab_status(ctx)
 
     # ------------------------------------------------------------------ down
     async def down(self) -> list[str]:

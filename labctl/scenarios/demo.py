@@ -6,60 +6,57 @@ storage node and every sharing host, and the guest itself, see the new size."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
 
 from labctl.datastores import rescan
 from labctl.datastores import service as datastores
 from labctl.lab.face import Lab
+from labctl.lab.status import LabStatus
 from labctl.migration.report import print_result
 
 
-async def run(lab: Lab, status: dict[str, Any], keep: bool,
-              print_status: Callable[[dict[str, Any]], None] | None = None) -> int:
+async def run(lab: Lab, status: LabStatus, keep: bool) -> int:
     """Run the scenario; 0 when every step verified, else 1 (``demo: FAILED: ...``)."""
     failures: list[str] = []
     try:
-        for vm in status["vms"]:
-            if vm["state"] != "running":
+        for vm in status.vms:
+            if vm.state != "running":
                 continue
-            name = vm["name"]
-            first = vm.get("heartbeat") or {}
+            name = vm.name
+            first = vm.heartbeat.counter if vm.heartbeat else 0
             await asyncio.sleep(2)
             again = await lab.status()
-            now = next(v for v in again["vms"] if v["name"] == name)
-            hb = now.get("heartbeat") or {}
-            delta = (hb.get("counter") or 0) - (first.get("counter") or 0)
-            print(f"VM {name} on {now['host']}: heartbeat {first.get('counter')} -> "
-                  f"{hb.get('counter')} in 2 s ({delta} beats)")
+            now = again.vm(name)
+            last = now.heartbeat.counter if now.heartbeat else 0
+            print(f"VM {name} on {now.host}: heartbeat {first} -> {last} in 2 s "
+                  f"({last - first} beats)")
             answer = await lab.vm_console(name, "read")
             print(f"VM {name}: disk counter read back from the LUN: {answer.split()[-1]} "
-                  f"(last heartbeat reported {now.get('disk_counter')})")
-            if delta <= 0 or not answer.startswith("DISK read"):
+                  f"(last heartbeat reported {now.disk_counter})")
+            if last <= first or not answer.startswith("DISK read"):
                 failures.append(f"VM {name} shows no heartbeat progress or disk read")
                 continue
-            ds = next((d for d in again["datastores"] if d["name"] == now.get("datastore")), None)
+            ds = again.datastore(now.datastore)
             if ds is None:
                 continue
-            home = now["host"]
-            peers = [h for h in ds["hosts"] if h != home]
+            home = now.host
+            peers = [h for h in ds.hosts if h != home]
             for to in peers[:1] + ([home] if peers else []):
                 print(f"\n$ labctl migrate {name} --to {to}")
                 res = await lab.migrate(name, to)
                 print_result(res)
                 if not (res.get("heartbeat", {}).get("continues") and res.get("disk", {}).get("ok")):
                     failures.append(f"migration of {name} to {to} did not verify")
-            grow = ds["size_bytes"] + (64 << 20)
-            print(f"\n$ labctl datastore resize {ds['name']} {grow >> 20}M")
+            grow = ds.size_bytes + (64 << 20)
+            print(f"\n$ labctl datastore resize {ds.name} {grow >> 20}M")
             with lab.context() as ctx:
-                resized = await datastores.resize(ctx, ds["name"], grow)
+                resized = await datastores.resize(ctx, ds.name, grow)
             if resized.event is not None:
                 print(rescan.format_event(resized.event))
             size = (await lab.vm_console(name, "size")).split()
             print(f"VM {name}: the guest sees its disk as {size[-1]} bytes "
                   f"({'' if size[-1] == str(grow) else 'NOT '}the new size)")
             if resized.event is None or str(grow) not in size:
-                failures.append(f"the resize of {ds['name']} did not reach every sharing host "
+                failures.append(f"the resize of {ds.name} did not reach every sharing host "
                                 f"and the guest")
     finally:
         if not keep:
