@@ -18,14 +18,11 @@ import asyncio
 import collections
 import contextlib
 import enum
-import functools
 import json
 import logging
 import os
-import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -532,16 +529,3 @@ class QemuVm:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-# ---- QEMU facts -----------------------------------------------------------------
-
-@functools.cache
-def qemu_version(qemu: str = QEMU_BINARY) -> str:
-    """``"10.0.2"``; raises MissingDependency when QEMU is absent. Asked once per process
-    (``qemu --version`` takes ~0.2 s here, and agents report it on every ping)."""
-    path = which(qemu, "install qemu-system-x86 (scripts/setup.sh)")
-    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
-                         check=False).stdout
-    m = re.search(r"version ([0-9][0-9.]*)", out)
-    return m.group(1) if m else out.strip().splitlines()[0] if out.strip() else "unknown"

@@ -5,8 +5,6 @@ Agent side: each host agent probes its own machine."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -14,10 +12,10 @@ import threading
 from pathlib import Path
 
 from labctl.core.errors import LabError
-from labctl.core.paths import cache_dir
-from labctl.drivers.qemu import QemuVm, qemu_version
+from labctl.drivers.qemu import QemuVm
 from labctl.guest.image import ensure_guest_image
 from labctl.guest.protocol import boot_args
+from labctl.hosts import accelcache
 from labctl.hosts.protocol import VmSpec
 
 log = logging.getLogger(__name__)
@@ -41,33 +39,17 @@ def kvm_usable(timeout: float = 10.0) -> bool:
         except OSError:
             _kvm_answer = False
             return False
-        key = _kvm_cache_key()
-        cache = cache_dir() / "kvm-probe.json"
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            data = json.loads(cache.read_text())
-            if data["key"] == key:
-                _kvm_answer = bool(data["usable"])
-                return _kvm_answer
+        known = accelcache.cached()
+        if known is not None:
+            _kvm_answer = known
+            return known
         try:  # callers run this in a thread of its own, which has no event loop
             _kvm_answer = bool(asyncio.run(_probe_kvm(timeout)))
         except Exception:  # a probe that cannot even run means "not usable"
             log.exception("KVM probe failed")
             _kvm_answer = False
-        with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"key": key, "usable": _kvm_answer}) + "\n")
+        accelcache.remember(_kvm_answer)
         return _kvm_answer
-
-
-def _kvm_cache_key() -> str:
-    boot = ""
-    with contextlib.suppress(OSError):
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    try:
-        ver = qemu_version()
-    except LabError:
-        ver = "none"
-    return f"{boot} {ver}"
 
 
 async def _probe_kvm(timeout: float) -> bool:

@@ -27,11 +27,12 @@ from labctl.core.names import QEMU_BINARY
 from labctl.core.proc import which
 from labctl.core.rpc import Handler, RpcServer
 from labctl.core.wire import Empty, Json, Message, handlers
-from labctl.drivers.qemu import QemuVm, VmState, qemu_version
+from labctl.drivers.qemu import QemuVm, VmState
 from labctl.guest import protocol as guest
 from labctl.guest.image import ensure_guest_image
 from labctl.hosts import protocol as p
 from labctl.hosts.accel import kvm_usable
+from labctl.hosts.accelcache import qemu_version
 
 log = logging.getLogger("labctl.agents.host")
 

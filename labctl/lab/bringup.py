@@ -27,6 +27,7 @@ from labctl.datastores import rescan
 from labctl.datastores import service as datastores
 from labctl.drivers import netlink
 from labctl.guest.image import GuestImage, ensure_guest_image
+from labctl.hosts import accelcache
 from labctl.hosts.provider import HostPlan, NamespaceHosts, spawn_owned
 from labctl.lab import vms
 from labctl.lab.topology import Topology
@@ -95,8 +96,12 @@ def check_disk_space(topo: Topology, where: Path) -> None:
 
 
 async def probe_accel() -> str:
-    """"kvm" or "tcg" for the storage node's libvirt domain: asked of an agent-side probe
-    process (the controller never runs QEMU itself); cached per boot by the probe."""
+    """"kvm" or "tcg" for the storage node's libvirt domain: the probe's cached answer for
+    this boot, else asked of an agent-side probe process (the controller never runs a QEMU
+    guest itself)."""
+    known = await asyncio.to_thread(accelcache.cached)
+    if known is not None:
+        return "kvm" if known else "tcg"
     res = await run([sys.executable, "-m", "labctl.agents.probe"], timeout=60,
                     what="accelerator probe")
     answer = json.loads(res.stdout)
