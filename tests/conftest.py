@@ -128,8 +128,10 @@ def outside_size(lab: str, host: str, m: dict[str, Any]) -> int:
     return int(res.stdout.strip())
 
 
-def leftovers(lab: str, lab_dir: Path) -> list[str]:
-    """Everything of lab ``lab`` that still exists, looked up without labctl's help."""
+def leftovers(lab: str, lab_dir: Path, records_kept: bool = False) -> list[str]:
+    """Everything of lab ``lab`` that still exists, looked up without labctl's help; with
+    ``records_kept``, the lab directory may remain (``down`` keeps it) but nothing may run
+    or be configured."""
     found: list[str] = []
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     found += [f"netns {line.split()[0]}" for line in ns.splitlines()
@@ -154,7 +156,7 @@ def leftovers(lab: str, lab_dir: Path) -> list[str]:
     log = Path(f"/var/log/libvirt/qemu/labctl-{lab}-stor1.log")
     if log.exists():
         found.append(f"file {log}")
-    if lab_dir.exists():
+    if lab_dir.exists() and not records_kept:
         found.append(f"directory {lab_dir}")
     return found
 
@@ -172,6 +174,9 @@ def module_lab(name: str, topo_text: str, lab_home: Path,
         yield topo
     finally:
         labctl("--lab", name, "down", check=False)
+    # down keeps the records; nothing of the lab runs or is configured any more
+    assert leftovers(name, lab_home / "labs" / name, records_kept=True) == []
+    labctl("--lab", name, "down", "--purge")
     assert leftovers(name, lab_home / "labs" / name) == []
 
 

@@ -1,149 +1,75 @@
-"""The labctl command line: a thin face over ``labctl.lab.Lab``."""
+"""The labctl command line: parse (labctl/cli/args.py), run the command's module, and keep
+the promises every command makes: results on stdout, progress on stderr; with ``--json``
+stdout holds exactly one JSON document, a failure included (``{"error": {...}}``, exit 1);
+an error is one line, never a traceback; Ctrl-C ends a read-only command quietly (130); a
+closed pipe (``| head``) ends it quietly (0)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
+import os
 import sys
-import time
-from pathlib import Path
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from labctl.cli import migration as migration_cli
-from labctl.cli import storage as storage_cli
+from labctl.cli.args import HANDLERS, parser
+from labctl.cli.progress import Progress
 from labctl.core.errors import LabError
-from labctl.core.paths import repo_root
-from labctl.lab import topology
-from labctl.lab.face import Lab
-from labctl.lab.status import LabStatus
-from labctl.scenarios import demo
 
-DEFAULT_TOPOLOGY = "labs/default.yaml"
+#: commands that only read: Ctrl-C ends them quietly
+READ_ONLY = {"status", "ls", "logs", "events", "validate", "migration", "migrations"}
 
 
-class _Progress:
-    def __init__(self, quiet: bool) -> None:
-        self.t0 = time.monotonic()
-        self.quiet = quiet
-
-    def __call__(self, msg: str) -> None:
-        if not self.quiet:
-            print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _default_topology() -> Path:
-    here = Path(DEFAULT_TOPOLOGY)
-    return here if here.exists() else repo_root() / DEFAULT_TOPOLOGY
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="labctl", description="Lab testbed for virtualization scenarios.")
-    p.add_argument("--lab", help="which lab (default: the only one, or the topology's name)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("up", help="bring a lab up from a topology file")
-    up.add_argument("file", nargs="?", help=f"topology file (default {DEFAULT_TOPOLOGY})")
-    st = sub.add_parser("status", help="show the lab")
-    st.add_argument("--json", action="store_true")
-    vm = sub.add_parser("vm", help="start or stop a VM, or talk to its test guest")
-    vm.add_argument("action", choices=["start", "stop", "console"])
-    vm.add_argument("name")
-    vm.add_argument("command", nargs="*",
-                    help="with console: rate MB/s | wss MiB | read | sync "
-                         "(none: print the last console lines)")
-    sub.add_parser("down", help="tear the lab down (removes exactly what it created)")
-    demo = sub.add_parser("demo", help="bring up the default lab, show its VM alive, migrate it "
-                                          "there and back, grow its datastore, tear down")
-    demo.add_argument("file", nargs="?", help=f"topology file (default {DEFAULT_TOPOLOGY})")
-    demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
-    val = sub.add_parser("validate", help="check a topology file without building anything")
-    val.add_argument("file")
-    migration_cli.add_parsers(sub)
-    storage_cli.add_parsers(sub)
-    return p
+Runner = Callable[[argparse.Namespace, Progress], Coroutine[Any, Any, int]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    progress = _Progress(args.quiet)
+    args = parser().parse_args(argv)
+    progress = Progress(args.quiet)
+    # the command's module, imported only now: `labctl --help` and a typo cost nothing more
+    module = importlib.import_module(f"labctl.cli.{HANDLERS[args.cmd]}")
+    run: Runner = module.run
     try:
-        return asyncio.run(_dispatch(args, progress))
+        return asyncio.run(run(args, progress))
     except LabError as exc:
+        if args.json:
+            _json_error(exc.message, type(exc).__name__, exc.evidence if args.verbose else None)
         print(f"labctl: error: {exc.message}", file=sys.stderr)
+        if args.verbose and exc.evidence:
+            print(json.dumps(exc.evidence, indent=2, default=str), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if args.cmd == "migrate":
-            print(migration_cli.interrupted_message(), file=sys.stderr)
-            return 130
+        return _interrupted(args, module)
+    except BrokenPipeError:
+        # the reader went away (| head): say nothing, and let no flush at exit complain
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _json_error(message: str, kind: str, evidence: object | None) -> None:
+    record: dict[str, object] = {"error": {"type": kind, "message": message}}
+    if evidence:
+        record["error"] = {**record["error"], "evidence": evidence}  # type: ignore[dict-item]
+    print(json.dumps(record, indent=2, default=str))
+
+
+def _interrupted(args: argparse.Namespace, module: object) -> int:
+    if args.cmd == "migrate":
+        message = getattr(module, "interrupted_message", None)
+        print(message() if callable(message) else "labctl: migration cancelled (Ctrl-C)",
+              file=sys.stderr)
+    elif args.cmd in READ_ONLY or getattr(args, "follow", False):
+        print(file=sys.stderr)
+    else:
         print("labctl: interrupted; 'labctl down' removes whatever the lab had created",
               file=sys.stderr)
-        return 130
-
-
-async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
-    if args.cmd == "validate":
-        topo = topology.load(args.file)
-        counts = ((len(topo.hosts), "host"), (len(topo.storage_nodes), "storage node"),
-                  (len(topo.datastores), "datastore"), (len(topo.vms), "VM"))
-        print(f"{args.file}: lab {topo.name}: "
-              + ", ".join(f"{n} {w}{'' if n == 1 else 's'}" for n, w in counts) + ": valid")
-        return 0
-    if args.cmd in ("up", "demo"):
-        topo = topology.load(args.file or _default_topology())
-        lab = Lab(args.lab or topo.name, progress=progress)
-        status = await lab.up(topo)
-        _print_status(status)
-        if args.cmd == "demo":
-            return await demo.run(lab, status, args.keep)
-        return 0
-    lab = Lab.find(args.lab, progress=progress)
-    if args.cmd == "status":
-        status = await lab.status()
-        if args.json:
-            print(json.dumps(status.to_wire(), indent=2))
-        else:
-            _print_status(status)
-        return 0
-    if args.cmd == "vm":
-        if args.action == "console":
-            if args.command:
-                print(await lab.vm_console(args.name, " ".join(args.command)))
-            else:
-                print("\n".join(await lab.vm_console_tail(args.name)))
-        elif args.action == "start":
-            res = await lab.vm_start(args.name)
-            print(f"VM {args.name} running (pid {res.pid}), first heartbeat after "
-                  f"{res.first_heartbeat_s or 0:.1f} s")
-        else:
-            await lab.vm_stop(args.name)
-            print(f"VM {args.name} stopped")
-        return 0
-    if args.cmd in ("datastore", "host", "events", "rescan", "storage"):
-        return await storage_cli.dispatch(lab, args)
-    if args.cmd in ("migrate", "migrations"):
-        return await migration_cli.dispatch(lab, args)
-    if args.cmd == "down":
-        removed = await lab.down()
-        print(f"lab {lab.name} is down ({len(removed)} objects removed)")
-        return 0
-    raise AssertionError(args.cmd)
-
-
-def _print_status(s: LabStatus) -> None:
-    print(f"lab {s.lab}: {s.state} (accel {s.accel})")
-    for n in s.storage_nodes:
-        print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}  [agent {n.agent}]")
-    for h in s.hosts:
-        print(f"  host    {h.name:8} {h.address:15} {h.initiator_iqn}  [agent {h.agent}]")
-    for d in s.datastores:
-        print(f"  datastore {d.name:6} {d.naa}  {d.size_bytes >> 20} MiB  "
-              f"on {d.node} lun {d.lun}  hosts {','.join(d.hosts)}")
-        for host, seen in d.seen_by.items():
-            if seen.naa:
-                print(f"    seen by {host} over iSCSI: {seen.naa}, {seen.size_bytes} bytes")
-    for v in s.vms:
-        beat = f"  heartbeat #{v.heartbeat.counter}" if v.heartbeat else ""
-        print(f"  vm      {v.name:8} on {v.host:8} {v.state}{beat}")
+    if args.json:
+        _json_error("interrupted (Ctrl-C)", "KeyboardInterrupt", None)
+    return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``labctl migrate`` and ``labctl migrations``: the command-line face of labctl/migration.py."""
+"""``labctl migrate`` and ``labctl migration list|show|policies``: the command-line face of
+``labctl/migration/``."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import argparse
 import asyncio
 import json
 import signal
-from pathlib import Path
-from typing import Any
+import sys
 
+from labctl.cli.progress import Progress
 from labctl.core.errors import ProtocolError
 from labctl.core.wire import Json
 from labctl.lab.face import Lab
@@ -21,33 +22,6 @@ from labctl.migration.result import Record
 
 #: the lab of the running ``labctl migrate`` (for the Ctrl-C message)
 _interrupted: dict[str, Lab] = {}
-
-
-def add_parsers(sub: Any) -> None:
-    mig = sub.add_parser("migrate", help="live-migrate a VM to another host (pre-copy over QMP)",
-                         description="Live-migrate a VM. The destination's QEMU, disks and "
-                         "datastore are made ready before the source is asked to migrate. "
-                         "Ctrl-C cancels the migration cleanly (the VM keeps running on the "
-                         "source).")
-    mig.add_argument("vm")
-    mig.add_argument("--to", required=True, metavar="HOST", help="destination host")
-    mig.add_argument("--policy", default="default", metavar="FILE|NAME",
-                     help=f"built-in policy ({', '.join(BUILTIN_POLICIES)}) or a YAML file")
-    prep = mig.add_mutually_exclusive_group()
-    prep.add_argument("--late-storage", dest="late", action="store_true", default=None,
-                      help="prepare the destination's storage in the pause-before-switchover "
-                           "window (after the source stopped), for comparison")
-    prep.add_argument("--early-storage", dest="late", action="store_false",
-                      help="prepare it before the migration starts (the default)")
-    mig.add_argument("--measure-dirty-rate", action="store_true",
-                     help="first measure the guest's dirty rate with QEMU's calc-dirty-rate "
-                          "(page sampling, 1 s) and record it with the migration")
-    mig.add_argument("--json", action="store_true", help="print the full record as JSON")
-    ms = sub.add_parser("migrations", help="list recorded migrations, or show one")
-    ms.add_argument("action", nargs="?", choices=["list", "show", "policies"], default="list")
-    ms.add_argument("id", nargs="?", type=int)
-    ms.add_argument("--json", action="store_true")
-    ms.add_argument("--plot", metavar="FILE", type=Path, help="write a timeline PNG (show)")
 
 
 def interrupted_message() -> str:
@@ -68,8 +42,18 @@ def interrupted_message() -> str:
     return f"labctl: migration cancelled (Ctrl-C): {alive}; {dest}"
 
 
-async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, progress: Progress) -> int:
+    if args.cmd != "migrate" and args.action == "policies":
+        return await dispatch(None, args)
+    lab = Lab.find(args.lab, progress=progress)
     if args.cmd == "migrate":
+        lab.require_up()
+    return await dispatch(lab, args)
+
+
+async def dispatch(lab: Lab | None, args: argparse.Namespace) -> int:
+    if args.cmd == "migrate":
+        assert lab is not None
         _interrupted["lab"] = lab
         res = await _migrate_with_ctrl_c(lab, args)
         if args.json:
@@ -78,22 +62,24 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
             print_result(res)
         return 0
     if args.action == "policies":
+        if args.json:
+            print(json.dumps({name: pol.to_dict() for name, pol in BUILTIN_POLICIES.items()},
+                             indent=2))
+            return 0
         for name, pol in BUILTIN_POLICIES.items():
-            print(f"{name}: {json.dumps(pol.to_dict())}" if args.json else
-                  f"{name:9} downtime {pol.downtime_limit_ms} ms, bandwidth "
+            print(f"{name:9} downtime {pol.downtime_limit_ms} ms, bandwidth "
                   f"{pol.max_bandwidth_mib_s or 'uncapped'} MiB/s, on non-convergence: "
                   f"{' -> '.join(pol.convergence.actions)}, storage {pol.storage}")
         return 0
-    if args.action == "show" or args.id is not None:
-        if args.id is None:
-            raise SystemExit("labctl migrations show: give a migration ID (see labctl migrations)")
+    assert lab is not None
+    if args.action == "show":
         m = lab.migrations(args.id)
         # passes and decisions are stored in their own tables, not in the result
         res = {**m["result"], "state": m["state"], "id": m["id"],
                "pass_records": m["pass_records"], "decisions": m["decisions"]}
         if args.plot:
             timeline.plot(res, args.plot)
-            print(f"wrote {args.plot}")
+            print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
         if args.json:
             print(json.dumps(m, indent=2, default=str))
         elif not args.plot:

@@ -14,69 +14,13 @@ import argparse
 import asyncio
 import json
 import time
-from typing import Any
 
+from labctl.cli.progress import Progress
 from labctl.core.sizes import format_size
 from labctl.datastores import rescan
 from labctl.datastores import service as datastores
 from labctl.datastores.protocol import HostCache
 from labctl.lab.face import Lab
-
-COMMANDS = ("datastore", "host", "events", "rescan", "storage")
-
-
-def add_parsers(sub: Any) -> None:
-    ds = sub.add_parser("datastore", help="create, list, show, resize, delete datastores")
-    dsub = ds.add_subparsers(dest="action", required=True)
-    c = dsub.add_parser("create", help="allocate a LUN with an array-style NAA ID for some hosts")
-    c.add_argument("name")
-    c.add_argument("--size", required=True, help="e.g. 128M, 1G")
-    c.add_argument("--hosts", required=True, help="comma-separated hosts allowed to see it")
-    c.add_argument("--node", help="storage node (default: the one with most free space)")
-    c.add_argument("--json", action="store_true")
-    ls = dsub.add_parser("list", help="every datastore: ID, node, LUN, size, hosts")
-    ls.add_argument("--json", action="store_true")
-    sh = dsub.add_parser("show", help="one datastore's mapping and what each host saw")
-    sh.add_argument("name")
-    sh.add_argument("--json", action="store_true")
-    de = dsub.add_parser("delete", help="remove a datastore no VM uses")
-    de.add_argument("name")
-    rs = dsub.add_parser("resize", help="grow the LUN on the storage node (libvirt block resize); "
-                         "sharing hosts are refreshed by the rescan service")
-    rs.add_argument("name")
-    rs.add_argument("size")
-    rs.add_argument("--no-wait", action="store_true", help="do not wait for the rescan outcome")
-    rs.add_argument("--json", action="store_true")
-
-    host = sub.add_parser("host", help="a host's own view of storage")
-    hsub = host.add_subparsers(dest="action", required=True)
-    hs = hsub.add_parser("storage", help="the host's cached view of the datastores it sees")
-    hs.add_argument("host")
-    hs.add_argument("--json", action="store_true")
-    hs.add_argument("--rescan", action="store_true", help="rescan first (everything, or --unit)")
-    hs.add_argument("--unit", help="with --rescan: only this datastore ID (or datastore name)")
-    hr = hsub.add_parser("rescan", help="make a host rescan (everything, or one unit)")
-    hr.add_argument("host")
-    hr.add_argument("--unit", help="only this datastore ID (or datastore name)")
-    hr.add_argument("--json", action="store_true")
-
-    ev = sub.add_parser("events", help="storage events and their rescan outcomes")
-    ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    ev.add_argument("--json", action="store_true", help="one JSON object per line")
-    ev.add_argument("--last", type=int, default=0, help="only the last N events")
-
-    rc = sub.add_parser("rescan", help="rescan service settings")
-    rsub = rc.add_subparsers(dest="action", required=True)
-    lk = rsub.add_parser("lookup", help="show or set how sharing hosts are found")
-    lk.add_argument("mode", nargs="?", choices=rescan.LOOKUPS)
-
-    st = sub.add_parser("storage", help="storage node operations")
-    ssub = st.add_subparsers(dest="action", required=True)
-    rr = ssub.add_parser("restart", help="restart a storage node; datastores keep their IDs")
-    rr.add_argument("node")
-    po = ssub.add_parser("portal", help="take a storage node's iSCSI portal down or up")
-    po.add_argument("node")
-    po.add_argument("state", choices=["up", "down"])
 
 
 def _unit(lab: Lab, text: str | None) -> str | None:
@@ -84,6 +28,17 @@ def _unit(lab: Lab, text: str | None) -> str | None:
         return text
     with lab.context() as ctx:
         return str(datastores.show(ctx, text).id)
+
+
+#: what works on a lab that is down (its inventory is kept)
+_READ = {("datastore", "list"), ("datastore", "show"), ("events", None)}
+
+
+async def run(args: argparse.Namespace, progress: Progress) -> int:
+    lab = Lab.find(args.lab, progress=progress)
+    if (args.cmd, getattr(args, "action", None)) not in _READ:
+        lab.require_up()
+    return await dispatch(lab, args)
 
 
 async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
@@ -107,8 +62,11 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
         try:
             if args.mode:
                 rescan.set_lookup(inv, args.mode)
-            print(f"lab {lab.name}: sharing hosts found by "
-                  f"{inv.get_meta('rescan_lookup', 'inventory')}")
+            mode = inv.get_meta("rescan_lookup", "inventory")
+            if args.json:
+                print(json.dumps({"lab": lab.name, "lookup": mode}, indent=2))
+            else:
+                print(f"lab {lab.name}: sharing hosts found by {mode}")
         finally:
             inv.close()
         return 0
@@ -116,11 +74,17 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
         if args.action == "restart":
             with lab.context() as ctx:
                 restarted = await datastores.restart_node(ctx, args.node)
+            if args.json:
+                print(json.dumps(restarted.to_wire(), indent=2))
+                return 0
             print(f"storage node {restarted.node} restarted (agent after {restarted.boot_s} s); "
                   f"re-exported {', '.join(lun.datastore + ' ' + lun.id for lun in restarted.luns)}")
         else:
             with lab.context() as ctx:
                 portal = await datastores.portal_set(ctx, args.node, args.state == "up")
+            if args.json:
+                print(json.dumps(portal.to_wire(), indent=2))
+                return 0
             print(f"storage node {args.node}: portal {args.state} "
                   f"({', '.join(portal.portals) or 'none'})")
         return 0
@@ -169,6 +133,9 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "delete":
         with lab.context() as ctx:
             deleted = await datastores.delete(ctx, args.name)
+        if args.json:
+            print(json.dumps(deleted.to_wire(), indent=2))
+            return 0
         print(f"datastore {deleted.datastore} ({deleted.id}) deleted; its ID is never reused")
         return 0
     if args.action == "resize":

@@ -11,10 +11,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from labctl.core.errors import LabError, LabStateError, TopologyError
+from labctl.core.paths import labs_dir
+from labctl.core.wire import Message
 from labctl.datastores import service as datastores
 from labctl.datastores.tables import DATASTORES
 from labctl.guest.protocol import HEARTBEAT_MS_MAX, HEARTBEAT_MS_MIN, valid_heartbeat_ms
@@ -28,7 +32,7 @@ from labctl.migration.policy import Policy
 from labctl.migration.records import MIGRATIONS, get_migration, list_migrations
 from labctl.state.context import LabContext, Progress, quiet
 from labctl.state.inventory import Inventory
-from labctl.state.labdir import LabDir, existing_labs
+from labctl.state.labdir import LabDir, archive, existing_labs, lab_state
 
 #: every feature's inventory tables, each declared next to its feature
 SCHEMAS = (DATASTORES, MIGRATIONS)
@@ -44,15 +48,39 @@ class Lab:
 
     @classmethod
     def find(cls, name: str | None, root: Path | None = None, progress: Progress = quiet) -> Lab:
-        """The lab called ``name``; without a name, the only lab that exists."""
+        """The lab called ``name``; without a name, the only lab that is up (or, when none
+        is, the only lab there is)."""
         if name is not None:
             return cls(name, root, progress)
         labs = existing_labs(root)
-        if len(labs) == 1:
+        base = root or labs_dir()
+        states = {lab: lab_state(base / lab) or "unknown" for lab in labs}
+        live = [lab for lab, s in states.items() if s != "down"]
+        if len(live) == 1:
+            return cls(live[0], root, progress)
+        if not live and len(labs) == 1:
             return cls(labs[0], root, progress)
         if not labs:
             raise LabStateError("no lab is up (start one with: labctl up)")
-        raise LabStateError(f"several labs exist ({', '.join(labs)}): say which with --lab NAME")
+        listed = ", ".join(f"{lab} ({s})" for lab, s in states.items())
+        raise LabStateError(f"several labs exist ({listed}): say which with --lab NAME or "
+                            "LABCTL_LAB=NAME")
+
+    def state(self) -> str | None:
+        """What the lab's inventory says it is (``up``, ``creating``, ``down``), None if
+        there is no such lab."""
+        return lab_state(self.dir.path)
+
+    def require_up(self) -> None:
+        """A clear refusal unless the lab is up."""
+        state = self.state()
+        if state is None:
+            raise LabStateError(f"lab {self.name} is not up (start it with: labctl up)",
+                                lab=self.name)
+        if state != "up":
+            raise LabStateError(f"lab {self.name} is {state}"
+                                + (" (its records are kept: labctl up brings it back)"
+                                   if state == "down" else ""), lab=self.name, state=state)
 
     def open_inventory(self) -> Inventory:
         """The lab's inventory (the caller closes it); a clear error when the lab is not up."""
@@ -76,6 +104,9 @@ class Lab:
             raise TopologyError(topo.source, "name", f"names lab {topo.name}, not {self.name}")
         bringup.preflight()
         with self.dir.lock():
+            if self.state() == "down":  # a lab that was taken down: keep its results aside
+                kept = archive(self.dir.path)
+                self.progress(f"the records of the earlier lab {self.name} are kept in {kept}")
             if self.dir.exists():
                 inv = self.dir.inventory(SCHEMAS)
                 try:
@@ -166,19 +197,53 @@ class Lab:
             return await lab_status(ctx)
 
     # ------------------------------------------------------------------ down
-    async def down(self) -> list[str]:
-        """Remove exactly what this lab owns. Works after a crash mid-up; says so when nothing is up."""
+    async def down(self, purge: bool = False) -> Down:
+        """Remove exactly what this lab owns (also after a crash mid-up). Its inventory,
+        migration records, events and logs stay in the lab directory (``labctl migration
+        show`` still works) unless ``purge``; the next ``up`` of the same name moves them to
+        ``<labs>/<lab>.archive/``."""
         if not self.dir.path.exists():
             raise LabStateError(f"lab {self.name} is not up: nothing to tear down", lab=self.name)
+        removed: list[str] = []
+        already = self.state() == "down"
         with self.dir.lock():
-            removed: list[str] = []
-            if self.dir.exists():
+            if self.dir.exists() and not already:
                 inv = self.dir.inventory(SCHEMAS)
                 try:
                     removed = await teardown.teardown(
                         LabContext(self.name, self.dir, inv, self.progress))
+                    _mark_down(inv)
                 finally:
                     inv.close()
-        shutil.rmtree(self.dir.path, ignore_errors=True)
-        self.progress(f"lab {self.name} is down")
-        return removed
+        if purge:
+            shutil.rmtree(self.dir.path, ignore_errors=True)
+            self.progress(f"lab {self.name} is down; its directory is deleted")
+        elif already:
+            self.progress(f"lab {self.name} was already down; its records are in {self.dir.path}")
+        else:
+            self.progress(f"lab {self.name} is down; its records are kept in {self.dir.path} "
+                          "(labctl down --purge deletes them)")
+        return Down(lab=self.name, removed=removed, already_down=already,
+                    kept=None if purge else str(self.dir.path))
+
+
+@dataclass(frozen=True)
+class Down(Message):
+    """What ``labctl down`` did."""
+
+    lab: str
+    #: the objects removed, one line each (``process host-agent:h1 (pid 123)``)
+    removed: list[str]
+    already_down: bool
+    #: where the lab's records are kept (None: purged)
+    kept: str | None
+
+
+def _mark_down(inv: Inventory) -> None:
+    """The inventory of a lab that is down: nothing runs any more."""
+    inv.set_meta("state", "down")
+    inv.set_meta("down_at", datetime.now(UTC).isoformat(timespec="seconds"))
+    inv.conn.execute("DELETE FROM meta WHERE key='rescan_ready'")
+    inv.conn.execute("UPDATE hosts SET state='down', agent_pid=NULL")
+    inv.conn.execute("UPDATE storage_nodes SET state='down'")
+    inv.conn.execute("UPDATE vms SET state='stopped', pid=NULL")

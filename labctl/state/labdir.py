@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,16 +81,48 @@ class LabDir:
 
 
 def existing_labs(root: Path | None = None) -> list[str]:
+    """Every lab with a directory here: up, being built, or down with its records kept."""
     base = root or labs_dir()
     if not base.is_dir():
         return []
     return sorted(p.name for p in base.iterdir() if (p / "inventory.db").exists())
 
 
-def pid_owned_by(pid: int, lab_path: Path) -> bool:
-    """True if process ``pid`` runs with this lab's directory on its command line."""
+def lab_state(path: Path) -> str | None:
+    """The state a lab's inventory records (``up``, ``creating``, ``down``...), read without
+    creating anything; None when it cannot be read."""
+    db = path / "inventory.db"
+    if not db.exists():
+        return None
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return str(lab_path).encode() in cmdline
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key='state'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if row else None
+
+
+def lab_meta(path: Path) -> dict[str, str]:
+    """Every meta value of a lab's inventory (read only; empty when it cannot be read)."""
+    db = path / "inventory.db"
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return {}
+
+
+def archive(path: Path) -> Path:
+    """Move a lab directory that is down to ``<labs>/<lab>.archive/<UTC time>/`` (its records,
+    logs and inventory stay readable there); returns the new place."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = path.parent / f"{path.name}.archive" / stamp
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.rename(dest)
+    return dest

@@ -178,6 +178,11 @@ def test_down_after_sigkill_mid_up(lab_home: Path, tmp_path: Path) -> None:
     res = labctl("--lab", name, "up", str(topo), check=False)
     assert res.returncode == 1 and "did not come up completely" in res.stderr
     labctl("--lab", name, "down")
+    assert leftovers(name, lab_dir, records_kept=True) == []
+    assert (lab_dir / "inventory.db").exists()  # the records outlive the lab
+    res = labctl("--lab", name, "down")  # a second down says so and succeeds
+    assert "was already down" in res.stdout
+    labctl("--lab", name, "down", "--purge")
     assert leftovers(name, lab_dir) == []
     res = labctl("--lab", name, "down", check=False)
     assert res.returncode == 1
@@ -215,12 +220,12 @@ def test_demo_runs_the_flagship_scenario_and_leaves_nothing(lab_home: Path, tmp_
     try:
         r = labctl("demo", str(topo), check=False, timeout=600)
     finally:
-        if (lab_home / "labs" / "e2edemo").exists():  # only if the demo failed to tear down
-            labctl("--lab", "e2edemo", "down", check=False)
+        if (lab_home / "labs" / "e2edemo").exists():  # the records the demo kept
+            labctl("--lab", "e2edemo", "down", "--purge", check=False)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("demo: OK"), r.stdout + r.stderr
     out = r.stdout
     assert "guest verified on host2" in out and "guest verified on host1" in out
     assert out.count("(continues)") == 2 and out.count("read back") >= 2
     assert re.search(r"refreshed host1,host2; all agreed in \d+ ms; VM vm1 resized", out), out
     assert f"disk as {320 << 20} bytes (the new size)" in out
-    assert leftovers("e2edemo", lab_home / "labs" / "e2edemo") == []
+    assert leftovers("e2edemo", lab_home / "labs" / "e2edemo") == []  # after --purge

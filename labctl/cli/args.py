@@ -1,0 +1,193 @@
+"""The command line's grammar, and nothing else: building it imports only argparse, so
+``labctl --help`` and a mistyped command answer at once.
+
+Global options (``--lab``, ``--json``, ``-q``, ``-v``) are accepted before or after the
+subcommand. Commands are nouns with verbs (``vm list|start|stop|console``,
+``datastore list|show|...``, ``migration list|show|policies``); the older spellings
+(``migrations``) are kept as aliases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from labctl import __version__
+
+DEFAULT_TOPOLOGY = "labs/default.yaml"
+POLICIES = ("default", "capped", "converge", "postcopy", "strict", "multifd", "late")
+LOOKUPS = ("inventory", "poll")
+#: console commands the test guest answers (labctl.guest.protocol.COMMANDS)
+CONSOLE_HELP = "rate MiB/s | wss MiB | read | sync | size"
+
+
+def _common(top: bool) -> argparse.ArgumentParser:
+    """The global options; on subcommands they default to 'not given' so that a value given
+    before the subcommand is not overwritten."""
+    p = argparse.ArgumentParser(add_help=False)
+    keep = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("--lab", help="which lab (default: $LABCTL_LAB, else the only lab that is up)",
+                   **({"default": os.environ.get("LABCTL_LAB") or None} if top else keep))
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document on stdout (errors too)",
+                   **({"default": False} if top else keep))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr",
+                   **({"default": False} if top else keep))
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="say where the logs are and show the evidence of an error",
+                   **({"default": False} if top else keep))
+    return p
+
+
+class _Sub:
+    """``add_parser`` that gives every subcommand the global options."""
+
+    def __init__(self, action: argparse._SubParsersAction[argparse.ArgumentParser],
+                 common: argparse.ArgumentParser) -> None:
+        self.action = action
+        self.common = common
+
+    def add(self, name: str, help: str, aliases: tuple[str, ...] = (),
+            description: str | None = None) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, help=help, aliases=list(aliases),
+                                      description=description or help, parents=[self.common])
+
+    def group(self, parser: argparse.ArgumentParser, dest: str = "action",
+              default: str | None = None) -> _Sub:
+        """Verbs under a noun; with ``default``, the noun alone means that verb."""
+        action = parser.add_subparsers(dest=dest, required=default is None, metavar="ACTION")
+        if default is not None:
+            action.default = default
+        return _Sub(action, self.common)
+
+
+def parser() -> argparse.ArgumentParser:
+    common = _common(top=False)
+    p = argparse.ArgumentParser(prog="labctl", parents=[_common(top=True)],
+                                description="Lab testbed for virtualization scenarios on real "
+                                            "hypervisors.")
+    p.add_argument("--version", action="version", version=f"labctl {__version__}")
+    sub = _Sub(p.add_subparsers(dest="cmd", required=True, metavar="COMMAND"), common)
+
+    # -- labs
+    up = sub.add("up", "bring a lab up from a topology file (idempotent)")
+    up.add_argument("file", nargs="?", type=Path,
+                    help=f"topology file (default: the topology of the one lab there is, "
+                         f"else {DEFAULT_TOPOLOGY})")
+    sub.add("status", "show the lab: hosts, storage nodes, datastores, VMs")
+    sub.add("ls", "the labs on this machine: name, state, topology, directory")
+    down = sub.add("down", "tear the lab down: remove exactly what it created; its records, "
+                           "logs and inventory are kept (see --purge)")
+    down.add_argument("--purge", action="store_true",
+                      help="also delete the lab's directory: records, logs, inventory")
+    val = sub.add("validate", "check a topology file as 'up' would, without building anything")
+    val.add_argument("file", type=Path)
+    demo = sub.add("demo", "bring up the default lab, show its VM alive, migrate it there and "
+                           "back, grow its datastore, tear down")
+    demo.add_argument("file", nargs="?", type=Path, help=f"topology (default {DEFAULT_TOPOLOGY})")
+    demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+
+    # -- a way in
+    ex = sub.add("exec", "run a command on a host (in its network namespace here)",
+                 description="Run CMD on HOST: an argument list, never a shell string "
+                             "(labctl exec host1 -- ip addr). Exits with CMD's status.")
+    ex.add_argument("host")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    sh = sub.add("shell", "an interactive shell on a host")
+    sh.add_argument("host")
+    lg = sub.add("logs", "a host agent's, storage node's or the rescan service's log")
+    lg.add_argument("what", metavar="HOST|NODE|rescan")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    lg.add_argument("--lines", "-n", type=int, default=40, help="last N lines first (default 40)")
+
+    # -- VMs
+    vm = sub.group(sub.add("vm", "the lab's VMs: list, start, stop, talk to the test guest"))
+    vm.add("list", "every VM: host, state, heartbeat, disk counter")
+    for verb, what in (("start", "start a VM on its host"), ("stop", "stop a VM")):
+        vm.add(verb, what).add_argument("name")
+    con = vm.add("console", "send a command to the test guest, or show/follow its console",
+                 description=f"With a command ({CONSOLE_HELP}), print the guest's answer; "
+                             "without one, the last console lines; with --follow, every new "
+                             "line, stamped with the time it was read.")
+    con.add_argument("name")
+    con.add_argument("command", nargs="*", help=CONSOLE_HELP)
+    con.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    con.add_argument("--lines", "-n", type=int, default=20, help="last N lines (default 20)")
+
+    # -- migration
+    mig = sub.add("migrate", "live-migrate a VM to another host (pre-copy over QMP)",
+                  description="Live-migrate a VM. The destination's QEMU, disks and datastore "
+                              "are made ready before the source is asked to migrate. Ctrl-C "
+                              "cancels the migration cleanly (the VM keeps running on the "
+                              "source).")
+    mig.add_argument("vm")
+    mig.add_argument("--to", required=True, metavar="HOST", help="destination host")
+    mig.add_argument("--policy", default="default", metavar="FILE|NAME",
+                     help=f"built-in policy ({', '.join(POLICIES)}) or a YAML file")
+    prep = mig.add_mutually_exclusive_group()
+    prep.add_argument("--late-storage", dest="late", action="store_true", default=None,
+                      help="prepare the destination's storage in the pause-before-switchover "
+                           "window (after the source stopped), for comparison")
+    prep.add_argument("--early-storage", dest="late", action="store_false",
+                      help="prepare it before the migration starts (the default)")
+    mig.add_argument("--measure-dirty-rate", action="store_true",
+                     help="first measure the guest's dirty rate with QEMU's calc-dirty-rate "
+                          "(page sampling, 1 s) and record it with the migration")
+    ms = sub.group(sub.add("migration", "recorded migrations: list (the default), show, policies",
+                           aliases=("migrations",)), default="list")
+    ms.add("list", "every recorded migration (also of a lab that is down)")
+    show = ms.add("show", "one migration: result, passes, decisions")
+    show.add_argument("id", type=int)
+    show.add_argument("--plot", metavar="FILE", type=Path, help="write a timeline PNG")
+    ms.add("policies", "the built-in policies")
+
+    # -- datastores and storage
+    ds = sub.group(sub.add("datastore", "datastores: create, list, show, resize, delete"))
+    c = ds.add("create", "allocate a LUN with an array-style NAA ID for some hosts")
+    c.add_argument("name")
+    c.add_argument("--size", required=True, help="e.g. 128M, 1G")
+    c.add_argument("--hosts", required=True, help="comma-separated hosts allowed to see it")
+    c.add_argument("--node", help="storage node (default: the one with most free space)")
+    ds.add("list", "every datastore: ID, node, LUN, size, hosts")
+    ds.add("show", "one datastore's mapping and what each host saw").add_argument("name")
+    ds.add("delete", "remove a datastore no VM uses").add_argument("name")
+    rs = ds.add("resize", "grow the LUN on the storage node (libvirt block resize); sharing "
+                          "hosts are refreshed by the rescan service")
+    rs.add_argument("name")
+    rs.add_argument("size")
+    rs.add_argument("--no-wait", action="store_true", help="do not wait for the rescan outcome")
+
+    host = sub.group(sub.add("host", "a host's own view of storage"))
+    hs = host.add("storage", "the host's cached view of the datastores it sees")
+    hs.add_argument("host")
+    hs.add_argument("--rescan", action="store_true", help="rescan first (everything, or --unit)")
+    hs.add_argument("--unit", help="with --rescan: only this datastore ID (or datastore name)")
+    hr = host.add("rescan", "make a host rescan (everything, or one unit)")
+    hr.add_argument("host")
+    hr.add_argument("--unit", help="only this datastore ID (or datastore name)")
+
+    ev = sub.add("events", "storage events and their rescan outcomes")
+    ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    ev.add_argument("--last", type=int, default=0, help="only the last N events")
+
+    rc = sub.group(sub.add("rescan", "rescan service settings"))
+    rc.add("lookup", "show or set how sharing hosts are found").add_argument(
+        "mode", nargs="?", choices=LOOKUPS)
+
+    st = sub.group(sub.add("storage", "storage node operations"))
+    st.add("restart", "restart a storage node; datastores keep their IDs").add_argument("node")
+    po = st.add("portal", "take a storage node's iSCSI portal down or up")
+    po.add_argument("node")
+    po.add_argument("state", choices=["up", "down"])
+    return p
+
+
+#: the module that runs each command (imported only when the command runs)
+HANDLERS = {
+    "up": "labs", "status": "labs", "ls": "labs", "down": "labs", "validate": "labs",
+    "demo": "labs", "exec": "labs", "shell": "labs", "logs": "labs", "vm": "labs",
+    "migrate": "migration", "migration": "migration", "migrations": "migration",
+    "datastore": "storage", "host": "storage", "events": "storage", "rescan": "storage",
+    "storage": "storage",
+}

@@ -1,0 +1,319 @@
+"""Commands about labs as a whole, their VMs, and the ways into them: ``up``, ``status``,
+``ls``, ``down``, ``validate``, ``demo``, ``vm ...``, ``exec``, ``shell``, ``logs``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from labctl.cli.args import DEFAULT_TOPOLOGY
+from labctl.cli.progress import Progress
+from labctl.core.errors import LabStateError
+from labctl.core.paths import home, labs_dir, repo_root
+from labctl.core.proc import netns_argv
+from labctl.core.wire import Json, Message
+from labctl.lab import topology
+from labctl.lab.face import Lab
+from labctl.lab.status import LabStatus
+from labctl.scenarios import demo
+from labctl.state.labdir import existing_labs, lab_meta
+
+
+def emit(args: argparse.Namespace, record: Json) -> None:
+    """The command's JSON document on stdout (with --json)."""
+    print(json.dumps(record, indent=2, default=str))
+
+
+async def run(args: argparse.Namespace, progress: Progress) -> int:
+    if args.cmd == "validate":
+        return _validate(args)
+    if args.cmd == "ls":
+        return _ls(args)
+    if args.cmd in ("up", "demo"):
+        return await _up(args, progress)
+    lab = Lab.find(args.lab, progress=progress)
+    if args.cmd == "status":
+        status = await lab.status()
+        if args.json:
+            emit(args, status.to_wire())
+        else:
+            print_status(status)
+        return 0
+    if args.cmd == "down":
+        done = await lab.down(purge=args.purge)
+        if args.json:
+            emit(args, done.to_wire())
+        elif done.already_down and not args.purge:
+            print(f"lab {lab.name} was already down (its records are in {done.kept}; "
+                  "--purge deletes them)")
+        else:
+            print(f"lab {lab.name} is down ({len(done.removed)} objects removed"
+                  + (f"; records kept in {done.kept})" if done.kept else "; directory deleted)"))
+        return 0
+    if args.cmd == "logs":
+        return await _logs(lab, args)
+    lab.require_up()
+    if args.cmd == "vm":
+        return await _vm(lab, args)
+    if args.cmd in ("exec", "shell"):
+        return _exec(lab, args)
+    raise AssertionError(args.cmd)
+
+
+# ------------------------------------------------------------------------------ labs
+
+def _default_topology() -> Path:
+    here = Path(DEFAULT_TOPOLOGY)
+    return here if here.exists() else repo_root() / DEFAULT_TOPOLOGY
+
+
+def _topology_file(args: argparse.Namespace) -> Path:
+    """The file ``up`` builds from: the one given; else the topology of the lab named with
+    --lab, or of the one lab there is; else labs/default.yaml."""
+    if args.file is not None:
+        return Path(args.file)
+    labs = [args.lab] if args.lab and args.lab in existing_labs() else existing_labs()
+    if len(labs) > 1:
+        raise LabStateError(f"several labs exist ({', '.join(labs)}): give a topology file or "
+                            "say which lab with --lab NAME")
+    if labs:
+        meta = lab_meta(labs_dir() / labs[0])
+        source = Path(meta.get("topology_source", ""))
+        if source.is_file():
+            return source
+        saved = labs_dir() / labs[0] / "topology.json"
+        if saved.is_file():
+            return saved
+    return _default_topology()
+
+
+async def _up(args: argparse.Namespace, progress: Progress) -> int:
+    file = _topology_file(args)
+    topo = topology.load(file)
+    lab = Lab(args.lab or topo.name, progress=progress)
+    status = await lab.up(topo)
+    if args.cmd == "demo":
+        print_status(status)
+        return await demo.run(lab, status, args.keep)
+    if args.json:
+        emit(args, status.to_wire())
+    else:
+        print_status(status)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    topo = topology.load(args.file)
+    counts = ((len(topo.hosts), "host"), (len(topo.storage_nodes), "storage node"),
+              (len(topo.datastores), "datastore"), (len(topo.vms), "VM"))
+    if args.json:
+        emit(args, {"file": str(args.file), "lab": topo.name, "valid": True,
+                    "hosts": len(topo.hosts), "storage_nodes": len(topo.storage_nodes),
+                    "datastores": len(topo.datastores), "vms": len(topo.vms)})
+        return 0
+    print(f"{args.file}: lab {topo.name}: "
+          + ", ".join(f"{n} {w}{'' if n == 1 else 's'}" for n, w in counts) + ": valid")
+    return 0
+
+
+@dataclass(frozen=True)
+class LabEntry(Message):
+    """One line of ``labctl ls``."""
+
+    name: str
+    state: str | None
+    topology: str | None
+    directory: str
+    created_at: str | None
+    down_at: str | None
+
+
+def _ls(args: argparse.Namespace) -> int:
+    rows = []
+    for name in existing_labs():
+        meta = lab_meta(labs_dir() / name)
+        created = meta.get("created")
+        rows.append(LabEntry(
+            name=name, state=meta.get("state"), topology=meta.get("topology_source"),
+            directory=str(labs_dir() / name),
+            created_at=datetime.fromtimestamp(float(created)).astimezone().isoformat(
+                timespec="seconds") if created else None,
+            down_at=meta.get("down_at")))
+    if args.json:
+        emit(args, {"home": str(home()), "labs": [r.to_wire() for r in rows]})
+        return 0
+    if not rows:
+        print(f"no labs in {labs_dir()}")
+        return 0
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        print(f"{r.name:<{width}}  {r.state or '?':<8}  {r.topology or '-'}  ({r.directory})")
+    return 0
+
+
+def print_status(s: LabStatus) -> None:
+    print(f"lab {s.lab}: {s.state} (accel {s.accel})")
+    for n in s.storage_nodes:
+        print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}  [agent {n.agent}]")
+    for h in s.hosts:
+        print(f"  host    {h.name:8} {h.address:15} {h.initiator_iqn}  [agent {h.agent}]")
+    for d in s.datastores:
+        print(f"  datastore {d.name:6} {d.naa}  {d.size_bytes >> 20} MiB  "
+              f"on {d.node} lun {d.lun}  hosts {','.join(d.hosts)}")
+        for host, seen in d.seen_by.items():
+            if seen.naa:
+                print(f"    seen by {host} over iSCSI: {seen.naa}, {seen.size_bytes} bytes")
+    for v in s.vms:
+        beat = f"  heartbeat #{v.heartbeat.counter}" if v.heartbeat else ""
+        print(f"  vm      {v.name:8} on {v.host:8} {v.state}{beat}")
+
+
+# ------------------------------------------------------------------------------ VMs
+
+async def _vm(lab: Lab, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        status = await lab.status()
+        if args.json:
+            emit(args, [v.to_wire() for v in status.vms])
+            return 0
+        for v in status.vms:
+            beat = f"heartbeat #{v.heartbeat.counter}" if v.heartbeat else "-"
+            print(f"{v.name:10} {v.host:10} {v.state:12} {beat:16} disk counter "
+                  f"{v.disk_counter if v.disk_counter is not None else '-'}")
+        return 0
+    if args.action == "start":
+        started = await lab.vm_start(args.name)
+        if args.json:
+            emit(args, started.to_wire())
+        else:
+            print(f"VM {args.name} running (pid {started.pid}), first heartbeat after "
+                  f"{started.first_heartbeat_s or 0:.1f} s")
+        return 0
+    if args.action == "stop":
+        await lab.vm_stop(args.name)
+        if args.json:
+            emit(args, {"name": args.name, "state": "stopped"})
+        else:
+            print(f"VM {args.name} stopped")
+        return 0
+    if args.command:
+        answer = await lab.vm_console(args.name, " ".join(args.command))
+        if args.json:
+            emit(args, {"name": args.name, "command": " ".join(args.command),
+                        "answer": answer})
+        else:
+            print(answer)
+        return 0
+    if args.follow:
+        return await _follow_console(lab, args)
+    tail = await lab.vm_console_tail(args.name, args.lines)
+    if args.json:
+        emit(args, {"name": args.name, "lines": tail})
+    else:
+        print("\n".join(tail))
+    return 0
+
+
+async def _follow_console(lab: Lab, args: argparse.Namespace) -> int:
+    """Every new console line of the VM, stamped with the (wall-clock) time it was read."""
+    status = await lab.status()
+    log = status.vm(args.name).console_log
+    if log is None:
+        raise LabStateError(f"VM {args.name} is not running: no console to follow",
+                            vm=args.name)
+    await _tail(Path(log), args.lines, follow=True, stamp=True, as_json=args.json)
+    return 0
+
+
+# ------------------------------------------------------------------------------ a way in
+
+def _host_netns(lab: Lab, host: str) -> str:
+    with lab.context() as ctx:
+        row = ctx.inv.row("hosts", name=host)
+        if row is None:
+            known = ", ".join(r["name"] for r in ctx.inv.rows("hosts"))
+            raise LabStateError(f"unknown host {host!r} (hosts: {known})", host=host)
+        return str(row["netns"])
+
+
+def _exec(lab: Lab, args: argparse.Namespace) -> int:
+    """Run a command (an argument list, never a shell string) in a host's namespace, with
+    this terminal; its exit status is ours."""
+    ns = _host_netns(lab, args.host)
+    if args.cmd == "shell":
+        argv = [os.environ.get("SHELL") or "/bin/bash"]
+    else:
+        argv = list(args.argv)
+        if argv and argv[0] == "--":
+            argv = argv[1:]
+        if not argv:
+            raise LabStateError("labctl exec HOST -- CMD ...: give the command to run")
+    env = {**os.environ, "LABCTL_LAB": lab.name, "LABCTL_HOST": args.host}
+    try:
+        return subprocess.run(netns_argv(ns, argv), env=env, check=False).returncode
+    except FileNotFoundError as exc:
+        raise LabStateError(f"cannot run {argv[0]!r} on {args.host}: {exc.strerror}") from exc
+
+
+async def _logs(lab: Lab, args: argparse.Namespace) -> int:
+    """A host agent's log, a storage node's serial console, or the rescan service's log."""
+    what = args.what
+    if what == "rescan":
+        path = lab.dir.path / "rescan.log"
+    elif lab.dir.host_dir(what).is_dir():
+        path = lab.dir.host_dir(what) / "agent.log"
+    elif lab.dir.storage_dir(what).is_dir():
+        path = lab.dir.storage_dir(what) / "console.log"
+    else:
+        hosts = sorted(p.name for p in (lab.dir.path / "hosts").glob("*") if p.is_dir())
+        nodes = sorted(p.name for p in (lab.dir.path / "storage").glob("*") if p.is_dir())
+        raise LabStateError(f"no logs for {what!r} in lab {lab.name} (hosts: "
+                            f"{', '.join(hosts) or 'none'}; storage nodes: "
+                            f"{', '.join(nodes) or 'none'}; or rescan)", what=what)
+    if not path.exists():
+        raise LabStateError(f"{path} does not exist (yet)", path=str(path))
+    if args.verbose:
+        print(f"==> {path}", file=sys.stderr)
+    await _tail(path, args.lines, follow=args.follow, stamp=False, as_json=args.json)
+    return 0
+
+
+async def _tail(path: Path, lines: int, follow: bool, stamp: bool, as_json: bool) -> None:
+    """The last ``lines`` lines of ``path``; with ``follow``, then every new line as it is
+    written (stamped with the time read when ``stamp``), until Ctrl-C."""
+    with open(path, "rb") as f:
+        text = f.read().decode(errors="replace")
+        last = text.splitlines()[-lines:] if lines > 0 else []
+        for line in last:
+            _line(line, None, as_json)
+        pending = ""
+        while follow:
+            chunk = f.read()
+            if not chunk:
+                await asyncio.sleep(0.1)
+                continue
+            pending += chunk.decode(errors="replace")
+            *done, pending = pending.split("\n")
+            now = datetime.now().astimezone().isoformat(timespec="milliseconds")
+            for line in done:
+                _line(line.rstrip("\r"), now if stamp else None, as_json)
+
+
+def _line(text: str, at: str | None, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"at": at, "line": text}), flush=True)
+    elif at is not None:
+        print(f"{at}  {text}", flush=True)
+    else:
+        print(text, flush=True)
+
+
+_ = time

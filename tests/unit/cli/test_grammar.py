@@ -1,0 +1,90 @@
+"""The command line's grammar and promises, without a lab: global options anywhere, the lab
+from LABCTL_LAB, verbs under nouns with the old spellings kept, one JSON document on stdout
+even for a failure, a closed pipe ended quietly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labctl import __version__
+from labctl.cli.args import HANDLERS, parser
+
+
+@pytest.mark.parametrize("argv", [
+    ["--lab", "x", "--json", "status"],
+    ["status", "--lab", "x", "--json"],
+    ["-q", "status", "--json", "--lab", "x"],
+])
+def test_global_options_before_or_after_the_command(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    assert (args.cmd, args.lab, args.json) == ("status", "x", True)
+
+
+def test_options_after_a_verb_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = parser().parse_args(["datastore", "show", "ds1", "--json", "--lab", "y"])
+    assert (args.cmd, args.action, args.name, args.json, args.lab) == (
+        "datastore", "show", "ds1", True, "y")
+    monkeypatch.setenv("LABCTL_LAB", "fromenv")
+    assert parser().parse_args(["status"]).lab == "fromenv"
+    assert parser().parse_args(["status", "--lab", "given"]).lab == "given"
+
+
+def test_nouns_verbs_and_aliases() -> None:
+    p = parser()
+    assert p.parse_args(["migrations"]).action == "list"  # the old spelling, the old default
+    assert p.parse_args(["migration", "show", "3"]).id == 3
+    assert p.parse_args(["migrations", "show", "3", "--plot", "x.png"]).plot == Path("x.png")
+    assert p.parse_args(["vm", "list"]).action == "list"
+    args = p.parse_args(["exec", "host1", "--", "ip", "-j", "addr"])
+    assert args.host == "host1" and args.argv[-3:] == ["ip", "-j", "addr"]
+    assert p.parse_args(["down", "--purge"]).purge
+    every = {a.dest for a in p._subparsers._group_actions}  # type: ignore[union-attr]
+    assert every == {"cmd"}
+    assert set(HANDLERS) >= {"up", "status", "ls", "down", "vm", "migrate", "migration",
+                             "datastore", "events", "exec", "shell", "logs"}
+
+
+def _cli(*argv: str, home: Path, **kw: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LABCTL_HOME": str(home)}
+    env.pop("LABCTL_LAB", None)
+    return subprocess.run([sys.executable, "-m", "labctl.cli", *argv], capture_output=True,
+                          text=True, env=env, timeout=60, check=False, **kw)  # type: ignore[call-overload]
+
+
+def test_version_and_help(tmp_path: Path) -> None:
+    res = _cli("--version", home=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == f"labctl {__version__}"
+    res = _cli("--help", home=tmp_path)
+    assert res.returncode == 0 and "migration" in res.stdout and "exec" in res.stdout
+
+
+def test_a_failure_with_json_is_still_one_json_document(tmp_path: Path) -> None:
+    res = _cli("status", "--json", home=tmp_path)
+    assert res.returncode == 1
+    doc = json.loads(res.stdout)  # stdout holds exactly one JSON document
+    assert doc["error"]["type"] == "LabStateError"
+    assert "no lab is up" in doc["error"]["message"]
+    assert res.stderr.strip() == "labctl: error: no lab is up (start one with: labctl up)"
+    assert "Traceback" not in res.stderr
+
+
+def test_ls_on_an_empty_home(tmp_path: Path) -> None:
+    res = _cli("ls", "--json", home=tmp_path)
+    assert res.returncode == 0
+    assert json.loads(res.stdout) == {"home": str(tmp_path), "labs": []}
+
+
+def test_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "LABCTL_HOME": str(tmp_path)}
+    cli = subprocess.Popen([sys.executable, "-m", "labctl.cli", "migration", "policies"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert cli.stdout is not None and cli.stderr is not None
+    cli.stdout.close()  # the reader is gone before labctl writes
+    err = cli.stderr.read().decode()
+    assert cli.wait(60) == 0 and "Traceback" not in err and "BrokenPipe" not in err
