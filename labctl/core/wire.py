@@ -8,6 +8,8 @@ passed through as it came (QEMU's own answers, evidence). Decoding checks every
 field against its annotation: an unknown field, a missing one or a wrong type is a
 :class:`~labctl.core.errors.ProtocolError` naming the message and the field. A field
 named after a Python keyword plus ``_`` (``pass_``) is the keyword on the wire (``pass``).
+:func:`json_schema` describes a message's wire form as a JSON Schema (draft 2020-12), for
+records printed as a documented contract (``--json``).
 
 A :class:`Method` binds an RPC method name to its request and reply types; both sides
 use the same object::
@@ -30,6 +32,7 @@ use the same object::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import keyword
 import types
 import typing
@@ -248,3 +251,111 @@ def _kind(value: object) -> str:
 
 def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp)
+
+
+# --- JSON Schema ---------------------------------------------------------------------------
+
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+_SCALARS: dict[Any, dict[str, Json]] = {
+    bool: {"type": "boolean"},
+    int: {"type": "integer"},
+    float: {"type": "number"},
+    str: {"type": "string"},
+    type(None): {"type": "null"},
+    Path: {"type": "string", "minLength": 1},
+}
+
+
+def json_schema(cls: type[Message]) -> dict[str, Json]:
+    """A JSON Schema (draft 2020-12) of the wire form of message ``cls``, from its annotations.
+
+    It accepts what :meth:`Message.from_wire` accepts, field by field: an object with the
+    message's fields (wire names), those without a default ``required``, no other key;
+    ``Literal`` as ``enum``, ``Path`` as a non-empty string, unions as ``anyOf``,
+    :data:`Json` as anything. Each nested message class is one entry of ``$defs`` (named by
+    its class, qualified by its module where two reachable classes share a name), referred
+    to by ``$ref``; ``cls`` itself is the root (``#``), so recursive messages are fine.
+    ``title`` is the class name, ``description`` its docstring, ``default`` a field's
+    default in wire form. Not expressed: a message's own ``__post_init__`` checks, and
+    JSON Schema counts ``1.0`` as an integer where ``from_wire`` does not. A field type
+    that :meth:`Message.from_wire` cannot decode is a TypeError.
+    """
+    found: list[type[Message]] = []
+    _reachable(cls, found)
+    nested = found[1:]
+    refs: dict[type[Message], str] = {cls: "#"}
+    short = [c.__name__ for c in nested]
+    for c in nested:
+        name = c.__name__ if short.count(c.__name__) == 1 else f"{c.__module__}.{c.__qualname__}"
+        refs[c] = f"#/$defs/{name}"
+    schema: dict[str, Json] = {"$schema": JSON_SCHEMA_DIALECT, **_object_schema(cls, refs)}
+    if nested:
+        schema["$defs"] = {refs[c].removeprefix("#/$defs/"): _object_schema(c, refs)
+                           for c in nested}
+    return schema
+
+
+def _reachable(tp: Any, found: list[type[Message]]) -> None:
+    """Every message class in type ``tp``, depth first in field order (each once)."""
+    if isinstance(tp, type) and issubclass(tp, Message):
+        if tp not in found:
+            found.append(tp)
+            hints = _hints(tp)
+            for f in dataclasses.fields(tp):  # type: ignore[arg-type, unused-ignore]
+                _reachable(hints[f.name], found)
+        return
+    if typing.get_origin(tp) is not Literal:
+        for arg in typing.get_args(tp):
+            _reachable(arg, found)
+
+
+def _object_schema(cls: type[Message], refs: dict[type[Message], str]) -> dict[str, Json]:
+    hints = _hints(cls)
+    properties: dict[str, Json] = {}
+    required: list[str] = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type, unused-ignore]
+        name = wire_name(f.name)
+        prop = _type_schema(hints[f.name], refs, f"{cls.__name__}.{name}")
+        if f.default is not dataclasses.MISSING:
+            prop = {**prop, "default": _encode(f.default)}
+        elif f.default_factory is not dataclasses.MISSING:
+            prop = {**prop, "default": _encode(f.default_factory())}
+        else:
+            required.append(name)
+        properties[name] = prop
+    out: dict[str, Json] = {"title": cls.__name__}
+    description = _description(cls)
+    if description:
+        out["description"] = description
+    out.update(type="object", properties=properties, required=required,
+               additionalProperties=False)
+    return out
+
+
+def _type_schema(tp: Any, refs: dict[type[Message], str], where: str) -> dict[str, Json]:
+    if tp is Any:
+        return {}
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return {"anyOf": [_type_schema(a, refs, where) for a in args]}
+    if origin is Literal:
+        return {"enum": list(args)}
+    if origin is list and len(args) == 1:
+        return {"type": "array", "items": _type_schema(args[0], refs, where)}
+    if origin is dict and len(args) == 2 and args[0] is str:
+        return {"type": "object", "additionalProperties": _type_schema(args[1], refs, where)}
+    if isinstance(tp, type) and issubclass(tp, Message):
+        return {"$ref": refs[tp]}
+    if tp in _SCALARS:
+        return dict(_SCALARS[tp])
+    raise TypeError(f"{where}: a field of type {_name(tp)} has no JSON form")
+
+
+def _description(cls: type) -> str | None:
+    """The class's own docstring (not the signature a dataclass makes up without one)."""
+    doc = cls.__dict__.get("__doc__")
+    if not isinstance(doc, str) or doc.startswith(f"{cls.__name__}("):
+        return None
+    return inspect.cleandoc(doc)
