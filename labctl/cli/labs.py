@@ -136,6 +136,14 @@ class LabEntry(Message):
     down_at: str | None
 
 
+@dataclass(frozen=True)
+class LabList(Message):
+    """What ``labctl ls`` prints: the labs of this machine's labctl home."""
+
+    home: str
+    labs: list[LabEntry]
+
+
 def _ls(args: argparse.Namespace) -> int:
     rows = []
     for name in existing_labs():
@@ -148,7 +156,7 @@ def _ls(args: argparse.Namespace) -> int:
                 timespec="seconds") if created else None,
             down_at=meta.get("down_at")))
     if args.json:
-        emit(args, {"home": str(home()), "labs": [r.to_wire() for r in rows]})
+        emit(args, LabList(home=str(home()), labs=rows).to_wire())
         return 0
     if not rows:
         print(f"no labs in {labs_dir()}")

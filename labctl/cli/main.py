@@ -13,11 +13,13 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from labctl.cli.args import HANDLERS, parser
 from labctl.cli.progress import Progress
 from labctl.core.errors import LabError
+from labctl.core.wire import Json, Message
 
 #: commands that only read: Ctrl-C ends them quietly
 READ_ONLY = {"status", "ls", "logs", "events", "validate", "migration", "migrations"}
@@ -50,11 +52,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+@dataclass(frozen=True)
+class ErrorInfo(Message):
+    #: the error's class (``LabStateError``, ``MigrationError``, ...)
+    type: str
+    #: the one line labctl also prints on stderr
+    message: str
+    #: what was observed (only with -v)
+    evidence: Json = None
+
+
+@dataclass(frozen=True)
+class ErrorRecord(Message):
+    """What any command prints on stdout with --json when it fails."""
+
+    error: ErrorInfo
+
+
 def _json_error(message: str, kind: str, evidence: object | None) -> None:
-    record: dict[str, object] = {"error": {"type": kind, "message": message}}
-    if evidence:
-        record["error"] = {**record["error"], "evidence": evidence}  # type: ignore[dict-item]
-    print(json.dumps(record, indent=2, default=str))
+    record = ErrorRecord(ErrorInfo(kind, message, evidence or None))
+    print(json.dumps(record.to_wire(), indent=2, default=str))
 
 
 def _interrupted(args: argparse.Namespace, module: object) -> int:

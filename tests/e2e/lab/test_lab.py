@@ -14,10 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
+from labctl.cli.records import SCHEMA_DIR
 from tests.conftest import (
     NO_ACL,
+    LabCli,
     e2e_ready,
     in_ns,
     labctl,
@@ -229,3 +232,24 @@ def test_demo_runs_the_flagship_scenario_and_leaves_nothing(lab_home: Path, tmp_
     assert re.search(r"refreshed host1,host2; all agreed in \d+ ms; VM vm1 resized", out), out
     assert f"disk as {320 << 20} bytes (the new size)" in out
     assert leftovers("e2edemo", lab_home / "labs" / "e2edemo") == []  # after --purge
+
+
+def _schema(name: str) -> dict[str, Any]:
+    return dict(json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text()))
+
+
+def test_json_outputs_match_their_shipped_schemas(lab: dict[str, Any]) -> None:
+    """Each command's --json output, as a user's script reads it, validates against the
+    schema labctl ships for that record."""
+    cli = LabCli(lab["name"])
+    jsonschema.validate(cli.json("status"), _schema("status"))
+    jsonschema.validate(json.loads(labctl("ls", "--json").stdout), _schema("ls"))
+    for vm in cli.json("vm", "list"):
+        jsonschema.validate(vm, _schema("vm"))
+    for ds in cli.json("datastore", "list"):
+        jsonschema.validate(ds, _schema("datastore"))
+    jsonschema.validate(cli.json("datastore", "show", "ds1"), _schema("datastore-show"))
+    jsonschema.validate(cli.json("host", "storage", "h1"), _schema("host-storage"))
+    bad = cli("vm", "start", "nope", "--json", check=False)
+    assert bad.returncode == 1
+    jsonschema.validate(json.loads(bad.stdout), _schema("error"))
