@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(_dispatch(args, progress))
     except LabError as exc:
-        print(f"labctl: error: {exc.message}", file=sys.stderr)
+        # a topology file's problems come all at once, one line each
+        for line in exc.message.splitlines():
+            print(f"labctl: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.cmd == "migrate":

@@ -105,13 +105,70 @@ def test_sizes() -> None:
     assert topology.format_size(256 << 20) == "256M"
 
 
-def test_cli_reports_one_line_without_traceback(tmp_path: Path) -> None:
+def test_schema_problems_come_together() -> None:
+    err = _error(GOOD.replace("name: t1", "name: T1\nbogus: 1")
+                 .replace("{name: h2}", "{name: h2, colour: red}")
+                 .replace("datastore: ds1}]", "datastore: ds1, vcpus: 0}]"))
+    assert err.problems == [
+        ("name", "'T1' is not valid: lowercase letters, digits and '-', starting with a letter, "
+                 "at most 16 characters"),
+        ("", "unknown key 'bogus'"),
+        ("hosts[1]", "unknown key 'colour'"),
+        ("vms[0].vcpus", "0 is less than the minimum of 1"),
+    ]
+    assert (err.path, err.problem) == err.problems[0]
+    assert str(err).splitlines() == [
+        "lab.yaml: name: 'T1' is not valid: lowercase letters, digits and '-', starting with a "
+        "letter, at most 16 characters",
+        "lab.yaml: unknown key 'bogus'",
+        "lab.yaml: hosts[1]: unknown key 'colour'",
+        "lab.yaml: vms[0].vcpus: 0 is less than the minimum of 1",
+    ]
+    assert err.evidence["problems"][1] == {"path": "", "problem": "unknown key 'bogus'"}
+
+
+def test_semantic_problems_come_together_in_file_order() -> None:
+    text = GOOD.replace("vms: [{name: vm1, host: h1, datastore: ds1}]",
+                        "vms: [{name: vm1, host: h1, datastore: ds1, memory: 4G},\n"
+                        "      {name: vm2, host: h9, datastore: ds1},\n"
+                        "      {name: vm1, host: h2, datastore: dsx}]")
+    text = text.replace("{name: h3,", "{name: h1,").replace("size: 256M", "size: 5G")
+    err = _error(text)
+    assert [p for p, _ in err.problems] == [
+        "hosts[2].name", "datastores[0].size", "vms[0].memory", "vms[1].host",
+        "vms[1].datastore", "vms[2].name", "vms[2].datastore"]
+    problems = dict(err.problems[:5])
+    assert problems["hosts[2].name"] == "duplicate name 'h1' (also hosts[0])"
+    assert problems["datastores[0].size"].startswith("5G does not fit on storage node stor1")
+    assert problems["vms[0].memory"] == "host h1 offers 2G to VMs and its VMs would need 4G"
+    assert problems["vms[1].host"] == "unknown host 'h9' (hosts: h1, h2)"
+    assert problems["vms[1].datastore"] == ("datastore ds1 is already the disk of VM vm1 (vms[0]) "
+                                            "(one VM per LUN)")
+    assert err.problems[6] == ("vms[2].datastore", "unknown datastore 'dsx' (datastores: ds1)")
+    assert len(str(err).splitlines()) == 7
+
+
+def test_refused_subnet_skips_only_what_needs_it() -> None:
+    err = _error(GOOD.replace("10.231.8.0/24", "10.231.8.1/24"))
+    # the addresses inside that subnet cannot be checked, everything else still is
+    assert [p for p, _ in err.problems] == ["sites[0].subnet"]
+    assert "is not a network" in err.problem
+
+
+def test_bad_ipv4_address_is_a_problem_not_a_crash() -> None:
+    err = _error(GOOD.replace("address: 10.231.8.12", "address: 10.231.8.300"))
+    assert err.problems == [("hosts[2].address", "'10.231.8.300' is not an IPv4 address")]
+
+
+def test_cli_reports_every_problem_one_line_each(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("hosts: [{name: h1}, {name: h2}, {name: h3, address: 10.231.8.12}]",
                                 "hosts: [{name: h1}, {name: h1}]"))
     res = subprocess.run([sys.executable, "-m", "labctl.cli", "validate", str(bad)],
                          capture_output=True, text=True, check=False)
     assert res.returncode == 1
-    assert res.stderr.strip() == (f"labctl: error: {bad}: hosts[1].name: duplicate name 'h1' "
-                                  "(also hosts[0])")
+    assert res.stderr.splitlines() == [
+        f"labctl: error: {bad}: hosts[1].name: duplicate name 'h1' (also hosts[0])",
+        f"labctl: error: {bad}: datastores[0].hosts[1]: unknown host 'h2' (hosts: h1)",
+    ]
     assert "Traceback" not in res.stderr
