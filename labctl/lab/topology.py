@@ -23,7 +23,7 @@ import yaml
 
 from labctl.core import names
 from labctl.core.errors import TopologyError
-from labctl.core.sizes import format_size, parse_size
+from labctl.core.sizes import bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
 
 DEFAULT_NODE_CAPACITY = 4 << 30
@@ -155,9 +155,11 @@ def parse(text: str, file: str = "<topology>") -> Topology:
         raise TopologyError(file, where, f"invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise TopologyError(file, "", "the top level must be a mapping (name:, sites:, hosts: ...)")
-    validator = jsonschema.Draft202012Validator(schema())
+    doc = schema()
+    validator = jsonschema.Draft202012Validator(doc)
     problems = [(_path(list(err.absolute_path)), message, _path([*err.absolute_path, *at]))
-                for err in validator.iter_errors(data) for message, at in _schema_messages(err)]
+                for err in validator.iter_errors(data)
+                for message, at in _schema_messages(err, doc["$defs"]["size"])]
     if problems:
         # the semantic checks read the file as the schema shapes it: they wait for a clean one
         raise TopologyError.listing(file, _in_file_order(data, problems))
@@ -188,12 +190,16 @@ def _in_file_order(data: dict[str, Any],
     return list(dict.fromkeys((path, problem) for path, problem, _ in ordered))
 
 
-def _schema_messages(err: jsonschema.ValidationError) -> list[tuple[str, list[str]]]:
-    """The problems ``err`` stands for, each with the place inside ``err``'s it is about."""
+def _schema_messages(err: jsonschema.ValidationError,
+                     size: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The problems ``err`` stands for, each with the place inside ``err``'s it is about
+    (``size``: the schema of a size, whose refusal names the forms accepted)."""
     if err.validator == "additionalProperties" and isinstance(err.instance, dict) \
             and isinstance(err.schema, dict):
         known = err.schema.get("properties", {})
         return [(f"unknown key {key!r}", [str(key)]) for key in err.instance if key not in known]
+    if err.validator == "oneOf" and err.schema == size:
+        return [(bad_size(err.instance), [])]
     return [(_schema_message(err), [])]
 
 

@@ -105,6 +105,33 @@ def test_sizes() -> None:
     assert topology.format_size(256 << 20) == "256M"
 
 
+SIZE_FORMS = ("use a number with K, M, G or T (powers of 1024, e.g. 256M, 2G; "
+              "B/KB/MiB are accepted too)")
+
+
+@pytest.mark.parametrize("size", ["256Mi", "256m", "1.5 GiBs", "-1G", "0x100M"])
+def test_refused_size_names_the_accepted_forms(size: str) -> None:
+    with pytest.raises(ValueError) as info:
+        topology.parse_size(size)
+    assert str(info.value) == f"bad size {size!r}: {SIZE_FORMS}"
+    err = _error(GOOD.replace("size: 256M", f"size: '{size}'"))
+    assert err.problems == [("datastores[0].size", f"bad size {size!r}: {SIZE_FORMS}")]
+
+
+def test_refused_sizes_come_together() -> None:
+    err = _error(GOOD.replace("datastore: ds1}]", "datastore: ds1, memory: 256Mi, working_set: 0}]"))
+    assert err.problems == [("vms[0].memory", f"bad size '256Mi': {SIZE_FORMS}"),
+                            ("vms[0].working_set", f"bad size 0: {SIZE_FORMS}")]
+
+
+def test_megabytes_are_mebibytes() -> None:
+    """256MB is read as 256 MiB, like 256M and 256MiB: a lab's sizes are powers of 1024."""
+    assert topology.parse_size("256MB") == topology.parse_size("256MiB") == 256 << 20
+    assert topology.parse_size("1KB") == 1024
+    topo = topology.parse(GOOD.replace("datastore: ds1}]", "datastore: ds1, memory: 256MB}]"))
+    assert topo.vm("vm1").memory == 256 << 20
+
+
 def test_schema_problems_come_together() -> None:
     err = _error(GOOD.replace("name: t1", "name: T1\nbogus: 1")
                  .replace("{name: h2}", "{name: h2, colour: red}")
