@@ -9,6 +9,7 @@ of a file's problems (the semantic checks run once the schema accepts the file).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import ipaddress
 import json
@@ -196,8 +197,16 @@ def _schema_messages(err: jsonschema.ValidationError,
     (``size``: the schema of a size, whose refusal names the forms accepted)."""
     if err.validator == "additionalProperties" and isinstance(err.instance, dict) \
             and isinstance(err.schema, dict):
-        known = err.schema.get("properties", {})
-        return [(f"unknown key {key!r}", [str(key)]) for key in err.instance if key not in known]
+        known = list(err.schema.get("properties", {}))
+        return [(f"unknown key {key!r} ({_hint(key, known, 'keys')})", [str(key)])
+                for key in err.instance if key not in known]
+    if err.validator == "required" and isinstance(err.instance, dict) \
+            and isinstance(err.schema, dict):
+        # a key taken for a typo of the missing one already says so
+        known = list(err.schema.get("properties", {}))
+        meant = {_nearest(key, known) for key in err.instance if key not in known}
+        if any(err.message == f"{key!r} is a required property" for key in meant):
+            return []
     if err.validator == "oneOf" and err.schema == size:
         return [(bad_size(err.instance), [])]
     return [(_schema_message(err), [])]
@@ -217,6 +226,25 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
 
 def _listed(names: list[str]) -> str:
     return ", ".join(dict.fromkeys(names)) or "none"
+
+
+def _nearest(word: object, known: list[str]) -> str | None:
+    """The known word ``word`` is most likely a typo of, if one is close enough."""
+    found = difflib.get_close_matches(str(word), known, n=1)
+    return found[0] if found else None
+
+
+def _hint(word: object, known: list[str], plural: str) -> str:
+    """``did you mean 'hosts'?`` when a known word is close, else the known ones."""
+    near = _nearest(word, known)
+    return f"did you mean {near!r}?" if near else f"{plural}: {_listed(known)}"
+
+
+def _unknown(kind: str, name: str, known: list[str], plural: str) -> str:
+    """``unknown host 'hots1' (did you mean 'host1'? hosts: host1, host2)``"""
+    near = _nearest(name, known)
+    return (f"unknown {kind} {name!r} (" + (f"did you mean {near!r}? " if near else "")
+            + f"{plural}: {_listed(known)})")
 
 
 #: the address of a machine whose address could not be worked out: it only ever appears in
@@ -285,7 +313,7 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                 return None
             name = raw_sites[0]["name"]
         elif name not in site_names:
-            fail(f"{kind}[{i}].site", f"unknown site {name!r} (sites: {_listed(site_names)})")
+            fail(f"{kind}[{i}].site", _unknown("site", name, site_names, "sites"))
             return None
         return next((site for site in sites if site.name == name), None)
 
@@ -366,8 +394,8 @@ def _build(data: dict[str, Any], file: str) -> Topology:
             else:
                 fail(f"datastores[{i}].node", "required unless the lab has exactly one storage node")
         elif node_name not in node_names:
-            fail(f"datastores[{i}].node", f"unknown storage node {node_name!r}"
-                 f" (storage nodes: {_listed(node_names)})")
+            fail(f"datastores[{i}].node",
+                 _unknown("storage node", node_name, node_names, "storage nodes"))
             node_name = None
         node = nodes[node_names.index(node_name)] if node_name is not None else None
         size = parse_size(d["size"])
@@ -381,8 +409,7 @@ def _build(data: dict[str, Any], file: str) -> Topology:
             free[node.name] -= size
         for j, h in enumerate(d["hosts"]):
             if h not in host_names:
-                fail(f"datastores[{i}].hosts[{j}]",
-                     f"unknown host {h!r} (hosts: {_listed(host_names)})")
+                fail(f"datastores[{i}].hosts[{j}]", _unknown("host", h, host_names, "hosts"))
             elif node is not None and node.site and hosts[host_names.index(h)].site \
                     and hosts[host_names.index(h)].site != node.site:
                 fail(f"datastores[{i}].hosts[{j}]",
@@ -398,12 +425,11 @@ def _build(data: dict[str, Any], file: str) -> Topology:
     for i, v in enumerate(raw_vms):
         host = hosts[host_names.index(v["host"])] if v["host"] in host_names else None
         if host is None:
-            fail(f"vms[{i}].host", f"unknown host {v['host']!r} (hosts: {_listed(host_names)})")
+            fail(f"vms[{i}].host", _unknown("host", v["host"], host_names, "hosts"))
         ds = v.get("datastore")
         if ds is not None:
             if ds not in ds_names:
-                fail(f"vms[{i}].datastore",
-                     f"unknown datastore {ds!r} (datastores: {_listed(ds_names)})")
+                fail(f"vms[{i}].datastore", _unknown("datastore", ds, ds_names, "datastores"))
             else:
                 store = stores[ds_names.index(ds)]
                 if host is not None and host.name not in store.hosts:

@@ -139,26 +139,28 @@ def test_schema_problems_come_together() -> None:
     assert err.problems == [
         ("name", "'T1' is not valid: lowercase letters, digits and '-', starting with a letter, "
                  "at most 16 characters"),
-        ("", "unknown key 'bogus'"),
-        ("hosts[1]", "unknown key 'colour'"),
+        ("", "unknown key 'bogus' (keys: name, rescan, sites, storage_nodes, hosts, datastores, "
+             "vms)"),
+        ("hosts[1]", "unknown key 'colour' (keys: name, site, address, memory)"),
         ("vms[0].vcpus", "0 is less than the minimum of 1"),
     ]
     assert (err.path, err.problem) == err.problems[0]
     assert str(err).splitlines() == [
         "lab.yaml: name: 'T1' is not valid: lowercase letters, digits and '-', starting with a "
         "letter, at most 16 characters",
-        "lab.yaml: unknown key 'bogus'",
-        "lab.yaml: hosts[1]: unknown key 'colour'",
+        "lab.yaml: unknown key 'bogus' (keys: name, rescan, sites, storage_nodes, hosts, "
+        "datastores, vms)",
+        "lab.yaml: hosts[1]: unknown key 'colour' (keys: name, site, address, memory)",
         "lab.yaml: vms[0].vcpus: 0 is less than the minimum of 1",
     ]
-    assert err.evidence["problems"][1] == {"path": "", "problem": "unknown key 'bogus'"}
+    assert err.evidence["problems"][2] == {"path": "hosts[1]", "problem": err.problems[2][1]}
 
 
 def test_semantic_problems_come_together_in_file_order() -> None:
     text = GOOD.replace("vms: [{name: vm1, host: h1, datastore: ds1}]",
                         "vms: [{name: vm1, host: h1, datastore: ds1, memory: 4G},\n"
                         "      {name: vm2, host: h9, datastore: ds1},\n"
-                        "      {name: vm1, host: h2, datastore: dsx}]")
+                        "      {name: vm1, host: h2, datastore: scratch}]")
     text = text.replace("{name: h3,", "{name: h1,").replace("size: 256M", "size: 5G")
     err = _error(text)
     assert [p for p, _ in err.problems] == [
@@ -171,7 +173,7 @@ def test_semantic_problems_come_together_in_file_order() -> None:
     assert problems["vms[1].host"] == "unknown host 'h9' (hosts: h1, h2)"
     assert problems["vms[1].datastore"] == ("datastore ds1 is already the disk of VM vm1 (vms[0]) "
                                             "(one VM per LUN)")
-    assert err.problems[6] == ("vms[2].datastore", "unknown datastore 'dsx' (datastores: ds1)")
+    assert err.problems[6] == ("vms[2].datastore", "unknown datastore 'scratch' (datastores: ds1)")
     assert len(str(err).splitlines()) == 7
 
 
@@ -185,6 +187,54 @@ def test_refused_subnet_skips_only_what_needs_it() -> None:
 def test_bad_ipv4_address_is_a_problem_not_a_crash() -> None:
     err = _error(GOOD.replace("address: 10.231.8.12", "address: 10.231.8.300"))
     assert err.problems == [("hosts[2].address", "'10.231.8.300' is not an IPv4 address")]
+
+
+def test_key_typos_get_the_nearest_key() -> None:
+    text = (GOOD.replace("hosts: [{name: h1}", "hots: [{name: h1}")
+            .replace("{name: stor1, capacity: 1G}", "{name: stor1, capacty: 1G}"))
+    err = _error(text)
+    # 'hosts' is missing because of the typo: the suggestion says so, once
+    assert err.problems == [("storage_nodes[0]", "unknown key 'capacty' (did you mean 'capacity'?)"),
+                            ("", "unknown key 'hots' (did you mean 'hosts'?)")]
+    assert str(err).splitlines()[1] == "lab.yaml: unknown key 'hots' (did you mean 'hosts'?)"
+
+
+@pytest.mark.parametrize(("old", "new", "path", "problem"), [
+    ("{name: s1, subnet: 10.231.8.0/24}", "{name: s1, sbunet: 10.231.8.0/24}", "sites[0]",
+     "unknown key 'sbunet' (did you mean 'subnet'?)"),
+    ("{name: h2}", "{name: h2, memroy: 1G}", "hosts[1]",
+     "unknown key 'memroy' (did you mean 'memory'?)"),
+    ("size: 256M,", "size: 256M, host: [h1],", "datastores[0]",
+     "unknown key 'host' (did you mean 'hosts'?)"),
+    ("datastore: ds1}]", "datastore: ds1, dirty-rate: 5}]", "vms[0]",
+     "unknown key 'dirty-rate' (did you mean 'dirty_rate'?)"),
+    ("datastore: ds1}]", "datastores: ds1}]", "vms[0]",
+     "unknown key 'datastores' (did you mean 'datastore'?)"),
+])
+def test_key_typo_in_an_entry(old: str, new: str, path: str, problem: str) -> None:
+    assert old in GOOD
+    assert _error(GOOD.replace(old, new)).problems == [(path, problem)]
+
+
+def test_name_typos_get_the_nearest_name() -> None:
+    text = (GOOD.replace("hosts: [h1, h2]", "hosts: [h1, hh2]")
+            .replace("datastore: ds1}]", "datastore: dss1}, {name: vm2, host: hst3}]")
+            .replace("{name: stor1, capacity: 1G}", "{name: stor1, site: s11, capacity: 1G}"))
+    assert _error(text).problems == [
+        ("storage_nodes[0].site", "unknown site 's11' (did you mean 's1'? sites: s1)"),
+        ("datastores[0].hosts[1]", "unknown host 'hh2' (did you mean 'h2'? hosts: h1, h2, h3)"),
+        ("vms[0].datastore", "unknown datastore 'dss1' (did you mean 'ds1'? datastores: ds1)"),
+        ("vms[1].host", "unknown host 'hst3' (did you mean 'h3'? hosts: h1, h2, h3)"),
+    ]
+    two_nodes = GOOD.replace("{name: stor1, capacity: 1G}", "{name: stor1}, {name: stor2}")
+    assert _error(two_nodes.replace("size: 256M,", "size: 256M, node: store2,")).problems == [
+        ("datastores[0].node",
+         "unknown storage node 'store2' (did you mean 'stor2'? storage nodes: stor1, stor2)")]
+
+
+def test_no_suggestion_for_a_far_name() -> None:
+    assert _error(GOOD.replace("host: h1", "host: zebra")).problems == [
+        ("vms[0].host", "unknown host 'zebra' (hosts: h1, h2, h3)")]
 
 
 def test_cli_reports_every_problem_one_line_each(tmp_path: Path) -> None:
