@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
     if args.cmd == "validate":
         topo = topology.load(args.file)
+        Lab(topo.name, progress=progress).check(topo)
         counts = ((len(topo.hosts), "host"), (len(topo.storage_nodes), "storage node"),
                   (len(topo.datastores), "datastore"), (len(topo.vms), "VM"))
         print(f"{args.file}: lab {topo.name}: "

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 
+from labctl.cli.main import main
 from labctl.core.errors import TopologyError
-from labctl.lab import topology
+from labctl.drivers import netlink
+from labctl.lab import bringup, topology
+from labctl.lab.topology import Topology
 
 GOOD = """
 name: t1
@@ -249,3 +254,97 @@ def test_cli_reports_every_problem_one_line_each(tmp_path: Path) -> None:
         f"labctl: error: {bad}: datastores[0].hosts[1]: unknown host 'h2' (hosts: h1)",
     ]
     assert "Traceback" not in res.stderr
+
+
+# --- labctl validate runs up's checks against this machine (reading it, building nothing) ----
+
+
+def _network_of_this_machine() -> ipaddress.IPv4Network:
+    """A /24 holding this machine's address on its default route's interface (read only)."""
+    with IPRoute() as ipr:
+        for route in ipr.get_routes(family=2, table=254):
+            oif = route.get_attr("RTA_OIF")
+            if route["dst_len"] != 0 or oif is None:
+                continue
+            for addr in ipr.get_addr(family=2, index=oif):
+                return ipaddress.IPv4Network(f"{addr.get_attr('IFA_ADDRESS')}/24", strict=False)
+    pytest.skip("this machine has no IPv4 default route with an address: no network to clash with")
+
+
+def _validate(file: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    code = main(["-q", "validate", str(file)])
+    out = capsys.readouterr()
+    return code, out.err.splitlines() + out.out.splitlines()
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LABCTL_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_validate_refuses_a_subnet_this_machine_uses(
+        tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    net = _network_of_this_machine()
+    assert not net.is_loopback
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(f"name: t1\nsites: [{{name: s1, subnet: {net}}}]\nhosts: [{{name: h1}}]\n")
+    code, lines = _validate(lab, capsys)
+    assert code == 1
+    assert len(lines) == 1
+    assert lines[0].startswith(f"labctl: error: {lab}: sites[0].subnet: {net} overlaps a network "
+                               "this machine already uses (")
+    assert lines[0].endswith("); pick another subnet")
+    assert not home.exists()  # checked, nothing made
+
+
+def test_validate_reports_the_machine_problems_together(
+        tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    net = _network_of_this_machine()
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(f"name: t1\nsites: [{{name: s1, subnet: {net}}}]\n"
+                   "storage_nodes: [{name: stor1, capacity: 1000T}]\nhosts: [{name: h1}]\n"
+                   "datastores: [{name: ds1, size: 900T, hosts: [h1]}]\n")
+    code, lines = _validate(lab, capsys)
+    assert code == 1
+    assert [line.split(": ")[3] for line in lines] == ["sites[0].subnet", "datastores"]
+    assert lines[1].startswith(f"labctl: error: {lab}: datastores: the datastores need "
+                               f"{(900 << 20) + 256} MiB but the filesystem of {home / 'labs'} has ")
+    assert not home.exists()
+
+
+def test_validate_says_valid_when_the_machine_has_room(
+        tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netlink, "overlapping_routes", lambda subnet: [])
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(GOOD)
+    assert _validate(lab, capsys) == (0, [f"{lab}: lab t1: 3 hosts, 1 storage node, "
+                                          "1 datastore, 1 VM: valid"])
+
+
+def test_validate_and_up_run_the_same_machine_check(
+        tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Topology, Path]] = []
+
+    def check_machine(topo: Topology, labs: Path) -> None:
+        calls.append((topo, labs))
+        raise TopologyError(topo.source, "sites[0].subnet", "refused by this machine")
+
+    monkeypatch.setattr(bringup, "check_machine", check_machine)
+    monkeypatch.setattr(bringup, "preflight", lambda: None)  # up's own needs: root, QEMU
+
+    async def build(*args: object) -> None:
+        raise AssertionError("up went past its checks")
+
+    monkeypatch.setattr(bringup, "build", build)  # whatever happens, nothing is built here
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(GOOD)
+    refused = [f"labctl: error: {lab}: sites[0].subnet: refused by this machine"]
+    assert _validate(lab, capsys) == (1, refused)
+    assert main(["-q", "up", str(lab)]) == 1
+    assert capsys.readouterr().err.splitlines() == refused
+    assert len(calls) == 2
+    assert calls[0] == calls[1] == (topology.load(lab), home / "labs")
+    assert not (home / "labs" / "t1").exists()  # up stopped before building
