@@ -78,7 +78,7 @@ def check_machine(topo: Topology, labs: Path) -> None:
     the free space where its directory goes (under ``labs``). ``labctl up`` runs it before
     building and ``labctl validate`` after the file's own checks, so the two cannot drift
     apart; one TopologyError lists every problem."""
-    problems = _network_problems(topo)
+    problems = _network_problems(topo, names.lab_tag(topo.name, labs / topo.name))
     free = shutil.disk_usage(_existing(labs)).free
     need = sum(d.size for d in topo.datastores) + len(topo.storage_nodes) * (256 << 20)
     evidence: dict[str, Any] = {}
@@ -92,10 +92,14 @@ def check_machine(topo: Topology, labs: Path) -> None:
         raise TopologyError.listing(topo.source, problems, **evidence)
 
 
-def _network_problems(topo: Topology) -> list[tuple[str, str]]:
+def _network_problems(topo: Topology, tag: str) -> list[tuple[str, str]]:
+    """Site subnets that overlap a network of this machine. The site's own bridge (the lab is
+    up, ``tag`` is its directory's) is no clash: up would take it as it is, and validate must
+    not refuse a file for its lab being up."""
     problems = []
     for i, site in enumerate(topo.sites):
-        clash = netlink.overlapping_routes(site.subnet)
+        own = (names.bridge(tag, i), names.alias(topo.name, "bridge", site.name))
+        clash = netlink.overlapping_routes(site.subnet, own)
         if clash:
             problems.append((f"sites[{i}].subnet",
                              f"{site.subnet} overlaps a network this machine already uses "

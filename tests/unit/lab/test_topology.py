@@ -11,6 +11,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from labctl.cli.main import main
+from labctl.core import names
 from labctl.core.errors import TopologyError
 from labctl.drivers import netlink
 from labctl.lab import bringup, topology
@@ -316,7 +317,7 @@ def test_validate_reports_the_machine_problems_together(
 def test_validate_says_valid_when_the_machine_has_room(
         tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(netlink, "overlapping_routes", lambda subnet: [])
+    monkeypatch.setattr(netlink, "overlapping_routes", lambda subnet, own_bridge=None: [])
     lab = tmp_path / "lab.yaml"
     lab.write_text(GOOD)
     assert _validate(lab, capsys) == (0, [f"{lab}: lab t1: 3 hosts, 1 storage node, "
@@ -348,3 +349,57 @@ def test_validate_and_up_run_the_same_machine_check(
     assert len(calls) == 2
     assert calls[0] == calls[1] == (topology.load(lab), home / "labs")
     assert not (home / "labs" / "t1").exists()  # up stopped before building
+
+
+class _Msg(dict[str, object]):
+    """A netlink message as pyroute2 hands it: fields by key, attributes by get_attr."""
+
+    def __init__(self, attrs: dict[str, object], **fields: object) -> None:
+        super().__init__(fields)
+        self.attrs = attrs
+
+    def get_attr(self, name: str) -> object:
+        return self.attrs.get(name)
+
+
+class _Machine:
+    """IPRoute of a machine with eth0 and one bridge on 10.231.8.0/24 (name, alias given)."""
+
+    bridge = ("", "")
+
+    def __enter__(self) -> _Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def get_links(self) -> list[_Msg]:
+        name, alias = self.bridge
+        return [_Msg({"IFLA_IFNAME": "eth0"}, index=2),
+                _Msg({"IFLA_IFNAME": name, "IFLA_IFALIAS": alias}, index=7)]
+
+    def get_addr(self, family: int) -> list[_Msg]:
+        return [_Msg({"IFA_ADDRESS": "192.0.2.2"}, index=2, prefixlen=24),
+                _Msg({"IFA_ADDRESS": "10.231.8.1"}, index=7, prefixlen=24)]
+
+    def get_routes(self, family: int, table: int) -> list[_Msg]:
+        return [_Msg({"RTA_DST": "10.231.8.0", "RTA_OIF": 7}, dst_len=24),
+                _Msg({"RTA_GATEWAY": "192.0.2.1", "RTA_OIF": 2}, dst_len=0)]
+
+
+def test_a_lab_that_is_up_is_no_clash_with_itself(
+        tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own bridge (this lab directory's name and alias) is left out, nothing else is: the
+    same lab name in another labctl home, or another lab's link of that name, still clash."""
+    monkeypatch.setattr(netlink, "IPRoute", _Machine)
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(GOOD)
+    own = names.bridge(names.lab_tag("t1", home / "labs" / "t1"), 0)
+    monkeypatch.setattr(_Machine, "bridge", (own, "labctl:t1:bridge:s1"))
+    assert _validate(lab, capsys)[0] == 0
+    for name, alias in (("lcffffb0", "labctl:t1:bridge:s1"), (own, "labctl:t2:bridge:s1")):
+        monkeypatch.setattr(_Machine, "bridge", (name, alias))
+        assert _validate(lab, capsys) == (1, [
+            f"labctl: error: {lab}: sites[0].subnet: 10.231.8.0/24 overlaps a network this machine "
+            f"already uses (10.231.8.0/24 on {name}); pick another subnet"])
