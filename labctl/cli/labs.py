@@ -112,6 +112,7 @@ async def _up(args: argparse.Namespace, progress: Progress) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     topo = topology.load(args.file)
+    Lab(args.lab or topo.name).check(topo)  # every check of up that builds nothing
     counts = ((len(topo.hosts), "host"), (len(topo.storage_nodes), "storage node"),
               (len(topo.datastores), "datastore"), (len(topo.vms), "VM"))
     if args.json:

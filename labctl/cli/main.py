@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as exc:
         if args.json:
             _json_error(exc.message, type(exc).__name__, exc.evidence if args.verbose else None)
-        print(f"labctl: error: {exc.message}", file=sys.stderr)
+        # a topology file's problems come all at once, one line each
+        for line in exc.message.splitlines():
+            print(f"labctl: error: {line}", file=sys.stderr)
         if args.verbose and exc.evidence:
             print(json.dumps(exc.evidence, indent=2, default=str), file=sys.stderr)
         return 1

@@ -29,6 +29,7 @@ callers catch it by what went wrong; ``evidence["remote"]`` keeps the agent's ev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -49,14 +50,34 @@ class LabError(Exception):
 
 
 class TopologyError(LabError):
-    """A topology file cannot be used. ``path`` is the place in the file, e.g. ``hosts[1].name``."""
+    """A topology file cannot be used. ``path`` is the place in the file, e.g. ``hosts[1].name``.
 
-    def __init__(self, file: str, path: str, problem: str, **evidence: Any) -> None:
-        where = f"{file}: {path}: " if path else f"{file}: "
-        super().__init__(where + problem, file=file, path=path, problem=problem, **evidence)
+    A file with several problems raises one error for all of them (:meth:`listing`):
+    ``problems`` holds every ``(path, problem)``, the message one line ``file: path: problem``
+    per problem, ``path`` and ``problem`` are the first one's.
+    """
+
+    def __init__(self, file: str, path: str, problem: str, *,
+                 more: Sequence[tuple[str, str]] = (), **evidence: Any) -> None:
+        problems = [(path, problem), *more]
+        super().__init__("\n".join(_topology_line(file, p, q) for p, q in problems),
+                         file=file, path=path, problem=problem,
+                         problems=[{"path": p, "problem": q} for p, q in problems], **evidence)
         self.file = file
         self.path = path
         self.problem = problem
+        self.problems = problems
+
+    @classmethod
+    def listing(cls, file: str, problems: Sequence[tuple[str, str]],
+                **evidence: Any) -> TopologyError:
+        """One error listing every ``(path, problem)`` of ``file`` (at least one)."""
+        (path, problem), *more = problems
+        return cls(file, path, problem, more=more, **evidence)
+
+
+def _topology_line(file: str, path: str, problem: str) -> str:
+    return f"{file}: {path}: {problem}" if path else f"{file}: {problem}"
 
 
 class LabStateError(LabError):

@@ -250,7 +250,7 @@ def _size(size: int | str) -> int:
     try:
         n = parse_size(size)
     except ValueError as exc:
-        raise LabStateError(f"bad size {size!r}: {exc}") from None
+        raise LabStateError(str(exc)) from None
     if n < MIN_SIZE or n % 512:
         raise LabStateError(f"bad size {size!r}: at least 1M and a multiple of 512 bytes")
     return n

@@ -191,19 +191,27 @@ def delete_netns(name: str) -> bool:
 
 
 @_netlink
-def overlapping_routes(subnet: ipaddress.IPv4Network) -> list[str]:
-    """Routes and addresses of this machine that overlap ``subnet``."""
+def overlapping_routes(subnet: ipaddress.IPv4Network,
+                       own_bridge: tuple[str, str] | None = None) -> list[str]:
+    """Routes and addresses of this machine that overlap ``subnet``, but those of
+    ``own_bridge`` (name, alias) if a link has that name and carries that alias: the bridge
+    :func:`ensure_bridge` would take for ``subnet``, not a clash."""
     found: list[str] = []
     with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        links = ipr.get_links()
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
+        ignored = {link["index"] for link in links if own_bridge is not None and own_bridge
+                   == (link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_IFALIAS"))}
         for addr in ipr.get_addr(family=2):
+            if addr["index"] in ignored:
+                continue
             ifname = names.get(addr["index"], "?")
             net = ipaddress.IPv4Interface(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}").network
             if net.overlaps(subnet) and not net.is_loopback:
                 found.append(f"{net} on {ifname}")
         for route in ipr.get_routes(family=2, table=254):
             dst = route.get_attr("RTA_DST")
-            if dst is None or route["dst_len"] == 0:
+            if dst is None or route["dst_len"] == 0 or route.get_attr("RTA_OIF") in ignored:
                 continue
             ifname = names.get(route.get_attr("RTA_OIF"), "?")
             net = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False)

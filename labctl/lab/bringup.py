@@ -72,27 +72,46 @@ def preflight() -> None:
         which(tool)
 
 
-def check_host_network(topo: Topology) -> None:
-    for i, site in enumerate(topo.sites):
-        clash = netlink.overlapping_routes(site.subnet)
-        if clash:
-            raise TopologyError(
-                topo.source, f"sites[{i}].subnet",
-                f"{site.subnet} overlaps a network this machine already uses ({'; '.join(clash)}); "
-                "pick another subnet")
-
-
-def check_disk_space(topo: Topology, where: Path) -> None:
-    """Datastores are sparse files in the lab directory: refuse a lab whose datastores could
-    not all be filled on the filesystem that holds it (plus room for the node's overlay)."""
-    where.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(where).free
+def check_machine(topo: Topology, labs: Path) -> None:
+    """Every check of ``topo`` against this machine that builds nothing: its subnets against
+    the machine's networks (read access to the routes is enough) and its datastores against
+    the free space where its directory goes (under ``labs``). ``labctl up`` runs it before
+    building and ``labctl validate`` after the file's own checks, so the two cannot drift
+    apart; one TopologyError lists every problem."""
+    problems = _network_problems(topo, names.lab_tag(topo.name, labs / topo.name))
+    free = shutil.disk_usage(_existing(labs)).free
     need = sum(d.size for d in topo.datastores) + len(topo.storage_nodes) * (256 << 20)
+    evidence: dict[str, Any] = {}
     if need > free:
-        raise TopologyError(
-            topo.source, "datastores",
-            f"the datastores need {need >> 20} MiB but the filesystem of {where} has "
-            f"{free >> 20} MiB free", need=need, free=free)
+        # datastores are sparse files in the lab directory: refuse a lab whose datastores
+        # could not all be filled (plus room for each node's overlay)
+        problems.append(("datastores", f"the datastores need {need >> 20} MiB but the filesystem "
+                                       f"of {labs} has {free >> 20} MiB free"))
+        evidence.update(need=need, free=free)
+    if problems:
+        raise TopologyError.listing(topo.source, problems, **evidence)
+
+
+def _network_problems(topo: Topology, tag: str) -> list[tuple[str, str]]:
+    """Site subnets that overlap a network of this machine. The site's own bridge (the lab is
+    up, ``tag`` is its directory's) is no clash: up would take it as it is, and validate must
+    not refuse a file for its lab being up."""
+    problems = []
+    for i, site in enumerate(topo.sites):
+        own = (names.bridge(tag, i), names.alias(topo.name, "bridge", site.name))
+        clash = netlink.overlapping_routes(site.subnet, own)
+        if clash:
+            problems.append((f"sites[{i}].subnet",
+                             f"{site.subnet} overlaps a network this machine already uses "
+                             f"({'; '.join(clash)}); pick another subnet"))
+    return problems
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (whose filesystem ``path`` will be on)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 async def probe_accel() -> str:

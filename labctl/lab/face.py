@@ -98,6 +98,11 @@ class Lab:
             inv.close()
 
     # ------------------------------------------------------------------ up
+    def check(self, topo: Topology) -> None:
+        """Check ``topo`` against this machine without building anything (its networks, the
+        free disk space): what ``up`` checks before it builds, and ``labctl validate`` too."""
+        bringup.check_machine(topo, self.dir.path.parent)
+
     async def up(self, topo: Topology) -> LabStatus:
         """Bring the lab up. Idempotent for the same topology; refuses a different one."""
         if topo.name != self.name:
@@ -125,8 +130,7 @@ class Lab:
                     f"lab {self.name} did not come up completely last time (state {state}); "
                     f"run 'labctl down --lab {self.name}' to clean it up, then up again",
                     lab=self.name, state=state)
-            bringup.check_host_network(topo)
-            bringup.check_disk_space(topo, self.dir.path.parent)
+            self.check(topo)
             self.dir.create()
             inv = self.dir.inventory(SCHEMAS)
             try:

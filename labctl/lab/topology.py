@@ -2,16 +2,18 @@
 
 ``load(path)`` reads YAML, checks it against the JSON Schema shipped in the
 package, then checks what a schema cannot (unique names, references, subnets,
-capacities) and returns a frozen ``Topology``. Every problem is a
-``TopologyError`` naming the file, the place in it (``hosts[1].name``) and
-what is wrong.
+capacities) and returns a frozen ``Topology``. Every problem names the file, the
+place in it (``hosts[1].name``) and what is wrong; one ``TopologyError`` lists all
+of a file's problems (the semantic checks run once the schema accepts the file).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import ipaddress
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,7 +24,7 @@ import yaml
 
 from labctl.core import names
 from labctl.core.errors import TopologyError
-from labctl.core.sizes import format_size, parse_size
+from labctl.core.sizes import bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
 
 DEFAULT_NODE_CAPACITY = 4 << 30
@@ -154,20 +156,66 @@ def parse(text: str, file: str = "<topology>") -> Topology:
         raise TopologyError(file, where, f"invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise TopologyError(file, "", "the top level must be a mapping (name:, sites:, hosts: ...)")
-    validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), e.path))
-    if errors:
-        err = jsonschema.exceptions.best_match(errors) or errors[0]
-        raise TopologyError(file, _path(list(err.absolute_path)), _schema_message(err))
+    doc = schema()
+    validator = jsonschema.Draft202012Validator(doc)
+    problems = [(_path(list(err.absolute_path)), message, _path([*err.absolute_path, *at]))
+                for err in validator.iter_errors(data)
+                for message, at in _schema_messages(err, doc["$defs"]["size"])]
+    if problems:
+        # the semantic checks read the file as the schema shapes it: they wait for a clean one
+        raise TopologyError.listing(file, _in_file_order(data, problems))
     return _build(data, file)
+
+
+def _in_file_order(data: dict[str, Any],
+                   problems: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """Each ``(path, problem)`` once, in the order of the places in the file they are about
+    (the third item: ``path`` or a place inside it, e.g. the unknown key itself)."""
+
+    def position(path: str) -> tuple[int, ...]:
+        node: Any = data
+        out = []
+        for key, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+            if index:
+                out.append(int(index))
+                node = node[int(index)] if isinstance(node, list) and int(index) < len(node) else None
+            elif isinstance(node, dict) and key in node:
+                out.append(list(node).index(key))
+                node = node[key]
+            else:
+                out.append(len(node) if isinstance(node, dict) else 0)
+                node = None
+        return tuple(out)
+
+    ordered = sorted(problems, key=lambda p: position(p[2]))
+    return list(dict.fromkeys((path, problem) for path, problem, _ in ordered))
+
+
+def _schema_messages(err: jsonschema.ValidationError,
+                     size: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The problems ``err`` stands for, each with the place inside ``err``'s it is about
+    (``size``: the schema of a size, whose refusal names the forms accepted)."""
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict) \
+            and isinstance(err.schema, dict):
+        known = list(err.schema.get("properties", {}))
+        return [(f"unknown key {key!r} ({_hint(key, known, 'keys')})", [str(key)])
+                for key in err.instance if key not in known]
+    if err.validator == "required" and isinstance(err.instance, dict) \
+            and isinstance(err.schema, dict):
+        # a key taken for a typo of the missing one already says so
+        known = list(err.schema.get("properties", {}))
+        meant = {_nearest(key, known) for key in err.instance if key not in known}
+        if any(err.message == f"{key!r} is a required property" for key in meant):
+            return []
+    if err.validator == "oneOf" and err.schema == size:
+        return [(bad_size(err.instance), [])]
+    return [(_schema_message(err), [])]
 
 
 def _schema_message(err: jsonschema.ValidationError) -> str:
     if err.validator == "pattern" and isinstance(err.instance, str):
         desc = err.schema.get("description") if isinstance(err.schema, dict) else None
         return f"{err.instance!r} is not valid" + (f": {desc}" if desc else "")
-    if err.validator == "additionalProperties":
-        return str(err.message).replace("Additional properties are not allowed", "unknown key")
     if err.validator == "oneOf" and isinstance(err.schema, dict) and err.schema.get("description"):
         return f"{err.instance!r} is not valid: {err.schema['description']}"
     if err.validator in ("minimum", "maximum", "type") and isinstance(err.schema, dict) \
@@ -176,16 +224,50 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
     return str(err.message)
 
 
+def _listed(names: list[str]) -> str:
+    return ", ".join(dict.fromkeys(names)) or "none"
+
+
+def _nearest(word: object, known: list[str]) -> str | None:
+    """The known word ``word`` is most likely a typo of, if one is close enough."""
+    found = difflib.get_close_matches(str(word), known, n=1)
+    return found[0] if found else None
+
+
+def _hint(word: object, known: list[str], plural: str) -> str:
+    """``did you mean 'hosts'?`` when a known word is close, else the known ones."""
+    near = _nearest(word, known)
+    return f"did you mean {near!r}?" if near else f"{plural}: {_listed(known)}"
+
+
+def _unknown(kind: str, name: str, known: list[str], plural: str) -> str:
+    """``unknown host 'hots1' (did you mean 'host1'? hosts: host1, host2)``"""
+    near = _nearest(name, known)
+    return (f"unknown {kind} {name!r} (" + (f"did you mean {near!r}? " if near else "")
+            + f"{plural}: {_listed(known)})")
+
+
+#: the address of a machine whose address could not be worked out: it only ever appears in
+#: a topology that is refused
+_NOWHERE = ipaddress.IPv4Address(0)
+
+
 def _build(data: dict[str, Any], file: str) -> Topology:
-    def fail(path: str, problem: str) -> TopologyError:
-        return TopologyError(file, path, problem)
+    """The topology of a file the schema accepted, after every check a schema cannot make.
+    Each problem is recorded and the checks go on (skipping those that need what was
+    refused), so one ``TopologyError`` lists them all."""
+    problems: list[tuple[str, str]] = []
+
+    def fail(path: str, problem: str) -> None:
+        problems.append((path, problem))
 
     def unique(kind: str, items: list[dict[str, Any]], seen: dict[str, str]) -> None:
         for i, item in enumerate(items):
             name = item["name"]
             if name in seen:
-                raise fail(f"{kind}[{i}].name", f"duplicate name {name!r} (also {seen[name]})")
-            seen[name] = f"{kind}[{i}]"
+                fail(f"{kind}[{i}].name", f"duplicate name {name!r} (also {seen[name]})")
+            else:
+                seen[name] = f"{kind}[{i}]"
 
     lab = data["name"]
     raw_sites = data["sites"]
@@ -202,76 +284,100 @@ def _build(data: dict[str, Any], file: str) -> Topology:
     unique("vms", raw_vms, {})
 
     sites: list[Site] = []
+    where_site: dict[str, str] = {}
     for i, s in enumerate(raw_sites):
         try:
             net = ipaddress.IPv4Network(s["subnet"], strict=True)
         except ValueError as exc:
-            raise fail(f"sites[{i}].subnet", f"{s['subnet']!r} is not a network: {exc}") from None
+            fail(f"sites[{i}].subnet", f"{s['subnet']!r} is not a network: {exc}")
+            continue
         if net.num_addresses < 16:
-            raise fail(f"sites[{i}].subnet", f"{net} is too small (need at least a /28)")
-        for j, other in enumerate(sites):
+            fail(f"sites[{i}].subnet", f"{net} is too small (need at least a /28)")
+            continue
+        for other in sites:
             if net.overlaps(other.subnet):
-                raise fail(f"sites[{i}].subnet",
-                           f"{net} overlaps {other.subnet} of sites[{j}] ({other.name})")
-        sites.append(Site(s["name"], net))
-    site_names = [s.name for s in sites]
+                fail(f"sites[{i}].subnet",
+                     f"{net} overlaps {other.subnet} of {where_site[other.name]} ({other.name})")
+                break
+        if s["name"] not in where_site:
+            where_site[s["name"]] = f"sites[{i}]"
+            sites.append(Site(s["name"], net))
+    site_names = [s["name"] for s in raw_sites]
 
-    def site_of(kind: str, i: int, item: dict[str, Any]) -> Site:
+    def site_of(kind: str, i: int, item: dict[str, Any]) -> Site | None:
+        """The item's site; None when it has none or its subnet was refused (reported)."""
         name = item.get("site")
         if name is None:
-            if len(sites) > 1:
-                raise fail(f"{kind}[{i}].site", "required when the lab has more than one site")
-            return sites[0]
-        if name not in site_names:
-            raise fail(f"{kind}[{i}].site", f"unknown site {name!r} (sites: {', '.join(site_names)})")
-        return sites[site_names.index(name)]
+            if len(raw_sites) > 1:
+                fail(f"{kind}[{i}].site", "required when the lab has more than one site")
+                return None
+            name = raw_sites[0]["name"]
+        elif name not in site_names:
+            fail(f"{kind}[{i}].site", _unknown("site", name, site_names, "sites"))
+            return None
+        return next((site for site in sites if site.name == name), None)
 
+    machine_kinds = (("storage_nodes", raw_nodes), ("hosts", raw_hosts))
+    placed = {(kind, i): site_of(kind, i, item)
+              for kind, items in machine_kinds for i, item in enumerate(items)}
     used: dict[ipaddress.IPv4Address, str] = {}
 
-    def address(kind: str, i: int, item: dict[str, Any], site: Site, start: int) -> ipaddress.IPv4Address:
+    def address(kind: str, i: int, item: dict[str, Any], start: int) -> ipaddress.IPv4Address | None:
+        site = placed[kind, i]
         if "address" in item:
-            addr = ipaddress.IPv4Address(item["address"])
+            try:
+                addr = ipaddress.IPv4Address(item["address"])
+            except ValueError:
+                fail(f"{kind}[{i}].address", f"{item['address']!r} is not an IPv4 address")
+                return None
+            if site is None:
+                return None
             if addr not in site.subnet or addr in (site.subnet.network_address,
                                                    site.subnet.broadcast_address, site.gateway):
-                raise fail(f"{kind}[{i}].address",
-                           f"{addr} is not a usable address of {site.name}'s subnet {site.subnet} "
-                           f"({site.gateway} is the controller's)")
+                fail(f"{kind}[{i}].address",
+                     f"{addr} is not a usable address of {site.name}'s subnet {site.subnet} "
+                     f"({site.gateway} is the controller's)")
+                return None
         else:
+            if site is None:
+                return None
             addr = site.subnet.network_address + start
             while addr in used:
                 addr += 1
             if addr >= site.subnet.broadcast_address:
-                raise fail(f"{kind}[{i}]", f"no free address left in {site.subnet}")
+                fail(f"{kind}[{i}]", f"no free address left in {site.subnet}")
+                return None
         if addr in used:
-            raise fail(f"{kind}[{i}].address", f"{addr} is already used by {used[addr]}")
+            fail(f"{kind}[{i}].address", f"{addr} is already used by {used[addr]}")
+            return None
         used[addr] = f"{kind}[{i}]"
         return addr
 
     # explicit addresses first so automatic ones never take them
-    for kind, items in (("storage_nodes", raw_nodes), ("hosts", raw_hosts)):
-        for i, item in enumerate(items):
-            if "address" in item:
-                address(kind, i, item, site_of(kind, i, item), 0)
+    explicit = {(kind, i): address(kind, i, item, 0)
+                for kind, items in machine_kinds for i, item in enumerate(items) if "address" in item}
 
-    def assigned(kind: str, i: int, item: dict[str, Any], site: Site, start: int) -> ipaddress.IPv4Address:
-        if "address" in item:
-            return ipaddress.IPv4Address(item["address"])
-        return address(kind, i, item, site, start)
+    def assigned(kind: str, i: int, item: dict[str, Any], start: int) -> ipaddress.IPv4Address:
+        addr = explicit[kind, i] if "address" in item else address(kind, i, item, start)
+        return addr or _NOWHERE
+
+    def site_name(kind: str, i: int) -> str:
+        site = placed[kind, i]
+        return site.name if site else ""
 
     nodes = []
     for i, n in enumerate(raw_nodes):
-        site = site_of("storage_nodes", i, n)
         nodes.append(StorageNode(
-            name=n["name"], site=site.name, address=assigned("storage_nodes", i, n, site, 2),
+            name=n["name"], site=site_name("storage_nodes", i),
+            address=assigned("storage_nodes", i, n, 2),
             capacity=parse_size(n.get("capacity", DEFAULT_NODE_CAPACITY)),
             memory=parse_size(n.get("memory", DEFAULT_NODE_MEMORY)),
             target_iqn=names.target_iqn(lab, n['name']),
         ))
     hosts = []
     for i, h in enumerate(raw_hosts):
-        site = site_of("hosts", i, h)
         hosts.append(Host(
-            name=h["name"], site=site.name, address=assigned("hosts", i, h, site, 11),
+            name=h["name"], site=site_name("hosts", i), address=assigned("hosts", i, h, 11),
             memory=parse_size(h.get("memory", DEFAULT_HOST_MEMORY)),
             initiator_iqn=names.host_iqn(lab, h['name']),
         ))
@@ -283,71 +389,78 @@ def _build(data: dict[str, Any], file: str) -> Topology:
     for i, d in enumerate(raw_ds):
         node_name = d.get("node")
         if node_name is None:
-            if len(nodes) != 1:
-                raise fail(f"datastores[{i}].node",
-                           "required unless the lab has exactly one storage node")
-            node_name = nodes[0].name
+            if len(nodes) == 1:
+                node_name = nodes[0].name
+            else:
+                fail(f"datastores[{i}].node", "required unless the lab has exactly one storage node")
         elif node_name not in node_names:
-            raise fail(f"datastores[{i}].node", f"unknown storage node {node_name!r}"
-                       f" (storage nodes: {', '.join(node_names) or 'none'})")
+            fail(f"datastores[{i}].node",
+                 _unknown("storage node", node_name, node_names, "storage nodes"))
+            node_name = None
+        node = nodes[node_names.index(node_name)] if node_name is not None else None
         size = parse_size(d["size"])
         if size < 1 << 20:
-            raise fail(f"datastores[{i}].size", f"{d['size']!r} is too small (at least 1M)")
-        if size > free[node_name]:
-            node = nodes[node_names.index(node_name)]
-            raise fail(f"datastores[{i}].size",
-                       f"{format_size(size)} does not fit on storage node {node_name} "
-                       f"(capacity {format_size(node.capacity)}, "
-                       f"{format_size(free[node_name])} free)")
-        free[node_name] -= size
-        node_site = nodes[node_names.index(node_name)].site
+            fail(f"datastores[{i}].size", f"{d['size']!r} is too small (at least 1M)")
+        elif node is not None and size > free[node.name]:
+            fail(f"datastores[{i}].size",
+                 f"{format_size(size)} does not fit on storage node {node.name} "
+                 f"(capacity {format_size(node.capacity)}, {format_size(free[node.name])} free)")
+        elif node is not None:
+            free[node.name] -= size
         for j, h in enumerate(d["hosts"]):
             if h not in host_names:
-                raise fail(f"datastores[{i}].hosts[{j}]",
-                           f"unknown host {h!r} (hosts: {', '.join(host_names)})")
-            if hosts[host_names.index(h)].site != node_site:
-                raise fail(f"datastores[{i}].hosts[{j}]",
-                           f"host {h} is not in site {node_site} of storage node {node_name}")
+                fail(f"datastores[{i}].hosts[{j}]", _unknown("host", h, host_names, "hosts"))
+            elif node is not None and node.site and hosts[host_names.index(h)].site \
+                    and hosts[host_names.index(h)].site != node.site:
+                fail(f"datastores[{i}].hosts[{j}]",
+                     f"host {h} is not in site {node.site} of storage node {node.name}")
         if len(set(d["hosts"])) != len(d["hosts"]):
-            raise fail(f"datastores[{i}].hosts", "a host is named twice")
-        stores.append(Datastore(d["name"], node_name, size, tuple(d["hosts"])))
+            fail(f"datastores[{i}].hosts", "a host is named twice")
+        stores.append(Datastore(d["name"], node_name or "", size, tuple(d["hosts"])))
     ds_names = [d.name for d in stores]
 
     vms = []
     load_on: dict[str, int] = dict.fromkeys(host_names, 0)
+    disk_of: dict[str, str] = {}
     for i, v in enumerate(raw_vms):
-        if v["host"] not in host_names:
-            raise fail(f"vms[{i}].host", f"unknown host {v['host']!r} (hosts: {', '.join(host_names)})")
+        host = hosts[host_names.index(v["host"])] if v["host"] in host_names else None
+        if host is None:
+            fail(f"vms[{i}].host", _unknown("host", v["host"], host_names, "hosts"))
         ds = v.get("datastore")
         if ds is not None:
             if ds not in ds_names:
-                raise fail(f"vms[{i}].datastore",
-                           f"unknown datastore {ds!r} (datastores: {', '.join(ds_names) or 'none'})")
-            if v["host"] not in stores[ds_names.index(ds)].hosts:
-                raise fail(f"vms[{i}].datastore",
-                           f"host {v['host']} does not share datastore {ds} "
-                           f"(shared by {', '.join(stores[ds_names.index(ds)].hosts) or 'no host'})")
-            if sum(1 for w in raw_vms if w.get("datastore") == ds) > 1:
-                raise fail(f"vms[{i}].datastore",
-                           f"datastore {ds} is already the disk of another VM (one VM per LUN)")
+                fail(f"vms[{i}].datastore", _unknown("datastore", ds, ds_names, "datastores"))
+            else:
+                store = stores[ds_names.index(ds)]
+                if host is not None and host.name not in store.hosts:
+                    fail(f"vms[{i}].datastore",
+                         f"host {host.name} does not share datastore {ds} "
+                         f"(shared by {', '.join(store.hosts) or 'no host'})")
+                if ds in disk_of:
+                    fail(f"vms[{i}].datastore",
+                         f"datastore {ds} is already the disk of {disk_of[ds]} (one VM per LUN)")
+                else:
+                    disk_of[ds] = f"VM {v['name']} (vms[{i}])"
         memory = parse_size(v.get("memory", DEFAULT_VM_MEMORY))
         wss = parse_size(v.get("working_set", DEFAULT_WORKING_SET))
         if memory < 64 << 20:
-            raise fail(f"vms[{i}].memory", "at least 64M")
-        if wss > memory - (32 << 20):
-            raise fail(f"vms[{i}].working_set",
-                       f"{format_size(wss)} leaves too little of the VM's {format_size(memory)} memory")
-        host = hosts[host_names.index(v["host"])]
-        if v.get("autostart", True):
-            load_on[host.name] += memory
-            if load_on[host.name] > host.memory:
-                raise fail(f"vms[{i}].memory",
-                           f"host {host.name} offers {format_size(host.memory)} to VMs and its VMs "
-                           f"would need {format_size(load_on[host.name])}")
+            fail(f"vms[{i}].memory", "at least 64M")
+        elif wss > memory - (32 << 20):
+            fail(f"vms[{i}].working_set",
+                 f"{format_size(wss)} leaves too little of the VM's {format_size(memory)} memory")
+        if host is not None and v.get("autostart", True):
+            if load_on[host.name] + memory > host.memory:
+                fail(f"vms[{i}].memory",
+                     f"host {host.name} offers {format_size(host.memory)} to VMs and its VMs "
+                     f"would need {format_size(load_on[host.name] + memory)}")
+            else:
+                load_on[host.name] += memory
         vms.append(Vm(v["name"], v["host"], ds, memory, int(v.get("vcpus", 1)),
                       float(v.get("dirty_rate", 0)), wss, bool(v.get("autostart", True)),
                       int(v.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS))))
 
+    if problems:
+        raise TopologyError.listing(file, _in_file_order(data, [(*p, p[0]) for p in problems]))
     return Topology(
         name=lab, source=file,
         digest=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16],
