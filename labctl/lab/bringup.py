@@ -142,6 +142,9 @@ async def build(ctx: LabContext, topo: Topology) -> None:
         ensure_storage_image(progress=ctx.progress), ensure_guest_image()))
     accel = await step(ctx, "accelerator probe", probe_accel())
     inv.set_meta("accel", accel)
+    if accel != "kvm":
+        ctx.progress("KVM not usable here (no /dev/kvm, or a guest did not boot under it); "
+                     "using TCG")
 
     # 2. network: one bridge per site, the controller holds .1 on it
     t_net = time.monotonic()

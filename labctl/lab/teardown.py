@@ -11,7 +11,7 @@ from pathlib import Path
 from labctl.core.errors import LabError
 from labctl.drivers import netlink
 from labctl.hosts.provider import NamespaceHosts, stop_owned_process
-from labctl.state.context import LabContext
+from labctl.state.context import LabContext, Progress
 from labctl.storage import node as storagenode
 
 LIBVIRT_QEMU_LOGS = Path("/var/log/libvirt/qemu")
@@ -19,7 +19,7 @@ LIBVIRT_QEMU_LOGS = Path("/var/log/libvirt/qemu")
 
 async def teardown(ctx: LabContext) -> list[str]:
     """Remove the lab's objects; returns what was removed (one line each)."""
-    removed: list[str] = []
+    removed: list[str] = _Said(ctx.progress)
     inv = ctx.inv
     # the hosts first (their agents stop their VMs softly), through their provider
     await NamespaceHosts(ctx.name, ctx.dir.path, inv).teardown(inv, removed)
@@ -42,6 +42,17 @@ async def teardown(ctx: LabContext) -> list[str]:
         elif kind == "netns" and netlink.delete_netns(name):
             removed.append(f"netns {name}")
         inv.disown(kind, name)
-    for item in removed:
-        ctx.progress(f"removed {item}")
-    return removed
+    return list(removed)
+
+
+class _Said(list[str]):
+    """A list of removed objects that reports each one as it is removed (so the progress
+    lines carry the time each removal happened, not the end of the teardown)."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def append(self, item: str) -> None:
+        super().append(item)
+        self.progress(f"removed {item}")
