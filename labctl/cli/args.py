@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
                            "logs and inventory are kept (see --purge)")
     down.add_argument("--purge", action="store_true",
                       help="also delete the lab's directory: records, logs, inventory")
+    exp = sub.add("export", "pack a lab's records, logs and inventory into a .tar.gz to share a "
+                            "reproduction (its secrets are left out)")
+    exp.add_argument("file", type=Path, help="the archive to write, e.g. repro.tar.gz")
     val = sub.add("validate", "check a topology file as 'up' would, without building anything")
     val.add_argument("file", type=Path)
     demo = sub.add("demo", "bring up the default lab, show its VM alive, migrate it there and "
@@ -186,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
 #: the module that runs each command (imported only when the command runs)
 HANDLERS = {
     "up": "labs", "status": "labs", "ls": "labs", "down": "labs", "validate": "labs",
-    "demo": "labs", "exec": "labs", "shell": "labs", "logs": "labs", "vm": "labs",
+    "demo": "labs", "export": "labs", "exec": "labs", "shell": "labs", "logs": "labs", "vm": "labs",
     "migrate": "migration", "migration": "migration", "migrations": "migration",
     "datastore": "storage", "host": "storage", "events": "storage", "rescan": "storage",
     "storage": "storage",

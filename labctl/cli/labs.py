@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,6 +61,8 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
         return 0
     if args.cmd == "logs":
         return await _logs(lab, args)
+    if args.cmd == "export":
+        return _export(lab, args)
     lab.require_up()
     if args.cmd == "vm":
         return await _vm(lab, args)
@@ -183,6 +186,37 @@ def print_status(s: LabStatus) -> None:
     for v in s.vms:
         beat = f"  heartbeat #{v.heartbeat.counter}" if v.heartbeat else ""
         print(f"  vm      {v.name:8} on {v.host:8} {v.state}{beat}")
+
+
+#: never in an export: the lab secret and its copies, sockets, the lock
+_NOT_EXPORTED = {"secret", ".lock"}
+
+
+def _export(lab: Lab, args: argparse.Namespace) -> int:
+    """The lab directory as a .tar.gz (inventory, topology, migration records, events, agent
+    and console logs, plots), without its secrets or sockets."""
+    out = Path(args.file)
+    if not out.parent.is_dir():
+        raise LabStateError(f"cannot write {out}: {out.parent} is not a directory")
+    kept: list[str] = []
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        name = Path(info.name).name
+        if name in _NOT_EXPORTED or not (info.isfile() or info.isdir()):
+            return None
+        if info.isfile():
+            kept.append(info.name)
+        return info
+
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(lab.dir.path, arcname=lab.name, filter=keep)
+    if args.json:
+        emit(args, {"lab": lab.name, "file": str(out), "files": len(kept),
+                    "size_bytes": out.stat().st_size})
+    else:
+        print(f"lab {lab.name}: {len(kept)} files in {out} ({out.stat().st_size >> 10} KiB; "
+              "secrets left out)")
+    return 0
 
 
 # ------------------------------------------------------------------------------ VMs

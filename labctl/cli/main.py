@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """The labctl command line: parse (labctl/cli/args.py), run the command's module, and keep
 the promises every command makes: results on stdout, progress on stderr; with ``--json``
 stdout holds exactly one JSON document, a failure included (``{"error": {...}}``, exit 1);
@@ -16,6 +17,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import argcomplete
+
 from labctl.cli.args import HANDLERS, parser
 from labctl.cli.progress import Progress
 from labctl.core.errors import LabError
@@ -29,7 +32,9 @@ Runner = Callable[[argparse.Namespace, Progress], Coroutine[Any, Any, int]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    grammar = parser()
+    argcomplete.autocomplete(grammar)  # answers shell completion requests, else returns
+    args = grammar.parse_args(argv)
     progress = Progress(args.quiet)
     # the command's module, imported only now: `labctl --help` and a typo cost nothing more
     module = importlib.import_module(f"labctl.cli.{HANDLERS[args.cmd]}")

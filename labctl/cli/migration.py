@@ -35,11 +35,13 @@ def interrupted_message() -> str:
         except Exception:  # the message must be printed whatever the inventory says
             rec = {}
     src = rec.get("source") or {}
-    dest = "destination cleaned up" if rec.get("dest") else \
+    dest = rec.get("dest") or {}
+    where = "destination cleaned up" if dest.get("removed") else \
+        "nothing left on the destination" if dest else \
         (rec.get("dest_error") or "destination cleanup unknown")
     alive = "the VM keeps running on the source" if src.get("alive") else \
         f"source state: {src.get('status', 'unknown')}"
-    return f"labctl: migration cancelled (Ctrl-C): {alive}; {dest}"
+    return f"labctl: migration cancelled (Ctrl-C): {alive}; {where}"
 
 
 async def run(args: argparse.Namespace, progress: Progress) -> int:

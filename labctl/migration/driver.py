@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -43,7 +42,7 @@ from labctl.migration.convergence import ConvergencePolicy, Decision
 from labctl.migration.policy import Policy
 from labctl.migration.protocol import PassRecord, SourceStatus, qmp_float, qmp_int, qmp_str
 from labctl.migration.records import Recorder
-from labctl.migration.report import pass_line
+from labctl.migration.report import pass_line, recovery_line
 from labctl.migration.result import (
     DiskCheck,
     HeartbeatCheck,
@@ -394,9 +393,7 @@ class Migration:
                     f"{exc.message} (attempt {attempt + 1}); the destination's agent drops the "
                     f"incoming VM itself when its lease ({self.policy.lease_s:g} s) lapses"))
                 await asyncio.sleep(0.5)
-        shown = {k: v for k, v in out.to_wire().items()
-                 if k in ("source", "dest", "dest_error") and v is not None}
-        self.progress("recovered: " + json.dumps(shown))
+        self.progress("recovered: " + recovery_line(out, self.src.host, self.dst.host))
         return out
 
 
