@@ -28,7 +28,11 @@ _STAGES = (("src-iterable-saved", "source: final RAM sent"),
 
 def plot(mig: Record, path: Path, title: str | None = None) -> Path:
     """Write the PNG for ``mig`` (a result dict as stored: pass_records, t0, stop_t, resume_t,
-    switchover, heartbeat, decisions, total_ms...) to ``path``."""
+    switchover, heartbeat, decisions, total_ms...) to ``path``, whose directory must exist
+    (a mistyped ``--plot`` directory is an error, not a new directory tree)."""
+    if not path.parent.is_dir():
+        raise LabError(f"cannot write the timeline to {path}: directory {path.parent} "
+                       f"does not exist", path=str(path), directory=str(path.parent))
     try:
         import matplotlib  # noqa: PLC0415 (optional heavy module, only for --plot)
 
@@ -108,7 +112,6 @@ def plot(mig: Record, path: Path, title: str | None = None) -> Path:
         _zoom(fig.add_subplot(grid[1]), float(stop_t), float(resume_t), float(last["t"]),
               float(first["t"]), sw)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
