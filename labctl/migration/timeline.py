@@ -13,11 +13,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labctl.core.errors import LabError, MissingDependency
 from labctl.core.wire import Json
 from labctl.migration.result import Record
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: QEMU's vmstate_downtime_checkpoint names, as the zoom labels them
 _STAGES = (("src-iterable-saved", "source: final RAM sent"),
@@ -33,11 +36,16 @@ def plot(mig: Record, path: Path, title: str | None = None) -> Path:
     if not path.parent.is_dir():
         raise LabError(f"cannot write the timeline to {path}: directory {path.parent} "
                        f"does not exist", path=str(path), directory=str(path.parent))
-    try:
-        import matplotlib  # noqa: PLC0415 (optional heavy module, only for --plot)
+    figure(mig, title).savefig(path)
+    return path
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+
+def figure(mig: Record, title: str | None = None) -> Figure:
+    """The timeline of ``mig`` as a matplotlib figure (not pyplot's: nothing to close)."""
+    try:
+        # optional heavy modules, only for --plot
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+        from matplotlib.figure import Figure  # noqa: PLC0415
     except ImportError as exc:
         raise MissingDependency("matplotlib is needed for --plot (pip install matplotlib; "
                                 "scripts/setup.sh installs it)") from exc
@@ -53,7 +61,8 @@ def plot(mig: Record, path: Path, title: str | None = None) -> Path:
     sw = mig.get("switchover") or {}
     zoomable = bool(stop_t and resume_t and last.get("t") and first.get("t"))
 
-    fig = plt.figure(figsize=(10, 7.5 if zoomable else 5), dpi=110)
+    fig = Figure(figsize=(10, 7.5 if zoomable else 5), dpi=110)
+    FigureCanvasAgg(fig)  # a canvas that can measure text, without pyplot's global state
     grid = fig.add_gridspec(2 if zoomable else 1, 1, height_ratios=[3, 2] if zoomable else [1])
     ax = fig.add_subplot(grid[0])
     ax.step(xs, remaining, where="post", color="tab:blue", lw=1.5, label="remaining dirty (MiB)")
@@ -112,9 +121,7 @@ def plot(mig: Record, path: Path, title: str | None = None) -> Path:
         _zoom(fig.add_subplot(grid[1]), float(stop_t), float(resume_t), float(last["t"]),
               float(first["t"]), sw)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _ms(v: Json) -> str:
