@@ -1,17 +1,20 @@
-"""Timeline picture of one migration (matplotlib, PNG), two panels on one time axis origin
-(the source's ``migrate`` command):
+"""Timeline picture of one migration (matplotlib, PNG), panels on one time axis origin (the
+source's ``migrate`` command), one unit per kind of figure: memory in MiB, rates of memory
+in MiB/s, link throughput in Mbit/s:
 
-* top: remaining dirty memory at each pass start, the guest's dirty rate (QEMU's
-  ``dirty-pages-rate`` where it gave one; the ``calc-dirty-rate`` figure taken before the
-  migration as a line), policy decisions, the
-  source QEMU's STOP and the destination QEMU's RESUME, the guest's blackout;
-* bottom: the switchover zoomed in: the guest's last heartbeat on the source, STOP, QEMU's
-  own checkpoints (final RAM sent, devices sent, last byte, destination loaded), RESUME and
+* memory: remaining dirty memory at each pass start, policy decisions, the source QEMU's
+  STOP and the destination QEMU's RESUME, the guest's blackout;
+* rates: the guest's dirty rate (QEMU's ``dirty-pages-rate`` where it gave one; the
+  ``calc-dirty-rate`` estimate taken before the migration as a line) against the link
+  throughput (bytes sent in each pass over its length), on aligned scales;
+* switchover, zoomed in: the guest's last heartbeat on the source, STOP, QEMU's own
+  checkpoints (final RAM sent, devices sent, last byte, destination loaded), RESUME and
   the first heartbeat on the destination.
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +23,12 @@ from labctl.core.wire import Json
 from labctl.migration.result import Record
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+MIB = 2**20
+#: 1 MiB/s of memory is this many Mbit/s on the link
+MBIT_PER_MIB = MIB * 8 / 1e6
 
 #: QEMU's vmstate_downtime_checkpoint names, as the zoom labels them
 _STAGES = (("src-iterable-saved", "source: final RAM sent"),
@@ -54,43 +62,30 @@ def figure(mig: Record, title: str | None = None) -> Figure:
         raise LabError("this migration recorded no passes: nothing to plot")
     t0 = float(mig.get("t0") or passes[0]["t"])
     xs = [p["t"] - t0 for p in passes]
-    remaining = [float(p.get("remaining") or 0) / 2**20 for p in passes]
+    remaining = [float(p.get("remaining") or 0) / MIB for p in passes]
     hb = mig.get("heartbeat") or {}
     last, first = hb.get("source_last") or {}, hb.get("dest_first") or {}
     stop_t, resume_t = mig.get("stop_t"), mig.get("resume_t")
     sw = mig.get("switchover") or {}
     zoomable = bool(stop_t and resume_t and last.get("t") and first.get("t"))
 
-    fig = Figure(figsize=(10, 7.5 if zoomable else 5), dpi=110)
+    fig = Figure(figsize=(11, 9.5 if zoomable else 6.5), dpi=110)
     FigureCanvasAgg(fig)  # a canvas that can measure text, without pyplot's global state
-    grid = fig.add_gridspec(2 if zoomable else 1, 1, height_ratios=[3, 2] if zoomable else [1])
-    ax = fig.add_subplot(grid[0])
-    ax.step(xs, remaining, where="post", color="tab:blue", lw=1.5, label="remaining dirty (MiB)")
+    grid = fig.add_gridspec(3 if zoomable else 2, 1,
+                            height_ratios=[3, 2, 2.6] if zoomable else [3, 2])
+    ax = fig.add_subplot(grid[0], label="memory")
+    ax.step(xs, remaining, where="post", color="tab:blue", lw=1.5,
+            label="remaining dirty memory (MiB)")
     ax.plot(xs, remaining, "o", color="tab:blue", ms=4)
     for x, p in zip(xs, passes, strict=True):
-        ax.annotate(str(p["pass"]), (x, float(p.get("remaining") or 0) / 2**20), fontsize=7,
+        ax.annotate(str(p["pass"]), (x, float(p.get("remaining") or 0) / MIB), fontsize=7,
                     textcoords="offset points", xytext=(2, 4), color="tab:blue")
-    ax.set_xlabel("time since migrate (s)")
     ax.set_ylabel("remaining dirty memory (MiB)", color="tab:blue")
     ax.set_ylim(bottom=0, top=max([*remaining, 1.0]) * 1.5)  # room for the legend
     ax.grid(alpha=0.3)
-
-    ax2 = ax.twinx()
-    # QEMU's dirty-pages-rate (it measures over ~1 s periods, so short migrations have none).
-    # Not "remaining / pass length": QEMU syncs the bitmap before a pass has sent everything,
-    # so remaining also holds the previous pass's leftovers and overstates the rate.
-    qemu = [(x, float(p["dirty_rate_bytes"]) / 1e6) for x, p in zip(xs, passes, strict=True)
-            if p.get("dirty_rate_bytes")]
-    if qemu:
-        ax2.plot([q[0] for q in qemu], [q[1] for q in qemu], "s-", color="tab:orange", ms=4,
-                 lw=1, label="guest dirty rate, QEMU's dirty-pages-rate at each pass (MB/s)")
-    calc = (mig.get("dirty_rate_measured") or {}).get("dirty_rate_mib_s")
-    if isinstance(calc, int | float):
-        ax2.axhline(calc * 1.048576, color="tab:orange", ls="--", lw=1,
-                    label=f"calc-dirty-rate before the migration: {calc * 1.048576:.0f} MB/s")
-    ax2.set_ylabel("guest dirty rate (MB/s)", color="tab:orange")
-    top = max([q[1] for q in qemu] + [calc * 1.048576 if isinstance(calc, int | float) else 0.0, 1.0])
-    ax2.set_ylim(0, top * 1.7)
+    axr = fig.add_subplot(grid[1], sharex=ax, label="rates")
+    _rates(axr, mig, passes, t0)
+    axr.set_xlabel("time since migrate (s)")
 
     for d in mig.get("decisions") or []:
         x = float(d.get("t_rel") or 0)
@@ -98,17 +93,16 @@ def figure(mig: Record, title: str | None = None) -> Figure:
         ax.annotate(f"{d['action']} (pass {d.get('at_pass')})", (x, max(remaining) * 0.55),
                     rotation=90, fontsize=7, color="dimgray", xytext=(3, 0),
                     textcoords="offset points")
-    if stop_t:
-        ax.axvline(float(stop_t) - t0, color="red", lw=1.2, label="source QEMU STOP")
-    if resume_t:
-        ax.axvline(float(resume_t) - t0, color="green", lw=1.2, ls="--",
-                   label="destination QEMU RESUME")
-    if last.get("t") and first.get("t"):
-        ax.axvspan(float(last["t"]) - t0, float(first["t"]) - t0, color="red", alpha=0.2,
-                   label=f"guest blackout {mig.get('blackout_ms') or 0:.0f} ms")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right", ncol=2, framealpha=0.95)
+    for a in (ax, axr):
+        if stop_t:
+            a.axvline(float(stop_t) - t0, color="red", lw=1.2, label="source QEMU STOP")
+        if resume_t:
+            a.axvline(float(resume_t) - t0, color="green", lw=1.2, ls="--",
+                      label="destination QEMU RESUME")
+        if last.get("t") and first.get("t"):
+            a.axvspan(float(last["t"]) - t0, float(first["t"]) - t0, color="red", alpha=0.2,
+                      label=f"guest blackout {mig.get('blackout_ms') or 0:.0f} ms")
+    ax.legend(fontsize=7, loc="upper right", ncol=2, framealpha=0.95)
     ttl = title or (f"migration {mig.get('id')}: {mig.get('vm')} {mig.get('source')} -> "
                     f"{mig.get('dest')}, policy {mig.get('policy')}, storage {mig.get('storage')}: "
                     f"total {mig.get('total_ms')} ms, {mig.get('passes')} passes, QEMU downtime "
@@ -118,10 +112,77 @@ def figure(mig: Record, title: str | None = None) -> Figure:
 
     if zoomable:
         assert stop_t is not None and resume_t is not None
-        _zoom(fig.add_subplot(grid[1]), float(stop_t), float(resume_t), float(last["t"]),
+        _zoom(fig.add_subplot(grid[2], label="switchover"), float(stop_t), float(resume_t), float(last["t"]),
               float(first["t"]), sw)
     fig.tight_layout()
     return fig
+
+
+def _rates(ax: Axes, mig: Record, passes: list[Json], t0: float) -> None:
+    """The guest's dirty rate (MiB/s, left) against what the link carried (Mbit/s, right),
+    the two scales aligned so that the same height is the same amount of memory per second:
+    a dirty rate above the throughput is a migration that cannot converge."""
+    # QEMU's dirty-pages-rate (it measures over ~1 s periods, so short migrations have none).
+    # Not "remaining / pass length": QEMU syncs the bitmap before a pass has sent everything,
+    # so remaining also holds the previous pass's leftovers and overstates the rate.
+    qemu = [(p["t"] - t0, float(p["dirty_rate_bytes"]) / MIB) for p in passes
+            if p.get("dirty_rate_bytes")]
+    if qemu:
+        ax.plot([q[0] for q in qemu], [q[1] for q in qemu], "s-", color="tab:orange", ms=4,
+                lw=1, label="guest dirty rate: QEMU's dirty-pages-rate at each pass (MiB/s)")
+    calc = (mig.get("dirty_rate_measured") or {}).get("dirty_rate_mib_s")
+    if isinstance(calc, int | float):
+        ax.axhline(calc, color="tab:orange", ls="--", lw=1,
+                   label=f"guest dirty rate before the migration (calc-dirty-rate, estimate "
+                         f"from sampled pages): {calc:.0f} MiB/s")
+    ax.set_ylabel("guest dirty rate (MiB/s)", color="tab:orange")
+    ax.grid(alpha=0.3)
+
+    axt = ax.twinx()
+    axt.set_label("throughput")
+    steps, tail = _throughput(mig, passes, t0)
+    if steps:
+        axt.plot([x for a, b, _ in steps for x in (a, b)], [v for *_, v in steps for _ in (0, 1)],
+                 color="teal", lw=1.5, label="link throughput: bytes sent in each pass / its "
+                 "length (Mbit/s)")
+    if tail:
+        axt.plot(tail[:2], [tail[2]] * 2, color="teal", lw=1.5, ls="--",
+                 label="last pass to completion (Mbit/s, estimate: ends at QEMU's total time)")
+    mbps = mig.get("mbps")
+    if isinstance(mbps, int | float):
+        axt.axhline(mbps, color="teal", ls=":", lw=1,
+                    label=f"QEMU's average throughput: {mbps:.0f} Mbit/s")
+    axt.set_ylabel("link throughput (Mbit/s)", color="teal")
+    # the same height is the same memory per second on both axes
+    top = max([q[1] for q in qemu] + [calc if isinstance(calc, int | float) else 0.0]
+              + [v / MBIT_PER_MIB for *_, v in [*steps, *([tail] if tail else [])]]
+              + [mbps / MBIT_PER_MIB if isinstance(mbps, int | float) else 0.0, 1.0]) * 1.15
+    ax.set_ylim(-0.04 * top, top)
+    axt.set_ylim(-0.04 * top * MBIT_PER_MIB, top * MBIT_PER_MIB)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = axt.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right", framealpha=0.95)
+
+
+def _throughput(mig: Record, passes: list[Json], t0: float) -> tuple[
+        list[tuple[float, float, float]], tuple[float, float, float] | None]:
+    """What the link carried, in Mbit/s, from QEMU's ``transferred`` counter: (start, end,
+    Mbit/s) from each pass record to the next, and the last pass to completion, whose end is
+    an estimate (``t0`` + QEMU's total time) and None when it is not known."""
+    steps = []
+    for a, b in pairwise(passes):
+        dt = b["t"] - a["t"]
+        if a.get("transferred") is not None and b.get("transferred") is not None and dt > 0:
+            steps.append((a["t"] - t0, b["t"] - t0,
+                          (b["transferred"] - a["transferred"]) * 8 / 1e6 / dt))
+    total_ms, sent, lastp = mig.get("total_ms"), mig.get("bytes_sent"), passes[-1]
+    if not isinstance(total_ms, int | float) or not isinstance(sent, int) \
+            or lastp.get("transferred") is None:
+        return steps, None
+    start, end = lastp["t"] - t0, total_ms / 1000
+    if end - start < 0.01 or sent < lastp["transferred"]:
+        return steps, None
+    return steps, (start, end, (sent - lastp["transferred"]) * 8 / 1e6 / (end - start))
 
 
 def _ms(v: Json) -> str:

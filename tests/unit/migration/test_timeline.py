@@ -3,7 +3,9 @@ matplotlib objects (not the pixels). No VM."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import pytest
 
@@ -11,6 +13,11 @@ from labctl.core.errors import LabError
 from labctl.core.wire import Json
 from labctl.migration import timeline
 from labctl.migration.result import Record
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 pytest.importorskip("matplotlib")
 
@@ -51,3 +58,43 @@ def test_plot_refuses_a_missing_directory(tmp_path: Path) -> None:
     assert not missing.exists() and not missing.parent.exists()
     out = timeline.plot(_idle(), tmp_path / "x.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _axes(fig: Figure) -> dict[str, Axes]:
+    return {str(a.get_label()): a for a in fig.axes}
+
+
+def _x(line: Line2D) -> list[float]:
+    return [float(v) for v in cast("Sequence[float]", line.get_xdata())]
+
+
+def _y(line: Line2D) -> list[float]:
+    return [float(v) for v in cast("Sequence[float]", line.get_ydata())]
+
+
+def test_throughput_per_pass_in_mbit_s_next_to_the_dirty_rate_in_mib_s() -> None:
+    mig = {**_idle(), "t0": 100.0, "total_ms": 1700, "bytes_sent": 160 * MIB,
+           "pass_records": [_pass(1, 100.0, 0, 1024), _pass(2, 101.0, 100, 80, 20e6),
+                            _pass(3, 101.5, 150, 10, 30e6)]}
+    axes = _axes(timeline.figure(mig))
+    rates, tp = axes["rates"], axes["throughput"]
+    assert "(MiB)" in axes["memory"].get_ylabel()
+    assert "(MiB/s)" in rates.get_ylabel() and "(Mbit/s)" in tp.get_ylabel()
+    series = {str(line.get_label()): line for line in tp.get_lines()}
+    per_pass = next(v for k, v in series.items() if k.startswith("link throughput"))
+    # 100 MiB in 1 s, then 50 MiB in 0.5 s, each as a step over its pass
+    assert _x(per_pass) == pytest.approx([0, 1, 1, 1.5])
+    assert _y(per_pass) == pytest.approx([100 * MIB * 8 / 1e6] * 2
+                                                       + [50 * MIB * 8 / 1e6 / 0.5] * 2)
+    # the last pass runs to completion (t0 + total_ms); that end is QEMU's, an estimate
+    last = next(v for k, v in series.items() if k.startswith("last pass"))
+    assert "estimate" in str(last.get_label())
+    assert _x(last) == pytest.approx([1.5, 1.7])
+    assert _y(last) == pytest.approx([10 * MIB * 8 / 1e6 / 0.2] * 2)
+    dirty = next(line for line in rates.get_lines() if "dirty-pages-rate" in str(line.get_label()))
+    assert _y(dirty) == pytest.approx([20e6 / MIB, 30e6 / MIB])
+    calc = next(line for line in rates.get_lines() if "calc-dirty-rate" in str(line.get_label()))
+    assert "estimate" in str(calc.get_label())
+    # one height is one amount of memory per second on both axes
+    lo, hi = rates.get_ylim()
+    assert tp.get_ylim() == pytest.approx((lo * MIB * 8 / 1e6, hi * MIB * 8 / 1e6))
