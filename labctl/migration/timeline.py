@@ -90,9 +90,9 @@ def figure(mig: Record, title: str | None = None) -> Figure:
     for d in mig.get("decisions") or []:
         x = float(d.get("t_rel") or 0)
         ax.axvline(x, color="gray", ls=":", lw=1)
-        ax.annotate(f"{d['action']} (pass {d.get('at_pass')})", (x, max(remaining) * 0.55),
-                    rotation=90, fontsize=7, color="dimgray", xytext=(3, 0),
-                    textcoords="offset points")
+        ax.annotate(f"{d['action']} (pass {d.get('at_pass')})", (x, 0.03),
+                    xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                    color="dimgray", xytext=(3, 0), textcoords="offset points", va="bottom")
     for a in (ax, axr):
         if stop_t:
             a.axvline(float(stop_t) - t0, color="red", lw=1.2, label="source QEMU STOP")
@@ -112,10 +112,53 @@ def figure(mig: Record, title: str | None = None) -> Figure:
 
     if zoomable:
         assert stop_t is not None and resume_t is not None
-        _zoom(fig.add_subplot(grid[2], label="switchover"), float(stop_t), float(resume_t), float(last["t"]),
-              float(first["t"]), sw)
+        _zoom(fig.add_subplot(grid[2], label="switchover"), float(stop_t), float(resume_t),
+              float(last["t"]), float(first["t"]), sw)
+    ax.set_xlim(*time_range(mig))
     fig.tight_layout()
+    _fit_texts(fig)
     return fig
+
+
+def time_range(mig: Record) -> tuple[float, float]:
+    """The time axis (s since ``migrate``) that holds everything the time panels draw:
+    the passes, the decisions, STOP, RESUME, the guest's blackout and the migration's end
+    (QEMU's total time), with a margin on both sides."""
+    passes = mig.get("pass_records") or []
+    t0 = float(mig.get("t0") or passes[0]["t"])
+    hb = mig.get("heartbeat") or {}
+    times = [0.0, *(p["t"] - t0 for p in passes),
+             *(float(d.get("t_rel") or 0) for d in mig.get("decisions") or []),
+             *(float(t) - t0 for t in (mig.get("stop_t"), mig.get("resume_t"),
+                                       (hb.get("source_last") or {}).get("t"),
+                                       (hb.get("dest_first") or {}).get("t")) if t)]
+    total_ms = mig.get("total_ms")
+    if isinstance(total_ms, int | float):
+        times.append(total_ms / 1000)
+    lo, hi = min(times), max(times)
+    pad = (hi - lo) * 0.03 or 0.05
+    return lo - pad, hi + pad
+
+
+def _fit_texts(fig: Figure) -> None:
+    """Widen each panel's x range to the right until every label anchored at a data point
+    (pass numbers, decisions, the switchover's figures) ends inside the panel."""
+    fig.draw_without_rendering()  # lays the figure out: text extents need it
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        box = ax.get_window_extent()
+        need = hi
+        for t in ax.texts:
+            coords, xy = getattr(t, "xycoords", None), getattr(t, "xy", None)
+            if xy is None or "data" not in (coords if isinstance(coords, tuple) else (coords,)):
+                continue
+            x = float(xy[0])
+            beyond = t.get_window_extent().x1 - ax.transData.transform((x, 0))[0]
+            room = box.width - beyond - 4
+            if room > 0 and x > lo:
+                need = max(need, lo + (x - lo) * box.width / room)
+        if need > hi:
+            ax.set_xlim(lo, need)
 
 
 def _rates(ax: Axes, mig: Record, passes: list[Json], t0: float) -> None:
@@ -130,6 +173,12 @@ def _rates(ax: Axes, mig: Record, passes: list[Json], t0: float) -> None:
     if qemu:
         ax.plot([q[0] for q in qemu], [q[1] for q in qemu], "s-", color="tab:orange", ms=4,
                 lw=1, label="guest dirty rate: QEMU's dirty-pages-rate at each pass (MiB/s)")
+    else:  # say so rather than leave the axis empty
+        ax.plot([p["t"] - t0 for p in passes], [0.0] * len(passes), "s-", color="tab:orange",
+                ms=4, lw=1, label="guest dirty rate: QEMU's dirty-pages-rate, 0 at every pass")
+        ax.annotate("no dirtying reported by QEMU (it measures over ~1 s periods: a shorter "
+                    "migration may end before the first)", (0.01, 0.05),
+                    xycoords="axes fraction", fontsize=7, color="tab:orange", va="bottom")
     calc = (mig.get("dirty_rate_measured") or {}).get("dirty_rate_mib_s")
     if isinstance(calc, int | float):
         ax.axhline(calc, color="tab:orange", ls="--", lw=1,
@@ -148,6 +197,9 @@ def _rates(ax: Axes, mig: Record, passes: list[Json], t0: float) -> None:
     if tail:
         axt.plot(tail[:2], [tail[2]] * 2, color="teal", lw=1.5, ls="--",
                  label="last pass to completion (Mbit/s, estimate: ends at QEMU's total time)")
+    if not steps and not tail:
+        axt.annotate("no link throughput: the passes carry no byte counts", (0.99, 0.05),
+                     xycoords="axes fraction", fontsize=7, color="teal", va="bottom", ha="right")
     mbps = mig.get("mbps")
     if isinstance(mbps, int | float):
         axt.axhline(mbps, color="teal", ls=":", lw=1,

@@ -98,3 +98,36 @@ def test_throughput_per_pass_in_mbit_s_next_to_the_dirty_rate_in_mib_s() -> None
     # one height is one amount of memory per second on both axes
     lo, hi = rates.get_ylim()
     assert tp.get_ylim() == pytest.approx((lo * MIB * 8 / 1e6, hi * MIB * 8 / 1e6))
+
+
+def _outside(fig: Figure) -> list[str]:
+    """Every line, patch and label drawn in a panel that reaches out of that panel."""
+    fig.draw_without_rendering()
+    out = []
+    for ax in fig.axes:
+        box = ax.get_window_extent()
+        for art in [*ax.lines, *ax.patches, *ax.texts]:
+            ext = art.get_window_extent()
+            slack = 4 if art in ax.lines else 1  # a marker may stick out by its radius
+            if (ext.x0 < box.x0 - slack or ext.x1 > box.x1 + slack
+                    or ext.y0 < box.y0 - slack or ext.y1 > box.y1 + slack):
+                out.append(f"{ax.get_label()}: {art!r} {ext} outside {box}")
+    return out
+
+
+def test_a_short_idle_migration_fits_its_axes_and_shows_its_zero_dirty_rate() -> None:
+    mig = _idle()
+    assert timeline.time_range(mig)[0] < 0.02 and timeline.time_range(mig)[1] > 0.79
+    fig = timeline.figure(mig)
+    axes = _axes(fig)
+    # the guest's blackout (last beat 0.58 s -> first beat 0.79 s) lies inside the time axis
+    lo, hi = axes["memory"].get_xlim()
+    assert lo <= 0.0 and hi >= 0.79
+    assert _outside(fig) == []
+    # QEMU gave no dirty rate: a flat, labelled zero line and a note, not an empty axis
+    rates = axes["rates"]
+    zero = [line for line in rates.get_lines() if "dirty-pages-rate" in str(line.get_label())]
+    assert len(zero) == 1 and _y(zero[0]) == [0.0, 0.0]
+    assert "0 at every pass" in str(zero[0].get_label())
+    assert any("no dirtying" in t.get_text() for t in rates.texts)
+    assert rates.get_ylim()[0] < 0 < rates.get_ylim()[1]  # the zero line clears the frame
