@@ -14,7 +14,8 @@ in MiB/s, link throughput in Mbit/s:
 
 from __future__ import annotations
 
-from itertools import pairwise
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,9 +78,10 @@ def figure(mig: Record, title: str | None = None) -> Figure:
     ax.step(xs, remaining, where="post", color="tab:blue", lw=1.5,
             label="remaining dirty memory (MiB)")
     ax.plot(xs, remaining, "o", color="tab:blue", ms=4)
-    for x, p in zip(xs, passes, strict=True):
-        ax.annotate(str(p["pass"]), (x, float(p.get("remaining") or 0) / MIB), fontsize=7,
-                    textcoords="offset points", xytext=(2, 4), color="tab:blue")
+    lo, hi = time_range(mig)
+    for i in _pass_labels(xs, [int(p["pass"]) for p in passes], hi - lo):
+        ax.annotate(str(passes[i]["pass"]), (xs[i], remaining[i]), fontsize=7, color="tab:blue",
+                    textcoords="offset points", xytext=(2, 4), gid="pass-label")
     ax.set_ylabel("remaining dirty memory (MiB)", color="tab:blue")
     ax.set_ylim(bottom=0, top=max([*remaining, 1.0]) * 1.5)  # room for the legend
     ax.grid(alpha=0.3)
@@ -114,7 +116,7 @@ def figure(mig: Record, title: str | None = None) -> Figure:
         assert stop_t is not None and resume_t is not None
         _zoom(fig.add_subplot(grid[2], label="switchover"), float(stop_t), float(resume_t),
               float(last["t"]), float(first["t"]), sw)
-    ax.set_xlim(*time_range(mig))
+    ax.set_xlim(lo, hi)
     fig.tight_layout()
     _fit_texts(fig)
     return fig
@@ -138,6 +140,29 @@ def time_range(mig: Record) -> tuple[float, float]:
     lo, hi = min(times), max(times)
     pad = (hi - lo) * 0.03 or 0.05
     return lo - pad, hi + pad
+
+
+def _pass_labels(xs: list[float], numbers: list[int], span: float, most: int = 12,
+                 gap: float = 0.035) -> list[int]:
+    """Which passes to number (indices): the first, the last and every k-th pass between,
+    k = 1, 2, 5, 10, 20, 50... so that at most ``most`` are, and none closer to the next
+    numbered one than ``gap`` of the time axis (``span`` s), where their labels would
+    collide: many quick passes late in a migration share one label."""
+    k = next(k for k in _steps() if len(xs) <= most * k)
+    room = span * gap
+    keep = [0]
+    for i in reversed(range(1, len(xs))):  # from the last, which always shows when it can
+        if (i == len(xs) - 1 or numbers[i] % k == 0) and xs[i] - xs[0] >= room \
+                and (len(keep) == 1 or xs[keep[-1]] - xs[i] >= room):
+            keep.append(i)
+    return sorted(keep)
+
+
+def _steps() -> Iterator[int]:
+    """1, 2, 5, 10, 20, 50, 100..."""
+    for decade in itertools.count():
+        for m in (1, 2, 5):
+            yield m * 10**decade
 
 
 def _fit_texts(fig: Figure) -> None:
@@ -222,7 +247,7 @@ def _throughput(mig: Record, passes: list[Json], t0: float) -> tuple[
     Mbit/s) from each pass record to the next, and the last pass to completion, whose end is
     an estimate (``t0`` + QEMU's total time) and None when it is not known."""
     steps = []
-    for a, b in pairwise(passes):
+    for a, b in itertools.pairwise(passes):
         dt = b["t"] - a["t"]
         if a.get("transferred") is not None and b.get("transferred") is not None and dt > 0:
             steps.append((a["t"] - t0, b["t"] - t0,

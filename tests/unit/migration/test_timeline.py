@@ -3,6 +3,7 @@ matplotlib objects (not the pixels). No VM."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.text import Text
 
 pytest.importorskip("matplotlib")
 
@@ -131,3 +133,38 @@ def test_a_short_idle_migration_fits_its_axes_and_shows_its_zero_dirty_rate() ->
     assert "0 at every pass" in str(zero[0].get_label())
     assert any("no dirtying" in t.get_text() for t in rates.texts)
     assert rates.get_ylim()[0] < 0 < rates.get_ylim()[1]  # the zero line clears the frame
+
+
+def _non_converging(n: int = 40) -> Record:
+    """``n`` passes that do not converge: a long first pass, then ~0.6 s passes whose
+    remaining stays near the working set, the last few quick (QEMU throttling the guest)."""
+    passes, t = [_pass(1, 100.0, 0, 1024)], 110.5
+    for i in range(2, n + 1):
+        dt = 0.6 if i < n - 8 else 0.08
+        passes.append(_pass(i, t, 500 + 30 * i, 60 if i < n - 8 else 5, 65e6))
+        t += dt
+    return {"id": 2, "vm": "vm1", "source": "a", "dest": "b", "policy": "converge",
+            "storage": "early", "t0": 100.0, "passes": n, "pass_records": passes,
+            "decisions": [{"action": "raise_downtime", "at_pass": 5, "t_rel": 12.9},
+                          {"action": "cancel", "at_pass": n, "t_rel": t - 100 - 0.05}]}
+
+
+def _pass_labels(fig: Figure) -> list[Text]:
+    return [t for t in _axes(fig)["memory"].texts if t.get_gid() == "pass-label"]
+
+
+def test_pass_labels_are_thinned_so_they_never_collide() -> None:
+    fig = timeline.figure(_non_converging(40))
+    labels = _pass_labels(fig)
+    texts = [t.get_text() for t in labels]
+    assert 3 <= len(labels) <= 13, texts
+    assert texts[0] == "1" and texts[-1] == "40"
+    assert all(int(x) % 5 == 0 for x in texts[1:-1]), texts  # every 5th
+    fig.draw_without_rendering()
+    boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+    assert all(a.x1 < b.x0 for a, b in itertools.pairwise(boxes)), boxes
+    assert _outside(fig) == []
+    # a handful of passes keeps a label each
+    few = timeline.figure({**_non_converging(), "decisions": [],
+                           "pass_records": [_pass(i, 100 + i, 30 * i, 60) for i in range(1, 7)]})
+    assert [t.get_text() for t in _pass_labels(few)] == [str(i) for i in range(1, 7)]
