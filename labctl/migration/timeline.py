@@ -89,12 +89,18 @@ def figure(mig: Record, title: str | None = None) -> Figure:
     _rates(axr, mig, passes, t0)
     axr.set_xlabel("time since migrate (s)")
 
+    decided: list[list[tuple[float, str]]] = []  # decisions close in time share a label
     for d in mig.get("decisions") or []:
         x = float(d.get("t_rel") or 0)
         ax.axvline(x, color="gray", ls=":", lw=1)
-        ax.annotate(f"{d['action']} (pass {d.get('at_pass')})", (x, 0.03),
+        if not decided or x - decided[-1][0][0] >= (hi - lo) * 0.035:
+            decided.append([])
+        decided[-1].append((x, f"{d['action']} (pass {d.get('at_pass')})"))
+    for group in decided:  # from the top: remaining memory is low once the first pass is done
+        ax.annotate("\n".join(text for _, text in group), (group[0][0], 0.97),
                     xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
-                    color="dimgray", xytext=(3, 0), textcoords="offset points", va="bottom")
+                    color="dimgray", xytext=(3, 0), textcoords="offset points", va="top",
+                    gid="decision-label")
     for a in (ax, axr):
         if stop_t:
             a.axvline(float(stop_t) - t0, color="red", lw=1.2, label="source QEMU STOP")

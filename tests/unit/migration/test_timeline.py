@@ -168,3 +168,17 @@ def test_pass_labels_are_thinned_so_they_never_collide() -> None:
     few = timeline.figure({**_non_converging(), "decisions": [],
                            "pass_records": [_pass(i, 100 + i, 30 * i, 60) for i in range(1, 7)]})
     assert [t.get_text() for t in _pass_labels(few)] == [str(i) for i in range(1, 7)]
+
+
+def test_decisions_close_in_time_share_one_label() -> None:
+    mig = _non_converging(12)
+    mig["decisions"] = [{"action": "raise_downtime", "at_pass": 5, "t_rel": 12.9},
+                        {"action": "raise_downtime", "at_pass": 6, "t_rel": 13.0},
+                        {"action": "auto_converge", "at_pass": 7, "t_rel": 13.1},
+                        {"action": "cancel", "at_pass": 12, "t_rel": 16.4}]
+    fig = timeline.figure(mig)
+    labels = [t for t in _axes(fig)["memory"].texts if t.get_gid() == "decision-label"]
+    assert [t.get_text().splitlines() for t in labels] == [
+        ["raise_downtime (pass 5)", "raise_downtime (pass 6)", "auto_converge (pass 7)"],
+        ["cancel (pass 12)"]]
+    assert _outside(fig) == []
