@@ -15,6 +15,7 @@ in MiB/s, link throughput in Mbit/s:
 from __future__ import annotations
 
 import itertools
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,11 +71,12 @@ def figure(mig: Record, title: str | None = None) -> Figure:
     sw = mig.get("switchover") or {}
     zoomable = bool(stop_t and resume_t and last.get("t") and first.get("t"))
 
-    fig = Figure(figsize=(11, 9.5 if zoomable else 6.5), dpi=110)
+    fig = Figure(figsize=(12, 9.5 if zoomable else 6.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)  # a canvas that can measure text, without pyplot's global state
-    grid = fig.add_gridspec(3 if zoomable else 2, 1,
+    # the legends get a column of their own, where they cannot cover anything plotted
+    grid = fig.add_gridspec(3 if zoomable else 2, 2, width_ratios=[1, 0.27],
                             height_ratios=[3, 2, 2.6] if zoomable else [3, 2])
-    ax = fig.add_subplot(grid[0], label="memory")
+    ax = fig.add_subplot(grid[0, 0], label="memory")
     ax.step(xs, remaining, where="post", color="tab:blue", lw=1.5,
             label="remaining dirty memory (MiB)")
     ax.plot(xs, remaining, "o", color="tab:blue", ms=4)
@@ -83,16 +85,17 @@ def figure(mig: Record, title: str | None = None) -> Figure:
         ax.annotate(str(passes[i]["pass"]), (xs[i], remaining[i]), fontsize=7, color="tab:blue",
                     textcoords="offset points", xytext=(2, 4), gid="pass-label")
     ax.set_ylabel("remaining dirty memory (MiB)", color="tab:blue")
-    ax.set_ylim(bottom=0, top=max([*remaining, 1.0]) * 1.5)  # room for the legend
+    ax.set_ylim(bottom=0, top=max([*remaining, 1.0]) * 1.12)
     ax.grid(alpha=0.3)
-    axr = fig.add_subplot(grid[1], sharex=ax, label="rates")
-    _rates(axr, mig, passes, t0)
+    axr = fig.add_subplot(grid[1, 0], sharex=ax, label="rates")
+    axt = _rates(axr, mig, passes, t0)
     axr.set_xlabel("time since migrate (s)")
 
     decided: list[list[tuple[float, str]]] = []  # decisions close in time share a label
     for d in mig.get("decisions") or []:
         x = float(d.get("t_rel") or 0)
-        ax.axvline(x, color="gray", ls=":", lw=1)
+        ax.axvline(x, color="gray", ls=":", lw=1,
+                   label="_" if decided else "policy decision (convergence)")
         if not decided or x - decided[-1][0][0] >= (hi - lo) * 0.035:
             decided.append([])
         decided[-1].append((x, f"{d['action']} (pass {d.get('at_pass')})"))
@@ -101,29 +104,36 @@ def figure(mig: Record, title: str | None = None) -> Figure:
                     xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
                     color="dimgray", xytext=(3, 0), textcoords="offset points", va="top",
                     gid="decision-label")
-    for a in (ax, axr):
+    for a, named in ((ax, True), (axr, False)):  # the legend names them once
         if stop_t:
-            a.axvline(float(stop_t) - t0, color="red", lw=1.2, label="source QEMU STOP")
+            a.axvline(float(stop_t) - t0, color="red", lw=1.2,
+                      label="source QEMU STOP" if named else "_")
         if resume_t:
             a.axvline(float(resume_t) - t0, color="green", lw=1.2, ls="--",
-                      label="destination QEMU RESUME")
+                      label="destination QEMU RESUME" if named else "_")
         if last.get("t") and first.get("t"):
             a.axvspan(float(last["t"]) - t0, float(first["t"]) - t0, color="red", alpha=0.2,
-                      label=f"guest blackout {mig.get('blackout_ms') or 0:.0f} ms")
-    ax.legend(fontsize=7, loc="upper right", ncol=2, framealpha=0.95)
+                      label=f"guest blackout {mig.get('blackout_ms') or 0:.0f} ms (last "
+                            f"heartbeat on the source -> first on the destination)"
+                      if named else "_")
+    _legend(fig.add_subplot(grid[0, 1], label="memory legend"), ax)
+    _legend(fig.add_subplot(grid[1, 1], label="rates legend"), axr, axt)
+    sent = mig.get("bytes_sent")
     ttl = title or (f"migration {mig.get('id')}: {mig.get('vm')} {mig.get('source')} -> "
-                    f"{mig.get('dest')}, policy {mig.get('policy')}, storage {mig.get('storage')}: "
-                    f"total {mig.get('total_ms')} ms, {mig.get('passes')} passes, QEMU downtime "
-                    f"{mig.get('downtime_ms')} ms, STOP->RESUME "
-                    f"{_ms(mig.get('stop_to_resume_ms'))}, blackout {_ms(mig.get('blackout_ms'))}")
-    ax.set_title(ttl, fontsize=9)
+                    f"{mig.get('dest')}, policy {mig.get('policy')}, storage {mig.get('storage')}"
+                    + (f", {mig['state']}" if mig.get("state") else "")
+                    + f"\ntotal {_ms(mig.get('total_ms'))}, {mig.get('passes')} passes"
+                    + (f", {sent / MIB:.0f} MiB sent" if isinstance(sent, int | float) else "")
+                    + f"; QEMU downtime {_ms(mig.get('downtime_ms'))}, STOP -> RESUME "
+                    f"{_ms(mig.get('stop_to_resume_ms'))}, guest blackout "
+                    f"{_ms(mig.get('blackout_ms'))}")
+    fig.suptitle(ttl, fontsize=9)
 
     if zoomable:
         assert stop_t is not None and resume_t is not None
-        _zoom(fig.add_subplot(grid[2], label="switchover"), float(stop_t), float(resume_t),
+        _zoom(fig.add_subplot(grid[2, :], label="switchover"), float(stop_t), float(resume_t),
               float(last["t"]), float(first["t"]), sw)
     ax.set_xlim(lo, hi)
-    fig.tight_layout()
     _fit_texts(fig)
     return fig
 
@@ -192,7 +202,7 @@ def _fit_texts(fig: Figure) -> None:
             ax.set_xlim(lo, need)
 
 
-def _rates(ax: Axes, mig: Record, passes: list[Json], t0: float) -> None:
+def _rates(ax: Axes, mig: Record, passes: list[Json], t0: float) -> Axes:
     """The guest's dirty rate (MiB/s, left) against what the link carried (Mbit/s, right),
     the two scales aligned so that the same height is the same amount of memory per second:
     a dirty rate above the throughput is a migration that cannot converge."""
@@ -242,9 +252,19 @@ def _rates(ax: Axes, mig: Record, passes: list[Json], t0: float) -> None:
               + [mbps / MBIT_PER_MIB if isinstance(mbps, int | float) else 0.0, 1.0]) * 1.15
     ax.set_ylim(-0.04 * top, top)
     axt.set_ylim(-0.04 * top * MBIT_PER_MIB, top * MBIT_PER_MIB)
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = axt.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right", framealpha=0.95)
+    return axt
+
+
+def _legend(where: Axes, *panels: Axes) -> None:
+    """The legend of ``panels``, in the empty axes ``where`` beside them."""
+    where.axis("off")
+    handles, labels = [], []
+    for panel in panels:
+        h, lab = panel.get_legend_handles_labels()
+        handles += h
+        labels += [textwrap.fill(x, 36) for x in lab]
+    where.legend(handles, labels, loc="upper left", fontsize=7, frameon=False,
+                 borderaxespad=0)
 
 
 def _throughput(mig: Record, passes: list[Json], t0: float) -> tuple[

@@ -182,3 +182,24 @@ def test_decisions_close_in_time_share_one_label() -> None:
         ["raise_downtime (pass 5)", "raise_downtime (pass 6)", "auto_converge (pass 7)"],
         ["cancel (pass 12)"]]
     assert _outside(fig) == []
+
+
+def test_the_legends_sit_beside_the_panels_not_on_stop_and_resume() -> None:
+    fig = timeline.figure(_idle())
+    axes = _axes(fig)
+    fig.draw_without_rendering()
+    for beside, plotted in (("memory legend", [axes["memory"]]),
+                            ("rates legend", [axes["rates"], axes["throughput"]])):
+        assert all(a.get_legend() is None for a in plotted)  # nothing drawn over the data
+        legend = axes[beside].get_legend()
+        assert legend is not None and not axes[beside].axison
+        box = legend.get_window_extent()
+        for a in plotted:  # right of the panel, its ticks and axis labels included
+            tight = a.get_tightbbox()
+            assert tight is not None and box.x0 > tight.x1, (beside, box, tight)
+    legend = axes["memory legend"].get_legend()
+    assert legend is not None
+    names = [t.get_text() for t in legend.get_texts()]
+    assert "source QEMU STOP" in names and "destination QEMU RESUME" in names
+    for line in axes["memory"].get_lines():
+        assert not line.get_window_extent().overlaps(legend.get_window_extent())
