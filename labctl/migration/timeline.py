@@ -8,8 +8,9 @@ in MiB/s, link throughput in Mbit/s:
   ``calc-dirty-rate`` estimate taken before the migration as a line) against the link
   throughput (bytes sent in each pass over its length), on aligned scales;
 * switchover, zoomed in: the guest's last heartbeat on the source, STOP, QEMU's own
-  checkpoints (final RAM sent, devices sent, last byte, destination loaded), RESUME and
-  the first heartbeat on the destination.
+  checkpoints (final RAM sent, devices sent, last byte, destination loaded), each labelled
+  by its time after STOP, RESUME and the first heartbeat on the destination, under QEMU's
+  own downtime figure.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import itertools
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from labctl.core.errors import LabError, MissingDependency
 from labctl.core.wire import Json
@@ -32,11 +33,13 @@ MIB = 2**20
 #: 1 MiB/s of memory is this many Mbit/s on the link
 MBIT_PER_MIB = MIB * 8 / 1e6
 
-#: QEMU's vmstate_downtime_checkpoint names, as the zoom labels them
-_STAGES = (("src-iterable-saved", "source: final RAM sent"),
-           ("src-non-iterable-saved", "source: device state sent"),
-           ("src-downtime-end", "source: last byte (QEMU downtime ends)"),
-           ("dst-precopy-loadvm-completed", "destination: all loaded"))
+#: QEMU's vmstate_downtime_checkpoint names (and the destination's own RESUME stamp), as
+#: the zoom labels them
+_STAGES = {"src-iterable-saved": "source QEMU: final RAM sent",
+           "src-non-iterable-saved": "source QEMU: device state sent",
+           "src-downtime-end": "source QEMU: last byte sent (its downtime ends)",
+           "dst-precopy-loadvm-completed": "destination QEMU: all state loaded",
+           "RESUME (QEMU stamp)": "destination QEMU: RESUME (its own stamp)"}
 
 
 def plot(mig: Record, path: Path, title: str | None = None) -> Path:
@@ -68,7 +71,6 @@ def figure(mig: Record, title: str | None = None) -> Figure:
     hb = mig.get("heartbeat") or {}
     last, first = hb.get("source_last") or {}, hb.get("dest_first") or {}
     stop_t, resume_t = mig.get("stop_t"), mig.get("resume_t")
-    sw = mig.get("switchover") or {}
     zoomable = bool(stop_t and resume_t and last.get("t") and first.get("t"))
 
     fig = Figure(figsize=(12, 9.5 if zoomable else 6.5), dpi=110, layout="constrained")
@@ -131,8 +133,8 @@ def figure(mig: Record, title: str | None = None) -> Figure:
 
     if zoomable:
         assert stop_t is not None and resume_t is not None
-        _zoom(fig.add_subplot(grid[2, :], label="switchover"), float(stop_t), float(resume_t),
-              float(last["t"]), float(first["t"]), sw)
+        _zoom(fig.add_subplot(grid[2, :], label="switchover"), mig, float(stop_t),
+              float(resume_t), float(last["t"]), float(first["t"]))
     ax.set_xlim(lo, hi)
     _fit_texts(fig)
     return fig
@@ -292,37 +294,49 @@ def _ms(v: Json) -> str:
     return f"{v:.0f} ms" if isinstance(v, int | float) else "-"
 
 
-def _zoom(ax: Any, stop: float, resume: float, last_hb: float, first_hb: float,
-          sw: dict[str, Json]) -> None:
-    """The switchover in ms after the source's STOP, as stacked bars."""
+def _zoom(ax: Axes, mig: Record, stop: float, resume: float, last_hb: float,
+          first_hb: float) -> None:
+    """The switchover in ms after the source's STOP: the guest's blackout and its parts as
+    bars, QEMU's checkpoints as the stages between them, each labelled by when it came
+    after STOP (a stage can take 0 ms; the checkpoint still comes well after STOP)."""
     def rel(t: float) -> float:
         return (t - stop) * 1000
 
-    cps = sw.get("checkpoints_ms") or {}
-    rows: list[tuple[str, float, float, str]] = [
-        ("guest: last beat on source -> first beat on destination (blackout)",
-         rel(last_hb), rel(first_hb), "tab:red"),
-        ("source QEMU STOP -> destination QEMU RESUME (host agents)", 0.0, rel(resume),
-         "tab:purple")]
-    prev = 0.0
-    for key, label in _STAGES:
-        v = cps.get(key)
-        if isinstance(v, int | float):
-            rows.append((label, prev, float(v), "tab:gray"))
-            prev = float(v)
+    sw = mig.get("switchover") or {}
     period = sw.get("period_ms") or 100
-    rows.append((f"guest after RESUME: rest of its {period:.0f} ms slice + restart", rel(resume),
-                 rel(first_hb), "tab:green"))
-    rows.append(("guest before STOP: since its last beat", rel(last_hb), 0.0, "tab:olive"))
-    for i, (label, a, b, color) in enumerate(reversed(rows)):
-        ax.barh(i, b - a, left=a, color=color, alpha=0.75, height=0.6)
-        ax.annotate(f"{label}: {b - a:.0f} ms", (max(a, b), i), xytext=(4, 0),
-                    textcoords="offset points", va="center", fontsize=7)
+    rows: list[tuple[float, float, str, str]] = [
+        (rel(last_hb), rel(first_hb), "tab:red", f"guest blackout: last beat on the source -> "
+         f"first on the destination: {rel(first_hb) - rel(last_hb):.0f} ms"),
+        (rel(last_hb), 0.0, "tab:olive",
+         f"guest before STOP: since its last beat: {-rel(last_hb):.0f} ms"),
+        (0.0, rel(resume), "tab:purple", f"source QEMU STOP -> destination QEMU RESUME (host "
+         f"agents' stamps): {rel(resume):.0f} ms")]
+    prev = 0.0
+    for key, v in (sw.get("checkpoints_ms") or {}).items():
+        if isinstance(v, int | float):
+            rows.append((prev, float(v), "tab:gray", f"{_STAGES.get(key, key)}: +{v:.0f} ms "
+                         f"after STOP ({v - prev:.0f} ms after the previous)"))
+            prev = float(v)
+    rows.append((rel(resume), rel(first_hb), "tab:green", f"guest after RESUME: rest of its "
+                 f"{period:.0f} ms heartbeat period + restart: {rel(first_hb) - rel(resume):.0f} ms"))
+    for i, (a, b, color, text) in enumerate(rows):
+        y = len(rows) - 1 - i  # the first row on top
+        ax.barh(y, b - a, left=a, color=color, alpha=0.75, height=0.6)
+        if color == "tab:gray":  # a checkpoint: a mark even when its stage took 0 ms
+            ax.plot([b], [y], "d", color="dimgray", ms=4)
+        ax.annotate(text, (max(a, b), y), xytext=(5, 0), textcoords="offset points",
+                    va="center", fontsize=7)
     ax.axvline(0, color="red", lw=1.2)
     ax.axvline(rel(resume), color="green", lw=1.2, ls="--")
     ax.set_yticks([])
-    lo, hi = min(rel(last_hb), 0.0), rel(first_hb)
-    ax.set_xlim(lo - 20, hi + (hi - lo) * 1.1 + 40)
-    ax.set_xlabel("ms after the source QEMU's STOP (0 = STOP, dashed = destination RESUME)")
-    ax.set_title("switchover, zoomed: where the guest's blackout goes", fontsize=9)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    lo = min(a for a, *_ in rows)
+    hi = max(b for _, b, *_ in rows)
+    ax.set_xlim(lo - (hi - lo) * 0.05, hi + (hi - lo) * 0.05)  # widened for the labels
+    ax.set_xlabel("ms after the source QEMU's STOP (red: STOP, dashed green: destination "
+                  "RESUME; QEMU's checkpoints are on its own STOP stamp)")
+    ax.set_title(f"switchover, zoomed: QEMU's own downtime figure "
+                 f"{_ms(mig.get('downtime_ms'))}, STOP -> RESUME "
+                 f"{_ms(mig.get('stop_to_resume_ms'))}, guest blackout "
+                 f"{_ms(mig.get('blackout_ms'))}", fontsize=9)
     ax.grid(axis="x", alpha=0.3)

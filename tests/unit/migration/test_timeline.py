@@ -203,3 +203,16 @@ def test_the_legends_sit_beside_the_panels_not_on_stop_and_resume() -> None:
     assert "source QEMU STOP" in names and "destination QEMU RESUME" in names
     for line in axes["memory"].get_lines():
         assert not line.get_window_extent().overlaps(legend.get_window_extent())
+
+
+def test_switchover_checkpoints_read_as_times_after_stop_and_qemu_downtime_is_stated() -> None:
+    fig = timeline.figure(_idle())
+    zoom = _axes(fig)["switchover"]
+    texts = [t.get_text() for t in zoom.texts]
+    # the last byte left 45 ms after STOP, in a stage of its own that took 0 ms
+    last_byte = next(t for t in texts if "last byte" in t)
+    assert "+45 ms after STOP" in last_byte, texts
+    assert not last_byte.endswith(": 0 ms")
+    assert any("final RAM sent: +30 ms after STOP" in t for t in texts), texts
+    assert "QEMU's own downtime figure 45 ms" in zoom.get_title()
+    assert _outside(fig) == []
