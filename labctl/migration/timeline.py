@@ -118,6 +118,11 @@ def figure(mig: Record, title: str | None = None) -> Figure:
                       label=f"guest blackout {mig.get('blackout_ms') or 0:.0f} ms (last "
                             f"heartbeat on the source -> first on the destination)"
                       if named else "_")
+    late = _late_window(mig)
+    if late:
+        ax.axvspan(late[0] - t0, late[1] - t0, facecolor="none", edgecolor="tab:brown",
+                   hatch="//", lw=0.8, label=f"late storage preparation on the destination: "
+                   f"{(late[1] - late[0]) * 1000:.0f} ms (the source waits, stopped)")
     _legend(fig.add_subplot(grid[0, 1], label="memory legend"), ax)
     _legend(fig.add_subplot(grid[1, 1], label="rates legend"), axr, axt)
     sent = mig.get("bytes_sent")
@@ -155,9 +160,20 @@ def time_range(mig: Record) -> tuple[float, float]:
     total_ms = mig.get("total_ms")
     if isinstance(total_ms, int | float):
         times.append(total_ms / 1000)
+    times += [t - t0 for t in _late_window(mig) or ()]
     lo, hi = min(times), max(times)
     pad = (hi - lo) * 0.03 or 0.05
     return lo - pad, hi + pad
+
+
+def _late_window(mig: Record) -> tuple[float, float] | None:
+    """When the destination prepared its storage late, in the pre-switchover window (the
+    source stopped): start and end on the agents' clock."""
+    w, stop = mig.get("late_window") or {}, mig.get("stop_t")
+    if not stop or not isinstance(w.get("storage_s"), int | float):
+        return None
+    start = float(stop) + float(w.get("detected_after_stop_s") or 0)
+    return start, start + float(w["storage_s"])
 
 
 def _pass_labels(xs: list[float], numbers: list[int], span: float, most: int = 12,
@@ -311,6 +327,10 @@ def _zoom(ax: Axes, mig: Record, stop: float, resume: float, last_hb: float,
          f"guest before STOP: since its last beat: {-rel(last_hb):.0f} ms"),
         (0.0, rel(resume), "tab:purple", f"source QEMU STOP -> destination QEMU RESUME (host "
          f"agents' stamps): {rel(resume):.0f} ms")]
+    late = _late_window(mig)
+    if late:
+        rows.append((rel(late[0]), rel(late[1]), "tab:brown", f"destination: late storage "
+                     f"preparation, the source waiting: {rel(late[1]) - rel(late[0]):.0f} ms"))
     prev = 0.0
     for key, v in (sw.get("checkpoints_ms") or {}).items():
         if isinstance(v, int | float):

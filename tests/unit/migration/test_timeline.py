@@ -216,3 +216,21 @@ def test_switchover_checkpoints_read_as_times_after_stop_and_qemu_downtime_is_st
     assert any("final RAM sent: +30 ms after STOP" in t for t in texts), texts
     assert "QEMU's own downtime figure 45 ms" in zoom.get_title()
     assert _outside(fig) == []
+
+
+def test_late_storage_preparation_shows_in_the_window_it_took() -> None:
+    stop = 102.34
+    mig = {**_idle(), "storage": "late", "stop_t": stop, "resume_t": stop + 1.45,
+           "total_ms": 3800, "downtime_ms": 1440, "blackout_ms": 1560.0,
+           "pass_records": [_pass(1, 100.02, 0, 1024), _pass(2, 102.1, 400, 40),
+                            _pass(3, 102.34, 446, 1)],
+           "heartbeat": {"source_last": {"t": stop - 0.04}, "dest_first": {"t": stop + 1.52}},
+           "late_window": {"storage_s": 1.31, "window_s": 1.36, "detected_after_stop_s": 0.03,
+                           "dest": {}}}
+    fig = timeline.figure(mig)
+    axes = _axes(fig)
+    band = [p for p in axes["memory"].patches if "late storage" in str(p.get_label())]
+    assert len(band) == 1 and "1310 ms" in str(band[0].get_label())
+    assert any("late storage preparation" in t.get_text() and "1310 ms" in t.get_text()
+               for t in axes["switchover"].texts)
+    assert _outside(fig) == []
