@@ -263,7 +263,8 @@ def _rates(ax: Axes, mig: Record, passes: list[Json], t0: float) -> Axes:
     if isinstance(mbps, int | float):
         axt.axhline(mbps, color="teal", ls=":", lw=1,
                     label=f"QEMU's average throughput: {mbps:.0f} Mbit/s")
-    axt.set_ylabel("link throughput (Mbit/s)", color="teal")
+    axt.set_ylabel(f"link throughput (Mbit/s)\n1 MiB/s = {MBIT_PER_MIB:.2f} Mbit/s",
+                   color="teal")
     # the same height is the same memory per second on both axes
     top = max([q[1] for q in qemu] + [calc if isinstance(calc, int | float) else 0.0]
               + [v / MBIT_PER_MIB for *_, v in [*steps, *([tail] if tail else [])]]
