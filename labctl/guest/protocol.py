@@ -102,8 +102,8 @@ def check_command(command: str) -> tuple[str, str]:
     words = command.split() if isinstance(command, str) else []
     spec = COMMANDS.get(words[0]) if words else None
     if spec is None or len(words) != spec[0] + 1 or not all(w.isdigit() for w in words[1:]):
-        raise ValueError(f"unknown command {command!r} (rate <MiB/s>, wss <MiB>, read, "
-                         "sync, size)")
+        raise ValueError(f"the test guest knows no command {command!r} (it knows: "
+                         "rate <MiB/s>, wss <MiB>, read, sync, size)")
     return " ".join(words), spec[1]
 
 

@@ -248,7 +248,7 @@ class HostAgent:
         try:
             command, answer = guest.check_command(req.command)
         except ValueError as exc:
-            raise LabError(f"vm_console: {exc}", command=req.command) from None
+            raise LabError(str(exc), command=req.command) from None
         return p.ConsoleAnswer(await vm.console_command(command, answer, req.timeout))
 
     async def vm_console_tail(self, req: p.ConsoleTailRequest) -> p.ConsoleTail:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from labctl.core.errors import LabError, LabStateError, TopologyError
+from labctl.core.errors import LabError, LabStateError, RemoteError, TopologyError
 from labctl.core.paths import labs_dir
 from labctl.core.wire import Message
 from labctl.datastores import service as datastores
@@ -161,11 +161,19 @@ class Lab:
             ctx.inv.update("vms", {"name": name}, heartbeat_ms=period_ms)
 
     async def vm_console(self, name: str, command: str) -> str:
-        """Send a console command to the test guest (``rate N``, ``wss N``, ``read``, ``sync``)."""
+        """Send a console command to the test guest (``rate N``, ``wss N``, ``read``, ``sync``,
+        ``size``); a command it does not know is refused in the guest's words."""
         with self.context() as ctx:
-            async with ctx.host_client(vms.running_host(ctx, name)) as c:
-                return (await hp.VM_CONSOLE.call(c, hp.ConsoleCommand(name, command),
-                                                 timeout=30)).answer
+            host = vms.running_host(ctx, name)
+            async with ctx.host_client(host) as c:
+                try:
+                    return (await hp.VM_CONSOLE.call(c, hp.ConsoleCommand(name, command),
+                                                     timeout=30)).answer
+                except RemoteError as exc:
+                    if "knows no command" not in exc.message:
+                        raise
+                    said = exc.message.split("vm_console: ", 1)[-1]
+                    raise LabError(f"VM {name}: {said}", vm=name, host=host) from None
 
     async def vm_console_tail(self, name: str, lines: int = 20) -> list[str]:
         """The last console lines of a running VM, as its host agent read them."""
