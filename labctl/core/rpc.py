@@ -42,6 +42,11 @@ from labctl.core.errors import AgentUnreachable, AuthenticationFailed, LabError,
 
 PROTO = "labctl-rpc/1"
 MAX_FRAME = 16 * 1024 * 1024
+#: before a peer has proved it holds the secret: the handshake needs a few hundred bytes, so
+#: a larger frame is refused before anything of it is read
+MAX_PREAUTH_FRAME = 1024
+#: connections that have not authenticated yet, per server; more are closed at once
+MAX_UNAUTHENTICATED = 16
 EVENT_LOG = 512
 _ZERO_MAC = bytes(32)
 log = logging.getLogger(__name__)
@@ -85,15 +90,19 @@ class _Channel:
     async def recv(self) -> Any:
         head = await self.reader.readexactly(36)
         (length,) = struct.unpack(">I", head[:4])
-        if length > MAX_FRAME:
-            raise ConnectionError(f"frame of {length} bytes is too large")
+        limit = MAX_FRAME if self.key is not None else MAX_PREAUTH_FRAME
+        if length > limit:
+            raise ConnectionError(f"frame of {length} bytes is too large (limit {limit})")
         payload = await self.reader.readexactly(length)
         if self.key is not None:
             want = _mac(self.key, self.recv_dir, str(self.recv_seq).encode(), payload)
             if not hmac.compare_digest(want, head[4:]):
                 raise AuthenticationFailed("a frame failed its integrity check")
             self.recv_seq += 1
-        return json.loads(payload)
+        msg = json.loads(payload)
+        if not isinstance(msg, dict):
+            raise ValueError("a frame is not a JSON object")
+        return msg
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -111,6 +120,7 @@ class RpcServer:
         self._subscribers: set[_Channel] = set()
         self._tasks: set[asyncio.Future[None]] = set()
         self.rejected = 0
+        self._unauthenticated = 0
         self.epoch = os.urandom(8).hex()
         self._seq = 0
         self._log: deque[dict[str, Any]] = deque(maxlen=EVENT_LOG)
@@ -162,8 +172,18 @@ class RpcServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         chan = _Channel(reader, writer, b"s")
+        if self._unauthenticated >= MAX_UNAUTHENTICATED:
+            self.rejected += 1
+            chan.close()
+            return
+        self._unauthenticated += 1
+        authenticated = False
         try:
-            if not await self._handshake(chan):
+            try:
+                authenticated = await self._handshake(chan)
+            finally:
+                self._unauthenticated -= 1
+            if not authenticated:
                 return
             while True:
                 req = await chan.recv()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import struct
 from typing import Any
 
 import pytest
 
 from labctl.core.errors import AgentUnreachable, AuthenticationFailed, RemoteError, StorageNodeError
+from labctl.core.rpc import MAX_UNAUTHENTICATED as MAX_UNAUTH
 from labctl.core.rpc import RpcClient, RpcServer
 
 SECRET = b"s" * 32
@@ -163,3 +166,72 @@ def test_typed_call_whose_request_has_a_timeout_field() -> None:
         await server.close()
 
     asyncio.run(go())
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """True if the peer closes the connection within ``seconds`` (whatever it sent first)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(4096):
+                pass
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_large_frame_before_authentication_is_refused_unread() -> None:
+    """An unauthenticated peer announcing a 16 MiB frame is dropped at once: the server does
+    not wait for (or buffer) the payload."""
+    async def go() -> None:
+        server, port = await _server()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = await reader.readexactly(36)  # the hello ...
+        await reader.readexactly(struct.unpack(">I", head[:4])[0])
+        writer.write(struct.pack(">I", 16 << 20) + bytes(32))  # ... and a huge frame's header
+        await writer.drain()
+        assert await _closed_within(reader, 2.0), "the server waited for a 16 MiB payload"
+        writer.close()
+        await server.close()
+
+    asyncio.run(go())
+
+
+def test_unauthenticated_connections_are_bounded() -> None:
+    async def go() -> None:
+        server, port = await _server()
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_UNAUTH)]
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await _closed_within(reader, 2.0), "a connection beyond the bound was kept"
+        assert server.rejected >= 1
+        for _, w in held:
+            w.close()
+        await asyncio.sleep(0.1)
+        async with await RpcClient.connect("127.0.0.1", port, SECRET) as c:  # room again
+            assert await c.call("echo", a=1) == {"a": 1}
+        writer.close()
+        await server.close()
+
+    asyncio.run(go())
+
+
+def test_malformed_handshakes_leave_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        server, port = await _server()
+        for payload in (b"[1, 2]", b"\xff\xfe not json", b'{"nonce": 5, "proof": "zz"}',
+                        b'"a string"'):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await reader.read(4096)  # the hello
+            writer.write(struct.pack(">I", len(payload)) + bytes(32) + payload)
+            await writer.drain()
+            assert await _closed_within(reader, 2.0)
+            writer.close()
+        async with await RpcClient.connect("127.0.0.1", port, SECRET) as c:  # still serving
+            assert await c.call("echo", a=2) == {"a": 2}
+        await asyncio.sleep(0.1)  # the server sees the client go before the loop ends
+        await server.close()
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(go())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
+        [r.getMessage() for r in caplog.records]
