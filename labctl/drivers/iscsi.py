@@ -16,6 +16,7 @@ with ``-i``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -23,6 +24,7 @@ import functools
 import json
 import re
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +167,30 @@ def naa_from_designators(found: list[Designator]) -> str:
         return "naa." + max(naas, key=lambda h: int(h[0], 16))
     raise LabError("the LUN reports no NAA designator in VPD page 0x83",
                    designators=[d.to_wire() for d in found])
+
+
+async def wait_portal(portal: str, budget: float = 10.0) -> float:
+    """Wait until the portal accepts a TCP connection (a host whose neighbour entry for it is
+    still unresolved after a link came back gets EHOSTUNREACH for a moment); returns the
+    seconds waited. LabError naming the last failure once ``budget`` seconds have passed."""
+    _check(portal)
+    host, _, port = portal.rpartition(":")
+    t0 = time.monotonic()
+    last: OSError | None = None
+    while True:
+        try:
+            async with asyncio.timeout(max(0.2, min(2.0, budget))):
+                _, writer = await asyncio.open_connection(host.strip("[]"), int(port or 3260))
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return time.monotonic() - t0
+        except (OSError, TimeoutError) as exc:
+            last = exc if isinstance(exc, OSError) else OSError(f"no answer within {budget:g} s")
+        if time.monotonic() - t0 >= budget:
+            raise LabError(f"iSCSI portal {portal} did not answer within {budget:g} s: "
+                           f"{last.strerror or last}", portal=portal, budget_s=budget)
+        await asyncio.sleep(0.2)
 
 
 # ---- the vpd83 helper (runs as its own process, possibly inside a namespace) ----

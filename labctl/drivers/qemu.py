@@ -46,6 +46,36 @@ _SUN_PATH_MAX = 107
 CONSOLE_RING = 2000
 
 
+#: QEMU's words for a LUN that could not be opened *for now* (the portal not reachable yet,
+#: a session being torn down); an ACL refusal or a wrong LUN is permanent
+TRANSIENT_OPEN = ("Can not reconnect", "No route to host", "Network is unreachable",
+                  "Connection refused", "Connection timed out", "Failed to connect to")
+PERMANENT_OPEN = ("Authorization failure", "LOGICAL_UNIT_NOT_SUPPORTED", "Login failed",
+                  "not found")
+
+
+def last_error_line(lines: list[str]) -> str | None:
+    """The last line QEMU wrote that names an error, without QEMU's time stamp prefix."""
+    for line in reversed(lines):
+        text = line.strip()
+        if not text:
+            continue
+        # "-msg timestamp=on": "2026-12-01T12:00:00.123456Z qemu-system-x86_64: ..."
+        head, _, rest = text.partition(" ")
+        if head[:4].isdigit() and "T" in head:
+            text = rest
+        if "qemu-system" in text or "error" in text.lower() or "fail" in text.lower():
+            return text
+    return None
+
+
+def transient_open_failure(error: str | None) -> bool:
+    """Whether QEMU's error is one a retry can cure (see TRANSIENT_OPEN)."""
+    if not error or any(p in error for p in PERMANENT_OPEN):
+        return False
+    return any(p in error for p in TRANSIENT_OPEN)
+
+
 def _opt(value: str) -> str:
     """Escape a value for QEMU's key=value,... option syntax (a comma is doubled)."""
     return value.replace(",", ",,")
@@ -308,10 +338,16 @@ class QemuVm:
         threading.Thread(target=self._read_console, args=(sock, asyncio.get_running_loop()),
                          name=f"console-{self.spec.name}", daemon=True).start()
 
+    def last_error(self) -> str | None:
+        """QEMU's own last error line from its log (without its time stamp), if any."""
+        return last_error_line(self.stderr_tail(40))
+
     def _check_alive(self) -> None:
         if self._proc is not None and self._proc.returncode is not None:
             self.returncode = self._proc.returncode
-            raise self._error(f"QEMU exited with status {self.returncode}")
+            why = self.last_error()
+            raise self._error(f"QEMU exited with status {self.returncode}"
+                              + (f": {why}" if why else ""), qemu_error=why)
 
     async def _watch_process(self) -> None:
         assert self._proc is not None and self._dead is not None

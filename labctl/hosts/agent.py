@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,8 @@ from labctl.core.names import QEMU_BINARY
 from labctl.core.proc import which
 from labctl.core.rpc import Handler, RpcServer
 from labctl.core.wire import Empty, Json, Message, handlers
-from labctl.drivers.qemu import QemuVm, VmState
+from labctl.drivers.iscsi import wait_portal
+from labctl.drivers.qemu import QemuVm, VmState, transient_open_failure
 from labctl.guest import protocol as guest
 from labctl.guest.image import ensure_guest_image
 from labctl.hosts import protocol as p
@@ -35,6 +37,8 @@ from labctl.hosts.accel import kvm_usable
 from labctl.hosts.accelcache import qemu_version
 
 log = logging.getLogger("labctl.agents.host")
+
+OPEN_TRIES = 4  # QEMU starts that may meet a transient open failure of an iSCSI disk
 
 #: a QMP event of one of the host's VMs, as QemuVm records it
 VmEventHook = Callable[[QemuVm, dict[str, Json]], None]
@@ -104,6 +108,25 @@ class HostAgent:
         """Drop ``vm`` from the registry if it is still the one registered under its name."""
         if self._vms.get(vm.spec.name) is vm:
             del self._vms[vm.spec.name]
+
+    def keep_failed_logs(self, vm: QemuVm) -> Path | None:
+        """Copy a failed VM's logs (QEMU's stderr, the console, its command line) to
+        ``<state dir>/failed/<vm>-<UTC time>/`` before its run directory goes: kept with the
+        lab until it is purged, named in the agent's log."""
+        dest = self.state_dir / "failed" / (f"{vm.spec.name}-"
+                                            f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in ("qemu.log", "console.log", "argv.json"):
+                src = vm.run_dir / name
+                if src.is_file():
+                    shutil.copy2(src, dest / name)
+        except OSError as exc:
+            log.warning("could not keep the logs of %s: %s", vm.spec.name, exc)
+            return None
+        log.warning("VM %s failed (%s): its logs are kept in %s", vm.spec.name,
+                    vm.last_error() or f"status {vm.returncode}", dest)
+        return dest
 
     def publish(self, event: str, data: Message) -> None:
         if self.server is not None:
@@ -200,19 +223,46 @@ class HostAgent:
         name = spec.name
         async with self.lock(name):
             self.check_not_running(name)
-            vm = QemuVm(spec, self.run_dir(name))
-            self.adopt(vm)
+            vm = await self._start_qemu(spec, req.spec.incoming)
             try:
-                await vm.start(incoming=req.spec.incoming)
                 if req.spec.incoming is None:
                     await vm.wait_heartbeat(req.heartbeat_timeout)
             except BaseException:
+                self.keep_failed_logs(vm)
                 await vm.stop(timeout=5.0)
                 raise
             log.info("started VM %s (pid %s, first heartbeat after %s s)", name, vm.pid,
                      vm.first_heartbeat_s)
             return p.VmStarted(name=name, pid=vm.pid, run_dir=str(vm.run_dir),
                                first_heartbeat_s=vm.first_heartbeat_s, accel=spec.accel)
+
+    async def _start_qemu(self, spec: p.VmSpec, incoming: str | None) -> QemuVm:
+        """QEMU for ``spec``, started: an iSCSI disk's portal must answer first, and a failure
+        to open the disk that QEMU reports as transient is retried a few times (a permanent
+        one fails at once); a failed QEMU's logs are kept."""
+        for attempt in range(1, OPEN_TRIES + 1):
+            if isinstance(spec.disk, p.IscsiDisk):
+                await wait_portal(spec.disk.portal)
+            vm = QemuVm(spec, self.run_dir(spec.name))
+            self.adopt(vm)
+            try:
+                await vm.start(incoming=incoming)
+                return vm
+            except VmError as exc:
+                self.keep_failed_logs(vm)
+                await vm.stop(timeout=5.0)
+                self.forget(vm)
+                why = exc.evidence.get("qemu_error")
+                if attempt == OPEN_TRIES or not transient_open_failure(why):
+                    raise
+                log.warning("VM %s: QEMU could not open its disk (%s): retrying (%d/%d)",
+                            spec.name, why, attempt, OPEN_TRIES)
+                await asyncio.sleep(0.5 * attempt)
+            except BaseException:
+                await vm.stop(timeout=5.0)
+                self.forget(vm)
+                raise
+        raise AssertionError("unreachable")
 
     async def vm_stop(self, req: p.VmStop) -> p.VmStopped:
         vm = self.vm(req.name)

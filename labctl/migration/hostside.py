@@ -39,10 +39,11 @@ from qemu.qmp import EventListener
 from labctl.core.errors import LabError, LabStateError, MigrationError, VmError
 from labctl.core.rpc import Handler
 from labctl.core.wire import Json, handlers
-from labctl.drivers.qemu import QemuVm, VmState, blockdev_arg, disk_node
+from labctl.drivers.iscsi import wait_portal
+from labctl.drivers.qemu import QemuVm, VmState, blockdev_arg, disk_node, transient_open_failure
 from labctl.guest.protocol import decode_disk_record, parse_heartbeat
 from labctl.hosts.agent import HostAgent
-from labctl.hosts.protocol import FileDisk, IscsiDisk, VmName, VmStop, VmStopped
+from labctl.hosts.protocol import FileDisk, IscsiDisk, VmName, VmSpec, VmStop, VmStopped
 from labctl.migration import protocol as mp
 from labctl.migration.protocol import (
     EVENT_PROGRESS,
@@ -55,6 +56,7 @@ from labctl.migration.protocol import (
 )
 
 DiskProbe = Callable[[IscsiDisk], Awaitable[tuple[str, int]]]
+OPEN_TRIES = 4  # QEMU starts that may meet a transient open failure of an iSCSI disk
 log = logging.getLogger("labctl.migration.hostside")
 
 FINAL = FINAL_STATUSES
@@ -247,13 +249,10 @@ class MigrationHandlers:
                 graph = [blockdev_arg(real), "driver=raw,node-name=disk0,file=disk0-file"]
             else:
                 graph = None
-            vm = QemuVm(vmspec, self.agent.run_dir(name))
-            inc = _Incoming(vm=vm, mode=storage, real_node=real, lease_until=_now() + req.lease_s)
-            self.agent.adopt(vm, on_exit=self._incoming_died)
-            self.incoming[name] = inc
+            t = _now()
+            inc = await self._start_incoming(vmspec, real, storage, graph, req.lease_s)
+            vm = inc.vm
             try:
-                t = _now()
-                await vm.start(incoming="defer", blockdevs=graph)
                 inc.timings["qemu_start_s"] = _now() - t
                 caps = [{"capability": c, "state": v}
                         for c, v in req.capabilities.items() if c in DEST_CAPS]
@@ -276,7 +275,7 @@ class MigrationHandlers:
                 inc.uri = f"tcp:{listen}:{port}"
                 inc.timings["listen_s"] = _now() - t
             except BaseException:
-                await self._drop(name)
+                await self._drop(name, keep_logs=True)
                 raise
             inc.timings["prepare_s"] = _now() - t_start
             inc.t_prepared = t_start
@@ -286,6 +285,37 @@ class MigrationHandlers:
             return mp.Prepared(uri=inc.uri, pid=vm.pid, storage=storage,
                                timings=dict(inc.timings), checks=inc.checks(),
                                run_dir=str(vm.run_dir))
+
+    async def _start_incoming(self, spec: VmSpec, real: dict[str, Json],
+                              storage: mp.StorageMode,
+                              graph: list[str] | None, lease_s: float) -> _Incoming:
+        """The incoming QEMU, started with ``-incoming defer``. Opening an iSCSI disk waits for
+        its portal to answer first, and a failure QEMU reports as transient (the portal not
+        reachable yet, a session still being torn down) is retried a few times; a permanent
+        one (ACL, no such LUN) fails at once. A failed QEMU's logs are kept."""
+        name = spec.name
+        for attempt in range(1, OPEN_TRIES + 1):
+            if isinstance(spec.disk, IscsiDisk) and storage == "early":
+                await wait_portal(spec.disk.portal)
+            vm = QemuVm(spec, self.agent.run_dir(name))
+            inc = _Incoming(vm=vm, mode=storage, real_node=real, lease_until=_now() + lease_s)
+            self.agent.adopt(vm, on_exit=self._incoming_died)
+            self.incoming[name] = inc
+            try:
+                await vm.start(incoming="defer", blockdevs=graph)
+                return inc
+            except VmError as exc:
+                why = exc.evidence.get("qemu_error")
+                await self._drop(name, keep_logs=True)
+                if attempt == OPEN_TRIES or not transient_open_failure(why):
+                    raise
+                log.warning("incoming %s: QEMU could not open the disk (%s): retrying (%d/%d)",
+                            name, why, attempt, OPEN_TRIES)
+                await asyncio.sleep(0.5 * attempt)
+            except BaseException:
+                await self._drop(name, keep_logs=True)
+                raise
+        raise AssertionError("unreachable")
 
     async def _storage_work(self, inc: _Incoming, attach: bool) -> None:
         """Make the datastore usable on this host and prove QEMU can read the disk:
@@ -409,7 +439,9 @@ class MigrationHandlers:
                                 vm=name, host=self.agent.host)
         return self.incoming[name]
 
-    async def _drop(self, name: str) -> None:
+    async def _drop(self, name: str, keep_logs: bool = False) -> None:
+        """Stop an incoming VM and remove its run directory; with ``keep_logs`` (it failed)
+        its logs move to ``<state dir>/failed/<vm>-<time>/`` instead, kept with the lab."""
         inc = self.incoming.pop(name, None)
         if inc is None:
             return
@@ -417,6 +449,8 @@ class MigrationHandlers:
         vm.on_unexpected_exit = None
         await vm.stop(timeout=3.0)
         self.agent.forget(vm)
+        if keep_logs:
+            self.agent.keep_failed_logs(vm)
         shutil.rmtree(vm.run_dir, ignore_errors=True)
         log.info("dropped incoming %s (QEMU pid %s, status %s)", name, vm.pid, vm.returncode)
 
@@ -428,7 +462,7 @@ class MigrationHandlers:
             inc.died = mp.QemuDied(returncode=vm.returncode, stderr=vm.stderr_tail(10))
         self.agent.vm_exited(vm)
         asyncio.get_running_loop().call_soon(
-            lambda: asyncio.ensure_future(self._drop(name)))
+            lambda: asyncio.ensure_future(self._drop(name, keep_logs=True)))
 
     def _ensure_watchdog(self) -> None:
         if self._watchdog is None or self._watchdog.done():

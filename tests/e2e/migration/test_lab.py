@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, labctl, module_lab, outside_qmp, wait
+from tests.conftest import e2e_ready, in_ns, labctl, module_lab, outside_qmp, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
@@ -297,6 +297,36 @@ def test_destination_link_cut(lab: dict[str, Any]) -> None:
     finally:
         set_link_state(veth, True, alias)
     dest_clean(lab, dst, within=12)
+
+
+def test_migrate_at_once_after_a_link_comes_back(lab: dict[str, Any]) -> None:
+    """The fault seen on a fresh machine: a migration to a host whose link was just restored
+    (its neighbour entry for the portal still unresolved) failed with QEMU's 'Can not
+    reconnect right now'. The destination waits for the portal and retries a transient open
+    failure; a failed QEMU's logs would be kept, its last error line in the message."""
+    from labctl.core.names import alias as alias_for
+    from labctl.drivers.netlink import set_link_state
+    from labctl.state.inventory import Inventory
+
+    src = vm_host(lab)
+    dst = other(src)
+    inv = Inventory.open(lab["dir"] / "inventory.db")
+    veth = inv.row("hosts", name=dst)["veth"]  # type: ignore[index]
+    inv.close()
+    alias = alias_for(lab["name"], "veth", dst)
+    portal = json.loads(labctl("--lab", lab["name"], "datastore", "show", "ds1",
+                               "--json").stdout)["portal"]
+    set_link_state(veth, False, alias)
+    try:
+        # the host tries the portal while cut off: its neighbour entry for it fails
+        in_ns(lab["name"], dst, "iscsi-ls", "-i", f"iqn.2026-11.dev.labctl:{lab['name']}.{dst}",
+              f"iscsi://{portal}")
+    finally:
+        set_link_state(veth, True, alias)
+    res = json.loads(labctl("--lab", lab["name"], "migrate", "vm1", "--to", dst,
+                            "--json").stdout)
+    assert res["state"] == "completed" and res["heartbeat"]["continues"], res
+    alive(lab, dst)
 
 
 def test_ctrl_c_cancels_cleanly(lab: dict[str, Any]) -> None:
