@@ -51,6 +51,11 @@ def _fail(what: str, exc: Exception, **evidence: object) -> NetworkSetupError:
     return NetworkSetupError(f"{what}: {exc}", **evidence)
 
 
+def _foreign_link(ifname: str, have: object) -> NetworkSetupError:
+    return NetworkSetupError(f"a network interface named {ifname} exists and belongs to another "
+                             f"lab (alias {have!r}): refusing to touch it", ifname=ifname, alias=have)
+
+
 @_netlink
 def ensure_bridge(ifname: str, alias: str, address: ipaddress.IPv4Interface) -> None:
     """A bridge in this namespace with ``address`` on it, up. Refuses a foreign link of that name."""
@@ -65,9 +70,7 @@ def ensure_bridge(ifname: str, alias: str, address: ipaddress.IPv4Interface) -> 
             else:
                 have = ipr.get_links(idx)[0].get_attr("IFLA_IFALIAS")
                 if have != alias:
-                    raise NetworkSetupError(
-                        f"a network interface named {ifname} exists and is not this lab's "
-                        f"(alias {have!r}); refusing to touch it", ifname=ifname, alias=have)
+                    raise _foreign_link(ifname, have)
             addrs = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
             if (str(address.ip), address.network.prefixlen) not in addrs:
                 ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
@@ -118,9 +121,8 @@ def ensure_veth(spec: VethSpec) -> None:
                     idx = _index(ns, peer)
                     assert idx is not None
                     ns.link("set", index=idx, ifname=spec.inner)
-            elif ipr.get_links(outer)[0].get_attr("IFLA_IFALIAS") != spec.alias:
-                raise NetworkSetupError(f"a network interface named {spec.outer} exists and is "
-                                        "not this lab's; refusing to touch it", ifname=spec.outer)
+            elif (have := ipr.get_links(outer)[0].get_attr("IFLA_IFALIAS")) != spec.alias:
+                raise _foreign_link(spec.outer, have)
             bridge = _index(ipr, spec.bridge)
             if bridge is None:
                 raise NetworkSetupError(f"bridge {spec.bridge} does not exist", bridge=spec.bridge)
