@@ -105,7 +105,7 @@ class PairTestbed:
                             ipaddress.IPv4Interface(f"{self.subnet[1]}/24"))
         for h, addr in self.hosts.items():
             ns = self.netns_name(h)
-            netns.ensure_netns(ns)
+            netns.ensure_netns(ns, self.alias("netns", h))
             netns.ensure_veth(netns.VethSpec(outer=self.veths[h], netns=ns, bridge=self.bridge,
                                              address=ipaddress.IPv4Interface(f"{addr}/24"),
                                              alias=self.alias("veth", h)))
@@ -115,7 +115,7 @@ class PairTestbed:
             with contextlib.suppress(LabError, OSError):
                 netns.delete_link(self.veths[h], self.alias("veth", h))
             with contextlib.suppress(LabError, OSError):
-                netns.delete_netns(self.netns_name(h))
+                netns.delete_netns(self.netns_name(h), self.alias("netns", h))
         with contextlib.suppress(LabError, OSError):
             netns.delete_link(self.bridge, self.alias("bridge", "br"))
 
