@@ -4,9 +4,12 @@ helpers the end-to-end tests share (the CLI, a module's lab, checks from outside
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
+import random
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -20,6 +23,7 @@ from typing import Any
 import pytest
 
 from labctl.core.paths import cache_dir
+from labctl.drivers.netlink import overlapping_routes
 
 
 def e2e_ready() -> str | None:
@@ -58,6 +62,33 @@ def lab_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 # --- end-to-end helpers -------------------------------------------------------------------
+
+#: where the end-to-end tests take their subnets: /24s of this range (apart from
+#: labs/default.yaml's 10.231.0.0/24 and the migration testbed's 10.232.0.0/16)
+E2E_SUBNETS = ipaddress.IPv4Network("10.231.64.0/18")
+_handed_out: set[ipaddress.IPv4Network] = set()
+
+
+def free_subnet() -> ipaddress.IPv4Network:
+    """A /24 of :data:`E2E_SUBNETS` that no route or address of this machine overlaps and
+    that this run has not handed out yet; tried in random order, so that two runs on one
+    machine rarely reach for the same one (if they do, the second ``labctl up`` refuses it
+    as a clash: a failed test, never a shared network). Call it right before the subnet is
+    put to use, not at import."""
+    candidates = [n for n in E2E_SUBNETS.subnets(new_prefix=24) if n not in _handed_out]
+    random.SystemRandom().shuffle(candidates)
+    for net in candidates:
+        if not overlapping_routes(net):
+            _handed_out.add(net)
+            return net
+    raise AssertionError(f"no /24 of {E2E_SUBNETS} is free on this machine")
+
+
+def unique_lab(prefix: str) -> str:
+    """A lab name: ``prefix`` and six random hex digits. A lab's namespaces, domains and IQNs
+    are named after it machine-wide, so two runs on one machine must not share a name."""
+    assert re.fullmatch(r"[a-z][a-z0-9-]{0,9}", prefix), prefix  # the name is 16 at most
+    return f"{prefix}{secrets.token_hex(3)}"
 
 
 def labctl(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -6,6 +6,8 @@ Standard library only: agents (on hosts and inside the storage VM) use it too.
 IFNAMSIZ is 15, so links are ``lc<tag><role><index>``, where ``<tag>`` is four hex
 digits derived from the lab's name and directory (:func:`lab_tag`); the identity that
 teardown checks is the link's alias, ``labctl:<lab>:<role>:<name>``, never its name.
+A host's network namespace is named ``labctl-<lab>-<host>`` and proves to be the lab's
+by the alias of its ``lo``, ``labctl:<lab>:netns:<host>@<tag>`` (:func:`netns_mark`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def tap(tag: str, node_index: int) -> str:
 
 def netns(lab: str, host: str) -> str:
     return f"labctl-{lab}-{host}"
+
+
+def netns_mark(lab: str, host: str, tag: str) -> str:
+    """The mark a host's network namespace carries (the alias of its ``lo``): what proves
+    it is the lab's. Its name does not: it is the same for a lab of the same name under
+    another home, whose ``tag`` (:func:`lab_tag`) differs."""
+    return alias(lab, "netns", f"{host}@{tag}")
 
 
 def domain(lab: str, node: str) -> str:

@@ -11,7 +11,8 @@ does, and probes its own accelerator.
 * An SSH provider (hardware, a Vagrant lab) implements the same :class:`HostProvider`.
 
 Every object is written to the lab's ownership journal *before* it is created, and
-removed only if it still proves to be the lab's (link alias, process command line).
+removed only if it still proves to be the lab's (link alias, the mark of a namespace,
+process command line).
 """
 
 from __future__ import annotations
@@ -145,8 +146,9 @@ class NamespaceHosts:
     async def provision(self, plan: HostPlan, secret: bytes) -> ProvisionedHost:
         ns = names.netns(self.lab, plan.name)
         veth = names.veth(self.tag, plan.index)
-        self.inv.own("netns", ns, role="host")
-        await asyncio.to_thread(netlink.ensure_netns, ns)
+        mark = names.netns_mark(self.lab, plan.name, self.tag)
+        self.inv.own("netns", ns, role="host", mark=mark)
+        await asyncio.to_thread(netlink.ensure_netns, ns, mark)
         alias = names.alias(self.lab, "veth", plan.name)
         self.inv.own("link", veth, alias=alias, role="host")
         await asyncio.to_thread(netlink.ensure_veth, netlink.VethSpec(
@@ -214,7 +216,10 @@ class NamespaceHosts:
                     removed.append(f"link {name}")
                 inv.disown(kind, name)
             elif kind == "netns":
-                if await asyncio.to_thread(netlink.delete_netns, name):
+                # only a namespace with the lab's mark; an entry without one (journalled
+                # before namespaces were marked) proves nothing: that namespace is left
+                mark = detail.get("mark")
+                if mark and await asyncio.to_thread(netlink.delete_netns, name, mark):
                     removed.append(f"netns {name}")
                 inv.disown(kind, name)
             elif kind == "process" and name.startswith("host-agent:"):

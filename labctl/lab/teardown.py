@@ -1,7 +1,7 @@
 """Teardown by ownership: remove exactly what the lab's journal says it created, each only
-if it still proves to be the lab's (a link's alias, a domain's metadata, a process's
-command line naming the lab directory). Never by a name pattern; works after a SIGKILL
-mid-``up``."""
+if it still proves to be the lab's (a link's alias, a namespace's mark, a domain's metadata,
+a process's command line naming the lab directory). Never by a name pattern; works after a
+SIGKILL mid-``up``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ async def teardown(ctx: LabContext) -> list[str]:
     for kind, name, detail in owned:
         if kind == "link" and netlink.delete_link(name, detail["alias"]):
             removed.append(f"link {name}")
-        elif kind == "netns" and netlink.delete_netns(name):
+        elif kind == "netns" and detail.get("mark") and netlink.delete_netns(name, detail["mark"]):
             removed.append(f"netns {name}")
         inv.disown(kind, name)
     return list(removed)

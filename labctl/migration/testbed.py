@@ -40,13 +40,25 @@ from labctl.state.inventory import Inventory
 PORT = names.HOST_AGENT_PORT
 
 
+def _free_subnet() -> ipaddress.IPv4Network:
+    """A /24 of 10.232.16.0 to 10.232.215.0, tried in random order, that no route or address
+    of this machine overlaps: not another testbed's (a second test run at the same time) nor
+    a lab's."""
+    octets = list(range(16, 216))
+    secrets.SystemRandom().shuffle(octets)
+    for octet in octets:
+        net = ipaddress.IPv4Network(f"10.232.{octet}.0/24")
+        if not netns.overlapping_routes(net):
+            return net
+    raise LabError("no /24 of 10.232.16.0 to 10.232.215.0 is free on this machine for a testbed")
+
+
 class PairTestbed:
     def __init__(self, work_dir: Path, memory_mib: int = 256, progress: Progress = quiet) -> None:
         self.work_dir = work_dir
         self.tag = secrets.token_hex(2)
         self.name = f"lctest{self.tag}"
-        octet = 16 + secrets.randbelow(200)
-        self.subnet = ipaddress.IPv4Network(f"10.232.{octet}.0/24")
+        self.subnet = _free_subnet()
         self.bridge = f"lct{self.tag}br"
         self.hosts = {"a": str(self.subnet[2]), "b": str(self.subnet[3])}
         self.veths = {h: f"lct{self.tag}{h}" for h in self.hosts}
@@ -105,7 +117,7 @@ class PairTestbed:
                             ipaddress.IPv4Interface(f"{self.subnet[1]}/24"))
         for h, addr in self.hosts.items():
             ns = self.netns_name(h)
-            netns.ensure_netns(ns)
+            netns.ensure_netns(ns, self.alias("netns", h))
             netns.ensure_veth(netns.VethSpec(outer=self.veths[h], netns=ns, bridge=self.bridge,
                                              address=ipaddress.IPv4Interface(f"{addr}/24"),
                                              alias=self.alias("veth", h)))
@@ -115,7 +127,7 @@ class PairTestbed:
             with contextlib.suppress(LabError, OSError):
                 netns.delete_link(self.veths[h], self.alias("veth", h))
             with contextlib.suppress(LabError, OSError):
-                netns.delete_netns(self.netns_name(h))
+                netns.delete_netns(self.netns_name(h), self.alias("netns", h))
         with contextlib.suppress(LabError, OSError):
             netns.delete_link(self.bridge, self.alias("bridge", "br"))
 

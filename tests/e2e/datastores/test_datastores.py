@@ -19,20 +19,22 @@ from tests.conftest import (
     NO_LUN,
     LabCli,
     e2e_ready,
+    free_subnet,
     module_lab,
     naa_designator,
     outside_size,
     refused,
+    unique_lab,
     wait,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
 
-NAME = "dse"
-TOPO = f"""
-name: {NAME}
-sites: [{{name: s1, subnet: 10.231.71.0/24}}]
+NAME = unique_lab("dse")
+TOPO = """
+name: {name}
+sites: [{{name: s1, subnet: {subnet}}}]
 storage_nodes: [{{name: stor1, capacity: 512M}}]
 hosts: [{{name: h1}}, {{name: h2}}, {{name: h3}}, {{name: h4}}]
 datastores: [{{name: ds1, size: 64M, hosts: [h1, h2]}}]
@@ -46,7 +48,8 @@ js = lc.json
 
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    with module_lab(NAME, TOPO, lab_home, tmp_path_factory):
+    with module_lab(NAME, TOPO.format(name=NAME, subnet=free_subnet()), lab_home,
+                    tmp_path_factory):
         yield {"dir": lab_home / "labs" / NAME, "home": lab_home,
                "status": json.loads(lc("status", "--json").stdout)}
 

@@ -16,15 +16,15 @@ import pytest
 
 from labctl.core.rpc import RpcClient
 from labctl.storage import node as storagenode
-from tests.conftest import LabCli, e2e_ready, module_lab, outside_size, wait
+from tests.conftest import LabCli, e2e_ready, free_subnet, module_lab, outside_size, unique_lab, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
 
-NAME = "rse"
-TOPO = f"""
-name: {NAME}
-sites: [{{name: s1, subnet: 10.231.72.0/24}}]
+NAME = unique_lab("rse")
+TOPO = """
+name: {name}
+sites: [{{name: s1, subnet: {subnet}}}]
 storage_nodes: [{{name: stor1, capacity: 1G}}]
 hosts: [{{name: h1}}, {{name: h2}}, {{name: h3}}]
 datastores:
@@ -58,7 +58,8 @@ def host_call(lab: dict[str, Any], host: str, method: str, **params: Any) -> Any
 
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    with module_lab(NAME, TOPO, lab_home, tmp_path_factory):
+    with module_lab(NAME, TOPO.format(name=NAME, subnet=free_subnet()), lab_home,
+                    tmp_path_factory):
         yield {"dir": lab_home / "labs" / NAME, "status": json.loads(lc("status", "--json").stdout)}
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from labctl.core.errors import AuthenticationFailed, LabError, RemoteError
 from labctl.core.rpc import RpcClient
+from tests.conftest import free_subnet
 
 pytestmark = [
     pytest.mark.e2e,
@@ -48,8 +49,8 @@ def _ip(*args: str, check: bool = True) -> None:
 def agent(tmp_path: Path, lab_home: Path) -> Iterator[AgentProc]:
     tag = secrets.token_hex(3)
     ns, outer, inner = f"lctest{tag}", f"lct{tag}o", f"lct{tag}i"
-    octet = 16 + secrets.randbelow(200)
-    host_ip, agent_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
+    net = free_subnet()  # a /30 of it: the veth's two ends
+    host_ip, agent_ip = str(net[1]), str(net[2])
     lab_dir = tmp_path / "lab"
     lab_dir.mkdir()
     secret = secrets.token_bytes(32)

@@ -23,6 +23,7 @@ from tests.conftest import (
     NO_ACL,
     LabCli,
     e2e_ready,
+    free_subnet,
     in_ns,
     labctl,
     leftovers,
@@ -30,6 +31,7 @@ from tests.conftest import (
     naa_designator,
     outside_qmp,
     refused,
+    unique_lab,
     wait,
 )
 
@@ -48,11 +50,12 @@ vms: [{{name: vm1, host: h1, datastore: ds1, memory: 128M, working_set: 32M, dir
 
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    name = "e2e"
-    with module_lab(name, TOPO.format(name=name, subnet="10.231.40.0/24"), lab_home,
+    name, subnet = unique_lab("e2e"), free_subnet()
+    with module_lab(name, TOPO.format(name=name, subnet=subnet), lab_home,
                     tmp_path_factory) as topo:
         status = json.loads(labctl("--lab", name, "status", "--json").stdout)
-        yield {"name": name, "dir": lab_home / "labs" / name, "status": status, "topo": topo}
+        yield {"name": name, "dir": lab_home / "labs" / name, "status": status, "topo": topo,
+               "subnet": subnet}
 
 
 def test_status_lists_everything(lab: dict[str, Any]) -> None:
@@ -128,13 +131,14 @@ def test_console_tail_shows_heartbeats(lab: dict[str, Any]) -> None:
 
 
 def test_datastores_larger_than_the_disk_are_refused(lab_home: Path, tmp_path: Path) -> None:
+    name = unique_lab("e2ebig")
     topo = tmp_path / "big.yaml"
-    topo.write_text(TOPO.format(name="e2ebig", subnet="10.231.43.0/24")
+    topo.write_text(TOPO.format(name=name, subnet=free_subnet())
                     .replace("capacity: 1G", "capacity: 900T").replace("size: 64M", "size: 800T"))
     res = labctl("up", str(topo), check=False)
     assert res.returncode == 1
     assert "lab.yaml" not in res.stderr and "big.yaml: datastores: the datastores need" in res.stderr
-    assert not (lab_home / "labs" / "e2ebig").exists()
+    assert not (lab_home / "labs" / name).exists()
 
 
 def test_up_twice_is_idempotent(lab: dict[str, Any]) -> None:
@@ -160,9 +164,9 @@ def test_unknown_vm(lab: dict[str, Any]) -> None:
 
 
 def test_down_after_sigkill_mid_up(lab_home: Path, tmp_path: Path) -> None:
-    name = "e2ekill"
+    name = unique_lab("e2ekill")
     topo = tmp_path / "kill.yaml"
-    topo.write_text(TOPO.format(name=name, subnet="10.231.41.0/24"))
+    topo.write_text(TOPO.format(name=name, subnet=free_subnet()))
     lab_dir = lab_home / "labs" / name
 
     def node_defined() -> bool:
@@ -194,19 +198,22 @@ def test_down_after_sigkill_mid_up(lab_home: Path, tmp_path: Path) -> None:
 
 
 def test_missing_qemu_is_a_clear_error(lab_home: Path, tmp_path: Path) -> None:
+    name = unique_lab("e2eq")
     topo = tmp_path / "q.yaml"
-    topo.write_text(TOPO.format(name="e2eq", subnet="10.231.42.0/24"))
+    topo.write_text(TOPO.format(name=name, subnet=free_subnet()))
     env = {**os.environ, "LABCTL_QEMU": "qemu-system-nonexistent"}
     res = subprocess.run([sys.executable, "-m", "labctl.cli", "up", str(topo)], capture_output=True,
                          text=True, env=env, check=False)
     assert res.returncode == 1
     assert "QEMU (qemu-system-nonexistent) is not installed" in res.stderr
-    assert not (lab_home / "labs" / "e2eq").exists()
+    assert not (lab_home / "labs" / name).exists()
 
 
 def test_subnet_clash_with_machine_is_refused(lab: dict[str, Any], tmp_path: Path) -> None:
     topo = tmp_path / "clash.yaml"
-    topo.write_text(TOPO.format(name="e2eclash", subnet="10.231.40.0/25"))
+    # half of the module lab's own subnet: a clash with a network of this machine on purpose
+    half = next(lab["subnet"].subnets(new_prefix=25))
+    topo.write_text(TOPO.format(name=unique_lab("e2eclash"), subnet=half))
     res = labctl("up", str(topo), check=False)
     assert res.returncode == 1
     assert "sites[0].subnet" in res.stderr and "overlaps a network this machine already uses" in res.stderr
@@ -218,14 +225,15 @@ def test_demo_runs_the_flagship_scenario_and_leaves_nothing(lab_home: Path, tmp_
     the datastore grown and seen by both hosts and the guest, then torn down."""
     default = (Path(__file__).resolve().parents[3] / "labs" / "default.yaml").read_text()
     assert "10.231.0.0/24" in default and "name: default" in default
+    name = unique_lab("e2edemo")
     topo = tmp_path / "demo.yaml"
-    topo.write_text(default.replace("10.231.0.0/24", "10.231.44.0/24")
-                    .replace("name: default", "name: e2edemo"))
+    topo.write_text(default.replace("10.231.0.0/24", str(free_subnet()))
+                    .replace("name: default", f"name: {name}"))
     try:
         r = labctl("demo", str(topo), check=False, timeout=600)
     finally:
-        if (lab_home / "labs" / "e2edemo").exists():  # the records the demo kept
-            labctl("--lab", "e2edemo", "down", "--purge", check=False)
+        if (lab_home / "labs" / name).exists():  # the records the demo kept
+            labctl("--lab", name, "down", "--purge", check=False)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("demo: OK"), r.stdout + r.stderr
     out = r.stdout
     assert re.search(r"guest verified:\s+on host2: ", out) and re.search(
@@ -233,7 +241,7 @@ def test_demo_runs_the_flagship_scenario_and_leaves_nothing(lab_home: Path, tmp_
     assert out.count("(continues)") == 2 and out.count("read back") >= 2
     assert re.search(r"refreshed host1,host2; all agreed in \d+ ms; VM vm1 resized", out), out
     assert f"disk as {320 << 20} bytes (the new size)" in out
-    assert leftovers("e2edemo", lab_home / "labs" / "e2edemo") == []  # after --purge
+    assert leftovers(name, lab_home / "labs" / name) == []  # after --purge
 
 
 def _schema(name: str) -> dict[str, Any]:

@@ -12,30 +12,32 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, labctl, module_lab, wait
+from tests.conftest import e2e_ready, free_subnet, labctl, module_lab, unique_lab, wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
 
+NAME = unique_lab("hbmig")
 TOPO = """
-name: hbmig
-sites: [{name: s1, subnet: 10.231.94.0/24}]
-storage_nodes: [{name: stor1, capacity: 1G}]
-hosts: [{name: h1}, {name: h2}]
-datastores: [{name: ds1, size: 64M, hosts: [h1, h2]}]
-vms: [{name: vm1, host: h1, datastore: ds1, memory: 192M, working_set: 48M, dirty_rate: 10,
-       heartbeat_ms: 20}]
+name: {name}
+sites: [{{name: s1, subnet: {subnet}}}]
+storage_nodes: [{{name: stor1, capacity: 1G}}]
+hosts: [{{name: h1}}, {{name: h2}}]
+datastores: [{{name: ds1, size: 64M, hosts: [h1, h2]}}]
+vms: [{{name: vm1, host: h1, datastore: ds1, memory: 192M, working_set: 48M, dirty_rate: 10,
+       heartbeat_ms: 20}}]
 """
 
 
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with module_lab("hbmig", TOPO, lab_home, tmp_path_factory, filename="hbmig.yaml"):
-        yield lab_home / "labs" / "hbmig"
+    with module_lab(NAME, TOPO.format(name=NAME, subnet=free_subnet()), lab_home,
+                    tmp_path_factory, filename="hbmig.yaml"):
+        yield lab_home / "labs" / NAME
 
 
 def vm1() -> dict[str, Any]:
-    st = json.loads(labctl("--lab", "hbmig", "status", "--json").stdout)
+    st = json.loads(labctl("--lab", NAME, "status", "--json").stdout)
     return dict(next(v for v in st["vms"] if v["name"] == "vm1"))
 
 
@@ -48,7 +50,7 @@ def test_migration_with_a_20_ms_heartbeat(lab: Path) -> None:
     argv = json.loads((lab / "hosts" / "h1" / "vms" / "vm1" / "argv.json").read_text())
     assert "labctl.hb_ms=20" in argv[argv.index("-append") + 1].split()
     for src, dst in (("h1", "h2"), ("h2", "h1")):
-        res = json.loads(labctl("--lab", "hbmig", "migrate", "vm1", "--to", dst, "--json").stdout)
+        res = json.loads(labctl("--lab", NAME, "migrate", "vm1", "--to", dst, "--json").stdout)
         assert res["state"] == "completed" and res["source"] == src and res["dest"] == dst, res
         assert res["heartbeat_period_ms"] == 20 and res["switchover"]["period_ms"] == 20, res
         hb = res["heartbeat"]
@@ -63,8 +65,8 @@ def test_migration_with_a_20_ms_heartbeat(lab: Path) -> None:
         again = vm1()
         assert again["host"] == dst and again["state"] == "running", again
         assert again["heartbeat"]["counter"] > first["heartbeat"]["counter"], (first, again)
-        read = labctl("--lab", "hbmig", "vm", "console", "vm1", "read").stdout
+        read = labctl("--lab", NAME, "vm", "console", "vm1", "read").stdout
         assert "DISK read" in read, read
         assert int(read.split()[-1]) >= res["disk"]["dest_read"], (read, res["disk"])
-    shown = labctl("--lab", "hbmig", "migrations", "show", str(res["id"])).stdout
+    shown = labctl("--lab", NAME, "migrations", "show", str(res["id"])).stdout
     assert "heartbeat every 20 ms" in shown, shown

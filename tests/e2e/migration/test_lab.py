@@ -20,14 +20,23 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, in_ns, labctl, module_lab, outside_qmp, wait
+from tests.conftest import (
+    e2e_ready,
+    free_subnet,
+    in_ns,
+    labctl,
+    module_lab,
+    outside_qmp,
+    unique_lab,
+    wait,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
                                                   reason=e2e_ready() or "")]
 
 TOPO = """
 name: {name}
-sites: [{{name: s1, subnet: 10.231.92.0/24}}]
+sites: [{{name: s1, subnet: {subnet}}}]
 storage_nodes: [{{name: stor1, capacity: 1G}}]
 hosts: [{{name: h1}}, {{name: h2}}, {{name: h3}}]
 datastores: [{{name: ds1, size: 64M, hosts: [h1, h2]}}]
@@ -46,15 +55,16 @@ POSTCOPY_POLICY = ("base: capped\nmax_bandwidth_mib_s: 20\npostcopy: true\n"
 
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    with module_lab("mig", TOPO.format(name="mig"), lab_home, tmp_path_factory,
-                    filename="mig.yaml") as topo:
+    name = unique_lab("mig")
+    with module_lab(name, TOPO.format(name=name, subnet=free_subnet()), lab_home,
+                    tmp_path_factory, filename="mig.yaml") as topo:
         policy = topo.parent / "slow.yaml"
         policy.write_text(SLOW_POLICY)
         nc = topo.parent / "noconv.yaml"
         nc.write_text(NO_CONVERGE_POLICY)
         (topo.parent / "escalate.yaml").write_text(ESCALATE_POLICY)
         (topo.parent / "postcopy.yaml").write_text(POSTCOPY_POLICY)
-        yield {"name": "mig", "dir": lab_home / "labs" / "mig", "slow": str(policy),
+        yield {"name": name, "dir": lab_home / "labs" / name, "slow": str(policy),
                "noconv": str(nc), "escalate": str(topo.parent / "escalate.yaml"),
                "postcopy": str(topo.parent / "postcopy.yaml")}
 

@@ -10,9 +10,9 @@ the backing virtio disk shows through LIO.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -33,7 +33,7 @@ from labctl.drivers.lio import find_disk_by_serial
 from labctl.storage import agent
 from labctl.storage.image import StorageImage
 from labctl.storage.protocol import NodeConfig
-from tests.conftest import NO_ACL, NO_LUN
+from tests.conftest import NO_ACL, NO_LUN, free_subnet
 
 # --- unit tests (no VM) -------------------------------------------------------------------
 
@@ -149,8 +149,6 @@ def test_domain_xml(tmp_path: Path) -> None:
 
 # --- end to end ---------------------------------------------------------------------------
 
-SUBNET = ipaddress.IPv4Network("10.231.77.0/24")
-NODE_IP = "10.231.77.2"
 H1_IQN = "iqn.2025-01.test.labctl:host1"
 H2_IQN = "iqn.2025-01.test.labctl:host2"
 TARGET_IQN = "iqn.2025-01.test.labctl:storage1"
@@ -169,11 +167,6 @@ def _missing_e2e_requirements() -> str | None:
         import libvirt  # noqa: F401
     except ImportError:
         return "libvirt-python is not installed"
-    routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
-    for line in routes.splitlines():
-        net = line.split()[0]
-        if net != "default" and ipaddress.ip_network(net, strict=False).overlaps(SUBNET):
-            return f"{SUBNET} overlaps a route of this machine: {line}"
     return None
 
 
@@ -184,6 +177,7 @@ class StorageLab:
     ns_named: str
     ns_other: str
     lab_dir: Path
+    node_ip: str  # the storage node's address on the bridge
 
 
 def _ip(*args: str) -> None:
@@ -198,7 +192,9 @@ def storage_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab
     from labctl.storage import node as storagenode
     from labctl.storage.image import ensure_storage_image
 
-    tag = f"{os.getpid() % 10000:04d}"
+    tag = secrets.token_hex(2)
+    subnet = free_subnet()
+    node_ip = str(subnet[2])
     bridge, tap = f"lctestb{tag}", f"lctestt{tag}"
     nss = [f"lctest-{tag}-h1", f"lctest-{tag}-h2"]
     veths = [f"lctestv{tag}a", f"lctestv{tag}b"]
@@ -209,17 +205,17 @@ def storage_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab
         image = asyncio.run(ensure_storage_image())
         asyncio.run(storagenode.ensure_libvirtd())
         _ip("link", "add", bridge, "type", "bridge")
-        _ip("addr", "add", f"{SUBNET[1]}/{SUBNET.prefixlen}", "dev", bridge)
+        _ip("addr", "add", f"{subnet[1]}/{subnet.prefixlen}", "dev", bridge)
         _ip("link", "set", bridge, "up")
         for i, (ns, veth) in enumerate(zip(nss, veths, strict=True)):
             _ip("netns", "add", ns)
             _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
             _ip("link", "set", veth, "master", bridge, "up")
-            _ip("-n", ns, "addr", "add", f"{SUBNET[10 + i]}/{SUBNET.prefixlen}", "dev", "eth0")
+            _ip("-n", ns, "addr", "add", f"{subnet[10 + i]}/{subnet.prefixlen}", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
         spec = storagenode.StorageNodeSpec(
-            lab=lab, name="storage1", address_cidr=f"{NODE_IP}/{SUBNET.prefixlen}",
+            lab=lab, name="storage1", address_cidr=f"{node_ip}/{subnet.prefixlen}",
             bridge=bridge, tap=tap, mac="52:54:00:4c:77:02", lab_dir=lab_dir, secret=secret,
             target_iqn=TARGET_IQN,
             data_disks=[storagenode.DataDisk(DISK_SERIAL, lab_dir / "ds1.img", 64 << 20)])
@@ -228,7 +224,7 @@ def storage_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab
                  if "labctl-storage: ready" in ln]
         print(f"storage node answered {handle.boot_s:.2f} s after domain start; console: {ready}",
               file=sys.stderr)
-        yield StorageLab(handle, secret, nss[0], nss[1], lab_dir)
+        yield StorageLab(handle, secret, nss[0], nss[1], lab_dir, node_ip)
     finally:
         try:
             removed = asyncio.run(storagenode.destroy_owned(lab, lab_dir))
@@ -270,7 +266,7 @@ def test_lun_naa_size_and_acls(storage_lab: StorageLab) -> None:
     assert lun["naa"] == naa_from_unit_serial(UNIT_SERIAL)
     assert lun["size_bytes"] == 64 << 20
     assert lun["initiators"] == [H1_IQN]
-    url = f"iscsi://{NODE_IP}/{TARGET_IQN}/{lun['lun']}"
+    url = f"iscsi://{storage_lab.node_ip}/{TARGET_IQN}/{lun['lun']}"
 
     async def probe() -> None:
         inq = await asyncio.create_subprocess_exec(
@@ -284,11 +280,11 @@ def test_lun_naa_size_and_acls(storage_lab: StorageLab) -> None:
         cap = await run(["iscsi-readcapacity16", "-s", "-i", H1_IQN, url],
                         netns=storage_lab.ns_named)
         assert int(cap.stdout.strip()) == 64 << 20
-        ls = await run(["iscsi-ls", "-s", "-i", H1_IQN, f"iscsi://{NODE_IP}"],
+        ls = await run(["iscsi-ls", "-s", "-i", H1_IQN, f"iscsi://{storage_lab.node_ip}"],
                        netns=storage_lab.ns_named)
         assert f"Target:{TARGET_IQN}" in ls.stdout and f"Lun:{lun['lun']}" in ls.stdout
 
-        refused = await run(["iscsi-ls", "-s", "-i", H2_IQN, f"iscsi://{NODE_IP}"],
+        refused = await run(["iscsi-ls", "-s", "-i", H2_IQN, f"iscsi://{storage_lab.node_ip}"],
                             netns=storage_lab.ns_other, check=False)
         assert refused.returncode != 0
         assert "Authorization failure" in refused.stdout + refused.stderr
@@ -304,7 +300,7 @@ def test_lun_naa_size_and_acls(storage_lab: StorageLab) -> None:
 
 @pytest.mark.e2e
 def test_initiators_follow_ensure_lun(storage_lab: StorageLab) -> None:
-    url = f"iscsi://{NODE_IP}/{TARGET_IQN}/0"
+    url = f"iscsi://{storage_lab.node_ip}/{TARGET_IQN}/0"
     lun = asyncio.run(_ensure_lun(storage_lab, [H2_IQN]))
     assert lun["initiators"] == [H2_IQN]
 
@@ -344,7 +340,7 @@ def test_resize_shows_through_lio(storage_lab: StorageLab) -> None:
             return cap
 
     assert asyncio.run(grow())["size_bytes"] == new_size
-    url = f"iscsi://{NODE_IP}/{TARGET_IQN}/{lun['lun']}"
+    url = f"iscsi://{storage_lab.node_ip}/{TARGET_IQN}/{lun['lun']}"
     seen = asyncio.run(run(["iscsi-readcapacity16", "-s", "-i", H1_IQN, url],
                            netns=storage_lab.ns_named))
     assert int(seen.stdout.strip()) == new_size
