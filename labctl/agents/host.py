@@ -60,6 +60,9 @@ async def serve(state_dir: Path, secret_file: Path, host: str, listen: str) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     pidfile = state_dir / "agent.pid"
+    adopted = await agent.adopt_running()
+    if adopted:
+        log.info("host agent %s: took over running VMs %s", host, ", ".join(adopted))
     await server.start(addr, port)
     log.info("host agent %s listening on %s:%d (pid %d)", host, addr, port, os.getpid())
     try:

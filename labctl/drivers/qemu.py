@@ -34,7 +34,7 @@ from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
-from labctl.core.errors import MissingDependency, VmError
+from labctl.core.errors import LabError, MissingDependency, VmError
 from labctl.core.names import QEMU_BINARY
 from labctl.core.proc import which
 from labctl.guest import protocol as guest
@@ -196,6 +196,40 @@ class _Waiter:
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+class _Adopted:
+    """A QEMU this process did not start (an earlier host agent did, and died): its exit is
+    seen through a pidfd; its exit status is not ours to learn, so it reads -1."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._fd = os.pidfd_open(pid)
+        self._exited = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self.returncode = -1
+        self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        return -1
+
+
+def runs_in(pid: int, run_dir: Path) -> bool:
+    """Whether process ``pid`` is a QEMU whose command line names ``run_dir`` (its own run
+    directory): how an adopted QEMU is proved to be this VM's."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    own = str(run_dir.absolute()).encode()
+    return any(own + b"/" in a or a == own for a in args)
+
+
 class QemuVm:
     """One QEMU process. Construct, then ``await start()``; always ``await stop()``."""
 
@@ -213,7 +247,8 @@ class QemuVm:
         self.lines: collections.deque[ConsoleLine] = collections.deque(maxlen=CONSOLE_RING)
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
         self.qmp = QMPClient(spec.name)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | _Adopted | None = None
+        self._keep_sockets = False  # an adoption that failed leaves the QEMU as it was
         self._con_sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: list[_Waiter] = []
@@ -274,6 +309,8 @@ class QemuVm:
             (self.run_dir / name).unlink(missing_ok=True)
         argv = build_argv(self.spec, self.run_dir, incoming, qemu=qemu_path, blockdevs=blockdevs)
         (self.run_dir / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
+        # what a later agent needs to adopt this QEMU if this one dies
+        (self.run_dir / "spec.json").write_text(json.dumps(self.spec.to_wire(), indent=1) + "\n")
         try:
             with open(self.log_path, "ab") as logf:
                 self.started_at = time.monotonic()
@@ -337,6 +374,36 @@ class QemuVm:
         # so a busy event loop (QMP events at switchover) does not delay the heartbeat stamps.
         threading.Thread(target=self._read_console, args=(sock, asyncio.get_running_loop()),
                          name=f"console-{self.spec.name}", daemon=True).start()
+
+    async def adopt(self, pid: int, timeout: float = 10.0) -> None:
+        """Take over a running QEMU of this VM that an earlier agent started: connect its QMP
+        and console sockets and track its heartbeat again. VmError if ``pid`` is not this
+        VM's QEMU or it does not answer; the QEMU is left as it was then."""
+        if self.state is not VmState.NEW:
+            raise self._error(f"cannot adopt into a VM in state {self.state.value}")
+        if not runs_in(pid, self.run_dir):
+            raise self._error(f"process {pid} is not the QEMU of this VM (its command line "
+                              f"does not name {self.run_dir})")
+        self.state = VmState.STARTING
+        self._dead = asyncio.Event()
+        self._console_lock = asyncio.Lock()
+        self._proc = _Adopted(pid)
+        self.pid = pid
+        self.started_at = time.monotonic()
+        self._tasks.append(asyncio.create_task(self._watch_process()))
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connect_qmp()
+                await self._connect_console()
+        except BaseException as exc:
+            self._keep_sockets = True
+            await self._teardown(hard=False)
+            self.state = VmState.FAILED
+            if isinstance(exc, LabError):
+                raise
+            raise self._error(f"cannot adopt QEMU pid {pid}: {exc!r}") from exc
+        self.state = VmState.RUNNING
+        log.info("%s: adopted QEMU pid %s", self.spec.name, pid)
 
     def last_error(self) -> str | None:
         """QEMU's own last error line from its log (without its time stamp), if any."""
@@ -557,7 +624,8 @@ class QemuVm:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._dirfds = []
-            for name in ("qmp.sock", "qmp-check.sock", "console.sock"):
+            for name in (() if self._keep_sockets else
+                         ("qmp.sock", "qmp-check.sock", "console.sock")):
                 (self.run_dir / name).unlink(missing_ok=True)
 
     async def __aenter__(self) -> QemuVm:

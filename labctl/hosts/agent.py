@@ -16,6 +16,7 @@ qemu.log). Events pushed to subscribers: ``vm_exited``
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ from labctl.core.proc import which
 from labctl.core.rpc import Handler, RpcServer
 from labctl.core.wire import Empty, Json, Message, handlers
 from labctl.drivers.iscsi import wait_portal
-from labctl.drivers.qemu import QemuVm, VmState, transient_open_failure
+from labctl.drivers.qemu import QemuVm, VmState, runs_in, transient_open_failure
 from labctl.guest import protocol as guest
 from labctl.guest.image import ensure_guest_image
 from labctl.hosts import protocol as p
@@ -305,6 +306,33 @@ class HostAgent:
         if not 0 < req.lines <= 2000:
             raise LabError("vm_console_tail: lines must be 1..2000")
         return p.ConsoleTail(self.vm(req.name).console_tail(req.lines))
+
+    async def adopt_running(self) -> list[str]:
+        """At start: take over the QEMUs an earlier agent of this host left running (it was
+        killed): each run directory with a ``spec.json`` whose ``qemu.pid`` is a live QEMU of
+        that directory. Returns the VMs adopted; their heartbeats are tracked again without
+        a restart."""
+        adopted = []
+        for run_dir in sorted((self.state_dir / "vms").glob("*")):
+            try:
+                spec = p.VmSpec.from_wire(json.loads((run_dir / "spec.json").read_text()),
+                                          f"{run_dir}/spec.json")
+                pid = int((run_dir / "qemu.pid").read_text().split()[0])
+            except (OSError, ValueError, IndexError, LabError):
+                continue
+            if spec.name != run_dir.name or not runs_in(pid, run_dir):
+                continue
+            vm = QemuVm(spec, run_dir)
+            self.adopt(vm)
+            try:
+                await vm.adopt(pid)
+            except VmError as exc:
+                self.forget(vm)
+                log.warning("could not adopt VM %s (QEMU pid %s): %s", spec.name, pid, exc)
+                continue
+            adopted.append(spec.name)
+            log.info("adopted VM %s (QEMU pid %s) left by an earlier agent", spec.name, pid)
+        return adopted
 
     async def stop_all(self) -> None:
         """Stop every VM: softly (QMP quit), then hard (QemuVm.stop does both)."""

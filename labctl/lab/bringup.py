@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from labctl.core import names
-from labctl.core.errors import MissingDependency, ProvisionError, TopologyError
+from labctl.core.errors import AgentError, MissingDependency, ProvisionError, TopologyError
 from labctl.core.names import QEMU_BINARY
 from labctl.core.proc import run, which
 from labctl.datastores import rescan
@@ -28,6 +28,7 @@ from labctl.datastores import service as datastores
 from labctl.drivers import netlink
 from labctl.guest.image import GuestImage, ensure_guest_image
 from labctl.hosts import accelcache
+from labctl.hosts import protocol as hp
 from labctl.hosts.provider import HostPlan, NamespaceHosts, spawn_owned
 from labctl.lab import vms
 from labctl.lab.topology import Topology
@@ -250,6 +251,25 @@ async def _start_host(ctx: LabContext, topo: Topology, i: int, provider: Namespa
     inv.record_step(f"host {host.name} namespace and agent ready", time.monotonic() - t0)
     inv.update("hosts", {"name": host.name}, state="up", agent_pid=got.agent_pid,
                address=got.address, agent_port=got.agent_port)
+
+
+async def recover(ctx: LabContext, topo: Topology) -> list[str]:
+    """``up`` of a lab that is already up: every host agent that does not answer is started
+    again by its provider (it takes over the VMs its predecessor left running); returns the
+    hosts restarted."""
+    provider = NamespaceHosts(ctx.name, ctx.dir.path, ctx.inv)
+    restarted = []
+    for i, host in enumerate(topo.hosts):
+        try:
+            async with ctx.host_client(host.name, timeout=2.0) as c:
+                await hp.PING.call(c, timeout=3)
+            continue
+        except AgentError as exc:
+            ctx.progress(f"the host agent of {host.name} does not answer ({exc.message}): "
+                         "starting it again")
+        await _start_host(ctx, topo, i, provider)
+        restarted.append(host.name)
+    return restarted
 
 
 async def _start_rescan(ctx: LabContext, topo: Topology) -> None:

@@ -121,6 +121,12 @@ class Lab:
                     inv.close()
                 if state == "up" and digest == topo.digest:
                     self.progress(f"lab {self.name} is already up with this topology")
+                    inv = self.dir.inventory(SCHEMAS)
+                    try:
+                        await bringup.recover(LabContext(self.name, self.dir, inv,
+                                                         self.progress), topo)
+                    finally:
+                        inv.close()
                     return await self.status()
                 if state == "up":
                     raise LabStateError(

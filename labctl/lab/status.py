@@ -120,7 +120,7 @@ async def status(ctx: LabContext) -> LabStatus:
                 for v in (await hp.VM_LIST.call(c, timeout=5)).vms:
                     live[v.name] = (name, v)
         except AgentError as exc:
-            agent[name] = f"unreachable: {exc.message}"
+            agent[name] = f"unreachable: {exc.message} (labctl up starts it again)"
 
     async def probe_node(name: str) -> None:
         try:

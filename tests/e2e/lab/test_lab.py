@@ -274,3 +274,27 @@ def test_export_packs_the_records_without_secrets(lab: dict[str, Any], tmp_path:
     assert f"{lab['name']}/inventory.db" in names and f"{lab['name']}/topology.json" in names
     assert any(n.endswith("/agent.log") for n in names)
     assert not any(Path(n).name in ("secret", ".lock") for n in names), names
+
+
+def test_a_killed_agent_comes_back_with_its_vm_tracked(lab: dict[str, Any]) -> None:
+    """SIGKILL of h1's agent leaves its VM's QEMU running; status names the dead agent and
+    the cure; `up` (idempotent) starts the agent again, which takes over the running QEMU:
+    same PID, heartbeat advancing, console answering, no restart of the guest."""
+    cli = LabCli(lab["name"])
+    vm = cli.json("status")["vms"][0]
+    qemu_pid, beat = vm["pid"], vm["heartbeat"]["counter"]
+    agent_pid = int((lab["dir"] / "hosts" / "h1" / "agent.pid").read_text())
+    os.kill(agent_pid, signal.SIGKILL)
+    wait(lambda: not Path(f"/proc/{agent_pid}").exists(), 10, "the agent to die")
+    assert Path(f"/proc/{qemu_pid}").exists()  # the guest does not go with its agent
+    h1 = next(h for h in cli.json("status")["hosts"] if h["name"] == "h1")
+    assert h1["agent"].startswith("unreachable") and "labctl up" in h1["agent"], h1
+    res = cli("up", str(lab["topo"]))
+    assert "does not answer" in res.stderr and "starting it again" in res.stderr, res.stderr
+    after = cli.json("status")["vms"][0]
+    assert after["pid"] == qemu_pid and after["state"] == "running", after
+    again = wait(lambda: (v := cli.json("status")["vms"][0])["heartbeat"] and
+                 v["heartbeat"]["counter"] > beat and v, 10, "the heartbeat to be tracked")
+    assert again["heartbeat"]["age_s"] < 2
+    assert re.fullmatch(r"DISK read [0-9]+", cli("vm", "console", "vm1", "read").stdout.strip())
+    assert "adopted VM vm1" in (lab["dir"] / "hosts" / "h1" / "agent.log").read_text()
