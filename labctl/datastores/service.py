@@ -246,7 +246,8 @@ def _check_name(name: str) -> None:
                             "starting with a letter, at most 16 characters", datastore=name)
 
 
-def _size(size: int | str) -> int:
+def check_size(size: int | str) -> int:
+    """The bytes of a datastore size as ``datastore create|resize`` take it (``128M``)."""
     try:
         n = parse_size(size)
     except ValueError as exc:
@@ -262,7 +263,7 @@ async def create(ctx: LabContext, name: str, size: int | str, hosts: list[str],
                  node: str | None = None) -> Created:
     """Allocate, export and hand out a new datastore while the lab runs."""
     _check_name(name)
-    nbytes = _size(size)
+    nbytes = check_size(size)
     inv = ctx.inv
     with ctx.lock():
         if inv.row("datastores", name=name) is not None:
@@ -370,7 +371,7 @@ async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
     """Grow the datastore's backing disk through libvirt (a hardware reconfiguration: LIO
     itself then reports the new capacity); the storage agent notices and publishes the
     event, and the lab's rescan service refreshes the sharing hosts. Waits for its record."""
-    nbytes = _size(size)
+    nbytes = check_size(size)
     inv = ctx.inv
     with ctx.lock():
         m = mapping(inv, name)

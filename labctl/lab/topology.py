@@ -24,7 +24,7 @@ import yaml
 
 from labctl.core import names
 from labctl.core.errors import TopologyError
-from labctl.core.sizes import bad_size, format_size, parse_size
+from labctl.core.sizes import MAX_SIZE, bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
 
 DEFAULT_NODE_CAPACITY = 4 << 30
@@ -114,6 +114,7 @@ class Topology:
 
 
 _T = TypeVar("_T", Site, StorageNode, Host, Datastore, Vm)
+_D = TypeVar("_D")
 
 
 def _by_name(items: tuple[_T, ...], name: str, kind: str) -> _T:
@@ -261,6 +262,15 @@ def _build(data: dict[str, Any], file: str) -> Topology:
     def fail(path: str, problem: str) -> None:
         problems.append((path, problem))
 
+    def sized(path: str, value: int | str, instead: _D) -> int | _D:
+        """``value`` in bytes; ``instead`` when it is refused (reported: larger than
+        MAX_SIZE), standing in for it so that it causes no other problem."""
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            fail(path, str(exc))
+            return instead
+
     def unique(kind: str, items: list[dict[str, Any]], seen: dict[str, str]) -> None:
         for i, item in enumerate(items):
             name = item["name"]
@@ -370,15 +380,17 @@ def _build(data: dict[str, Any], file: str) -> Topology:
         nodes.append(StorageNode(
             name=n["name"], site=site_name("storage_nodes", i),
             address=assigned("storage_nodes", i, n, 2),
-            capacity=parse_size(n.get("capacity", DEFAULT_NODE_CAPACITY)),
-            memory=parse_size(n.get("memory", DEFAULT_NODE_MEMORY)),
+            capacity=sized(f"storage_nodes[{i}].capacity",
+                           n.get("capacity", DEFAULT_NODE_CAPACITY), MAX_SIZE),
+            memory=sized(f"storage_nodes[{i}].memory", n.get("memory", DEFAULT_NODE_MEMORY),
+                         MAX_SIZE),
             target_iqn=names.target_iqn(lab, n['name']),
         ))
     hosts = []
     for i, h in enumerate(raw_hosts):
         hosts.append(Host(
             name=h["name"], site=site_name("hosts", i), address=assigned("hosts", i, h, 11),
-            memory=parse_size(h.get("memory", DEFAULT_HOST_MEMORY)),
+            memory=sized(f"hosts[{i}].memory", h.get("memory", DEFAULT_HOST_MEMORY), MAX_SIZE),
             initiator_iqn=names.host_iqn(lab, h['name']),
         ))
     host_names = [h.name for h in hosts]
@@ -398,8 +410,10 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                  _unknown("storage node", node_name, node_names, "storage nodes"))
             node_name = None
         node = nodes[node_names.index(node_name)] if node_name is not None else None
-        size = parse_size(d["size"])
-        if size < 1 << 20:
+        size = sized(f"datastores[{i}].size", d["size"], None)
+        if size is None:
+            pass
+        elif size < 1 << 20:
             fail(f"datastores[{i}].size", f"{d['size']!r} is too small (at least 1M)")
         elif node is not None and size > free[node.name]:
             fail(f"datastores[{i}].size",
@@ -416,7 +430,7 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                      f"host {h} is not in site {node.site} of storage node {node.name}")
         if len(set(d["hosts"])) != len(d["hosts"]):
             fail(f"datastores[{i}].hosts", "a host is named twice")
-        stores.append(Datastore(d["name"], node_name or "", size, tuple(d["hosts"])))
+        stores.append(Datastore(d["name"], node_name or "", size or 0, tuple(d["hosts"])))
     ds_names = [d.name for d in stores]
 
     vms = []
@@ -441,22 +455,26 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                          f"datastore {ds} is already the disk of {disk_of[ds]} (one VM per LUN)")
                 else:
                     disk_of[ds] = f"VM {v['name']} (vms[{i}])"
-        memory = parse_size(v.get("memory", DEFAULT_VM_MEMORY))
-        wss = parse_size(v.get("working_set", DEFAULT_WORKING_SET))
-        if memory < 64 << 20:
+        memory = sized(f"vms[{i}].memory", v.get("memory", DEFAULT_VM_MEMORY), None)
+        wss = sized(f"vms[{i}].working_set", v.get("working_set", DEFAULT_WORKING_SET), None)
+        if memory is None:
+            pass
+        elif memory < 64 << 20:
             fail(f"vms[{i}].memory", "at least 64M")
-        elif wss > memory - (32 << 20):
+        elif wss is not None and wss > memory - (32 << 20):
             fail(f"vms[{i}].working_set",
                  f"{format_size(wss)} leaves too little of the VM's {format_size(memory)} memory")
-        if host is not None and v.get("autostart", True):
+        if memory is None:
+            pass
+        elif host is not None and v.get("autostart", True):
             if load_on[host.name] + memory > host.memory:
                 fail(f"vms[{i}].memory",
                      f"host {host.name} offers {format_size(host.memory)} to VMs and its VMs "
                      f"would need {format_size(load_on[host.name] + memory)}")
             else:
                 load_on[host.name] += memory
-        vms.append(Vm(v["name"], v["host"], ds, memory, int(v.get("vcpus", 1)),
-                      float(v.get("dirty_rate", 0)), wss, bool(v.get("autostart", True)),
+        vms.append(Vm(v["name"], v["host"], ds, memory or 0, int(v.get("vcpus", 1)),
+                      float(v.get("dirty_rate", 0)), wss or 0, bool(v.get("autostart", True)),
                       int(v.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS))))
 
     if problems:

@@ -12,7 +12,7 @@ from labctl.core.ids import naa_from_unit_serial, normal_id
 from labctl.datastores import rescan
 from labctl.datastores.protocol import CacheEntry
 from labctl.datastores.registry import IdRegistry
-from labctl.datastores.service import pick_node
+from labctl.datastores.service import check_size, pick_node
 from labctl.datastores.tables import DATASTORES, RescanEvent
 from labctl.state.inventory import Inventory
 
@@ -66,6 +66,15 @@ def test_pick_node_most_free_space_and_refusal(tmp_path: Path) -> None:
                                  "s2: 512M free of 2G; s3: 8G free of 8G (down))")
     with pytest.raises(LabStateError, match="no storage node in site b"):
         pick_node(inv, 1 << 20, "b")
+
+
+@pytest.mark.parametrize("size", ["1" * 400, "1" * 400 + "M", "99999T"])
+def test_an_absurd_datastore_size_is_refused(size: str) -> None:
+    """``datastore create --size`` and ``datastore resize``: a long number used to overflow."""
+    with pytest.raises(LabStateError) as exc:
+        check_size(size)
+    assert "more than 1024T; use a number with K, M, G or T" in exc.value.message
+    assert check_size("1.5M") == 3 << 19
 
 
 def test_normal_id() -> None:

@@ -130,6 +130,34 @@ def test_refused_sizes_come_together() -> None:
                             ("vms[0].working_set", f"bad size 0: {SIZE_FORMS}")]
 
 
+@pytest.mark.parametrize("size", ["1" * 400 + "M", "2000T", "1024.5T", 1 << 60])
+def test_an_absurd_size_is_refused_not_a_crash(size: int | str) -> None:
+    """A size past 1024T is a typo: refused like a malformed one (a long number used to
+    overflow a float), in one line however long the number."""
+    with pytest.raises(ValueError) as info:
+        topology.parse_size(size)
+    assert str(info.value).endswith(f": more than 1024T; {SIZE_FORMS}")
+    assert len(str(info.value)) < 200
+    err = _error(GOOD.replace("size: 256M", f"size: {size!r}"))
+    assert err.problems == [("datastores[0].size", str(info.value))]
+
+
+def test_an_absurd_size_causes_no_other_problem() -> None:
+    """A refused capacity or memory stands in as the largest size: the datastores on the node
+    and the VMs on the host are not refused because of it."""
+    err = _error(GOOD.replace("capacity: 1G", "capacity: 5000T")
+                 .replace("{name: h1}", "{name: h1, memory: 9999999999T}")
+                 .replace("datastore: ds1}]", "datastore: ds1, memory: 9999T}]"))
+    assert [p for p, _ in err.problems] == ["storage_nodes[0].capacity", "hosts[0].memory",
+                                            "vms[0].memory"]
+
+
+def test_fractions_are_exact() -> None:
+    assert topology.parse_size("1.5M") == 3 << 19
+    assert topology.parse_size("0.1K") == 102
+    assert topology.parse_size("1024T") == 1 << 50
+
+
 def test_megabytes_are_mebibytes() -> None:
     """256MB is read as 256 MiB, like 256M and 256MiB: a lab's sizes are powers of 1024."""
     assert topology.parse_size("256MB") == topology.parse_size("256MiB") == 256 << 20
