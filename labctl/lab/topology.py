@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import jsonschema
 import yaml
 
-from labctl.core import names
+from labctl.core import names, userfile
 from labctl.core.errors import TopologyError
 from labctl.core.sizes import MAX_SIZE, bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
@@ -139,11 +139,13 @@ def _path(parts: list[str | int] | Any) -> str:
 
 
 def load(path: str | Path) -> Topology:
+    """The topology of the file at ``path``; a TopologyError when it cannot be read (also a
+    directory, a binary file, one larger than 1 MiB) or is no valid topology."""
     file = str(path)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise TopologyError(file, "", f"cannot read the file: {exc.strerror or exc}") from None
+        text = userfile.read_text(path, "a topology file (YAML text)")
+    except userfile.BadFile as exc:
+        raise TopologyError(file, "", str(exc)) from None
     return parse(text, file)
 
 
@@ -151,10 +153,15 @@ def parse(text: str, file: str = "<topology>") -> Topology:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise TopologyError(file, where, f"invalid YAML: {problem}") from None
+        raise TopologyError(file, *_yaml_problem(exc, text)) from None
+    except RecursionError:  # the composer recurses once per level of nesting
+        raise TopologyError(file, "", userfile.nested_too_deep()) from None
+    except ValueError as exc:  # a value YAML recognises but cannot build (2024-13-01)
+        raise TopologyError(file, "", f"invalid YAML: a value cannot be read "
+                                      f"({str(exc).split(';')[0]})") from None
+    shape = userfile.shape_problem(data)
+    if shape is not None:  # before the schema's validator walks it recursively
+        raise TopologyError(file, "", shape)
     if not isinstance(data, dict):
         raise TopologyError(file, "", "the top level must be a mapping (name:, sites:, hosts: ...)")
     doc = schema()
@@ -166,6 +173,20 @@ def parse(text: str, file: str = "<topology>") -> Topology:
         # the semantic checks read the file as the schema shapes it: they wait for a clean one
         raise TopologyError.listing(file, _in_file_order(data, problems))
     return _build(data, file)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[str, str]:
+    """Where in the file (``line 3, column 7``) and what, in one line, a YAML error is."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        return (f"line {line}, column {column}",
+                f"invalid YAML: character {char!r} (#x{ord(char):04x}) is not allowed")
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return where, "invalid YAML: " + " ".join(str(problem).split())
 
 
 def _in_file_order(data: dict[str, Any],

@@ -104,6 +104,45 @@ def test_missing_file() -> None:
     assert "cannot read the file" in str(info.value)
 
 
+def _laughs(levels: int) -> bytes:
+    """A short file whose hosts are 10**levels values through YAML aliases."""
+    lines = ["name: t1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return ("\n".join(lines) + f"\nhosts: *a{levels - 1}\n").encode()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("content", "problem"), [
+    (bytes(range(256)) * 4, "not text (byte 128 is not UTF-8): not a topology file (YAML text)"),
+    (b"x" * (1 << 20) + b"\n", "larger than 1 MiB: not a topology file (YAML text)"),
+    (b"name: [" + b"[" * 5000 + b"]" * 5000 + b"]\n", "nested more than 32 levels deep"),
+    ("".join(" " * i + "a:\n" for i in range(800)).encode(), "nested more than 32 levels deep"),
+    (b"hosts: " + b"[" * 100 + b"]" * 100 + b"\n", "nested more than 32 levels deep"),
+    (b"hosts: &h [*h]\n", "nested more than 32 levels deep"),
+    (_laughs(7), "more than 100000 values (through YAML aliases?)"),
+    (b"name: t\x001\n", "line 1, column 8: invalid YAML: character '\\x00' (#x0000) is not allowed"),
+    (b"name: t1\nsites: 2024-13-01\n",
+     "invalid YAML: a value cannot be read (month must be in 1..12)"),
+    (b"name: " + b"1" * 5000 + b"\n", "invalid YAML: a value cannot be read (Exceeds the limit "
+     "(4300 digits) for integer string conversion: value has 5000 digits)"),
+])
+def test_a_file_that_is_no_topology_is_one_line(tmp_path: Path, content: bytes,
+                                                problem: str) -> None:
+    """Binary garbage, /dev/zero, deep nesting (which overflowed the YAML composer's or the
+    schema validator's recursion), YAML aliases that make a short file endless: one line."""
+    file = tmp_path / "lab.yaml"
+    file.write_bytes(content)
+    with pytest.raises(TopologyError) as info:
+        topology.load(file)
+    assert str(info.value) == f"{file}: {problem}"
+
+
+def test_a_directory_is_no_topology(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError) as info:
+        topology.load(tmp_path)
+    assert str(info.value) == f"{tmp_path}: is a directory, not a topology file (YAML text)"
+
+
 def test_sizes() -> None:
     assert topology.parse_size("1G") == 1 << 30
     assert topology.parse_size("512MiB") == 512 << 20

@@ -1,0 +1,46 @@
+"""Bad input on the command line (a file that is no topology or policy, a broken labctl
+home, an absurd size) is one line on stderr and exit 1, never a traceback. Every command
+here fails before it builds anything."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _cli(*argv: str, home: Path | str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LABCTL_HOME": str(home)}
+    env.pop("LABCTL_LAB", None)
+    return subprocess.run([sys.executable, "-m", "labctl.cli", *argv], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+
+
+def _one_line(res: subprocess.CompletedProcess[str]) -> str:
+    """The one error line of a failed command."""
+    assert res.returncode == 1, res
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("labctl: error: ")
+    return lines[0].removeprefix("labctl: error: ")
+
+
+@pytest.mark.parametrize("cmd", ["validate", "up"])
+@pytest.mark.parametrize(("content", "problem"), [
+    (bytes(range(256)), "not text (byte 128 is not UTF-8): not a topology file (YAML text)"),
+    (b"a: " + b"[" * 5000 + b"]" * 5000, "nested more than 32 levels deep"),
+    (None, "is a directory, not a topology file (YAML text)"),
+])
+def test_a_topology_that_is_no_file_of_text(tmp_path: Path, cmd: str, content: bytes | None,
+                                            problem: str) -> None:
+    file = tmp_path / "lab.yaml"
+    if content is None:
+        file.mkdir()
+    else:
+        file.write_bytes(content)
+    res = _cli(cmd, str(file), home=tmp_path / "home")
+    assert _one_line(res) == f"{file}: {problem}"
