@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from labctl.core.userfile import shown
+
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 #: the largest size labctl takes (1024T): anything larger is a typo, and a lab's sizes go
@@ -23,23 +25,14 @@ SIZE_FORMS = ("use a number with K, M, G or T (powers of 1024, e.g. 256M, 2G; "
 _SIZE_RE = re.compile(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([KMGT]?)(?:i?B)?\s*")
 
 
-def _shown(value: object) -> str:
-    """``value`` as the user wrote it, cut short when it would not fit on a line."""
-    text = repr(value)
-    if len(text) <= 40:
-        return text
-    long = len(value) if isinstance(value, str) else len(text)
-    return f"{text[:24]}... ({long} characters)"
-
-
 def bad_size(value: object) -> str:
     """The problem with a size that is not one: what it was and the forms accepted."""
-    return f"bad size {_shown(value)}: {SIZE_FORMS}"
+    return f"bad size {shown(value)}: {SIZE_FORMS}"
 
 
 def too_large(value: object) -> str:
     """The problem with a size larger than :data:`MAX_SIZE`."""
-    return f"bad size {_shown(value)}: more than {format_size(MAX_SIZE)}; {SIZE_FORMS}"
+    return f"bad size {shown(value)}: more than {format_size(MAX_SIZE)}; {SIZE_FORMS}"
 
 
 def parse_size(value: int | str) -> int:

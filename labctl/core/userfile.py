@@ -41,6 +41,17 @@ def read_text(path: str | Path, kind: str) -> str:
         raise BadFile(f"not text (byte {exc.start} is not UTF-8): not {kind}") from None
 
 
+def shown(value: object, limit: int = 40) -> str:
+    """``repr(value)`` for a message, cut short when longer than ``limit``: a value read from
+    a file can be a megabyte long, and the message is one line."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else \
+        f"{len(value)} items" if isinstance(value, list | dict) else f"{len(text)} characters"
+    return f"{text[:limit - 16]}... ({size})"
+
+
 def nested_too_deep() -> str:
     """The problem with a document nested deeper than :data:`MAX_DEPTH`."""
     return f"nested more than {MAX_DEPTH} levels deep"

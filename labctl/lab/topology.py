@@ -220,7 +220,8 @@ def _schema_messages(err: jsonschema.ValidationError,
     if err.validator == "additionalProperties" and isinstance(err.instance, dict) \
             and isinstance(err.schema, dict):
         known = list(err.schema.get("properties", {}))
-        return [(f"unknown key {key!r} ({_hint(key, known, 'keys')})", [str(key)])
+        return [(f"unknown key {userfile.shown(key)} ({_hint(key, known, 'keys')})",
+                 [str(key)])
                 for key in err.instance if key not in known]
     if err.validator == "required" and isinstance(err.instance, dict) \
             and isinstance(err.schema, dict):
@@ -235,15 +236,18 @@ def _schema_messages(err: jsonschema.ValidationError,
 
 
 def _schema_message(err: jsonschema.ValidationError) -> str:
+    value = userfile.shown(err.instance)
     if err.validator == "pattern" and isinstance(err.instance, str):
         desc = err.schema.get("description") if isinstance(err.schema, dict) else None
-        return f"{err.instance!r} is not valid" + (f": {desc}" if desc else "")
+        return f"{value} is not valid" + (f": {desc}" if desc else "")
     if err.validator == "oneOf" and isinstance(err.schema, dict) and err.schema.get("description"):
-        return f"{err.instance!r} is not valid: {err.schema['description']}"
+        return f"{value} is not valid: {err.schema['description']}"
+    # jsonschema's own message starts with the value in full, however long it is
+    message = str(err.message).replace(repr(err.instance), value, 1)
     if err.validator in ("minimum", "maximum", "type") and isinstance(err.schema, dict) \
             and err.schema.get("description"):
-        return f"{err.message}: {err.schema['description']}"
-    return str(err.message)
+        return f"{message}: {err.schema['description']}"
+    return message
 
 
 def _listed(names: list[str]) -> str:

@@ -143,6 +143,28 @@ def test_a_directory_is_no_topology(tmp_path: Path) -> None:
     assert str(info.value) == f"{tmp_path}: is a directory, not a topology file (YAML text)"
 
 
+def test_a_long_value_is_cut_short() -> None:
+    """A value is named in full only when short: a megabyte-long one fits on a line."""
+    err = _error(GOOD.replace("name: t1", "name: " + "a" * 100000))
+    assert err.problems == [("name", f"'{'a' * 23}... (100000 characters) is not valid: lowercase "
+                                     "letters, digits and '-', starting with a letter, at most 16 "
+                                     "characters")]
+    err = _error(GOOD.replace("name: t1", "name: [" + ", ".join(["0"] * 5000) + "]"))
+    assert err.problems[0][1].startswith("[0, 0, 0, 0, 0, 0, 0, 0,... (5000 items) is not of "
+                                         "type 'string'")
+    err = _error(GOOD + "b" * 1000 + ": 1\n")
+    assert err.problems == [("", f"unknown key '{'b' * 23}... (1000 characters) (keys: name, "
+                                 "rescan, sites, storage_nodes, hosts, datastores, vms)")]
+
+
+def test_many_problems_are_counted_after_the_first_ones() -> None:
+    err = _error(GOOD + "".join(f"x{i}: 1\n" for i in range(30)))
+    assert len(err.problems) == 30
+    lines = str(err).splitlines()
+    assert len(lines) == 21
+    assert lines[-1] == "lab.yaml: and 10 more problems"
+
+
 def test_sizes() -> None:
     assert topology.parse_size("1G") == 1 << 30
     assert topology.parse_size("512MiB") == 512 << 20
