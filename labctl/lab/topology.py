@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import ipaddress
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -480,6 +481,8 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                          f"datastore {ds} is already the disk of {disk_of[ds]} (one VM per LUN)")
                 else:
                     disk_of[ds] = f"VM {v['name']} (vms[{i}])"
+        if math.isnan(v.get("dirty_rate", 0)):  # the schema's bounds let NaN (.nan) through
+            fail(f"vms[{i}].dirty_rate", "nan is not a number of MB/s (0..100000)")
         memory = sized(f"vms[{i}].memory", v.get("memory", DEFAULT_VM_MEMORY), None)
         wss = sized(f"vms[{i}].working_set", v.get("working_set", DEFAULT_WORKING_SET), None)
         if memory is None:

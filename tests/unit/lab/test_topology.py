@@ -165,6 +165,19 @@ def test_many_problems_are_counted_after_the_first_ones() -> None:
     assert lines[-1] == "lab.yaml: and 10 more problems"
 
 
+@pytest.mark.parametrize(("rate", "problem"), [
+    (".inf", "inf is greater than the maximum of 100000: MB/s the guest dirties, 0..100000 "
+             "(default 0)"),
+    ("1.0e+30", "1e+30 is greater than the maximum of 100000: MB/s the guest dirties, "
+                "0..100000 (default 0)"),
+    (".nan", "nan is not a number of MB/s (0..100000)"),
+])
+def test_an_endless_dirty_rate_is_refused(rate: str, problem: str) -> None:
+    """Accepted, it failed only when up started the VM (OverflowError rounding it)."""
+    err = _error(GOOD.replace("datastore: ds1}]", f"datastore: ds1, dirty_rate: {rate}}}]"))
+    assert err.problems == [("vms[0].dirty_rate", problem)]
+
+
 def test_sizes() -> None:
     assert topology.parse_size("1G") == 1 << 30
     assert topology.parse_size("512MiB") == 512 << 20
