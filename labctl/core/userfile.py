@@ -22,6 +22,10 @@ class BadFile(Exception):
     """What is wrong with a file (its message), in words."""
 
 
+class NoSuchFile(BadFile):
+    """There is no file of that name (a caller may take the name for something else)."""
+
+
 def read_text(path: str | Path, kind: str) -> str:
     """The text of ``path``; :class:`BadFile` when it cannot be read, is larger than
     :data:`MAX_BYTES` or is not UTF-8 (``kind`` says what the file should be: ``a topology
@@ -29,6 +33,8 @@ def read_text(path: str | Path, kind: str) -> str:
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise NoSuchFile(f"cannot read the file: {exc.strerror}") from None
     except IsADirectoryError:
         raise BadFile(f"is a directory, not {kind}") from None
     except OSError as exc:

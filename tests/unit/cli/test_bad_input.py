@@ -44,3 +44,20 @@ def test_a_topology_that_is_no_file_of_text(tmp_path: Path, cmd: str, content: b
         file.write_bytes(content)
     res = _cli(cmd, str(file), home=tmp_path / "home")
     assert _one_line(res) == f"{file}: {problem}"
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (bytes(range(256)), "not text (byte 128 is not UTF-8): not a migration policy file (YAML text)"),
+    (b"convergence: " + b"[" * 5000 + b"]" * 5000, "nested more than 32 levels deep"),
+    (None, "is a directory, not a migration policy file (YAML text)"),
+])
+def test_a_policy_file_that_is_no_policy(tmp_path: Path, content: bytes | None,
+                                         problem: str) -> None:
+    """The policy file is read before the lab is looked for: its problem comes first."""
+    file = tmp_path / "policy.yaml"
+    if content is None:
+        file.mkdir()
+    else:
+        file.write_bytes(content)
+    res = _cli("migrate", "vm1", "--to", "h2", "--policy", str(file), home=tmp_path / "home")
+    assert _one_line(res) == f"migration policy {file}: {problem}"
