@@ -43,7 +43,7 @@ class IdRegistry:
         self.path = path or paths.home() / "registry" / "datastore-ids.db"
 
     def _conn(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        paths.make_dir(self.path.parent)
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         conn.row_factory = sqlite3.Row
         conn.executescript(self._SCHEMA)

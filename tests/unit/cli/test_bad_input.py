@@ -61,3 +61,24 @@ def test_a_policy_file_that_is_no_policy(tmp_path: Path, content: bytes | None,
         file.write_bytes(content)
     res = _cli("migrate", "vm1", "--to", "h2", "--policy", str(file), home=tmp_path / "home")
     assert _one_line(res) == f"migration policy {file}: {problem}"
+
+
+@pytest.mark.parametrize("argv", [["ls"], ["status"], ["datastore", "list"], ["validate", "LAB"],
+                                  ["up", "LAB"]])
+def test_a_labctl_home_that_is_a_file(tmp_path: Path, argv: list[str]) -> None:
+    """ls said "no labs in <file>/labs", up raised NotADirectoryError."""
+    home = tmp_path / "home"
+    home.write_text("not a directory\n")
+    lab = Path(__file__).resolve().parents[3] / "labs" / "default.yaml"
+    res = _cli(*[str(lab) if a == "LAB" else a for a in argv], home=home / "sub")
+    assert _one_line(res) == f"LABCTL_HOME={home / 'sub'} cannot be used: {home} is not a directory"
+
+
+@pytest.mark.parametrize("cmd", ["validate", "up"])
+def test_a_labctl_home_where_no_directory_can_be_made(tmp_path: Path, cmd: str) -> None:
+    """/proc stands for a read-only file system (root may write anywhere else): up raised
+    FileNotFoundError, validate blamed the topology for the space /proc lacks."""
+    lab = Path(__file__).resolve().parents[3] / "labs" / "default.yaml"
+    res = _cli(cmd, str(lab), home="/proc/labctl")
+    assert _one_line(res) == ("LABCTL_HOME=/proc/labctl cannot be used: /proc is on a file "
+                              "system of size 0 (like /proc): no lab can go there")
