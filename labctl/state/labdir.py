@@ -18,11 +18,15 @@ from labctl.core import names
 from labctl.core.errors import LabStateError
 from labctl.core.paths import labs_dir, list_dir, make_dir
 from labctl.core.secret import read_secret, write_secret
+from labctl.core.userfile import shown
 from labctl.state.inventory import Inventory, Schema
 
 
 class LabDir:
     def __init__(self, name: str, root: Path | None = None) -> None:
+        # the name becomes a path that 'down --purge' deletes: '..' must never get that far
+        if not names.LAB_NAME_RE.fullmatch(name):
+            raise LabStateError(f"bad lab name {shown(name)}: {names.LAB_NAME_RULE}", lab=name)
         self.name = name
         self.path = (root or labs_dir()) / name
 
@@ -82,7 +86,8 @@ class LabDir:
 
 def existing_labs(root: Path | None = None) -> list[str]:
     """Every lab with a directory here: up, being built, or down with its records kept."""
-    return sorted(p.name for p in list_dir(root or labs_dir()) if (p / "inventory.db").exists())
+    return sorted(p.name for p in list_dir(root or labs_dir())
+                  if names.LAB_NAME_RE.fullmatch(p.name) and (p / "inventory.db").exists())
 
 
 def lab_state(path: Path) -> str | None:

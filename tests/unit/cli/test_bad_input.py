@@ -82,3 +82,28 @@ def test_a_labctl_home_where_no_directory_can_be_made(tmp_path: Path, cmd: str) 
     res = _cli(cmd, str(lab), home="/proc/labctl")
     assert _one_line(res) == ("LABCTL_HOME=/proc/labctl cannot be used: /proc is on a file "
                               "system of size 0 (like /proc): no lab can go there")
+
+
+@pytest.mark.parametrize("lab", ["../victim", "..", "", "Lab1"])
+def test_a_lab_name_that_is_a_path_is_refused(tmp_path: Path, lab: str) -> None:
+    """'--lab ../victim down --purge' deleted the directory next to labs/, '--lab ..' the
+    whole labctl home, '--lab ""' every lab."""
+    home = tmp_path / "home"
+    (home / "labs" / "t1").mkdir(parents=True)
+    (home / "labs" / "t1" / "inventory.db").write_text("")
+    (home / "victim").mkdir()
+    (home / "victim" / "data").write_text("precious\n")
+    res = _cli("--lab", lab, "down", "--purge", home=home)
+    assert _one_line(res) == (f"bad lab name {lab!r}: lowercase letters, digits and '-', "
+                              "starting with a letter, at most 16 characters")
+    assert (home / "victim" / "data").read_text() == "precious\n"
+    assert (home / "labs" / "t1" / "inventory.db").exists()
+
+
+def test_the_lab_name_rule_is_the_topology_schema_s() -> None:
+    from labctl.core import names
+    from labctl.lab import topology
+
+    rule = topology.schema()["$defs"]["name"]
+    assert rule["pattern"] == f"^{names.LAB_NAME_RE.pattern}$"
+    assert rule["description"] == names.LAB_NAME_RULE
