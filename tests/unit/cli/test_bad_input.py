@@ -107,3 +107,16 @@ def test_the_lab_name_rule_is_the_topology_schema_s() -> None:
     rule = topology.schema()["$defs"]["name"]
     assert rule["pattern"] == f"^{names.LAB_NAME_RE.pattern}$"
     assert rule["description"] == names.LAB_NAME_RULE
+
+
+@pytest.mark.parametrize("argv", [["status"], ["--lab", "t1", "migration", "list"],
+                                  ["--lab", "t1", "down"]])
+def test_a_damaged_inventory(tmp_path: Path, argv: list[str]) -> None:
+    """An inventory that is no SQLite database raised sqlite3.DatabaseError."""
+    db = tmp_path / "home" / "labs" / "t1" / "inventory.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(bytes(range(256)) * 20)
+    res = _cli(*argv, home=tmp_path / "home")
+    assert _one_line(res) == (f"the inventory {db} is damaged (file is not a database): labctl "
+                              "cannot tell what this lab created; move its directory aside to "
+                              "start over")

@@ -45,6 +45,16 @@ def test_registry_never_reissues_a_colliding_id(tmp_path: Path, monkeypatch: pyt
     assert a[1] != b[1] and b[0].startswith("fedcba")
 
 
+def test_a_damaged_registry_is_one_line(tmp_path: Path) -> None:
+    """``datastore show`` of a lab that is down read it: sqlite3.DatabaseError."""
+    path = tmp_path / "ids.db"
+    path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(LabStateError) as exc:
+        IdRegistry(path).get("naa.6001405" + "0" * 25)
+    assert exc.value.message == (f"cannot read the datastore ID registry {path} "
+                                 "(file is not a database)")
+
+
 def _inv(tmp_path: Path) -> Inventory:
     inv = Inventory.open(tmp_path / "inv.db", [DATASTORES])
     for name, cap, state in (("s1", 1 << 30, "up"), ("s2", 2 << 30, "up"), ("s3", 8 << 30, "down")):
