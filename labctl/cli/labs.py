@@ -196,6 +196,8 @@ def _export(lab: Lab, args: argparse.Namespace) -> int:
     """The lab directory as a .tar.gz (inventory, topology, migration records, events, agent
     and console logs, plots), without its secrets or sockets."""
     out = Path(args.file)
+    if not lab.dir.path.is_dir():
+        raise LabStateError(f"no lab {lab.name} in {labs_dir()}: nothing to export", lab=lab.name)
     if not out.parent.is_dir():
         raise LabStateError(f"cannot write {out}: {out.parent} is not a directory")
     kept: list[str] = []
@@ -208,8 +210,13 @@ def _export(lab: Lab, args: argparse.Namespace) -> int:
             kept.append(info.name)
         return info
 
-    with tarfile.open(out, "w:gz") as tar:
-        tar.add(lab.dir.path, arcname=lab.name, filter=keep)
+    try:
+        with tarfile.open(out, "w:gz") as tar:
+            tar.add(lab.dir.path, arcname=lab.name, filter=keep)
+    except OSError as exc:  # the archive's place (a directory, /proc, a full disk)
+        where = f" ({exc.filename})" if exc.filename and exc.filename != str(out) else ""
+        raise LabStateError(f"cannot export lab {lab.name} to {out}: {exc.strerror or exc}{where}",
+                            path=str(out)) from None
     if args.json:
         emit(args, {"lab": lab.name, "file": str(out), "files": len(kept),
                     "size_bytes": out.stat().st_size})

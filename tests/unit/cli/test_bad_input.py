@@ -120,3 +120,31 @@ def test_a_damaged_inventory(tmp_path: Path, argv: list[str]) -> None:
     assert _one_line(res) == (f"the inventory {db} is damaged (file is not a database): labctl "
                               "cannot tell what this lab created; move its directory aside to "
                               "start over")
+
+
+def _lab_that_is_down(home: Path) -> None:
+    """Lab t1 as 'labctl down' leaves it: its directory and inventory, nothing running."""
+    from labctl.lab.face import SCHEMAS
+    from labctl.state.labdir import LabDir
+
+    lab = LabDir("t1", root=home / "labs")
+    lab.create()
+    inv = lab.inventory(SCHEMAS)
+    inv.set_meta("state", "down")
+    inv.close()
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["export", "OUT"], "cannot export lab t1 to OUT: Is a directory"),
+    (["export", "/proc/t1.tar.gz"], "cannot export lab t1 to /proc/t1.tar.gz: No such file or "
+                                    "directory"),
+    (["--lab", "t2", "export", "OUT/t2.tar.gz"], "no lab t2 in HOME/labs: nothing to export"),
+])
+def test_export_where_it_cannot_write(tmp_path: Path, argv: list[str], problem: str) -> None:
+    """An archive that is a directory, a place /proc, a lab with no directory: tracebacks."""
+    home = tmp_path / "home"
+    _lab_that_is_down(home)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = _cli(*[a.replace("OUT", str(out)) for a in argv], home=home)
+    assert _one_line(res) == problem.replace("OUT", str(out)).replace("HOME", str(home))
