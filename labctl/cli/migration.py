@@ -83,8 +83,8 @@ async def dispatch(lab: Lab | None, args: argparse.Namespace) -> int:
         res = {**m["result"], "state": m["state"], "id": m["id"],
                "pass_records": m["pass_records"], "decisions": m["decisions"]}
         if args.plot:
-            timeline.plot(res, args.plot)
-            print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+            wrote = timeline.plot(res, args.plot)
+            print(f"wrote {wrote}", file=sys.stderr if args.json else sys.stdout)
         if args.json:
             print(json.dumps(m, indent=2, default=str))
         elif not args.plot:
