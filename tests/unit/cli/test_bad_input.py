@@ -148,3 +148,12 @@ def test_export_where_it_cannot_write(tmp_path: Path, argv: list[str], problem: 
     out.mkdir()
     res = _cli(*[a.replace("OUT", str(out)) for a in argv], home=home)
     assert _one_line(res) == problem.replace("OUT", str(out)).replace("HOME", str(home))
+
+
+def test_a_migration_id_past_sqlite_s_integers(tmp_path: Path) -> None:
+    """migration show 99999999999999999999999 overflowed SQLite's INTEGER."""
+    home = tmp_path / "home"
+    _lab_that_is_down(home)
+    for mid in ("99999999999999999999999", "-99999999999999999999999"):
+        res = _cli("migration", "show", mid, home=home)
+        assert _one_line(res) == f"no migration {mid} in this lab (see: labctl migrations)"
