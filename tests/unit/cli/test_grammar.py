@@ -88,3 +88,19 @@ def test_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
     cli.stdout.close()  # the reader is gone before labctl writes
     err = cli.stderr.read().decode()
     assert cli.wait(60) == 0 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["events", "--last", "-3"], "argument --last: '-3' is negative: give 0 or more"),
+    (["logs", "rescan", "-n", "-5"], "argument --lines/-n: '-5' is negative: give 0 or more"),
+    (["vm", "console", "vm1", "-n", "x"], "argument --lines/-n: 'x' is not a whole number"),
+])
+def test_a_count_is_a_whole_number_of_zero_or_more(
+        argv: list[str], error: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """events --last -3 showed every event but the first three."""
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {error}")
+    assert parser().parse_args([*argv[:-1], "7"]).__dict__.get(
+        "last" if "--last" in argv else "lines") == 7
