@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import io
 import json
 import os
 import sys
@@ -32,6 +33,10 @@ Runner = Callable[[argparse.Namespace, Progress], Coroutine[Any, Any, int]]
 
 
 def main(argv: list[str] | None = None) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # a file name that is not UTF-8 (LABCTL_HOME, a topology's) goes out as its bytes, as
+        # Python prints it in the C locale, instead of a UnicodeEncodeError in a UTF-8 one
+        sys.stdout.reconfigure(errors="surrogateescape")
     grammar = parser()
     argcomplete.autocomplete(grammar)  # answers shell completion requests, else returns
     args = grammar.parse_args(argv)

@@ -157,3 +157,13 @@ def test_a_migration_id_past_sqlite_s_integers(tmp_path: Path) -> None:
     for mid in ("99999999999999999999999", "-99999999999999999999999"):
         res = _cli("migration", "show", mid, home=home)
         assert _one_line(res) == f"no migration {mid} in this lab (see: labctl migrations)"
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_as_its_bytes(tmp_path: Path) -> None:
+    """In a UTF-8 locale stdout refused the name (UnicodeEncodeError) after the work."""
+    home = os.fsdecode(bytes(tmp_path) + b"/h\xff")
+    env = {**os.environ, "LABCTL_HOME": home, "PYTHONIOENCODING": "utf-8"}
+    res = subprocess.run([sys.executable, "-m", "labctl.cli", "ls"], capture_output=True,
+                         env=env, timeout=60, check=False)
+    assert (res.returncode, res.stderr) == (0, b"")
+    assert res.stdout == b"no labs in " + bytes(tmp_path) + b"/h\xff/labs\n"
