@@ -34,11 +34,21 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent.parent
 
 
-def home_error(problem: str, **evidence: object) -> LabStateError:
-    """``LABCTL_HOME=/x cannot be used: <problem>`` (or the default home when it is unset)."""
+def _named(path: Path) -> str:
+    """How the user chose the directory ``path`` is in: ``LABCTL_CACHE=/x`` for the image
+    cache when it is set, else ``LABCTL_HOME=/y``, or the default home when that is unset."""
+    cache = os.environ.get("LABCTL_CACHE")
+    if cache and (path == Path(cache) or Path(cache) in path.parents):
+        return f"LABCTL_CACHE={cache}"
     env = os.environ.get("LABCTL_HOME")
-    name = f"LABCTL_HOME={env}" if env else f"the labctl home {home()} (LABCTL_HOME is not set)"
-    return LabStateError(f"{name} cannot be used: {problem}", home=str(home()), **evidence)
+    return f"LABCTL_HOME={env}" if env else f"the labctl home {home()} (LABCTL_HOME is not set)"
+
+
+def home_error(problem: str, path: Path | None = None) -> LabStateError:
+    """``LABCTL_HOME=/x cannot be used: <problem>``, naming how the user chose the directory
+    ``path`` (default: the home) is in."""
+    where = path or home()
+    return LabStateError(f"{_named(where)} cannot be used: {problem}", path=str(where))
 
 
 #: a file system of size 0 (/proc, /sys) makes only its own files
@@ -60,14 +70,13 @@ def _oserror(path: Path, exc: OSError, doing: str) -> LabStateError:
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         blocker = _in_the_way(path)
         if blocker is not None:
-            return home_error(f"{blocker} is not a directory", path=str(path))
+            return home_error(f"{blocker} is not a directory", path)
     parent = Path(exc.filename or path).parent
     if exc.errno == errno.ENOENT and parent.is_dir():
         # the parent is there, yet the directory "does not exist": /proc
         return home_error(f"cannot create {exc.filename}: {parent} does not let directories "
-                          f"be made in it ({exc.strerror})", path=str(path))
-    return home_error(f"cannot {doing} {exc.filename or path}: {exc.strerror or exc}",
-                      path=str(path))
+                          f"be made in it ({exc.strerror})", path)
+    return home_error(f"cannot {doing} {exc.filename or path}: {exc.strerror or exc}", path)
 
 
 def make_dir(path: Path) -> None:
@@ -91,20 +100,29 @@ def list_dir(path: Path) -> list[Path]:
 
 
 def check_home() -> None:
-    """A refusal, without writing anything, when a lab directory could not be made under the
-    labctl home: a file in the way, a read-only file system, no permission."""
-    labs = labs_dir()
-    blocker = _in_the_way(labs)
+    """A refusal, without writing anything, when a lab's directory could not be made under
+    the labctl home (a file in the way, a read-only file system, no permission, a file
+    system of size 0) or a file is in the way of the image cache (which may be read-only:
+    images built once, shared)."""
+    cache = cache_dir()
+    blocker = _in_the_way(cache)
     if blocker is not None:
-        raise home_error(f"{blocker} is not a directory", path=str(labs))
+        raise home_error(f"{blocker} is not a directory", cache)
+    _check_makeable(labs_dir())
+
+
+def _check_makeable(path: Path) -> None:
+    blocker = _in_the_way(path)
+    if blocker is not None:
+        raise home_error(f"{blocker} is not a directory", path)
     try:
-        existing = next(p for p in (labs, *labs.parents) if p.exists())
+        existing = next(p for p in (path, *path.parents) if p.exists())
         fs = os.statvfs(existing)
     except OSError as exc:
-        raise _oserror(labs, exc, "look at") from None
+        raise _oserror(path, exc, "look at") from None
     if fs.f_flag & os.ST_RDONLY:
-        raise home_error(f"{existing} is on a read-only file system", path=str(labs))
+        raise home_error(f"{existing} is on a read-only file system", path)
     if fs.f_blocks == 0:
-        raise home_error(_NO_FILES.format(existing), path=str(labs))
+        raise home_error(_NO_FILES.format(existing), path)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise home_error(f"cannot write in {existing}: permission denied", path=str(labs))
+        raise home_error(f"cannot write in {existing}: permission denied", path)

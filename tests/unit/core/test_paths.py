@@ -67,3 +67,14 @@ def test_a_missing_home_has_no_labs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("LABCTL_HOME", str(tmp_path / "nothing"))
     assert existing_labs() == []
     paths.check_home()
+
+
+def test_an_image_cache_that_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """up would have failed building its first image, the lab half made."""
+    monkeypatch.setenv("LABCTL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LABCTL_CACHE", str(tmp_path / "cache" / "images"))
+    (tmp_path / "cache").write_text("")
+    assert _refusal(paths.check_home) == (f"LABCTL_CACHE={tmp_path / 'cache' / 'images'} cannot "
+                                          f"be used: {tmp_path / 'cache'} is not a directory")
+    assert _refusal(paths.make_dir, tmp_path / "cache" / "images" / "kernel").startswith(
+        f"LABCTL_CACHE={tmp_path / 'cache' / 'images'} cannot be used: ")
