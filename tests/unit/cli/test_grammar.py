@@ -104,3 +104,28 @@ def test_a_count_is_a_whole_number_of_zero_or_more(
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {error}")
     assert parser().parse_args([*argv[:-1], "7"]).__dict__.get(
         "last" if "--last" in argv else "lines") == 7
+
+
+def test_an_oserror_no_command_worded_is_still_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The last guard of the one-line promise: the file and the system's reason, and with
+    -v the traceback that shows which code should have said it in its own words."""
+    from labctl.cli import labs
+    from labctl.cli.main import main
+
+    def unreadable(args: object) -> int:
+        raise PermissionError(13, "Permission denied", "/srv/labs/t1/inventory.db")
+
+    monkeypatch.setattr(labs, "_ls", unreadable)
+    assert main(["ls"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("labctl: error: /srv/labs/t1/inventory.db: Permission denied "
+                   "(-v shows where)\n")
+    assert main(["ls", "--json", "-v"]) == 1
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["error"]["type"] == "PermissionError"
+    assert doc["error"]["message"] == "/srv/labs/t1/inventory.db: Permission denied"
+    assert "unreadable" in doc["error"]["evidence"]["traceback"]
+    assert err.startswith("labctl: error: /srv/labs/t1/inventory.db: Permission denied\n"
+                          "Traceback (most recent call last):\n")
