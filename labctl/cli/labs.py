@@ -152,12 +152,9 @@ def _ls(args: argparse.Namespace) -> int:
     rows = []
     for name in existing_labs():
         meta = lab_meta(labs_dir() / name)
-        created = meta.get("created")
         rows.append(LabEntry(
             name=name, state=meta.get("state"), topology=meta.get("topology_source"),
-            directory=str(labs_dir() / name),
-            created_at=datetime.fromtimestamp(float(created)).astimezone().isoformat(
-                timespec="seconds") if created else None,
+            directory=str(labs_dir() / name), created_at=_when(meta.get("created")),
             down_at=meta.get("down_at")))
     if args.json:
         emit(args, LabList(home=str(home()), labs=rows).to_wire())
@@ -169,6 +166,15 @@ def _ls(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r.name:<{width}}  {r.state or '?':<8}  {r.topology or '-'}  ({r.directory})")
     return 0
+
+
+def _when(stamp: str | None) -> str | None:
+    """A time.time() stamp of the inventory as local ISO time; None when there is none or it
+    is no time (an inventory edited by hand: ls still lists every lab)."""
+    try:
+        return datetime.fromtimestamp(float(stamp or "")).astimezone().isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def print_status(s: LabStatus) -> None:

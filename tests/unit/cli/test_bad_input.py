@@ -4,6 +4,7 @@ here fails before it builds anything."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -167,3 +168,20 @@ def test_a_file_name_that_is_not_utf8_is_printed_as_its_bytes(tmp_path: Path) ->
                          env=env, timeout=60, check=False)
     assert (res.returncode, res.stderr) == (0, b"")
     assert res.stdout == b"no labs in " + bytes(tmp_path) + b"/h\xff/labs\n"
+
+
+@pytest.mark.parametrize("created", ["1e300", "yesterday", "nan"])
+def test_ls_lists_a_lab_whose_creation_time_is_no_time(tmp_path: Path, created: str) -> None:
+    """An inventory edited by hand: OverflowError or ValueError, and no lab listed."""
+    from labctl.lab.face import SCHEMAS
+    from labctl.state.labdir import LabDir
+
+    home = tmp_path / "home"
+    _lab_that_is_down(home)
+    inv = LabDir("t1", root=home / "labs").inventory(SCHEMAS)
+    inv.set_meta("created", created)
+    inv.close()
+    res = _cli("ls", "--json", home=home)
+    assert (res.returncode, res.stderr) == (0, "")
+    assert [(lab["name"], lab["created_at"]) for lab in json.loads(res.stdout)["labs"]] == [
+        ("t1", None)]
