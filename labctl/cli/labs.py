@@ -322,15 +322,16 @@ def _exec(lab: Lab, args: argparse.Namespace) -> int:
 async def _logs(lab: Lab, args: argparse.Namespace) -> int:
     """A host agent's log, a storage node's serial console, or the rescan service's log."""
     what = args.what
+    # only a name the lab has: 'logs ../../t2/hosts/h1' is no way into another directory
+    hosts = sorted(p.name for p in (lab.dir.path / "hosts").glob("*") if p.is_dir())
+    nodes = sorted(p.name for p in (lab.dir.path / "storage").glob("*") if p.is_dir())
     if what == "rescan":
         path = lab.dir.path / "rescan.log"
-    elif lab.dir.host_dir(what).is_dir():
+    elif what in hosts:
         path = lab.dir.host_dir(what) / "agent.log"
-    elif lab.dir.storage_dir(what).is_dir():
+    elif what in nodes:
         path = lab.dir.storage_dir(what) / "console.log"
     else:
-        hosts = sorted(p.name for p in (lab.dir.path / "hosts").glob("*") if p.is_dir())
-        nodes = sorted(p.name for p in (lab.dir.path / "storage").glob("*") if p.is_dir())
         raise LabStateError(f"no logs for {what!r} in lab {lab.name} (hosts: "
                             f"{', '.join(hosts) or 'none'}; storage nodes: "
                             f"{', '.join(nodes) or 'none'}; or rescan)", what=what)

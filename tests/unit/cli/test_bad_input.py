@@ -185,3 +185,18 @@ def test_ls_lists_a_lab_whose_creation_time_is_no_time(tmp_path: Path, created: 
     assert (res.returncode, res.stderr) == (0, "")
     assert [(lab["name"], lab["created_at"]) for lab in json.loads(res.stdout)["labs"]] == [
         ("t1", None)]
+
+
+def test_logs_reads_only_a_log_of_the_lab(tmp_path: Path) -> None:
+    """'logs ../../t2/hosts/h9' printed the log of a host of another lab."""
+    home = tmp_path / "home"
+    _lab_that_is_down(home)
+    (home / "labs" / "t1" / "hosts" / "h1").mkdir(parents=True)
+    (home / "labs" / "t1" / "hosts" / "h1" / "agent.log").write_text("h1 says hello\n")
+    (home / "labs" / "t2" / "hosts" / "h9").mkdir(parents=True)
+    (home / "labs" / "t2" / "hosts" / "h9" / "agent.log").write_text("not for t1\n")
+    res = _cli("--lab", "t1", "logs", "../../t2/hosts/h9", home=home)
+    assert _one_line(res) == ("no logs for '../../t2/hosts/h9' in lab t1 (hosts: h1; storage "
+                              "nodes: none; or rescan)")
+    res = _cli("--lab", "t1", "logs", "h1", home=home)
+    assert (res.returncode, res.stdout) == (0, "h1 says hello\n")
