@@ -22,6 +22,18 @@ LOOKUPS = ("inventory", "poll")
 CONSOLE_HELP = "rate MiB/s | wss MiB | read | sync | size"
 
 
+def _count(text: str) -> int:
+    """A number of lines or events to show: a whole number, 0 or more (a negative one
+    would silently count from the other end)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative: give 0 or more")
+    return n
+
+
 def _common(top: bool) -> argparse.ArgumentParser:
     """The global options; on subcommands they default to 'not given' so that a value given
     before the subcommand is not overwritten."""
@@ -102,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
     lg = sub.add("logs", "a host agent's, storage node's or the rescan service's log")
     lg.add_argument("what", metavar="HOST|NODE|rescan")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
-    lg.add_argument("--lines", "-n", type=int, default=40, help="last N lines first (default 40)")
+    lg.add_argument("--lines", "-n", type=_count, default=40,
+                    help="last N lines first (default 40)")
 
     # -- VMs
     vm = sub.group(sub.add("vm", "the lab's VMs: list, start, stop, talk to the test guest"))
@@ -116,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
     con.add_argument("name")
     con.add_argument("command", nargs="*", help=CONSOLE_HELP)
     con.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
-    con.add_argument("--lines", "-n", type=int, default=20, help="last N lines (default 20)")
+    con.add_argument("--lines", "-n", type=_count, default=20, help="last N lines (default 20)")
 
     # -- migration
     mig = sub.add("migrate", "live-migrate a VM to another host (pre-copy over QMP)",
@@ -172,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
 
     ev = sub.add("events", "storage events and their rescan outcomes")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    ev.add_argument("--last", type=int, default=0, help="only the last N events")
+    ev.add_argument("--last", type=_count, default=0, help="only the last N events")
 
     rc = sub.group(sub.add("rescan", "rescan service settings"))
     rc.add("lookup", "show or set how sharing hosts are found").add_argument(

@@ -152,12 +152,9 @@ def _ls(args: argparse.Namespace) -> int:
     rows = []
     for name in existing_labs():
         meta = lab_meta(labs_dir() / name)
-        created = meta.get("created")
         rows.append(LabEntry(
             name=name, state=meta.get("state"), topology=meta.get("topology_source"),
-            directory=str(labs_dir() / name),
-            created_at=datetime.fromtimestamp(float(created)).astimezone().isoformat(
-                timespec="seconds") if created else None,
+            directory=str(labs_dir() / name), created_at=_when(meta.get("created")),
             down_at=meta.get("down_at")))
     if args.json:
         emit(args, LabList(home=str(home()), labs=rows).to_wire())
@@ -169,6 +166,15 @@ def _ls(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r.name:<{width}}  {r.state or '?':<8}  {r.topology or '-'}  ({r.directory})")
     return 0
+
+
+def _when(stamp: str | None) -> str | None:
+    """A time.time() stamp of the inventory as local ISO time; None when there is none or it
+    is no time (an inventory edited by hand: ls still lists every lab)."""
+    try:
+        return datetime.fromtimestamp(float(stamp or "")).astimezone().isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def print_status(s: LabStatus) -> None:
@@ -196,6 +202,8 @@ def _export(lab: Lab, args: argparse.Namespace) -> int:
     """The lab directory as a .tar.gz (inventory, topology, migration records, events, agent
     and console logs, plots), without its secrets or sockets."""
     out = Path(args.file)
+    if not lab.dir.path.is_dir():
+        raise LabStateError(f"no lab {lab.name} in {labs_dir()}: nothing to export", lab=lab.name)
     if not out.parent.is_dir():
         raise LabStateError(f"cannot write {out}: {out.parent} is not a directory")
     kept: list[str] = []
@@ -208,8 +216,13 @@ def _export(lab: Lab, args: argparse.Namespace) -> int:
             kept.append(info.name)
         return info
 
-    with tarfile.open(out, "w:gz") as tar:
-        tar.add(lab.dir.path, arcname=lab.name, filter=keep)
+    try:
+        with tarfile.open(out, "w:gz") as tar:
+            tar.add(lab.dir.path, arcname=lab.name, filter=keep)
+    except OSError as exc:  # the archive's place (a directory, /proc, a full disk)
+        where = f" ({exc.filename})" if exc.filename and exc.filename != str(out) else ""
+        raise LabStateError(f"cannot export lab {lab.name} to {out}: {exc.strerror or exc}{where}",
+                            path=str(out)) from None
     if args.json:
         emit(args, {"lab": lab.name, "file": str(out), "files": len(kept),
                     "size_bytes": out.stat().st_size})
@@ -309,15 +322,16 @@ def _exec(lab: Lab, args: argparse.Namespace) -> int:
 async def _logs(lab: Lab, args: argparse.Namespace) -> int:
     """A host agent's log, a storage node's serial console, or the rescan service's log."""
     what = args.what
+    # only a name the lab has: 'logs ../../t2/hosts/h1' is no way into another directory
+    hosts = sorted(p.name for p in (lab.dir.path / "hosts").glob("*") if p.is_dir())
+    nodes = sorted(p.name for p in (lab.dir.path / "storage").glob("*") if p.is_dir())
     if what == "rescan":
         path = lab.dir.path / "rescan.log"
-    elif lab.dir.host_dir(what).is_dir():
+    elif what in hosts:
         path = lab.dir.host_dir(what) / "agent.log"
-    elif lab.dir.storage_dir(what).is_dir():
+    elif what in nodes:
         path = lab.dir.storage_dir(what) / "console.log"
     else:
-        hosts = sorted(p.name for p in (lab.dir.path / "hosts").glob("*") if p.is_dir())
-        nodes = sorted(p.name for p in (lab.dir.path / "storage").glob("*") if p.is_dir())
         raise LabStateError(f"no logs for {what!r} in lab {lab.name} (hosts: "
                             f"{', '.join(hosts) or 'none'}; storage nodes: "
                             f"{', '.join(nodes) or 'none'}; or rescan)", what=what)

@@ -2,17 +2,20 @@
 """The labctl command line: parse (labctl/cli/args.py), run the command's module, and keep
 the promises every command makes: results on stdout, progress on stderr; with ``--json``
 stdout holds exactly one JSON document, a failure included (``{"error": {...}}``, exit 1);
-an error is one line, never a traceback; Ctrl-C ends a read-only command quietly (130); a
-closed pipe (``| head``) ends it quietly (0)."""
+an error is one line, never a traceback (an OSError no command put in its own words too:
+``file: reason``, its traceback with -v); Ctrl-C ends a read-only command quietly (130);
+a closed pipe (``| head``) ends it quietly (0)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import importlib
+import io
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +35,10 @@ Runner = Callable[[argparse.Namespace, Progress], Coroutine[Any, Any, int]]
 
 
 def main(argv: list[str] | None = None) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # a file name that is not UTF-8 (LABCTL_HOME, a topology's) goes out as its bytes, as
+        # Python prints it in the C locale, instead of a UnicodeEncodeError in a UTF-8 one
+        sys.stdout.reconfigure(errors="surrogateescape")
     grammar = parser()
     argcomplete.autocomplete(grammar)  # answers shell completion requests, else returns
     args = grammar.parse_args(argv)
@@ -57,6 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        # a file or device of the user's that the code reading it did not put in its own
+        # words (the place to fix): still one line, naming the file and the system's reason;
+        # -v shows where it was raised
+        line = _os_error_line(exc)
+        if args.json:
+            _json_error(line, type(exc).__name__,
+                        {"traceback": traceback.format_exc()} if args.verbose else None)
+        print(f"labctl: error: {line}" + ("" if args.verbose else " (-v shows where)"),
+              file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 1
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,12 @@ class ErrorRecord(Message):
 def _json_error(message: str, kind: str, evidence: object | None) -> None:
     record = ErrorRecord(ErrorInfo(kind, message, evidence or None))
     print(json.dumps(record.to_wire(), indent=2, default=str))
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``/srv/lab.yaml: Permission denied``: the file(s) and the system's words."""
+    files = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return ": ".join([*files, exc.strerror or str(exc)])
 
 
 def _interrupted(args: argparse.Namespace, module: object) -> int:

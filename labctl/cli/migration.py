@@ -14,7 +14,7 @@ from labctl.core.errors import ProtocolError
 from labctl.core.wire import Json
 from labctl.lab.face import Lab
 from labctl.migration import timeline
-from labctl.migration.policy import BUILTIN_POLICIES
+from labctl.migration.policy import BUILTIN_POLICIES, load_policy
 from labctl.migration.protocol import PassRecord
 from labctl.migration.report import fmt_num as _n
 from labctl.migration.report import pass_line, print_result
@@ -47,6 +47,9 @@ def interrupted_message() -> str:
 async def run(args: argparse.Namespace, progress: Progress) -> int:
     if args.cmd != "migrate" and args.action == "policies":
         return await dispatch(None, args)
+    if args.cmd == "migrate":
+        # a policy file that is no policy is refused before the lab is even looked at
+        args.policy = load_policy(args.policy)
     lab = Lab.find(args.lab, progress=progress)
     if args.cmd == "migrate":
         lab.require_up()
@@ -80,8 +83,8 @@ async def dispatch(lab: Lab | None, args: argparse.Namespace) -> int:
         res = {**m["result"], "state": m["state"], "id": m["id"],
                "pass_records": m["pass_records"], "decisions": m["decisions"]}
         if args.plot:
-            timeline.plot(res, args.plot)
-            print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+            wrote = timeline.plot(res, args.plot)
+            print(f"wrote {wrote}", file=sys.stderr if args.json else sys.stdout)
         if args.json:
             print(json.dumps(m, indent=2, default=str))
         elif not args.plot:

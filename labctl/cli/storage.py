@@ -93,7 +93,7 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
 
 async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "create":
-        hosts = [h for h in args.hosts.split(",") if h]
+        hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]  # "h1, h2" too
         with lab.context() as ctx:
             created = await datastores.create(ctx, args.name, args.size, hosts, node=args.node)
         if args.json:

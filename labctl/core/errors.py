@@ -54,13 +54,20 @@ class TopologyError(LabError):
 
     A file with several problems raises one error for all of them (:meth:`listing`):
     ``problems`` holds every ``(path, problem)``, the message one line ``file: path: problem``
-    per problem, ``path`` and ``problem`` are the first one's.
+    per problem (the first :data:`SHOWN_PROBLEMS`, then how many more), ``path`` and
+    ``problem`` are the first one's.
     """
+
+    #: problems the message lists: a file of 20000 unknown keys is not read line by line
+    SHOWN_PROBLEMS = 20
 
     def __init__(self, file: str, path: str, problem: str, *,
                  more: Sequence[tuple[str, str]] = (), **evidence: Any) -> None:
         problems = [(path, problem), *more]
-        super().__init__("\n".join(_topology_line(file, p, q) for p, q in problems),
+        lines = [_topology_line(file, p, q) for p, q in problems[:self.SHOWN_PROBLEMS]]
+        if len(problems) > self.SHOWN_PROBLEMS:
+            lines.append(f"{file}: and {len(problems) - self.SHOWN_PROBLEMS} more problems")
+        super().__init__("\n".join(lines),
                          file=file, path=path, problem=problem,
                          problems=[{"path": p, "problem": q} for p, q in problems], **evidence)
         self.file = file

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 #: the QEMU system emulator labctl runs on hosts (``$LABCTL_QEMU`` overrides)
@@ -24,6 +25,11 @@ ISCSI_PORT = 3260
 IQN_PREFIX = "iqn.2026-11.dev.labctl"
 #: XML namespace of the ownership record in libvirt domain metadata
 LIBVIRT_METADATA_NS = "https://labctl.invalid/xmlns/labctl/1"
+
+
+#: a lab's name, as a topology file gives it (its schema's ``name``)
+LAB_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,15}")
+LAB_NAME_RULE = "lowercase letters, digits and '-', starting with a letter, at most 16 characters"
 
 
 def lab_tag(lab: str, lab_path: Path) -> str:

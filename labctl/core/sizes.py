@@ -10,27 +10,50 @@ from __future__ import annotations
 
 import re
 
+from labctl.core.userfile import shown
+
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+#: the largest size labctl takes (1024T): anything larger is a typo, and a lab's sizes go
+#: into SQLite integers and QEMU's 64-bit ones
+MAX_SIZE = 1 << 50
 
 #: what to write instead of a refused size
 SIZE_FORMS = ("use a number with K, M, G or T (powers of 1024, e.g. 256M, 2G; "
               "B/KB/MiB are accepted too)")
 
+_SIZE_RE = re.compile(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([KMGT]?)(?:i?B)?\s*")
+
 
 def bad_size(value: object) -> str:
     """The problem with a size that is not one: what it was and the forms accepted."""
-    return f"bad size {value!r}: {SIZE_FORMS}"
+    return f"bad size {shown(value)}: {SIZE_FORMS}"
+
+
+def too_large(value: object) -> str:
+    """The problem with a size larger than :data:`MAX_SIZE`."""
+    return f"bad size {shown(value)}: more than {format_size(MAX_SIZE)}; {SIZE_FORMS}"
 
 
 def parse_size(value: int | str) -> int:
-    """``256M`` -> 268435456; ``256MB`` and ``256MiB`` too (powers of 1024). A refused size
-    raises ValueError naming the accepted forms (:func:`bad_size`)."""
+    """``256M`` -> 268435456; ``256MB`` and ``256MiB`` too (powers of 1024); ``1.5K`` ->
+    1536 (a fraction of a byte is dropped). A refused size (not one of these forms, or
+    larger than :data:`MAX_SIZE`) raises ValueError naming the accepted forms."""
     if isinstance(value, int):
+        if value > MAX_SIZE:
+            raise ValueError(too_large(value))
         return value
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", value)
+    m = _SIZE_RE.fullmatch(value)
     if m is None:
         raise ValueError(bad_size(value))
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    whole, frac, unit = m.group(1).lstrip("0"), (m.group(2) or "")[:20], _UNITS[m.group(3)]
+    # exact integer arithmetic: a float would overflow on a long number and round others
+    if len(whole) > len(str(MAX_SIZE)):
+        raise ValueError(too_large(value))
+    n = int(whole or "0") * unit + int(frac or "0") * unit // int("1" + "0" * len(frac))
+    if n > MAX_SIZE:
+        raise ValueError(too_large(value))
+    return n
 
 
 def format_size(n: int) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labctl.core import paths
-from labctl.core.errors import StorageNodeError
+from labctl.core.errors import LabStateError, StorageNodeError
 from labctl.core.ids import naa_from_unit_serial
 
 
@@ -43,10 +43,19 @@ class IdRegistry:
         self.path = path or paths.home() / "registry" / "datastore-ids.db"
 
     def _conn(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        conn.row_factory = sqlite3.Row
-        conn.executescript(self._SCHEMA)
+        paths.make_dir(self.path.parent)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        except sqlite3.Error as exc:
+            raise LabStateError(f"cannot open the datastore ID registry {self.path}: {exc}",
+                                registry=str(self.path)) from None
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.executescript(self._SCHEMA)
+        except sqlite3.DatabaseError as exc:  # locked, unreadable, or no database at all
+            conn.close()
+            raise LabStateError(f"cannot read the datastore ID registry {self.path} ({exc})",
+                                registry=str(self.path)) from None
         return conn
 
     def issue(self, lab: str, lab_dir: Path, node: str, datastore: str) -> tuple[str, str]:

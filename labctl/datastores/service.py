@@ -246,7 +246,8 @@ def _check_name(name: str) -> None:
                             "starting with a letter, at most 16 characters", datastore=name)
 
 
-def _size(size: int | str) -> int:
+def check_size(size: int | str) -> int:
+    """The bytes of a datastore size as ``datastore create|resize`` take it (``128M``)."""
     try:
         n = parse_size(size)
     except ValueError as exc:
@@ -256,30 +257,39 @@ def _size(size: int | str) -> int:
     return n
 
 
+def check_hosts(inv: Inventory, hosts: list[str]) -> str:
+    """The site of the hosts named for a new datastore: at least one, each once, each a host
+    of the lab, all in one site (else a refusal that lists the lab's hosts)."""
+    rows = {r["name"]: r for r in inv.rows("hosts")}
+    known = ", ".join(rows) or "none"
+    if not hosts:
+        raise LabStateError(f"no host named: --hosts lists the hosts that share the datastore, "
+                            f"comma-separated (hosts: {known})", hosts=hosts)
+    for h in hosts:
+        if h not in rows:
+            raise LabStateError(f"unknown host {h!r} (hosts: {known})", host=h)
+        if hosts.count(h) > 1:
+            raise LabStateError(f"host {h} is named twice in --hosts: name each host once",
+                                hosts=hosts)
+    sites = {rows[h]["site"] for h in hosts}
+    if len(sites) != 1:
+        raise LabStateError(f"the hosts of a datastore must be in one site ({sorted(sites)})")
+    return str(sites.pop())
+
+
 # ------------------------------------------------------------------------------ operations
 
 async def create(ctx: LabContext, name: str, size: int | str, hosts: list[str],
                  node: str | None = None) -> Created:
     """Allocate, export and hand out a new datastore while the lab runs."""
     _check_name(name)
-    nbytes = _size(size)
+    nbytes = check_size(size)
     inv = ctx.inv
     with ctx.lock():
         if inv.row("datastores", name=name) is not None:
             raise LabStateError(f"datastore {name} already exists", datastore=name)
-        if not hosts or len(set(hosts)) != len(hosts):
-            raise LabStateError("name each host once: --hosts h1,h2", hosts=hosts)
-        rows = []
-        for h in hosts:
-            row = inv.row("hosts", name=h)
-            if row is None:
-                known = ", ".join(r["name"] for r in inv.rows("hosts"))
-                raise LabStateError(f"unknown host {h!r} (hosts: {known})", host=h)
-            rows.append(row)
-        sites = {r["site"] for r in rows}
-        if len(sites) != 1:
-            raise LabStateError(f"the hosts of a datastore must be in one site ({sorted(sites)})")
-        chosen = pick_node(inv, nbytes, sites.pop(), node)
+        site = check_hosts(inv, hosts)
+        chosen = pick_node(inv, nbytes, site, node)
         naa, disk = register(ctx, chosen, name, nbytes, hosts, "allocating")
         t0 = time.monotonic()
         await storagenode.attach_data_disk(ctx.name, chosen, disk)
@@ -370,7 +380,7 @@ async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
     """Grow the datastore's backing disk through libvirt (a hardware reconfiguration: LIO
     itself then reports the new capacity); the storage agent notices and publishes the
     event, and the lab's rescan service refreshes the sharing hosts. Waits for its record."""
-    nbytes = _size(size)
+    nbytes = check_size(size)
     inv = ctx.inv
     with ctx.lock():
         m = mapping(inv, name)

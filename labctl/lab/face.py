@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from labctl.core.errors import LabError, LabStateError, RemoteError, TopologyError
-from labctl.core.paths import labs_dir
+from labctl.core.paths import check_home, labs_dir
 from labctl.core.wire import Message
 from labctl.datastores import service as datastores
 from labctl.datastores.tables import DATASTORES
@@ -100,13 +100,16 @@ class Lab:
     # ------------------------------------------------------------------ up
     def check(self, topo: Topology) -> None:
         """Check ``topo`` against this machine without building anything (its networks, the
-        free disk space): what ``up`` checks before it builds, and ``labctl validate`` too."""
+        free disk space, the labctl home it goes in): what ``up`` checks before it builds,
+        and ``labctl validate`` too."""
+        check_home()
         bringup.check_machine(topo, self.dir.path.parent)
 
     async def up(self, topo: Topology) -> LabStatus:
         """Bring the lab up. Idempotent for the same topology; refuses a different one."""
         if topo.name != self.name:
             raise TopologyError(topo.source, "name", f"names lab {topo.name}, not {self.name}")
+        check_home()
         bringup.preflight()
         with self.dir.lock():
             if self.state() == "down":  # a lab that was taken down: keep its results aside

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import ipaddress
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,9 +23,9 @@ from typing import Any, TypeVar
 import jsonschema
 import yaml
 
-from labctl.core import names
+from labctl.core import names, userfile
 from labctl.core.errors import TopologyError
-from labctl.core.sizes import bad_size, format_size, parse_size
+from labctl.core.sizes import MAX_SIZE, bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
 
 DEFAULT_NODE_CAPACITY = 4 << 30
@@ -114,6 +115,7 @@ class Topology:
 
 
 _T = TypeVar("_T", Site, StorageNode, Host, Datastore, Vm)
+_D = TypeVar("_D")
 
 
 def _by_name(items: tuple[_T, ...], name: str, kind: str) -> _T:
@@ -138,11 +140,13 @@ def _path(parts: list[str | int] | Any) -> str:
 
 
 def load(path: str | Path) -> Topology:
+    """The topology of the file at ``path``; a TopologyError when it cannot be read (also a
+    directory, a binary file, one larger than 1 MiB) or is no valid topology."""
     file = str(path)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise TopologyError(file, "", f"cannot read the file: {exc.strerror or exc}") from None
+        text = userfile.read_text(path, "a topology file (YAML text)")
+    except userfile.BadFile as exc:
+        raise TopologyError(file, "", str(exc)) from None
     return parse(text, file)
 
 
@@ -150,10 +154,15 @@ def parse(text: str, file: str = "<topology>") -> Topology:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise TopologyError(file, where, f"invalid YAML: {problem}") from None
+        raise TopologyError(file, *_yaml_problem(exc, text)) from None
+    except RecursionError:  # the composer recurses once per level of nesting
+        raise TopologyError(file, "", userfile.nested_too_deep()) from None
+    except ValueError as exc:  # a value YAML recognises but cannot build (2024-13-01)
+        raise TopologyError(file, "", f"invalid YAML: a value cannot be read "
+                                      f"({str(exc).split(';')[0]})") from None
+    shape = userfile.shape_problem(data)
+    if shape is not None:  # before the schema's validator walks it recursively
+        raise TopologyError(file, "", shape)
     if not isinstance(data, dict):
         raise TopologyError(file, "", "the top level must be a mapping (name:, sites:, hosts: ...)")
     doc = schema()
@@ -165,6 +174,20 @@ def parse(text: str, file: str = "<topology>") -> Topology:
         # the semantic checks read the file as the schema shapes it: they wait for a clean one
         raise TopologyError.listing(file, _in_file_order(data, problems))
     return _build(data, file)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[str, str]:
+    """Where in the file (``line 3, column 7``) and what, in one line, a YAML error is."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        return (f"line {line}, column {column}",
+                f"invalid YAML: character {char!r} (#x{ord(char):04x}) is not allowed")
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return where, "invalid YAML: " + " ".join(str(problem).split())
 
 
 def _in_file_order(data: dict[str, Any],
@@ -198,7 +221,8 @@ def _schema_messages(err: jsonschema.ValidationError,
     if err.validator == "additionalProperties" and isinstance(err.instance, dict) \
             and isinstance(err.schema, dict):
         known = list(err.schema.get("properties", {}))
-        return [(f"unknown key {key!r} ({_hint(key, known, 'keys')})", [str(key)])
+        return [(f"unknown key {userfile.shown(key)} ({_hint(key, known, 'keys')})",
+                 [str(key)])
                 for key in err.instance if key not in known]
     if err.validator == "required" and isinstance(err.instance, dict) \
             and isinstance(err.schema, dict):
@@ -213,15 +237,18 @@ def _schema_messages(err: jsonschema.ValidationError,
 
 
 def _schema_message(err: jsonschema.ValidationError) -> str:
+    value = userfile.shown(err.instance)
     if err.validator == "pattern" and isinstance(err.instance, str):
         desc = err.schema.get("description") if isinstance(err.schema, dict) else None
-        return f"{err.instance!r} is not valid" + (f": {desc}" if desc else "")
+        return f"{value} is not valid" + (f": {desc}" if desc else "")
     if err.validator == "oneOf" and isinstance(err.schema, dict) and err.schema.get("description"):
-        return f"{err.instance!r} is not valid: {err.schema['description']}"
+        return f"{value} is not valid: {err.schema['description']}"
+    # jsonschema's own message starts with the value in full, however long it is
+    message = str(err.message).replace(repr(err.instance), value, 1)
     if err.validator in ("minimum", "maximum", "type") and isinstance(err.schema, dict) \
             and err.schema.get("description"):
-        return f"{err.message}: {err.schema['description']}"
-    return str(err.message)
+        return f"{message}: {err.schema['description']}"
+    return message
 
 
 def _listed(names: list[str]) -> str:
@@ -260,6 +287,15 @@ def _build(data: dict[str, Any], file: str) -> Topology:
 
     def fail(path: str, problem: str) -> None:
         problems.append((path, problem))
+
+    def sized(path: str, value: int | str, instead: _D) -> int | _D:
+        """``value`` in bytes; ``instead`` when it is refused (reported: larger than
+        MAX_SIZE), standing in for it so that it causes no other problem."""
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            fail(path, str(exc))
+            return instead
 
     def unique(kind: str, items: list[dict[str, Any]], seen: dict[str, str]) -> None:
         for i, item in enumerate(items):
@@ -370,15 +406,17 @@ def _build(data: dict[str, Any], file: str) -> Topology:
         nodes.append(StorageNode(
             name=n["name"], site=site_name("storage_nodes", i),
             address=assigned("storage_nodes", i, n, 2),
-            capacity=parse_size(n.get("capacity", DEFAULT_NODE_CAPACITY)),
-            memory=parse_size(n.get("memory", DEFAULT_NODE_MEMORY)),
+            capacity=sized(f"storage_nodes[{i}].capacity",
+                           n.get("capacity", DEFAULT_NODE_CAPACITY), MAX_SIZE),
+            memory=sized(f"storage_nodes[{i}].memory", n.get("memory", DEFAULT_NODE_MEMORY),
+                         MAX_SIZE),
             target_iqn=names.target_iqn(lab, n['name']),
         ))
     hosts = []
     for i, h in enumerate(raw_hosts):
         hosts.append(Host(
             name=h["name"], site=site_name("hosts", i), address=assigned("hosts", i, h, 11),
-            memory=parse_size(h.get("memory", DEFAULT_HOST_MEMORY)),
+            memory=sized(f"hosts[{i}].memory", h.get("memory", DEFAULT_HOST_MEMORY), MAX_SIZE),
             initiator_iqn=names.host_iqn(lab, h['name']),
         ))
     host_names = [h.name for h in hosts]
@@ -398,8 +436,10 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                  _unknown("storage node", node_name, node_names, "storage nodes"))
             node_name = None
         node = nodes[node_names.index(node_name)] if node_name is not None else None
-        size = parse_size(d["size"])
-        if size < 1 << 20:
+        size = sized(f"datastores[{i}].size", d["size"], None)
+        if size is None:
+            pass
+        elif size < 1 << 20:
             fail(f"datastores[{i}].size", f"{d['size']!r} is too small (at least 1M)")
         elif node is not None and size > free[node.name]:
             fail(f"datastores[{i}].size",
@@ -416,7 +456,7 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                      f"host {h} is not in site {node.site} of storage node {node.name}")
         if len(set(d["hosts"])) != len(d["hosts"]):
             fail(f"datastores[{i}].hosts", "a host is named twice")
-        stores.append(Datastore(d["name"], node_name or "", size, tuple(d["hosts"])))
+        stores.append(Datastore(d["name"], node_name or "", size or 0, tuple(d["hosts"])))
     ds_names = [d.name for d in stores]
 
     vms = []
@@ -441,22 +481,28 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                          f"datastore {ds} is already the disk of {disk_of[ds]} (one VM per LUN)")
                 else:
                     disk_of[ds] = f"VM {v['name']} (vms[{i}])"
-        memory = parse_size(v.get("memory", DEFAULT_VM_MEMORY))
-        wss = parse_size(v.get("working_set", DEFAULT_WORKING_SET))
-        if memory < 64 << 20:
+        if math.isnan(v.get("dirty_rate", 0)):  # the schema's bounds let NaN (.nan) through
+            fail(f"vms[{i}].dirty_rate", "nan is not a number of MB/s (0..100000)")
+        memory = sized(f"vms[{i}].memory", v.get("memory", DEFAULT_VM_MEMORY), None)
+        wss = sized(f"vms[{i}].working_set", v.get("working_set", DEFAULT_WORKING_SET), None)
+        if memory is None:
+            pass
+        elif memory < 64 << 20:
             fail(f"vms[{i}].memory", "at least 64M")
-        elif wss > memory - (32 << 20):
+        elif wss is not None and wss > memory - (32 << 20):
             fail(f"vms[{i}].working_set",
                  f"{format_size(wss)} leaves too little of the VM's {format_size(memory)} memory")
-        if host is not None and v.get("autostart", True):
+        if memory is None:
+            pass
+        elif host is not None and v.get("autostart", True):
             if load_on[host.name] + memory > host.memory:
                 fail(f"vms[{i}].memory",
                      f"host {host.name} offers {format_size(host.memory)} to VMs and its VMs "
                      f"would need {format_size(load_on[host.name] + memory)}")
             else:
                 load_on[host.name] += memory
-        vms.append(Vm(v["name"], v["host"], ds, memory, int(v.get("vcpus", 1)),
-                      float(v.get("dirty_rate", 0)), wss, bool(v.get("autostart", True)),
+        vms.append(Vm(v["name"], v["host"], ds, memory or 0, int(v.get("vcpus", 1)),
+                      float(v.get("dirty_rate", 0)), wss or 0, bool(v.get("autostart", True)),
                       int(v.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS))))
 
     if problems:

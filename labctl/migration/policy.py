@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from labctl.core import userfile
 from labctl.core.errors import LabError
 from labctl.core.wire import Json
 from labctl.migration.protocol import Capabilities, Parameters, StorageMode
@@ -96,16 +97,17 @@ def policy_from_dict(d: Any, source: str = "<policy>") -> Policy:
     if not isinstance(d, dict):
         raise _policy_error(source, "", "must be a mapping")
     base_name = d.get("base", "default")
-    if base_name not in BUILTIN_POLICIES:
-        raise _policy_error(source, "base", f"unknown policy {base_name!r} "
+    if not isinstance(base_name, str) or base_name not in BUILTIN_POLICIES:
+        raise _policy_error(source, "base", f"unknown policy {userfile.shown(base_name)} "
                             f"(built in: {', '.join(BUILTIN_POLICIES)})")
     base = BUILTIN_POLICIES[base_name]
     known = {"name", "base", "downtime_limit_ms", "max_bandwidth_mib_s", "auto_converge",
              "multifd_channels", "postcopy", "storage", "convergence", "stall_timeout_s",
              "timeout_s", "lease_s"}
-    extra = sorted(set(d) - known)
+    extra = sorted(set(d) - known, key=str)  # YAML keys may be numbers, even null
     if extra:
-        raise _policy_error(source, extra[0], f"unknown field (known: {', '.join(sorted(known))})")
+        raise _policy_error(source, str(extra[0]),
+                            f"unknown field (known: {', '.join(sorted(known))})")
 
     def num(key: str, lo: float, hi: float, integer: bool = False, src: Mapping[str, object] = d,
             prefix: str = "") -> int | float:
@@ -144,7 +146,7 @@ def policy_from_dict(d: Any, source: str = "<policy>") -> Policy:
             raise _policy_error(source, "convergence", "must be a mapping")
         ck = {"window", "min_improvement", "actions", "downtime_steps_ms", "throttle_initial",
               "throttle_increment"}
-        bad = sorted(set(c) - ck)
+        bad = sorted(set(c) - ck, key=str)
         if bad:
             raise _policy_error(source, f"convergence.{bad[0]}",
                                 f"unknown field (known: {', '.join(sorted(ck))})")
@@ -189,14 +191,29 @@ def load_policy(spec: str | Policy | None) -> Policy:
         return spec
     if spec in BUILTIN_POLICIES:
         return BUILTIN_POLICIES[spec]
-    path = Path(spec)
-    if not path.exists():
-        raise LabError(f"no migration policy {spec!r}: not a built-in policy "
-                       f"({', '.join(BUILTIN_POLICIES)}) and no such file", policy=spec)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise _policy_error(str(path), "", f"cannot read it: {exc}") from exc
-    return policy_from_dict(data, str(path))
+        text = userfile.read_text(spec, "a migration policy file (YAML text)")
+    except userfile.NoSuchFile:
+        raise LabError(f"no migration policy {userfile.shown(spec)}: not a built-in policy "
+                       f"({', '.join(BUILTIN_POLICIES)}) and no such file", policy=spec) from None
+    except userfile.BadFile as exc:
+        raise _policy_error(spec, "", str(exc)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc
+        raise _policy_error(spec, "", f"invalid YAML: {where}{' '.join(str(problem).split())}"
+                            ) from None
+    except RecursionError:  # the YAML composer recurses once per level of nesting
+        raise _policy_error(spec, "", userfile.nested_too_deep()) from None
+    except ValueError as exc:  # a value YAML recognises but cannot build (2024-13-01)
+        raise _policy_error(spec, "", f"invalid YAML: a value cannot be read "
+                                      f"({str(exc).split(';')[0]})") from None
+    shape = userfile.shape_problem(data)
+    if shape is not None:
+        raise _policy_error(spec, "", shape)
+    return policy_from_dict(data, spec)
 
 

@@ -91,7 +91,9 @@ def list_migrations(inv: Inventory) -> list[Record]:
 def get_migration(inv: Inventory, mid: int) -> Record:
     """Migration ``mid`` as stored: its row, ``policy`` and ``result`` decoded, with its
     ``pass_records`` and ``decisions``."""
-    row = inv.conn.execute("SELECT * FROM migrations WHERE id=?", (mid,)).fetchone()
+    # an id past SQLite's 64-bit integers is no id of a row (and would overflow the query)
+    row = (inv.conn.execute("SELECT * FROM migrations WHERE id=?", (mid,)).fetchone()
+           if -(1 << 63) <= mid < 1 << 63 else None)
     if row is None:
         raise LabStateError(f"no migration {mid} in this lab (see: labctl migrations)", id=mid)
     d = dict(row)

@@ -45,11 +45,24 @@ _STAGES = {"src-iterable-saved": "source QEMU: final RAM sent",
 def plot(mig: Record, path: Path, title: str | None = None) -> Path:
     """Write the PNG for ``mig`` (a result dict as stored: pass_records, t0, stop_t, resume_t,
     switchover, heartbeat, decisions, total_ms...) to ``path``, whose directory must exist
-    (a mistyped ``--plot`` directory is an error, not a new directory tree)."""
+    (a mistyped ``--plot`` directory is an error, not a new directory tree). The picture's
+    format is the name's suffix; without one it is a PNG, at ``path`` + ``.png``, returned."""
     if not path.parent.is_dir():
         raise LabError(f"cannot write the timeline to {path}: directory {path.parent} "
                        f"does not exist", path=str(path), directory=str(path.parent))
-    figure(mig, title).savefig(path)
+    fig = figure(mig, title)
+    kind = path.suffix[1:].lower()
+    formats = fig.canvas.get_supported_filetypes()
+    if not kind:
+        path = path.with_name(path.name + ".png")  # where matplotlib would put it
+    elif kind not in formats:
+        raise LabError(f"cannot write the timeline to {path}: .{kind} is no picture format "
+                       f"matplotlib writes ({', '.join(sorted(formats))})", path=str(path))
+    try:
+        fig.savefig(path)
+    except OSError as exc:  # a directory of that name, /proc, a full disk
+        raise LabError(f"cannot write the timeline to {path}: {exc.strerror or exc}",
+                       path=str(path)) from None
     return path
 
 

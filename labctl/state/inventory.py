@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labctl.core.errors import LabStateError
+
 
 @dataclass(frozen=True)
 class Schema:
@@ -67,16 +69,29 @@ class Inventory:
     @classmethod
     def open(cls, path: Path, schemas: Iterable[Schema] = ()) -> Inventory:
         """Open (or create) the inventory at ``path`` with the lab's tables and those of
-        ``schemas`` (each feature's own, created once here, not on every read)."""
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        for schema in (LAB, *schemas):
-            conn.executescript(schema.sql)
-            for table, column, decl in schema.added_columns:  # made before the column existed
-                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        ``schemas`` (each feature's own, created once here, not on every read). A file that
+        cannot be opened or is no SQLite database is a LabStateError naming it."""
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        except sqlite3.Error as exc:
+            raise LabStateError(f"cannot open the inventory {path}: {exc}", path=str(path)) from None
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            for schema in (LAB, *schemas):
+                conn.executescript(schema.sql)
+                for table, column, decl in schema.added_columns:  # made before it existed
+                    have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        except sqlite3.OperationalError as exc:  # locked, read-only, unreadable
+            conn.close()
+            raise LabStateError(f"cannot open the inventory {path}: {exc}", path=str(path)) from None
+        except sqlite3.DatabaseError as exc:  # the file is damaged, or no database at all
+            conn.close()
+            raise LabStateError(f"the inventory {path} is damaged ({exc}): labctl cannot tell "
+                                "what this lab created; move its directory aside to start over",
+                                path=str(path)) from None
         return cls(conn)
 
     def close(self) -> None:

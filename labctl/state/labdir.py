@@ -16,13 +16,17 @@ from pathlib import Path
 
 from labctl.core import names
 from labctl.core.errors import LabStateError
-from labctl.core.paths import labs_dir
+from labctl.core.paths import labs_dir, list_dir, make_dir
 from labctl.core.secret import read_secret, write_secret
+from labctl.core.userfile import shown
 from labctl.state.inventory import Inventory, Schema
 
 
 class LabDir:
     def __init__(self, name: str, root: Path | None = None) -> None:
+        # the name becomes a path that 'down --purge' deletes: '..' must never get that far
+        if not names.LAB_NAME_RE.fullmatch(name):
+            raise LabStateError(f"bad lab name {shown(name)}: {names.LAB_NAME_RULE}", lab=name)
         self.name = name
         self.path = (root or labs_dir()) / name
 
@@ -39,7 +43,7 @@ class LabDir:
         return (self.path / "inventory.db").exists()
 
     def create(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dir(self.path)
         if not self.secret_path.exists():
             write_secret(self.secret_path)
 
@@ -61,7 +65,7 @@ class LabDir:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive lock so two labctl commands never change one lab at once."""
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dir(self.path)
         lock = self.path / ".lock"
         try:
             with open(lock, "w") as f:
@@ -82,10 +86,8 @@ class LabDir:
 
 def existing_labs(root: Path | None = None) -> list[str]:
     """Every lab with a directory here: up, being built, or down with its records kept."""
-    base = root or labs_dir()
-    if not base.is_dir():
-        return []
-    return sorted(p.name for p in base.iterdir() if (p / "inventory.db").exists())
+    return sorted(p.name for p in list_dir(root or labs_dir())
+                  if names.LAB_NAME_RE.fullmatch(p.name) and (p / "inventory.db").exists())
 
 
 def lab_state(path: Path) -> str | None:
@@ -123,6 +125,6 @@ def archive(path: Path) -> Path:
     logs and inventory stay readable there); returns the new place."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest = path.parent / f"{path.name}.archive" / stamp
-    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir(dest.parent)
     path.rename(dest)
     return dest

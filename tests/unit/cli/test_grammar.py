@@ -88,3 +88,44 @@ def test_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
     cli.stdout.close()  # the reader is gone before labctl writes
     err = cli.stderr.read().decode()
     assert cli.wait(60) == 0 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["events", "--last", "-3"], "argument --last: '-3' is negative: give 0 or more"),
+    (["logs", "rescan", "-n", "-5"], "argument --lines/-n: '-5' is negative: give 0 or more"),
+    (["vm", "console", "vm1", "-n", "x"], "argument --lines/-n: 'x' is not a whole number"),
+])
+def test_a_count_is_a_whole_number_of_zero_or_more(
+        argv: list[str], error: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """events --last -3 showed every event but the first three."""
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {error}")
+    assert parser().parse_args([*argv[:-1], "7"]).__dict__.get(
+        "last" if "--last" in argv else "lines") == 7
+
+
+def test_an_oserror_no_command_worded_is_still_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The last guard of the one-line promise: the file and the system's reason, and with
+    -v the traceback that shows which code should have said it in its own words."""
+    from labctl.cli import labs
+    from labctl.cli.main import main
+
+    def unreadable(args: object) -> int:
+        raise PermissionError(13, "Permission denied", "/srv/labs/t1/inventory.db")
+
+    monkeypatch.setattr(labs, "_ls", unreadable)
+    assert main(["ls"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("labctl: error: /srv/labs/t1/inventory.db: Permission denied "
+                   "(-v shows where)\n")
+    assert main(["ls", "--json", "-v"]) == 1
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["error"]["type"] == "PermissionError"
+    assert doc["error"]["message"] == "/srv/labs/t1/inventory.db: Permission denied"
+    assert "unreadable" in doc["error"]["evidence"]["traceback"]
+    assert err.startswith("labctl: error: /srv/labs/t1/inventory.db: Permission denied\n"
+                          "Traceback (most recent call last):\n")

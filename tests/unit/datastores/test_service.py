@@ -12,7 +12,7 @@ from labctl.core.ids import naa_from_unit_serial, normal_id
 from labctl.datastores import rescan
 from labctl.datastores.protocol import CacheEntry
 from labctl.datastores.registry import IdRegistry
-from labctl.datastores.service import pick_node
+from labctl.datastores.service import check_hosts, check_size, pick_node
 from labctl.datastores.tables import DATASTORES, RescanEvent
 from labctl.state.inventory import Inventory
 
@@ -45,6 +45,16 @@ def test_registry_never_reissues_a_colliding_id(tmp_path: Path, monkeypatch: pyt
     assert a[1] != b[1] and b[0].startswith("fedcba")
 
 
+def test_a_damaged_registry_is_one_line(tmp_path: Path) -> None:
+    """``datastore show`` of a lab that is down read it: sqlite3.DatabaseError."""
+    path = tmp_path / "ids.db"
+    path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(LabStateError) as exc:
+        IdRegistry(path).get("naa.6001405" + "0" * 25)
+    assert exc.value.message == (f"cannot read the datastore ID registry {path} "
+                                 "(file is not a database)")
+
+
 def _inv(tmp_path: Path) -> Inventory:
     inv = Inventory.open(tmp_path / "inv.db", [DATASTORES])
     for name, cap, state in (("s1", 1 << 30, "up"), ("s2", 2 << 30, "up"), ("s3", 8 << 30, "down")):
@@ -66,6 +76,33 @@ def test_pick_node_most_free_space_and_refusal(tmp_path: Path) -> None:
                                  "s2: 512M free of 2G; s3: 8G free of 8G (down))")
     with pytest.raises(LabStateError, match="no storage node in site b"):
         pick_node(inv, 1 << 20, "b")
+
+
+@pytest.mark.parametrize("size", ["1" * 400, "1" * 400 + "M", "99999T"])
+def test_an_absurd_datastore_size_is_refused(size: str) -> None:
+    """``datastore create --size`` and ``datastore resize``: a long number used to overflow."""
+    with pytest.raises(LabStateError) as exc:
+        check_size(size)
+    assert "more than 1024T; use a number with K, M, G or T" in exc.value.message
+    assert check_size("1.5M") == 3 << 19
+
+
+def test_check_hosts_says_what_is_wrong_with_the_list(tmp_path: Path) -> None:
+    """``datastore create --hosts ''`` named no host: it said "name each host once"."""
+    inv = _inv(tmp_path)
+    for name, site in (("h1", "a"), ("h2", "a"), ("h3", "b")):
+        inv.upsert("hosts", name=name, site=site, address="10.0.0.11", initiator_iqn="iqn.h",
+                   netns="n", veth="v", agent_port=1, memory=1 << 30)
+    assert check_hosts(inv, ["h1", "h2"]) == "a"
+    for hosts, message in (
+            ([], "no host named: --hosts lists the hosts that share the datastore, "
+                 "comma-separated (hosts: h1, h2, h3)"),
+            (["h1", "h1"], "host h1 is named twice in --hosts: name each host once"),
+            (["h1", "h9"], "unknown host 'h9' (hosts: h1, h2, h3)"),
+            (["h1", "h3"], "the hosts of a datastore must be in one site (['a', 'b'])")):
+        with pytest.raises(LabStateError) as exc:
+            check_hosts(inv, hosts)
+        assert exc.value.message == message
 
 
 def test_normal_id() -> None:

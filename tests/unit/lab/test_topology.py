@@ -104,6 +104,80 @@ def test_missing_file() -> None:
     assert "cannot read the file" in str(info.value)
 
 
+def _laughs(levels: int) -> bytes:
+    """A short file whose hosts are 10**levels values through YAML aliases."""
+    lines = ["name: t1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return ("\n".join(lines) + f"\nhosts: *a{levels - 1}\n").encode()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("content", "problem"), [
+    (bytes(range(256)) * 4, "not text (byte 128 is not UTF-8): not a topology file (YAML text)"),
+    (b"x" * (1 << 20) + b"\n", "larger than 1 MiB: not a topology file (YAML text)"),
+    (b"name: [" + b"[" * 5000 + b"]" * 5000 + b"]\n", "nested more than 32 levels deep"),
+    ("".join(" " * i + "a:\n" for i in range(800)).encode(), "nested more than 32 levels deep"),
+    (b"hosts: " + b"[" * 100 + b"]" * 100 + b"\n", "nested more than 32 levels deep"),
+    (b"hosts: &h [*h]\n", "nested more than 32 levels deep"),
+    (_laughs(7), "more than 100000 values (through YAML aliases?)"),
+    (b"name: t\x001\n", "line 1, column 8: invalid YAML: character '\\x00' (#x0000) is not allowed"),
+    (b"name: t1\nsites: 2024-13-01\n",
+     "invalid YAML: a value cannot be read (month must be in 1..12)"),
+    (b"name: " + b"1" * 5000 + b"\n", "invalid YAML: a value cannot be read (Exceeds the limit "
+     "(4300 digits) for integer string conversion: value has 5000 digits)"),
+])
+def test_a_file_that_is_no_topology_is_one_line(tmp_path: Path, content: bytes,
+                                                problem: str) -> None:
+    """Binary garbage, /dev/zero, deep nesting (which overflowed the YAML composer's or the
+    schema validator's recursion), YAML aliases that make a short file endless: one line."""
+    file = tmp_path / "lab.yaml"
+    file.write_bytes(content)
+    with pytest.raises(TopologyError) as info:
+        topology.load(file)
+    assert str(info.value) == f"{file}: {problem}"
+
+
+def test_a_directory_is_no_topology(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError) as info:
+        topology.load(tmp_path)
+    assert str(info.value) == f"{tmp_path}: is a directory, not a topology file (YAML text)"
+
+
+def test_a_long_value_is_cut_short() -> None:
+    """A value is named in full only when short: a megabyte-long one fits on a line."""
+    err = _error(GOOD.replace("name: t1", "name: " + "a" * 100000))
+    assert err.problems == [("name", f"'{'a' * 23}... (100000 characters) is not valid: lowercase "
+                                     "letters, digits and '-', starting with a letter, at most 16 "
+                                     "characters")]
+    err = _error(GOOD.replace("name: t1", "name: [" + ", ".join(["0"] * 5000) + "]"))
+    assert err.problems[0][1].startswith("[0, 0, 0, 0, 0, 0, 0, 0,... (5000 items) is not of "
+                                         "type 'string'")
+    err = _error(GOOD + "b" * 1000 + ": 1\n")
+    assert err.problems == [("", f"unknown key '{'b' * 23}... (1000 characters) (keys: name, "
+                                 "rescan, sites, storage_nodes, hosts, datastores, vms)")]
+
+
+def test_many_problems_are_counted_after_the_first_ones() -> None:
+    err = _error(GOOD + "".join(f"x{i}: 1\n" for i in range(30)))
+    assert len(err.problems) == 30
+    lines = str(err).splitlines()
+    assert len(lines) == 21
+    assert lines[-1] == "lab.yaml: and 10 more problems"
+
+
+@pytest.mark.parametrize(("rate", "problem"), [
+    (".inf", "inf is greater than the maximum of 100000: MB/s the guest dirties, 0..100000 "
+             "(default 0)"),
+    ("1.0e+30", "1e+30 is greater than the maximum of 100000: MB/s the guest dirties, "
+                "0..100000 (default 0)"),
+    (".nan", "nan is not a number of MB/s (0..100000)"),
+])
+def test_an_endless_dirty_rate_is_refused(rate: str, problem: str) -> None:
+    """Accepted, it failed only when up started the VM (OverflowError rounding it)."""
+    err = _error(GOOD.replace("datastore: ds1}]", f"datastore: ds1, dirty_rate: {rate}}}]"))
+    assert err.problems == [("vms[0].dirty_rate", problem)]
+
+
 def test_sizes() -> None:
     assert topology.parse_size("1G") == 1 << 30
     assert topology.parse_size("512MiB") == 512 << 20
@@ -128,6 +202,34 @@ def test_refused_sizes_come_together() -> None:
     err = _error(GOOD.replace("datastore: ds1}]", "datastore: ds1, memory: 256Mi, working_set: 0}]"))
     assert err.problems == [("vms[0].memory", f"bad size '256Mi': {SIZE_FORMS}"),
                             ("vms[0].working_set", f"bad size 0: {SIZE_FORMS}")]
+
+
+@pytest.mark.parametrize("size", ["1" * 400 + "M", "2000T", "1024.5T", 1 << 60])
+def test_an_absurd_size_is_refused_not_a_crash(size: int | str) -> None:
+    """A size past 1024T is a typo: refused like a malformed one (a long number used to
+    overflow a float), in one line however long the number."""
+    with pytest.raises(ValueError) as info:
+        topology.parse_size(size)
+    assert str(info.value).endswith(f": more than 1024T; {SIZE_FORMS}")
+    assert len(str(info.value)) < 200
+    err = _error(GOOD.replace("size: 256M", f"size: {size!r}"))
+    assert err.problems == [("datastores[0].size", str(info.value))]
+
+
+def test_an_absurd_size_causes_no_other_problem() -> None:
+    """A refused capacity or memory stands in as the largest size: the datastores on the node
+    and the VMs on the host are not refused because of it."""
+    err = _error(GOOD.replace("capacity: 1G", "capacity: 5000T")
+                 .replace("{name: h1}", "{name: h1, memory: 9999999999T}")
+                 .replace("datastore: ds1}]", "datastore: ds1, memory: 9999T}]"))
+    assert [p for p, _ in err.problems] == ["storage_nodes[0].capacity", "hosts[0].memory",
+                                            "vms[0].memory"]
+
+
+def test_fractions_are_exact() -> None:
+    assert topology.parse_size("1.5M") == 3 << 19
+    assert topology.parse_size("0.1K") == 102
+    assert topology.parse_size("1024T") == 1 << 50
 
 
 def test_megabytes_are_mebibytes() -> None:

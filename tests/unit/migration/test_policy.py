@@ -64,6 +64,38 @@ def test_policy_file(tmp_path: Path) -> None:
         load_policy("no-such-policy")
 
 
+@pytest.mark.parametrize(("content", "problem"), [
+    (bytes(range(256)), "not text (byte 128 is not UTF-8): not a migration policy file (YAML text)"),
+    (b"x" * (1 << 20) + b"\n", "larger than 1 MiB: not a migration policy file (YAML text)"),
+    (b"convergence: " + b"[" * 5000 + b"]" * 5000, "nested more than 32 levels deep"),
+    (b"convergence: &c {actions: *c}", "nested more than 32 levels deep"),
+    (b"base: [capped", "invalid YAML: line 1, column 14: expected ',' or ']', but got '<stream end>'"),
+    (b"base: capped\x00", "invalid YAML: special characters are not allowed"),
+    (b"timeout_s: 2024-13-01", "invalid YAML: a value cannot be read (month must be in 1..12)"),
+    (b"base: [capped]", "base: unknown policy ['capped'] (built in: default, capped, converge, "
+                        "postcopy, strict, multifd, late)"),
+    (b"{1: a, null: b}", "1: unknown field (known: auto_converge, base, convergence, "
+                         "downtime_limit_ms, lease_s, max_bandwidth_mib_s, multifd_channels, "
+                         "name, postcopy, stall_timeout_s, storage, timeout_s)"),
+])
+def test_a_policy_file_that_is_no_policy_is_one_line(tmp_path: Path, content: bytes,
+                                                     problem: str) -> None:
+    """Binary garbage, deep nesting (the YAML composer's recursion overflowed), a YAML
+    alias that refers to itself, keys a mapping cannot sort: one line naming the file."""
+    f = tmp_path / "p.yaml"
+    f.write_bytes(content)
+    with pytest.raises(LabError) as info:
+        load_policy(str(f))
+    assert info.value.message == f"migration policy {f}: {problem}"
+
+
+def test_a_directory_is_no_policy(tmp_path: Path) -> None:
+    with pytest.raises(LabError) as info:
+        load_policy(str(tmp_path))
+    assert info.value.message == (f"migration policy {tmp_path}: is a directory, not a migration "
+                                  "policy file (YAML text)")
+
+
 def test_detector_converging_migration_is_left_alone() -> None:
     passes = _passes([256, 90, 40, 18, 8, 3])
     assert not_converging(passes, 0, 3, 0.1) is None

@@ -62,6 +62,20 @@ def test_plot_refuses_a_missing_directory(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_where_no_picture_can_be_written(tmp_path: Path) -> None:
+    """--plot naming a directory, a place under /proc, a format matplotlib does not write:
+    IsADirectoryError, FileNotFoundError, ValueError; one line each now."""
+    (tmp_path / "d.png").mkdir()
+    for path, problem in ((tmp_path / "d.png", "Is a directory"),
+                          (Path("/proc/x.png"), "No such file or directory"),
+                          (tmp_path / "x.bmp", ".bmp is no picture format matplotlib writes (")):
+        with pytest.raises(LabError) as info:
+            timeline.plot(_idle(), path)
+        assert info.value.message.startswith(f"cannot write the timeline to {path}: {problem}")
+    assert timeline.plot(_idle(), tmp_path / "x") == tmp_path / "x.png"
+    assert (tmp_path / "x.png").exists()
+
+
 def _axes(fig: Figure) -> dict[str, Axes]:
     return {str(a.get_label()): a for a in fig.axes}
 
