@@ -193,6 +193,8 @@ def parser() -> argparse.ArgumentParser:
 
     st = sub.group(sub.add("storage", "storage node operations"))
     st.add("restart", "restart a storage node; datastores keep their IDs").add_argument("node")
+    st.add("resume", "resume a paused storage node (once the cause, e.g. a full disk, is gone)"
+           ).add_argument("node")
     po = st.add("portal", "take a storage node's iSCSI portal down or up")
     po.add_argument("node")
     po.add_argument("state", choices=["up", "down"])

@@ -180,7 +180,8 @@ def _when(stamp: str | None) -> str | None:
 def print_status(s: LabStatus) -> None:
     print(f"lab {s.lab}: {s.state} (accel {s.accel})")
     for n in s.storage_nodes:
-        print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}  [agent {n.agent}]")
+        dom = f"; domain {n.domain_state}" if n.domain_state not in (None, "running") else ""
+        print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}  [agent {n.agent}{dom}]")
     for h in s.hosts:
         print(f"  host    {h.name:8} {h.address:15} {h.initiator_iqn}  [agent {h.agent}]")
     for d in s.datastores:
@@ -191,7 +192,8 @@ def print_status(s: LabStatus) -> None:
                 print(f"    seen by {host} over iSCSI: {seen.naa}, {seen.size_bytes} bytes")
     for v in s.vms:
         beat = f"  heartbeat #{v.heartbeat.counter}" if v.heartbeat else ""
-        print(f"  vm      {v.name:8} on {v.host:8} {v.state}{beat}")
+        why = f" ({v.reason})" if v.reason else ""
+        print(f"  vm      {v.name:8} on {v.host:8} {v.state}{why}{beat}")
 
 
 #: never in an export: the lab secret and its copies, sockets, the lock

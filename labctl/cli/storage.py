@@ -21,6 +21,7 @@ from labctl.datastores import rescan
 from labctl.datastores import service as datastores
 from labctl.datastores.protocol import HostCache
 from labctl.lab.face import Lab
+from labctl.storage import node as storagenode
 
 
 def _unit(lab: Lab, text: str | None) -> str | None:
@@ -71,6 +72,13 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
             inv.close()
         return 0
     if args.cmd == "storage":
+        if args.action == "resume":
+            state = await storagenode.resume(lab.name, args.node)
+            if args.json:
+                print(json.dumps({"node": args.node, "domain_state": str(state)}, indent=2))
+            else:
+                print(f"storage node {args.node}: {state}")
+            return 0
         if args.action == "restart":
             with lab.context() as ctx:
                 restarted = await datastores.restart_node(ctx, args.node)

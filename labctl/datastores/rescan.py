@@ -66,10 +66,17 @@ from labctl.datastores.tables import (
 )
 from labctl.state.inventory import Inventory
 from labctl.storage import protocol as sp
+from labctl.storage.node import DomainWatch
 
 log = logging.getLogger("labctl.datastores.rescan")
 
 LOOKUPS = ("inventory", "poll")
+#: a storage node's domain, as libvirt reports it (events from source "libvirt")
+EVENT_NODE_PAUSED = "storage_node_paused"
+EVENT_NODE_STOPPED = "storage_node_stopped"
+EVENT_NODE_RESUMED = "storage_node_resumed"
+#: recorded as they are: the refresh that follows a node's return is storage_agent_back's
+NODE_DOWN_EVENTS = (EVENT_NODE_PAUSED, EVENT_NODE_STOPPED, EVENT_NODE_RESUMED)
 FINAL = ("done", "partial", "ignored", "coalesced", "failed")
 _REFRESH_TIMEOUT = 3.0
 _AGREE_TRIES = 10
@@ -234,6 +241,7 @@ class RescanService:
         self.nodes: dict[str, RpcClient] = {}
         self.node_lost: dict[str, bool] = {}
         self.portal_down: dict[str, bool] = {}
+        self.node_paused: dict[str, bool] = {}
         self._pending: dict[str, list[int]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -352,7 +360,7 @@ class RescanService:
 
     async def _ask_storage(self, ds: Datastore) -> Expected:
         node = ds.node
-        if self.node_lost.get(node) or self.portal_down.get(node):
+        if self.node_lost.get(node) or self.portal_down.get(node) or self.node_paused.get(node):
             return Expected("unreachable")
         client = self.nodes.get(node)
         if client is None:
@@ -428,6 +436,10 @@ class RescanService:
         if ev.kind == sp.EVENT_LUN_REMOVED:  # datastore delete: the sharing hosts dropped it
             self._update(eid, state="done", lookup=mode, hosts_refreshed=[], finished=time.time(),
                          message="LUN removed; the hosts named for it were told to drop it")
+            return
+        if ev.kind in NODE_DOWN_EVENTS:  # nothing to refresh until the node is back
+            self._update(eid, state="done", lookup=mode, hosts_refreshed=[], finished=time.time(),
+                         message=str(ev.detail.get("message") or ev.kind))
             return
         self._update(eid, state="processing")
         want = await self._expected(ds)
@@ -627,7 +639,44 @@ class RescanService:
             self.inv.set_meta("rescan_ready", str(time.time()))
             log.info("subscribed to every agent")
 
+    def _on_node_event(self, node: str, kind: str, why: str | None) -> None:
+        """A storage node's domain changed state (libvirt's lifecycle event): a pause, a
+        crash or a stop is recorded for each datastore on it, with its reason and the cure;
+        its resumption refreshes the sharing hosts."""
+        words = {"suspended": EVENT_NODE_PAUSED, "stopped": EVENT_NODE_STOPPED,
+                 "crashed": EVENT_NODE_STOPPED, "resumed": EVENT_NODE_RESUMED}
+        event = words.get(kind)
+        if event is None:
+            return
+        if event == EVENT_NODE_PAUSED:
+            message = (f"storage node {node} paused ({why or 'no reason given'}): its LUNs do "
+                       f"not answer; labctl storage resume {node}"
+                       + (" once the cause (e.g. a full disk) is gone" if why == "I/O error"
+                          else ""))
+        elif event == EVENT_NODE_STOPPED:
+            message = f"storage node {node} {kind} ({why or 'no reason given'})"
+        else:
+            message = (f"storage node {node} resumed; its hosts are refreshed once its agent "
+                       "answers again")
+        self.node_paused[node] = event == EVENT_NODE_PAUSED
+        for ds in datastores(self.inv, node=node):
+            self.submit("libvirt", event, ds.naa, {"node": node, "state": kind, "reason": why,
+                                                   "message": message})
+
+    def _watch_nodes(self) -> DomainWatch | None:
+        """libvirt's lifecycle events of this lab's storage nodes (None if libvirt cannot be
+        reached: the agents' liveness checks still notice a node that is gone)."""
+        lab = self.lab_dir.name  # a lab's directory is named after it
+        try:
+            watch = DomainWatch(lab, self.lab_dir, self._on_node_event)
+            watch.start()
+        except LabError as exc:
+            log.warning("not watching the storage nodes' domains: %s", exc)
+            return None
+        return watch
+
     async def run(self, stop: asyncio.Event) -> None:
+        watch = self._watch_nodes()
         for n in typed_rows(self.inv, _Agent, "storage_nodes"):
             self._tasks.append(asyncio.ensure_future(
                 self._follow("storage", n.name, n.address, n.agent_port)))
@@ -643,3 +692,5 @@ class RescanService:
             await asyncio.gather(*self._tasks, *self._workers.values(), return_exceptions=True)
             self.inv.conn.execute("DELETE FROM meta WHERE key='rescan_ready'")
             self.inv.close()
+            if watch is not None:
+                watch.close()

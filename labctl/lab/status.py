@@ -8,12 +8,14 @@ when unknown, e.g. a stopped VM's heartbeat).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
-from labctl.core.errors import AgentError
+from labctl.core.errors import AgentError, LabError
 from labctl.core.wire import Message
 from labctl.hosts import protocol as hp
 from labctl.state.context import LabContext
+from labctl.storage import node as storagenode
 from labctl.storage import protocol as sp
 
 
@@ -38,6 +40,8 @@ class NodeState(Message):
     state: str
     #: "up <seconds> s", "unreachable: <why>", or the inventory's state
     agent: str
+    #: the node's domain as libvirt sees it: running, paused (its reason), shutoff, absent
+    domain_state: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ class VmState(Message):
     host: str
     datastore: str | None
     memory_bytes: int
-    #: QEMU's run state when the host reports the VM, else the inventory's
+    #: QEMU's run state when the host reports the VM ("stalled" when it runs but its guest has
+    #: not beaten for a while), else the inventory's
     state: str
     heartbeat_ms: int
     pid: int | None = None
@@ -76,6 +81,8 @@ class VmState(Message):
     #: for checks from outside labctl: a QMP monitor labctl never uses, the console log
     qmp_check_socket: str | None = None
     console_log: str | None = None
+    #: why the state is what it is, for people ("no heartbeat for 6.2 s")
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,12 @@ class LabStatus(Message):
         return next((d for d in self.datastores if d.name == name), None)
 
 
+def stall_after(heartbeat_ms: int) -> float:
+    """Seconds without a heartbeat after which a running VM counts as stalled: ten of its
+    periods, at least two seconds (a TCG guest under load beats late, not never)."""
+    return max(2.0, 10 * heartbeat_ms / 1000)
+
+
 async def status(ctx: LabContext) -> LabStatus:
     """Ask every host and storage agent that should be up, in parallel (2-5 s bounds)."""
     inv = ctx.inv
@@ -111,6 +124,7 @@ async def status(ctx: LabContext) -> LabStatus:
     live: dict[str, tuple[str, hp.VmStatus]] = {}
     agent: dict[str, str] = {}
     node_agent: dict[str, str] = {}
+    domains: dict[str, str] = {}
 
     async def probe_host(name: str) -> None:
         try:
@@ -123,6 +137,8 @@ async def status(ctx: LabContext) -> LabStatus:
             agent[name] = f"unreachable: {exc.message} (labctl up starts it again)"
 
     async def probe_node(name: str) -> None:
+        with contextlib.suppress(LabError):
+            domains[name] = str(await storagenode.domain_state(ctx.name, name))
         try:
             async with ctx.storage_client(name, timeout=2.0) as c:
                 node_agent[name] = f"up {(await sp.PING.call(c, timeout=3)).uptime_s:.0f} s"
@@ -150,6 +166,10 @@ async def status(ctx: LabContext) -> LabStatus:
             base = base.replace(host=host, state=st.state, pid=st.pid, heartbeat=st.heartbeat,
                                 disk_counter=st.disk_counter,
                                 qmp_check_socket=st.qmp_check_socket, console_log=st.console_log)
+            silent = stall_after(v["heartbeat_ms"])
+            if st.state == "running" and st.heartbeat and st.heartbeat.age_s > silent:
+                base = base.replace(state="stalled",
+                                    reason=f"no heartbeat for {st.heartbeat.age_s:.1f} s")
         elif v["state"] == "running":
             base = base.replace(state="unknown (its host agent does not report it)")
         vms.append(base)
@@ -161,7 +181,8 @@ async def status(ctx: LabContext) -> LabStatus:
                          agent=agent.get(h["name"], h["state"])) for h in hosts],
         storage_nodes=[NodeState(name=n["name"], site=n["site"], address=n["address"],
                                  target_iqn=n["target_iqn"], domain=n["domain"],
-                                 state=n["state"], agent=node_agent.get(n["name"], n["state"]))
+                                 state=n["state"], agent=node_agent.get(n["name"], n["state"]),
+                                 domain_state=domains.get(n["name"]))
                        for n in nodes],
         datastores=stores, vms=vms,
         steps=[Step(s["name"], round(s["seconds"], 3)) for s in inv.rows("steps")])

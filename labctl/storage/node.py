@@ -23,6 +23,7 @@ import ipaddress
 import json
 import os
 import stat
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -609,3 +610,142 @@ async def attach_data_disk(lab: str, name: str, dd: DataDisk) -> str:
 async def detach_data_disk(lab: str, name: str, serial: str) -> bool:
     """Hot-unplug the data disk with ``serial`` (libvirt waits for the guest to release it)."""
     return await _in_thread(_detach, lab, name, serial)
+
+
+# --- the node's domain state: what libvirt says, and its changes as they happen -----------
+
+#: libvirt's state and reason codes (virDomainState, virDomainPausedReason, ...) in words
+_STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff",
+           6: "crashed", 7: "pmsuspended"}
+_PAUSED = {1: "user", 2: "migration", 3: "save", 4: "dump", 5: "I/O error", 6: "watchdog",
+           7: "from snapshot", 8: "shutting down", 9: "snapshot", 10: "crashed",
+           11: "starting up", 12: "post-copy", 13: "post-copy failed"}
+_SHUTOFF = {1: "shutdown", 2: "destroyed", 3: "crashed", 4: "migrated", 5: "saved",
+            6: "failed", 7: "from snapshot", 8: "daemon"}
+#: lifecycle event codes (virDomainEventType) in words
+_EVENTS = {0: "defined", 1: "undefined", 2: "started", 3: "suspended", 4: "resumed",
+           5: "stopped", 6: "shutdown", 7: "pmsuspended", 8: "crashed"}
+_SUSPENDED_DETAIL = {0: "user", 1: "migrated", 2: "I/O error", 3: "watchdog", 4: "restored",
+                     5: "from snapshot", 6: "API error", 7: "post-copy", 8: "post-copy failed"}
+_STOPPED_DETAIL = {0: "shutdown", 1: "destroyed", 2: "crashed", 3: "migrated", 4: "saved",
+                   5: "failed", 6: "from snapshot"}
+
+
+@dataclass(frozen=True)
+class DomainState:
+    """A storage node's domain as libvirt sees it: ``state`` (running, paused, shutoff,
+    crashed, ...) and why (``reason``: for a pause "user", "I/O error", ...)."""
+
+    state: str
+    reason: str | None
+
+    def __str__(self) -> str:
+        return self.state + (f" ({self.reason})" if self.reason else "")
+
+
+def _state_of(dom: Any) -> DomainState:
+    code, reason = dom.state()
+    state = _STATES.get(code, f"state {code}")
+    words = _PAUSED if code == 3 else _SHUTOFF if code == 5 else {}
+    return DomainState(state, words.get(reason) if words else None)
+
+
+def _domain_state(lab: str, name: str) -> DomainState:
+    conn = _open()
+    try:
+        return _state_of(_owned_domain(conn, lab, name))
+    except StorageNodeError:
+        return DomainState("absent", None)
+    finally:
+        conn.close()
+
+
+async def domain_state(lab: str, name: str) -> DomainState:
+    """What libvirt says of storage node ``name``'s domain now ("absent" if it has none)."""
+    return await _in_thread(_domain_state, lab, name)
+
+
+def _resume(lab: str, name: str) -> DomainState:
+    lv = _libvirt()
+    conn = _open()
+    try:
+        dom = _owned_domain(conn, lab, name)
+        if dom.state()[0] == 3:
+            try:
+                dom.resume()
+            except lv.libvirtError as exc:
+                raise StorageNodeError(f"libvirt could not resume {dom.name()}: {exc}",
+                                       domain=dom.name()) from exc
+        return _state_of(dom)
+    finally:
+        conn.close()
+
+
+async def resume(lab: str, name: str) -> DomainState:
+    """Resume a paused storage node (after its cause, e.g. a full disk, is gone)."""
+    return await _in_thread(_resume, lab, name)
+
+
+#: (node, event, detail) for each lifecycle event of one of the lab's storage nodes
+NodeEventSink = Callable[[str, str, str | None], None]
+
+
+class DomainWatch:
+    """libvirt's lifecycle events of one lab's storage node domains, as they happen: a
+    thread runs libvirt's default event loop; each event of a domain whose metadata names
+    the lab is handed to ``sink`` in the asyncio loop that started the watch."""
+
+    def __init__(self, lab: str, lab_dir: Path, sink: NodeEventSink) -> None:
+        self.lab = lab
+        self.lab_dir = str(lab_dir.resolve())
+        self.sink = sink
+        self._loop = asyncio.get_running_loop()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: Any = None
+        self._cb: int | None = None
+
+    def start(self) -> None:
+        lv = _libvirt()
+        _event_impl(lv)
+        self._conn = _open()
+        self._cb = self._conn.domainEventRegisterAny(
+            None, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None)
+        self._thread = threading.Thread(target=self._run, name="libvirt-events", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        lv = _libvirt()
+        while not self._stop.is_set():
+            with contextlib.suppress(lv.libvirtError):
+                lv.virEventRunDefaultImpl()
+
+    def _on_event(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        owner = _owner(dom) or {}
+        if owner.get("lab") != self.lab or owner.get("lab_dir") != self.lab_dir:
+            return
+        kind = _EVENTS.get(event, f"event {event}")
+        why = (_SUSPENDED_DETAIL if event == 3 else _STOPPED_DETAIL if event == 5 else {}
+               ).get(detail)
+        node = owner.get("node") or dom.name()
+        self._loop.call_soon_threadsafe(self.sink, node, kind, why)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                if self._cb is not None:
+                    self._conn.domainEventDeregisterAny(self._cb)
+                self._conn.close()
+
+
+_event_impl_done = False
+
+
+def _event_impl(lv: Any) -> None:
+    """libvirt's default event loop, registered once per process (before any connection
+    whose events are wanted)."""
+    global _event_impl_done
+    if not _event_impl_done:
+        lv.virEventRegisterDefaultImpl()
+        _event_impl_done = True

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,37 @@ def test_storage_node_restart_hosts_and_vm_reconnect(lab: dict[str, Any]) -> Non
         lost = mine.index("storage_agent_lost")
         back = mine.index("storage_agent_back", lost)
         assert back < mine.index("lun_added", back), mine
+
+
+def test_a_paused_storage_node_shows_and_recovers(lab: dict[str, Any]) -> None:
+    """A storage node paused behind labctl's back (virsh suspend, as libvirt does on an I/O
+    error): libvirt's event is recorded with its reason and the cure, status shows the
+    domain paused and the VM stalled, `labctl storage resume` brings both back."""
+    cli = LabCli(NAME)
+    domain = f"labctl-{NAME}-stor1"
+    before = len(events())
+    subprocess.run(["virsh", "-c", "qemu:///system", "suspend", domain], check=True,
+                   capture_output=True)
+    try:
+        paused = wait(lambda: [e for e in events()[before:]
+                               if e["kind"] == "storage_node_paused"], 10,
+                      "the pause to be recorded")
+        assert paused[0]["source"] == "libvirt" and paused[0]["detail"]["reason"] == "user"
+        assert "labctl storage resume stor1" in paused[0]["message"], paused[0]
+        node = cli.json("status")["storage_nodes"][0]
+        assert node["domain_state"] == "paused (user)", node
+        vm = wait(lambda: (v := cli.json("status")["vms"][0])["state"] == "stalled" and v, 20,
+                  "the VM to show as stalled")  # its guest waits on the LUN's I/O
+        assert vm["reason"].startswith("no heartbeat for"), vm
+    finally:
+        res = cli("storage", "resume", "stor1")
+    assert "running" in res.stdout
+    wait(lambda: [e for e in events()[before:] if e["kind"] == "storage_node_resumed"], 10,
+         lambda: f"the resumption to be recorded: {events()[before:]}")
+    wait(lambda: cli.json("status")["vms"][0]["state"] == "running", 20,
+         "the VM to beat again")
+    assert cli.json("status")["storage_nodes"][0]["domain_state"] == "running"
+    # every sharing host's view of ds1 is usable again (refreshed once the agent answered)
+    wait(lambda: all(u["state"] == "ok" for h in ("h1", "h2")
+                     for u in cli.json("host", "storage", h)["units"] if u["datastore"] == "ds1"),
+         30, lambda: f"the hosts to see ds1 again: {events()[before:]}")
