@@ -153,6 +153,10 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(resized.to_wire(), indent=2))
             return 0
+        if not resized.changed:
+            print(f"datastore {resized.datastore} ({resized.id}) is already "
+                  f"{format_size(resized.size_bytes)}: nothing to do")
+            return 0
         print(f"datastore {resized.datastore} ({resized.id}) grown to "
               f"{format_size(resized.size_bytes)}")
         if resized.event is not None:

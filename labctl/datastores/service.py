@@ -128,8 +128,11 @@ class Resized(Message):
     size_bytes: int
     #: time.time() of the libvirt block resize
     resized_at: float
-    #: the rescan service's record of the round that carried the new size (None: not waited)
+    #: the rescan service's record of the round that carried the new size (None: not waited,
+    #: or nothing changed)
     event: RescanEvent | None
+    #: False when the datastore already had that size (nothing was done)
+    changed: bool = True
 
 
 @dataclass(frozen=True)
@@ -384,7 +387,10 @@ async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
     inv = ctx.inv
     with ctx.lock():
         m = mapping(inv, name)
-        if nbytes <= m.size_bytes:
+        if nbytes == m.size_bytes:  # already there: like any idempotent request, done
+            return Resized(datastore=name, id=m.id, size_bytes=nbytes, resized_at=time.time(),
+                           event=None, changed=False)
+        if nbytes < m.size_bytes:
             raise LabStateError(f"datastore {name} is {format_size(m.size_bytes)}: a LUN "
                                 f"only grows (asked for {format_size(nbytes)})",
                                 datastore=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -12,9 +13,11 @@ from labctl.core.ids import naa_from_unit_serial, normal_id
 from labctl.datastores import rescan
 from labctl.datastores.protocol import CacheEntry
 from labctl.datastores.registry import IdRegistry
-from labctl.datastores.service import check_hosts, check_size, pick_node
+from labctl.datastores.service import check_hosts, check_size, pick_node, resize
 from labctl.datastores.tables import DATASTORES, RescanEvent
+from labctl.state.context import LabContext
 from labctl.state.inventory import Inventory
+from labctl.state.labdir import LabDir
 
 
 def test_registry_issues_lio_naa_ids_once(tmp_path: Path) -> None:
@@ -139,3 +142,26 @@ def test_format_event() -> None:
     assert "size 96 MiB; lookup inventory; refreshed h1; stale h2 [partial]" in line
     assert "coalesced into #3" in rescan.format_event(ev.replace(state="coalesced",
                                                                  coalesced_into=3))
+
+
+def _ctx(tmp_path: Path) -> LabContext:
+    d = LabDir("t", tmp_path)
+    d.create()
+    inv = _inv(tmp_path / "t")
+    inv.upsert("datastores", name="ds1", node="s1", size_bytes=64 << 20, unit_serial="1" * 32,
+               naa="naa.6001405" + "1" * 25, lun=0, disk_serial="lc-ds1", backing_path="/b",
+               state="exported", created=time.time())
+    return LabContext("t", d, inv)
+
+
+def test_resize_to_the_size_it_has_is_done_and_smaller_refused(tmp_path: Path) -> None:
+    """Like any idempotent request, asking for the size a datastore already has succeeds
+    (nothing is touched: no libvirt is reached here); a smaller size is refused."""
+    ctx = _ctx(tmp_path)
+    try:
+        same = asyncio.run(resize(ctx, "ds1", "64M", wait=0))
+        assert same.changed is False and same.size_bytes == 64 << 20 and same.event is None
+        with pytest.raises(LabStateError, match="a LUN only grows"):
+            asyncio.run(resize(ctx, "ds1", "32M", wait=0))
+    finally:
+        ctx.inv.close()
