@@ -30,6 +30,18 @@ def netns_argv(netns: str | None, argv: list[str]) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
 
 
+def cmdline_names(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path``, or a path inside it, as one of its command-line
+    arguments (``/a/lab`` never matches ``/a/lab2``): how labctl proves a process is the one
+    it started for a lab or a VM, without finding anything by name."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    own = str(path.absolute()).encode()
+    return any(a == own or own + b"/" in a for a in args)
+
+
 def which(program: str, hint: str = "") -> str:
     path = shutil.which(program)
     if path is None:

@@ -36,7 +36,7 @@ from qemu.qmp.qmp_client import ExecuteError
 
 from labctl.core.errors import LabError, MissingDependency, VmError
 from labctl.core.names import QEMU_BINARY
-from labctl.core.proc import which
+from labctl.core.proc import cmdline_names, which
 from labctl.guest import protocol as guest
 from labctl.hosts.protocol import FileDisk, IscsiDisk, VmSpec
 
@@ -219,17 +219,6 @@ class _Adopted:
         return -1
 
 
-def runs_in(pid: int, run_dir: Path) -> bool:
-    """Whether process ``pid`` is a QEMU whose command line names ``run_dir`` (its own run
-    directory): how an adopted QEMU is proved to be this VM's."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    own = str(run_dir.absolute()).encode()
-    return any(own + b"/" in a or a == own for a in args)
-
-
 class QemuVm:
     """One QEMU process. Construct, then ``await start()``; always ``await stop()``."""
 
@@ -381,7 +370,7 @@ class QemuVm:
         VM's QEMU or it does not answer; the QEMU is left as it was then."""
         if self.state is not VmState.NEW:
             raise self._error(f"cannot adopt into a VM in state {self.state.value}")
-        if not runs_in(pid, self.run_dir):
+        if not cmdline_names(pid, self.run_dir):
             raise self._error(f"process {pid} is not the QEMU of this VM (its command line "
                               f"does not name {self.run_dir})")
         self.state = VmState.STARTING

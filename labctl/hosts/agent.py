@@ -30,7 +30,7 @@ from labctl.core.proc import which
 from labctl.core.rpc import Handler, RpcServer
 from labctl.core.wire import Empty, Json, Message, handlers
 from labctl.drivers.iscsi import wait_portal
-from labctl.drivers.qemu import QemuVm, VmState, runs_in, transient_open_failure
+from labctl.drivers.qemu import QemuVm, VmState, transient_open_failure
 from labctl.guest import protocol as guest
 from labctl.guest.image import ensure_guest_image
 from labctl.hosts import protocol as p
@@ -320,7 +320,7 @@ class HostAgent:
                 pid = int((run_dir / "qemu.pid").read_text().split()[0])
             except (OSError, ValueError, IndexError, LabError):
                 continue
-            if spec.name != run_dir.name or not runs_in(pid, run_dir):
+            if spec.name != run_dir.name:
                 continue
             vm = QemuVm(spec, run_dir)
             self.adopt(vm)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from labctl.core import names
 from labctl.core.errors import AgentUnreachable, ProvisionError
-from labctl.core.proc import netns_argv
+from labctl.core.proc import cmdline_names, netns_argv
 from labctl.core.rpc import RpcClient
 from labctl.core.secret import write_secret
 from labctl.drivers import netlink
@@ -72,17 +72,6 @@ class HostProvider(Protocol):
         ...
 
 
-def owned_by(pid: int, lab_path: Path) -> bool:
-    """True if process ``pid`` runs with this lab's directory (or a path inside it) as one of
-    its command-line arguments (lab ``a`` never matches lab ``ab``'s directory)."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    own = str(lab_path).encode()
-    return any(a == own or own + b"/" in a for a in args)
-
-
 def spawn_owned(inv: Inventory, name: str, argv: list[str], log: Path,
                 **detail: str) -> subprocess.Popen[bytes]:
     """Start a lab process (its own session, output to ``log``) and journal it.
@@ -102,13 +91,13 @@ def spawn_owned(inv: Inventory, name: str, argv: list[str], log: Path,
 async def stop_owned_process(name: str, pid: int, lab_path: Path, removed: list[str]) -> None:
     """SIGTERM the process ``pid`` if it is the lab's (its command line names the lab
     directory), SIGKILL after 5 s; record it in ``removed``."""
-    if not owned_by(pid, lab_path):
+    if not cmdline_names(pid, lab_path):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     for _ in range(100):
         await asyncio.sleep(0.05)
-        if not owned_by(pid, lab_path):
+        if not cmdline_names(pid, lab_path):
             removed.append(f"process {name} (pid {pid})")
             return
     with contextlib.suppress(ProcessLookupError):
