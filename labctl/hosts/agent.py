@@ -224,7 +224,7 @@ class HostAgent:
         name = spec.name
         async with self.lock(name):
             self.check_not_running(name)
-            vm = await self._start_qemu(spec, req.spec.incoming)
+            vm = await self.start_qemu(spec, incoming=req.spec.incoming)
             try:
                 if req.spec.incoming is None:
                     await vm.wait_heartbeat(req.heartbeat_timeout)
@@ -237,17 +237,23 @@ class HostAgent:
             return p.VmStarted(name=name, pid=vm.pid, run_dir=str(vm.run_dir),
                                first_heartbeat_s=vm.first_heartbeat_s, accel=spec.accel)
 
-    async def _start_qemu(self, spec: p.VmSpec, incoming: str | None) -> QemuVm:
-        """QEMU for ``spec``, started: an iSCSI disk's portal must answer first, and a failure
-        to open the disk that QEMU reports as transient is retried a few times (a permanent
-        one fails at once); a failed QEMU's logs are kept."""
+    async def start_qemu(self, spec: p.VmSpec, *, incoming: str | None = None,
+                         blockdevs: list[str] | None = None,
+                         on_exit: Callable[[QemuVm], None] | None = None,
+                         wait_for_portal: bool = True) -> QemuVm:
+        """QEMU for ``spec``, started and registered (see :meth:`adopt`; call with the VM's
+        lock held). An iSCSI disk's portal must answer first (unless ``wait_for_portal`` is
+        False: QEMU does not open the disk at start), and a failure to open the disk that
+        QEMU reports as transient is retried a few times (a permanent one fails at once); a
+        failed QEMU's logs are kept. ``vm start`` and a migration's incoming QEMU both start
+        here."""
         for attempt in range(1, OPEN_TRIES + 1):
-            if isinstance(spec.disk, p.IscsiDisk):
+            if wait_for_portal and isinstance(spec.disk, p.IscsiDisk):
                 await wait_portal(spec.disk.portal)
             vm = QemuVm(spec, self.run_dir(spec.name))
-            self.adopt(vm)
+            self.adopt(vm, on_exit=on_exit)
             try:
-                await vm.start(incoming=incoming)
+                await vm.start(incoming=incoming, blockdevs=blockdevs)
                 return vm
             except VmError as exc:
                 self.keep_failed_logs(vm)
@@ -260,6 +266,7 @@ class HostAgent:
                             spec.name, why, attempt, OPEN_TRIES)
                 await asyncio.sleep(0.5 * attempt)
             except BaseException:
+                self.keep_failed_logs(vm)
                 await vm.stop(timeout=5.0)
                 self.forget(vm)
                 raise

@@ -39,8 +39,7 @@ from qemu.qmp import EventListener
 from labctl.core.errors import LabError, LabStateError, MigrationError, VmError
 from labctl.core.rpc import Handler
 from labctl.core.wire import Json, handlers
-from labctl.drivers.iscsi import wait_portal
-from labctl.drivers.qemu import QemuVm, VmState, blockdev_arg, disk_node, transient_open_failure
+from labctl.drivers.qemu import QemuVm, VmState, blockdev_arg, disk_node
 from labctl.guest.protocol import decode_disk_record, parse_heartbeat
 from labctl.hosts.agent import HostAgent
 from labctl.hosts.protocol import FileDisk, IscsiDisk, VmName, VmSpec, VmStop, VmStopped
@@ -56,7 +55,6 @@ from labctl.migration.protocol import (
 )
 
 DiskProbe = Callable[[IscsiDisk], Awaitable[tuple[str, int]]]
-OPEN_TRIES = 4  # QEMU starts that may meet a transient open failure of an iSCSI disk
 log = logging.getLogger("labctl.migration.hostside")
 
 FINAL = FINAL_STATUSES
@@ -293,29 +291,17 @@ class MigrationHandlers:
         its portal to answer first, and a failure QEMU reports as transient (the portal not
         reachable yet, a session still being torn down) is retried a few times; a permanent
         one (ACL, no such LUN) fails at once. A failed QEMU's logs are kept."""
-        name = spec.name
-        for attempt in range(1, OPEN_TRIES + 1):
-            if isinstance(spec.disk, IscsiDisk) and storage == "early":
-                await wait_portal(spec.disk.portal)
-            vm = QemuVm(spec, self.agent.run_dir(name))
-            inc = _Incoming(vm=vm, mode=storage, real_node=real, lease_until=_now() + lease_s)
-            self.agent.adopt(vm, on_exit=self._incoming_died)
-            self.incoming[name] = inc
-            try:
-                await vm.start(incoming="defer", blockdevs=graph)
-                return inc
-            except VmError as exc:
-                why = exc.evidence.get("qemu_error")
-                await self._drop(name, keep_logs=True)
-                if attempt == OPEN_TRIES or not transient_open_failure(why):
-                    raise
-                log.warning("incoming %s: QEMU could not open the disk (%s): retrying (%d/%d)",
-                            name, why, attempt, OPEN_TRIES)
-                await asyncio.sleep(0.5 * attempt)
-            except BaseException:
-                await self._drop(name, keep_logs=True)
-                raise
-        raise AssertionError("unreachable")
+        try:
+            # with late preparation the disk is a placeholder: nothing to wait for at start
+            vm = await self.agent.start_qemu(spec, incoming="defer", blockdevs=graph,
+                                             on_exit=self._incoming_died,
+                                             wait_for_portal=storage == "early")
+        except BaseException:
+            shutil.rmtree(self.agent.run_dir(spec.name), ignore_errors=True)  # logs kept
+            raise
+        inc = _Incoming(vm=vm, mode=storage, real_node=real, lease_until=_now() + lease_s)
+        self.incoming[spec.name] = inc
+        return inc
 
     async def _storage_work(self, inc: _Incoming, attach: bool) -> None:
         """Make the datastore usable on this host and prove QEMU can read the disk:
