@@ -1,17 +1,11 @@
 """What a host sees of an iSCSI LUN, through libiscsi (user space, no kernel initiator).
 
-Thin async wrappers, each run as a separate program (optionally inside a network
-namespace, via :func:`labctl.proc.run`):
-
-* :func:`list_luns` — ``iscsi-ls -s``
-* :func:`read_capacity` — ``iscsi-readcapacity16 -s``
-* :func:`inquiry_naa` — VPD page 0x83. ``iscsi-inq`` prints binary designators
-  with ``%s`` (an NAA ID is cut at its first zero byte), so this one runs
-  ``python -m labctl.drivers.iscsi vpd83 ...``: a few lines of ctypes over libiscsi that
-  print every designator in hex, as JSON.
-
-An iSCSI URL is ``iscsi://<portal>/<target>/<lun>``; the initiator name is given
-with ``-i``.
+* :func:`list_luns` — ``iscsi-ls -s``, run as a program (optionally inside a network
+  namespace, via :func:`labctl.core.proc.run`);
+* :func:`probe_unit` — one login in this process (ctypes over libiscsi): READ
+  CAPACITY(16) and VPD page 0x83 with every designator in hex (``iscsi-inq`` prints
+  binary designators with ``%s``, so an NAA ID is cut at its first zero byte);
+* :func:`wait_portal` — until the portal accepts a TCP connection.
 """
 
 from __future__ import annotations
@@ -21,15 +15,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import json
 import re
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from labctl.core.errors import CommandFailed, LabError, MissingDependency, ProtocolError
+from labctl.core.errors import LabError, MissingDependency
 from labctl.core.proc import run
 from labctl.core.wire import Message
 
@@ -49,7 +41,7 @@ class LunInfo:
 
 @dataclass(frozen=True)
 class Designator(Message):
-    """One designator of VPD page 0x83 (SPC-4 7.8.6); the vpd83 helper prints a list."""
+    """One designator of VPD page 0x83 (SPC-4 7.8.6)."""
 
     type: int  # designator type: 3 = NAA
     association: int  # 0 = the logical unit
@@ -69,11 +61,6 @@ class UnitProbe:
     commands: int
     #: (sense key, ASCQ) of each UNIT ATTENTION met
     unit_attentions: list[tuple[int, int]]
-
-
-def url(portal: str, target: str, lun: int) -> str:
-    _check(portal, target, lun)
-    return f"iscsi://{portal}/{target}/{lun}"
 
 
 def _check(portal: str, target: str | None = None, lun: int | None = None,
@@ -111,54 +98,6 @@ def parse_iscsi_ls(text: str) -> list[LunInfo]:
     return out
 
 
-async def read_capacity(portal: str, target: str, lun: int, initiator: str,
-                        netns: str | None = None) -> int:
-    """The LUN's size in bytes (READ CAPACITY 16)."""
-    _check(portal, target, lun, initiator)
-    res = await run(["iscsi-readcapacity16", "-s", "-i", initiator, url(portal, target, lun)],
-                    netns=netns, timeout=_TIMEOUT, what=f"iscsi-readcapacity16 on LUN {lun}")
-    return parse_readcapacity(res.stdout, res.argv)
-
-
-def parse_readcapacity(text: str, argv: list[str] | None = None) -> int:
-    for line in text.splitlines():
-        line = line.strip()
-        if line.isdigit():
-            return int(line)
-        m = re.match(r"^Total size:(\d+)", line)
-        if m:
-            return int(m.group(1))
-    raise LabError("iscsi-readcapacity16 printed no size", argv=argv, stdout=text[-2000:])
-
-
-async def designators(portal: str, target: str, lun: int, initiator: str,
-                      netns: str | None = None) -> list[Designator]:
-    """Every designator of VPD page 0x83, in the page's order."""
-    _check(portal, target, lun, initiator)
-    res = await run([sys.executable, "-m", "labctl.drivers.iscsi", "vpd83", portal, target, str(lun),
-                     initiator], netns=netns, timeout=_TIMEOUT,
-                    what=f"INQUIRY VPD 0x83 of {url(portal, target, lun)}")
-    try:
-        data = json.loads(res.stdout)
-    except ValueError as exc:
-        raise CommandFailed(res.argv, 0, res.stdout, res.stderr,
-                            what="vpd83 printed no JSON") from exc
-    if not isinstance(data, list):
-        raise LabError("vpd83 printed something else than a list", stdout=res.stdout)
-    try:
-        return [Designator.from_wire(d, f"vpd83 designator {i}") for i, d in enumerate(data)]
-    except ProtocolError as exc:
-        raise LabError(f"vpd83 printed an unexpected designator: {exc.message}",
-                       stdout=res.stdout) from exc
-
-
-async def inquiry_naa(portal: str, target: str, lun: int, initiator: str,
-                      netns: str | None = None) -> str:
-    """The LUN's NAA designator as LIO presents it, e.g. ``naa.6001405...`` (lower case)."""
-    found = await designators(portal, target, lun, initiator, netns)
-    return naa_from_designators(found)
-
-
 def naa_from_designators(found: list[Designator]) -> str:
     """The logical unit's NAA designator (type 3, association 0) in ``naa.<hex>`` form;
     with several, the richest NAA format (6: registered extended, as LIO has) wins."""
@@ -193,7 +132,7 @@ async def wait_portal(portal: str, budget: float = 10.0) -> float:
         await asyncio.sleep(0.2)
 
 
-# ---- the vpd83 helper (runs as its own process, possibly inside a namespace) ----
+# ---- libiscsi through ctypes (in this process) ----
 
 class _Designator(ctypes.Structure):
     pass
@@ -309,35 +248,6 @@ def designator_list(inq: int) -> list[Designator]:
     return out
 
 
-def vpd83_sync(portal: str, target: str, lun: int, initiator: str) -> list[Designator]:
-    """INQUIRY VPD 0x83 through libiscsi in this process (blocking)."""
-    with login(portal, target, lun, initiator) as s:
-        lib = s.lib
-        task = None
-        try:
-            size = 255
-            for _ in range(2):
-                task = lib.iscsi_inquiry_sync(s.ctx, lun, 1, _VPD_DEVICE_IDENTIFICATION, size)
-                # struct scsi_task starts with "int status" (SCSI_STATUS_GOOD = 0)
-                if not task or ctypes.cast(task, ctypes.POINTER(ctypes.c_int))[0] != 0:
-                    raise s.error(f"INQUIRY VPD 0x83 of LUN {lun} failed")
-                full = lib.scsi_datain_getfullsize(task)
-                if full <= size:
-                    break
-                lib.scsi_free_scsi_task(task)
-                task = None
-                size = full
-            inq = lib.scsi_datain_unmarshall(task)
-            if not inq:
-                raise s.error("cannot decode VPD page 0x83")
-            out = designator_list(inq)
-        finally:
-            if task:
-                lib.scsi_free_scsi_task(task)
-    out.reverse()  # libiscsi prepends: restore the order of the page
-    return out
-
-
 # ---- the probe a host's storage cache uses (in-process, one login) ----
 
 _SCSI_STATUS_GOOD = 0
@@ -399,7 +309,8 @@ def probe_unit(portal: str, target: str, lun: int, initiator: str) -> UnitProbe:
             size = (int(cap.returned_lba) + 1) * block
         finally:
             lib.scsi_free_scsi_task(task)
-        task = run(lambda: lib.iscsi_inquiry_sync(ctx, lun, 1, 0x83, 255), "INQUIRY VPD 0x83")
+        task = run(lambda: lib.iscsi_inquiry_sync(ctx, lun, 1, _VPD_DEVICE_IDENTIFICATION, 255),
+                   "INQUIRY VPD 0x83")
         try:
             inq = lib.scsi_datain_unmarshall(task)
             if not inq:
@@ -409,22 +320,3 @@ def probe_unit(portal: str, target: str, lun: int, initiator: str) -> UnitProbe:
             lib.scsi_free_scsi_task(task)
     return UnitProbe(naa=naa_from_designators(found), size_bytes=size, block_size=block,
                      commands=commands, unit_attentions=attentions)
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 5 or argv[0] != "vpd83":
-        print("usage: python -m labctl.drivers.iscsi vpd83 <portal> <target-iqn> <lun> <initiator-iqn>",
-              file=sys.stderr)
-        return 2
-    try:
-        _check(argv[1], argv[2], int(argv[3]), argv[4])
-        print(json.dumps([d.to_wire() for d in vpd83_sync(argv[1], argv[2], int(argv[3]),
-                                                          argv[4])]))
-    except (LabError, ValueError) as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -129,8 +129,6 @@ def test_iscsi_parsers() -> None:
     luns = iscsi.parse_iscsi_ls(text)
     assert [(x.lun, x.size) for x in luns] == [(0, "1G"), (1, "63M")]
     assert luns[0].target_iqn == "iqn.2003-01.org.linux-iscsi.s1:ds"
-    assert iscsi.parse_readcapacity("67108864\n") == 67108864
-    assert iscsi.parse_readcapacity("x\nTotal size:1024\n") == 1024
     found = [iscsi.Designator(type=1, association=0, code_set=2, hex="4c494f", text="LIO"),
              iscsi.Designator(type=3, association=0, code_set=1,
                               hex="6001405ABCDEF0000000000000000001", text=None),
