@@ -93,18 +93,7 @@ def existing_labs(root: Path | None = None) -> list[str]:
 def lab_state(path: Path) -> str | None:
     """The state a lab's inventory records (``up``, ``creating``, ``down``...), read without
     creating anything; None when it cannot be read."""
-    db = path / "inventory.db"
-    if not db.exists():
-        return None
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            row = conn.execute("SELECT value FROM meta WHERE key='state'").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return None
-    return str(row[0]) if row else None
+    return lab_meta(path).get("state")
 
 
 def lab_meta(path: Path) -> dict[str, str]:
