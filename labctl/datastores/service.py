@@ -22,7 +22,6 @@ attaches by ID and checks the LUN really reports that ID.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,6 @@ from labctl.storage import protocol as sp
 from labctl.storage.image import ensure_storage_image
 from labctl.storage.node import DataDisk
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
 MIN_SIZE = 1 << 20
 
 
@@ -244,9 +242,9 @@ def pick_node(inv: Inventory, size: int, site: str, node: str | None = None) -> 
 
 
 def _check_name(name: str) -> None:
-    if not NAME_RE.match(name):
-        raise LabStateError(f"bad datastore name {name!r}: lowercase letters, digits and '-', "
-                            "starting with a letter, at most 16 characters", datastore=name)
+    if not names.LAB_NAME_RE.fullmatch(name):
+        raise LabStateError(f"bad datastore name {name!r}: {names.LAB_NAME_RULE}",
+                            datastore=name)
 
 
 def check_size(size: int | str) -> int:
