@@ -16,12 +16,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from labctl.core.errors import LabError, LabStateError, RemoteError, TopologyError
+from labctl.core.errors import LabError, LabStateError, TopologyError
 from labctl.core.paths import check_home, labs_dir
 from labctl.core.wire import Message
 from labctl.datastores import service as datastores
 from labctl.datastores.tables import DATASTORES
-from labctl.guest.protocol import HEARTBEAT_MS_MAX, HEARTBEAT_MS_MIN, valid_heartbeat_ms
+from labctl.guest.protocol import (
+    HEARTBEAT_MS_MAX,
+    HEARTBEAT_MS_MIN,
+    check_command,
+    valid_heartbeat_ms,
+)
 from labctl.hosts import protocol as hp
 from labctl.lab import bringup, teardown, vms
 from labctl.lab.status import LabStatus
@@ -90,8 +95,17 @@ class Lab:
 
     @contextmanager
     def context(self) -> Iterator[LabContext]:
-        """The lab opened for a feature to work on (its inventory closed afterwards)."""
-        inv = self.open_inventory()
+        """The lab opened for a feature to work on (its inventory closed afterwards); a clear
+        error when the lab is not up."""
+        if not self.dir.exists():
+            raise LabStateError(f"lab {self.name} is not up (start it with: labctl up)", lab=self.name)
+        with self._opened() as ctx:
+            yield ctx
+
+    @contextmanager
+    def _opened(self) -> Iterator[LabContext]:
+        """The lab's inventory (created if new) as a context, closed afterwards."""
+        inv = self.dir.inventory(SCHEMAS)
         try:
             yield LabContext(self.name, self.dir, inv, self.progress)
         finally:
@@ -124,12 +138,8 @@ class Lab:
                     inv.close()
                 if state == "up" and digest == topo.digest:
                     self.progress(f"lab {self.name} is already up with this topology")
-                    inv = self.dir.inventory(SCHEMAS)
-                    try:
-                        await bringup.recover(LabContext(self.name, self.dir, inv,
-                                                         self.progress), topo)
-                    finally:
-                        inv.close()
+                    with self._opened() as ctx:
+                        await bringup.recover(ctx, topo)
                     return await self.status()
                 if state == "up":
                     raise LabStateError(
@@ -141,11 +151,8 @@ class Lab:
                     lab=self.name, state=state)
             self.check(topo)
             self.dir.create()
-            inv = self.dir.inventory(SCHEMAS)
-            try:
-                await bringup.build(LabContext(self.name, self.dir, inv, self.progress), topo)
-            finally:
-                inv.close()
+            with self._opened() as ctx:
+                await bringup.build(ctx, topo)
         return await self.status()
 
     # ------------------------------------------------------------------ VMs
@@ -172,17 +179,14 @@ class Lab:
     async def vm_console(self, name: str, command: str) -> str:
         """Send a console command to the test guest (``rate N``, ``wss N``, ``read``, ``sync``,
         ``size``); a command it does not know is refused in the guest's words."""
+        try:
+            check_command(command)  # the guest's own refusal, before any host is asked
+        except ValueError as exc:
+            raise LabError(f"VM {name}: {exc}", vm=name) from None
         with self.context() as ctx:
-            host = vms.running_host(ctx, name)
-            async with ctx.host_client(host) as c:
-                try:
-                    return (await hp.VM_CONSOLE.call(c, hp.ConsoleCommand(name, command),
-                                                     timeout=30)).answer
-                except RemoteError as exc:
-                    if "knows no command" not in exc.message:
-                        raise
-                    said = exc.message.split("vm_console: ", 1)[-1]
-                    raise LabError(f"VM {name}: {said}", vm=name, host=host) from None
+            async with ctx.host_client(vms.running_host(ctx, name)) as c:
+                return (await hp.VM_CONSOLE.call(c, hp.ConsoleCommand(name, command),
+                                                 timeout=30)).answer
 
     async def vm_console_tail(self, name: str, lines: int = 20) -> list[str]:
         """The last console lines of a running VM, as its host agent read them."""
@@ -229,13 +233,9 @@ class Lab:
         already = self.state() == "down"
         with self.dir.lock():
             if self.dir.exists() and not already:
-                inv = self.dir.inventory(SCHEMAS)
-                try:
-                    removed = await teardown.teardown(
-                        LabContext(self.name, self.dir, inv, self.progress))
-                    _mark_down(inv)
-                finally:
-                    inv.close()
+                with self._opened() as ctx:
+                    removed = await teardown.teardown(ctx)
+                    _mark_down(ctx.inv)
         if purge:
             shutil.rmtree(self.dir.path, ignore_errors=True)
             self.progress(f"lab {self.name} is down; its directory is deleted")
