@@ -25,7 +25,6 @@ async def serve(lab_dir: Path, lab: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    (lab_dir / "rescan.pid").write_text(f"{os.getpid()}\n")
     log.info("rescan service of lab %s (pid %d)", lab, os.getpid())
     await svc.run(stop)
     log.info("rescan service stopped")

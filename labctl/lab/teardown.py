@@ -39,8 +39,6 @@ async def teardown(ctx: LabContext) -> list[str]:
     for kind, name, detail in owned:
         if kind == "link" and netlink.delete_link(name, detail["alias"]):
             removed.append(f"link {name}")
-        elif kind == "netns" and detail.get("mark") and netlink.delete_netns(name, detail["mark"]):
-            removed.append(f"netns {name}")
         inv.disown(kind, name)
     return list(removed)
 

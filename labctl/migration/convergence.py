@@ -75,11 +75,9 @@ class ConvergencePolicy:
     """Walks the policy's action list each time the detector fires."""
 
     def __init__(self, policy: Policy) -> None:
-        self.policy = policy
         self.conv = policy.convergence
         self.since = 0
         self.action_index = 0
-        self.step_index = 0
         self.downtime_ms = policy.downtime_limit_ms
         self.throttle_from: int | None = None  # pass index where auto-converge was turned on
 

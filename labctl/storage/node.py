@@ -87,12 +87,12 @@ class StorageNodeSpec:
     memory_mib: int = 256
     vcpus: int = 1
     data_disks: list[DataDisk] = field(default_factory=list)
-    agent_port: int = 7700
+    agent_port: int = names.STORAGE_AGENT_PORT
     gateway: str | None = None
 
     @property
     def domain_name(self) -> str:
-        return domain_name(self.lab, self.name)
+        return names.domain(self.lab, self.name)
 
     @property
     def ip(self) -> str:
@@ -120,10 +120,6 @@ class StorageNodeHandle:
     async def client(self, timeout: float = 10.0) -> RpcClient:
         return await RpcClient.connect(self.address, self.agent_port, self.secret,
                                        timeout=timeout, peer=f"storage node {self.name}")
-
-
-def domain_name(lab: str, name: str) -> str:
-    return names.domain(lab, name)
 
 
 # --- libvirt plumbing ---------------------------------------------------------------------
@@ -549,10 +545,10 @@ async def resize_data_disk(lab: str, name: str, serial: str, new_size_bytes: int
 def _owned_domain(conn: Any, lab: str, name: str) -> Any:
     lv = _libvirt()
     try:
-        dom = conn.lookupByName(domain_name(lab, name))
+        dom = conn.lookupByName(names.domain(lab, name))
     except lv.libvirtError as exc:
-        raise StorageNodeError(f"no storage node domain {domain_name(lab, name)}",
-                               domain=domain_name(lab, name)) from exc
+        raise StorageNodeError(f"no storage node domain {names.domain(lab, name)}",
+                               domain=names.domain(lab, name)) from exc
     if (_owner(dom) or {}).get("lab") != lab:
         raise StorageNodeError(f"domain {dom.name()} is not owned by lab {lab}", domain=dom.name())
     return dom

@@ -224,7 +224,6 @@ def test_auto_converge_gets_its_throttle_ramp_before_the_next_action() -> None:
     pol = ConvergencePolicy(load_policy("converge"))
     pol.downtime_ms = 2400
     pol.action_index = 1  # the downtime steps are used up: auto_converge is next
-    pol.step_index = 3
     throttle = [0] * 6 + [0, 30, 50, 70, 90, 99] + [99] * 20
     flat = [p.replace(throttle_pct=t)
             for p, t in zip(_passes([256] + [60] * 30), throttle, strict=False)]
