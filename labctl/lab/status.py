@@ -129,9 +129,9 @@ async def status(ctx: LabContext) -> LabStatus:
     async def probe_host(name: str) -> None:
         try:
             async with ctx.host_client(name, timeout=2.0) as c:
-                await hp.PING.call(c, timeout=3)
+                listed = await hp.VM_LIST.call(c, timeout=5)  # its answer says the agent is up
                 agent[name] = "up"
-                for v in (await hp.VM_LIST.call(c, timeout=5)).vms:
+                for v in listed.vms:
                     live[v.name] = (name, v)
         except AgentError as exc:
             agent[name] = f"unreachable: {exc.message} (labctl up starts it again)"
