@@ -190,7 +190,8 @@ def _decode(tp: Any, value: object, where: str) -> Any:
             except ProtocolError as exc:
                 errors.append(exc.message)
         raise ProtocolError(f"{where}: {_kind(value)} fits none of "
-                            f"{' | '.join(_name(a) for a in typing.get_args(tp))}", where=where)
+                            f"{' | '.join(_name(a) for a in typing.get_args(tp))}", where=where,
+                            alternatives=errors)
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
