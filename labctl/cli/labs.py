@@ -28,7 +28,7 @@ from labctl.scenarios import demo
 from labctl.state.labdir import existing_labs, lab_meta
 
 
-def emit(args: argparse.Namespace, record: Json) -> None:
+def emit(record: Json) -> None:
     """The command's JSON document on stdout (with --json)."""
     print(json.dumps(record, indent=2, default=str))
 
@@ -44,14 +44,14 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
     if args.cmd == "status":
         status = await lab.status()
         if args.json:
-            emit(args, status.to_wire())
+            emit(status.to_wire())
         else:
             print_status(status)
         return 0
     if args.cmd == "down":
         done = await lab.down(purge=args.purge)
         if args.json:
-            emit(args, done.to_wire())
+            emit(done.to_wire())
         elif done.already_down and not args.purge:
             print(f"lab {lab.name} was already down (its records are in {done.kept}; "
                   "--purge deletes them)")
@@ -107,7 +107,7 @@ async def _up(args: argparse.Namespace, progress: Progress) -> int:
         print_status(status)
         return await demo.run(lab, status, args.keep)
     if args.json:
-        emit(args, status.to_wire())
+        emit(status.to_wire())
     else:
         print_status(status)
     return 0
@@ -119,7 +119,7 @@ def _validate(args: argparse.Namespace) -> int:
     counts = ((len(topo.hosts), "host"), (len(topo.storage_nodes), "storage node"),
               (len(topo.datastores), "datastore"), (len(topo.vms), "VM"))
     if args.json:
-        emit(args, {"file": str(args.file), "lab": topo.name, "valid": True,
+        emit({"file": str(args.file), "lab": topo.name, "valid": True,
                     "hosts": len(topo.hosts), "storage_nodes": len(topo.storage_nodes),
                     "datastores": len(topo.datastores), "vms": len(topo.vms)})
         return 0
@@ -157,7 +157,7 @@ def _ls(args: argparse.Namespace) -> int:
             directory=str(labs_dir() / name), created_at=_when(meta.get("created")),
             down_at=meta.get("down_at")))
     if args.json:
-        emit(args, LabList(home=str(home()), labs=rows).to_wire())
+        emit(LabList(home=str(home()), labs=rows).to_wire())
         return 0
     if not rows:
         print(f"no labs in {labs_dir()}")
@@ -226,7 +226,7 @@ def _export(lab: Lab, args: argparse.Namespace) -> int:
         raise LabStateError(f"cannot export lab {lab.name} to {out}: {exc.strerror or exc}{where}",
                             path=str(out)) from None
     if args.json:
-        emit(args, {"lab": lab.name, "file": str(out), "files": len(kept),
+        emit({"lab": lab.name, "file": str(out), "files": len(kept),
                     "size_bytes": out.stat().st_size})
     else:
         print(f"lab {lab.name}: {len(kept)} files in {out} ({out.stat().st_size >> 10} KiB; "
@@ -240,7 +240,7 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "list":
         status = await lab.status()
         if args.json:
-            emit(args, [v.to_wire() for v in status.vms])
+            emit([v.to_wire() for v in status.vms])
             return 0
         for v in status.vms:
             beat = f"heartbeat #{v.heartbeat.counter}" if v.heartbeat else "-"
@@ -250,7 +250,7 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "start":
         started = await lab.vm_start(args.name)
         if args.json:
-            emit(args, started.to_wire())
+            emit(started.to_wire())
         else:
             print(f"VM {args.name} running (pid {started.pid}), first heartbeat after "
                   f"{started.first_heartbeat_s or 0:.1f} s")
@@ -258,14 +258,14 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "stop":
         await lab.vm_stop(args.name)
         if args.json:
-            emit(args, {"name": args.name, "state": "stopped"})
+            emit({"name": args.name, "state": "stopped"})
         else:
             print(f"VM {args.name} stopped")
         return 0
     if args.command:
         answer = await lab.vm_console(args.name, " ".join(args.command))
         if args.json:
-            emit(args, {"name": args.name, "command": " ".join(args.command),
+            emit({"name": args.name, "command": " ".join(args.command),
                         "answer": answer})
         else:
             print(answer)
@@ -274,7 +274,7 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
         return await _follow_console(lab, args)
     tail = await lab.vm_console_tail(args.name, args.lines)
     if args.json:
-        emit(args, {"name": args.name, "lines": tail})
+        emit({"name": args.name, "lines": tail})
     else:
         print("\n".join(tail))
     return 0
