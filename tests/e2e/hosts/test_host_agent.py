@@ -186,7 +186,16 @@ def test_agent_refuses_bad_secret_file(tmp_path: Path) -> None:
     lab = tmp_path / "lab"
     lab.mkdir()
     (lab / "secret").write_text("not hex\n")
+    (lab / "secret").chmod(0o600)
     from labctl.core.secret import read_secret
 
     with pytest.raises(LabError, match="secret"):
         read_secret(lab / "secret")
+    # the agent itself: one line naming the problem, exit 1, no traceback, nothing listening
+    res = subprocess.run([sys.executable, "-m", "labctl.agents.host", "--state-dir",
+                          str(lab / "state"), "--secret-file", str(lab / "secret"),
+                          "--host", "h1", "--listen", "127.0.0.1:39999"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 1, res
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "secret" in lines[0] and "Traceback" not in res.stderr, lines

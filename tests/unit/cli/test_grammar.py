@@ -44,8 +44,9 @@ def test_nouns_verbs_and_aliases() -> None:
     args = p.parse_args(["exec", "host1", "--", "ip", "-j", "addr"])
     assert args.host == "host1" and args.argv[-3:] == ["ip", "-j", "addr"]
     assert p.parse_args(["down", "--purge"]).purge
-    every = {a.dest for a in p._subparsers._group_actions}  # type: ignore[union-attr]
-    assert every == {"cmd"}
+    commands = p._subparsers._group_actions  # type: ignore[union-attr]
+    assert {a.dest for a in commands} == {"cmd"}
+    assert set(commands[0].choices) == set(HANDLERS)  # every command has its handler module
     assert set(HANDLERS) >= {"up", "status", "ls", "down", "vm", "migrate", "migration",
                              "datastore", "events", "exec", "shell", "logs"}
 
