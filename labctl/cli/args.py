@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import NoReturn
 
 from labctl import __version__
 
@@ -32,6 +33,14 @@ def _count(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative: give 0 or more")
     return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the problem and where the help is (exit 2, as
+    argparse does), not the usage block then the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _common(top: bool) -> argparse.ArgumentParser:
@@ -76,9 +85,8 @@ class _Sub:
 
 def parser() -> argparse.ArgumentParser:
     common = _common(top=False)
-    p = argparse.ArgumentParser(prog="labctl", parents=[_common(top=True)],
-                                description="Lab testbed for virtualization scenarios on real "
-                                            "hypervisors.")
+    p = _Parser(prog="labctl", parents=[_common(top=True)],
+                description="Lab testbed for virtualization scenarios on real hypervisors.")
     p.add_argument("--version", action="version", version=f"labctl {__version__}")
     sub = _Sub(p.add_subparsers(dest="cmd", required=True, metavar="COMMAND"), common)
 

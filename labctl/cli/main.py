@@ -24,7 +24,7 @@ import argcomplete
 
 from labctl.cli.args import HANDLERS, parser
 from labctl.cli.progress import Progress
-from labctl.core.errors import LabError
+from labctl.core.errors import LabError, printable
 from labctl.core.wire import Json, Message
 
 #: commands that only read: Ctrl-C ends them quietly
@@ -103,7 +103,7 @@ def _json_error(message: str, kind: str, evidence: object | None) -> None:
 
 def _os_error_line(exc: OSError) -> str:
     """``/srv/lab.yaml: Permission denied``: the file(s) and the system's words."""
-    files = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    files = [printable(str(f)) for f in (exc.filename, exc.filename2) if f is not None]
     return ": ".join([*files, exc.strerror or str(exc)])
 
 

@@ -66,7 +66,8 @@ class TopologyError(LabError):
         problems = [(path, problem), *more]
         lines = [_topology_line(file, p, q) for p, q in problems[:self.SHOWN_PROBLEMS]]
         if len(problems) > self.SHOWN_PROBLEMS:
-            lines.append(f"{file}: and {len(problems) - self.SHOWN_PROBLEMS} more problems")
+            lines.append(f"{printable(file)}: and {len(problems) - self.SHOWN_PROBLEMS} more "
+                         "problems")
         super().__init__("\n".join(lines),
                          file=file, path=path, problem=problem,
                          problems=[{"path": p, "problem": q} for p, q in problems], **evidence)
@@ -83,7 +84,14 @@ class TopologyError(LabError):
         return cls(file, path, problem, more=more, **evidence)
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped as Python writes it
+    (``a\\nb.yaml``): a file name with a newline stays on its error's one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _topology_line(file: str, path: str, problem: str) -> str:
+    file = printable(file)
     return f"{file}: {path}: {problem}" if path else f"{file}: {problem}"
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from labctl.core import userfile
-from labctl.core.errors import LabError
+from labctl.core.errors import LabError, printable
 from labctl.core.wire import Json
 from labctl.migration.protocol import Capabilities, Parameters, StorageMode
 
@@ -88,7 +88,7 @@ BUILTIN_POLICIES: dict[str, Policy] = {
 
 
 def _policy_error(source: str, path: str, problem: str) -> LabError:
-    where = f"{source}: {path}: " if path else f"{source}: "
+    where = f"{printable(source)}: {path}: " if path else f"{printable(source)}: "
     return LabError(f"migration policy {where}{problem}", source=source, path=path)
 
 

@@ -200,3 +200,26 @@ def test_logs_reads_only_a_log_of_the_lab(tmp_path: Path) -> None:
                               "nodes: none; or rescan)")
     res = _cli("--lab", "t1", "logs", "h1", home=home)
     assert (res.returncode, res.stdout) == (0, "h1 says hello\n")
+
+
+@pytest.mark.parametrize("argv", [["validate", "{f}"], ["up", "{f}"],
+                                  ["migrate", "vm1", "--to", "h2", "--policy", "{f}"]])
+def test_a_file_name_with_a_newline_keeps_its_error_on_one_line(tmp_path: Path,
+                                                                argv: list[str]) -> None:
+    file = tmp_path / "a\nb.yaml"
+    file.write_text("just text\n")
+    res = _cli(*[a.replace("{f}", str(file)) for a in argv], home=tmp_path / "home")
+    assert f"{tmp_path}/a\\nb.yaml: " in _one_line(res)
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["frob"], "argument COMMAND: invalid choice: 'frob'"),
+    (["datastore", "create"], "the following arguments are required: name, --size, --hosts"),
+    (["status", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_a_usage_error_is_one_line_and_exit_2(tmp_path: Path, argv: list[str],
+                                              problem: str) -> None:
+    res = _cli(*argv, home=tmp_path / "home")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res
+    assert len(res.stderr.splitlines()) == 1, res.stderr
+    assert problem in res.stderr and "--help" in res.stderr, res.stderr

@@ -102,7 +102,7 @@ def test_a_count_is_a_whole_number_of_zero_or_more(
     with pytest.raises(SystemExit) as exc:
         parser().parse_args(argv)
     assert exc.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {error}")
+    assert f"error: {error} (see 'labctl " in capsys.readouterr().err
     assert parser().parse_args([*argv[:-1], "7"]).__dict__.get(
         "last" if "--last" in argv else "lines") == 7
 
