@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
+from labctl.core.chap import chap_for
 from labctl.core.paths import cache_dir
+from labctl.core.secret import read_secret
 from labctl.drivers.netlink import overlapping_routes
 
 
@@ -128,10 +130,27 @@ def refused(res: subprocess.CompletedProcess[Any], *why: str) -> bool:
     return res.returncode != 0 and any(w in text for w in (why or (NO_ACL, NO_LUN)))
 
 
-def in_ns(lab: str, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
-    """``argv`` run in the network namespace of ``host`` of lab ``lab``."""
+def in_ns(lab: str, host: str, *argv: str, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    """``argv`` run in the network namespace of ``host`` of lab ``lab`` (with ``env`` added
+    to the environment)."""
     return subprocess.run(["ip", "netns", "exec", f"labctl-{lab}-{host}", *argv],
-                          capture_output=True, text=True, timeout=60, check=False)
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, **env} if env else None)
+
+
+def host_iqn(lab: str, host: str) -> str:
+    return f"iqn.2026-11.dev.labctl:{lab}.{host}"
+
+
+def chap_env(lab: str, host: str, target_iqn: str, mutual: bool = True) -> dict[str, str]:
+    """libiscsi's environment with ``host``'s CHAP credentials at ``target_iqn``, derived from
+    the secret of lab ``lab`` under this session's ``LABCTL_HOME``. ``iscsi-ls`` takes them
+    without the target's secret (``mutual=False``): it would demand one of the discovery
+    session, which LIO does not authenticate per initiator."""
+    secret = read_secret(Path(os.environ["LABCTL_HOME"]) / "labs" / lab / "secret")
+    env = chap_for(secret, host_iqn(lab, host), target_iqn).libiscsi_env()
+    return env if mutual else {k: v for k, v in env.items() if "_TARGET_" not in k}
 
 
 def wait(pred: Callable[..., Any], timeout: float = 30.0, what: str | Callable[[], str] = "",
@@ -153,8 +172,8 @@ def outside_size(lab: str, host: str, m: dict[str, Any]) -> int:
     """The size of datastore ``m`` (as ``datastore show`` gives it) that an iSCSI client in
     ``host``'s namespace reads, logged in with the host's initiator name."""
     url = f"iscsi://{m['portal'].split(':')[0]}/{m['target_iqn']}/{m['lun']}"
-    res = in_ns(lab, host, "iscsi-readcapacity16", "-s", "-i",
-                f"iqn.2026-11.dev.labctl:{lab}.{host}", url)
+    res = in_ns(lab, host, "iscsi-readcapacity16", "-s", "-i", host_iqn(lab, host), url,
+                env=chap_env(lab, host, m["target_iqn"]))
     assert res.returncode == 0, res.stderr
     return int(res.stdout.strip())
 

@@ -47,11 +47,12 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 async def serve(state_dir: Path, secret_file: Path, host: str, listen: str) -> None:
     addr, port = parse_listen(listen)
-    agent = HostAgent(state_dir, host)
+    secret = read_secret(secret_file)
+    agent = HostAgent(state_dir, host, lab_secret=secret)
     storage = HostStorage(agent)
     migration = MigrationHandlers(agent, storage.probe_disk)
     agent.vm_event_hooks.append(storage.on_vm_event)
-    server = RpcServer(read_secret(secret_file), {**agent.handlers(), **storage.handlers(),
+    server = RpcServer(secret, {**agent.handlers(), **storage.handlers(),
                                                   **migration.handlers()},
                        name=f"host-agent {host}")
     agent.server = server

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from labctl.cli.args import DEFAULT_TOPOLOGY
 from labctl.cli.progress import Progress
+from labctl.core.chap import initiator_secret
 from labctl.core.errors import LabStateError
 from labctl.core.paths import home, labs_dir, repo_root
 from labctl.core.proc import netns_argv
@@ -293,19 +294,22 @@ async def _follow_console(lab: Lab, args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ a way in
 
-def _host_netns(lab: Lab, host: str) -> str:
+def _host_netns(lab: Lab, host: str) -> tuple[str, str]:
+    """The network namespace and initiator IQN of ``host``."""
     with lab.context() as ctx:
         row = ctx.inv.row("hosts", name=host)
         if row is None:
             known = ", ".join(r["name"] for r in ctx.inv.rows("hosts"))
             raise LabStateError(f"unknown host {host!r} (hosts: {known})", host=host)
-        return str(row["netns"])
+        return str(row["netns"]), str(row["initiator_iqn"])
 
 
 def _exec(lab: Lab, args: argparse.Namespace) -> int:
     """Run a command (an argument list, never a shell string) in a host's namespace, with
-    this terminal; its exit status is ours."""
-    ns = _host_netns(lab, args.host)
+    this terminal; its exit status is ours. The environment says which lab and host it is
+    and carries the host's iSCSI identity: its initiator IQN and CHAP credentials where
+    libiscsi's tools read them (never on a command line)."""
+    ns, iqn = _host_netns(lab, args.host)
     if args.cmd == "shell":
         argv = [os.environ.get("SHELL") or "/bin/bash"]
     else:
@@ -314,7 +318,9 @@ def _exec(lab: Lab, args: argparse.Namespace) -> int:
             argv = argv[1:]
         if not argv:
             raise LabStateError("labctl exec HOST -- CMD ...: give the command to run")
-    env = {**os.environ, "LABCTL_LAB": lab.name, "LABCTL_HOST": args.host}
+    env = {**os.environ, "LABCTL_LAB": lab.name, "LABCTL_HOST": args.host,
+           "LABCTL_INITIATOR_IQN": iqn, "LIBISCSI_CHAP_USERNAME": iqn,
+           "LIBISCSI_CHAP_PASSWORD": initiator_secret(lab.dir.secret(), iqn)}
     try:
         return subprocess.run(netns_argv(ns, argv), env=env, check=False).returncode
     except FileNotFoundError as exc:

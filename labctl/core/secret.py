@@ -21,11 +21,17 @@ def read_secret(path: Path) -> bytes:
     return secret
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 from the start (never over an existing file, never
+    readable by anyone else for a moment) holding ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def write_secret(path: Path, secret: bytes | None = None) -> bytes:
     """Create ``path`` (mode 0600, never over an existing file) holding ``secret`` (a fresh
     one if None); returns the secret."""
     value = secret if secret is not None else secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value.hex() + "\n")
+    write_private(path, (value.hex() + "\n").encode())
     return value

@@ -19,7 +19,7 @@ RPC methods (requests, replies and events are the messages of
 * ``storage_forget(units)`` — drop units (datastore deleted);
 * ``storage_refresh(unit, origin)`` — re-read one unit;
 * ``storage_rescan(unit=None)`` — one unit, or every unit plus discovery of the
-  LUNs each known portal shows this initiator (REPORT LUNS via ``iscsi-ls``);
+  LUNs each known target shows this initiator (REPORT LUNS, in process, mutual CHAP);
 * ``storage_lookup(unit)`` — does this host share the unit? (from the cache,
   no SCSI command: how the rescan service polls hosts);
 * ``storage_cache()``, ``storage_report(kind, unit, detail)``;
@@ -44,7 +44,6 @@ from labctl.core.ids import normal_id
 from labctl.core.wire import Empty, Json, handlers
 from labctl.datastores import protocol as p
 from labctl.drivers import iscsi
-from labctl.drivers.iscsi import probe_unit
 
 if TYPE_CHECKING:
     from labctl.core.rpc import Handler
@@ -115,8 +114,9 @@ class HostStorage:
         async with self._locks.setdefault(uid, asyncio.Lock()):
             before = e.size_bytes
             try:
-                got = await asyncio.to_thread(probe_unit, e.portal, e.target_iqn, e.lun,
-                                              e.initiator_iqn)
+                got = await asyncio.to_thread(iscsi.probe_unit, e.portal, e.target_iqn, e.lun,
+                                              e.initiator_iqn,
+                                              self.agent.chap(e.initiator_iqn, e.target_iqn))
             except LabError as exc:
                 cmds = int(exc.evidence.get("scsi_commands", 0))
                 e.state = "unreachable" if "login" in exc.message else "error"
@@ -181,19 +181,24 @@ class HostStorage:
                 discovered=[])
         units = await asyncio.gather(*(self._scan(uid, "user") for uid in sorted(self.cache)))
         discovered: list[p.Discovered] = []
-        portals = sorted({(e.portal, e.initiator_iqn) for e in self.cache.values()})
-        for portal, initiator in portals:
+        portals = sorted({(e.portal, e.initiator_iqn, e.target_iqn)
+                          for e in self.cache.values()})
+        for portal, initiator, target in portals:
             try:
-                luns = await iscsi.list_luns(portal, initiator)
+                luns, commands = await asyncio.to_thread(
+                    iscsi.report_luns, portal, target, initiator,
+                    self.agent.chap(initiator, target))
             except LabError as exc:
-                discovered.append(p.Discovered(portal=portal, error=exc.message))
+                self.scsi_commands += int(exc.evidence.get("scsi_commands", 0))
+                discovered.append(p.Discovered(portal=portal, target_iqn=target,
+                                               error=exc.message))
                 continue
-            self.scsi_commands += len(luns) + 1  # REPORT LUNS + a READ CAPACITY per LUN
+            self.scsi_commands += commands
             known = {(e.target_iqn, e.lun) for e in self.cache.values()}
             for info in luns:
                 discovered.append(p.Discovered(
-                    portal=portal, target_iqn=info.target_iqn, lun=info.lun, size=info.size,
-                    mapped=(info.target_iqn, info.lun) in known))
+                    portal=portal, target_iqn=info.target_iqn, lun=info.lun,
+                    size_bytes=info.size_bytes, mapped=(info.target_iqn, info.lun) in known))
         return p.Rescanned(units=list(units), discovered=discovered)
 
     async def storage_lookup(self, req: p.UnitId) -> p.Lookup:
@@ -240,8 +245,8 @@ class HostStorage:
                         or got.size_bytes is None:
                     raise LabError(f"host {self.agent.host}: {got.error}", unit=uid)
                 return got.seen_naa, got.size_bytes
-        found = await asyncio.to_thread(probe_unit, disk.portal, disk.target_iqn, disk.lun,
-                                        disk.initiator_iqn)
+        found = await asyncio.to_thread(iscsi.probe_unit, disk.portal, disk.target_iqn, disk.lun,
+                                        disk.initiator_iqn, self.agent.disk_chap(disk))
         self.scsi_commands += found.commands
         return found.naa, found.size_bytes
 

@@ -113,14 +113,13 @@ class Rescan(Message):
 
 @dataclass(frozen=True)
 class Discovered(Message):
-    """A LUN a known portal shows this host (REPORT LUNS), or why the portal could not
-    be asked (``error``, the other fields None)."""
+    """A LUN a known target shows this host (REPORT LUNS), or why the target could not be
+    asked (``error``; lun, size and mapped None)."""
 
     portal: str
     target_iqn: str | None = None
     lun: int | None = None
-    #: iscsi-ls's rounded size text, e.g. ``63M``
-    size: str | None = None
+    size_bytes: int | None = None
     #: the host has a mapping for this target and LUN
     mapped: bool | None = None
     error: str | None = None

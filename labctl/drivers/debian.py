@@ -8,6 +8,7 @@ into place only when complete, so a killed build never leaves a half image.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from labctl.core.errors import ImageBuildError
 from labctl.core.paths import cache_dir
 from labctl.core.proc import run, which
+from labctl.core.secret import write_private
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 
@@ -125,8 +127,9 @@ def _kernel_at(tree: Path) -> Kernel:
 async def make_config_disk(path: Path, files: dict[str, bytes], size_mib: int = 8) -> None:
     """Write a small ext4 image holding ``files`` (relative path -> content) at ``path``.
 
-    Made with ``mkfs.ext4 -d`` from a temporary tree: no loop device, no mount.
-    Replaces ``path`` atomically.
+    Made with ``mkfs.ext4 -d`` from a temporary tree: no loop device, no mount. It may
+    carry a secret: the image and every file in it are mode 0600 (readable by root only,
+    here and on the node). Replaces ``path`` atomically.
     """
     which("mkfs.ext4", "e2fsprogs, needed for the storage node's config disk")
     total = sum(len(v) for v in files.values())
@@ -140,8 +143,10 @@ async def make_config_disk(path: Path, files: dict[str, bytes], size_mib: int = 
             if tree.resolve() not in target.parents:
                 raise ImageBuildError(f"config disk file {rel!r} escapes the disk", file=rel)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
+            write_private(target, content)
         image = Path(tmp) / "disk.ext4"
+        write_private(image, b"")
         await run(["mkfs.ext4", "-q", "-F", "-L", "labctl-config", "-E", "root_owner=0:0",
                    "-d", str(tree), str(image), f"{size_mib}M"], what="mkfs.ext4 (config disk)")
+        os.chmod(image, 0o600)
         image.replace(path)

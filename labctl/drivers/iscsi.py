@@ -1,11 +1,15 @@
 """What a host sees of an iSCSI LUN, through libiscsi (user space, no kernel initiator).
 
-* :func:`list_luns` — ``iscsi-ls -s``, run as a program (optionally inside a network
-  namespace, via :func:`labctl.core.proc.run`);
 * :func:`probe_unit` — one login in this process (ctypes over libiscsi): READ
   CAPACITY(16) and VPD page 0x83 with every designator in hex (``iscsi-inq`` prints
   binary designators with ``%s``, so an NAA ID is cut at its first zero byte);
+* :func:`report_luns` — one login to a target: REPORT LUNS and each LUN's capacity
+  (``iscsi-ls`` cannot do it with mutual CHAP: it would demand the target authenticate
+  its discovery session too, which LIO only does with one secret for all initiators);
 * :func:`wait_portal` — until the portal accepts a TCP connection.
+
+Given CHAP credentials (:class:`~labctl.core.chap.Chap`), both log in with them and check
+the target's answer (mutual CHAP).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from labctl.core.chap import Chap
 from labctl.core.errors import LabError, MissingDependency
-from labctl.core.proc import run
 from labctl.core.wire import Message
 
 _TIMEOUT = 30.0
@@ -33,10 +37,10 @@ _PORTAL_RE = re.compile(r"^([0-9A-Za-z.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
 @dataclass(frozen=True)
 class LunInfo:
     target_iqn: str
-    portal: str  # as the target reports it, e.g. "10.0.0.2:3260,1"
+    portal: str
     lun: int
     device_type: str  # e.g. DIRECT_ACCESS
-    size: str | None  # iscsi-ls's rounded size text, e.g. "63M"
+    size_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -73,29 +77,6 @@ def _check(portal: str, target: str | None = None, lun: int | None = None,
     if lun is not None and (isinstance(lun, bool) or not isinstance(lun, int)
                             or not 0 <= lun < 16384):
         raise LabError(f"bad LUN {lun!r}", lun=lun)
-
-
-async def list_luns(portal: str, initiator: str, netns: str | None = None) -> list[LunInfo]:
-    """Every target and LUN the portal shows to ``initiator`` (``iscsi-ls -s``)."""
-    _check(portal, initiator=initiator)
-    res = await run(["iscsi-ls", "-s", "-i", initiator, f"iscsi://{portal}"], netns=netns,
-                    timeout=_TIMEOUT, what=f"iscsi-ls on {portal}")
-    return parse_iscsi_ls(res.stdout)
-
-
-def parse_iscsi_ls(text: str) -> list[LunInfo]:
-    out: list[LunInfo] = []
-    target = portal = None
-    for line in text.splitlines():
-        line = line.strip()
-        m = re.match(r"^Target:(\S+)\s+Portal:(\S+)", line)
-        if m:
-            target, portal = m.group(1), m.group(2)
-            continue
-        m = re.match(r"^Lun:(\d+)\s+Type:(\S+)(?:\s+\(Size:([^)]*)\))?", line)
-        if m and target is not None and portal is not None:
-            out.append(LunInfo(target, portal, int(m.group(1)), m.group(2), m.group(3)))
-    return out
 
 
 def naa_from_designators(found: list[Designator]) -> str:
@@ -178,7 +159,12 @@ def _libiscsi() -> ctypes.CDLL:
         ("iscsi_create_context", vp, [cp]),
         ("iscsi_set_targetname", ci, [vp, cp]),
         ("iscsi_set_session_type", ci, [vp, ci]),
+        ("iscsi_set_initiator_username_pwd", ci, [vp, cp, cp]),
+        ("iscsi_set_target_username_pwd", ci, [vp, cp, cp]),
         ("iscsi_full_connect_sync", ci, [vp, cp, ci]),
+        ("iscsi_connect_sync", ci, [vp, cp]),
+        ("iscsi_login_sync", ci, [vp]),
+        ("iscsi_reportluns_sync", vp, [vp, ci, ci]),
         ("iscsi_inquiry_sync", vp, [vp, ci, ci, ci, ci]),
         ("iscsi_readcapacity16_sync", vp, [vp, ci]),
         ("iscsi_get_error", cp, [vp]),
@@ -211,11 +197,13 @@ class Session:
 
 
 @contextlib.contextmanager
-def login(portal: str, target: str, lun: int, initiator: str, **evidence: object
-          ) -> Iterator[Session]:
-    """A normal session to ``target`` at ``portal`` as ``initiator`` (blocking): logged out
-    when the block ends without an error, the context destroyed in any case. Errors carry
-    portal, target, lun and ``evidence``."""
+def login(portal: str, target: str, lun: int | None, initiator: str, chap: Chap | None = None,
+          **evidence: object) -> Iterator[Session]:
+    """A normal session to ``target`` at ``portal`` as ``initiator`` (blocking), with mutual
+    CHAP when ``chap`` is given: logged out when the block ends without an error, the
+    context destroyed in any case. With a ``lun``, libiscsi clears the unit attention of a
+    fresh login on it first; without, the session addresses no LUN. Errors carry portal,
+    target, lun and ``evidence``."""
     lib = _libiscsi()
     ctx = lib.iscsi_create_context(initiator.encode())
     if not ctx:
@@ -224,7 +212,18 @@ def login(portal: str, target: str, lun: int, initiator: str, **evidence: object
     try:
         lib.iscsi_set_targetname(ctx, target.encode())
         lib.iscsi_set_session_type(ctx, _ISCSI_SESSION_NORMAL)
-        if lib.iscsi_full_connect_sync(ctx, portal.encode(), lun) != 0:
+        if chap is not None and (
+                lib.iscsi_set_initiator_username_pwd(ctx, chap.user.encode(),
+                                                     chap.password.encode()) != 0
+                or lib.iscsi_set_target_username_pwd(ctx, chap.target_user.encode(),
+                                                     chap.target_password.encode()) != 0):
+            raise session.error("libiscsi: cannot set the CHAP credentials")
+        if lun is not None:
+            ok = lib.iscsi_full_connect_sync(ctx, portal.encode(), lun) == 0
+        else:
+            ok = (lib.iscsi_connect_sync(ctx, portal.encode()) == 0
+                  and lib.iscsi_login_sync(ctx) == 0)
+        if not ok:
             raise session.error(f"iSCSI login to {target} at {portal} failed")
         yield session
         lib.iscsi_logout_sync(ctx)
@@ -267,56 +266,105 @@ class _ReadCapacity16(ctypes.Structure):
                 ("lalba", ctypes.c_uint16)]
 
 
-def probe_unit(portal: str, target: str, lun: int, initiator: str) -> UnitProbe:
-    """Log in, read VPD 0x83 and READ CAPACITY(16), log out (blocking; run in a thread)."""
-    commands = 0
-    attentions: list[tuple[int, int]] = []
-    with login(portal, target, lun, initiator, scsi_commands=commands) as s:
-        lib, ctx = s.lib, s.ctx
+class _Commands:
+    """SCSI commands on one session, counted, a UNIT ATTENTION retried (it is reported once
+    per nexus), every other failure a LabError with libiscsi's words."""
 
-        def err(what: str) -> LabError:
-            return s.error(what, scsi_commands=commands)
+    def __init__(self, session: Session) -> None:
+        self.s = session
+        self.count = 0
+        self.attentions: list[tuple[int, int]] = []
 
-        def run(issue: Any, what: str) -> Any:
-            nonlocal commands
-            for _ in range(3):
-                commands += 1
-                task = issue()
-                if not task:
-                    raise err(what)
-                status = ctypes.cast(task, ctypes.POINTER(ctypes.c_int))[0]
-                if status == _SCSI_STATUS_GOOD:
-                    return task
-                if status == _SCSI_STATUS_CHECK_CONDITION:
-                    key = ctypes.c_int.from_address(task + _TASK_SENSE_KEY).value
-                    ascq = ctypes.c_int.from_address(task + _TASK_SENSE_ASCQ).value
-                    lib.scsi_free_scsi_task(task)
-                    if key == _SENSE_UNIT_ATTENTION:
-                        attentions.append((key, ascq))
-                        continue  # a unit attention is reported once per nexus: retry
-                    raise err(f"{what}: CHECK CONDITION sense key {key:#x} ascq {ascq:#06x}")
+    def error(self, what: str) -> LabError:
+        return self.s.error(what, scsi_commands=self.count)
+
+    def run(self, issue: Any, what: str) -> Any:
+        """The task ``issue()`` sent, once its status is GOOD (the caller frees it: see
+        :meth:`data`)."""
+        lib = self.s.lib
+        for _ in range(3):
+            self.count += 1
+            task = issue()
+            if not task:
+                raise self.error(what)
+            status = ctypes.cast(task, ctypes.POINTER(ctypes.c_int))[0]
+            if status == _SCSI_STATUS_GOOD:
+                return task
+            if status == _SCSI_STATUS_CHECK_CONDITION:
+                key = ctypes.c_int.from_address(task + _TASK_SENSE_KEY).value
+                ascq = ctypes.c_int.from_address(task + _TASK_SENSE_ASCQ).value
                 lib.scsi_free_scsi_task(task)
-                raise err(f"{what}: SCSI status {status:#x}")
-            raise err(f"{what}: unit attention did not clear")
+                if key == _SENSE_UNIT_ATTENTION:
+                    self.attentions.append((key, ascq))
+                    continue
+                raise self.error(f"{what}: CHECK CONDITION sense key {key:#x} ascq {ascq:#06x}")
+            lib.scsi_free_scsi_task(task)
+            raise self.error(f"{what}: SCSI status {status:#x}")
+        raise self.error(f"{what}: unit attention did not clear")
 
-        task = run(lambda: lib.iscsi_readcapacity16_sync(ctx, lun), "READ CAPACITY(16)")
+    @contextlib.contextmanager
+    def data(self, issue: Any, what: str) -> Iterator[int]:
+        """Send ``issue()`` and yield its unmarshalled data-in; the task is freed after."""
+        task = self.run(issue, what)
         try:
-            rc = lib.scsi_datain_unmarshall(task)
-            if not rc:
-                raise err("cannot decode READ CAPACITY(16)")
+            out = self.s.lib.scsi_datain_unmarshall(task)
+            if not out:
+                raise self.error(f"cannot decode {what}")
+            yield out
+        finally:
+            self.s.lib.scsi_free_scsi_task(task)
+
+    def capacity(self, lun: int) -> tuple[int, int]:
+        """(bytes, block size) of ``lun`` by READ CAPACITY(16)."""
+        with self.data(lambda: self.s.lib.iscsi_readcapacity16_sync(self.s.ctx, lun),
+                       "READ CAPACITY(16)") as rc:
             cap = ctypes.cast(rc, ctypes.POINTER(_ReadCapacity16)).contents
             block = int(cap.block_length)
-            size = (int(cap.returned_lba) + 1) * block
-        finally:
-            lib.scsi_free_scsi_task(task)
-        task = run(lambda: lib.iscsi_inquiry_sync(ctx, lun, 1, _VPD_DEVICE_IDENTIFICATION, 255),
-                   "INQUIRY VPD 0x83")
+            return (int(cap.returned_lba) + 1) * block, block
+
+
+def probe_unit(portal: str, target: str, lun: int, initiator: str,
+               chap: Chap | None = None) -> UnitProbe:
+    """Log in (with mutual CHAP when ``chap`` is given), read VPD 0x83 and READ
+    CAPACITY(16), log out (blocking; run in a thread)."""
+    with login(portal, target, lun, initiator, chap) as s:
+        cmds = _Commands(s)
         try:
-            inq = lib.scsi_datain_unmarshall(task)
-            if not inq:
-                raise err("cannot decode VPD page 0x83")
-            found = designator_list(inq)
-        finally:
-            lib.scsi_free_scsi_task(task)
+            size, block = cmds.capacity(lun)
+            with cmds.data(lambda: s.lib.iscsi_inquiry_sync(
+                    s.ctx, lun, 1, _VPD_DEVICE_IDENTIFICATION, 255), "INQUIRY VPD 0x83") as inq:
+                found = designator_list(inq)
+        except LabError as exc:
+            exc.evidence["scsi_commands"] = cmds.count
+            raise
     return UnitProbe(naa=naa_from_designators(found), size_bytes=size, block_size=block,
-                     commands=commands, unit_attentions=attentions)
+                     commands=cmds.count, unit_attentions=cmds.attentions)
+
+
+class _ReportLuns(ctypes.Structure):
+    _fields_ = [("num", ctypes.c_uint32), ("luns", ctypes.c_uint16 * 0)]
+
+
+def report_luns(portal: str, target: str, initiator: str,
+                chap: Chap | None = None) -> tuple[list[LunInfo], int]:
+    """Every LUN ``target`` shows ``initiator`` (REPORT LUNS in a session that addresses no
+    LUN, then READ CAPACITY(16) of each; with mutual CHAP when ``chap`` is given) and the
+    SCSI commands sent (blocking; run in a thread). A LUN the target reports but cannot
+    serve (LIO's stand-in LUN 0 of an ACL with nothing mapped) is left out."""
+    with login(portal, target, None, initiator, chap) as s:
+        cmds = _Commands(s)
+        with cmds.data(lambda: s.lib.iscsi_reportluns_sync(s.ctx, 0, 16384),
+                       "REPORT LUNS") as rl:
+            head = ctypes.cast(rl, ctypes.POINTER(_ReportLuns)).contents
+            arr = ctypes.cast(ctypes.addressof(head) + _ReportLuns.luns.offset,
+                              ctypes.POINTER(ctypes.c_uint16))
+            numbers = sorted({int(arr[i]) & 0x3fff for i in range(int(head.num))})
+        out: list[LunInfo] = []
+        for lun in numbers:
+            try:
+                size, _ = cmds.capacity(lun)
+            except LabError:
+                continue
+            out.append(LunInfo(target_iqn=target, portal=portal, lun=lun,
+                               device_type="DIRECT_ACCESS", size_bytes=size))
+    return out, cmds.count

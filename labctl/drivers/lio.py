@@ -5,8 +5,11 @@ Standard library only at import time: ``rtslib_fb`` is imported on first use, so
 module loads on a machine without it (and says clearly when LIO is missing).
 
 Model: one iSCSI target per storage node with TPG 1 and one portal on the node address,
-no demo mode (``generate_node_acls=0``). Each datastore is an **iblock** backstore on a
-virtio disk found by its serial, exported as a TPG LUN; each initiator named for it gets
+no demo mode (``generate_node_acls=0``) and, given CHAP credentials, ``authentication=1``:
+every NodeACL then carries its initiator's secret and the target's secret for mutual CHAP
+(:mod:`labctl.core.chap`), so an initiator that only claims an IQN logs in nowhere. Each
+datastore is an **iblock** backstore on a virtio disk found by its serial, exported as a
+TPG LUN; each initiator named for it gets
 a NodeACL with a MappedLUN of the same number; an ACL left without LUNs is removed.
 configfs is the only state: every operation reads it back, so all are idempotent.
 """
@@ -16,10 +19,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labctl.core.chap import Chap
 from labctl.core.errors import StorageNodeError
 from labctl.core.ids import LIO_COMPANY_ID, naa_from_unit_serial
 from labctl.core.names import ISCSI_PORT
@@ -66,8 +71,11 @@ class Lio:
     """One storage node's LIO target (see the module docstring)."""
 
     def __init__(self, node: str, target_iqn: str, ip: str,
-                 sys_block: Path = Path("/sys/block")) -> None:
+                 sys_block: Path = Path("/sys/block"),
+                 chap: Callable[[str], Chap] | None = None) -> None:
         self.node = node
+        #: the CHAP credentials of an initiator at this target; None: no authentication
+        self.chap = chap
         self.target_iqn = target_iqn
         self.ip = ip
         self.sys_block = sys_block
@@ -125,8 +133,21 @@ class Lio:
         return tpg
 
     def _apply_auth(self, tpg: Any) -> None:
-        """Authentication policy of the TPG. Off for now; CHAP goes here (tpg/ACL chap_* )."""
-        tpg.set_attribute("authentication", "0")
+        """CHAP on every normal session of the TPG when credentials are known (discovery
+        stays open: it lists target names, never a LUN)."""
+        tpg.set_attribute("authentication", "1" if self.chap is not None else "0")
+
+    def _set_credentials(self, acl: Any) -> None:
+        """Give ``acl`` its initiator's CHAP secret and the target's (mutual) one; written
+        only when they differ, so a live session is not disturbed."""
+        if self.chap is None:
+            return
+        cred = self.chap(str(acl.node_wwn))
+        for attr, value in (("chap_userid", cred.user), ("chap_password", cred.password),
+                            ("chap_mutual_userid", cred.target_user),
+                            ("chap_mutual_password", cred.target_password)):
+            if getattr(acl, attr) != value:
+                setattr(acl, attr, value)
 
     def _find_so(self, name: str) -> Any:
         rts = self.open()
@@ -243,6 +264,7 @@ class Lio:
             existing = {acl.node_wwn: acl for acl in tpg.node_acls}
             for iqn in want:
                 acl = existing.get(iqn) or rts.NodeACL(tpg, iqn, "create")
+                self._set_credentials(acl)
                 mapped = {m.mapped_lun: m for m in acl.mapped_luns}
                 current = mapped.get(lun.lun)
                 if current is not None and current.tpg_lun.lun != lun.lun:

@@ -34,9 +34,11 @@ from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
+from labctl.core.chap import Chap
 from labctl.core.errors import LabError, MissingDependency, VmError
 from labctl.core.names import QEMU_BINARY
 from labctl.core.proc import cmdline_names, which
+from labctl.core.secret import write_private
 from labctl.guest import protocol as guest
 from labctl.hosts.protocol import FileDisk, IscsiDisk, VmSpec
 
@@ -44,14 +46,18 @@ log = logging.getLogger(__name__)
 
 _SUN_PATH_MAX = 107
 CONSOLE_RING = 2000
+#: the QEMU ``secret`` object holding the disk's CHAP secret, and the 0600 file it is read
+#: from at start (removed once QEMU answers QMP: from then on the secret lives in QEMU only)
+CHAP_SECRET_ID = "disk0-chap"
+CHAP_SECRET_FILE = "chap.secret"
 
 
 #: QEMU's words for a LUN that could not be opened *for now* (the portal not reachable yet,
 #: a session being torn down); an ACL refusal or a wrong LUN is permanent
 TRANSIENT_OPEN = ("Can not reconnect", "No route to host", "Network is unreachable",
                   "Connection refused", "Connection timed out", "Failed to connect to")
-PERMANENT_OPEN = ("Authorization failure", "LOGICAL_UNIT_NOT_SUPPORTED", "Login failed",
-                  "not found")
+PERMANENT_OPEN = ("Authorization failure", "Authentication failure",
+                  "LOGICAL_UNIT_NOT_SUPPORTED", "Login failed", "not found")
 
 
 def last_error_line(lines: list[str]) -> str | None:
@@ -88,13 +94,17 @@ def socket_arg(run_dir: Path, name: str) -> str:
     return full if len(full) <= _SUN_PATH_MAX else name
 
 
-def disk_node(disk: IscsiDisk | FileDisk, node_name: str) -> dict[str, Any]:
+def disk_node(disk: IscsiDisk | FileDisk, node_name: str,
+              chap: Chap | None = None) -> dict[str, Any]:
     """The VM disk's protocol node as QMP ``blockdev-add`` options (the LUN through QEMU's
-    own libiscsi driver, or a file), named ``node_name``."""
+    own libiscsi driver, or a file), named ``node_name``. With ``chap``, the LUN is opened
+    as ``chap.user`` with the password of the ``secret`` object :data:`CHAP_SECRET_ID`
+    (QEMU's iscsi driver has no option for mutual CHAP: the target is not checked)."""
     if isinstance(disk, IscsiDisk):
+        auth = {} if chap is None else {"user": chap.user, "password-secret": CHAP_SECRET_ID}
         return {"driver": "iscsi", "transport": "tcp", "portal": disk.portal,
                 "target": disk.target_iqn, "lun": disk.lun,
-                "initiator-name": disk.initiator_iqn, "node-name": node_name,
+                "initiator-name": disk.initiator_iqn, **auth, "node-name": node_name,
                 "cache": {"direct": True}}
     return {"driver": "file", "filename": str(disk.path.absolute()), "node-name": node_name,
             "cache": {"direct": disk.direct}}
@@ -115,7 +125,8 @@ def blockdev_arg(node: dict[str, Any]) -> str:
 
 
 def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
-               qemu: str = QEMU_BINARY, blockdevs: list[str] | None = None) -> list[str]:
+               qemu: str = QEMU_BINARY, blockdevs: list[str] | None = None,
+               chap: Chap | None = None) -> list[str]:
     """QEMU's argument list for ``spec``, with its sockets and files in ``run_dir``.
 
     ``incoming`` is passed to ``-incoming`` (e.g. ``"defer"`` for a migration target). A
@@ -124,6 +135,9 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
     (measured: fresh RAM made the same migration take 100 ms or 400-580 ms, by chance).
     ``blockdevs``, when given, replaces the disk's own ``-blockdev`` node: a block graph
     whose top node is ``disk0`` (a migration target uses this to put a placeholder there).
+    ``chap`` (for an iSCSI disk) adds the ``secret`` object read from
+    :data:`CHAP_SECRET_FILE` in ``run_dir`` and logs in with it: the secret itself is never
+    in the argument list.
     """
     run_dir = run_dir.absolute()
     argv = [
@@ -153,11 +167,16 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
         "-msg", "timestamp=on",
     ]
     disk = spec.disk
+    if chap is not None and isinstance(disk, IscsiDisk):
+        argv += ["-object", f"secret,id={CHAP_SECRET_ID},format=raw,"
+                            f"file={_opt(str(run_dir / CHAP_SECRET_FILE))}"]
+    else:
+        chap = None
     if disk is not None and blockdevs is not None:
         for node in blockdevs:
             argv += ["-blockdev", node]
     elif disk is not None:
-        argv += ["-blockdev", blockdev_arg(disk_node(disk, "disk0"))]
+        argv += ["-blockdev", blockdev_arg(disk_node(disk, "disk0", chap))]
     if disk is not None:
         argv += ["-device", "virtio-blk-pci,drive=disk0,id=vda"]
     if incoming is not None:
@@ -222,10 +241,13 @@ class _Adopted:
 class QemuVm:
     """One QEMU process. Construct, then ``await start()``; always ``await stop()``."""
 
-    def __init__(self, spec: VmSpec, run_dir: Path, qemu: str = QEMU_BINARY) -> None:
+    def __init__(self, spec: VmSpec, run_dir: Path, qemu: str = QEMU_BINARY,
+                 chap: Chap | None = None) -> None:
         self.spec = spec
         self.run_dir = run_dir.absolute()
         self.qemu = qemu
+        #: CHAP credentials for an iSCSI disk (see :func:`build_argv`)
+        self.chap = chap if isinstance(spec.disk, IscsiDisk) else None
         self.state = VmState.NEW
         self.pid: int | None = None
         self.returncode: int | None = None
@@ -296,8 +318,13 @@ class QemuVm:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("qmp.sock", "console.sock", "qemu.pid"):
             (self.run_dir / name).unlink(missing_ok=True)
-        argv = build_argv(self.spec, self.run_dir, incoming, qemu=qemu_path, blockdevs=blockdevs)
+        argv = build_argv(self.spec, self.run_dir, incoming, qemu=qemu_path, blockdevs=blockdevs,
+                          chap=self.chap)
         (self.run_dir / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
+        secret_file = self.run_dir / CHAP_SECRET_FILE
+        secret_file.unlink(missing_ok=True)
+        if self.chap is not None:
+            write_private(secret_file, self.chap.password.encode())
         # what a later agent needs to adopt this QEMU if this one dies
         (self.run_dir / "spec.json").write_text(json.dumps(self.spec.to_wire(), indent=1) + "\n")
         try:
@@ -310,8 +337,10 @@ class QemuVm:
             self._tasks.append(asyncio.create_task(self._watch_process()))
             async with asyncio.timeout(timeout):
                 await self._connect_qmp()
+                secret_file.unlink(missing_ok=True)  # QEMU has read it: it answers QMP
                 await self._connect_console()
         except BaseException as exc:
+            secret_file.unlink(missing_ok=True)
             err = exc
             if isinstance(exc, TimeoutError):
                 err = self._error(f"QEMU did not open its sockets within {timeout:g} s")

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from labctl.core.chap import Chap, chap_for
 from labctl.core.errors import LabError, LabStateError, MissingDependency, ProtocolError, VmError
 from labctl.core.names import QEMU_BINARY
 from labctl.core.proc import which
@@ -60,10 +61,11 @@ def _mem_available() -> int | None:
 class HostAgent:
     """The VMs of one host and the RPC methods over them."""
 
-    def __init__(self, state_dir: Path, host: str) -> None:
+    def __init__(self, state_dir: Path, host: str, lab_secret: bytes | None = None) -> None:
         if not p.NAME_RE.match(host):
             raise LabError(f"bad host name {host!r}", host=host)
         self.host = host
+        self._lab_secret = lab_secret
         self.state_dir = state_dir
         self.server: RpcServer | None = None
         #: called with every QMP event of every VM of this host (e.g. the storage cache
@@ -79,6 +81,19 @@ class HostAgent:
             p.VM_STOP.serve(self.vm_stop), p.VM_STATUS.serve(self.vm_status),
             p.VM_LIST.serve(self.vm_list), p.VM_CONSOLE.serve(self.vm_console),
             p.VM_CONSOLE_TAIL.serve(self.vm_console_tail))
+
+    def chap(self, initiator_iqn: str, target_iqn: str) -> Chap | None:
+        """This host's CHAP credentials at a target (None: the agent runs without a lab
+        secret, as in unit tests, and logs in without CHAP)."""
+        if self._lab_secret is None:
+            return None
+        return chap_for(self._lab_secret, initiator_iqn, target_iqn)
+
+    def disk_chap(self, disk: p.IscsiDisk | p.FileDisk | None) -> Chap | None:
+        """The credentials a VM's disk logs in with (None for a file)."""
+        if not isinstance(disk, p.IscsiDisk):
+            return None
+        return self.chap(disk.initiator_iqn, disk.target_iqn)
 
     # -- the registry, for the features that live on this host ------------------------------
     def vm(self, name: str) -> QemuVm:
@@ -250,7 +265,7 @@ class HostAgent:
         for attempt in range(1, OPEN_TRIES + 1):
             if wait_for_portal and isinstance(spec.disk, p.IscsiDisk):
                 await wait_portal(spec.disk.portal)
-            vm = QemuVm(spec, self.run_dir(spec.name))
+            vm = QemuVm(spec, self.run_dir(spec.name), chap=self.disk_chap(spec.disk))
             self.adopt(vm, on_exit=on_exit)
             try:
                 await vm.start(incoming=incoming, blockdevs=blockdevs)

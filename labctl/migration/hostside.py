@@ -236,7 +236,8 @@ class MigrationHandlers:
         name = vmspec.name
         async with self.agent.lock(name):
             self.agent.check_not_running(name)
-            real = disk_node(vmspec.disk, "disk0-file") if vmspec.disk is not None else {}
+            real = disk_node(vmspec.disk, "disk0-file", self.agent.disk_chap(vmspec.disk)
+                             ) if vmspec.disk is not None else {}
             if vmspec.disk is not None and storage == "late":
                 size = req.disk_size if req.disk_size is not None and req.disk_size > 0 else None
                 if size is None:

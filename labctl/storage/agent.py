@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from labctl.core.chap import chap_for
 from labctl.core.errors import ProtocolError, StorageNodeError
 from labctl.core.names import ISCSI_PORT, STORAGE_AGENT_PORT
 from labctl.core.rpc import Handler, RpcServer
@@ -93,7 +94,9 @@ class StorageAgent:
         self.node = config.node
         self.target_iqn = config.target_iqn.lower()
         self.ip = config.ip
-        self.lio = Lio(self.node, self.target_iqn, self.ip, sys_block)
+        secret = bytes.fromhex(config.secret)
+        self.lio = Lio(self.node, self.target_iqn, self.ip, sys_block,
+                       chap=lambda iqn: chap_for(secret, iqn, self.target_iqn))
         self.server: RpcServer | None = None
         self._lock = asyncio.Lock()
         self._watched: dict[str, _Watched] = {}

@@ -53,7 +53,8 @@ CONFIG_DISK_SERIAL = "labctl-config"
 ROOT_DISK_SERIAL = "labctl-root"
 KERNEL_CMDLINE = ("console=ttyS0 cryptomgr.notests root=/dev/nvme0n1 rootfstype=ext4 rw "
                   "init=/sbin/labctl-init panic=1 random.trust_cpu=on loglevel=4")
-AGENT_FILES = ("labctl/__init__.py", "labctl/core/__init__.py", "labctl/core/errors.py",
+AGENT_FILES = ("labctl/__init__.py", "labctl/core/__init__.py", "labctl/core/chap.py",
+               "labctl/core/errors.py",
                "labctl/core/rpc.py", "labctl/core/ids.py", "labctl/core/names.py",
                "labctl/core/wire.py", "labctl/storage/__init__.py", "labctl/storage/agent.py",
                "labctl/storage/protocol.py", "labctl/drivers/__init__.py",

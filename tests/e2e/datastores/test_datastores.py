@@ -5,6 +5,7 @@ hosts (inventory lookup and polling), delete rules, IDs never repeat."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -18,8 +19,10 @@ from tests.conftest import (
     NO_ACL,
     NO_LUN,
     LabCli,
+    chap_env,
     e2e_ready,
     free_subnet,
+    host_iqn,
     module_lab,
     naa_designator,
     outside_size,
@@ -58,8 +61,9 @@ def outside_naa(host: str, m: dict[str, Any]) -> subprocess.CompletedProcess[byt
     """VPD 0x83 as iscsi-inq prints it, from the host's namespace (-c 131: atoi)."""
     url = f"iscsi://{m['portal'].split(':')[0]}/{m['target_iqn']}/{m['lun']}"
     return subprocess.run(["ip", "netns", "exec", f"labctl-{NAME}-{host}", "iscsi-inq", "-i",
-                           f"iqn.2026-11.dev.labctl:{NAME}.{host}", "-e", "1", "-c", "131", url],
-                          capture_output=True, timeout=60, check=False)
+                           host_iqn(NAME, host), "-e", "1", "-c", "131", url],
+                          capture_output=True, timeout=60, check=False,
+                          env={**os.environ, **chap_env(NAME, host, m["target_iqn"])})
 
 
 def test_create_gives_lio_naa_id_seen_only_by_named_hosts(lab: dict[str, Any]) -> None:

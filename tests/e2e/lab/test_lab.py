@@ -22,6 +22,7 @@ from labctl.cli.records import SCHEMA_DIR
 from tests.conftest import (
     NO_ACL,
     LabCli,
+    chap_env,
     e2e_ready,
     free_subnet,
     in_ns,
@@ -79,16 +80,19 @@ def test_outside_iscsi_client_sees_same_naa(lab: dict[str, Any]) -> None:
         url = f"iscsi://{node['address']}/{node['target_iqn']}/{ds['lun']}"
         # iscsi-inq parses -c with atoi (so 0x83 must be 131) and prints binary designators
         # with %s: the NAA bytes appear raw, up to the first zero byte
+        env = chap_env(lab["name"], host["name"], node["target_iqn"])
         inq = subprocess.run(["ip", "netns", "exec", f"labctl-{lab['name']}-{host['name']}",
                               "iscsi-inq", "-i", host["initiator_iqn"], "-e", "1", "-c", "131", url],
-                             capture_output=True, timeout=60, check=False)
+                             capture_output=True, timeout=60, check=False,
+                             env={**os.environ, **env})
         assert inq.returncode == 0, inq.stderr
         raw = bytes.fromhex(ds["naa"].removeprefix("naa."))
         shown = raw.split(b"\0")[0]
         assert naa_designator(inq.stdout) == shown, inq.stdout
-        ls = in_ns(lab["name"], host["name"], "iscsi-ls", "-s", "-i", host["initiator_iqn"],
-                   f"iscsi://{node['address']}")
-        assert ls.returncode == 0 and node["target_iqn"] in ls.stdout, ls.stdout + ls.stderr
+        # `labctl exec` runs as the host: its IQN and CHAP secret are in the environment
+        ls = labctl("--lab", lab["name"], "exec", host["name"], "--", "iscsi-ls", "-s", "-i",
+                    host["initiator_iqn"], f"iscsi://{node['address']}", check=False)
+        assert ls.returncode == 0 and f"Lun:{ds['lun']}" in ls.stdout, ls.stdout + ls.stderr
 
 
 def test_host_not_named_cannot_log_in(lab: dict[str, Any]) -> None:
@@ -96,9 +100,31 @@ def test_host_not_named_cannot_log_in(lab: dict[str, Any]) -> None:
     node = s["storage_nodes"][0]
     h3 = s["hosts"][2]
     url = f"iscsi://{node['address']}/{node['target_iqn']}/0"
-    inq = in_ns(lab["name"], "h3", "iscsi-inq", "-i", h3["initiator_iqn"], url)
+    inq = in_ns(lab["name"], "h3", "iscsi-inq", "-i", h3["initiator_iqn"], url,
+                env=chap_env(lab["name"], "h3", node["target_iqn"]))
     assert refused(inq, NO_ACL), inq.stdout + inq.stderr
-    # and pretending to be h1 from h3 works only because ACLs are by IQN; CHAP is not in scope here
+
+
+def test_host_claiming_another_hosts_iqn_gets_nothing(lab: dict[str, Any]) -> None:
+    """From h3's namespace, claim h1's IQN: without h1's CHAP secret (none, or h3's own) no
+    login; with it, the LUN reads (so the refusal is the secret's doing, not the network)."""
+    s = lab["status"]
+    node = s["storage_nodes"][0]
+    ds = s["datastores"][0]
+    h1 = s["hosts"][0]
+    url = f"iscsi://{node['address']}/{node['target_iqn']}/{ds['lun']}"
+    own = chap_env(lab["name"], "h3", node["target_iqn"])
+    for env in ({}, {**own, "LIBISCSI_CHAP_USERNAME": h1["initiator_iqn"]}):
+        cap = in_ns(lab["name"], "h3", "iscsi-readcapacity16", "-s", "-i", h1["initiator_iqn"],
+                    url, env=env)
+        assert cap.returncode != 0 and "Authentication failure" in cap.stdout + cap.stderr, cap
+        ls = in_ns(lab["name"], "h3", "iscsi-ls", "-s", "-i", h1["initiator_iqn"],
+                   f"iscsi://{node['address']}",
+                   env={k: v for k, v in env.items() if "_TARGET_" not in k})
+        assert "Lun:" not in ls.stdout, ls
+    cap = in_ns(lab["name"], "h3", "iscsi-readcapacity16", "-s", "-i", h1["initiator_iqn"], url,
+                env=chap_env(lab["name"], "h1", node["target_iqn"]))
+    assert cap.returncode == 0 and int(cap.stdout) > 0, cap
 
 
 def test_heartbeat_is_live_and_disk_counter_advances(lab: dict[str, Any]) -> None:
@@ -120,6 +146,28 @@ def test_outside_qmp_and_console_log(lab: dict[str, Any]) -> None:
     assert outside_qmp(vm["qmp_check_socket"], "query-status", timeout=10)["status"] == "running"
     log = Path(vm["console_log"]).read_text(errors="replace")
     assert sum(1 for line in log.splitlines() if line.startswith("HB ")) >= 10
+
+
+def test_vm_disk_logs_in_with_a_secret_object_off_the_command_line(lab: dict[str, Any]) -> None:
+    """QEMU opens the LUN as its host with CHAP; the secret is in neither its command line nor
+    a file once QEMU runs (the object read it from a 0600 file that is gone), and the block
+    node QEMU reports names the user and the secret object only."""
+    vm = json.loads(labctl("--lab", lab["name"], "status", "--json").stdout)["vms"][0]
+    h1 = lab["status"]["hosts"][0]
+    cred = chap_env(lab["name"], h1["name"], lab["status"]["storage_nodes"][0]["target_iqn"])
+    password = cred["LIBISCSI_CHAP_PASSWORD"]
+    cmdline = Path(f"/proc/{vm['pid']}/cmdline").read_bytes().decode().split("\0")
+    assert "secret,id=disk0-chap,format=raw,file=" in " ".join(cmdline)
+    assert any(f"user={h1['initiator_iqn']},password-secret=disk0-chap" in a for a in cmdline)
+    run_dir = Path(vm["qmp_check_socket"]).parent
+    assert not (run_dir / "chap.secret").exists()
+    leaked = [f.name for f in run_dir.iterdir() if f.is_file() and password.encode() in f.read_bytes()]
+    assert password not in " ".join(cmdline) and leaked == []
+    environ = Path(f"/proc/{vm['pid']}/environ").read_bytes()
+    assert password.encode() not in environ
+    nodes = outside_qmp(vm["qmp_check_socket"], "query-named-block-nodes", timeout=10)
+    disk = [n for n in nodes if n["node-name"] == "disk0"]
+    assert disk and password not in json.dumps(nodes), nodes
 
 
 def test_console_tail_shows_heartbeats(lab: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import (
     e2e_ready,
     free_subnet,
+    host_iqn,
     in_ns,
     labctl,
     module_lab,
@@ -329,7 +330,7 @@ def test_migrate_at_once_after_a_link_comes_back(lab: dict[str, Any]) -> None:
     set_link_state(veth, False, alias)
     try:
         # the host tries the portal while cut off: its neighbour entry for it fails
-        in_ns(lab["name"], dst, "iscsi-ls", "-i", f"iqn.2026-11.dev.labctl:{lab['name']}.{dst}",
+        in_ns(lab["name"], dst, "iscsi-ls", "-i", host_iqn(lab["name"], dst),
               f"iscsi://{portal}")
     finally:
         set_link_state(veth, True, alias)

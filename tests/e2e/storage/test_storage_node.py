@@ -10,6 +10,7 @@ the backing virtio disk shows through LIO.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import secrets
@@ -24,10 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from labctl.core.errors import AuthenticationFailed, ImageBuildError, StorageNodeError
+from labctl.core.chap import chap_for
+from labctl.core.errors import AuthenticationFailed, ImageBuildError, LabError, StorageNodeError
 from labctl.core.ids import naa_from_unit_serial
 from labctl.core.proc import run
 from labctl.core.wire import Empty
+from labctl.drivers import iscsi
 from labctl.drivers.debian import make_config_disk
 from labctl.drivers.lio import find_disk_by_serial
 from labctl.storage import agent
@@ -103,6 +106,7 @@ def test_make_config_disk(tmp_path: Path) -> None:
     files = {"config.json": b'{"node": "s1"}', "python/labctl/__init__.py": b"# hi\n"}
     asyncio.run(make_config_disk(disk, files))
     assert disk.stat().st_size == 8 << 20
+    assert disk.stat().st_mode & 0o777 == 0o600  # it carries the lab secret
     out = subprocess.run(["debugfs", "-R", "cat /config.json", str(disk)],
                          capture_output=True, check=True)
     assert out.stdout == b'{"node": "s1"}'
@@ -253,6 +257,14 @@ async def _ensure_lun(lab: StorageLab, initiators: list[str]) -> dict[str, objec
         return lun
 
 
+def _chap(lab: StorageLab, initiator: str, mutual: bool = True) -> dict[str, str]:
+    """libiscsi's environment with ``initiator``'s CHAP credentials in this lab. ``iscsi-ls``
+    gets no target secret (``mutual=False``): it would demand one of the discovery session,
+    which LIO does not authenticate per initiator."""
+    env = chap_for(lab.secret, initiator, TARGET_IQN).libiscsi_env()
+    return env if mutual else {k: v for k, v in env.items() if "_TARGET_" not in k}
+
+
 def _naa_seen(inq_stdout: bytes) -> str:
     """The NAA designator in ``iscsi-inq -e 1 -c 131`` output (it prints the 16 bytes raw)."""
     m = re.search(rb"Designator Type:\(3\) NAA\nDesignator:\[(.{16})\]", inq_stdout, re.S)
@@ -272,28 +284,85 @@ def test_lun_naa_size_and_acls(storage_lab: StorageLab) -> None:
         inq = await asyncio.create_subprocess_exec(
             "nsenter", f"--net=/run/netns/{storage_lab.ns_named}", "--",
             "iscsi-inq", "-e", "1", "-c", "131", "-i", H1_IQN, url,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **_chap(storage_lab, H1_IQN)})
         out, err = await inq.communicate()
         assert inq.returncode == 0, err
         assert _naa_seen(out) == lun["naa"]
 
         cap = await run(["iscsi-readcapacity16", "-s", "-i", H1_IQN, url],
-                        netns=storage_lab.ns_named)
+                        netns=storage_lab.ns_named, env=_chap(storage_lab, H1_IQN))
         assert int(cap.stdout.strip()) == 64 << 20
         ls = await run(["iscsi-ls", "-s", "-i", H1_IQN, f"iscsi://{storage_lab.node_ip}"],
-                       netns=storage_lab.ns_named)
+                       netns=storage_lab.ns_named, env=_chap(storage_lab, H1_IQN, mutual=False))
         assert f"Target:{TARGET_IQN}" in ls.stdout and f"Lun:{lun['lun']}" in ls.stdout
 
         refused = await run(["iscsi-ls", "-s", "-i", H2_IQN, f"iscsi://{storage_lab.node_ip}"],
-                            netns=storage_lab.ns_other, check=False)
+                            netns=storage_lab.ns_other, check=False,
+                            env=_chap(storage_lab, H2_IQN, mutual=False))
         assert refused.returncode != 0
         assert "Authorization failure" in refused.stdout + refused.stderr
         # the same initiator name from the other namespace is refused too, and a host
         # named for nothing cannot read the LUN
         refused = await run(["iscsi-readcapacity16", "-s", "-i", H2_IQN, url],
-                            netns=storage_lab.ns_other, check=False)
+                            netns=storage_lab.ns_other, check=False,
+                            env=_chap(storage_lab, H2_IQN))
         assert refused.returncode != 0
         assert any(w in refused.stdout + refused.stderr for w in (NO_ACL, NO_LUN)), refused
+
+    asyncio.run(probe())
+
+
+@pytest.mark.e2e
+def test_a_claimed_iqn_without_its_secret_gets_nothing(storage_lab: StorageLab) -> None:
+    """From the other host's namespace, claim host1's IQN: without host1's CHAP secret (none,
+    a wrong one, host2's own) no login and no LUN; with it, the LUN reads, so the refusals
+    are the secret's doing. A target that cannot prove the mutual secret is refused by the
+    initiator."""
+    lun = asyncio.run(_ensure_lun(storage_lab, [H1_IQN, H2_IQN]))
+    url = f"iscsi://{storage_lab.node_ip}/{TARGET_IQN}/{lun['lun']}"
+    good = chap_for(storage_lab.secret, H1_IQN, TARGET_IQN)
+    other = chap_for(storage_lab.secret, H2_IQN, TARGET_IQN)
+    assert len({good.password, good.target_password, other.password,
+                other.target_password}) == 4
+    no_target_check = _chap(storage_lab, H1_IQN, mutual=False)
+    cases = {
+        "none": {},
+        "wrong password": {**no_target_check, "LIBISCSI_CHAP_PASSWORD": "0" * 32},
+        "host2's secret": {**no_target_check, "LIBISCSI_CHAP_PASSWORD": other.password},
+        "bad target secret": {**good.libiscsi_env(),
+                              "LIBISCSI_CHAP_TARGET_PASSWORD": other.target_password},
+    }
+
+    async def probe() -> None:
+        for what, env in cases.items():
+            cap = await run(["iscsi-readcapacity16", "-s", "-i", H1_IQN, url],
+                            netns=storage_lab.ns_other, check=False, env=env or None)
+            assert cap.returncode != 0, (what, cap)
+            assert not cap.stdout.strip().isdigit(), (what, cap)
+            if "TARGET" not in str(env):
+                ls = await run(["iscsi-ls", "-s", "-i", H1_IQN,
+                                f"iscsi://{storage_lab.node_ip}"],
+                               netns=storage_lab.ns_other, check=False, env=env or None)
+                assert f"Lun:{lun['lun']}" not in ls.stdout, (what, ls)
+        ok = await run(["iscsi-readcapacity16", "-s", "-i", H1_IQN, url],
+                       netns=storage_lab.ns_other, env=good.libiscsi_env())
+        assert int(ok.stdout.strip()) >= 64 << 20
+        # the agent's own probe: mutual CHAP in process, and refused without the secret
+        probed = await asyncio.to_thread(iscsi.probe_unit, f"{storage_lab.node_ip}:3260",
+                                         TARGET_IQN, int(str(lun["lun"])), H1_IQN, good)
+        assert probed.naa == f"naa.{lun['naa']}"
+        luns, _ = await asyncio.to_thread(iscsi.report_luns, f"{storage_lab.node_ip}:3260",
+                                          TARGET_IQN, H1_IQN, good)
+        assert [(x.lun, x.size_bytes) for x in luns] == [(lun["lun"], lun["size_bytes"])]
+        for bad in (dataclasses.replace(good, password=other.password),
+                    dataclasses.replace(good, target_password=other.target_password)):
+            with pytest.raises(LabError, match=r"login to .* failed"):
+                await asyncio.to_thread(iscsi.probe_unit, f"{storage_lab.node_ip}:3260",
+                                        TARGET_IQN, int(str(lun["lun"])), H1_IQN, bad)
+            with pytest.raises(LabError, match=r"login to .* failed"):
+                await asyncio.to_thread(iscsi.report_luns, f"{storage_lab.node_ip}:3260",
+                                        TARGET_IQN, H1_IQN, bad)
 
     asyncio.run(probe())
 
@@ -306,11 +375,11 @@ def test_initiators_follow_ensure_lun(storage_lab: StorageLab) -> None:
 
     async def probe() -> None:
         gone = await run(["iscsi-readcapacity16", "-s", "-i", H1_IQN, url],
-                         netns=storage_lab.ns_named, check=False)
+                         netns=storage_lab.ns_named, check=False, env=_chap(storage_lab, H1_IQN))
         assert gone.returncode != 0
         assert any(w in gone.stdout + gone.stderr for w in (NO_ACL, NO_LUN)), gone
         ok = await run(["iscsi-readcapacity16", "-s", "-i", H2_IQN, url],
-                       netns=storage_lab.ns_other)
+                       netns=storage_lab.ns_other, env=_chap(storage_lab, H2_IQN))
         assert int(ok.stdout.strip()) >= 64 << 20
 
     asyncio.run(probe())
@@ -342,7 +411,7 @@ def test_resize_shows_through_lio(storage_lab: StorageLab) -> None:
     assert asyncio.run(grow())["size_bytes"] == new_size
     url = f"iscsi://{storage_lab.node_ip}/{TARGET_IQN}/{lun['lun']}"
     seen = asyncio.run(run(["iscsi-readcapacity16", "-s", "-i", H1_IQN, url],
-                           netns=storage_lab.ns_named))
+                           netns=storage_lab.ns_named, env=_chap(storage_lab, H1_IQN)))
     assert int(seen.stdout.strip()) == new_size
     assert (storage_lab.lab_dir / "ds1.img").stat().st_size == new_size
 

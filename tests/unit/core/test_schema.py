@@ -131,7 +131,7 @@ MESSAGES: dict[str, Message] = {
     "scan": SCAN,
     "host cache": dp.HostCache("host1", 40, [ENTRY, ENTRY.replace(state="new", seen_naa=None)]),
     "lookup, not shared": dp.Lookup("host2", NAA, False, None),
-    "rescanned": dp.Rescanned([SCAN], [dp.Discovered("10.0.0.21:3260", TARGET, 0, "63M", True),
+    "rescanned": dp.Rescanned([SCAN], [dp.Discovered("10.0.0.21:3260", TARGET, 0, 63 << 20, True),
                                        dp.Discovered("10.0.0.22:3260", error="no route")]),
     "datastore mapping": MAPPING,
     "datastore show": svc.Shown(**vars(MAPPING), seen_by={"host1": svc.Seen(NAA, 64 << 20, 1.5)},
