@@ -43,10 +43,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _common(top: bool) -> argparse.ArgumentParser:
+def _common(top: bool) -> _Parser:
     """The global options; on subcommands they default to 'not given' so that a value given
     before the subcommand is not overwritten."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     keep = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument("--lab", help="which lab (default: $LABCTL_LAB, else the only lab that is up)",
                    **({"default": os.environ.get("LABCTL_LAB") or None} if top else keep))
@@ -64,17 +64,17 @@ def _common(top: bool) -> argparse.ArgumentParser:
 class _Sub:
     """``add_parser`` that gives every subcommand the global options."""
 
-    def __init__(self, action: argparse._SubParsersAction[argparse.ArgumentParser],
-                 common: argparse.ArgumentParser) -> None:
+    def __init__(self, action: argparse._SubParsersAction[_Parser],
+                 common: _Parser) -> None:
         self.action = action
         self.common = common
 
     def add(self, name: str, help: str, aliases: tuple[str, ...] = (),
-            description: str | None = None) -> argparse.ArgumentParser:
+            description: str | None = None) -> _Parser:
         return self.action.add_parser(name, help=help, aliases=list(aliases),
                                       description=description or help, parents=[self.common])
 
-    def group(self, parser: argparse.ArgumentParser, dest: str = "action",
+    def group(self, parser: _Parser, dest: str = "action",
               default: str | None = None) -> _Sub:
         """Verbs under a noun; with ``default``, the noun alone means that verb."""
         action = parser.add_subparsers(dest=dest, required=default is None, metavar="ACTION")

@@ -14,6 +14,7 @@ import importlib
 import io
 import json
 import os
+import sqlite3
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
@@ -25,6 +26,7 @@ import argcomplete
 from labctl.cli.args import HANDLERS, parser
 from labctl.cli.progress import Progress
 from labctl.core.errors import LabError, printable
+from labctl.core.paths import home
 from labctl.core.wire import Json, Message
 
 #: commands that only read: Ctrl-C ends them quietly
@@ -64,6 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except sqlite3.Error as exc:
+        # the inventory refused a read or write that no code put in its own words (a full
+        # disk above all: SQLite rolls the transaction back, so nothing is half-written)
+        line = _sqlite_line(exc)
+        if args.json:
+            _json_error(line, type(exc).__name__,
+                        {"traceback": traceback.format_exc()} if args.verbose else None)
+        print(f"labctl: error: {line}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 1
     except OSError as exc:
         # a file or device of the user's that the code reading it did not put in its own
         # words (the place to fix): still one line, naming the file and the system's reason;
@@ -99,6 +112,15 @@ class ErrorRecord(Message):
 def _json_error(message: str, kind: str, evidence: object | None) -> None:
     record = ErrorRecord(ErrorInfo(kind, message, evidence or None))
     print(json.dumps(record.to_wire(), indent=2, default=str))
+
+
+def _sqlite_line(exc: sqlite3.Error) -> str:
+    """The inventory's refusal in one line, with the cure when the disk is full."""
+    text = str(exc) or type(exc).__name__
+    if "full" in text:
+        return (f"the lab's inventory cannot be written: {text} (free space under "
+                f"LABCTL_HOME={home()}; the inventory is as it was before this write)")
+    return f"the lab's inventory: {text}"
 
 
 def _os_error_line(exc: OSError) -> str:

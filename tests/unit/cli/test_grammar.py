@@ -130,3 +130,26 @@ def test_an_oserror_no_command_worded_is_still_one_line(
     assert "unreadable" in doc["error"]["evidence"]["traceback"]
     assert err.startswith("labctl: error: /srv/labs/t1/inventory.db: Permission denied\n"
                           "Traceback (most recent call last):\n")
+
+
+def test_a_full_disk_under_the_inventory_is_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SQLite's 'database or disk is full' was a traceback from migrate and datastore create;
+    it is one line with the cure (SQLite rolled the write back: nothing is half-written)."""
+    import sqlite3
+
+    from labctl.cli import labs
+    from labctl.cli.main import main
+
+    def full(args: object) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(labs, "_ls", full)
+    monkeypatch.setenv("LABCTL_HOME", "/srv/full")
+    assert main(["ls"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("labctl: error: the lab's inventory cannot be written: database or disk is "
+                   "full (free space under LABCTL_HOME=/srv/full; the inventory is as it was "
+                   "before this write)\n")
+    assert main(["ls", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["error"]["type"] == "OperationalError"
