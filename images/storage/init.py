@@ -1,5 +1,5 @@
 #!/usr/bin/python3 -Su
-"""PID 1 of the labctl storage node (standard library only).
+"""PID 1 of the labctl storage node and WAN router (standard library only).
 
 Stable on purpose: it lives in the cached base image, while the storage agent
 comes from the lab's config disk. Under TCG every fork/exec costs ~0.1 s, so it
@@ -11,7 +11,8 @@ address through ioctls. Steps:
    then mount configfs;
 3. find the config disk (virtio serial ``labctl-config``), mount it read-only;
 4. bring up the interface and its address from config.json;
-5. import the agent from the config disk and run it; reap orphans meanwhile.
+5. import the agent the config names (``agent``: the storage agent unless it says
+   ``labctl.agents.router``) from the config disk and run it; reap orphans meanwhile.
 
 A fatal error is printed to the console and the machine powers off, so the
 controller sees a dead domain plus the reason in the console log.
@@ -35,6 +36,7 @@ CONFIG_SERIAL = "labctl-config"
 CONFIG_MOUNT = "/run/labctl/config"
 MODULE_LIST = "/etc/labctl-storage/modules"
 MODULE_DIR = "/lib/modules"
+AGENTS = ("labctl.agents.storage", "labctl.agents.router")
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -208,14 +210,17 @@ async def run_agent(config: dict[str, Any]) -> None:
     sys.path.insert(0, os.path.join(CONFIG_MOUNT, "python"))
     import importlib
 
-    storage = importlib.import_module("labctl.agents.storage")
+    name = str(config.get("agent", "labctl.agents.storage"))
+    if name not in AGENTS:
+        raise InitError(f"unknown agent {name!r} (known: {', '.join(AGENTS)})")
+    agent = importlib.import_module(name)
 
     reaper = asyncio.ensure_future(reap_forever())
     try:
-        await storage.serve(config, on_ready=lambda: say(f"ready {uptime():.2f}"))
+        await agent.serve(config, on_ready=lambda: say(f"ready {uptime():.2f}"))
     finally:
         reaper.cancel()
-    raise InitError("the storage agent stopped serving")
+    raise InitError(f"{name} stopped serving")
 
 
 def power_off(reason: str) -> NoReturn:

@@ -199,6 +199,27 @@ def parser() -> argparse.ArgumentParser:
     rc.add("lookup", "show or set how sharing hosts are found").add_argument(
         "mode", nargs="?", choices=LOOKUPS)
 
+    wn = sub.group(sub.add("wan", "WAN links between sites (real netem on a router VM)"))
+    wn.add("show", "each link: what it was asked to be and what its router applied")
+    ws = wn.add("set", "change a link at run time; one value refused changes nothing",
+                description="Change WAN link LINK: values as in a topology file (40ms, "
+                            "0.1%, 100mbit, unlimited). --down cuts the link, --up restores "
+                            "it and returns once a round trip crossed it.")
+    ws.add_argument("link")
+    for word, example in (("delay", "40ms"), ("jitter", "5ms"), ("loss", "0.1%%"),
+                          ("rate", "100mbit"), ("reorder", "1%%"), ("duplicate", "1%%")):
+        ws.add_argument(f"--{word}", metavar="VALUE", help=f"like {example}")
+    ws.add_argument("--loss-mode", dest="loss_mode", choices=["gso", "packet"],
+                    help="gso: fast, loss per 64 KB super-packet; packet: per wire packet")
+    updown = ws.add_mutually_exclusive_group()
+    updown.add_argument("--down", dest="state", action="store_const", const="down",
+                        help="cut the link (both router legs down)")
+    updown.add_argument("--up", dest="state", action="store_const", const="up",
+                        help="restore it (waits for a round trip across it)")
+    wp = wn.add("ping", "round trips across a link, from a host of one site to the other")
+    wp.add_argument("link")
+    wp.add_argument("-c", "--count", type=_count, default=10, help="pings (default 10)")
+
     st = sub.group(sub.add("storage", "storage node operations"))
     st.add("restart", "restart a storage node; datastores keep their IDs").add_argument("node")
     st.add("resume", "resume a paused storage node (once the cause, e.g. a full disk, is gone)"
@@ -215,5 +236,5 @@ HANDLERS = {
     "demo": "labs", "export": "labs", "exec": "labs", "shell": "labs", "logs": "labs", "vm": "labs",
     "migrate": "migration", "migration": "migration", "migrations": "migration",
     "datastore": "storage", "host": "storage", "events": "storage", "rescan": "storage",
-    "storage": "storage",
+    "storage": "storage", "wan": "wan",
 }

@@ -191,6 +191,9 @@ def print_status(s: LabStatus) -> None:
         for host, seen in d.seen_by.items():
             if seen.naa:
                 print(f"    seen by {host} over iSCSI: {seen.naa}, {seen.size_bytes} bytes")
+    for w in s.wan:
+        print(f"  wan     {w.name:8} {w.sites[0]} <-> {w.sites[1]}  {w.state}  "
+              f"{w.params.describe()}" + (f"  [router: {w.error}]" if w.error else ""))
     for v in s.vms:
         beat = f"  heartbeat #{v.heartbeat.counter}" if v.heartbeat else ""
         why = f" ({v.reason})" if v.reason else ""

@@ -16,6 +16,7 @@ from labctl.hosts.protocol import VmStarted
 from labctl.lab.face import Down
 from labctl.lab.status import LabStatus, VmState
 from labctl.migration.result import MigrationResult
+from labctl.wan.service import WanShown
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
@@ -34,6 +35,7 @@ RECORDS: dict[str, type[Message]] = {
     "datastore-resize": Resized,
     "host-storage": HostCache,
     "migrate": MigrationResult,
+    "wan": WanShown,  # each element of labctl wan show; labctl wan set
     "error": ErrorRecord,  # any command that fails, with --json
 }
 

@@ -54,6 +54,11 @@ def tap(tag: str, node_index: int) -> str:
     return f"lc{tag}s{node_index}"
 
 
+def wan_tap(tag: str, link_index: int, leg: int) -> str:
+    """The tap of WAN router ``link_index``'s leg 0 or 1."""
+    return f"lc{tag}w{link_index}{'ab'[leg]}"
+
+
 def netns(lab: str, host: str) -> str:
     return f"labctl-{lab}-{host}"
 

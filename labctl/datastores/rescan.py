@@ -73,6 +73,8 @@ log = logging.getLogger("labctl.datastores.rescan")
 LOOKUPS = ("inventory", "poll")
 #: a storage node's domain, as libvirt reports it (events from source "libvirt")
 EVENT_NODE_PAUSED = "storage_node_paused"
+EVENT_WAN_DOWN = "wan_down"
+EVENT_WAN_UP = "wan_up"
 EVENT_NODE_STOPPED = "storage_node_stopped"
 EVENT_NODE_RESUMED = "storage_node_resumed"
 #: recorded as they are: the refresh that follows a node's return is storage_agent_back's
@@ -136,6 +138,8 @@ def format_event(ev: RescanEvent) -> str:
         return head + f"{what}: {ev.message or 'ignored'}"
     if ev.state not in FINAL:
         return head + f"{what}: {ev.state}"
+    if ev.unit is None and ev.message:  # about no datastore (a WAN router's state)
+        return head + f"{ev.message} [{ev.state}]"
     size = ev.size_bytes
     parts = [what, f"size {size >> 20} MiB" if size else "",
              f"lookup {ev.lookup}", f"refreshed {','.join(ev.hosts_refreshed or []) or '-'}"]
@@ -242,6 +246,7 @@ class RescanService:
         self.node_lost: dict[str, bool] = {}
         self.portal_down: dict[str, bool] = {}
         self.node_paused: dict[str, bool] = {}
+        self.router_paused: set[str] = set()
         self._pending: dict[str, list[int]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -639,10 +644,14 @@ class RescanService:
             self.inv.set_meta("rescan_ready", str(time.time()))
             log.info("subscribed to every agent")
 
-    def _on_node_event(self, node: str, kind: str, why: str | None) -> None:
-        """A storage node's domain changed state (libvirt's lifecycle event): a pause, a
-        crash or a stop is recorded for each datastore on it, with its reason and the cure;
-        its resumption refreshes the sharing hosts."""
+    def _on_node_event(self, node: str, kind: str, why: str | None, role: str) -> None:
+        """A node's domain changed state (libvirt's lifecycle event). A storage node's
+        pause, crash or stop is recorded for each datastore on it, with its reason and the
+        cure; its resumption refreshes the sharing hosts. A WAN router's stop or crash is
+        ``wan_down``, its start or resumption ``wan_up``."""
+        if role == "wan-router":
+            self._on_router_event(node, kind, why)
+            return
         words = {"suspended": EVENT_NODE_PAUSED, "stopped": EVENT_NODE_STOPPED,
                  "crashed": EVENT_NODE_STOPPED, "resumed": EVENT_NODE_RESUMED}
         event = words.get(kind)
@@ -662,6 +671,25 @@ class RescanService:
         for ds in datastores(self.inv, node=node):
             self.submit("libvirt", event, ds.naa, {"node": node, "state": kind, "reason": why,
                                                    "message": message})
+
+    def _on_router_event(self, node: str, kind: str, why: str | None) -> None:
+        if kind in ("stopped", "crashed", "suspended"):
+            event, message = EVENT_WAN_DOWN, (
+                f"WAN router {node} {kind} ({why or 'no reason given'}): the sites are cut off "
+                f"from each other; 'labctl up' brings it back with its settings")
+        elif kind == "started" or (kind == "resumed" and node in self.router_paused):
+            event, message = EVENT_WAN_UP, f"WAN router {node} {kind}"
+        else:
+            return  # libvirt reports a start as started, then resumed: one event is enough
+        if kind == "suspended":
+            self.router_paused.add(node)
+        else:
+            self.router_paused.discard(node)
+        eid = self._record("libvirt", event, None, None,
+                           {"node": node, "state": kind, "reason": why, "message": message},
+                           state="done")
+        self._update(eid, message=message, finished=time.time())
+        log.info("event #%d %s", eid, message)
 
     def _watch_nodes(self) -> DomainWatch | None:
         """libvirt's lifecycle events of this lab's storage nodes (None if libvirt cannot be

@@ -35,6 +35,7 @@ from labctl.lab.topology import Topology
 from labctl.state.context import LabContext
 from labctl.storage import node as storagenode
 from labctl.storage.image import StorageImage, ensure_storage_image
+from labctl.wan import service as wan
 
 _T = TypeVar("_T")
 
@@ -165,6 +166,8 @@ async def build(ctx: LabContext, topo: Topology) -> None:
                  for i in range(len(topo.storage_nodes))]
     host_jobs = [_start_host(ctx, topo, i, provider) for i in range(len(topo.hosts))]
     await step(ctx, "storage nodes and hosts ready", gather_all(*node_jobs, *host_jobs))
+    if topo.wan:
+        await step(ctx, "WAN links up", _start_wan(ctx, topo, simg, accel))
 
     # 4. LUNs with ACLs, then every sharing host checks what it sees
     await step(ctx, "datastores exported", gather_all(
@@ -233,6 +236,25 @@ async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: St
     ctx.progress(f"storage node {node.name} is serving at {node.address}")
 
 
+async def _start_wan(ctx: LabContext, topo: Topology, image: StorageImage, accel: str) -> None:
+    """Each WAN link's router (netem on each leg's egress), then every host's route to the
+    other site through it; a link is checked by a real round trip across it."""
+    for i, w in enumerate(topo.wan):
+        a, b = topo.site(w.sites[0]), topo.site(w.sites[1])
+        wan.record(ctx, i, w.name, w.sites, w.addresses,
+                   (a.subnet.prefixlen, b.subnet.prefixlen), w.params)
+    boots = await gather_all(*(wan.start_router(ctx, w.name, image, accel) for w in topo.wan))
+    await wan.route_hosts(ctx)
+    for w, boot_s in zip(topo.wan, boots, strict=True):
+        ctx.inv.record_step(f"WAN router {w.name} boot to agent ready", boot_s)
+        row = wan.link(ctx.inv, w.name)
+        if row.up and any(h.site == w.sites[0] for h in topo.hosts) and any(
+                h.site == w.sites[1] for h in topo.hosts):
+            await wan.wait_round_trip(ctx, row, 20.0)
+        ctx.progress(f"WAN link {w.name} ({w.sites[0]} <-> {w.sites[1]}): "
+                     f"{row.params.describe()}")
+
+
 async def _start_host(ctx: LabContext, topo: Topology, i: int, provider: NamespaceHosts) -> None:
     inv = ctx.inv
     host = topo.hosts[i]
@@ -269,6 +291,18 @@ async def recover(ctx: LabContext, topo: Topology) -> list[str]:
                          "starting it again")
         await _start_host(ctx, topo, i, provider)
         restarted.append(host.name)
+    known = {r.name for r in wan.links(ctx.inv)}
+    routers = [s for s in await wan.show(ctx) if s.state not in ("up", "down")]
+    for w in routers:
+        if w.name not in known:
+            continue
+        ctx.progress(f"the WAN router of {w.name} is {w.state}: starting it again with its "
+                     "settings")
+        image = await ensure_storage_image(progress=ctx.progress)
+        await wan.start_router(ctx, w.name, image, ctx.inv.get_meta("accel", "tcg") or "tcg")
+        restarted.append(f"wan {w.name}")
+    if restarted:
+        await wan.route_hosts(ctx)  # a host started again has a fresh namespace
     return restarted
 
 

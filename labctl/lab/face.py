@@ -38,9 +38,10 @@ from labctl.migration.records import MIGRATIONS, get_migration, list_migrations
 from labctl.state.context import LabContext, Progress, quiet
 from labctl.state.inventory import Inventory
 from labctl.state.labdir import LabDir, archive, existing_labs, lab_state
+from labctl.wan.service import WAN
 
 #: every feature's inventory tables, each declared next to its feature
-SCHEMAS = (DATASTORES, MIGRATIONS)
+SCHEMAS = (DATASTORES, MIGRATIONS, WAN)
 
 
 class Lab:

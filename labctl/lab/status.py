@@ -17,6 +17,8 @@ from labctl.hosts import protocol as hp
 from labctl.state.context import LabContext
 from labctl.storage import node as storagenode
 from labctl.storage import protocol as sp
+from labctl.wan import service as wan
+from labctl.wan.service import WanShown
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,9 @@ class LabStatus(Message):
     datastores: list[DatastoreState] = field(default_factory=list)
     vms: list[VmState] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
+    #: WAN links between sites: asked parameters, the router's state (``wan_down`` when
+    #: its VM stopped)
+    wan: list[WanShown] = field(default_factory=list)
 
     def vm(self, name: str) -> VmState:
         return next(v for v in self.vms if v.name == name)
@@ -145,8 +150,14 @@ async def status(ctx: LabContext) -> LabStatus:
         except AgentError as exc:
             node_agent[name] = f"unreachable: {exc.message}"
 
+    links: list[WanShown] = []
+
+    async def probe_wan() -> None:
+        links.extend(await wan.show(ctx))
+
     await asyncio.gather(*(probe_host(h["name"]) for h in hosts if h["state"] == "up"),
-                         *(probe_node(n["name"]) for n in nodes if n["state"] == "up"))
+                         *(probe_node(n["name"]) for n in nodes if n["state"] == "up"),
+                         probe_wan())
     stores = []
     for d in inv.rows("datastores"):
         shares = inv.rows("datastore_hosts", datastore=d["name"])
@@ -185,4 +196,4 @@ async def status(ctx: LabContext) -> LabStatus:
                                  domain_state=domains.get(n["name"]))
                        for n in nodes],
         datastores=stores, vms=vms,
-        steps=[Step(s["name"], round(s["seconds"], 3)) for s in inv.rows("steps")])
+        steps=[Step(s["name"], round(s["seconds"], 3)) for s in inv.rows("steps")], wan=links)

@@ -24,9 +24,10 @@ import jsonschema
 import yaml
 
 from labctl.core import names, userfile
-from labctl.core.errors import TopologyError
+from labctl.core.errors import LabError, TopologyError
 from labctl.core.sizes import MAX_SIZE, bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
+from labctl.wan.protocol import PARAM_WORDS, LinkParams, params_from
 
 DEFAULT_NODE_CAPACITY = 4 << 30
 DEFAULT_NODE_MEMORY = 256 << 20
@@ -87,6 +88,18 @@ class Vm:
 
 
 @dataclass(frozen=True)
+class WanLink:
+    """A WAN link between two sites: a router VM with a leg on each site's bridge, netem on
+    each leg's egress."""
+
+    name: str
+    sites: tuple[str, str]
+    params: LinkParams
+    #: the router's address on each site's subnet (the highest free one), in ``sites`` order
+    addresses: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]
+
+
+@dataclass(frozen=True)
 class Topology:
     name: str
     source: str
@@ -96,6 +109,7 @@ class Topology:
     hosts: tuple[Host, ...]
     datastores: tuple[Datastore, ...]
     vms: tuple[Vm, ...]
+    wan: tuple[WanLink, ...] = ()
     raw: dict[str, Any] = field(compare=False, repr=False, default_factory=dict)
 
     def site(self, name: str) -> Site:
@@ -113,8 +127,11 @@ class Topology:
     def vm(self, name: str) -> Vm:
         return _by_name(self.vms, name, "VM")
 
+    def wan_link(self, name: str) -> WanLink:
+        return _by_name(self.wan, name, "WAN link")
 
-_T = TypeVar("_T", Site, StorageNode, Host, Datastore, Vm)
+
+_T = TypeVar("_T", Site, StorageNode, Host, Datastore, Vm, WanLink)
 _D = TypeVar("_D")
 
 
@@ -318,6 +335,7 @@ def _build(data: dict[str, Any], file: str) -> Topology:
     unique("hosts", raw_hosts, machines)
     unique("datastores", raw_ds, {})
     unique("vms", raw_vms, {})
+    unique("wan", data.get("wan", []), {})
 
     sites: list[Site] = []
     where_site: dict[str, str] = {}
@@ -505,11 +523,49 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                       float(v.get("dirty_rate", 0)), wss or 0, bool(v.get("autostart", True)),
                       int(v.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS))))
 
+    links = []
+    routers: dict[str, int] = {}  # site -> routers placed on it so far
+    joined: dict[frozenset[str], str] = {}
+    for i, w in enumerate(data.get("wan", [])):
+        pair = list(w["sites"])
+        bad = [j for j, name in enumerate(pair) if name not in site_names]
+        for j in bad:
+            fail(f"wan[{i}].sites[{j}]", _unknown("site", pair[j], site_names, "sites"))
+        if pair[0] == pair[1]:
+            fail(f"wan[{i}].sites", f"a WAN link joins two different sites, not {pair[0]} twice")
+            continue
+        if frozenset(pair) in joined:
+            fail(f"wan[{i}].sites", f"{pair[0]} and {pair[1]} are already joined by "
+                                    f"{joined[frozenset(pair)]}")
+            continue
+        joined[frozenset(pair)] = f"wan[{i}]"
+        try:
+            params = params_from({k: v for k, v in w.items() if k in PARAM_WORDS})
+        except LabError as exc:
+            where = str(exc.evidence.get("field") or "")
+            fail(f"wan[{i}]{'.' + where if where else ''}",
+                 exc.message.removeprefix(f"{where}: ") if where else exc.message)
+            continue
+        if bad:
+            continue
+        addrs = []
+        for name in pair:
+            site = next(x for x in sites if x.name == name)
+            k = routers.get(name, 0)
+            addr = site.subnet.broadcast_address - 1 - k
+            routers[name] = k + 1
+            if addr in used:
+                fail(f"wan[{i}]", f"the router's address {addr} in {name} is taken by "
+                                  f"{used[addr]}: leave the top of the subnet free")
+            used[addr] = f"wan[{i}]"
+            addrs.append(addr)
+        links.append(WanLink(w["name"], (pair[0], pair[1]), params, (addrs[0], addrs[1])))
+
     if problems:
         raise TopologyError.listing(file, _in_file_order(data, [(*p, p[0]) for p in problems]))
     return Topology(
         name=lab, source=file,
         digest=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16],
         sites=tuple(sites), storage_nodes=tuple(nodes), hosts=tuple(hosts),
-        datastores=tuple(stores), vms=tuple(vms), raw=data,
+        datastores=tuple(stores), vms=tuple(vms), wan=tuple(links), raw=data,
     )

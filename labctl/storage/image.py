@@ -23,8 +23,9 @@ STORAGE_RECIPE_VERSION = "storage-1"
 """Bump when the build steps below change in a way the recipe files do not show."""
 
 STORAGE_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "configfs", "target_core_mod",
-                   "target_core_iblock", "iscsi_target_mod")
-"""Kernel modules the storage node loads at boot (with their dependencies)."""
+                   "target_core_iblock", "iscsi_target_mod", "sch_netem")
+"""Kernel modules the node image loads at boot (with their dependencies): the storage
+node's, and netem for the WAN router booted from the same image."""
 
 _SLIM_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
                   "/usr/share/locale/*", "/usr/share/lintian/*")

@@ -42,6 +42,7 @@ from labctl.core.errors import (
 from labctl.core.paths import repo_root
 from labctl.core.proc import run, which
 from labctl.core.rpc import RpcClient
+from labctl.core.wire import Message, Method
 from labctl.drivers.debian import make_config_disk
 from labctl.storage.image import StorageImage
 from labctl.storage.protocol import STATUS, NodeConfig
@@ -74,6 +75,15 @@ class DataDisk:
     size_bytes: int
 
 
+@dataclass(frozen=True)
+class Nic:
+    """A further NIC of a node on another bridge (the WAN router's second leg)."""
+
+    bridge: str
+    tap: str
+    mac: str
+
+
 @dataclass
 class StorageNodeSpec:
     lab: str
@@ -90,6 +100,18 @@ class StorageNodeSpec:
     data_disks: list[DataDisk] = field(default_factory=list)
     agent_port: int = names.STORAGE_AGENT_PORT
     gateway: str | None = None
+    #: what the node is (its domain's ownership record says it): a storage node, or the
+    #: WAN router, booted from the same image with another agent
+    role: str = "storage-node"
+    #: NICs after the first (the router's other legs)
+    extra_nics: list[Nic] = field(default_factory=list)
+    #: config.json for another agent than the storage agent, and the files that agent needs
+    agent_config: Message | None = None
+    agent_files: tuple[str, ...] = AGENT_FILES
+    #: where under the lab directory its files go (``storage/<name>``, ``wan/<name>``)
+    subdir: str = "storage"
+    #: the method whose answer says the agent is ready (the storage agent's ``status``)
+    ready: Method[Any, Any] = STATUS
 
     @property
     def domain_name(self) -> str:
@@ -101,7 +123,7 @@ class StorageNodeSpec:
 
     @property
     def node_dir(self) -> Path:
-        return self.lab_dir / "storage" / self.name
+        return self.lab_dir / self.subdir / self.name
 
 
 @dataclass(frozen=True)
@@ -229,7 +251,7 @@ def _owner(dom: Any) -> dict[str, str] | None:
 def _metadata_xml(spec: StorageNodeSpec) -> str:
     el = ET.Element(f"{METADATA_PREFIX}:owner", {f"xmlns:{METADATA_PREFIX}": METADATA_NS})
     for key, value in (("lab", spec.lab), ("lab_dir", str(spec.lab_dir.resolve())),
-                       ("node", spec.name), ("role", "storage-node")):
+                       ("node", spec.name), ("role", spec.role)):
         ET.SubElement(el, f"{METADATA_PREFIX}:{key}").text = value
     return ET.tostring(el, encoding="unicode")
 
@@ -267,14 +289,15 @@ def domain_xml(spec: StorageNodeSpec, image: StorageImage, overlay: Path, config
     devs.append(_disk_element(config_disk, "vda", CONFIG_DISK_SERIAL, readonly=True))
     for i, dd in enumerate(spec.data_disks):
         devs.append(_disk_element(dd.path, _vd_name(i + 1), dd.serial))
-    nic = ET.SubElement(devs, "interface", {"type": "bridge"})
-    ET.SubElement(nic, "source", {"bridge": spec.bridge})
-    ET.SubElement(nic, "target", {"dev": spec.tap})
-    ET.SubElement(nic, "mac", {"address": spec.mac})
-    ET.SubElement(nic, "model", {"type": "virtio"})
-    # no iPXE option ROM: with it SeaBIOS tries a network boot (DHCP timeouts, ~60 s)
-    # before the direct kernel boot
-    ET.SubElement(nic, "rom", {"enabled": "no"})
+    for one in (Nic(spec.bridge, spec.tap, spec.mac), *spec.extra_nics):
+        nic = ET.SubElement(devs, "interface", {"type": "bridge"})
+        ET.SubElement(nic, "source", {"bridge": one.bridge})
+        ET.SubElement(nic, "target", {"dev": one.tap})
+        ET.SubElement(nic, "mac", {"address": one.mac})
+        ET.SubElement(nic, "model", {"type": "virtio"})
+        # no iPXE option ROM: with it SeaBIOS tries a network boot (DHCP timeouts, ~60 s)
+        # before the direct kernel boot
+        ET.SubElement(nic, "rom", {"enabled": "no"})
     ser = ET.SubElement(devs, "serial", {"type": "file"})
     ET.SubElement(ser, "source", {"path": str(console_log)})
     ET.SubElement(ser, "target", {"port": "0"})
@@ -331,10 +354,10 @@ def console_tail(path: Path, lines: int = 40) -> str:
 
 # --- lifecycle ----------------------------------------------------------------------------
 
-def _agent_files(config: NodeConfig) -> dict[str, bytes]:
+def _agent_files(config: Message, agent_files: tuple[str, ...]) -> dict[str, bytes]:
     root = repo_root()
     files = {"config.json": json.dumps(config.to_wire(), indent=1).encode()}
-    for rel in AGENT_FILES:
+    for rel in agent_files:
         files[f"python/{rel}"] = (root / rel).read_bytes()
     return files
 
@@ -364,12 +387,17 @@ def _check_serial(dd: DataDisk) -> None:
                                f"not {CONFIG_DISK_SERIAL!r}", serial=dd.serial)
 
 
+def _what(spec: StorageNodeSpec) -> str:
+    return "WAN router" if spec.role == "wan-router" else "storage node"
+
+
 def _check_spec(spec: StorageNodeSpec) -> None:
-    if not 1 <= len(spec.tap) <= 15:
-        raise StorageNodeError(f"tap name {spec.tap!r} must be 1-15 characters", tap=spec.tap)
-    if not Path("/sys/class/net", spec.bridge).exists():
-        raise StorageNodeError(f"bridge {spec.bridge} does not exist: create it before "
-                               "starting storage node " + spec.name, bridge=spec.bridge)
+    for nic in (Nic(spec.bridge, spec.tap, spec.mac), *spec.extra_nics):
+        if not 1 <= len(nic.tap) <= 15:
+            raise StorageNodeError(f"tap name {nic.tap!r} must be 1-15 characters", tap=nic.tap)
+        if not Path("/sys/class/net", nic.bridge).exists():
+            raise StorageNodeError(f"bridge {nic.bridge} does not exist: create it before "
+                                   "starting node " + spec.name, bridge=nic.bridge)
     for dd in spec.data_disks:
         _check_serial(dd)
     try:
@@ -440,7 +468,8 @@ async def start(spec: StorageNodeSpec, image: StorageImage, accel: str = "qemu",
     except CommandFailed as exc:
         raise StorageNodeError(f"cannot create the root overlay of {spec.name}: {exc.message}",
                                **exc.evidence) from exc
-    await make_config_disk(config_disk, _agent_files(_node_config(spec)))
+    await make_config_disk(config_disk, _agent_files(spec.agent_config or _node_config(spec),
+                                                     spec.agent_files))
     for dd in spec.data_disks:
         _ensure_data_disk(dd)
     console_log.unlink(missing_ok=True)
@@ -460,17 +489,17 @@ async def start(spec: StorageNodeSpec, image: StorageImage, accel: str = "qemu",
             last = exc
         else:
             try:
-                await STATUS.call(client, timeout=max(5.0, deadline - time.monotonic()))
+                await spec.ready.call(client, timeout=max(5.0, deadline - time.monotonic()))
             finally:
                 await client.close()
             break
         if not await _in_thread(_is_active, spec.domain_name):
             raise StorageNodeError(
-                f"storage node {spec.name} stopped before its agent answered",
+                f"{_what(spec)} {spec.name} stopped before its agent answered",
                 domain=spec.domain_name, console_tail=console_tail(console_log))
         if time.monotonic() > deadline:
             raise StorageNodeError(
-                f"storage node {spec.name}: no agent at {spec.ip}:{spec.agent_port} within "
+                f"{_what(spec)} {spec.name}: no agent at {spec.ip}:{spec.agent_port} within "
                 f"{timeout:g} s", domain=spec.domain_name, last_error=str(last),
                 console_tail=console_tail(console_log))
         await asyncio.sleep(0.2)
@@ -683,8 +712,9 @@ async def resume(lab: str, name: str) -> DomainState:
     return await _in_thread(_resume, lab, name)
 
 
-#: (node, event, detail) for each lifecycle event of one of the lab's storage nodes
-NodeEventSink = Callable[[str, str, str | None], None]
+#: (node, event, detail, role) for each lifecycle event of one of the lab's node domains
+#: (role: ``storage-node`` or ``wan-router``)
+NodeEventSink = Callable[[str, str, str | None, str], None]
 
 
 class DomainWatch:
@@ -725,7 +755,8 @@ class DomainWatch:
         why = (_SUSPENDED_DETAIL if event == 3 else _STOPPED_DETAIL if event == 5 else {}
                ).get(detail)
         node = owner.get("node") or dom.name()
-        self._loop.call_soon_threadsafe(self.sink, node, kind, why)
+        role = owner.get("role") or "storage-node"
+        self._loop.call_soon_threadsafe(self.sink, node, kind, why, role)
 
     def close(self) -> None:
         self._stop.set()

@@ -154,7 +154,7 @@ def test_a_long_value_is_cut_short() -> None:
                                          "type 'string'")
     err = _error(GOOD + "b" * 1000 + ": 1\n")
     assert err.problems == [("", f"unknown key '{'b' * 23}... (1000 characters) (keys: name, "
-                                 "rescan, sites, storage_nodes, hosts, datastores, vms)")]
+                                 "rescan, sites, storage_nodes, hosts, datastores, vms, wan)")]
 
 
 def test_many_problems_are_counted_after_the_first_ones() -> None:
@@ -257,7 +257,7 @@ def test_schema_problems_come_together() -> None:
         "lab.yaml: name: 'T1' is not valid: lowercase letters, digits and '-', starting with a "
         "letter, at most 16 characters",
         "lab.yaml: unknown key 'bogus' (keys: name, rescan, sites, storage_nodes, hosts, "
-        "datastores, vms)",
+        "datastores, vms, wan)",
         "lab.yaml: hosts[1]: unknown key 'colour' (keys: name, site, address, memory)",
         "lab.yaml: vms[0].vcpus: 0 is less than the minimum of 1",
     ]

@@ -1,0 +1,303 @@
+"""WAN links between sites, controller side: the router VM of each link (booted from the
+node image with the router agent), the routes that make it the only path between its two
+sites, its parameters at run time, and checks from outside (ping from a host's namespace).
+
+A link's router has a leg on each site's bridge at the top of the site's subnet. Every host
+of one site routes the other site's subnet through its own site's leg, so a packet between
+the sites crosses the router, and netem, once each way. Hosts' TCP buffer limits are raised
+(32 MiB), or one flow cannot fill a long fat link (measured: ~600 Mbit/s at 40 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from labctl.core import names
+from labctl.core.errors import AgentError, LabError, LabStateError
+from labctl.core.proc import run
+from labctl.core.rpc import RpcClient
+from labctl.core.wire import Message
+from labctl.drivers import netlink
+from labctl.state.context import LabContext
+from labctl.state.inventory import Inventory, Schema
+from labctl.storage import node as storagenode
+from labctl.storage.image import StorageImage
+from labctl.wan import protocol as p
+
+WAN = Schema("wan", """
+CREATE TABLE IF NOT EXISTS wan_links (
+    name TEXT PRIMARY KEY, idx INTEGER NOT NULL, site_a TEXT NOT NULL, site_b TEXT NOT NULL,
+    address_a TEXT NOT NULL, address_b TEXT NOT NULL, prefix_a INTEGER NOT NULL,
+    prefix_b INTEGER NOT NULL, domain TEXT NOT NULL, agent_port INTEGER NOT NULL,
+    params TEXT NOT NULL, up INTEGER NOT NULL DEFAULT 1, memory_mib INTEGER NOT NULL);
+""")
+
+ROLE = "wan-router"
+ROUTER_MEMORY_MIB = 256
+#: TCP buffer limits in site namespaces (min, default, max): one flow fills a long fat link
+TCP_MEM = "4096 131072 33554432"
+AGENT_FILES = ("labctl/__init__.py", "labctl/core/__init__.py", "labctl/core/errors.py",
+               "labctl/core/rpc.py", "labctl/core/names.py", "labctl/core/wire.py",
+               "labctl/core/proc.py", "labctl/wan/__init__.py", "labctl/wan/protocol.py",
+               "labctl/wan/router.py", "labctl/agents/__init__.py", "labctl/agents/router.py")
+"""The python pieces the router agent needs, copied onto its config disk."""
+
+
+@dataclass(frozen=True)
+class LinkRow:
+    """A WAN link as the inventory has it."""
+
+    name: str
+    idx: int
+    site_a: str
+    site_b: str
+    address_a: str
+    address_b: str
+    prefix_a: int
+    prefix_b: int
+    domain: str
+    agent_port: int
+    params: p.LinkParams
+    up: bool
+    memory_mib: int
+
+    @staticmethod
+    def of(row: Any) -> LinkRow:
+        d = dict(row)
+        d["params"] = p.LinkParams.from_wire(json.loads(d["params"]), "wan_links.params")
+        d["up"] = bool(d["up"])
+        return LinkRow(**d)
+
+    @property
+    def sites(self) -> tuple[str, str]:
+        return self.site_a, self.site_b
+
+
+@dataclass(frozen=True)
+class WanShown(Message):
+    """One WAN link as ``labctl wan show`` reports it."""
+
+    name: str
+    sites: list[str]
+    #: the router's address on each site, in ``sites`` order
+    addresses: list[str]
+    #: what the link was asked to be (the topology, then ``wan set``)
+    params: p.LinkParams
+    #: ``up``, ``down`` (cut on purpose with ``wan set --down``), ``unreachable`` (its router
+    #: runs but its agent does not answer: ``labctl up`` starts it again), or the router domain's
+    #: state when it does not run (``shutoff (destroyed)``, ``absent``...)
+    state: str
+    #: what the router has applied now (None when its agent does not answer)
+    router: p.RouterState | None = None
+    error: str | None = None
+
+
+def links(inv: Inventory) -> list[LinkRow]:
+    return [LinkRow.of(r) for r in inv.rows("wan_links")]
+
+
+def link(inv: Inventory, name: str) -> LinkRow:
+    row = inv.row("wan_links", name=name)
+    if row is None:
+        known = ", ".join(r.name for r in links(inv)) or "none"
+        raise LabStateError(f"unknown WAN link {name!r} (WAN links: {known})", link=name)
+    return LinkRow.of(row)
+
+
+def _legs(ctx: LabContext, row: LinkRow) -> list[p.Leg]:
+    sites = {r["name"]: r for r in ctx.inv.rows("sites")}
+    out = []
+    for j, (site, addr, prefix, other) in enumerate((
+            (row.site_a, row.address_a, row.prefix_a, row.site_b),
+            (row.site_b, row.address_b, row.prefix_b, row.site_a))):
+        out.append(p.Leg(site=site, mac=names.mac(ctx.dir.tag, "w", row.idx * 2 + j),
+                         address=f"{addr}/{prefix}", subnet=str(sites[other]["subnet"])))
+    return out
+
+
+def _spec(ctx: LabContext, row: LinkRow) -> storagenode.StorageNodeSpec:
+    sites = {r["name"]: r for r in ctx.inv.rows("sites")}
+    legs = _legs(ctx, row)
+    config = p.RouterConfig(lab=ctx.name, node=row.name, address=legs[0].address,
+                            mac=legs[0].mac, gateway=None, secret=ctx.dir.secret().hex(),
+                            legs=legs, params=row.params, up=row.up,
+                            agent_port=row.agent_port)
+    return storagenode.StorageNodeSpec(
+        lab=ctx.name, name=row.name, address_cidr=legs[0].address,
+        bridge=str(sites[row.site_a]["bridge"]), tap=names.wan_tap(ctx.dir.tag, row.idx, 0),
+        mac=legs[0].mac, lab_dir=ctx.dir.path, secret=ctx.dir.secret(), target_iqn="",
+        memory_mib=row.memory_mib, agent_port=row.agent_port, role=ROLE,
+        extra_nics=[storagenode.Nic(str(sites[row.site_b]["bridge"]),
+                                    names.wan_tap(ctx.dir.tag, row.idx, 1), legs[1].mac)],
+        agent_config=config, agent_files=AGENT_FILES, subdir="wan", ready=p.WAN_SHOW)
+
+
+async def start_router(ctx: LabContext, name: str, image: StorageImage, accel: str) -> float:
+    """Boot link ``name``'s router (replacing a dead domain of it) with the link's stored
+    parameters, and cut it again if it was down; returns the seconds to its agent."""
+    row = link(ctx.inv, name)
+    spec = _spec(ctx, row)
+    ctx.inv.own("domain", spec.domain_name, lab_dir=str(ctx.dir.path))
+    t0 = time.monotonic()
+    await storagenode.start(spec, image, accel="kvm" if accel == "kvm" else "qemu")
+    for j in (0, 1):
+        netlink.label_link(names.wan_tap(ctx.dir.tag, row.idx, j),
+                           names.alias(ctx.name, "tap", f"{row.name}-{'ab'[j]}"))
+    return time.monotonic() - t0
+
+
+def record(ctx: LabContext, idx: int, name: str, sites: tuple[str, str],
+           addresses: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address],
+           prefixes: tuple[int, int], params: p.LinkParams) -> None:
+    """Put a topology's link in the inventory (its parameters only if it is new: ``wan
+    set`` changes outlive an ``up`` of the same topology)."""
+    have = ctx.inv.row("wan_links", name=name)
+    ctx.inv.upsert("wan_links", name=name, idx=idx, site_a=sites[0], site_b=sites[1],
+                   address_a=str(addresses[0]), address_b=str(addresses[1]),
+                   prefix_a=prefixes[0], prefix_b=prefixes[1],
+                   domain=names.domain(ctx.name, name), agent_port=p.WAN_AGENT_PORT,
+                   params=have["params"] if have else json.dumps(params.to_wire()),
+                   up=have["up"] if have else 1, memory_mib=ROUTER_MEMORY_MIB)
+
+
+async def route_hosts(ctx: LabContext) -> None:
+    """Every host of a linked site reaches the other site through the link's router, with
+    TCP buffers that let one flow fill the link."""
+    hosts = ctx.inv.rows("hosts")
+    sites = {r["name"]: r for r in ctx.inv.rows("sites")}
+    for row in links(ctx.inv):
+        for site, other, via in ((row.site_a, row.site_b, row.address_a),
+                                 (row.site_b, row.site_a, row.address_b)):
+            for h in hosts:
+                if h["site"] != site:
+                    continue
+                await run(["ip", "route", "replace", str(sites[other]["subnet"]), "via", via],
+                          netns=str(h["netns"]), what=f"route to {other} on {h['name']}")
+                for key in ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"):
+                    await run(["sysctl", "-q", "-w", f"{key}={TCP_MEM}"],
+                              netns=str(h["netns"]), what=f"{key} on {h['name']}")
+
+
+def _client(ctx: LabContext, row: LinkRow, timeout: float = 5.0) -> _RouterClient:
+    return _RouterClient(ctx, row, timeout)
+
+
+class _RouterClient:
+    """An authenticated connection to a link's router agent (closed on exit)."""
+
+    def __init__(self, ctx: LabContext, row: LinkRow, timeout: float) -> None:
+        self.ctx, self.row, self.timeout = ctx, row, timeout
+        self.client: RpcClient | None = None
+
+    async def __aenter__(self) -> RpcClient:
+        self.client = await RpcClient.connect(self.row.address_a, self.row.agent_port,
+                                              self.ctx.dir.secret(), timeout=self.timeout,
+                                              peer=f"WAN router {self.row.name}")
+        return self.client
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+
+async def show(ctx: LabContext) -> list[WanShown]:
+    """Every link: what it was asked to be, and what its router applied now."""
+    out = []
+    for row in links(ctx.inv):
+        dom = await storagenode.domain_state(ctx.name, row.name)
+        base = WanShown(name=row.name, sites=list(row.sites),
+                        addresses=[row.address_a, row.address_b], params=row.params,
+                        state=("up" if row.up else "down") if dom.state == "running"
+                        else str(dom))
+        if dom.state != "running":
+            out.append(base)
+            continue
+        try:
+            async with _client(ctx, row, timeout=3.0) as c:
+                state = await p.WAN_SHOW.call(c, timeout=10)
+            out.append(WanShown(**{**vars(base), "router": state}))
+        except (AgentError, LabError) as exc:
+            out.append(WanShown(**{**vars(base), "state": "unreachable",
+                                   "error": exc.message}))
+    return out
+
+
+async def set_params(ctx: LabContext, name: str, values: dict[str, object]) -> WanShown:
+    """Change link ``name``'s parameters (the words of ``PARAM_WORDS``, as a user writes
+    them); nothing changes when one is refused."""
+    row = link(ctx.inv, name)
+    params = p.params_from(values, row.params)
+    async with _client(ctx, row) as c:
+        state = await p.WAN_SET.call(c, params, timeout=30)
+    ctx.inv.update("wan_links", {"name": name}, params=json.dumps(params.to_wire()))
+    return WanShown(name=row.name, sites=list(row.sites),
+                    addresses=[row.address_a, row.address_b], params=params,
+                    state="up" if row.up else "down", router=state)
+
+
+async def set_up(ctx: LabContext, name: str, up: bool, budget: float = 10.0) -> WanShown:
+    """Cut link ``name`` (its router stops forwarding) or restore it; a restore returns only once
+    a real round trip crosses the link (a ping from a host of one site to one of the
+    other), else it fails saying so."""
+    row = link(ctx.inv, name)
+    async with _client(ctx, row) as c:
+        state = await p.WAN_LINK.call(c, p.LinkUp(up=up), timeout=30)
+    ctx.inv.update("wan_links", {"name": name}, up=int(up))
+    if up:
+        waited = await wait_round_trip(ctx, row, budget)
+        ctx.progress(f"WAN link {name} is up: a round trip crossed it after {waited:.2f} s")
+    return WanShown(name=row.name, sites=list(row.sites),
+                    addresses=[row.address_a, row.address_b], params=row.params,
+                    state="up" if up else "down", router=state)
+
+
+def endpoints(ctx: LabContext, row: LinkRow) -> tuple[dict[str, Any], str]:
+    """A host of the link's first site (its row) and a target across the link: a host of
+    the second site, else the router's far leg."""
+    hosts = ctx.inv.rows("hosts")
+    near = next((h for h in hosts if h["site"] == row.site_a), None)
+    if near is None:
+        raise LabStateError(f"site {row.site_a} has no host to measure WAN link {row.name} "
+                            "from", link=row.name)
+    far = next((h for h in hosts if h["site"] == row.site_b), None)
+    return dict(near), str(far["address"]) if far is not None else row.address_b
+
+
+async def ping(netns: str, address: str, count: int = 5, interval: float = 0.2,
+               timeout: float = 2.0) -> list[float]:
+    """Round trips in ms of ``count`` pings from ``netns`` to ``address`` (those answered)."""
+    res = await run(["ping", "-n", "-c", str(count), "-i", f"{interval:g}", "-W", f"{timeout:g}",
+                     address], netns=netns, check=False,
+                    timeout=count * interval + timeout + 10, what=f"ping {address}")
+    return [float(m) for m in re.findall(r"time=([0-9.]+) ms", res.stdout)]
+
+
+async def wait_round_trip(ctx: LabContext, row: LinkRow, budget: float) -> float:
+    """Seconds until a ping crosses the link; LabError after ``budget`` seconds."""
+    near, far = endpoints(ctx, row)
+    t0 = time.monotonic()
+    while True:
+        if await ping(str(near["netns"]), far, count=1, timeout=1.0):
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > budget:
+            raise LabError(f"WAN link {row.name}: no round trip from {near['name']} to {far} "
+                           f"within {budget:g} s after bringing it up", link=row.name)
+        await asyncio.sleep(0.1)
+
+
+async def rtt_ms(ctx: LabContext, name: str, count: int = 10) -> list[float]:
+    """Round trips across link ``name`` measured from outside labctl's agents: ping from a
+    host of one site to a host of the other."""
+    row = link(ctx.inv, name)
+    near, far = endpoints(ctx, row)
+    got = await ping(str(near["netns"]), far, count=count)
+    if not got:
+        raise LabError(f"WAN link {name}: no ping from {near['name']} to {far} came back",
+                       link=name)
+    return got
