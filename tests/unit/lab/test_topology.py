@@ -248,7 +248,7 @@ def test_schema_problems_come_together() -> None:
         ("name", "'T1' is not valid: lowercase letters, digits and '-', starting with a letter, "
                  "at most 16 characters"),
         ("", "unknown key 'bogus' (keys: name, rescan, sites, storage_nodes, hosts, datastores, "
-             "vms)"),
+             "vms, wan)"),
         ("hosts[1]", "unknown key 'colour' (keys: name, site, address, memory)"),
         ("vms[0].vcpus", "0 is less than the minimum of 1"),
     ]
