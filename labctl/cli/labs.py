@@ -118,11 +118,13 @@ def _validate(args: argparse.Namespace) -> int:
     topo = topology.load(args.file)
     Lab(args.lab or topo.name).check(topo)  # every check of up that builds nothing
     counts = ((len(topo.hosts), "host"), (len(topo.storage_nodes), "storage node"),
-              (len(topo.datastores), "datastore"), (len(topo.vms), "VM"))
+              (len(topo.datastores), "datastore"), (len(topo.vms), "VM"),
+              (len(topo.wan), "WAN link"))
     if args.json:
         emit({"file": str(args.file), "lab": topo.name, "valid": True,
                     "hosts": len(topo.hosts), "storage_nodes": len(topo.storage_nodes),
-                    "datastores": len(topo.datastores), "vms": len(topo.vms)})
+                    "datastores": len(topo.datastores), "vms": len(topo.vms),
+                    "wan": len(topo.wan)})
         return 0
     print(f"{args.file}: lab {topo.name}: "
           + ", ".join(f"{n} {w}{'' if n == 1 else 's'}" for n, w in counts) + ": valid")
