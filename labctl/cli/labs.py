@@ -127,7 +127,8 @@ def _validate(args: argparse.Namespace) -> int:
                     "wan": len(topo.wan)})
         return 0
     print(f"{args.file}: lab {topo.name}: "
-          + ", ".join(f"{n} {w}{'' if n == 1 else 's'}" for n, w in counts) + ": valid")
+          + ", ".join(f"{n} {w}{'' if n == 1 else 's'}" for n, w in counts
+                      if n or w != "WAN link") + ": valid")
     return 0
 
 

@@ -112,6 +112,9 @@ class StorageNodeSpec:
     subdir: str = "storage"
     #: the method whose answer says the agent is ready (the storage agent's ``status``)
     ready: Method[Any, Any] = STATUS
+    #: segmentation offloads between the NICs and the host (TSO/ECN/UFO both ways); off,
+    #: every packet crosses a NIC at wire size (the WAN router's ``packet`` loss mode)
+    nic_offload: bool = True
 
     @property
     def domain_name(self) -> str:
@@ -295,6 +298,11 @@ def domain_xml(spec: StorageNodeSpec, image: StorageImage, overlay: Path, config
         ET.SubElement(nic, "target", {"dev": one.tap})
         ET.SubElement(nic, "mac", {"address": one.mac})
         ET.SubElement(nic, "model", {"type": "virtio"})
+        if not spec.nic_offload:
+            drv = ET.SubElement(nic, "driver")
+            off = {"csum": "off", "tso4": "off", "tso6": "off", "ecn": "off", "ufo": "off"}
+            ET.SubElement(drv, "host", off)
+            ET.SubElement(drv, "guest", {k: v for k, v in off.items() if k != "csum"})
         # no iPXE option ROM: with it SeaBIOS tries a network boot (DHCP timeouts, ~60 s)
         # before the direct kernel boot
         ET.SubElement(nic, "rom", {"enabled": "no"})

@@ -27,7 +27,7 @@ from labctl.drivers import netlink
 from labctl.state.context import LabContext
 from labctl.state.inventory import Inventory, Schema
 from labctl.storage import node as storagenode
-from labctl.storage.image import StorageImage
+from labctl.storage.image import StorageImage, ensure_storage_image
 from labctl.wan import protocol as p
 
 WAN = Schema("wan", """
@@ -135,7 +135,8 @@ def _spec(ctx: LabContext, row: LinkRow) -> storagenode.StorageNodeSpec:
         memory_mib=row.memory_mib, agent_port=row.agent_port, role=ROLE,
         extra_nics=[storagenode.Nic(str(sites[row.site_b]["bridge"]),
                                     names.wan_tap(ctx.dir.tag, row.idx, 1), legs[1].mac)],
-        agent_config=config, agent_files=AGENT_FILES, subdir="wan", ready=p.WAN_SHOW)
+        agent_config=config, agent_files=AGENT_FILES, subdir="wan", ready=p.WAN_SHOW,
+        nic_offload=row.params.loss_mode == "gso")
 
 
 async def start_router(ctx: LabContext, name: str, image: StorageImage, accel: str) -> float:
@@ -233,6 +234,16 @@ async def set_params(ctx: LabContext, name: str, values: dict[str, object]) -> W
     them); nothing changes when one is refused."""
     row = link(ctx.inv, name)
     params = p.params_from(values, row.params)
+    if params.loss_mode != row.params.loss_mode:
+        # the NICs' offloads towards the host are set when the VM starts: a new loss mode
+        # needs a new router (about 5 s), which comes up with the new parameters
+        ctx.inv.update("wan_links", {"name": name}, params=json.dumps(params.to_wire()))
+        ctx.progress(f"WAN link {name}: loss mode {params.loss_mode} needs the router "
+                     "started again with other NIC offloads")
+        image = await ensure_storage_image(progress=ctx.progress)
+        await start_router(ctx, name, image, ctx.inv.get_meta("accel", "tcg") or "tcg")
+        if row.up:
+            await wait_round_trip(ctx, row, 20.0)
     async with _client(ctx, row) as c:
         state = await p.WAN_SET.call(c, params, timeout=30)
     ctx.inv.update("wan_links", {"name": name}, params=json.dumps(params.to_wire()))

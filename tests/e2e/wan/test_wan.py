@@ -156,3 +156,30 @@ def test_a_killed_router_is_wan_down_and_up_brings_it_back(lab: dict[str, Any]) 
     assert len(rtts) == 10 and _near(statistics.median(rtts), 30.0), out  # its settings kept
     assert lab["cli"].json("wan", "show")[0]["params"]["delay_ms"] == 15.0
     lab["cli"]("wan", "set", "wan1", "--delay", "10ms")
+
+
+def test_packet_loss_mode_drops_wire_packets(lab: dict[str, Any]) -> None:
+    """loss_mode packet restarts the router with its NICs' offloads off: netem then counts
+    and drops wire-sized packets, at the asked ratio (measured on the data's leg)."""
+    res = lab["cli"]("wan", "set", "wan1", "--loss", "2%", "--loss-mode", "packet")
+    assert "started again" in res.stderr, res.stderr
+
+    def data_leg() -> tuple[int, int]:
+        leg = lab["cli"].json("wan", "show")[0]["router"]["legs"][1]
+        return int(leg["sent_packets"]), int(leg["dropped"])
+
+    server = subprocess.Popen(["ip", "netns", "exec", f"labctl-{lab['name']}-b1", "iperf3",
+                               "-s", "-1", "-p", "5212"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        sent0, dropped0 = data_leg()
+        res2 = in_ns(lab["name"], "a1", "iperf3", "-c", lab["b1"], "-p", "5212", "-t", "3")
+        assert res2.returncode == 0, res2.stdout[-500:] + res2.stderr
+        sent1, dropped1 = data_leg()
+    finally:
+        server.wait(timeout=30)
+        lab["cli"]("wan", "set", "wan1", "--loss", "0%", "--loss-mode", "gso")
+    seen, dropped = sent1 - sent0 + dropped1 - dropped0, dropped1 - dropped0
+    assert seen > 2000, (seen, dropped)  # wire packets, not a few hundred 64 KB ones
+    assert 0.01 < dropped / seen < 0.03, (seen, dropped)

@@ -110,3 +110,32 @@ def test_bad_links_are_refused(wan: str, b1: str, problem: str) -> None:
     with pytest.raises(TopologyError) as err:
         _parse(wan, b1)
     assert any(problem in line for line in str(err.value).splitlines()), str(err.value)
+
+
+def test_the_router_domain_has_a_leg_per_site_and_offloads_per_loss_mode(tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    from labctl.storage import node
+    from labctl.storage.image import StorageImage
+
+    def xml(offload: bool) -> ET.Element:
+        spec = node.StorageNodeSpec(
+            lab="l", name="wan1", address_cidr="10.1.0.254/24", bridge="br-a", tap="tap-a",
+            mac="52:54:00:00:00:01", lab_dir=tmp_path, secret=b"s" * 32, target_iqn="",
+            role="wan-router", extra_nics=[node.Nic("br-b", "tap-b", "52:54:00:00:00:02")],
+            subdir="wan", nic_offload=offload)
+        image = StorageImage(tmp_path / "vmlinuz", tmp_path / "rootfs", "h")
+        return ET.fromstring(node.domain_xml(spec, image, tmp_path / "o", tmp_path / "c",
+                                             tmp_path / "log"))
+
+    dom = xml(True)
+    nics = dom.findall("devices/interface")
+    assert [(n.find("source").get("bridge"), n.find("target").get("dev"))  # type: ignore[union-attr]
+            for n in nics] == [("br-a", "tap-a"), ("br-b", "tap-b")]
+    assert all(n.find("driver") is None for n in nics)
+    assert "wan-router" in ET.tostring(dom, encoding="unicode")
+    for n in xml(False).findall("devices/interface"):
+        drv = n.find("driver")
+        assert drv is not None
+        assert drv.find("guest").get("tso4") == "off"  # type: ignore[union-attr]
+        assert drv.find("host").get("tso4") == "off"  # type: ignore[union-attr]
