@@ -50,6 +50,9 @@ def _common(top: bool) -> _Parser:
     keep = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument("--lab", help="which lab (default: $LABCTL_LAB, else the only lab that is up)",
                    **({"default": os.environ.get("LABCTL_LAB") or None} if top else keep))
+    p.add_argument("--site", help="only this site of the lab (default: $LABCTL_SITE, else all): "
+                                  "status shows it alone, other commands refuse what is not in it",
+                   **({"default": os.environ.get("LABCTL_SITE") or None} if top else keep))
     p.add_argument("--json", action="store_true",
                    help="print one JSON document on stdout (errors too)",
                    **({"default": False} if top else keep))

@@ -44,6 +44,8 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
     lab = Lab.find(args.lab, progress=progress)
     if args.cmd == "status":
         status = await lab.status()
+        if args.site:
+            status = status.only_site(args.site)
         if args.json:
             emit(status.to_wire())
         else:
@@ -183,6 +185,8 @@ def _when(stamp: str | None) -> str | None:
 
 def print_status(s: LabStatus) -> None:
     print(f"lab {s.lab}: {s.state} (accel {s.accel})")
+    for site in s.sites:
+        print(f"  site    {site.name:8} {site.subnet:15} bridge {site.bridge}")
     for n in s.storage_nodes:
         dom = f"; domain {n.domain_state}" if n.domain_state not in (None, "running") else ""
         print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}  [agent {n.agent}{dom}]")

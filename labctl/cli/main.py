@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"labctl.cli.{HANDLERS[args.cmd]}")
     run: Runner = module.run
     try:
+        if args.site and args.cmd not in ("up", "ls", "validate", "demo"):
+            importlib.import_module("labctl.cli.site").check(args)
         return asyncio.run(run(args, progress))
     except LabError as exc:
         if args.json:

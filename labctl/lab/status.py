@@ -22,6 +22,13 @@ from labctl.wan.service import WanShown
 
 
 @dataclass(frozen=True)
+class SiteState(Message):
+    name: str
+    subnet: str
+    bridge: str
+
+
+@dataclass(frozen=True)
 class HostState(Message):
     name: str
     site: str
@@ -107,6 +114,20 @@ class LabStatus(Message):
     #: WAN links between sites: asked parameters, the router's state (``wan_down`` when
     #: its VM stopped)
     wan: list[WanShown] = field(default_factory=list)
+    sites: list[SiteState] = field(default_factory=list)
+
+    def only_site(self, site: str) -> LabStatus:
+        """This status with only what is in ``site``: its hosts and storage nodes, the
+        datastores on those nodes, the VMs on those hosts, the WAN links that reach it."""
+        nodes = [n for n in self.storage_nodes if n.site == site]
+        hosts = [h for h in self.hosts if h.site == site]
+        names = {n.name for n in nodes}
+        here = {h.name for h in hosts}
+        return self.replace(
+            sites=[s for s in self.sites if s.name == site], hosts=hosts,
+            storage_nodes=nodes, datastores=[d for d in self.datastores if d.node in names],
+            vms=[v for v in self.vms if v.host in here],
+            wan=[w for w in self.wan if site in w.sites])
 
     def vm(self, name: str) -> VmState:
         return next(v for v in self.vms if v.name == name)
@@ -196,4 +217,6 @@ async def status(ctx: LabContext) -> LabStatus:
                                  domain_state=domains.get(n["name"]))
                        for n in nodes],
         datastores=stores, vms=vms,
-        steps=[Step(s["name"], round(s["seconds"], 3)) for s in inv.rows("steps")], wan=links)
+        steps=[Step(s["name"], round(s["seconds"], 3)) for s in inv.rows("steps")], wan=links,
+        sites=[SiteState(str(r["name"]), str(r["subnet"]), str(r["bridge"]))
+               for r in inv.rows("sites")])

@@ -183,3 +183,20 @@ def test_packet_loss_mode_drops_wire_packets(lab: dict[str, Any]) -> None:
     seen, dropped = sent1 - sent0 + dropped1 - dropped0, dropped1 - dropped0
     assert seen > 2000, (seen, dropped)  # wire packets, not a few hundred 64 KB ones
     assert 0.01 < dropped / seen < 0.03, (seen, dropped)
+
+
+def test_site_scopes_status_and_refuses_what_is_elsewhere(lab: dict[str, Any]) -> None:
+    whole = lab["cli"].json("status")
+    assert [s["name"] for s in whole["sites"]] == ["site-a", "site-b"]
+    only_a = lab["cli"].json("--site", "site-a", "status")
+    assert [h["name"] for h in only_a["hosts"]] == ["a1"]
+    assert [s["name"] for s in only_a["sites"]] == ["site-a"]
+    assert [w["name"] for w in only_a["wan"]] == ["wan1"]  # it reaches site-a
+    text = lab["cli"]("status", "--site", "site-b").stdout
+    assert "b1" in text and "a1" not in text, text
+    res = lab["cli"]("--site", "site-a", "exec", "b1", "--", "true", check=False)
+    assert res.returncode == 1 and res.stderr.strip() == (
+        "labctl: error: host b1 is in site site-b, not site-a (--site site-a)"), res.stderr
+    res = lab["cli"]("--site", "site-c", "status", check=False)
+    assert res.returncode == 1 and "has no site 'site-c' (sites: site-a, site-b)" in res.stderr
+    assert lab["cli"]("--site", "site-a", "exec", "a1", "--", "true").returncode == 0
