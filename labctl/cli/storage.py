@@ -28,7 +28,7 @@ def _unit(lab: Lab, text: str | None) -> str | None:
     if text is None or text.lower().startswith("naa."):
         return text
     with lab.context() as ctx:
-        return str(datastores.show(ctx, text).id)
+        return str(datastores.show(ctx, text).naa)
 
 
 #: what works on a lab that is down (its inventory is kept)
@@ -86,7 +86,7 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
                 print(json.dumps(restarted.to_wire(), indent=2))
                 return 0
             print(f"storage node {restarted.node} restarted (agent after {restarted.boot_s} s); "
-                  f"re-exported {', '.join(lun.datastore + ' ' + lun.id for lun in restarted.luns)}")
+                  f"re-exported {', '.join(lun.name + ' ' + lun.naa for lun in restarted.luns)}")
         else:
             with lab.context() as ctx:
                 portal = await datastores.portal_set(ctx, args.node, args.state == "up")
@@ -107,7 +107,7 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(created.to_wire(), indent=2))
             return 0
-        print(f"datastore {created.datastore}: {created.id}  {format_size(created.size_bytes)} on "
+        print(f"datastore {created.name}: {created.naa}  {format_size(created.size_bytes)} on "
               f"{created.node} ({created.target_iqn} LUN {created.lun}, {created.backing.path})")
         for h, seen in created.seen_by.items():
             print(f"  {h}: sees {seen.seen_naa} {format_size(seen.size_bytes or 0)} "
@@ -121,7 +121,7 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
             return 0
         print(f"{'NAME':<10} {'ID':<38} {'NODE':<8} {'LUN':>3} {'SIZE':>6}  HOSTS")
         for m in rows:
-            print(f"{m.datastore:<10} {m.id or '-':<38} {m.node:<8} "
+            print(f"{m.name:<10} {m.naa or '-':<38} {m.node:<8} "
                   f"{m.lun if m.lun is not None else '-':>3} "
                   f"{format_size(m.size_bytes):>6}  {','.join(m.hosts)}")
         return 0
@@ -131,7 +131,7 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(m.to_wire(), indent=2))
             return 0
-        print(f"datastore {m.datastore}\n  id       {m.id}\n  node     {m.node}\n"
+        print(f"datastore {m.name}\n  naa      {m.naa}\n  node     {m.node}\n"
               f"  target   {m.target_iqn} at {m.portal}, LUN {m.lun}\n"
               f"  backing  {m.backing.path} (virtio serial {m.backing.disk_serial})\n"
               f"  size     {format_size(m.size_bytes)}\n  vms      {', '.join(m.vms) or '-'}")
@@ -144,7 +144,7 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(deleted.to_wire(), indent=2))
             return 0
-        print(f"datastore {deleted.datastore} ({deleted.id}) deleted; its ID is never reused")
+        print(f"datastore {deleted.name} ({deleted.naa}) deleted; its ID is never reused")
         return 0
     if args.action == "resize":
         with lab.context() as ctx:
@@ -154,10 +154,10 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
             print(json.dumps(resized.to_wire(), indent=2))
             return 0
         if not resized.changed:
-            print(f"datastore {resized.datastore} ({resized.id}) is already "
+            print(f"datastore {resized.name} ({resized.naa}) is already "
                   f"{format_size(resized.size_bytes)}: nothing to do")
             return 0
-        print(f"datastore {resized.datastore} ({resized.id}) grown to "
+        print(f"datastore {resized.name} ({resized.naa}) grown to "
               f"{format_size(resized.size_bytes)}")
         if resized.event is not None:
             print(rescan.format_event(resized.event))
@@ -172,7 +172,7 @@ def _print_host(res: HostCache) -> None:
     for u in res.units:
         when = time.strftime("%H:%M:%S", time.localtime(u.scanned_at)) if u.scanned_at else "-"
         size = format_size(u.size_bytes) if u.size_bytes else "-"
-        print(f"  {u.datastore or '?':<10} {u.id}  {size:>6}  {u.target_iqn} LUN "
+        print(f"  {u.datastore or '?':<10} {u.naa}  {size:>6}  {u.target_iqn} LUN "
               f"{u.lun}  {u.state}  scanned {when}" + (f"  ({u.error})" if u.error else ""))
 
 

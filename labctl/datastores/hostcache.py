@@ -58,7 +58,7 @@ log = logging.getLogger("labctl.agents.host.storage")
 class _Entry:
     """One unit in the cache: the mapping handed over and what the host last read."""
 
-    id: str
+    naa: str
     portal: str
     target_iqn: str
     lun: int
@@ -74,7 +74,7 @@ class _Entry:
 
     def view(self) -> p.CacheEntry:
         return p.CacheEntry(
-            id=self.id, datastore=self.datastore, portal=self.portal,
+            naa=self.naa, datastore=self.datastore, portal=self.portal,
             target_iqn=self.target_iqn, lun=self.lun, size_bytes=self.size_bytes,
             state=self.state, seen_naa=self.seen_naa, scanned_at=self.scanned_at,
             scans=self.scans, scsi_commands=self.scsi_commands, error=self.error)
@@ -106,7 +106,7 @@ class HostStorage:
         uid = normal_id(unit)
         if uid not in self.cache:
             raise LabStateError(f"host {self.agent.host} has no datastore {uid} in its cache",
-                                host=self.agent.host, unit=uid, known=sorted(self.cache))
+                                host=self.agent.host, naa=uid, known=sorted(self.cache))
         return self.cache[uid]
 
     async def _scan(self, uid: str, origin: str) -> p.Scan:
@@ -131,11 +131,11 @@ class HostStorage:
                     log.info("unit %s: UNIT ATTENTION ascq %#06x", uid, ascq)
                     if origin != "controller":
                         self.agent.publish(p.EVENT_UNIT_ATTENTION, p.UnitAttention(
-                            host=self.agent.host, at=time.time(), unit=uid, sense_key=key,
+                            host=self.agent.host, at=time.time(), naa=uid, sense_key=key,
                             ascq=ascq))
                 if before is not None and before != e.size_bytes and origin != "controller":
                     self.agent.publish(p.EVENT_HOST_CAPACITY_CHANGED, p.HostCapacityChanged(
-                        host=self.agent.host, at=time.time(), unit=uid, datastore=e.datastore,
+                        host=self.agent.host, at=time.time(), naa=uid, datastore=e.datastore,
                         previous_size_bytes=before, size_bytes=got.size_bytes))
             e.scans += 1
             e.scsi_commands += cmds
@@ -147,10 +147,10 @@ class HostStorage:
         """Take over the controller's mapping ID -> portal/target/LUN and scan each unit."""
         ids = []
         for u in req.units:
-            uid = normal_id(u.id)
+            uid = normal_id(u.naa)
             entry = self.cache.get(uid)
             if entry is None:
-                entry = self.cache[uid] = _Entry(id=uid, portal=u.portal,
+                entry = self.cache[uid] = _Entry(naa=uid, portal=u.portal,
                                                  target_iqn=u.target_iqn, lun=u.lun,
                                                  initiator_iqn=u.initiator_iqn)
             entry.datastore, entry.portal, entry.target_iqn = u.datastore, u.portal, u.target_iqn
@@ -168,16 +168,16 @@ class HostStorage:
 
     async def storage_refresh(self, req: p.Refresh) -> p.Scan:
         """Re-read one unit (its capacity and ID) without touching any other."""
-        uid = normal_id(req.unit)
+        uid = normal_id(req.naa)
         self._entry(uid)
         return await self._scan(uid, req.origin)
 
     async def storage_rescan(self, req: p.Rescan) -> p.Rescanned:
         """Rescan one unit, or everything: each known unit plus discovery (REPORT LUNS) on the
         portals this host knows, so LUNs the array added or removed show up."""
-        if req.unit is not None:
+        if req.naa is not None:
             return p.Rescanned(
-                units=[await self.storage_refresh(p.Refresh(req.unit, origin="user"))],
+                units=[await self.storage_refresh(p.Refresh(req.naa, origin="user"))],
                 discovered=[])
         units = await asyncio.gather(*(self._scan(uid, "user") for uid in sorted(self.cache)))
         discovered: list[p.Discovered] = []
@@ -203,9 +203,9 @@ class HostStorage:
 
     async def storage_lookup(self, req: p.UnitId) -> p.Lookup:
         """Whether this host shares ``unit``, from its cache alone (no SCSI command)."""
-        uid = normal_id(req.unit)
+        uid = normal_id(req.naa)
         e = self.cache.get(uid)
-        return p.Lookup(host=self.agent.host, unit=uid, shares=e is not None,
+        return p.Lookup(host=self.agent.host, naa=uid, shares=e is not None,
                         entry=None if e is None else e.view())
 
     async def storage_cache(self, _: Empty) -> p.HostCache:
@@ -217,10 +217,10 @@ class HostStorage:
         if req.kind not in p.HOST_EVENTS:
             raise LabError(f"storage_report: unknown kind {req.kind!r} (io_error, unit_attention, "
                            "host_capacity_changed)", kind=req.kind)
-        uid = normal_id(req.unit)
+        uid = normal_id(req.naa)
         self.agent.publish(req.kind, p.StorageReported(host=self.agent.host, at=time.time(),
-                                                       unit=uid, detail=req.detail or {}))
-        return p.Reported(host=self.agent.host, unit=uid, kind=req.kind)
+                                                       naa=uid, detail=req.detail or {}))
+        return p.Reported(host=self.agent.host, naa=uid, kind=req.kind)
 
     async def vm_block_resize(self, req: p.VmSize) -> p.VmSize:
         """QEMU ``block_resize`` of the VM's disk node to exactly ``size_bytes`` (the LUN's
@@ -243,7 +243,7 @@ class HostStorage:
                 got = await self._scan(uid, "controller")
                 if got.state not in ("ok", "mismatch") or got.seen_naa is None \
                         or got.size_bytes is None:
-                    raise LabError(f"host {self.agent.host}: {got.error}", unit=uid)
+                    raise LabError(f"host {self.agent.host}: {got.error}", naa=uid)
                 return got.seen_naa, got.size_bytes
         found = await asyncio.to_thread(iscsi.probe_unit, disk.portal, disk.target_iqn, disk.lun,
                                         disk.initiator_iqn, self.agent.disk_chap(disk))
@@ -264,5 +264,5 @@ class HostStorage:
                         vm.spec.disk, "portal", None) == e.portal:
                     unit = uid
         self.agent.publish(p.EVENT_IO_ERROR, p.IoError(host=self.agent.host, at=time.time(),
-                                                       unit=unit, vm=vm.spec.name,
+                                                       naa=unit, vm=vm.spec.name,
                                                        detail=ev.get("data", {})))

@@ -31,7 +31,7 @@ class Unit(Message):
     host reaches it (portal, target, LUN) as which initiator."""
 
     #: the datastore ID (``naa.…``)
-    id: str
+    naa: str
     #: ``ip:port`` of the storage node's iSCSI portal
     portal: str
     target_iqn: str
@@ -48,7 +48,8 @@ class Unit(Message):
 class CacheEntry(Message):
     """What a host knows of one unit: the mapping it was handed and what it last read."""
 
-    id: str
+    #: the datastore ID (``naa.…``); ``seen_naa`` is what the LUN itself last reported
+    naa: str
     datastore: str | None
     portal: str
     target_iqn: str
@@ -100,7 +101,7 @@ class Refresh(Message):
     """Request of ``storage_refresh``: re-read one unit. A refresh the controller asked
     for (``origin="controller"``) raises no event, so a refresh cannot trigger itself."""
 
-    unit: str
+    naa: str
     origin: str = "controller"
 
 
@@ -108,7 +109,7 @@ class Refresh(Message):
 class Rescan(Message):
     """Request of ``storage_rescan``: one unit, or (None) every unit plus discovery."""
 
-    unit: str | None = None
+    naa: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class Rescanned(Message):
 class UnitId(Message):
     """Request of ``storage_lookup``: one unit by its ID."""
 
-    unit: str
+    naa: str
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Lookup(Message):
     (no SCSI command; how the rescan service polls hosts)."""
 
     host: str
-    unit: str
+    naa: str
     shares: bool
     entry: CacheEntry | None
 
@@ -168,7 +169,7 @@ class Report(Message):
     as that event."""
 
     kind: str
-    unit: str
+    naa: str
     detail: dict[str, Json] | None = None
 
 
@@ -177,7 +178,7 @@ class Reported(Message):
     """Reply of ``storage_report``."""
 
     host: str
-    unit: str
+    naa: str
     kind: str
 
 
@@ -215,7 +216,7 @@ class HostCapacityChanged(Message):
 
     host: str
     at: float
-    unit: str
+    naa: str
     datastore: str | None
     previous_size_bytes: int
     size_bytes: int
@@ -227,7 +228,7 @@ class UnitAttention(Message):
 
     host: str
     at: float
-    unit: str
+    naa: str
     sense_key: int
     ascq: int
 
@@ -239,7 +240,7 @@ class IoError(Message):
 
     host: str
     at: float
-    unit: str | None
+    naa: str | None
     vm: str
     detail: Json
 
@@ -251,7 +252,7 @@ class StorageReported(Message):
 
     host: str
     at: float
-    unit: str
+    naa: str
     detail: dict[str, Json]
     reported: bool = True
 

@@ -110,7 +110,7 @@ async def wait_for_event(inv: Inventory, unit: str, after: int, size_bytes: int 
     deadline = time.monotonic() + timeout
     while True:
         for ev in events(inv, after):
-            if ev.unit != unit or ev.state not in FINAL:
+            if ev.naa != unit or ev.state not in FINAL:
                 continue
             if ev.state == "coalesced" and ev.coalesced_into:
                 primary = event(inv, ev.coalesced_into)
@@ -131,14 +131,14 @@ async def wait_for_event(inv: Inventory, unit: str, after: int, size_bytes: int 
 def format_event(ev: RescanEvent) -> str:
     t = time.strftime("%H:%M:%S", time.localtime(ev.at)) + f".{int(ev.at * 1000) % 1000:03d}"
     head = f"#{ev.id:<4} {t} {ev.source:<14} {ev.kind:<22} "
-    what = f"{ev.datastore or '?'} {ev.unit or ''}".strip()
+    what = f"{ev.datastore or '?'} {ev.naa or ''}".strip()
     if ev.state == "coalesced":
         return head + f"{what}: coalesced into #{ev.coalesced_into}"
     if ev.state == "ignored":
         return head + f"{what}: {ev.message or 'ignored'}"
     if ev.state not in FINAL:
         return head + f"{what}: {ev.state}"
-    if ev.unit is None and ev.message:  # about no datastore (a WAN router's state)
+    if ev.naa is None and ev.message:  # about no datastore (a WAN router's state)
         return head + f"{ev.message} [{ev.state}]"
     size = ev.size_bytes
     parts = [what, f"size {size >> 20} MiB" if size else "",
@@ -298,7 +298,7 @@ class RescanService:
             return
         if ev is None:  # not a storage event (e.g. vm_exited)
             return
-        self.submit(source, kind, ev.unit or None, ev.to_wire())
+        self.submit(source, kind, ev.naa or None, ev.to_wire())
 
     def _malformed(self, source: str, kind: str, data: Json, exc: ProtocolError) -> None:
         """Record an event whose data does not fit its type; nothing else is done."""

@@ -61,9 +61,9 @@ class Backing(Message):
 class Mapping(Message):
     """The inventory's mapping of a datastore: ID -> node, target, LUN, backing volume."""
 
-    #: the datastore ID (the LUN's NAA ID, ``naa.…``)
-    id: str | None
-    datastore: str
+    name: str
+    #: the datastore ID (the LUN's NAA ID, ``naa.…``); None until it was exported
+    naa: str | None
     node: str
     portal: str
     target_iqn: str
@@ -113,16 +113,16 @@ class Created(Mapping):
 
 @dataclass(frozen=True)
 class Deleted(Message):
-    datastore: str
-    id: str | None
+    name: str
+    naa: str | None
     #: the hosts that dropped the unit from their cache
     hosts_told: list[str]
 
 
 @dataclass(frozen=True)
 class Resized(Message):
-    datastore: str
-    id: str | None
+    name: str
+    naa: str | None
     size_bytes: int
     #: time.time() of the libvirt block resize
     resized_at: float
@@ -135,8 +135,8 @@ class Resized(Message):
 
 @dataclass(frozen=True)
 class Reexported(Message):
-    datastore: str
-    id: str
+    name: str
+    naa: str
     lun: int | None
 
 
@@ -161,7 +161,7 @@ def mapping(inv: Inventory, name: str) -> Mapping:
     node = inv.row("storage_nodes", name=ds["node"])
     assert node is not None
     return Mapping(
-        id=ds["naa"], datastore=name, node=ds["node"], portal=names.portal(node["address"]),
+        naa=ds["naa"], name=name, node=ds["node"], portal=names.portal(node["address"]),
         target_iqn=node["target_iqn"], lun=ds["lun"],
         backing=Backing(path=ds["backing_path"], disk_serial=ds["disk_serial"]),
         unit_serial=ds["unit_serial"], size_bytes=ds["size_bytes"], state=ds["state"],
@@ -175,10 +175,10 @@ def unit(inv: Inventory, name: str, host: str) -> dp.Unit:
     h = inv.row("hosts", name=host)
     if h is None:
         raise LabStateError(f"unknown host {host!r}", host=host)
-    if m.id is None or m.lun is None:
+    if m.naa is None or m.lun is None:
         raise LabStateError(f"datastore {name} is not exported yet (state {m.state})",
                             datastore=name, host=host)
-    return dp.Unit(id=m.id, portal=m.portal, target_iqn=m.target_iqn, lun=m.lun,
+    return dp.Unit(naa=m.naa, portal=m.portal, target_iqn=m.target_iqn, lun=m.lun,
                    initiator_iqn=h["initiator_iqn"], datastore=name)
 
 
@@ -361,10 +361,10 @@ async def delete(ctx: LabContext, name: str) -> Deleted:
         for h in m.hosts:
             try:
                 async with ctx.host_client(h) as c:
-                    await dp.STORAGE_FORGET.call(c, dp.UnitIds(units=[m.id or ""]))
+                    await dp.STORAGE_FORGET.call(c, dp.UnitIds(units=[m.naa or ""]))
                 forgot.append(h)
             except AgentError as exc:
-                ctx.progress(f"warning: host {h} did not drop {m.id}: {exc.message}")
+                ctx.progress(f"warning: host {h} did not drop {m.naa}: {exc.message}")
         async with ctx.storage_client(m.node) as c:
             await sp.DELETE_LUN.call(c, sp.LunName(name), timeout=60)
         await storagenode.detach_data_disk(ctx.name, m.node, m.backing.disk_serial)
@@ -372,9 +372,9 @@ async def delete(ctx: LabContext, name: str) -> Deleted:
         with inv.transaction():
             inv.conn.execute("DELETE FROM datastore_hosts WHERE datastore=?", (name,))
             inv.conn.execute("DELETE FROM datastores WHERE name=?", (name,))
-        if m.id:
-            IdRegistry().release(m.id)
-        return Deleted(datastore=name, id=m.id, hosts_told=forgot)
+        if m.naa:
+            IdRegistry().release(m.naa)
+        return Deleted(name=name, naa=m.naa, hosts_told=forgot)
 
 
 async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0) -> Resized:
@@ -386,7 +386,7 @@ async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
     with ctx.lock():
         m = mapping(inv, name)
         if nbytes == m.size_bytes:  # already there: like any idempotent request, done
-            return Resized(datastore=name, id=m.id, size_bytes=nbytes, resized_at=time.time(),
+            return Resized(name=name, naa=m.naa, size_bytes=nbytes, resized_at=time.time(),
                            event=None, changed=False)
         if nbytes < m.size_bytes:
             raise LabStateError(f"datastore {name} is {format_size(m.size_bytes)}: a LUN "
@@ -400,16 +400,16 @@ async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
         after = rescan.last_event_id(inv)
         t0 = time.time()
         await storagenode.resize_data_disk(ctx.name, m.node, m.backing.disk_serial, nbytes)
-    if wait <= 0 or m.id is None:
-        return Resized(datastore=name, id=m.id, size_bytes=nbytes, resized_at=t0, event=None)
-    ev = await rescan.wait_for_event(inv, m.id, after, size_bytes=nbytes, timeout=wait)
-    return Resized(datastore=name, id=m.id, size_bytes=nbytes, resized_at=t0, event=ev)
+    if wait <= 0 or m.naa is None:
+        return Resized(name=name, naa=m.naa, size_bytes=nbytes, resized_at=t0, event=None)
+    ev = await rescan.wait_for_event(inv, m.naa, after, size_bytes=nbytes, timeout=wait)
+    return Resized(name=name, naa=m.naa, size_bytes=nbytes, resized_at=t0, event=ev)
 
 
 def show(ctx: LabContext, name: str) -> Shown:
     inv = ctx.inv
     m = mapping(inv, name)
-    reg = IdRegistry().get(m.id) if m.id else None
+    reg = IdRegistry().get(m.naa) if m.naa else None
     return Shown(
         **vars(m),
         seen_by={r.host: Seen(naa=r.seen_naa, size_bytes=r.seen_size, scanned_at=r.scanned_at)
@@ -428,7 +428,7 @@ async def host_storage(ctx: LabContext, host: str, rescan_unit: str | None = Non
                        rescan_all: bool = False) -> dp.HostCache:
     async with ctx.host_client(host) as c:
         if rescan_all or rescan_unit is not None:
-            await dp.STORAGE_RESCAN.call(c, dp.Rescan(unit=rescan_unit), timeout=120)
+            await dp.STORAGE_RESCAN.call(c, dp.Rescan(naa=rescan_unit), timeout=120)
         return await dp.STORAGE_CACHE.call(c)
 
 
@@ -444,7 +444,7 @@ async def attach_for_vm(client: RpcClient, inv: Inventory, datastore: str, host:
     scan = got.units[0]
     if scan.state != "ok":
         raise LabStateError(f"host {host} cannot attach datastore {datastore} by its ID "
-                            f"{u.id}: {scan.error or scan.state}",
+                            f"{u.naa}: {scan.error or scan.state}",
                             host=host, datastore=datastore, seen=scan.to_wire())
     return scan
 
@@ -490,6 +490,6 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
             if naa != d.naa:
                 raise StorageNodeError(f"after the restart {d.name} has NAA {naa}, "
                                        f"not {d.naa}", datastore=d.name)
-            luns.append(Reexported(datastore=d.name, id=naa, lun=lun.lun))
+            luns.append(Reexported(name=d.name, naa=naa, lun=lun.lun))
         return Restarted(node=node, boot_s=round(handle.boot_s, 2),
                          seconds=round(time.monotonic() - t0, 2), luns=luns)

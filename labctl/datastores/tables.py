@@ -92,7 +92,8 @@ class RescanEvent(Message):
     at: float
     source: str
     kind: str
-    unit: str | None
+    #: the datastore ID the event is about (``naa.…``), None for an event about no datastore
+    naa: str | None
     datastore: str | None
     detail: Json
     state: str
@@ -151,6 +152,7 @@ def rescan_events(inv: Inventory, where: str = "", args: tuple[object, ...] = ()
     out = []
     for r in inv.conn.execute(sql, args).fetchall():
         row = dict(r)
+        row["naa"] = row.pop("unit")  # the column predates the one name for an ID
         for k in _JSON_COLUMNS:
             if row.get(k) is not None:
                 row[k] = json.loads(row[k])

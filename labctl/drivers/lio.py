@@ -181,7 +181,7 @@ class Lio:
         return LunInfo(
             name=str(so.name),
             lun=int(lun.lun) if lun is not None else None,
-            naa=naa_from_unit_serial(serial, self._company_id(so)),
+            naa="naa." + naa_from_unit_serial(serial, self._company_id(so)),
             serial=serial,
             size_bytes=self._size(so),
             device=str(so.udev_path),

@@ -333,5 +333,5 @@ async def _hand_mappings_checked(ctx: LabContext) -> None:
             if unit.state != "ok":
                 raise ProvisionError(
                     f"host {host} cannot use datastore {unit.datastore} "
-                    f"({unit.id}): {unit.error or unit.state}",
+                    f"({unit.naa}): {unit.error or unit.state}",
                     host=host, unit=unit.to_wire())

@@ -29,7 +29,7 @@ def disk(ctx: LabContext, datastore: str | None, host: str) -> hp.IscsiDisk | No
         return None
     u = datastores.unit(ctx.inv, datastore, host)
     return hp.IscsiDisk(portal=u.portal, target_iqn=u.target_iqn, lun=u.lun,
-                        initiator_iqn=u.initiator_iqn, naa=u.id)
+                        initiator_iqn=u.initiator_iqn, naa=u.naa)
 
 
 def spec(ctx: LabContext, name: str, host: str) -> hp.VmStartSpec:

@@ -6,8 +6,8 @@ Every method is answered by the storage agent inside the node VM
 status and the rescan service. Events are published by the agent to every subscriber
 (the rescan service) as ``Message.to_wire()`` and decoded with ``from_wire`` there.
 
-A LUN's ``naa`` is its NAA designator as LIO builds it: 32 hex digits, *without* the
-``naa.`` prefix the controller's datastore IDs carry (``labctl.core.ids.normal_naa``).
+A LUN's ``naa`` is its NAA designator as LIO builds it, written as every datastore ID is
+in labctl: ``naa.`` and 32 lowercase hex digits.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class LunInfo(Message):
     name: str
     #: the TPG LUN number; None while the backstore is not exported
     lun: int | None
-    #: NAA designator, 32 hex digits, no ``naa.`` prefix
+    #: NAA designator: ``naa.`` and 32 hex digits
     naa: str
     #: the unit serial the NAA ID is derived from
     serial: str

@@ -68,14 +68,14 @@ def outside_naa(host: str, m: dict[str, Any]) -> subprocess.CompletedProcess[byt
 
 def test_create_gives_lio_naa_id_seen_only_by_named_hosts(lab: dict[str, Any]) -> None:
     res = js("datastore", "create", "dsa", "--size", "32M", "--hosts", "h2,h3")
-    assert re.fullmatch(r"naa\.6001405[0-9a-f]{25}", res["id"]), res["id"]
+    assert re.fullmatch(r"naa\.6001405[0-9a-f]{25}", res["naa"]), res["naa"]
     assert res["node"] == "stor1" and res["size_bytes"] == 32 << 20
     assert sorted(res["seen_by"]) == ["h2", "h3"]
-    assert all(s["seen_naa"] == res["id"] and s["state"] == "ok" for s in res["seen_by"].values())
+    assert all(s["seen_naa"] == res["naa"] and s["state"] == "ok" for s in res["seen_by"].values())
     shown = js("datastore", "show", "dsa")
-    assert shown["id"] == res["id"] and shown["lun"] == res["lun"]
+    assert shown["naa"] == res["naa"] and shown["lun"] == res["lun"]
     assert Path(shown["backing"]["path"]).exists()
-    raw = bytes.fromhex(res["id"].removeprefix("naa.")).split(b"\0")[0]
+    raw = bytes.fromhex(res["naa"].removeprefix("naa.")).split(b"\0")[0]
     for host in ("h2", "h3"):
         inq = outside_naa(host, res)
         assert inq.returncode == 0, inq.stderr
@@ -85,8 +85,8 @@ def test_create_gives_lio_naa_id_seen_only_by_named_hosts(lab: dict[str, Any]) -
     for host, why in (("h1", NO_LUN), ("h4", NO_ACL)):
         assert refused(outside_naa(host, res), why), host
         units = js("host", "storage", host)["units"]
-        assert res["id"] not in [u["id"] for u in units]
-    assert res["id"] in [u["id"] for u in js("host", "storage", "h3")["units"]]
+        assert res["naa"] not in [u["naa"] for u in units]
+    assert res["naa"] in [u["naa"] for u in js("host", "storage", "h3")["units"]]
 
 
 def test_allocation_refuses_when_no_node_has_room(lab: dict[str, Any]) -> None:
@@ -100,12 +100,12 @@ def test_ids_never_repeat_after_delete(lab: dict[str, Any]) -> None:
     first = js("datastore", "create", "dsb", "--size", "8M", "--hosts", "h4")
     lc("datastore", "delete", "dsb")
     again = js("datastore", "create", "dsb", "--size", "8M", "--hosts", "h4")
-    assert again["id"] != first["id"]
+    assert again["naa"] != first["naa"]
     reg = sqlite3.connect(lab["home"] / "registry" / "datastore-ids.db")
     rows = reg.execute("SELECT naa, released FROM ids").fetchall()
     naas = [r[0] for r in rows]
-    assert len(naas) == len(set(naas)) and first["id"] in naas and again["id"] in naas
-    assert dict(rows)[first["id"]] is not None  # released, kept forever
+    assert len(naas) == len(set(naas)) and first["naa"] in naas and again["naa"] in naas
+    assert dict(rows)[first["naa"]] is not None  # released, kept forever
     lc("datastore", "delete", "dsb")
 
 
@@ -139,7 +139,7 @@ def test_resize_refreshes_exactly_the_sharing_hosts(lab: dict[str, Any], lookup:
     assert after["h1"] > before["h1"] and after["h2"] > before["h2"]
     for host in ("h1", "h2"):
         assert outside_size(NAME, host, m) == size
-        unit = next(u for u in js("host", "storage", host)["units"] if u["id"] == m["id"])
+        unit = next(u for u in js("host", "storage", host)["units"] if u["naa"] == m["naa"])
         assert unit["size_bytes"] == size and unit["state"] == "ok"
     assert js("datastore", "show", "ds1")["size_bytes"] == size
     # the VM on the LUN was told (block_resize) and its guest sees the new size
@@ -155,5 +155,5 @@ def test_delete_drops_acls_and_cache(lab: dict[str, Any]) -> None:
     lc("datastore", "delete", "dsa")
     assert "dsa" not in lc("datastore", "list").stdout
     assert refused(outside_naa("h2", m), NO_LUN)
-    assert m["id"] not in [u["id"] for u in js("host", "storage", "h2")["units"]]
+    assert m["naa"] not in [u["naa"] for u in js("host", "storage", "h2")["units"]]
     assert not Path(m["backing"]["path"]).exists()

@@ -65,7 +65,7 @@ def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
 
 
 def _unit(host: str, unit: str) -> dict[str, Any]:
-    return dict(next(u for u in js("host", "storage", host)["units"] if u["id"] == unit))
+    return dict(next(u for u in js("host", "storage", host)["units"] if u["naa"] == unit))
 
 
 def test_sharing_host_down_is_marked_stale_and_caught_up(lab: dict[str, Any]) -> None:
@@ -82,13 +82,13 @@ def test_sharing_host_down_is_marked_stale_and_caught_up(lab: dict[str, Any]) ->
         ev = res["event"]
         assert ev["state"] == "partial", ev
         assert ev["hosts_refreshed"] == ["h1"] and ev["hosts_stale"] == ["h2"]
-        assert _unit("h1", m["id"])["size_bytes"] == size
+        assert _unit("h1", m["naa"])["size_bytes"] == size
     finally:
         os.kill(inv_pid, signal.SIGCONT)
     caught = wait(lambda: next((e for e in events() if e["id"] == ev["id"]
                                 and "h2" in e["hosts_late"]), None), 30, "h2 to catch up")
     assert caught["state"] == "done"
-    assert _unit("h2", m["id"])["size_bytes"] == size
+    assert _unit("h2", m["naa"])["size_bytes"] == size
     assert "late h2" in lc("events").stdout
 
 
@@ -98,7 +98,7 @@ def test_burst_on_one_lun_is_coalesced(lab: dict[str, Any]) -> None:
     # a burst of host reports about one unit: the first starts a round, the rest coalesce
     reports = 6
     for _ in range(reports):
-        host_call(lab, "h3", "storage_report", kind="unit_attention", unit=m["id"])
+        host_call(lab, "h3", "storage_report", kind="unit_attention", naa=m["naa"])
     # and a burst of real capacity changes on the storage node
     sizes = [m["size_bytes"] + (i << 20) for i in range(1, 6)]
 
@@ -110,7 +110,7 @@ def test_burst_on_one_lun_is_coalesced(lab: dict[str, Any]) -> None:
     final = sizes[-1]
 
     def settled() -> list[dict[str, Any]] | None:
-        evs = [e for e in events() if e["id"] > last and e["unit"] == m["id"]]
+        evs = [e for e in events() if e["id"] > last and e["naa"] == m["naa"]]
         done = [e for e in evs if e["state"] in ("done", "partial", "coalesced")]
         ok = (len(done) == len(evs) and any(e.get("size_bytes") == final for e in evs)
               and any(e["kind"] == "lun_capacity_changed" for e in evs))
@@ -124,17 +124,17 @@ def test_burst_on_one_lun_is_coalesced(lab: dict[str, Any]) -> None:
         if e["state"] == "coalesced":
             assert e["coalesced_into"] in [r["id"] for r in rounds]
     for host in ("h2", "h3"):
-        assert _unit(host, m["id"])["size_bytes"] == final
+        assert _unit(host, m["naa"])["size_bytes"] == final
         assert outside_size(NAME, host, m) == final
-    assert m["id"] not in [u["id"] for u in js("host", "storage", "h1")["units"]]
+    assert m["naa"] not in [u["naa"] for u in js("host", "storage", "h1")["units"]]
 
 
 def test_event_about_unknown_lun_is_a_warning(lab: dict[str, Any]) -> None:
     before = {h: js("host", "storage", h) for h in ("h1", "h2", "h3")}
     stores = lc("datastore", "list").stdout
     bogus = "naa.6001405" + "f" * 25
-    host_call(lab, "h1", "storage_report", kind="io_error", unit=bogus)
-    ev = wait(lambda: next((e for e in events() if e["unit"] == bogus
+    host_call(lab, "h1", "storage_report", kind="io_error", naa=bogus)
+    ev = wait(lambda: next((e for e in events() if e["naa"] == bogus
                             and e["state"] == "ignored"), None), 10, "the unknown-LUN event")
     assert ev["message"].startswith("warning: event about an unknown LUN")
     assert ev["hosts_refreshed"] is None
@@ -148,11 +148,11 @@ def test_storage_node_restart_hosts_and_vm_reconnect(lab: dict[str, Any]) -> Non
     def vm() -> dict[str, Any]:
         return dict(json.loads(lc("status", "--json").stdout)["vms"][0])
 
-    ids = {d["datastore"]: d["id"] for d in js("datastore", "list")}
+    ids = {d["name"]: d["naa"] for d in js("datastore", "list")}
     before = vm()["disk_counter"]
     out = lc("storage", "restart", "stor1").stdout
     assert "re-exported" in out
-    assert {d["datastore"]: d["id"] for d in js("datastore", "list")} == ids
+    assert {d["name"]: d["naa"] for d in js("datastore", "list")} == ids
     # the guest's disk counter continues past where it was (QEMU's libiscsi reconnected)
     wait(lambda: (vm().get("disk_counter") or 0) > before + 2, 60, "the disk counter to advance")
     read = lc("vm", "console", "vm1", "read").stdout
@@ -163,7 +163,7 @@ def test_storage_node_restart_hosts_and_vm_reconnect(lab: dict[str, Any]) -> Non
     # (the service replays what the new agent published before it re-subscribed)
     evs = events()
     for naa in ids.values():
-        mine = [e["kind"] for e in evs if e["unit"] == naa]
+        mine = [e["kind"] for e in evs if e["naa"] == naa]
         assert "storage_agent_lost" in mine and "lun_added" in mine, mine
         lost = mine.index("storage_agent_lost")
         back = mine.index("storage_agent_back", lost)

@@ -275,7 +275,7 @@ def _naa_seen(inq_stdout: bytes) -> str:
 @pytest.mark.e2e
 def test_lun_naa_size_and_acls(storage_lab: StorageLab) -> None:
     lun = asyncio.run(_ensure_lun(storage_lab, [H1_IQN]))
-    assert lun["naa"] == naa_from_unit_serial(UNIT_SERIAL)
+    assert lun["naa"] == "naa." + naa_from_unit_serial(UNIT_SERIAL)
     assert lun["size_bytes"] == 64 << 20
     assert lun["initiators"] == [H1_IQN]
     url = f"iscsi://{storage_lab.node_ip}/{TARGET_IQN}/{lun['lun']}"
@@ -288,7 +288,7 @@ def test_lun_naa_size_and_acls(storage_lab: StorageLab) -> None:
             env={**os.environ, **_chap(storage_lab, H1_IQN)})
         out, err = await inq.communicate()
         assert inq.returncode == 0, err
-        assert _naa_seen(out) == lun["naa"]
+        assert "naa." + _naa_seen(out) == lun["naa"]
 
         cap = await run(["iscsi-readcapacity16", "-s", "-i", H1_IQN, url],
                         netns=storage_lab.ns_named, env=_chap(storage_lab, H1_IQN))
@@ -351,7 +351,7 @@ def test_a_claimed_iqn_without_its_secret_gets_nothing(storage_lab: StorageLab) 
         # the agent's own probe: mutual CHAP in process, and refused without the secret
         probed = await asyncio.to_thread(iscsi.probe_unit, f"{storage_lab.node_ip}:3260",
                                          TARGET_IQN, int(str(lun["lun"])), H1_IQN, good)
-        assert probed.naa == f"naa.{lun['naa']}"
+        assert probed.naa == lun["naa"]
         luns, _ = await asyncio.to_thread(iscsi.report_luns, f"{storage_lab.node_ip}:3260",
                                           TARGET_IQN, H1_IQN, good)
         assert [(x.lun, x.size_bytes) for x in luns] == [(lun["lun"], lun["size_bytes"])]

@@ -74,12 +74,12 @@ PASS = mp.PassRecord(pass_=1, t=1235.0, t_rel=0.5, status="active", dirty_sync_c
                      throttle_pct=0, mbps=812.5, prev_pass_s=0.25)
 CANCELLED = mp.Cancelled("cancelled", "running", True, 0.21)
 
-ENTRY = dp.CacheEntry(id=NAA, datastore="ds1", portal="10.0.0.21:3260", target_iqn=TARGET,
+ENTRY = dp.CacheEntry(naa=NAA, datastore="ds1", portal="10.0.0.21:3260", target_iqn=TARGET,
                       lun=0, size_bytes=64 << 20, state="ok", seen_naa=NAA,
                       scanned_at=1700000000.5, scans=2, scsi_commands=9, error=None)
 SCAN = dp.Scan(**vars(ENTRY) | {"state": "mismatch", "error": "the LUN reports another ID"},
                commands_this_scan=4)
-MAPPING = svc.Mapping(id=NAA, datastore="ds1", node="stor1", portal="10.0.0.21:3260",
+MAPPING = svc.Mapping(name="ds1", naa=NAA, node="stor1", portal="10.0.0.21:3260",
                       target_iqn=TARGET, lun=0,
                       backing=svc.Backing("/srv/lab/stor1/ds1.img", "lc-ds1"),
                       unit_serial="ab" * 16, size_bytes=64 << 20, state="exported",

@@ -123,7 +123,7 @@ def fake_storage(secret: bytes, array: Array, **impl: Impl) -> Fake:
 
     async def refresh_capacity(req: sp.LunName) -> sp.Capacity:
         return sp.Capacity(name=req.name, size_bytes=array.sizes[req.name], device="/dev/vdb",
-                           naa=array.units[req.name].removeprefix("naa."), lun=0,
+                           naa=array.units[req.name], lun=0,
                            previous_size_bytes=array.sizes[req.name])
 
     return Fake("stor1", secret, methods(vars(sp).values()),
@@ -132,7 +132,7 @@ def fake_storage(secret: bytes, array: Array, **impl: Impl) -> Fake:
 
 def scan_of(array: Array, unit: str, datastore: str = "ds1") -> dp.Scan:
     """What a host reads of ``unit`` now (LIO's NAA ID, the array's size)."""
-    return dp.Scan(id=unit, datastore=datastore, portal="127.0.0.1:3260", target_iqn=TARGET,
+    return dp.Scan(naa=unit, datastore=datastore, portal="127.0.0.1:3260", target_iqn=TARGET,
                    lun=0, size_bytes=array.sizes[datastore], state="ok", seen_naa=unit,
                    scanned_at=time.time(), scans=1, scsi_commands=2, error=None,
                    commands_this_scan=2)
@@ -144,21 +144,21 @@ def fake_host(name: str, secret: bytes, array: Array, shares: set[str],
     does not answer storage_refresh."""
 
     async def lookup(req: dp.UnitId) -> dp.Lookup:
-        has = req.unit in shares
+        has = req.naa in shares
         entry = None
         if has:  # a cache entry, not a scan (a Scan's extra field does not fit CacheEntry)
-            scan = scan_of(array, req.unit).to_wire()
+            scan = scan_of(array, req.naa).to_wire()
             del scan["commands_this_scan"]
             entry = dp.CacheEntry.from_wire(scan)
-        return dp.Lookup(host=name, unit=req.unit, shares=has, entry=entry)
+        return dp.Lookup(host=name, naa=req.naa, shares=has, entry=entry)
 
     async def refresh(req: dp.Refresh) -> dp.Scan:
         assert req.origin == "controller"
-        if req.unit not in shares:
-            raise LabError(f"host {name} has no datastore {req.unit} in its cache")
+        if req.naa not in shares:
+            raise LabError(f"host {name} has no datastore {req.naa} in its cache")
         if answering is not None:
             await answering.wait()
-        return scan_of(array, req.unit)
+        return scan_of(array, req.naa)
 
     table: dict[str, Impl] = {"storage_lookup": lookup}
     if shares:
@@ -168,7 +168,7 @@ def fake_host(name: str, secret: bytes, array: Array, shares: set[str],
 
 def liveness_only(fake: Fake) -> bool:
     """Only the rescan service's liveness lookups reached ``fake``."""
-    return all(n == "storage_lookup" and getattr(r, "unit", None) == rescan._LIVENESS_UNIT
+    return all(n == "storage_lookup" and getattr(r, "naa", None) == rescan._LIVENESS_UNIT
                for n, r in fake.calls)
 
 
@@ -232,7 +232,7 @@ def capacity_changed(array: Array, name: str, new_size: int) -> sp.LunCapacityCh
     """The array grows ``name``; the event its storage agent publishes for it."""
     before, array.sizes[name] = array.sizes[name], new_size
     return sp.LunCapacityChanged(node="stor1", portal="127.0.0.1:3260", target_iqn=TARGET,
-                                 name=name, naa=array.units[name].removeprefix("naa."), lun=0,
+                                 name=name, naa=array.units[name], lun=0,
                                  size_bytes=new_size, previous_size_bytes=before,
                                  device="/dev/vdb")
 
@@ -282,7 +282,7 @@ def test_capacity_change_refreshes_exactly_the_sharing_hosts(lab: tuple[Path, by
         assert ev.agreed_ms is not None and ev.agreed_ms >= 0
         assert resized == [dp.VmSize(name="vm1", size_bytes=96 * MIB)]
         for h in ("h1", "h2"):
-            assert len(hosts[h].called("storage_refresh", unit=UNIT)) == 1
+            assert len(hosts[h].called("storage_refresh", naa=UNIT)) == 1
         assert liveness_only(hosts["h3"])
         assert storage.called("refresh_capacity", name="ds1")
         assert inv.row("datastores", name="ds1")["size_bytes"] == 96 * MIB
@@ -355,7 +355,7 @@ def test_events_about_one_unit_are_coalesced(lab: tuple[Path, bytes, Array]) -> 
                 storage.publish(sp.EVENT_LUN_CAPACITY_CHANGED, grown)
             for h in ("h1", "h2"):
                 hosts[h].publish(dp.EVENT_UNIT_ATTENTION, dp.UnitAttention(
-                    host=h, at=time.time(), unit=UNIT, sense_key=6, ascq=0x2a09))
+                    host=h, at=time.time(), naa=UNIT, sense_key=6, ascq=0x2a09))
             await until(lambda: len(rescan.events(inv)) == 5, "five events recorded")
             release.set()
             evs = await until(lambda: (e := rescan.events(inv)) and all(
@@ -398,7 +398,7 @@ def test_poll_lookup_asks_every_host(lab: tuple[Path, bytes, Array]) -> None:
         assert ev.hosts_polled == ["h1", "h2", "h3"]
         assert ev.hosts_sharing == ev.hosts_refreshed == ["h1", "h3"]
         for h in hosts:
-            assert hosts[h].called("storage_lookup", unit=UNIT), h
+            assert hosts[h].called("storage_lookup", naa=UNIT), h
         assert not hosts["h2"].called("storage_refresh")
         inv.close()
 
@@ -418,7 +418,7 @@ def test_malformed_event_is_recorded_and_ignored(lab: tuple[Path, bytes, Array])
             storage.server.publish(sp.EVENT_LUN_CAPACITY_CHANGED, {"name": "ds1", "naa": UNIT})
             ev = await until(lambda: next((e for e in rescan.events(inv)
                                            if e.state == "ignored"), None), "the event")
-        assert ev.kind == "lun_capacity_changed" and ev.unit is None
+        assert ev.kind == "lun_capacity_changed" and ev.naa is None
         assert ev.message is not None and ev.message.startswith("warning: malformed event:")
         assert "missing field 'node'" in ev.message
         assert not hosts["h1"].called("storage_refresh")
@@ -449,7 +449,7 @@ def test_create_exports_the_registry_id_and_hands_the_mapping(
             raise LabError(f"no virtio disk with serial {req.disk_serial!r}")
         naa = naa_from_unit_serial(req.unit_serial)  # as LIO builds it
         array.sizes[req.name], array.units[req.name] = array.disks[req.disk_serial], "naa." + naa
-        return sp.LunEnsured(name=req.name, lun=3, naa=naa, serial=req.unit_serial,
+        return sp.LunEnsured(name=req.name, lun=3, naa="naa." + naa, serial=req.unit_serial,
                              size_bytes=array.disks[req.disk_serial], device="/dev/vdb",
                              initiators=sorted(req.initiators), created=True)
 
@@ -457,7 +457,7 @@ def test_create_exports_the_registry_id_and_hands_the_mapping(
         async def attach(req: dp.StorageAttach) -> dp.Attached:
             for u in req.units:
                 assert u.initiator_iqn == iqn(host)
-            return dp.Attached(units=[scan_of(array, u.id, u.datastore or "?").replace(lun=u.lun)
+            return dp.Attached(units=[scan_of(array, u.naa, u.datastore or "?").replace(lun=u.lun)
                                       for u in req.units])
         return attach
 
@@ -478,15 +478,15 @@ def test_create_exports_the_registry_id_and_hands_the_mapping(
         for f in (storage, *hosts.values()):
             assert f.unexpected == [], f.unexpected
 
-        issued = IdRegistry().get(created.id or "")
+        issued = IdRegistry().get(created.naa or "")
         assert issued is not None and (issued.datastore, issued.lab, issued.node) == (
             "dsx", "t", "stor1")
         (asked,) = storage.called("ensure_lun")
         assert isinstance(asked, sp.EnsureLun)
         assert asked.unit_serial == issued.unit_serial and asked.disk_serial == "lc-dsx"
         assert asked.initiators == [iqn("h1"), iqn("h2")]
-        assert created.id == "naa." + naa_from_unit_serial(issued.unit_serial)
-        want = dp.Unit(id=created.id, portal="127.0.0.1:3260", target_iqn=TARGET, lun=3,
+        assert created.naa == "naa." + naa_from_unit_serial(issued.unit_serial)
+        want = dp.Unit(naa=created.naa, portal="127.0.0.1:3260", target_iqn=TARGET, lun=3,
                        initiator_iqn="", datastore="dsx")
         for h in ("h1", "h2"):
             (req,) = hosts[h].called("storage_attach")
@@ -495,12 +495,12 @@ def test_create_exports_the_registry_id_and_hands_the_mapping(
         assert hosts["h3"].calls == []
         assert created.lun == 3 and created.size_bytes == 32 * MIB and created.state == "exported"
         assert created.hosts == ["h1", "h2"] and sorted(created.seen_by) == ["h1", "h2"]
-        assert all(s.state == "ok" and s.seen_naa == created.id for s in created.seen_by.values())
+        assert all(s.state == "ok" and s.seen_naa == created.naa for s in created.seen_by.values())
         out = created.to_wire()  # what `labctl datastore create --json` prints
-        assert list(out) == ["id", "datastore", "node", "portal", "target_iqn", "lun", "backing",
+        assert list(out) == ["name", "naa", "node", "portal", "target_iqn", "lun", "backing",
                              "unit_serial", "size_bytes", "state", "hosts", "seen_by", "seconds"]
         assert {r.host: (r.seen_naa, r.seen_size) for r in sharing(inv, datastore="dsx")} == {
-            h: (created.id, 32 * MIB) for h in ("h1", "h2")}
+            h: (created.naa, 32 * MIB) for h in ("h1", "h2")}
         inv.close()
 
     asyncio.run(go())

@@ -118,7 +118,7 @@ def test_normal_id() -> None:
 
 def test_agreement_rules() -> None:
     unit = "naa." + "6" * 32
-    ok = CacheEntry(id=unit, datastore="ds1", portal="10.0.0.2:3260", target_iqn="iqn.x", lun=0,
+    ok = CacheEntry(naa=unit, datastore="ds1", portal="10.0.0.2:3260", target_iqn="iqn.x", lun=0,
                     size_bytes=10, state="ok", seen_naa=unit, scanned_at=1.0, scans=1,
                     scsi_commands=2, error=None)
     agrees = rescan.RescanService._agrees
@@ -133,7 +133,7 @@ def test_agreement_rules() -> None:
 def test_format_event() -> None:
     ev = RescanEvent(
         id=3, at=time.time(), source="storage:stor1", kind="lun_capacity_changed",
-        unit="naa.6001", datastore="ds1", detail={}, state="partial", coalesced_into=None,
+        naa="naa.6001", datastore="ds1", detail={}, state="partial", coalesced_into=None,
         lookup="inventory", size_bytes=96 << 20, expected={"state": "ok"}, hosts_sharing=None,
         hosts_polled=None, hosts_refreshed=["h1"], hosts_stale=["h2"], hosts_disagree=[],
         hosts_late=[], scsi_commands=None, vms_resized=[], agreed_ms=None, agreed_at=None,

@@ -40,8 +40,8 @@ class FakeHost:
             self.calls.append("storage_attach")
             u = req.units[0]
             return dp.Attached(units=[dp.Scan(
-                id=u.id, datastore=u.datastore, portal=u.portal, target_iqn=u.target_iqn,
-                lun=u.lun, size_bytes=64 << 20, state="ok", seen_naa=u.id,
+                naa=u.naa, datastore=u.datastore, portal=u.portal, target_iqn=u.target_iqn,
+                lun=u.lun, size_bytes=64 << 20, state="ok", seen_naa=u.naa,
                 scanned_at=time.time(), scans=1, scsi_commands=2, error=None,
                 commands_this_scan=2)])
 
