@@ -55,6 +55,8 @@ from labctl.migration.protocol import (
 )
 
 DiskProbe = Callable[[IscsiDisk], Awaitable[tuple[str, int]]]
+#: how long a final status waits for the event follower to take in the last passes
+FOLLOW_CATCH_UP_S = 2.0
 log = logging.getLogger("labctl.migration.hostside")
 
 FINAL = FINAL_STATUSES
@@ -612,6 +614,11 @@ class MigrationHandlers:
             status = qmp_str(job.final, "status") or job.status
         else:  # the event said final, its query-migrate is not back yet: not final for us
             status = job.status if job.status not in FINAL else "device"
+        if status in FINAL and job.task is not None and not job.task.done():
+            # QEMU answered final before the events of the last passes were taken in (the
+            # follower awaits a query-migrate per MIGRATION_PASS): let it catch up, or a
+            # quick migration would be reported with passes but no pass records
+            await asyncio.wait({job.task}, timeout=FOLLOW_CATCH_UP_S)
         # the STOP as the VM's own listener timestamped it (job.stop_t is taken by _follow,
         # which may be waiting on a query-migrate when the STOP comes)
         stop_t, stop_qemu_t = event_time(vm, "STOP", job.t0)
