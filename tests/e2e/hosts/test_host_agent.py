@@ -157,7 +157,7 @@ def test_host_agent_end_to_end(agent: AgentProc, tmp_path: Path) -> None:
 
             # a unit behind a portal nobody answers: reported unreachable, the agent goes on
             scanned = await c.call("storage_attach", timeout=90, units=[{
-                "id": "naa.6001405" + "0" * 25, "portal": "10.231.250.250:3260",
+                "naa": "naa.6001405" + "0" * 25, "portal": "10.231.250.250:3260",
                 "target_iqn": "iqn.2003-01.org.example:none", "lun": 0,
                 "initiator_iqn": "iqn.2024-01.org.labctl:h1"}])
             unit = scanned["units"][0]
