@@ -14,6 +14,7 @@ trip crosses the link twice: ``delay: 20ms`` gives a 40 ms RTT.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -165,6 +166,21 @@ class LinkParams(Message):
 PARAM_WORDS = ("delay", "jitter", "loss", "rate", "reorder", "duplicate", "loss_mode")
 
 
+def _loss_mode(field: str, value: object) -> LossMode:
+    if value == "gso" or value == "packet":
+        return value
+    raise LabError(f"{field}: {value!r}: choose {' or '.join(LOSS_MODES)}", field=field)
+
+
+#: each word of :data:`PARAM_WORDS`: the field of :class:`LinkParams` it sets, and its parser
+_PARSERS: dict[str, tuple[str, Callable[[str, object], object]]] = {
+    "delay": ("delay_ms", parse_ms), "jitter": ("jitter_ms", parse_ms),
+    "loss": ("loss_pct", parse_percent), "rate": ("rate_mbit", parse_rate),
+    "reorder": ("reorder_pct", parse_percent), "duplicate": ("duplicate_pct", parse_percent),
+    "loss_mode": ("loss_mode", _loss_mode),
+}
+
+
 def params_from(values: dict[str, object], base: LinkParams | None = None,
                 where: str = "") -> LinkParams:
     """``base`` (default: nothing impaired) with the parameters in ``values`` (the words of
@@ -175,26 +191,11 @@ def params_from(values: dict[str, object], base: LinkParams | None = None,
     changes: dict[str, object] = {}
     for key, value in values.items():
         field = prefix + key
-        if key == "delay":
-            changes["delay_ms"] = parse_ms(field, value)
-        elif key == "jitter":
-            changes["jitter_ms"] = parse_ms(field, value)
-        elif key == "loss":
-            changes["loss_pct"] = parse_percent(field, value)
-        elif key == "rate":
-            changes["rate_mbit"] = parse_rate(field, value)
-        elif key == "reorder":
-            changes["reorder_pct"] = parse_percent(field, value)
-        elif key == "duplicate":
-            changes["duplicate_pct"] = parse_percent(field, value)
-        elif key == "loss_mode":
-            if value not in LOSS_MODES:
-                raise LabError(f"{field}: {value!r}: choose {' or '.join(LOSS_MODES)}",
-                               field=field)
-            changes["loss_mode"] = value
-        else:
+        if key not in _PARSERS:
             raise LabError(f"{field}: unknown parameter (known: {', '.join(PARAM_WORDS)})",
                            field=field)
+        name, parse = _PARSERS[key]
+        changes[name] = parse(field, value)
     try:
         return replace(p, **changes)  # type: ignore[arg-type]
     except ValueError as exc:
