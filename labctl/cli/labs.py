@@ -250,6 +250,8 @@ def _export(lab: Lab, args: argparse.Namespace) -> int:
 async def _vm(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "list":
         status = await lab.status()
+        if args.site:
+            status = status.only_site(args.site)
         if args.json:
             emit([v.to_wire() for v in status.vms])
             return 0

@@ -20,7 +20,9 @@ from labctl.core.sizes import format_size
 from labctl.datastores import rescan
 from labctl.datastores import service as datastores
 from labctl.datastores.protocol import HostCache
+from labctl.datastores.tables import RescanEvent
 from labctl.lab.face import Lab
+from labctl.state.inventory import Inventory
 from labctl.storage import node as storagenode
 
 
@@ -116,10 +118,13 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "list":
         with lab.context() as ctx:
             rows = datastores.list_all(ctx)
+            if args.site:
+                nodes = {str(r["name"]) for r in ctx.inv.rows("storage_nodes", site=args.site)}
+                rows = [m for m in rows if m.node in nodes]
         if args.json:
             print(json.dumps([m.to_wire() for m in rows], indent=2))
             return 0
-        print(f"{'NAME':<10} {'ID':<38} {'NODE':<8} {'LUN':>3} {'SIZE':>6}  HOSTS")
+        print(f"{'NAME':<10} {'NAA':<38} {'NODE':<8} {'LUN':>3} {'SIZE':>6}  HOSTS")
         for m in rows:
             print(f"{m.name:<10} {m.naa or '-':<38} {m.node:<8} "
                   f"{m.lun if m.lun is not None else '-':>3} "
@@ -182,7 +187,11 @@ async def _events(lab: Lab, args: argparse.Namespace) -> int:
     inv = lab.open_inventory()
     try:
         shown: dict[int, tuple[str, str]] = {}
-        evs = rescan.events(inv)
+
+        def of_site(evs: list[RescanEvent]) -> list[RescanEvent]:
+            return evs if not args.site else [e for e in evs if _event_in_site(inv, e, args.site)]
+
+        evs = of_site(rescan.events(inv))
         if args.last:
             for ev in evs[:-args.last]:
                 shown[ev.id] = (ev.state, json.dumps(ev.hosts_late))
@@ -198,6 +207,18 @@ async def _events(lab: Lab, args: argparse.Namespace) -> int:
             if not args.follow:
                 return 0
             await asyncio.sleep(0.2)
-            evs = rescan.events(inv)
+            evs = of_site(rescan.events(inv))
     finally:
         inv.close()
+
+
+def _event_in_site(inv: Inventory, ev: RescanEvent, site: str) -> bool:
+    """Whether ``ev`` concerns ``site``: its datastore's node is there, or (an event of a WAN
+    router) its link reaches it; an event tied to neither is shown everywhere."""
+    if ev.datastore is not None:
+        ds = inv.row("datastores", name=ev.datastore)
+        node = inv.row("storage_nodes", name=ds["node"]) if ds is not None else None
+        return node is None or node["site"] == site
+    link = inv.row("wan_links", name=str((ev.detail or {}).get("node"))) \
+        if isinstance(ev.detail, dict) else None
+    return link is None or site in (link["site_a"], link["site_b"])

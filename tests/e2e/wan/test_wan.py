@@ -31,7 +31,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
 TOPO = """
 name: {name}
 sites: [{{name: site-a, subnet: {a}}}, {{name: site-b, subnet: {b}}}]
+storage_nodes: [{{name: stor-a, site: site-a, capacity: 256M}}]
 hosts: [{{name: a1, site: site-a}}, {{name: b1, site: site-b}}]
+datastores: [{{name: ds-a, size: 32M, hosts: [a1]}}]
 wan: [{{name: wan1, sites: [site-a, site-b], delay: 10ms}}]
 """
 
@@ -200,3 +202,19 @@ def test_site_scopes_status_and_refuses_what_is_elsewhere(lab: dict[str, Any]) -
     res = lab["cli"]("--site", "site-c", "status", check=False)
     assert res.returncode == 1 and "has no site 'site-c' (sites: site-a, site-b)" in res.stderr
     assert lab["cli"]("--site", "site-a", "exec", "a1", "--", "true").returncode == 0
+    assert [d["name"] for d in lab["cli"].json("--site", "site-a", "datastore", "list")] == \
+        ["ds-a"]
+    assert lab["cli"].json("--site", "site-b", "datastore", "list") == []
+    res = lab["cli"]("--site", "site-b", "datastore", "show", "ds-a", check=False)
+    assert "datastore ds-a is in site site-a, not site-b" in res.stderr, res.stderr
+
+    def events(*site: str) -> list[dict[str, Any]]:
+        out = lab["cli"](*site, "events", "--json").stdout
+        return [json.loads(line) for line in out.splitlines()]
+
+    lab["cli"]("datastore", "resize", "ds-a", "48M")  # an event about ds-a, in site-a
+    about_ds = [e for e in events() if e["datastore"] == "ds-a"]
+    assert about_ds and all(e["naa"].startswith("naa.") for e in about_ds), about_ds
+    assert [e for e in events("--site", "site-b") if e["datastore"] == "ds-a"] == []
+    assert len([e for e in events("--site", "site-a") if e["datastore"] == "ds-a"]) == \
+        len(about_ds)
