@@ -188,10 +188,14 @@ def print_status(s: LabStatus) -> None:
     for site in s.sites:
         print(f"  site    {site.name:8} {site.subnet:15} bridge {site.bridge}")
     for n in s.storage_nodes:
-        dom = f"; domain {n.domain_state}" if n.domain_state not in (None, "running") else ""
-        print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}  [agent {n.agent}{dom}]")
+        agent = n.agent + (f" {n.agent_uptime_s:.0f} s" if n.agent_uptime_s is not None else "") \
+            + (f": {n.agent_reason}" if n.agent_reason else "")
+        dom = "" if n.domain_state in (None, "running") else f"; domain {n.domain_state}" + (
+            f" ({n.domain_reason})" if n.domain_reason else "")
+        print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}  [agent {agent}{dom}]")
     for h in s.hosts:
-        print(f"  host    {h.name:8} {h.address:15} {h.initiator_iqn}  [agent {h.agent}]")
+        why = f": {h.agent_reason}" if h.agent_reason else ""
+        print(f"  host    {h.name:8} {h.address:15} {h.initiator_iqn}  [agent {h.agent}{why}]")
     for d in s.datastores:
         print(f"  datastore {d.name:6} {d.naa}  {d.size_bytes >> 20} MiB  "
               f"on {d.node} lun {d.lun}  hosts {','.join(d.hosts)}")
@@ -199,7 +203,8 @@ def print_status(s: LabStatus) -> None:
             if seen.naa:
                 print(f"    seen by {host} over iSCSI: {seen.naa}, {seen.size_bytes} bytes")
     for w in s.wan:
-        print(f"  wan     {w.name:8} {w.sites[0]} <-> {w.sites[1]}  {w.state}  "
+        state = w.state + (f" ({w.reason})" if w.reason else "")
+        print(f"  wan     {w.name:8} {w.sites[0]} <-> {w.sites[1]}  {state}  "
               f"{w.params.describe()}" + (f"  [router: {w.error}]" if w.error else ""))
     for v in s.vms:
         beat = f"  heartbeat #{v.heartbeat.counter}" if v.heartbeat else ""

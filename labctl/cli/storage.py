@@ -77,7 +77,8 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
         if args.action == "resume":
             state = await storagenode.resume(lab.name, args.node)
             if args.json:
-                print(json.dumps({"node": args.node, "domain_state": str(state)}, indent=2))
+                print(json.dumps({"node": args.node, "domain_state": state.state,
+                                  "domain_reason": state.reason}, indent=2))
             else:
                 print(f"storage node {args.node}: {state}")
             return 0

@@ -35,8 +35,10 @@ class HostState(Message):
     address: str
     initiator_iqn: str
     netns: str
-    #: "up", "unreachable: <why>", or the inventory's state when the agent was not asked
+    #: ``up``, ``unreachable`` (``agent_reason`` says why and the cure), or the inventory's
+    #: state when the agent was not asked (``starting``)
     agent: str
+    agent_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,15 @@ class NodeState(Message):
     target_iqn: str
     domain: str
     state: str
-    #: "up <seconds> s", "unreachable: <why>", or the inventory's state
+    #: ``up``, ``unreachable`` (``agent_reason`` says why), or the inventory's state
     agent: str
-    #: the node's domain as libvirt sees it: running, paused (its reason), shutoff, absent
+    #: seconds since the node booted, as its agent says (None when it did not answer)
+    agent_uptime_s: float | None = None
+    agent_reason: str | None = None
+    #: the node's domain as libvirt sees it: running, paused, shutoff, crashed, absent...
     domain_state: str | None = None
+    #: libvirt's reason for it (a pause: ``user``, ``I/O error``...)
+    domain_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,10 @@ class LabStatus(Message):
         return next((d for d in self.datastores if d.name == name), None)
 
 
+def _dom(domains: dict[str, storagenode.DomainState], name: str) -> storagenode.DomainState:
+    return domains.get(name) or storagenode.DomainState("", None)
+
+
 def stall_after(heartbeat_ms: int) -> float:
     """Seconds without a heartbeat after which a running VM counts as stalled: ten of its
     periods, at least two seconds (a TCG guest under load beats late, not never)."""
@@ -148,28 +159,28 @@ async def status(ctx: LabContext) -> LabStatus:
     hosts = inv.rows("hosts")
     nodes = inv.rows("storage_nodes")
     live: dict[str, tuple[str, hp.VmStatus]] = {}
-    agent: dict[str, str] = {}
-    node_agent: dict[str, str] = {}
-    domains: dict[str, str] = {}
+    agent: dict[str, tuple[str, str | None]] = {}
+    node_agent: dict[str, tuple[str, float | None, str | None]] = {}
+    domains: dict[str, storagenode.DomainState] = {}
 
     async def probe_host(name: str) -> None:
         try:
             async with ctx.host_client(name, timeout=2.0) as c:
                 listed = await hp.VM_LIST.call(c, timeout=5)  # its answer says the agent is up
-                agent[name] = "up"
+                agent[name] = ("up", None)
                 for v in listed.vms:
                     live[v.name] = (name, v)
         except AgentError as exc:
-            agent[name] = f"unreachable: {exc.message} (labctl up starts it again)"
+            agent[name] = ("unreachable", f"{exc.message} (labctl up starts it again)")
 
     async def probe_node(name: str) -> None:
         with contextlib.suppress(LabError):
-            domains[name] = str(await storagenode.domain_state(ctx.name, name))
+            domains[name] = await storagenode.domain_state(ctx.name, name)
         try:
             async with ctx.storage_client(name, timeout=2.0) as c:
-                node_agent[name] = f"up {(await sp.PING.call(c, timeout=3)).uptime_s:.0f} s"
+                node_agent[name] = ("up", (await sp.PING.call(c, timeout=3)).uptime_s, None)
         except AgentError as exc:
-            node_agent[name] = f"unreachable: {exc.message}"
+            node_agent[name] = ("unreachable", None, exc.message)
 
     links: list[WanShown] = []
 
@@ -203,18 +214,24 @@ async def status(ctx: LabContext) -> LabStatus:
                 base = base.replace(state="stalled",
                                     reason=f"no heartbeat for {st.heartbeat.age_s:.1f} s")
         elif v["state"] == "running":
-            base = base.replace(state="unknown (its host agent does not report it)")
+            base = base.replace(state="unknown", reason="its host agent does not report it")
         vms.append(base)
     return LabStatus(
         lab=ctx.name, state=inv.get_meta("state"), accel=inv.get_meta("accel"),
         topology=inv.get_meta("topology_source"),
         hosts=[HostState(name=h["name"], site=h["site"], address=h["address"],
                          initiator_iqn=h["initiator_iqn"], netns=h["netns"],
-                         agent=agent.get(h["name"], h["state"])) for h in hosts],
+                         agent=agent.get(h["name"], (h["state"], None))[0],
+                         agent_reason=agent.get(h["name"], (h["state"], None))[1])
+               for h in hosts],
         storage_nodes=[NodeState(name=n["name"], site=n["site"], address=n["address"],
                                  target_iqn=n["target_iqn"], domain=n["domain"],
-                                 state=n["state"], agent=node_agent.get(n["name"], n["state"]),
-                                 domain_state=domains.get(n["name"]))
+                                 state=n["state"],
+                                 agent=node_agent.get(n["name"], (n["state"], None, None))[0],
+                                 agent_uptime_s=node_agent.get(n["name"], ("", None, None))[1],
+                                 agent_reason=node_agent.get(n["name"], ("", None, None))[2],
+                                 domain_state=_dom(domains, n["name"]).state or None,
+                                 domain_reason=_dom(domains, n["name"]).reason)
                        for n in nodes],
         datastores=stores, vms=vms,
         steps=[Step(s["name"], round(s["seconds"], 3)) for s in inv.rows("steps")], wan=links,

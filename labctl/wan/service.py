@@ -90,12 +90,14 @@ class WanShown(Message):
     #: what the link was asked to be (the topology, then ``wan set``)
     params: p.LinkParams
     #: ``up``, ``down`` (cut on purpose with ``wan set --down``), ``unreachable`` (its router
-    #: runs but its agent does not answer: ``labctl up`` starts it again), or the router domain's
-    #: state when it does not run (``shutoff (destroyed)``, ``absent``...)
+    #: runs but its agent does not answer: ``labctl up`` starts it again), or the router
+    #: domain's state when it does not run (``shutoff``, ``crashed``, ``absent``...)
     state: str
     #: what the router has applied now (None when its agent does not answer)
     router: p.RouterState | None = None
     error: str | None = None
+    #: libvirt's reason for the router domain's state (``destroyed``...)
+    reason: str | None = None
 
 
 def links(inv: Inventory) -> list[LinkRow]:
@@ -215,7 +217,7 @@ async def show(ctx: LabContext) -> list[WanShown]:
         base = WanShown(name=row.name, sites=list(row.sites),
                         addresses=[row.address_a, row.address_b], params=row.params,
                         state=("up" if row.up else "down") if dom.state == "running"
-                        else str(dom))
+                        else dom.state, reason=None if dom.state == "running" else dom.reason)
         if dom.state != "running":
             out.append(base)
             continue
