@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="surrogateescape")
     grammar = parser()
     argcomplete.autocomplete(grammar)  # answers shell completion requests, else returns
-    args = grammar.parse_args(argv)
+    args = grammar.parse_args(_value_options_joined(sys.argv[1:] if argv is None else argv))
     progress = Progress(args.quiet)
     # the command's module, imported only now: `labctl --help` and a typo cost nothing more
     module = importlib.import_module(f"labctl.cli.{HANDLERS[args.cmd]}")
@@ -92,6 +92,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         return 1
+
+
+#: options whose value may start with '-' (a negative value the user should hear about from
+#: labctl, not "expected one argument" from argparse)
+VALUE_OPTIONS = ("--delay", "--jitter", "--loss", "--rate", "--reorder", "--duplicate")
+
+
+def _value_options_joined(argv: list[str]) -> list[str]:
+    """``--delay -3ms`` as ``--delay=-3ms``, so the value reaches its own check."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+                and not argv[i + 1].startswith("--"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
 
 
 @dataclass(frozen=True)

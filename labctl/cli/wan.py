@@ -16,10 +16,12 @@ from labctl.cli.progress import Progress
 from labctl.core.errors import LabStateError
 from labctl.lab.face import Lab
 from labctl.wan import service as wan
-from labctl.wan.protocol import PARAM_WORDS
+from labctl.wan.protocol import PARAM_WORDS, check_values
 
 
 async def run(args: argparse.Namespace, progress: Progress) -> int:
+    if args.action == "set":  # a bad value is named before any lab is looked for
+        check_values({w: getattr(args, w) for w in PARAM_WORDS if getattr(args, w) is not None})
     lab = Lab.find(args.lab, progress=progress)
     lab.require_up()
     if args.action == "show":

@@ -181,6 +181,16 @@ _PARSERS: dict[str, tuple[str, Callable[[str, object], object]]] = {
 }
 
 
+def check_values(values: dict[str, object]) -> None:
+    """Each value on its own (its form and bounds; not how it fits the others): LabError
+    naming the first bad one. What a command checks before it looks for a lab."""
+    for key, value in values.items():
+        if key not in _PARSERS:
+            raise LabError(f"{key}: unknown parameter (known: {', '.join(PARAM_WORDS)})",
+                           field=key)
+        _PARSERS[key][1](key, value)
+
+
 def params_from(values: dict[str, object], base: LinkParams | None = None,
                 where: str = "") -> LinkParams:
     """``base`` (default: nothing impaired) with the parameters in ``values`` (the words of

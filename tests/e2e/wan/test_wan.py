@@ -89,7 +89,7 @@ def test_set_changes_the_link_and_ping_follows_within_a_second(lab: dict[str, An
 
 
 @pytest.mark.parametrize(("argv", "problem"), [
-    (["--delay=-3ms"], "delay: '-3ms' is not a duration"),
+    (["--delay", "-3ms"], "delay: '-3ms' is not a duration"),
     (["--jitter", "50ms"], "jitter 50 ms is larger than the delay 10 ms"),
     (["--rate", "5tbit"], "rate: '5tbit' is not a rate"),
     (["--loss", "101%"], "loss: 101% is more than 100%"),

@@ -139,3 +139,22 @@ def test_the_router_domain_has_a_leg_per_site_and_offloads_per_loss_mode(tmp_pat
         assert drv is not None
         assert drv.find("guest").get("tso4") == "off"  # type: ignore[union-attr]
         assert drv.find("host").get("tso4") == "off"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["--delay", "-3ms"], "delay: '-3ms' is not a duration"),
+    (["--loss", "-1%"], "loss: '-1%' is not a percentage"),
+    (["--rate", "5tbit", "--delay", "1ms"], "rate: '5tbit' is not a rate"),
+])
+def test_wan_set_names_a_bad_value_before_looking_for_a_lab(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        argv: list[str], problem: str) -> None:
+    """A negative value is the value's problem (argparse took '-3ms' for an option), and it
+    is named even where no lab exists."""
+    from labctl.cli.main import main
+
+    monkeypatch.setenv("LABCTL_HOME", str(tmp_path))
+    monkeypatch.delenv("LABCTL_LAB", raising=False)
+    assert main(["wan", "set", "wan1", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"labctl: error: {problem}") and err.count("\n") == 1, err
