@@ -19,6 +19,10 @@ from labctl import __version__
 DEFAULT_TOPOLOGY = "labs/default.yaml"
 POLICIES = ("default", "capped", "converge", "postcopy", "strict", "multifd", "late")
 LOOKUPS = ("inventory", "poll")
+#: ``wan set``'s value options, with an example each; a value may start with '-' (the CLI
+#: joins ``--delay -3ms`` into ``--delay=-3ms`` so that labctl, not argparse, refuses it)
+WAN_VALUE_OPTIONS = {"--delay": "40ms", "--jitter": "5ms", "--loss": "0.1%%",
+                     "--rate": "100mbit", "--reorder": "1%%", "--duplicate": "1%%"}
 #: console commands the test guest answers (labctl.guest.protocol.COMMANDS)
 CONSOLE_HELP = "rate MiB/s | wss MiB | read | sync | size"
 
@@ -209,9 +213,8 @@ def parser() -> argparse.ArgumentParser:
                             "0.1%, 100mbit, unlimited). --down cuts the link, --up restores "
                             "it and returns once a round trip crossed it.")
     ws.add_argument("link")
-    for word, example in (("delay", "40ms"), ("jitter", "5ms"), ("loss", "0.1%%"),
-                          ("rate", "100mbit"), ("reorder", "1%%"), ("duplicate", "1%%")):
-        ws.add_argument(f"--{word}", metavar="VALUE", help=f"like {example}")
+    for option, example in WAN_VALUE_OPTIONS.items():
+        ws.add_argument(option, metavar="VALUE", help=f"like {example}")
     ws.add_argument("--loss-mode", dest="loss_mode", choices=["gso", "packet"],
                     help="gso: fast, loss per 64 KB super-packet; packet: per wire packet")
     updown = ws.add_mutually_exclusive_group()

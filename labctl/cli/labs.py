@@ -86,7 +86,8 @@ def _topology_file(args: argparse.Namespace) -> Path:
     --lab, or of the one lab there is; else labs/default.yaml."""
     if args.file is not None:
         return Path(args.file)
-    labs = [args.lab] if args.lab and args.lab in existing_labs() else existing_labs()
+    existing = existing_labs()
+    labs = ([args.lab] if args.lab in existing else []) if args.lab else existing
     if len(labs) > 1:
         raise LabStateError(f"several labs exist ({', '.join(labs)}): give a topology file or "
                             "say which lab with --lab NAME")
@@ -301,7 +302,11 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
 async def _follow_console(lab: Lab, args: argparse.Namespace) -> int:
     """Every new console line of the VM, stamped with the (wall-clock) time it was read."""
     status = await lab.status()
-    log = status.vm(args.name).console_log
+    vm = next((v for v in status.vms if v.name == args.name), None)
+    if vm is None:
+        raise LabStateError(f"unknown VM {args.name!r} (VMs: "
+                            f"{', '.join(v.name for v in status.vms) or 'none'})", vm=args.name)
+    log = vm.console_log
     if log is None:
         raise LabStateError(f"VM {args.name} is not running: no console to follow",
                             vm=args.name)

@@ -23,7 +23,7 @@ from typing import Any
 
 import argcomplete
 
-from labctl.cli.args import HANDLERS, parser
+from labctl.cli.args import HANDLERS, WAN_VALUE_OPTIONS, parser
 from labctl.cli.progress import Progress
 from labctl.core.errors import LabError, printable
 from labctl.core.paths import home
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"labctl.cli.{HANDLERS[args.cmd]}")
     run: Runner = module.run
     try:
-        if args.site and args.cmd not in ("up", "ls", "validate", "demo"):
+        if args.site and args.cmd not in ("up", "ls", "validate", "demo") and \
+                (args.cmd, getattr(args, "action", None)) != ("migration", "policies"):
             importlib.import_module("labctl.cli.site").check(args)
         return asyncio.run(run(args, progress))
     except LabError as exc:
@@ -94,17 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-#: options whose value may start with '-' (a negative value the user should hear about from
-#: labctl, not "expected one argument" from argparse)
-VALUE_OPTIONS = ("--delay", "--jitter", "--loss", "--rate", "--reorder", "--duplicate")
-
-
 def _value_options_joined(argv: list[str]) -> list[str]:
-    """``--delay -3ms`` as ``--delay=-3ms``, so the value reaches its own check."""
+    """``--delay -3ms`` as ``--delay=-3ms``, so the value reaches its own check; nothing
+    after ``--`` (another program's arguments, as in ``exec HOST -- CMD``) is touched."""
     out: list[str] = []
     i = 0
     while i < len(argv):
-        if argv[i] in VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+        if argv[i] == "--":
+            return out + argv[i:]
+        if argv[i] in WAN_VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") \
                 and not argv[i + 1].startswith("--"):
             out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2

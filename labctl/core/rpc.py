@@ -365,7 +365,8 @@ class RpcClient:
                 fut = self._pending.get(msg.get("id"))
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
-        except (asyncio.IncompleteReadError, ConnectionError, AuthenticationFailed, OSError) as e:
+        except (asyncio.IncompleteReadError, ConnectionError, AuthenticationFailed, OSError,
+                ValueError) as e:
             exc = e if isinstance(e, ConnectionError) else ConnectionError(str(e))
         finally:
             for fut in self._pending.values():

@@ -27,6 +27,7 @@ from typing import Any
 
 from labctl.core.chap import Chap
 from labctl.core.errors import LabError, MissingDependency
+from labctl.core.names import ISCSI_PORT
 from labctl.core.wire import Message
 
 _TIMEOUT = 30.0
@@ -94,22 +95,26 @@ async def wait_portal(portal: str, budget: float = 10.0) -> float:
     still unresolved after a link came back gets EHOSTUNREACH for a moment); returns the
     seconds waited. LabError naming the last failure once ``budget`` seconds have passed."""
     _check(portal)
-    host, _, port = portal.rpartition(":")
+    m = _PORTAL_RE.match(portal)
+    assert m is not None  # _check matched it
+    host, port = m.group(1).strip("[]"), int(m.group(2)[1:]) if m.group(2) else ISCSI_PORT
     t0 = time.monotonic()
-    last: OSError | None = None
+    last = "not tried"
     while True:
         try:
             async with asyncio.timeout(max(0.2, min(2.0, budget))):
-                _, writer = await asyncio.open_connection(host.strip("[]"), int(port or 3260))
+                _, writer = await asyncio.open_connection(host, port)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             return time.monotonic() - t0
-        except (OSError, TimeoutError) as exc:
-            last = exc if isinstance(exc, OSError) else OSError(f"no answer within {budget:g} s")
+        except TimeoutError:  # a subclass of OSError: it goes first
+            last = "no answer to a connection attempt"
+        except OSError as exc:
+            last = exc.strerror or str(exc)
         if time.monotonic() - t0 >= budget:
-            raise LabError(f"iSCSI portal {portal} did not answer within {budget:g} s: "
-                           f"{last.strerror or last}", portal=portal, budget_s=budget)
+            raise LabError(f"iSCSI portal {portal} did not answer within {budget:g} s: {last}",
+                           portal=portal, budget_s=budget)
         await asyncio.sleep(0.2)
 
 

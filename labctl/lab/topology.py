@@ -546,11 +546,12 @@ def _build(data: dict[str, Any], file: str) -> Topology:
             fail(f"wan[{i}]{'.' + where if where else ''}",
                  exc.message.removeprefix(f"{where}: ") if where else exc.message)
             continue
-        if bad:
+        ends = [next((x for x in sites if x.name == name), None) for name in pair]
+        if bad or None in ends:  # an unknown site, or one whose subnet was refused (reported)
             continue
         addrs = []
-        for name in pair:
-            site = next(x for x in sites if x.name == name)
+        for name, site in zip(pair, ends, strict=True):
+            assert site is not None
             k = routers.get(name, 0)
             addr = site.subnet.broadcast_address - 1 - k
             routers[name] = k + 1

@@ -100,7 +100,7 @@ def lab_meta(path: Path) -> dict[str, str]:
     """Every meta value of a lab's inventory (read only; empty when it cannot be read)."""
     db = path / "inventory.db"
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        conn = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True, timeout=5)
         try:
             return {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
         finally:

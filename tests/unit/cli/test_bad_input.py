@@ -223,3 +223,17 @@ def test_a_usage_error_is_one_line_and_exit_2(tmp_path: Path, argv: list[str],
     assert res.returncode == 2 and "Traceback" not in res.stderr, res
     assert len(res.stderr.splitlines()) == 1, res.stderr
     assert problem in res.stderr and "--help" in res.stderr, res.stderr
+
+
+def test_a_lab_home_with_uri_characters_still_lists_its_labs(tmp_path: Path) -> None:
+    """The inventory is opened read-only through an SQLite URI: '?' or '#' in the path must
+    not cut it short (every lab would read as not up)."""
+    from labctl.state.inventory import Inventory
+    from labctl.state.labdir import lab_meta
+
+    lab = tmp_path / "odd?home#1" / "labs" / "t1"
+    lab.mkdir(parents=True)
+    inv = Inventory.open(lab / "inventory.db")
+    inv.set_meta("state", "up")
+    inv.close()
+    assert lab_meta(lab)["state"] == "up"

@@ -59,3 +59,9 @@ def test_wait_portal_answers_at_once_or_says_why_within_its_budget() -> None:
         assert 0.9 < time.monotonic() - t0 < 3.5
 
     asyncio.run(go())
+
+
+def test_a_portal_without_its_port_is_tried_on_3260() -> None:
+    """'10.0.0.2' is a valid portal: it went through int('10.0.0.2') as its port."""
+    with pytest.raises(LabError, match=r"did not answer within 0.3 s: .*'127.0.0.1', 3260"):
+        asyncio.run(wait_portal("127.0.0.1", budget=0.3))

@@ -158,3 +158,19 @@ def test_wan_set_names_a_bad_value_before_looking_for_a_lab(
     assert main(["wan", "set", "wan1", *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"labctl: error: {problem}") and err.count("\n") == 1, err
+
+
+def test_a_link_to_a_site_whose_subnet_was_refused_is_no_traceback() -> None:
+    text = ("name: t\nsites: [{name: a, subnet: 10.231.30.0/29}, {name: b, subnet: "
+            "10.231.31.0/24}]\nhosts: [{name: h1, site: b}]\nwan: [{name: w1, sites: [a, b]}]\n")
+    with pytest.raises(TopologyError, match=r"sites\[0\].subnet: .* is too small"):
+        topology.parse(text, "t.yaml")
+
+
+def test_negative_values_are_joined_but_not_after_a_double_dash() -> None:
+    from labctl.cli.main import _value_options_joined
+
+    assert _value_options_joined(["wan", "set", "w", "--delay", "-3ms", "--rate", "1mbit"]) == \
+        ["wan", "set", "w", "--delay=-3ms", "--rate", "1mbit"]
+    argv = ["exec", "h1", "--", "tool", "--rate", "-1"]
+    assert _value_options_joined(argv) == argv
