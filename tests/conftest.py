@@ -38,6 +38,10 @@ def e2e_ready() -> str | None:
     return None
 
 
+#: the marks of a module that brings up a real lab: ``pytestmark = E2E``
+E2E = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None, reason=e2e_ready() or "")]
+
+
 def naa_designator(inq_stdout: bytes) -> bytes:
     """The NAA designator in ``iscsi-inq -e 1 -c 131`` output, as it prints it: binary
     designators go out with %s, so the raw bytes up to the first zero byte. Each designator
@@ -203,9 +207,7 @@ def leftovers(lab: str, lab_dir: Path, records_kept: bool = False) -> list[str]:
     doms = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                           capture_output=True, text=True, check=False).stdout
     found += [f"domain {d}" for d in doms.split() if d.startswith(f"labctl-{lab}-")]
-    log = Path(f"/var/log/libvirt/qemu/labctl-{lab}-stor1.log")
-    if log.exists():
-        found.append(f"file {log}")
+    found += [f"file {log}" for log in Path("/var/log/libvirt/qemu").glob(f"labctl-{lab}-*.log")]
     if lab_dir.exists() and not records_kept:
         found.append(f"directory {lab_dir}")
     return found

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
+    E2E,
     NO_ACL,
     NO_LUN,
     LabCli,
     chap_env,
-    e2e_ready,
     free_subnet,
     host_iqn,
     module_lab,
@@ -31,8 +31,7 @@ from tests.conftest import (
     wait,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
-                                                  reason=e2e_ready() or "")]
+pytestmark = E2E
 
 NAME = unique_lab("dse")
 TOPO = """

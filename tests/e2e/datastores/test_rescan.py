@@ -17,10 +17,9 @@ import pytest
 
 from labctl.core.rpc import RpcClient
 from labctl.storage import node as storagenode
-from tests.conftest import LabCli, e2e_ready, free_subnet, module_lab, outside_size, unique_lab, wait
+from tests.conftest import E2E, LabCli, free_subnet, module_lab, outside_size, unique_lab, wait
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
-                                                  reason=e2e_ready() or "")]
+pytestmark = E2E
 
 NAME = unique_lab("rse")
 TOPO = """

@@ -20,10 +20,10 @@ import pytest
 
 from labctl.cli.records import SCHEMA_DIR
 from tests.conftest import (
+    E2E,
     NO_ACL,
     LabCli,
     chap_env,
-    e2e_ready,
     free_subnet,
     in_ns,
     labctl,
@@ -36,8 +36,7 @@ from tests.conftest import (
     wait,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
-                                                  reason=e2e_ready() or "")]
+pytestmark = E2E
 
 TOPO = """
 name: {name}

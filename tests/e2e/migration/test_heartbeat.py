@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import e2e_ready, free_subnet, labctl, module_lab, unique_lab, wait
+from tests.conftest import E2E, free_subnet, labctl, module_lab, unique_lab, wait
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
-                                                  reason=e2e_ready() or "")]
+pytestmark = E2E
 
 NAME = unique_lab("hbmig")
 TOPO = """

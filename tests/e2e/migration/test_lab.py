@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
-    e2e_ready,
+    E2E,
     free_subnet,
     host_iqn,
     in_ns,
@@ -32,8 +32,7 @@ from tests.conftest import (
     wait,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(e2e_ready() is not None,
-                                                  reason=e2e_ready() or "")]
+pytestmark = E2E
 
 TOPO = """
 name: {name}
@@ -285,17 +284,25 @@ def test_destination_qemu_killed(lab: dict[str, Any]) -> None:
     dest_clean(lab, dst)
 
 
-def test_destination_link_cut(lab: dict[str, Any]) -> None:
+def _veth(lab: dict[str, Any], host: str) -> tuple[str, str]:
+    """The host side of ``host``'s link to its site bridge, and the alias that proves it."""
     from labctl.core.names import alias as alias_for
-    from labctl.drivers.netlink import set_link_state
     from labctl.state.inventory import Inventory
+
+    inv = Inventory.open(lab["dir"] / "inventory.db")
+    try:
+        veth = str(inv.row("hosts", name=host)["veth"])  # type: ignore[index]
+    finally:
+        inv.close()
+    return veth, alias_for(lab["name"], "veth", host)
+
+
+def test_destination_link_cut(lab: dict[str, Any]) -> None:
+    from labctl.drivers.netlink import set_link_state
 
     src = vm_host(lab)
     dst = other(src)
-    inv = Inventory.open(lab["dir"] / "inventory.db")
-    veth = inv.row("hosts", name=dst)["veth"]  # type: ignore[index]
-    inv.close()
-    alias = alias_for(lab["name"], "veth", dst)
+    veth, alias = _veth(lab, dst)
     proc = start_migrate(lab, dst)
     time.sleep(4.0)
     set_link_state(veth, False, alias)
@@ -315,16 +322,11 @@ def test_migrate_at_once_after_a_link_comes_back(lab: dict[str, Any]) -> None:
     (its neighbour entry for the portal still unresolved) failed with QEMU's 'Can not
     reconnect right now'. The destination waits for the portal and retries a transient open
     failure; a failed QEMU's logs would be kept, its last error line in the message."""
-    from labctl.core.names import alias as alias_for
     from labctl.drivers.netlink import set_link_state
-    from labctl.state.inventory import Inventory
 
     src = vm_host(lab)
     dst = other(src)
-    inv = Inventory.open(lab["dir"] / "inventory.db")
-    veth = inv.row("hosts", name=dst)["veth"]  # type: ignore[index]
-    inv.close()
-    alias = alias_for(lab["name"], "veth", dst)
+    veth, alias = _veth(lab, dst)
     portal = json.loads(labctl("--lab", lab["name"], "datastore", "show", "ds1",
                                "--json").stdout)["portal"]
     set_link_state(veth, False, alias)

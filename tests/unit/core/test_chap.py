@@ -85,4 +85,6 @@ def test_lio_acl_gets_its_hosts_credentials_once() -> None:
     assert acl.writes == 4
     lio._set_credentials(acl)  # unchanged: nothing rewritten under a live session
     assert acl.writes == 4
-    Lio("s1", T1, "10.0.0.2")._set_credentials(_Acl(H2))  # no credentials: no CHAP
+    bare = _Acl(H2)
+    Lio("s1", T1, "10.0.0.2")._set_credentials(bare)  # no credentials: no CHAP
+    assert bare.writes == 0 and bare.chap_userid == bare.chap_password == ""
