@@ -189,8 +189,10 @@ async def _events(lab: Lab, args: argparse.Namespace) -> int:
     try:
         shown: dict[int, tuple[str, str]] = {}
 
+        elsewhere = _elsewhere(inv, args.site) if args.site else None
+
         def of_site(evs: list[RescanEvent]) -> list[RescanEvent]:
-            return evs if not args.site else [e for e in evs if _event_in_site(inv, e, args.site)]
+            return evs if elsewhere is None else [e for e in evs if not _is_about(e, elsewhere)]
 
         evs = of_site(rescan.events(inv))
         if args.last:
@@ -213,13 +215,18 @@ async def _events(lab: Lab, args: argparse.Namespace) -> int:
         inv.close()
 
 
-def _event_in_site(inv: Inventory, ev: RescanEvent, site: str) -> bool:
-    """Whether ``ev`` concerns ``site``: its datastore's node is there, or (an event of a WAN
-    router) its link reaches it; an event tied to neither is shown everywhere."""
+def _elsewhere(inv: Inventory, site: str) -> tuple[set[str], set[str]]:
+    """The datastores and the WAN links that do not concern ``site`` (an event about one of
+    them is another site's); read once, not per event."""
+    nodes = {str(r["name"]) for r in inv.rows("storage_nodes") if r["site"] != site}
+    return ({str(r["name"]) for r in inv.rows("datastores") if r["node"] in nodes},
+            {str(r["name"]) for r in inv.rows("wan_links")
+             if site not in (r["site_a"], r["site_b"])})
+
+
+def _is_about(ev: RescanEvent, elsewhere: tuple[set[str], set[str]]) -> bool:
+    """Whether ``ev`` is about one of the datastores, or (a WAN router's) the links, of
+    ``elsewhere``; an event tied to neither is every site's."""
     if ev.datastore is not None:
-        ds = inv.row("datastores", name=ev.datastore)
-        node = inv.row("storage_nodes", name=ds["node"]) if ds is not None else None
-        return node is None or node["site"] == site
-    link = inv.row("wan_links", name=str((ev.detail or {}).get("node"))) \
-        if isinstance(ev.detail, dict) else None
-    return link is None or site in (link["site_a"], link["site_b"])
+        return ev.datastore in elsewhere[0]
+    return isinstance(ev.detail, dict) and str(ev.detail.get("node")) in elsewhere[1]

@@ -20,8 +20,14 @@ from labctl.wan.protocol import PARAM_WORDS, check_values
 
 
 async def run(args: argparse.Namespace, progress: Progress) -> int:
-    if args.action == "set":  # a bad value is named before any lab is looked for
-        check_values({w: getattr(args, w) for w in PARAM_WORDS if getattr(args, w) is not None})
+    values: dict[str, object] = {}
+    if args.action == "set":  # a bad request is named before any lab is looked for
+        values = {w: getattr(args, w) for w in PARAM_WORDS if getattr(args, w) is not None}
+        if not values and args.state is None:
+            raise LabStateError("labctl wan set LINK: say what to change (--delay, --jitter, "
+                                "--loss, --rate, --reorder, --duplicate, --loss-mode, --down, "
+                                "--up)")
+        check_values(values)
     lab = Lab.find(args.lab, progress=progress)
     lab.require_up()
     if args.action == "show":
@@ -31,15 +37,11 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
             print(json.dumps([s.to_wire() for s in shown], indent=2))
         elif not shown:
             print(f"lab {lab.name} has no WAN link")
-        for s in shown if not args.json else []:
-            _print(s)
+        else:
+            for s in shown:
+                _print(s)
         return 0
     if args.action == "set":
-        values = {w: getattr(args, w) for w in PARAM_WORDS if getattr(args, w) is not None}
-        if not values and args.state is None:
-            raise LabStateError("labctl wan set LINK: say what to change (--delay, --jitter, "
-                                "--loss, --rate, --reorder, --duplicate, --loss-mode, --down, "
-                                "--up)")
         with lab.context() as ctx, ctx.lock():
             changed: wan.WanShown | None = None
             if values:

@@ -26,7 +26,7 @@ from typing import Any
 
 from labctl.core.chap import Chap
 from labctl.core.errors import StorageNodeError
-from labctl.core.ids import LIO_COMPANY_ID, naa_from_unit_serial
+from labctl.core.ids import LIO_COMPANY_ID, naa_from_unit_serial, normal_naa
 from labctl.core.names import ISCSI_PORT
 from labctl.storage.protocol import LunDeleted, LunEnsured, LunInfo, PortalState
 
@@ -181,7 +181,7 @@ class Lio:
         return LunInfo(
             name=str(so.name),
             lun=int(lun.lun) if lun is not None else None,
-            naa="naa." + naa_from_unit_serial(serial, self._company_id(so)),
+            naa=normal_naa(naa_from_unit_serial(serial, self._company_id(so))),
             serial=serial,
             size_bytes=self._size(so),
             device=str(so.udev_path),

@@ -291,14 +291,12 @@ async def recover(ctx: LabContext, topo: Topology) -> list[str]:
                          "starting it again")
         await _start_host(ctx, topo, i, provider)
         restarted.append(host.name)
-    known = {r.name for r in wan.links(ctx.inv)}
     routers = [s for s in await wan.show(ctx) if s.state not in ("up", "down")]
+    image = await ensure_storage_image(progress=ctx.progress) if routers else None
     for w in routers:
-        if w.name not in known:
-            continue
+        assert image is not None
         ctx.progress(f"the WAN router of {w.name} is {w.state}: starting it again with its "
                      "settings")
-        image = await ensure_storage_image(progress=ctx.progress)
         await wan.start_router(ctx, w.name, image, ctx.inv.get_meta("accel", "tcg") or "tcg")
         restarted.append(f"wan {w.name}")
     if restarted:

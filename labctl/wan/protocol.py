@@ -222,8 +222,6 @@ class Leg(Message):
     mac: str
     #: the router's address on the site's subnet, with the prefix (``10.1.0.254/24``)
     address: str
-    #: the other site's subnet, reached through this router
-    subnet: str
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ the sites crosses the router, and netem, once each way. Hosts' TCP buffer limits
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +102,15 @@ class WanShown(Message):
     reason: str | None = None
 
 
+def _shown(row: LinkRow, params: p.LinkParams, router: p.RouterState | None,
+           up: bool | None = None) -> WanShown:
+    """Link ``row`` as ``wan show`` reports it, with its router running (``up`` overrides
+    the row's)."""
+    return WanShown(name=row.name, sites=list(row.sites),
+                    addresses=[row.address_a, row.address_b], params=params,
+                    state="up" if (row.up if up is None else up) else "down", router=router)
+
+
 def links(inv: Inventory) -> list[LinkRow]:
     return [LinkRow.of(r) for r in inv.rows("wan_links")]
 
@@ -113,14 +124,11 @@ def link(inv: Inventory, name: str) -> LinkRow:
 
 
 def _legs(ctx: LabContext, row: LinkRow) -> list[p.Leg]:
-    sites = {r["name"]: r for r in ctx.inv.rows("sites")}
-    out = []
-    for j, (site, addr, prefix, other) in enumerate((
-            (row.site_a, row.address_a, row.prefix_a, row.site_b),
-            (row.site_b, row.address_b, row.prefix_b, row.site_a))):
-        out.append(p.Leg(site=site, mac=names.mac(ctx.dir.tag, "w", row.idx * 2 + j),
-                         address=f"{addr}/{prefix}", subnet=str(sites[other]["subnet"])))
-    return out
+    return [p.Leg(site=site, mac=names.mac(ctx.dir.tag, "w", row.idx * 2 + j),
+                  address=f"{addr}/{prefix}")
+            for j, (site, addr, prefix) in enumerate((
+                (row.site_a, row.address_a, row.prefix_a),
+                (row.site_b, row.address_b, row.prefix_b)))]
 
 
 def _spec(ctx: LabContext, row: LinkRow) -> storagenode.StorageNodeSpec:
@@ -187,26 +195,16 @@ async def route_hosts(ctx: LabContext) -> None:
                               netns=str(h["netns"]), what=f"{key} on {h['name']}")
 
 
-def _client(ctx: LabContext, row: LinkRow, timeout: float = 5.0) -> _RouterClient:
-    return _RouterClient(ctx, row, timeout)
-
-
-class _RouterClient:
+@contextlib.asynccontextmanager
+async def _client(ctx: LabContext, row: LinkRow, timeout: float = 5.0
+                  ) -> AsyncIterator[RpcClient]:
     """An authenticated connection to a link's router agent (closed on exit)."""
-
-    def __init__(self, ctx: LabContext, row: LinkRow, timeout: float) -> None:
-        self.ctx, self.row, self.timeout = ctx, row, timeout
-        self.client: RpcClient | None = None
-
-    async def __aenter__(self) -> RpcClient:
-        self.client = await RpcClient.connect(self.row.address_a, self.row.agent_port,
-                                              self.ctx.dir.secret(), timeout=self.timeout,
-                                              peer=f"WAN router {self.row.name}")
-        return self.client
-
-    async def __aexit__(self, *_: object) -> None:
-        if self.client is not None:
-            await self.client.close()
+    client = await RpcClient.connect(row.address_a, row.agent_port, ctx.dir.secret(),
+                                     timeout=timeout, peer=f"WAN router {row.name}")
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 async def show(ctx: LabContext) -> list[WanShown]:
@@ -214,20 +212,16 @@ async def show(ctx: LabContext) -> list[WanShown]:
     out = []
     for row in links(ctx.inv):
         dom = await storagenode.domain_state(ctx.name, row.name)
-        base = WanShown(name=row.name, sites=list(row.sites),
-                        addresses=[row.address_a, row.address_b], params=row.params,
-                        state=("up" if row.up else "down") if dom.state == "running"
-                        else dom.state, reason=None if dom.state == "running" else dom.reason)
+        base = _shown(row, row.params, None)
         if dom.state != "running":
-            out.append(base)
+            out.append(base.replace(state=dom.state, reason=dom.reason))
             continue
         try:
             async with _client(ctx, row, timeout=3.0) as c:
                 state = await p.WAN_SHOW.call(c, timeout=10)
-            out.append(WanShown(**{**vars(base), "router": state}))
+            out.append(base.replace(router=state))
         except (AgentError, LabError) as exc:
-            out.append(WanShown(**{**vars(base), "state": "unreachable",
-                                   "error": exc.message}))
+            out.append(base.replace(state="unreachable", error=exc.message))
     return out
 
 
@@ -246,12 +240,13 @@ async def set_params(ctx: LabContext, name: str, values: dict[str, object]) -> W
         await start_router(ctx, name, image, ctx.inv.get_meta("accel", "tcg") or "tcg")
         if row.up:
             await wait_round_trip(ctx, row, 20.0)
+        async with _client(ctx, row) as c:  # it booted with them: nothing to apply again
+            state = await p.WAN_SHOW.call(c, timeout=30)
+        return _shown(row, params, state)
     async with _client(ctx, row) as c:
         state = await p.WAN_SET.call(c, params, timeout=30)
     ctx.inv.update("wan_links", {"name": name}, params=json.dumps(params.to_wire()))
-    return WanShown(name=row.name, sites=list(row.sites),
-                    addresses=[row.address_a, row.address_b], params=params,
-                    state="up" if row.up else "down", router=state)
+    return _shown(row, params, state)
 
 
 async def set_up(ctx: LabContext, name: str, up: bool, budget: float = 10.0) -> WanShown:
@@ -265,9 +260,7 @@ async def set_up(ctx: LabContext, name: str, up: bool, budget: float = 10.0) -> 
     if up:
         waited = await wait_round_trip(ctx, row, budget)
         ctx.progress(f"WAN link {name} is up: a round trip crossed it after {waited:.2f} s")
-    return WanShown(name=row.name, sites=list(row.sites),
-                    addresses=[row.address_a, row.address_b], params=row.params,
-                    state="up" if up else "down", router=state)
+    return _shown(row, row.params, state, up=up)
 
 
 def endpoints(ctx: LabContext, row: LinkRow) -> tuple[dict[str, Any], str]:
