@@ -276,11 +276,15 @@ def test_demo_runs_the_flagship_scenario_and_leaves_nothing(lab_home: Path, tmp_
     topo = tmp_path / "demo.yaml"
     topo.write_text(default.replace("10.231.0.0/24", str(free_subnet()))
                     .replace("name: default", f"name: {name}"))
+    left: list[str] = []
     try:
         r = labctl("demo", str(topo), check=False, timeout=600)
+        # what the demo's own teardown left, looked up before anything else removes it
+        left = leftovers(name, lab_home / "labs" / name, records_kept=True)
     finally:
         if (lab_home / "labs" / name).exists():  # the records the demo kept
             labctl("--lab", name, "down", "--purge", check=False)
+    assert left == [], left
     assert r.returncode == 0 and r.stdout.rstrip().endswith("demo: OK"), r.stdout + r.stderr
     out = r.stdout
     assert re.search(r"guest verified:\s+on host2: ", out) and re.search(
