@@ -52,6 +52,7 @@ _ZERO_MAC = bytes(32)
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[Any]]
+StreamHandler = Callable[["Stream", dict[str, Any]], Awaitable[Any]]
 EventSink = Callable[[str, Any], None]
 Cursor = tuple[str, int]
 
@@ -76,7 +77,12 @@ class _Channel:
 
     def write(self, obj: Any) -> None:
         """Queue one frame; frames go out in the order of these calls."""
-        payload = json.dumps(obj, separators=(",", ":")).encode()
+        self.write_bytes(json.dumps(obj, separators=(",", ":")).encode())
+
+    def write_bytes(self, payload: bytes) -> None:
+        """Queue one frame carrying ``payload`` as it is (a stream's data)."""
+        if len(payload) > MAX_FRAME:
+            raise ValueError(f"a frame of {len(payload)} bytes is over the limit {MAX_FRAME}")
         mac = _ZERO_MAC
         if self.key is not None:
             mac = _mac(self.key, self.send_dir, str(self.send_seq).encode(), payload)
@@ -88,6 +94,13 @@ class _Channel:
         await self.writer.drain()
 
     async def recv(self) -> Any:
+        msg = json.loads(await self.recv_bytes())
+        if not isinstance(msg, dict):
+            raise ValueError("a frame is not a JSON object")
+        return msg
+
+    async def recv_bytes(self) -> bytes:
+        """The next frame's payload, its MAC checked."""
         head = await self.reader.readexactly(36)
         (length,) = struct.unpack(">I", head[:4])
         limit = MAX_FRAME if self.key is not None else MAX_PREAUTH_FRAME
@@ -99,10 +112,7 @@ class _Channel:
             if not hmac.compare_digest(want, head[4:]):
                 raise AuthenticationFailed("a frame failed its integrity check")
             self.recv_seq += 1
-        msg = json.loads(payload)
-        if not isinstance(msg, dict):
-            raise ValueError("a frame is not a JSON object")
-        return msg
+        return payload
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -112,9 +122,12 @@ class _Channel:
 class RpcServer:
     """Serves ``handlers`` to clients that prove they know ``secret``."""
 
-    def __init__(self, secret: bytes, handlers: dict[str, Handler], name: str = "agent") -> None:
+    def __init__(self, secret: bytes, handlers: dict[str, Handler], name: str = "agent",
+                 streams: dict[str, StreamHandler] | None = None) -> None:
         self.secret = secret
         self.handlers = handlers
+        #: methods that take the connection over (bulk data both ways, see :class:`Stream`)
+        self.streams = streams or {}
         self.name = name
         self._server: asyncio.base_events.Server | None = None
         self._subscribers: set[_Channel] = set()
@@ -187,6 +200,9 @@ class RpcServer:
                 return
             while True:
                 req = await chan.recv()
+                if str(req.get("method", "")) in self.streams:
+                    await self._stream(chan, req)
+                    return
                 task = asyncio.ensure_future(self._answer(chan, req))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -218,6 +234,25 @@ class RpcServer:
             except Exception as exc:  # the agent must survive any one bad request
                 log.exception("%s: %s failed", self.name, method)
                 reply = {"id": rid, "error": {"type": type(exc).__name__, "message": str(exc)}}
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await chan.send(reply)
+
+    async def _stream(self, chan: _Channel, req: dict[str, Any]) -> None:
+        """Hand the connection to a stream method; its result (or error) is the last frame."""
+        rid, method = req.get("id"), str(req.get("method"))
+        params = req.get("params", {})
+        reply: dict[str, Any]
+        try:
+            result = await self.streams[method](Stream(chan, method=method),
+                                                params if isinstance(params, dict) else {})
+            reply = {"id": rid, "result": result}
+        except LabError as exc:
+            reply = {"id": rid, "error": exc.to_wire()}
+        except (asyncio.IncompleteReadError, ConnectionError, AuthenticationFailed):
+            raise
+        except Exception as exc:  # the agent must survive any one bad request
+            log.exception("%s: %s failed", self.name, method)
+            reply = {"id": rid, "error": {"type": type(exc).__name__, "message": str(exc)}}
         with contextlib.suppress(ConnectionError, RuntimeError):
             await chan.send(reply)
 
@@ -257,42 +292,22 @@ class RpcClient:
         cls, host: str, port: int, secret: bytes, timeout: float = 10.0, peer: str = ""
     ) -> RpcClient:
         peer = peer or f"{host}:{port}"
+        return cls(await _client_channel(host, port, secret, timeout, peer), peer)
+
+    @staticmethod
+    async def open_stream(host: str, port: int, secret: bytes, method: str,
+                          params: dict[str, Any], timeout: float = 10.0, peer: str = ""
+                          ) -> Stream:
+        """A new connection given over to the stream method ``method`` (see :class:`Stream`)."""
+        peer = peer or f"{host}:{port}"
+        chan = await _client_channel(host, port, secret, timeout, peer)
         try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port)
-        except (OSError, TimeoutError) as exc:
-            raise AgentUnreachable(
-                f"cannot reach the agent of {peer} at {host}:{port}: {exc or 'timed out'}",
-                peer=peer, address=f"{host}:{port}",
-            ) from exc
-        chan = _Channel(reader, writer, b"c")
-        try:
-            async with asyncio.timeout(timeout):
-                hello = await chan.recv()
-            if hello.get("hello") != PROTO:
-                raise AgentUnreachable(f"{peer} does not speak {PROTO}", peer=peer, hello=hello)
-            sn, cn = str(hello["nonce"]), os.urandom(16).hex()
-            proof = _mac(secret, b"client", sn.encode(), cn.encode())
-            await chan.send({"nonce": cn, "proof": proof.hex()})
-            async with asyncio.timeout(timeout):
-                answer = await chan.recv()
-            want = _mac(secret, b"server", sn.encode(), cn.encode())
-            if "proof" not in answer or not hmac.compare_digest(
-                bytes.fromhex(answer["proof"]), want
-            ):
-                raise AuthenticationFailed(
-                    f"{peer} refused our credentials or failed to prove its own", peer=peer,
-                    answer=answer,
-                )
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
+            await chan.send({"id": 1, "method": method, "params": params})
+        except (ConnectionError, RuntimeError) as exc:
             chan.close()
-            raise AgentUnreachable(f"{peer} closed the connection during the handshake",
-                                   peer=peer) from exc
-        except LabError:
-            chan.close()
-            raise
-        chan.key = _mac(secret, b"session", sn.encode(), cn.encode())
-        return cls(chan, peer)
+            raise AgentUnreachable(f"lost the connection to {peer} during {method}",
+                                   peer=peer, method=method) from exc
+        return Stream(chan, peer=peer, method=method)
 
     async def call(self, method: str, timeout: float = 60.0, **params: Any) -> Any:
         """Call ``method`` with keyword ``params``; its result, or the agent's error raised
@@ -384,3 +399,101 @@ class RpcClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _client_channel(host: str, port: int, secret: bytes, timeout: float, peer: str
+                          ) -> _Channel:
+    """Connect and authenticate both ways; the channel then carries MAC'd frames."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as exc:
+        raise AgentUnreachable(
+            f"cannot reach the agent of {peer} at {host}:{port}: {exc or 'timed out'}",
+            peer=peer, address=f"{host}:{port}",
+        ) from exc
+    chan = _Channel(reader, writer, b"c")
+    try:
+        async with asyncio.timeout(timeout):
+            hello = await chan.recv()
+        if hello.get("hello") != PROTO:
+            raise AgentUnreachable(f"{peer} does not speak {PROTO}", peer=peer, hello=hello)
+        sn, cn = str(hello["nonce"]), os.urandom(16).hex()
+        proof = _mac(secret, b"client", sn.encode(), cn.encode())
+        await chan.send({"nonce": cn, "proof": proof.hex()})
+        async with asyncio.timeout(timeout):
+            answer = await chan.recv()
+        want = _mac(secret, b"server", sn.encode(), cn.encode())
+        if "proof" not in answer or not hmac.compare_digest(
+            bytes.fromhex(answer["proof"]), want
+        ):
+            raise AuthenticationFailed(
+                f"{peer} refused our credentials or failed to prove its own", peer=peer,
+                answer=answer,
+            )
+    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
+        chan.close()
+        raise AgentUnreachable(f"{peer} closed the connection during the handshake",
+                               peer=peer) from exc
+    except LabError:
+        chan.close()
+        raise
+    chan.key = _mac(secret, b"session", sn.encode(), cn.encode())
+    return chan
+
+
+class Stream:
+    """A connection given over to one stream method: JSON frames and data frames both
+    ways, every frame MAC'd like any other; the server's last frame is the method's result.
+
+    The client opens one with :meth:`RpcClient.open_stream`; the server's stream handler
+    gets the other end."""
+
+    def __init__(self, chan: _Channel, peer: str = "", method: str = "") -> None:
+        self._chan = chan
+        self.peer = peer
+        self.method = method
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        await self._chan.send(obj)
+
+    async def recv(self) -> dict[str, Any]:
+        msg: dict[str, Any] = await self._chan.recv()
+        return msg
+
+    def write_bytes(self, data: bytes) -> None:
+        self._chan.write_bytes(data)
+
+    async def drain(self) -> None:
+        await self._chan.writer.drain()
+
+    async def recv_bytes(self) -> bytes:
+        return await self._chan.recv_bytes()
+
+    async def result(self, timeout: float = 600.0) -> Any:
+        """(client) The method's result frame; its error raised as its own class."""
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await self._chan.recv()
+        except TimeoutError as exc:
+            raise AgentUnreachable(f"{self.peer} did not finish {self.method} within "
+                                   f"{timeout:g} s", peer=self.peer, method=self.method) from exc
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            raise AgentUnreachable(f"lost the connection to {self.peer} during {self.method}",
+                                   peer=self.peer, method=self.method) from exc
+        if "error" in reply:
+            err = reply["error"]
+            msg = str(err.get("message", "failed"))
+            raise remote_error(f"{self.peer}: {self.method}: {msg}",
+                               remote_type=str(err.get("type", "Error")), peer=self.peer,
+                               method=self.method, remote=err.get("data", {}))
+        return reply.get("result")
+
+    def close(self) -> None:
+        self._chan.close()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

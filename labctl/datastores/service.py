@@ -213,7 +213,7 @@ async def hand_mappings(ctx: LabContext, hosts: list[str] | None = None,
 
 def free_space(inv: Inventory) -> dict[str, int]:
     free = {n["name"]: int(n["capacity"]) for n in inv.rows("storage_nodes")}
-    for ds in inv.rows("datastores"):
+    for ds in inv.rows("datastores") + inv.rows("file_datastores"):
         free[ds["node"]] = free.get(ds["node"], 0) - int(ds["size_bytes"])
     return free
 
@@ -287,7 +287,7 @@ async def create(ctx: LabContext, name: str, size: int | str, hosts: list[str],
     nbytes = check_size(size)
     inv = ctx.inv
     with ctx.lock():
-        if inv.row("datastores", name=name) is not None:
+        if inv.row("datastores", name=name) or inv.row("file_datastores", name=name):
             raise LabStateError(f"datastore {name} already exists", datastore=name)
         site = check_hosts(inv, hosts)
         chosen = pick_node(inv, nbytes, site, node)

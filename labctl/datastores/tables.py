@@ -15,7 +15,8 @@ from labctl.state.inventory import Inventory, Schema
 R = TypeVar("R")
 
 #: datastores (ID, node, LUN, backing disk), who shares each (and what each host last
-#: read of it), the rescan service's event records and each host's view of each unit
+#: read of it), the rescan service's event records and each host's view of each unit;
+#: file datastores (ID, node, export, backing disk) and the hosts they are exported to
 DATASTORES = Schema("datastores", """
 CREATE TABLE IF NOT EXISTS datastores (
     name TEXT PRIMARY KEY, node TEXT NOT NULL, size_bytes INTEGER NOT NULL, unit_serial TEXT NOT NULL,
@@ -32,6 +33,12 @@ CREATE TABLE IF NOT EXISTS rescan_events (
     hosts_stale TEXT, hosts_disagree TEXT, hosts_late TEXT NOT NULL DEFAULT '[]',
     scsi_commands TEXT, vms_resized TEXT, agreed_ms REAL, agreed_at REAL, finished REAL,
     message TEXT);
+CREATE TABLE IF NOT EXISTS file_datastores (
+    name TEXT PRIMARY KEY, node TEXT NOT NULL, size_bytes INTEGER NOT NULL, unit_serial TEXT NOT NULL,
+    naa TEXT NOT NULL, disk_serial TEXT NOT NULL, backing_path TEXT NOT NULL, export TEXT,
+    state TEXT NOT NULL DEFAULT 'defined', created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS file_datastore_hosts (
+    datastore TEXT NOT NULL, host TEXT NOT NULL, PRIMARY KEY (datastore, host));
 CREATE TABLE IF NOT EXISTS host_units (
     host TEXT NOT NULL, unit TEXT NOT NULL, datastore TEXT, state TEXT NOT NULL,
     size_bytes INTEGER, refreshed_at REAL, event INTEGER, PRIMARY KEY (host, unit));

@@ -72,6 +72,8 @@ class Datastore:
     node: str
     size: int
     hosts: tuple[str, ...]
+    #: ``block`` (an iSCSI LUN) or ``file`` (a filesystem exported over NFS)
+    kind: str = "block"
 
 
 @dataclass(frozen=True)
@@ -474,7 +476,8 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                      f"host {h} is not in site {node.site} of storage node {node.name}")
         if len(set(d["hosts"])) != len(d["hosts"]):
             fail(f"datastores[{i}].hosts", "a host is named twice")
-        stores.append(Datastore(d["name"], node_name or "", size or 0, tuple(d["hosts"])))
+        stores.append(Datastore(d["name"], node_name or "", size or 0, tuple(d["hosts"]),
+                                d.get("kind", "block")))
     ds_names = [d.name for d in stores]
 
     vms = []
@@ -490,7 +493,11 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                 fail(f"vms[{i}].datastore", _unknown("datastore", ds, ds_names, "datastores"))
             else:
                 store = stores[ds_names.index(ds)]
-                if host is not None and host.name not in store.hosts:
+                if store.kind == "file":
+                    fail(f"vms[{i}].datastore",
+                         f"datastore {ds} is a file datastore: a VM's disk is a block "
+                         "datastore (its LUN) in this version")
+                elif host is not None and host.name not in store.hosts:
                     fail(f"vms[{i}].datastore",
                          f"host {host.name} does not share datastore {ds} "
                          f"(shared by {', '.join(store.hosts) or 'no host'})")

@@ -27,10 +27,11 @@ from typing import TypeVar
 from labctl.core.chap import chap_for
 from labctl.core.errors import ProtocolError, StorageNodeError
 from labctl.core.names import ISCSI_PORT, STORAGE_AGENT_PORT
-from labctl.core.rpc import Handler, RpcServer
+from labctl.core.rpc import Handler, RpcServer, StreamHandler
 from labctl.core.wire import Empty, Json, handlers
 from labctl.drivers.lio import Lio
 from labctl.storage import protocol as p
+from labctl.storage.files import Filestores
 
 log = logging.getLogger("labctl.storage")
 T = TypeVar("T")
@@ -100,13 +101,27 @@ class StorageAgent:
         self.server: RpcServer | None = None
         self._lock = asyncio.Lock()
         self._watched: dict[str, _Watched] = {}
+        self.files = Filestores(self.node, self.ip, secret,
+                                config.agent_port or STORAGE_AGENT_PORT, sys_block=sys_block)
 
     def handlers(self) -> dict[str, Handler]:
         return handlers(
             p.STATUS.serve(self.status), p.PING.serve(self.ping),
             p.ENSURE_LUN.serve(self.ensure_lun), p.SET_INITIATORS.serve(self.set_initiators),
             p.DELETE_LUN.serve(self.delete_lun), p.REFRESH_CAPACITY.serve(self.refresh_capacity),
-            p.PORTAL_SET.serve(self.portal_set))
+            p.PORTAL_SET.serve(self.portal_set),
+            p.ENSURE_FILESTORE.serve(self.files.ensure),
+            p.DELETE_FILESTORE.serve(self.delete_filestore),
+            p.LIST_FILES.serve(self.files.list_files), p.CHAIN.serve(self.files.chain),
+            p.FILE_DIGEST.serve(self.files.digest), p.DELETE_FILE.serve(self.files.delete_file),
+            p.PULL_FILE.serve(self.files.pull),
+            p.CREATE_OVERLAY.serve(self.files.create_overlay))
+
+    def streams(self) -> dict[str, StreamHandler]:
+        return {p.FILE_SEND: self.files.send, p.FILE_UPLOAD: self.files.receive_upload}
+
+    async def delete_filestore(self, req: p.DatastoreName) -> p.FilestoreDeleted:
+        return await self.files.delete(req.datastore)
 
     @property
     def portal(self) -> str:
@@ -251,7 +266,8 @@ async def serve(config: Json, on_ready: Callable[[], None] | None = None) -> Non
                                keys=sorted(config) if isinstance(config, dict) else None
                                ) from exc
     agent = StorageAgent(conf)
-    server = RpcServer(secret, agent.handlers(), name=f"storage agent {agent.node}")
+    server = RpcServer(secret, agent.handlers(), name=f"storage agent {agent.node}",
+                       streams=agent.streams())
     agent.server = server
     await server.start(agent.ip, conf.agent_port or STORAGE_AGENT_PORT)
     if on_ready is not None:

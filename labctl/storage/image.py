@@ -19,13 +19,17 @@ from labctl.core.paths import cache_dir, repo_root
 from labctl.core.proc import run, which
 from labctl.drivers.debian import Kernel, digest, ensure_kernel
 
-STORAGE_RECIPE_VERSION = "storage-1"
+STORAGE_RECIPE_VERSION = "storage-2"
 """Bump when the build steps below change in a way the recipe files do not show."""
 
 STORAGE_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "configfs", "target_core_mod",
                    "target_core_iblock", "iscsi_target_mod", "sch_netem")
 """Kernel modules the node image loads at boot (with their dependencies): the storage
 node's, and netem for the WAN router booted from the same image."""
+
+STORAGE_LAZY_MODULES = ("nfsd",)
+"""Kernel modules the image carries but loads only when needed (``modprobe``): the NFS
+server costs ~0.5 s of boot, paid only by a node with a file datastore."""
 
 _SLIM_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
                   "/usr/share/locale/*", "/usr/share/lintian/*")
@@ -68,7 +72,8 @@ def _debian_suite() -> str:
 def storage_recipe_hash(kernel_version: str, recipe: Path | None = None) -> str:
     recipe = recipe or storage_recipe_dir()
     parts: list[str | bytes] = [STORAGE_RECIPE_VERSION, kernel_version, _debian_suite(),
-                                *STORAGE_MODULES, *_SLIM_EXCLUDES]
+                                *STORAGE_MODULES, *STORAGE_LAZY_MODULES,
+                                *_SLIM_EXCLUDES]
     for f in sorted(p for p in recipe.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         parts += [str(f.relative_to(recipe)), f.read_bytes()]
     return digest(*parts)
@@ -137,10 +142,14 @@ async def _customize_storage_root(root: Path, kernel: Kernel, recipe: Path) -> N
     """Kernel modules, the PID-1 init, and what rtslib-fb expects, into ``root``."""
     mod_root = root / "lib" / "modules" / kernel.version
     order: list[str] = []
-    for name in STORAGE_MODULES:
+    copied: set[str] = set()
+    for name in STORAGE_MODULES + STORAGE_LAZY_MODULES:
         for path in kernel.module_with_deps(name):
             rel = str(path.relative_to(kernel.modules))
-            if rel not in order:
+            if rel in copied:
+                continue
+            copied.add(rel)
+            if name in STORAGE_MODULES:
                 order.append(rel)
             target = mod_root / rel
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,9 @@ AGENT_FILES = ("labctl/__init__.py", "labctl/core/__init__.py", "labctl/core/cha
                "labctl/core/rpc.py", "labctl/core/ids.py", "labctl/core/names.py",
                "labctl/core/wire.py", "labctl/storage/__init__.py", "labctl/storage/agent.py",
                "labctl/storage/protocol.py", "labctl/drivers/__init__.py",
-               "labctl/drivers/lio.py", "labctl/agents/__init__.py",
+               "labctl/drivers/lio.py", "labctl/drivers/nfsd.py", "labctl/drivers/qcow2.py",
+               "labctl/drivers/sparse.py",
+               "labctl/core/proc.py", "labctl/storage/files.py", "labctl/agents/__init__.py",
                "labctl/agents/storage.py")
 """The python pieces the storage agent needs, copied onto the config disk."""
 

@@ -160,6 +160,176 @@ class PortalState(Message):
     portals: list[str]
 
 
+# --- file datastores (NFS exports, files, content IDs, copies) ------------------------------
+
+@dataclass(frozen=True)
+class EnsureFilestore(Message):
+    """Request of ``ensure_filestore``: make (once), mount and export a file datastore on the
+    virtio disk ``disk_serial`` to exactly ``clients`` (host addresses)."""
+
+    name: str
+    disk_serial: str
+    #: 32 hex digits: the ext4 filesystem's UUID (the datastore ID's unit serial)
+    fs_uuid: str
+    clients: list[str]
+
+
+@dataclass(frozen=True)
+class FilestoreInfo(Message):
+    """Reply of ``ensure_filestore``: the export as it is now."""
+
+    name: str
+    #: the exported directory (``nfs://<node>/<export>/<file>`` names a file on it)
+    export: str
+    fs_uuid: str
+    size_bytes: int
+    free_bytes: int
+    clients: list[str]
+    #: this call made the filesystem (a new datastore)
+    created: bool
+    files: int
+
+
+@dataclass(frozen=True)
+class FilestoreDeleted(Message):
+    name: str
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class DatastoreName(Message):
+    datastore: str
+
+
+@dataclass(frozen=True)
+class FileRef(Message):
+    """One file of a file datastore (files are flat: a name, no directories)."""
+
+    datastore: str
+    name: str
+
+
+@dataclass(frozen=True)
+class FileEntry(Message):
+    """One file of a file datastore as the storage agent sees it now."""
+
+    name: str
+    #: ``qcow2``, ``raw`` or ``unknown`` (header unreadable: see ``problem``)
+    format: str
+    virtual_size: int
+    #: the file's length and the bytes it occupies (sparse files occupy less)
+    size_bytes: int
+    allocated_bytes: int
+    backing_file: str | None
+    backing_format: str | None
+    #: ``cid.`` and 32 hex digits; None while the file is being written
+    content_id: str | None
+    #: the parent's content ID when this file's ID was issued
+    parent_content_id: str | None
+    #: ``quiet``; ``writing`` (no usable ID); ``parent-changed`` (the backing file's ID is
+    #: no longer the one this layer was made on)
+    state: str
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class FileList(Message):
+    """Reply of ``list_files``."""
+
+    datastore: str
+    export: str
+    size_bytes: int
+    free_bytes: int
+    files: list[FileEntry]
+
+
+@dataclass(frozen=True)
+class Chain(Message):
+    """Reply of ``chain``: a file and its backing files, top first."""
+
+    datastore: str
+    layers: list[FileEntry]
+
+
+@dataclass(frozen=True)
+class FileDigest(Message):
+    """Reply of ``file_digest``: SHA-256 of the content (holes and zero blocks alike)."""
+
+    datastore: str
+    name: str
+    digest: str
+    #: the ID before and after the read, when they agree (else None: it changed meanwhile)
+    content_id: str | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FileDeleted(Message):
+    datastore: str
+    name: str
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class SendFile(Message):
+    """Request of the stream method ``file_send`` (agent to agent)."""
+
+    datastore: str
+    name: str
+    #: the content ID the receiver expects; the sender refuses any other
+    expect: str
+
+
+@dataclass(frozen=True)
+class PullFile(Message):
+    """Request of ``pull_file``: copy ``source_name`` from the storage agent at
+    ``source_address:source_port`` into ``datastore`` as ``name``."""
+
+    datastore: str
+    name: str
+    source_address: str
+    source_port: int
+    source_datastore: str
+    source_name: str
+    #: the source's content ID; the copy carries it
+    expect: str
+    #: re-point the copy's backing file here (a file of ``datastore``) ...
+    backing: str | None = None
+    backing_format: str | None = None
+    #: ... which must still carry this content ID when the copy is put in place
+    backing_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Pulled(Message):
+    datastore: str
+    name: str
+    content_id: str
+    bytes_moved: int
+    digest: str
+    #: the backing file name the copy had before it was re-pointed (None: not re-pointed)
+    rebased_from: str | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Upload(Message):
+    """Request of the stream method ``file_upload`` (``labctl image import``)."""
+
+    datastore: str
+    name: str
+    allocated_bytes: int
+
+
+@dataclass(frozen=True)
+class CreateOverlay(Message):
+    """Request of ``create_overlay``: a new qcow2 file ``name`` backed by ``backing``."""
+
+    datastore: str
+    name: str
+    backing: str
+
+
 STATUS = Method("status", Empty, NodeStatus)
 PING = Method("ping", Empty, NodePing)
 ENSURE_LUN = Method("ensure_lun", EnsureLun, LunEnsured)
@@ -258,3 +428,14 @@ def decode_event(kind: str, data: object) -> StorageEvent | None:
     it); None for an event this protocol does not define."""
     cls = EVENTS.get(kind)
     return None if cls is None else cls.from_wire(data, f"storage event {kind}")
+ENSURE_FILESTORE = Method("ensure_filestore", EnsureFilestore, FilestoreInfo)
+DELETE_FILESTORE = Method("delete_filestore", DatastoreName, FilestoreDeleted)
+LIST_FILES = Method("list_files", DatastoreName, FileList)
+CHAIN = Method("chain", FileRef, Chain)
+FILE_DIGEST = Method("file_digest", FileRef, FileDigest)
+DELETE_FILE = Method("delete_file", FileRef, FileDeleted)
+PULL_FILE = Method("pull_file", PullFile, Pulled)
+CREATE_OVERLAY = Method("create_overlay", CreateOverlay, FileEntry)
+#: stream methods (bulk data; see ``labctl.core.rpc.Stream``)
+FILE_SEND = "file_send"
+FILE_UPLOAD = "file_upload"

@@ -1,0 +1,228 @@
+"""File datastores: a filesystem on a storage node's virtio disk, exported over NFSv3 to
+exactly the hosts that share it, holding image files (qcow2 chains) whose content IDs the
+node's storage agent keeps (see :mod:`labctl.storage.files` for the rule).
+
+A file datastore's **ID** comes from the same registry as a LUN's and reads the same
+(``naa.`` and 32 hex digits): it is issued once, never reused, and its unit serial is
+also the UUID of the datastore's ext4 filesystem, so the disk itself says which
+datastore it is (the agent refuses a disk whose filesystem is another one's).
+
+The data of image files moves only between storage agents (``pull_file``), never
+through the controller; ``labctl image import`` streams a file from the controller's
+disk to the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from labctl.core.errors import LabStateError
+from labctl.core.rpc import RpcClient, Stream
+from labctl.core.sizes import format_size
+from labctl.core.wire import Message
+from labctl.datastores.registry import IdRegistry
+from labctl.drivers.sparse import Digest, blocks
+from labctl.state.context import LabContext
+from labctl.state.inventory import Inventory
+from labctl.storage import node as storagenode
+from labctl.storage import protocol as sp
+from labctl.storage.node import DataDisk
+
+UPLOAD_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileDatastore(Message):
+    """A file datastore as ``datastore list|show --json`` prints it."""
+
+    name: str
+    kind: str
+    naa: str
+    node: str
+    size_bytes: int
+    #: ``nfs://<node address><export>/`` + a file name opens a file of it (QEMU's nfs driver)
+    url: str | None
+    state: str
+    hosts: list[str]
+
+
+@dataclass(frozen=True)
+class FilesListed(Message):
+    """``labctl datastore files DS --json``."""
+
+    datastore: str
+    naa: str
+    url: str | None
+    size_bytes: int
+    free_bytes: int
+    files: list[sp.FileEntry]
+
+
+@dataclass(frozen=True)
+class Imported(Message):
+    """``labctl image import --json``."""
+
+    datastore: str
+    file: sp.FileEntry
+    bytes_moved: int
+    seconds: float
+
+
+def is_file_datastore(inv: Inventory, name: str) -> bool:
+    return inv.row("file_datastores", name=name) is not None
+
+
+def row(inv: Inventory, name: str) -> dict[str, object]:
+    r = inv.row("file_datastores", name=name)
+    if r is None:
+        known = ", ".join(x["name"] for x in inv.rows("file_datastores")) or "none"
+        kind = " (a block datastore)" if inv.row("datastores", name=name) else ""
+        raise LabStateError(f"no file datastore {name!r}{kind} (file datastores: {known})",
+                            datastore=name)
+    return r
+
+
+def register(ctx: LabContext, node: str, name: str, size: int, hosts: list[str],
+             state: str) -> DataDisk:
+    """Issue the datastore's ID (its filesystem's UUID too) and record it."""
+    serial, naa = IdRegistry().issue(ctx.name, ctx.dir.path, node, name)
+    disk = DataDisk(serial=f"lf-{name}"[:20], path=ctx.dir.storage_dir(node) / f"{name}.img",
+                    size_bytes=size)
+    ctx.inv.upsert("file_datastores", name=name, node=node, size_bytes=size,
+                   unit_serial=serial, naa=naa, disk_serial=disk.serial,
+                   backing_path=str(disk.path), export=None, state=state, created=time.time())
+    for h in hosts:
+        ctx.inv.upsert("file_datastore_hosts", datastore=name, host=h)
+    return disk
+
+
+async def export(ctx: LabContext, name: str, wait_disk: float = 0.0) -> sp.FilestoreInfo:
+    """Have the node mount (making the filesystem the first time) and export the datastore
+    to exactly its hosts' addresses."""
+    inv = ctx.inv
+    r = row(inv, name)
+    clients = [str(h["address"]) for h in (inv.row("hosts", name=s["host"]) for s in
+               inv.rows("file_datastore_hosts", datastore=name)) if h is not None]
+    req = sp.EnsureFilestore(name=name, disk_serial=str(r["disk_serial"]),
+                             fs_uuid=str(r["unit_serial"]), clients=clients)
+    deadline = time.monotonic() + wait_disk
+    async with ctx.storage_client(str(r["node"]), timeout=10) as c:
+        while True:
+            try:
+                info = await sp.ENSURE_FILESTORE.call(c, req, timeout=300)
+                break
+            except LabStateError:
+                raise
+            except Exception as exc:
+                if "no virtio disk" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+    inv.update("file_datastores", {"name": name}, export=info.export, state="exported")
+    return info
+
+
+async def create(ctx: LabContext, name: str, size: int, hosts: list[str], site: str,
+                 node: str) -> FileDatastore:
+    """Allocate, make and export a new file datastore while the lab runs (the caller has
+    checked the name, size and hosts and picked the node)."""
+    disk = register(ctx, node, name, size, hosts, "allocating")
+    await storagenode.attach_data_disk(ctx.name, node, disk)
+    await export(ctx, name, wait_disk=10.0)
+    del site
+    return shown(ctx.inv, name)
+
+
+async def delete(ctx: LabContext, name: str) -> FileDatastore:
+    """Unexport and unmount it, unplug its disk; its ID is never reused."""
+    inv = ctx.inv
+    gone = shown(inv, name)
+    r = row(inv, name)
+    async with ctx.storage_client(str(r["node"])) as c:
+        await sp.DELETE_FILESTORE.call(c, sp.DatastoreName(datastore=name), timeout=120)
+    await storagenode.detach_data_disk(ctx.name, str(r["node"]), str(r["disk_serial"]))
+    Path(str(r["backing_path"])).unlink(missing_ok=True)
+    with inv.transaction():
+        inv.conn.execute("DELETE FROM file_datastore_hosts WHERE datastore=?", (name,))
+        inv.conn.execute("DELETE FROM file_datastores WHERE name=?", (name,))
+    IdRegistry().release(gone.naa)
+    return gone
+
+
+def url(inv: Inventory, r: dict[str, object]) -> str | None:
+    node = inv.row("storage_nodes", name=r["node"])
+    if node is None or not r.get("export"):
+        return None
+    return f"nfs://{node['address']}{r['export']}/"
+
+
+def shown(inv: Inventory, name: str) -> FileDatastore:
+    r = row(inv, name)
+    return FileDatastore(
+        name=name, kind="file", naa=str(r["naa"]), node=str(r["node"]),
+        size_bytes=int(str(r["size_bytes"])), url=url(inv, r), state=str(r["state"]),
+        hosts=[str(s["host"]) for s in inv.rows("file_datastore_hosts", datastore=name)])
+
+
+def list_all(inv: Inventory) -> list[FileDatastore]:
+    return [shown(inv, str(r["name"])) for r in inv.rows("file_datastores")]
+
+
+async def files(ctx: LabContext, name: str) -> FilesListed:
+    r = row(ctx.inv, name)
+    async with ctx.storage_client(str(r["node"])) as c:
+        got = await sp.LIST_FILES.call(c, sp.DatastoreName(datastore=name), timeout=120)
+    return FilesListed(datastore=name, naa=str(r["naa"]), url=url(ctx.inv, r),
+                       size_bytes=got.size_bytes, free_bytes=got.free_bytes, files=got.files)
+
+
+async def import_image(ctx: LabContext, path: Path, datastore: str, name: str | None = None
+                       ) -> Imported:
+    """Stream an image file from this machine into a file datastore (sparse: only its data
+    extents move). It must be self-contained (no backing file)."""
+    r = row(ctx.inv, datastore)
+    target = name or path.name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LabStateError(f"cannot read {path}: {exc.strerror}", path=str(path)) from None
+    node = ctx.inv.row("storage_nodes", name=r["node"])
+    assert node is not None
+    t0 = time.monotonic()
+    try:
+        st = os.fstat(fd)
+        stream = await RpcClient.open_stream(
+            str(node["address"]), int(node["agent_port"]), ctx.dir.secret(), sp.FILE_UPLOAD,
+            sp.Upload(datastore=datastore, name=target,
+                      allocated_bytes=st.st_blocks * 512).to_wire(),
+            peer=f"storage node {r['node']}")
+        async with stream:
+            first = await stream.recv()
+            if "error" in first or not first.get("ready"):
+                err = first.get("error", {})
+                raise LabStateError(f"storage node {r['node']}: {err.get('message', first)}",
+                                    remote=err)
+            digest = await _send_extents(stream, fd, st.st_size)
+            await stream.send({"end": True, "size": st.st_size, "digest": digest})
+            res = await stream.result()
+    finally:
+        os.close(fd)
+    return Imported(datastore=datastore, file=sp.FileEntry.from_wire(res["file"]),
+                    bytes_moved=int(res["bytes"]), seconds=round(time.monotonic() - t0, 3))
+
+
+async def _send_extents(stream: Stream, fd: int, size: int) -> str:
+    d = Digest()
+    for off, data in blocks(fd, size):
+        d.update(off, data)
+        await stream.send({"at": off, "len": len(data)})
+        stream.write_bytes(data)
+        await stream.drain()
+    return d.hexdigest(size)
+
+
+def need_text(need: int, free: int) -> str:
+    return f"{format_size(need)} needed, {format_size(free)} free"

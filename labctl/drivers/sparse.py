@@ -1,0 +1,93 @@
+"""Sparse files: their data extents (``SEEK_DATA``/``SEEK_HOLE``), read in chunks, and a
+digest of their content that does not depend on how it is stored (holes, zero blocks).
+
+Standard library only: the storage agent and the controller use the same rule."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+CHUNK = 1 << 20
+#: the digest's block: an all-zero block counts as a hole
+DIGEST_BLOCK = 64 << 10
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of every data extent of an open file (SEEK_DATA/SEEK_HOLE)."""
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, min(end, size) - start
+        off = end
+
+
+def blocks(fd: int, size: int) -> Iterator[tuple[int, bytes]]:
+    """The file's non-zero blocks (at most CHUNK bytes each) at their offsets."""
+    for start, length in data_extents(fd, size):
+        pos, end = start, start + length
+        while pos < end:
+            data = os.pread(fd, min(CHUNK, end - pos), pos)
+            if not data:
+                return
+            yield pos, data
+            pos += len(data)
+
+
+class Digest:
+    """SHA-256 of a file's content independent of how it is stored: the index and bytes of
+    every DIGEST_BLOCK-aligned block that is not all zeros (holes read as zeros), then the
+    file's length. Data must come in increasing offsets (as extents are read)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._zero = bytes(DIGEST_BLOCK)
+        self._index = -1
+        self._block = bytearray(DIGEST_BLOCK)
+
+    def _flush(self) -> None:
+        if self._index >= 0 and self._block != self._zero:
+            self._h.update(struct.pack(">Q", self._index))
+            self._h.update(self._block)
+        self._index = -1
+
+    def update(self, offset: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            index, within = divmod(offset + pos, DIGEST_BLOCK)
+            if index != self._index:
+                if index < self._index:
+                    raise ValueError("digest data must come in increasing offsets")
+                self._flush()
+                self._index = index
+                self._block[:] = self._zero
+            n = min(len(data) - pos, DIGEST_BLOCK - within)
+            self._block[within:within + n] = data[pos:pos + n]
+            pos += n
+
+    def hexdigest(self, size: int) -> str:
+        self._flush()
+        self._h.update(struct.pack(">Q", size))
+        return self._h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        d = Digest()
+        for off, data in blocks(fd, size):
+            d.update(off, data)
+        return d.hexdigest(size)
+    finally:
+        os.close(fd)

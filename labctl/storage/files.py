@@ -1,0 +1,693 @@
+"""File datastores inside the storage node: an ext4 filesystem on the datastore's virtio
+disk, its image files exported over NFSv3, and the **content ID** of every file on it.
+
+Layout of a file datastore's filesystem (mounted at ``/srv/labctl/<name>``)::
+
+    images/            the export: image files, flat (no subdirectories)
+    .labctl/ids.json   content IDs, on the datastore itself (they travel with it)
+    .labctl/incoming/  copies being received; never listed, never a match
+
+**The content ID rule** (docs/chaincopy.md says the same for users):
+
+* A file gets an ID (``cid.`` and 32 hex digits) the first time its ID is read.
+* The agent watches the export with inotify (writes through NFS reach the server's VFS,
+  so they raise ``IN_MODIFY`` like local ones). A write marks the file *changed*; the next
+  read of its ID then draws a new one. So the ID changes exactly once after any number of
+  writes that follow its last read or use: the first change after a read is what matters.
+* A file written since its writer last closed it is *being written*: it has no usable ID
+  (listed with ``content_id: null``) until quiesced.
+* The agent also keeps each file's ``(inode, size, mtime, ctime)`` as the ID's stamp. A
+  file whose stamp differs when its ID is read (written while the agent was not watching,
+  for instance before a restart) gets a new ID too.
+* A layer's content is its own data *and the content ID of its parent*, not the parent's
+  path: a copy that is byte-identical, or identical but for its backing file's name
+  re-pointed to a file with the same content ID (``qemu-img rebase -u``), carries its
+  source's ID. Each file records the ID its parent had when the file's own ID was issued
+  (``parent_content_id``); a parent whose ID moved on since is *stale* for that child.
+
+Standard library only (plus ``qemu-img`` for ``rebase -u``): it runs inside the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labctl.core.errors import StorageNodeError
+from labctl.core.proc import run
+from labctl.core.rpc import RpcClient, Stream
+from labctl.drivers.nfsd import NfsServer
+from labctl.drivers.qcow2 import ImageHeaderError, read_header
+from labctl.drivers.sparse import CHUNK, Digest, blocks, data_extents, file_digest
+from labctl.storage import protocol as p
+
+log = logging.getLogger("labctl.storage.files")
+
+FS_ROOT = Path("/srv/labctl")
+IMAGES = "images"
+META = ".labctl"
+_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{32}$")
+_EXT4_MAGIC_OFFSET = 1080
+
+IN_MODIFY = 0x2
+IN_ATTRIB = 0x4
+IN_CLOSE_WRITE = 0x8
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_Q_OVERFLOW = 0x4000
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+_WATCH = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE \
+    | IN_DELETE
+_EVENT = struct.Struct("iIII")
+
+
+def check_file_name(name: str) -> str:
+    if not isinstance(name, str) or not _FILE_RE.match(name) or name in (".", ".."):
+        raise StorageNodeError(f"bad file name {name!r}: 1-128 of A-Z a-z 0-9 _ . + - "
+                               "(files of a datastore are flat)", file=name)
+    return name
+
+
+def new_content_id() -> str:
+    return "cid." + os.urandom(16).hex()
+
+
+# --- inotify (ctypes: the node has no pip packages) ---------------------------------------
+
+class Inotify:
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            raise StorageNodeError(f"inotify_init1: {os.strerror(ctypes.get_errno())}")
+        self.fd: int = fd
+
+    def add(self, path: Path) -> int:
+        wd: int = self._libc.inotify_add_watch(self.fd, str(path).encode(), _WATCH)
+        if wd < 0:
+            raise StorageNodeError(f"inotify_add_watch {path}: "
+                                   f"{os.strerror(ctypes.get_errno())}", path=str(path))
+        return wd
+
+    def remove(self, wd: int) -> None:
+        self._libc.inotify_rm_watch(self.fd, wd)
+
+    def read(self) -> list[tuple[int, int, str]]:
+        """Every queued event as (wd, mask, name); [] when none is queued."""
+        out: list[tuple[int, int, str]] = []
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return out
+            off = 0
+            while off + _EVENT.size <= len(buf):
+                wd, mask, _cookie, length = _EVENT.unpack_from(buf, off)
+                raw = buf[off + _EVENT.size: off + _EVENT.size + length]
+                out.append((wd, mask, raw.split(b"\0", 1)[0].decode(errors="replace")))
+                off += _EVENT.size + length
+
+
+# --- one datastore's IDs ------------------------------------------------------------------
+
+@dataclass
+class _Record:
+    content_id: str
+    stamp: list[int]
+    parent_content_id: str | None = None
+    issued_at: float = 0.0
+
+
+@dataclass
+class Filestore:
+    """One mounted file datastore and the IDs of its files."""
+
+    name: str
+    mount: Path
+    fs_uuid: str
+    wd: int = -1
+    records: dict[str, _Record] = field(default_factory=dict)
+    #: written since the ID was last read (a new ID is drawn at the next read)
+    changed: set[str] = field(default_factory=set)
+    #: written since its writer last closed it (no usable ID)
+    writing: dict[str, float] = field(default_factory=dict)
+    #: files the agent itself is writing (its own writes do not change IDs)
+    busy: set[str] = field(default_factory=set)
+    clients: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> Path:
+        return self.mount / IMAGES
+
+    @property
+    def meta(self) -> Path:
+        return self.mount / META
+
+    @property
+    def incoming(self) -> Path:
+        return self.meta / "incoming"
+
+    def path(self, name: str) -> Path:
+        return self.images / check_file_name(name)
+
+    # the ID database, on the datastore itself ---------------------------------------------
+
+    def load(self) -> None:
+        db = self.meta / "ids.json"
+        try:
+            data = json.loads(db.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            # unreadable: every file gets a new ID when next read (never a wrong match)
+            log.error("%s: content ID database unreadable (%s): IDs start afresh", self.name, exc)
+            return
+        for n, r in dict(data.get("files", {})).items():
+            with contextlib.suppress(TypeError, KeyError):
+                self.records[n] = _Record(str(r["content_id"]), [int(x) for x in r["stamp"]],
+                                          r.get("parent_content_id"),
+                                          float(r.get("issued_at", 0.0)))
+
+    def save(self) -> None:
+        db = self.meta / "ids.json"
+        tmp = db.with_suffix(".tmp")
+        data = {"datastore": self.name, "fs_uuid": self.fs_uuid,
+                "files": {n: vars(r) for n, r in sorted(self.records.items())}}
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, db)
+
+    # watching -----------------------------------------------------------------------------
+
+    def on_event(self, mask: int, name: str) -> None:
+        if not name or name in self.busy:
+            return
+        if mask & (IN_DELETE | IN_MOVED_FROM):
+            self.records.pop(name, None)
+            self.changed.discard(name)
+            self.writing.pop(name, None)
+            return
+        if mask & (IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_ATTRIB):
+            self.changed.add(name)
+        if mask & IN_MODIFY:
+            self.writing[name] = time.monotonic()
+        if mask & IN_CLOSE_WRITE:
+            self.writing.pop(name, None)
+
+    # the rule -----------------------------------------------------------------------------
+
+    def content_id(self, name: str, parent: str | None) -> str | None:
+        """The file's content ID as of now (drawing a new one if it changed since last read);
+        None while it is being written. ``parent``: its parent's content ID as of now."""
+        if name in self.writing:
+            return None
+        st = os.stat(self.path(name))
+        stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        rec = self.records.get(name)
+        if rec is None or name in self.changed or rec.stamp != stamp:
+            rec = _Record(new_content_id(), stamp, parent, time.time())
+            self.records[name] = rec
+            self.changed.discard(name)
+            self.save()
+        return rec.content_id
+
+    def set_record(self, name: str, content_id: str, parent: str | None) -> None:
+        """The agent wrote ``name`` itself (a received copy): it carries ``content_id``."""
+        st = os.stat(self.path(name))
+        self.records[name] = _Record(content_id, [st.st_ino, st.st_size, st.st_mtime_ns,
+                                                  st.st_ctime_ns], parent, time.time())
+        self.changed.discard(name)
+        self.writing.pop(name, None)
+        self.save()
+
+    def names(self) -> list[str]:
+        return sorted(e.name for e in os.scandir(self.images)
+                      if e.is_file(follow_symlinks=False) and _FILE_RE.match(e.name))
+
+
+# --- the agent's part ---------------------------------------------------------------------
+
+class Filestores:
+    """Every file datastore of the node; the NFS server; the watch; copies in and out."""
+
+    def __init__(self, node: str, ip: str, secret: bytes, port: int,
+                 root: Path = FS_ROOT, sys_block: Path = Path("/sys/block")) -> None:
+        self.node = node
+        self.ip = ip
+        self.port = port
+        self._secret = secret
+        self.root = root
+        self.sys_block = sys_block
+        self.nfs = NfsServer()
+        self.stores: dict[str, Filestore] = {}
+        self._inotify: Inotify | None = None
+        self._by_wd: dict[int, Filestore] = {}
+        self._lock = asyncio.Lock()
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    def _watch(self) -> Inotify:
+        if self._inotify is None:
+            self._inotify = Inotify()
+            asyncio.get_running_loop().add_reader(self._inotify.fd, self.drain)
+        return self._inotify
+
+    def drain(self) -> None:
+        """Apply every queued inotify event (also called right after the agent's own writes,
+        before it stops ignoring the file: the kernel queues events at write time)."""
+        if self._inotify is None:
+            return
+        for wd, mask, name in self._inotify.read():
+            if mask & IN_Q_OVERFLOW:  # events were lost: every file counts as changed
+                for each in self.stores.values():
+                    each.changed.update(each.records)
+                continue
+            fs = self._by_wd.get(wd)
+            if fs is not None:
+                fs.on_event(mask, name)
+
+    async def ensure(self, req: p.EnsureFilestore) -> p.FilestoreInfo:
+        name = req.name
+        fs_uuid = req.fs_uuid.lower().replace("-", "")
+        if not _UUID_RE.match(fs_uuid):
+            raise StorageNodeError(f"bad filesystem UUID {req.fs_uuid!r}", fs_uuid=req.fs_uuid)
+        async with self._lock:
+            created = False
+            fs = self.stores.get(name)
+            if fs is None:
+                device = self._device(req.disk_serial)
+                mount = self.root / name
+                if not _is_mounted(mount):
+                    have = _ext4_uuid(device)
+                    if have is None:
+                        await run(["mkfs.ext4", "-q", "-F", "-U", _dashed(fs_uuid), "-L",
+                                   name[:16], "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                                   device], timeout=300, what=f"mkfs.ext4 for {name}")
+                        created = True
+                    elif have != fs_uuid:
+                        raise StorageNodeError(
+                            f"the disk of {name} holds filesystem {have}, not {fs_uuid}: "
+                            "refusing to use another datastore's disk", have=have,
+                            want=fs_uuid)
+                    mount.mkdir(parents=True, exist_ok=True)
+                    await run(["mount", "-t", "ext4", "-o", "noatime", device, str(mount)],
+                              timeout=120, what=f"mount {name}")
+                fs = Filestore(name, mount, fs_uuid)
+                for d in (fs.images, fs.meta, fs.incoming):
+                    d.mkdir(exist_ok=True)
+                for partial in fs.incoming.iterdir():  # interrupted copies: never a match
+                    partial.unlink()
+                fs.load()
+                fs.wd = self._watch().add(fs.images)
+                self._by_wd[fs.wd] = fs
+                self.stores[name] = fs
+            fs.clients = sorted(set(req.clients))
+        await self.nfs.export(str(fs.images), fs.clients)
+        return self._info(fs, created)
+
+    async def delete(self, name: str) -> p.FilestoreDeleted:
+        async with self._lock:
+            fs = self.stores.pop(name, None)
+            if fs is None:
+                return p.FilestoreDeleted(name=name, deleted=False)
+            await self.nfs.unexport(str(fs.images))
+            if self._inotify is not None:
+                self._inotify.remove(fs.wd)
+                self._by_wd.pop(fs.wd, None)
+            fs.save()
+            await run(["umount", str(fs.mount)], timeout=120, what=f"umount {name}")
+            return p.FilestoreDeleted(name=name, deleted=True)
+
+    def store(self, name: str) -> Filestore:
+        fs = self.stores.get(name)
+        if fs is None:
+            raise StorageNodeError(f"no file datastore {name!r} on node {self.node} "
+                                   f"(have: {', '.join(sorted(self.stores)) or 'none'})",
+                                   datastore=name)
+        return fs
+
+    def _info(self, fs: Filestore, created: bool = False) -> p.FilestoreInfo:
+        st = os.statvfs(fs.mount)
+        return p.FilestoreInfo(name=fs.name, export=str(fs.images), fs_uuid=fs.fs_uuid,
+                               size_bytes=st.f_blocks * st.f_frsize,
+                               free_bytes=st.f_bavail * st.f_frsize, clients=fs.clients,
+                               created=created, files=len(fs.names()))
+
+    def _device(self, serial: str) -> str:
+        for dev in sorted(os.listdir(self.sys_block)):
+            with contextlib.suppress(OSError):
+                if (self.sys_block / dev / "serial").read_text().strip() == serial:
+                    return f"/dev/{dev}"
+        raise StorageNodeError(f"no virtio disk with serial {serial!r}", disk_serial=serial)
+
+    # listing ------------------------------------------------------------------------------
+
+    def entry(self, fs: Filestore, name: str, seen: dict[str, str | None] | None = None
+              ) -> p.FileEntry:
+        """One file as it is now; reading its ID counts as a read (see the rule)."""
+        self.drain()
+        path = fs.path(name)
+        try:
+            head = read_header(str(path))
+            fmt, vsize, backing, bfmt, problem = (head.format, head.virtual_size,
+                                                  head.backing_file, head.backing_format, None)
+        except (ImageHeaderError, OSError) as exc:
+            fmt, vsize, backing, bfmt, problem = "unknown", 0, None, None, str(exc)
+        parent_id: str | None = None
+        if backing is not None and _FILE_RE.match(backing) and (fs.images / backing).is_file():
+            if seen is not None and backing in seen:
+                parent_id = seen[backing]
+            else:
+                parent_id = self.entry(fs, backing, seen).content_id
+        cid = fs.content_id(name, parent_id)
+        if seen is not None:
+            seen[name] = cid
+        st = os.stat(path)
+        rec = fs.records.get(name)
+        recorded_parent = rec.parent_content_id if rec is not None else None
+        state = "writing" if name in fs.writing else "quiet"
+        if cid is not None and backing is not None and recorded_parent != parent_id:
+            state = "parent-changed"
+        return p.FileEntry(
+            name=name, format=fmt, virtual_size=vsize, size_bytes=st.st_size,
+            allocated_bytes=st.st_blocks * 512, backing_file=backing, backing_format=bfmt,
+            content_id=cid, parent_content_id=recorded_parent if cid is not None else None,
+            state=state, problem=problem)
+
+    async def list_files(self, req: p.DatastoreName) -> p.FileList:
+        fs = self.store(req.datastore)
+        seen: dict[str, str | None] = {}
+        files = [self.entry(fs, n, seen) for n in fs.names()]
+        info = self._info(fs)
+        return p.FileList(datastore=fs.name, export=info.export, size_bytes=info.size_bytes,
+                          free_bytes=info.free_bytes, files=files)
+
+    async def chain(self, req: p.FileRef) -> p.Chain:
+        """The file and its ancestors, top first; every layer must live here and be quiet."""
+        fs = self.store(req.datastore)
+        layers: list[p.FileEntry] = []
+        name: str | None = req.name
+        seen: dict[str, str | None] = {}
+        while name is not None:
+            if not fs.path(name).is_file():
+                where = f" (backing file of {layers[-1].name})" if layers else ""
+                raise StorageNodeError(f"no file {name} in datastore {fs.name}{where}",
+                                       datastore=fs.name, file=name)
+            if any(layer.name == name for layer in layers):
+                raise StorageNodeError(f"the chain of {req.name} loops at {name}", file=name)
+            e = self.entry(fs, name, seen)
+            if e.problem is not None:
+                raise StorageNodeError(f"{name}: {e.problem}", file=name)
+            if e.backing_file is not None and not _FILE_RE.match(e.backing_file):
+                raise StorageNodeError(
+                    f"{name} is backed by {e.backing_file!r}, not a file of this datastore",
+                    file=name, backing=e.backing_file)
+            layers.append(e)
+            name = e.backing_file
+        return p.Chain(datastore=fs.name, layers=layers)
+
+    async def digest(self, req: p.FileRef) -> p.FileDigest:
+        fs = self.store(req.datastore)
+        cid = self.entry(fs, req.name).content_id
+        t0 = time.monotonic()
+        d = await asyncio.to_thread(file_digest, fs.path(req.name))
+        after = self.entry(fs, req.name).content_id
+        return p.FileDigest(datastore=fs.name, name=req.name, digest=d,
+                            content_id=cid if cid == after else None,
+                            seconds=round(time.monotonic() - t0, 3))
+
+    async def delete_file(self, req: p.FileRef) -> p.FileDeleted:
+        fs = self.store(req.datastore)
+        path = fs.path(req.name)
+        users = [n for n in fs.names() if n != req.name and _backing_of(fs.path(n)) == req.name]
+        if users:
+            raise StorageNodeError(f"{req.name} is the backing file of {', '.join(users)}: "
+                                   "delete refused", file=req.name, children=users)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return p.FileDeleted(datastore=fs.name, name=req.name, deleted=False)
+        self.drain()
+        fs.records.pop(req.name, None)
+        fs.save()
+        return p.FileDeleted(datastore=fs.name, name=req.name, deleted=True)
+
+    # copies -------------------------------------------------------------------------------
+
+    async def send(self, stream: Stream, params: dict[str, object]) -> dict[str, object]:
+        """(stream method ``file_send``) Stream one file's data extents; refuse if its
+        content ID is not ``expect`` any more, and say so at the end if it changed while
+        being read (the receiver then throws its copy away)."""
+        ref = p.SendFile.from_wire(params, "file_send request")
+        fs = self.store(ref.datastore)
+        e = self.entry(fs, ref.name)
+        if e.content_id is None or e.content_id != ref.expect:
+            raise StorageNodeError(f"{ref.name} on {fs.name} is {e.content_id or 'being written'}"
+                                   f", not {ref.expect}: it changed", file=ref.name)
+        fd = os.open(fs.path(ref.name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            d = Digest()
+            sent = 0
+            extents = await asyncio.to_thread(lambda: list(data_extents(fd, size)))
+            for start, length in extents:
+                pos, end = start, start + length
+                while pos < end:
+                    data = await asyncio.to_thread(os.pread, fd, min(CHUNK, end - pos), pos)
+                    if not data:
+                        break
+                    d.update(pos, data)
+                    await stream.send({"at": pos, "len": len(data)})
+                    stream.write_bytes(data)
+                    await stream.drain()
+                    sent += len(data)
+                    pos += len(data)
+        finally:
+            os.close(fd)
+        after = self.entry(fs, ref.name).content_id
+        digest = d.hexdigest(size)
+        await stream.send({"end": True, "size": size, "digest": digest,
+                           "changed": after != ref.expect})
+        return {"bytes": sent, "digest": digest, "changed": after != ref.expect}
+
+    async def pull(self, req: p.PullFile) -> p.Pulled:
+        """Copy a file from a storage agent (maybe this one) into ``req.datastore`` under
+        ``req.name``; re-point its backing file at ``req.backing`` (checked to still carry
+        ``req.backing_id``); give it the source's content ID. The copy is written under
+        ``.labctl/incoming`` and renamed into place only when whole and checked."""
+        fs = self.store(req.datastore)
+        check_file_name(req.name)
+        if fs.path(req.name).exists():
+            raise StorageNodeError(f"{req.name} already exists on {fs.name}", file=req.name)
+        tmp = fs.incoming / f"{req.name}.{os.urandom(4).hex()}.part"
+        t0 = time.monotonic()
+        try:
+            got = await self._receive(req, tmp)
+            rebased = None
+            if req.backing is not None:
+                head = read_header(str(tmp))
+                if head.backing_file != req.backing:
+                    await run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", req.backing,
+                               "-F", req.backing_format or "qcow2", str(tmp)],
+                              timeout=120, what=f"qemu-img rebase -u {req.name}")
+                    rebased = head.backing_file
+                # the match's own ID, read again at the moment of use
+                now = self.entry(fs, req.backing).content_id
+                if now != req.backing_id:
+                    raise StorageNodeError(
+                        f"{req.backing} on {fs.name} changed ({now or 'being written'}, "
+                        f"was {req.backing_id}): not used as a parent", file=req.backing)
+            fs.busy.add(req.name)
+            try:
+                os.rename(tmp, fs.path(req.name))
+                self.drain()
+                fs.set_record(req.name, req.expect, req.backing_id)
+            finally:
+                fs.busy.discard(req.name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return p.Pulled(datastore=fs.name, name=req.name, content_id=req.expect,
+                        bytes_moved=got[0], digest=got[1], rebased_from=rebased,
+                        seconds=round(time.monotonic() - t0, 3))
+
+    async def _receive(self, req: p.PullFile, tmp: Path) -> tuple[int, str]:
+        if req.source_address == self.ip and req.source_port == self.port:
+            return await asyncio.to_thread(self._local_copy, req, tmp)
+        stream = await RpcClient.open_stream(
+            req.source_address, req.source_port, self._secret, "file_send",
+            p.SendFile(datastore=req.source_datastore, name=req.source_name,
+                       expect=req.expect).to_wire(), peer=f"storage agent {req.source_address}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        moved = 0
+        d = Digest()
+        try:
+            async with stream:
+                while True:
+                    msg = await stream.recv()
+                    if "error" in msg:
+                        err = msg["error"]
+                        raise StorageNodeError(f"the source refused: {err.get('message')}",
+                                               remote=err)
+                    if msg.get("end"):
+                        break
+                    at, length = int(msg["at"]), int(msg["len"])
+                    data = await stream.recv_bytes()
+                    if len(data) != length:
+                        raise StorageNodeError("a data frame does not match its header")
+                    await asyncio.to_thread(os.pwrite, fd, data, at)
+                    d.update(at, data)
+                    moved += len(data)
+                size = int(msg["size"])
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+                await stream.result()
+        finally:
+            os.close(fd)
+        if msg.get("changed"):
+            raise StorageNodeError(f"{req.source_name} changed while it was copied: copy "
+                                   "dropped", file=req.source_name)
+        digest = d.hexdigest(size)
+        if digest != msg.get("digest"):
+            raise StorageNodeError(f"{req.source_name}: the copy's digest {digest} is not the "
+                                   f"source's {msg.get('digest')}", file=req.source_name)
+        return moved, digest
+
+    def _local_copy(self, req: p.PullFile, tmp: Path) -> tuple[int, str]:
+        src_fs = self.store(req.source_datastore)
+        e = self.entry(src_fs, req.source_name)
+        if e.content_id != req.expect:
+            raise StorageNodeError(f"{req.source_name} on {src_fs.name} changed "
+                                   f"({e.content_id or 'being written'}, was {req.expect})",
+                                   file=req.source_name)
+        src = os.open(src_fs.path(req.source_name), os.O_RDONLY | os.O_CLOEXEC)
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        moved = 0
+        d = Digest()
+        try:
+            size = os.fstat(src).st_size
+            for off, data in blocks(src, size):
+                os.pwrite(dst, data, off)
+                d.update(off, data)
+                moved += len(data)
+            os.ftruncate(dst, size)
+            os.fsync(dst)
+        finally:
+            os.close(src)
+            os.close(dst)
+        if self.entry(src_fs, req.source_name).content_id != req.expect:
+            raise StorageNodeError(f"{req.source_name} changed while it was copied: copy "
+                                   "dropped", file=req.source_name)
+        return moved, d.hexdigest(size)
+
+    async def receive_upload(self, stream: Stream, params: dict[str, object]
+                             ) -> dict[str, object]:
+        """(stream method ``file_upload``) A new file from the controller (``image import``):
+        data frames as ``file_send`` writes them; the file gets a new content ID."""
+        req = p.Upload.from_wire(params, "file_upload request")
+        fs = self.store(req.datastore)
+        check_file_name(req.name)
+        if fs.path(req.name).exists():
+            raise StorageNodeError(f"{req.name} already exists on {fs.name}", file=req.name)
+        st = os.statvfs(fs.mount)
+        if req.allocated_bytes > st.f_bavail * st.f_frsize:
+            raise StorageNodeError(
+                f"{fs.name} has {st.f_bavail * st.f_frsize} bytes free, {req.name} needs "
+                f"{req.allocated_bytes}", free_bytes=st.f_bavail * st.f_frsize,
+                need_bytes=req.allocated_bytes)
+        await stream.send({"ready": True})
+        tmp = fs.incoming / f"{req.name}.{os.urandom(4).hex()}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        d = Digest()
+        moved = 0
+        try:
+            try:
+                while True:
+                    msg = await stream.recv()
+                    if msg.get("end"):
+                        break
+                    at = int(msg["at"])
+                    data = await stream.recv_bytes()
+                    await asyncio.to_thread(os.pwrite, fd, data, at)
+                    d.update(at, data)
+                    moved += len(data)
+                size = int(msg["size"])
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            digest = d.hexdigest(size)
+            if digest != msg.get("digest"):
+                raise StorageNodeError(f"{req.name}: upload digest mismatch", file=req.name)
+            head = read_header(str(tmp))
+            if head.backing_file is not None:
+                raise StorageNodeError(
+                    f"{req.name} has a backing file ({head.backing_file}): import a "
+                    "self-contained image (qemu-img convert it first)", file=req.name)
+            os.rename(tmp, fs.path(req.name))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        e = self.entry(fs, req.name)
+        return {"file": e.to_wire(), "bytes": moved, "digest": digest}
+
+    async def create_overlay(self, req: p.CreateOverlay) -> p.FileEntry:
+        """A new qcow2 layer ``name`` on top of ``backing`` (a linked clone)."""
+        fs = self.store(req.datastore)
+        check_file_name(req.name)
+        parent = self.entry(fs, req.backing)
+        if parent.content_id is None:
+            raise StorageNodeError(f"{req.backing} is being written: no clone of it now",
+                                   file=req.backing)
+        if fs.path(req.name).exists():
+            raise StorageNodeError(f"{req.name} already exists on {fs.name}", file=req.name)
+        await run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", req.backing, "-F",
+                   parent.format, str(fs.path(req.name))], timeout=120, cwd=fs.images,
+                  what=f"qemu-img create {req.name}")
+        return self.entry(fs, req.name)
+
+
+def _backing_of(path: Path) -> str | None:
+    try:
+        return read_header(str(path)).backing_file
+    except (ImageHeaderError, OSError):
+        return None
+
+
+def _dashed(u: str) -> str:
+    return f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+
+
+def _ext4_uuid(device: str) -> str | None:
+    """The UUID of the ext4 filesystem on ``device`` (hex, no dashes), or None if none."""
+    with open(device, "rb") as f:
+        f.seek(1024)
+        sb = f.read(1024)
+    if len(sb) < 0x78 or sb[56:58] != b"\x53\xef":
+        return None
+    return sb[0x68:0x78].hex()
+
+
+def _is_mounted(path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            if line.split()[1:2] == [str(path)]:
+                return True
+    return False

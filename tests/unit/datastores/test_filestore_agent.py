@@ -1,0 +1,228 @@
+"""The storage agent's file datastore logic on this machine's own filesystem: the content
+ID rule driven by real inotify events, qcow2 headers as qemu-img writes them, and copies
+between two agents over the authenticated stream (both in this process, on loopback).
+
+The end-to-end tests run the same code inside the storage node against its NFS export."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labctl.core.errors import AgentError, RemoteError, StorageNodeError
+from labctl.core.rpc import RpcClient, RpcServer
+from labctl.core.wire import handlers
+from labctl.drivers.qcow2 import read_header
+from labctl.drivers.sparse import Digest, blocks, file_digest
+from labctl.storage import protocol as p
+from labctl.storage.files import Filestore, Filestores
+
+SECRET = b"s" * 32
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def qemu_io(path: Path, cmd: str) -> None:
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, str(path)], check=True,
+                   capture_output=True)
+
+
+def add_store(agent: Filestores, root: Path, name: str) -> Filestore:
+    """A datastore on a plain directory (the node mounts a disk there; the rest is the same)."""
+    fs = Filestore(name, root / name, "0" * 32)
+    for d in (fs.images, fs.meta, fs.incoming):
+        d.mkdir(parents=True, exist_ok=True)
+    fs.load()
+    fs.wd = agent._watch().add(fs.images)
+    agent._by_wd[fs.wd] = fs
+    agent.stores[name] = fs
+    return fs
+
+
+class Node:
+    def __init__(self, root: Path, port: int) -> None:
+        self.agent = Filestores("n", "127.0.0.1", SECRET, port, root=root)
+        self.server = RpcServer(SECRET, handlers(
+            p.LIST_FILES.serve(self.agent.list_files), p.CHAIN.serve(self.agent.chain),
+            p.PULL_FILE.serve(self.agent.pull), p.FILE_DIGEST.serve(self.agent.digest)),
+            streams={p.FILE_SEND: self.agent.send, p.FILE_UPLOAD: self.agent.receive_upload})
+        self.port = port
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def in_loop(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run the test in a fresh event loop (the agent's watch needs a running one)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kw: Any) -> None:
+        asyncio.run(fn(*args, **kw))
+    return run
+
+
+@contextlib.asynccontextmanager
+async def two_agents(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    a, b = Node(tmp_path / "a", free_port()), Node(tmp_path / "b", free_port())
+    # two agents on one address: the target must not take the source for itself
+    b.agent.ip = "127.0.0.2"
+    for n in (a, b):
+        await n.server.start("127.0.0.1", n.port)
+    try:
+        yield a, b
+    finally:
+        for n in (a, b):
+            await n.server.close()
+
+
+def make_chain(images: Path) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", str(images / "base.qcow2"), "8M")
+    qemu_io(images / "base.qcow2", "write -P 0x11 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             str(images / "clone.qcow2"))
+    qemu_io(images / "clone.qcow2", "write -P 0x22 1M 512k")
+
+
+@in_loop
+async def test_content_id_changes_once_after_a_write_following_a_read(tmp_path: Path) -> None:
+    agent = Filestores("n", "127.0.0.1", SECRET, 1, root=tmp_path)
+    fs = add_store(agent, tmp_path, "fs1")
+    (fs.images / "f.raw").write_bytes(b"a" * 4096)
+    first = agent.entry(fs, "f.raw").content_id
+    assert first is not None and first.startswith("cid.")
+    assert agent.entry(fs, "f.raw").content_id == first  # reading does not change it
+    with open(fs.images / "f.raw", "r+b") as f:
+        f.write(b"b")
+        f.flush()
+        assert agent.entry(fs, "f.raw").content_id is None  # open for writing: no usable ID
+        f.write(b"c")
+    second = agent.entry(fs, "f.raw").content_id
+    assert second not in (None, first)
+    assert agent.entry(fs, "f.raw").content_id == second
+    # the IDs live on the datastore: a new agent reads them back
+    again = Filestores("n", "127.0.0.1", SECRET, 1, root=tmp_path)
+    fs2 = add_store(again, tmp_path, "fs1")
+    assert again.entry(fs2, "f.raw").content_id == second
+
+
+@in_loop
+async def test_a_write_the_agent_did_not_see_still_changes_the_id(tmp_path: Path) -> None:
+    agent = Filestores("n", "127.0.0.1", SECRET, 1, root=tmp_path)
+    fs = add_store(agent, tmp_path, "fs1")
+    (fs.images / "f.raw").write_bytes(b"a" * 4096)
+    first = agent.entry(fs, "f.raw").content_id
+    fs.save()
+    # written while no agent watched (before a restart): the stamp tells
+    with open(fs.images / "f.raw", "r+b") as f:
+        f.write(b"zz")
+    again = Filestores("n", "127.0.0.1", SECRET, 1, root=tmp_path)
+    fs2 = add_store(again, tmp_path, "fs1")
+    assert again.entry(fs2, "f.raw").content_id not in (None, first)
+
+
+@in_loop
+async def test_qcow2_headers_as_qemu_img_writes_them(tmp_path: Path) -> None:
+    make_chain(tmp_path)
+    base, clone = read_header(str(tmp_path / "base.qcow2")), read_header(
+        str(tmp_path / "clone.qcow2"))
+    assert (base.format, base.virtual_size, base.backing_file) == ("qcow2", 8 << 20, None)
+    assert (clone.backing_file, clone.backing_format) == ("base.qcow2", "qcow2")
+    (tmp_path / "r.raw").write_bytes(b"x" * 1000)
+    assert read_header(str(tmp_path / "r.raw")).format == "raw"
+
+
+def test_the_digest_ignores_holes_and_zero_blocks(tmp_path: Path) -> None:
+    sparse, dense = tmp_path / "s", tmp_path / "d"
+    with open(sparse, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(1 << 20)
+        f.write(b"x" * 100)
+    data = bytearray(4 << 20)
+    data[1 << 20:(1 << 20) + 100] = b"x" * 100
+    dense.write_bytes(bytes(data))
+    assert file_digest(sparse) == file_digest(dense)
+    dense.write_bytes(bytes(data[:-1]) + b"y")
+    assert file_digest(sparse) != file_digest(dense)
+    fd = os.open(sparse, os.O_RDONLY)
+    try:
+        moved = sum(len(b) for _o, b in blocks(fd, 4 << 20))
+    finally:
+        os.close(fd)
+    assert moved < 1 << 20  # only the data extent is read
+    assert Digest().hexdigest(0) != Digest().hexdigest(1)
+
+
+@in_loop
+async def test_a_pull_between_agents_carries_the_id_and_repoints_the_parent(
+        tmp_path: Path) -> None:
+    async with two_agents(tmp_path) as (a, b):
+        src = add_store(a.agent, a.agent.root, "fs1")
+        dst = add_store(b.agent, b.agent.root, "fs2")
+        make_chain(src.images)
+        chain = await a.agent.chain(p.FileRef("fs1", "clone.qcow2"))
+        clone, base = chain.layers
+        assert clone.parent_content_id == base.content_id
+        # the parent is already there under another name, with the same content ID
+        pulled_base = await b.agent.pull(p.PullFile(
+            datastore="fs2", name="golden.qcow2", source_address="127.0.0.1", source_port=a.port,
+            source_datastore="fs1", source_name="base.qcow2", expect=str(base.content_id)))
+        assert pulled_base.content_id == base.content_id
+        pulled = await b.agent.pull(p.PullFile(
+            datastore="fs2", name="clone.qcow2", source_address="127.0.0.1", source_port=a.port,
+            source_datastore="fs1", source_name="clone.qcow2", expect=str(clone.content_id),
+            backing="golden.qcow2", backing_format="qcow2", backing_id=base.content_id))
+        assert pulled.rebased_from == "base.qcow2"
+        assert pulled.bytes_moved < 2 << 20
+        listed = {f.name: f for f in (await b.agent.list_files(p.DatastoreName("fs2"))).files}
+        assert listed["clone.qcow2"].content_id == clone.content_id
+        assert listed["clone.qcow2"].backing_file == "golden.qcow2"
+        assert listed["clone.qcow2"].state == "quiet"
+        assert not list(dst.incoming.iterdir())
+        subprocess.run(["qemu-img", "compare", "-q", str(src.images / "clone.qcow2"),
+                        str(dst.images / "clone.qcow2")], check=True)
+
+
+@in_loop
+async def test_a_source_that_changed_is_refused_and_nothing_is_left(
+        tmp_path: Path) -> None:
+    async with two_agents(tmp_path) as (a, b):
+        src = add_store(a.agent, a.agent.root, "fs1")
+        dst = add_store(b.agent, b.agent.root, "fs2")
+        make_chain(src.images)
+        old = (await a.agent.chain(p.FileRef("fs1", "base.qcow2"))).layers[0].content_id
+        qemu_io(src.images / "base.qcow2", "write -P 0x33 2M 4k")
+        with pytest.raises((StorageNodeError, RemoteError), match=r"changed|not cid"):
+            await b.agent.pull(p.PullFile(
+                datastore="fs2", name="base.qcow2", source_address="127.0.0.1",
+                source_port=a.port, source_datastore="fs1", source_name="base.qcow2",
+                expect=str(old)))
+        assert not (dst.images / "base.qcow2").exists()
+        assert not list(dst.incoming.iterdir())
+
+
+@in_loop
+async def test_a_stream_needs_the_lab_secret(tmp_path: Path) -> None:
+    async with two_agents(tmp_path) as (a, _b):
+        add_store(a.agent, a.agent.root, "fs1")
+        with pytest.raises(AgentError):
+            s = await RpcClient.open_stream("127.0.0.1", a.port, b"x" * 32, p.FILE_SEND,
+                                            {"datastore": "fs1", "name": "x", "expect": "y"})
+            await s.result()
+        await asyncio.sleep(0)
+        assert a.server.rejected == 1
