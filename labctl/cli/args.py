@@ -180,7 +180,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--size", required=True, help="e.g. 128M, 1G")
     c.add_argument("--hosts", required=True, help="comma-separated hosts allowed to see it")
     c.add_argument("--node", help="storage node (default: the one with most free space)")
-    ds.add("list", "every datastore: ID, node, LUN, size, hosts")
+    c.add_argument("--kind", choices=["block", "file"], default="block",
+                   help="block: an iSCSI LUN (default); file: a filesystem exported over NFS "
+                        "to the hosts, holding image files")
+    ds.add("list", "every datastore: ID, kind, node, LUN, size, hosts")
+    ds.add("files", "every file of a file datastore: format, sizes, backing file, content "
+                    "ID, its parent's").add_argument("name")
     ds.add("show", "one datastore's mapping and what each host saw").add_argument("name")
     ds.add("delete", "remove a datastore no VM uses").add_argument("name")
     rs = ds.add("resize", "grow the LUN on the storage node (libvirt block resize); sharing "
@@ -226,6 +231,26 @@ def parser() -> argparse.ArgumentParser:
     wp.add_argument("link")
     wp.add_argument("-c", "--count", type=_count, default=10, help="pings (default 10)")
 
+    # -- image files on file datastores, and chain copy
+    im = sub.group(sub.add("image", "image files on file datastores: import, clone, delete"))
+    ii = im.add("import", "copy an image file from this machine onto a file datastore")
+    ii.add_argument("file", type=Path)
+    ii.add_argument("--to", required=True, metavar="DATASTORE", help="a file datastore")
+    ii.add_argument("--name", help="its name there (default: the file's own name)")
+    ic = im.add("clone", "a linked clone: a new qcow2 layer on top of an image")
+    ic.add_argument("source", metavar="DATASTORE:FILE")
+    ic.add_argument("name", help="the new layer's name")
+    im.add("delete", "delete an image file no other file is backed by"
+           ).add_argument("source", metavar="DATASTORE:FILE")
+    ch = sub.group(sub.add("chain", "qcow2 backing chains: copy one, reusing parents by "
+                                    "content ID"))
+    cc = ch.add("copy", "copy a file and its backing chain to another file datastore, only "
+                        "the layers the target lacks (matched by content ID, never by name)")
+    cc.add_argument("source", metavar="DATASTORE:FILE")
+    cc.add_argument("--to", required=True, metavar="DATASTORE")
+    cc.add_argument("--verify", action="store_true",
+                    help="also compare full digests of each reused parent and its match")
+
     st = sub.group(sub.add("storage", "storage node operations"))
     st.add("restart", "restart a storage node; datastores keep their IDs").add_argument("node")
     st.add("resume", "resume a paused storage node (once the cause, e.g. a full disk, is gone)"
@@ -242,5 +267,5 @@ HANDLERS = {
     "demo": "labs", "export": "labs", "exec": "labs", "shell": "labs", "logs": "labs", "vm": "labs",
     "migrate": "migration", "migration": "migration", "migrations": "migration",
     "datastore": "storage", "host": "storage", "events": "storage", "rescan": "storage",
-    "storage": "storage", "wan": "wan",
+    "storage": "storage", "wan": "wan", "image": "files", "chain": "files",
 }

@@ -198,8 +198,9 @@ def print_status(s: LabStatus) -> None:
         why = f": {h.agent_reason}" if h.agent_reason else ""
         print(f"  host    {h.name:8} {h.address:15} {h.initiator_iqn}  [agent {h.agent}{why}]")
     for d in s.datastores:
+        where = f"lun {d.lun}" if d.kind == "block" else "file (NFS)"
         print(f"  datastore {d.name:6} {d.naa}  {d.size_bytes >> 20} MiB  "
-              f"on {d.node} lun {d.lun}  hosts {','.join(d.hosts)}")
+              f"on {d.node} {where}  hosts {','.join(d.hosts)}")
         for host, seen in d.seen_by.items():
             if seen.naa:
                 print(f"    seen by {host} over iSCSI: {seen.naa}, {seen.size_bytes} bytes")

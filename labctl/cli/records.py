@@ -10,12 +10,15 @@ from labctl.cli.labs import LabList
 from labctl.cli.main import ErrorRecord
 from labctl.cli.schemas import write_schemas
 from labctl.core.wire import Message
+from labctl.datastores.chaincopy import ChainCopied
+from labctl.datastores.filestores import FileDatastore, FilesListed, Imported
 from labctl.datastores.protocol import HostCache
 from labctl.datastores.service import Created, Deleted, Mapping, Resized, Shown
 from labctl.hosts.protocol import VmStarted
 from labctl.lab.face import Down
 from labctl.lab.status import LabStatus, VmState
 from labctl.migration.result import MigrationResult
+from labctl.storage.protocol import FileEntry
 from labctl.wan.service import WanShown
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -28,7 +31,14 @@ RECORDS: dict[str, type[Message]] = {
     "down": Down,
     "vm": VmState,  # each element of labctl vm list
     "vm-start": VmStarted,
-    "datastore": Mapping,  # each element of labctl datastore list
+    "datastore": Mapping,  # each element of labctl datastore list of kind block
+    # a file datastore: each element of datastore list of kind file; datastore create --kind
+    # file, show and delete of one
+    "file-datastore": FileDatastore,
+    "datastore-files": FilesListed,
+    "image-import": Imported,
+    "image-clone": FileEntry,
+    "chain-copy": ChainCopied,
     "datastore-show": Shown,
     "datastore-create": Created,
     "datastore-delete": Deleted,

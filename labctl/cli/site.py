@@ -23,7 +23,7 @@ def _site_of(inv: Inventory, kind: str, name: str) -> str | None:
     if kind == "node":
         row = inv.row("storage_nodes", name=name)
         return None if row is None else str(row["site"])
-    row = inv.row("datastores", name=name)
+    row = inv.row("datastores", name=name) or inv.row("file_datastores", name=name)
     return None if row is None else _site_of(inv, "node", str(row["node"]))
 
 
@@ -45,6 +45,13 @@ def _named(args: argparse.Namespace) -> list[tuple[str, str]]:
             out.append(("node", args.node))
     if cmd == "storage" and getattr(args, "node", None):
         out.append(("node", args.node))
+    if cmd == "image" and getattr(args, "to", None):
+        out.append(("datastore", args.to))
+    if cmd == "chain":
+        out.append(("datastore", args.to))
+        source = str(getattr(args, "source", ""))
+        if ":" in source:
+            out.append(("datastore", source.split(":", 1)[0]))
     return out
 
 

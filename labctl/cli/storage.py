@@ -1,7 +1,8 @@
 """CLI for datastores, host storage caches, storage nodes and the event stream.
 
     labctl datastore create NAME --size SIZE --hosts H1,H2 [--node NODE]
-    labctl datastore list|show NAME|delete NAME|resize NAME SIZE
+    labctl datastore create NAME --kind file --size SIZE --hosts H1,H2 [--node NODE]
+    labctl datastore list|show NAME|files NAME|delete NAME|resize NAME SIZE
     labctl host storage HOST [--json] [--rescan [--unit ID]]
     labctl events [--follow] [--json] [--last N]
     labctl rescan lookup [inventory|poll]
@@ -15,9 +16,12 @@ import asyncio
 import json
 import time
 
+from labctl.cli.files import print_files
+from labctl.cli.labs import emit
 from labctl.cli.progress import Progress
-from labctl.core.sizes import format_size
-from labctl.datastores import rescan
+from labctl.core.errors import LabStateError
+from labctl.core.sizes import format_size, human_size
+from labctl.datastores import filestores, rescan
 from labctl.datastores import service as datastores
 from labctl.datastores.protocol import HostCache
 from labctl.datastores.tables import RescanEvent
@@ -88,8 +92,10 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(restarted.to_wire(), indent=2))
                 return 0
+            again = [lun.name + " " + lun.naa for lun in restarted.luns]
+            again += [f"{f} (file)" for f in restarted.file_datastores]
             print(f"storage node {restarted.node} restarted (agent after {restarted.boot_s} s); "
-                  f"re-exported {', '.join(lun.name + ' ' + lun.naa for lun in restarted.luns)}")
+                  f"re-exported {', '.join(again) or 'nothing'}")
         else:
             with lab.context() as ctx:
                 portal = await datastores.portal_set(ctx, args.node, args.state == "up")
@@ -103,6 +109,13 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
 
 
 async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
+    name = getattr(args, "name", None)
+    if (args.action == "create" and args.kind == "file") or (args.action in (
+            "show", "delete", "resize", "files") and _is_file(lab, name)):
+        return await _file_datastore(lab, args)
+    if args.action == "files":  # not a file datastore: the same refusal as any other
+        with lab.context() as ctx:
+            filestores.row(ctx.inv, str(name))
     if args.action == "create":
         hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]  # "h1, h2" too
         with lab.context() as ctx:
@@ -119,17 +132,22 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "list":
         with lab.context() as ctx:
             rows = datastores.list_all(ctx)
+            files = filestores.list_all(ctx.inv)
             if args.site:
                 nodes = {str(r["name"]) for r in ctx.inv.rows("storage_nodes", site=args.site)}
                 rows = [m for m in rows if m.node in nodes]
+                files = [f for f in files if f.node in nodes]
         if args.json:
-            print(json.dumps([m.to_wire() for m in rows], indent=2))
+            emit([m.to_wire() for m in rows] + [f.to_wire() for f in files])
             return 0
-        print(f"{'NAME':<10} {'NAA':<38} {'NODE':<8} {'LUN':>3} {'SIZE':>6}  HOSTS")
+        print(f"{'NAME':<10} {'KIND':<5} {'ID':<38} {'NODE':<8} {'LUN':>3} {'SIZE':>6}  HOSTS")
         for m in rows:
-            print(f"{m.name:<10} {m.naa or '-':<38} {m.node:<8} "
+            print(f"{m.name:<10} {'block':<5} {m.naa or '-':<38} {m.node:<8} "
                   f"{m.lun if m.lun is not None else '-':>3} "
                   f"{format_size(m.size_bytes):>6}  {','.join(m.hosts)}")
+        for f in files:
+            print(f"{f.name:<10} {'file':<5} {f.naa:<38} {f.node:<8} {'-':>3} "
+                  f"{format_size(f.size_bytes):>6}  {','.join(f.hosts)}")
         return 0
     if args.action == "show":
         with lab.context() as ctx:
@@ -169,6 +187,55 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
             print(rescan.format_event(resized.event))
         return 0
     raise AssertionError(args.action)
+
+
+def _is_file(lab: Lab, name: str | None) -> bool:
+    if name is None:
+        return False
+    with lab.context() as ctx:
+        return filestores.is_file_datastore(ctx.inv, name)
+
+
+async def _file_datastore(lab: Lab, args: argparse.Namespace) -> int:
+    """``datastore create --kind file``, and show/files/delete/resize of a file datastore."""
+    if args.action == "create":
+        hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+        with lab.context() as ctx, ctx.lock():
+            made = await datastores.create_file(ctx, args.name, args.size, hosts, args.node)
+        if args.json:
+            emit(made.to_wire())
+            return 0
+        print(f"datastore {made.name}: {made.naa}  file, {human_size(made.size_bytes)} on "
+              f"{made.node}, exported at {made.url} to {', '.join(made.hosts)}")
+        return 0
+    if args.action == "show":
+        with lab.context() as ctx:
+            shown = filestores.shown(ctx.inv, args.name)
+        if args.json:
+            emit(shown.to_wire())
+            return 0
+        print(f"datastore {shown.name}\n  naa      {shown.naa}\n  kind     file\n"
+              f"  node     {shown.node}\n  export   {shown.url or '-'}\n"
+              f"  size     {human_size(shown.size_bytes)}\n  hosts    {', '.join(shown.hosts)}")
+        return 0
+    if args.action == "files":
+        with lab.context() as ctx:
+            listed = await filestores.files(ctx, args.name)
+        if args.json:
+            emit(listed.to_wire())
+            return 0
+        print_files(listed)
+        return 0
+    if args.action == "delete":
+        with lab.context() as ctx, ctx.lock():
+            gone = await filestores.delete(ctx, args.name)
+        if args.json:
+            emit(gone.to_wire())
+            return 0
+        print(f"datastore {gone.name} ({gone.naa}) deleted; its ID is never reused")
+        return 0
+    raise LabStateError(f"datastore {args.name} is a file datastore: {args.action} works on "
+                        "block datastores only in this version", datastore=args.name)
 
 
 def _print_host(res: HostCache) -> None:

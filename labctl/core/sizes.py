@@ -61,3 +61,12 @@ def format_size(n: int) -> str:
         if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
             return f"{n // _UNITS[unit]}{unit}"
     return str(n)
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes for people: 8.3 MiB, 196 KiB, 512 B (rounded; :func:`format_size` is exact)."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            value = n / size
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{n} B"

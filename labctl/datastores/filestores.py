@@ -22,7 +22,6 @@ from pathlib import Path
 
 from labctl.core.errors import LabStateError
 from labctl.core.rpc import RpcClient, Stream
-from labctl.core.sizes import format_size
 from labctl.core.wire import Message
 from labctl.datastores.registry import IdRegistry
 from labctl.drivers.sparse import Digest, blocks
@@ -32,7 +31,8 @@ from labctl.storage import node as storagenode
 from labctl.storage import protocol as sp
 from labctl.storage.node import DataDisk
 
-UPLOAD_CHUNK = 1 << 20
+#: the smallest file datastore: ext4 with its journal needs room of its own
+MIN_SIZE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -125,14 +125,13 @@ async def export(ctx: LabContext, name: str, wait_disk: float = 0.0) -> sp.Files
     return info
 
 
-async def create(ctx: LabContext, name: str, size: int, hosts: list[str], site: str,
+async def create(ctx: LabContext, name: str, size: int, hosts: list[str],
                  node: str) -> FileDatastore:
     """Allocate, make and export a new file datastore while the lab runs (the caller has
     checked the name, size and hosts and picked the node)."""
     disk = register(ctx, node, name, size, hosts, "allocating")
     await storagenode.attach_data_disk(ctx.name, node, disk)
     await export(ctx, name, wait_disk=10.0)
-    del site
     return shown(ctx.inv, name)
 
 
@@ -224,5 +223,15 @@ async def _send_extents(stream: Stream, fd: int, size: int) -> str:
     return d.hexdigest(size)
 
 
-def need_text(need: int, free: int) -> str:
-    return f"{format_size(need)} needed, {format_size(free)} free"
+async def clone(ctx: LabContext, datastore: str, backing: str, name: str) -> sp.FileEntry:
+    """A linked clone: a new, empty qcow2 layer ``name`` on top of ``backing``."""
+    r = row(ctx.inv, datastore)
+    async with ctx.storage_client(str(r["node"])) as c:
+        return await sp.CREATE_OVERLAY.call(c, sp.CreateOverlay(
+            datastore=datastore, name=name, backing=backing), timeout=120)
+
+
+async def delete_file(ctx: LabContext, datastore: str, name: str) -> sp.FileDeleted:
+    r = row(ctx.inv, datastore)
+    async with ctx.storage_client(str(r["node"])) as c:
+        return await sp.DELETE_FILE.call(c, sp.FileRef(datastore=datastore, name=name))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from labctl.core import names
@@ -32,8 +32,8 @@ from labctl.core.ids import normal_naa
 from labctl.core.rpc import RpcClient
 from labctl.core.sizes import format_size, parse_size
 from labctl.core.wire import Message
+from labctl.datastores import filestores, rescan, tables
 from labctl.datastores import protocol as dp
-from labctl.datastores import rescan, tables
 from labctl.datastores.registry import IdRegistry
 from labctl.datastores.tables import RescanEvent, record_seen, sharing
 from labctl.state.context import LabContext
@@ -75,6 +75,8 @@ class Mapping(Message):
     state: str
     #: the hosts named for it (they see the LUN)
     hosts: list[str]
+    #: ``block``: a file datastore is printed as its own record (``kind: file``)
+    kind: str = field(default="block", kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,8 @@ class Restarted(Message):
     #: the whole restart, re-export included
     seconds: float
     luns: list[Reexported]
+    #: file datastores mounted and exported again (their content IDs are on their disks)
+    file_datastores: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ mappings
@@ -303,6 +307,23 @@ async def create(ctx: LabContext, name: str, size: int | str, hosts: list[str],
         m = mapping(inv, name)
         return Created(**vars(m), seen_by={h: s[0] for h, s in seen.items()},
                        seconds=round(took, 3))
+
+
+async def create_file(ctx: LabContext, name: str, size: int | str, hosts: list[str],
+                      node: str | None = None) -> filestores.FileDatastore:
+    """A new file datastore (the same name, size, host and placement rules as a LUN)."""
+    _check_name(name)
+    nbytes = check_size(size)
+    inv = ctx.inv
+    if inv.row("datastores", name=name) or inv.row("file_datastores", name=name):
+        raise LabStateError(f"datastore {name} already exists", datastore=name)
+    if nbytes < filestores.MIN_SIZE:
+        raise LabStateError(f"bad size {size!r}: a file datastore needs at least "
+                            f"{format_size(filestores.MIN_SIZE)} (its filesystem)",
+                            size_bytes=nbytes)
+    site = check_hosts(inv, hosts)
+    chosen = pick_node(inv, nbytes, site, node)
+    return await filestores.create(ctx, name, nbytes, hosts, chosen)
 
 
 def register(ctx: LabContext, node: str, name: str, size: int, hosts: list[str],
@@ -475,7 +496,10 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
             address_cidr=f"{row['address']}/{prefix}", bridge=site["bridge"], tap=row["tap"],
             mac=names.mac(ctx.dir.tag, "s", index), memory_mib=int(row["memory"]) >> 20,
             data_disks=[DataDisk(serial=d.disk_serial, path=Path(d.backing_path),
-                                 size_bytes=d.size_bytes) for d in stores],
+                                 size_bytes=d.size_bytes) for d in stores]
+            + [DataDisk(serial=f["disk_serial"], path=Path(f["backing_path"]),
+                        size_bytes=int(f["size_bytes"]))
+               for f in inv.rows("file_datastores", node=node)],
             secret=ctx.dir.secret(), target_iqn=row["target_iqn"],
             agent_port=names.STORAGE_AGENT_PORT)
         image = await ensure_storage_image(progress=ctx.progress)
@@ -491,5 +515,11 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
                 raise StorageNodeError(f"after the restart {d.name} has NAA {naa}, "
                                        f"not {d.naa}", datastore=d.name)
             luns.append(Reexported(name=d.name, naa=naa, lun=lun.lun))
+        files = []
+        for f in inv.rows("file_datastores", node=node):
+            # the filesystem and its content IDs are on the disk: mounted and exported again
+            await filestores.export(ctx, str(f["name"]))
+            files.append(str(f["name"]))
         return Restarted(node=node, boot_s=round(handle.boot_s, 2),
-                         seconds=round(time.monotonic() - t0, 2), luns=luns)
+                         seconds=round(time.monotonic() - t0, 2), luns=luns,
+                         file_datastores=files)

@@ -32,6 +32,15 @@ class ImageHeader:
     backing_format: str | None
     cluster_size: int | None = None
     version: int | None = None
+    backing_file_offset: int = 0
+
+    def backing_name_ranges(self) -> tuple[tuple[int, int], ...]:
+        """The bytes that name the backing file and nothing else: the name's length field
+        and the header cluster from the name on. ``qemu-img rebase -u`` changes only these
+        (the same backing format kept), so a layer's data is the rest."""
+        if self.format != "qcow2" or not self.backing_file_offset or not self.cluster_size:
+            return ()
+        return ((16, 20), (self.backing_file_offset, self.cluster_size))
 
 
 def read_header(path: str) -> ImageHeader:
@@ -83,4 +92,5 @@ def parse_header(head: bytes, file_size: int, where: str = "image") -> ImageHead
             raise ImageHeaderError(f"{where}: qcow2 with an external data file is not supported")
         off += 8 + (ext_len + 7) // 8 * 8
     return ImageHeader("qcow2", size, backing, backing_format if backing else None,
-                       cluster_size=1 << cluster_bits, version=version)
+                       cluster_size=1 << cluster_bits, version=version,
+                       backing_file_offset=bf_off)

@@ -49,13 +49,20 @@ class Digest:
     every DIGEST_BLOCK-aligned block that is not all zeros (holes read as zeros), then the
     file's length. Data must come in increasing offsets (as extents are read)."""
 
-    def __init__(self) -> None:
+    def __init__(self, mask: tuple[tuple[int, int], ...] = ()) -> None:
         self._h = hashlib.sha256()
         self._zero = bytes(DIGEST_BLOCK)
         self._index = -1
         self._block = bytearray(DIGEST_BLOCK)
+        #: byte ranges [start, end) read as zeros (see :func:`layer_digest`)
+        self._mask = mask
 
     def _flush(self) -> None:
+        base = self._index * DIGEST_BLOCK
+        for start, end in self._mask:
+            lo, hi = max(start, base), min(end, base + DIGEST_BLOCK)
+            if lo < hi:
+                self._block[lo - base:hi - base] = self._zero[:hi - lo]
         if self._index >= 0 and self._block != self._zero:
             self._h.update(struct.pack(">Q", self._index))
             self._h.update(self._block)
@@ -81,11 +88,11 @@ class Digest:
         return self._h.hexdigest()
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Path, mask: tuple[tuple[int, int], ...] = ()) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        d = Digest()
+        d = Digest(mask)
         for off, data in blocks(fd, size):
             d.update(off, data)
         return d.hexdigest(size)

@@ -23,7 +23,7 @@ from labctl.core import names
 from labctl.core.errors import AgentError, MissingDependency, ProvisionError, TopologyError
 from labctl.core.names import QEMU_BINARY
 from labctl.core.proc import run, which
-from labctl.datastores import rescan
+from labctl.datastores import filestores, rescan
 from labctl.datastores import service as datastores
 from labctl.drivers import netlink
 from labctl.guest.image import GuestImage, ensure_guest_image
@@ -171,7 +171,8 @@ async def build(ctx: LabContext, topo: Topology) -> None:
 
     # 4. LUNs with ACLs, then every sharing host checks what it sees
     await step(ctx, "datastores exported", gather_all(
-        *(datastores.export_lun(ctx, d.name) for d in topo.datastores)))
+        *(datastores.export_lun(ctx, d.name) for d in topo.datastores if d.kind == "block"),
+        *(filestores.export(ctx, d.name) for d in topo.datastores if d.kind == "file")))
     await step(ctx, "mappings handed to hosts, each scanned its LUNs", _hand_mappings_checked(ctx))
     await step(ctx, "rescan service subscribed", _start_rescan(ctx, topo))
 
@@ -213,6 +214,10 @@ async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: St
     disks = []
     for ds in topo.datastores:
         if ds.node != node.name:
+            continue
+        if ds.kind == "file":
+            disks.append(filestores.register(ctx, node.name, ds.name, ds.size, list(ds.hosts),
+                                             "allocated"))
             continue
         # its ID: a unit serial never issued before, hence the LUN's NAA ID
         _naa, disk = datastores.register(ctx, node.name, ds.name, ds.size, list(ds.hosts),

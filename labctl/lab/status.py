@@ -79,6 +79,8 @@ class DatastoreState(Message):
     state: str
     hosts: list[str]
     seen_by: dict[str, Seen]
+    #: ``block`` (an iSCSI LUN) or ``file`` (an NFS export of image files)
+    kind: str = "block"
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,11 @@ async def status(ctx: LabContext) -> LabStatus:
             lun=d["lun"], size_bytes=d["size_bytes"], state=d["state"],
             hosts=[s["host"] for s in shares],
             seen_by={s["host"]: Seen(s["seen_naa"], s["seen_size"]) for s in shares}))
+    for f in inv.rows("file_datastores"):
+        stores.append(DatastoreState(
+            name=f["name"], node=f["node"], naa=f["naa"], lun=None, size_bytes=f["size_bytes"],
+            state=f["state"], kind="file", seen_by={},
+            hosts=[s["host"] for s in inv.rows("file_datastore_hosts", datastore=f["name"])]))
     vms = []
     for v in inv.rows("vms"):
         base = VmState(name=v["name"], host=v["host"], datastore=v["datastore"],

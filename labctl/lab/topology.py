@@ -461,6 +461,9 @@ def _build(data: dict[str, Any], file: str) -> Topology:
             pass
         elif size < 1 << 20:
             fail(f"datastores[{i}].size", f"{d['size']!r} is too small (at least 1M)")
+        elif d.get("kind") == "file" and size < 64 << 20:
+            fail(f"datastores[{i}].size",
+                 f"{d['size']!r} is too small for a file datastore (at least 64M)")
         elif node is not None and size > free[node.name]:
             fail(f"datastores[{i}].size",
                  f"{format_size(size)} does not fit on storage node {node.name} "

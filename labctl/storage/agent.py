@@ -258,6 +258,8 @@ async def serve(config: Json, on_ready: Callable[[], None] | None = None) -> Non
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="labctl-storage: %(message)s")
+    # PID 1 starts the agent with an empty environment: the tools it runs are in sbin
+    os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     try:
         conf = p.NodeConfig.from_wire(config, "storage agent config")
         secret = bytes.fromhex(conf.secret)

@@ -55,6 +55,8 @@ log = logging.getLogger("labctl.storage.files")
 FS_ROOT = Path("/srv/labctl")
 IMAGES = "images"
 META = ".labctl"
+#: a copy whose source sends nothing for this long is given up (a cut link, a dead node)
+STALL_S = 30.0
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _UUID_RE = re.compile(r"^[0-9a-f]{32}$")
 _EXT4_MAGIC_OFFSET = 1080
@@ -425,7 +427,8 @@ class Filestores:
         fs = self.store(req.datastore)
         cid = self.entry(fs, req.name).content_id
         t0 = time.monotonic()
-        d = await asyncio.to_thread(file_digest, fs.path(req.name))
+        path = fs.path(req.name)
+        d = await asyncio.to_thread(file_digest, path, read_header(str(path)).backing_name_ranges())
         after = self.entry(fs, req.name).content_id
         return p.FileDigest(datastore=fs.name, name=req.name, digest=d,
                             content_id=cid if cid == after else None,
@@ -538,28 +541,17 @@ class Filestores:
         moved = 0
         d = Digest()
         try:
-            async with stream:
-                while True:
-                    msg = await stream.recv()
-                    if "error" in msg:
-                        err = msg["error"]
-                        raise StorageNodeError(f"the source refused: {err.get('message')}",
-                                               remote=err)
-                    if msg.get("end"):
-                        break
-                    at, length = int(msg["at"]), int(msg["len"])
-                    data = await stream.recv_bytes()
-                    if len(data) != length:
-                        raise StorageNodeError("a data frame does not match its header")
-                    await asyncio.to_thread(os.pwrite, fd, data, at)
-                    d.update(at, data)
-                    moved += len(data)
-                size = int(msg["size"])
-                os.ftruncate(fd, size)
-                os.fsync(fd)
-                await stream.result()
+            msg = await self._stream_into(stream, fd, d)
+        except TimeoutError:
+            raise StorageNodeError(f"{req.source_name}: the source sent nothing for "
+                                   f"{STALL_S:g} s: copy given up", file=req.source_name
+                                   ) from None
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            raise StorageNodeError(f"{req.source_name}: lost the source mid-copy ({exc!r})",
+                                   file=req.source_name) from None
         finally:
             os.close(fd)
+        moved, size = int(str(msg["moved"])), int(str(msg["size"]))
         if msg.get("changed"):
             raise StorageNodeError(f"{req.source_name} changed while it was copied: copy "
                                    "dropped", file=req.source_name)
@@ -568,6 +560,33 @@ class Filestores:
             raise StorageNodeError(f"{req.source_name}: the copy's digest {digest} is not the "
                                    f"source's {msg.get('digest')}", file=req.source_name)
         return moved, digest
+
+    async def _stream_into(self, stream: Stream, fd: int, d: Digest) -> dict[str, object]:
+        """Write a ``file_send`` stream's data frames into ``fd``; its end frame, with the
+        bytes moved added as ``moved``."""
+        moved = 0
+        async with stream:
+            while True:
+                async with asyncio.timeout(STALL_S):
+                    msg = await stream.recv()
+                if "error" in msg:
+                    err = msg["error"]
+                    raise StorageNodeError(f"the source refused: {err.get('message')}",
+                                           remote=err)
+                if msg.get("end"):
+                    break
+                at, length = int(msg["at"]), int(msg["len"])
+                async with asyncio.timeout(STALL_S):
+                    data = await stream.recv_bytes()
+                if len(data) != length:
+                    raise StorageNodeError("a data frame does not match its header")
+                await asyncio.to_thread(os.pwrite, fd, data, at)
+                d.update(at, data)
+                moved += len(data)
+            os.ftruncate(fd, int(msg["size"]))
+            os.fsync(fd)
+            await stream.result()
+        return {**msg, "moved": moved}
 
     def _local_copy(self, req: p.PullFile, tmp: Path) -> tuple[int, str]:
         src_fs = self.store(req.source_datastore)

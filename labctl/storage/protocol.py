@@ -253,7 +253,9 @@ class Chain(Message):
 
 @dataclass(frozen=True)
 class FileDigest(Message):
-    """Reply of ``file_digest``: SHA-256 of the content (holes and zero blocks alike)."""
+    """Reply of ``file_digest``: SHA-256 of the layer's content (holes and zero blocks
+    alike; the bytes that name its backing file left out, so a copy re-pointed at a parent
+    of the same content ID has its source's digest)."""
 
     datastore: str
     name: str

@@ -498,7 +498,9 @@ def test_create_exports_the_registry_id_and_hands_the_mapping(
         assert all(s.state == "ok" and s.seen_naa == created.naa for s in created.seen_by.values())
         out = created.to_wire()  # what `labctl datastore create --json` prints
         assert list(out) == ["name", "naa", "node", "portal", "target_iqn", "lun", "backing",
-                             "unit_serial", "size_bytes", "state", "hosts", "seen_by", "seconds"]
+                             "unit_serial", "size_bytes", "state", "hosts", "kind", "seen_by",
+                             "seconds"]
+        assert out["kind"] == "block"
         assert {r.host: (r.seen_naa, r.seen_size) for r in sharing(inv, datastore="dsx")} == {
             h: (created.naa, 32 * MIB) for h in ("h1", "h2")}
         inv.close()

@@ -226,3 +226,30 @@ async def test_a_stream_needs_the_lab_secret(tmp_path: Path) -> None:
             await s.result()
         await asyncio.sleep(0)
         assert a.server.rejected == 1
+
+
+@in_loop
+async def test_a_source_lost_mid_copy_leaves_nothing_behind(tmp_path: Path) -> None:
+    async with two_agents(tmp_path) as (a, b):
+        src = add_store(a.agent, a.agent.root, "fs1")
+        dst = add_store(b.agent, b.agent.root, "fs2")
+        make_chain(src.images)
+        cid = (await a.agent.chain(p.FileRef("fs1", "base.qcow2"))).layers[0].content_id
+
+        async def dies(stream: Any, _params: dict[str, object]) -> None:
+            await stream.send({"at": 0, "len": 4})
+            stream.write_bytes(b"QFI\xfb")
+            await stream.drain()
+            stream.close()  # the source's node went away mid-copy
+
+        a.server.streams[p.FILE_SEND] = dies
+        with pytest.raises(StorageNodeError, match="lost the source mid-copy"):
+            await b.agent.pull(p.PullFile(
+                datastore="fs2", name="base.qcow2", source_address="127.0.0.1",
+                source_port=a.port, source_datastore="fs1", source_name="base.qcow2",
+                expect=str(cid)))
+        assert not (dst.images / "base.qcow2").exists()
+        assert not list(dst.incoming.iterdir())
+        # the source is untouched: same ID
+        again = (await a.agent.chain(p.FileRef("fs1", "base.qcow2"))).layers[0].content_id
+        assert again == cid

@@ -1,0 +1,306 @@
+"""File datastores and chain copy, end to end: two storage nodes export file datastores
+over NFSv3 (kernel nfsd in the node VM); hosts write image layers through QEMU's own NFS
+client; chain copy moves layers agent to agent and reuses parents by content ID.
+
+Checked from outside labctl: QEMU's NFS client in the hosts' namespaces (refused where the
+datastore is not exported), qemu-storage-daemon opening each chain as an explicit blockdev
+graph over NFS, ``qemu-img compare`` of the two chains' guest views."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from labctl.cli.records import SCHEMA_DIR
+from tests.conftest import E2E, LabCli, free_subnet, in_ns, module_lab, unique_lab, wait
+
+pytestmark = E2E
+
+TOPO = """
+name: {name}
+sites: [{{name: site1, subnet: {net}}}]
+storage_nodes:
+  - {{name: stor1, capacity: 1G}}
+  - {{name: stor2, capacity: 1G}}
+hosts: [{{name: host1}}, {{name: host2}}]
+datastores:
+  - {{name: fs1, kind: file, size: 384M, node: stor1, hosts: [host1]}}
+  - {{name: fs2, kind: file, size: 256M, node: stor2, hosts: [host1, host2]}}
+  - {{name: fs3, kind: file, size: 64M, node: stor1, hosts: [host1]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    name = unique_lab("chain")
+    net = free_subnet()
+    with module_lab(name, TOPO.format(name=name, net=net), lab_home, tmp_path_factory):
+        cli = LabCli(name)
+        yield {"name": name, "cli": cli, "work": tmp_path_factory.mktemp("images"),
+               "nodes": {"stor1": str(net[2]), "stor2": str(net[3])}}
+
+
+def make_image(path: Path, size: str, *writes: str) -> Path:
+    """A qcow2 file on this machine with ``writes`` (qemu-io commands) done to it."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
+    for w in writes:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", w, str(path)], check=True,
+                       capture_output=True)
+    return path
+
+
+def files(lab: dict[str, Any], ds: str) -> dict[str, dict[str, Any]]:
+    return {f["name"]: f for f in lab["cli"].json("datastore", "files", ds)["files"]}
+
+
+def node_of(ds: str) -> str:
+    return "stor2" if ds == "fs2" else "stor1"
+
+
+def graph(lab: dict[str, Any], ds: str, chain: list[str], top_name: str) -> list[str]:
+    """qemu-storage-daemon --blockdev arguments opening ``chain`` (top first) of ``ds``
+    over NFS as an explicit graph: each layer's backing is the next node, the base's none."""
+    server = {"type": "inet", "host": lab["nodes"][node_of(ds)]}
+    args: list[str] = []
+    below: str | None = None
+    for i, name in enumerate(reversed(chain)):
+        node = top_name if i == len(chain) - 1 else f"{top_name}-{i}"
+        args += ["--blockdev", json.dumps({
+            "node-name": f"{node}-file", "driver": "nfs", "server": server,
+            "path": f"/srv/labctl/{ds}/images/{name}"})]
+        args += ["--blockdev", json.dumps({
+            "node-name": node, "driver": "qcow2", "file": f"{node}-file", "backing": below})]
+        below = node
+    return args
+
+
+@contextlib.contextmanager
+def chains_over_nbd(lab: dict[str, Any], host: str, tmp: Path,
+                    *chains: tuple[str, list[str]]) -> Iterator[list[str]]:
+    """Each (datastore, chain) opened by one qemu-storage-daemon in ``host``'s namespace,
+    through QEMU's NFS client, and exported over NBD on a unix socket: the chains' guest
+    views as ``nbd+unix`` URLs. The daemon is ended by its PID."""
+    sock, pidfile = tmp / f"qsd-{os.getpid()}-{time.monotonic_ns()}.sock", tmp / "qsd.pid"
+    argv = ["ip", "netns", "exec", f"labctl-{lab['name']}-{host}", "qemu-storage-daemon",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}", "--pidfile", str(pidfile)]
+    urls = []
+    for i, (ds, chain) in enumerate(chains):
+        argv += graph(lab, ds, chain, f"c{i}")
+        argv += ["--export", f"type=nbd,id=e{i},node-name=c{i},name=c{i},writable=on"]
+        urls.append(f"nbd+unix:///c{i}?socket={sock}")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait(lambda: sock.exists() or proc.poll() is not None, 30, "qemu-storage-daemon")
+        if proc.poll() is not None:
+            pytest.fail(f"qemu-storage-daemon failed: {proc.stdout.read() if proc.stdout else ''}")
+        yield urls
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def qemu_io(url: str, *cmds: str) -> str:
+    argv = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        argv += ["-c", c]
+    res = subprocess.run([*argv, url], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Pattern verification failed" not in res.stdout, \
+        res.stdout + res.stderr
+    return res.stdout
+
+
+def quiet(lab: dict[str, Any], ds: str, name: str) -> dict[str, Any]:
+    """The file once its writer has let go of it (the NFS server closes it a few seconds
+    after the last write): it has a content ID again."""
+    return wait(lambda: (f := files(lab, ds).get(name)) and f["content_id"] and f, 60,
+                f"{ds}:{name} to be quiet")
+
+
+def test_a_file_datastore_is_exported_to_exactly_its_hosts(lab: dict[str, Any]) -> None:
+    img = make_image(lab["work"] / "probe.qcow2", "16M", "write -P 0x5a 0 1M")
+    lab["cli"]("image", "import", str(img), "--to", "fs1")
+    url = f"nfs://{lab['nodes']['stor1']}/srv/labctl/fs1/images/probe.qcow2"
+    ok = in_ns(lab["name"], "host1", "qemu-img", "info", "--output=json", url)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["virtual-size"] == 16 << 20
+    denied = in_ns(lab["name"], "host2", "qemu-img", "info", url)
+    assert denied.returncode != 0 and "MNT3ERR_ACCES" in denied.stderr, denied.stderr
+    shown = lab["cli"].json("datastore", "show", "fs1")
+    assert shown["kind"] == "file" and shown["hosts"] == ["host1"]
+    assert shown["naa"].startswith("naa.6001405")
+    assert shown["url"] == f"nfs://{lab['nodes']['stor1']}/srv/labctl/fs1/images/"
+
+
+def test_chain_copy_moves_only_the_missing_layers(lab: dict[str, Any], tmp_path: Path) -> None:
+    cli = lab["cli"]
+    base = make_image(lab["work"] / "base.qcow2", "64M", "write -P 0x11 0 8M")
+    cli("image", "import", str(base), "--to", "fs1")
+    cli("image", "clone", "fs1:base.qcow2", "clone-a.qcow2")
+    cli("image", "clone", "fs1:base.qcow2", "clone-b.qcow2")
+    # a host writes the clone through QEMU's NFS client; then a snapshot layer on top of it
+    with chains_over_nbd(lab, "host1", tmp_path, ("fs1", ["clone-a.qcow2", "base.qcow2"])
+                         ) as (url,):
+        qemu_io(url, "write -P 0x22 4M 2M")
+    quiet(lab, "fs1", "clone-a.qcow2")
+    cli("image", "clone", "fs1:clone-a.qcow2", "snap-a.qcow2")
+    with chains_over_nbd(lab, "host1", tmp_path,
+                         ("fs1", ["snap-a.qcow2", "clone-a.qcow2", "base.qcow2"])) as (url,):
+        qemu_io(url, "write -P 0x33 12M 3M")
+    src = {n: quiet(lab, "fs1", n) for n in ("snap-a.qcow2", "clone-a.qcow2", "base.qcow2")}
+    assert src["snap-a.qcow2"]["parent_content_id"] == src["clone-a.qcow2"]["content_id"]
+
+    # the base first: nothing on fs2, so it is copied
+    first = cli.json("chain", "copy", "fs1:base.qcow2", "--to", "fs2")
+    assert [x["action"] for x in first["layers"]] == ["copied"]
+    # then the snapshot: its two layers are missing, the base is reused by content ID
+    done = cli.json("chain", "copy", "fs1:snap-a.qcow2", "--to", "fs2")
+    assert [(x["source"], x["action"]) for x in done["layers"]] == [
+        ("snap-a.qcow2", "copied"), ("clone-a.qcow2", "copied"), ("base.qcow2", "reused")]
+    assert done["layers"][2]["target"] == "base.qcow2"
+    missing = src["snap-a.qcow2"]["allocated_bytes"] + src["clone-a.qcow2"]["allocated_bytes"]
+    assert done["missing_bytes"] == missing
+    assert done["bytes_moved"] <= missing * 1.01
+    assert done["bytes_moved"] < done["chain_bytes"] - 8 * 2**20  # the base did not move
+    got = files(lab, "fs2")
+    for n in ("snap-a.qcow2", "clone-a.qcow2", "base.qcow2"):
+        assert got[n]["content_id"] == src[n]["content_id"], n
+    assert got["snap-a.qcow2"]["backing_file"] == "clone-a.qcow2"
+    # from outside: the two chains' guest views are identical, and the data reads back
+    with chains_over_nbd(lab, "host1", tmp_path,
+                         ("fs1", ["snap-a.qcow2", "clone-a.qcow2", "base.qcow2"]),
+                         ("fs2", ["snap-a.qcow2", "clone-a.qcow2", "base.qcow2"])) as (a, b):
+        res = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and "Images are identical" in res.stdout, res.stdout
+        qemu_io(b, "read -P 0x11 0 4M", "read -P 0x22 4M 2M", "read -P 0x33 12M 3M",
+                "read -P 0 16M 1M")
+    # the same chain again: everything is there
+    again = cli.json("chain", "copy", "fs1:snap-a.qcow2", "--to", "fs2")
+    assert [x["action"] for x in again["layers"]] == ["reused"] and again["bytes_moved"] == 0
+
+
+def test_a_file_with_the_parents_name_but_other_content_is_not_reused(
+        lab: dict[str, Any], tmp_path: Path) -> None:
+    cli = lab["cli"]
+    real = make_image(lab["work"] / "n-real.qcow2", "32M", "write -P 0x44 0 2M")
+    other = make_image(lab["work"] / "n-other.qcow2", "32M", "write -P 0x55 0 2M")
+    cli("image", "import", str(real), "--to", "fs1", "--name", "nbase.qcow2")
+    cli("image", "import", str(other), "--to", "fs2", "--name", "nbase.qcow2")
+    cli("image", "clone", "fs1:nbase.qcow2", "nchild.qcow2")
+    done = cli.json("chain", "copy", "fs1:nchild.qcow2", "--to", "fs2")
+    base = done["layers"][1]
+    assert base["action"] == "copied" and base["renamed"] and base["target"] != "nbase.qcow2"
+    got = files(lab, "fs2")
+    assert got["nchild.qcow2"]["backing_file"] == base["target"]
+    assert got["nbase.qcow2"]["content_id"] != got[base["target"]]["content_id"]
+    with chains_over_nbd(lab, "host1", tmp_path,
+                         ("fs2", ["nchild.qcow2", base["target"]])) as (url,):
+        qemu_io(url, "read -P 0x44 0 2M")
+
+
+def test_a_parent_written_after_its_id_was_read_is_not_reused(
+        lab: dict[str, Any], tmp_path: Path) -> None:
+    cli = lab["cli"]
+    img = make_image(lab["work"] / "s.qcow2", "32M", "write -P 0x66 0 2M")
+    cli("image", "import", str(img), "--to", "fs1", "--name", "sbase.qcow2")
+    cli("chain", "copy", "fs1:sbase.qcow2", "--to", "fs2")
+    before = files(lab, "fs2")["sbase.qcow2"]["content_id"]
+    # someone writes the target's copy through NFS: its content, so its ID, is no more
+    with chains_over_nbd(lab, "host2", tmp_path, ("fs2", ["sbase.qcow2"])) as (url,):
+        qemu_io(url, "write -P 0x77 1M 64k")
+    after = quiet(lab, "fs2", "sbase.qcow2")["content_id"]
+    assert after != before
+    cli("image", "clone", "fs1:sbase.qcow2", "schild.qcow2")
+    done = cli.json("chain", "copy", "fs1:schild.qcow2", "--to", "fs2")
+    assert [x["action"] for x in done["layers"]] == ["copied", "copied"]
+    assert done["layers"][1]["renamed"]
+    with chains_over_nbd(lab, "host1", tmp_path,
+                         ("fs2", ["schild.qcow2", done["layers"][1]["target"]])) as (url,):
+        qemu_io(url, "read -P 0x66 0 2M")
+
+
+def test_no_room_is_refused_before_anything_is_copied(lab: dict[str, Any]) -> None:
+    cli = lab["cli"]
+    big = make_image(lab["work"] / "big.qcow2", "128M", "write -P 0x12 0 72M")
+    cli("image", "import", str(big), "--to", "fs1")
+    before = files(lab, "fs3")
+    res = cli("chain", "copy", "fs1:big.qcow2", "--to", "fs3", check=False)
+    assert res.returncode == 1
+    line = res.stderr.strip()
+    assert len(line.splitlines()) == 1 and "no room" in line and "free" in line, line
+    assert "Traceback" not in res.stderr
+    assert files(lab, "fs3") == before
+
+
+def test_the_top_of_a_chain_being_written_is_refused(lab: dict[str, Any],
+                                                     tmp_path: Path) -> None:
+    cli = lab["cli"]
+    img = make_image(lab["work"] / "w.qcow2", "16M", "write -P 0x21 0 1M")
+    cli("image", "import", str(img), "--to", "fs1", "--name", "wbase.qcow2")
+    cli("image", "clone", "fs1:wbase.qcow2", "wtop.qcow2")
+    with chains_over_nbd(lab, "host1", tmp_path, ("fs1", ["wtop.qcow2", "wbase.qcow2"])
+                         ) as (url,):
+        qemu_io(url, "write -P 0x31 0 64k")
+        res = cli("chain", "copy", "fs1:wtop.qcow2", "--to", "fs2", check=False)
+        assert res.returncode == 1 and "being written" in res.stderr, res.stderr
+    assert "wtop.qcow2" not in files(lab, "fs2")
+
+
+def test_bad_requests_are_one_line_each(lab: dict[str, Any]) -> None:
+    cli = lab["cli"]
+    for args, why in ((("chain", "copy", "fs1", "--to", "fs2"), "DATASTORE:FILE"),
+                      (("chain", "copy", "fs1:nope.qcow2", "--to", "fs2"), "no file nope"),
+                      (("chain", "copy", "fs1:probe.qcow2", "--to", "fs1"), "already on"),
+                      (("chain", "copy", "fs1:probe.qcow2", "--to", "ds9"), "no file datastore"),
+                      (("image", "import", "/nonexistent.qcow2", "--to", "fs1"), "cannot read"),
+                      (("datastore", "resize", "fs1", "1G"), "file datastore")):
+        res = cli(*args, check=False)
+        assert res.returncode == 1 and why in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_json_outputs_match_their_shipped_schemas(lab: dict[str, Any]) -> None:
+    cli = lab["cli"]
+
+    def schema(name: str) -> dict[str, Any]:
+        return dict(json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text()))
+
+    for ds in cli.json("datastore", "list"):
+        jsonschema.validate(ds, schema("datastore" if ds.get("kind") != "file"
+                                       else "file-datastore"))
+    jsonschema.validate(cli.json("datastore", "show", "fs1"), schema("file-datastore"))
+    jsonschema.validate(cli.json("datastore", "files", "fs1"), schema("datastore-files"))
+    img = make_image(lab["work"] / "j.qcow2", "8M", "write -P 0x1 0 64k")
+    jsonschema.validate(cli.json("image", "import", str(img), "--to", "fs1"),
+                        schema("image-import"))
+    jsonschema.validate(cli.json("image", "clone", "fs1:j.qcow2", "jc.qcow2"),
+                        schema("image-clone"))
+    jsonschema.validate(cli.json("chain", "copy", "fs1:jc.qcow2", "--to", "fs2"),
+                        schema("chain-copy"))
+    status = cli.json("status")
+    kinds = {d["name"]: d["kind"] for d in status["datastores"]}
+    assert kinds == {"fs1": "file", "fs2": "file", "fs3": "file"}
+
+
+def test_content_ids_survive_a_storage_node_restart(lab: dict[str, Any]) -> None:
+    before = {n: f["content_id"] for n, f in files(lab, "fs2").items()}
+    assert before
+    lab["cli"]("storage", "restart", "stor2", timeout=300)
+    after = {n: f["content_id"] for n, f in files(lab, "fs2").items()}
+    assert after == before
+    # the export is back, for exactly its hosts
+    url = f"nfs://{lab['nodes']['stor2']}/srv/labctl/fs2/images/sbase.qcow2"
+    for host in ("host1", "host2"):
+        res = in_ns(lab["name"], host, "qemu-img", "info", url)
+        assert res.returncode == 0, res.stderr
