@@ -233,7 +233,8 @@ def parser() -> argparse.ArgumentParser:
 
     # -- image files on file datastores, and chain copy
     im = sub.group(sub.add("image", "image files on file datastores: import, clone, delete"))
-    ii = im.add("import", "copy an image file from this machine onto a file datastore")
+    ii = im.add("import", "copy an image file from this machine onto a file datastore (a "
+                          "layer whose backing file is already there, or a whole image)")
     ii.add_argument("file", type=Path)
     ii.add_argument("--to", required=True, metavar="DATASTORE", help="a file datastore")
     ii.add_argument("--name", help="its name there (default: the file's own name)")
@@ -249,7 +250,8 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("source", metavar="DATASTORE:FILE")
     cc.add_argument("--to", required=True, metavar="DATASTORE")
     cc.add_argument("--verify", action="store_true",
-                    help="also compare full digests of each reused parent and its match")
+                    help="also compare full digests: of each reused parent and its match, and of "
+                         "each copy on both ends")
 
     st = sub.group(sub.add("storage", "storage node operations"))
     st.add("restart", "restart a storage node; datastores keep their IDs").add_argument("node")

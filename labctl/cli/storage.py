@@ -28,6 +28,7 @@ from labctl.datastores.tables import RescanEvent
 from labctl.lab.face import Lab
 from labctl.state.inventory import Inventory
 from labctl.storage import node as storagenode
+from labctl.wan import service as wan
 
 
 def _unit(lab: Lab, text: str | None) -> str | None:
@@ -89,6 +90,7 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
         if args.action == "restart":
             with lab.context() as ctx:
                 restarted = await datastores.restart_node(ctx, args.node)
+                await wan.route_nodes(ctx, args.node)  # its routes to other sites
             if args.json:
                 print(json.dumps(restarted.to_wire(), indent=2))
                 return 0

@@ -48,6 +48,9 @@ MAX_PREAUTH_FRAME = 1024
 #: connections that have not authenticated yet, per server; more are closed at once
 MAX_UNAUTHENTICATED = 16
 EVENT_LOG = 512
+#: bytes a connection buffers each way before it stops reading or makes a writer wait: a few
+#: data frames, so reading the next chunk, its MAC and the network overlap
+STREAM_BUFFER = 4 << 20
 _ZERO_MAC = bytes(32)
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,8 @@ class RpcServer:
         self._log: deque[dict[str, Any]] = deque(maxlen=EVENT_LOG)
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True,
+                                                  limit=STREAM_BUFFER)
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -406,7 +410,7 @@ async def _client_channel(host: str, port: int, secret: bytes, timeout: float, p
     """Connect and authenticate both ways; the channel then carries MAC'd frames."""
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, limit=STREAM_BUFFER)
     except (OSError, TimeoutError) as exc:
         raise AgentUnreachable(
             f"cannot reach the agent of {peer} at {host}:{port}: {exc or 'timed out'}",
@@ -453,6 +457,8 @@ class Stream:
         self._chan = chan
         self.peer = peer
         self.method = method
+        with contextlib.suppress(AttributeError, RuntimeError):
+            chan.writer.transport.set_write_buffer_limits(high=STREAM_BUFFER)
 
     async def send(self, obj: dict[str, Any]) -> None:
         await self._chan.send(obj)

@@ -169,8 +169,8 @@ async def copy(ctx: LabContext, source_datastore: str, name: str, target_datasto
                 source_name=layer.name, expect=cid,
                 backing=below_name if layer.backing_file is not None else None,
                 backing_format=below_format if layer.backing_file is not None else None,
-                backing_id=below_id if layer.backing_file is not None else None),
-                timeout=3600)
+                backing_id=below_id if layer.backing_file is not None else None,
+                verify=verify), timeout=3600)
             taken.add(new_name)
             done[layer.name] = LayerCopied(
                 source=layer.name, content_id=cid, action="copied", target=new_name,

@@ -250,6 +250,7 @@ async def _start_wan(ctx: LabContext, topo: Topology, image: StorageImage, accel
                    (a.subnet.prefixlen, b.subnet.prefixlen), w.params)
     boots = await gather_all(*(wan.start_router(ctx, w.name, image, accel) for w in topo.wan))
     await wan.route_hosts(ctx)
+    await wan.route_nodes(ctx)
     for w, boot_s in zip(topo.wan, boots, strict=True):
         ctx.inv.record_step(f"WAN router {w.name} boot to agent ready", boot_s)
         row = wan.link(ctx.inv, w.name)
@@ -306,6 +307,7 @@ async def recover(ctx: LabContext, topo: Topology) -> list[str]:
         restarted.append(f"wan {w.name}")
     if restarted:
         await wan.route_hosts(ctx)  # a host started again has a fresh namespace
+        await wan.route_nodes(ctx)
     return restarted
 
 

@@ -27,6 +27,7 @@ from typing import TypeVar
 from labctl.core.chap import chap_for
 from labctl.core.errors import ProtocolError, StorageNodeError
 from labctl.core.names import ISCSI_PORT, STORAGE_AGENT_PORT
+from labctl.core.proc import run
 from labctl.core.rpc import Handler, RpcServer, StreamHandler
 from labctl.core.wire import Empty, Json, handlers
 from labctl.drivers.lio import Lio
@@ -41,6 +42,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SERIAL_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 _IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s]+|eui\.[0-9a-fA-F]{16}|naa\.[0-9a-fA-F]{16,32})$")
 _BOOT = time.monotonic()
+#: min, default, max bytes of a TCP socket's buffers on a node routed to another site
+TCP_BUFFERS = "4096 131072 33554432"
 
 
 # --- pure helpers (unit-tested on the host) -----------------------------------------------
@@ -101,6 +104,7 @@ class StorageAgent:
         self.server: RpcServer | None = None
         self._lock = asyncio.Lock()
         self._watched: dict[str, _Watched] = {}
+        self._routes: dict[str, str] = {}
         self.files = Filestores(self.node, self.ip, secret,
                                 config.agent_port or STORAGE_AGENT_PORT, sys_block=sys_block)
 
@@ -115,7 +119,24 @@ class StorageAgent:
             p.LIST_FILES.serve(self.files.list_files), p.CHAIN.serve(self.files.chain),
             p.FILE_DIGEST.serve(self.files.digest), p.DELETE_FILE.serve(self.files.delete_file),
             p.PULL_FILE.serve(self.files.pull),
-            p.CREATE_OVERLAY.serve(self.files.create_overlay))
+            p.CREATE_OVERLAY.serve(self.files.create_overlay),
+            p.PEER_COPY.serve(self.files.peer_copy), p.SET_ROUTES.serve(self.set_routes))
+
+    async def set_routes(self, req: p.SetRoutes) -> p.RoutesSet:
+        """Routes to other sites through their WAN routers (a file copy between sites goes
+        node to node), and TCP buffers that let one flow fill a long fat link."""
+        want = {r.subnet: r.via for r in req.routes}
+        for subnet, via in want.items():
+            await run(["ip", "route", "replace", subnet, "via", via], timeout=30,
+                      what=f"route to {subnet}")
+        for subnet in set(self._routes) - set(want):
+            await run(["ip", "route", "del", subnet], timeout=30, check=False,
+                      what=f"remove the route to {subnet}")
+        self._routes = want
+        if want:
+            for key in ("tcp_rmem", "tcp_wmem"):
+                Path(f"/proc/sys/net/ipv4/{key}").write_text(TCP_BUFFERS)
+        return p.RoutesSet(routes=[p.Route(s, v) for s, v in sorted(want.items())])
 
     def streams(self) -> dict[str, StreamHandler]:
         return {p.FILE_SEND: self.files.send, p.FILE_UPLOAD: self.files.receive_upload}

@@ -193,6 +193,7 @@ class Filestore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, db)
+        fsync_dir(self.meta)  # the rename too: a node stopped hard must not lose an ID
 
     # watching -----------------------------------------------------------------------------
 
@@ -465,7 +466,7 @@ class Filestores:
         fd = os.open(fs.path(ref.name), os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            d = Digest()
+            d = Digest() if ref.digest else None
             sent = 0
             extents = await asyncio.to_thread(lambda: list(data_extents(fd, size)))
             for start, length in extents:
@@ -474,7 +475,8 @@ class Filestores:
                     data = await asyncio.to_thread(os.pread, fd, min(CHUNK, end - pos), pos)
                     if not data:
                         break
-                    d.update(pos, data)
+                    if d is not None:
+                        d.update(pos, data)
                     await stream.send({"at": pos, "len": len(data)})
                     stream.write_bytes(data)
                     await stream.drain()
@@ -483,7 +485,7 @@ class Filestores:
         finally:
             os.close(fd)
         after = self.entry(fs, ref.name).content_id
-        digest = d.hexdigest(size)
+        digest = d.hexdigest(size) if d is not None else None
         await stream.send({"end": True, "size": size, "digest": digest,
                            "changed": after != ref.expect})
         return {"bytes": sent, "digest": digest, "changed": after != ref.expect}
@@ -518,6 +520,7 @@ class Filestores:
             fs.busy.add(req.name)
             try:
                 os.rename(tmp, fs.path(req.name))
+                fsync_dir(fs.images)
                 self.drain()
                 fs.set_record(req.name, req.expect, req.backing_id)
             finally:
@@ -530,16 +533,17 @@ class Filestores:
                         bytes_moved=got[0], digest=got[1], rebased_from=rebased,
                         seconds=round(time.monotonic() - t0, 3))
 
-    async def _receive(self, req: p.PullFile, tmp: Path) -> tuple[int, str]:
+    async def _receive(self, req: p.PullFile, tmp: Path) -> tuple[int, str | None]:
         if req.source_address == self.ip and req.source_port == self.port:
             return await asyncio.to_thread(self._local_copy, req, tmp)
         stream = await RpcClient.open_stream(
             req.source_address, req.source_port, self._secret, "file_send",
             p.SendFile(datastore=req.source_datastore, name=req.source_name,
-                       expect=req.expect).to_wire(), peer=f"storage agent {req.source_address}")
+                       expect=req.expect, digest=req.verify).to_wire(),
+            peer=f"storage agent {req.source_address}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         moved = 0
-        d = Digest()
+        d = Digest() if req.verify else None
         try:
             msg = await self._stream_into(stream, fd, d)
         except TimeoutError:
@@ -555,13 +559,16 @@ class Filestores:
         if msg.get("changed"):
             raise StorageNodeError(f"{req.source_name} changed while it was copied: copy "
                                    "dropped", file=req.source_name)
+        if d is None:  # every frame's MAC already proved the bytes are the source's
+            return moved, None
         digest = d.hexdigest(size)
         if digest != msg.get("digest"):
             raise StorageNodeError(f"{req.source_name}: the copy's digest {digest} is not the "
                                    f"source's {msg.get('digest')}", file=req.source_name)
         return moved, digest
 
-    async def _stream_into(self, stream: Stream, fd: int, d: Digest) -> dict[str, object]:
+    async def _stream_into(self, stream: Stream, fd: int, d: Digest | None
+                           ) -> dict[str, object]:
         """Write a ``file_send`` stream's data frames into ``fd``; its end frame, with the
         bytes moved added as ``moved``."""
         moved = 0
@@ -581,14 +588,15 @@ class Filestores:
                 if len(data) != length:
                     raise StorageNodeError("a data frame does not match its header")
                 await asyncio.to_thread(os.pwrite, fd, data, at)
-                d.update(at, data)
+                if d is not None:
+                    d.update(at, data)
                 moved += len(data)
             os.ftruncate(fd, int(msg["size"]))
             os.fsync(fd)
             await stream.result()
         return {**msg, "moved": moved}
 
-    def _local_copy(self, req: p.PullFile, tmp: Path) -> tuple[int, str]:
+    def _local_copy(self, req: p.PullFile, tmp: Path) -> tuple[int, str | None]:
         src_fs = self.store(req.source_datastore)
         e = self.entry(src_fs, req.source_name)
         if e.content_id != req.expect:
@@ -598,12 +606,13 @@ class Filestores:
         src = os.open(src_fs.path(req.source_name), os.O_RDONLY | os.O_CLOEXEC)
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         moved = 0
-        d = Digest()
+        d = Digest() if req.verify else None
         try:
             size = os.fstat(src).st_size
             for off, data in blocks(src, size):
                 os.pwrite(dst, data, off)
-                d.update(off, data)
+                if d is not None:
+                    d.update(off, data)
                 moved += len(data)
             os.ftruncate(dst, size)
             os.fsync(dst)
@@ -613,7 +622,7 @@ class Filestores:
         if self.entry(src_fs, req.source_name).content_id != req.expect:
             raise StorageNodeError(f"{req.source_name} changed while it was copied: copy "
                                    "dropped", file=req.source_name)
-        return moved, d.hexdigest(size)
+        return moved, d.hexdigest(size) if d is not None else None
 
     async def receive_upload(self, stream: Stream, params: dict[str, object]
                              ) -> dict[str, object]:
@@ -633,7 +642,6 @@ class Filestores:
         await stream.send({"ready": True})
         tmp = fs.incoming / f"{req.name}.{os.urandom(4).hex()}.part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        d = Digest()
         moved = 0
         try:
             try:
@@ -644,28 +652,63 @@ class Filestores:
                     at = int(msg["at"])
                     data = await stream.recv_bytes()
                     await asyncio.to_thread(os.pwrite, fd, data, at)
-                    d.update(at, data)
                     moved += len(data)
                 size = int(msg["size"])
                 os.ftruncate(fd, size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            digest = d.hexdigest(size)
-            if digest != msg.get("digest"):
-                raise StorageNodeError(f"{req.name}: upload digest mismatch", file=req.name)
             head = read_header(str(tmp))
-            if head.backing_file is not None:
+            if head.backing_file is not None and not (
+                    _FILE_RE.match(head.backing_file) and fs.path(head.backing_file).is_file()):
                 raise StorageNodeError(
-                    f"{req.name} has a backing file ({head.backing_file}): import a "
-                    "self-contained image (qemu-img convert it first)", file=req.name)
+                    f"{req.name} is backed by {head.backing_file!r}, which is not a file of "
+                    f"{fs.name}: import its backing file first, or a self-contained image "
+                    "(qemu-img convert)", file=req.name, backing=head.backing_file)
             os.rename(tmp, fs.path(req.name))
+            fsync_dir(fs.images)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
         e = self.entry(fs, req.name)
-        return {"file": e.to_wire(), "bytes": moved, "digest": digest}
+        return {"file": e.to_wire(), "bytes": moved}
+
+    async def peer_copy(self, req: p.PeerCopy) -> p.PeerCopied:
+        """The benchmark's peers: the chain copied by a tool everyone has, through the kernel's
+        NFS client onto the target's export (which must list this node as a client)."""
+        fs = self.store(req.datastore)
+        names = [check_file_name(n) for n in req.names]
+        if req.method not in ("flatten", "rsync") or not names:
+            raise StorageNodeError(f"peer_copy: unknown method {req.method!r} (flatten, rsync)")
+        check_file_name(req.prefix + names[0])
+        await run(["modprobe", "nfsv3"], timeout=60, what="modprobe nfsv3")
+        mnt = Path("/run/labctl/peer") / os.urandom(4).hex()
+        mnt.mkdir(parents=True)
+        await run(["mount", "-t", "nfs", "-o", "vers=3,nolock,proto=tcp",
+                   f"{req.target_address}:{req.target_export}", str(mnt)], timeout=120,
+                  what="mount the target's export")
+        try:
+            t0 = time.monotonic()
+            if req.method == "flatten":
+                written = [req.prefix + names[0]]
+                await run(["qemu-img", "convert", "-O", "qcow2", "-S", "64k",
+                           str(fs.path(names[0])), str(mnt / written[0])], timeout=3600,
+                          what="qemu-img convert (flatten)")
+            else:
+                written = [req.prefix + n for n in names]
+                for n, w in zip(names, written, strict=True):
+                    await run(["rsync", "-S", str(fs.path(n)), str(mnt / w)], timeout=3600,
+                              what=f"rsync {n}")
+            await asyncio.to_thread(os.sync)
+            seconds = time.monotonic() - t0
+            allocated = sum(os.stat(mnt / w).st_blocks * 512 for w in written)
+        finally:
+            await run(["umount", str(mnt)], timeout=120, check=False, what="umount the peer")
+            with contextlib.suppress(OSError):
+                mnt.rmdir()
+        return p.PeerCopied(method=req.method, seconds=round(seconds, 3), files=written,
+                            allocated_bytes=allocated)
 
     async def create_overlay(self, req: p.CreateOverlay) -> p.FileEntry:
         """A new qcow2 layer ``name`` on top of ``backing`` (a linked clone)."""
@@ -681,6 +724,14 @@ class Filestores:
                    parent.format, str(fs.path(req.name))], timeout=120, cwd=fs.images,
                   what=f"qemu-img create {req.name}")
         return self.entry(fs, req.name)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _backing_of(path: Path) -> str | None:

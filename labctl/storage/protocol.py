@@ -160,6 +160,27 @@ class PortalState(Message):
     portals: list[str]
 
 
+@dataclass(frozen=True)
+class Route(Message):
+    """A route of the node: ``subnet`` (another site's) through ``via`` (a WAN router)."""
+
+    subnet: str
+    via: str
+
+
+@dataclass(frozen=True)
+class SetRoutes(Message):
+    """Request of ``set_routes``: the node's routes to other sites, all of them (a route
+    not listed is removed); TCP buffers big enough for one flow to fill a long link."""
+
+    routes: list[Route]
+
+
+@dataclass(frozen=True)
+class RoutesSet(Message):
+    routes: list[Route]
+
+
 # --- file datastores (NFS exports, files, content IDs, copies) ------------------------------
 
 @dataclass(frozen=True)
@@ -280,6 +301,8 @@ class SendFile(Message):
     name: str
     #: the content ID the receiver expects; the sender refuses any other
     expect: str
+    #: also send a digest of the content at the end (frames are MAC'd either way)
+    digest: bool = False
 
 
 @dataclass(frozen=True)
@@ -300,6 +323,8 @@ class PullFile(Message):
     backing_format: str | None = None
     #: ... which must still carry this content ID when the copy is put in place
     backing_id: str | None = None
+    #: digest the data on both ends and compare (each frame is MAC'd either way)
+    verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -308,7 +333,8 @@ class Pulled(Message):
     name: str
     content_id: str
     bytes_moved: int
-    digest: str
+    #: with ``verify``: the content's digest, the same on both ends
+    digest: str | None
     #: the backing file name the copy had before it was re-pointed (None: not re-pointed)
     rebased_from: str | None
     seconds: float
@@ -320,6 +346,33 @@ class Upload(Message):
 
     datastore: str
     name: str
+    allocated_bytes: int
+
+
+@dataclass(frozen=True)
+class PeerCopy(Message):
+    """Request of ``peer_copy`` (the benchmark's peers, run on the source node): copy the
+    chain ``names`` (top first) of ``datastore`` onto the export ``target_export`` of the
+    node at ``target_address`` through the kernel's NFS client, by ``method``: ``flatten``
+    (``qemu-img convert`` of the top to one qcow2 file) or ``rsync`` (``rsync -S`` of every
+    file of the chain). The copies are named ``prefix`` + the source's name."""
+
+    datastore: str
+    names: list[str]
+    method: str
+    target_address: str
+    target_export: str
+    prefix: str
+
+
+@dataclass(frozen=True)
+class PeerCopied(Message):
+    method: str
+    #: from the first byte read to the last byte on the target's disk (synced), in s
+    seconds: float
+    #: the files written on the target
+    files: list[str]
+    #: what they occupy on the target
     allocated_bytes: int
 
 
@@ -438,6 +491,8 @@ FILE_DIGEST = Method("file_digest", FileRef, FileDigest)
 DELETE_FILE = Method("delete_file", FileRef, FileDeleted)
 PULL_FILE = Method("pull_file", PullFile, Pulled)
 CREATE_OVERLAY = Method("create_overlay", CreateOverlay, FileEntry)
+PEER_COPY = Method("peer_copy", PeerCopy, PeerCopied)
+SET_ROUTES = Method("set_routes", SetRoutes, RoutesSet)
 #: stream methods (bulk data; see ``labctl.core.rpc.Stream``)
 FILE_SEND = "file_send"
 FILE_UPLOAD = "file_upload"

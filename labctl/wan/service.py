@@ -29,6 +29,7 @@ from labctl.drivers import netlink
 from labctl.state.context import LabContext
 from labctl.state.inventory import Inventory, Schema
 from labctl.storage import node as storagenode
+from labctl.storage import protocol as sp
 from labctl.storage.image import StorageImage, ensure_storage_image
 from labctl.wan import protocol as p
 
@@ -193,6 +194,22 @@ async def route_hosts(ctx: LabContext) -> None:
                 for key in ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"):
                     await run(["sysctl", "-q", "-w", f"{key}={TCP_MEM}"],
                               netns=str(h["netns"]), what=f"{key} on {h['name']}")
+
+
+async def route_nodes(ctx: LabContext, node: str | None = None) -> None:
+    """Every storage node of a linked site (or just ``node``) reaches the other site through
+    the link's router: a file copy between sites goes from node to node over the WAN."""
+    sites = {r["name"]: r for r in ctx.inv.rows("sites")}
+    want: dict[str, list[sp.Route]] = {}
+    for row in links(ctx.inv):
+        for site, other, via in ((row.site_a, row.site_b, row.address_a),
+                                 (row.site_b, row.site_a, row.address_b)):
+            want.setdefault(site, []).append(sp.Route(str(sites[other]["subnet"]), via))
+    for n in ctx.inv.rows("storage_nodes"):
+        if (node is not None and n["name"] != node) or n["state"] != "up":
+            continue
+        async with ctx.storage_client(str(n["name"])) as c:
+            await sp.SET_ROUTES.call(c, sp.SetRoutes(routes=want.get(str(n["site"]), [])))
 
 
 @contextlib.asynccontextmanager

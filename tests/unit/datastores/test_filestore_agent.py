@@ -186,7 +186,8 @@ async def test_a_pull_between_agents_carries_the_id_and_repoints_the_parent(
         pulled = await b.agent.pull(p.PullFile(
             datastore="fs2", name="clone.qcow2", source_address="127.0.0.1", source_port=a.port,
             source_datastore="fs1", source_name="clone.qcow2", expect=str(clone.content_id),
-            backing="golden.qcow2", backing_format="qcow2", backing_id=base.content_id))
+            backing="golden.qcow2", backing_format="qcow2", backing_id=base.content_id,
+            verify=True))
         assert pulled.rebased_from == "base.qcow2"
         assert pulled.bytes_moved < 2 << 20
         listed = {f.name: f for f in (await b.agent.list_files(p.DatastoreName("fs2"))).files}
