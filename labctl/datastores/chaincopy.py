@@ -82,6 +82,7 @@ def plan(layers: list[sp.FileEntry], target: list[sp.FileEntry]) -> _Plan:
     """Which layers to copy: from the top down to the first whose content ID a sound file
     on the target carries (pure: unit-tested)."""
     by_id: dict[str, sp.FileEntry] = {}
+    # a sound match is quiet: its own ID current, and its whole chain unchanged below it
     for f in target:
         if f.content_id is not None and f.state == "quiet" and f.problem is None:
             by_id.setdefault(f.content_id, f)
@@ -89,10 +90,31 @@ def plan(layers: list[sp.FileEntry], target: list[sp.FileEntry]) -> _Plan:
     for layer in layers:
         match = by_id.get(layer.content_id or "")
         if match is not None and match.format == layer.format \
-                and match.virtual_size == layer.virtual_size:
+                and match.virtual_size == layer.virtual_size \
+                and match.parent_content_id == layer.parent_content_id:
             return _Plan(copy, match, layer)
         copy.append(layer)
     return _Plan(copy, None, None)
+
+
+def check_chain(datastore: str, layers: list[sp.FileEntry]) -> None:
+    """Refuse a chain that cannot be copied as it is: a layer being written, a layer made on
+    a parent whose content changed since, a chain that changed while it was listed."""
+    for layer in layers:
+        if layer.content_id is None:
+            raise LabStateError(
+                f"{layer.name} on {datastore} is being written: it has no content ID until "
+                "its writer stops (stop or snapshot the VM first)", file=layer.name)
+    for layer, below in zip(layers, [*layers[1:], None], strict=True):
+        if layer.state != "quiet":
+            raise LabStateError(
+                f"{layer.name} on {datastore} was made on a parent whose content has changed "
+                f"since ({layer.state}): the chain is not consistent", file=layer.name)
+        if below is not None and layer.parent_content_id != below.content_id:
+            raise LabStateError(
+                f"{layer.name} on {datastore} was made on {below.name} as "
+                f"{layer.parent_content_id}, which is now {below.content_id}: the chain "
+                "changed while it was read; try again", file=layer.name)
 
 
 def target_name(name: str, content_id: str, taken: set[str]) -> tuple[str, bool]:
@@ -126,15 +148,7 @@ async def copy(ctx: LabContext, source_datastore: str, name: str, target_datasto
     async with ctx.storage_client(str(src["node"]), timeout=10) as c:
         chain = await sp.CHAIN.call(c, sp.FileRef(datastore=source_datastore, name=name),
                                     timeout=120)
-    for layer in chain.layers:
-        if layer.content_id is None:
-            raise LabStateError(
-                f"{layer.name} on {source_datastore} is being written: it has no content ID "
-                "until its writer stops (stop or snapshot the VM first)", file=layer.name)
-        if layer.state != "quiet":
-            raise LabStateError(
-                f"{layer.name} on {source_datastore} was made on a parent whose content has "
-                f"changed since ({layer.state}): the chain is not consistent", file=layer.name)
+    check_chain(source_datastore, chain.layers)
     async with ctx.storage_client(str(dst["node"]), timeout=10) as c:
         listing = await sp.LIST_FILES.call(c, sp.DatastoreName(datastore=target_datastore),
                                            timeout=120)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from labctl.core.errors import LabStateError
+from labctl.core.errors import AgentUnreachable, LabStateError
 from labctl.core.rpc import RpcClient, Stream
 from labctl.core.wire import Message
 from labctl.datastores.registry import IdRegistry
@@ -199,13 +199,17 @@ async def import_image(ctx: LabContext, path: Path, datastore: str, name: str | 
                       allocated_bytes=st.st_blocks * 512).to_wire(),
             peer=f"storage node {r['node']}")
         async with stream:
-            first = await stream.recv()
-            if "error" in first or not first.get("ready"):
-                err = first.get("error", {})
-                raise LabStateError(f"storage node {r['node']}: {err.get('message', first)}",
-                                    remote=err)
-            await _send_extents(stream, fd, st.st_size)
-            await stream.send({"end": True, "size": st.st_size})
+            try:
+                first = await stream.recv()
+                if "error" in first or not first.get("ready"):
+                    err = first.get("error", {})
+                    raise LabStateError(f"storage node {r['node']}: "
+                                        f"{err.get('message', first)}", remote=err)
+                await _send_extents(stream, fd, st.st_size)
+                await stream.send({"end": True, "size": st.st_size})
+            except (EOFError, ConnectionError) as exc:
+                raise AgentUnreachable(f"storage node {r['node']} went away during the "
+                                       f"import of {target}: {exc!r}", node=r["node"]) from exc
             res = await stream.result()
     finally:
         os.close(fd)

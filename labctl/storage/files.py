@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from labctl.core.errors import StorageNodeError
 from labctl.core.proc import run
 from labctl.core.rpc import RpcClient, Stream
 from labctl.drivers.nfsd import NfsServer
-from labctl.drivers.qcow2 import ImageHeaderError, read_header
+from labctl.drivers.qcow2 import ImageHeader, ImageHeaderError, parse_header
 from labctl.drivers.sparse import CHUNK, Digest, blocks, data_extents, file_digest
 from labctl.storage import protocol as p
 
@@ -57,6 +58,8 @@ IMAGES = "images"
 META = ".labctl"
 #: a copy whose source sends nothing for this long is given up (a cut link, a dead node)
 STALL_S = 30.0
+#: a file written and not closed is "being written" until this long after its last write
+WRITE_QUIET_S = 10.0
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _UUID_RE = re.compile(r"^[0-9a-f]{32}$")
 _EXT4_MAGIC_OFFSET = 1080
@@ -74,6 +77,46 @@ IN_CLOEXEC = 0o2000000
 _WATCH = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE \
     | IN_DELETE
 _EVENT = struct.Struct("iIII")
+
+
+def regular(path: Path) -> os.stat_result | None:
+    """``path``'s stat if it is a regular file itself (a symlink is not: a host can make one
+    through NFS pointing anywhere on the node), else None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of the regular file ``path``, never through a symlink."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise StorageNodeError(f"{path.name} is not a regular file of the datastore "
+                               f"({exc.strerror})", file=path.name) from None
+
+
+def header_of(path: Path) -> ImageHeader:
+    fd = open_regular(path)
+    try:
+        return parse_header(os.pread(fd, 65536, 0), os.fstat(fd).st_size, path.name)
+    finally:
+        os.close(fd)
+
+
+def link_into_place(tmp: Path, final: Path) -> None:
+    """Put a finished file in place under its final name, never over a file that appeared
+    there meanwhile (a host can create files through NFS at any time)."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise StorageNodeError(f"{final.name} appeared on the datastore while it was being "
+                               "made: left alone, nothing written over it",
+                               file=final.name) from None
+    os.unlink(tmp)
+    fsync_dir(final.parent)
 
 
 def check_file_name(name: str) -> str:
@@ -214,12 +257,21 @@ class Filestore:
 
     # the rule -----------------------------------------------------------------------------
 
+    def is_writing(self, name: str) -> bool:
+        """Written since its writer last closed it, and not long ago (a truncate by path, an
+        NFS size change, raise a write but never a close)."""
+        at = self.writing.get(name)
+        if at is not None and time.monotonic() - at > WRITE_QUIET_S:
+            del self.writing[name]
+            at = None
+        return at is not None
+
     def content_id(self, name: str, parent: str | None) -> str | None:
         """The file's content ID as of now (drawing a new one if it changed since last read);
         None while it is being written. ``parent``: its parent's content ID as of now."""
-        if name in self.writing:
+        if self.is_writing(name):
             return None
-        st = os.stat(self.path(name))
+        st = os.lstat(self.path(name))
         stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         rec = self.records.get(name)
         if rec is None or name in self.changed or rec.stamp != stamp:
@@ -231,7 +283,7 @@ class Filestore:
 
     def set_record(self, name: str, content_id: str, parent: str | None) -> None:
         """The agent wrote ``name`` itself (a received copy): it carries ``content_id``."""
-        st = os.stat(self.path(name))
+        st = os.lstat(self.path(name))
         self.records[name] = _Record(content_id, [st.st_ino, st.st_size, st.st_mtime_ns,
                                                   st.st_ctime_ns], parent, time.time())
         self.changed.discard(name)
@@ -241,6 +293,10 @@ class Filestore:
     def names(self) -> list[str]:
         return sorted(e.name for e in os.scandir(self.images)
                       if e.is_file(follow_symlinks=False) and _FILE_RE.match(e.name))
+
+    def exists(self, name: str) -> bool:
+        """Anything under that name, a symlink included."""
+        return os.path.lexists(self.path(name))
 
 
 # --- the agent's part ---------------------------------------------------------------------
@@ -324,16 +380,30 @@ class Filestores:
         return self._info(fs, created)
 
     async def delete(self, name: str) -> p.FilestoreDeleted:
+        """Unexport and unmount it; the agent forgets it only once it is unmounted (nfsd
+        keeps files it served open a while: it is told to let go of the filesystem)."""
         async with self._lock:
-            fs = self.stores.pop(name, None)
+            fs = self.stores.get(name)
             if fs is None:
                 return p.FilestoreDeleted(name=name, deleted=False)
             await self.nfs.unexport(str(fs.images))
+            fs.save()
+            for attempt in range(20):
+                with contextlib.suppress(OSError):
+                    Path("/proc/fs/nfsd/unlock_filesystem").write_text(str(fs.mount))
+                done = await run(["umount", str(fs.mount)], timeout=120, check=False,
+                                 what=f"umount {name}")
+                if done.ok:
+                    break
+                if attempt == 19:
+                    await self.nfs.export(str(fs.images), fs.clients)  # as it was
+                    raise StorageNodeError(f"cannot unmount {name}: {done.stderr.strip()}",
+                                           datastore=name)
+                await asyncio.sleep(0.5)
+            del self.stores[name]
             if self._inotify is not None:
                 self._inotify.remove(fs.wd)
                 self._by_wd.pop(fs.wd, None)
-            fs.save()
-            await run(["umount", str(fs.mount)], timeout=120, what=f"umount {name}")
             return p.FilestoreDeleted(name=name, deleted=True)
 
     def store(self, name: str) -> Filestore:
@@ -360,76 +430,82 @@ class Filestores:
 
     # listing ------------------------------------------------------------------------------
 
-    def entry(self, fs: Filestore, name: str, seen: dict[str, str | None] | None = None
+    def entry(self, fs: Filestore, name: str, seen: dict[str, p.FileEntry] | None = None
               ) -> p.FileEntry:
-        """One file as it is now; reading its ID counts as a read (see the rule)."""
+        """One file as it is now; reading its ID counts as a read (see the rule), and so does
+        reading its ancestors' (a file is ``parent-changed`` when any of them moved on)."""
         self.drain()
+        return self._entry(fs, name, {} if seen is None else seen, set())
+
+    def _entry(self, fs: Filestore, name: str, seen: dict[str, p.FileEntry],
+               below: set[str]) -> p.FileEntry:
+        if name in seen:
+            return seen[name]
         path = fs.path(name)
+        st = regular(path)
+        if st is None:
+            raise StorageNodeError(f"no file {name} in datastore {fs.name}", datastore=fs.name,
+                                   file=name)
+        problem: str | None = None
         try:
-            head = read_header(str(path))
-            fmt, vsize, backing, bfmt, problem = (head.format, head.virtual_size,
-                                                  head.backing_file, head.backing_format, None)
-        except (ImageHeaderError, OSError) as exc:
+            head = header_of(path)
+            fmt, vsize, backing, bfmt = (head.format, head.virtual_size, head.backing_file,
+                                         head.backing_format)
+        except (ImageHeaderError, OSError, StorageNodeError) as exc:
             fmt, vsize, backing, bfmt, problem = "unknown", 0, None, None, str(exc)
-        parent_id: str | None = None
-        if backing is not None and _FILE_RE.match(backing) and (fs.images / backing).is_file():
-            if seen is not None and backing in seen:
-                parent_id = seen[backing]
+        parent: p.FileEntry | None = None
+        if backing is not None:
+            if not _FILE_RE.match(backing) or regular(fs.images / backing) is None:
+                problem = f"backing file {backing!r} is not a file of this datastore"
+            elif backing in below or backing == name:
+                problem = f"the backing chain loops at {backing}"
             else:
-                parent_id = self.entry(fs, backing, seen).content_id
+                parent = self._entry(fs, backing, seen, below | {name})
+        parent_id = parent.content_id if parent is not None else None
         cid = fs.content_id(name, parent_id)
-        if seen is not None:
-            seen[name] = cid
-        st = os.stat(path)
         rec = fs.records.get(name)
         recorded_parent = rec.parent_content_id if rec is not None else None
-        state = "writing" if name in fs.writing else "quiet"
-        if cid is not None and backing is not None and recorded_parent != parent_id:
+        state = "writing" if cid is None else "quiet"
+        if cid is not None and backing is not None and (
+                parent is None or recorded_parent != parent_id or parent.state != "quiet"):
             state = "parent-changed"
-        return p.FileEntry(
+        e = p.FileEntry(
             name=name, format=fmt, virtual_size=vsize, size_bytes=st.st_size,
             allocated_bytes=st.st_blocks * 512, backing_file=backing, backing_format=bfmt,
             content_id=cid, parent_content_id=recorded_parent if cid is not None else None,
             state=state, problem=problem)
+        seen[name] = e
+        return e
 
     async def list_files(self, req: p.DatastoreName) -> p.FileList:
         fs = self.store(req.datastore)
-        seen: dict[str, str | None] = {}
+        seen: dict[str, p.FileEntry] = {}
         files = [self.entry(fs, n, seen) for n in fs.names()]
         info = self._info(fs)
         return p.FileList(datastore=fs.name, export=info.export, size_bytes=info.size_bytes,
                           free_bytes=info.free_bytes, files=files)
 
     async def chain(self, req: p.FileRef) -> p.Chain:
-        """The file and its ancestors, top first; every layer must live here and be quiet."""
+        """The file and its ancestors, top first; every layer must live here, be readable and
+        not loop (its state says whether it is quiet)."""
         fs = self.store(req.datastore)
-        layers: list[p.FileEntry] = []
-        name: str | None = req.name
-        seen: dict[str, str | None] = {}
-        while name is not None:
-            if not fs.path(name).is_file():
-                where = f" (backing file of {layers[-1].name})" if layers else ""
-                raise StorageNodeError(f"no file {name} in datastore {fs.name}{where}",
-                                       datastore=fs.name, file=name)
-            if any(layer.name == name for layer in layers):
-                raise StorageNodeError(f"the chain of {req.name} loops at {name}", file=name)
-            e = self.entry(fs, name, seen)
+        check_file_name(req.name)
+        seen: dict[str, p.FileEntry] = {}
+        layers = [self.entry(fs, req.name, seen)]
+        while True:
+            e = layers[-1]
             if e.problem is not None:
-                raise StorageNodeError(f"{name}: {e.problem}", file=name)
-            if e.backing_file is not None and not _FILE_RE.match(e.backing_file):
-                raise StorageNodeError(
-                    f"{name} is backed by {e.backing_file!r}, not a file of this datastore",
-                    file=name, backing=e.backing_file)
-            layers.append(e)
-            name = e.backing_file
-        return p.Chain(datastore=fs.name, layers=layers)
+                raise StorageNodeError(f"{e.name}: {e.problem}", file=e.name)
+            if e.backing_file is None:
+                return p.Chain(datastore=fs.name, layers=layers)
+            layers.append(seen[e.backing_file])
 
     async def digest(self, req: p.FileRef) -> p.FileDigest:
         fs = self.store(req.datastore)
         cid = self.entry(fs, req.name).content_id
         t0 = time.monotonic()
         path = fs.path(req.name)
-        d = await asyncio.to_thread(file_digest, path, read_header(str(path)).backing_name_ranges())
+        d = await asyncio.to_thread(file_digest, path, header_of(path).backing_name_ranges())
         after = self.entry(fs, req.name).content_id
         return p.FileDigest(datastore=fs.name, name=req.name, digest=d,
                             content_id=cid if cid == after else None,
@@ -438,6 +514,7 @@ class Filestores:
     async def delete_file(self, req: p.FileRef) -> p.FileDeleted:
         fs = self.store(req.datastore)
         path = fs.path(req.name)
+        check_file_name(req.name)
         users = [n for n in fs.names() if n != req.name and _backing_of(fs.path(n)) == req.name]
         if users:
             raise StorageNodeError(f"{req.name} is the backing file of {', '.join(users)}: "
@@ -463,7 +540,7 @@ class Filestores:
         if e.content_id is None or e.content_id != ref.expect:
             raise StorageNodeError(f"{ref.name} on {fs.name} is {e.content_id or 'being written'}"
                                    f", not {ref.expect}: it changed", file=ref.name)
-        fd = os.open(fs.path(ref.name), os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(fs.path(ref.name))
         try:
             size = os.fstat(fd).st_size
             d = Digest() if ref.digest else None
@@ -497,7 +574,9 @@ class Filestores:
         ``.labctl/incoming`` and renamed into place only when whole and checked."""
         fs = self.store(req.datastore)
         check_file_name(req.name)
-        if fs.path(req.name).exists():
+        if req.backing is not None:
+            check_file_name(req.backing)
+        if fs.exists(req.name):
             raise StorageNodeError(f"{req.name} already exists on {fs.name}", file=req.name)
         tmp = fs.incoming / f"{req.name}.{os.urandom(4).hex()}.part"
         t0 = time.monotonic()
@@ -505,22 +584,22 @@ class Filestores:
             got = await self._receive(req, tmp)
             rebased = None
             if req.backing is not None:
-                head = read_header(str(tmp))
+                head = header_of(tmp)
                 if head.backing_file != req.backing:
                     await run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", req.backing,
                                "-F", req.backing_format or "qcow2", str(tmp)],
                               timeout=120, what=f"qemu-img rebase -u {req.name}")
                     rebased = head.backing_file
-                # the match's own ID, read again at the moment of use
-                now = self.entry(fs, req.backing).content_id
-                if now != req.backing_id:
+                # the match's own ID (and its chain's), read again at the moment of use
+                now = self.entry(fs, req.backing)
+                if now.content_id != req.backing_id or now.state != "quiet":
+                    have = now.content_id or "being written"
                     raise StorageNodeError(
-                        f"{req.backing} on {fs.name} changed ({now or 'being written'}, "
-                        f"was {req.backing_id}): not used as a parent", file=req.backing)
+                        f"{req.backing} on {fs.name} changed ({have}, {now.state}; was "
+                        f"{req.backing_id}): not used as a parent", file=req.backing)
             fs.busy.add(req.name)
             try:
-                os.rename(tmp, fs.path(req.name))
-                fsync_dir(fs.images)
+                link_into_place(tmp, fs.path(req.name))
                 self.drain()
                 fs.set_record(req.name, req.expect, req.backing_id)
             finally:
@@ -535,16 +614,15 @@ class Filestores:
 
     async def _receive(self, req: p.PullFile, tmp: Path) -> tuple[int, str | None]:
         if req.source_address == self.ip and req.source_port == self.port:
-            return await asyncio.to_thread(self._local_copy, req, tmp)
-        stream = await RpcClient.open_stream(
-            req.source_address, req.source_port, self._secret, "file_send",
-            p.SendFile(datastore=req.source_datastore, name=req.source_name,
-                       expect=req.expect, digest=req.verify).to_wire(),
-            peer=f"storage agent {req.source_address}")
+            return await self._local_copy(req, tmp)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        moved = 0
         d = Digest() if req.verify else None
         try:
+            stream = await RpcClient.open_stream(
+                req.source_address, req.source_port, self._secret, "file_send",
+                p.SendFile(datastore=req.source_datastore, name=req.source_name,
+                           expect=req.expect, digest=req.verify).to_wire(),
+                peer=f"storage agent {req.source_address}")
             msg = await self._stream_into(stream, fd, d)
         except TimeoutError:
             raise StorageNodeError(f"{req.source_name}: the source sent nothing for "
@@ -596,33 +674,21 @@ class Filestores:
             await stream.result()
         return {**msg, "moved": moved}
 
-    def _local_copy(self, req: p.PullFile, tmp: Path) -> tuple[int, str | None]:
+    async def _local_copy(self, req: p.PullFile, tmp: Path) -> tuple[int, str | None]:
+        """Both datastores on this node: the data extents copied in a worker thread; the ID
+        checks before and after stay on the event loop (they share the watch's state)."""
         src_fs = self.store(req.source_datastore)
         e = self.entry(src_fs, req.source_name)
         if e.content_id != req.expect:
             raise StorageNodeError(f"{req.source_name} on {src_fs.name} changed "
                                    f"({e.content_id or 'being written'}, was {req.expect})",
                                    file=req.source_name)
-        src = os.open(src_fs.path(req.source_name), os.O_RDONLY | os.O_CLOEXEC)
-        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        moved = 0
-        d = Digest() if req.verify else None
-        try:
-            size = os.fstat(src).st_size
-            for off, data in blocks(src, size):
-                os.pwrite(dst, data, off)
-                if d is not None:
-                    d.update(off, data)
-                moved += len(data)
-            os.ftruncate(dst, size)
-            os.fsync(dst)
-        finally:
-            os.close(src)
-            os.close(dst)
+        moved, digest = await asyncio.to_thread(
+            _copy_extents, src_fs.path(req.source_name), tmp, req.verify)
         if self.entry(src_fs, req.source_name).content_id != req.expect:
             raise StorageNodeError(f"{req.source_name} changed while it was copied: copy "
                                    "dropped", file=req.source_name)
-        return moved, d.hexdigest(size) if d is not None else None
+        return moved, digest
 
     async def receive_upload(self, stream: Stream, params: dict[str, object]
                              ) -> dict[str, object]:
@@ -631,7 +697,7 @@ class Filestores:
         req = p.Upload.from_wire(params, "file_upload request")
         fs = self.store(req.datastore)
         check_file_name(req.name)
-        if fs.path(req.name).exists():
+        if fs.exists(req.name):
             raise StorageNodeError(f"{req.name} already exists on {fs.name}", file=req.name)
         st = os.statvfs(fs.mount)
         if req.allocated_bytes > st.f_bavail * st.f_frsize:
@@ -643,6 +709,7 @@ class Filestores:
         tmp = fs.incoming / f"{req.name}.{os.urandom(4).hex()}.part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         moved = 0
+        failed: OSError | None = None
         try:
             try:
                 while True:
@@ -651,22 +718,29 @@ class Filestores:
                         break
                     at = int(msg["at"])
                     data = await stream.recv_bytes()
-                    await asyncio.to_thread(os.pwrite, fd, data, at)
+                    if failed is None:  # after a failure, read on to the end: the sender
+                        try:            # then hears why, not a reset connection
+                            await asyncio.to_thread(os.pwrite, fd, data, at)
+                        except OSError as exc:
+                            failed = exc
                     moved += len(data)
+                if failed is not None:
+                    raise StorageNodeError(f"writing {req.name} on {fs.name} failed: "
+                                           f"{failed.strerror}", file=req.name)
                 size = int(msg["size"])
                 os.ftruncate(fd, size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            head = read_header(str(tmp))
+            head = header_of(tmp)
             if head.backing_file is not None and not (
-                    _FILE_RE.match(head.backing_file) and fs.path(head.backing_file).is_file()):
+                    _FILE_RE.match(head.backing_file)
+                    and regular(fs.path(head.backing_file)) is not None):
                 raise StorageNodeError(
                     f"{req.name} is backed by {head.backing_file!r}, which is not a file of "
                     f"{fs.name}: import its backing file first, or a self-contained image "
                     "(qemu-img convert)", file=req.name, backing=head.backing_file)
-            os.rename(tmp, fs.path(req.name))
-            fsync_dir(fs.images)
+            link_into_place(tmp, fs.path(req.name))
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -685,9 +759,13 @@ class Filestores:
         await run(["modprobe", "nfsv3"], timeout=60, what="modprobe nfsv3")
         mnt = Path("/run/labctl/peer") / os.urandom(4).hex()
         mnt.mkdir(parents=True)
-        await run(["mount", "-t", "nfs", "-o", "vers=3,nolock,proto=tcp",
-                   f"{req.target_address}:{req.target_export}", str(mnt)], timeout=120,
-                  what="mount the target's export")
+        try:
+            await run(["mount", "-t", "nfs", "-o", "vers=3,nolock,proto=tcp",
+                       f"{req.target_address}:{req.target_export}", str(mnt)], timeout=120,
+                      what="mount the target's export")
+        except BaseException:
+            mnt.rmdir()
+            raise
         try:
             t0 = time.monotonic()
             if req.method == "flatten":
@@ -718,12 +796,42 @@ class Filestores:
         if parent.content_id is None:
             raise StorageNodeError(f"{req.backing} is being written: no clone of it now",
                                    file=req.backing)
-        if fs.path(req.name).exists():
+        if fs.exists(req.name):
             raise StorageNodeError(f"{req.name} already exists on {fs.name}", file=req.name)
-        await run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", req.backing, "-F",
-                   parent.format, str(fs.path(req.name))], timeout=120, cwd=fs.images,
-                  what=f"qemu-img create {req.name}")
+        tmp = fs.incoming / f"{req.name}.{os.urandom(4).hex()}.part"
+        try:
+            # made aside (the backing name is resolved from images/), then linked in
+            await run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", req.backing,
+                       "-F", parent.format, str(tmp), str(parent.virtual_size)], timeout=120,
+                      cwd=fs.images, what=f"qemu-img create {req.name}")
+            link_into_place(tmp, fs.path(req.name))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         return self.entry(fs, req.name)
+
+
+def _copy_extents(src_path: Path, dst_path: Path, digest: bool) -> tuple[int, str | None]:
+    """Copy a file's data extents into a new sparse file (synced); bytes moved, and with
+    ``digest`` the content's digest."""
+    src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    moved = 0
+    d = Digest() if digest else None
+    try:
+        size = os.fstat(src).st_size
+        for off, data in blocks(src, size):
+            os.pwrite(dst, data, off)
+            if d is not None:
+                d.update(off, data)
+            moved += len(data)
+        os.ftruncate(dst, size)
+        os.fsync(dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    return moved, d.hexdigest(size) if d is not None else None
 
 
 def fsync_dir(path: Path) -> None:
@@ -736,7 +844,7 @@ def fsync_dir(path: Path) -> None:
 
 def _backing_of(path: Path) -> str | None:
     try:
-        return read_header(str(path)).backing_file
+        return header_of(path).backing_file
     except (ImageHeaderError, OSError):
         return None
 

@@ -1,6 +1,7 @@
-"""File datastores and chain copy, end to end: two storage nodes export file datastores
-over NFSv3 (kernel nfsd in the node VM); hosts write image layers through QEMU's own NFS
-client; chain copy moves layers agent to agent and reuses parents by content ID.
+"""File datastores and chain copy, end to end: a storage node in each of two sites joined
+by a WAN link (a router VM with real netem) exports file datastores over NFSv3 (kernel nfsd
+in the node VM); hosts write image layers through QEMU's own NFS client; chain copy moves
+layers agent to agent across the WAN (or within one node) and reuses parents by content ID.
 
 Checked from outside labctl: QEMU's NFS client in the hosts' namespaces (refused where the
 datastore is not exported), qemu-storage-daemon opening each chain as an explicit blockdev
@@ -9,6 +10,7 @@ graph over NFS, ``qemu-img compare`` of the two chains' guest views."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -28,26 +30,30 @@ pytestmark = E2E
 
 TOPO = """
 name: {name}
-sites: [{{name: site1, subnet: {net}}}]
+sites: [{{name: site1, subnet: {net}}}, {{name: site2, subnet: {net2}}}]
 storage_nodes:
-  - {{name: stor1, capacity: 1G}}
-  - {{name: stor2, capacity: 1G}}
-hosts: [{{name: host1}}, {{name: host2}}]
+  - {{name: stor1, site: site1, capacity: 1G}}
+  - {{name: stor2, site: site2, capacity: 1G}}
+hosts: [{{name: host1, site: site1}}, {{name: host3, site: site1}}, {{name: host2, site: site2}}]
 datastores:
   - {{name: fs1, kind: file, size: 384M, node: stor1, hosts: [host1]}}
-  - {{name: fs2, kind: file, size: 256M, node: stor2, hosts: [host1, host2]}}
-  - {{name: fs3, kind: file, size: 64M, node: stor1, hosts: [host1]}}
+  - {{name: fs2, kind: file, size: 256M, node: stor2, hosts: [host2]}}
+  - {{name: fs3, kind: file, size: 64M, node: stor1, hosts: [host1, host3]}}
+wan: [{{name: wan1, sites: [site1, site2], delay: 5ms}}]
 """
+#: the host each datastore's chains are opened from (one that shares it)
+READER = {"fs1": "host1", "fs2": "host2", "fs3": "host1"}
 
 
 @pytest.fixture(scope="module")
 def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     name = unique_lab("chain")
-    net = free_subnet()
-    with module_lab(name, TOPO.format(name=name, net=net), lab_home, tmp_path_factory):
+    net, net2 = free_subnet(), free_subnet()
+    with module_lab(name, TOPO.format(name=name, net=net, net2=net2), lab_home,
+                    tmp_path_factory):
         cli = LabCli(name)
         yield {"name": name, "cli": cli, "work": tmp_path_factory.mktemp("images"),
-               "nodes": {"stor1": str(net[2]), "stor2": str(net[3])}}
+               "nodes": {"stor1": str(net[2]), "stor2": str(net2[2])}}
 
 
 def make_image(path: Path, size: str, *writes: str) -> Path:
@@ -85,29 +91,44 @@ def graph(lab: dict[str, Any], ds: str, chain: list[str], top_name: str) -> list
 
 
 @contextlib.contextmanager
-def chains_over_nbd(lab: dict[str, Any], host: str, tmp: Path,
-                    *chains: tuple[str, list[str]]) -> Iterator[list[str]]:
-    """Each (datastore, chain) opened by one qemu-storage-daemon in ``host``'s namespace,
-    through QEMU's NFS client, and exported over NBD on a unix socket: the chains' guest
-    views as ``nbd+unix`` URLs. The daemon is ended by its PID."""
-    sock, pidfile = tmp / f"qsd-{os.getpid()}-{time.monotonic_ns()}.sock", tmp / "qsd.pid"
-    argv = ["ip", "netns", "exec", f"labctl-{lab['name']}-{host}", "qemu-storage-daemon",
-            "--nbd-server", f"addr.type=unix,addr.path={sock}", "--pidfile", str(pidfile)]
-    urls = []
-    for i, (ds, chain) in enumerate(chains):
-        argv += graph(lab, ds, chain, f"c{i}")
-        argv += ["--export", f"type=nbd,id=e{i},node-name=c{i},name=c{i},writable=on"]
-        urls.append(f"nbd+unix:///c{i}?socket={sock}")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def chains_over_nbd(lab: dict[str, Any], tmp: Path, *chains: tuple[str, list[str]]
+                    ) -> Iterator[list[str]]:
+    """Each (datastore, chain) opened through QEMU's NFS client by a qemu-storage-daemon in
+    the namespace of a host sharing the datastore (one daemon per host), and exported over
+    NBD on a unix socket: the chains' guest views as ``nbd+unix`` URLs. The daemons are
+    ended by their PIDs."""
+    by_host: dict[str, list[int]] = {}
+    for i, (ds, _chain) in enumerate(chains):
+        by_host.setdefault(READER[ds], []).append(i)
+    urls = [""] * len(chains)
+    procs = []
     try:
-        wait(lambda: sock.exists() or proc.poll() is not None, 30, "qemu-storage-daemon")
-        if proc.poll() is not None:
-            pytest.fail(f"qemu-storage-daemon failed: {proc.stdout.read() if proc.stdout else ''}")
+        for host, indexes in by_host.items():
+            sock = tmp / f"qsd-{host}-{time.monotonic_ns()}.sock"
+            argv = ["ip", "netns", "exec", f"labctl-{lab['name']}-{host}",
+                    "qemu-storage-daemon", "--nbd-server", f"addr.type=unix,addr.path={sock}"]
+            for i in indexes:
+                ds, chain = chains[i]
+                argv += graph(lab, ds, chain, f"c{i}")
+                argv += ["--export", f"type=nbd,id=e{i},node-name=c{i},name=c{i},writable=on"]
+                urls[i] = f"nbd+unix:///c{i}?socket={sock}"
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+            procs.append(proc)
+            wait(functools.partial(_listening, sock, proc), 30, "qemu-storage-daemon")
+            if proc.poll() is not None:
+                pytest.fail("qemu-storage-daemon failed: "
+                            f"{proc.stdout.read() if proc.stdout else ''}")
         yield urls
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+def _listening(sock: Path, proc: subprocess.Popen[str]) -> bool:
+    return sock.exists() or proc.poll() is not None
 
 
 def qemu_io(url: str, *cmds: str) -> str:
@@ -134,7 +155,8 @@ def test_a_file_datastore_is_exported_to_exactly_its_hosts(lab: dict[str, Any]) 
     ok = in_ns(lab["name"], "host1", "qemu-img", "info", "--output=json", url)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["virtual-size"] == 16 << 20
-    denied = in_ns(lab["name"], "host2", "qemu-img", "info", url)
+    # host3 is in the same site and shares another datastore of the node, not this one
+    denied = in_ns(lab["name"], "host3", "qemu-img", "info", url)
     assert denied.returncode != 0 and "MNT3ERR_ACCES" in denied.stderr, denied.stderr
     shown = lab["cli"].json("datastore", "show", "fs1")
     assert shown["kind"] == "file" and shown["hosts"] == ["host1"]
@@ -149,12 +171,12 @@ def test_chain_copy_moves_only_the_missing_layers(lab: dict[str, Any], tmp_path:
     cli("image", "clone", "fs1:base.qcow2", "clone-a.qcow2")
     cli("image", "clone", "fs1:base.qcow2", "clone-b.qcow2")
     # a host writes the clone through QEMU's NFS client; then a snapshot layer on top of it
-    with chains_over_nbd(lab, "host1", tmp_path, ("fs1", ["clone-a.qcow2", "base.qcow2"])
+    with chains_over_nbd(lab, tmp_path, ("fs1", ["clone-a.qcow2", "base.qcow2"])
                          ) as (url,):
         qemu_io(url, "write -P 0x22 4M 2M")
     quiet(lab, "fs1", "clone-a.qcow2")
     cli("image", "clone", "fs1:clone-a.qcow2", "snap-a.qcow2")
-    with chains_over_nbd(lab, "host1", tmp_path,
+    with chains_over_nbd(lab, tmp_path,
                          ("fs1", ["snap-a.qcow2", "clone-a.qcow2", "base.qcow2"])) as (url,):
         qemu_io(url, "write -P 0x33 12M 3M")
     src = {n: quiet(lab, "fs1", n) for n in ("snap-a.qcow2", "clone-a.qcow2", "base.qcow2")}
@@ -177,7 +199,7 @@ def test_chain_copy_moves_only_the_missing_layers(lab: dict[str, Any], tmp_path:
         assert got[n]["content_id"] == src[n]["content_id"], n
     assert got["snap-a.qcow2"]["backing_file"] == "clone-a.qcow2"
     # from outside: the two chains' guest views are identical, and the data reads back
-    with chains_over_nbd(lab, "host1", tmp_path,
+    with chains_over_nbd(lab, tmp_path,
                          ("fs1", ["snap-a.qcow2", "clone-a.qcow2", "base.qcow2"]),
                          ("fs2", ["snap-a.qcow2", "clone-a.qcow2", "base.qcow2"])) as (a, b):
         res = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b],
@@ -204,7 +226,7 @@ def test_a_file_with_the_parents_name_but_other_content_is_not_reused(
     got = files(lab, "fs2")
     assert got["nchild.qcow2"]["backing_file"] == base["target"]
     assert got["nbase.qcow2"]["content_id"] != got[base["target"]]["content_id"]
-    with chains_over_nbd(lab, "host1", tmp_path,
+    with chains_over_nbd(lab, tmp_path,
                          ("fs2", ["nchild.qcow2", base["target"]])) as (url,):
         qemu_io(url, "read -P 0x44 0 2M")
 
@@ -217,7 +239,7 @@ def test_a_parent_written_after_its_id_was_read_is_not_reused(
     cli("chain", "copy", "fs1:sbase.qcow2", "--to", "fs2")
     before = files(lab, "fs2")["sbase.qcow2"]["content_id"]
     # someone writes the target's copy through NFS: its content, so its ID, is no more
-    with chains_over_nbd(lab, "host2", tmp_path, ("fs2", ["sbase.qcow2"])) as (url,):
+    with chains_over_nbd(lab, tmp_path, ("fs2", ["sbase.qcow2"])) as (url,):
         qemu_io(url, "write -P 0x77 1M 64k")
     after = quiet(lab, "fs2", "sbase.qcow2")["content_id"]
     assert after != before
@@ -225,9 +247,28 @@ def test_a_parent_written_after_its_id_was_read_is_not_reused(
     done = cli.json("chain", "copy", "fs1:schild.qcow2", "--to", "fs2")
     assert [x["action"] for x in done["layers"]] == ["copied", "copied"]
     assert done["layers"][1]["renamed"]
-    with chains_over_nbd(lab, "host1", tmp_path,
+    with chains_over_nbd(lab, tmp_path,
                          ("fs2", ["schild.qcow2", done["layers"][1]["target"]])) as (url,):
         qemu_io(url, "read -P 0x66 0 2M")
+
+
+def test_a_copy_within_one_node_reuses_parents_too(lab: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    cli = lab["cli"]
+    img = make_image(lab["work"] / "l.qcow2", "16M", "write -P 0x41 0 3M")
+    cli("image", "import", str(img), "--to", "fs1", "--name", "lbase.qcow2")
+    cli("chain", "copy", "fs1:lbase.qcow2", "--to", "fs3")
+    cli("image", "clone", "fs1:lbase.qcow2", "lchild.qcow2")
+    with chains_over_nbd(lab, tmp_path, ("fs1", ["lchild.qcow2", "lbase.qcow2"])) as (url,):
+        qemu_io(url, "write -P 0x42 1M 1M")
+    quiet(lab, "fs1", "lchild.qcow2")
+    done = lab["cli"].json("chain", "copy", "fs1:lchild.qcow2", "--to", "fs3")
+    assert [x["action"] for x in done["layers"]] == ["copied", "reused"]
+    with chains_over_nbd(lab, tmp_path, ("fs1", ["lchild.qcow2", "lbase.qcow2"]),
+                         ("fs3", ["lchild.qcow2", "lbase.qcow2"])) as (a, b):
+        res = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and "Images are identical" in res.stdout, res.stdout
 
 
 def test_no_room_is_refused_before_anything_is_copied(lab: dict[str, Any]) -> None:
@@ -249,12 +290,28 @@ def test_the_top_of_a_chain_being_written_is_refused(lab: dict[str, Any],
     img = make_image(lab["work"] / "w.qcow2", "16M", "write -P 0x21 0 1M")
     cli("image", "import", str(img), "--to", "fs1", "--name", "wbase.qcow2")
     cli("image", "clone", "fs1:wbase.qcow2", "wtop.qcow2")
-    with chains_over_nbd(lab, "host1", tmp_path, ("fs1", ["wtop.qcow2", "wbase.qcow2"])
+    with chains_over_nbd(lab, tmp_path, ("fs1", ["wtop.qcow2", "wbase.qcow2"])
                          ) as (url,):
-        qemu_io(url, "write -P 0x31 0 64k")
-        res = cli("chain", "copy", "fs1:wtop.qcow2", "--to", "fs2", check=False)
-        assert res.returncode == 1 and "being written" in res.stderr, res.stderr
+        # a writer that keeps writing (every 0.3 s for 15 s) while the copy is asked for
+        cmds: list[str] = []
+        for i in range(50):
+            cmds += ["-c", f"write -P 0x31 {i * 64}k 64k", "-c", "sleep 300"]
+        writer = subprocess.Popen(["qemu-io", "-f", "raw", *cmds, url],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait(lambda: files(lab, "fs1")["wtop.qcow2"]["state"] == "writing", 30,
+                 "the agent to see wtop.qcow2 being written")
+            res = cli("chain", "copy", "fs1:wtop.qcow2", "--to", "fs2", check=False)
+            assert res.returncode == 1 and "being written" in res.stderr, res.stderr
+            assert writer.poll() is None  # it was still writing when the copy was refused
+        finally:
+            writer.wait(timeout=60)
+        assert writer.returncode == 0, writer.stderr.read() if writer.stderr else ""
     assert "wtop.qcow2" not in files(lab, "fs2")
+    # once the writer is gone the file is quiet again, with a new ID, and copies
+    quiet(lab, "fs1", "wtop.qcow2")
+    done = cli.json("chain", "copy", "fs1:wtop.qcow2", "--to", "fs2")
+    assert [x["action"] for x in done["layers"]] == ["copied", "copied"]
 
 
 def test_bad_requests_are_one_line_each(lab: dict[str, Any]) -> None:
@@ -299,8 +356,13 @@ def test_content_ids_survive_a_storage_node_restart(lab: dict[str, Any]) -> None
     lab["cli"]("storage", "restart", "stor2", timeout=300)
     after = {n: f["content_id"] for n, f in files(lab, "fs2").items()}
     assert after == before
-    # the export is back, for exactly its hosts
+    # the export is back, for exactly its hosts; the route to the other site too
     url = f"nfs://{lab['nodes']['stor2']}/srv/labctl/fs2/images/sbase.qcow2"
-    for host in ("host1", "host2"):
-        res = in_ns(lab["name"], host, "qemu-img", "info", url)
-        assert res.returncode == 0, res.stderr
+    res = in_ns(lab["name"], "host2", "qemu-img", "info", url)
+    assert res.returncode == 0, res.stderr
+    res = in_ns(lab["name"], "host1", "qemu-img", "info", url)  # routed there, not exported
+    assert res.returncode != 0 and "MNT3ERR_ACCES" in res.stderr, res.stderr
+    img = make_image(lab["work"] / "after.qcow2", "8M", "write -P 0x2 0 1M")
+    lab["cli"]("image", "import", str(img), "--to", "fs1")
+    done = lab["cli"].json("chain", "copy", "fs1:after.qcow2", "--to", "fs2")
+    assert done["layers"][0]["action"] == "copied"

@@ -18,13 +18,15 @@ from typing import Any
 
 import pytest
 
-from labctl.core.errors import AgentError, RemoteError, StorageNodeError
+from labctl.core.errors import AgentError, LabStateError, RemoteError, StorageNodeError
 from labctl.core.rpc import RpcClient, RpcServer
 from labctl.core.wire import handlers
+from labctl.datastores.chaincopy import check_chain, plan, target_name
 from labctl.drivers.qcow2 import read_header
 from labctl.drivers.sparse import Digest, blocks, file_digest
+from labctl.storage import files
 from labctl.storage import protocol as p
-from labctl.storage.files import Filestore, Filestores
+from labctl.storage.files import Filestore, Filestores, link_into_place
 
 SECRET = b"s" * 32
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
@@ -254,3 +256,127 @@ async def test_a_source_lost_mid_copy_leaves_nothing_behind(tmp_path: Path) -> N
         # the source is untouched: same ID
         again = (await a.agent.chain(p.FileRef("fs1", "base.qcow2"))).layers[0].content_id
         assert again == cid
+
+
+@in_loop
+async def test_a_copy_between_two_datastores_of_one_node_stays_local(tmp_path: Path) -> None:
+    agent = Filestores("n", "127.0.0.1", SECRET, 1, root=tmp_path)  # nobody listens on 1
+    src = add_store(agent, tmp_path, "fs1")
+    dst = add_store(agent, tmp_path, "fs2")
+    make_chain(src.images)
+    base = (await agent.chain(p.FileRef("fs1", "base.qcow2"))).layers[0]
+    got = await agent.pull(p.PullFile(
+        datastore="fs2", name="base.qcow2", source_address="127.0.0.1", source_port=1,
+        source_datastore="fs1", source_name="base.qcow2", expect=str(base.content_id),
+        verify=True))
+    assert got.content_id == base.content_id and got.digest is not None
+    assert got.bytes_moved < 2 << 20  # the data extents, not the 8 MiB the file spans
+    assert file_digest(dst.images / "base.qcow2") == file_digest(src.images / "base.qcow2")
+    assert (await agent.list_files(p.DatastoreName("fs2"))).files[0].content_id \
+        == base.content_id
+
+
+@in_loop
+async def test_a_write_below_the_parent_makes_every_layer_above_it_changed(
+        tmp_path: Path) -> None:
+    agent = Filestores("n", "127.0.0.1", SECRET, 1, root=tmp_path)
+    fs = add_store(agent, tmp_path, "fs1")
+    make_chain(fs.images)  # base <- clone
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "clone.qcow2", "-F", "qcow2",
+             str(fs.images / "top.qcow2"))
+    before = {f.name: f for f in (await agent.list_files(p.DatastoreName("fs1"))).files}
+    assert {f.state for f in before.values()} == {"quiet"}
+    qemu_io(fs.images / "base.qcow2", "write -P 0x44 0 4k")
+    after = {f.name: f for f in (await agent.list_files(p.DatastoreName("fs1"))).files}
+    assert after["base.qcow2"].content_id != before["base.qcow2"].content_id
+    assert after["clone.qcow2"].state == "parent-changed"
+    # the top's own parent did not change, its grandparent did: not sound either
+    assert after["top.qcow2"].content_id == before["top.qcow2"].content_id
+    assert after["top.qcow2"].state == "parent-changed"
+
+
+@in_loop
+async def test_a_symlink_in_the_export_is_never_read_through(tmp_path: Path) -> None:
+    agent = Filestores("n", "127.0.0.1", SECRET, 1, root=tmp_path)
+    fs = add_store(agent, tmp_path, "fs1")
+    secret = tmp_path / "secret.json"
+    secret.write_text("the lab secret")
+    (fs.images / "x.raw").symlink_to(secret)
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "x.raw", "-F", "raw",
+             str(fs.images / "child.qcow2"), "1M")
+    assert [f.name for f in (await agent.list_files(p.DatastoreName("fs1"))).files] == [
+        "child.qcow2"]
+    with pytest.raises(StorageNodeError, match="not a file of this datastore"):
+        await agent.chain(p.FileRef("fs1", "child.qcow2"))
+    with pytest.raises(StorageNodeError, match=r"no file x\.raw"):
+        await agent.chain(p.FileRef("fs1", "x.raw"))
+
+
+def test_a_finished_copy_never_replaces_a_file_that_appeared(tmp_path: Path) -> None:
+    tmp, final = tmp_path / "a.part", tmp_path / "a.qcow2"
+    tmp.write_bytes(b"copy")
+    final.write_bytes(b"someone else's")
+    with pytest.raises(StorageNodeError, match="appeared"):
+        link_into_place(tmp, final)
+    assert final.read_bytes() == b"someone else's"
+
+
+@in_loop
+async def test_a_write_never_closed_stops_counting_as_writing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "WRITE_QUIET_S", 0.2)
+    agent = Filestores("n", "127.0.0.1", SECRET, 1, root=tmp_path)
+    fs = add_store(agent, tmp_path, "fs1")
+    (fs.images / "f.raw").write_bytes(b"a" * 4096)
+    first = agent.entry(fs, "f.raw").content_id
+    os.truncate(fs.images / "f.raw", 8192)  # a write by path: no close ever follows
+    assert agent.entry(fs, "f.raw").content_id is None
+    await asyncio.sleep(0.3)
+    assert agent.entry(fs, "f.raw").content_id not in (None, first)
+
+
+def entry(name: str, cid: str | None, parent: str | None = None, fmt: str = "qcow2",
+          vsize: int = 1 << 20, state: str = "quiet") -> p.FileEntry:
+    return p.FileEntry(name=name, format=fmt, virtual_size=vsize, size_bytes=1,
+                       allocated_bytes=4096, backing_file=None, backing_format=None,
+                       content_id=cid, parent_content_id=parent, state=state)
+
+
+def test_the_plan_matches_by_content_id_only_when_sound() -> None:
+    chain = [entry("top", "cid.t", "cid.m"), entry("mid", "cid.m", "cid.b"),
+             entry("base", "cid.b")]
+    assert [x.name for x in plan(chain, []).copy] == ["top", "mid", "base"]
+    got = plan(chain, [entry("golden", "cid.b")])
+    assert [x.name for x in got.copy] == ["top", "mid"] and got.anchor is not None \
+        and got.anchor.name == "golden"
+    # the same name with another ID is no match
+    assert plan(chain, [entry("base", "cid.other")]).anchor is None
+    # same ID, but another size, format, state or parent: not sound
+    for bad in (entry("m2", "cid.m", "cid.b", vsize=2 << 20),
+                entry("m2", "cid.m", "cid.b", fmt="raw"),
+                entry("m2", "cid.m", "cid.b", state="parent-changed"),
+                entry("m2", "cid.m", "cid.x")):
+        assert plan(chain, [bad]).anchor is None, bad
+    # the highest sound match wins: nothing above the top is copied
+    assert plan(chain, [entry("t2", "cid.t", "cid.m"), entry("golden", "cid.b")]).copy == []
+
+
+def test_a_taken_name_gets_part_of_the_content_id() -> None:
+    assert target_name("base.qcow2", "cid.0123456789", set()) == ("base.qcow2", False)
+    assert target_name("base.qcow2", "cid.0123456789", {"base.qcow2"}) == (
+        "base.01234567.qcow2", True)
+    assert target_name("base.qcow2", "cid.0123456789",
+                       {"base.qcow2", "base.01234567.qcow2"}) == ("base.01234567-2.qcow2", True)
+    assert target_name("raw", "cid.ab", {"raw"}) == ("raw.ab", True)
+
+
+def test_a_chain_is_refused_for_the_first_reason_that_applies() -> None:
+    ok = [entry("top", "cid.t", "cid.b"), entry("base", "cid.b")]
+    check_chain("fs1", ok)
+    with pytest.raises(LabStateError, match="top on fs1 is being written"):
+        check_chain("fs1", [entry("top", None, None, state="writing"), entry("base", "cid.b")])
+    with pytest.raises(LabStateError, match="parent whose content has changed"):
+        check_chain("fs1", [entry("top", "cid.t", "cid.b", state="parent-changed"),
+                            entry("base", "cid.b")])
+    with pytest.raises(LabStateError, match="changed while it was read"):
+        check_chain("fs1", [entry("top", "cid.t", "cid.old"), entry("base", "cid.b")])
