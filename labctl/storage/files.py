@@ -46,6 +46,7 @@ from pathlib import Path
 from labctl.core.errors import StorageNodeError
 from labctl.core.proc import run
 from labctl.core.rpc import RpcClient, Stream
+from labctl.drivers.lio import find_disk_by_serial
 from labctl.drivers.nfsd import NfsServer
 from labctl.drivers.qcow2 import ImageHeader, ImageHeaderError, parse_header
 from labctl.drivers.sparse import CHUNK, Digest, blocks, data_extents, file_digest
@@ -349,7 +350,7 @@ class Filestores:
             created = False
             fs = self.stores.get(name)
             if fs is None:
-                device = self._device(req.disk_serial)
+                device = find_disk_by_serial(req.disk_serial, self.sys_block)
                 mount = self.root / name
                 if not _is_mounted(mount):
                     have = _ext4_uuid(device)
@@ -420,13 +421,6 @@ class Filestores:
                                size_bytes=st.f_blocks * st.f_frsize,
                                free_bytes=st.f_bavail * st.f_frsize, clients=fs.clients,
                                created=created, files=len(fs.names()))
-
-    def _device(self, serial: str) -> str:
-        for dev in sorted(os.listdir(self.sys_block)):
-            with contextlib.suppress(OSError):
-                if (self.sys_block / dev / "serial").read_text().strip() == serial:
-                    return f"/dev/{dev}"
-        raise StorageNodeError(f"no virtio disk with serial {serial!r}", disk_serial=serial)
 
     # listing ------------------------------------------------------------------------------
 
