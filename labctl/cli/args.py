@@ -137,6 +137,10 @@ def parser() -> argparse.ArgumentParser:
     vm.add("list", "every VM: host, state, heartbeat, disk counter")
     for verb, what in (("start", "start a VM on its host"), ("stop", "stop a VM")):
         vm.add(verb, what).add_argument("name")
+    snap = vm.add("snapshot", "a running VM on a file datastore writes into a new qcow2 layer "
+                              "from now on; the layer below becomes read only and copyable")
+    snap.add_argument("name")
+    snap.add_argument("--layer", help="the new layer's file name (default <vm>.sN.qcow2)")
     con = vm.add("console", "send a command to the test guest, or show/follow its console",
                  description=f"With a command ({CONSOLE_HELP}), print the guest's answer; "
                              "without one, the last console lines; with --follow, every new "
@@ -247,8 +251,12 @@ def parser() -> argparse.ArgumentParser:
                                     "content ID"))
     cc = ch.add("copy", "copy a file and its backing chain to another file datastore, only "
                         "the layers the target lacks (matched by content ID, never by name)")
-    cc.add_argument("source", metavar="DATASTORE:FILE")
+    cc.add_argument("source", metavar="DATASTORE:FILE|VM",
+                    help="a file, or a VM on a file datastore (its disk's chain)")
     cc.add_argument("--to", required=True, metavar="DATASTORE")
+    cc.add_argument("--snapshot", action="store_true",
+                    help="with a running VM: snapshot it first, then copy the chain below its "
+                         "new top (a running VM's top layer is being written)")
     cc.add_argument("--verify", action="store_true",
                     help="also compare full digests: of each reused parent and its match, and of "
                          "each copy on both ends")

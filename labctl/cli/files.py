@@ -4,7 +4,7 @@
     labctl image import FILE --to DS [--name NAME] [--json]
     labctl image clone DS:FILE NAME [--json]
     labctl image delete DS:FILE [--json]
-    labctl chain copy DS:FILE --to DS [--verify] [--json]
+    labctl chain copy DS:FILE|VM --to DS [--snapshot] [--verify] [--json]
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
     if args.cmd == "image":
         return await _image(lab, args)
     if args.cmd == "chain":
-        ds, name = split_ref(args.source)
+        if ":" in args.source:
+            if args.snapshot:
+                raise LabStateError("--snapshot is for a VM: name the VM instead of a file")
+            ds, name = split_ref(args.source)
+        else:
+            ds, name = await lab.vm_source(args.source, args.snapshot)
         with lab.context() as ctx, ctx.lock():
             done = await chaincopy.copy(ctx, ds, name, args.to, verify=args.verify)
         if args.json:

@@ -275,6 +275,15 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
             print(f"VM {args.name} running (pid {started.pid}), first heartbeat after "
                   f"{started.first_heartbeat_s or 0:.1f} s")
         return 0
+    if args.action == "snapshot":
+        snapped = await lab.vm_snapshot(args.name, args.layer)
+        if args.json:
+            emit(snapped.to_wire())
+        else:
+            print(f"VM {snapped.vm} writes {snapped.datastore}:{snapped.top} now "
+                  f"({snapped.took_ms:.1f} ms); {snapped.previous} is read only; chain "
+                  f"{' <- '.join(reversed(snapped.layers))}")
+        return 0
     if args.action == "stop":
         await lab.vm_stop(args.name)
         if args.json:

@@ -17,6 +17,7 @@ from labctl.datastores.service import Created, Deleted, Mapping, Resized, Shown
 from labctl.hosts.protocol import VmStarted
 from labctl.lab.face import Down
 from labctl.lab.status import LabStatus, VmState
+from labctl.lab.vms import Snapshotted
 from labctl.migration.result import MigrationResult
 from labctl.storage.protocol import FileEntry
 from labctl.wan.service import WanShown
@@ -39,6 +40,7 @@ RECORDS: dict[str, type[Message]] = {
     "image-import": Imported,
     "image-clone": FileEntry,
     "chain-copy": ChainCopied,
+    "vm-snapshot": Snapshotted,
     "datastore-show": Shown,
     "datastore-create": Created,
     "datastore-delete": Deleted,

@@ -52,6 +52,8 @@ def _named(args: argparse.Namespace) -> list[tuple[str, str]]:
         source = str(getattr(args, "source", ""))
         if ":" in source:
             out.append(("datastore", source.split(":", 1)[0]))
+        elif source:
+            out.append(("vm", source))
     return out
 
 

@@ -101,6 +101,11 @@ def check_chain(datastore: str, layers: list[sp.FileEntry]) -> None:
     """Refuse a chain that cannot be copied as it is: a layer being written, a layer made on
     a parent whose content changed since, a chain that changed while it was listed."""
     for layer in layers:
+        if layer.content_id is None and layer.in_use_by is not None:
+            raise LabStateError(
+                f"{layer.name} on {datastore} is the disk of VM {layer.in_use_by}, which "
+                f"writes it: copy the VM with --snapshot (chain copy {layer.in_use_by} "
+                "--snapshot), or stop it first", file=layer.name, vm=layer.in_use_by)
         if layer.content_id is None:
             raise LabStateError(
                 f"{layer.name} on {datastore} is being written: it has no content ID until "

@@ -225,12 +225,55 @@ async def _send_extents(stream: Stream, fd: int, size: int) -> None:
         await stream.drain()
 
 
-async def clone(ctx: LabContext, datastore: str, backing: str, name: str) -> sp.FileEntry:
-    """A linked clone: a new, empty qcow2 layer ``name`` on top of ``backing``."""
+async def clone(ctx: LabContext, datastore: str, backing: str | None, name: str,
+                holder: str | None = None, size_bytes: int | None = None) -> sp.FileEntry:
+    """A linked clone: a new, empty qcow2 layer ``name`` on top of ``backing`` (a running
+    VM's top when ``holder`` is that VM: a snapshot); without ``backing`` a blank image."""
     r = row(ctx.inv, datastore)
     async with ctx.storage_client(str(r["node"])) as c:
         return await sp.CREATE_OVERLAY.call(c, sp.CreateOverlay(
-            datastore=datastore, name=name, backing=backing), timeout=120)
+            datastore=datastore, name=name, backing=backing, holder=holder,
+            size_bytes=size_bytes), timeout=120)
+
+
+async def lease(ctx: LabContext, datastore: str, name: str, holder: str | None
+                ) -> sp.FileEntry:
+    """VM ``holder`` writes ``name`` from now on (None: no longer)."""
+    r = row(ctx.inv, datastore)
+    async with ctx.storage_client(str(r["node"])) as c:
+        return await sp.LEASE_FILE.call(c, sp.LeaseFile(datastore=datastore, name=name,
+                                                       holder=holder))
+
+
+async def chain(ctx: LabContext, datastore: str, name: str) -> sp.Chain:
+    r = row(ctx.inv, datastore)
+    async with ctx.storage_client(str(r["node"])) as c:
+        return await sp.CHAIN.call(c, sp.FileRef(datastore=datastore, name=name), timeout=120)
+
+
+async def wait_quiet(ctx: LabContext, datastore: str, name: str, timeout: float = 30.0
+                     ) -> sp.FileEntry:
+    """``name`` once nothing writes it any more (the NFS server closes a file a few seconds
+    after its last write): it has a content ID then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = {f.name: f for f in (await files(ctx, datastore)).files}.get(name)
+        if got is None:
+            raise LabStateError(f"no file {name} on {datastore}", file=name)
+        if got.content_id is not None:
+            return got
+        if time.monotonic() > deadline:
+            raise LabStateError(f"{datastore}:{name} is still {got.state} after {timeout:g} s",
+                                file=name, state=got.state)
+        await asyncio.sleep(0.5)
+
+
+def node_address(ctx: LabContext, datastore: str) -> tuple[str, str]:
+    """(the storage node's address, the export's path) of a file datastore."""
+    r = row(ctx.inv, datastore)
+    node = ctx.inv.row("storage_nodes", name=r["node"])
+    assert node is not None
+    return str(node["address"]), str(r["export"])
 
 
 async def delete_file(ctx: LabContext, datastore: str, name: str) -> sp.FileDeleted:

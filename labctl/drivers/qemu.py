@@ -40,7 +40,7 @@ from labctl.core.names import QEMU_BINARY
 from labctl.core.proc import cmdline_names, which
 from labctl.core.secret import write_private
 from labctl.guest import protocol as guest
-from labctl.hosts.protocol import FileDisk, IscsiDisk, VmSpec
+from labctl.hosts.protocol import FileDisk, IscsiDisk, NfsChainDisk, NfsLayer, VmSpec
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,28 @@ def disk_node(disk: IscsiDisk | FileDisk, node_name: str,
             "cache": {"direct": disk.direct}}
 
 
+def chain_nodes(disk: NfsChainDisk, top: str = "disk0") -> list[dict[str, Any]]:
+    """A chain on NFS as ``blockdev-add`` options, base first: per layer an ``nfs`` protocol
+    node and a format node whose backing is the node below (the base's: none); the top's
+    format node is named ``top``."""
+    nodes: list[dict[str, Any]] = []
+    below: str | None = None
+    for i, layer in enumerate(reversed(disk.layers)):
+        name = top if i == len(disk.layers) - 1 else f"{top}-l{len(disk.layers) - 1 - i}"
+        nodes.append(nfs_node(disk.server, layer.path, f"{name}-file"))
+        fmt: dict[str, Any] = {"node-name": name, "driver": layer.format, "file": f"{name}-file"}
+        if layer.format == "qcow2":
+            fmt["backing"] = below
+        nodes.append(fmt)
+        below = name
+    return nodes
+
+
+def nfs_node(server: str, path: str, node_name: str) -> dict[str, Any]:
+    return {"node-name": node_name, "driver": "nfs",
+            "server": {"type": "inet", "host": server}, "path": path}
+
+
 def blockdev_arg(node: dict[str, Any]) -> str:
     """The same node as a ``-blockdev`` key=value string."""
     def val(v: Any) -> str:
@@ -175,6 +197,9 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
     if disk is not None and blockdevs is not None:
         for node in blockdevs:
             argv += ["-blockdev", node]
+    elif isinstance(disk, NfsChainDisk):
+        for chain_node in chain_nodes(disk):
+            argv += ["-blockdev", json.dumps(chain_node, separators=(",", ":"))]
     elif disk is not None:
         argv += ["-blockdev", blockdev_arg(disk_node(disk, "disk0", chap))]
     if disk is not None:
@@ -560,6 +585,41 @@ class QemuVm:
         return line.text
 
     # -- QMP
+    async def snapshot_onto(self, layer: NfsLayer) -> float:
+        """External snapshot of a VM on an NFS chain: ``layer`` (an empty qcow2 file backed
+        by the current top) is opened and becomes the active layer (QMP ``blockdev-add`` then
+        ``blockdev-snapshot``); the spec, and its copy in ``spec.json``, say so. Returns how
+        long the snapshot itself took, ms."""
+        disk = self.spec.disk
+        if not isinstance(disk, NfsChainDisk):
+            raise self._error("a snapshot needs a disk on a file datastore")
+        top = await self._active_node()
+        name = f"snap{len(disk.layers)}-{os.urandom(2).hex()}"
+        await self.execute("blockdev-add", nfs_node(disk.server, layer.path, f"{name}-file"))
+        await self.execute("blockdev-add", {"node-name": name, "driver": "qcow2",
+                                            "file": f"{name}-file", "backing": None})
+        t0 = time.monotonic()
+        try:
+            await self.execute("blockdev-snapshot", {"node": top, "overlay": name})
+        except VmError:
+            for node in (name, f"{name}-file"):
+                with contextlib.suppress(VmError):
+                    await self.execute("blockdev-del", {"node-name": node})
+            raise
+        took = (time.monotonic() - t0) * 1000
+        self.spec = self.spec.replace(disk=disk.replace(layers=[layer, *disk.layers]))
+        (self.run_dir / "spec.json").write_text(json.dumps(self.spec.to_wire(), indent=1) + "\n")
+        return took
+
+    async def _active_node(self) -> str:
+        """The node the guest's disk (device ``vda``) writes to now."""
+        for dev in await self.execute("query-block"):
+            if "/vda/" in str(dev.get("qdev", "")) or dev.get("device") == "vda":
+                inserted = dev.get("inserted") or {}
+                if inserted.get("node-name"):
+                    return str(inserted["node-name"])
+        raise self._error("no disk device vda in query-block")
+
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
                       timeout: float = 30.0) -> Any:
         """Run a QMP command; errors become VmError with what was sent and received."""

@@ -80,7 +80,7 @@ class HostAgent:
             p.PING.serve(self.ping), p.VM_START.serve(self.vm_start),
             p.VM_STOP.serve(self.vm_stop), p.VM_STATUS.serve(self.vm_status),
             p.VM_LIST.serve(self.vm_list), p.VM_CONSOLE.serve(self.vm_console),
-            p.VM_CONSOLE_TAIL.serve(self.vm_console_tail))
+            p.VM_CONSOLE_TAIL.serve(self.vm_console_tail), p.VM_SNAPSHOT.serve(self.vm_snapshot))
 
     def chap(self, initiator_iqn: str, target_iqn: str) -> Chap | None:
         """This host's CHAP credentials at a target (None: the agent runs without a lab
@@ -89,7 +89,7 @@ class HostAgent:
             return None
         return chap_for(self._lab_secret, initiator_iqn, target_iqn)
 
-    def disk_chap(self, disk: p.IscsiDisk | p.FileDisk | None) -> Chap | None:
+    def disk_chap(self, disk: p.Disk | None) -> Chap | None:
         """The credentials a VM's disk logs in with (None for a file)."""
         if not isinstance(disk, p.IscsiDisk):
             return None
@@ -286,6 +286,16 @@ class HostAgent:
                 self.forget(vm)
                 raise
         raise AssertionError("unreachable")
+
+    async def vm_snapshot(self, req: p.VmSnapshot) -> p.VmSnapshotted:
+        """The VM writes into ``req.layer`` from now on (see :meth:`QemuVm.snapshot_onto`)."""
+        vm = self.vm(req.name)
+        async with self.lock(req.name):
+            took = await vm.snapshot_onto(req.layer)
+        disk = vm.spec.disk
+        assert isinstance(disk, p.NfsChainDisk)
+        log.info("VM %s: snapshot, now writing %s (%.1f ms)", req.name, req.layer.path, took)
+        return p.VmSnapshotted(name=req.name, disk=disk, took_ms=round(took, 2))
 
     async def vm_stop(self, req: p.VmStop) -> p.VmStopped:
         vm = self.vm(req.name)

@@ -57,7 +57,42 @@ class FileDisk(Message):
     kind: Literal["file"] = "file"
 
 
-Disk = IscsiDisk | FileDisk
+_NFS_PATH_RE = re.compile(r"^/[A-Za-z0-9_./+-]+$")
+_IPV4_RE = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
+
+
+@dataclass(frozen=True)
+class NfsLayer(Message):
+    """One layer of a chain on a file datastore: its path on the NFS server, its format."""
+
+    path: str
+    format: str = "qcow2"
+
+    def __post_init__(self) -> None:
+        if not _NFS_PATH_RE.match(self.path) or "/../" in self.path + "/":
+            raise ValueError(f"bad NFS path {self.path!r}")
+        if self.format not in ("qcow2", "raw"):
+            raise ValueError(f"bad image format {self.format!r} (qcow2 or raw)")
+
+
+@dataclass(frozen=True)
+class NfsChainDisk(Message):
+    """A qcow2 chain on a file datastore, opened with QEMU's own NFS client as an explicit
+    block graph (each layer's backing the next node: QEMU cannot resolve a relative backing
+    name of an image opened by its nfs:// URL). ``layers``: top first."""
+
+    server: str
+    layers: list[NfsLayer]
+    kind: Literal["nfs-chain"] = "nfs-chain"
+
+    def __post_init__(self) -> None:
+        if not _IPV4_RE.match(self.server):
+            raise ValueError(f"bad NFS server address {self.server!r}")
+        if not 1 <= len(self.layers) <= 64:
+            raise ValueError(f"a chain has 1 to 64 layers, not {len(self.layers)}")
+
+
+Disk = IscsiDisk | FileDisk | NfsChainDisk
 
 
 @dataclass(frozen=True)
@@ -70,7 +105,7 @@ class VmSpec(Message):
     kernel: Path
     initrd: Path
     append: str
-    disk: IscsiDisk | FileDisk | None = None
+    disk: IscsiDisk | FileDisk | NfsChainDisk | None = None
     machine: str = DEFAULT_MACHINE
     accel: str = "tcg"
 
@@ -100,7 +135,7 @@ class VmStartSpec(Message):
     kernel: Path | None = None
     initrd: Path | None = None
     append: str | None = None
-    disk: IscsiDisk | FileDisk | None = None
+    disk: IscsiDisk | FileDisk | NfsChainDisk | None = None
     machine: str = DEFAULT_MACHINE
     accel: Literal["auto", "tcg", "kvm"] = "auto"
     rate_mib_s: int = 0
@@ -129,6 +164,25 @@ class VmStarted(Message):
 @dataclass(frozen=True)
 class VmName(Message):
     name: str
+
+
+@dataclass(frozen=True)
+class VmSnapshot(Message):
+    """Request of ``vm_snapshot``: a running VM on a file datastore writes into ``layer``
+    from now on (an empty qcow2 file whose backing file is the VM's top layer; QMP
+    ``blockdev-snapshot``)."""
+
+    name: str
+    layer: NfsLayer
+
+
+@dataclass(frozen=True)
+class VmSnapshotted(Message):
+    name: str
+    #: the VM's chain now, top first
+    disk: NfsChainDisk
+    #: how long the guest's writes were held (the QMP commands), ms
+    took_ms: float
 
 
 @dataclass(frozen=True)
@@ -223,4 +277,5 @@ VM_STATUS = Method("vm_status", VmName, VmStatus)
 VM_LIST = Method("vm_list", Empty, VmList)
 VM_CONSOLE = Method("vm_console", ConsoleCommand, ConsoleAnswer)
 VM_CONSOLE_TAIL = Method("vm_console_tail", ConsoleTailRequest, ConsoleTail)
+VM_SNAPSHOT = Method("vm_snapshot", VmSnapshot, VmSnapshotted)
 EVENT_VM_EXITED = "vm_exited"

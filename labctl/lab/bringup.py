@@ -195,7 +195,7 @@ def _record_vms(ctx: LabContext, topo: Topology, gimg: GuestImage) -> None:
         inv.upsert("vms", name=vm.name, host=vm.host, datastore=vm.datastore,
                    memory=vm.memory, vcpus=vm.vcpus, dirty_rate=vm.dirty_rate,
                    working_set=vm.working_set, state="stopped", pid=None, started_at=None,
-                   heartbeat_ms=vm.heartbeat_ms)
+                   heartbeat_ms=vm.heartbeat_ms, base=vm.base, disk_file=None)
 
 
 async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: StorageImage,

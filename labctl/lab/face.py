@@ -19,6 +19,7 @@ from typing import Any
 from labctl.core.errors import LabError, LabStateError, TopologyError
 from labctl.core.paths import check_home, labs_dir
 from labctl.core.wire import Message
+from labctl.datastores import filestores
 from labctl.datastores import service as datastores
 from labctl.datastores.tables import DATASTORES
 from labctl.guest.protocol import (
@@ -165,6 +166,31 @@ class Lab:
         with self.context() as ctx, ctx.lock():
             await vms.stop(ctx, name)
 
+    async def vm_snapshot(self, name: str, layer: str | None = None) -> vms.Snapshotted:
+        with self.context() as ctx, ctx.lock():
+            return await vms.snapshot(ctx, name, layer)
+
+    async def vm_source(self, name: str, snapshot: bool) -> tuple[str, str]:
+        """(datastore, file) a chain copy of VM ``name`` starts from: its top layer, or with
+        ``snapshot`` the layer below a new top (once nothing writes it any more)."""
+        with self.context() as ctx, ctx.lock():
+            if ctx.inv.row("vms", name=name) is None:
+                known = ", ".join(r["name"] for r in ctx.inv.rows("vms")) or "none"
+                raise LabStateError(f"{name!r}: name a file as DATASTORE:FILE (e.g. "
+                                    f"fs1:base.qcow2), or a VM (VMs: {known})", ref=name)
+            vm = vms.row(ctx, name)
+            if not vms.is_on_file(ctx, vm):
+                raise LabStateError(f"VM {name} is not on a file datastore: its disk is a LUN, "
+                                    "not a chain of files", vm=name)
+            if not snapshot:
+                return str(vm["datastore"]), str(vm["disk_file"] or "")
+            if vm["state"] != "running":
+                raise LabStateError(f"VM {name} is not running: copy it without --snapshot",
+                                    vm=name)
+            snapped = await vms.snapshot(ctx, name)
+            await filestores.wait_quiet(ctx, snapped.datastore, snapped.previous)
+            return snapped.datastore, snapped.previous
+
     def vm_set_heartbeat(self, name: str, period_ms: int) -> None:
         """Set a stopped VM's heartbeat period (``labctl.hb_ms`` on its next start); the
         migration code reads the period from the inventory."""
@@ -204,6 +230,9 @@ class Lab:
         with self.context() as ctx, ctx.lock():
             row = vms.row(ctx, vm)
             store = row["datastore"]
+            if store and ctx.inv.row("file_datastores", name=store) is not None:
+                raise LabStateError(f"VM {vm} is on file datastore {store}: migrating a VM on "
+                                    "a file datastore is not supported yet", vm=vm)
             sharing = datastores.mapping(ctx.inv, store).hosts if store else None
             dest_disk = (vms.disk(ctx, store, to)
                          if store and ctx.inv.row("hosts", name=to) is not None else None)

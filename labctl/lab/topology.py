@@ -87,6 +87,8 @@ class Vm:
     working_set: int
     autostart: bool
     heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
+    #: on a file datastore: the image its linked clone is made on
+    base: str | None = None
 
 
 @dataclass(frozen=True)
@@ -491,15 +493,30 @@ def _build(data: dict[str, Any], file: str) -> Topology:
         if host is None:
             fail(f"vms[{i}].host", _unknown("host", v["host"], host_names, "hosts"))
         ds = v.get("datastore")
-        if ds is not None:
+        if ds is not None and "disk" in v:
+            fail(f"vms[{i}]", "give either datastore (a LUN) or disk (a file datastore)")
+        elif "disk" in v:
+            ds = v["disk"]["datastore"]
+            store = stores[ds_names.index(ds)] if ds in ds_names else None
+            if store is None:
+                fail(f"vms[{i}].disk.datastore", _unknown("datastore", ds, ds_names,
+                                                          "datastores"))
+            elif store.kind != "file":
+                fail(f"vms[{i}].disk.datastore", f"datastore {ds} is a block datastore: "
+                     "give it as the VM's datastore (its LUN is the disk)")
+            elif host is not None and host.name not in store.hosts:
+                fail(f"vms[{i}].disk.datastore",
+                     f"host {host.name} does not share datastore {ds} "
+                     f"(shared by {', '.join(store.hosts) or 'no host'})")
+        elif ds is not None:
             if ds not in ds_names:
                 fail(f"vms[{i}].datastore", _unknown("datastore", ds, ds_names, "datastores"))
             else:
                 store = stores[ds_names.index(ds)]
                 if store.kind == "file":
                     fail(f"vms[{i}].datastore",
-                         f"datastore {ds} is a file datastore: a VM's disk is a block "
-                         "datastore (its LUN) in this version")
+                         f"datastore {ds} is a file datastore: give the VM "
+                         f"disk: {{datastore: {ds}, base: IMAGE}} (a linked clone)")
                 elif host is not None and host.name not in store.hosts:
                     fail(f"vms[{i}].datastore",
                          f"host {host.name} does not share datastore {ds} "
@@ -531,7 +548,8 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                 load_on[host.name] += memory
         vms.append(Vm(v["name"], v["host"], ds, memory or 0, int(v.get("vcpus", 1)),
                       float(v.get("dirty_rate", 0)), wss or 0, bool(v.get("autostart", True)),
-                      int(v.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS))))
+                      int(v.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS)),
+                      v["disk"]["base"] if "disk" in v else None))
 
     links = []
     routers: dict[str, int] = {}  # site -> routers placed on it so far

@@ -4,14 +4,22 @@ handed, start and stop through the host's agent (typed host protocol)."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from labctl.core.errors import LabStateError, RemoteError
+from labctl.core.wire import Message
+from labctl.datastores import filestores
 from labctl.datastores import service as datastores
 from labctl.guest.protocol import boot_args
 from labctl.hosts import protocol as hp
 from labctl.state.context import LabContext
+
+#: the test guest's disk as a base image: blank (the guest keeps its disk counter record in
+#: sector 0); made on a file datastore the first time a VM names it
+GUEST_BASE = "labctl-guest.qcow2"
+GUEST_BASE_SIZE = 64 << 20
 
 
 def row(ctx: LabContext, name: str) -> dict[str, Any]:
@@ -32,7 +40,38 @@ def disk(ctx: LabContext, datastore: str | None, host: str) -> hp.IscsiDisk | No
                         initiator_iqn=u.initiator_iqn, naa=u.naa)
 
 
-def spec(ctx: LabContext, name: str, host: str) -> hp.VmStartSpec:
+def is_on_file(ctx: LabContext, vm: dict[str, Any]) -> bool:
+    return bool(vm["datastore"]) and filestores.is_file_datastore(ctx.inv, vm["datastore"])
+
+
+async def chain_disk(ctx: LabContext, vm: dict[str, Any]) -> hp.NfsChainDisk:
+    """The VM's disk on its file datastore as the host opens it: its top layer and every
+    layer below, by path on the node's export. The linked clone is made on first use."""
+    ds = str(vm["datastore"])
+    top = vm["disk_file"] or await _make_clone(ctx, vm)
+    layers = (await filestores.chain(ctx, ds, top)).layers
+    server, export = filestores.node_address(ctx, ds)
+    return hp.NfsChainDisk(server=server, layers=[
+        hp.NfsLayer(f"{export}/{layer.name}", layer.format) for layer in layers])
+
+
+async def _make_clone(ctx: LabContext, vm: dict[str, Any]) -> str:
+    """``<vm>.qcow2`` on the VM's base (the shipped blank guest disk is made if missing)."""
+    ds, base, name = str(vm["datastore"]), str(vm["base"]), f"{vm['name']}.qcow2"
+    have = {f.name for f in (await filestores.files(ctx, ds)).files}
+    if base not in have:
+        if base != GUEST_BASE:
+            raise LabStateError(f"VM {vm['name']}: its base image {base} is not on {ds}: "
+                                f"import it first (labctl image import FILE --to {ds} "
+                                f"--name {base})", vm=vm["name"], base=base)
+        await filestores.clone(ctx, ds, None, GUEST_BASE, size_bytes=GUEST_BASE_SIZE)
+    if name not in have:
+        await filestores.clone(ctx, ds, base, name)
+    ctx.inv.update("vms", {"name": vm["name"]}, disk_file=name)
+    return name
+
+
+async def spec(ctx: LabContext, name: str, host: str) -> hp.VmStartSpec:
     """What ``host`` is handed to start VM ``name`` (the test guest, its boot parameters
     from the inventory; the host's own probe picks the accelerator)."""
     vm = row(ctx, name)
@@ -43,15 +82,16 @@ def spec(ctx: LabContext, name: str, host: str) -> hp.VmStartSpec:
         name=name, memory_mib=vm["memory"] >> 20, vcpus=vm["vcpus"],
         kernel=None if kernel is None else Path(kernel),
         initrd=None if initrd is None else Path(initrd), append=append,
-        accel="auto", disk=disk(ctx, vm["datastore"], host),
-        heartbeat_ms=int(vm["heartbeat_ms"]))
+        accel="auto", disk=await chain_disk(ctx, vm) if is_on_file(ctx, vm)
+        else disk(ctx, vm["datastore"], host), heartbeat_ms=int(vm["heartbeat_ms"]))
 
 
 async def start(ctx: LabContext, name: str) -> hp.VmStarted:
     """Start VM ``name`` on its host; a VM the inventory says runs is asked about first
     (a QEMU that died is started again from the same LUN)."""
     vm = row(ctx, name)
-    start_spec = spec(ctx, name, vm["host"])
+    start_spec = await spec(ctx, name, vm["host"])
+    on_file = is_on_file(ctx, vm)
     async with ctx.host_client(vm["host"]) as c:
         if vm["state"] == "running":  # as far as the inventory knows: ask its host
             process, returncode = "gone", None
@@ -64,9 +104,17 @@ async def start(ctx: LabContext, name: str) -> hp.VmStarted:
                 raise LabStateError(f"VM {name} is already running on {vm['host']}", vm=name)
             ctx.progress(f"VM {name} had died on {vm['host']} (QEMU {process}, exit status "
                          f"{returncode}): starting it again")
-        if vm["datastore"]:  # the host attaches by ID: hand it the mapping, it checks the LUN
+        if on_file:  # one writer per image: the VM holds its top layer's lease
+            top = row(ctx, name)["disk_file"]
+            await filestores.lease(ctx, vm["datastore"], top, name)
+        elif vm["datastore"]:  # the host attaches by ID: hand it the mapping, it checks the LUN
             await datastores.attach_for_vm(c, ctx.inv, vm["datastore"], vm["host"])
-        res = await hp.VM_START.call(c, hp.VmStart(spec=start_spec), timeout=120)
+        try:
+            res = await hp.VM_START.call(c, hp.VmStart(spec=start_spec), timeout=120)
+        except BaseException:
+            if on_file:
+                await filestores.lease(ctx, vm["datastore"], top, None)
+            raise
     ctx.inv.update("vms", {"name": name}, state="running", pid=res.pid, started_at=time.time())
     return res
 
@@ -78,6 +126,53 @@ async def stop(ctx: LabContext, name: str) -> None:
     async with ctx.host_client(vm["host"]) as c:
         await hp.VM_STOP.call(c, hp.VmStop(name), timeout=60)
     ctx.inv.update("vms", {"name": name}, state="stopped", pid=None)
+    if is_on_file(ctx, vm) and vm["disk_file"]:
+        await filestores.lease(ctx, vm["datastore"], vm["disk_file"], None)
+
+
+async def snapshot(ctx: LabContext, name: str, layer: str | None = None) -> Snapshotted:
+    """A new top layer for running VM ``name`` on a file datastore (QMP
+    blockdev-snapshot): the old top stops being written, so it gets a content ID and can be
+    copied; the guest goes on writing into the new one."""
+    vm = row(ctx, name)
+    if not is_on_file(ctx, vm):
+        raise LabStateError(f"VM {name} is not on a file datastore: a snapshot is a new qcow2 "
+                            "layer (a LUN has none)", vm=name)
+    host = running_host(ctx, name)
+    ds, old = str(vm["datastore"]), str(vm["disk_file"])
+    n = 1 + sum(1 for f in (await filestores.files(ctx, ds)).files
+                if f.name.startswith(f"{name}.s"))
+    new = layer or f"{name}.s{n}.qcow2"
+    await filestores.clone(ctx, ds, old, new, holder=name)
+    await filestores.lease(ctx, ds, new, name)
+    export = filestores.node_address(ctx, ds)[1]
+    try:
+        async with ctx.host_client(host) as c:
+            done = await hp.VM_SNAPSHOT.call(c, hp.VmSnapshot(
+                name=name, layer=hp.NfsLayer(f"{export}/{new}")), timeout=60)
+    except BaseException:
+        await filestores.lease(ctx, ds, new, None)
+        await filestores.delete_file(ctx, ds, new)
+        raise
+    ctx.inv.update("vms", {"name": name}, disk_file=new)
+    await filestores.lease(ctx, ds, old, None)
+    return Snapshotted(vm=name, datastore=ds, top=new, previous=old, took_ms=done.took_ms,
+                       layers=[layer.path.rsplit("/", 1)[1] for layer in done.disk.layers])
+
+
+@dataclass(frozen=True)
+class Snapshotted(Message):
+    """``labctl vm snapshot --json``."""
+
+    vm: str
+    datastore: str
+    #: the layer the VM writes now, and the one it wrote before (now read only)
+    top: str
+    previous: str
+    #: how long the guest's writes were held for the switch, ms
+    took_ms: float
+    #: its chain now, top first
+    layers: list[str]
 
 
 def running_host(ctx: LabContext, name: str) -> str:

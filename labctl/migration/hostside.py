@@ -42,7 +42,15 @@ from labctl.core.wire import Json, handlers
 from labctl.drivers.qemu import QemuVm, VmState, blockdev_arg, disk_node
 from labctl.guest.protocol import decode_disk_record, parse_heartbeat
 from labctl.hosts.agent import HostAgent
-from labctl.hosts.protocol import FileDisk, IscsiDisk, VmName, VmSpec, VmStop, VmStopped
+from labctl.hosts.protocol import (
+    FileDisk,
+    IscsiDisk,
+    NfsChainDisk,
+    VmName,
+    VmSpec,
+    VmStop,
+    VmStopped,
+)
 from labctl.migration import protocol as mp
 from labctl.migration.protocol import (
     EVENT_PROGRESS,
@@ -235,11 +243,16 @@ class MigrationHandlers:
         if not 1 <= req.lease_s <= 600:
             raise LabError("mig_prepare: lease_s must be 1..600 seconds")
         vmspec = self.agent.check_spec(req.spec, "mig_prepare")
+        if isinstance(vmspec.disk, NfsChainDisk):
+            raise LabError("mig_prepare: a VM on a file datastore cannot be migrated yet",
+                           vm=vmspec.name)
         name = vmspec.name
         async with self.agent.lock(name):
             self.agent.check_not_running(name)
-            real = disk_node(vmspec.disk, "disk0-file", self.agent.disk_chap(vmspec.disk)
-                             ) if vmspec.disk is not None else {}
+            disk = vmspec.disk
+            assert not isinstance(disk, NfsChainDisk)
+            real = disk_node(disk, "disk0-file", self.agent.disk_chap(disk)
+                             ) if disk is not None else {}
             if vmspec.disk is not None and storage == "late":
                 size = req.disk_size if req.disk_size is not None and req.disk_size > 0 else None
                 if size is None:
@@ -312,7 +325,7 @@ class MigrationHandlers:
         in QEMU and swap it under ``disk0``; then read sector 0 through QEMU's node."""
         vm = inc.vm
         disk = vm.spec.disk
-        assert disk is not None
+        assert disk is not None and not isinstance(disk, NfsChainDisk)
         t = _now()
         inc.datastore = await self._datastore_check(disk)
         inc.timings["datastore_check_s"] = _now() - t

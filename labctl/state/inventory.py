@@ -53,9 +53,10 @@ CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY, host TEXT NOT NULL, datastore TEXT, memory INTEGER NOT NULL,
     vcpus INTEGER NOT NULL, dirty_rate REAL NOT NULL, working_set INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'stopped', pid INTEGER, started_at REAL,
-    heartbeat_ms INTEGER NOT NULL DEFAULT 100);
+    heartbeat_ms INTEGER NOT NULL DEFAULT 100, base TEXT, disk_file TEXT);
 CREATE TABLE IF NOT EXISTS steps (name TEXT NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL);
 """, added_columns=(("vms", "heartbeat_ms", "INTEGER NOT NULL DEFAULT 100"),
+                      ("vms", "base", "TEXT"), ("vms", "disk_file", "TEXT"),
                       ("storage_nodes", "memory", "INTEGER NOT NULL DEFAULT 268435456"),
                       ("storage_nodes", "domain_type", "TEXT NOT NULL DEFAULT 'qemu'")))
 

@@ -120,7 +120,8 @@ class StorageAgent:
             p.FILE_DIGEST.serve(self.files.digest), p.DELETE_FILE.serve(self.files.delete_file),
             p.PULL_FILE.serve(self.files.pull),
             p.CREATE_OVERLAY.serve(self.files.create_overlay),
-            p.PEER_COPY.serve(self.files.peer_copy), p.SET_ROUTES.serve(self.set_routes))
+            p.PEER_COPY.serve(self.files.peer_copy), p.SET_ROUTES.serve(self.set_routes),
+            p.LEASE_FILE.serve(self.files.lease))
 
     async def set_routes(self, req: p.SetRoutes) -> p.RoutesSet:
         """Routes to other sites through their WAN routers (a file copy between sites goes

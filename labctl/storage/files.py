@@ -192,6 +192,8 @@ class Filestore:
     writing: dict[str, float] = field(default_factory=dict)
     #: files the agent itself is writing (its own writes do not change IDs)
     busy: set[str] = field(default_factory=set)
+    #: file -> the VM that writes it (its top layer); kept on the datastore
+    leases: dict[str, str] = field(default_factory=dict)
     clients: list[str] = field(default_factory=list)
 
     @property
@@ -221,6 +223,7 @@ class Filestore:
             # unreadable: every file gets a new ID when next read (never a wrong match)
             log.error("%s: content ID database unreadable (%s): IDs start afresh", self.name, exc)
             return
+        self.leases = {str(k): str(v) for k, v in dict(data.get("leases", {})).items()}
         for n, r in dict(data.get("files", {})).items():
             with contextlib.suppress(TypeError, KeyError):
                 self.records[n] = _Record(str(r["content_id"]), [int(x) for x in r["stamp"]],
@@ -231,7 +234,8 @@ class Filestore:
         db = self.meta / "ids.json"
         tmp = db.with_suffix(".tmp")
         data = {"datastore": self.name, "fs_uuid": self.fs_uuid,
-                "files": {n: vars(r) for n, r in sorted(self.records.items())}}
+                "files": {n: vars(r) for n, r in sorted(self.records.items())},
+                "leases": dict(sorted(self.leases.items()))}
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
             f.flush()
@@ -245,6 +249,7 @@ class Filestore:
         if not name or name in self.busy:
             return
         if mask & (IN_DELETE | IN_MOVED_FROM):
+            self.leases.pop(name, None)
             self.records.pop(name, None)
             self.changed.discard(name)
             self.writing.pop(name, None)
@@ -270,7 +275,7 @@ class Filestore:
     def content_id(self, name: str, parent: str | None) -> str | None:
         """The file's content ID as of now (drawing a new one if it changed since last read);
         None while it is being written. ``parent``: its parent's content ID as of now."""
-        if self.is_writing(name):
+        if self.is_writing(name) or name in self.leases:
             return None
         st = os.lstat(self.path(name))
         stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
@@ -459,7 +464,8 @@ class Filestores:
         cid = fs.content_id(name, parent_id)
         rec = fs.records.get(name)
         recorded_parent = rec.parent_content_id if rec is not None else None
-        state = "writing" if cid is None else "quiet"
+        holder = fs.leases.get(name)
+        state = "quiet" if cid is not None else "in-use" if holder is not None else "writing"
         if cid is not None and backing is not None and (
                 parent is None or recorded_parent != parent_id or parent.state != "quiet"):
             state = "parent-changed"
@@ -467,7 +473,7 @@ class Filestores:
             name=name, format=fmt, virtual_size=vsize, size_bytes=st.st_size,
             allocated_bytes=st.st_blocks * 512, backing_file=backing, backing_format=bfmt,
             content_id=cid, parent_content_id=recorded_parent if cid is not None else None,
-            state=state, problem=problem)
+            state=state, problem=problem, in_use_by=holder)
         seen[name] = e
         return e
 
@@ -509,6 +515,9 @@ class Filestores:
         fs = self.store(req.datastore)
         path = fs.path(req.name)
         check_file_name(req.name)
+        if req.name in fs.leases:
+            raise StorageNodeError(f"{req.name} is the disk of VM {fs.leases[req.name]}: "
+                                   "delete refused", file=req.name, vm=fs.leases[req.name])
         users = [n for n in fs.names() if n != req.name and _backing_of(fs.path(n)) == req.name]
         if users:
             raise StorageNodeError(f"{req.name} is the backing file of {', '.join(users)}: "
@@ -782,22 +791,52 @@ class Filestores:
         return p.PeerCopied(method=req.method, seconds=round(seconds, 3), files=written,
                             allocated_bytes=allocated)
 
-    async def create_overlay(self, req: p.CreateOverlay) -> p.FileEntry:
-        """A new qcow2 layer ``name`` on top of ``backing`` (a linked clone)."""
+    async def lease(self, req: p.LeaseFile) -> p.FileEntry:
+        """A VM writes the file from now on (``holder``), or no longer (None)."""
         fs = self.store(req.datastore)
         check_file_name(req.name)
-        parent = self.entry(fs, req.backing)
-        if parent.content_id is None:
-            raise StorageNodeError(f"{req.backing} is being written: no clone of it now",
-                                   file=req.backing)
+        if regular(fs.path(req.name)) is None:
+            raise StorageNodeError(f"no file {req.name} in datastore {fs.name}", file=req.name)
+        have = fs.leases.get(req.name)
+        if req.holder is not None and have not in (None, req.holder):
+            raise StorageNodeError(f"{req.name} is already the disk of VM {have}: one writer "
+                                   "per image", file=req.name, vm=have)
+        if req.holder is None:
+            fs.leases.pop(req.name, None)
+            fs.changed.add(req.name)  # what the VM wrote: a new ID when next read
+        else:
+            fs.leases[req.name] = req.holder
+        fs.save()
+        return self.entry(fs, req.name)
+
+    async def create_overlay(self, req: p.CreateOverlay) -> p.FileEntry:
+        """A new qcow2 layer ``name`` on top of ``backing`` (a linked clone, a snapshot's new
+        top), or without ``backing`` a blank image of ``size_bytes``."""
+        fs = self.store(req.datastore)
+        check_file_name(req.name)
+        if req.backing is None:
+            if req.size_bytes is None or not 0 < req.size_bytes <= 1 << 40:
+                raise StorageNodeError("a blank image needs size_bytes (1 B .. 1 TiB)")
+            argv = ["-f", "qcow2", "{tmp}", str(req.size_bytes)]
+        else:
+            parent = self.entry(fs, check_file_name(req.backing))
+            if parent.content_id is None and (req.holder is None
+                                              or parent.in_use_by != req.holder):
+                raise StorageNodeError(
+                    f"{req.backing} is {parent.state}"
+                    + (f" by VM {parent.in_use_by}" if parent.in_use_by else "")
+                    + ": no layer on top of it now", file=req.backing)
+            # -u: the backing is not opened (it may be a running VM's top, shared read-only)
+            argv = ["-f", "qcow2", "-u", "-b", req.backing, "-F", parent.format, "{tmp}",
+                    str(parent.virtual_size)]
         if fs.exists(req.name):
             raise StorageNodeError(f"{req.name} already exists on {fs.name}", file=req.name)
         tmp = fs.incoming / f"{req.name}.{os.urandom(4).hex()}.part"
         try:
-            # made aside (the backing name is resolved from images/), then linked in
-            await run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", req.backing,
-                       "-F", parent.format, str(tmp), str(parent.virtual_size)], timeout=120,
-                      cwd=fs.images, what=f"qemu-img create {req.name}")
+            # made aside, then linked in
+            await run(["qemu-img", "create", "-q", *(str(tmp) if a == "{tmp}" else a
+                                                     for a in argv)],
+                      timeout=120, cwd=fs.images, what=f"qemu-img create {req.name}")
             link_into_place(tmp, fs.path(req.name))
         except BaseException:
             with contextlib.suppress(OSError):

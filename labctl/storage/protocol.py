@@ -247,10 +247,13 @@ class FileEntry(Message):
     content_id: str | None
     #: the parent's content ID when this file's ID was issued
     parent_content_id: str | None
-    #: ``quiet``; ``writing`` (no usable ID); ``parent-changed`` (the backing file's ID is
-    #: no longer the one this layer was made on)
+    #: ``quiet``; ``writing`` (no usable ID); ``in-use`` (a running VM's top layer: no
+    #: usable ID); ``parent-changed`` (an ancestor's ID is no longer the one this layer
+    #: was made on)
     state: str
     problem: str | None = None
+    #: the VM whose top layer it is (it holds the file's lease)
+    in_use_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -378,11 +381,25 @@ class PeerCopied(Message):
 
 @dataclass(frozen=True)
 class CreateOverlay(Message):
-    """Request of ``create_overlay``: a new qcow2 file ``name`` backed by ``backing``."""
+    """Request of ``create_overlay``: a new qcow2 file ``name`` backed by ``backing``
+    (which must be quiet, or in use by ``holder``: a snapshot of that VM's top)."""
 
     datastore: str
     name: str
-    backing: str
+    #: None: a blank qcow2 image of ``size_bytes``
+    backing: str | None
+    holder: str | None = None
+    size_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class LeaseFile(Message):
+    """Request of ``lease_file``: ``holder`` (a VM) writes ``name`` from now on, or with
+    ``holder`` None, no longer. A leased file has no usable content ID and is not deleted."""
+
+    datastore: str
+    name: str
+    holder: str | None
 
 
 STATUS = Method("status", Empty, NodeStatus)
@@ -492,6 +509,7 @@ DELETE_FILE = Method("delete_file", FileRef, FileDeleted)
 PULL_FILE = Method("pull_file", PullFile, Pulled)
 CREATE_OVERLAY = Method("create_overlay", CreateOverlay, FileEntry)
 PEER_COPY = Method("peer_copy", PeerCopy, PeerCopied)
+LEASE_FILE = Method("lease_file", LeaseFile, FileEntry)
 SET_ROUTES = Method("set_routes", SetRoutes, RoutesSet)
 #: stream methods (bulk data; see ``labctl.core.rpc.Stream``)
 FILE_SEND = "file_send"

@@ -9,6 +9,7 @@ graph over NFS, ``qemu-img compare`` of the two chains' guest views."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -24,6 +25,8 @@ import jsonschema
 import pytest
 
 from labctl.cli.records import SCHEMA_DIR
+from labctl.guest.image import ensure_guest_image
+from labctl.guest.protocol import boot_args, decode_disk_record
 from tests.conftest import E2E, LabCli, free_subnet, in_ns, module_lab, unique_lab, wait
 
 pytestmark = E2E
@@ -40,6 +43,9 @@ datastores:
   - {{name: fs2, kind: file, size: 256M, node: stor2, hosts: [host2]}}
   - {{name: fs3, kind: file, size: 64M, node: stor1, hosts: [host1, host3]}}
 wan: [{{name: wan1, sites: [site1, site2], delay: 5ms}}]
+vms:
+  - {{name: vm1, host: host1, disk: {{datastore: fs1, base: labctl-guest.qcow2}}, memory: 128M,
+      working_set: 16M, dirty_rate: 1}}
 """
 #: the host each datastore's chains are opened from (one that shares it)
 READER = {"fs1": "host1", "fs2": "host2", "fs3": "host1"}
@@ -325,6 +331,68 @@ def test_bad_requests_are_one_line_each(lab: dict[str, Any]) -> None:
         res = cli(*args, check=False)
         assert res.returncode == 1 and why in res.stderr, (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def vm_state(lab: dict[str, Any]) -> dict[str, Any]:
+    return next(v for v in lab["cli"].json("status")["vms"] if v["name"] == "vm1")
+
+
+def test_a_vm_on_a_linked_clone_is_snapshotted_and_its_chain_boots_elsewhere(
+        lab: dict[str, Any], tmp_path: Path) -> None:
+    cli = lab["cli"]
+    got = files(lab, "fs1")
+    assert got["vm1.qcow2"]["state"] == "in-use" and got["vm1.qcow2"]["in_use_by"] == "vm1"
+    assert got["vm1.qcow2"]["backing_file"] == "labctl-guest.qcow2"
+    assert got["labctl-guest.qcow2"]["state"] == "quiet"
+    first = wait(lambda: (v := vm_state(lab))["disk_counter"] and v["disk_counter"] > 1 and v,
+                 60, "vm1's disk counter")
+    # its top is being written: refused, with the way out
+    res = cli("chain", "copy", "vm1", "--to", "fs2", check=False)
+    assert res.returncode == 1 and "--snapshot" in res.stderr, res.stderr
+    # one writer per image: the top cannot be deleted under the VM
+    res = cli("image", "delete", "fs1:vm1.qcow2", check=False)
+    assert res.returncode == 1 and "disk of VM vm1" in res.stderr, res.stderr
+    done = cli.json("chain", "copy", "vm1", "--to", "fs2", "--snapshot")
+    assert [(x["source"], x["action"]) for x in done["layers"]] == [
+        ("vm1.qcow2", "copied"), ("labctl-guest.qcow2", "copied")]
+    # the guest went on writing, into the new top
+    got = files(lab, "fs1")
+    assert got["vm1.s1.qcow2"]["state"] == "in-use"
+    assert got["vm1.s1.qcow2"]["backing_file"] == "vm1.qcow2"
+    assert got["vm1.qcow2"]["state"] == "quiet"
+    after = wait(lambda: (v := vm_state(lab))["disk_counter"] > first["disk_counter"] + 2
+                 and v, 60, "vm1's disk counter to go on after the snapshot")
+    assert after["state"] == "running" and after["heartbeat"]["age_s"] < 5
+    # from outside: the copy is the chain as it was at the snapshot, record and all
+    chain = ["vm1.qcow2", "labctl-guest.qcow2"]
+    with chains_over_nbd(lab, tmp_path, ("fs1", chain), ("fs2", chain)) as (a, b):
+        res = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and "Images are identical" in res.stdout, res.stdout
+        sector = subprocess.run(["qemu-img", "dd", "-f", "raw", "-O", "raw", f"if={b}",
+                                 f"of={tmp_path / 's0'}", "bs=512", "count=1"],
+                                capture_output=True, text=True, timeout=60)
+        assert sector.returncode == 0, sector.stderr
+    record = decode_disk_record((tmp_path / "s0").read_bytes())
+    assert record is not None and first["disk_counter"] <= record <= after["disk_counter"]
+    # a new VM booted from the copied chain in site2 reads that record back
+    console = tmp_path / "console.log"
+    image = asyncio.run(ensure_guest_image())
+    qemu = subprocess.Popen(
+        ["ip", "netns", "exec", f"labctl-{lab['name']}-host2", "qemu-system-x86_64",
+         "-nodefaults", "-display", "none", "-machine", "q35", "-accel", "tcg", "-m", "128",
+         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+         "-append", boot_args(0, 16), "-serial", f"file:{console}",
+         *graph(lab, "fs2", chain, "disk0"), "-device", "virtio-blk-pci,drive=disk0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = wait(lambda: next((ln for ln in console.read_text(errors="replace").splitlines()
+                                  if ln.startswith("DISK boot")), None)
+                    if console.exists() else None, 120, "the copied VM's DISK boot line")
+        assert line == f"DISK boot {record}", line
+    finally:
+        qemu.terminate()
+        qemu.wait(timeout=30)
 
 
 def test_json_outputs_match_their_shipped_schemas(lab: dict[str, Any]) -> None:

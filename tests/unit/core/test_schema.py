@@ -300,8 +300,11 @@ def test_fields_defaults_and_descriptions() -> None:
     assert props["kernel"] == {"type": "string", "minLength": 1}
     assert props["machine"] == {"type": "string", "default": hp.DEFAULT_MACHINE}
     assert props["disk"] == {"anyOf": [{"$ref": "#/$defs/IscsiDisk"}, {"$ref": "#/$defs/FileDisk"},
-                                       {"type": "null"}], "default": None}
-    assert sorted(schema["$defs"]) == ["FileDisk", "IscsiDisk"]
+                                       {"$ref": "#/$defs/NfsChainDisk"}, {"type": "null"}],
+                             "default": None}
+    assert sorted(schema["$defs"]) == ["FileDisk", "IscsiDisk", "NfsChainDisk", "NfsLayer"]
+    assert schema["$defs"]["NfsChainDisk"]["properties"]["kind"] == {
+        "enum": ["nfs-chain"], "default": "nfs-chain"}
     assert schema["$defs"]["FileDisk"]["properties"]["kind"] == {"enum": ["file"], "default": "file"}
     assert schema["$defs"]["FileDisk"]["required"] == ["path"]
     # a dataclass without a docstring gets a made-up one: not a description
