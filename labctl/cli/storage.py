@@ -219,6 +219,8 @@ async def _file_datastore(lab: Lab, args: argparse.Namespace) -> int:
         print(f"datastore {shown.name}\n  naa      {shown.naa}\n  kind     file\n"
               f"  node     {shown.node}\n  export   {shown.url or '-'}\n"
               f"  size     {human_size(shown.size_bytes)}\n  hosts    {', '.join(shown.hosts)}")
+        for h, chk in shown.checked_by.items():
+            print(f"  host {h}: {chk.state}" + (f" ({chk.error})" if chk.error else ""))
         return 0
     if args.action == "files":
         with lab.context() as ctx:

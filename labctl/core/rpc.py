@@ -33,6 +33,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -416,6 +417,7 @@ async def _client_channel(host: str, port: int, secret: bytes, timeout: float, p
             f"cannot reach the agent of {peer} at {host}:{port}: {exc or 'timed out'}",
             peer=peer, address=f"{host}:{port}",
         ) from exc
+    _keepalive(writer)
     chan = _Channel(reader, writer, b"c")
     try:
         async with asyncio.timeout(timeout):
@@ -444,6 +446,24 @@ async def _client_channel(host: str, port: int, secret: bytes, timeout: float, p
         raise
     chan.key = _mac(secret, b"session", sn.encode(), cn.encode())
     return chan
+
+
+#: a peer that stops answering TCP keepalive probes (its VM was destroyed, its link cut) is
+#: given up after about KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL seconds
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 2, 3
+
+
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    """A connection to a peer that vanished without a reset (a destroyed VM never sends
+    one) fails in seconds instead of waiting for a call's own timeout (an hour for a copy)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 class Stream:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from labctl.core.errors import AgentUnreachable, LabStateError
+from labctl.core.errors import AgentUnreachable, LabError, LabStateError
 from labctl.core.rpc import RpcClient, Stream
 from labctl.core.wire import Message
+from labctl.datastores import protocol as dp
 from labctl.datastores.registry import IdRegistry
 from labctl.drivers.sparse import blocks
 from labctl.state.context import LabContext
@@ -33,6 +34,16 @@ from labctl.storage.node import DataDisk
 
 #: the smallest file datastore: ext4 with its journal needs room of its own
 MIN_SIZE = 64 << 20
+
+
+@dataclass(frozen=True)
+class HostCheck(Message):
+    """What a sharing host found when it last read the export with QEMU's NFS client."""
+
+    #: ``ok``, ``failed`` (see ``error``) or ``unchecked``
+    state: str
+    error: str | None
+    checked_at: float | None
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,8 @@ class FileDatastore(Message):
     url: str | None
     state: str
     hosts: list[str]
+    #: each sharing host's own check of the export
+    checked_by: dict[str, HostCheck] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,28 @@ async def export(ctx: LabContext, name: str, wait_disk: float = 0.0) -> sp.Files
     return info
 
 
+async def check_hosts(ctx: LabContext, name: str) -> dict[str, HostCheck]:
+    """Each sharing host reads the export with QEMU's own NFS client; the inventory keeps
+    what each found. A host that cannot is reported, not fatal (``datastore show`` says)."""
+    inv = ctx.inv
+    server, export = node_address(ctx, name)
+
+    async def one(host: str) -> None:
+        try:
+            async with ctx.host_client(host) as c:
+                got = await dp.NFS_CHECK.call(c, dp.NfsCheck(server=server, export=export),
+                                              timeout=60)
+            error = got.error
+        except LabError as exc:
+            error = f"host agent: {exc.message}"
+        inv.update("file_datastore_hosts", {"datastore": name, "host": host},
+                   checked_at=time.time(), check_error=error)
+
+    await asyncio.gather(*(one(str(s["host"])) for s in
+                           inv.rows("file_datastore_hosts", datastore=name)))
+    return shown(inv, name).checked_by
+
+
 async def create(ctx: LabContext, name: str, size: int, hosts: list[str],
                  node: str) -> FileDatastore:
     """Allocate, make and export a new file datastore while the lab runs (the caller has
@@ -132,6 +167,7 @@ async def create(ctx: LabContext, name: str, size: int, hosts: list[str],
     disk = register(ctx, node, name, size, hosts, "allocating")
     await storagenode.attach_data_disk(ctx.name, node, disk)
     await export(ctx, name, wait_disk=10.0)
+    await check_hosts(ctx, name)
     return shown(ctx.inv, name)
 
 
@@ -140,6 +176,10 @@ async def delete(ctx: LabContext, name: str) -> FileDatastore:
     inv = ctx.inv
     gone = shown(inv, name)
     r = row(inv, name)
+    users = [str(v["name"]) for v in inv.rows("vms", datastore=name)]
+    if users:
+        raise LabStateError(f"datastore {name} holds the disk of VM {', '.join(users)}: "
+                            "delete refused", datastore=name, vms=users)
     async with ctx.storage_client(str(r["node"])) as c:
         await sp.DELETE_FILESTORE.call(c, sp.DatastoreName(datastore=name), timeout=120)
     await storagenode.detach_data_disk(ctx.name, str(r["node"]), str(r["disk_serial"]))
@@ -160,10 +200,15 @@ def url(inv: Inventory, r: dict[str, object]) -> str | None:
 
 def shown(inv: Inventory, name: str) -> FileDatastore:
     r = row(inv, name)
+    shares = inv.rows("file_datastore_hosts", datastore=name)
     return FileDatastore(
         name=name, kind="file", naa=str(r["naa"]), node=str(r["node"]),
         size_bytes=int(str(r["size_bytes"])), url=url(inv, r), state=str(r["state"]),
-        hosts=[str(s["host"]) for s in inv.rows("file_datastore_hosts", datastore=name)])
+        hosts=[str(s["host"]) for s in shares],
+        checked_by={str(s["host"]): HostCheck(
+            state="unchecked" if s["checked_at"] is None else
+            "failed" if s["check_error"] else "ok",
+            error=s["check_error"], checked_at=s["checked_at"]) for s in shares})
 
 
 def list_all(inv: Inventory) -> list[FileDatastore]:
@@ -236,13 +281,13 @@ async def clone(ctx: LabContext, datastore: str, backing: str | None, name: str,
             size_bytes=size_bytes), timeout=120)
 
 
-async def lease(ctx: LabContext, datastore: str, name: str, holder: str | None
-                ) -> sp.FileEntry:
-    """VM ``holder`` writes ``name`` from now on (None: no longer)."""
+async def lease(ctx: LabContext, datastore: str, name: str, holder: str,
+                release: bool = False) -> sp.FileEntry:
+    """VM ``holder`` writes ``name`` from now on, or (``release``) no longer."""
     r = row(ctx.inv, datastore)
     async with ctx.storage_client(str(r["node"])) as c:
         return await sp.LEASE_FILE.call(c, sp.LeaseFile(datastore=datastore, name=name,
-                                                       holder=holder))
+                                                       holder=holder, release=release))
 
 
 async def chain(ctx: LabContext, datastore: str, name: str) -> sp.Chain:
@@ -278,5 +323,10 @@ def node_address(ctx: LabContext, datastore: str) -> tuple[str, str]:
 
 async def delete_file(ctx: LabContext, datastore: str, name: str) -> sp.FileDeleted:
     r = row(ctx.inv, datastore)
+    users = [str(v["name"]) for v in ctx.inv.rows("vms", datastore=datastore)
+             if v["disk_file"] == name]
+    if users:
+        raise LabStateError(f"{datastore}:{name} is the disk of VM {', '.join(users)}: delete "
+                            "refused", file=name, vms=users)
     async with ctx.storage_client(str(r["node"])) as c:
         return await sp.DELETE_FILE.call(c, sp.FileRef(datastore=datastore, name=name))

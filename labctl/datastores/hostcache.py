@@ -35,15 +35,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from labctl.core.errors import LabError, LabStateError
 from labctl.core.ids import normal_id
+from labctl.core.proc import run
 from labctl.core.wire import Empty, Json, handlers
 from labctl.datastores import protocol as p
 from labctl.drivers import iscsi
+from labctl.storage.protocol import NFS_MARKER
+
+_IPV4_RE = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
+_EXPORT_RE = re.compile(r"^/[A-Za-z0-9_./-]+$")
 
 if TYPE_CHECKING:
     from labctl.core.rpc import Handler
@@ -99,7 +105,21 @@ class HostStorage:
             p.STORAGE_RESCAN.serve(self.storage_rescan),
             p.STORAGE_LOOKUP.serve(self.storage_lookup), p.STORAGE_CACHE.serve(self.storage_cache),
             p.STORAGE_REPORT.serve(self.storage_report),
-            p.VM_BLOCK_RESIZE.serve(self.vm_block_resize))
+            p.VM_BLOCK_RESIZE.serve(self.vm_block_resize), p.NFS_CHECK.serve(self.nfs_check))
+
+    async def nfs_check(self, req: p.NfsCheck) -> p.NfsChecked:
+        """Read the export's marker file with QEMU's own NFS client (``qemu-img info``): the
+        MOUNT service answers this host, the export lets it in, NFS reads work."""
+        if not _IPV4_RE.match(req.server) or not _EXPORT_RE.match(req.export):
+            raise LabError(f"nfs_check: bad server or export {req.server!r} {req.export!r}")
+        t0 = time.monotonic()
+        url = f"nfs://{req.server}{req.export}/{NFS_MARKER}"
+        res = await run(["qemu-img", "info", "--output=json", url], check=False, timeout=30,
+                        what=f"qemu-img info {url}")
+        lines = (res.stderr or res.stdout).strip().splitlines()
+        error = None if res.ok else (lines[-1] if lines else f"exit status {res.returncode}")
+        return p.NfsChecked(server=req.server, export=req.export, error=error,
+                            seconds=round(time.monotonic() - t0, 3))
 
     # -- helpers
     def _entry(self, unit: str) -> _Entry:

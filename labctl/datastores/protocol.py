@@ -190,6 +190,25 @@ class VmSize(Message):
     size_bytes: int
 
 
+@dataclass(frozen=True)
+class NfsCheck(Message):
+    """Request of ``nfs_check``: can this host read file datastore ``export`` of ``server``
+    with QEMU's own NFS client (the way its VMs open their disks)?"""
+
+    server: str
+    export: str
+
+
+@dataclass(frozen=True)
+class NfsChecked(Message):
+    """Reply of ``nfs_check``: ``error`` says why not (None: it can)."""
+
+    server: str
+    export: str
+    error: str | None
+    seconds: float
+
+
 STORAGE_ATTACH = Method("storage_attach", StorageAttach, Attached)
 STORAGE_FORGET = Method("storage_forget", UnitIds, UnitIds)
 STORAGE_REFRESH = Method("storage_refresh", Refresh, Scan)
@@ -277,3 +296,4 @@ def decode_event(kind: str, data: object) -> HostEvent | None:
     if isinstance(data, dict) and data.get("reported") is True:
         return StorageReported.from_wire(data, where)
     return cls.from_wire(data, where)
+NFS_CHECK = Method("nfs_check", NfsCheck, NfsChecked)

@@ -519,6 +519,7 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
         for f in inv.rows("file_datastores", node=node):
             # the filesystem and its content IDs are on the disk: mounted and exported again
             await filestores.export(ctx, str(f["name"]))
+            await filestores.check_hosts(ctx, str(f["name"]))
             files.append(str(f["name"]))
         return Restarted(node=node, boot_s=round(handle.boot_s, 2),
                          seconds=round(time.monotonic() - t0, 2), luns=luns,

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS file_datastores (
     naa TEXT NOT NULL, disk_serial TEXT NOT NULL, backing_path TEXT NOT NULL, export TEXT,
     state TEXT NOT NULL DEFAULT 'defined', created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS file_datastore_hosts (
-    datastore TEXT NOT NULL, host TEXT NOT NULL, PRIMARY KEY (datastore, host));
+    datastore TEXT NOT NULL, host TEXT NOT NULL, checked_at REAL, check_error TEXT,
+    PRIMARY KEY (datastore, host));
 CREATE TABLE IF NOT EXISTS host_units (
     host TEXT NOT NULL, unit TEXT NOT NULL, datastore TEXT, state TEXT NOT NULL,
     size_bytes INTEGER, refreshed_at REAL, event INTEGER, PRIMARY KEY (host, unit));

@@ -25,6 +25,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,7 +352,7 @@ class QemuVm:
         if self.chap is not None:
             write_private(secret_file, self.chap.password.encode())
         # what a later agent needs to adopt this QEMU if this one dies
-        (self.run_dir / "spec.json").write_text(json.dumps(self.spec.to_wire(), indent=1) + "\n")
+        self.save_spec()
         try:
             with open(self.log_path, "ab") as logf:
                 self.started_at = time.monotonic()
@@ -594,22 +595,36 @@ class QemuVm:
         if not isinstance(disk, NfsChainDisk):
             raise self._error("a snapshot needs a disk on a file datastore")
         top = await self._active_node()
-        name = f"snap{len(disk.layers)}-{os.urandom(2).hex()}"
-        await self.execute("blockdev-add", nfs_node(disk.server, layer.path, f"{name}-file"))
-        await self.execute("blockdev-add", {"node-name": name, "driver": "qcow2",
-                                            "file": f"{name}-file", "backing": None})
+        name = f"snap-{uuid.uuid4().hex[:12]}"
         t0 = time.monotonic()
         try:
+            await self.execute("blockdev-add", nfs_node(disk.server, layer.path,
+                                                        f"{name}-file"))
+            await self.execute("blockdev-add", {"node-name": name, "driver": "qcow2",
+                                                "file": f"{name}-file", "backing": None})
+            t0 = time.monotonic()
             await self.execute("blockdev-snapshot", {"node": top, "overlay": name})
         except VmError:
             for node in (name, f"{name}-file"):
                 with contextlib.suppress(VmError):
                     await self.execute("blockdev-del", {"node-name": node})
             raise
+        # switched: from here on nothing may fail the call (the caller would undo it)
         took = (time.monotonic() - t0) * 1000
         self.spec = self.spec.replace(disk=disk.replace(layers=[layer, *disk.layers]))
-        (self.run_dir / "spec.json").write_text(json.dumps(self.spec.to_wire(), indent=1) + "\n")
+        try:
+            self.save_spec()
+        except OSError as exc:
+            log.error("%s: could not record the new top layer in spec.json: %s",
+                      self.spec.name, exc)
         return took
+
+    def save_spec(self) -> None:
+        """``spec.json`` in the run directory (how a restarted host agent adopts the VM),
+        replaced atomically."""
+        tmp = self.run_dir / "spec.json.tmp"
+        tmp.write_text(json.dumps(self.spec.to_wire(), indent=1) + "\n")
+        os.replace(tmp, self.run_dir / "spec.json")
 
     async def _active_node(self) -> str:
         """The node the guest's disk (device ``vda``) writes to now."""

@@ -174,6 +174,10 @@ async def build(ctx: LabContext, topo: Topology) -> None:
         *(datastores.export_lun(ctx, d.name) for d in topo.datastores if d.kind == "block"),
         *(filestores.export(ctx, d.name) for d in topo.datastores if d.kind == "file")))
     await step(ctx, "mappings handed to hosts, each scanned its LUNs", _hand_mappings_checked(ctx))
+    files = [d.name for d in topo.datastores if d.kind == "file"]
+    if files:
+        await step(ctx, "each host read its file datastores over NFS", gather_all(
+            *(filestores.check_hosts(ctx, d) for d in files)))
     await step(ctx, "rescan service subscribed", _start_rescan(ctx, topo))
 
     # 5. VMs

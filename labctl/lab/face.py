@@ -183,7 +183,10 @@ class Lab:
                 raise LabStateError(f"VM {name} is not on a file datastore: its disk is a LUN, "
                                     "not a chain of files", vm=name)
             if not snapshot:
-                return str(vm["datastore"]), str(vm["disk_file"] or "")
+                if not vm["disk_file"]:
+                    raise LabStateError(f"VM {name} has no disk yet (it is made when the VM "
+                                        "first starts)", vm=name)
+                return str(vm["datastore"]), str(vm["disk_file"])
             if vm["state"] != "running":
                 raise LabStateError(f"VM {name} is not running: copy it without --snapshot",
                                     vm=name)

@@ -3,12 +3,13 @@ handed, start and stop through the host's agent (typed host protocol)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labctl.core.errors import LabStateError, RemoteError
+from labctl.core.errors import LabError, LabStateError, RemoteError
 from labctl.core.wire import Message
 from labctl.datastores import filestores
 from labctl.datastores import service as datastores
@@ -58,7 +59,12 @@ async def chain_disk(ctx: LabContext, vm: dict[str, Any]) -> hp.NfsChainDisk:
 async def _make_clone(ctx: LabContext, vm: dict[str, Any]) -> str:
     """``<vm>.qcow2`` on the VM's base (the shipped blank guest disk is made if missing)."""
     ds, base, name = str(vm["datastore"]), str(vm["base"]), f"{vm['name']}.qcow2"
-    have = {f.name for f in (await filestores.files(ctx, ds)).files}
+    listed = {f.name: f for f in (await filestores.files(ctx, ds)).files}
+    have = set(listed)
+    if name in listed and (listed[name].backing_file != base
+                           or listed[name].in_use_by not in (None, vm["name"])):
+        raise LabStateError(f"VM {vm['name']}: {ds}:{name} exists and is not a clone of {base}"
+                            " this VM may take: delete or rename it", vm=vm["name"], file=name)
     if base not in have:
         if base != GUEST_BASE:
             raise LabStateError(f"VM {vm['name']}: its base image {base} is not on {ds}: "
@@ -104,16 +110,21 @@ async def start(ctx: LabContext, name: str) -> hp.VmStarted:
                 raise LabStateError(f"VM {name} is already running on {vm['host']}", vm=name)
             ctx.progress(f"VM {name} had died on {vm['host']} (QEMU {process}, exit status "
                          f"{returncode}): starting it again")
+        acquired = False
         if on_file:  # one writer per image: the VM holds its top layer's lease
             top = row(ctx, name)["disk_file"]
-            await filestores.lease(ctx, vm["datastore"], top, name)
+            acquired = (await filestores.lease(ctx, vm["datastore"], top, name)).in_use_by \
+                == name and vm["state"] != "running"
         elif vm["datastore"]:  # the host attaches by ID: hand it the mapping, it checks the LUN
             await datastores.attach_for_vm(c, ctx.inv, vm["datastore"], vm["host"])
         try:
             res = await hp.VM_START.call(c, hp.VmStart(spec=start_spec), timeout=120)
-        except BaseException:
-            if on_file:
-                await filestores.lease(ctx, vm["datastore"], top, None)
+        except RemoteError:
+            # the host refused to start it (nothing runs): the lease goes with the attempt;
+            # on a timeout or a lost connection it may run, so the lease stays
+            if acquired:
+                with contextlib.suppress(LabError):
+                    await filestores.lease(ctx, vm["datastore"], top, name, release=True)
             raise
     ctx.inv.update("vms", {"name": name}, state="running", pid=res.pid, started_at=time.time())
     return res
@@ -127,7 +138,7 @@ async def stop(ctx: LabContext, name: str) -> None:
         await hp.VM_STOP.call(c, hp.VmStop(name), timeout=60)
     ctx.inv.update("vms", {"name": name}, state="stopped", pid=None)
     if is_on_file(ctx, vm) and vm["disk_file"]:
-        await filestores.lease(ctx, vm["datastore"], vm["disk_file"], None)
+        await filestores.lease(ctx, vm["datastore"], vm["disk_file"], name, release=True)
 
 
 async def snapshot(ctx: LabContext, name: str, layer: str | None = None) -> Snapshotted:
@@ -140,22 +151,37 @@ async def snapshot(ctx: LabContext, name: str, layer: str | None = None) -> Snap
                             "layer (a LUN has none)", vm=name)
     host = running_host(ctx, name)
     ds, old = str(vm["datastore"]), str(vm["disk_file"])
-    n = 1 + sum(1 for f in (await filestores.files(ctx, ds)).files
-                if f.name.startswith(f"{name}.s"))
-    new = layer or f"{name}.s{n}.qcow2"
+    have = {f.name for f in (await filestores.files(ctx, ds)).files}
+    if layer is None:
+        i = 1
+        while f"{name}.s{i}.qcow2" in have:
+            i += 1
+        layer = f"{name}.s{i}.qcow2"
+    others = [str(v["name"]) for v in ctx.inv.rows("vms") if v["name"] != name]
+    if any(layer == f"{o}.qcow2" for o in others):
+        raise LabStateError(f"{layer} is the name of VM {layer[:-6]}'s disk: choose another",
+                            layer=layer)
+    new = layer
     await filestores.clone(ctx, ds, old, new, holder=name)
     await filestores.lease(ctx, ds, new, name)
     export = filestores.node_address(ctx, ds)[1]
     try:
         async with ctx.host_client(host) as c:
             done = await hp.VM_SNAPSHOT.call(c, hp.VmSnapshot(
-                name=name, layer=hp.NfsLayer(f"{export}/{new}")), timeout=60)
-    except BaseException:
-        await filestores.lease(ctx, ds, new, None)
-        await filestores.delete_file(ctx, ds, new)
+                name=name, layer=hp.NfsLayer(f"{export}/{new}")), timeout=150)
+    except RemoteError:
+        # the host says the switch did not happen: the new layer was never written
+        with contextlib.suppress(LabError):
+            await filestores.lease(ctx, ds, new, name, release=True)
+            await filestores.delete_file(ctx, ds, new)
         raise
+    except LabError as exc:
+        # no answer: QEMU may write the new layer already; both layers stay leased
+        raise LabStateError(f"VM {name}: no answer to the snapshot onto {new} ({exc.message}):"
+                            f" {new} and {old} are both kept in use; stop and start the VM "
+                            "to settle it", vm=name, layer=new) from exc
     ctx.inv.update("vms", {"name": name}, disk_file=new)
-    await filestores.lease(ctx, ds, old, None)
+    await filestores.lease(ctx, ds, old, name, release=True)
     return Snapshotted(vm=name, datastore=ds, top=new, previous=old, took_ms=done.took_ms,
                        layers=[layer.path.rsplit("/", 1)[1] for layer in done.disk.layers])
 

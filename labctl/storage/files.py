@@ -375,6 +375,11 @@ class Filestores:
                 fs = Filestore(name, mount, fs_uuid)
                 for d in (fs.images, fs.meta, fs.incoming):
                     d.mkdir(exist_ok=True)
+                marker = fs.images / p.NFS_MARKER  # what hosts read to check the export
+                if regular(marker) is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        marker.unlink()  # not a regular file: replaced
+                    marker.write_bytes(bytes(512))
                 for partial in fs.incoming.iterdir():  # interrupted copies: never a match
                     partial.unlink()
                 fs.load()
@@ -392,6 +397,10 @@ class Filestores:
             fs = self.stores.get(name)
             if fs is None:
                 return p.FilestoreDeleted(name=name, deleted=False)
+            if fs.leases:
+                raise StorageNodeError(
+                    f"{name} holds the disks of VM {', '.join(sorted(set(fs.leases.values())))}"
+                    ": delete refused", datastore=name, leases=dict(fs.leases))
             await self.nfs.unexport(str(fs.images))
             fs.save()
             for attempt in range(20):
@@ -792,18 +801,19 @@ class Filestores:
                             allocated_bytes=allocated)
 
     async def lease(self, req: p.LeaseFile) -> p.FileEntry:
-        """A VM writes the file from now on (``holder``), or no longer (None)."""
+        """VM ``holder`` writes the file from now on, or (``release``) no longer."""
         fs = self.store(req.datastore)
         check_file_name(req.name)
         if regular(fs.path(req.name)) is None:
             raise StorageNodeError(f"no file {req.name} in datastore {fs.name}", file=req.name)
         have = fs.leases.get(req.name)
-        if req.holder is not None and have not in (None, req.holder):
+        if req.release:
+            if have == req.holder:
+                del fs.leases[req.name]
+                fs.changed.add(req.name)  # what the VM wrote: a new ID when next read
+        elif have not in (None, req.holder):
             raise StorageNodeError(f"{req.name} is already the disk of VM {have}: one writer "
                                    "per image", file=req.name, vm=have)
-        if req.holder is None:
-            fs.leases.pop(req.name, None)
-            fs.changed.add(req.name)  # what the VM wrote: a new ID when next read
         else:
             fs.leases[req.name] = req.holder
         fs.save()

@@ -183,6 +183,10 @@ class RoutesSet(Message):
 
 # --- file datastores (NFS exports, files, content IDs, copies) ------------------------------
 
+#: a file every file datastore's export holds (hidden from its listing): a host reads it to
+#: prove it can use the export
+NFS_MARKER = ".labctl-export"
+
 @dataclass(frozen=True)
 class EnsureFilestore(Message):
     """Request of ``ensure_filestore``: make (once), mount and export a file datastore on the
@@ -395,11 +399,13 @@ class CreateOverlay(Message):
 @dataclass(frozen=True)
 class LeaseFile(Message):
     """Request of ``lease_file``: ``holder`` (a VM) writes ``name`` from now on, or with
-    ``holder`` None, no longer. A leased file has no usable content ID and is not deleted."""
+    ``release``, no longer (a lease held by another VM is left alone). A leased file has no
+    usable content ID and is not deleted."""
 
     datastore: str
     name: str
-    holder: str | None
+    holder: str
+    release: bool = False
 
 
 STATUS = Method("status", Empty, NodeStatus)

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,7 +80,8 @@ def node_of(ds: str) -> str:
     return "stor2" if ds == "fs2" else "stor1"
 
 
-def graph(lab: dict[str, Any], ds: str, chain: list[str], top_name: str) -> list[str]:
+def graph(lab: dict[str, Any], ds: str, chain: list[str], top_name: str,
+          read_only: bool = False) -> list[str]:
     """qemu-storage-daemon --blockdev arguments opening ``chain`` (top first) of ``ds``
     over NFS as an explicit graph: each layer's backing is the next node, the base's none."""
     server = {"type": "inet", "host": lab["nodes"][node_of(ds)]}
@@ -87,18 +89,20 @@ def graph(lab: dict[str, Any], ds: str, chain: list[str], top_name: str) -> list
     below: str | None = None
     for i, name in enumerate(reversed(chain)):
         node = top_name if i == len(chain) - 1 else f"{top_name}-{i}"
+        ro = {"read-only": True} if read_only else {}
         args += ["--blockdev", json.dumps({
             "node-name": f"{node}-file", "driver": "nfs", "server": server,
-            "path": f"/srv/labctl/{ds}/images/{name}"})]
+            "path": f"/srv/labctl/{ds}/images/{name}", **ro})]
         args += ["--blockdev", json.dumps({
-            "node-name": node, "driver": "qcow2", "file": f"{node}-file", "backing": below})]
+            "node-name": node, "driver": "qcow2", "file": f"{node}-file", "backing": below,
+            **ro})]
         below = node
     return args
 
 
 @contextlib.contextmanager
-def chains_over_nbd(lab: dict[str, Any], tmp: Path, *chains: tuple[str, list[str]]
-                    ) -> Iterator[list[str]]:
+def chains_over_nbd(lab: dict[str, Any], tmp: Path, *chains: tuple[str, list[str]],
+                    writable: bool = True) -> Iterator[list[str]]:
     """Each (datastore, chain) opened through QEMU's NFS client by a qemu-storage-daemon in
     the namespace of a host sharing the datastore (one daemon per host), and exported over
     NBD on a unix socket: the chains' guest views as ``nbd+unix`` URLs. The daemons are
@@ -115,8 +119,9 @@ def chains_over_nbd(lab: dict[str, Any], tmp: Path, *chains: tuple[str, list[str
                     "qemu-storage-daemon", "--nbd-server", f"addr.type=unix,addr.path={sock}"]
             for i in indexes:
                 ds, chain = chains[i]
-                argv += graph(lab, ds, chain, f"c{i}")
-                argv += ["--export", f"type=nbd,id=e{i},node-name=c{i},name=c{i},writable=on"]
+                argv += graph(lab, ds, chain, f"c{i}", read_only=not writable)
+                argv += ["--export", f"type=nbd,id=e{i},node-name=c{i},name=c{i},"
+                                     f"writable={'on' if writable else 'off'}"]
                 urls[i] = f"nbd+unix:///c{i}?socket={sock}"
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)
@@ -166,6 +171,10 @@ def test_a_file_datastore_is_exported_to_exactly_its_hosts(lab: dict[str, Any]) 
     assert denied.returncode != 0 and "MNT3ERR_ACCES" in denied.stderr, denied.stderr
     shown = lab["cli"].json("datastore", "show", "fs1")
     assert shown["kind"] == "file" and shown["hosts"] == ["host1"]
+    # each sharing host read the export itself, with QEMU's NFS client, at bring-up
+    assert {h: c["state"] for h, c in shown["checked_by"].items()} == {"host1": "ok"}
+    fs3 = lab["cli"].json("datastore", "show", "fs3")["checked_by"]
+    assert {h: c["state"] for h, c in fs3.items()} == {"host1": "ok", "host3": "ok"}
     assert shown["naa"].startswith("naa.6001405")
     assert shown["url"] == f"nfs://{lab['nodes']['stor1']}/srv/labctl/fs1/images/"
 
@@ -320,6 +329,36 @@ def test_the_top_of_a_chain_being_written_is_refused(lab: dict[str, Any],
     assert [x["action"] for x in done["layers"]] == ["copied", "copied"]
 
 
+def test_a_copy_cut_by_killing_the_target_node_leaves_no_partial_file(
+        lab: dict[str, Any]) -> None:
+    cli = lab["cli"]
+    img = make_image(lab["work"] / "cut.qcow2", "96M", "write -P 0x5c 0 80M")
+    cli("image", "import", str(img), "--to", "fs1", "--name", "cut.qcow2")
+    source_id = files(lab, "fs1")["cut.qcow2"]["content_id"]
+    copy = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "chain",
+                             "copy", "fs1:cut.qcow2", "--to", "fs2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # the copy is under way (80 MiB across the WAN takes a few s)
+        assert copy.poll() is None, copy.communicate()
+        # the target's storage node dies mid-copy, its agent with it (no reset is sent)
+        subprocess.run(["virsh", "-c", "qemu:///system", "destroy",
+                        f"labctl-{lab['name']}-stor2"], check=True, capture_output=True)
+        _out, err = copy.communicate(timeout=120)
+    finally:
+        if copy.poll() is None:
+            copy.kill()
+            copy.wait()
+    assert copy.returncode == 1 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "stor2" in err, err
+    assert files(lab, "fs1")["cut.qcow2"]["content_id"] == source_id  # the source untouched
+    cli("storage", "restart", "stor2", timeout=300)
+    got = files(lab, "fs2")
+    assert "cut.qcow2" not in got  # the partial copy was dropped, never listed or matched
+    done = cli.json("chain", "copy", "fs1:cut.qcow2", "--to", "fs2")
+    assert done["layers"][0]["action"] == "copied"
+
+
 def test_bad_requests_are_one_line_each(lab: dict[str, Any]) -> None:
     cli = lab["cli"]
     for args, why in ((("chain", "copy", "fs1", "--to", "fs2"), "DATASTORE:FILE"),
@@ -365,7 +404,8 @@ def test_a_vm_on_a_linked_clone_is_snapshotted_and_its_chain_boots_elsewhere(
     assert after["state"] == "running" and after["heartbeat"]["age_s"] < 5
     # from outside: the copy is the chain as it was at the snapshot, record and all
     chain = ["vm1.qcow2", "labctl-guest.qcow2"]
-    with chains_over_nbd(lab, tmp_path, ("fs1", chain), ("fs2", chain)) as (a, b):
+    with chains_over_nbd(lab, tmp_path, ("fs1", chain), ("fs2", chain),
+                         writable=False) as (a, b):
         res = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b],
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0 and "Images are identical" in res.stdout, res.stdout
@@ -393,6 +433,24 @@ def test_a_vm_on_a_linked_clone_is_snapshotted_and_its_chain_boots_elsewhere(
     finally:
         qemu.terminate()
         qemu.wait(timeout=30)
+    # nothing wrote the layer below the snapshot meanwhile; the new top grew
+    got = files(lab, "fs1")
+    assert got["vm1.qcow2"]["content_id"] == done["layers"][0]["content_id"]
+    assert got["vm1.s1.qcow2"]["allocated_bytes"] > 0
+    # a second snapshot by hand, then a restart from the four-layer chain
+    snap = cli.json("vm", "snapshot", "vm1")
+    assert snap["top"] == "vm1.s2.qcow2" and snap["previous"] == "vm1.s1.qcow2"
+    assert snap["layers"] == ["vm1.s2.qcow2", "vm1.s1.qcow2", "vm1.qcow2",
+                              "labctl-guest.qcow2"]
+    cli("vm", "stop", "vm1")
+    last = vm_state(lab)
+    assert files(lab, "fs1")["vm1.s2.qcow2"]["in_use_by"] is None  # the lease went with it
+    cli("vm", "start", "vm1")
+    assert files(lab, "fs1")["vm1.s2.qcow2"]["in_use_by"] == "vm1"
+    before_stop = after["disk_counter"]
+    again = wait(lambda: (v := vm_state(lab))["disk_counter"] and v["disk_counter"] >
+                 before_stop and v, 60, "vm1's disk counter after its restart")
+    assert again["state"] == "running", (last, again)
 
 
 def test_json_outputs_match_their_shipped_schemas(lab: dict[str, Any]) -> None:

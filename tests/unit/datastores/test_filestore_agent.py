@@ -380,3 +380,54 @@ def test_a_chain_is_refused_for_the_first_reason_that_applies() -> None:
                             entry("base", "cid.b")])
     with pytest.raises(LabStateError, match="changed while it was read"):
         check_chain("fs1", [entry("top", "cid.t", "cid.old"), entry("base", "cid.b")])
+
+
+@in_loop
+async def test_one_writer_per_image_and_only_the_holder_lets_go(tmp_path: Path) -> None:
+    agent = Filestores("n", "127.0.0.1", SECRET, 1, root=tmp_path)
+    fs = add_store(agent, tmp_path, "fs1")
+    make_chain(fs.images)
+    e = await agent.lease(p.LeaseFile("fs1", "clone.qcow2", "vm1"))
+    assert (e.state, e.in_use_by, e.content_id) == ("in-use", "vm1", None)
+    with pytest.raises(StorageNodeError, match="already the disk of VM vm1"):
+        await agent.lease(p.LeaseFile("fs1", "clone.qcow2", "vm2"))
+    with pytest.raises(StorageNodeError, match="disk of VM vm1"):
+        await agent.delete_file(p.FileRef("fs1", "clone.qcow2"))
+    # a release by another VM changes nothing; the holder's does
+    assert (await agent.lease(p.LeaseFile("fs1", "clone.qcow2", "vm2", release=True))
+            ).in_use_by == "vm1"
+    # the holder may put a new top on its own layer (a snapshot); nobody else may
+    with pytest.raises(StorageNodeError, match="in-use by VM vm1"):
+        await agent.create_overlay(p.CreateOverlay("fs1", "x.qcow2", "clone.qcow2"))
+    released = await agent.lease(p.LeaseFile("fs1", "clone.qcow2", "vm1", release=True))
+    assert released.in_use_by is None and released.content_id is not None
+    # the lease is on the datastore: a new agent knows it
+    await agent.lease(p.LeaseFile("fs1", "base.qcow2", "vm3"))
+    again = Filestores("n", "127.0.0.1", SECRET, 1, root=tmp_path)
+    fs2 = add_store(again, tmp_path, "fs1")
+    assert again.entry(fs2, "base.qcow2").in_use_by == "vm3"
+
+
+@in_loop
+async def test_a_source_that_goes_silent_is_given_up(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "STALL_S", 0.5)
+    async with two_agents(tmp_path) as (a, b):
+        src = add_store(a.agent, a.agent.root, "fs1")
+        dst = add_store(b.agent, b.agent.root, "fs2")
+        make_chain(src.images)
+        cid = (await a.agent.chain(p.FileRef("fs1", "base.qcow2"))).layers[0].content_id
+
+        async def silent(stream: Any, _params: dict[str, object]) -> None:
+            await stream.send({"at": 0, "len": 4})
+            stream.write_bytes(b"QFI\xfb")
+            await stream.drain()
+            await asyncio.sleep(5)  # a cut link: nothing more arrives, nothing is closed
+
+        a.server.streams[p.FILE_SEND] = silent
+        with pytest.raises(StorageNodeError, match=r"sent nothing for 0\.5 s"):
+            await b.agent.pull(p.PullFile(
+                datastore="fs2", name="base.qcow2", source_address="127.0.0.1",
+                source_port=a.port, source_datastore="fs1", source_name="base.qcow2",
+                expect=str(cid)))
+        assert not list(dst.incoming.iterdir()) and not dst.exists("base.qcow2")
