@@ -233,9 +233,17 @@ class Lab:
         with self.context() as ctx, ctx.lock():
             row = vms.row(ctx, vm)
             store = row["datastore"]
-            if store and ctx.inv.row("file_datastores", name=store) is not None:
-                raise LabStateError(f"VM {vm} is on file datastore {store}: migrating a VM on "
-                                    "a file datastore is not supported yet", vm=vm)
+            if vms.is_on_file(ctx, row):
+                # both hosts open the same files over NFS: the source's chain as it is now
+                if late_storage:
+                    raise LabStateError(f"VM {vm} is on file datastore {store}: late storage "
+                                        "preparation is for a LUN (the chain is opened "
+                                        "early)", vm=vm)
+                return await inlab.migrate(ctx, vm, to,
+                                           sharing=filestores.shown(ctx.inv, store).hosts,
+                                           dest_disk=None,
+                                           policy=policy, late_storage=False,
+                                           measure_dirty_rate=measure_dirty_rate)
             sharing = datastores.mapping(ctx.inv, store).hosts if store else None
             dest_disk = (vms.disk(ctx, store, to)
                          if store and ctx.inv.row("hosts", name=to) is not None else None)

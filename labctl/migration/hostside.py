@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import shutil
@@ -37,9 +38,10 @@ from dataclasses import dataclass, field
 from qemu.qmp import EventListener
 
 from labctl.core.errors import LabError, LabStateError, MigrationError, VmError
+from labctl.core.proc import run
 from labctl.core.rpc import Handler
 from labctl.core.wire import Json, handlers
-from labctl.drivers.qemu import QemuVm, VmState, blockdev_arg, disk_node
+from labctl.drivers.qemu import QemuVm, VmState, blockdev_arg, chain_nodes, disk_node
 from labctl.guest.protocol import decode_disk_record, parse_heartbeat
 from labctl.hosts.agent import HostAgent
 from labctl.hosts.protocol import (
@@ -243,17 +245,19 @@ class MigrationHandlers:
         if not 1 <= req.lease_s <= 600:
             raise LabError("mig_prepare: lease_s must be 1..600 seconds")
         vmspec = self.agent.check_spec(req.spec, "mig_prepare")
-        if isinstance(vmspec.disk, NfsChainDisk):
-            raise LabError("mig_prepare: a VM on a file datastore cannot be migrated yet",
-                           vm=vmspec.name)
+        if isinstance(vmspec.disk, NfsChainDisk) and storage == "late":
+            raise LabError("mig_prepare: late storage preparation is for a LUN; a VM on a "
+                           "file datastore opens its chain early", vm=vmspec.name)
         name = vmspec.name
         async with self.agent.lock(name):
             self.agent.check_not_running(name)
             disk = vmspec.disk
-            assert not isinstance(disk, NfsChainDisk)
             real = disk_node(disk, "disk0-file", self.agent.disk_chap(disk)
-                             ) if disk is not None else {}
-            if vmspec.disk is not None and storage == "late":
+                             ) if disk is not None and not isinstance(disk, NfsChainDisk) \
+                else {}
+            if isinstance(disk, NfsChainDisk):  # the same files the source has open
+                graph = [json.dumps(n, separators=(",", ":")) for n in chain_nodes(disk)]
+            elif vmspec.disk is not None and storage == "late":
                 size = req.disk_size if req.disk_size is not None and req.disk_size > 0 else None
                 if size is None:
                     raise LabError("mig_prepare: late storage preparation needs disk_size")
@@ -325,9 +329,10 @@ class MigrationHandlers:
         in QEMU and swap it under ``disk0``; then read sector 0 through QEMU's node."""
         vm = inc.vm
         disk = vm.spec.disk
-        assert disk is not None and not isinstance(disk, NfsChainDisk)
+        assert disk is not None
         t = _now()
-        inc.datastore = await self._datastore_check(disk)
+        inc.datastore = await (self._chain_check(disk) if isinstance(disk, NfsChainDisk)
+                               else self._datastore_check(disk))
         inc.timings["datastore_check_s"] = _now() - t
         if attach:
             t = _now()
@@ -357,6 +362,21 @@ class MigrationHandlers:
         except OSError as exc:
             raise MigrationError(f"host {self.agent.host} cannot read {disk.path}: {exc}") from exc
         return mp.FileDatastoreCheck(path=str(disk.path), size_bytes=size)
+
+    async def _chain_check(self, disk: NfsChainDisk) -> mp.FileDatastoreCheck:
+        """This host reads the chain's top over NFS with QEMU's own client (its size)."""
+        url = f"nfs://{disk.server}{disk.layers[0].path}"
+        res = await run(["qemu-img", "info", "--output=json", "-U", url], check=False,
+                        timeout=30, what=f"qemu-img info {url}")
+        try:
+            size = int(json.loads(res.stdout)["virtual-size"]) if res.ok else -1
+        except (ValueError, KeyError, TypeError):
+            size = -1
+        if size < 0:
+            why = (res.stderr or res.stdout).strip().splitlines()
+            raise MigrationError(f"host {self.agent.host} cannot read {url}: "
+                                 f"{why[-1] if why else 'no answer'}", url=url)
+        return mp.FileDatastoreCheck(path=url, size_bytes=size)
 
     async def _read_check(self, vm: QemuVm) -> mp.ReadCheck:
         """Read sector 0 through QEMU's own (inactive) node; qemu-io prints to QEMU's stdout."""

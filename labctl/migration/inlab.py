@@ -49,10 +49,9 @@ async def migrate(ctx: LabContext, vm: str, to: str, *, sharing: list[str] | Non
         raise MigrationError(f"VM {vm} already runs on {to}: nothing to migrate", vm=vm, host=to)
     if sharing is not None and to not in sharing:
         raise MigrationError(
-            f"host {to} cannot reach datastore {row['datastore']} of VM {vm}: the "
-            f"LUN is exported only to {', '.join(sharing)} (its ACL); "
-            f"migrate to one of those", vm=vm, host=to, datastore=row["datastore"],
-            sharing=sharing)
+            f"host {to} cannot reach datastore {row['datastore']} of VM {vm}: it is "
+            f"exported only to {', '.join(sharing)}; migrate to one of those", vm=vm,
+            host=to, datastore=row["datastore"], sharing=sharing)
     used = sum(v["memory"] for v in inv.rows("vms", host=to, state="running"))
     if used + row["memory"] > dst["memory"]:
         raise MigrationError(

@@ -28,7 +28,16 @@ import pytest
 from labctl.cli.records import SCHEMA_DIR
 from labctl.guest.image import ensure_guest_image
 from labctl.guest.protocol import boot_args, decode_disk_record
-from tests.conftest import E2E, LabCli, free_subnet, in_ns, module_lab, unique_lab, wait
+from tests.conftest import (
+    E2E,
+    LabCli,
+    free_subnet,
+    in_ns,
+    module_lab,
+    outside_qmp,
+    unique_lab,
+    wait,
+)
 
 pytestmark = E2E
 
@@ -47,6 +56,8 @@ wan: [{{name: wan1, sites: [site1, site2], delay: 5ms}}]
 vms:
   - {{name: vm1, host: host1, disk: {{datastore: fs1, base: labctl-guest.qcow2}}, memory: 128M,
       working_set: 16M, dirty_rate: 1}}
+  - {{name: vm2, host: host1, disk: {{datastore: fs3, base: labctl-guest.qcow2}}, memory: 128M,
+      working_set: 16M, dirty_rate: 2}}
 """
 #: the host each datastore's chains are opened from (one that shares it)
 READER = {"fs1": "host1", "fs2": "host2", "fs3": "host1"}
@@ -451,6 +462,28 @@ def test_a_vm_on_a_linked_clone_is_snapshotted_and_its_chain_boots_elsewhere(
     again = wait(lambda: (v := vm_state(lab))["disk_counter"] and v["disk_counter"] >
                  before_stop and v, 60, "vm1's disk counter after its restart")
     assert again["state"] == "running", (last, again)
+
+
+def test_a_vm_on_a_file_datastore_migrates_between_the_hosts_sharing_it(
+        lab: dict[str, Any]) -> None:
+    cli = lab["cli"]
+    for to in ("host3", "host1"):
+        res = cli.json("migrate", "vm2", "--to", to)
+        assert res["state"] == "completed", res.get("error")
+        assert res["storage"] == "early" and res["heartbeat"]["continues"], res["heartbeat"]
+        assert res["disk"]["ok"] and res["disk"]["dest_read"], res["disk"]
+        v = next(x for x in cli.json("status")["vms"] if x["name"] == "vm2")
+        assert v["host"] == to and v["state"] == "running"
+        # its top layer is still held by vm2 alone (the lease names the VM, not the host)
+        assert files(lab, "fs3")["vm2.qcow2"]["in_use_by"] == "vm2"
+        # its own QMP, asked from outside labctl, says it runs there
+        assert f"/hosts/{to}/" in v["qmp_check_socket"]
+        assert outside_qmp(v["qmp_check_socket"], "query-status")["status"] == "running"
+    # a host that does not share fs3 is refused before anything starts
+    res = cli("migrate", "vm2", "--to", "host2", check=False)
+    assert res.returncode == 1 and "cannot reach datastore fs3" in res.stderr, res.stderr
+    res = cli("migrate", "vm2", "--to", "host3", "--late-storage", check=False)
+    assert res.returncode in (1, 2) and "late" in res.stderr, res.stderr
 
 
 def test_json_outputs_match_their_shipped_schemas(lab: dict[str, Any]) -> None:
