@@ -370,6 +370,30 @@ def test_a_copy_cut_by_killing_the_target_node_leaves_no_partial_file(
     assert done["layers"][0]["action"] == "copied"
 
 
+def test_a_file_datastore_is_made_and_removed_while_the_lab_runs(lab: dict[str, Any]) -> None:
+    cli = lab["cli"]
+    made = cli.json("datastore", "create", "fs9", "--kind", "file", "--size", "96M",
+                    "--hosts", "host1", "--node", "stor1")
+    assert made["kind"] == "file" and made["checked_by"]["host1"]["state"] == "ok"
+    url = f"nfs://{lab['nodes']['stor1']}/srv/labctl/fs9/images/.labctl-export"
+    assert in_ns(lab["name"], "host1", "qemu-img", "info", url).returncode == 0
+    denied = in_ns(lab["name"], "host3", "qemu-img", "info", url)
+    assert denied.returncode != 0 and "MNT3ERR_ACCES" in denied.stderr, denied.stderr
+    img = make_image(lab["work"] / "f9.qcow2", "8M", "write -P 0x39 0 1M")
+    cli("image", "import", str(img), "--to", "fs1", "--name", "f9.qcow2")
+    assert cli.json("chain", "copy", "fs1:f9.qcow2", "--to", "fs9")["bytes_moved"] > 0
+    assert "fs9" in {d["name"] for d in cli.json("datastore", "list")}
+    cli("datastore", "delete", "fs9")
+    assert "fs9" not in {d["name"] for d in cli.json("datastore", "list")}
+    gone = in_ns(lab["name"], "host1", "qemu-img", "info", url)
+    assert gone.returncode != 0, gone.stdout
+    # its ID is never handed out again, also to a datastore of the same name
+    again = cli.json("datastore", "create", "fs9", "--kind", "file", "--size", "96M",
+                     "--hosts", "host1", "--node", "stor1")
+    assert again["naa"] != made["naa"] and files(lab, "fs9") == {}
+    cli("datastore", "delete", "fs9")
+
+
 def test_bad_requests_are_one_line_each(lab: dict[str, Any]) -> None:
     cli = lab["cli"]
     for args, why in ((("chain", "copy", "fs1", "--to", "fs2"), "DATASTORE:FILE"),
