@@ -463,6 +463,10 @@ def _build(data: dict[str, Any], file: str) -> Topology:
             pass
         elif size < 1 << 20:
             fail(f"datastores[{i}].size", f"{d['size']!r} is too small (at least 1M)")
+        elif size % 512:
+            # the same rule as `datastore create`: a LUN is whole 512-byte sectors
+            fail(f"datastores[{i}].size",
+                 f"{d['size']!r} is not a multiple of 512 bytes ({size} bytes)")
         elif d.get("kind") == "file" and size < 64 << 20:
             fail(f"datastores[{i}].size",
                  f"{d['size']!r} is too small for a file datastore (at least 64M)")

@@ -505,3 +505,18 @@ def test_a_lab_that_is_up_is_no_clash_with_itself(
         assert _validate(lab, capsys) == (1, [
             f"labctl: error: {lab}: sites[0].subnet: 10.231.8.0/24 overlaps a network this machine "
             f"already uses (10.231.8.0/24 on {name}); pick another subnet"])
+
+
+@pytest.mark.parametrize("size", [1048577, "1.0001M"])
+def test_a_datastore_size_is_whole_sectors_as_datastore_create_wants(size: int | str) -> None:
+    """The topology took 1048577 bytes that `datastore create` refuses: both want whole
+    512-byte sectors now."""
+    err = _error(GOOD.replace("size: 256M", f"size: {size!r}"))
+    assert len(err.problems) == 1 and err.problems[0][0] == "datastores[0].size"
+    assert "not a multiple of 512 bytes" in err.problems[0][1]
+
+
+def test_a_small_file_datastore_is_refused() -> None:
+    err = _error(GOOD.replace("size: 256M", "size: 32M, kind: file"))
+    assert ("datastores[0].size", "'32M' is too small for a file datastore (at least 64M)") \
+        in err.problems
