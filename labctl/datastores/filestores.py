@@ -17,15 +17,16 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labctl.core.errors import AgentUnreachable, LabError, LabStateError
-from labctl.core.rpc import RpcClient, Stream
+from labctl.core.errors import AgentError, AgentUnreachable, LabError, LabStateError
+from labctl.core.rpc import RpcClient
 from labctl.core.wire import Message
 from labctl.datastores import protocol as dp
 from labctl.datastores.registry import IdRegistry
-from labctl.drivers.sparse import blocks
+from labctl.drivers.sparse import send_extents
 from labctl.state.context import LabContext
 from labctl.state.inventory import Inventory
 from labctl.storage import node as storagenode
@@ -99,6 +100,11 @@ def row(inv: Inventory, name: str) -> dict[str, object]:
     return r
 
 
+def _agent(ctx: LabContext, datastore: str) -> AbstractAsyncContextManager[RpcClient]:
+    """A connection to the storage agent of the node holding file datastore ``datastore``."""
+    return ctx.storage_client(str(row(ctx.inv, datastore)["node"]))
+
+
 def register(ctx: LabContext, node: str, name: str, size: int, hosts: list[str],
              state: str) -> DataDisk:
     """Issue the datastore's ID (its filesystem's UUID too) and record it."""
@@ -128,10 +134,9 @@ async def export(ctx: LabContext, name: str, wait_disk: float = 0.0) -> sp.Files
             try:
                 info = await sp.ENSURE_FILESTORE.call(c, req, timeout=300)
                 break
-            except LabStateError:
-                raise
-            except Exception as exc:
-                if "no virtio disk" not in str(exc) or time.monotonic() > deadline:
+            except AgentError as exc:
+                # a hot-plugged disk needs a moment before the node's kernel lists it
+                if "no virtio disk" not in exc.message or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
     inv.update("file_datastores", {"name": name}, export=info.export, state="exported")
@@ -226,7 +231,7 @@ async def files(ctx: LabContext, name: str) -> FilesListed:
 async def import_image(ctx: LabContext, path: Path, datastore: str, name: str | None = None
                        ) -> Imported:
     """Stream an image file from this machine into a file datastore (sparse: only its data
-    extents move). It must be self-contained (no backing file)."""
+    extents move): a whole image, or a layer whose backing file is already there."""
     r = row(ctx.inv, datastore)
     target = name or path.name
     try:
@@ -250,7 +255,7 @@ async def import_image(ctx: LabContext, path: Path, datastore: str, name: str | 
                     err = first.get("error", {})
                     raise LabStateError(f"storage node {r['node']}: "
                                         f"{err.get('message', first)}", remote=err)
-                await _send_extents(stream, fd, st.st_size)
+                await send_extents(stream, fd, st.st_size)
                 await stream.send({"end": True, "size": st.st_size})
             except (EOFError, ConnectionError) as exc:
                 raise AgentUnreachable(f"storage node {r['node']} went away during the "
@@ -262,20 +267,11 @@ async def import_image(ctx: LabContext, path: Path, datastore: str, name: str | 
                     bytes_moved=int(res["bytes"]), seconds=round(time.monotonic() - t0, 3))
 
 
-async def _send_extents(stream: Stream, fd: int, size: int) -> None:
-    """Every data extent of ``fd`` as a header frame and a data frame (each MAC'd)."""
-    for off, data in blocks(fd, size):
-        await stream.send({"at": off, "len": len(data)})
-        stream.write_bytes(data)
-        await stream.drain()
-
-
 async def clone(ctx: LabContext, datastore: str, backing: str | None, name: str,
                 holder: str | None = None, size_bytes: int | None = None) -> sp.FileEntry:
     """A linked clone: a new, empty qcow2 layer ``name`` on top of ``backing`` (a running
     VM's top when ``holder`` is that VM: a snapshot); without ``backing`` a blank image."""
-    r = row(ctx.inv, datastore)
-    async with ctx.storage_client(str(r["node"])) as c:
+    async with _agent(ctx, datastore) as c:
         return await sp.CREATE_OVERLAY.call(c, sp.CreateOverlay(
             datastore=datastore, name=name, backing=backing, holder=holder,
             size_bytes=size_bytes), timeout=120)
@@ -284,15 +280,13 @@ async def clone(ctx: LabContext, datastore: str, backing: str | None, name: str,
 async def lease(ctx: LabContext, datastore: str, name: str, holder: str,
                 release: bool = False) -> sp.FileEntry:
     """VM ``holder`` writes ``name`` from now on, or (``release``) no longer."""
-    r = row(ctx.inv, datastore)
-    async with ctx.storage_client(str(r["node"])) as c:
+    async with _agent(ctx, datastore) as c:
         return await sp.LEASE_FILE.call(c, sp.LeaseFile(datastore=datastore, name=name,
                                                        holder=holder, release=release))
 
 
 async def chain(ctx: LabContext, datastore: str, name: str) -> sp.Chain:
-    r = row(ctx.inv, datastore)
-    async with ctx.storage_client(str(r["node"])) as c:
+    async with _agent(ctx, datastore) as c:
         return await sp.CHAIN.call(c, sp.FileRef(datastore=datastore, name=name), timeout=120)
 
 
@@ -302,9 +296,7 @@ async def wait_quiet(ctx: LabContext, datastore: str, name: str, timeout: float 
     after its last write): it has a content ID then."""
     deadline = time.monotonic() + timeout
     while True:
-        got = {f.name: f for f in (await files(ctx, datastore)).files}.get(name)
-        if got is None:
-            raise LabStateError(f"no file {name} on {datastore}", file=name)
+        got = (await chain(ctx, datastore, name)).layers[0]  # that file alone, not a listing
         if got.content_id is not None:
             return got
         if time.monotonic() > deadline:
@@ -322,11 +314,10 @@ def node_address(ctx: LabContext, datastore: str) -> tuple[str, str]:
 
 
 async def delete_file(ctx: LabContext, datastore: str, name: str) -> sp.FileDeleted:
-    r = row(ctx.inv, datastore)
     users = [str(v["name"]) for v in ctx.inv.rows("vms", datastore=datastore)
              if v["disk_file"] == name]
     if users:
         raise LabStateError(f"{datastore}:{name} is the disk of VM {', '.join(users)}: delete "
                             "refused", file=name, vms=users)
-    async with ctx.storage_client(str(r["node"])) as c:
+    async with _agent(ctx, datastore) as c:
         return await sp.DELETE_FILE.call(c, sp.FileRef(datastore=datastore, name=name))

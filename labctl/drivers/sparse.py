@@ -1,16 +1,24 @@
-"""Sparse files: their data extents (``SEEK_DATA``/``SEEK_HOLE``), read in chunks, and a
-digest of their content that does not depend on how it is stored (holes, zero blocks).
+"""Sparse files: their data extents (``SEEK_DATA``/``SEEK_HOLE``), read in chunks, sent
+over and received from an authenticated stream, and a digest of their content that does
+not depend on how it is stored (holes, zero blocks).
 
-Standard library only: the storage agent and the controller use the same rule."""
+Standard library and :mod:`labctl.core` only: the storage agent and the controller use the
+same code."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import hashlib
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from labctl.core.errors import StorageNodeError
+from labctl.core.rpc import Stream
 
 CHUNK = 1 << 20
 #: the digest's block: an all-zero block counts as a hole
@@ -98,3 +106,63 @@ def file_digest(path: Path, mask: tuple[tuple[int, int], ...] = ()) -> str:
         return d.hexdigest(size)
     finally:
         os.close(fd)
+
+
+async def send_extents(stream: Stream, fd: int, size: int, digest: Digest | None = None
+                       ) -> int:
+    """Every data extent of ``fd`` (``size`` bytes long) over ``stream``: a header frame
+    ``{"at", "len"}`` then a data frame, each MAC'd; the file is read in a worker thread.
+    Returns the bytes sent (the caller sends the end frame)."""
+    sent = 0
+    for start, length in await asyncio.to_thread(lambda: list(data_extents(fd, size))):
+        pos, end = start, start + length
+        while pos < end:
+            data = await asyncio.to_thread(os.pread, fd, min(CHUNK, end - pos), pos)
+            if not data:
+                break
+            if digest is not None:
+                digest.update(pos, data)
+            await stream.send({"at": pos, "len": len(data)})
+            stream.write_bytes(data)
+            await stream.drain()
+            sent += len(data)
+            pos += len(data)
+    return sent
+
+
+async def receive_extents(stream: Stream, fd: int, what: str, digest: Digest | None = None,
+                          stall: float | None = None) -> tuple[dict[str, Any], int]:
+    """Write what :func:`send_extents` sends into ``fd`` up to the end frame (``{"end",
+    "size", ...}``), then give the file that length and sync it; returns the end frame and
+    the bytes received. ``stall``: seconds a frame may take (TimeoutError after). A write
+    that fails does not stop the reading: the stream is read to its end, so that the sender
+    hears why rather than a reset connection, then StorageNodeError names ``what``."""
+    moved = 0
+    failed: OSError | None = None
+    while True:
+        async with asyncio.timeout(stall) if stall else contextlib.nullcontext():
+            msg = await stream.recv()
+        if "error" in msg:
+            err = msg["error"]
+            raise StorageNodeError(f"the sender refused: {err.get('message')}", remote=err)
+        if msg.get("end"):
+            break
+        at, length = int(msg["at"]), int(msg["len"])
+        async with asyncio.timeout(stall) if stall else contextlib.nullcontext():
+            data = await stream.recv_bytes()
+        if len(data) != length:
+            raise StorageNodeError("a data frame does not match its header")
+        if failed is None:
+            try:
+                await asyncio.to_thread(os.pwrite, fd, data, at)
+            except OSError as exc:
+                failed = exc
+        if digest is not None:
+            digest.update(at, data)
+        moved += len(data)
+    if failed is not None:
+        raise StorageNodeError(f"writing {what} failed: {failed.strerror}", errno=failed.errno)
+    os.ftruncate(fd, int(msg["size"]))
+    os.fsync(fd)
+    return msg, moved
+

@@ -49,7 +49,13 @@ from labctl.core.rpc import RpcClient, Stream
 from labctl.drivers.lio import find_disk_by_serial
 from labctl.drivers.nfsd import NfsServer
 from labctl.drivers.qcow2 import ImageHeader, ImageHeaderError, parse_header
-from labctl.drivers.sparse import CHUNK, Digest, blocks, data_extents, file_digest
+from labctl.drivers.sparse import (
+    Digest,
+    blocks,
+    file_digest,
+    receive_extents,
+    send_extents,
+)
 from labctl.storage import protocol as p
 
 log = logging.getLogger("labctl.storage.files")
@@ -63,7 +69,6 @@ STALL_S = 30.0
 WRITE_QUIET_S = 10.0
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _UUID_RE = re.compile(r"^[0-9a-f]{32}$")
-_EXT4_MAGIC_OFFSET = 1080
 
 IN_MODIFY = 0x2
 IN_ATTRIB = 0x4
@@ -121,7 +126,7 @@ def link_into_place(tmp: Path, final: Path) -> None:
 
 
 def check_file_name(name: str) -> str:
-    if not isinstance(name, str) or not _FILE_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _FILE_RE.match(name):
         raise StorageNodeError(f"bad file name {name!r}: 1-128 of A-Z a-z 0-9 _ . + - "
                                "(files of a datastore are flat)", file=name)
     return name
@@ -211,6 +216,11 @@ class Filestore:
     def path(self, name: str) -> Path:
         return self.images / check_file_name(name)
 
+    def part(self, name: str) -> Path:
+        """Where a new file ``name`` is made before it is linked into place: never listed,
+        never a match; cleared when the datastore is mounted again."""
+        return self.incoming / f"{check_file_name(name)}.{os.urandom(4).hex()}.part"
+
     # the ID database, on the datastore itself ---------------------------------------------
 
     def load(self) -> None:
@@ -277,8 +287,7 @@ class Filestore:
         None while it is being written. ``parent``: its parent's content ID as of now."""
         if self.is_writing(name) or name in self.leases:
             return None
-        st = os.lstat(self.path(name))
-        stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        stamp = self.stamp(name)
         rec = self.records.get(name)
         if rec is None or name in self.changed or rec.stamp != stamp:
             rec = _Record(new_content_id(), stamp, parent, time.time())
@@ -289,12 +298,15 @@ class Filestore:
 
     def set_record(self, name: str, content_id: str, parent: str | None) -> None:
         """The agent wrote ``name`` itself (a received copy): it carries ``content_id``."""
-        st = os.lstat(self.path(name))
-        self.records[name] = _Record(content_id, [st.st_ino, st.st_size, st.st_mtime_ns,
-                                                  st.st_ctime_ns], parent, time.time())
+        self.records[name] = _Record(content_id, self.stamp(name), parent, time.time())
         self.changed.discard(name)
         self.writing.pop(name, None)
         self.save()
+
+    def stamp(self, name: str) -> list[int]:
+        """What tells a file changed while nobody watched: inode, size, mtime, ctime."""
+        st = os.lstat(self.path(name))
+        return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
     def names(self) -> list[str]:
         return sorted(e.name for e in os.scandir(self.images)
@@ -498,7 +510,6 @@ class Filestores:
         """The file and its ancestors, top first; every layer must live here, be readable and
         not loop (its state says whether it is quiet)."""
         fs = self.store(req.datastore)
-        check_file_name(req.name)
         seen: dict[str, p.FileEntry] = {}
         layers = [self.entry(fs, req.name, seen)]
         while True:
@@ -523,7 +534,6 @@ class Filestores:
     async def delete_file(self, req: p.FileRef) -> p.FileDeleted:
         fs = self.store(req.datastore)
         path = fs.path(req.name)
-        check_file_name(req.name)
         if req.name in fs.leases:
             raise StorageNodeError(f"{req.name} is the disk of VM {fs.leases[req.name]}: "
                                    "delete refused", file=req.name, vm=fs.leases[req.name])
@@ -556,21 +566,7 @@ class Filestores:
         try:
             size = os.fstat(fd).st_size
             d = Digest() if ref.digest else None
-            sent = 0
-            extents = await asyncio.to_thread(lambda: list(data_extents(fd, size)))
-            for start, length in extents:
-                pos, end = start, start + length
-                while pos < end:
-                    data = await asyncio.to_thread(os.pread, fd, min(CHUNK, end - pos), pos)
-                    if not data:
-                        break
-                    if d is not None:
-                        d.update(pos, data)
-                    await stream.send({"at": pos, "len": len(data)})
-                    stream.write_bytes(data)
-                    await stream.drain()
-                    sent += len(data)
-                    pos += len(data)
+            sent = await send_extents(stream, fd, size, d)
         finally:
             os.close(fd)
         after = self.entry(fs, ref.name).content_id
@@ -590,7 +586,7 @@ class Filestores:
             check_file_name(req.backing)
         if fs.exists(req.name):
             raise StorageNodeError(f"{req.name} already exists on {fs.name}", file=req.name)
-        tmp = fs.incoming / f"{req.name}.{os.urandom(4).hex()}.part"
+        tmp = fs.part(req.name)
         t0 = time.monotonic()
         try:
             got = await self._receive(req, tmp)
@@ -635,7 +631,7 @@ class Filestores:
                 p.SendFile(datastore=req.source_datastore, name=req.source_name,
                            expect=req.expect, digest=req.verify).to_wire(),
                 peer=f"storage agent {req.source_address}")
-            msg = await self._stream_into(stream, fd, d)
+            msg = await self._stream_into(stream, fd, d, f"the copy of {req.source_name}")
         except TimeoutError:
             raise StorageNodeError(f"{req.source_name}: the source sent nothing for "
                                    f"{STALL_S:g} s: copy given up", file=req.source_name
@@ -657,32 +653,12 @@ class Filestores:
                                    f"source's {msg.get('digest')}", file=req.source_name)
         return moved, digest
 
-    async def _stream_into(self, stream: Stream, fd: int, d: Digest | None
+    async def _stream_into(self, stream: Stream, fd: int, d: Digest | None, what: str
                            ) -> dict[str, object]:
-        """Write a ``file_send`` stream's data frames into ``fd``; its end frame, with the
-        bytes moved added as ``moved``."""
-        moved = 0
+        """Write a ``file_send`` stream's data into ``fd``; its end frame, with the bytes
+        moved added as ``moved``."""
         async with stream:
-            while True:
-                async with asyncio.timeout(STALL_S):
-                    msg = await stream.recv()
-                if "error" in msg:
-                    err = msg["error"]
-                    raise StorageNodeError(f"the source refused: {err.get('message')}",
-                                           remote=err)
-                if msg.get("end"):
-                    break
-                at, length = int(msg["at"]), int(msg["len"])
-                async with asyncio.timeout(STALL_S):
-                    data = await stream.recv_bytes()
-                if len(data) != length:
-                    raise StorageNodeError("a data frame does not match its header")
-                await asyncio.to_thread(os.pwrite, fd, data, at)
-                if d is not None:
-                    d.update(at, data)
-                moved += len(data)
-            os.ftruncate(fd, int(msg["size"]))
-            os.fsync(fd)
+            msg, moved = await receive_extents(stream, fd, what, d, stall=STALL_S)
             await stream.result()
         return {**msg, "moved": moved}
 
@@ -718,30 +694,11 @@ class Filestores:
                 f"{req.allocated_bytes}", free_bytes=st.f_bavail * st.f_frsize,
                 need_bytes=req.allocated_bytes)
         await stream.send({"ready": True})
-        tmp = fs.incoming / f"{req.name}.{os.urandom(4).hex()}.part"
+        tmp = fs.part(req.name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        moved = 0
-        failed: OSError | None = None
         try:
             try:
-                while True:
-                    msg = await stream.recv()
-                    if msg.get("end"):
-                        break
-                    at = int(msg["at"])
-                    data = await stream.recv_bytes()
-                    if failed is None:  # after a failure, read on to the end: the sender
-                        try:            # then hears why, not a reset connection
-                            await asyncio.to_thread(os.pwrite, fd, data, at)
-                        except OSError as exc:
-                            failed = exc
-                    moved += len(data)
-                if failed is not None:
-                    raise StorageNodeError(f"writing {req.name} on {fs.name} failed: "
-                                           f"{failed.strerror}", file=req.name)
-                size = int(msg["size"])
-                os.ftruncate(fd, size)
-                os.fsync(fd)
+                _end, moved = await receive_extents(stream, fd, f"{req.name} on {fs.name}")
             finally:
                 os.close(fd)
             head = header_of(tmp)
@@ -827,7 +784,7 @@ class Filestores:
         if req.backing is None:
             if req.size_bytes is None or not 0 < req.size_bytes <= 1 << 40:
                 raise StorageNodeError("a blank image needs size_bytes (1 B .. 1 TiB)")
-            argv = ["-f", "qcow2", "{tmp}", str(req.size_bytes)]
+            argv, size = ["-f", "qcow2"], req.size_bytes
         else:
             parent = self.entry(fs, check_file_name(req.backing))
             if parent.content_id is None and (req.holder is None
@@ -837,15 +794,14 @@ class Filestores:
                     + (f" by VM {parent.in_use_by}" if parent.in_use_by else "")
                     + ": no layer on top of it now", file=req.backing)
             # -u: the backing is not opened (it may be a running VM's top, shared read-only)
-            argv = ["-f", "qcow2", "-u", "-b", req.backing, "-F", parent.format, "{tmp}",
-                    str(parent.virtual_size)]
+            argv = ["-f", "qcow2", "-u", "-b", req.backing, "-F", parent.format]
+            size = parent.virtual_size
         if fs.exists(req.name):
             raise StorageNodeError(f"{req.name} already exists on {fs.name}", file=req.name)
-        tmp = fs.incoming / f"{req.name}.{os.urandom(4).hex()}.part"
+        tmp = fs.part(req.name)
         try:
             # made aside, then linked in
-            await run(["qemu-img", "create", "-q", *(str(tmp) if a == "{tmp}" else a
-                                                     for a in argv)],
+            await run(["qemu-img", "create", "-q", *argv, str(tmp), str(size)],
                       timeout=120, cwd=fs.images, what=f"qemu-img create {req.name}")
             link_into_place(tmp, fs.path(req.name))
         except BaseException:
@@ -858,7 +814,7 @@ class Filestores:
 def _copy_extents(src_path: Path, dst_path: Path, digest: bool) -> tuple[int, str | None]:
     """Copy a file's data extents into a new sparse file (synced); bytes moved, and with
     ``digest`` the content's digest."""
-    src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    src = open_regular(src_path)
     dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     moved = 0
     d = Digest() if digest else None
