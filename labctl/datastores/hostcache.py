@@ -35,21 +35,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from labctl.core.errors import LabError, LabStateError
 from labctl.core.ids import normal_id
-from labctl.core.proc import run
 from labctl.core.wire import Empty, Json, handlers
 from labctl.datastores import protocol as p
 from labctl.drivers import iscsi
+from labctl.drivers.qemu import nfs_image_size
+from labctl.hosts.protocol import NfsChainDisk, NfsLayer
 from labctl.storage.protocol import NFS_MARKER
-
-_IPV4_RE = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
-_EXPORT_RE = re.compile(r"^/[A-Za-z0-9_./-]+$")
 
 if TYPE_CHECKING:
     from labctl.core.rpc import Handler
@@ -110,14 +107,13 @@ class HostStorage:
     async def nfs_check(self, req: p.NfsCheck) -> p.NfsChecked:
         """Read the export's marker file with QEMU's own NFS client (``qemu-img info``): the
         MOUNT service answers this host, the export lets it in, NFS reads work."""
-        if not _IPV4_RE.match(req.server) or not _EXPORT_RE.match(req.export):
-            raise LabError(f"nfs_check: bad server or export {req.server!r} {req.export!r}")
+        try:  # checked as a VM's disk on that export would be
+            marker = NfsChainDisk(server=req.server, layers=[
+                NfsLayer(f"{req.export}/{NFS_MARKER}", "raw")])
+        except ValueError as exc:
+            raise LabError(f"nfs_check: {exc}") from None
         t0 = time.monotonic()
-        url = f"nfs://{req.server}{req.export}/{NFS_MARKER}"
-        res = await run(["qemu-img", "info", "--output=json", url], check=False, timeout=30,
-                        what=f"qemu-img info {url}")
-        lines = (res.stderr or res.stdout).strip().splitlines()
-        error = None if res.ok else (lines[-1] if lines else f"exit status {res.returncode}")
+        _size, error = await nfs_image_size(marker.server, marker.layers[0].path)
         return p.NfsChecked(server=req.server, export=req.export, error=error,
                             seconds=round(time.monotonic() - t0, 3))
 

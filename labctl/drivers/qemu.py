@@ -38,7 +38,7 @@ from qemu.qmp.qmp_client import ExecuteError
 from labctl.core.chap import Chap
 from labctl.core.errors import LabError, MissingDependency, VmError
 from labctl.core.names import QEMU_BINARY
-from labctl.core.proc import cmdline_names, which
+from labctl.core.proc import cmdline_names, run, which
 from labctl.core.secret import write_private
 from labctl.guest import protocol as guest
 from labctl.hosts.protocol import FileDisk, IscsiDisk, NfsChainDisk, NfsLayer, VmSpec
@@ -131,6 +131,19 @@ def chain_nodes(disk: NfsChainDisk, top: str = "disk0") -> list[dict[str, Any]]:
 def nfs_node(server: str, path: str, node_name: str) -> dict[str, Any]:
     return {"node-name": node_name, "driver": "nfs",
             "server": {"type": "inet", "host": server}, "path": path}
+
+
+async def nfs_image_size(server: str, path: str) -> tuple[int | None, str | None]:
+    """(virtual size, None) of the image at ``path`` on NFS server ``server`` as QEMU's own
+    NFS client reads it from this host (``qemu-img info``), or (None, why not)."""
+    url = f"nfs://{server}{path}"
+    res = await run(["qemu-img", "info", "--output=json", "-U", url], check=False, timeout=30,
+                    what=f"qemu-img info {url}")
+    if res.ok:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return int(json.loads(res.stdout)["virtual-size"]), None
+    lines = (res.stderr or res.stdout).strip().splitlines()
+    return None, lines[-1] if lines else f"qemu-img info exited with status {res.returncode}"
 
 
 def blockdev_arg(node: dict[str, Any]) -> str:
@@ -596,7 +609,6 @@ class QemuVm:
             raise self._error("a snapshot needs a disk on a file datastore")
         top = await self._active_node()
         name = f"snap-{uuid.uuid4().hex[:12]}"
-        t0 = time.monotonic()
         try:
             await self.execute("blockdev-add", nfs_node(disk.server, layer.path,
                                                         f"{name}-file"))

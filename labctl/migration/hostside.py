@@ -38,10 +38,16 @@ from dataclasses import dataclass, field
 from qemu.qmp import EventListener
 
 from labctl.core.errors import LabError, LabStateError, MigrationError, VmError
-from labctl.core.proc import run
 from labctl.core.rpc import Handler
 from labctl.core.wire import Json, handlers
-from labctl.drivers.qemu import QemuVm, VmState, blockdev_arg, chain_nodes, disk_node
+from labctl.drivers.qemu import (
+    QemuVm,
+    VmState,
+    blockdev_arg,
+    chain_nodes,
+    disk_node,
+    nfs_image_size,
+)
 from labctl.guest.protocol import decode_disk_record, parse_heartbeat
 from labctl.hosts.agent import HostAgent
 from labctl.hosts.protocol import (
@@ -366,16 +372,9 @@ class MigrationHandlers:
     async def _chain_check(self, disk: NfsChainDisk) -> mp.FileDatastoreCheck:
         """This host reads the chain's top over NFS with QEMU's own client (its size)."""
         url = f"nfs://{disk.server}{disk.layers[0].path}"
-        res = await run(["qemu-img", "info", "--output=json", "-U", url], check=False,
-                        timeout=30, what=f"qemu-img info {url}")
-        try:
-            size = int(json.loads(res.stdout)["virtual-size"]) if res.ok else -1
-        except (ValueError, KeyError, TypeError):
-            size = -1
-        if size < 0:
-            why = (res.stderr or res.stdout).strip().splitlines()
-            raise MigrationError(f"host {self.agent.host} cannot read {url}: "
-                                 f"{why[-1] if why else 'no answer'}", url=url)
+        size, why = await nfs_image_size(disk.server, disk.layers[0].path)
+        if size is None:
+            raise MigrationError(f"host {self.agent.host} cannot read {url}: {why}", url=url)
         return mp.FileDatastoreCheck(path=url, size_bytes=size)
 
     async def _read_check(self, vm: QemuVm) -> mp.ReadCheck:
