@@ -150,9 +150,7 @@ async def copy(ctx: LabContext, source_datastore: str, name: str, target_datasto
     src_node = inv.row("storage_nodes", name=src["node"])
     assert src_node is not None
     t0 = time.monotonic()
-    async with ctx.storage_client(str(src["node"]), timeout=10) as c:
-        chain = await sp.CHAIN.call(c, sp.FileRef(datastore=source_datastore, name=name),
-                                    timeout=120)
+    chain = await filestores.chain(ctx, source_datastore, name)
     check_chain(source_datastore, chain.layers)
     async with ctx.storage_client(str(dst["node"]), timeout=10) as c:
         listing = await sp.LIST_FILES.call(c, sp.DatastoreName(datastore=target_datastore),
@@ -197,26 +195,18 @@ async def copy(ctx: LabContext, source_datastore: str, name: str, target_datasto
                 allocated_bytes=layer.allocated_bytes, rebased_from=pulled.rebased_from,
                 renamed=renamed)
             below_name, below_id, below_format = new_name, cid, layer.format
-    layers_out: list[LayerCopied] = []
-    for layer in chain.layers:
-        if layer.name in done:
-            layers_out.append(done[layer.name])
-            continue
-        if the_plan.anchor is not None and the_plan.anchor_for is not None \
-                and layer.name == the_plan.anchor_for.name:
-            layers_out.append(LayerCopied(
-                source=layer.name, content_id=str(layer.content_id), action="reused",
-                target=the_plan.anchor.name, bytes_moved=0, seconds=0.0,
-                allocated_bytes=layer.allocated_bytes, verified=verified))
-        break_below = the_plan.anchor_for is not None and layer.name == the_plan.anchor_for.name
-        if break_below:
-            break
-    top = layers_out[0].target
-    moved = sum(x.bytes_moved for x in layers_out)
+    # top first: the copied layers, then the one the anchor stands for
+    layers_out = [done[layer.name] for layer in the_plan.copy]
+    if the_plan.anchor is not None and the_plan.anchor_for is not None:
+        reused = the_plan.anchor_for
+        layers_out.append(LayerCopied(
+            source=reused.name, content_id=str(reused.content_id), action="reused",
+            target=the_plan.anchor.name, bytes_moved=0, seconds=0.0,
+            allocated_bytes=reused.allocated_bytes, verified=verified))
     return ChainCopied(
-        source_datastore=source_datastore, target_datastore=target_datastore, top=top,
-        layers=layers_out, bytes_moved=moved,
-        missing_bytes=sum(layer.allocated_bytes for layer in the_plan.copy),
+        source_datastore=source_datastore, target_datastore=target_datastore,
+        top=layers_out[0].target, layers=layers_out,
+        bytes_moved=sum(x.bytes_moved for x in layers_out), missing_bytes=need,
         chain_bytes=sum(layer.allocated_bytes for layer in chain.layers),
         seconds=round(time.monotonic() - t0, 3))
 

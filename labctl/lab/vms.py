@@ -110,19 +110,18 @@ async def start(ctx: LabContext, name: str) -> hp.VmStarted:
                 raise LabStateError(f"VM {name} is already running on {vm['host']}", vm=name)
             ctx.progress(f"VM {name} had died on {vm['host']} (QEMU {process}, exit status "
                          f"{returncode}): starting it again")
-        acquired = False
         if on_file:  # one writer per image: the VM holds its top layer's lease
-            top = row(ctx, name)["disk_file"]
-            acquired = (await filestores.lease(ctx, vm["datastore"], top, name)).in_use_by \
-                == name and vm["state"] != "running"
+            top = row(ctx, name)["disk_file"]  # (spec() made the clone on a first start)
+            await filestores.lease(ctx, vm["datastore"], top, name)
         elif vm["datastore"]:  # the host attaches by ID: hand it the mapping, it checks the LUN
             await datastores.attach_for_vm(c, ctx.inv, vm["datastore"], vm["host"])
         try:
             res = await hp.VM_START.call(c, hp.VmStart(spec=start_spec), timeout=120)
         except RemoteError:
-            # the host refused to start it (nothing runs): the lease goes with the attempt;
-            # on a timeout or a lost connection it may run, so the lease stays
-            if acquired:
+            # the host refused to start it (nothing runs): the lease goes with the attempt,
+            # unless an earlier QEMU the inventory knows of may still hold it; on a timeout or
+            # a lost connection this one may run, so the lease stays
+            if on_file and vm["state"] != "running":
                 with contextlib.suppress(LabError):
                     await filestores.lease(ctx, vm["datastore"], top, name, release=True)
             raise
