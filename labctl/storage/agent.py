@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from labctl.core.chap import chap_for
 from labctl.core.errors import ProtocolError, StorageNodeError
-from labctl.core.names import ISCSI_PORT, STORAGE_AGENT_PORT
+from labctl.core.names import ISCSI_PORT, STORAGE_AGENT_PORT, TCP_BUFFERS
 from labctl.core.proc import run
 from labctl.core.rpc import Handler, RpcServer, StreamHandler
 from labctl.core.wire import Empty, Json, handlers
@@ -42,8 +42,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SERIAL_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 _IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s]+|eui\.[0-9a-fA-F]{16}|naa\.[0-9a-fA-F]{16,32})$")
 _BOOT = time.monotonic()
-#: min, default, max bytes of a TCP socket's buffers on a node routed to another site
-TCP_BUFFERS = "4096 131072 33554432"
 
 
 # --- pure helpers (unit-tested on the host) -----------------------------------------------

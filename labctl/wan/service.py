@@ -43,8 +43,6 @@ CREATE TABLE IF NOT EXISTS wan_links (
 
 ROLE = "wan-router"
 ROUTER_MEMORY_MIB = 256
-#: TCP buffer limits in site namespaces (min, default, max): one flow fills a long fat link
-TCP_MEM = "4096 131072 33554432"
 AGENT_FILES = ("labctl/__init__.py", "labctl/core/__init__.py", "labctl/core/errors.py",
                "labctl/core/rpc.py", "labctl/core/names.py", "labctl/core/wire.py",
                "labctl/core/proc.py", "labctl/wan/__init__.py", "labctl/wan/protocol.py",
@@ -178,38 +176,41 @@ def record(ctx: LabContext, idx: int, name: str, sites: tuple[str, str],
                    up=have["up"] if have else 1, memory_mib=ROUTER_MEMORY_MIB)
 
 
-async def route_hosts(ctx: LabContext) -> None:
-    """Every host of a linked site reaches the other site through the link's router, with
-    TCP buffers that let one flow fill the link."""
-    hosts = ctx.inv.rows("hosts")
+def site_routes(ctx: LabContext) -> dict[str, list[sp.Route]]:
+    """Each linked site's routes to the sites across its links: the other site's subnet
+    through the link's router address on this side."""
     sites = {r["name"]: r for r in ctx.inv.rows("sites")}
+    routes: dict[str, list[sp.Route]] = {}
     for row in links(ctx.inv):
         for site, other, via in ((row.site_a, row.site_b, row.address_a),
                                  (row.site_b, row.site_a, row.address_b)):
-            for h in hosts:
-                if h["site"] != site:
-                    continue
-                await run(["ip", "route", "replace", str(sites[other]["subnet"]), "via", via],
-                          netns=str(h["netns"]), what=f"route to {other} on {h['name']}")
-                for key in ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"):
-                    await run(["sysctl", "-q", "-w", f"{key}={TCP_MEM}"],
-                              netns=str(h["netns"]), what=f"{key} on {h['name']}")
+            routes.setdefault(site, []).append(sp.Route(str(sites[other]["subnet"]), via))
+    return routes
+
+
+async def route_hosts(ctx: LabContext) -> None:
+    """Every host of a linked site reaches the other site through the link's router, with
+    TCP buffers that let one flow fill the link."""
+    routes = site_routes(ctx)
+    for h in ctx.inv.rows("hosts"):
+        for r in routes.get(str(h["site"]), []):
+            await run(["ip", "route", "replace", r.subnet, "via", r.via],
+                      netns=str(h["netns"]), what=f"route to {r.subnet} on {h['name']}")
+        if str(h["site"]) in routes:
+            for key in ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"):
+                await run(["sysctl", "-q", "-w", f"{key}={names.TCP_BUFFERS}"],
+                          netns=str(h["netns"]), what=f"{key} on {h['name']}")
 
 
 async def route_nodes(ctx: LabContext, node: str | None = None) -> None:
     """Every storage node of a linked site (or just ``node``) reaches the other site through
     the link's router: a file copy between sites goes from node to node over the WAN."""
-    sites = {r["name"]: r for r in ctx.inv.rows("sites")}
-    want: dict[str, list[sp.Route]] = {}
-    for row in links(ctx.inv):
-        for site, other, via in ((row.site_a, row.site_b, row.address_a),
-                                 (row.site_b, row.site_a, row.address_b)):
-            want.setdefault(site, []).append(sp.Route(str(sites[other]["subnet"]), via))
+    routes = site_routes(ctx)
     for n in ctx.inv.rows("storage_nodes"):
         if (node is not None and n["name"] != node) or n["state"] != "up":
             continue
         async with ctx.storage_client(str(n["name"])) as c:
-            await sp.SET_ROUTES.call(c, sp.SetRoutes(routes=want.get(str(n["site"]), [])))
+            await sp.SET_ROUTES.call(c, sp.SetRoutes(routes=routes.get(str(n["site"]), [])))
 
 
 @contextlib.asynccontextmanager
