@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from labctl.cli.records import check_output
 from labctl.core.chap import chap_for
 from labctl.core.paths import cache_dir
 from labctl.core.secret import read_secret
@@ -103,6 +104,13 @@ def labctl(*args: str, check: bool = True, timeout: float = 300) -> subprocess.C
                          timeout=timeout, check=False)
     if check and res.returncode != 0:
         raise AssertionError(f"labctl {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
+    if "--json" in args and res.returncode in (0, 1):
+        # every --json output of every test is checked against the shipped schema of its
+        # record (an error record when the command failed)
+        try:
+            check_output(list(args), res.returncode, res.stdout)
+        except ValueError as exc:
+            raise AssertionError(f"{exc}\nstdout: {res.stdout[:2000]}") from None
     return res
 
 

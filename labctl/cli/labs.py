@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from labctl.cli.args import DEFAULT_TOPOLOGY
 from labctl.cli.progress import Progress
@@ -21,12 +23,12 @@ from labctl.core.chap import initiator_secret
 from labctl.core.errors import LabStateError
 from labctl.core.paths import home, labs_dir, repo_root
 from labctl.core.proc import netns_argv
-from labctl.core.wire import Json, Message
-from labctl.lab import topology
+from labctl.core.wire import Json, Message, WallTime
 from labctl.lab.face import Lab
-from labctl.lab.status import LabStatus
-from labctl.scenarios import demo
 from labctl.state.labdir import existing_labs, lab_meta
+
+if TYPE_CHECKING:
+    from labctl.lab.status import LabStatus
 
 
 def emit(record: Json) -> None:
@@ -103,6 +105,9 @@ def _topology_file(args: argparse.Namespace) -> Path:
 
 
 async def _up(args: argparse.Namespace, progress: Progress) -> int:
+    from labctl.lab import topology
+    from labctl.scenarios import demo
+
     file = _topology_file(args)
     topo = topology.load(file)
     lab = Lab(args.lab or topo.name, progress=progress)
@@ -118,21 +123,72 @@ async def _up(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from labctl.lab import topology
+
     topo = topology.load(args.file)
     Lab(args.lab or topo.name).check(topo)  # every check of up that builds nothing
     counts = ((len(topo.hosts), "host"), (len(topo.storage_nodes), "storage node"),
               (len(topo.datastores), "datastore"), (len(topo.vms), "VM"),
               (len(topo.wan), "WAN link"))
     if args.json:
-        emit({"file": str(args.file), "lab": topo.name, "valid": True,
-                    "hosts": len(topo.hosts), "storage_nodes": len(topo.storage_nodes),
-                    "datastores": len(topo.datastores), "vms": len(topo.vms),
-                    "wan": len(topo.wan)})
+        emit(Validated(file=str(args.file), lab=topo.name, valid=True, hosts=len(topo.hosts),
+                       storage_nodes=len(topo.storage_nodes), datastores=len(topo.datastores),
+                       vms=len(topo.vms), wan=len(topo.wan)).to_wire())
         return 0
     print(f"{args.file}: lab {topo.name}: "
           + ", ".join(f"{n} {w}{'' if n == 1 else 's'}" for n, w in counts
                       if n or w != "WAN link") + ": valid")
     return 0
+
+
+@dataclass(frozen=True)
+class Validated(Message):
+    """What ``labctl validate --json`` prints for a topology that passed every check (one
+    that did not is an ``error`` record listing every problem)."""
+
+    file: str
+    lab: str
+    valid: bool
+    #: how many of each the topology has
+    hosts: int
+    storage_nodes: int
+    datastores: int
+    vms: int
+    wan: int
+
+
+@dataclass(frozen=True)
+class Exported(Message):
+    """What ``labctl export`` wrote."""
+
+    lab: str
+    file: str
+    #: files in the archive (the lab's secrets are never among them)
+    files: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class VmStopped(Message):
+    name: str
+    state: Literal["stopped"]
+
+
+@dataclass(frozen=True)
+class ConsoleAnswer(Message):
+    """``labctl vm console VM CMD``: the guest's answer to a console command."""
+
+    name: str
+    command: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class ConsoleTail(Message):
+    """``labctl vm console VM``: the last lines of its console, as its host agent read them."""
+
+    name: str
+    lines: list[str]
 
 
 @dataclass(frozen=True)
@@ -143,8 +199,8 @@ class LabEntry(Message):
     state: str | None
     topology: str | None
     directory: str
-    created_at: str | None
-    down_at: str | None
+    created_at: WallTime | None
+    down_at: WallTime | None
 
 
 @dataclass(frozen=True)
@@ -162,7 +218,7 @@ def _ls(args: argparse.Namespace) -> int:
         rows.append(LabEntry(
             name=name, state=meta.get("state"), topology=meta.get("topology_source"),
             directory=str(labs_dir() / name), created_at=_when(meta.get("created")),
-            down_at=meta.get("down_at")))
+            down_at=_when(meta.get("down_at"))))
     if args.json:
         emit(LabList(home=str(home()), labs=rows).to_wire())
         return 0
@@ -175,13 +231,19 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _when(stamp: str | None) -> str | None:
-    """A time.time() stamp of the inventory as local ISO time; None when there is none or it
-    is no time (an inventory edited by hand: ls still lists every lab)."""
-    try:
-        return datetime.fromtimestamp(float(stamp or "")).astimezone().isoformat(timespec="seconds")
-    except (ValueError, OverflowError, OSError):
+def _when(stamp: str | None) -> WallTime | None:
+    """A time the inventory keeps (Unix time, or ISO 8601); None when there is none or it is
+    no time (an inventory edited by hand: ls still lists every lab)."""
+    if not stamp:
         return None
+    try:
+        t = float(stamp)
+    except ValueError:
+        try:
+            t = datetime.fromisoformat(stamp).timestamp()
+        except ValueError:
+            return None
+    return WallTime(t) if math.isfinite(t) and abs(t) < 1e11 else None
 
 
 def print_status(s: LabStatus) -> None:
@@ -244,8 +306,8 @@ def _export(lab: Lab, args: argparse.Namespace) -> int:
         raise LabStateError(f"cannot export lab {lab.name} to {out}: {exc.strerror or exc}{where}",
                             path=str(out)) from None
     if args.json:
-        emit({"lab": lab.name, "file": str(out), "files": len(kept),
-                    "size_bytes": out.stat().st_size})
+        emit(Exported(lab=lab.name, file=str(out), files=len(kept),
+                      size_bytes=out.stat().st_size).to_wire())
     else:
         print(f"lab {lab.name}: {len(kept)} files in {out} ({out.stat().st_size >> 10} KiB; "
               "secrets left out)")
@@ -287,15 +349,15 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "stop":
         await lab.vm_stop(args.name)
         if args.json:
-            emit({"name": args.name, "state": "stopped"})
+            emit(VmStopped(name=args.name, state="stopped").to_wire())
         else:
             print(f"VM {args.name} stopped")
         return 0
     if args.command:
         answer = await lab.vm_console(args.name, " ".join(args.command))
         if args.json:
-            emit({"name": args.name, "command": " ".join(args.command),
-                        "answer": answer})
+            emit(ConsoleAnswer(name=args.name, command=" ".join(args.command),
+                               answer=answer).to_wire())
         else:
             print(answer)
         return 0
@@ -303,7 +365,7 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
         return await _follow_console(lab, args)
     tail = await lab.vm_console_tail(args.name, args.lines)
     if args.json:
-        emit({"name": args.name, "lines": tail})
+        emit(ConsoleTail(name=args.name, lines=tail).to_wire())
     else:
         print("\n".join(tail))
     return 0
@@ -399,18 +461,28 @@ async def _tail(path: Path, lines: int, follow: bool, stamp: bool, as_json: bool
                 continue
             pending += chunk.decode(errors="replace")
             *done, pending = pending.split("\n")
-            now = datetime.now().astimezone().isoformat(timespec="milliseconds")
+            now = time.time()
             for line in done:
                 _line(line.rstrip("\r"), now if stamp else None, as_json)
 
 
-def _line(text: str, at: str | None, as_json: bool) -> None:
+def _line(text: str, at: float | None, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"at": at, "line": text}), flush=True)
-    elif at is not None:
-        print(f"{at}  {text}", flush=True)
+        print(json.dumps(LogLine(at=None if at is None else WallTime(at), line=text).to_wire()),
+              flush=True)
+    elif at is not None:  # for people: local time
+        when = datetime.fromtimestamp(at).astimezone().isoformat(timespec="milliseconds")
+        print(f"{when}  {text}", flush=True)
     else:
         print(text, flush=True)
 
 
-_ = time
+@dataclass(frozen=True)
+class LogLine(Message):
+    """One line of ``labctl logs --json`` or ``vm console --json`` (JSON lines: one object
+    per line of the log or console)."""
+
+    #: when labctl read it (``--follow`` on a console), None for the lines already there
+    at: WallTime | None
+    line: str
+

@@ -9,7 +9,6 @@ a closed pipe (``| head``) ends it quietly (0)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import io
 import json
@@ -52,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.site and args.cmd not in ("up", "ls", "validate", "demo") and \
                 (args.cmd, getattr(args, "action", None)) != ("migration", "policies"):
             importlib.import_module("labctl.cli.site").check(args)
+        import asyncio  # here, not at the top: --help and --version need no event loop
+
         return asyncio.run(run(args, progress))
     except LabError as exc:
         if args.json:

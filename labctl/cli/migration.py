@@ -31,7 +31,7 @@ def interrupted_message() -> str:
         try:
             rows = lab.migrations()
             if rows:
-                rec = lab.migrations(rows[-1]["id"])["result"].get("recovery") or {}
+                rec = lab.migrations(rows[-1].id).get("recovery") or {}
         except Exception:  # the message must be printed whatever the inventory says
             rec = {}
     src = rec.get("source") or {}
@@ -68,8 +68,7 @@ async def dispatch(lab: Lab | None, args: argparse.Namespace) -> int:
         return 0
     if args.action == "policies":
         if args.json:
-            print(json.dumps({name: pol.to_dict() for name, pol in BUILTIN_POLICIES.items()},
-                             indent=2))
+            print(json.dumps([pol.to_wire() for pol in BUILTIN_POLICIES.values()], indent=2))
             return 0
         for name, pol in BUILTIN_POLICIES.items():
             print(f"{name:9} downtime {pol.downtime_limit_ms} ms, bandwidth "
@@ -78,23 +77,21 @@ async def dispatch(lab: Lab | None, args: argparse.Namespace) -> int:
         return 0
     assert lab is not None
     if args.action == "show":
-        m = lab.migrations(args.id)
-        # passes and decisions are stored in their own tables, not in the result
-        res = {**m["result"], "state": m["state"], "id": m["id"],
-               "pass_records": m["pass_records"], "decisions": m["decisions"]}
+        # the same record as `labctl migrate --json` printed (schema migrate.schema.json)
+        res = lab.migrations(args.id)
         if args.plot:
             wrote = timeline.plot(res, args.plot)
             print(f"wrote {wrote}", file=sys.stderr if args.json else sys.stdout)
         if args.json:
-            print(json.dumps(m, indent=2, default=str))
+            print(json.dumps(res, indent=2, default=str))
         elif not args.plot:
             print_result(res)
-            for p in m["pass_records"]:
+            for p in res["pass_records"]:
                 print("  " + _stored_pass_line(p))
         return 0
     rows = lab.migrations()
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps([r.to_wire() for r in rows], indent=2))
         return 0
     if not rows:
         print("no migrations recorded")
@@ -103,11 +100,11 @@ async def dispatch(lab: Lab | None, args: argparse.Namespace) -> int:
           f"{'total ms':>8} {'downtime':>8} {'stop>res':>8} {'blackout':>8} {'passes':>6} "
           f"{'MiB':>6}  error")
     for r in rows:
-        print(f"{r['id']:>3} {r['vm']:8} {r['source']:8} {r['dest']:8} {r['policy'] or '':9} "
-              f"{r['storage']:7} {r['state']:10} {_n(r['total_ms'])} {_n(r['downtime_ms'])} "
-              f"{_n(r.get('stop_to_resume_ms'))} {_n(r['blackout_ms'])} {_n(r['passes'], 6)} "
-              f"{_n((r['bytes'] or 0) >> 20, 6)}  "
-              f"{(r['error'] or '')[:60]}")
+        print(f"{r.id:>3} {r.vm:8} {r.source:8} {r.dest:8} {r.policy or '':9} "
+              f"{r.storage:7} {r.state:10} {_n(r.total_ms)} {_n(r.downtime_ms)} "
+              f"{_n(r.stop_to_resume_ms)} {_n(r.blackout_ms)} {_n(r.passes, 6)} "
+              f"{_n((r.bytes_sent or 0) >> 20, 6)}  "
+              f"{(r.error or '')[:60]}")
     return 0
 
 

@@ -15,12 +15,14 @@ import argparse
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 
 from labctl.cli.files import print_files
 from labctl.cli.labs import emit
 from labctl.cli.progress import Progress
 from labctl.core.errors import LabStateError
 from labctl.core.sizes import format_size, human_size
+from labctl.core.wire import Message
 from labctl.datastores import filestores, rescan
 from labctl.datastores import service as datastores
 from labctl.datastores.protocol import HostCache
@@ -29,6 +31,24 @@ from labctl.lab.face import Lab
 from labctl.state.inventory import Inventory
 from labctl.storage import node as storagenode
 from labctl.wan import service as wan
+
+
+@dataclass(frozen=True)
+class RescanLookup(Message):
+    """``labctl rescan lookup``: how the rescan service finds the hosts sharing a datastore
+    (``inventory``: from the lab's records; ``poll``: by asking every host)."""
+
+    lab: str
+    lookup: str
+
+
+@dataclass(frozen=True)
+class NodeDomain(Message):
+    """``labctl storage resume NODE``: the node's domain as libvirt has it now."""
+
+    node: str
+    domain_state: str
+    domain_reason: str | None
 
 
 def _unit(lab: Lab, text: str | None) -> str | None:
@@ -72,7 +92,7 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
                 rescan.set_lookup(inv, args.mode)
             mode = inv.get_meta("rescan_lookup", "inventory")
             if args.json:
-                print(json.dumps({"lab": lab.name, "lookup": mode}, indent=2))
+                emit(RescanLookup(lab=lab.name, lookup=mode or "inventory").to_wire())
             else:
                 print(f"lab {lab.name}: sharing hosts found by {mode}")
         finally:
@@ -82,8 +102,8 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
         if args.action == "resume":
             state = await storagenode.resume(lab.name, args.node)
             if args.json:
-                print(json.dumps({"node": args.node, "domain_state": state.state,
-                                  "domain_reason": state.reason}, indent=2))
+                emit(NodeDomain(node=args.node, domain_state=state.state,
+                                domain_reason=state.reason).to_wire())
             else:
                 print(f"storage node {args.node}: {state}")
             return 0

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import dataclass
 
 from labctl.cli.progress import Progress
 from labctl.core.errors import LabStateError
+from labctl.core.wire import Message
 from labctl.lab.face import Lab
 from labctl.wan import service as wan
-from labctl.wan.protocol import PARAM_WORDS, check_values
+from labctl.wan.protocol import PARAM_WORDS, WanShown, check_values
 
 
 async def run(args: argparse.Namespace, progress: Progress) -> int:
@@ -43,7 +45,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
         return 0
     if args.action == "set":
         with lab.context() as ctx, ctx.lock():
-            changed: wan.WanShown | None = None
+            changed: WanShown | None = None
             if values:
                 changed = await wan.set_params(ctx, args.link, values)
             if args.state is not None:
@@ -58,7 +60,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
         with lab.context() as ctx:
             got = await wan.rtt_ms(ctx, args.link, count=args.count)
         if args.json:
-            print(json.dumps({"link": args.link, "rtt_ms": got}, indent=2))
+            print(json.dumps(WanPing(link=args.link, rtt_ms=got).to_wire(), indent=2))
         else:
             print(f"{args.link}: {len(got)} round trips, min {min(got):.2f} / median "
                   f"{statistics.median(got):.2f} / max {max(got):.2f} ms")
@@ -66,7 +68,16 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
     raise AssertionError(args.action)
 
 
-def _print(s: wan.WanShown) -> None:
+@dataclass(frozen=True)
+class WanPing(Message):
+    """``labctl wan ping LINK``: round trips across the link, measured from a host of one of
+    its sites to the router's leg on the other, in ms, in the order they came back."""
+
+    link: str
+    rtt_ms: list[float]
+
+
+def _print(s: WanShown) -> None:
     print(f"{s.name}  {s.sites[0]} ({s.addresses[0]}) <-> {s.sites[1]} ({s.addresses[1]})  "
           f"{s.state}")
     print(f"  asked: {s.params.describe()}")

@@ -2,9 +2,10 @@
 
 A message is a frozen dataclass deriving from :class:`Message`. Its fields may be
 ``str``, ``int``, ``float``, ``bool``, ``None``, ``Literal[...]``, another message,
-``pathlib.Path`` (a string on the wire), ``list[X]``, ``dict[str, X]``, unions of
-those, or :data:`Json` for data that is
-passed through as it came (QEMU's own answers, evidence). Decoding checks every
+``pathlib.Path`` (a string on the wire), :data:`WallTime` (Unix time in the program, an
+ISO 8601 string on the wire), ``list[X]``, ``tuple[X, ...]`` (a list on the wire),
+``dict[str, X]``, unions of those, or
+:data:`Json` for data that is passed through as it came (QEMU's own answers, evidence). Decoding checks every
 field against its annotation: an unknown field, a missing one or a wrong type is a
 :class:`~labctl.core.errors.ProtocolError` naming the message and the field. A field
 named after a Python keyword plus ``_`` (``pass_``) is the keyword on the wire (``pass``).
@@ -34,11 +35,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import keyword
+import re
 import types
 import typing
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, NewType, TypeVar, Union
 
 from labctl.core.errors import ProtocolError
 
@@ -51,6 +54,21 @@ Json = Any
 M = TypeVar("M", bound="Message")
 Req = TypeVar("Req", bound="Message")
 Rep = TypeVar("Rep", bound="Message")
+
+
+#: a wall-clock time: Unix time (``time.time()``) in the program, so it can be compared and
+#: subtracted; ISO 8601 in UTC to the millisecond on the wire and in every ``--json`` record
+#: (``2026-12-01T19:24:39.123+00:00``); decoding takes exactly that form (a reader of the
+#: inventory, which keeps Unix time, writes it with :func:`iso_time` first).
+WallTime = NewType("WallTime", float)
+#: the form of a WallTime on the wire (what :func:`iso_time` writes; any offset, Z, or none)
+WALL_TIME_PATTERN = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+                     r"(Z|[+-][0-9]{2}:[0-9]{2})?$")
+
+
+def iso_time(t: float) -> str:
+    """Unix time ``t`` as a :data:`WallTime` is written."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
 class Message:
@@ -66,8 +84,13 @@ class Message:
     def to_wire(self) -> dict[str, Json]:
         """The JSON form (fields by name; nested messages as objects)."""
         out: dict[str, Json] = {}
+        times = _wall_times(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type, unused-ignore]
-            out[wire_name(f.name)] = _encode(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.name in times and isinstance(value, int | float) and not isinstance(value, bool):
+                out[wire_name(f.name)] = iso_time(float(value))
+            else:
+                out[wire_name(f.name)] = _encode(value)
         return out
 
     def replace(self: M, **changes: Any) -> M:
@@ -155,6 +178,20 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
+_TIMES: dict[type, frozenset[str]] = {}
+
+
+def _wall_times(cls: type) -> frozenset[str]:
+    """The fields of ``cls`` declared :data:`WallTime` (or ``WallTime | None``)."""
+    names = _TIMES.get(cls)
+    if names is None:
+        names = _TIMES[cls] = frozenset(
+            name for name, tp in _hints(cls).items()
+            if tp is WallTime or (typing.get_origin(tp) in (Union, types.UnionType)
+                                  and WallTime in typing.get_args(tp)))
+    return names
+
+
 def _decode_message(cls: type[M], data: object, where: str) -> M:
     if not isinstance(data, dict):
         raise ProtocolError(f"{where}: expected an object, got {_kind(data)}", where=where)
@@ -202,6 +239,11 @@ def _decode(tp: Any, value: object, where: str) -> Any:
             raise ProtocolError(f"{where}: expected a list, got {_kind(value)}", where=where)
         (item,) = typing.get_args(tp)
         return [_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple and len(typing.get_args(tp)) == 2 and typing.get_args(tp)[1] is Ellipsis:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list, got {_kind(value)}", where=where)
+        item = typing.get_args(tp)[0]
+        return tuple(_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ProtocolError(f"{where}: expected an object, got {_kind(value)}", where=where)
@@ -213,6 +255,14 @@ def _decode(tp: Any, value: object, where: str) -> Any:
         raise ProtocolError(f"{where}: expected null, got {_kind(value)}", where=where)
     if isinstance(tp, type) and issubclass(tp, Message):
         return _decode_message(tp, value, where)
+    if tp is WallTime:
+        if isinstance(value, str) and re.match(WALL_TIME_PATTERN, value):
+            try:
+                return WallTime(datetime.fromisoformat(value).timestamp())
+            except ValueError:
+                pass
+        raise ProtocolError(f"{where}: expected an ISO 8601 time, got {_kind(value)}",
+                            where=where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -343,12 +393,15 @@ def _type_schema(tp: Any, refs: dict[type[Message], str], where: str) -> dict[st
         return {"anyOf": [_type_schema(a, refs, where) for a in args]}
     if origin is Literal:
         return {"enum": list(args)}
-    if origin is list and len(args) == 1:
+    if (origin is list and len(args) == 1) or (origin is tuple and len(args) == 2
+                                               and args[1] is Ellipsis):
         return {"type": "array", "items": _type_schema(args[0], refs, where)}
     if origin is dict and len(args) == 2 and args[0] is str:
         return {"type": "object", "additionalProperties": _type_schema(args[1], refs, where)}
     if isinstance(tp, type) and issubclass(tp, Message):
         return {"$ref": refs[tp]}
+    if tp is WallTime:
+        return {"type": "string", "format": "date-time", "pattern": WALL_TIME_PATTERN}
     if tp in _SCALARS:
         return dict(_SCALARS[tp])
     raise TypeError(f"{where}: a field of type {_name(tp)} has no JSON form")

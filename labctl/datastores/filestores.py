@@ -23,7 +23,7 @@ from pathlib import Path
 
 from labctl.core.errors import AgentError, AgentUnreachable, LabError, LabStateError
 from labctl.core.rpc import RpcClient
-from labctl.core.wire import Message
+from labctl.core.wire import Message, WallTime
 from labctl.datastores import protocol as dp
 from labctl.datastores.registry import IdRegistry
 from labctl.drivers.sparse import send_extents
@@ -44,7 +44,7 @@ class HostCheck(Message):
     #: ``ok``, ``failed`` (see ``error``) or ``unchecked``
     state: str
     error: str | None
-    checked_at: float | None
+    checked_at: WallTime | None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from labctl.core.errors import LabError, LabStateError
 from labctl.core.ids import normal_id
-from labctl.core.wire import Empty, Json, handlers
+from labctl.core.wire import Empty, Json, WallTime, handlers
 from labctl.datastores import protocol as p
 from labctl.drivers import iscsi
 from labctl.drivers.qemu import nfs_image_size
@@ -70,7 +70,7 @@ class _Entry:
     state: p.UnitState = "new"
     size_bytes: int | None = None
     seen_naa: str | None = None
-    scanned_at: float | None = None
+    scanned_at: WallTime | None = None
     scans: int = 0
     scsi_commands: int = 0
     error: str | None = None
@@ -136,11 +136,11 @@ class HostStorage:
             except LabError as exc:
                 cmds = int(exc.evidence.get("scsi_commands", 0))
                 e.state = "unreachable" if "login" in exc.message else "error"
-                e.error, e.scanned_at = exc.message, time.time()
+                e.error, e.scanned_at = exc.message, WallTime(time.time())
             else:
                 cmds = got.commands
                 seen = got.naa
-                e.seen_naa, e.size_bytes, e.scanned_at = seen, got.size_bytes, time.time()
+                e.seen_naa, e.size_bytes, e.scanned_at = seen, got.size_bytes, WallTime(time.time())
                 e.state = "ok" if seen == uid else "mismatch"
                 e.error = None if seen == uid else f"LUN reports {seen}, not {uid}"
                 for key, ascq in got.unit_attentions:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from labctl.core.wire import Empty, Json, Message, Method
+from labctl.core.wire import Empty, Json, Message, Method, WallTime
 
 #: what a host last found for a unit: ``new`` (never scanned), ``ok`` (the LUN reports
 #: the unit's ID), ``mismatch`` (it reports another ID), ``unreachable`` (login failed),
@@ -59,8 +59,8 @@ class CacheEntry(Message):
     state: UnitState
     #: the NAA ID the LUN reported at the last successful scan
     seen_naa: str | None
-    #: time.time() of the last scan
-    scanned_at: float | None
+    #: the last scan
+    scanned_at: WallTime | None
     scans: int
     #: SCSI commands this host sent for this unit, in all
     scsi_commands: int

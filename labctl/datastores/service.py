@@ -31,7 +31,7 @@ from labctl.core.errors import AgentError, LabStateError, ProtocolError, Storage
 from labctl.core.ids import normal_naa
 from labctl.core.rpc import RpcClient
 from labctl.core.sizes import format_size, parse_size
-from labctl.core.wire import Message
+from labctl.core.wire import Message, WallTime
 from labctl.datastores import filestores, rescan, tables
 from labctl.datastores import protocol as dp
 from labctl.datastores.registry import IdRegistry
@@ -85,7 +85,7 @@ class Seen(Message):
 
     naa: str | None
     size_bytes: int | None
-    scanned_at: float | None
+    scanned_at: WallTime | None
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,8 @@ class Resized(Message):
     name: str
     naa: str | None
     size_bytes: int
-    #: time.time() of the libvirt block resize
-    resized_at: float
+    #: the libvirt block resize
+    resized_at: WallTime
     #: the rescan service's record of the round that carried the new size (None: not waited,
     #: or nothing changed)
     event: RescanEvent | None
@@ -407,7 +407,7 @@ async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
     with ctx.lock():
         m = mapping(inv, name)
         if nbytes == m.size_bytes:  # already there: like any idempotent request, done
-            return Resized(name=name, naa=m.naa, size_bytes=nbytes, resized_at=time.time(),
+            return Resized(name=name, naa=m.naa, size_bytes=nbytes, resized_at=WallTime(time.time()),
                            event=None, changed=False)
         if nbytes < m.size_bytes:
             raise LabStateError(f"datastore {name} is {format_size(m.size_bytes)}: a LUN "
@@ -419,7 +419,7 @@ async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
                                 f"cannot grow {name} by "
                                 f"{format_size(nbytes - m.size_bytes)}", datastore=name)
         after = rescan.last_event_id(inv)
-        t0 = time.time()
+        t0 = WallTime(time.time())
         await storagenode.resize_data_disk(ctx.name, m.node, m.backing.disk_serial, nbytes)
     if wait <= 0 or m.naa is None:
         return Resized(name=name, naa=m.naa, size_bytes=nbytes, resized_at=t0, event=None)

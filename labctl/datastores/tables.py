@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from labctl.core.wire import Json, Message
-from labctl.datastores.protocol import CacheEntry
+from labctl.core.wire import Json, Message, WallTime, iso_time
 from labctl.state.inventory import Inventory, Schema
+
+if TYPE_CHECKING:  # a type only: opening an inventory needs no protocol module
+    from labctl.datastores.protocol import CacheEntry
 
 R = TypeVar("R")
 
@@ -72,7 +74,7 @@ class Sharing:
     host: str
     seen_naa: str | None
     seen_size: int | None
-    scanned_at: float | None
+    scanned_at: WallTime | None
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class RescanEvent(Message):
     ``vms_resized`` one object per VM told the new size."""
 
     id: int
-    at: float
+    at: WallTime
     source: str
     kind: str
     #: the datastore ID the event is about (``naa.…``), None for an event about no datastore
@@ -118,8 +120,8 @@ class RescanEvent(Message):
     scsi_commands: dict[str, int] | None
     vms_resized: list[Json] | None
     agreed_ms: float | None
-    agreed_at: float | None
-    finished: float | None
+    agreed_at: WallTime | None
+    finished_at: WallTime | None
     message: str | None
 
 
@@ -161,6 +163,10 @@ def rescan_events(inv: Inventory, where: str = "", args: tuple[object, ...] = ()
     for r in inv.conn.execute(sql, args).fetchall():
         row = dict(r)
         row["naa"] = row.pop("unit")  # the column predates the one name for an ID
+        row["finished_at"] = row.pop("finished")  # and the one name for a time
+        for k in ("at", "agreed_at", "finished_at"):  # Unix time in the table
+            if row[k] is not None:
+                row[k] = iso_time(row[k])
         for k in _JSON_COLUMNS:
             if row.get(k) is not None:
                 row[k] = json.loads(row[k])

@@ -14,32 +14,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labctl.core.errors import LabError, LabStateError, TopologyError
 from labctl.core.paths import check_home, labs_dir
 from labctl.core.wire import Message
-from labctl.datastores import filestores
-from labctl.datastores import service as datastores
 from labctl.datastores.tables import DATASTORES
-from labctl.guest.protocol import (
-    HEARTBEAT_MS_MAX,
-    HEARTBEAT_MS_MIN,
-    check_command,
-    valid_heartbeat_ms,
-)
-from labctl.hosts import protocol as hp
-from labctl.lab import bringup, teardown, vms
-from labctl.lab.status import LabStatus
-from labctl.lab.status import status as lab_status
-from labctl.lab.topology import Topology
-from labctl.migration import inlab
-from labctl.migration.policy import Policy
-from labctl.migration.records import MIGRATIONS, get_migration, list_migrations
+from labctl.migration.tables import MIGRATIONS
 from labctl.state.context import LabContext, Progress, quiet
 from labctl.state.inventory import Inventory
 from labctl.state.labdir import LabDir, archive, existing_labs, lab_state
-from labctl.wan.service import WAN
+from labctl.wan.tables import WAN
+
+if TYPE_CHECKING:
+    from labctl.hosts import protocol as hp
+    from labctl.lab.status import LabStatus
+    from labctl.lab.topology import Topology
+    from labctl.lab.vms import Snapshotted
+    from labctl.migration.policy import Policy
+
+# Each method imports the feature code it uses when it is called: a command pays only for
+# what it runs (``labctl status`` needs neither the topology checks nor the migration driver;
+# measured by bench/cli-start).
 
 #: every feature's inventory tables, each declared next to its feature
 SCHEMAS = (DATASTORES, MIGRATIONS, WAN)
@@ -118,6 +114,8 @@ class Lab:
         """Check ``topo`` against this machine without building anything (its networks, the
         free disk space, the labctl home it goes in): what ``up`` checks before it builds,
         and ``labctl validate`` too."""
+        from labctl.lab import bringup
+
         check_home()
         bringup.check_machine(topo, self.dir.path.parent)
 
@@ -125,6 +123,8 @@ class Lab:
         """Bring the lab up. Idempotent for the same topology; refuses a different one."""
         if topo.name != self.name:
             raise TopologyError(topo.source, "name", f"names lab {topo.name}, not {self.name}")
+        from labctl.lab import bringup
+
         check_home()
         bringup.preflight()
         with self.dir.lock():
@@ -159,20 +159,29 @@ class Lab:
 
     # ------------------------------------------------------------------ VMs
     async def vm_start(self, name: str) -> hp.VmStarted:
+        from labctl.lab import vms
+
         with self.context() as ctx, ctx.lock():
             return await vms.start(ctx, name)
 
     async def vm_stop(self, name: str) -> None:
+        from labctl.lab import vms
+
         with self.context() as ctx, ctx.lock():
             await vms.stop(ctx, name)
 
-    async def vm_snapshot(self, name: str, layer: str | None = None) -> vms.Snapshotted:
+    async def vm_snapshot(self, name: str, layer: str | None = None) -> Snapshotted:
+        from labctl.lab import vms
+
         with self.context() as ctx, ctx.lock():
             return await vms.snapshot(ctx, name, layer)
 
     async def vm_source(self, name: str, snapshot: bool) -> tuple[str, str]:
         """(datastore, file) a chain copy of VM ``name`` starts from: its top layer, or with
         ``snapshot`` the layer below a new top (once nothing writes it any more)."""
+        from labctl.datastores import filestores
+        from labctl.lab import vms
+
         with self.context() as ctx, ctx.lock():
             if ctx.inv.row("vms", name=name) is None:
                 known = ", ".join(r["name"] for r in ctx.inv.rows("vms")) or "none"
@@ -197,6 +206,9 @@ class Lab:
     def vm_set_heartbeat(self, name: str, period_ms: int) -> None:
         """Set a stopped VM's heartbeat period (``labctl.hb_ms`` on its next start); the
         migration code reads the period from the inventory."""
+        from labctl.guest.protocol import HEARTBEAT_MS_MAX, HEARTBEAT_MS_MIN, valid_heartbeat_ms
+        from labctl.lab import vms
+
         if not valid_heartbeat_ms(period_ms):
             raise LabError(f"heartbeat period {period_ms!r}: an integer from {HEARTBEAT_MS_MIN} "
                            f"to {HEARTBEAT_MS_MAX} ms", vm=name)
@@ -209,6 +221,10 @@ class Lab:
     async def vm_console(self, name: str, command: str) -> str:
         """Send a console command to the test guest (``rate N``, ``wss N``, ``read``, ``sync``,
         ``size``); a command it does not know is refused in the guest's words."""
+        from labctl.guest.protocol import check_command
+        from labctl.hosts import protocol as hp
+        from labctl.lab import vms
+
         try:
             check_command(command)  # the guest's own refusal, before any host is asked
         except ValueError as exc:
@@ -220,6 +236,9 @@ class Lab:
 
     async def vm_console_tail(self, name: str, lines: int = 20) -> list[str]:
         """The last console lines of a running VM, as its host agent read them."""
+        from labctl.hosts import protocol as hp
+        from labctl.lab import vms
+
         with self.context() as ctx:
             async with ctx.host_client(vms.running_host(ctx, name)) as c:
                 return (await hp.VM_CONSOLE_TAIL.call(c, hp.ConsoleTailRequest(name, lines),
@@ -230,6 +249,11 @@ class Lab:
                       late_storage: bool | None = None,
                       measure_dirty_rate: bool = False) -> dict[str, Any]:
         """Live-migrate ``vm`` to host ``to`` (see labctl/migration/)."""
+        from labctl.datastores import filestores
+        from labctl.datastores import service as datastores
+        from labctl.lab import vms
+        from labctl.migration import inlab
+
         with self.context() as ctx, ctx.lock():
             row = vms.row(ctx, vm)
             store = row["datastore"]
@@ -253,12 +277,16 @@ class Lab:
 
     def migrations(self, mid: int | None = None) -> Any:
         """Recorded migrations (a list), or one with its passes and decisions."""
+        from labctl.migration.records import get_migration, list_migrations
+
         with self.context() as ctx:
             return list_migrations(ctx.inv) if mid is None else get_migration(ctx.inv, mid)
 
     # ------------------------------------------------------------------ status
     async def status(self) -> LabStatus:
         """The lab as the inventory records it and its agents report it now."""
+        from labctl.lab.status import status as lab_status
+
         with self.context() as ctx:
             return await lab_status(ctx)
 
@@ -268,6 +296,8 @@ class Lab:
         migration records, events and logs stay in the lab directory (``labctl migration
         show`` still works) unless ``purge``; the next ``up`` of the same name moves them to
         ``<labs>/<lab>.archive/``."""
+        from labctl.lab import teardown
+
         if not self.dir.path.exists():
             raise LabStateError(f"lab {self.name} is not up: nothing to tear down", lab=self.name)
         removed: list[str] = []

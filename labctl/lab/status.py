@@ -17,8 +17,7 @@ from labctl.hosts import protocol as hp
 from labctl.state.context import LabContext
 from labctl.storage import node as storagenode
 from labctl.storage import protocol as sp
-from labctl.wan import service as wan
-from labctl.wan.service import WanShown
+from labctl.wan.protocol import WanShown
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,10 @@ async def status(ctx: LabContext) -> LabStatus:
     links: list[WanShown] = []
 
     async def probe_wan() -> None:
-        links.extend(await wan.show(ctx))
+        if inv.rows("wan_links"):  # the WAN service (and netlink) only for a lab with links
+            from labctl.wan import service as wan
+
+            links.extend(await wan.show(ctx))
 
     await asyncio.gather(*(probe_host(h["name"]) for h in hosts if h["state"] == "up"),
                          *(probe_node(n["name"]) for n in nodes if n["state"] == "up"),

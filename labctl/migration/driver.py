@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 from labctl.core.errors import AgentError, LabError, MigrationError, ProtocolError
 from labctl.core.rpc import RpcClient
-from labctl.core.wire import Json
+from labctl.core.wire import Json, WallTime
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS, heartbeat_ms_of, parse_disk_counter
 from labctl.hosts import protocol as hp
 from labctl.hosts.protocol import FileDisk, IscsiDisk, VmName
@@ -44,6 +44,7 @@ from labctl.migration.protocol import PassRecord, SourceStatus, qmp_float, qmp_i
 from labctl.migration.records import Recorder
 from labctl.migration.report import pass_line, recovery_line
 from labctl.migration.result import (
+    Beat,
     DiskCheck,
     HeartbeatCheck,
     LateWindow,
@@ -92,7 +93,10 @@ class Migration:
         self.decisions: list[Decision] = []
         self.result = MigrationResult(
             id=None, vm=vm, source=src.host, dest=dst.host, policy=policy.name,
-            storage=policy.storage, started=time.time(), heartbeat_period_ms=self.period_ms)
+            storage=policy.storage, started_at=WallTime(time.time()), heartbeat_period_ms=self.period_ms)
+        #: when ``migrate`` was sent, on the source agent's monotonic clock: the origin of
+        #: the record's time axis (every ``t_rel``); it never leaves this process
+        self._t0: float | None = None
         self._wake = asyncio.Event()
         self._lease_failures = 0
         self._started = False
@@ -140,7 +144,7 @@ class Migration:
             self.progress(f"{self.src.host}: calc-dirty-rate: {self.vm} dirties "
                           f"{measured.dirty_rate_mib_s} MiB/s")
         self.rec.start(self.vm, self.src.host, self.dst.host, self.policy)
-        self.result = replace(self.result, id=self.rec.id, started=t_wall,
+        self.result = replace(self.result, id=self.rec.id, started_at=WallTime(t_wall),
                               heartbeat_period_ms=self.period_ms, dirty_rate_measured=measured)
         lease: asyncio.Task[None] | None = None
         try:
@@ -160,9 +164,10 @@ class Migration:
             start = await mp.MIG_START.call(self.src.client, mp.Start(
                 self.vm, prep.uri, capabilities=self.policy.capabilities(),
                 parameters=self.policy.parameters()), timeout=30)
-            self.result = replace(self.result, t0=start.t0)
+            self._t0 = start.t0
             final = await self._drive()
             await self._finish_success(final)
+            self.result = replace(self.result, finished_at=WallTime(time.time()))
             self.rec.finish("completed", self.result)
             return self.result.to_wire()
         except BaseException as exc:
@@ -173,6 +178,7 @@ class Migration:
             src_status = self._src_status.status if self._src_status is not None else ""
             state = "cancelled" if cancelled or "cancel" in src_status else "failed"
             self.result = replace(self.result, state=state, error=error, recovery=recovery,
+                                  finished_at=WallTime(time.time()),
                                   passes=len(self.passes), pass_records=list(self.passes),
                                   decisions=list(self.decisions))
             self.rec.finish(state, self.result)
@@ -206,7 +212,7 @@ class Migration:
     def _add_pass(self, rec: PassRecord) -> None:
         if self.passes:  # pages dirtied during the previous pass, over its duration
             prev = self.passes[-1]
-            dt = rec.t - prev.t
+            dt = rec.t_rel - prev.t_rel
             est = (float(rec.remaining) / dt
                    if dt > 0 and rec.remaining is not None and prev.pass_ >= 1 else None)
             rec = replace(rec, prev_pass_s=dt, dirty_rate_est_bytes=est)
@@ -321,7 +327,7 @@ class Migration:
         # pages dirtied during a pass / its duration; short passes say little (timer noise)
         est = [p.dirty_rate_est_bytes for p in self.passes[1:]
                if p.dirty_rate_est_bytes and (p.prev_pass_s or 0) >= 0.3]
-        heartbeat = HeartbeatCheck(source_last=src_hb, dest_first=first,
+        heartbeat = HeartbeatCheck(source_last=self._beat(src_hb), dest_first=self._beat(first),
                                    continues=continues and plausible)
         disk = DiskCheck(source_last=src_disk, dest_read=disk_read, ok=disk_ok)
         self.result = replace(
@@ -332,7 +338,8 @@ class Migration:
             bytes_sent=qmp_int(final, "ram", "transferred"), mbps=qmp_float(final, "ram", "mbps"),
             dirty_rate_max_bytes=max(rates) if rates else 0.0,
             dirty_rate_est_bytes=sorted(est)[len(est) // 2] if est else None,
-            stop_t=st.stop_t, resume_t=fin.resume_t, stop_to_resume_ms=sw.stop_to_resume_ms,
+            stop_t_rel=self._rel(st.stop_t), resume_t_rel=self._rel(fin.resume_t),
+            stop_to_resume_ms=sw.stop_to_resume_ms,
             switchover=sw, heartbeat=heartbeat, disk=disk,
             dest_status=fin.status, dest_pid=fin.pid,
             dest_prepare=mp.DestStorage(timings=fin.timings, checks=fin.checks),
@@ -346,6 +353,17 @@ class Migration:
                 f"{src_disk} -> {disk_read}, status {fin.status}",
                 heartbeat=heartbeat.to_wire(), disk=disk.to_wire())
         await mp.MIG_SOURCE_FINISH.call(self.src.client, VmName(self.vm), timeout=30)
+
+    def _rel(self, t: float | None) -> float | None:
+        """A monotonic stamp of an agent as seconds since ``migrate`` was sent."""
+        return None if t is None or self._t0 is None else round(t - self._t0, 4)
+
+    def _beat(self, hb: mp.HeartbeatStamp | None) -> Beat | None:
+        if hb is None:
+            return None
+        rel = self._rel(hb.t)  # _finish_success runs after mig_start: the origin is known
+        return Beat(counter=hb.counter, disk_counter=hb.disk_counter,
+                    t_rel=0.0 if rel is None else rel)
 
     async def _source_beats_again(self) -> SourceCheck:
         """Whether the guest beats on the source again: a few beats, longer if needed (a

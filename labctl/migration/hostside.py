@@ -205,7 +205,7 @@ def pass_record(q: Json, t: float, t0: float, pass_no: int) -> mp.PassRecord:
     page = qmp_int(q, "ram", "page-size") or 4096
     rate_pages = qmp_float(q, "ram", "dirty-pages-rate") or 0.0
     return mp.PassRecord(
-        pass_=pass_no, t=t, t_rel=round(t - t0, 4), status=qmp_str(q, "status"),
+        pass_=pass_no, t_rel=round(t - t0, 4), status=qmp_str(q, "status"),
         dirty_sync_count=qmp_int(q, "ram", "dirty-sync-count"),
         transferred=qmp_int(q, "ram", "transferred"), remaining=qmp_int(q, "ram", "remaining"),
         total=qmp_int(q, "ram", "total"),
@@ -606,7 +606,7 @@ class MigrationHandlers:
                 elif kind == "MIGRATION":
                     status = str(qmp_get(data, "status"))
                     job.status = status
-                    job.statuses.append(mp.StatusChange(t=t, t_rel=round(t - job.t0, 4),
+                    job.statuses.append(mp.StatusChange(t_rel=round(t - job.t0, 4),
                                                         status=status))
                     self.agent.publish(EVENT_PROGRESS,
                                        mp.MigrationProgress(vm=name, t=t, status=status))

@@ -5,7 +5,7 @@ converge. Built-in policies by name, or a YAML file whose every error names its 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import yaml
 
 from labctl.core import userfile
 from labctl.core.errors import LabError, printable
-from labctl.core.wire import Json
+from labctl.core.wire import Message
 from labctl.migration.protocol import Capabilities, Parameters, StorageMode
 
 UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s: QEMU's default cap is 128 MiB/s, so say "none" loudly
@@ -21,7 +21,10 @@ ACTIONS = ("raise_downtime", "auto_converge", "postcopy", "cancel")
 
 
 @dataclass(frozen=True)
-class Convergence:
+class Convergence(Message):
+    """What a policy does when the migration does not converge: how it tells, and the
+    actions it takes in turn."""
+
     window: int = 3  # passes without a new low of remaining bytes -> not converging
     min_improvement: float = 0.1  # a new low must be this much (fraction) below the old one
     actions: tuple[str, ...] = ("raise_downtime", "cancel")
@@ -31,7 +34,10 @@ class Convergence:
 
 
 @dataclass(frozen=True)
-class Policy:
+class Policy(Message):
+    """A migration policy, as `labctl migration policies --json` lists it and as each
+    migration stores it."""
+
     name: str
     downtime_limit_ms: int = 300
     max_bandwidth_mib_s: float | None = None  # None: no cap
@@ -62,13 +68,6 @@ class Policy:
             # until the policy's action lowers the threshold.
             p["throttle-trigger-threshold"] = 100
         return p
-
-    def to_dict(self) -> dict[str, Json]:
-        """The policy as JSON (stored with each migration)."""
-        d = asdict(self)
-        d["convergence"]["actions"] = list(self.convergence.actions)
-        d["convergence"]["downtime_steps_ms"] = list(self.convergence.downtime_steps_ms)
-        return d
 
 
 BUILTIN_POLICIES: dict[str, Policy] = {

@@ -296,8 +296,8 @@ class PassRecord(Message):
     ``MIGRATION_PASS`` event. Byte counts and rates are QEMU's (``ram``)."""
 
     pass_: int  # "pass" on the wire
-    t: float
-    t_rel: float  # since ``migrate``
+    #: seconds since ``migrate`` was sent (the origin of the migration's own time axis)
+    t_rel: float
     status: str | None
     dirty_sync_count: int | None
     transferred: int | None
@@ -320,7 +320,7 @@ class PassRecord(Message):
 class StatusChange(Message):
     """QEMU's ``MIGRATION`` event on the source: the migration's status changed."""
 
-    t: float
+    #: seconds since ``migrate`` was sent
     t_rel: float
     status: str
 

@@ -1,34 +1,20 @@
 """Migration records: each migration, its passes and decisions, written to the lab's
 inventory as they happen (the ``migrations``, ``migration_passes`` and
-``migration_decisions`` tables, declared here with the feature that owns them)."""
+``migration_decisions`` tables, declared in ``labctl.migration.tables``)."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 from labctl.core.errors import LabStateError
+from labctl.core.wire import Json, Message, WallTime, iso_time
 from labctl.migration.convergence import Decision
 from labctl.migration.policy import Policy
 from labctl.migration.protocol import PassRecord
 from labctl.migration.result import MigrationResult, Record
-from labctl.state.inventory import Inventory, Schema
-
-#: each migration (its result JSON without passes and decisions), its passes and decisions
-MIGRATIONS = Schema("migrations", """
-CREATE TABLE IF NOT EXISTS migrations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL, source TEXT NOT NULL, dest TEXT NOT NULL,
-    policy TEXT NOT NULL, storage TEXT NOT NULL, state TEXT NOT NULL, started REAL NOT NULL,
-    finished REAL, total_ms REAL, downtime_ms REAL, blackout_ms REAL, passes INTEGER, bytes INTEGER,
-    error TEXT, result TEXT NOT NULL DEFAULT '{}', stop_to_resume_ms REAL);
-CREATE TABLE IF NOT EXISTS migration_passes (
-    migration INTEGER NOT NULL, pass INTEGER NOT NULL, data TEXT NOT NULL,
-    PRIMARY KEY (migration, pass));
-CREATE TABLE IF NOT EXISTS migration_decisions (
-    migration INTEGER NOT NULL, seq INTEGER NOT NULL, at_pass INTEGER, action TEXT NOT NULL,
-    reason TEXT NOT NULL, t_rel REAL NOT NULL, detail TEXT NOT NULL DEFAULT '{}',
-    PRIMARY KEY (migration, seq));
-""", added_columns=(("migrations", "stop_to_resume_ms", "REAL"),))
+from labctl.state.inventory import Inventory
 
 
 class Recorder:
@@ -44,7 +30,7 @@ class Recorder:
         cur = self.inv.conn.execute(
             "INSERT INTO migrations(vm, source, dest, policy, storage, state, started, result) "
             "VALUES (?, ?, ?, ?, ?, 'running', ?, '{}')",
-            (vm, source, dest, json.dumps(policy.to_dict()), policy.storage, time.time()))
+            (vm, source, dest, json.dumps(policy.to_wire()), policy.storage, time.time()))
         self.id = int(cur.lastrowid or 0)
         return self.id
 
@@ -75,35 +61,81 @@ class Recorder:
                  json.dumps(stored, default=str), result.stop_to_resume_ms, self.id))
 
 
-def list_migrations(inv: Inventory) -> list[Record]:
+@dataclass(frozen=True)
+class MigrationRow(Message):
+    """One line of ``labctl migration list``: the migration's figures without its passes,
+    decisions and checks (``migration show ID`` has them all)."""
+
+    id: int
+    vm: str
+    source: str
+    dest: str
+    policy: str | None
+    storage: str
+    #: running, completed, failed or cancelled
+    state: str
+    started_at: WallTime | None
+    finished_at: WallTime | None
+    total_ms: float | None
+    downtime_ms: float | None
+    stop_to_resume_ms: float | None
+    blackout_ms: float | None
+    passes: int | None
+    bytes_sent: int | None
+    error: str | None
+
+
+def list_migrations(inv: Inventory) -> list[MigrationRow]:
     rows = inv.conn.execute(
         "SELECT id, vm, source, dest, policy, storage, state, started, finished, total_ms, "
         "downtime_ms, stop_to_resume_ms, blackout_ms, passes, bytes, error FROM migrations "
         "ORDER BY id").fetchall()
-    out = []
-    for r in rows:
-        d = dict(r)
-        d["policy"] = json.loads(d["policy"]).get("name")
-        out.append(d)
-    return out
+    return [MigrationRow(
+        id=r["id"], vm=r["vm"], source=r["source"], dest=r["dest"],
+        policy=_policy(r["policy"]).get("name"), storage=r["storage"], state=r["state"],
+        started_at=r["started"], finished_at=r["finished"],
+        total_ms=r["total_ms"], downtime_ms=r["downtime_ms"],
+        stop_to_resume_ms=r["stop_to_resume_ms"], blackout_ms=r["blackout_ms"],
+        passes=r["passes"], bytes_sent=r["bytes"], error=r["error"]) for r in rows]
+
+
+def _policy(text: str | None) -> dict[str, Json]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else iso_time(t)
 
 
 def get_migration(inv: Inventory, mid: int) -> Record:
-    """Migration ``mid`` as stored: its row, ``policy`` and ``result`` decoded, with its
-    ``pass_records`` and ``decisions``."""
+    """Migration ``mid`` as one record, the same as ``labctl migrate`` printed for it (a
+    :class:`MigrationResult` as JSON): its stored result with its ``id``, ``state``,
+    ``pass_records`` and ``decisions`` (kept in their own tables)."""
     # an id past SQLite's 64-bit integers is no id of a row (and would overflow the query)
     row = (inv.conn.execute("SELECT * FROM migrations WHERE id=?", (mid,)).fetchone()
            if -(1 << 63) <= mid < 1 << 63 else None)
     if row is None:
         raise LabStateError(f"no migration {mid} in this lab (see: labctl migrations)", id=mid)
-    d = dict(row)
-    d["policy"] = json.loads(d["policy"])
-    d["result"] = json.loads(d["result"] or "{}")
-    d["pass_records"] = [json.loads(p["data"]) for p in inv.conn.execute(
+    try:
+        stored = json.loads(row["result"] or "{}")
+    except ValueError:
+        stored = {}
+    out: Record = {
+        # what the row knows, for a migration that is still running (its result is empty)
+        "vm": row["vm"], "source": row["source"], "dest": row["dest"],
+        "policy": _policy(row["policy"]).get("name"), "storage": row["storage"],
+        "started_at": _iso(row["started"]), "finished_at": _iso(row["finished"]),
+        **(stored if isinstance(stored, dict) else {}),
+        "id": row["id"], "state": row["state"]}
+    out["pass_records"] = [json.loads(p["data"]) for p in inv.conn.execute(
         "SELECT data FROM migration_passes WHERE migration=? ORDER BY pass", (mid,))]
-    d["decisions"] = [dict(x) | {"detail": json.loads(x["detail"] or "{}")} for x in inv.conn.execute(
+    out["decisions"] = [{"action": x["action"], "reason": x["reason"], "at_pass": x["at_pass"],
+                         "t_rel": x["t_rel"], "detail": json.loads(x["detail"] or "{}")}
+                        for x in inv.conn.execute(
         "SELECT seq, at_pass, action, reason, t_rel, detail FROM migration_decisions "
         "WHERE migration=? ORDER BY seq", (mid,))]
-    return d
-
-
+    return out

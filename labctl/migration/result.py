@@ -9,14 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from labctl.core.wire import Json, Message
+from labctl.core.wire import Json, Message, WallTime
 from labctl.migration.convergence import Decision
 from labctl.migration.protocol import (
     Cancelled,
     DestAborted,
     DestStorage,
     DirtyRate,
-    HeartbeatStamp,
     PassRecord,
     Prepared,
     StatusChange,
@@ -78,12 +77,23 @@ class Switchover(Message):
 
 
 @dataclass(frozen=True)
+class Beat(Message):
+    """One heartbeat line of the guest's console, as its host agent received it."""
+
+    counter: int
+    #: the guest's disk counter in that line (None: the guest has no disk)
+    disk_counter: int | None
+    #: when it arrived, in seconds since ``migrate`` was sent (the record's own time axis)
+    t_rel: float
+
+
+@dataclass(frozen=True)
 class HeartbeatCheck(Message):
     """The guest's heartbeat across the migration: last on the source, first on the
     destination; ``continues`` when the counter went on, and plausibly so for the blackout."""
 
-    source_last: HeartbeatStamp | None
-    dest_first: HeartbeatStamp | None
+    source_last: Beat | None
+    dest_first: Beat | None
     continues: bool
 
 
@@ -130,13 +140,14 @@ class MigrationResult(Message):
     dest: str
     policy: str
     storage: StorageMode
-    started: float
+    started_at: WallTime
     heartbeat_period_ms: int
     dirty_rate_measured: DirtyRate | None = None
     #: completed, failed or cancelled (None while it runs)
     state: str | None = None
+    #: None while it runs
+    finished_at: WallTime | None = None
     prepare: PrepareRecord | None = None
-    t0: float | None = None
     late_window: LateWindow | None = None
     setup_ms: int | None = None
     total_ms: int | None = None
@@ -147,8 +158,10 @@ class MigrationResult(Message):
     mbps: float | None = None
     dirty_rate_max_bytes: float | None = None
     dirty_rate_est_bytes: float | None = None
-    stop_t: float | None = None
-    resume_t: float | None = None
+    #: the source's STOP and the destination's RESUME, in seconds since ``migrate`` was sent
+    #: (each stamped by its host agent on arrival; every ``t_rel`` is on this axis)
+    stop_t_rel: float | None = None
+    resume_t_rel: float | None = None
     stop_to_resume_ms: float | None = None
     switchover: Switchover | None = None
     heartbeat: HeartbeatCheck | None = None

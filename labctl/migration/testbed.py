@@ -32,8 +32,9 @@ from labctl.drivers import netlink as netns
 from labctl.hosts import protocol as hp
 from labctl.migration.driver import Endpoint, Migration
 from labctl.migration.policy import Policy
-from labctl.migration.records import MIGRATIONS, Recorder
+from labctl.migration.records import Recorder
 from labctl.migration.result import Record
+from labctl.migration.tables import MIGRATIONS
 from labctl.state.context import Progress, quiet
 from labctl.state.inventory import Inventory
 

@@ -43,7 +43,7 @@ _STAGES = {"src-iterable-saved": "source QEMU: final RAM sent",
 
 
 def plot(mig: Record, path: Path, title: str | None = None) -> Path:
-    """Write the PNG for ``mig`` (a result dict as stored: pass_records, t0, stop_t, resume_t,
+    """Write the PNG for ``mig`` (a result dict as stored: pass_records, stop_t_rel, resume_t_rel,
     switchover, heartbeat, decisions, total_ms...) to ``path``, whose directory must exist
     (a mistyped ``--plot`` directory is an error, not a new directory tree). The picture's
     format is the name's suffix; without one it is a PNG, at ``path`` + ``.png``, returned."""
@@ -75,16 +75,17 @@ def figure(mig: Record, title: str | None = None) -> Figure:
     except ImportError as exc:
         raise MissingDependency("matplotlib is needed for --plot (pip install matplotlib; "
                                 "scripts/setup.sh installs it)") from exc
+    mig = on_own_axis(mig)
     passes = mig.get("pass_records") or []
     if not passes:
         raise LabError("this migration recorded no passes: nothing to plot")
-    t0 = float(mig.get("t0") or passes[0]["t"])
-    xs = [p["t"] - t0 for p in passes]
+    t0 = 0.0  # the record's own time axis: seconds since migrate was sent
+    xs = [p["t_rel"] - t0 for p in passes]
     remaining = [float(p.get("remaining") or 0) / MIB for p in passes]
     hb = mig.get("heartbeat") or {}
     last, first = hb.get("source_last") or {}, hb.get("dest_first") or {}
-    stop_t, resume_t = mig.get("stop_t"), mig.get("resume_t")
-    zoomable = bool(stop_t and resume_t and last.get("t") and first.get("t"))
+    stop_t, resume_t = mig.get("stop_t_rel"), mig.get("resume_t_rel")
+    zoomable = bool(stop_t and resume_t and last.get("t_rel") and first.get("t_rel"))
 
     fig = Figure(figsize=(12, 9.5 if zoomable else 6.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)  # a canvas that can measure text, without pyplot's global state
@@ -126,8 +127,8 @@ def figure(mig: Record, title: str | None = None) -> Figure:
         if resume_t:
             a.axvline(float(resume_t) - t0, color="green", lw=1.2, ls="--",
                       label="destination QEMU RESUME" if named else "_")
-        if last.get("t") and first.get("t"):
-            a.axvspan(float(last["t"]) - t0, float(first["t"]) - t0, color="red", alpha=0.2,
+        if last.get("t_rel") and first.get("t_rel"):
+            a.axvspan(float(last["t_rel"]) - t0, float(first["t_rel"]) - t0, color="red", alpha=0.2,
                       label=f"guest blackout {mig.get('blackout_ms') or 0:.0f} ms (last "
                             f"heartbeat on the source -> first on the destination)"
                       if named else "_")
@@ -152,7 +153,7 @@ def figure(mig: Record, title: str | None = None) -> Figure:
     if zoomable:
         assert stop_t is not None and resume_t is not None
         _zoom(fig.add_subplot(grid[2, :], label="switchover"), mig, float(stop_t),
-              float(resume_t), float(last["t"]), float(first["t"]))
+              float(resume_t), float(last["t_rel"]), float(first["t_rel"]))
     ax.set_xlim(lo, hi)
     _fit_texts(fig)
     return fig
@@ -162,14 +163,15 @@ def time_range(mig: Record) -> tuple[float, float]:
     """The time axis (s since ``migrate``) that holds everything the time panels draw:
     the passes, the decisions, STOP, RESUME, the guest's blackout and the migration's end
     (QEMU's total time), with a margin on both sides."""
+    mig = on_own_axis(mig)
     passes = mig.get("pass_records") or []
-    t0 = float(mig.get("t0") or passes[0]["t"])
+    t0 = 0.0
     hb = mig.get("heartbeat") or {}
-    times = [0.0, *(p["t"] - t0 for p in passes),
+    times = [0.0, *(p["t_rel"] - t0 for p in passes),
              *(float(d.get("t_rel") or 0) for d in mig.get("decisions") or []),
-             *(float(t) - t0 for t in (mig.get("stop_t"), mig.get("resume_t"),
-                                       (hb.get("source_last") or {}).get("t"),
-                                       (hb.get("dest_first") or {}).get("t")) if t)]
+             *(float(t) - t0 for t in (mig.get("stop_t_rel"), mig.get("resume_t_rel"),
+                                       (hb.get("source_last") or {}).get("t_rel"),
+                                       (hb.get("dest_first") or {}).get("t_rel")) if t)]
     total_ms = mig.get("total_ms")
     if isinstance(total_ms, int | float):
         times.append(total_ms / 1000)
@@ -179,10 +181,30 @@ def time_range(mig: Record) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+def on_own_axis(mig: Record) -> Record:
+    """``mig`` with every time as seconds since ``migrate`` was sent (``t_rel``, as labctl
+    records them now); a record written by an older labctl, with the agents' monotonic
+    stamps (``t0``, ``stop_t``, ``resume_t``, a ``t`` in each pass and heartbeat), is
+    brought onto that axis so that it can still be plotted."""
+    t0 = mig.get("t0")
+    if not isinstance(t0, int | float):
+        return mig
+
+    def rel(t: object) -> float | None:
+        return float(t) - t0 if isinstance(t, int | float) else None
+
+    hb = dict(mig.get("heartbeat") or {})
+    for side in ("source_last", "dest_first"):
+        if isinstance(hb.get(side), dict):
+            hb[side] = {**hb[side], "t_rel": rel(hb[side].get("t"))}
+    return {**mig, "stop_t_rel": rel(mig.get("stop_t")), "resume_t_rel": rel(mig.get("resume_t")),
+            "heartbeat": hb or None}
+
+
 def _late_window(mig: Record) -> tuple[float, float] | None:
     """When the destination prepared its storage late, in the pre-switchover window (the
-    source stopped): start and end on the agents' clock."""
-    w, stop = mig.get("late_window") or {}, mig.get("stop_t")
+    source stopped): start and end in seconds since migrate was sent."""
+    w, stop = mig.get("late_window") or {}, mig.get("stop_t_rel")
     if not stop or not isinstance(w.get("storage_s"), int | float):
         return None
     start = float(stop) + float(w.get("detected_after_stop_s") or 0)
@@ -240,13 +262,13 @@ def _rates(ax: Axes, mig: Record, passes: list[Json], t0: float) -> Axes:
     # QEMU's dirty-pages-rate (it measures over ~1 s periods, so short migrations have none).
     # Not "remaining / pass length": QEMU syncs the bitmap before a pass has sent everything,
     # so remaining also holds the previous pass's leftovers and overstates the rate.
-    qemu = [(p["t"] - t0, float(p["dirty_rate_bytes"]) / MIB) for p in passes
+    qemu = [(p["t_rel"] - t0, float(p["dirty_rate_bytes"]) / MIB) for p in passes
             if p.get("dirty_rate_bytes")]
     if qemu:
         ax.plot([q[0] for q in qemu], [q[1] for q in qemu], "s-", color="tab:orange", ms=4,
                 lw=1, label="guest dirty rate: QEMU's dirty-pages-rate at each pass (MiB/s)")
     else:  # say so rather than leave the axis empty
-        ax.plot([p["t"] - t0 for p in passes], [0.0] * len(passes), "s-", color="tab:orange",
+        ax.plot([p["t_rel"] - t0 for p in passes], [0.0] * len(passes), "s-", color="tab:orange",
                 ms=4, lw=1, label="guest dirty rate: QEMU's dirty-pages-rate, 0 at every pass")
         ax.annotate("no dirtying reported by QEMU (it measures over ~1 s periods: a shorter "
                     "migration may end before the first)", (0.01, 0.05),
@@ -306,15 +328,15 @@ def _throughput(mig: Record, passes: list[Json], t0: float) -> tuple[
     an estimate (``t0`` + QEMU's total time) and None when it is not known."""
     steps = []
     for a, b in itertools.pairwise(passes):
-        dt = b["t"] - a["t"]
+        dt = b["t_rel"] - a["t_rel"]
         if a.get("transferred") is not None and b.get("transferred") is not None and dt > 0:
-            steps.append((a["t"] - t0, b["t"] - t0,
+            steps.append((a["t_rel"] - t0, b["t_rel"] - t0,
                           (b["transferred"] - a["transferred"]) * 8 / 1e6 / dt))
     total_ms, sent, lastp = mig.get("total_ms"), mig.get("bytes_sent"), passes[-1]
     if not isinstance(total_ms, int | float) or not isinstance(sent, int) \
             or lastp.get("transferred") is None:
         return steps, None
-    start, end = lastp["t"] - t0, total_ms / 1000
+    start, end = lastp["t_rel"] - t0, total_ms / 1000
     if end - start < 0.01 or sent < lastp["transferred"]:
         return steps, None
     return steps, (start, end, (sent - lastp["transferred"]) * 8 / 1e6 / (end - start))

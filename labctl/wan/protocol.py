@@ -289,3 +289,26 @@ class LinkUp(Message):
 WAN_SHOW = Method("wan_show", Empty, RouterState)
 WAN_SET = Method("wan_set", LinkParams, RouterState)
 WAN_LINK = Method("wan_link", LinkUp, RouterState)
+
+
+# --- what the controller reports of a link ------------------------------------------------
+
+@dataclass(frozen=True)
+class WanShown(Message):
+    """One WAN link as ``labctl wan show`` reports it."""
+
+    name: str
+    sites: list[str]
+    #: the router's address on each site, in ``sites`` order
+    addresses: list[str]
+    #: what the link was asked to be (the topology, then ``wan set``)
+    params: LinkParams
+    #: ``up``, ``down`` (cut on purpose with ``wan set --down``), ``unreachable`` (its router
+    #: runs but its agent does not answer: ``labctl up`` starts it again), or the router
+    #: domain's state when it does not run (``shutoff``, ``crashed``, ``absent``...)
+    state: str
+    #: what the router has applied now (None when its agent does not answer)
+    router: RouterState | None = None
+    error: str | None = None
+    #: libvirt's reason for the router domain's state (``destroyed``...)
+    reason: str | None = None

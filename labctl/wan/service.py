@@ -24,22 +24,14 @@ from labctl.core import names
 from labctl.core.errors import AgentError, LabError, LabStateError
 from labctl.core.proc import run
 from labctl.core.rpc import RpcClient
-from labctl.core.wire import Message
 from labctl.drivers import netlink
 from labctl.state.context import LabContext
-from labctl.state.inventory import Inventory, Schema
+from labctl.state.inventory import Inventory
 from labctl.storage import node as storagenode
 from labctl.storage import protocol as sp
 from labctl.storage.image import StorageImage, ensure_storage_image
 from labctl.wan import protocol as p
-
-WAN = Schema("wan", """
-CREATE TABLE IF NOT EXISTS wan_links (
-    name TEXT PRIMARY KEY, idx INTEGER NOT NULL, site_a TEXT NOT NULL, site_b TEXT NOT NULL,
-    address_a TEXT NOT NULL, address_b TEXT NOT NULL, prefix_a INTEGER NOT NULL,
-    prefix_b INTEGER NOT NULL, domain TEXT NOT NULL, agent_port INTEGER NOT NULL,
-    params TEXT NOT NULL, up INTEGER NOT NULL DEFAULT 1, memory_mib INTEGER NOT NULL);
-""")
+from labctl.wan.protocol import WanShown
 
 ROLE = "wan-router"
 ROUTER_MEMORY_MIB = 256
@@ -78,27 +70,6 @@ class LinkRow:
     @property
     def sites(self) -> tuple[str, str]:
         return self.site_a, self.site_b
-
-
-@dataclass(frozen=True)
-class WanShown(Message):
-    """One WAN link as ``labctl wan show`` reports it."""
-
-    name: str
-    sites: list[str]
-    #: the router's address on each site, in ``sites`` order
-    addresses: list[str]
-    #: what the link was asked to be (the topology, then ``wan set``)
-    params: p.LinkParams
-    #: ``up``, ``down`` (cut on purpose with ``wan set --down``), ``unreachable`` (its router
-    #: runs but its agent does not answer: ``labctl up`` starts it again), or the router
-    #: domain's state when it does not run (``shutoff``, ``crashed``, ``absent``...)
-    state: str
-    #: what the router has applied now (None when its agent does not answer)
-    router: p.RouterState | None = None
-    error: str | None = None
-    #: libvirt's reason for the router domain's state (``destroyed``...)
-    reason: str | None = None
 
 
 def _shown(row: LinkRow, params: p.LinkParams, router: p.RouterState | None,

@@ -18,7 +18,7 @@ import pytest
 
 from labctl.core.errors import ProtocolError
 from labctl.core.ids import normal_naa
-from labctl.core.wire import Json, Message, json_schema
+from labctl.core.wire import Json, Message, WallTime, json_schema
 from labctl.datastores import protocol as dp
 from labctl.datastores import service as svc
 from labctl.hosts import protocol as hp
@@ -26,6 +26,7 @@ from labctl.lab import status as ls
 from labctl.migration import protocol as mp
 from labctl.migration.convergence import Decision
 from labctl.migration.result import (
+    Beat,
     DiskCheck,
     HeartbeatCheck,
     MigrationResult,
@@ -68,7 +69,7 @@ CHECKS = mp.StorageChecks(datastore=mp.IscsiDatastoreCheck(NAA, 64 << 20),
 PREPARED = mp.Prepared("tcp:10.0.0.12:49152", 5151, "early",
                        {"qemu_start_s": 0.31, "listen_s": 0.02}, CHECKS, "/run/lc/vm1")
 STAMP = mp.HeartbeatStamp(17, 3, 1234.5)
-PASS = mp.PassRecord(pass_=1, t=1235.0, t_rel=0.5, status="active", dirty_sync_count=1,
+PASS = mp.PassRecord(pass_=1, t_rel=0.5, status="active", dirty_sync_count=1,
                      transferred=1 << 20, remaining=None, total=256 << 20,
                      dirty_pages_rate=120.0, dirty_rate_bytes=0.0, expected_downtime_ms=None,
                      throttle_pct=0, mbps=812.5, prev_pass_s=0.25)
@@ -102,7 +103,7 @@ MESSAGES: dict[str, Message] = {
             died=mp.QemuDied(1, ["qemu: could not open disk"])), "/run/lc/vm1"),
     "source info": mp.SourceInfo(SPEC, "running", 64 << 20, STAMP, 4242, "running", False),
     "source status": mp.SourceStatus(
-        "completed", 1234.0, [PASS], [mp.StatusChange(1234.1, 0.1, "active")],
+        "completed", 1234.0, [PASS], [mp.StatusChange(0.1, "active")],
         now=None, final={"status": "completed", "ram": {"transferred": 123, "mbps": 812.5}},
         stop_t=1236.0, stop_qemu_t=None, checkpoints={"src-downtime-start": 1236.001},
         heartbeat=STAMP, process="running", returncode=None, t=1236.5),
@@ -116,12 +117,12 @@ MESSAGES: dict[str, Message] = {
     "renewed": mp.Renewed(1250.0),
     "migration": MigrationResult(
         id=7, vm="vm1", source="host1", dest="host2", policy="default", storage="late",
-        started=1700000000.0, heartbeat_period_ms=100,
+        started_at=WallTime(1700000000.0), heartbeat_period_ms=100,
         dirty_rate_measured=mp.DirtyRate(None, None, None, None, 0.0), state="failed",
-        prepare=PrepareRecord.of(PREPARED, 0.6), t0=1234.0, setup_ms=12, passes=1,
+        prepare=PrepareRecord.of(PREPARED, 0.6), setup_ms=12, passes=1,
         switchover=Switchover(100.0, 410.0, None, 20.0, None, None, {"src-a": 0.0, "dst-b": None}),
-        heartbeat=HeartbeatCheck(STAMP, None, False), disk=DiskCheck(3, None, False),
-        statuses=[mp.StatusChange(1234.1, 0.1, "failed")],
+        heartbeat=HeartbeatCheck(Beat(17, 3, -0.4), None, False), disk=DiskCheck(3, None, False),
+        statuses=[mp.StatusChange(0.1, "failed")],
         final={"status": "failed", "error-desc": "connection reset"},
         pass_records=[PASS], decisions=[Decision("raise_downtime", "not converging", 1, 0.5,
                                                  {"downtime-limit": 500})],

@@ -10,6 +10,7 @@ import pytest
 
 from labctl.core.errors import LabError, LabStateError
 from labctl.core.ids import naa_from_unit_serial, normal_id
+from labctl.core.wire import WallTime
 from labctl.datastores import rescan
 from labctl.datastores.protocol import CacheEntry
 from labctl.datastores.registry import IdRegistry
@@ -132,12 +133,12 @@ def test_agreement_rules() -> None:
 
 def test_format_event() -> None:
     ev = RescanEvent(
-        id=3, at=time.time(), source="storage:stor1", kind="lun_capacity_changed",
+        id=3, at=WallTime(time.time()), source="storage:stor1", kind="lun_capacity_changed",
         naa="naa.6001", datastore="ds1", detail={}, state="partial", coalesced_into=None,
         lookup="inventory", size_bytes=96 << 20, expected={"state": "ok"}, hosts_sharing=None,
         hosts_polled=None, hosts_refreshed=["h1"], hosts_stale=["h2"], hosts_disagree=[],
         hosts_late=[], scsi_commands=None, vms_resized=[], agreed_ms=None, agreed_at=None,
-        finished=None, message=None)
+        finished_at=None, message=None)
     line = rescan.format_event(ev)
     assert "size 96 MiB; lookup inventory; refreshed h1; stale h2 [partial]" in line
     assert "coalesced into #3" in rescan.format_event(ev.replace(state="coalesced",

@@ -27,7 +27,8 @@ from labctl.hosts import protocol as hp
 from labctl.migration import protocol as mp
 from labctl.migration.driver import Endpoint, Migration
 from labctl.migration.policy import Policy, load_policy
-from labctl.migration.records import MIGRATIONS, Recorder
+from labctl.migration.records import Recorder
+from labctl.migration.tables import MIGRATIONS
 from labctl.state.inventory import Inventory
 
 SECRET = b"c" * 32
@@ -261,7 +262,7 @@ class FakeHost:
         assert self.job is not None
         t = time.monotonic()
         self.job.status = status
-        self.job.statuses.append(mp.StatusChange(t=t, t_rel=round(t - self.job.t0, 4),
+        self.job.statuses.append(mp.StatusChange(t_rel=round(t - self.job.t0, 4),
                                                  status=status))
         self._publish(status=status)
 
@@ -274,7 +275,7 @@ class FakeHost:
             rem = b.remaining_mib[min(n, len(b.remaining_mib) - 1)]
             job.transferred += 64 * MIB
             job.passes.append(mp.PassRecord(
-                pass_=n + 1, t=t, t_rel=round(t - job.t0, 4), status="active",
+                pass_=n + 1, t_rel=round(t - job.t0, 4), status="active",
                 dirty_sync_count=n + 1, transferred=job.transferred, remaining=int(rem * MIB),
                 total=256 * MIB, dirty_pages_rate=0.0, dirty_rate_bytes=0.0,
                 expected_downtime_ms=int(rem * 20), throttle_pct=0, mbps=400.0))
@@ -549,7 +550,7 @@ async def test_malformed_source_info_is_a_protocol_error(tmp_path: Path) -> None
 
 
 def test_pass_is_pass_on_the_wire() -> None:
-    rec = mp.PassRecord(pass_=3, t=1.0, t_rel=0.5, status="active", dirty_sync_count=3,
+    rec = mp.PassRecord(pass_=3, t_rel=0.5, status="active", dirty_sync_count=3,
                         transferred=1, remaining=2, total=3, dirty_pages_rate=0.0,
                         dirty_rate_bytes=0.0, expected_downtime_ms=None, throttle_pct=0, mbps=None)
     wire = rec.to_wire()

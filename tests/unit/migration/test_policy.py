@@ -23,7 +23,7 @@ MIB = 1 << 20
 
 def _pass(i: int, remaining_mib: float, dt: float) -> PassRecord:
     """Pass ``i + 1`` as the source reports it before QEMU knows the dirty rate."""
-    return PassRecord(pass_=i + 1, t=i * dt, t_rel=i * dt, status="active",
+    return PassRecord(pass_=i + 1, t_rel=i * dt, status="active",
                       dirty_sync_count=i + 1, transferred=i * 50 * MIB,
                       remaining=int(remaining_mib * MIB), total=512 * MIB, dirty_pages_rate=0.0,
                       dirty_rate_bytes=0.0, expected_downtime_ms=int(remaining_mib * 20),
@@ -145,16 +145,16 @@ def test_timeline_png(tmp_path: Path) -> None:
 
     passes = [p.replace(dirty_rate_bytes=10e6).to_wire() for p in _passes([256, 90, 40, 18])]
     mig = {"id": 1, "vm": "vm1", "source": "a", "dest": "b", "policy": "default",
-           "storage": "early", "t0": 0.0, "stop_t": 1.6, "total_ms": 1700, "downtime_ms": 90,
+           "storage": "early", "stop_t_rel": 1.6, "total_ms": 1700, "downtime_ms": 90,
            "blackout_ms": 180.0, "pass_records": passes,
-           "heartbeat": {"source_last": {"t": 1.58}, "dest_first": {"t": 1.76}},
+           "heartbeat": {"source_last": {"t_rel": 1.58}, "dest_first": {"t_rel": 1.76}},
            "decisions": [{"action": "raise_downtime", "t_rel": 1.2}]}
     out = timeline.plot(mig, tmp_path / "t.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # with the switchover zoom (RESUME, checkpoints) and a calc-dirty-rate line
     sw = switchover_breakdown(SideStamps(1.6, checkpoints={"src-downtime-end": 1.69}),
                               SideStamps(1.7), 1.58, 1.76)
-    out = timeline.plot({**mig, "resume_t": 1.7, "switchover": sw.to_wire(),
+    out = timeline.plot({**mig, "resume_t_rel": 1.7, "switchover": sw.to_wire(),
                          "dirty_rate_measured": {"dirty_rate_mib_s": 38}}, tmp_path / "z.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(LabError):

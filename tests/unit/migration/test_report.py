@@ -10,7 +10,7 @@ from labctl.migration.report import pass_line, print_result
 
 
 def _pass(**kw: object) -> PassRecord:
-    base: dict[str, object] = dict(pass_=3, t=1.0, t_rel=0.5, status="active",
+    base: dict[str, object] = dict(pass_=3, t_rel=0.5, status="active",
                                    dirty_sync_count=3, transferred=200 << 20,
                                    remaining=10 << 20, total=256 << 20, dirty_pages_rate=0.0,
                                    dirty_rate_bytes=0.0, expected_downtime_ms=None,

@@ -26,10 +26,14 @@ pytest.importorskip("matplotlib")
 MIB = 1 << 20
 
 
+#: the tests' clock reads 100.0 when migrate is sent (a record's times are since then)
+T0 = 100.0
+
+
 def _pass(n: int, t: float, sent_mib: float, remaining_mib: float,
           rate: float = 0.0) -> dict[str, Json]:
     """Pass ``n`` as stored: ``rate`` is QEMU's dirty-pages-rate in bytes/s (0: none)."""
-    return {"pass": n, "t": t, "t_rel": t, "status": "active", "dirty_sync_count": n,
+    return {"pass": n, "t_rel": round(t - T0, 6), "status": "active", "dirty_sync_count": n,
             "transferred": int(sent_mib * MIB), "remaining": int(remaining_mib * MIB),
             "total": 1024 * MIB, "dirty_pages_rate": rate / 4096, "dirty_rate_bytes": rate,
             "expected_downtime_ms": 0, "throttle_pct": 0, "mbps": None}
@@ -38,12 +42,12 @@ def _pass(n: int, t: float, sent_mib: float, remaining_mib: float,
 def _idle() -> Record:
     """An idle guest: two passes, QEMU saw no dirtying, STOP to first beat in 0.21 s."""
     return {"id": 1, "vm": "vm1", "source": "a", "dest": "b", "policy": "default",
-            "storage": "early", "t0": 100.0, "stop_t": 100.63, "resume_t": 100.70,
+            "storage": "early", "stop_t_rel": 0.63, "resume_t_rel": 0.70,
             "total_ms": 690, "downtime_ms": 45, "blackout_ms": 210.0, "passes": 2,
             "bytes_sent": 72 * MIB, "mbps": 870.0, "stop_to_resume_ms": 70.0,
             "pass_records": [_pass(1, 100.02, 0, 1024), _pass(2, 100.62, 70, 1.5)],
             "dirty_rate_measured": {"dirty_rate_mib_s": 0},
-            "heartbeat": {"source_last": {"t": 100.58}, "dest_first": {"t": 100.79}},
+            "heartbeat": {"source_last": {"t_rel": 0.58}, "dest_first": {"t_rel": 0.79}},
             "switchover": {"period_ms": 100, "stop_to_resume_ms": 70.0,
                            "hb_before_stop_ms": 50.0, "after_resume_ms": 90.0,
                            "checkpoints_ms": {"src-iterable-saved": 30.0,
@@ -89,7 +93,7 @@ def _y(line: Line2D) -> list[float]:
 
 
 def test_throughput_per_pass_in_mbit_s_next_to_the_dirty_rate_in_mib_s() -> None:
-    mig = {**_idle(), "t0": 100.0, "total_ms": 1700, "bytes_sent": 160 * MIB,
+    mig = {**_idle(), "total_ms": 1700, "bytes_sent": 160 * MIB,
            "pass_records": [_pass(1, 100.0, 0, 1024), _pass(2, 101.0, 100, 80, 20e6),
                             _pass(3, 101.5, 150, 10, 30e6)]}
     axes = _axes(timeline.figure(mig))
@@ -158,7 +162,7 @@ def _non_converging(n: int = 40) -> Record:
         passes.append(_pass(i, t, 500 + 30 * i, 60 if i < n - 8 else 5, 65e6))
         t += dt
     return {"id": 2, "vm": "vm1", "source": "a", "dest": "b", "policy": "converge",
-            "storage": "early", "t0": 100.0, "passes": n, "pass_records": passes,
+            "storage": "early", "passes": n, "pass_records": passes,
             "decisions": [{"action": "raise_downtime", "at_pass": 5, "t_rel": 12.9},
                           {"action": "cancel", "at_pass": n, "t_rel": t - 100 - 0.05}]}
 
@@ -234,11 +238,12 @@ def test_switchover_checkpoints_read_as_times_after_stop_and_qemu_downtime_is_st
 
 def test_late_storage_preparation_shows_in_the_window_it_took() -> None:
     stop = 102.34
-    mig = {**_idle(), "storage": "late", "stop_t": stop, "resume_t": stop + 1.45,
+    mig = {**_idle(), "storage": "late", "stop_t_rel": stop - T0, "resume_t_rel": stop - T0 + 1.45,
            "total_ms": 3800, "downtime_ms": 1440, "blackout_ms": 1560.0,
            "pass_records": [_pass(1, 100.02, 0, 1024), _pass(2, 102.1, 400, 40),
                             _pass(3, 102.34, 446, 1)],
-           "heartbeat": {"source_last": {"t": stop - 0.04}, "dest_first": {"t": stop + 1.52}},
+           "heartbeat": {"source_last": {"t_rel": stop - T0 - 0.04},
+                         "dest_first": {"t_rel": stop - T0 + 1.52}},
            "late_window": {"storage_s": 1.31, "window_s": 1.36, "detected_after_stop_s": 0.03,
                            "dest": {}}}
     fig = timeline.figure(mig)
@@ -248,3 +253,17 @@ def test_late_storage_preparation_shows_in_the_window_it_took() -> None:
     assert any("late storage preparation" in t.get_text() and "1310 ms" in t.get_text()
                for t in axes["switchover"].texts)
     assert _outside(fig) == []
+
+
+def test_a_record_of_an_older_labctl_is_drawn_on_the_same_axis() -> None:
+    """Records written before times were kept as offsets carry the agents' monotonic stamps
+    (t0, stop_t, resume_t, a t in each heartbeat): they are brought onto the record's axis,
+    so the same migration gives the same time range either way."""
+    new = _idle()
+    old = {**new, "t0": T0, "stop_t": T0 + 0.63, "resume_t": T0 + 0.70,
+           "heartbeat": {"source_last": {"t": T0 + 0.58}, "dest_first": {"t": T0 + 0.79}}}
+    del old["stop_t_rel"], old["resume_t_rel"]
+    assert timeline.time_range(old) == pytest.approx(timeline.time_range(new))
+    shown = timeline.on_own_axis(old)
+    assert shown["stop_t_rel"] == pytest.approx(0.63)
+    assert shown["heartbeat"]["dest_first"]["t_rel"] == pytest.approx(0.79)
