@@ -144,10 +144,14 @@ def parser() -> argparse.ArgumentParser:
     con = vm.add("console", "send a command to the test guest, or show/follow its console",
                  description=f"With a command ({CONSOLE_HELP}), print the guest's answer; "
                              "without one, the last console lines; with --follow, every new "
-                             "line, stamped with the time it was read.")
+                             "line, stamped with the time it was read; with --attach, that and "
+                             "each line typed is sent as a command (Ctrl-D or Ctrl-C "
+                             "detaches; the guest keeps running).")
     con.add_argument("name")
     con.add_argument("command", nargs="*", help=CONSOLE_HELP)
     con.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    con.add_argument("--attach", "-a", action="store_true",
+                     help="follow, and send each line typed as a console command")
     con.add_argument("--lines", "-n", type=_count, default=20, help="last N lines (default 20)")
 
     # -- migration

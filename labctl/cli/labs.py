@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -12,15 +13,16 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from labctl.cli.args import DEFAULT_TOPOLOGY
+from labctl.cli.args import CONSOLE_HELP, DEFAULT_TOPOLOGY
 from labctl.cli.progress import Progress
 from labctl.core.chap import initiator_secret
-from labctl.core.errors import LabStateError
+from labctl.core.errors import LabError, LabStateError
 from labctl.core.paths import home, labs_dir, repo_root
 from labctl.core.proc import netns_argv
 from labctl.core.wire import Json, Message, WallTime
@@ -361,6 +363,10 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
         else:
             print(answer)
         return 0
+    if args.attach:
+        if args.json:
+            raise LabStateError("vm console --attach is interactive: it has no --json")
+        return await _attach_console(lab, args)
     if args.follow:
         return await _follow_console(lab, args)
     tail = await lab.vm_console_tail(args.name, args.lines)
@@ -371,18 +377,86 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _attach_console(lab: Lab, args: argparse.Namespace) -> int:
+    """Follow the console (timestamped) and send each line read from stdin as a console
+    command, printing the guest's answer (or why it was refused) as it comes; the end of
+    stdin or Ctrl-C detaches, the guest keeps running."""
+    log = await _console_log(lab, args.name)
+    print(f"attached to {args.name}'s console: type a command ({CONSOLE_HELP}); "
+          "Ctrl-D or Ctrl-C detaches", file=sys.stderr)
+    follow = asyncio.ensure_future(_tail(log, args.lines, follow=True, stamp=True,
+                                         as_json=False))
+    lines, stop_reading = _stdin_lines()
+    try:
+        while True:
+            line = await lines.get()
+            if line is None:
+                break
+            command = line.strip()
+            if not command:
+                continue
+            try:
+                print(f"> {await lab.vm_console(args.name, command)}", flush=True)
+            except LabError as exc:  # a refused command does not end the session
+                print(f"labctl: {exc.message}", file=sys.stderr, flush=True)
+    finally:
+        stop_reading()
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+    print(f"detached from {args.name}'s console", file=sys.stderr)
+    return 0
+
+
+def _stdin_lines() -> tuple[asyncio.Queue[str | None], Callable[[], None]]:
+    """The lines of stdin as they are typed (None at its end), read by the event loop (no
+    thread left blocked in a read after Ctrl-C); and how to stop reading."""
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    pending = b""
+
+    def readable() -> None:
+        nonlocal pending
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            loop.remove_reader(fd)
+            queue.put_nowait(None)
+            return
+        *done, pending = (pending + chunk).split(b"\n")
+        for line in done:
+            queue.put_nowait(line.decode(errors="replace"))
+
+    try:
+        loop.add_reader(fd, readable)
+    except PermissionError:  # a regular file (< commands.txt): no waiting, read it all now
+        for text in sys.stdin.read().splitlines():
+            queue.put_nowait(text)
+        queue.put_nowait(None)
+        return queue, lambda: None
+
+    def stop() -> None:
+        loop.remove_reader(fd)
+
+    return queue, stop
+
+
+async def _console_log(lab: Lab, name: str) -> Path:
+    """The console log of running VM ``name``."""
+    status = await lab.status()
+    vm = next((v for v in status.vms if v.name == name), None)
+    if vm is None:
+        raise LabStateError(f"unknown VM {name!r} (VMs: "
+                            f"{', '.join(v.name for v in status.vms) or 'none'})", vm=name)
+    if vm.console_log is None:
+        raise LabStateError(f"VM {name} is not running: no console to follow", vm=name)
+    return Path(vm.console_log)
+
+
 async def _follow_console(lab: Lab, args: argparse.Namespace) -> int:
     """Every new console line of the VM, stamped with the (wall-clock) time it was read."""
-    status = await lab.status()
-    vm = next((v for v in status.vms if v.name == args.name), None)
-    if vm is None:
-        raise LabStateError(f"unknown VM {args.name!r} (VMs: "
-                            f"{', '.join(v.name for v in status.vms) or 'none'})", vm=args.name)
-    log = vm.console_log
-    if log is None:
-        raise LabStateError(f"VM {args.name} is not running: no console to follow",
-                            vm=args.name)
-    await _tail(Path(log), args.lines, follow=True, stamp=True, as_json=args.json)
+    await _tail(await _console_log(lab, args.name), args.lines, follow=True, stamp=True,
+                as_json=args.json)
     return 0
 
 

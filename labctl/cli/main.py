@@ -18,12 +18,12 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO, cast
 
 import argcomplete
 
 from labctl.cli.args import HANDLERS, WAN_VALUE_OPTIONS, parser
-from labctl.cli.progress import Progress
+from labctl.cli.progress import EndsProgressLine, Progress
 from labctl.core.errors import LabError, printable
 from labctl.core.paths import home
 from labctl.core.wire import Json, Message
@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     # the command's module, imported only now: `labctl --help` and a typo cost nothing more
     module = importlib.import_module(f"labctl.cli.{HANDLERS[args.cmd]}")
     run: Runner = module.run
+    streams = sys.stdout, sys.stderr
+    if progress.live:  # a step's running clock ends before anything else is written
+        sys.stderr = cast("TextIO", EndsProgressLine(sys.stderr, progress))
+        if _is_tty(sys.stdout):
+            sys.stdout = cast("TextIO", EndsProgressLine(sys.stdout, progress))
     try:
         if args.site and args.cmd not in ("up", "ls", "validate", "demo") and \
                 (args.cmd, getattr(args, "action", None)) != ("migration", "policies"):
@@ -94,6 +99,43 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         return 1
+    finally:
+        progress.end_line()
+        if args.verbose:
+            _point_at_logs(args)
+        sys.stdout, sys.stderr = streams
+
+
+def _point_at_logs(args: argparse.Namespace) -> None:
+    """With -v: where the lab's logs are (on stderr, after the command's own output)."""
+    if args.cmd in ("ls", "validate"):
+        return
+    from labctl.lab.face import Lab
+
+    try:
+        lab = Lab.find(args.lab)
+    except LabError:
+        return
+    d = lab.dir.path
+    logs = [(p.parent.name, "host agent", p) for p in sorted(d.glob("hosts/*/agent.log"))]
+    logs += [(p.parent.name, "storage node console", p)
+             for p in sorted(d.glob("storage/*/console.log"))]
+    logs += [("rescan", "rescan service", p) for p in (d / "rescan.log",) if p.exists()]
+    logs += [(f"{p.parent.name}@{p.parents[2].name}", "VM console", p)
+             for p in sorted(d.glob("hosts/*/vms/*/console.log"))]
+    if not logs:
+        return
+    print(f"labctl: the logs of lab {lab.name} (labctl logs NAME [--follow]; VM consoles: "
+          "labctl vm console VM --follow):", file=sys.stderr)
+    for name, what, path in logs:
+        print(f"  {name:14} {what:20} {path}", file=sys.stderr)
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _value_options_joined(argv: list[str]) -> list[str]:
@@ -156,7 +198,8 @@ def _interrupted(args: argparse.Namespace, module: object) -> int:
         message = getattr(module, "interrupted_message", None)
         print(message() if callable(message) else "labctl: migration cancelled (Ctrl-C)",
               file=sys.stderr)
-    elif args.cmd in READ_ONLY or getattr(args, "follow", False):
+    elif args.cmd in READ_ONLY or getattr(args, "follow", False) or \
+            getattr(args, "attach", False):
         print(file=sys.stderr)
     else:
         print("labctl: interrupted; 'labctl down' removes whatever the lab had created",

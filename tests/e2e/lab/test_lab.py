@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -177,6 +179,75 @@ def test_console_tail_shows_heartbeats(lab: dict[str, Any]) -> None:
     assert re.fullmatch(r"DISK read [0-9]+", answer), answer
 
 
+def test_console_attach_sends_typed_lines_and_follows(lab: dict[str, Any]) -> None:
+    """vm console --attach: each line typed is a console command whose answer comes back;
+    one the guest does not know is refused without ending the session; new console lines
+    arrive stamped with their time; the end of input detaches and the guest runs on."""
+    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "vm",
+                             "console", "vm1", "--attach", "--lines", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write("size\nbogus\nread\n")
+    proc.stdin.flush()
+    time.sleep(2.5)  # a few heartbeats (100 ms apart) come through the follow meanwhile
+    out, err = proc.communicate(timeout=60)  # closes stdin: the end of input detaches
+    assert proc.returncode == 0, err
+    assert re.search(r"^> DISK size [0-9]+$", out, re.M) and re.search(r"^> DISK read [0-9]+$", out,
+                                                                  re.M), out
+    assert "bogus" in err and "detached from vm1's console" in err, err
+    stamped = [line for line in out.splitlines() if re.match(r"^\d{4}-\d\d-\d\dT\S+  HB ", line)]
+    assert len(stamped) >= 5, out
+    after = LabCli(lab["name"]).json("vm", "list")[0]
+    assert after["state"] == "running", after
+
+
+def test_verbose_points_at_the_logs(lab: dict[str, Any]) -> None:
+    res = labctl("--lab", lab["name"], "status", "-v")
+    lines = [line.split() for line in res.stderr.splitlines() if line.startswith("  ")]
+    logs = {(w[0], Path(w[-1])) for w in lines}
+    assert ("h1", lab["dir"] / "hosts" / "h1" / "agent.log") in logs, res.stderr
+    assert ("stor1", lab["dir"] / "storage" / "stor1" / "console.log") in logs, res.stderr
+    assert all(path.is_file() for _, path in logs), logs
+    assert any(name.startswith("vm1@") for name, _ in logs), res.stderr
+
+
+def test_a_long_step_on_a_terminal_keeps_results_on_their_own_lines(lab: dict[str, Any]) -> None:
+    """On a terminal, progress lines get a running clock; whatever comes after (a result on
+    stdout, the next step) starts on a line of its own, and no escape is left behind."""
+    main, sub = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "vm",
+                                 "stop", "vm1"], stdin=sub, stdout=sub, stderr=sub)
+        text = _read_pty(main, proc)
+        proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "vm",
+                                 "start", "vm1"], stdin=sub, stdout=sub, stderr=sub)
+        text += _read_pty(main, proc)
+    finally:
+        os.close(sub)
+        os.close(main)
+    lines = [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    assert "VM vm1 stopped" in lines and any(
+        line.startswith("VM vm1 running (pid ") for line in lines), text
+    for line in lines:  # a progress line is only ever progress
+        assert not line.startswith("[") or "VM vm1 " not in line.split("] ", 1)[-1][:8], text
+
+
+def _read_pty(fd: int, proc: subprocess.Popen[bytes]) -> str:
+    out = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                out += os.read(fd, 4096)
+            except OSError:
+                break
+        elif proc.poll() is not None:
+            break
+    assert proc.wait(timeout=60) == 0, out
+    return out.decode(errors="replace")
+
+
 def test_datastores_larger_than_the_disk_are_refused(lab_home: Path, tmp_path: Path) -> None:
     name = unique_lab("e2ebig")
     topo = tmp_path / "big.yaml"
@@ -314,6 +385,22 @@ def test_json_outputs_match_their_shipped_schemas(lab: dict[str, Any]) -> None:
     bad = cli("vm", "start", "nope", "--json", check=False)
     assert bad.returncode == 1
     jsonschema.validate(json.loads(bad.stdout), _schema("error"))
+    # the rest through labctl(), which checks every --json output against its schema
+    assert labctl("validate", str(lab["topo"]), "--json").returncode == 0
+    assert cli.json("vm", "console", "vm1", "read")["answer"].startswith("DISK read ")
+    assert cli.json("vm", "console", "vm1", "--lines", "3")["lines"]
+    logs = cli("logs", "h1", "--lines", "3", "--json").stdout.splitlines()
+    assert len(logs) == 3 and all(json.loads(line)["at"] is None for line in logs)
+    # a lab just up may have no storage event yet (the rescan and WAN tests make them)
+    events = [json.loads(line) for line in cli("events", "--json").stdout.splitlines()]
+    assert all(e["at"].endswith("+00:00") for e in events), events
+    assert cli.json("rescan", "lookup")["lookup"] in ("inventory", "poll")
+    assert cli.json("storage", "portal", "stor1", "up")
+    assert cli.json("migration", "policies")[0]["name"] == "default"
+    assert isinstance(cli.json("migration", "list"), list)
+    shown = cli.json("host", "storage", "h1")
+    assert all(u["scanned_at"] is None or u["scanned_at"].endswith("+00:00")
+               for u in shown["units"]), shown
 
 
 def test_export_packs_the_records_without_secrets(lab: dict[str, Any], tmp_path: Path) -> None:
