@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
+import sys
 from pathlib import Path
 
 from labctl.core.errors import LabStateError
@@ -66,7 +68,36 @@ def _in_the_way(path: Path) -> Path | None:
     return None
 
 
+def someone_elses(path: Path) -> str | None:
+    """When ``path`` (or the first of its parents that exists) belongs to another user
+    than the one running labctl: who, as a cure to add to a refusal (a lab brought up with
+    sudo is root's: its directory and secret can only be read as root)."""
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        uid = existing.stat().st_uid
+    except (OSError, StopIteration):
+        return None
+    if uid == os.geteuid():
+        return None
+    try:
+        owner = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        owner = f"uid {uid}"
+    how = "sudo " if uid == 0 else f"sudo -u {owner} "
+    return (f"{existing} belongs to {owner}, not to this user: run labctl as {owner} "
+            f"({how}{_invocation()}, with the same LABCTL_HOME)")
+
+
+def _invocation() -> str:
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("labctl")
+    return "labctl" if argv0.name in ("-c", "__main__.py") else str(argv0)
+
+
 def _oserror(path: Path, exc: OSError, doing: str) -> LabStateError:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        whose = someone_elses(path)
+        if whose is not None:
+            return home_error(f"cannot {doing} {exc.filename or path}: {whose}", path)
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         blocker = _in_the_way(path)
         if blocker is not None:

@@ -8,6 +8,7 @@ event loop.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,17 +55,22 @@ class Lab:
         """The lab called ``name``; without a name, the only lab that is up (or, when none
         is, the only lab there is)."""
         if name is not None:
-            return cls(name, root, progress)
+            lab = cls(name, root, progress)
+            lab.dir.refuse_if_not_ours()
+            return lab
         labs = existing_labs(root)
         base = root or labs_dir()
         states = {lab: lab_state(base / lab) or "unknown" for lab in labs}
         live = [lab for lab, s in states.items() if s != "down"]
-        if len(live) == 1:
-            return cls(live[0], root, progress)
-        if not live and len(labs) == 1:
-            return cls(labs[0], root, progress)
+        if len(live) == 1 or (not live and len(labs) == 1):
+            lab = cls((live or labs)[0], root, progress)
+            lab.dir.refuse_if_not_ours()
+            return lab
         if not labs:
-            raise LabStateError("no lab is up (start one with: labctl up)")
+            hint = "" if os.geteuid() == 0 else (
+                f"; this user's labs are in {base}, a lab brought up with sudo (as "
+                "scripts/demo.sh does) is root's: run labctl with sudo to see it")
+            raise LabStateError(f"no lab is up (start one with: labctl up){hint}")
         listed = ", ".join(f"{lab} ({s})" for lab, s in states.items())
         raise LabStateError(f"several labs exist ({listed}): say which with --lab NAME or "
                             "LABCTL_LAB=NAME")

@@ -6,6 +6,8 @@ storage node and every sharing host, and the guest itself, see the new size."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 
 from labctl.datastores import rescan
 from labctl.datastores import service as datastores
@@ -62,7 +64,18 @@ async def run(lab: Lab, status: LabStatus, keep: bool) -> int:
         if not keep:
             await lab.down()
             print(f"\nlab {lab.name} torn down (run with --keep to leave it up)")
+        else:
+            print(f"\nlab {lab.name} is kept up; {_how_to_reach()}")
     print("demo: OK" if not failures else "demo: FAILED: " + "; ".join(failures))
     return 0 if not failures else 1
 
 
+def _how_to_reach() -> str:
+    """How the user who ran the demo reaches the lab it kept: as the same user (root, when
+    scripts/demo.sh ran it with sudo), with the same labctl home."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0].endswith("labctl") else "labctl"
+    if os.environ.get("SUDO_USER") and os.geteuid() == 0:
+        keep = " --preserve-env=LABCTL_HOME" if os.environ.get("LABCTL_HOME") else ""
+        return (f"it is root's (the demo ran with sudo): 'sudo{keep} {argv0} status' shows it, "
+                f"'sudo{keep} {argv0} down --purge' removes it")
+    return f"'{argv0} status' shows it, '{argv0} down --purge' removes it"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from labctl.core import names
 from labctl.core.errors import LabStateError
-from labctl.core.paths import labs_dir, list_dir, make_dir
+from labctl.core.paths import labs_dir, list_dir, make_dir, someone_elses
 from labctl.core.secret import read_secret, write_secret
 from labctl.core.userfile import shown
 from labctl.state.inventory import Inventory, Schema
@@ -41,6 +42,19 @@ class LabDir:
 
     def exists(self) -> bool:
         return (self.path / "inventory.db").exists()
+
+    def refuse_if_not_ours(self) -> None:
+        """A clear refusal when this user cannot read the lab's directory or secret (a lab
+        brought up with sudo is root's), instead of "not up" or a permission error later."""
+        for path in (self.path, self.secret_path):
+            if path.exists() and not os.access(path, os.R_OK):
+                whose = someone_elses(path)
+                if whose is not None:
+                    raise LabStateError(f"lab {self.name}: {whose}", lab=self.name)
+        if self.path.is_dir() and not os.access(self.path, os.X_OK):
+            whose = someone_elses(self.path)
+            if whose is not None:
+                raise LabStateError(f"lab {self.name}: {whose}", lab=self.name)
 
     def create(self) -> None:
         make_dir(self.path)
@@ -87,7 +101,11 @@ class LabDir:
 def existing_labs(root: Path | None = None) -> list[str]:
     """Every lab with a directory here: up, being built, or down with its records kept."""
     return sorted(p.name for p in list_dir(root or labs_dir())
-                  if names.LAB_NAME_RE.fullmatch(p.name) and (p / "inventory.db").exists())
+                  if names.LAB_NAME_RE.fullmatch(p.name) and (
+                      (p / "inventory.db").exists()
+                      # another user's lab (brought up with sudo): listed, so that using
+                      # it is refused with the cure rather than "no lab is up"
+                      or (p.is_dir() and not os.access(p, os.R_OK | os.X_OK))))
 
 
 def lab_state(path: Path) -> str | None:

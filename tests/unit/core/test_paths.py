@@ -78,3 +78,19 @@ def test_an_image_cache_that_is_a_file(tmp_path: Path, monkeypatch: pytest.Monke
                                           f"be used: {tmp_path / 'cache'} is not a directory")
     assert _refusal(paths.make_dir, tmp_path / "cache" / "images" / "kernel").startswith(
         f"LABCTL_CACHE={tmp_path / 'cache' / 'images'} cannot be used: ")
+
+
+def test_a_lab_of_another_user_names_the_owner_and_the_cure(tmp_path: Path) -> None:
+    """A lab brought up with sudo is root's: a normal user is told whose it is and how to
+    run labctl to reach it (the check itself is by ownership, so it runs as any user)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert paths.someone_elses(mine) is None
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("making a directory another user's needs root")
+    os.chown(theirs, 65534, 65534)
+    why = paths.someone_elses(theirs / "labs" / "x")  # the first part that exists is looked at
+    assert why is not None and why.startswith(f"{theirs} belongs to ")
+    assert "not to this user: run labctl as " in why and "sudo -u " in why, why
