@@ -101,27 +101,33 @@ class Router:
         args = [w for o in _OFFLOADS for w in (o, "on" if on else "off")]
         await run(["ethtool", "-K", ifname, *args], check=False, what=f"ethtool -K {ifname}")
 
-    async def _leg(self, site: str, ifname: str) -> p.LegState:
-        q = await run(["tc", "-s", "-j", "qdisc", "show", "dev", ifname, "root"],
-                      what=f"tc qdisc show {ifname}")
-        link = await run(["ip", "-j", "link", "show", "dev", ifname], what=f"ip link {ifname}")
-        try:
-            qd = (json.loads(q.stdout) or [{}])[0]
-            up = "UP" in (json.loads(link.stdout) or [{}])[0].get("flags", [])
-        except (ValueError, IndexError, AttributeError) as exc:
-            raise LabError(f"cannot read the state of {ifname}: {exc}") from exc
+    def _leg(self, site: str, ifname: str, qd: Json, link: Json) -> p.LegState:
+        """A leg's state from its root qdisc and its link as ``tc -j`` and ``ip -j`` list
+        them (empty when the device is not listed)."""
+        qd = qd if isinstance(qd, dict) else {}
+        flags = link.get("flags", []) if isinstance(link, dict) else []
         words = [str(qd.get("kind", "?"))]
         for k, v in (qd.get("options") or {}).items():  # tc's JSON nests delay, rate...
             for kk, vv in (v.items() if isinstance(v, dict) else [(k, v)]):
                 if vv not in (0, None, False, "", [], {}):
                     words.append(f"{kk} {vv}")
         text = " ".join(words)
-        return p.LegState(site=site, ifname=ifname, up=up, qdisc=text.strip(),
+        return p.LegState(site=site, ifname=ifname, up="UP" in flags, qdisc=text.strip(),
                           dropped=int(qd.get("drops", 0)), sent_packets=int(qd.get("packets", 0)),
                           offload=self.offload)
 
     async def _state(self) -> p.RouterState:
-        legs = [await self._leg(leg.site, ifname)
+        # one listing of every qdisc and every link, the two at once: each program started
+        # costs tens of ms in this TCG VM, and `labctl status` asks for this
+        q, links = await asyncio.gather(
+            run(["tc", "-s", "-j", "qdisc", "show"], what="tc qdisc show"),
+            run(["ip", "-j", "link", "show"], what="ip link show"))
+        try:
+            qdiscs = {d.get("dev"): d for d in json.loads(q.stdout) or [] if d.get("root")}
+            by_name = {d.get("ifname"): d for d in json.loads(links.stdout) or []}
+        except (ValueError, AttributeError) as exc:
+            raise LabError(f"cannot read the state of the router's legs: {exc}") from exc
+        legs = [self._leg(leg.site, ifname, qdiscs.get(ifname, {}), by_name.get(ifname, {}))
                 for leg, ifname in zip(self.config.legs, self.ifnames, strict=True)]
         return p.RouterState(node=self.node, params=self.params, up=self.up, legs=legs,
                              uptime_s=round(_uptime(), 2))
