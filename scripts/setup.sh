@@ -24,7 +24,8 @@ fi
 BP_PKGS=(qemu-system-x86 qemu-utils qemu-block-extra libvirt-daemon
          libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
 PKGS=(libiscsi-bin mmdebstrap e2fsprogs iproute2 kmod util-linux gcc libc6-dev pkg-config
-      python3-venv python3-dev dnsmasq-base socat xxd iputils-ping iperf3 ethtool)
+      python3-venv python3-dev dnsmasq-base socat xxd iputils-ping iperf3 ethtool
+      vagrant vagrant-libvirt)  # the hardware path: `vagrant validate` of the Vagrantfile
 
 missing=()
 for p in "${BP_PKGS[@]}" "${PKGS[@]}"; do

@@ -1,11 +1,74 @@
-"""Entry point of the storage agent inside a storage node VM: the node's PID 1
-(``images/storage/init.py``) imports this module and calls :func:`serve`.
+"""Entry point of the storage agent. Inside a storage node VM the node's PID 1
+(``images/storage/init.py``) imports this module and calls :func:`serve` with its config
+disk's ``config.json``. On a machine of its own (a Vagrant or hardware lab, provisioned by
+``playbooks/roles/storage``) systemd runs::
+
+    python -m labctl.agents.storage --config /etc/labctl/storage.json \\
+        --secret-file /etc/labctl/secret
+
+where the config is a :class:`~labctl.storage.protocol.NodeConfig` without its ``secret``
+(the secret stays in its own 0600 file, never in the config or on a command line).
 
 Standard library only (plus rtslib-fb, imported when LIO is first used).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from labctl.core.errors import LabError
+from labctl.core.secret import read_secret
 from labctl.storage.agent import serve
 
-__all__ = ["serve"]
+__all__ = ["main", "serve"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m labctl.agents.storage", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, type=Path,
+                    help="the node's config (JSON: lab, node, address, gateway, mac, "
+                         "target_iqn, agent_port), without the secret")
+    ap.add_argument("--secret-file", required=True, type=Path,
+                    help="the lab secret (hex, mode 0600) the provider delivered")
+    args = ap.parse_args(argv)
+    try:
+        config = json.loads(args.config.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        if "secret" in config:
+            raise ValueError("it holds a secret: the secret goes in --secret-file only")
+        config["secret"] = read_secret(args.secret_file).hex()
+    except (OSError, ValueError) as exc:
+        print(f"storage agent: bad config {args.config}: {exc}", file=sys.stderr)
+        return 1
+    except LabError as exc:
+        print(f"storage agent: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(_serve_until_stopped(config))
+    except LabError as exc:
+        print(f"storage agent: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_until_stopped(config: dict[str, object]) -> None:
+    """Serve until SIGTERM or SIGINT (systemd's stop), then close the server cleanly."""
+    task = asyncio.ensure_future(serve(config))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

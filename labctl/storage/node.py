@@ -62,7 +62,7 @@ AGENT_FILES = ("labctl/__init__.py", "labctl/core/__init__.py", "labctl/core/cha
                "labctl/drivers/lio.py", "labctl/drivers/nfsd.py", "labctl/drivers/qcow2.py",
                "labctl/drivers/sparse.py",
                "labctl/core/proc.py", "labctl/storage/files.py", "labctl/agents/__init__.py",
-               "labctl/agents/storage.py")
+               "labctl/agents/storage.py", "labctl/core/secret.py")
 """The python pieces the storage agent needs, copied onto the config disk."""
 
 T = TypeVar("T")
