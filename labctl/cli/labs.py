@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -285,6 +284,8 @@ _NOT_EXPORTED = {"secret", ".lock"}
 def _export(lab: Lab, args: argparse.Namespace) -> int:
     """The lab directory as a .tar.gz (inventory, topology, migration records, events, agent
     and console logs, plots), without its secrets or sockets."""
+    import tarfile  # only here: its compressors are not every command's to import
+
     out = Path(args.file)
     if not lab.dir.path.is_dir():
         raise LabStateError(f"no lab {lab.name} in {labs_dir()}: nothing to export", lab=lab.name)

@@ -29,7 +29,7 @@ from labctl.datastores.protocol import HostCache
 from labctl.datastores.tables import RescanEvent
 from labctl.lab.face import Lab
 from labctl.state.inventory import Inventory
-from labctl.storage import node as storagenode
+from labctl.storage import domains
 from labctl.wan import service as wan
 
 
@@ -100,7 +100,7 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "storage":
         if args.action == "resume":
-            state = await storagenode.resume(lab.name, args.node)
+            state = await domains.resume(lab.name, args.node)
             if args.json:
                 emit(NodeDomain(node=args.node, domain_state=state.state,
                                 domain_reason=state.reason).to_wire())

@@ -15,7 +15,7 @@ from labctl.core.errors import AgentError, LabError
 from labctl.core.wire import Message
 from labctl.hosts import protocol as hp
 from labctl.state.context import LabContext
-from labctl.storage import node as storagenode
+from labctl.storage import domains as node_domains
 from labctl.storage import protocol as sp
 from labctl.wan.protocol import WanShown
 
@@ -144,8 +144,8 @@ class LabStatus(Message):
         return next((d for d in self.datastores if d.name == name), None)
 
 
-def _dom(domains: dict[str, storagenode.DomainState], name: str) -> storagenode.DomainState:
-    return domains.get(name) or storagenode.DomainState("", None)
+def _dom(domains: dict[str, node_domains.DomainState], name: str) -> node_domains.DomainState:
+    return domains.get(name) or node_domains.DomainState("", None)
 
 
 def stall_after(heartbeat_ms: int) -> float:
@@ -162,7 +162,7 @@ async def status(ctx: LabContext) -> LabStatus:
     live: dict[str, tuple[str, hp.VmStatus]] = {}
     agent: dict[str, tuple[str, str | None]] = {}
     node_agent: dict[str, tuple[str, float | None, str | None]] = {}
-    domains: dict[str, storagenode.DomainState] = {}
+    domains: dict[str, node_domains.DomainState] = {}
 
     async def probe_host(name: str) -> None:
         try:
@@ -176,7 +176,7 @@ async def status(ctx: LabContext) -> LabStatus:
 
     async def probe_node(name: str) -> None:
         with contextlib.suppress(LabError):
-            domains[name] = await storagenode.domain_state(ctx.name, name)
+            domains[name] = await node_domains.domain_state(ctx.name, name)
         try:
             async with ctx.storage_client(name, timeout=2.0) as c:
                 node_agent[name] = ("up", (await sp.PING.call(c, timeout=3)).uptime_s, None)

@@ -29,14 +29,13 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from labctl.core import names
 from labctl.core.errors import (
     AgentUnreachable,
     AuthenticationFailed,
     CommandFailed,
-    MissingDependency,
     StorageNodeError,
 )
 from labctl.core.paths import repo_root
@@ -44,10 +43,15 @@ from labctl.core.proc import run, which
 from labctl.core.rpc import RpcClient
 from labctl.core.wire import Message, Method
 from labctl.drivers.debian import make_config_disk
+from labctl.storage.domains import LIBVIRT_URI
+from labctl.storage.domains import in_thread as _in_thread
+from labctl.storage.domains import libvirt_module as _libvirt
+from labctl.storage.domains import open_conn as _open
+from labctl.storage.domains import owned_domain as _owned_domain
+from labctl.storage.domains import owner as _owner
 from labctl.storage.image import StorageImage
 from labctl.storage.protocol import STATUS, NodeConfig
 
-LIBVIRT_URI = "qemu:///system"
 METADATA_NS = names.LIBVIRT_METADATA_NS
 METADATA_PREFIX = "labctl"
 CONFIG_DISK_SERIAL = "labctl-config"
@@ -64,9 +68,6 @@ AGENT_FILES = ("labctl/__init__.py", "labctl/core/__init__.py", "labctl/core/cha
                "labctl/core/proc.py", "labctl/storage/files.py", "labctl/agents/__init__.py",
                "labctl/agents/storage.py", "labctl/core/secret.py")
 """The python pieces the storage agent needs, copied onto the config disk."""
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class DataDisk:
@@ -152,30 +153,6 @@ class StorageNodeHandle:
 
 # --- libvirt plumbing ---------------------------------------------------------------------
 
-def _libvirt() -> Any:
-    try:
-        import libvirt  # noqa: PLC0415 (optional heavy module: only where libvirt runs)
-    except ImportError as exc:
-        raise MissingDependency("libvirt-python is not installed (run scripts/setup.sh)",
-                                error=str(exc)) from exc
-    # libvirt prints every error to stderr by default; we raise them with evidence instead
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    return libvirt
-
-
-def _open() -> Any:
-    lv = _libvirt()
-    try:
-        return lv.open(LIBVIRT_URI)
-    except lv.libvirtError as exc:
-        raise StorageNodeError(f"cannot connect to libvirt at {LIBVIRT_URI}: {exc}",
-                               uri=LIBVIRT_URI) from exc
-
-
-async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
-    return await asyncio.to_thread(fn, *args)
-
-
 def _try_connect() -> str | None:
     """None when libvirtd answers, else why not."""
     lv = _libvirt()
@@ -237,20 +214,6 @@ def _fix_kvm_node(dev: Path = Path("/dev/kvm")) -> None:
             f"{dev} is not usable by group kvm and cannot be fixed ({exc}); libvirt would re-probe "
             "QEMU on every call (about a minute per domain): run as root or fix the node",
             device=str(dev)) from exc
-
-
-def _owner(dom: Any) -> dict[str, str] | None:
-    """The labctl ownership recorded in a domain's metadata, or None."""
-    lv = _libvirt()
-    try:
-        xml = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
-    except lv.libvirtError:
-        return None
-    try:
-        el = ET.fromstring(xml)
-    except ET.ParseError:
-        return None
-    return {child.tag.split("}")[-1]: (child.text or "") for child in el}
 
 
 def _metadata_xml(spec: StorageNodeSpec) -> str:
@@ -582,18 +545,6 @@ async def resize_data_disk(lab: str, name: str, serial: str, new_size_bytes: int
 
 # --- hot-plug of data disks (datastores created or deleted while the node runs) -----------
 
-def _owned_domain(conn: Any, lab: str, name: str) -> Any:
-    lv = _libvirt()
-    try:
-        dom = conn.lookupByName(names.domain(lab, name))
-    except lv.libvirtError as exc:
-        raise StorageNodeError(f"no storage node domain {names.domain(lab, name)}",
-                               domain=names.domain(lab, name)) from exc
-    if (_owner(dom) or {}).get("lab") != lab:
-        raise StorageNodeError(f"domain {dom.name()} is not owned by lab {lab}", domain=dom.name())
-    return dom
-
-
 def _attach(lab: str, name: str, dd: DataDisk) -> str:
     lv = _libvirt()
     conn = _open()
@@ -650,14 +601,6 @@ async def detach_data_disk(lab: str, name: str, serial: str) -> bool:
 
 # --- the node's domain state: what libvirt says, and its changes as they happen -----------
 
-#: libvirt's state and reason codes (virDomainState, virDomainPausedReason, ...) in words
-_STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff",
-           6: "crashed", 7: "pmsuspended"}
-_PAUSED = {1: "user", 2: "migration", 3: "save", 4: "dump", 5: "I/O error", 6: "watchdog",
-           7: "from snapshot", 8: "shutting down", 9: "snapshot", 10: "crashed",
-           11: "starting up", 12: "post-copy", 13: "post-copy failed"}
-_SHUTOFF = {1: "shutdown", 2: "destroyed", 3: "crashed", 4: "migrated", 5: "saved",
-            6: "failed", 7: "from snapshot", 8: "daemon"}
 #: lifecycle event codes (virDomainEventType) in words
 _EVENTS = {0: "defined", 1: "undefined", 2: "started", 3: "suspended", 4: "resumed",
            5: "stopped", 6: "shutdown", 7: "pmsuspended", 8: "crashed"}
@@ -665,61 +608,6 @@ _SUSPENDED_DETAIL = {0: "user", 1: "migrated", 2: "I/O error", 3: "watchdog", 4:
                      5: "from snapshot", 6: "API error", 7: "post-copy", 8: "post-copy failed"}
 _STOPPED_DETAIL = {0: "shutdown", 1: "destroyed", 2: "crashed", 3: "migrated", 4: "saved",
                    5: "failed", 6: "from snapshot"}
-
-
-@dataclass(frozen=True)
-class DomainState:
-    """A storage node's domain as libvirt sees it: ``state`` (running, paused, shutoff,
-    crashed, ...) and why (``reason``: for a pause "user", "I/O error", ...)."""
-
-    state: str
-    reason: str | None
-
-    def __str__(self) -> str:
-        return self.state + (f" ({self.reason})" if self.reason else "")
-
-
-def _state_of(dom: Any) -> DomainState:
-    code, reason = dom.state()
-    state = _STATES.get(code, f"state {code}")
-    words = _PAUSED if code == 3 else _SHUTOFF if code == 5 else {}
-    return DomainState(state, words.get(reason) if words else None)
-
-
-def _domain_state(lab: str, name: str) -> DomainState:
-    conn = _open()
-    try:
-        return _state_of(_owned_domain(conn, lab, name))
-    except StorageNodeError:
-        return DomainState("absent", None)
-    finally:
-        conn.close()
-
-
-async def domain_state(lab: str, name: str) -> DomainState:
-    """What libvirt says of storage node ``name``'s domain now ("absent" if it has none)."""
-    return await _in_thread(_domain_state, lab, name)
-
-
-def _resume(lab: str, name: str) -> DomainState:
-    lv = _libvirt()
-    conn = _open()
-    try:
-        dom = _owned_domain(conn, lab, name)
-        if dom.state()[0] == 3:
-            try:
-                dom.resume()
-            except lv.libvirtError as exc:
-                raise StorageNodeError(f"libvirt could not resume {dom.name()}: {exc}",
-                                       domain=dom.name()) from exc
-        return _state_of(dom)
-    finally:
-        conn.close()
-
-
-async def resume(lab: str, name: str) -> DomainState:
-    """Resume a paused storage node (after its cause, e.g. a full disk, is gone)."""
-    return await _in_thread(_resume, lab, name)
 
 
 #: (node, event, detail, role) for each lifecycle event of one of the lab's node domains

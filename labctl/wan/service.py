@@ -26,6 +26,7 @@ from labctl.core.proc import run
 from labctl.core.rpc import RpcClient
 from labctl.state.context import LabContext
 from labctl.state.inventory import Inventory
+from labctl.storage import domains
 from labctl.storage import node as storagenode
 from labctl.storage import protocol as sp
 from labctl.storage.image import StorageImage, ensure_storage_image
@@ -202,7 +203,7 @@ async def show(ctx: LabContext) -> list[WanShown]:
     """Every link: what it was asked to be, and what its router applied now."""
     out = []
     for row in links(ctx.inv):
-        dom = await storagenode.domain_state(ctx.name, row.name)
+        dom = await domains.domain_state(ctx.name, row.name)
         base = _shown(row, row.params, None)
         if dom.state != "running":
             out.append(base.replace(state=dom.state, reason=dom.reason))
