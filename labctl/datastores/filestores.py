@@ -25,6 +25,7 @@ from labctl.core.errors import AgentError, AgentUnreachable, LabError, LabStateE
 from labctl.core.rpc import RpcClient
 from labctl.core.wire import Message, WallTime
 from labctl.datastores import protocol as dp
+from labctl.datastores.mappings import is_file_datastore as is_file_datastore
 from labctl.datastores.registry import IdRegistry
 from labctl.drivers.sparse import send_extents
 from labctl.state.context import LabContext
@@ -84,10 +85,6 @@ class Imported(Message):
     file: sp.FileEntry
     bytes_moved: int
     seconds: float
-
-
-def is_file_datastore(inv: Inventory, name: str) -> bool:
-    return inv.row("file_datastores", name=name) is not None
 
 
 def row(inv: Inventory, name: str) -> dict[str, object]:

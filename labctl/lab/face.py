@@ -229,24 +229,24 @@ class Lab:
         ``size``); a command it does not know is refused in the guest's words."""
         from labctl.guest.protocol import check_command
         from labctl.hosts import protocol as hp
-        from labctl.lab import vms
+        from labctl.lab import vmrows
 
         try:
             check_command(command)  # the guest's own refusal, before any host is asked
         except ValueError as exc:
             raise LabError(f"VM {name}: {exc}", vm=name) from None
         with self.context() as ctx:
-            async with ctx.host_client(vms.running_host(ctx, name)) as c:
+            async with ctx.host_client(vmrows.running_host(ctx, name)) as c:
                 return (await hp.VM_CONSOLE.call(c, hp.ConsoleCommand(name, command),
                                                  timeout=30)).answer
 
     async def vm_console_tail(self, name: str, lines: int = 20) -> list[str]:
         """The last console lines of a running VM, as its host agent read them."""
         from labctl.hosts import protocol as hp
-        from labctl.lab import vms
+        from labctl.lab import vmrows
 
         with self.context() as ctx:
-            async with ctx.host_client(vms.running_host(ctx, name)) as c:
+            async with ctx.host_client(vmrows.running_host(ctx, name)) as c:
                 return (await hp.VM_CONSOLE_TAIL.call(c, hp.ConsoleTailRequest(name, lines),
                                                       timeout=30)).lines
 
@@ -255,15 +255,16 @@ class Lab:
                       late_storage: bool | None = None,
                       measure_dirty_rate: bool = False) -> dict[str, Any]:
         """Live-migrate ``vm`` to host ``to`` (see labctl/migration/)."""
-        from labctl.datastores import filestores
-        from labctl.datastores import service as datastores
-        from labctl.lab import vms
+        from labctl.datastores import mappings
+        from labctl.lab import vmrows
         from labctl.migration import inlab
 
         with self.context() as ctx, ctx.lock():
-            row = vms.row(ctx, vm)
+            row = vmrows.row(ctx, vm)
             store = row["datastore"]
-            if vms.is_on_file(ctx, row):
+            if vmrows.is_on_file(ctx, row):
+                from labctl.datastores import filestores
+
                 # both hosts open the same files over NFS: the source's chain as it is now
                 if late_storage:
                     raise LabStateError(f"VM {vm} is on file datastore {store}: late storage "
@@ -274,8 +275,8 @@ class Lab:
                                            dest_disk=None,
                                            policy=policy, late_storage=False,
                                            measure_dirty_rate=measure_dirty_rate)
-            sharing = datastores.mapping(ctx.inv, store).hosts if store else None
-            dest_disk = (vms.disk(ctx, store, to)
+            sharing = mappings.mapping(ctx.inv, store).hosts if store else None
+            dest_disk = (vmrows.disk(ctx, store, to)
                          if store and ctx.inv.row("hosts", name=to) is not None else None)
             return await inlab.migrate(ctx, vm, to, sharing=sharing, dest_disk=dest_disk,
                                        policy=policy, late_storage=late_storage,

@@ -15,34 +15,16 @@ from labctl.datastores import filestores
 from labctl.datastores import service as datastores
 from labctl.guest.protocol import boot_args
 from labctl.hosts import protocol as hp
+from labctl.lab.vmrows import disk as disk
+from labctl.lab.vmrows import is_on_file as is_on_file
+from labctl.lab.vmrows import row as row
+from labctl.lab.vmrows import running_host as running_host
 from labctl.state.context import LabContext
 
 #: the test guest's disk as a base image: blank (the guest keeps its disk counter record in
 #: sector 0); made on a file datastore the first time a VM names it
 GUEST_BASE = "labctl-guest.qcow2"
 GUEST_BASE_SIZE = 64 << 20
-
-
-def row(ctx: LabContext, name: str) -> dict[str, Any]:
-    """The inventory row of VM ``name``; a clear error naming the VMs there are."""
-    vm = ctx.inv.row("vms", name=name)
-    if vm is None:
-        known = ", ".join(r["name"] for r in ctx.inv.rows("vms")) or "none"
-        raise LabStateError(f"unknown VM {name!r} (VMs: {known})", vm=name)
-    return vm
-
-
-def disk(ctx: LabContext, datastore: str | None, host: str) -> hp.IscsiDisk | None:
-    """The VM disk on ``datastore`` as ``host`` reaches it (its own initiator name)."""
-    if not datastore:
-        return None
-    u = datastores.unit(ctx.inv, datastore, host)
-    return hp.IscsiDisk(portal=u.portal, target_iqn=u.target_iqn, lun=u.lun,
-                        initiator_iqn=u.initiator_iqn, naa=u.naa)
-
-
-def is_on_file(ctx: LabContext, vm: dict[str, Any]) -> bool:
-    return bool(vm["datastore"]) and filestores.is_file_datastore(ctx.inv, vm["datastore"])
 
 
 async def chain_disk(ctx: LabContext, vm: dict[str, Any]) -> hp.NfsChainDisk:
@@ -198,11 +180,3 @@ class Snapshotted(Message):
     took_ms: float
     #: its chain now, top first
     layers: list[str]
-
-
-def running_host(ctx: LabContext, name: str) -> str:
-    """The host VM ``name`` runs on; LabStateError if it does not run."""
-    vm = row(ctx, name)
-    if vm["state"] != "running":
-        raise LabStateError(f"VM {name} is not running", vm=name)
-    return str(vm["host"])

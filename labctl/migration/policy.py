@@ -9,8 +9,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from labctl.core import userfile
 from labctl.core.errors import LabError, printable
 from labctl.core.wire import Message
@@ -197,6 +195,10 @@ def load_policy(spec: str | Policy | None) -> Policy:
                        f"({', '.join(BUILTIN_POLICIES)}) and no such file", policy=spec) from None
     except userfile.BadFile as exc:
         raise _policy_error(spec, "", str(exc)) from None
+    # PyYAML only for a policy file: a built-in policy, as every migration names by
+    # default, costs `labctl migrate` no YAML parser at start (bench/virsh-migrate)
+    import yaml  # noqa: PLC0415
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
