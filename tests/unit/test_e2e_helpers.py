@@ -1,5 +1,5 @@
 """The helpers that keep end-to-end runs on one machine apart: a free subnet and a unique lab
-name (tests/conftest.py)."""
+name (labctl/testing/checks.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import subprocess
 import pytest
 
 from labctl.drivers.netlink import overlapping_routes
-from tests import conftest
-from tests.conftest import E2E_SUBNETS, free_subnet, unique_lab
+from labctl.testing import checks
+from labctl.testing.checks import E2E_SUBNETS, free_subnet, unique_lab
 
 
 def test_free_subnets_are_free_distinct_and_in_range() -> None:
@@ -46,8 +46,8 @@ def test_a_subnet_in_use_is_never_handed_out_and_its_half_clashes(
         assert overlapping_routes(next(net.subnets(new_prefix=25)))
         # another run on this machine (nothing handed out yet), picking from net and its
         # neighbour: it never gets net
-        monkeypatch.setattr(conftest, "E2E_SUBNETS", net.supernet(new_prefix=23))
-        monkeypatch.setattr(conftest, "_handed_out", set())
+        monkeypatch.setattr(checks, "E2E_SUBNETS", net.supernet(new_prefix=23))
+        monkeypatch.setattr(checks, "_handed_out", set())
         handed: list[ipaddress.IPv4Network] = []
         with pytest.raises(AssertionError, match="is free on this machine"):
             for _ in range(3):

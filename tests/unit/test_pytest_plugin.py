@@ -1,0 +1,54 @@
+"""The pytest plugin without a lab: its options and markers are there, a missing topology
+file is a usage error, the lab fixtures skip without --lab, and hardware tests skip on a
+local lab (the real lab: tests/e2e/plugin/)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(autouse=True)
+def _ini(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+
+
+def test_markers_and_options_are_registered(pytester: pytest.Pytester) -> None:
+    res = pytester.runpytest("--markers")
+    for marker in ("hardware:", "slow:", "destructive:", "needs_kvm:"):
+        res.stdout.fnmatch_lines([f"@pytest.mark.{marker}*"])
+    res = pytester.runpytest("--help")
+    res.stdout.fnmatch_lines(["*--lab=FILE*", "*--lab-keep*"])
+
+
+def test_a_missing_topology_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    res = pytester.runpytest("--lab", "nope.yaml")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines(["*--lab nope.yaml: no such topology file*"])
+
+
+def test_the_lab_fixtures_skip_without_a_lab(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        def test_lab(lab): pass
+        def test_host(host): pass
+        def test_vm(vm): pass
+        def test_datastore(datastore): pass
+        def test_plain(): pass
+    """)
+    res = pytester.runpytest("-rs")
+    res.assert_outcomes(passed=1, skipped=4)
+    res.stdout.fnmatch_lines(["*no lab: run pytest with --lab FILE*"])
+
+
+def test_hardware_tests_skip_on_a_local_lab(pytester: pytest.Pytester) -> None:
+    topo = pytester.makefile(".yaml", local="name: x\nhosts: [{name: h1}]\n")
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.hardware
+        def test_on_machines(): pass
+        def test_anywhere(): pass
+    """)
+    res = pytester.runpytest("--lab", str(topo), "-rs")
+    res.assert_outcomes(passed=1, skipped=1)
+    res.stdout.fnmatch_lines(["*needs a lab of machines over SSH*"])
