@@ -1,0 +1,199 @@
+"""The application of a replication's source VM: a small server that writes checksummed,
+numbered records to a filesystem on the VM's disk at a set rate, and says which record it
+last *acknowledged* (made durable with fsync, then recorded as such). After a cutover the
+same program, started on the destination, checks every record and carries on from the
+last one: that is how a replication proves it lost nothing a client was told was safe.
+
+Standard library only: the orchestrator copies this file into the guest (it is not baked
+into the image) and runs it with the guest's ``python3``::
+
+    python3 app.py run --dir /srv/app --rate 1MiB/s     # until SIGTERM (or SIGINT)
+    python3 app.py status --dir /srv/app                # {"last_acked": N, "acked_at": T}
+    python3 app.py verify --dir /srv/app                # every record checked, as JSON
+
+Files in ``--dir``: ``records`` (4 KiB records: magic, sequence number, time, payload,
+SHA-256 of all of it), ``acked`` (the last acknowledged sequence number and its time,
+replaced atomically), ``acks.log`` (one line per acknowledgement: ``seq unix_time``, what
+the application itself logged, to set against a replication's outage and RPO).
+A record past the last acknowledged one may be torn by a crash; ``run`` cuts such a tail
+off before it appends. A bad record at or before the last acknowledged one is data lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RECORD = 4096
+MAGIC = b"LBR1"
+#: magic, sequence number, wall-clock time in ns; then the payload; the last 32 bytes are
+#: the SHA-256 of everything before them
+_HEAD = struct.Struct(">4sQQ")
+_PAYLOAD = RECORD - _HEAD.size - 32
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "K": 1 << 10, "M": 1 << 20,
+          "G": 1 << 30}
+
+
+def record(seq: int, t_ns: int) -> bytes:
+    """Record ``seq``: its payload is derived from its number (so any record can be
+    rebuilt and compared), its checksum covers all of it."""
+    head = _HEAD.pack(MAGIC, seq, t_ns)
+    seed = hashlib.sha256(seq.to_bytes(8, "big")).digest()
+    payload = (seed * (_PAYLOAD // len(seed) + 1))[:_PAYLOAD]
+    body = head + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def check(block: bytes, want_seq: int) -> str | None:
+    """Why ``block`` is not record ``want_seq`` intact (None when it is)."""
+    if len(block) != RECORD:
+        return f"short record ({len(block)} bytes)"
+    magic, seq, _t = _HEAD.unpack_from(block)
+    if magic != MAGIC:
+        return "no record (bad magic)"
+    if hashlib.sha256(block[:-32]).digest() != block[-32:]:
+        return "checksum mismatch"
+    if seq != want_seq:
+        return f"sequence number {seq}, expected {want_seq}"
+    return None
+
+
+@dataclass(frozen=True)
+class Acked:
+    seq: int
+    at: float
+
+
+def read_acked(directory: Path) -> Acked:
+    try:
+        data = json.loads((directory / "acked").read_text())
+        return Acked(int(data["seq"]), float(data["at"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return Acked(0, 0.0)
+
+
+def _write_acked(directory: Path, acked: Acked) -> None:
+    tmp = directory / ".acked.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"seq": acked.seq, "at": acked.at}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / "acked")
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(directory: Path) -> dict[str, object]:
+    """Every record checked in order: how many are intact, the first bad one (if any: past
+    the last acknowledged record, a tail a crash tore; at or before it, lost data), and
+    whether everything acknowledged is there (``ok``)."""
+    acked = read_acked(directory)
+    intact = 0
+    bad: str | None = None
+    try:
+        with open(directory / "records", "rb") as f:
+            while True:
+                block = f.read(RECORD)
+                if not block:
+                    break
+                why = check(block, intact + 1)
+                if why is not None:
+                    bad = f"record {intact + 1}: {why}"
+                    break
+                intact += 1
+    except FileNotFoundError:
+        pass
+    return {"records": intact, "last_acked": acked.seq, "acked_at": acked.at,
+            "first_bad": bad, "ok": intact >= acked.seq}
+
+
+def run(directory: Path, rate_bytes: float, batch_s: float = 0.1,
+        stop_after: float | None = None) -> int:
+    """Write records at ``rate_bytes`` per second, acknowledging each batch once durable,
+    until SIGTERM/SIGINT (or ``stop_after`` seconds); returns the last acknowledged
+    sequence number. Refuses to start when acknowledged data is already missing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = verify(directory)
+    if not state["ok"]:
+        raise SystemExit(f"app: {directory}: acknowledged record {state['last_acked']} is "
+                         f"not there ({state['first_bad']}): data was lost")
+    seq = int(str(state["records"]))
+    stopping = False
+
+    def stop(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    per_s = rate_bytes / RECORD
+    fd = os.open(directory / "records", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, seq * RECORD)  # a torn tail past the last intact record goes
+        os.lseek(fd, seq * RECORD, os.SEEK_SET)
+        t0 = time.monotonic()
+        written = 0.0
+        with open(directory / "acks.log", "a") as log:
+            while not stopping and (stop_after is None or time.monotonic() - t0 < stop_after):
+                due = (time.monotonic() - t0) * per_s - written
+                n = int(due)
+                if n > 0:
+                    now_ns = time.time_ns()
+                    os.write(fd, b"".join(record(seq + i + 1, now_ns) for i in range(n)))
+                    os.fsync(fd)
+                    seq += n
+                    written += n
+                    acked = Acked(seq, time.time())
+                    _write_acked(directory, acked)
+                    log.write(f"{acked.seq} {acked.at:.6f}\n")
+                    log.flush()
+                time.sleep(batch_s)
+    finally:
+        os.close(fd)
+    return seq
+
+
+def parse_rate(text: str) -> float:
+    """``1MiB/s``, ``512KiB/s``, ``100K`` (per second) as bytes per second."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KiB|MiB|GiB|K|M|G)?(?:/s)?\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (like 1MiB/s)")
+    return float(m.group(1)) * _UNITS[m.group(2) or "B"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="write records until SIGTERM")
+    r.add_argument("--rate", type=parse_rate, default=parse_rate("256KiB/s"))
+    r.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    for p in (r, sub.add_parser("status"), sub.add_parser("verify")):
+        p.add_argument("--dir", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        last = run(args.dir, args.rate, stop_after=args.seconds)
+        print(json.dumps({"last_acked": last}))
+        return 0
+    if args.cmd == "status":
+        acked = read_acked(args.dir)
+        print(json.dumps({"last_acked": acked.seq, "acked_at": acked.at}))
+        return 0
+    result = verify(args.dir)
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The replication's guest application on a real filesystem: records are acknowledged only
+once durable, a kill at any moment loses nothing acknowledged, a torn tail is cut off and
+numbering carries on, and a damaged acknowledged record is refused as lost data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from labctl.replication import app
+
+APP = Path(app.__file__)
+
+
+def _start(directory: Path, rate: str = "2MiB/s") -> subprocess.Popen[str]:
+    # -S -I: as in the guest, the file alone and the standard library
+    return subprocess.Popen([sys.executable, "-S", "-I", str(APP), "run", "--dir",
+                             str(directory), "--rate", rate], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _until_acked(directory: Path, at_least: int, timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seq = app.read_acked(directory).seq
+        if seq >= at_least:
+            return seq
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} records acknowledged in {timeout} s")
+
+
+def test_records_are_written_at_the_rate_and_acknowledged(tmp_path: Path) -> None:
+    last = app.run(tmp_path, 1 << 20, stop_after=1.0)  # 256 records a second
+    state = app.verify(tmp_path)
+    assert state == {"records": last, "last_acked": last, "acked_at": state["acked_at"],
+                     "first_bad": None, "ok": True}
+    assert 100 <= last <= 300, last  # the rate is followed: about 256 records in a second
+    acks = [line.split() for line in (tmp_path / "acks.log").read_text().splitlines()]
+    assert int(acks[-1][0]) == last and all(float(a[1]) > 1.7e9 for a in acks)
+
+
+def test_sigterm_stops_after_the_batch_and_says_what_was_acknowledged(tmp_path: Path) -> None:
+    proc = _start(tmp_path)
+    _until_acked(tmp_path, 20)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["last_acked"] == app.read_acked(tmp_path).seq
+    assert app.verify(tmp_path)["ok"]
+
+
+def test_a_kill_at_any_moment_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    for round_ in range(3):
+        proc = _start(tmp_path, "8MiB/s")
+        before = app.read_acked(tmp_path).seq
+        _until_acked(tmp_path, before + 30)
+        time.sleep(0.013 * (round_ + 1))  # somewhere in a batch
+        proc.kill()
+        proc.wait(timeout=20)
+        state = app.verify(tmp_path)
+        assert state["ok"], state  # every acknowledged record intact, in order
+        assert int(str(state["records"])) >= int(str(state["last_acked"])) > before
+
+
+def test_a_torn_tail_is_cut_off_and_numbering_carries_on(tmp_path: Path) -> None:
+    last = app.run(tmp_path, 1 << 20, stop_after=0.3)
+    with open(tmp_path / "records", "ab") as f:  # a crash tore the next record
+        f.write(app.record(last + 1, time.time_ns())[:1000])
+    state = app.verify(tmp_path)
+    assert state["ok"] and state["first_bad"] == f"record {last + 1}: short record (1000 bytes)"
+    more = app.run(tmp_path, 1 << 20, stop_after=0.3)
+    assert more > last
+    assert app.verify(tmp_path) == {"records": more, "last_acked": more,
+                                    "acked_at": app.read_acked(tmp_path).at,
+                                    "first_bad": None, "ok": True}
+
+
+def test_a_damaged_acknowledged_record_is_lost_data(tmp_path: Path) -> None:
+    app.run(tmp_path, 1 << 20, stop_after=0.3)
+    with open(tmp_path / "records", "r+b") as f:
+        f.seek(2 * app.RECORD + 100)  # inside record 3
+        byte = f.read(1)
+        f.seek(2 * app.RECORD + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    state = app.verify(tmp_path)
+    assert not state["ok"] and state["records"] == 2
+    assert state["first_bad"] == "record 3: checksum mismatch"
+    res = subprocess.run([sys.executable, "-S", "-I", str(APP), "verify", "--dir",
+                          str(tmp_path)], capture_output=True, text=True, check=False)
+    assert res.returncode == 1 and json.loads(res.stdout)["first_bad"] == state["first_bad"]
+    with pytest.raises(SystemExit, match=r"acknowledged record .* is not there .* data was lost"):
+        app.run(tmp_path, 1 << 20, stop_after=0.1)
+
+
+def test_a_record_is_rebuilt_from_its_number() -> None:
+    block = app.record(7, 123)
+    assert len(block) == app.RECORD and app.check(block, 7) is None
+    assert app.check(block, 8) == "sequence number 7, expected 8"
+    assert app.check(b"\0" * app.RECORD, 1) == "no record (bad magic)"
+    assert app.parse_rate("1MiB/s") == 1 << 20 and app.parse_rate("512K") == 512 << 10
+    assert os.path.basename(app.__file__) == "app.py"
