@@ -332,10 +332,16 @@ def test_migrate_at_once_after_a_link_comes_back(lab: dict[str, Any]) -> None:
     set_link_state(veth, False, alias)
     try:
         # the host tries the portal while cut off: its neighbour entry for it fails
-        in_ns(lab["name"], dst, "iscsi-ls", "-i", host_iqn(lab["name"], dst),
-              f"iscsi://{portal}")
+        cut = in_ns(lab["name"], dst, "iscsi-ls", "-i", host_iqn(lab["name"], dst),
+                    f"iscsi://{portal}")
     finally:
         set_link_state(veth, True, alias)
+    # the fault is there before the migration: the login failed, and the destination's
+    # neighbour entry for the portal is unresolved though its link is back
+    assert cut.returncode != 0, cut.stdout
+    neigh = json.loads(in_ns(lab["name"], dst, "ip", "-j", "neigh", "show",
+                             portal.split(":")[0]).stdout or "[]")
+    assert any({"FAILED", "INCOMPLETE"} & set(n.get("state", [])) for n in neigh), neigh
     res = json.loads(labctl("--lab", lab["name"], "migrate", "vm1", "--to", dst,
                             "--json").stdout)
     assert res["state"] == "completed" and res["heartbeat"]["continues"], res
