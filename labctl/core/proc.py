@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,3 +96,13 @@ async def run(
     if check and not res.ok:
         raise CommandFailed(full, res.returncode, res.stdout, res.stderr, what=what)
     return res
+
+
+def cmdlines() -> Iterator[tuple[int, bytes]]:
+    """(PID, command line with its NUL separators) of every process this one can read."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                yield int(pid), Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:  # gone meanwhile, or not ours to read
+                continue

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import secrets
 import signal
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 from labctl.core import names
 from labctl.core.errors import AgentUnreachable, LabError
-from labctl.core.proc import netns_argv
+from labctl.core.proc import cmdlines, netns_argv
 from labctl.core.rpc import RpcClient
 from labctl.core.secret import write_secret
 from labctl.drivers import netlink as netns
@@ -201,14 +200,5 @@ class PairTestbed:
 
 def qemu_pids_under(path: Path) -> list[int]:
     """PIDs of processes whose command line mentions ``path`` (outside checks in tests)."""
-    found = []
     key = str(path).encode()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if key in cmd and b"qemu-system" in cmd:
-                found.append(int(pid))
-    return found
+    return [pid for pid, cmd in cmdlines() if key in cmd and b"qemu-system" in cmd]

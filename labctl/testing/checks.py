@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from labctl.core.proc import cmdlines
 from labctl.drivers.netlink import overlapping_routes
 
 
@@ -104,16 +105,11 @@ def leftovers(lab: str, lab_dir: Path, records_kept: bool = False) -> list[str]:
                                       text=True, check=True).stdout)
     found += [f"link {link['ifname']}" for link in links
               if str(link.get("ifalias", "")).startswith(f"labctl:{lab}:")]
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            own = str(lab_dir).encode()
-            args = cmd.split(b"\0")
-            if any(a == own or own + b"/" in a for a in args) and int(pid) != os.getpid():
-                found.append(f"process {pid} {cmd[:80]!r}")
+    own = str(lab_dir).encode()
+    for pid, cmd in cmdlines():
+        args = cmd.split(b"\0")
+        if any(a == own or own + b"/" in a for a in args) and pid != os.getpid():
+            found.append(f"process {pid} {cmd[:80]!r}")
     doms = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                           capture_output=True, text=True, check=False).stdout
     found += [f"domain {d}" for d in doms.split() if d.startswith(f"labctl-{lab}-")]
