@@ -1,0 +1,115 @@
+"""Blocks of a disk for the replication agents, standard library only (they run in the
+guests): which blocks are allocated (pass 1 copies only those), a digest per block (the
+hash tracking that finds what changed when no write tracker can say: ``--tracking hash``,
+and after the source rebooted and dm-era's state was lost), the blocks that differ between
+two digest maps, writing blocks into the target, and the final check that both sides hold
+the same blocks.
+
+A block is :data:`BLOCK` bytes; the disk's last block may be shorter. Digests are BLAKE2b
+of 16 bytes. A hole reads as zeros: its digest is the zero block's, so a block written
+into a hole is found as changed, and a block that went back to zeros as well.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+BLOCK = 64 << 10
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+_ZERO = digest(bytes(BLOCK))
+
+
+def size_of(path: Path) -> int:
+    """The size of a file or a block device, in bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def allocated(path: Path, block: int = BLOCK) -> list[int]:
+    """The blocks that hold data (SEEK_DATA/SEEK_HOLE; all of them where the file system
+    cannot say): what pass 1 copies."""
+    size = size_of(path)
+    count = (size + block - 1) // block
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        found: set[int] = set()
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data from here on
+                    break
+                return list(range(count))  # no SEEK_DATA here: every block counts
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            found.update(range(start // block, (end + block - 1) // block))
+            pos = end
+        return sorted(b for b in found if b < count)
+    finally:
+        os.close(fd)
+
+
+def digests(path: Path, block: int = BLOCK) -> list[bytes]:
+    """A digest per block, in order (holes as zero blocks, without reading them)."""
+    size = size_of(path)
+    count = (size + block - 1) // block
+    out = [_ZERO if block == BLOCK else digest(bytes(block))] * count
+    if count and size % block:  # the last block is shorter: so is its zero block
+        out[-1] = digest(bytes(size % block))
+    with open(path, "rb", buffering=0) as f:
+        for b in allocated(path, block):
+            f.seek(b * block)
+            out[b] = digest(f.read(block))
+    return out
+
+
+def changed(before: list[bytes], after: list[bytes]) -> list[int]:
+    """The blocks whose digests differ (the maps must be of disks of one size)."""
+    if len(before) != len(after):
+        raise ValueError(f"digest maps of {len(before)} and {len(after)} blocks: the disks "
+                         "differ in size")
+    return [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+
+
+def read_blocks(path: Path, indexes: list[int], block: int = BLOCK
+                ) -> Iterator[tuple[int, bytes]]:
+    """(index, data) of each block in ``indexes``, read from ``path``."""
+    with open(path, "rb", buffering=0) as f:
+        for i in indexes:
+            f.seek(i * block)
+            yield i, f.read(block)
+
+
+def write_blocks(path: Path, blocks: Iterator[tuple[int, bytes]], block: int = BLOCK) -> int:
+    """Write each (index, data) into ``path`` (which already has the source's size) and
+    make it durable; returns the bytes written."""
+    fd = os.open(path, os.O_WRONLY)
+    written = 0
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        for i, data in blocks:
+            if i * block + len(data) > size:
+                raise ValueError(f"block {i} ({len(data)} bytes) past the target's end "
+                                 f"({size} bytes)")
+            written += os.pwrite(fd, data, i * block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written
+
+
+def same(source: Path, target: Path, block: int = BLOCK) -> list[int]:
+    """The blocks where source and target differ (none: the replica is exact)."""
+    return changed(digests(source, block), digests(target, block))
