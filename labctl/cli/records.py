@@ -4,9 +4,10 @@ them equal to the types, an end-to-end test validates real output against them).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from labctl.cli.labs import (
     ConsoleAnswer,
@@ -132,7 +133,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[tuple[str, ...], Shape]] = {
 def check_output(argv: list[str], returncode: int, stdout: str) -> str:
     """Check what ``labctl ARGV`` printed on stdout with ``--json`` against the shipped
     schemas of the records that command prints (an ``error`` record when it failed);
-    returns the record's name, raises ValueError naming what does not fit. For tests, and
+    returns the name of the record the (last) document fits, raises ValueError naming
+    what does not fit. For tests, and
     for anyone checking a script's expectations against a real run."""
     import jsonschema  # here: only a check needs it
 
@@ -146,6 +148,8 @@ def check_output(argv: list[str], returncode: int, stdout: str) -> str:
         shape: Shape = "one"
     elif (cmd, action) in COMMANDS:
         names, shape = COMMANDS[(cmd, action)]
+        if getattr(args, "follow", False):  # a followed log is JSON lines, whatever it is
+            shape = "lines"
     else:
         raise ValueError(f"labctl {cmd} {action or ''}: no record is declared for its --json")
     if shape == "lines":
@@ -155,19 +159,26 @@ def check_output(argv: list[str], returncode: int, stdout: str) -> str:
         docs = doc if shape == "list" and isinstance(doc, list) else [doc]
         if shape == "list" and not isinstance(doc, list):
             raise ValueError(f"labctl {cmd} {action or ''} --json: expected a JSON array")
+    validators = {name: jsonschema.Draft202012Validator(_schema(name)) for name in names}
+    matched = names[0]
     for i, doc in enumerate(docs):
         problems = []
-        for name in names:
-            schema = json.loads((SCHEMA_DIR / f"{name}{SUFFIX}").read_text(encoding="utf-8"))
-            error = jsonschema.exceptions.best_match(
-                jsonschema.Draft202012Validator(schema).iter_errors(doc))
+        for name, validator in validators.items():
+            error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
             if error is None:
+                matched = name
                 break
             problems.append(f"{name}: {'/'.join(map(str, error.absolute_path))}: {error.message}")
         else:
             raise ValueError(f"labctl {' '.join(argv)}: record {i} fits none of "
                              f"{', '.join(names)}: {'; '.join(problems)}")
-    return names[0]
+    return matched
+
+
+@functools.cache
+def _schema(name: str) -> dict[str, Any]:
+    """A shipped schema, read once per process (a test run checks thousands of outputs)."""
+    return dict(json.loads((SCHEMA_DIR / f"{name}{SUFFIX}").read_text(encoding="utf-8")))
 
 
 def write_all(directory: Path = SCHEMA_DIR) -> list[Path]:

@@ -63,3 +63,11 @@ def test_check_output_names_what_does_not_fit() -> None:
     assert check_output(["logs", "h1", "--json"], 0, line + "\n" + line + "\n") == "log-line"
     with pytest.raises(ValueError, match="log-line: at: "):
         check_output(["logs", "h1", "--json"], 0, json.dumps({"at": 1733.5, "line": "x"}))
+
+
+def test_check_output_names_the_record_that_fits_and_reads_a_follow_as_lines() -> None:
+    tail = json.dumps({"name": "vm1", "lines": ["HB 1"]})
+    assert check_output(["vm", "console", "vm1", "--json"], 0, tail) == "vm-console-tail"
+    line = json.dumps({"at": "2026-12-01T19:24:39.123+00:00", "line": "HB 17"})
+    follow = ["vm", "console", "vm1", "--follow", "--json"]
+    assert check_output(follow, 0, line + "\n" + line + "\n") == "log-line"
