@@ -46,15 +46,11 @@ class LabDir:
     def refuse_if_not_ours(self) -> None:
         """A clear refusal when this user cannot read the lab's directory or secret (a lab
         brought up with sudo is root's), instead of "not up" or a permission error later."""
-        for path in (self.path, self.secret_path):
-            if path.exists() and not os.access(path, os.R_OK):
+        for path, need in ((self.path, os.R_OK | os.X_OK), (self.secret_path, os.R_OK)):
+            if path.exists() and not os.access(path, need):
                 whose = someone_elses(path)
                 if whose is not None:
                     raise LabStateError(f"lab {self.name}: {whose}", lab=self.name)
-        if self.path.is_dir() and not os.access(self.path, os.X_OK):
-            whose = someone_elses(self.path)
-            if whose is not None:
-                raise LabStateError(f"lab {self.name}: {whose}", lab=self.name)
 
     def create(self) -> None:
         make_dir(self.path)
