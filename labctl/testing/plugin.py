@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from labctl.cli.records import check_output
-from labctl.core.paths import cache_dir
-from labctl.testing.checks import free_subnet, leftovers, unique_lab
+# Every pytest run where labctl is installed loads this module: what it needs from labctl
+# (the schemas' checker, pyroute2 through the outside checks, ~0.5 s) is imported only
+# when a fixture runs.
 
 #: the labs --lab-keep left up, said in the session's summary
 _KEPT = pytest.StashKey[list[str]]()
@@ -130,6 +129,9 @@ class DatastoreUnderTest:
 
 def _labctl(home: Path, *args: str, check: bool = True,
             timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    from labctl.cli.records import check_output
+    from labctl.core.paths import cache_dir
+
     # the images stay in the user's cache (built once, shared): only the labs go in ``home``
     env = {**os.environ, "LABCTL_HOME": str(home),
            "LABCTL_CACHE": os.environ.get("LABCTL_CACHE") or str(cache_dir())}
@@ -148,6 +150,10 @@ def _labctl(home: Path, *args: str, check: bool = True,
 def renamed(text: str, name: str, source: str) -> str:
     """Topology ``text`` as lab ``name``, each site on a /24 no route of this machine uses
     (a lab's names and subnets are machine-wide: two sessions must not share them)."""
+    import yaml
+
+    from labctl.testing.checks import free_subnet
+
     data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise pytest.UsageError(f"--lab {source}: not a topology (a mapping of lab, sites...)")
@@ -162,6 +168,8 @@ def renamed(text: str, name: str, source: str) -> str:
 def lab(request: pytest.FixtureRequest,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabUnderTest]:
     """The lab of ``--lab FILE``, up for the session; down (and nothing of it left) after."""
+    from labctl.testing.checks import leftovers, unique_lab
+
     source = request.config.getoption("--lab")
     if not source:
         pytest.skip("no lab: run pytest with --lab FILE (a labctl topology)")
@@ -217,17 +225,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``hardware`` tests skip on a local lab (no SSH provider yet in what --lab names)."""
-    source = config.getoption("--lab", default=None)
-    local = True
-    if source:
-        try:
-            data = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
-            data = {}
-        local = not any(isinstance(h, dict) and h.get("ssh") for h in data.get("hosts") or [])
+    """``hardware`` tests skip: every lab --lab can name is local until labctl has its SSH
+    host provider."""
     for item in items:
-        if local and item.get_closest_marker("hardware"):
+        if item.get_closest_marker("hardware"):
             item.add_marker(pytest.mark.skip(reason="needs a lab of machines over SSH"))
 
 
