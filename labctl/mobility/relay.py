@@ -230,7 +230,11 @@ class EndA:
             sid = self.next_sid
             self.next_sid += 1
             self.channel.names[sid] = name
-            await self.channel.send(sid, OPEN, name.encode())
+            try:
+                await self.channel.send(sid, OPEN, name.encode())
+            except (ConnectionError, RelayError):  # the channel went away meanwhile
+                w.close()
+                return
             self.pipes.attach(sid, name, r, w)
 
         server = await asyncio.start_server(accepted, host, port)
