@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -105,13 +106,27 @@ def host_iqn(lab: str, host: str) -> str:
     return f"iqn.2026-11.dev.labctl:{lab}.{host}"
 
 
+def site_secret(lab: str, agent: str) -> bytes:
+    """The secret of the site of host or storage node ``agent`` of lab ``lab`` (under this
+    session's ``LABCTL_HOME``): the site whose own inventory lists it."""
+    for site in sorted((Path(os.environ["LABCTL_HOME"]) / "labs" / lab / "sites").iterdir()):
+        conn = sqlite3.connect(f"{(site / 'inventory.db').as_uri()}?mode=ro", uri=True)
+        try:
+            found = conn.execute("SELECT 1 FROM hosts WHERE name=? UNION SELECT 1 FROM "
+                                 "storage_nodes WHERE name=?", (agent, agent)).fetchone()
+        finally:
+            conn.close()
+        if found:
+            return read_secret(site / "secret")
+    raise AssertionError(f"no site of lab {lab} has {agent}")
+
+
 def chap_env(lab: str, host: str, target_iqn: str, mutual: bool = True) -> dict[str, str]:
     """libiscsi's environment with ``host``'s CHAP credentials at ``target_iqn``, derived from
-    the secret of lab ``lab`` under this session's ``LABCTL_HOME``. ``iscsi-ls`` takes them
-    without the target's secret (``mutual=False``): it would demand one of the discovery
-    session, which LIO does not authenticate per initiator."""
-    secret = read_secret(Path(os.environ["LABCTL_HOME"]) / "labs" / lab / "secret")
-    env = chap_for(secret, host_iqn(lab, host), target_iqn).libiscsi_env()
+    the secret of its site. ``iscsi-ls`` takes them without the target's secret
+    (``mutual=False``): it would demand one of the discovery session, which LIO does not
+    authenticate per initiator."""
+    env = chap_for(site_secret(lab, host), host_iqn(lab, host), target_iqn).libiscsi_env()
     return env if mutual else {k: v for k, v in env.items() if "_TARGET_" not in k}
 
 

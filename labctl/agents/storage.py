@@ -35,15 +35,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="the node's config (JSON: lab, node, address, gateway, mac, "
                          "target_iqn, agent_port), without the secret")
     ap.add_argument("--secret-file", required=True, type=Path,
-                    help="the lab secret (hex, mode 0600) the provider delivered")
+                    help="the site's secret (hex, mode 0600) the provider delivered")
+    ap.add_argument("--peer-secret-file", type=Path,
+                    help="the key the lab's storage nodes share for copies between sites "
+                         "(hex, mode 0600; without it the site's secret serves)")
     args = ap.parse_args(argv)
     try:
         config = json.loads(args.config.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-        if "secret" in config:
-            raise ValueError("it holds a secret: the secret goes in --secret-file only")
+        if "secret" in config or "peer_secret" in config:
+            raise ValueError("it holds a secret: secrets go in --secret-file and "
+                             "--peer-secret-file only")
         config["secret"] = read_secret(args.secret_file).hex()
+        if args.peer_secret_file is not None:
+            config["peer_secret"] = read_secret(args.peer_secret_file).hex()
     except (OSError, ValueError) as exc:
         print(f"storage agent: bad config {args.config}: {exc}", file=sys.stderr)
         return 1

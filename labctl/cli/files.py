@@ -29,7 +29,7 @@ def split_ref(text: str) -> tuple[str, str]:
 
 
 async def run(args: argparse.Namespace, progress: Progress) -> int:
-    lab = Lab.find(args.lab, progress=progress)
+    lab = Lab.find(args.lab, progress=progress, site=args.site)
     lab.require_up()
     if args.cmd == "image":
         return await _image(lab, args)
@@ -40,8 +40,11 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
             ds, name = split_ref(args.source)
         else:
             ds, name = await lab.vm_source(args.source, args.snapshot)
-        with lab.context() as ctx, ctx.lock():
-            done = await chaincopy.copy(ctx, ds, name, args.to, verify=args.verify)
+        with lab.lab_context() as whole, whole.lock():
+            # a chain copied between sites: the lab's operator holds both sites' controllers
+            src = whole.in_site(lab.pick_site(whole, of=("datastore", ds)))
+            dst = whole.in_site(lab.pick_site(whole, of=("datastore", args.to)))
+            done = await chaincopy.copy(src, ds, name, dst, args.to, verify=args.verify)
         if args.json:
             emit(done.to_wire())
             return 0
@@ -52,7 +55,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
 
 async def _image(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "import":
-        with lab.context() as ctx, ctx.lock():
+        with lab.context(of=("datastore", args.to)) as ctx, ctx.lock():
             imported = await filestores.import_image(ctx, args.file, args.to, args.name)
         if args.json:
             emit(imported.to_wire())
@@ -64,7 +67,7 @@ async def _image(lab: Lab, args: argparse.Namespace) -> int:
         return 0
     ds, name = split_ref(args.source)
     if args.action == "clone":
-        with lab.context() as ctx, ctx.lock():
+        with lab.context(of=("datastore", ds)) as ctx, ctx.lock():
             entry = await filestores.clone(ctx, ds, name, args.name)
         if args.json:
             emit(entry.to_wire())
@@ -72,7 +75,7 @@ async def _image(lab: Lab, args: argparse.Namespace) -> int:
         print(f"{ds}:{entry.name}  qcow2 layer on {entry.backing_file}  {entry.content_id}")
         return 0
     if args.action == "delete":
-        with lab.context() as ctx, ctx.lock():
+        with lab.context(of=("datastore", ds)) as ctx, ctx.lock():
             gone = await filestores.delete_file(ctx, ds, name)
         if args.json:
             emit(gone.to_wire())

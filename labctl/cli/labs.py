@@ -44,11 +44,9 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
         return _ls(args)
     if args.cmd in ("up", "demo"):
         return await _up(args, progress)
-    lab = Lab.find(args.lab, progress=progress)
+    lab = Lab.find(args.lab, progress=progress, site=args.site)
     if args.cmd == "status":
-        status = await lab.status()
-        if args.site:
-            status = status.only_site(args.site)
+        status = await lab.status()  # of the --site site alone, with --site
         if args.json:
             emit(status.to_wire())
         else:
@@ -322,8 +320,6 @@ def _export(lab: Lab, args: argparse.Namespace) -> int:
 async def _vm(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "list":
         status = await lab.status()
-        if args.site:
-            status = status.only_site(args.site)
         if args.json:
             emit([v.to_wire() for v in status.vms])
             return 0
@@ -463,14 +459,15 @@ async def _follow_console(lab: Lab, args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ a way in
 
-def _host_netns(lab: Lab, host: str) -> tuple[str, str]:
-    """The network namespace and initiator IQN of ``host``."""
-    with lab.context() as ctx:
+def _host_netns(lab: Lab, host: str) -> tuple[str, str, bytes]:
+    """The network namespace and initiator IQN of ``host``, and its site's secret (its CHAP
+    credentials derive from it)."""
+    with lab.context(of=("host", host)) as ctx:
         row = ctx.inv.row("hosts", name=host)
         if row is None:
             known = ", ".join(r["name"] for r in ctx.inv.rows("hosts"))
             raise LabStateError(f"unknown host {host!r} (hosts: {known})", host=host)
-        return str(row["netns"]), str(row["initiator_iqn"])
+        return str(row["netns"]), str(row["initiator_iqn"]), ctx.secret()
 
 
 def _exec(lab: Lab, args: argparse.Namespace) -> int:
@@ -478,7 +475,7 @@ def _exec(lab: Lab, args: argparse.Namespace) -> int:
     this terminal; its exit status is ours. The environment says which lab and host it is
     and carries the host's iSCSI identity: its initiator IQN and CHAP credentials where
     libiscsi's tools read them (never on a command line)."""
-    ns, iqn = _host_netns(lab, args.host)
+    ns, iqn, secret = _host_netns(lab, args.host)
     if args.cmd == "shell":
         argv = [os.environ.get("SHELL") or "/bin/bash"]
     else:
@@ -489,7 +486,7 @@ def _exec(lab: Lab, args: argparse.Namespace) -> int:
             raise LabStateError("labctl exec HOST -- CMD ...: give the command to run")
     env = {**os.environ, "LABCTL_LAB": lab.name, "LABCTL_HOST": args.host,
            "LABCTL_INITIATOR_IQN": iqn, "LIBISCSI_CHAP_USERNAME": iqn,
-           "LIBISCSI_CHAP_PASSWORD": initiator_secret(lab.dir.secret(), iqn)}
+           "LIBISCSI_CHAP_PASSWORD": initiator_secret(secret, iqn)}
     try:
         return subprocess.run(netns_argv(ns, argv), env=env, check=False).returncode
     except FileNotFoundError as exc:
@@ -502,8 +499,9 @@ async def _logs(lab: Lab, args: argparse.Namespace) -> int:
     # only a name the lab has: 'logs ../../t2/hosts/h1' is no way into another directory
     hosts = sorted(p.name for p in (lab.dir.path / "hosts").glob("*") if p.is_dir())
     nodes = sorted(p.name for p in (lab.dir.path / "storage").glob("*") if p.is_dir())
-    if what == "rescan":
-        path = lab.dir.path / "rescan.log"
+    if what == "rescan":  # the rescan service of the --site site (or of the only one)
+        with lab.lab_context() as whole:
+            path = lab.dir.site_dir(lab.pick_site(whole)) / "rescan.log"
     elif what in hosts:
         path = lab.dir.host_dir(what) / "agent.log"
     elif what in nodes:

@@ -120,7 +120,8 @@ def _point_at_logs(args: argparse.Namespace) -> None:
     logs = [(p.parent.name, "host agent", p) for p in sorted(d.glob("hosts/*/agent.log"))]
     logs += [(p.parent.name, "storage node console", p)
              for p in sorted(d.glob("storage/*/console.log"))]
-    logs += [("rescan", "rescan service", p) for p in (d / "rescan.log",) if p.exists()]
+    logs += [("rescan", f"rescan service {p.parent.name}", p)
+             for p in sorted(d.glob("sites/*/rescan.log"))]
     logs += [(f"{p.parent.name}@{p.parents[2].name}", "VM console", p)
              for p in sorted(d.glob("hosts/*/vms/*/console.log"))]
     if not logs:

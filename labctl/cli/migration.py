@@ -50,7 +50,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
     if args.cmd == "migrate":
         # a policy file that is no policy is refused before the lab is even looked at
         args.policy = load_policy(args.policy)
-    lab = Lab.find(args.lab, progress=progress)
+    lab = Lab.find(args.lab, progress=progress, site=args.site)
     if args.cmd == "migrate":
         lab.require_up()
     return await dispatch(lab, args)

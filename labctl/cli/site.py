@@ -7,24 +7,7 @@ from __future__ import annotations
 import argparse
 
 from labctl.core.errors import LabStateError
-from labctl.lab.face import Lab
-from labctl.state.inventory import Inventory
-
-
-def _site_of(inv: Inventory, kind: str, name: str) -> str | None:
-    """The site of host/vm/datastore/node ``name`` (None when the lab has no such thing:
-    the command itself says so)."""
-    if kind == "host":
-        row = inv.row("hosts", name=name)
-        return None if row is None else str(row["site"])
-    if kind == "vm":
-        row = inv.row("vms", name=name)
-        return None if row is None else _site_of(inv, "host", str(row["host"]))
-    if kind == "node":
-        row = inv.row("storage_nodes", name=name)
-        return None if row is None else str(row["site"])
-    row = inv.row("datastores", name=name) or inv.row("file_datastores", name=name)
-    return None if row is None else _site_of(inv, "node", str(row["node"]))
+from labctl.lab.face import Lab, has
 
 
 def _named(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -58,23 +41,21 @@ def _named(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Refuse a site the lab does not have, and anything named outside the site."""
+    """Refuse a site the lab does not have, and anything named outside the site (the lab's
+    own context looks in every site's inventory to say where it is)."""
     lab = Lab.find(args.lab)
-    inv = lab.open_inventory()
-    try:
-        sites = [str(r["name"]) for r in inv.rows("sites")]
+    with lab.lab_context() as whole:
+        sites = whole.site_names()
         if args.site not in sites:
             raise LabStateError(f"--site: lab {lab.name} has no site {args.site!r} "
                                 f"(sites: {', '.join(sites) or 'none'})", site=args.site)
         for kind, name in _named(args):
-            where = _site_of(inv, kind, name)
-            if where is not None and where != args.site:
-                raise LabStateError(f"{kind} {name} is in site {where}, not {args.site} "
+            where = [s for s in sites if has(whole.in_site(s).inv, kind, name)]
+            if where and args.site not in where:
+                raise LabStateError(f"{kind} {name} is in site {where[0]}, not {args.site} "
                                     f"(--site {args.site})", site=args.site)
         if args.cmd == "wan" and getattr(args, "link", None):
-            row = inv.row("wan_links", name=args.link)
+            row = whole.inv.row("wan_links", name=args.link)
             if row is not None and args.site not in (row["site_a"], row["site_b"]):
                 raise LabStateError(f"WAN link {args.link} does not reach site {args.site} "
                                     f"(it joins {row['site_a']} and {row['site_b']})")
-    finally:
-        inv.close()

@@ -28,7 +28,6 @@ from labctl.datastores import service as datastores
 from labctl.datastores.protocol import HostCache
 from labctl.datastores.tables import RescanEvent
 from labctl.lab.face import Lab
-from labctl.state.inventory import Inventory
 from labctl.storage import domains
 from labctl.wan import service as wan
 
@@ -51,10 +50,10 @@ class NodeDomain(Message):
     domain_reason: str | None
 
 
-def _unit(lab: Lab, text: str | None) -> str | None:
+def _unit(lab: Lab, text: str | None, host: str) -> str | None:
     if text is None or text.lower().startswith("naa."):
         return text
-    with lab.context() as ctx:
+    with lab.context(of=("host", host)) as ctx:
         return str(datastores.show(ctx, text).naa)
 
 
@@ -63,7 +62,7 @@ _READ = {("datastore", "list"), ("datastore", "show"), ("events", None)}
 
 
 async def run(args: argparse.Namespace, progress: Progress) -> int:
-    lab = Lab.find(args.lab, progress=progress)
+    lab = Lab.find(args.lab, progress=progress, site=args.site)
     if (args.cmd, getattr(args, "action", None)) not in _READ:
         lab.require_up()
     return await dispatch(lab, args)
@@ -73,8 +72,8 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
     if args.cmd == "datastore":
         return await _datastore(lab, args)
     if args.cmd == "host":
-        unit = _unit(lab, args.unit)
-        with lab.context() as ctx:
+        unit = _unit(lab, args.unit, args.host)
+        with lab.context(of=("host", args.host)) as ctx:
             res = await datastores.host_storage(ctx, args.host, rescan_unit=unit,
                                             rescan_all=(args.action == "rescan" or args.rescan)
                                             and unit is None)
@@ -85,18 +84,18 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "events":
         return await _events(lab, args)
-    if args.cmd == "rescan":
-        inv = lab.open_inventory()
-        try:
-            if args.mode:
-                rescan.set_lookup(inv, args.mode)
-            mode = inv.get_meta("rescan_lookup", "inventory")
-            if args.json:
-                emit(RescanLookup(lab=lab.name, lookup=mode or "inventory").to_wire())
-            else:
-                print(f"lab {lab.name}: sharing hosts found by {mode}")
-        finally:
-            inv.close()
+    if args.cmd == "rescan":  # each site's rescan service (the --site one's)
+        with lab.lab_context() as whole:
+            modes = []
+            for site in lab.scoped_sites(whole):
+                if args.mode:
+                    rescan.set_lookup(site.inv, args.mode)
+                modes.append(site.inv.get_meta("rescan_lookup", "inventory") or "inventory")
+        mode = modes[0] if len(set(modes)) == 1 else ",".join(modes)
+        if args.json:
+            emit(RescanLookup(lab=lab.name, lookup=mode).to_wire())
+        else:
+            print(f"lab {lab.name}: sharing hosts found by {mode}")
         return 0
     if args.cmd == "storage":
         if args.action == "resume":
@@ -108,9 +107,10 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
                 print(f"storage node {args.node}: {state}")
             return 0
         if args.action == "restart":
-            with lab.context() as ctx:
+            with lab.lab_context() as whole:
+                ctx = whole.in_site(lab.pick_site(whole, of=("node", args.node)))
                 restarted = await datastores.restart_node(ctx, args.node)
-                await wan.route_nodes(ctx, args.node)  # its routes to other sites
+                await wan.route_nodes(whole, args.node)  # its routes to other sites
             if args.json:
                 print(json.dumps(restarted.to_wire(), indent=2))
                 return 0
@@ -119,7 +119,7 @@ async def dispatch(lab: Lab, args: argparse.Namespace) -> int:
             print(f"storage node {restarted.node} restarted (agent after {restarted.boot_s} s); "
                   f"re-exported {', '.join(again) or 'nothing'}")
         else:
-            with lab.context() as ctx:
+            with lab.context(of=("node", args.node)) as ctx:
                 portal = await datastores.portal_set(ctx, args.node, args.state == "up")
             if args.json:
                 print(json.dumps(portal.to_wire(), indent=2))
@@ -136,11 +136,11 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
             "show", "delete", "resize", "files") and _is_file(lab, name)):
         return await _file_datastore(lab, args)
     if args.action == "files":  # not a file datastore: the same refusal as any other
-        with lab.context() as ctx:
+        with lab.context(of=("datastore", str(name))) as ctx:
             filestores.row(ctx.inv, str(name))
     if args.action == "create":
         hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]  # "h1, h2" too
-        with lab.context() as ctx:
+        with lab.context(of=_creator(args.node, hosts)) as ctx:
             created = await datastores.create(ctx, args.name, args.size, hosts, node=args.node)
         if args.json:
             print(json.dumps(created.to_wire(), indent=2))
@@ -151,14 +151,11 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
             print(f"  {h}: sees {seen.seen_naa} {format_size(seen.size_bytes or 0)} "
                   f"[{seen.state}]")
         return 0
-    if args.action == "list":
-        with lab.context() as ctx:
-            rows = datastores.list_all(ctx)
-            files = filestores.list_all(ctx.inv)
-            if args.site:
-                nodes = {str(r["name"]) for r in ctx.inv.rows("storage_nodes", site=args.site)}
-                rows = [m for m in rows if m.node in nodes]
-                files = [f for f in files if f.node in nodes]
+    if args.action == "list":  # every site's (the --site one's)
+        with lab.lab_context() as whole:
+            sites = lab.scoped_sites(whole)
+            rows = [m for ctx in sites for m in datastores.list_all(ctx)]
+            files = [f for ctx in sites for f in filestores.list_all(ctx.inv)]
         if args.json:
             emit([m.to_wire() for m in rows] + [f.to_wire() for f in files])
             return 0
@@ -172,7 +169,7 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
                   f"{format_size(f.size_bytes):>6}  {','.join(f.hosts)}")
         return 0
     if args.action == "show":
-        with lab.context() as ctx:
+        with lab.context(of=("datastore", args.name)) as ctx:
             m = datastores.show(ctx, args.name)
         if args.json:
             print(json.dumps(m.to_wire(), indent=2))
@@ -185,7 +182,7 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
             print(f"  host {h}: {s.naa or '-'} {format_size(s.size_bytes or 0)}")
         return 0
     if args.action == "delete":
-        with lab.context() as ctx:
+        with lab.context(of=("datastore", args.name)) as ctx:
             deleted = await datastores.delete(ctx, args.name)
         if args.json:
             print(json.dumps(deleted.to_wire(), indent=2))
@@ -193,7 +190,7 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
         print(f"datastore {deleted.name} ({deleted.naa}) deleted; its ID is never reused")
         return 0
     if args.action == "resize":
-        with lab.context() as ctx:
+        with lab.context(of=("datastore", args.name)) as ctx:
             resized = await datastores.resize(ctx, args.name, args.size,
                                               wait=0 if args.no_wait else 30)
         if args.json:
@@ -211,10 +208,15 @@ async def _datastore(lab: Lab, args: argparse.Namespace) -> int:
     raise AssertionError(args.action)
 
 
+def _creator(node: str | None, hosts: list[str]) -> tuple[str, str] | None:
+    """What places a new datastore in a site: its node, else its first host."""
+    return ("node", node) if node else ("host", hosts[0]) if hosts else None
+
+
 def _is_file(lab: Lab, name: str | None) -> bool:
     if name is None:
         return False
-    with lab.context() as ctx:
+    with lab.context(of=("datastore", name)) as ctx:
         return filestores.is_file_datastore(ctx.inv, name)
 
 
@@ -222,7 +224,7 @@ async def _file_datastore(lab: Lab, args: argparse.Namespace) -> int:
     """``datastore create --kind file``, and show/files/delete/resize of a file datastore."""
     if args.action == "create":
         hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-        with lab.context() as ctx, ctx.lock():
+        with lab.context(of=_creator(args.node, hosts)) as ctx, ctx.lock():
             made = await datastores.create_file(ctx, args.name, args.size, hosts, args.node)
         if args.json:
             emit(made.to_wire())
@@ -231,7 +233,7 @@ async def _file_datastore(lab: Lab, args: argparse.Namespace) -> int:
               f"{made.node}, exported at {made.url} to {', '.join(made.hosts)}")
         return 0
     if args.action == "show":
-        with lab.context() as ctx:
+        with lab.context(of=("datastore", args.name)) as ctx:
             shown = filestores.shown(ctx.inv, args.name)
         if args.json:
             emit(shown.to_wire())
@@ -243,7 +245,7 @@ async def _file_datastore(lab: Lab, args: argparse.Namespace) -> int:
             print(f"  host {h}: {chk.state}" + (f" ({chk.error})" if chk.error else ""))
         return 0
     if args.action == "files":
-        with lab.context() as ctx:
+        with lab.context(of=("datastore", args.name)) as ctx:
             listed = await filestores.files(ctx, args.name)
         if args.json:
             emit(listed.to_wire())
@@ -251,7 +253,7 @@ async def _file_datastore(lab: Lab, args: argparse.Namespace) -> int:
         print_files(listed)
         return 0
     if args.action == "delete":
-        with lab.context() as ctx, ctx.lock():
+        with lab.context(of=("datastore", args.name)) as ctx, ctx.lock():
             gone = await filestores.delete(ctx, args.name)
         if args.json:
             emit(gone.to_wire())
@@ -274,50 +276,35 @@ def _print_host(res: HostCache) -> None:
 
 
 async def _events(lab: Lab, args: argparse.Namespace) -> int:
-    """Every event with its outcome. With --follow, an event is printed once it is finished,
-    and again if its outcome changes later (a stale host caught up)."""
-    inv = lab.open_inventory()
-    try:
-        shown: dict[int, tuple[str, str]] = {}
+    """Every event with its outcome, of every site (each site's rescan service keeps its
+    own; of the --site one alone with --site), in the order they happened. With --follow,
+    an event is printed once it is finished, and again if its outcome changes later (a stale
+    host caught up)."""
+    with lab.lab_context() as whole:
+        sites = lab.scoped_sites(whole)
+        many = len(whole.site_names()) > 1
+        shown: dict[tuple[str | None, int], tuple[str, str]] = {}
 
-        elsewhere = _elsewhere(inv, args.site) if args.site else None
+        def read() -> list[RescanEvent]:
+            evs = [ev.replace(site=s.site) if many else ev
+                   for s in sites for ev in rescan.events(s.inv)]
+            return sorted(evs, key=lambda e: (e.at, e.site or "", e.id))
 
-        def of_site(evs: list[RescanEvent]) -> list[RescanEvent]:
-            return evs if elsewhere is None else [e for e in evs if not _is_about(e, elsewhere)]
-
-        evs = of_site(rescan.events(inv))
+        evs = read()
         if args.last:
             for ev in evs[:-args.last]:
-                shown[ev.id] = (ev.state, json.dumps(ev.hosts_late))
+                shown[ev.site, ev.id] = (ev.state, json.dumps(ev.hosts_late))
             evs = evs[-args.last:]
         while True:
             for ev in evs:
                 key = (ev.state, json.dumps(ev.hosts_late))
-                if shown.get(ev.id) == key or (args.follow and ev.state not in rescan.FINAL):
+                if shown.get((ev.site, ev.id)) == key or (
+                        args.follow and ev.state not in rescan.FINAL):
                     continue
-                shown[ev.id] = key
+                shown[ev.site, ev.id] = key
                 print(json.dumps(ev.to_wire()) if args.json else rescan.format_event(ev),
                       flush=True)
             if not args.follow:
                 return 0
             await asyncio.sleep(0.2)
-            evs = of_site(rescan.events(inv))
-    finally:
-        inv.close()
-
-
-def _elsewhere(inv: Inventory, site: str) -> tuple[set[str], set[str]]:
-    """The datastores and the WAN links that do not concern ``site`` (an event about one of
-    them is another site's); read once, not per event."""
-    nodes = {str(r["name"]) for r in inv.rows("storage_nodes") if r["site"] != site}
-    return ({str(r["name"]) for r in inv.rows("datastores") if r["node"] in nodes},
-            {str(r["name"]) for r in inv.rows("wan_links")
-             if site not in (r["site_a"], r["site_b"])})
-
-
-def _is_about(ev: RescanEvent, elsewhere: tuple[set[str], set[str]]) -> bool:
-    """Whether ``ev`` is about one of the datastores, or (a WAN router's) the links, of
-    ``elsewhere``; an event tied to neither is every site's."""
-    if ev.datastore is not None:
-        return ev.datastore in elsewhere[0]
-    return isinstance(ev.detail, dict) and str(ev.detail.get("node")) in elsewhere[1]
+            evs = read()

@@ -30,11 +30,11 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
                                 "--loss, --rate, --reorder, --duplicate, --loss-mode, --down, "
                                 "--up)")
         check_values(values)
-    lab = Lab.find(args.lab, progress=progress)
+    lab = Lab.find(args.lab, progress=progress, site=args.site)
     lab.require_up()
     if args.action == "show":
-        with lab.context() as ctx:
-            shown = await wan.show(ctx)
+        with lab.lab_context() as ctx:
+            shown = [s for s in await wan.show(ctx) if not args.site or args.site in s.sites]
         if args.json:
             print(json.dumps([s.to_wire() for s in shown], indent=2))
         elif not shown:
@@ -44,7 +44,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
                 _print(s)
         return 0
     if args.action == "set":
-        with lab.context() as ctx, ctx.lock():
+        with lab.lab_context() as ctx, ctx.lock():
             changed: WanShown | None = None
             if values:
                 changed = await wan.set_params(ctx, args.link, values)
@@ -57,7 +57,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
             _print(changed)
         return 0
     if args.action == "ping":
-        with lab.context() as ctx:
+        with lab.lab_context() as ctx:
             got = await wan.rtt_ms(ctx, args.link, count=args.count)
         if args.json:
             print(json.dumps(WanPing(link=args.link, rtt_ms=got).to_wire(), indent=2))

@@ -78,6 +78,8 @@ class _Channel:
         self.recv_dir = b"s" if send_dir == b"c" else b"c"
         self.send_seq = 0
         self.recv_seq = 0
+        #: the methods a peer that proved a limited key may call (None: every method)
+        self.allowed: frozenset[str] | None = None
 
     def write(self, obj: Any) -> None:
         """Queue one frame; frames go out in the order of these calls."""
@@ -124,11 +126,15 @@ class _Channel:
 
 
 class RpcServer:
-    """Serves ``handlers`` to clients that prove they know ``secret``."""
+    """Serves ``handlers`` to clients that prove they know ``secret``; a client that proves
+    one of the ``limited`` keys instead may call that key's methods alone (storage nodes of
+    different sites: a peer may read a file, never drive the node)."""
 
     def __init__(self, secret: bytes, handlers: dict[str, Handler], name: str = "agent",
-                 streams: dict[str, StreamHandler] | None = None) -> None:
+                 streams: dict[str, StreamHandler] | None = None,
+                 limited: dict[bytes, frozenset[str]] | None = None) -> None:
         self.secret = secret
+        self.limited = {k: v for k, v in (limited or {}).items() if k != secret}
         self.handlers = handlers
         #: methods that take the connection over (bulk data both ways, see :class:`Stream`)
         self.streams = streams or {}
@@ -177,15 +183,20 @@ class RpcServer:
             msg = await chan.recv()
         cn = str(msg.get("nonce", ""))
         proof = bytes.fromhex(str(msg.get("proof", "")))
-        if len(cn) < 32 or not hmac.compare_digest(
-            proof, _mac(self.secret, b"client", sn.encode(), cn.encode())
-        ):
+        key: bytes | None = None
+        if len(cn) >= 32:
+            # every key is tried (no early exit): which one matched does not show in the time
+            for candidate, allowed in ((self.secret, None), *self.limited.items()):
+                if hmac.compare_digest(proof, _mac(candidate, b"client", sn.encode(),
+                                                   cn.encode())) and key is None:
+                    key, chan.allowed = candidate, allowed
+        if key is None:
             self.rejected += 1
             log.warning("%s: refused a client that failed authentication", self.name)
             await chan.send({"error": {"type": "AuthenticationFailed", "message": "bad proof"}})
             return False
-        await chan.send({"proof": _mac(self.secret, b"server", sn.encode(), cn.encode()).hex()})
-        chan.key = _mac(self.secret, b"session", sn.encode(), cn.encode())
+        await chan.send({"proof": _mac(key, b"server", sn.encode(), cn.encode()).hex()})
+        chan.key = _mac(key, b"session", sn.encode(), cn.encode())
         return True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -205,7 +216,15 @@ class RpcServer:
                 return
             while True:
                 req = await chan.recv()
-                if str(req.get("method", "")) in self.streams:
+                method = str(req.get("method", ""))
+                if chan.allowed is not None and method not in chan.allowed:
+                    log.warning("%s: refused %r to a peer with a limited key", self.name,
+                                method[:64])
+                    await chan.send({"id": req.get("id"), "error": {
+                        "type": "AuthenticationFailed",
+                        "message": f"{method[:64]!r} is not open to this peer's key"}})
+                    return
+                if method in self.streams:
                     await self._stream(chan, req)
                     return
                 task = asyncio.ensure_future(self._answer(chan, req))

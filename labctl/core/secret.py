@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -19,6 +21,12 @@ def read_secret(path: Path) -> bytes:
     if len(secret) < 16:
         raise LabStateError(f"the lab secret in {path} is too short")
     return secret
+
+
+def derived(secret: bytes, purpose: str) -> bytes:
+    """A key for one ``purpose`` derived from ``secret`` (HMAC-SHA256): whoever holds it
+    cannot work back to the secret, nor to the key of another purpose."""
+    return hmac.new(secret, b"labctl derived key|" + purpose.encode(), hashlib.sha256).digest()
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -139,12 +139,15 @@ def target_name(name: str, content_id: str, taken: set[str]) -> tuple[str, bool]
     return candidate, True
 
 
-async def copy(ctx: LabContext, source_datastore: str, name: str, target_datastore: str,
-               verify: bool = False) -> ChainCopied:
+async def copy(ctx: LabContext, source_datastore: str, name: str, to: LabContext,
+               target_datastore: str, verify: bool = False) -> ChainCopied:
+    """Copy the chain under ``source_datastore:name`` (in ``ctx``'s site) to
+    ``target_datastore`` (in ``to``'s site, the same or another): the target's node pulls
+    each missing layer straight from the source's node, over the WAN between sites."""
     inv = ctx.inv
     src = filestores.row(inv, source_datastore)
-    dst = filestores.row(inv, target_datastore)
-    if source_datastore == target_datastore:
+    dst = filestores.row(to.inv, target_datastore)
+    if source_datastore == target_datastore and ctx.site == to.site:
         raise LabStateError(f"{name} is already on {target_datastore}: name another "
                             "datastore with --to", datastore=target_datastore)
     src_node = inv.row("storage_nodes", name=src["node"])
@@ -152,7 +155,7 @@ async def copy(ctx: LabContext, source_datastore: str, name: str, target_datasto
     t0 = time.monotonic()
     chain = await filestores.chain(ctx, source_datastore, name)
     check_chain(source_datastore, chain.layers)
-    async with ctx.storage_client(str(dst["node"]), timeout=10) as c:
+    async with to.storage_client(str(dst["node"]), timeout=10) as c:
         listing = await sp.LIST_FILES.call(c, sp.DatastoreName(datastore=target_datastore),
                                            timeout=120)
         the_plan = plan(chain.layers, listing.files)

@@ -241,7 +241,7 @@ async def import_image(ctx: LabContext, path: Path, datastore: str, name: str | 
     try:
         st = os.fstat(fd)
         stream = await RpcClient.open_stream(
-            str(node["address"]), int(node["agent_port"]), ctx.dir.secret(), sp.FILE_UPLOAD,
+            str(node["address"]), int(node["agent_port"]), ctx.secret(), sp.FILE_UPLOAD,
             sp.Upload(datastore=datastore, name=target,
                       allocated_bytes=st.st_blocks * 512).to_wire(),
             peer=f"storage node {r['node']}")

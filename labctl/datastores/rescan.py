@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ async def wait_for_event(inv: Inventory, unit: str, after: int, size_bytes: int 
 
 def format_event(ev: RescanEvent) -> str:
     t = time.strftime("%H:%M:%S", time.localtime(ev.at)) + f".{int(ev.at * 1000) % 1000:03d}"
-    head = f"#{ev.id:<4} {t} {ev.source:<14} {ev.kind:<22} "
+    head = f"#{ev.id:<4} {t} " + (f"{ev.site} " if ev.site else "") + \
+        f"{ev.source:<14} {ev.kind:<22} "
     what = f"{ev.datastore or '?'} {ev.naa or ''}".strip()
     if ev.state == "coalesced":
         return head + f"{what}: coalesced into #{ev.coalesced_into}"
@@ -234,13 +236,29 @@ class _Gate:
             self.sink(event, data)
 
 
-class RescanService:
-    """Follows every agent of one lab and runs the event -> refresh rounds."""
+def _links_of(lab_dir: Path, site: str) -> set[str]:
+    """The WAN links of the lab at ``lab_dir`` that reach ``site`` (read once: links are
+    made with the lab)."""
+    inv = Inventory.open(lab_dir / "inventory.db")
+    try:
+        return {str(r["name"]) for r in inv.rows("wan_links") if site in (r["site_a"], r["site_b"])}
+    except sqlite3.OperationalError:  # a lab without the WAN links' table has no links
+        return set()
+    finally:
+        inv.close()
 
-    def __init__(self, lab_dir: Path) -> None:
+
+class RescanService:
+    """Follows every agent of one site of a lab (its own inventory and secret: it sees no
+    other site's) and runs the event -> refresh rounds."""
+
+    def __init__(self, lab_dir: Path, site: str) -> None:
         self.lab_dir = lab_dir
-        self.inv = Inventory.open(lab_dir / "inventory.db", [DATASTORES])
-        self.secret = read_secret(lab_dir / "secret")
+        self.site = site
+        self.inv = Inventory.open(lab_dir / "sites" / site / "inventory.db", [DATASTORES])
+        self.secret = read_secret(lab_dir / "sites" / site / "secret")
+        #: the WAN links that reach this site (their routers' events are this site's too)
+        self.links = _links_of(lab_dir, site)
         self.hosts: dict[str, RpcClient] = {}
         self.nodes: dict[str, RpcClient] = {}
         self.node_lost: dict[str, bool] = {}
@@ -673,6 +691,8 @@ class RescanService:
                                                    "message": message})
 
     def _on_router_event(self, node: str, kind: str, why: str | None) -> None:
+        if node not in self.links:
+            return
         if kind in ("stopped", "crashed", "suspended"):
             event, message = EVENT_WAN_DOWN, (
                 f"WAN router {node} {kind} ({why or 'no reason given'}): the sites are cut off "

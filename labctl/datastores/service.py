@@ -430,7 +430,6 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
         row = inv.row("storage_nodes", name=node)
         if row is None:
             raise LabStateError(f"unknown storage node {node!r}", node=node)
-        index = [n["name"] for n in inv.rows("storage_nodes")].index(node)
         site = inv.row("sites", name=row["site"])
         assert site is not None
         prefix = site["subnet"].split("/")[1]
@@ -438,14 +437,14 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
         spec = storagenode.StorageNodeSpec(
             lab=ctx.name, name=node, lab_dir=ctx.dir.path,
             address_cidr=f"{row['address']}/{prefix}", bridge=site["bridge"], tap=row["tap"],
-            mac=names.mac(ctx.dir.tag, "s", index), memory_mib=int(row["memory"]) >> 20,
+            mac=str(row["mac"]), memory_mib=int(row["memory"]) >> 20,
             data_disks=[DataDisk(serial=d.disk_serial, path=Path(d.backing_path),
                                  size_bytes=d.size_bytes) for d in stores]
             + [DataDisk(serial=f["disk_serial"], path=Path(f["backing_path"]),
                         size_bytes=int(f["size_bytes"]))
                for f in inv.rows("file_datastores", node=node)],
-            secret=ctx.dir.secret(), target_iqn=row["target_iqn"],
-            agent_port=names.STORAGE_AGENT_PORT)
+            secret=ctx.secret(), target_iqn=row["target_iqn"],
+            agent_port=names.STORAGE_AGENT_PORT, peer_secret=ctx.storage_peer_key())
         image = await ensure_storage_image(progress=ctx.progress)
         inv.update("storage_nodes", {"name": node}, state="restarting")
         t0 = time.monotonic()

@@ -123,6 +123,8 @@ class RescanEvent(Message):
     agreed_at: WallTime | None
     finished_at: WallTime | None
     message: str | None
+    #: the site whose rescan service recorded it (in a lab of several sites)
+    site: str | None = None
 
 
 #: the columns of rescan_events that hold JSON

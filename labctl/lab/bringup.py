@@ -31,7 +31,7 @@ from labctl.hosts import accelcache
 from labctl.hosts import protocol as hp
 from labctl.hosts.provider import HostPlan, NamespaceHosts, spawn_owned
 from labctl.lab import vms
-from labctl.lab.topology import Topology
+from labctl.lab.topology import Topology, Vm
 from labctl.state.context import LabContext
 from labctl.storage import node as storagenode
 from labctl.storage.image import StorageImage, ensure_storage_image
@@ -130,7 +130,10 @@ async def probe_accel() -> str:
 
 
 async def build(ctx: LabContext, topo: Topology) -> None:
-    """Build the lab described by ``topo`` (its directory exists and is locked)."""
+    """Build the lab described by ``topo`` (its directory exists and is locked). ``ctx`` is
+    the lab's own context: it makes the bridges and the WAN links; each site's hosts,
+    storage nodes, datastores, rescan service and VMs are made by that site's context, in
+    its own inventory and with its own secret."""
     inv = ctx.inv
     inv.set_meta("state", "creating")
     inv.set_meta("topology_digest", topo.digest)
@@ -148,7 +151,8 @@ async def build(ctx: LabContext, topo: Topology) -> None:
         ctx.progress("KVM not usable here (no /dev/kvm, or a guest did not boot under it); "
                      "using TCG")
 
-    # 2. network: one bridge per site, the controller holds .1 on it
+    # 2. network: one bridge per site, the controller holds .1 on it; each site its own
+    # management domain (inventory, secret)
     t_net = time.monotonic()
     for i, site in enumerate(topo.sites):
         br = names.bridge(ctx.dir.tag, i)
@@ -157,45 +161,59 @@ async def build(ctx: LabContext, topo: Topology) -> None:
         netlink.ensure_bridge(br, alias, ipaddress.IPv4Interface(
             f"{site.gateway}/{site.subnet.prefixlen}"))
         inv.upsert("sites", name=site.name, subnet=str(site.subnet), bridge=br)
+        ctx.dir.create_site(site.name)
+        own = ctx.in_site(site.name)
+        own.inv.upsert("sites", name=site.name, subnet=str(site.subnet), bridge=br)
+        own.inv.set_meta("accel", accel)
     inv.record_step("network", time.monotonic() - t_net)
 
     # 3. storage nodes (VMs through libvirt) and hosts (through the provider), in parallel
     await storagenode.ensure_libvirtd()
-    provider = NamespaceHosts(ctx.name, ctx.dir.path, inv)
-    node_jobs = [_start_storage_node(ctx, topo, i, simg, accel)
-                 for i in range(len(topo.storage_nodes))]
-    host_jobs = [_start_host(ctx, topo, i, provider) for i in range(len(topo.hosts))]
+    providers = {s.name: NamespaceHosts(ctx.name, ctx.dir.path, ctx.in_site(s.name).inv)
+                 for s in topo.sites}
+    node_jobs = [_start_storage_node(ctx.in_site(n.site), topo, i, simg, accel)
+                 for i, n in enumerate(topo.storage_nodes)]
+    host_jobs = [_start_host(ctx.in_site(h.site), topo, i, providers[h.site])
+                 for i, h in enumerate(topo.hosts)]
     await step(ctx, "storage nodes and hosts ready", gather_all(*node_jobs, *host_jobs))
     if topo.wan:
         await step(ctx, "WAN links up", _start_wan(ctx, topo, simg, accel))
 
     # 4. LUNs with ACLs, then every sharing host checks what it sees
+    nodes = {n.name: n.site for n in topo.storage_nodes}
     await step(ctx, "datastores exported", gather_all(
-        *(datastores.export_lun(ctx, d.name) for d in topo.datastores if d.kind == "block"),
-        *(filestores.export(ctx, d.name) for d in topo.datastores if d.kind == "file")))
-    await step(ctx, "mappings handed to hosts, each scanned its LUNs", _hand_mappings_checked(ctx))
-    files = [d.name for d in topo.datastores if d.kind == "file"]
+        *(datastores.export_lun(ctx.in_site(nodes[d.node]), d.name)
+          for d in topo.datastores if d.kind == "block"),
+        *(filestores.export(ctx.in_site(nodes[d.node]), d.name)
+          for d in topo.datastores if d.kind == "file")))
+    await step(ctx, "mappings handed to hosts, each scanned its LUNs", gather_all(
+        *(_hand_mappings_checked(s) for s in ctx.all_sites())))
+    files = [d for d in topo.datastores if d.kind == "file"]
     if files:
         await step(ctx, "each host read its file datastores over NFS", gather_all(
-            *(filestores.check_hosts(ctx, d) for d in files)))
-    await step(ctx, "rescan service subscribed", _start_rescan(ctx, topo))
+            *(filestores.check_hosts(ctx.in_site(nodes[d.node]), d.name) for d in files)))
+    await step(ctx, "rescan services subscribed", gather_all(
+        *(_start_rescan(s, topo) for s in ctx.all_sites())))
 
     # 5. VMs
-    _record_vms(ctx, topo, gimg)
+    hosts = {h.name: h.site for h in topo.hosts}
+    for here in ctx.all_sites():
+        _record_vms(here, [vm for vm in topo.vms if hosts[vm.host] == here.site], gimg)
     for vm in topo.vms:
         if vm.autostart:
-            await step(ctx, f"VM {vm.name} first heartbeat", vms.start(ctx, vm.name))
+            await step(ctx, f"VM {vm.name} first heartbeat",
+                       vms.start(ctx.in_site(hosts[vm.host]), vm.name))
     inv.set_meta("state", "up")
     total = time.monotonic() - t_start
     inv.record_step("lab ready", total)
     ctx.progress(f"lab {ctx.name} is up ({total:.1f} s)")
 
 
-def _record_vms(ctx: LabContext, topo: Topology, gimg: GuestImage) -> None:
+def _record_vms(ctx: LabContext, vms_here: list[Vm], gimg: GuestImage) -> None:
     inv = ctx.inv
     inv.set_meta("guest_kernel", str(gimg.kernel))
     inv.set_meta("guest_initrd", str(gimg.initrd))
-    for vm in topo.vms:
+    for vm in vms_here:
         inv.upsert("vms", name=vm.name, host=vm.host, datastore=vm.datastore,
                    memory=vm.memory, vcpus=vm.vcpus, dirty_rate=vm.dirty_rate,
                    working_set=vm.working_set, state="stopped", pid=None, started_at=None,
@@ -214,7 +232,7 @@ async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: St
     inv.upsert("storage_nodes", name=node.name, site=node.site, address=str(node.address),
                target_iqn=node.target_iqn, domain=domain, tap=tap,
                agent_port=names.STORAGE_AGENT_PORT, capacity=node.capacity, state="starting",
-               memory=node.memory, domain_type=domain_type)
+               memory=node.memory, domain_type=domain_type, mac=names.mac(ctx.dir.tag, "s", i))
     disks = []
     for ds in topo.datastores:
         if ds.node != node.name:
@@ -233,7 +251,8 @@ async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: St
         address_cidr=f"{node.address}/{site.subnet.prefixlen}",
         bridge=names.bridge(ctx.dir.tag, site_index), tap=tap,
         mac=names.mac(ctx.dir.tag, "s", i), memory_mib=node.memory >> 20,
-        data_disks=disks, secret=ctx.dir.secret(), target_iqn=node.target_iqn,
+        data_disks=disks, secret=ctx.secret(), target_iqn=node.target_iqn,
+        peer_secret=ctx.storage_peer_key(),
         agent_port=names.STORAGE_AGENT_PORT,
     )
     t0 = time.monotonic()
@@ -279,27 +298,27 @@ async def _start_host(ctx: LabContext, topo: Topology, i: int, provider: Namespa
         name=host.name, index=i,
         address=ipaddress.IPv4Interface(f"{host.address}/{site.subnet.prefixlen}"),
         bridge=names.bridge(ctx.dir.tag, site_index),
-        state_dir=ctx.dir.host_dir(host.name)), ctx.dir.secret())
+        state_dir=ctx.dir.host_dir(host.name)), ctx.secret())
     inv.record_step(f"host {host.name} namespace and agent ready", time.monotonic() - t0)
     inv.update("hosts", {"name": host.name}, state="up", agent_pid=got.agent_pid,
                address=got.address, agent_port=got.agent_port)
 
 
 async def recover(ctx: LabContext, topo: Topology) -> list[str]:
-    """``up`` of a lab that is already up: every host agent that does not answer is started
-    again by its provider (it takes over the VMs its predecessor left running); returns the
-    hosts restarted."""
-    provider = NamespaceHosts(ctx.name, ctx.dir.path, ctx.inv)
+    """``up`` of a lab that is already up (``ctx`` the lab's own context): every host agent
+    that does not answer its site's controller is started again by its provider (it takes
+    over the VMs its predecessor left running); returns the hosts restarted."""
     restarted = []
     for i, host in enumerate(topo.hosts):
+        site = ctx.in_site(host.site)
         try:
-            async with ctx.host_client(host.name, timeout=2.0) as c:
+            async with site.host_client(host.name, timeout=2.0) as c:
                 await hp.PING.call(c, timeout=3)
             continue
         except AgentError as exc:
             ctx.progress(f"the host agent of {host.name} does not answer ({exc.message}): "
                          "starting it again")
-        await _start_host(ctx, topo, i, provider)
+        await _start_host(site, topo, i, NamespaceHosts(ctx.name, ctx.dir.path, site.inv))
         restarted.append(host.name)
     routers = [s for s in await wan.show(ctx) if s.state not in ("up", "down")]
     image = await ensure_storage_image(progress=ctx.progress) if routers else None
@@ -316,19 +335,22 @@ async def recover(ctx: LabContext, topo: Topology) -> list[str]:
 
 
 async def _start_rescan(ctx: LabContext, topo: Topology) -> None:
-    """The lab's rescan service (labctl/datastores/rescan.py), a process owned by the lab."""
+    """A site's rescan service (labctl/datastores/rescan.py), a process owned by the site:
+    it follows the site's agents alone, with the site's secret."""
     inv = ctx.inv
+    assert ctx.site is not None
     rescan.set_lookup(inv, str((topo.raw.get("rescan") or {}).get("lookup", "inventory")))
-    log = ctx.dir.path / "rescan.out"
+    log = ctx.dir.site_dir(ctx.site) / "rescan.out"
     argv = [sys.executable, "-m", "labctl.agents.rescan", "--lab-dir", str(ctx.dir.path),
-            "--lab", ctx.name]
-    proc = spawn_owned(inv, "rescan-service", argv, log)
+            "--lab", ctx.name, "--site", ctx.site]
+    proc = spawn_owned(inv, f"rescan-service-{ctx.site}", argv, log)
     deadline = time.monotonic() + 20
     while inv.get_meta("rescan_ready") is None:
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise ProvisionError("the rescan service did not subscribe to every agent "
-                                 "within 20 s" if proc.returncode is None else
-                                 f"the rescan service exited (status {proc.returncode})",
+            raise ProvisionError(f"the rescan service of site {ctx.site} did not subscribe to "
+                                 "every agent within 20 s" if proc.returncode is None else
+                                 f"the rescan service of site {ctx.site} exited (status "
+                                 f"{proc.returncode})",
                                  log_tail=log.read_text(errors="replace")[-1500:])
         await asyncio.sleep(0.05)
 

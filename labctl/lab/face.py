@@ -45,17 +45,21 @@ SCHEMAS = (DATASTORES, MIGRATIONS, WAN)
 class Lab:
     """One lab, found by name. Cheap to construct: nothing happens until a method is called."""
 
-    def __init__(self, name: str, root: Path | None = None, progress: Progress = quiet) -> None:
+    def __init__(self, name: str, root: Path | None = None, progress: Progress = quiet,
+                 site: str | None = None) -> None:
         self.dir = LabDir(name, root)
         self.name = name
         self.progress = progress
+        #: the site every command works in (``--site``); None: the site of what it names
+        self.site = site
 
     @classmethod
-    def find(cls, name: str | None, root: Path | None = None, progress: Progress = quiet) -> Lab:
+    def find(cls, name: str | None, root: Path | None = None, progress: Progress = quiet,
+             site: str | None = None) -> Lab:
         """The lab called ``name``; without a name, the only lab that is up (or, when none
-        is, the only lab there is)."""
+        is, the only lab there is). ``site`` scopes every command to that site."""
         if name is not None:
-            lab = cls(name, root, progress)
+            lab = cls(name, root, progress, site)
             lab.dir.refuse_if_not_ours()
             return lab
         labs = existing_labs(root)
@@ -63,7 +67,7 @@ class Lab:
         states = {lab: lab_state(base / lab) or "unknown" for lab in labs}
         live = [lab for lab, s in states.items() if s != "down"]
         if len(live) == 1 or (not live and len(labs) == 1):
-            lab = cls((live or labs)[0], root, progress)
+            lab = cls((live or labs)[0], root, progress, site)
             lab.dir.refuse_if_not_ours()
             return lab
         if not labs:
@@ -92,27 +96,69 @@ class Lab:
                                    if state == "down" else ""), lab=self.name, state=state)
 
     def open_inventory(self) -> Inventory:
-        """The lab's inventory (the caller closes it); a clear error when the lab is not up."""
+        """The lab's own inventory (its meta, sites and WAN links; the caller closes it); a
+        clear error when the lab is not up."""
         if not self.dir.exists():
             raise LabStateError(f"lab {self.name} is not up (start it with: labctl up)", lab=self.name)
         return self.dir.inventory(SCHEMAS)
 
     @contextmanager
-    def context(self) -> Iterator[LabContext]:
-        """The lab opened for a feature to work on (its inventory closed afterwards); a clear
-        error when the lab is not up."""
+    def lab_context(self) -> Iterator[LabContext]:
+        """The lab's own context (its sites' bridges, the WAN links, each site's context);
+        a clear error when the lab is not up."""
         if not self.dir.exists():
             raise LabStateError(f"lab {self.name} is not up (start it with: labctl up)", lab=self.name)
         with self._opened() as ctx:
             yield ctx
 
     @contextmanager
+    def context(self, site: str | None = None,
+                of: tuple[str, str] | None = None) -> Iterator[LabContext]:
+        """One site's context for a feature to work in (closed afterwards): ``site``, else
+        the lab's ``--site``, else the site of ``of`` (``("vm", "vm1")``: kinds ``host``,
+        ``vm``, ``node``, ``datastore``), else the lab's only site. A clear error when the lab
+        is not up, or when it has several sites and none of these says which."""
+        with self.lab_context() as lab:
+            yield lab.in_site(self.pick_site(lab, site, of))
+
+    def pick_site(self, lab: LabContext, site: str | None = None,
+                  of: tuple[str, str] | None = None) -> str:
+        """The site :meth:`context` works in (see there)."""
+        if site or self.site:
+            return str(site or self.site)
+        sites = lab.site_names()
+        if of is not None:
+            found = [s for s in sites if has(lab.in_site(s).inv, *of)]
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise LabStateError(f"{of[0]} {of[1]} is in sites {', '.join(found)}: say which "
+                                    "with --site", lab=self.name, sites=found)
+        if len(sites) == 1:
+            return sites[0]
+        if not sites:
+            raise LabStateError(f"lab {self.name} has no site yet (is it up?)", lab=self.name)
+        if of is not None:
+            known = [f"{n} ({s})" for s in sites for n in names_of(lab.in_site(s).inv, of[0])]
+            raise LabStateError(f"lab {self.name} has no {of[0]} {of[1]!r} in any site "
+                                f"({of[0]}s: {', '.join(known) or 'none'})", lab=self.name)
+        raise LabStateError(f"lab {self.name} has sites {', '.join(sites)}: say which with "
+                            "--site", lab=self.name, sites=sites)
+
+    def scoped_sites(self, lab: LabContext) -> list[LabContext]:
+        """The sites a listing covers: the ``--site`` one, else all of them."""
+        return [lab.in_site(self.site)] if self.site else lab.all_sites()
+
+    @contextmanager
     def _opened(self) -> Iterator[LabContext]:
-        """The lab's inventory (created if new) as a context, closed afterwards."""
+        """The lab's own inventory (created if new) as a context; it and the site
+        inventories opened through it are closed afterwards."""
         inv = self.dir.inventory(SCHEMAS)
+        ctx = LabContext(self.name, self.dir, inv, self.progress, schemas=SCHEMAS)
         try:
-            yield LabContext(self.name, self.dir, inv, self.progress)
+            yield ctx
         finally:
+            ctx.close_sites()
             inv.close()
 
     # ------------------------------------------------------------------ up
@@ -167,19 +213,19 @@ class Lab:
     async def vm_start(self, name: str) -> hp.VmStarted:
         from labctl.lab import vms
 
-        with self.context() as ctx, ctx.lock():
+        with self.context(of=("vm", name)) as ctx, ctx.lock():
             return await vms.start(ctx, name)
 
     async def vm_stop(self, name: str) -> None:
         from labctl.lab import vms
 
-        with self.context() as ctx, ctx.lock():
+        with self.context(of=("vm", name)) as ctx, ctx.lock():
             await vms.stop(ctx, name)
 
     async def vm_snapshot(self, name: str, layer: str | None = None) -> Snapshotted:
         from labctl.lab import vms
 
-        with self.context() as ctx, ctx.lock():
+        with self.context(of=("vm", name)) as ctx, ctx.lock():
             return await vms.snapshot(ctx, name, layer)
 
     async def vm_source(self, name: str, snapshot: bool) -> tuple[str, str]:
@@ -188,11 +234,13 @@ class Lab:
         from labctl.datastores import filestores
         from labctl.lab import vms
 
-        with self.context() as ctx, ctx.lock():
-            if ctx.inv.row("vms", name=name) is None:
-                known = ", ".join(r["name"] for r in ctx.inv.rows("vms")) or "none"
+        with self.lab_context() as whole, whole.lock():
+            sites = self.scoped_sites(whole)
+            if not any(has(s.inv, "vm", name) for s in sites):
+                known = ", ".join(r["name"] for s in sites for r in s.inv.rows("vms")) or "none"
                 raise LabStateError(f"{name!r}: name a file as DATASTORE:FILE (e.g. "
                                     f"fs1:base.qcow2), or a VM (VMs: {known})", ref=name)
+            ctx = whole.in_site(self.pick_site(whole, of=("vm", name)))
             vm = vms.row(ctx, name)
             if not vms.is_on_file(ctx, vm):
                 raise LabStateError(f"VM {name} is not on a file datastore: its disk is a LUN, "
@@ -218,7 +266,7 @@ class Lab:
         if not valid_heartbeat_ms(period_ms):
             raise LabError(f"heartbeat period {period_ms!r}: an integer from {HEARTBEAT_MS_MIN} "
                            f"to {HEARTBEAT_MS_MAX} ms", vm=name)
-        with self.context() as ctx, ctx.lock():
+        with self.context(of=("vm", name)) as ctx, ctx.lock():
             if vms.row(ctx, name)["state"] == "running":
                 raise LabStateError(f"VM {name} is running: stop it before changing its "
                                     f"heartbeat period", vm=name)
@@ -235,7 +283,7 @@ class Lab:
             check_command(command)  # the guest's own refusal, before any host is asked
         except ValueError as exc:
             raise LabError(f"VM {name}: {exc}", vm=name) from None
-        with self.context() as ctx:
+        with self.context(of=("vm", name)) as ctx:
             async with ctx.host_client(vmrows.running_host(ctx, name)) as c:
                 return (await hp.VM_CONSOLE.call(c, hp.ConsoleCommand(name, command),
                                                  timeout=30)).answer
@@ -245,7 +293,7 @@ class Lab:
         from labctl.hosts import protocol as hp
         from labctl.lab import vmrows
 
-        with self.context() as ctx:
+        with self.context(of=("vm", name)) as ctx:
             async with ctx.host_client(vmrows.running_host(ctx, name)) as c:
                 return (await hp.VM_CONSOLE_TAIL.call(c, hp.ConsoleTailRequest(name, lines),
                                                       timeout=30)).lines
@@ -259,7 +307,15 @@ class Lab:
         from labctl.lab import vmrows
         from labctl.migration import inlab
 
-        with self.context() as ctx, ctx.lock():
+        with self.lab_context() as whole, whole.lock():
+            ctx = whole.in_site(self.pick_site(whole, of=("vm", vm)))
+            elsewhere = [s for s in whole.site_names() if s != ctx.site
+                         and has(whole.in_site(s).inv, "host", to)]
+            if elsewhere and not has(ctx.inv, "host", to):
+                raise LabStateError(
+                    f"host {to} is in site {elsewhere[0]} and VM {vm} in site {ctx.site}: sites "
+                    "share no storage and no management; migrate it to a host of its own site",
+                    vm=vm, host=to, site=ctx.site)
             row = vmrows.row(ctx, vm)
             store = row["datastore"]
             if vmrows.is_on_file(ctx, row):
@@ -283,19 +339,35 @@ class Lab:
                                        measure_dirty_rate=measure_dirty_rate)
 
     def migrations(self, mid: int | None = None) -> Any:
-        """Recorded migrations (a list), or one with its passes and decisions."""
-        from labctl.migration.records import get_migration, list_migrations
+        """Recorded migrations of every site (of the ``--site`` one), a list; or migration
+        ``mid`` with its passes and decisions (IDs are per site: an ID two sites have needs
+        ``--site``)."""
+        from labctl.migration.records import get_migration, has_migration, list_migrations
 
-        with self.context() as ctx:
-            return list_migrations(ctx.inv) if mid is None else get_migration(ctx.inv, mid)
+        with self.lab_context() as lab:
+            sites = self.scoped_sites(lab)
+            if mid is None:
+                many = len(lab.site_names()) > 1
+                return [r.replace(site=s.site) if many else r
+                        for s in sites for r in list_migrations(s.inv)]
+            found = [s for s in sites if has_migration(s.inv, mid)]
+            if len(found) > 1:
+                raise LabStateError(f"sites {', '.join(str(s.site) for s in found)} each have a "
+                                    f"migration {mid}: say which with --site", id=mid)
+            if not found:
+                raise LabStateError(f"no migration {mid} in this lab (see: labctl migrations)",
+                                    id=mid)
+            return get_migration(found[0].inv, mid)
 
     # ------------------------------------------------------------------ status
     async def status(self) -> LabStatus:
-        """The lab as the inventory records it and its agents report it now."""
+        """The lab as its inventories record it and its agents report it now: every site
+        (or the ``--site`` one)."""
         from labctl.lab.status import status as lab_status
 
-        with self.context() as ctx:
-            return await lab_status(ctx)
+        with self.lab_context() as lab:
+            status = await lab_status(lab)
+        return status.only_site(self.site) if self.site else status
 
     # ------------------------------------------------------------------ down
     async def down(self, purge: bool = False) -> Down:
@@ -313,7 +385,7 @@ class Lab:
             if self.dir.exists() and not already:
                 with self._opened() as ctx:
                     removed = await teardown.teardown(ctx)
-                    _mark_down(ctx.inv)
+                    _mark_down(ctx)
         if purge:
             shutil.rmtree(self.dir.path, ignore_errors=True)
             self.progress(f"lab {self.name} is down; its directory is deleted")
@@ -338,11 +410,29 @@ class Down(Message):
     kept: str | None
 
 
-def _mark_down(inv: Inventory) -> None:
-    """The inventory of a lab that is down: nothing runs any more."""
-    inv.set_meta("state", "down")
-    inv.set_meta("down_at", datetime.now(UTC).isoformat(timespec="seconds"))
-    inv.conn.execute("DELETE FROM meta WHERE key='rescan_ready'")
-    inv.conn.execute("UPDATE hosts SET state='down', agent_pid=NULL")
-    inv.conn.execute("UPDATE storage_nodes SET state='down'")
-    inv.conn.execute("UPDATE vms SET state='stopped', pid=NULL")
+def _mark_down(lab: LabContext) -> None:
+    """The inventories of a lab that is down: nothing runs any more."""
+    lab.inv.set_meta("state", "down")
+    lab.inv.set_meta("down_at", datetime.now(UTC).isoformat(timespec="seconds"))
+    for site in lab.all_sites():
+        inv = site.inv
+        inv.conn.execute("DELETE FROM meta WHERE key='rescan_ready'")
+        inv.conn.execute("UPDATE hosts SET state='down', agent_pid=NULL")
+        inv.conn.execute("UPDATE storage_nodes SET state='down'")
+        inv.conn.execute("UPDATE vms SET state='stopped', pid=NULL")
+
+
+#: where each kind of thing a command names is kept in a site's inventory
+_KIND_TABLES = {"host": ("hosts",), "vm": ("vms",), "node": ("storage_nodes",),
+                "datastore": ("datastores", "file_datastores")}
+
+
+def names_of(inv: Inventory, kind: str) -> list[str]:
+    """The names of every ``kind`` (host, vm, node, datastore) a site's inventory has."""
+    return [str(r["name"]) for t in _KIND_TABLES[kind] for r in inv.rows(t)]
+
+
+def has(inv: Inventory, kind: str, name: str) -> bool:
+    """Whether a site's inventory ``inv`` has a ``kind`` (host, vm, node, datastore) called
+    ``name``."""
+    return any(inv.row(t, name=name) is not None for t in _KIND_TABLES[kind])

@@ -154,8 +154,37 @@ def stall_after(heartbeat_ms: int) -> float:
     return max(2.0, 10 * heartbeat_ms / 1000)
 
 
-async def status(ctx: LabContext) -> LabStatus:
-    """Ask every host and storage agent that should be up, in parallel (2-5 s bounds)."""
+async def status(lab: LabContext) -> LabStatus:
+    """The lab's own context's view: every site's status (each asked by its own context,
+    with its own secret), the WAN links between them, in parallel (2-5 s bounds)."""
+    inv = lab.inv
+    links: list[WanShown] = []
+
+    async def probe_wan() -> None:
+        if inv.rows("wan_links"):  # the WAN service (and netlink) only for a lab with links
+            from labctl.wan import service as wan
+
+            links.extend(await wan.show(lab))
+
+    parts, _ = await asyncio.gather(asyncio.gather(*(site_status(s) for s in lab.all_sites())),
+                                    probe_wan())
+    steps = sorted([(s["at"], s) for s in inv.rows("steps")]
+                   + [(s["at"], s) for site in lab.all_sites() for s in site.inv.rows("steps")],
+                   key=lambda x: float(x[0]))
+    return LabStatus(
+        lab=lab.name, state=inv.get_meta("state"), accel=inv.get_meta("accel"),
+        topology=inv.get_meta("topology_source"),
+        hosts=[h for p in parts for h in p.hosts],
+        storage_nodes=[n for p in parts for n in p.storage_nodes],
+        datastores=[d for p in parts for d in p.datastores], vms=[v for p in parts for v in p.vms],
+        steps=[Step(s["name"], round(s["seconds"], 3)) for _, s in steps], wan=links,
+        sites=[SiteState(str(r["name"]), str(r["subnet"]), str(r["bridge"]))
+               for r in inv.rows("sites")])
+
+
+async def site_status(ctx: LabContext) -> LabStatus:
+    """One site's hosts, storage nodes, datastores and VMs: its controller asks every host
+    and storage agent of the site that should be up, in parallel."""
     inv = ctx.inv
     hosts = inv.rows("hosts")
     nodes = inv.rows("storage_nodes")
@@ -186,17 +215,8 @@ async def status(ctx: LabContext) -> LabStatus:
             with contextlib.suppress(LabError):
                 domains[name] = await node_domains.domain_state(ctx.name, name)
 
-    links: list[WanShown] = []
-
-    async def probe_wan() -> None:
-        if inv.rows("wan_links"):  # the WAN service (and netlink) only for a lab with links
-            from labctl.wan import service as wan
-
-            links.extend(await wan.show(ctx))
-
     await asyncio.gather(*(probe_host(h["name"]) for h in hosts if h["state"] == "up"),
-                         *(probe_node(n["name"]) for n in nodes if n["state"] == "up"),
-                         probe_wan())
+                         *(probe_node(n["name"]) for n in nodes if n["state"] == "up"))
     stores = []
     for d in inv.rows("datastores"):
         shares = inv.rows("datastore_hosts", datastore=d["name"])
@@ -229,8 +249,7 @@ async def status(ctx: LabContext) -> LabStatus:
             base = base.replace(state="unknown", reason="its host agent does not report it")
         vms.append(base)
     return LabStatus(
-        lab=ctx.name, state=inv.get_meta("state"), accel=inv.get_meta("accel"),
-        topology=inv.get_meta("topology_source"),
+        lab=ctx.name, state=None, accel=None, topology=None,
         hosts=[HostState(name=h["name"], site=h["site"], address=h["address"],
                          initiator_iqn=h["initiator_iqn"], netns=h["netns"],
                          agent=agent.get(h["name"], (h["state"], None))[0],
@@ -245,7 +264,4 @@ async def status(ctx: LabContext) -> LabStatus:
                                  domain_state=_dom(domains, n["name"]).state or None,
                                  domain_reason=_dom(domains, n["name"]).reason)
                        for n in nodes],
-        datastores=stores, vms=vms,
-        steps=[Step(s["name"], round(s["seconds"], 3)) for s in inv.rows("steps")], wan=links,
-        sites=[SiteState(str(r["name"]), str(r["subnet"]), str(r["bridge"]))
-               for r in inv.rows("sites")])
+        datastores=stores, vms=vms)

@@ -18,14 +18,17 @@ LIBVIRT_QEMU_LOGS = Path("/var/log/libvirt/qemu")
 
 
 async def teardown(ctx: LabContext) -> list[str]:
-    """Remove the lab's objects; returns what was removed (one line each)."""
+    """Remove the lab's objects (``ctx``: the lab's own context): each site's, as its own
+    journal lists them, then the lab's; returns what was removed (one line each)."""
     removed: list[str] = _Said(ctx.progress)
-    inv = ctx.inv
+    sites = ctx.all_sites()
     # the hosts first (their agents stop their VMs softly), through their provider
-    await NamespaceHosts(ctx.name, ctx.dir.path, inv).teardown(inv, removed)
-    owned = inv.owned()
+    for site in sites:
+        await NamespaceHosts(ctx.name, ctx.dir.path, site.inv).teardown(site.inv, removed)
+    journals = [(site.inv, site.inv.owned()) for site in sites] + [(ctx.inv, ctx.inv.owned())]
     await asyncio.gather(*(stop_owned_process(name, int(d["pid"]), ctx.dir.path, removed)
-                           for kind, name, d in owned if kind == "process" and "pid" in d))
+                           for _, owned in journals for kind, name, d in owned
+                           if kind == "process" and "pid" in d))
     try:
         for dom in await storagenode.destroy_owned(ctx.name, ctx.dir.path):
             removed.append(f"domain {dom}")
@@ -36,10 +39,11 @@ async def teardown(ctx: LabContext) -> list[str]:
                 removed.append(f"file {log}")
     except LabError as exc:
         ctx.progress(f"warning: {exc.message}")
-    for kind, name, detail in owned:
-        if kind == "link" and netlink.delete_link(name, detail["alias"]):
-            removed.append(f"link {name}")
-        inv.disown(kind, name)
+    for inv, owned in journals:  # the sites' links (veths) before the lab's (bridges)
+        for kind, name, detail in owned:
+            if kind == "link" and netlink.delete_link(name, detail["alias"]):
+                removed.append(f"link {name}")
+            inv.disown(kind, name)
     return list(removed)
 
 

@@ -83,6 +83,13 @@ class MigrationRow(Message):
     passes: int | None
     bytes_sent: int | None
     error: str | None
+    #: the site whose controller recorded it (in a lab of several sites)
+    site: str | None = None
+
+
+def has_migration(inv: Inventory, mid: int) -> bool:
+    return -(1 << 63) <= mid < 1 << 63 and inv.conn.execute(
+        "SELECT 1 FROM migrations WHERE id=?", (mid,)).fetchone() is not None
 
 
 def list_migrations(inv: Inventory) -> list[MigrationRow]:

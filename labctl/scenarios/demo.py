@@ -50,7 +50,7 @@ async def run(lab: Lab, status: LabStatus, keep: bool) -> int:
                     failures.append(f"migration of {name} to {to} did not verify")
             grow = ds.size_bytes + (64 << 20)
             print(f"\n$ labctl datastore resize {ds.name} {grow >> 20}M")
-            with lab.context() as ctx:
+            with lab.context(of=("datastore", ds.name)) as ctx:
                 resized = await datastores.resize(ctx, ds.name, grow)
             if resized.event is not None:
                 print(rescan.format_event(resized.event))

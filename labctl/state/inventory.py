@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS storage_nodes (
     name TEXT PRIMARY KEY, site TEXT NOT NULL, address TEXT NOT NULL, target_iqn TEXT NOT NULL,
     domain TEXT NOT NULL, tap TEXT NOT NULL, agent_port INTEGER NOT NULL, capacity INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'defined', memory INTEGER NOT NULL DEFAULT 268435456,
-    domain_type TEXT NOT NULL DEFAULT 'qemu');
+    domain_type TEXT NOT NULL DEFAULT 'qemu', mac TEXT);
 CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY, host TEXT NOT NULL, datastore TEXT, memory INTEGER NOT NULL,
     vcpus INTEGER NOT NULL, dirty_rate REAL NOT NULL, working_set INTEGER NOT NULL,
@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS steps (name TEXT NOT NULL, seconds REAL NOT NULL, at 
 """, added_columns=(("vms", "heartbeat_ms", "INTEGER NOT NULL DEFAULT 100"),
                       ("vms", "base", "TEXT"), ("vms", "disk_file", "TEXT"),
                       ("storage_nodes", "memory", "INTEGER NOT NULL DEFAULT 268435456"),
-                      ("storage_nodes", "domain_type", "TEXT NOT NULL DEFAULT 'qemu'")))
+                      ("storage_nodes", "domain_type", "TEXT NOT NULL DEFAULT 'qemu'"),
+                      ("storage_nodes", "mac", "TEXT")))
 
 
 class Inventory:

@@ -63,8 +63,38 @@ class LabDir:
         return read_secret(self.secret_path)
 
     def inventory(self, schemas: Iterable[Schema] = ()) -> Inventory:
-        """The lab's inventory with the lab's tables and ``schemas`` (the features')."""
+        """The lab's own inventory (its meta, its sites, the WAN links between them and what
+        joins them) with the lab's tables and ``schemas`` (the features')."""
         return Inventory.open(self.path / "inventory.db", schemas)
+
+    # -- sites: each one a management domain of its own -------------------
+    def site_dir(self, site: str) -> Path:
+        """Site ``site``'s controller state: its own inventory and secret (its agents hold
+        that secret and no other, so no other site's controller can drive them)."""
+        if not names.LAB_NAME_RE.fullmatch(site):
+            raise LabStateError(f"bad site name {shown(site)}: {names.LAB_NAME_RULE}", site=site)
+        return self.path / "sites" / site
+
+    def site_secret_path(self, site: str) -> Path:
+        return self.site_dir(site) / "secret"
+
+    def create_site(self, site: str) -> None:
+        make_dir(self.site_dir(site))
+        if not self.site_secret_path(site).exists():
+            write_secret(self.site_secret_path(site))
+
+    def site_secret(self, site: str) -> bytes:
+        path = self.site_secret_path(site)
+        if not path.exists():
+            raise LabStateError(f"site {site} of lab {self.name} has no secret (is it up?)",
+                                lab=self.name, site=site)
+        return read_secret(path)
+
+    def site_inventory(self, site: str, schemas: Iterable[Schema] = ()) -> Inventory:
+        """Site ``site``'s own inventory: its hosts, storage nodes, datastores, VMs and
+        their records, and the objects it owns."""
+        make_dir(self.site_dir(site))
+        return Inventory.open(self.site_dir(site) / "inventory.db", schemas)
 
     def host_dir(self, host: str) -> Path:
         return self.path / "hosts" / host

@@ -103,8 +103,13 @@ class StorageAgent:
         self._lock = asyncio.Lock()
         self._watched: dict[str, _Watched] = {}
         self._routes: dict[str, str] = {}
-        self.files = Filestores(self.node, self.ip, secret,
+        # a pull authenticates to the source node with the key every site's nodes share
+        self.files = Filestores(self.node, self.ip, self.peer_secret(config),
                                 config.agent_port or STORAGE_AGENT_PORT, sys_block=sys_block)
+
+    @staticmethod
+    def peer_secret(config: p.NodeConfig) -> bytes:
+        return bytes.fromhex(config.peer_secret or config.secret)
 
     def handlers(self) -> dict[str, Handler]:
         return handlers(
@@ -289,7 +294,9 @@ async def serve(config: Json, on_ready: Callable[[], None] | None = None) -> Non
                                ) from exc
     agent = StorageAgent(conf)
     server = RpcServer(secret, agent.handlers(), name=f"storage agent {agent.node}",
-                       streams=agent.streams())
+                       streams=agent.streams(),
+                       # another site's node may read a file (a chain copy), not drive this one
+                       limited={agent.peer_secret(conf): frozenset({"file_send"})})
     agent.server = server
     await server.start(agent.ip, conf.agent_port or STORAGE_AGENT_PORT)
     if on_ready is not None:

@@ -99,6 +99,8 @@ class StorageNodeSpec:
     secret: bytes
     target_iqn: str
     memory_mib: int = 256
+    #: the key storage nodes of every site share to copy files between them (file_send only)
+    peer_secret: bytes | None = field(default=None, repr=False)
     vcpus: int = 1
     data_disks: list[DataDisk] = field(default_factory=list)
     agent_port: int = names.STORAGE_AGENT_PORT
@@ -338,7 +340,8 @@ def _agent_files(config: Message, agent_files: tuple[str, ...]) -> dict[str, byt
 def _node_config(spec: StorageNodeSpec) -> NodeConfig:
     return NodeConfig(lab=spec.lab, node=spec.name, address=spec.address_cidr,
                       gateway=spec.gateway, mac=spec.mac, secret=spec.secret.hex(),
-                      target_iqn=spec.target_iqn, agent_port=spec.agent_port)
+                      target_iqn=spec.target_iqn, agent_port=spec.agent_port,
+                      peer_secret=spec.peer_secret.hex() if spec.peer_secret else None)
 
 
 def _ensure_data_disk(dd: DataDisk) -> None:

@@ -30,10 +30,13 @@ class NodeConfig(Message):
     address: str
     gateway: str | None
     mac: str
-    #: the lab secret, hex (the config disk is readable by the node only)
+    #: the secret of the node's site, hex (the config disk is readable by the node only)
     secret: str
     target_iqn: str
     agent_port: int = STORAGE_AGENT_PORT
+    #: the key the lab's storage nodes share for copies between them, hex: a peer that
+    #: proves it may call ``file_send`` and nothing else (None: the site secret serves)
+    peer_secret: str | None = None
 
     @property
     def ip(self) -> str:

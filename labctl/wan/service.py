@@ -164,9 +164,9 @@ def site_routes(ctx: LabContext) -> dict[str, list[sp.Route]]:
 
 async def route_hosts(ctx: LabContext) -> None:
     """Every host of a linked site reaches the other site through the link's router, with
-    TCP buffers that let one flow fill the link."""
+    TCP buffers that let one flow fill the link (``ctx``: the lab's own context)."""
     routes = site_routes(ctx)
-    for h in ctx.inv.rows("hosts"):
+    for h in [h for site in ctx.all_sites() for h in site.inv.rows("hosts")]:
         for r in routes.get(str(h["site"]), []):
             await run(["ip", "route", "replace", r.subnet, "via", r.via],
                       netns=str(h["netns"]), what=f"route to {r.subnet} on {h['name']}")
@@ -180,11 +180,12 @@ async def route_nodes(ctx: LabContext, node: str | None = None) -> None:
     """Every storage node of a linked site (or just ``node``) reaches the other site through
     the link's router: a file copy between sites goes from node to node over the WAN."""
     routes = site_routes(ctx)
-    for n in ctx.inv.rows("storage_nodes"):
-        if (node is not None and n["name"] != node) or n["state"] != "up":
-            continue
-        async with ctx.storage_client(str(n["name"])) as c:
-            await sp.SET_ROUTES.call(c, sp.SetRoutes(routes=routes.get(str(n["site"]), [])))
+    for site in ctx.all_sites():  # each site's nodes, through that site's controller
+        for n in site.inv.rows("storage_nodes"):
+            if (node is not None and n["name"] != node) or n["state"] != "up":
+                continue
+            async with site.storage_client(str(n["name"])) as c:
+                await sp.SET_ROUTES.call(c, sp.SetRoutes(routes=routes.get(str(n["site"]), [])))
 
 
 @contextlib.asynccontextmanager
@@ -258,7 +259,7 @@ async def set_up(ctx: LabContext, name: str, up: bool, budget: float = 10.0) -> 
 def endpoints(ctx: LabContext, row: LinkRow) -> tuple[dict[str, Any], str]:
     """A host of the link's first site (its row) and a target across the link: a host of
     the second site, else the router's far leg."""
-    hosts = ctx.inv.rows("hosts")
+    hosts = [h for site in ctx.all_sites() for h in site.inv.rows("hosts")]
     near = next((h for h in hosts if h["site"] == row.site_a), None)
     if near is None:
         raise LabStateError(f"site {row.site_a} has no host to measure WAN link {row.name} "

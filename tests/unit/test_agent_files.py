@@ -44,7 +44,7 @@ def test_the_storage_agent_entry_point_takes_its_secret_from_a_file_only(
     config = tmp_path / "storage.json"
     config.write_text('{"lab": "l", "node": "n", "secret": "00"}')
     assert main(["--config", str(config), "--secret-file", str(secret)]) == 1
-    assert "the secret goes in --secret-file only" in capsys.readouterr().err
+    assert "secrets go in --secret-file and --peer-secret-file only" in capsys.readouterr().err
     config.write_text("[1, 2]")
     assert main(["--config", str(config), "--secret-file", str(secret)]) == 1
     assert "not a JSON object" in capsys.readouterr().err

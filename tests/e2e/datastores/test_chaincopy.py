@@ -399,7 +399,8 @@ def test_bad_requests_are_one_line_each(lab: dict[str, Any]) -> None:
     for args, why in ((("chain", "copy", "fs1", "--to", "fs2"), "DATASTORE:FILE"),
                       (("chain", "copy", "fs1:nope.qcow2", "--to", "fs2"), "no file nope"),
                       (("chain", "copy", "fs1:probe.qcow2", "--to", "fs1"), "already on"),
-                      (("chain", "copy", "fs1:probe.qcow2", "--to", "ds9"), "no file datastore"),
+                      (("chain", "copy", "fs1:probe.qcow2", "--to", "ds9"),
+                       "has no datastore 'ds9' in any site (datastores: fs1 (site1),"),
                       (("image", "import", "/nonexistent.qcow2", "--to", "fs1"), "cannot read"),
                       (("datastore", "resize", "fs1", "1G"), "file datastore")):
         res = cli(*args, check=False)

@@ -17,7 +17,16 @@ import pytest
 
 from labctl.core.rpc import RpcClient
 from labctl.storage import node as storagenode
-from tests.conftest import E2E, LabCli, free_subnet, module_lab, outside_size, unique_lab, wait
+from tests.conftest import (
+    E2E,
+    LabCli,
+    free_subnet,
+    module_lab,
+    outside_size,
+    site_secret,
+    unique_lab,
+    wait,
+)
 
 pytestmark = E2E
 
@@ -44,7 +53,7 @@ def events() -> list[dict[str, Any]]:
 
 def host_call(lab: dict[str, Any], host: str, method: str, **params: Any) -> Any:
     h = next(x for x in lab["status"]["hosts"] if x["name"] == host)
-    secret = bytes.fromhex((lab["dir"] / "secret").read_text().strip())
+    secret = site_secret(lab["name"], host)
 
     async def go() -> Any:
         c = await RpcClient.connect(h["address"], 7600, secret, timeout=5)
@@ -69,7 +78,7 @@ def _unit(host: str, unit: str) -> dict[str, Any]:
 
 def test_sharing_host_down_is_marked_stale_and_caught_up(lab: dict[str, Any]) -> None:
     pid = next(h for h in json.loads(lc("status", "--json").stdout)["hosts"] if h["name"] == "h2")
-    db = sqlite3.connect(lab["dir"] / "inventory.db")
+    db = sqlite3.connect(lab["dir"] / "sites" / "s1" / "inventory.db")
     inv_pid = int(db.execute("SELECT agent_pid FROM hosts WHERE name='h2'").fetchone()[0])
     db.close()
     assert pid["agent"] == "up"
@@ -140,7 +149,7 @@ def test_event_about_unknown_lun_is_a_warning(lab: dict[str, Any]) -> None:
     assert lc("datastore", "list").stdout == stores
     for h, view in before.items():
         assert js("host", "storage", h)["scsi_commands"] == view["scsi_commands"]
-    assert "unknown LUN" in (lab["dir"] / "rescan.log").read_text()
+    assert "unknown LUN" in (lab["dir"] / "sites" / "s1" / "rescan.log").read_text()
 
 
 def test_storage_node_restart_hosts_and_vm_reconnect(lab: dict[str, Any]) -> None:

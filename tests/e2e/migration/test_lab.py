@@ -235,7 +235,7 @@ def test_refusals(lab: dict[str, Any]) -> None:
     # a destination whose memory offer is too small for the VM
     run = lab["dir"] / "hosts" / other(src) / "vms" / "vm1"  # an old source's logs may be there
     listing = sorted(os.listdir(run)) if run.exists() else None
-    db = sqlite3.connect(lab["dir"] / "inventory.db")
+    db = sqlite3.connect(lab["dir"] / "sites" / "s1" / "inventory.db")
     offer = db.execute("SELECT memory FROM hosts WHERE name=?", (other(src),)).fetchone()[0]
     with db:
         db.execute("UPDATE hosts SET memory=? WHERE name=?", (128 << 20, other(src)))
@@ -289,7 +289,7 @@ def _veth(lab: dict[str, Any], host: str) -> tuple[str, str]:
     from labctl.core.names import alias as alias_for
     from labctl.state.inventory import Inventory
 
-    inv = Inventory.open(lab["dir"] / "inventory.db")
+    inv = Inventory.open(lab["dir"] / "sites" / "s1" / "inventory.db")
     try:
         veth = str(inv.row("hosts", name=host)["veth"])  # type: ignore[index]
     finally:

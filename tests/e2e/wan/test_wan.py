@@ -235,3 +235,65 @@ def test_site_scopes_status_and_refuses_what_is_elsewhere(lab: dict[str, Any]) -
     assert [e for e in events("--site", "site-b") if e["datastore"] == "ds-a"] == []
     assert len([e for e in events("--site", "site-a") if e["datastore"] == "ds-a"]) == \
         len(about_ds)
+    assert {e["site"] for e in about_ds} == {"site-a"}  # recorded by site-a's service
+
+
+def test_each_site_is_a_management_domain_of_its_own(lab: dict[str, Any]) -> None:
+    """Each site's controller state is its own: an inventory listing its hosts and storage
+    nodes alone, a secret (0600) its agents hold and no other site's, a rescan service of
+    its own. Checked from outside: the files, and the agents asked with each key."""
+    import asyncio
+    import os
+    import sqlite3
+    import stat
+
+    from labctl.core import names
+    from labctl.core.errors import AuthenticationFailed
+    from labctl.core.rpc import RpcClient
+    from labctl.core.secret import read_secret
+
+    def rows(db: Path, table: str) -> list[str]:
+        conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+        try:
+            return [r[0] for r in conn.execute(f"SELECT name FROM {table} ORDER BY name")]
+        finally:
+            conn.close()
+
+    d = lab["dir"]
+    site_a, site_b = d / "sites" / "site-a", d / "sites" / "site-b"
+    assert rows(site_a / "inventory.db", "hosts") == ["a1"]
+    assert rows(site_a / "inventory.db", "storage_nodes") == ["stor-a"]
+    assert rows(site_b / "inventory.db", "hosts") == ["b1"]
+    assert rows(site_b / "inventory.db", "storage_nodes") == []
+    assert rows(d / "inventory.db", "hosts") == []  # the lab's own: sites and WAN links
+    assert rows(d / "inventory.db", "sites") == ["site-a", "site-b"]
+    for s in (site_a, site_b):
+        assert stat.S_IMODE(os.stat(s / "secret").st_mode) == 0o600
+    keys = {"a": read_secret(site_a / "secret"), "b": read_secret(site_b / "secret"),
+            "lab": read_secret(d / "secret")}
+    assert len(set(keys.values())) == 3
+
+    async def answers(address: str, key: str) -> bool:
+        try:
+            client = await RpcClient.connect(address, names.HOST_AGENT_PORT, keys[key],
+                                             timeout=5)
+        except AuthenticationFailed:
+            return False
+        await client.close()
+        return True
+
+    async def probe() -> dict[tuple[str, str], bool]:
+        return {(h, k): await answers(lab[h], k) for h in ("a1", "b1") for k in keys}
+
+    got = asyncio.run(probe())
+    assert got == {("a1", "a"): True, ("a1", "b"): False, ("a1", "lab"): False,
+                   ("b1", "a"): False, ("b1", "b"): True, ("b1", "lab"): False}, got
+    # a rescan service per site, each following its own site's agents
+    for s in (site_a, site_b):
+        log = (s / "rescan.log").read_text()
+        assert f"site {s.name}" in log and "subscribed to every agent" in log, log[-800:]
+    status = lab["cli"].json("status")
+    assert {h["name"]: h["agent"] for h in status["hosts"]} == {"a1": "up", "b1": "up"}
+    # a site's controller knows no other site's host
+    res = lab["cli"]("--site", "site-b", "host", "storage", "a1", check=False)
+    assert res.returncode == 1 and "host a1 is in site site-a, not site-b" in res.stderr

@@ -235,3 +235,46 @@ def test_malformed_handshakes_leave_no_traceback(caplog: pytest.LogCaptureFixtur
         asyncio.run(go())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
         [r.getMessage() for r in caplog.records]
+
+
+def test_a_limited_key_opens_its_methods_alone() -> None:
+    """Storage nodes of different sites share a key that lets one read a file of another
+    (the stream ``file_send``), never drive it; the node's own secret still opens all."""
+    peer_key = b"p" * 32
+
+    async def go() -> None:
+        calls: list[dict[str, Any]] = []
+
+        async def echo(**kw: Any) -> Any:
+            calls.append(kw)
+            return kw
+
+        async def send(stream: Any, params: dict[str, Any]) -> Any:
+            await stream.send({"chunk": 1})
+            return {"sent": params}
+
+        server = RpcServer(SECRET, {"echo": echo}, streams={"file_send": send},
+                           limited={peer_key: frozenset({"file_send"})})
+        await server.start("127.0.0.1", 0)
+        assert server._server is not None
+        port = server._server.sockets[0].getsockname()[1]
+        async with await RpcClient.open_stream("127.0.0.1", port, peer_key, "file_send",
+                                               {"name": "a"}) as stream:
+            assert await stream.recv() == {"chunk": 1}
+            assert await stream.result() == {"sent": {"name": "a"}}
+        async with await RpcClient.connect("127.0.0.1", port, peer_key) as c:
+            with pytest.raises(RemoteError, match="not open to this peer's key") as info:
+                await c.call("echo", a=1)
+            assert info.value.remote_type == "AuthenticationFailed"
+        assert calls == []
+        async with await RpcClient.open_stream("127.0.0.1", port, SECRET, "file_send",
+                                               {"name": "b"}) as stream:
+            assert await stream.recv() == {"chunk": 1}
+            assert await stream.result() == {"sent": {"name": "b"}}
+        async with await RpcClient.connect("127.0.0.1", port, SECRET) as c:
+            assert await c.call("echo", a=2) == {"a": 2}
+        with pytest.raises(AuthenticationFailed):  # a third key opens nothing
+            await RpcClient.connect("127.0.0.1", port, b"x" * 32)
+        await server.close()
+
+    asyncio.run(go())

@@ -176,11 +176,12 @@ def liveness_only(fake: Fake) -> bool:
 
 def make_lab(lab_dir: Path, storage: Fake, hosts: dict[str, Fake], datastores: dict[str, list[str]],
              array: Array) -> Inventory:
-    """A lab directory (secret, inventory) whose agents are the fakes."""
-    lab_dir.mkdir(parents=True, exist_ok=True)
-    if not (lab_dir / "secret").exists():
+    """A lab directory whose site s1 (its secret, its inventory) has the fakes as agents."""
+    site = lab_dir / "sites" / "s1"
+    site.mkdir(parents=True, exist_ok=True)
+    if not (site / "secret").exists():
         raise AssertionError("write the secret first")
-    inv = Inventory.open(lab_dir / "inventory.db", [DATASTORES])
+    inv = Inventory.open(site / "inventory.db", [DATASTORES])
     inv.upsert("storage_nodes", name="stor1", site="s1", address="127.0.0.1", target_iqn=TARGET,
                domain="d", tap="t", agent_port=storage.port, capacity=1 << 30, state="up",
                memory=256 * MIB, domain_type="qemu")
@@ -201,8 +202,9 @@ def make_lab(lab_dir: Path, storage: Fake, hosts: dict[str, Fake], datastores: d
 
 @contextlib.asynccontextmanager
 async def running(lab_dir: Path, fakes: list[Fake]) -> AsyncIterator[rescan.RescanService]:
-    """The rescan service of ``lab_dir``, subscribed to every fake; every fake honest."""
-    svc = rescan.RescanService(lab_dir)
+    """The rescan service of site s1 of ``lab_dir``, subscribed to every fake; every fake
+    honest."""
+    svc = rescan.RescanService(lab_dir, "s1")
     stop = asyncio.Event()
     task = asyncio.ensure_future(svc.run(stop))
     try:
@@ -240,8 +242,8 @@ def capacity_changed(array: Array, name: str, new_size: int) -> sp.LunCapacityCh
 @pytest.fixture
 def lab(tmp_path: Path) -> tuple[Path, bytes, Array]:
     lab_dir = tmp_path / "lab"
-    lab_dir.mkdir()
-    secret = write_secret(lab_dir / "secret")
+    (lab_dir / "sites" / "s1").mkdir(parents=True)
+    secret = write_secret(lab_dir / "sites" / "s1" / "secret")
     return lab_dir, secret, Array(sizes={"ds1": 64 * MIB}, units={"ds1": UNIT})
 
 
@@ -434,7 +436,8 @@ def test_create_exports_the_registry_id_and_hands_the_mapping(
     monkeypatch.setenv("LABCTL_HOME", str(tmp_path / "home"))
     labdir = LabDir("t", root=tmp_path / "labs")
     labdir.create()
-    secret = labdir.secret()
+    labdir.create_site("s1")
+    secret = labdir.site_secret("s1")  # the site's controller's, its agents'
     array = Array()
 
     async def attach_data_disk(lab: str, node: str, dd: storagenode.DataDisk) -> str:
@@ -469,7 +472,7 @@ def test_create_exports_the_registry_id_and_hands_the_mapping(
         for f in (storage, *hosts.values()):
             await f.start()
         inv = make_lab(labdir.path, storage, hosts, {}, array)
-        ctx = LabContext("t", labdir, inv)
+        ctx = LabContext("t", labdir, inv, site="s1")
         try:
             created = await service.create(ctx, "dsx", "32M", ["h1", "h2"])
         finally:
