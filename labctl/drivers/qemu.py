@@ -162,7 +162,7 @@ def blockdev_arg(node: dict[str, Any]) -> str:
 
 def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
                qemu: str = QEMU_BINARY, blockdevs: list[str] | None = None,
-               chap: Chap | None = None) -> list[str]:
+               chap: Chap | None = None, paused: bool = False) -> list[str]:
     """QEMU's argument list for ``spec``, with its sockets and files in ``run_dir``.
 
     ``incoming`` is passed to ``-incoming`` (e.g. ``"defer"`` for a migration target). A
@@ -220,6 +220,8 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
         argv += ["-device", "virtio-blk-pci,drive=disk0,id=vda"]
     if incoming is not None:
         argv += ["-mem-prealloc", "-incoming", incoming]
+    if paused:  # it waits for "cont" (an incoming VM whose disk is still an NBD export)
+        argv += ["-S"]
     return argv
 
 
@@ -341,7 +343,7 @@ class QemuVm:
 
     # -- start
     async def start(self, incoming: str | None = None, timeout: float = 30.0,
-                    blockdevs: list[str] | None = None) -> None:
+                    blockdevs: list[str] | None = None, paused: bool = False) -> None:
         """Launch QEMU and connect QMP and the console. Does not wait for the guest:
         see :meth:`wait_heartbeat`. Raises VmError (QEMU cleaned up) on failure."""
         if self.state is not VmState.NEW:
@@ -358,7 +360,7 @@ class QemuVm:
         for name in ("qmp.sock", "console.sock", "qemu.pid"):
             (self.run_dir / name).unlink(missing_ok=True)
         argv = build_argv(self.spec, self.run_dir, incoming, qemu=qemu_path, blockdevs=blockdevs,
-                          chap=self.chap)
+                          chap=self.chap, paused=paused)
         (self.run_dir / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
         secret_file = self.run_dir / CHAP_SECRET_FILE
         secret_file.unlink(missing_ok=True)

@@ -255,7 +255,7 @@ class HostAgent:
     async def start_qemu(self, spec: p.VmSpec, *, incoming: str | None = None,
                          blockdevs: list[str] | None = None,
                          on_exit: Callable[[QemuVm], None] | None = None,
-                         wait_for_portal: bool = True) -> QemuVm:
+                         wait_for_portal: bool = True, paused: bool = False) -> QemuVm:
         """QEMU for ``spec``, started and registered (see :meth:`adopt`; call with the VM's
         lock held). An iSCSI disk's portal must answer first (unless ``wait_for_portal`` is
         False: QEMU does not open the disk at start), and a failure to open the disk that
@@ -268,7 +268,7 @@ class HostAgent:
             vm = QemuVm(spec, self.run_dir(spec.name), chap=self.disk_chap(spec.disk))
             self.adopt(vm, on_exit=on_exit)
             try:
-                await vm.start(incoming=incoming, blockdevs=blockdevs)
+                await vm.start(incoming=incoming, blockdevs=blockdevs, paused=paused)
                 return vm
             except VmError as exc:
                 self.keep_failed_logs(vm)

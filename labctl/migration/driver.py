@@ -49,6 +49,7 @@ from labctl.migration.result import (
     HeartbeatCheck,
     LateWindow,
     MigrationResult,
+    MirrorRecord,
     PrepareRecord,
     Record,
     Recovery,
@@ -59,6 +60,9 @@ from labctl.migration.result import (
 from labctl.state.context import Progress, quiet
 
 RECOVER_WAIT_S = 10.0  # how long a cancelled migration waits to see the source guest beat
+#: a mirror over a slow link shows progress late (QEMU counts an op once its write is
+#: acknowledged, with up to 16 MiB in flight): its stall limit is at least this
+MIRROR_STALL_S = 30.0
 
 
 @dataclass
@@ -77,8 +81,15 @@ class Migration:
                  dest_disk: IscsiDisk | FileDisk | None = None,
                  recorder: Recorder | None = None,
                  progress: Progress = quiet, measure_dirty_rate: bool = False,
-                 heartbeat_ms: int | None = None) -> None:
+                 heartbeat_ms: int | None = None, mirror: bool = False) -> None:
         self.vm = vm
+        #: the storage is not shared: the source mirrors the disk into the destination's
+        #: NBD export before migrating, and completes the mirror at the switchover
+        self.mirror = mirror
+        self._mirror_target: str | None = None
+        self._mirror_sync_s: float | None = None
+        #: why the destination gave up (it refused to renew its lease), once it has
+        self._dest_gave_up: str | None = None
         #: the guest's heartbeat period; None: read from the source QEMU's kernel command line
         self.heartbeat_ms = heartbeat_ms
         self.measure_dirty_rate = measure_dirty_rate
@@ -153,17 +164,25 @@ class Migration:
             t = time.monotonic()
             prep = await mp.MIG_PREPARE.call(self.dst.client, mp.Prepare(
                 spec=spec, listen=self.dst.address, storage=self.policy.storage,
-                capabilities=self.policy.capabilities(), parameters=self.policy.parameters(),
-                disk_size=info.disk_size, lease_s=self.policy.lease_s), timeout=90)
+                capabilities=self.capabilities(), parameters=self.policy.parameters(),
+                disk_size=info.disk_size, lease_s=self.policy.lease_s,
+                export_disk=self.mirror), timeout=90)
+            if self.mirror and prep.nbd is None:
+                raise MigrationError(f"{self.dst.host} exported no disk for the mirror",
+                                     host=self.dst.host)
+            self._mirror_target = prep.nbd
             self.result = replace(self.result,
                                   prepare=PrepareRecord.of(prep, time.monotonic() - t))
             lease = asyncio.ensure_future(self._keep_lease())
             await self.src.client.subscribe(self._on_event)
             self.progress(f"{self.src.host}: migrating to {prep.uri} (policy {self.policy.name})")
             self._started = True
+            if self.mirror:
+                self.progress(f"{self.src.host}: mirroring the disk into {prep.nbd} first")
             start = await mp.MIG_START.call(self.src.client, mp.Start(
-                self.vm, prep.uri, capabilities=self.policy.capabilities(),
-                parameters=self.policy.parameters()), timeout=30)
+                self.vm, prep.uri, capabilities=self.capabilities(),
+                parameters=self.policy.parameters(), mirror_to=prep.nbd if self.mirror
+                else None), timeout=30)
             self._t0 = start.t0
             final = await self._drive()
             await self._finish_success(final)
@@ -199,6 +218,13 @@ class Migration:
                 with contextlib.suppress(BaseException):
                     await lease
 
+    def capabilities(self) -> mp.Capabilities:
+        """The policy's capabilities; a mirror completes in the pre-switchover window."""
+        caps = self.policy.capabilities()
+        if self.mirror:
+            caps["pause-before-switchover"] = True
+        return caps
+
     async def _keep_lease(self) -> None:
         while True:
             await asyncio.sleep(min(2.0, self.policy.lease_s / 4))
@@ -208,6 +234,10 @@ class Migration:
                 self._lease_failures = 0
             except AgentError:
                 self._lease_failures += 1
+            except LabError as exc:  # it answered, and said no: it has given up
+                self._dest_gave_up = exc.message
+                self._wake.set()
+                return
 
     def _add_pass(self, rec: PassRecord) -> None:
         if self.passes:  # pages dirtied during the previous pass, over its duration
@@ -231,6 +261,9 @@ class Migration:
                 async with asyncio.timeout(0.1):
                     await self._wake.wait()
             self._wake.clear()
+            if self._dest_gave_up is not None:
+                raise MigrationError(f"the destination {self.dst.host} gave up: "
+                                     f"{self._dest_gave_up}", host=self.dst.host)
             st = await mp.MIG_STATUS.call(
                 self.src.client, mp.StatusRequest(self.vm, since=len(self.passes)), timeout=10)
             self._src_status = st
@@ -255,11 +288,17 @@ class Migration:
                 late_done = True
                 await self._late_window(st)
                 continue
-            moved = qmp_int(st.now, "ram", "transferred") or 0
+            # a mirror's disk bytes are progress too (no RAM moves while it copies)
+            moved = (qmp_int(st.now, "ram", "transferred") or 0) + (
+                qmp_int(st.now, "disk", "transferred") or 0)
+            if self.mirror and self._mirror_sync_s is None and status not in ("mirror",):
+                self._mirror_sync_s = round(now - t_start, 3)
             at_pass = self.passes[-1].pass_ if self.passes else None
             if moved > last_bytes or status in ("setup", "pre-switchover", "device"):
                 last_bytes, last_move = moved, now
-            elif now - last_move > self.policy.stall_timeout_s and not self._postcopy:
+            elif now - last_move > (self.policy.stall_timeout_s if status != "mirror" else
+                                    max(self.policy.stall_timeout_s, MIRROR_STALL_S)) \
+                    and not self._postcopy:
                 d = Decision("cancel", f"no migration progress for {now - last_move:.1f} s "
                              f"({moved} bytes sent; destination unreachable? "
                              f"{self._lease_failures} lease renewals failed)",
@@ -293,7 +332,17 @@ class Migration:
         # "cancel" is carried out by _recover
 
     async def _late_window(self, st: SourceStatus) -> None:
-        """Late storage preparation: the source is stopped (pre-switchover)."""
+        """The pre-switchover window (the source is stopped): the mirror completes, late
+        storage is prepared, then the source goes on."""
+        if self.mirror:
+            done = await mp.MIG_MIRROR_COMPLETE.call(self.src.client, VmName(self.vm),
+                                                     timeout=150)
+            self.result = replace(self.result, mirror=MirrorRecord(
+                target=self._mirror_target or "", bytes=done.bytes,
+                sync_s=self._mirror_sync_s, complete_s=done.took_s))
+            if self.policy.storage != "late":
+                await mp.MIG_CONTINUE.call(self.src.client, VmName(self.vm), timeout=10)
+                return
         t = time.monotonic()
         self.progress(f"source stopped; {self.dst.host}: preparing storage in the window")
         late = await mp.MIG_LATE_STORAGE.call(self.dst.client, VmName(self.vm), timeout=60)
@@ -308,7 +357,8 @@ class Migration:
         # the last source heartbeat (console lines may arrive just after the STOP event)
         src_hb = st.heartbeat
         fin = await mp.MIG_DEST_FINISH.call(self.dst.client, mp.DestFinish(
-            self.vm, after_counter=None if src_hb is None else src_hb.counter), timeout=40)
+            self.vm, after_counter=None if src_hb is None else src_hb.counter,
+            source_heartbeat=src_hb), timeout=60)
         first = fin.first_heartbeat
         blackout = (first.t - src_hb.t) * 1000 if first and src_hb else None
         disk_read = _disk_value(fin.disk_read)
@@ -352,7 +402,8 @@ class Migration:
                 f"{first.counter if first else None}, disk "
                 f"{src_disk} -> {disk_read}, status {fin.status}",
                 heartbeat=heartbeat.to_wire(), disk=disk.to_wire())
-        await mp.MIG_SOURCE_FINISH.call(self.src.client, VmName(self.vm), timeout=30)
+        await mp.MIG_SOURCE_FINISH.call(self.src.client, mp.SourceFinish(self.vm, dest=fin),
+                                        timeout=30)
 
     def _rel(self, t: float | None) -> float | None:
         """A monotonic stamp of an agent as seconds since ``migrate`` was sent."""

@@ -12,12 +12,20 @@ Destination (``mig_prepare`` ... ``mig_dest_finish`` / ``mig_dest_abort``):
   same size, and all that work happens in ``mig_late_storage``, called in the
   ``pause-before-switchover`` window: ``blockdev-add`` of the real node, ``blockdev-reopen``
   of ``disk0`` onto it, the read check, the LUN scan.
+* With ``export_disk`` (storage that is not shared: another site) the opened disk is also
+  an NBD export of the incoming QEMU (``nbd-server-start``, ``block-export-add``,
+  writable): the source's block mirror writes into it. The export goes in
+  ``mig_dest_finish``.
 * The incoming VM holds a *lease*: the controller renews it while it drives the migration;
   if it lapses (controller gone, link cut) before the migration completed, the agent drops
   the incoming QEMU and its run directory by itself.
 
 Source (``mig_source_info``, ``mig_start``, ``mig_status``, ``mig_set``, ``mig_continue``,
-``mig_postcopy``, ``mig_cancel``, ``mig_source_finish``): the job registers its QMP event
+``mig_postcopy``, ``mig_cancel``, ``mig_source_finish``): with ``mirror_to`` the job first
+mirrors the disk into the destination's NBD export (``blockdev-mirror``, status ``mirror``)
+and sends ``migrate`` once the mirror is in sync (``BLOCK_JOB_READY``); the mirror is
+completed in the pre-switchover window (``mig_mirror_complete``: ``block-job-cancel`` of a
+ready job, which waits until the target has every write). The job registers its QMP event
 listener before any command, records a pass (``query-migrate`` right after each
 ``MIGRATION_PASS``), every status change with its time (``time.monotonic()``, the same
 clock as the console timestamps), and pushes ``migration`` events to RPC subscribers.
@@ -27,10 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import re
 import shutil
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -171,6 +181,8 @@ class _Incoming:
     datastore: mp.IscsiDatastoreCheck | mp.FileDatastoreCheck | None = None
     read: mp.ReadCheck | None = None
     died: mp.QemuDied | None = None
+    #: the disk's NBD export (the mirror's target), until mig_dest_finish removes it
+    nbd: str | None = None
 
     def checks(self) -> mp.StorageChecks:
         return mp.StorageChecks(datastore=self.datastore, read=self.read, died=self.died)
@@ -192,6 +204,50 @@ class _Job:
     sent: list[dict[str, Json]] = field(default_factory=list)
     log_offset: int | None = None
     checkpoints: dict[str, float] | None = None
+    #: the block mirror into the destination's NBD export (None: the storage is shared)
+    mirror: _Mirror | None = None
+    #: sends ``migrate`` once the mirror is in sync
+    mirror_task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Mirror:
+    target: str  # the NBD export, as mig_start named it
+    #: the job's and the target node's names in QEMU (new ones per migration: a node of
+    #: a mirror given up may linger for a moment)
+    job_id: str = ""
+    node: str = ""
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the job's end: None while it runs, "" completed, else QEMU's error
+    ended: str | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    bytes: int = 0
+    total: int = 0
+
+
+_JOB_EVENTS = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
+               "BLOCK_JOB_ERROR")
+MIRROR_JOB = "mig-mirror"
+MIRROR_NODE = "mig-mirror-target"
+_mirrors = itertools.count(1)
+EXPORT_ID = "mig-disk0"
+_NBD_URI = re.compile(r"^nbd:([0-9.]+):([0-9]{1,5}):exportname=([A-Za-z0-9_.-]+)$")
+
+
+def parse_nbd(uri: str) -> tuple[str, int, str]:
+    """(host, port, export) of ``nbd:HOST:PORT:exportname=NAME``."""
+    m = _NBD_URI.match(uri)
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise LabError(f"bad NBD URI {uri!r} (want nbd:IP:PORT:exportname=NAME)", uri=uri)
+    return m.group(1), int(m.group(2)), m.group(3)
+
+
+def free_port(address: str) -> int:
+    """A TCP port free on ``address`` now (the NBD server of an incoming QEMU listens there;
+    QEMU does not report the port it bound for a port of 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
 
 
 def _hb(vm: QemuVm) -> mp.HeartbeatStamp | None:
@@ -238,7 +294,8 @@ class MigrationHandlers:
             mp.MIG_STATUS.serve(self.mig_status), mp.MIG_SET.serve(self.mig_set),
             mp.MIG_CONTINUE.serve(self.mig_continue), mp.MIG_POSTCOPY.serve(self.mig_postcopy),
             mp.MIG_CANCEL.serve(self.mig_cancel),
-            mp.MIG_SOURCE_FINISH.serve(self.mig_source_finish))
+            mp.MIG_SOURCE_FINISH.serve(self.mig_source_finish),
+            mp.MIG_MIRROR_COMPLETE.serve(self.mig_mirror_complete))
 
     # ================================================================ destination
     async def mig_prepare(self, req: mp.Prepare) -> mp.Prepared:
@@ -254,6 +311,10 @@ class MigrationHandlers:
         if isinstance(vmspec.disk, NfsChainDisk) and storage == "late":
             raise LabError("mig_prepare: late storage preparation is for a LUN; a VM on a "
                            "file datastore opens its chain early", vm=vmspec.name)
+        if req.export_disk and (storage != "early" or vmspec.disk is None
+                                or isinstance(vmspec.disk, NfsChainDisk)):
+            raise LabError("mig_prepare: export_disk needs a disk (a LUN or a file) opened "
+                           "early", vm=vmspec.name)
         name = vmspec.name
         async with self.agent.lock(name):
             self.agent.check_not_running(name)
@@ -274,7 +335,8 @@ class MigrationHandlers:
             else:
                 graph = None
             t = _now()
-            inc = await self._start_incoming(vmspec, real, storage, graph, req.lease_s)
+            inc = await self._start_incoming(vmspec, real, storage, graph, req.lease_s,
+                                             paused=req.export_disk)
             vm = inc.vm
             try:
                 inc.timings["qemu_start_s"] = _now() - t
@@ -288,6 +350,10 @@ class MigrationHandlers:
                 inc.log_offset = await enable_checkpoints(vm)
                 if vmspec.disk is not None and storage == "early":
                     await self._storage_work(inc, attach=False)
+                if req.export_disk:
+                    t = _now()
+                    inc.nbd = await self._export_disk(vm, listen)
+                    inc.timings["export_s"] = _now() - t
                 t = _now()
                 await vm.execute("migrate-incoming", {"uri": f"tcp:{listen}:0"})
                 q = await vm.execute("query-migrate")
@@ -308,11 +374,34 @@ class MigrationHandlers:
                      inc.timings["prepare_s"])
             return mp.Prepared(uri=inc.uri, pid=vm.pid, storage=storage,
                                timings=dict(inc.timings), checks=inc.checks(),
-                               run_dir=str(vm.run_dir))
+                               run_dir=str(vm.run_dir), nbd=inc.nbd)
+
+    async def _export_disk(self, vm: QemuVm, listen: str) -> str:
+        """The incoming QEMU's disk as a writable NBD export on ``listen``: its URI."""
+        port = free_port(listen)
+        await vm.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
+            "host": listen, "port": str(port)}}})
+        await vm.execute("block-export-add", {"type": "nbd", "id": EXPORT_ID,
+                                              "node-name": "disk0", "name": "disk0",
+                                              "writable": True})
+        return f"nbd:{listen}:{port}:exportname=disk0"
+
+    async def _unexport_disk(self, vm: QemuVm) -> None:
+        with contextlib.suppress(VmError):
+            await vm.execute("block-export-del", {"id": EXPORT_ID})
+        for _ in range(50):  # deleted once its last client is gone (BLOCK_EXPORT_DELETED)
+            with contextlib.suppress(VmError):
+                if not any(isinstance(e, dict) and e.get("id") == EXPORT_ID
+                           for e in await vm.execute("query-block-exports") or []):
+                    break
+            await asyncio.sleep(0.02)
+        with contextlib.suppress(VmError):
+            await vm.execute("nbd-server-stop")
 
     async def _start_incoming(self, spec: VmSpec, real: dict[str, Json],
                               storage: mp.StorageMode,
-                              graph: list[str] | None, lease_s: float) -> _Incoming:
+                              graph: list[str] | None, lease_s: float,
+                              paused: bool = False) -> _Incoming:
         """The incoming QEMU, started with ``-incoming defer``. Opening an iSCSI disk waits for
         its portal to answer first, and a failure QEMU reports as transient (the portal not
         reachable yet, a session still being torn down) is retried a few times; a permanent
@@ -321,7 +410,7 @@ class MigrationHandlers:
             # with late preparation the disk is a placeholder: nothing to wait for at start
             vm = await self.agent.start_qemu(spec, incoming="defer", blockdevs=graph,
                                              on_exit=self._incoming_died,
-                                             wait_for_portal=storage == "early")
+                                             wait_for_portal=storage == "early", paused=paused)
         except BaseException:
             shutil.rmtree(self.agent.run_dir(spec.name), ignore_errors=True)  # logs kept
             raise
@@ -423,6 +512,15 @@ class MigrationHandlers:
         after = req.after_counter
         inc.completed = True
         inc.lease_until = float("inf")
+        if inc.nbd is not None:
+            # the mirror completed in the switchover window: no writer is left; the export
+            # goes before the guest runs (it would hold the disk's write permission), then
+            # the guest, started with -S for this, is let go
+            t = _now()
+            await self._unexport_disk(vm)
+            inc.nbd = None
+            await vm.execute("cont")
+            inc.timings["unexport_cont_s"] = _now() - t
         try:
             await vm.wait_heartbeat(req.timeout, after=after)
         except VmError:
@@ -551,7 +649,14 @@ class MigrationHandlers:
             raise LabStateError(f"VM {name} is already migrating", vm=name)
         if not uri.startswith("tcp:"):
             raise LabError(f"mig_start: bad URI {uri!r}")
-        listener = EventListener(("MIGRATION", "MIGRATION_PASS", "STOP"))
+        if req.mirror_to is not None:
+            target = parse_nbd(req.mirror_to)
+            if not req.capabilities.get("pause-before-switchover"):
+                raise LabError("mig_start: a mirror needs pause-before-switchover (it "
+                               "completes in that window)", vm=name)
+            if vm.spec.disk is None or isinstance(vm.spec.disk, NfsChainDisk):
+                raise LabError(f"mig_start: VM {name} has no LUN or file disk to mirror", vm=name)
+        listener = EventListener(("MIGRATION", "MIGRATION_PASS", "STOP", *_JOB_EVENTS))
         vm.qmp.register_listener(listener)  # before anything that can cause these events
         job = _Job(vm=vm, listener=listener, t0=_now())
         self.jobs[name] = job
@@ -563,12 +668,112 @@ class MigrationHandlers:
                 await self._exec(job, "migrate-set-parameters", dict(req.parameters))
             job.log_offset = await enable_checkpoints(vm)
             job.t0 = _now()
-            await self._exec(job, "migrate", {"uri": uri})
+            if req.mirror_to is None:
+                await self._exec(job, "migrate", {"uri": uri})
+            else:
+                host, port, export = target
+                n = next(_mirrors)
+                job.mirror = m = _Mirror(target=req.mirror_to, job_id=f"{MIRROR_JOB}-{n}",
+                                         node=f"{MIRROR_NODE}-{n}")
+                job.status = "mirror"
+                await self._exec(job, "blockdev-add", {
+                    "driver": "nbd", "node-name": m.node, "export": export,
+                    "server": {"type": "inet", "host": host, "port": str(port)}})
+                await self._exec(job, "blockdev-mirror", {
+                    "job-id": m.job_id, "device": "disk0", "target": m.node,
+                    "sync": "full"})
+                job.mirror_task = asyncio.ensure_future(self._migrate_when_ready(name, job, uri))
         except BaseException:
             await self._end_job(job)
             job.final = {"status": "failed"}
             raise
         return mp.Started(t0=job.t0)
+
+    async def _migrate_when_ready(self, name: str, job: _Job, uri: str) -> None:
+        """Send ``migrate`` once the mirror is in sync; a mirror that fails first ends the
+        job as failed (the guest runs on, the source's disk untouched)."""
+        m = job.mirror
+        assert m is not None
+        ready = asyncio.ensure_future(m.ready.wait())
+        done = asyncio.ensure_future(m.done.wait())
+        try:
+            await asyncio.wait({ready, done}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            done.cancel()
+        why = m.ended if m.done.is_set() else None
+        if why is None:
+            try:
+                await self._exec(job, "migrate", {"uri": uri})
+                if job.status == "mirror":  # QEMU's MIGRATION events take it from here
+                    job.status = "setup"
+                return
+            except MigrationError as exc:
+                why = exc.message
+        job.status = "failed"
+        job.final = {"status": "failed", "error-desc": f"the disk mirror failed: {why}"}
+        job.statuses.append(mp.StatusChange(t_rel=round(_now() - job.t0, 4), status="failed"))
+        self.agent.publish(EVENT_PROGRESS, mp.MigrationProgress(vm=name, t=_now(),
+                                                                status="failed"))
+
+    async def _mirror_state(self, job: _Job) -> Json:
+        """The mirror's progress (``query-block-jobs``) as ``{"transferred", "total",
+        "ready"}``; None once it is gone."""
+        m = job.mirror
+        if m is None:
+            return None
+        with contextlib.suppress(VmError):
+            for j in await job.vm.execute("query-block-jobs", timeout=5.0) or []:
+                if isinstance(j, dict) and j.get("device") == m.job_id:
+                    m.bytes, m.total = int(j.get("offset", 0)), int(j.get("len", 0))
+        return {"transferred": m.bytes, "total": m.total, "ready": m.ready.is_set()}
+
+    async def mig_mirror_complete(self, req: VmName) -> mp.MirrorCompleted:
+        """Complete the mirror in the pre-switchover window: the guest is stopped, so once
+        ``block-job-cancel`` of the ready job ends, the destination's disk is the source's."""
+        job = self._job(req.name)
+        m = job.mirror
+        if m is None:
+            raise LabStateError(f"the migration of {req.name} has no disk mirror", vm=req.name)
+        t = _now()
+        if not m.done.is_set():
+            await self._exec(job, "block-job-cancel", {"device": m.job_id})
+            try:
+                await asyncio.wait_for(m.done.wait(), 120)
+            except TimeoutError:
+                raise MigrationError(f"{req.name}: the disk mirror did not complete within "
+                                     "120 s of the switchover", vm=req.name) from None
+        if m.ended:
+            raise MigrationError(f"{req.name}: the disk mirror did not complete: {m.ended}",
+                                 vm=req.name)
+        with contextlib.suppress(MigrationError):
+            await self._exec(job, "blockdev-del", {"node-name": m.node})
+        return mp.MirrorCompleted(t=_now(), bytes=m.bytes, took_s=round(_now() - t, 4))
+
+    async def _drop_mirror(self, job: _Job) -> None:
+        """A mirror of a migration given up: cancelled (force), its target node removed; the
+        source's own disk is untouched."""
+        m = job.mirror
+        if m is None:
+            return
+        if job.mirror_task is not None:
+            job.mirror_task.cancel()
+        if not m.done.is_set():
+            with contextlib.suppress(VmError, MigrationError):
+                await self._exec(job, "block-job-cancel", {"device": m.job_id, "force": True})
+            for _ in range(100):  # the job is gone once QEMU has stopped its requests
+                with contextlib.suppress(VmError):
+                    jobs = await job.vm.execute("query-block-jobs", timeout=5.0) or []
+                    if not any(isinstance(j, dict) and j.get("device") == m.job_id
+                               for j in jobs):
+                        break
+                await asyncio.sleep(0.1)
+        for _ in range(20):  # the job lets go of its target a moment after it is gone
+            try:
+                await self._exec(job, "blockdev-del", {"node-name": m.node})
+                break
+            except (VmError, MigrationError):
+                await asyncio.sleep(0.1)
 
     async def _exec(self, job: _Job, cmd: str, args: dict[str, Json] | None = None) -> Json:
         entry: dict[str, Json] = {"t": _now(), "cmd": cmd, "args": args}
@@ -589,7 +794,9 @@ class MigrationHandlers:
                 t = _now()
                 kind = ev.get("event")
                 data = ev.get("data")
-                if kind == "STOP" and job.stop_t is None:
+                if kind in _JOB_EVENTS:
+                    self._on_job_event(job, str(kind), data)
+                elif kind == "STOP" and job.stop_t is None:
                     job.stop_t = t
                 elif kind == "MIGRATION_PASS":
                     try:
@@ -620,7 +827,25 @@ class MigrationHandlers:
             with contextlib.suppress(Exception):
                 job.vm.qmp.remove_listener(job.listener)
 
+    def _on_job_event(self, job: _Job, kind: str, data: Json) -> None:
+        m = job.mirror
+        if m is None or qmp_str(data, "device") != m.job_id:
+            return
+        m.bytes = qmp_int(data, "offset") or m.bytes
+        m.total = qmp_int(data, "len") or m.total
+        if kind == "BLOCK_JOB_READY":
+            m.ready.set()
+        elif kind in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            m.ended = qmp_str(data, "error") or ("" if kind == "BLOCK_JOB_COMPLETED"
+                                                  else "cancelled")
+            m.done.set()
+        elif kind == "BLOCK_JOB_ERROR":
+            log.warning("%s: the disk mirror reports an I/O error (%s)", job.vm.spec.name,
+                        qmp_str(data, "operation"))
+
     async def _end_job(self, job: _Job) -> None:
+        if job.mirror_task is not None and not job.mirror_task.done():
+            job.mirror_task.cancel()
         if job.task is not None and not job.task.done():
             job.task.cancel()
             with contextlib.suppress(BaseException):
@@ -637,9 +862,17 @@ class MigrationHandlers:
         job = self._job(req.name)
         vm = job.vm
         now: Json = None
-        if vm.state is VmState.RUNNING:
+        if vm.state is VmState.RUNNING and job.status == "mirror":
+            # no migrate sent yet: query-migrate still tells of this QEMU's last migration
+            # (a VM that came here by one reads "completed")
+            now = {"status": "mirror", "disk": await self._mirror_state(job)}
+        elif vm.state is VmState.RUNNING:
             with contextlib.suppress(VmError):
                 now = await vm.execute("query-migrate", timeout=5.0)
+            if job.mirror is not None and not job.mirror.done.is_set():
+                # the disk's bytes count as progress too (a mirror moves no RAM)
+                now = {**(now if isinstance(now, dict) else {}),
+                       "disk": await self._mirror_state(job)}
         if job.final is None and qmp_str(now, "status") in FINAL:
             job.final = now  # QEMU's answer is final even if the event is still on its way
         if job.final is not None:
@@ -685,9 +918,15 @@ class MigrationHandlers:
         job = self.jobs.get(name)
         vm = self.agent.vm(name)
         t = _now()
-        if job is not None and job.final is None:
-            with contextlib.suppress(MigrationError):
-                await self._exec(job, "migrate_cancel")
+        if job is not None and job.status != "mirror":
+            live = None  # what QEMU says now, whatever the job recorded
+            with contextlib.suppress(VmError):
+                live = qmp_str(await vm.execute("query-migrate", timeout=5.0), "status")
+            if job.final is None or (live is not None and live not in (*FINAL, "none")):
+                with contextlib.suppress(MigrationError):
+                    await self._exec(job, "migrate_cancel")
+        if job is not None:
+            await self._drop_mirror(job)
         deadline = _now() + timeout
         status = "none"
         while _now() < deadline:
@@ -712,7 +951,7 @@ class MigrationHandlers:
         return mp.Cancelled(status=status, vm_status=qmp_str(run, "status"),
                             resumed_by_us=resumed_by_us, took_s=_now() - t)
 
-    async def mig_source_finish(self, req: VmName) -> VmStopped:
+    async def mig_source_finish(self, req: mp.SourceFinish) -> VmStopped:
         """The migration completed: stop the (paused) source QEMU and forget the VM here."""
         name = req.name
         job = self.jobs.pop(name, None)

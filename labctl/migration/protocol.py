@@ -11,16 +11,22 @@ A migration, in the order the driver calls (S: source host, D: destination host)
     S mig_source_info        is the VM there and running? its spec, disk size, heartbeat
     S mig_dirty_rate         (optional, before anything else) QEMU's calc-dirty-rate
     D mig_prepare            incoming QEMU started (-incoming defer), storage made ready
-                             (early), listening: answers the URI; D now holds a lease
-    S mig_start              capabilities, parameters, migrate to the URI
+                             (early), listening: answers the URI; D now holds a lease;
+                             with export_disk its disk is also an NBD export (the mirror's)
+    S mig_start              capabilities, parameters, migrate to the URI; with mirror_to,
+                             first a block mirror of the disk into D's export (status
+                             "mirror"), the migration once the mirror is in sync
     loop:
       S mig_status           passes and status changes since the last call
       D mig_renew            keep the lease (else D drops the incoming VM by itself)
       S mig_set              new parameters (policy: raise the downtime limit, throttle)
       S mig_postcopy         switch to post-copy (policy)
+      S mig_mirror_complete  the mirror completed, in the pre-switchover window (the guest
+                             is stopped: the destination's disk is the source's) ...
       D mig_late_storage     late storage preparation, in the pre-switchover window ...
       S mig_continue         ... after which the source is let go on
-    completed:   D mig_dest_finish (guest verified there), S mig_source_finish
+    completed:   D mig_dest_finish (guest verified there), S mig_source_finish (told what
+                 the destination verified)
     otherwise:   S mig_cancel (guest runs on the source again), D mig_dest_abort
 
 The source publishes event ``migration`` (:class:`MigrationProgress`) to its RPC
@@ -99,6 +105,9 @@ class Prepare(Message):
     parameters: Parameters = field(default_factory=dict)
     disk_size: int | None = None
     lease_s: float = 15.0
+    #: also export the opened disk over NBD, writable: the target of the source's block
+    #: mirror when the sites share no storage (early storage only)
+    export_disk: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,8 @@ class Prepared(Message):
     timings: dict[str, float]
     checks: StorageChecks
     run_dir: str
+    #: the disk's NBD export (``nbd:HOST:PORT:exportname=NAME``) with ``export_disk``
+    nbd: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,9 @@ class DestFinish(Message):
     name: str
     after_counter: int | None = None
     timeout: float = 20.0
+    #: the source's last heartbeat (a mobility agent passes it to its peer site, whose
+    #: record then measures the real blackout)
+    source_heartbeat: HeartbeatStamp | None = None
 
 
 @dataclass(frozen=True)
@@ -281,6 +295,30 @@ class Start(Message):
     uri: str
     capabilities: Capabilities
     parameters: Parameters = field(default_factory=dict)
+    #: mirror the disk into this NBD export (``nbd:HOST:PORT:exportname=NAME``) first and
+    #: migrate once the mirror is in sync (status ``mirror`` until then); the capability
+    #: pause-before-switchover must be on: the mirror completes in that window
+    mirror_to: str | None = None
+
+
+@dataclass(frozen=True)
+class MirrorCompleted(Message):
+    """Answer to ``mig_mirror_complete``: the mirror's last bytes are on the destination
+    and the job is gone (the guest is stopped: nothing more is written)."""
+
+    t: float
+    #: bytes the mirror copied in all, and how long completing it took
+    bytes: int
+    took_s: float
+
+
+@dataclass(frozen=True)
+class SourceFinish(Message):
+    """``mig_source_finish``: the migration completed and the destination verified the
+    guest; ``dest`` is what it reported (a mobility agent passes it to its peer site)."""
+
+    name: str
+    dest: DestFinished | None = None
 
 
 @dataclass(frozen=True)
@@ -391,8 +429,8 @@ class Cancelled(Message):
     took_s: float
 
 
-# mig_continue, mig_postcopy, mig_source_finish take a VmName: resume after the
-# pre-switchover pause, switch to post-copy, stop the (postmigrate) source QEMU
+# mig_continue, mig_postcopy, mig_mirror_complete take a VmName: resume after the
+# pre-switchover pause, switch to post-copy, complete the block mirror
 
 MIG_PREPARE = Method("mig_prepare", Prepare, Prepared)
 MIG_RENEW = Method("mig_renew", Renew, Renewed)
@@ -407,7 +445,8 @@ MIG_SET = Method("mig_set", SetParameters, Stamp)
 MIG_CONTINUE = Method("mig_continue", VmName, Stamp)
 MIG_POSTCOPY = Method("mig_postcopy", VmName, Stamp)
 MIG_CANCEL = Method("mig_cancel", Cancel, Cancelled)
-MIG_SOURCE_FINISH = Method("mig_source_finish", VmName, VmStopped)
+MIG_SOURCE_FINISH = Method("mig_source_finish", SourceFinish, VmStopped)
+MIG_MIRROR_COMPLETE = Method("mig_mirror_complete", VmName, MirrorCompleted)
 
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 

@@ -61,6 +61,21 @@ class Recorder:
                  json.dumps(stored, default=str), result.stop_to_resume_ms, self.id))
 
 
+def amend_result(inv: Inventory, mid: int, **fields: Json) -> None:
+    """Add ``fields`` to migration ``mid``'s stored record (what the driver could not know:
+    the other half of a migration between sites)."""
+    row = inv.conn.execute("SELECT result FROM migrations WHERE id=?", (mid,)).fetchone()
+    if row is None:
+        return
+    try:
+        stored = json.loads(row["result"] or "{}")
+    except ValueError:
+        stored = {}
+    stored.update(fields)
+    inv.conn.execute("UPDATE migrations SET result=? WHERE id=?",
+                     (json.dumps(stored, default=str), mid))
+
+
 @dataclass(frozen=True)
 class MigrationRow(Message):
     """One line of ``labctl migration list``: the migration's figures without its passes,

@@ -106,6 +106,11 @@ def print_result(r: Record) -> None:
         w = r["late_window"]
         _row("late storage", f"{w['storage_s'] * 1000:.0f} ms of storage work in the stopped "
                              f"window ({w['window_s'] * 1000:.0f} ms)")
+    if r.get("mirror"):
+        m = r["mirror"]
+        _row("disk mirror", f"{m['bytes'] / (1 << 20):.1f} MiB to {m['target']}"
+             + (f", in sync after {m['sync_s']:.1f} s" if m.get("sync_s") is not None else "")
+             + f", completed in the stopped window in {m['complete_s'] * 1000:.0f} ms")
     hb = r.get("heartbeat") or {}
     if hb:
         disk = r.get("disk") or {}

@@ -51,6 +51,33 @@ class LateWindow(Message):
 
 
 @dataclass(frozen=True)
+class MirrorRecord(Message):
+    """The disk's copy by a block mirror (storage not shared: the disk moved too)."""
+
+    #: the destination's NBD export the source mirrored into
+    target: str
+    #: bytes the mirror copied, and from migrate being asked to the mirror in sync
+    bytes: int
+    sync_s: float | None
+    #: completing it in the pre-switchover window (part of the guest's blackout)
+    complete_s: float
+
+
+@dataclass(frozen=True)
+class CrossSiteLink(Message):
+    """A half of a migration between sites: the ID both halves carry, and the other half's
+    ID in the other site's records."""
+
+    id: str
+    from_site: str
+    to_site: str
+    peer_id: int | None
+    #: bytes the mobility agents' relay carried per stream, and on the wire
+    relay_bytes: dict[str, int]
+    relay_wire_bytes: dict[str, int]
+
+
+@dataclass(frozen=True)
 class SideStamps:
     """One host's view of the switchover, on the time.monotonic() axis: the source's STOP
     or the destination's RESUME as its agent received it, QEMU's own stamp of the same
@@ -149,6 +176,9 @@ class MigrationResult(Message):
     finished_at: WallTime | None = None
     prepare: PrepareRecord | None = None
     late_window: LateWindow | None = None
+    mirror: MirrorRecord | None = None
+    #: this migration is one site's half of a migration between sites
+    cross_site: CrossSiteLink | None = None
     setup_ms: int | None = None
     total_ms: int | None = None
     downtime_ms: int | None = None

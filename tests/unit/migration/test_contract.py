@@ -601,4 +601,4 @@ def test_the_host_agent_serves_every_migration_method(tmp_path: Path) -> None:
 
     served = MigrationHandlers(HostAgent(tmp_path, "h"), probe).handlers()
     assert set(served) == {m.name for m in methods(vars(mp).values())}
-    assert len(served) == 14
+    assert len(served) == 15
