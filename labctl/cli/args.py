@@ -161,7 +161,16 @@ def parser() -> argparse.ArgumentParser:
                               "cancels the migration cleanly (the VM keeps running on the "
                               "source).")
     mig.add_argument("vm")
-    mig.add_argument("--to", required=True, metavar="HOST", help="destination host")
+    where = mig.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="HOST", help="destination host (in the VM's site)")
+    where.add_argument("--to-site", metavar="SITE",
+                       help="another site: through the two sites' mobility agents, the disk "
+                            "mirrored into a new datastore there")
+    mig.add_argument("--host", dest="dest_host", metavar="HOST",
+                     help="with --to-site: the destination site's host (default: the first "
+                          "with room)")
+    mig.add_argument("--compress", action="store_true",
+                     help="with --to-site: compress the relay's frames where that pays")
     mig.add_argument("--policy", default="default", metavar="FILE|NAME",
                      help=f"built-in policy ({', '.join(POLICIES)}) or a YAML file")
     prep = mig.add_mutually_exclusive_group()

@@ -257,7 +257,8 @@ def print_status(s: LabStatus) -> None:
         print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}  [agent {agent}{dom}]")
     for h in s.hosts:
         why = f": {h.agent_reason}" if h.agent_reason else ""
-        print(f"  host    {h.name:8} {h.address:15} {h.initiator_iqn}  [agent {h.agent}{why}]")
+        what = h.initiator_iqn if h.kind == "host" else f"mobility agent of {h.site}"
+        print(f"  host    {h.name:8} {h.address:15} {what}  [agent {h.agent}{why}]")
     for d in s.datastores:
         where = f"lun {d.lun}" if d.kind == "block" else "file (NFS)"
         print(f"  datastore {d.name:6} {d.naa}  {d.size_bytes >> 20} MiB  "

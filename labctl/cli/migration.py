@@ -8,9 +8,10 @@ import asyncio
 import json
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from labctl.cli.progress import Progress
-from labctl.core.errors import ProtocolError
+from labctl.core.errors import LabStateError, MigrationError, ProtocolError
 from labctl.core.wire import Json
 from labctl.lab.face import Lab
 from labctl.migration import timeline
@@ -19,6 +20,9 @@ from labctl.migration.protocol import PassRecord
 from labctl.migration.report import fmt_num as _n
 from labctl.migration.report import pass_line, print_result
 from labctl.migration.result import Record
+
+if TYPE_CHECKING:
+    from labctl.lab.crosssite import CrossSite
 
 #: the lab of the running ``labctl migrate`` (for the Ctrl-C message)
 _interrupted: dict[str, Lab] = {}
@@ -57,8 +61,25 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
 
 
 async def dispatch(lab: Lab | None, args: argparse.Namespace) -> int:
+    if args.cmd == "migrate" and args.to_site:
+        assert lab is not None
+        moved = await lab.migrate_to_site(args.vm, args.to_site, host=args.dest_host,
+                                          policy=args.policy, compress=args.compress)
+        if moved.state != "completed":  # an error like any failed command; both halves in it
+            if not args.json:
+                _print_cross_site(moved)
+            raise MigrationError(f"migration of {moved.vm} to site {moved.to_site} failed: "
+                                 f"{moved.error}", cross_site=moved.to_wire())
+        if args.json:
+            print(json.dumps(moved.to_wire(), indent=2, default=str))
+        else:
+            _print_cross_site(moved)
+        return 0
     if args.cmd == "migrate":
         assert lab is not None
+        if args.dest_host or args.compress:
+            raise LabStateError("--host and --compress go with --to-site (a migration to "
+                                "another site)")
         _interrupted["lab"] = lab
         res = await _migrate_with_ctrl_c(lab, args)
         if args.json:
@@ -106,6 +127,26 @@ async def dispatch(lab: Lab | None, args: argparse.Namespace) -> int:
               f"{_n((r.bytes_sent or 0) >> 20, 6)}  "
               f"{(r.error or '')[:60]}")
     return 0
+
+
+def _print_cross_site(m: CrossSite) -> None:
+    """A migration between sites: the real source's record, then both halves and the relay."""
+    if isinstance(m.record, dict) and m.record.get("state") == "completed":
+        print_result(m.record)
+    mib = {k: round(v / (1 << 20), 1) for k, v in m.relay_bytes.items()}
+    print(f"VM {m.vm}: {m.from_site}/{m.source} -> {m.to_site}/{m.dest}  {m.state}"
+          f"{f' ({m.error})' if m.error else ''} in {m.seconds:.1f} s, migration {m.id}")
+    for h in m.halves:
+        print(f"  {h.site:8} half #{h.id}: {h.source} -> {h.dest}  {h.state}"
+              + (f"  ({h.error})" if h.error else ""))
+    rate = f", {m.relay_mbit_s} Mbit/s" if m.relay_mbit_s is not None else ""
+    print(f"  relay    {', '.join(f'{k} {v} MiB' for k, v in mib.items()) or 'nothing'}{rate}")
+    for w in m.wan:
+        print(f"  wan      {w.name}: {w.params.describe()}")
+    if m.state == "completed":
+        print(f"  disk     now on datastore {m.datastore} of {m.to_site}")
+    else:
+        print(f"  the VM runs on in {m.from_site}; {m.to_site} freed the datastore it had made")
 
 
 def _stored_pass_line(p: Json) -> str:

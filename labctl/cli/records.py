@@ -29,6 +29,7 @@ from labctl.datastores.protocol import HostCache
 from labctl.datastores.service import Created, Deleted, Mapping, Resized, Restarted, Shown
 from labctl.datastores.tables import RescanEvent
 from labctl.hosts.protocol import VmStarted
+from labctl.lab.crosssite import CrossSite
 from labctl.lab.face import Down
 from labctl.lab.status import LabStatus, VmState
 from labctl.lab.vms import Snapshotted
@@ -76,6 +77,7 @@ RECORDS: dict[str, type[Message]] = {
     "storage-restart": Restarted,
     "storage-portal": PortalState,
     "migrate": MigrationResult,  # labctl migrate, labctl migration show
+    "migrate-site": CrossSite,  # labctl migrate VM --to-site SITE
     "migration": MigrationRow,  # each element of labctl migration list
     "policy": Policy,  # each element of labctl migration policies
     "wan": WanShown,  # each element of labctl wan show; labctl wan set
@@ -103,7 +105,7 @@ COMMANDS: dict[tuple[str, str | None], tuple[tuple[str, ...], Shape]] = {
     ("vm", "snapshot"): (("vm-snapshot",), "one"),
     # VM CMD: the guest's answer; VM: the last lines; VM --follow: each line as it comes
     ("vm", "console"): (("vm-console", "vm-console-tail", "log-line"), "one"),
-    ("migrate", None): (("migrate",), "one"),
+    ("migrate", None): (("migrate", "migrate-site"), "one"),
     ("migration", "list"): (("migration",), "list"),
     ("migration", "show"): (("migrate",), "one"),
     ("migration", "policies"): (("policy",), "list"),

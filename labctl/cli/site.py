@@ -17,7 +17,7 @@ def _named(args: argparse.Namespace) -> list[tuple[str, str]]:
     if getattr(args, "host", None):
         out.append(("host", args.host))
     if cmd == "migrate":
-        out += [("vm", args.vm), ("host", args.to)]
+        out += [("vm", args.vm)] + ([("host", args.to)] if args.to else [])
     elif cmd == "vm" and getattr(args, "name", None):
         out.append(("vm", args.name))
     elif cmd == "datastore" and getattr(args, "name", None) and action != "create":

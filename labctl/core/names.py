@@ -21,6 +21,8 @@ from pathlib import Path
 QEMU_BINARY = os.environ.get("LABCTL_QEMU", "qemu-system-x86_64")
 HOST_AGENT_PORT = 7600
 STORAGE_AGENT_PORT = 7700
+#: a mobility agent's relay (mutual TLS, agents of other sites)
+MOBILITY_RELAY_PORT = 7800
 ISCSI_PORT = 3260
 IQN_PREFIX = "iqn.2026-11.dev.labctl"
 #: XML namespace of the ownership record in libvirt domain metadata

@@ -401,7 +401,7 @@ class RescanService:
         """(sharing hosts, hosts polled, hosts whose answer is unknown)."""
         if mode == "inventory":
             return [r.host for r in sharing(self.inv, datastore=ds.name)], [], []
-        hosts = [h.name for h in typed_rows(self.inv, _Agent, "hosts")]
+        hosts = [h.name for h in typed_rows(self.inv, _Agent, "hosts", kind="host")]
 
         async def ask(h: str) -> bool | None:
             try:
@@ -657,7 +657,7 @@ class RescanService:
 
     def _write_ready(self) -> None:
         want = {f"storage:{n.name}" for n in typed_rows(self.inv, _Agent, "storage_nodes")} | {
-            f"host:{h.name}" for h in typed_rows(self.inv, _Agent, "hosts")}
+            f"host:{h.name}" for h in typed_rows(self.inv, _Agent, "hosts", kind="host")}
         if want <= self._connected and self.inv.get_meta("rescan_ready") is None:
             self.inv.set_meta("rescan_ready", str(time.time()))
             log.info("subscribed to every agent")
@@ -728,7 +728,7 @@ class RescanService:
         for n in typed_rows(self.inv, _Agent, "storage_nodes"):
             self._tasks.append(asyncio.ensure_future(
                 self._follow("storage", n.name, n.address, n.agent_port)))
-        for h in typed_rows(self.inv, _Agent, "hosts"):
+        for h in typed_rows(self.inv, _Agent, "hosts", kind="host"):
             self._tasks.append(asyncio.ensure_future(
                 self._follow("host", h.name, h.address, h.agent_port)))
         self._tasks.append(asyncio.ensure_future(self._heal_loop()))

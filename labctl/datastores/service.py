@@ -152,7 +152,7 @@ async def hand_mappings(ctx: LabContext, hosts: list[str] | None = None,
             if g.state == "ok":
                 record_seen(inv, d, host, g)
 
-    targets = hosts if hosts is not None else [h["name"] for h in inv.rows("hosts")]
+    targets = hosts if hosts is not None else [h["name"] for h in inv.rows("hosts", kind="host")]
     await asyncio.gather(*(one(h) for h in targets))
     return seen
 
@@ -209,7 +209,7 @@ def check_size(size: int | str) -> int:
 def check_hosts(inv: Inventory, hosts: list[str]) -> str:
     """The site of the hosts named for a new datastore: at least one, each once, each a host
     of the lab, all in one site (else a refusal that lists the lab's hosts)."""
-    rows = {r["name"]: r for r in inv.rows("hosts")}
+    rows = {r["name"]: r for r in inv.rows("hosts", kind="host")}
     known = ", ".join(rows) or "none"
     if not hosts:
         raise LabStateError(f"no host named: --hosts lists the hosts that share the datastore, "

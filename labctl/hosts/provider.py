@@ -48,6 +48,10 @@ class HostPlan:
     address: ipaddress.IPv4Interface  # its address on the site network
     bridge: str  # the site bridge
     state_dir: Path  # the agent's own directory (on the host)
+    #: "host", or "mobility": a site's mobility agent in its gateway namespace
+    kind: str = "host"
+    #: the agent's further arguments (a mobility agent's relay port and TLS directory)
+    agent_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,10 +151,12 @@ class NamespaceHosts:
         if not secret_file.exists():
             write_secret(secret_file, secret)
         addr = str(plan.address.ip)
-        argv = netns_argv(ns, [sys.executable, "-m", "labctl.agents.host",
+        module = "labctl.agents.mobility" if plan.kind == "mobility" else "labctl.agents.host"
+        argv = netns_argv(ns, [sys.executable, "-m", module,
                                "--state-dir", str(plan.state_dir),
                                "--secret-file", str(secret_file), "--host", plan.name,
-                               "--listen", f"{addr}:{names.HOST_AGENT_PORT}"])
+                               "--listen", f"{addr}:{names.HOST_AGENT_PORT}",
+                               *plan.agent_args])
         proc = spawn_owned(self.inv, f"host-agent:{plan.name}", argv,
                            plan.state_dir / "agent.out", state_dir=str(plan.state_dir))
         await self._wait_agent(plan, addr, secret, proc)

@@ -33,6 +33,7 @@ from labctl.hosts.provider import HostPlan, NamespaceHosts, spawn_owned
 from labctl.lab import vms
 from labctl.lab.topology import Topology, Vm
 from labctl.state.context import LabContext
+from labctl.state.pki import LabPki
 from labctl.storage import node as storagenode
 from labctl.storage.image import StorageImage, ensure_storage_image
 from labctl.wan import service as wan
@@ -178,6 +179,11 @@ async def build(ctx: LabContext, topo: Topology) -> None:
     await step(ctx, "storage nodes and hosts ready", gather_all(*node_jobs, *host_jobs))
     if topo.wan:
         await step(ctx, "WAN links up", _start_wan(ctx, topo, simg, accel))
+    if topo.mobility:
+        await step(ctx, "mobility agents ready", gather_all(
+            *(start_mobility(ctx, topo, i, providers[a.site])
+              for i, a in enumerate(topo.mobility))))
+        await wan.route_hosts(ctx)  # their routes to the other sites
 
     # 4. LUNs with ACLs, then every sharing host checks what it sees
     nodes = {n.name: n.site for n in topo.storage_nodes}
@@ -304,6 +310,36 @@ async def _start_host(ctx: LabContext, topo: Topology, i: int, provider: Namespa
                address=got.address, agent_port=got.agent_port)
 
 
+async def start_mobility(ctx: LabContext, topo: Topology, i: int,
+                         provider: NamespaceHosts) -> None:
+    """Site mobility agent ``i`` of the topology: a gateway namespace on its site's bridge
+    (a host of kind ``mobility`` in the site's inventory), its certificate from the lab's
+    CA (the key 0600 in its own directory; the CA's key never leaves the lab's)."""
+    agent = topo.mobility[i]
+    site = ctx.in_site(agent.site)
+    net = topo.site(agent.site)
+    state_dir = ctx.dir.host_dir(agent.name)
+    tls = state_dir / "tls"
+    if not (tls / f"{agent.name}.pem").exists():
+        LabPki(ctx.name, ctx.dir.path / "pki").issue(agent.name, [str(agent.address)], tls)
+    index = len(topo.hosts) + i  # its link's name follows the hosts'
+    site.inv.upsert("hosts", name=agent.name, site=agent.site, address=str(agent.address),
+                    initiator_iqn="", netns=names.netns(ctx.name, agent.name),
+                    veth=names.veth(ctx.dir.tag, index), agent_port=names.HOST_AGENT_PORT,
+                    memory=0, agent_pid=None, state="starting", kind="mobility")
+    t0 = time.monotonic()
+    got = await provider.provision(HostPlan(
+        name=agent.name, index=index,
+        address=ipaddress.IPv4Interface(f"{agent.address}/{net.subnet.prefixlen}"),
+        bridge=names.bridge(ctx.dir.tag, [s.name for s in topo.sites].index(agent.site)),
+        state_dir=state_dir, kind="mobility",
+        agent_args=("--relay-port", str(names.MOBILITY_RELAY_PORT), "--tls-dir", str(tls))),
+        site.secret())
+    site.inv.record_step(f"mobility agent {agent.name} ready", time.monotonic() - t0)
+    site.inv.update("hosts", {"name": agent.name}, state="up", agent_pid=got.agent_pid)
+    ctx.progress(f"mobility agent {agent.name} of {agent.site} is serving at {agent.address}")
+
+
 async def recover(ctx: LabContext, topo: Topology) -> list[str]:
     """``up`` of a lab that is already up (``ctx`` the lab's own context): every host agent
     that does not answer its site's controller is started again by its provider (it takes
@@ -320,6 +356,17 @@ async def recover(ctx: LabContext, topo: Topology) -> list[str]:
                          "starting it again")
         await _start_host(site, topo, i, NamespaceHosts(ctx.name, ctx.dir.path, site.inv))
         restarted.append(host.name)
+    for i, agent in enumerate(topo.mobility):
+        site = ctx.in_site(agent.site)
+        try:
+            async with site.host_client(agent.name, timeout=2.0) as c:
+                await hp.PING.call(c, timeout=3)
+            continue
+        except AgentError as exc:
+            ctx.progress(f"the mobility agent {agent.name} does not answer ({exc.message}): "
+                         "starting it again")
+        await start_mobility(ctx, topo, i, NamespaceHosts(ctx.name, ctx.dir.path, site.inv))
+        restarted.append(agent.name)
     routers = [s for s in await wan.show(ctx) if s.state not in ("up", "down")]
     image = await ensure_storage_image(progress=ctx.progress) if routers else None
     for w in routers:

@@ -29,6 +29,7 @@ from labctl.wan.tables import WAN
 
 if TYPE_CHECKING:
     from labctl.hosts import protocol as hp
+    from labctl.lab.crosssite import CrossSite
     from labctl.lab.status import LabStatus
     from labctl.lab.topology import Topology
     from labctl.lab.vms import Snapshotted
@@ -332,11 +333,25 @@ class Lab:
                                            policy=policy, late_storage=False,
                                            measure_dirty_rate=measure_dirty_rate)
             sharing = mappings.mapping(ctx.inv, store).hosts if store else None
-            dest_disk = (vmrows.disk(ctx, store, to)
-                         if store and ctx.inv.row("hosts", name=to) is not None else None)
+            dest_disk = (vmrows.disk(ctx, store, to)  # inlab refuses a host it cannot reach
+                         if store and ctx.inv.row("hosts", name=to, kind="host") is not None
+                         and to in (sharing or []) else None)
             return await inlab.migrate(ctx, vm, to, sharing=sharing, dest_disk=dest_disk,
                                        policy=policy, late_storage=late_storage,
                                        measure_dirty_rate=measure_dirty_rate)
+
+    async def migrate_to_site(self, vm: str, site: str, host: str | None = None,
+                              policy: str | Policy | None = None,
+                              compress: bool = False) -> CrossSite:
+        """Live-migrate ``vm`` to site ``site`` through the sites' mobility agents (see
+        labctl/lab/crosssite.py)."""
+        from labctl.lab import crosssite
+
+        with self.lab_context() as whole:
+            src = self.pick_site(whole, of=("vm", vm))
+            whole.in_site(site)  # a site the lab has, or a refusal listing them
+            return await crosssite.migrate(whole, vm, src, site, host=host, policy=policy,
+                                           compress=compress)
 
     def migrations(self, mid: int | None = None) -> Any:
         """Recorded migrations of every site (of the ``--site`` one), a list; or migration

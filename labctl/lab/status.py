@@ -38,6 +38,8 @@ class HostState(Message):
     #: state when the agent was not asked (``starting``)
     agent: str
     agent_reason: str | None = None
+    #: ``host``, or ``mobility``: the site's mobility agent (it runs no VM)
+    kind: str = "host"
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,8 @@ async def site_status(ctx: LabContext) -> LabStatus:
         hosts=[HostState(name=h["name"], site=h["site"], address=h["address"],
                          initiator_iqn=h["initiator_iqn"], netns=h["netns"],
                          agent=agent.get(h["name"], (h["state"], None))[0],
-                         agent_reason=agent.get(h["name"], (h["state"], None))[1])
+                         agent_reason=agent.get(h["name"], (h["state"], None))[1],
+                         kind=str(h["kind"]))
                for h in hosts],
         storage_nodes=[NodeState(name=n["name"], site=n["site"], address=n["address"],
                                  target_iqn=n["target_iqn"], domain=n["domain"],

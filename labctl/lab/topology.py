@@ -104,6 +104,17 @@ class WanLink:
 
 
 @dataclass(frozen=True)
+class MobilityAgent:
+    """A site's mobility agent: a gateway namespace on the site's bridge, registered as a
+    host of kind ``mobility``, the site's end of migrations to and from other sites."""
+
+    name: str
+    site: str
+    #: its address on the site's subnet (below the WAN routers' at the top)
+    address: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
 class Topology:
     name: str
     source: str
@@ -114,6 +125,7 @@ class Topology:
     datastores: tuple[Datastore, ...]
     vms: tuple[Vm, ...]
     wan: tuple[WanLink, ...] = ()
+    mobility: tuple[MobilityAgent, ...] = ()
     raw: dict[str, Any] = field(compare=False, repr=False, default_factory=dict)
 
     def site(self, name: str) -> Site:
@@ -594,11 +606,34 @@ def _build(data: dict[str, Any], file: str) -> Topology:
             addrs.append(addr)
         links.append(WanLink(w["name"], (pair[0], pair[1]), params, (addrs[0], addrs[1])))
 
+    agents = []
+    for i, s in enumerate(raw_sites):
+        name = s.get("mobility")
+        site = next((x for x in sites if x.name == s["name"]), None)
+        if name is None or site is None:
+            continue
+        if name in machines:
+            fail(f"sites[{i}].mobility", f"{name!r} is already the name of {machines[name]}")
+            continue
+        machines[name] = f"sites[{i}].mobility"
+        if not any(site.name in w.sites for w in links):
+            fail(f"sites[{i}].mobility", f"site {site.name} has no WAN link: a mobility agent "
+                                         "carries migrations to and from other sites over one")
+            continue
+        addr = site.subnet.broadcast_address - 1 - routers.get(site.name, 0)
+        if addr in used:
+            fail(f"sites[{i}].mobility", f"its address {addr} is taken by {used[addr]}: "
+                                         "leave the top of the subnet free")
+            continue
+        used[addr] = f"sites[{i}].mobility"
+        agents.append(MobilityAgent(name, site.name, addr))
+
     if problems:
         raise TopologyError.listing(file, _in_file_order(data, [(*p, p[0]) for p in problems]))
     return Topology(
         name=lab, source=file,
         digest=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16],
         sites=tuple(sites), storage_nodes=tuple(nodes), hosts=tuple(hosts),
-        datastores=tuple(stores), vms=tuple(vms), wan=tuple(links), raw=data,
+        datastores=tuple(stores), vms=tuple(vms), wan=tuple(links), mobility=tuple(agents),
+        raw=data,
     )

@@ -43,8 +43,12 @@ async def migrate(ctx: LabContext, vm: str, to: str, *, sharing: list[str] | Non
     src_host = row["host"]
     dst = inv.row("hosts", name=to)
     if dst is None:
-        known = ", ".join(h["name"] for h in inv.rows("hosts"))
+        known = ", ".join(h["name"] for h in inv.rows("hosts", kind="host"))
         raise MigrationError(f"unknown host {to!r} (hosts: {known})", host=to)
+    if dst["kind"] == "mobility":
+        raise MigrationError(f"{to} is the site's mobility agent, the end of migrations to "
+                             f"and from other sites: labctl migrate {vm} --to-site SITE",
+                             host=to)
     if to == src_host:
         raise MigrationError(f"VM {vm} already runs on {to}: nothing to migrate", vm=vm, host=to)
     if sharing is not None and to not in sharing:

@@ -118,7 +118,8 @@ class _Pipes:
         except (ConnectionError, RelayError):
             pass
         finally:
-            with contextlib.suppress(ConnectionError, RelayError, RuntimeError):
+            # the channel may be gone already (its transport closed under this pump)
+            with contextlib.suppress(ConnectionError, RelayError, RuntimeError, AttributeError):
                 await self.channel.send(sid, CLOSE)
             self.pumped.add(sid)
             self._done(sid)

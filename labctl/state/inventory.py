@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS sites (name TEXT PRIMARY KEY, subnet TEXT NOT NULL, b
 CREATE TABLE IF NOT EXISTS hosts (
     name TEXT PRIMARY KEY, site TEXT NOT NULL, address TEXT NOT NULL, initiator_iqn TEXT NOT NULL,
     netns TEXT NOT NULL, veth TEXT NOT NULL, agent_port INTEGER NOT NULL, memory INTEGER NOT NULL,
-    agent_pid INTEGER, state TEXT NOT NULL DEFAULT 'defined');
+    agent_pid INTEGER, state TEXT NOT NULL DEFAULT 'defined', kind TEXT NOT NULL DEFAULT 'host');
 CREATE TABLE IF NOT EXISTS storage_nodes (
     name TEXT PRIMARY KEY, site TEXT NOT NULL, address TEXT NOT NULL, target_iqn TEXT NOT NULL,
     domain TEXT NOT NULL, tap TEXT NOT NULL, agent_port INTEGER NOT NULL, capacity INTEGER NOT NULL,
@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS steps (name TEXT NOT NULL, seconds REAL NOT NULL, at 
                       ("vms", "base", "TEXT"), ("vms", "disk_file", "TEXT"),
                       ("storage_nodes", "memory", "INTEGER NOT NULL DEFAULT 268435456"),
                       ("storage_nodes", "domain_type", "TEXT NOT NULL DEFAULT 'qemu'"),
-                      ("storage_nodes", "mac", "TEXT")))
+                      ("storage_nodes", "mac", "TEXT"),
+                      ("hosts", "kind", "TEXT NOT NULL DEFAULT 'host'")))
 
 
 class Inventory:

@@ -259,7 +259,7 @@ async def set_up(ctx: LabContext, name: str, up: bool, budget: float = 10.0) -> 
 def endpoints(ctx: LabContext, row: LinkRow) -> tuple[dict[str, Any], str]:
     """A host of the link's first site (its row) and a target across the link: a host of
     the second site, else the router's far leg."""
-    hosts = [h for site in ctx.all_sites() for h in site.inv.rows("hosts")]
+    hosts = [h for site in ctx.all_sites() for h in site.inv.rows("hosts", kind="host")]
     near = next((h for h in hosts if h["site"] == row.site_a), None)
     if near is None:
         raise LabStateError(f"site {row.site_a} has no host to measure WAN link {row.name} "

@@ -504,9 +504,10 @@ def test_a_vm_on_a_file_datastore_migrates_between_the_hosts_sharing_it(
         # its own QMP, asked from outside labctl, says it runs there
         assert f"/hosts/{to}/" in v["qmp_check_socket"]
         assert outside_qmp(v["qmp_check_socket"], "query-status")["status"] == "running"
-    # a host that does not share fs3 is refused before anything starts
+    # a host of the other site (it cannot reach fs3) is refused before anything starts
     res = cli("migrate", "vm2", "--to", "host2", check=False)
-    assert res.returncode == 1 and "cannot reach datastore fs3" in res.stderr, res.stderr
+    assert res.returncode == 1 and "host host2 is in site site2 and VM vm2 in site site1" \
+        in res.stderr, res.stderr
     res = cli("migrate", "vm2", "--to", "host3", "--late-storage", check=False)
     assert res.returncode in (1, 2) and "late" in res.stderr, res.stderr
 

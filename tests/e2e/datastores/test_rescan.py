@@ -53,7 +53,7 @@ def events() -> list[dict[str, Any]]:
 
 def host_call(lab: dict[str, Any], host: str, method: str, **params: Any) -> Any:
     h = next(x for x in lab["status"]["hosts"] if x["name"] == host)
-    secret = site_secret(lab["name"], host)
+    secret = site_secret(lab["dir"].name, host)
 
     async def go() -> Any:
         c = await RpcClient.connect(h["address"], 7600, secret, timeout=5)
