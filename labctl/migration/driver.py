@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from labctl.core.errors import AgentError, LabError, MigrationError, ProtocolError
+from labctl.core.errors import AgentError, LabError, MigrationError, ProtocolError, RemoteError
 from labctl.core.rpc import RpcClient
 from labctl.core.wire import Json, WallTime
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS, heartbeat_ms_of, parse_disk_counter
@@ -232,12 +232,12 @@ class Migration:
                 await mp.MIG_RENEW.call(self.dst.client, mp.Renew(self.vm, self.policy.lease_s),
                                         timeout=1.5)
                 self._lease_failures = 0
-            except AgentError:
-                self._lease_failures += 1
-            except LabError as exc:  # it answered, and said no: it has given up
+            except RemoteError as exc:  # it answered, and said no: it has given up
                 self._dest_gave_up = exc.message
                 self._wake.set()
                 return
+            except AgentError:  # no answer (yet): the stall limit judges
+                self._lease_failures += 1
 
     def _add_pass(self, rec: PassRecord) -> None:
         if self.passes:  # pages dirtied during the previous pass, over its duration

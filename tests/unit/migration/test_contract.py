@@ -55,6 +55,9 @@ class Behaviour:
     dest_disk_read: int = SRC_DISK
     #: method name -> what to do to the encoded reply (an agent that sends a bad answer)
     mangle: dict[str, Callable[[dict[str, Json]], dict[str, Json]]] = field(default_factory=dict)
+    #: the destination refuses renewals after this many (it gave up: a mobility agent whose
+    #: peer site went silent)
+    dest_gives_up_after: int | None = None
 
 
 @dataclass
@@ -180,6 +183,9 @@ class FakeHost:
                        "the lease renewed for another time than prepared")
         if self.incoming not in ("prepared", "storage-ready"):  # a real agent has no lease now
             raise LabStateError(f"host {self.name} has no incoming migration of {req.name!r}")
+        limit = self.w.b.dest_gives_up_after
+        if limit is not None and self.w.count("mig_renew") > limit:
+            raise MigrationError("no word from the peer site for 10 s")
         return mp.Renewed(lease_until=time.monotonic() + req.lease_s)
 
     async def mig_late_storage(self, req: hp.VmName) -> mp.DestStorage:
@@ -483,6 +489,24 @@ async def test_non_converging_migration_is_cancelled_by_the_policy(tmp_path: Pat
     assert [d["action"] for d in decisions] == ["cancel"]
     assert decisions[0]["at_pass"] <= 5
     assert "not falling" in decisions[0]["reason"]
+
+
+@pytest.mark.asyncio
+async def test_a_destination_that_gives_up_stops_the_migration(tmp_path: Path) -> None:
+    """A destination that answers a renewal with a refusal (not silence) has given up: the
+    driver cancels at once instead of waiting for the stall limit."""
+    async with rig(Behaviour([256 - i * 0.5 for i in range(400)], then="flat",
+                             dest_gives_up_after=1),
+                   tmp_path) as r:
+        with pytest.raises(MigrationError, match=r"the destination b gave up: .*mig_renew: no "
+                                                 r"word from the peer site") as info:
+            await r.migration(_policy("default")).run()
+        calls = r.world.methods()
+        # stopped for what it said, not by the stall limit or the convergence policy
+        assert "cancel" not in [d["action"] for d in r.inv.rows("migration_decisions")]
+        assert calls.index("mig_cancel") < calls.index("mig_dest_abort")
+        assert "mig_dest_finish" not in calls
+    assert info.value.evidence["recovery"]["source"]["alive"]
 
 
 @pytest.mark.asyncio
