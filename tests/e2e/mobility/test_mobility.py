@@ -7,6 +7,8 @@ sites' own records."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,6 +79,15 @@ def test_refusals_before_anything_moves(lab: dict[str, Any]) -> None:
     res = cli("migrate", "vm1", "--to", "mobility-a", check=False)
     assert res.returncode == 1 and "--to-site SITE" in res.stderr, res.stderr
     assert cli.json("--site", "site-b", "datastore", "list") == []  # nothing was made
+    # no room on site B's node for the disk: refused with the node's free space
+    cli("datastore", "create", "filler", "--size", "480M", "--hosts", "b1")
+    try:
+        res = cli("migrate", "vm1", "--to-site", "site-b", check=False)
+        assert res.returncode == 1 and "no storage node has room for 48M" in res.stderr, \
+            res.stderr
+    finally:
+        cli("datastore", "delete", "filler")
+    assert cli.json("--site", "site-b", "datastore", "list") == []
     assert _vm(cli)["host"] == "a1"
 
 
@@ -148,6 +159,54 @@ def test_the_vm_moves_to_the_other_site_with_its_disk(lab: dict[str, Any]) -> No
         assert shown["cross_site"]["id"] == moved["id"], shown.get("cross_site")
 
 
+def _migrate_in_background(lab: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "-v",
+                             "migrate", "vm1", "--to-site", "site-b", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _failed(out: str) -> dict[str, Any]:
+    """The cross-site record of a failed ``migrate --to-site --json`` (an error record)."""
+    assert check_output(["-v", "migrate", "vm1", "--to-site", "site-b", "--json"], 1,
+                        out) == "error"
+    error = json.loads(out)["error"]
+    assert error["message"].startswith("migration of vm1 to site site-b failed: "), error
+    moved: dict[str, Any] = error["evidence"]["cross_site"]  # both halves, as on success
+    assert moved["state"] == "failed" and moved["error"], moved
+    assert {h["state"] for h in moved["halves"]} <= {"failed", "cancelled"}, moved["halves"]
+    return moved
+
+
+def test_site_b_s_agent_killed_mid_copy(lab: dict[str, Any]) -> None:
+    """Site B's mobility agent dies while the disk is copied: both halves fail, the guest
+    runs on at the source, site B frees its datastore; ``labctl up`` starts the agent again."""
+    cli = lab["cli"]
+    if _vm(cli)["host"] != "a1":
+        assert cli.json("migrate", "vm1", "--to-site", "site-a")["state"] == "completed"
+    before = _beats_on(cli, "a1")
+    stores_b = cli.json("--site", "site-b", "datastore", "list")
+    cli("wan", "set", "wan1", "--rate", "16mbit")
+    try:
+        proc = _migrate_in_background(lab)
+        time.sleep(6)
+        pid = int((lab["dir"] / "hosts" / "mobility-b" / "agent.pid").read_text())
+        os.kill(pid, signal.SIGKILL)  # the lab's own agent, started by this test's lab
+        out, err = proc.communicate(timeout=240)
+    finally:
+        cli("wan", "set", "wan1", "--rate", "1gbit")
+    assert proc.returncode == 1, err
+    _failed(out)
+    after = _beats_on(cli, "a1")
+    assert after["heartbeat"]["counter"] > before["heartbeat"]["counter"]
+    assert after["disk_counter"] >= before["disk_counter"]
+    assert cli.json("--site", "site-b", "datastore", "list") == stores_b
+    agents = {h["name"]: h["agent"] for h in cli.json("status")["hosts"]}
+    assert agents["mobility-b"] == "unreachable", agents
+    cli("up")  # the lab is up: its agents that do not answer are started again
+    agents = {h["name"]: h["agent"] for h in cli.json("status")["hosts"]}
+    assert agents["mobility-b"] == "up", agents
+
+
 def test_a_wan_cut_mid_copy_leaves_the_vm_at_home(lab: dict[str, Any]) -> None:
     """The link is cut while the disk is copied: site B gives up on the silent site A and
     frees its datastore; the guest runs on at the source with its disk."""
@@ -158,22 +217,15 @@ def test_a_wan_cut_mid_copy_leaves_the_vm_at_home(lab: dict[str, Any]) -> None:
     stores_b = cli.json("--site", "site-b", "datastore", "list")
     cli("wan", "set", "wan1", "--rate", "16mbit")  # the 48 MiB copy takes ~25 s
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"], "-v",
-                                 "migrate", "vm1", "--to-site", "site-b", "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = _migrate_in_background(lab)
         time.sleep(8)  # well into the disk copy
         cli("wan", "set", "wan1", "--down")
         out, err = proc.communicate(timeout=240)
     finally:
         cli("wan", "set", "wan1", "--up", "--rate", "1gbit")
     assert proc.returncode == 1, err
-    assert check_output(["-v", "migrate", "vm1", "--to-site", "site-b", "--json"], 1,
-                        out) == "error"
-    error = json.loads(out)["error"]
-    assert error["message"].startswith("migration of vm1 to site site-b failed: "), error
-    moved = error["evidence"]["cross_site"]  # both halves, as a success would print them
-    assert moved["state"] == "failed" and moved["error"], moved
-    assert {h["state"] for h in moved["halves"]} <= {"failed", "cancelled"}, moved["halves"]
+    moved = _failed(out)
+    assert "no word from" in str(moved["halves"]), moved["halves"]  # B noticed the silence
     after = _beats_on(cli, "a1")
     assert after["heartbeat"]["counter"] > before["heartbeat"]["counter"]
     assert after["disk_counter"] >= before["disk_counter"]
