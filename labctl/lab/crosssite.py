@@ -83,6 +83,16 @@ class CrossSite(Message):
     error: str | None = None
 
 
+def window(link: WanShown) -> int:
+    """The relay's window for ``link``: twice its bandwidth-delay product (what one TCP
+    flow across it keeps in flight), at least 2 MiB; an uncapped link counts as 2 Gbit/s
+    (what the router forwards here)."""
+    p = link.params
+    rtt_s = (2 * p.delay_ms + 2 * p.jitter_ms) / 1000
+    rate = (p.rate_mbit if p.rate_mbit is not None else 2000.0) * 1e6 / 8
+    return max(2 << 20, int(2 * rate * rtt_s))
+
+
 def _mobility(site: LabContext) -> dict[str, Any]:
     rows = site.inv.rows("hosts", kind="mobility")
     if not rows:
@@ -175,7 +185,7 @@ async def _run(whole: LabContext, a: LabContext, b: LabContext, row: dict[str, A
                                                      peer=str(mob_a["name"])))
         await mob.MOB_OUTGOING.call(ac, mob.Outgoing(
             vm=vm, migration=xid, peer=str(mob_b["name"]), peer_address=str(mob_b["address"]),
-            peer_port=MOBILITY_RELAY_PORT, compress=compress))
+            peer_port=MOBILITY_RELAY_PORT, compress=compress, window=window(link)))
         rec_a, rec_b = Recorder(a.inv), Recorder(b.inv)
         src_row = a.inv.row("hosts", name=src)
         assert src_row is not None

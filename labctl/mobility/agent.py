@@ -79,6 +79,7 @@ class _Migration:
     peer_address: str = ""
     peer_port: int = 0
     compress: bool = False
+    window: int | None = None
     end: EndA | None = None
     ctl_writer: asyncio.StreamWriter | None = None
     lease_until: float = 0.0
@@ -198,7 +199,7 @@ class MobilityAgent:
                                 vm=req.vm)
         m = _Migration(vm=req.vm, migration=req.migration, role="outgoing", peer=req.peer,
                        peer_address=req.peer_address, peer_port=req.peer_port,
-                       compress=req.compress)
+                       compress=req.compress, window=req.window)
         self.migrations[req.vm] = m
         return m.stats()
 
@@ -219,7 +220,8 @@ class MobilityAgent:
             raise MigrationError("a migration to another site prepares its storage early "
                                  "(the disk is mirrored)", vm=m.vm)
         m.t_start = t
-        end = EndA(m.counters, compress=m.compress)
+        end = EndA(m.counters, compress=m.compress, **({"window": m.window} if m.window
+                                                        else {}))
         ctx = client_context(self.tls.cert, self.tls.key, self.tls.ca)
         try:
             await asyncio.wait_for(end.connect(m.peer_address, m.peer_port, ctx,

@@ -33,6 +33,9 @@ class Outgoing(Message):
     peer_address: str
     peer_port: int
     compress: bool = False
+    #: bytes a relay stream may have in flight (about the WAN's bandwidth-delay product;
+    #: None: the relay's default)
+    window: int | None = None
 
 
 @dataclass(frozen=True)

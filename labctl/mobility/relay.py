@@ -7,8 +7,16 @@ to that stream's real target (the incoming QEMU, the NBD export) and pipes both 
 Bytes are counted per stream and direction, and a frame may be compressed (zlib) when
 that makes it smaller.
 
-Frames: stream id (u16), kind (u8: open, data, zdata, close), length (u32), payload. The
-open frame's payload is the stream's name; site B refuses a name it has no target for.
+Frames: stream id (u16), kind (u8: open, data, zdata, close, ack), length (u32), payload.
+The open frame's payload is the stream's name; site B refuses a name it has no target for.
+
+**Backpressure.** A stream may have at most ``window`` bytes read from its local peer and
+not yet handed to the far peer's socket; the far end acknowledges (``ack``, a u32 count)
+what it wrote. The local sockets' receive buffers are kept small. So the relay buffers
+about what a direct TCP connection across the WAN would have in flight, and a QEMU that
+writes into it sees the WAN's pace, not the speed of its own site's bridge (it measures
+its bandwidth on that socket to decide when to switch over).
+
 Standard library only: it runs in the agents.
 """
 
@@ -16,14 +24,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import struct
 import zlib
 from dataclasses import dataclass, field
 
 _HEAD = struct.Struct(">HBI")
-OPEN, DATA, ZDATA, CLOSE = 1, 2, 3, 4
+OPEN, DATA, ZDATA, CLOSE, ACK = 1, 2, 3, 4, 5
 CHUNK = 256 << 10
+_ACK = struct.Struct(">I")
+#: bytes a stream may have in flight by default (read here, not yet written there)
+WINDOW = 8 << 20
+#: the receive buffer of a local peer's socket (the kernel would grow it to megabytes)
+LOCAL_RCVBUF = 256 << 10
 #: a frame is compressed only when that saves at least this fraction
 _WORTH = 0.9
 
@@ -49,13 +63,31 @@ class _Channel:
     """One end of the TLS connection: frames out (one writer at a time), frames in."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 compress: bool, counters: Counters) -> None:
+                 compress: bool, counters: Counters, window: int = WINDOW) -> None:
         self.reader = reader
         self.writer = writer
         self.compress = compress
         self.counters = counters
         self.lock = asyncio.Lock()
         self.names: dict[int, str] = {}
+        self.window = max(window, 2 * CHUNK)
+        #: per stream: bytes sent and not yet acknowledged, and a wake-up for the pump
+        self.inflight: dict[int, int] = {}
+        self.credit: dict[int, asyncio.Event] = {}
+
+    async def reserve(self, sid: int, n: int) -> None:
+        """Wait until stream ``sid`` may have ``n`` more bytes in flight."""
+        event = self.credit.setdefault(sid, asyncio.Event())
+        while self.inflight.get(sid, 0) + n > self.window:
+            event.clear()
+            await event.wait()
+        self.inflight[sid] = self.inflight.get(sid, 0) + n
+
+    def acked(self, sid: int, n: int) -> None:
+        self.inflight[sid] = max(0, self.inflight.get(sid, 0) - n)
+        event = self.credit.get(sid)
+        if event is not None:
+            event.set()
 
     async def send(self, sid: int, kind: int, payload: bytes = b"") -> None:
         if kind == DATA and self.compress and len(payload) > 512:
@@ -114,6 +146,7 @@ class _Pipes:
                 if not data:
                     break
                 self.channel.counters.add(self.direction, name, len(data))
+                await self.channel.reserve(sid, len(data))
                 await self.channel.send(sid, DATA, data)
         except (ConnectionError, RelayError):
             pass
@@ -125,6 +158,10 @@ class _Pipes:
             self._done(sid)
 
     async def deliver(self, sid: int, kind: int, payload: bytes) -> None:
+        if kind == ACK:
+            if len(payload) == _ACK.size:
+                self.channel.acked(sid, _ACK.unpack(payload)[0])
+            return
         writer = self.writers.get(sid)
         if writer is None:
             return
@@ -132,6 +169,8 @@ class _Pipes:
             writer.write(payload)
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
+            with contextlib.suppress(ConnectionError, RelayError, RuntimeError, AttributeError):
+                await self.channel.send(sid, ACK, _ACK.pack(len(payload)))
         elif kind == CLOSE and sid not in self.ended:
             self.ended.add(sid)  # the other side is done sending: pass its end on
             with contextlib.suppress(OSError, RuntimeError):
@@ -153,14 +192,24 @@ class _Pipes:
         self.writers.clear()
         for task in self.tasks:
             task.cancel()
+        for event in self.channel.credit.values():
+            event.set()  # a pump waiting for credit wakes to find its channel gone
+
+
+def small_receive_buffer(writer: asyncio.StreamWriter) -> None:
+    """Keep a local peer's socket from buffering megabytes the relay has not read yet."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LOCAL_RCVBUF)
 
 
 async def serve_b(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                   targets: dict[str, tuple[str, int]], counters: Counters,
-                  compress: bool = False) -> None:
+                  compress: bool = False, window: int = WINDOW) -> None:
     """Site B's end of one relay connection: each stream A opens is connected to its
     target; returns when the channel ends (RelayError when it breaks)."""
-    channel = _Channel(reader, writer, compress, counters)
+    channel = _Channel(reader, writer, compress, counters, window)
     pipes = _Pipes(channel, counters.back)
     try:
         while True:
@@ -176,6 +225,7 @@ async def serve_b(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 except OSError:
                     await channel.send(sid, CLOSE)
                     continue
+                small_receive_buffer(w)
                 pipes.attach(sid, name, r, w)
             else:
                 if kind == DATA:
@@ -189,9 +239,11 @@ async def serve_b(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 class EndA:
     """Site A's end: one TLS connection to site B, and a local listener per stream name."""
 
-    def __init__(self, counters: Counters, compress: bool = False) -> None:
+    def __init__(self, counters: Counters, compress: bool = False,
+                 window: int = WINDOW) -> None:
         self.counters = counters
         self.compress = compress
+        self.window = window
         self.channel: _Channel | None = None
         self.pipes: _Pipes | None = None
         self.servers: dict[str, asyncio.Server] = {}
@@ -203,7 +255,7 @@ class EndA:
                       server_hostname: str) -> None:
         reader, writer = await asyncio.open_connection(host, port, ssl=ctx,
                                                        server_hostname=server_hostname)
-        self.channel = _Channel(reader, writer, self.compress, self.counters)
+        self.channel = _Channel(reader, writer, self.compress, self.counters, self.window)
         self.pipes = _Pipes(self.channel, self.counters.out)
         self.reading = asyncio.ensure_future(self._read())
 
@@ -228,6 +280,7 @@ class EndA:
             if self.channel is None or self.pipes is None or self.error is not None:
                 w.close()
                 return
+            small_receive_buffer(w)
             sid = self.next_sid
             self.next_sid += 1
             self.channel.names[sid] = name

@@ -169,3 +169,25 @@ def test_an_agent_of_another_lab_gets_no_channel(tmp_path: Path) -> None:
 
     with pytest.raises((ssl.SSLError, ConnectionError)):
         asyncio.run(go())
+
+
+def test_a_stream_waits_for_credit_beyond_its_window() -> None:
+    """Backpressure: a stream's pump may have at most ``window`` bytes unacknowledged; the
+    far end's ack lets it go on (the relay buffers about what one TCP flow across the WAN
+    keeps in flight, so QEMU sees the WAN's pace)."""
+    from labctl.mobility.relay import CHUNK, _Channel
+
+    async def go() -> None:
+        r = asyncio.StreamReader()
+        chan = _Channel(r, None, False, Counters(), window=2 * CHUNK)  # type: ignore[arg-type]
+        await chan.reserve(1, CHUNK)
+        await chan.reserve(1, CHUNK)
+        third = asyncio.ensure_future(chan.reserve(1, CHUNK))
+        await asyncio.sleep(0.05)
+        assert not third.done() and chan.inflight[1] == 2 * CHUNK
+        await chan.reserve(2, CHUNK)  # another stream has its own window
+        chan.acked(1, CHUNK)
+        await asyncio.wait_for(third, 1)
+        assert chan.inflight[1] == 2 * CHUNK
+
+    asyncio.run(go())
