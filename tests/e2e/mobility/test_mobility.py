@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from labctl.cli.records import check_output
+from labctl.testing.checks import outside_qmp
 from tests.conftest import E2E, LabCli, free_subnet, in_ns, module_lab, unique_lab, wait
 
 pytestmark = E2E
@@ -231,3 +232,32 @@ def test_a_wan_cut_mid_copy_leaves_the_vm_at_home(lab: dict[str, Any]) -> None:
     assert after["disk_counter"] >= before["disk_counter"]
     assert cli.json("--site", "site-b", "datastore", "list") == stores_b  # B freed its new one
     assert cli.json("--site", "site-b", "vm", "list") == []
+
+
+def test_a_wan_cut_mid_memory_copy_leaves_the_vm_at_home(lab: dict[str, Any]) -> None:
+    """The link is cut once the disk is in sync and the memory is on its way (seen from
+    outside: the source QEMU's own QMP says the migration is active and has sent RAM): both
+    agents give up on each other, the source QEMU cancels and the guest runs on."""
+    cli = lab["cli"]
+    if _vm(cli)["host"] != "a1":
+        assert cli.json("migrate", "vm1", "--to-site", "site-a")["state"] == "completed"
+    before = _beats_on(cli, "a1")
+    sock = _vm(cli)["qmp_check_socket"]
+    stores_b = cli.json("--site", "site-b", "datastore", "list")
+    cli("wan", "set", "wan1", "--rate", "16mbit")
+    try:
+        proc = _migrate_in_background(lab)
+        wait(lambda: (q := outside_qmp(sock, "query-migrate")).get("status") == "active"
+             and q["ram"]["transferred"] > 4 << 20, 120, "the memory copy under way")
+        cli("wan", "set", "wan1", "--down")
+        out, err = proc.communicate(timeout=240)
+    finally:
+        cli("wan", "set", "wan1", "--up", "--rate", "1gbit")
+    assert proc.returncode == 1, err
+    moved = _failed(out)  # site A's driver saw no progress, or an agent heard nothing
+    assert moved["relay_bytes"]["disk"] >= 48 << 20  # the disk had crossed: it was the memory
+    after = _beats_on(cli, "a1")
+    assert after["heartbeat"]["counter"] > before["heartbeat"]["counter"]
+    assert after["disk_counter"] >= before["disk_counter"]
+    assert outside_qmp(sock, "query-status")["status"] == "running"
+    assert cli.json("--site", "site-b", "datastore", "list") == stores_b
