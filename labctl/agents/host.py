@@ -18,7 +18,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from labctl.core.errors import LabError
 from labctl.core.names import HOST_AGENT_PORT
@@ -56,11 +58,7 @@ async def serve(state_dir: Path, secret_file: Path, host: str, listen: str) -> N
                                                   **migration.handlers()},
                        name=f"host-agent {host}")
     agent.server = server
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    pidfile = state_dir / "agent.pid"
+    stop = stop_on_signals()
     adopted = await agent.adopt_running()
     if adopted:
         log.info("host agent %s: took over running VMs %s", host, ", ".join(adopted))
@@ -72,10 +70,48 @@ async def serve(state_dir: Path, secret_file: Path, host: str, listen: str) -> N
     finally:
         await server.close()
         await agent.stop_all()
-        with contextlib.suppress(OSError):
-            if pidfile.read_text().strip() == str(os.getpid()):
-                pidfile.unlink()
+        drop_pidfile(state_dir)
         log.info("host agent %s: stopped", host)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT set (an agent's way to stop cleanly)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def drop_pidfile(state_dir: Path) -> None:
+    """Remove the agent's pidfile if it is still this process's."""
+    pidfile = state_dir / "agent.pid"
+    with contextlib.suppress(OSError):
+        if pidfile.read_text().strip() == str(os.getpid()):
+            pidfile.unlink()
+
+
+def run_agent(what: str, state: Path, work: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """An agent process's life in its state directory: the directory (0700), the pidfile
+    first of all (teardown finds the process through it even if the controller that
+    started it was killed before it could journal the PID), the log in ``agent.log``, then
+    ``work`` run; a LabError is one line on stderr and exit 1."""
+    try:
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        print(f"{what}: cannot create {state}: {exc}", file=sys.stderr)
+        return 1
+    (state / "agent.pid").write_text(f"{os.getpid()}\n")
+    logging.basicConfig(filename=state / "agent.log", level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+    try:
+        asyncio.run(work())
+    except LabError as exc:
+        log.error("%s", exc)
+        print(f"{what}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,26 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", required=True)
     ap.add_argument("--listen", default=f"0.0.0.0:{HOST_AGENT_PORT}")
     args = ap.parse_args(argv)
-    state = args.state_dir
-    try:
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        print(f"host agent: cannot create {state}: {exc}", file=sys.stderr)
-        return 1
-    # first of all: teardown finds this process through its pidfile even if the controller
-    # that started it was killed before it could journal the PID
-    pidfile = state / "agent.pid"
-    pidfile.write_text(f"{os.getpid()}\n")
-    logging.basicConfig(filename=state / "agent.log", level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
-    try:
-        asyncio.run(serve(state, args.secret_file, args.host, args.listen))
-    except LabError as exc:
-        log.error("%s", exc)
-        print(f"host agent: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_agent("host agent", args.state_dir,
+                     lambda: serve(args.state_dir, args.secret_file, args.host, args.listen))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,12 @@ agents of other sites on the relay port (mutual TLS with the lab's certificates 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
-from labctl.agents.host import parse_listen
+from labctl.agents.host import drop_pidfile, parse_listen, run_agent, stop_on_signals
 from labctl.core.errors import LabError
 from labctl.core.rpc import RpcServer
 from labctl.core.secret import read_secret
@@ -41,10 +38,7 @@ async def serve(state_dir: Path, secret_file: Path, name: str, listen: str, rela
     agent = MobilityAgent(name, addr, relay_port, tls)
     server = RpcServer(secret, agent.handlers(), name=f"mobility agent {name}")
     agent.server = server
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await agent.start_relay()
     await server.start(addr, port)
     log.info("mobility agent %s listening on %s:%d, relay %d (pid %d)", name, addr, port,
@@ -54,10 +48,7 @@ async def serve(state_dir: Path, secret_file: Path, name: str, listen: str, rela
     finally:
         await server.close()
         await agent.close()
-        with contextlib.suppress(OSError):
-            pidfile = state_dir / "agent.pid"
-            if pidfile.read_text().strip() == str(os.getpid()):
-                pidfile.unlink()
+        drop_pidfile(state_dir)
         log.info("mobility agent %s: stopped", name)
 
 
@@ -72,23 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--relay-port", required=True, type=int)
     ap.add_argument("--tls-dir", required=True, type=Path)
     args = ap.parse_args(argv)
-    state = args.state_dir
-    try:
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        print(f"mobility agent: cannot create {state}: {exc}", file=sys.stderr)
-        return 1
-    (state / "agent.pid").write_text(f"{os.getpid()}\n")
-    logging.basicConfig(filename=state / "agent.log", level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        asyncio.run(serve(state, args.secret_file, args.host, args.listen, args.relay_port,
-                          args.tls_dir))
-    except LabError as exc:
-        log.error("%s", exc)
-        print(f"mobility agent: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_agent("mobility agent", args.state_dir,
+                     lambda: serve(args.state_dir, args.secret_file, args.host, args.listen,
+                                   args.relay_port, args.tls_dir))
 
 
 if __name__ == "__main__":

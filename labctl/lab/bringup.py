@@ -340,6 +340,19 @@ async def start_mobility(ctx: LabContext, topo: Topology, i: int,
     ctx.progress(f"mobility agent {agent.name} of {agent.site} is serving at {agent.address}")
 
 
+async def _answers(site: LabContext, name: str, what: str) -> bool:
+    """Whether the agent ``name`` (a host's, a mobility agent) answers its site's
+    controller; says so when it does not."""
+    try:
+        async with site.host_client(name, timeout=2.0) as c:
+            await hp.PING.call(c, timeout=3)
+        return True
+    except AgentError as exc:
+        site.progress(f"the {what} of {name} does not answer ({exc.message}): starting it "
+                      "again")
+        return False
+
+
 async def recover(ctx: LabContext, topo: Topology) -> list[str]:
     """``up`` of a lab that is already up (``ctx`` the lab's own context): every host agent
     that does not answer its site's controller is started again by its provider (it takes
@@ -347,26 +360,14 @@ async def recover(ctx: LabContext, topo: Topology) -> list[str]:
     restarted = []
     for i, host in enumerate(topo.hosts):
         site = ctx.in_site(host.site)
-        try:
-            async with site.host_client(host.name, timeout=2.0) as c:
-                await hp.PING.call(c, timeout=3)
-            continue
-        except AgentError as exc:
-            ctx.progress(f"the host agent of {host.name} does not answer ({exc.message}): "
-                         "starting it again")
-        await _start_host(site, topo, i, NamespaceHosts(ctx.name, ctx.dir.path, site.inv))
-        restarted.append(host.name)
+        if not await _answers(site, host.name, "host agent"):
+            await _start_host(site, topo, i, NamespaceHosts(ctx.name, ctx.dir.path, site.inv))
+            restarted.append(host.name)
     for i, agent in enumerate(topo.mobility):
         site = ctx.in_site(agent.site)
-        try:
-            async with site.host_client(agent.name, timeout=2.0) as c:
-                await hp.PING.call(c, timeout=3)
-            continue
-        except AgentError as exc:
-            ctx.progress(f"the mobility agent {agent.name} does not answer ({exc.message}): "
-                         "starting it again")
-        await start_mobility(ctx, topo, i, NamespaceHosts(ctx.name, ctx.dir.path, site.inv))
-        restarted.append(agent.name)
+        if not await _answers(site, agent.name, "mobility agent"):
+            await start_mobility(ctx, topo, i, NamespaceHosts(ctx.name, ctx.dir.path, site.inv))
+            restarted.append(agent.name)
     routers = [s for s in await wan.show(ctx) if s.state not in ("up", "down")]
     image = await ensure_storage_image(progress=ctx.progress) if routers else None
     for w in routers:

@@ -29,6 +29,7 @@ from labctl.hosts import protocol as hp
 from labctl.lab import vmrows
 from labctl.migration import protocol as mp
 from labctl.migration.driver import Endpoint, Migration
+from labctl.migration.inlab import MEM_RESERVE
 from labctl.migration.policy import Policy, load_policy
 from labctl.migration.records import Recorder, amend_result
 from labctl.migration.result import CrossSiteLink
@@ -37,7 +38,6 @@ from labctl.state.context import LabContext
 from labctl.wan import service as wan
 from labctl.wan.protocol import WanShown
 
-MEM_RESERVE = 64 << 20  # what a QEMU needs beyond guest RAM (as for a migration in a site)
 #: site B's half only follows the relay: site A's driver judges progress and convergence
 FOLLOWER_STALL_S = 120.0
 

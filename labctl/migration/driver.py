@@ -291,7 +291,7 @@ class Migration:
             # a mirror's disk bytes are progress too (no RAM moves while it copies)
             moved = (qmp_int(st.now, "ram", "transferred") or 0) + (
                 qmp_int(st.now, "disk", "transferred") or 0)
-            if self.mirror and self._mirror_sync_s is None and status not in ("mirror",):
+            if self.mirror and self._mirror_sync_s is None and status != "mirror":
                 self._mirror_sync_s = round(now - t_start, 3)
             at_pass = self.passes[-1].pass_ if self.passes else None
             if moved > last_bytes or status in ("setup", "pre-switchover", "device"):

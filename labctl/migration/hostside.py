@@ -284,18 +284,7 @@ class MigrationHandlers:
         self._watchdog: asyncio.Task[None] | None = None
 
     def handlers(self) -> dict[str, Handler]:
-        return handlers(
-            mp.MIG_PREPARE.serve(self.mig_prepare), mp.MIG_RENEW.serve(self.mig_renew),
-            mp.MIG_LATE_STORAGE.serve(self.mig_late_storage),
-            mp.MIG_DEST_FINISH.serve(self.mig_dest_finish),
-            mp.MIG_DEST_ABORT.serve(self.mig_dest_abort),
-            mp.MIG_SOURCE_INFO.serve(self.mig_source_info),
-            mp.MIG_DIRTY_RATE.serve(self.mig_dirty_rate), mp.MIG_START.serve(self.mig_start),
-            mp.MIG_STATUS.serve(self.mig_status), mp.MIG_SET.serve(self.mig_set),
-            mp.MIG_CONTINUE.serve(self.mig_continue), mp.MIG_POSTCOPY.serve(self.mig_postcopy),
-            mp.MIG_CANCEL.serve(self.mig_cancel),
-            mp.MIG_SOURCE_FINISH.serve(self.mig_source_finish),
-            mp.MIG_MIRROR_COMPLETE.serve(self.mig_mirror_complete))
+        return handlers(*mp.served_by(self))
 
     # ================================================================ destination
     async def mig_prepare(self, req: mp.Prepare) -> mp.Prepared:

@@ -36,8 +36,9 @@ subscribers on every pass and status change, so the driver need not poll fast.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from labctl.core.rpc import Handler
 from labctl.core.wire import Json, Message, Method
 from labctl.hosts.protocol import VmName, VmSpec, VmStopped
 
@@ -447,6 +448,18 @@ MIG_POSTCOPY = Method("mig_postcopy", VmName, Stamp)
 MIG_CANCEL = Method("mig_cancel", Cancel, Cancelled)
 MIG_SOURCE_FINISH = Method("mig_source_finish", SourceFinish, VmStopped)
 MIG_MIRROR_COMPLETE = Method("mig_mirror_complete", VmName, MirrorCompleted)
+
+#: the whole protocol: what a host agent, and a mobility agent posing as one, serve
+MIG_METHODS: tuple[Method[Any, Any], ...] = (
+    MIG_PREPARE, MIG_RENEW, MIG_LATE_STORAGE, MIG_DEST_FINISH, MIG_DEST_ABORT, MIG_SOURCE_INFO,
+    MIG_DIRTY_RATE, MIG_START, MIG_STATUS, MIG_SET, MIG_CONTINUE, MIG_POSTCOPY, MIG_CANCEL,
+    MIG_SOURCE_FINISH, MIG_MIRROR_COMPLETE)
+
+
+def served_by(impl: object) -> list[tuple[str, Handler]]:
+    """Handler entries for every method of the protocol, each served by ``impl``'s method
+    of the same name (``mig_prepare``...): one table for every agent that answers it."""
+    return [m.serve(getattr(impl, m.name)) for m in MIG_METHODS]
 
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 

@@ -143,17 +143,7 @@ class MobilityAgent:
             hp.VM_STATUS.serve(self.vm_status),
             p.MOB_OUTGOING.serve(self.outgoing), p.MOB_INCOMING.serve(self.incoming),
             p.MOB_STATS.serve(self.stats), p.MOB_PING.serve(self.mob_ping),
-            mp.MIG_PREPARE.serve(self.mig_prepare), mp.MIG_RENEW.serve(self.mig_renew),
-            mp.MIG_LATE_STORAGE.serve(self.mig_late_storage),
-            mp.MIG_DEST_FINISH.serve(self.mig_dest_finish),
-            mp.MIG_DEST_ABORT.serve(self.mig_dest_abort),
-            mp.MIG_SOURCE_INFO.serve(self.mig_source_info),
-            mp.MIG_DIRTY_RATE.serve(self.mig_dirty_rate), mp.MIG_START.serve(self.mig_start),
-            mp.MIG_STATUS.serve(self.mig_status), mp.MIG_SET.serve(self.mig_set),
-            mp.MIG_CONTINUE.serve(self.mig_continue), mp.MIG_POSTCOPY.serve(self.mig_postcopy),
-            mp.MIG_MIRROR_COMPLETE.serve(self.mig_mirror_complete),
-            mp.MIG_CANCEL.serve(self.mig_cancel),
-            mp.MIG_SOURCE_FINISH.serve(self.mig_source_finish))
+            *mp.served_by(self))  # it answers the whole migration protocol
 
     async def ping(self, _: Empty) -> hp.HostPing:
         return hp.HostPing(host=self.name, pid=os.getpid(), qemu_version=None, accel="none",
@@ -182,8 +172,8 @@ class MobilityAgent:
             what = {"outgoing": "to another site", "incoming": "from another site"}.get(
                 role or "", "")
             raise LabStateError(f"mobility agent {self.name} has no migration of {vm!r} "
-                                f"{what} announced (labctl migrate VM --to-site SITE)".replace(
-                                    "  ", " "), vm=vm)
+                                f"{what + ' ' if what else ''}announced (labctl migrate VM "
+                                "--to-site SITE)", vm=vm)
         return m
 
     def _spawn(self, work: Any) -> None:
