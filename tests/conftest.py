@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from labctl.cli.records import check_output
 from labctl.core.chap import chap_for
 from labctl.core.paths import cache_dir
 from labctl.core.secret import read_secret
+from labctl.guest.protocol import decode_disk_record
 from labctl.testing.checks import (
     E2E_SUBNETS,
     e2e_ready,
@@ -138,6 +140,28 @@ def outside_size(lab: str, host: str, m: dict[str, Any]) -> int:
                 env=chap_env(lab, host, m["target_iqn"]))
     assert res.returncode == 0, res.stderr
     return int(res.stdout.strip())
+
+
+def outside_disk_counter(lab: str, host: str, m: dict[str, Any]) -> int | None:
+    """The guest's disk counter (sector 0) on datastore ``m`` (as ``datastore show`` gives
+    it), read by a client of our own in ``host``'s namespace: ``qemu-img dd`` through
+    libiscsi, logged in with the host's initiator name and CHAP secret (given in a 0600
+    file, not on the command line), sharing the LUN with the VM that writes it."""
+    chap = chap_for(site_secret(lab, host), host_iqn(lab, host), m["target_iqn"])
+    with tempfile.TemporaryDirectory() as tmp:
+        secret = Path(tmp) / "chap"
+        secret.touch(0o600)
+        secret.write_text(chap.password)
+        opts = ",".join(f"{k}={v}" for k, v in (
+            ("driver", "iscsi"), ("transport", "tcp"), ("portal", m["portal"]),
+            ("target", m["target_iqn"]), ("lun", m["lun"]),
+            ("initiator-name", host_iqn(lab, host)), ("user", chap.user),
+            ("password-secret", "chap"), ("cache.direct", "on")))
+        res = in_ns(lab, host, "qemu-img", "dd", "--object", f"secret,id=chap,file={secret}",
+                    "--image-opts", "-U", "-O", "raw", "bs=512", "count=1", f"if={opts}",
+                    f"of={Path(tmp) / 'sector0'}")
+        assert res.returncode == 0, res.stdout + res.stderr
+        return decode_disk_record((Path(tmp) / "sector0").read_bytes())
 
 
 @contextlib.contextmanager

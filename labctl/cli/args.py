@@ -171,6 +171,9 @@ def parser() -> argparse.ArgumentParser:
                           "with room)")
     mig.add_argument("--compress", action="store_true",
                      help="with --to-site: compress the relay's frames where that pays")
+    mig.add_argument("--keep-source", action="store_true",
+                     help="with --to-site: keep the VM's old datastore in its site as a cold "
+                          "copy (by default it is deleted once the VM runs in the new site)")
     mig.add_argument("--policy", default="default", metavar="FILE|NAME",
                      help=f"built-in policy ({', '.join(POLICIES)}) or a YAML file")
     prep = mig.add_mutually_exclusive_group()

@@ -64,7 +64,8 @@ async def dispatch(lab: Lab | None, args: argparse.Namespace) -> int:
     if args.cmd == "migrate" and args.to_site:
         assert lab is not None
         moved = await lab.migrate_to_site(args.vm, args.to_site, host=args.dest_host,
-                                          policy=args.policy, compress=args.compress)
+                                          policy=args.policy, compress=args.compress,
+                                          keep_source=args.keep_source)
         if moved.state != "completed":  # an error like any failed command; both halves in it
             if not args.json:
                 _print_cross_site(moved)
@@ -77,9 +78,9 @@ async def dispatch(lab: Lab | None, args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "migrate":
         assert lab is not None
-        if args.dest_host or args.compress:
-            raise LabStateError("--host and --compress go with --to-site (a migration to "
-                                "another site)")
+        if args.dest_host or args.compress or args.keep_source:
+            raise LabStateError("--host, --compress and --keep-source go with --to-site (a "
+                                "migration to another site)")
         _interrupted["lab"] = lab
         res = await _migrate_with_ctrl_c(lab, args)
         if args.json:
@@ -144,7 +145,8 @@ def _print_cross_site(m: CrossSite) -> None:
     for w in m.wan:
         print(f"  wan      {w.name}: {w.params.describe()}")
     if m.state == "completed":
-        print(f"  disk     now on datastore {m.datastore} of {m.to_site}")
+        print(f"  disk     now on datastore {m.datastore} of {m.to_site}; {m.from_site}'s "
+              f"{m.source_datastore}: {m.source_datastore_state}")
     else:
         print(f"  the VM runs on in {m.from_site}; {m.to_site} freed the datastore it had made")
 

@@ -10,6 +10,9 @@ the size of the VM's), which the mirror fills before and during the memory copy.
 
 Everything that can be refused is refused before anything moves: the VM's own site, no
 mobility agent, no host with the memory, no room for the disk.
+
+Once the VM runs in site B, site A deletes the datastore that held its disk (a vMotion
+leaves nothing of the VM behind); ``keep_source`` keeps it as a cold copy instead.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from labctl.core.errors import LabError, MigrationError
 from labctl.core.names import MOBILITY_RELAY_PORT
 from labctl.core.wire import Json, Message, WallTime
+from labctl.datastores import filestores
 from labctl.datastores import service as datastores
 from labctl.hosts import protocol as hp
 from labctl.lab import vmrows
@@ -68,6 +72,11 @@ class CrossSite(Message):
     dest: str
     #: the new datastore that holds the VM's disk in the destination site
     datastore: str
+    #: the datastore that held it in the source site, and what became of it: ``deleted``
+    #: after a completed move (on a file datastore: ``deleted FILE``, the VM's top layer),
+    #: ``kept`` (asked to, or the move failed), or why it could not be deleted
+    source_datastore: str
+    source_datastore_state: str
     state: str
     started_at: WallTime
     seconds: float
@@ -84,9 +93,10 @@ class CrossSite(Message):
 
 
 def window(link: WanShown) -> int:
-    """The relay's window for ``link``: twice its bandwidth-delay product (what one TCP
-    flow across it keeps in flight), at least 2 MiB; an uncapped link counts as 2 Gbit/s
-    (what the router forwards here)."""
+    """The ceiling of the relay's window for ``link``: twice its configured bandwidth-delay
+    product (what one TCP flow across it keeps in flight), at least 2 MiB; an uncapped link
+    counts as 2 Gbit/s (what the router forwards here). The relay sizes its window below
+    that from the rate and round trip it measures."""
     p = link.params
     rtt_s = (2 * p.delay_ms + 2 * p.jitter_ms) / 1000
     rate = (p.rate_mbit if p.rate_mbit is not None else 2000.0) * 1e6 / 8
@@ -123,9 +133,10 @@ def _pick_host(b: LabContext, vm: dict[str, Any], host: str | None) -> dict[str,
 
 async def migrate(whole: LabContext, vm: str, src_site: str, to_site: str,
                   host: str | None = None, policy: str | Policy | None = None,
-                  compress: bool = False) -> CrossSite:
+                  compress: bool = False, keep_source: bool = False) -> CrossSite:
     """Move running VM ``vm`` of site ``src_site`` to site ``to_site`` (its host ``host``,
-    else one with room)."""
+    else one with room); site A then deletes the VM's old datastore unless
+    ``keep_source``."""
     if to_site == src_site:
         raise MigrationError(f"VM {vm} is already in site {to_site}: migrate it to one of "
                              f"the site's hosts with --to HOST", vm=vm, site=to_site)
@@ -138,12 +149,16 @@ async def migrate(whole: LabContext, vm: str, src_site: str, to_site: str,
     if row["state"] != "running":
         raise MigrationError(f"VM {vm} is not running (state {row['state']})", vm=vm)
     store = row["datastore"]
-    if not store or vmrows.is_on_file(a, row):
-        raise MigrationError(f"VM {vm} is not on a LUN: a migration to another site moves a "
-                             "LUN's disk by a block mirror (file datastores: not yet)", vm=vm)
+    if not store:
+        raise MigrationError(f"VM {vm} has no disk on a datastore: nothing to carry to "
+                             f"{to_site}", vm=vm)
     mob_a, mob_b = _mobility(a), _mobility(b)
     dest = _pick_host(b, row, host)
-    size = int(datastores.show(a, store).size_bytes)
+    top = str(row["disk_file"]) if vmrows.is_on_file(a, row) and row["disk_file"] else None
+    if top is not None:  # a qcow2 chain: the mirror flattens it onto a LUN of its size
+        size = int((await filestores.chain(a, store, top)).layers[0].virtual_size)
+    else:
+        size = int(datastores.show(a, store).size_bytes)
     links = [w for w in await wan.show(whole) if {src_site, to_site} == set(w.sites)]
     if not links:
         raise MigrationError(f"no WAN link joins {src_site} and {to_site}", vm=vm)
@@ -160,12 +175,35 @@ async def migrate(whole: LabContext, vm: str, src_site: str, to_site: str,
     try:
         result = await _run(whole, a, b, row, mob_a, mob_b, dest, new_store, xid, pol,
                             compress, links[0])
+        left = "kept"
+        if result.state == "completed" and not keep_source:
+            left = await _release(a, store, vm, top)
         return replace(result, seconds=round(time.monotonic() - t0, 3),
-                       started_at=WallTime(t_wall))
+                       started_at=WallTime(t_wall), source_datastore_state=left)
     finally:
         if result is None or result.state != "completed":
             with contextlib.suppress(LabError):  # site B frees what it made for the VM
                 await datastores.delete(b, created.name)
+
+
+async def _release(a: LabContext, store: str, vm: str, top: str | None) -> str:
+    """Site A deletes what held the VM's disk: the datastore (its hosts forget the LUN, the
+    node drops it), or on a file datastore the VM's own top layer (the layers below it may
+    be other VMs' bases: they stay). A failure is reported, not raised: the VM already runs
+    in site B."""
+    try:
+        if top is None:
+            a.progress(f"{a.site}: deleting datastore {store}, the disk {vm} left behind")
+            await datastores.delete(a, store)
+            return "deleted"
+        a.progress(f"{a.site}: deleting {store}:{top}, the disk {vm} left behind")
+        await filestores.lease(a, store, top, vm, release=True)
+        await filestores.delete_file(a, store, top)
+        return f"deleted {top}"
+    except LabError as exc:
+        a.progress(f"warning: {a.site} kept datastore {store}: {exc.message}")
+        return f"kept: {exc.message}"
+    return "deleted"
 
 
 async def _run(whole: LabContext, a: LabContext, b: LabContext, row: dict[str, Any],
@@ -208,7 +246,8 @@ async def _run(whole: LabContext, a: LabContext, b: LabContext, row: dict[str, A
         except LabError as exc:
             error = exc.message
             with contextlib.suppress(LabError):  # site B's half stops waiting for A
-                await mp.MIG_CANCEL.call(bc, mp.Cancel(vm), timeout=10)
+                await mp.MIG_CANCEL.call(bc, mp.Cancel(
+                    vm, reason=f"site {a.site}'s half failed: {error}"), timeout=10)
         try:
             got_b = await asyncio.wait_for(task_b, 60 if error is None else 40)
         except (LabError, TimeoutError) as exc:
@@ -224,11 +263,14 @@ async def _run(whole: LabContext, a: LabContext, b: LabContext, row: dict[str, A
               Half(site=str(b.site), id=rec_b.id, source=str(mob_b["name"]),
                    dest=str(dest["name"]), state=half_b.result.state,
                    error=half_b.result.error)]
-    for inv, rec, peer in ((a.inv, rec_a, rec_b), (b.inv, rec_b, rec_a)):
+    links: dict[str, Json] = {}
+    for inv, rec, peer, half in ((a.inv, rec_a, rec_b, "outgoing"),
+                                 (b.inv, rec_b, rec_a, "incoming")):
+        links[half] = CrossSiteLink(
+            id=xid, from_site=str(a.site), to_site=str(b.site), peer_id=peer.id,
+            relay_bytes=stats.out, relay_wire_bytes=stats.wire, half=half).to_wire()
         if rec.id is not None:
-            amend_result(inv, rec.id, cross_site=CrossSiteLink(
-                id=xid, from_site=str(a.site), to_site=str(b.site), peer_id=peer.id,
-                relay_bytes=stats.out, relay_wire_bytes=stats.wire).to_wire())
+            amend_result(inv, rec.id, cross_site=links[half])
     if state == "completed":
         # the VM now belongs to site B: its row moves from A's inventory to B's
         b.inv.upsert("vms", **{**{k: row[k] for k in row if k != "pid"},
@@ -239,8 +281,10 @@ async def _run(whole: LabContext, a: LabContext, b: LabContext, row: dict[str, A
     moved = stats.out.get("memory", 0) + stats.out.get("disk", 0)
     return CrossSite(
         id=xid, vm=vm, from_site=str(a.site), to_site=str(b.site), source=src,
-        dest=str(dest["name"]), datastore=new_store, state=state, started_at=WallTime(t_wall),
+        dest=str(dest["name"]), datastore=new_store, source_datastore=str(row["datastore"]),
+        source_datastore_state="kept", state=state, started_at=WallTime(t_wall),
         seconds=0.0, halves=halves, relay_bytes=stats.out, relay_wire_bytes=stats.wire,
         relay_mbit_s=round(moved * 8 / stats.seconds / 1e6, 1) if stats.seconds else None,
-        wan=[link], record=got_a if got_a is not None else half_a.result.to_wire(),
+        wan=[link], record={**(got_a if isinstance(got_a, dict) else half_a.result.to_wire()),
+                            "cross_site": links["outgoing"]},
         error=error)

@@ -342,16 +342,16 @@ class Lab:
 
     async def migrate_to_site(self, vm: str, site: str, host: str | None = None,
                               policy: str | Policy | None = None,
-                              compress: bool = False) -> CrossSite:
+                              compress: bool = False, keep_source: bool = False) -> CrossSite:
         """Live-migrate ``vm`` to site ``site`` through the sites' mobility agents (see
-        labctl/lab/crosssite.py)."""
+        labctl/lab/crosssite.py); the old datastore is deleted unless ``keep_source``."""
         from labctl.lab import crosssite
 
         with self.lab_context() as whole:
             src = self.pick_site(whole, of=("vm", vm))
             whole.in_site(site)  # a site the lab has, or a refusal listing them
             return await crosssite.migrate(whole, vm, src, site, host=host, policy=policy,
-                                           compress=compress)
+                                           compress=compress, keep_source=keep_source)
 
     def migrations(self, mid: int | None = None) -> Any:
         """Recorded migrations of every site (of the ``--site`` one), a list; or migration

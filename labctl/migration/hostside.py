@@ -643,8 +643,8 @@ class MigrationHandlers:
             if not req.capabilities.get("pause-before-switchover"):
                 raise LabError("mig_start: a mirror needs pause-before-switchover (it "
                                "completes in that window)", vm=name)
-            if vm.spec.disk is None or isinstance(vm.spec.disk, NfsChainDisk):
-                raise LabError(f"mig_start: VM {name} has no LUN or file disk to mirror", vm=name)
+            if vm.spec.disk is None:  # a chain is mirrored from its top: flattened
+                raise LabError(f"mig_start: VM {name} has no disk to mirror", vm=name)
         listener = EventListener(("MIGRATION", "MIGRATION_PASS", "STOP", *_JOB_EVENTS))
         vm.qmp.register_listener(listener)  # before anything that can cause these events
         job = _Job(vm=vm, listener=listener, t0=_now())

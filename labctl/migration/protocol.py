@@ -415,6 +415,8 @@ class Cancel(Message):
 
     name: str
     timeout: float = 15.0
+    #: why the caller gives up (recorded by a mobility agent standing in for the source)
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,10 @@ def print_result(r: Record) -> None:
     hb = r.get("heartbeat") or {}
     if hb:
         disk = r.get("disk") or {}
-        _row("guest verified", f"on {r.get('dest')}: heartbeat "
+        xs = r.get("cross_site") or {}
+        where = (f"in {xs.get('to_site')} (reported through {r.get('dest')})"
+                 if xs.get("half") == "outgoing" else f"on {r.get('dest')}")
+        _row("guest verified", f"{where}: heartbeat "
              f"{(hb.get('source_last') or {}).get('counter')} -> "
              f"{(hb.get('dest_first') or {}).get('counter')} "
              f"({'continues' if hb.get('continues') else 'DOES NOT CONTINUE'}), disk counter "

@@ -75,6 +75,8 @@ class CrossSiteLink(Message):
     #: bytes the mobility agents' relay carried per stream, and on the wire
     relay_bytes: dict[str, int]
     relay_wire_bytes: dict[str, int]
+    #: this half: ``outgoing`` (site A: to its mobility agent) or ``incoming`` (site B)
+    half: str = ""
 
 
 @dataclass(frozen=True)

@@ -514,11 +514,11 @@ class MobilityAgent:
     async def mig_cancel(self, req: mp.Cancel) -> mp.Cancelled:
         m = self.migrations.get(req.name)
         if m is not None and m.role == "incoming" and m.state == "announced":
-            self._fail_b(m, "site A's half failed before it reached this agent")
+            self._fail_b(m, req.reason or "site A's half failed before it reached this agent")
         elif m is not None and m.role == "incoming":
             if m.state == "completed":  # the source finished; the destination did not verify
                 m.state, m.error = "failed", "site B's destination did not verify the guest"
-            self._fail_b(m, m.error or "site B's controller gave up")
+            self._fail_b(m, m.error or req.reason or "site B's controller gave up")
             if m.ctl_writer is not None:
                 with contextlib.suppress(OSError, RuntimeError):
                     await _send(m.ctl_writer, p.Control(op="failed", vm=m.vm, error=m.error))

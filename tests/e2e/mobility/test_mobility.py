@@ -20,7 +20,18 @@ import pytest
 
 from labctl.cli.records import check_output
 from labctl.testing.checks import outside_qmp
-from tests.conftest import E2E, LabCli, free_subnet, in_ns, module_lab, unique_lab, wait
+from tests.conftest import (
+    E2E,
+    LabCli,
+    chap_env,
+    free_subnet,
+    host_iqn,
+    in_ns,
+    module_lab,
+    outside_disk_counter,
+    unique_lab,
+    wait,
+)
 
 pytestmark = E2E
 
@@ -38,8 +49,11 @@ hosts:
   - {{name: b2, site: site-b, memory: 64M}}
 datastores:
   - {{name: ds-a, node: stor-a, size: 48M, hosts: [a1]}}
+  - {{name: fs-a, kind: file, node: stor-a, size: 96M, hosts: [a1]}}
 vms:
   - {{name: vm1, host: a1, datastore: ds-a, memory: 128M, dirty_rate: 2, working_set: 16M}}
+  - {{name: vm2, host: a1, disk: {{datastore: fs-a, base: labctl-guest.qcow2}}, memory: 96M,
+      dirty_rate: 1, working_set: 8M}}
 wan: [{{name: wan1, sites: [site-a, site-b], delay: 5ms}}]
 """
 
@@ -53,16 +67,17 @@ def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
                "mobility-b": str(b[253])}
 
 
-def _vm(cli: LabCli) -> dict[str, Any]:
-    return next(v for v in cli.json("vm", "list") if v["name"] == "vm1")
+def _vm(cli: LabCli, name: str = "vm1") -> dict[str, Any]:
+    return next(v for v in cli.json("vm", "list") if v["name"] == name)
 
 
-def _beats_on(cli: LabCli, host: str) -> dict[str, Any]:
-    """vm1's status once it beats on ``host`` (its heartbeat counter moves between looks)."""
-    first = wait(lambda: (v := _vm(cli))["host"] == host and v["heartbeat"] and v, 30,
-                 f"vm1 beating on {host}")
-    return dict(wait(lambda: (v := _vm(cli))["heartbeat"]["counter"]
-                     > first["heartbeat"]["counter"] and v, 30, f"vm1's heartbeat on {host}"))
+def _beats_on(cli: LabCli, host: str, vm: str = "vm1") -> dict[str, Any]:
+    """The VM's status once it beats on ``host`` (its heartbeat counter moves between
+    looks)."""
+    first = wait(lambda: (v := _vm(cli, vm))["host"] == host and v["heartbeat"] and v, 30,
+                 f"{vm} beating on {host}")
+    return dict(wait(lambda: (v := _vm(cli, vm))["heartbeat"]["counter"]
+                     > first["heartbeat"]["counter"] and v, 30, f"{vm}'s heartbeat on {host}"))
 
 
 def test_refusals_before_anything_moves(lab: dict[str, Any]) -> None:
@@ -143,7 +158,7 @@ def test_the_vm_moves_to_the_other_site_with_its_disk(lab: dict[str, Any]) -> No
     after = _beats_on(cli, "b1")
     assert after["heartbeat"]["counter"] > before["heartbeat"]["counter"]
     assert after["disk_counter"] >= before["disk_counter"]
-    assert [v["name"] for v in cli.json("--site", "site-a", "vm", "list")] == []
+    assert [v["name"] for v in cli.json("--site", "site-a", "vm", "list")] == ["vm2"]
     # its disk is a new LUN of site B's node: another datastore ID than the source's
     stores = cli.json("--site", "site-b", "datastore", "list")
     assert [d["name"] for d in stores] == [moved["datastore"]]
@@ -151,6 +166,19 @@ def test_the_vm_moves_to_the_other_site_with_its_disk(lab: dict[str, Any]) -> No
     # the guest reads its disk there: the counter it wrote before the move is on it
     answer = cli.json("vm", "console", "vm1", "read")["answer"]
     assert int(answer.split()[-1]) >= before["disk_counter"], answer
+    # and a client of our own in b1's namespace reads the same LUN: the guest keeps writing it
+    shown = cli.json("--site", "site-b", "datastore", "show", moved["datastore"])
+    first = outside_disk_counter(lab["name"], "b1", shown)
+    assert first is not None and first >= before["disk_counter"], first
+    wait(lambda: (outside_disk_counter(lab["name"], "b1", shown) or 0) > first, 30,
+         "the guest's next disk write on site B's LUN, read from outside")
+    # nothing of vm1 is left in site A: no VM, its old datastore deleted (no LUN on stor-a)
+    assert moved["source_datastore"] == "ds-a" and moved["source_datastore_state"] == "deleted"
+    assert [d["name"] for d in cli.json("--site", "site-a", "datastore", "list")] == ["fs-a"]
+    luns = in_ns(lab["name"], "a1", "iscsi-ls", "-s", "-i", host_iqn(lab["name"], "a1"),
+                 f"iscsi://{src_store['portal'].split(':')[0]}",
+                 env=chap_env(lab["name"], "a1", src_store["target_iqn"], mutual=False))
+    assert "Lun:" not in luns.stdout, luns.stdout + luns.stderr
     # each site recorded its own half, both carry the shared ID
     half_a = cli.json("--site", "site-a", "migration", "list")[-1]
     half_b = cli.json("--site", "site-b", "migration", "list")[-1]
@@ -182,8 +210,13 @@ def test_site_b_s_agent_killed_mid_copy(lab: dict[str, Any]) -> None:
     """Site B's mobility agent dies while the disk is copied: both halves fail, the guest
     runs on at the source, site B frees its datastore; ``labctl up`` starts the agent again."""
     cli = lab["cli"]
-    if _vm(cli)["host"] != "a1":
-        assert cli.json("migrate", "vm1", "--to-site", "site-a")["state"] == "completed"
+    if _vm(cli)["host"] != "a1":  # home, keeping site B's copy this time (then deleted)
+        back = cli.json("migrate", "vm1", "--to-site", "site-a", "--keep-source")
+        assert back["state"] == "completed", back.get("error")
+        assert back["source_datastore_state"] == "kept"
+        kept = cli.json("--site", "site-b", "datastore", "show", back["source_datastore"])
+        assert kept["vms"] == [] and kept["node"] == "stor-b", kept
+        cli("--site", "site-b", "datastore", "delete", back["source_datastore"])
     before = _beats_on(cli, "a1")
     stores_b = cli.json("--site", "site-b", "datastore", "list")
     cli("wan", "set", "wan1", "--rate", "16mbit")
@@ -261,3 +294,26 @@ def test_a_wan_cut_mid_memory_copy_leaves_the_vm_at_home(lab: dict[str, Any]) ->
     assert after["disk_counter"] >= before["disk_counter"]
     assert outside_qmp(sock, "query-status")["status"] == "running"
     assert cli.json("--site", "site-b", "datastore", "list") == stores_b
+
+
+def test_a_vm_on_a_file_datastore_moves_onto_a_lun(lab: dict[str, Any]) -> None:
+    """A VM whose disk is a qcow2 chain on NFS moves too: the mirror flattens the chain
+    onto a new LUN of site B the chain's virtual size; site A deletes the VM's own top
+    layer and keeps the base (another VM's could be on it)."""
+    cli = lab["cli"]
+    before = _beats_on(cli, "a1", "vm2")
+    moved = cli.json("migrate", "vm2", "--to-site", "site-b")
+    assert moved["state"] == "completed", moved.get("error")
+    assert moved["record"]["heartbeat"]["continues"] and moved["record"]["disk"]["ok"]
+    assert moved["source_datastore"] == "fs-a"
+    assert moved["source_datastore_state"] == "deleted vm2.qcow2", moved
+    after = _beats_on(cli, moved["dest"], "vm2")
+    assert after["disk_counter"] >= before["disk_counter"]
+    shown = cli.json("--site", "site-b", "datastore", "show", moved["datastore"])
+    assert shown["size_bytes"] == 64 << 20 and shown["vms"] == ["vm2"], shown
+    got = outside_disk_counter(lab["name"], moved["dest"], shown)
+    assert got is not None and got >= before["disk_counter"], got
+    files = {f["name"] for f in cli.json("datastore", "files", "fs-a")["files"]}
+    assert "vm2.qcow2" not in files and "labctl-guest.qcow2" in files, files
+    assert "vm2" in [v["name"] for v in cli.json("--site", "site-b", "vm", "list")]
+    assert "vm2" not in [v["name"] for v in cli.json("--site", "site-a", "vm", "list")]
