@@ -10,15 +10,12 @@ that makes it smaller.
 Frames: stream id (u16), kind (u8: open, data, zdata, close, ack), length (u32), payload.
 The open frame's payload is the stream's name; site B refuses a name it has no target for.
 
-**Backpressure.** A stream may have at most a window of bytes read from its local peer
-and not yet handed to the far peer's socket; the far end acknowledges (``ack``, a u32
-count) what it wrote. The local sockets' receive buffers are kept small. So the relay
-buffers about what a direct TCP connection across the WAN would have in flight, and a QEMU
-that writes into it sees the WAN's pace, not the speed of its own site's bridge (it
-measures its bandwidth on that socket to decide when to switch over). The window is sized
-from what the relay measures (:class:`Pace`): twice the fastest delivery rate it saw
-times the shortest round trip of a frame and its acknowledgement, between a floor and the
-ceiling the caller gives (from the link's configured rate and delay).
+**Backpressure.** A stream may have at most ``window`` bytes read from its local peer and
+not yet handed to the far peer's socket; the far end acknowledges (``ack``, a u32 count)
+what it wrote. The local sockets' receive buffers are kept small. So the relay buffers
+about what a direct TCP connection across the WAN would have in flight, and a QEMU that
+writes into it sees the WAN's pace, not the speed of its own site's bridge (it measures
+its bandwidth on that socket to decide when to switch over).
 
 Standard library only: it runs in the agents.
 """
@@ -30,22 +27,18 @@ import contextlib
 import socket
 import ssl
 import struct
-import time
 import zlib
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _HEAD = struct.Struct(">HBI")
 OPEN, DATA, ZDATA, CLOSE, ACK = 1, 2, 3, 4, 5
 CHUNK = 256 << 10
 _ACK = struct.Struct(">I")
-#: bytes a stream may have in flight at most by default (read here, not yet written there)
+#: bytes a stream may have in flight by default (read here, not yet written there)
 WINDOW = 8 << 20
-#: and at least, whatever the measurements say (a read from a local peer must fit twice)
-MIN_WINDOW = 2 * CHUNK
-#: the receive buffer of a local peer's socket (the kernel would grow it to megabytes)
-LOCAL_RCVBUF = 256 << 10
+#: the receive buffer of a local peer's socket (the kernel would grow it to megabytes;
+#: it doubles what is set): what the source's QEMU has written and the relay not yet read
+LOCAL_RCVBUF = 128 << 10
 #: a frame is compressed only when that saves at least this fraction
 _WORTH = 0.9
 
@@ -67,64 +60,6 @@ class Counters:
         table[name] = table.get(name, 0) + n
 
 
-class Pace:
-    """The relay's window from its own measurements, for all streams of one channel (they
-    share the WAN): the shortest time from a frame sent to its acknowledgement (the round
-    trip without queues), and the fastest rate acknowledgements came back at, over
-    intervals of :attr:`INTERVAL` s in the last :attr:`HORIZON` s (a maximum, so a pause
-    of the sender does not shrink the window). The window is twice their product, as a TCP
-    flow keeps in flight to fill the path, between ``floor`` and ``ceiling``; before any
-    measurement it is ``ceiling``. Twice, so the window never limits the rate it measured.
-    """
-
-    INTERVAL = 0.1
-    HORIZON = 5.0
-
-    def __init__(self, ceiling: int, floor: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.ceiling = max(ceiling, floor)
-        self.floor = floor
-        self.clock = clock
-        self.rtt_min = float("inf")
-        #: per stream: (bytes sent when the frame ended, when), oldest first
-        self._sent: dict[int, deque[tuple[int, float]]] = {}
-        self._sent_total: dict[int, int] = {}
-        self._acked_total: dict[int, int] = {}
-        self._rates: deque[tuple[float, float]] = deque()
-        self._since = clock()
-        self._acked = 0
-
-    def sent(self, sid: int, n: int) -> None:
-        total = self._sent_total.get(sid, 0) + n
-        self._sent_total[sid] = total
-        self._sent.setdefault(sid, deque()).append((total, self.clock()))
-
-    def acked(self, sid: int, n: int) -> None:
-        now = self.clock()
-        total = self._acked_total.get(sid, 0) + n
-        self._acked_total[sid] = total
-        frames = self._sent.get(sid)
-        while frames and frames[0][0] <= total:
-            self.rtt_min = min(self.rtt_min, now - frames.popleft()[1])
-        self._acked += n
-        if now - self._since >= self.INTERVAL:
-            self._rates.append((now, self._acked / (now - self._since)))
-            self._since, self._acked = now, 0
-        while self._rates and self._rates[0][0] < now - self.HORIZON:
-            self._rates.popleft()
-
-    @property
-    def rate(self) -> float | None:
-        """The fastest delivery rate (bytes/s) of the last :attr:`HORIZON` s."""
-        return max(r for _, r in self._rates) if self._rates else None
-
-    def window(self) -> int:
-        rate = self.rate
-        if rate is None or self.rtt_min == float("inf"):
-            return self.ceiling
-        return max(self.floor, min(self.ceiling, int(2 * rate * self.rtt_min)))
-
-
 class _Channel:
     """One end of the TLS connection: frames out (one writer at a time), frames in."""
 
@@ -136,7 +71,7 @@ class _Channel:
         self.counters = counters
         self.lock = asyncio.Lock()
         self.names: dict[int, str] = {}
-        self.pace = Pace(window, MIN_WINDOW)
+        self.window = max(window, CHUNK)
         #: per stream: bytes sent and not yet acknowledged, and a wake-up for the pump
         self.inflight: dict[int, int] = {}
         self.credit: dict[int, asyncio.Event] = {}
@@ -144,14 +79,12 @@ class _Channel:
     async def reserve(self, sid: int, n: int) -> None:
         """Wait until stream ``sid`` may have ``n`` more bytes in flight."""
         event = self.credit.setdefault(sid, asyncio.Event())
-        while self.inflight.get(sid, 0) + n > self.pace.window():
+        while self.inflight.get(sid, 0) + n > self.window:
             event.clear()
             await event.wait()
         self.inflight[sid] = self.inflight.get(sid, 0) + n
-        self.pace.sent(sid, n)
 
     def acked(self, sid: int, n: int) -> None:
-        self.pace.acked(sid, n)
         self.inflight[sid] = max(0, self.inflight.get(sid, 0) - n)
         event = self.credit.get(sid)
         if event is not None:
