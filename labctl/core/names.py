@@ -23,6 +23,10 @@ HOST_AGENT_PORT = 7600
 STORAGE_AGENT_PORT = 7700
 #: a mobility agent's relay (mutual TLS, agents of other sites)
 MOBILITY_RELAY_PORT = 7800
+
+#: the server guest's base image on a file datastore (made from the server image when
+#: missing): a server VM's disk is a linked clone of it
+SERVER_BASE = "labctl-server.raw"
 ISCSI_PORT = 3260
 IQN_PREFIX = "iqn.2026-11.dev.labctl"
 #: XML namespace of the ownership record in libvirt domain metadata

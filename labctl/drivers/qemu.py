@@ -18,6 +18,8 @@ import asyncio
 import collections
 import contextlib
 import enum
+import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -160,6 +162,28 @@ def blockdev_arg(node: dict[str, Any]) -> str:
     return ",".join(parts)
 
 
+def tap_name(vm: str) -> str:
+    """The tap QEMU makes for VM ``vm``'s NIC in its host's namespace (it goes with QEMU)."""
+    return "lt" + hashlib.sha1(vm.encode()).hexdigest()[:10]
+
+
+async def route_tap(ifname: str, address: ipaddress.IPv4Address, alias: str) -> None:
+    """A VM's tap (QEMU made it, in this process's namespace) routed: up, labelled, a /32
+    route to the guest's ``address`` through it, forwarding on and proxy ARP on every link
+    of the namespace, so its other links answer ARP for the guest on the site's bridge and
+    the tap answers the guest for everything else (the host is its router)."""
+    await run(["ip", "link", "set", "dev", ifname, "up", "alias", alias], timeout=10,
+              what=f"ip link set {ifname} up")
+    await run(["ip", "route", "replace", f"{address}/32", "dev", ifname], timeout=10,
+              what=f"ip route replace {address}/32 dev {ifname}")
+    try:
+        for knob in ("ip_forward", "conf/all/proxy_arp", f"conf/{ifname}/proxy_arp"):
+            Path("/proc/sys/net/ipv4", knob).write_text("1")
+    except OSError as exc:
+        raise LabError(f"cannot turn on forwarding and proxy ARP for {ifname}: {exc}",
+                       ifname=ifname) from exc
+
+
 def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
                qemu: str = QEMU_BINARY, blockdevs: list[str] | None = None,
                chap: Chap | None = None, paused: bool = False) -> list[str]:
@@ -185,7 +209,7 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
         "-m", str(spec.memory_mib),
         "-smp", str(spec.vcpus),
         "-kernel", str(spec.kernel),
-        "-initrd", str(spec.initrd),
+        *(["-initrd", str(spec.initrd)] if spec.initrd is not None else []),
         "-append", spec.append,
         "-chardev", f"socket,id=qmp0,path={_opt(socket_arg(run_dir, 'qmp.sock'))},"
                     "server=on,wait=off",
@@ -216,8 +240,13 @@ def build_argv(spec: VmSpec, run_dir: Path, incoming: str | None = None,
             argv += ["-blockdev", json.dumps(chain_node, separators=(",", ":"))]
     elif disk is not None:
         argv += ["-blockdev", blockdev_arg(disk_node(disk, "disk0", chap))]
-    if disk is not None:
+    if disk is not None and spec.disk_bus == "nvme":
+        argv += ["-device", "nvme,drive=disk0,id=vda,serial=labctl-root"]
+    elif disk is not None:
         argv += ["-device", "virtio-blk-pci,drive=disk0,id=vda"]
+    if spec.nic is not None:
+        argv += ["-netdev", f"tap,id=net0,ifname={tap_name(spec.name)},script=no,downscript=no",
+                 "-device", f"virtio-net-pci,netdev=net0,mac={spec.nic.mac},romfile="]
     if incoming is not None:
         argv += ["-mem-prealloc", "-incoming", incoming]
     if paused:  # it waits for "cont" (an incoming VM whose disk is still an NBD export)
@@ -380,6 +409,10 @@ class QemuVm:
                 await self._connect_qmp()
                 secret_file.unlink(missing_ok=True)  # QEMU has read it: it answers QMP
                 await self._connect_console()
+                if self.spec.nic is not None:  # QEMU made the tap: route the guest to it
+                    await route_tap(tap_name(self.spec.name),
+                                    ipaddress.IPv4Interface(self.spec.nic.address).ip,
+                                    f"labctl-vm:{self.spec.name}")
         except BaseException as exc:
             secret_file.unlink(missing_ok=True)
             err = exc

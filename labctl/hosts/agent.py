@@ -157,7 +157,7 @@ class HostAgent:
     def check_spec(self, spec: p.VmSpec, method: str) -> p.VmSpec:
         """``spec``, if its kernel and initrd are present on this host."""
         for path in (spec.kernel, spec.initrd):
-            if not path.is_file():
+            if path is not None and not path.is_file():
                 raise LabError(f"{method}: {path} does not exist on host {self.host}")
         return spec
 
@@ -214,9 +214,9 @@ class HostAgent:
         accel = await self.accel() if start.accel == "auto" else start.accel
         which(QEMU_BINARY, "install qemu-system-x86 (scripts/setup.sh) on this host")
         kernel, initrd, append = start.kernel, start.initrd, start.append
-        if kernel is None or initrd is None:
+        if kernel is None:
             image = await ensure_guest_image()
-            kernel, initrd = kernel or image.kernel, initrd or image.initrd
+            kernel, initrd = image.kernel, initrd or image.initrd
             if append is None:
                 append = guest.boot_args(start.rate_mib_s, start.wss_mib,
                                          extra=[f"labctl.hb_ms={start.heartbeat_ms}"])
@@ -225,7 +225,8 @@ class HostAgent:
         try:
             spec = p.VmSpec(name=start.name, memory_mib=start.memory_mib, vcpus=start.vcpus,
                             kernel=kernel, initrd=initrd, append=append, disk=start.disk,
-                            machine=start.machine, accel=accel)
+                            machine=start.machine, accel=accel, disk_bus=start.disk_bus,
+                            nic=start.nic)
         except ValueError as exc:
             raise LabError(f"vm_start: bad VM spec: {exc}", spec=start.to_wire()) from exc
         return self.check_spec(spec, "vm_start")

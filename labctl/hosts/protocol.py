@@ -7,6 +7,7 @@ host (a mobility agent) share these types. The host's storage methods are in
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,28 @@ class NfsChainDisk(Message):
 Disk = IscsiDisk | FileDisk | NfsChainDisk
 
 
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@dataclass(frozen=True)
+class Nic(Message):
+    """A VM's network interface, routed by its host: QEMU's tap in the host's namespace
+    gets a /32 route to ``address`` and the namespace answers ARP for it (proxy ARP), so
+    the guest is reachable on its site's subnet at an address of its own."""
+
+    mac: str
+    #: the guest's address and prefix in the site's subnet ("10.236.1.50/24")
+    address: str
+
+    def __post_init__(self) -> None:
+        if not _MAC_RE.match(self.mac):
+            raise ValueError(f"bad MAC address {self.mac!r} (six lower-case hex pairs)")
+        try:
+            ipaddress.IPv4Interface(self.address)
+        except ValueError as exc:
+            raise ValueError(f"bad guest address {self.address!r}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class VmSpec(Message):
     """A workload VM, complete: what QEMU is started with."""
@@ -103,11 +126,16 @@ class VmSpec(Message):
     memory_mib: int
     vcpus: int
     kernel: Path
-    initrd: Path
+    #: None: the kernel boots without one (the server guest's root is its NVMe disk)
+    initrd: Path | None
     append: str
     disk: IscsiDisk | FileDisk | NfsChainDisk | None = None
     machine: str = DEFAULT_MACHINE
     accel: str = "tcg"
+    #: the disk's controller: virtio-blk (the test guest), or NVMe (a root disk for a
+    #: kernel without an initrd: the cloud kernel has NVMe built in)
+    disk_bus: Literal["virtio", "nvme"] = "virtio"
+    nic: Nic | None = None
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
@@ -132,11 +160,15 @@ class VmStartSpec(Message):
     name: str
     memory_mib: int = 256
     vcpus: int = 1
+    #: None: the test guest's own kernel and initrd; a kernel given alone boots without an
+    #: initrd
     kernel: Path | None = None
     initrd: Path | None = None
     append: str | None = None
     disk: IscsiDisk | FileDisk | NfsChainDisk | None = None
     machine: str = DEFAULT_MACHINE
+    disk_bus: Literal["virtio", "nvme"] = "virtio"
+    nic: Nic | None = None
     accel: Literal["auto", "tcg", "kvm"] = "auto"
     rate_mib_s: int = 0
     wss_mib: int = 64

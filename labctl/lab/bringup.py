@@ -32,6 +32,7 @@ from labctl.hosts import protocol as hp
 from labctl.hosts.provider import HostPlan, NamespaceHosts, spawn_owned
 from labctl.lab import vms
 from labctl.lab.topology import Topology, Vm
+from labctl.replication.image import ensure_server_image
 from labctl.state.context import LabContext
 from labctl.state.pki import LabPki
 from labctl.storage import node as storagenode
@@ -146,6 +147,11 @@ async def build(ctx: LabContext, topo: Topology) -> None:
     # 1. images (cached by recipe) and the accelerator probe, side by side
     simg, gimg = await step(ctx, "images ready", asyncio.gather(
         ensure_storage_image(progress=ctx.progress), ensure_guest_image()))
+    if any(vm.guest == "server" for vm in topo.vms):
+        server = await step(ctx, "server guest image ready",
+                            ensure_server_image(progress=ctx.progress))
+        inv.set_meta("server_kernel", str(server.kernel))
+        inv.set_meta("server_rootfs", str(server.rootfs))
     accel = await step(ctx, "accelerator probe", probe_accel())
     inv.set_meta("accel", accel)
     if accel != "kvm":
@@ -161,10 +167,12 @@ async def build(ctx: LabContext, topo: Topology) -> None:
         inv.own("link", br, alias=alias)
         netlink.ensure_bridge(br, alias, ipaddress.IPv4Interface(
             f"{site.gateway}/{site.subnet.prefixlen}"))
-        inv.upsert("sites", name=site.name, subnet=str(site.subnet), bridge=br)
+        inv.upsert("sites", name=site.name, subnet=str(site.subnet), bridge=br,
+                   provider=site.provider)
         ctx.dir.create_site(site.name)
         own = ctx.in_site(site.name)
-        own.inv.upsert("sites", name=site.name, subnet=str(site.subnet), bridge=br)
+        own.inv.upsert("sites", name=site.name, subnet=str(site.subnet), bridge=br,
+                       provider=site.provider)
         own.inv.set_meta("accel", accel)
     inv.record_step("network", time.monotonic() - t_net)
 
@@ -198,13 +206,15 @@ async def build(ctx: LabContext, topo: Topology) -> None:
     if files:
         await step(ctx, "each host read its file datastores over NFS", gather_all(
             *(filestores.check_hosts(ctx.in_site(nodes[d.node]), d.name) for d in files)))
+    ours = {s.name for s in topo.sites if s.provider == "labctl"}  # libvirt's: no agents
     await step(ctx, "rescan services subscribed", gather_all(
-        *(_start_rescan(s, topo) for s in ctx.all_sites())))
+        *(_start_rescan(s, topo) for s in ctx.all_sites() if s.site in ours)))
 
     # 5. VMs
     hosts = {h.name: h.site for h in topo.hosts}
     for here in ctx.all_sites():
-        _record_vms(here, [vm for vm in topo.vms if hosts[vm.host] == here.site], gimg)
+        _record_vms(here, [(i, vm) for i, vm in enumerate(topo.vms)
+                           if hosts[vm.host] == here.site], gimg)
     for vm in topo.vms:
         if vm.autostart:
             await step(ctx, f"VM {vm.name} first heartbeat",
@@ -215,15 +225,24 @@ async def build(ctx: LabContext, topo: Topology) -> None:
     ctx.progress(f"lab {ctx.name} is up ({total:.1f} s)")
 
 
-def _record_vms(ctx: LabContext, vms_here: list[Vm], gimg: GuestImage) -> None:
+def _record_vms(ctx: LabContext, vms_here: list[tuple[int, Vm]], gimg: GuestImage) -> None:
     inv = ctx.inv
     inv.set_meta("guest_kernel", str(gimg.kernel))
     inv.set_meta("guest_initrd", str(gimg.initrd))
-    for vm in vms_here:
+    for name in ("server_kernel", "server_rootfs"):  # what a server guest boots from
+        value = ctx.shared.get_meta(name)
+        if value is not None:
+            inv.set_meta(name, value)
+    site = inv.row("sites", name=ctx.site)
+    prefix = ipaddress.IPv4Network(site["subnet"]).prefixlen if site else 24
+    for i, vm in vms_here:
+        server = vm.guest == "server"
         inv.upsert("vms", name=vm.name, host=vm.host, datastore=vm.datastore,
                    memory=vm.memory, vcpus=vm.vcpus, dirty_rate=vm.dirty_rate,
                    working_set=vm.working_set, state="stopped", pid=None, started_at=None,
-                   heartbeat_ms=vm.heartbeat_ms, base=vm.base, disk_file=None)
+                   heartbeat_ms=vm.heartbeat_ms, base=vm.base, disk_file=None, guest=vm.guest,
+                   address=f"{vm.address}/{prefix}" if server else None,
+                   mac=names.mac(ctx.dir.tag, "v", i) if server else None)
 
 
 async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: StorageImage,

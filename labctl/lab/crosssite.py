@@ -157,6 +157,10 @@ async def migrate(whole: LabContext, vm: str, src_site: str, to_site: str,
     row = vmrows.row(a, vm)
     if row["state"] != "running":
         raise MigrationError(f"VM {vm} is not running (state {row['state']})", vm=vm)
+    if row["guest"] == "server":
+        raise MigrationError(f"VM {vm} is a server guest whose address its host routes: a "
+                             "migration between sites does not carry it (labctl replicate "
+                             "moves it to another cloud)", vm=vm)
     store = row["datastore"]
     if not store:
         raise MigrationError(f"VM {vm} has no disk on a datastore: nothing to carry to "

@@ -102,6 +102,9 @@ class VmState(Message):
     console_log: str | None = None
     #: why the state is what it is, for people ("no heartbeat for 6.2 s")
     reason: str | None = None
+    #: ``test`` (the heartbeat guest) or ``server`` (Debian with SSH at ``address``)
+    guest: str = "test"
+    address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ async def site_status(ctx: LabContext) -> LabStatus:
     for v in inv.rows("vms"):
         base = VmState(name=v["name"], host=v["host"], datastore=v["datastore"],
                        memory_bytes=v["memory"], state=v["state"],
-                       heartbeat_ms=v["heartbeat_ms"])
+                       heartbeat_ms=v["heartbeat_ms"], guest=v["guest"], address=v["address"])
         if v["name"] in live:
             host, st = live[v["name"]]
             base = base.replace(host=host, state=st.state, pid=st.pid, heartbeat=st.heartbeat,

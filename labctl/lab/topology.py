@@ -25,10 +25,13 @@ import yaml
 
 from labctl.core import names, userfile
 from labctl.core.errors import LabError, TopologyError
+from labctl.core.names import SERVER_BASE
 from labctl.core.sizes import MAX_SIZE, bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
 from labctl.wan.protocol import PARAM_WORDS, LinkParams, params_from
 
+#: a server guest's heartbeat (its PID 1 prints one line per period: cheap at a second)
+SERVER_HEARTBEAT_MS = 1000
 DEFAULT_NODE_CAPACITY = 4 << 30
 DEFAULT_NODE_MEMORY = 256 << 20
 DEFAULT_HOST_MEMORY = 2 << 30
@@ -40,6 +43,8 @@ DEFAULT_WORKING_SET = 64 << 20
 class Site:
     name: str
     subnet: ipaddress.IPv4Network
+    #: who runs its VMs: ``labctl`` (host agents) or ``libvirt`` (a cloud of its own)
+    provider: str = "labctl"
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -89,6 +94,9 @@ class Vm:
     heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
     #: on a file datastore: the image its linked clone is made on
     base: str | None = None
+    #: ``test`` (the heartbeat guest) or ``server`` (Debian, SSH, an address of its own)
+    guest: str = "test"
+    address: ipaddress.IPv4Address | None = None
 
 
 @dataclass(frozen=True)
@@ -371,7 +379,7 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                 break
         if s["name"] not in where_site:
             where_site[s["name"]] = f"sites[{i}]"
-            sites.append(Site(s["name"], net))
+            sites.append(Site(s["name"], net, s.get("provider", "labctl")))
     site_names = [s["name"] for s in raw_sites]
 
     def site_of(kind: str, i: int, item: dict[str, Any]) -> Site | None:
@@ -385,7 +393,12 @@ def _build(data: dict[str, Any], file: str) -> Topology:
         elif name not in site_names:
             fail(f"{kind}[{i}].site", _unknown("site", name, site_names, "sites"))
             return None
-        return next((site for site in sites if site.name == name), None)
+        site = next((site for site in sites if site.name == name), None)
+        if site is not None and site.provider != "labctl":
+            fail(f"{kind}[{i}].site", f"site {name}'s VMs are run by {site.provider}: it has "
+                 "no labctl hosts or storage nodes")
+            return None
+        return site
 
     machine_kinds = (("storage_nodes", raw_nodes), ("hosts", raw_hosts))
     placed = {(kind, i): site_of(kind, i, item)
@@ -562,10 +575,27 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                      f"would need {format_size(load_on[host.name] + memory)}")
             else:
                 load_on[host.name] += memory
+        guest = v.get("guest", "test")
+        vm_addr = None
+        if guest == "server":
+            if "disk" not in v:
+                fail(f"vms[{i}]", "a server guest boots a clone of the server image: give it "
+                     f"disk: {{datastore: FILE_DATASTORE, base: {SERVER_BASE}}}")
+            for knob in ("dirty_rate", "working_set"):
+                if knob in v:
+                    fail(f"vms[{i}].{knob}", "the test guest's knob: a server guest runs "
+                         "its own programs")
+            if host is not None:
+                placed["vms", i] = placed["hosts", host_names.index(host.name)]
+                vm_addr = address("vms", i, v, 101)
+        elif "address" in v:
+            fail(f"vms[{i}].address", "only a server guest has an address of its own "
+                 "(guest: server)")
         vms.append(Vm(v["name"], v["host"], ds, memory or 0, int(v.get("vcpus", 1)),
                       float(v.get("dirty_rate", 0)), wss or 0, bool(v.get("autostart", True)),
-                      int(v.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS)),
-                      v["disk"]["base"] if "disk" in v else None))
+                      int(v.get("heartbeat_ms", SERVER_HEARTBEAT_MS if guest == "server"
+                                else DEFAULT_HEARTBEAT_MS)),
+                      v["disk"]["base"] if "disk" in v else None, guest, vm_addr))
 
     links = []
     routers: dict[str, int] = {}  # site -> routers placed on it so far

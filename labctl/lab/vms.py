@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from labctl.core.errors import LabError, LabStateError, RemoteError
+from labctl.core.names import SERVER_BASE
+from labctl.core.rpc import RpcClient
 from labctl.core.wire import Message
 from labctl.datastores import filestores
 from labctl.datastores import service as datastores
@@ -19,6 +21,8 @@ from labctl.lab.vmrows import disk as disk
 from labctl.lab.vmrows import is_on_file as is_on_file
 from labctl.lab.vmrows import row as row
 from labctl.lab.vmrows import running_host as running_host
+from labctl.replication.image import SERVER_CMDLINE
+from labctl.state import sshkey
 from labctl.state.context import LabContext
 
 #: the test guest's disk as a base image: blank (the guest keeps its disk counter record in
@@ -47,7 +51,14 @@ async def _make_clone(ctx: LabContext, vm: dict[str, Any]) -> str:
                            or listed[name].in_use_by not in (None, vm["name"])):
         raise LabStateError(f"VM {vm['name']}: {ds}:{name} exists and is not a clone of {base}"
                             " this VM may take: delete or rename it", vm=vm["name"], file=name)
-    if base not in have:
+    if base not in have and base == SERVER_BASE:  # the server image, as a whole disk
+        rootfs = ctx.inv.get_meta("server_rootfs")
+        if rootfs is None:
+            raise LabStateError(f"VM {vm['name']}: the lab has no server image to make "
+                                f"{ds}:{base} from: bring the lab up again", vm=vm["name"])
+        ctx.progress(f"{ds}: importing the server image as {base}")
+        await filestores.import_image(ctx, Path(rootfs), ds, base)
+    elif base not in have:
         if base != GUEST_BASE:
             raise LabStateError(f"VM {vm['name']}: its base image {base} is not on {ds}: "
                                 f"import it first (labctl image import FILE --to {ds} "
@@ -63,6 +74,8 @@ async def spec(ctx: LabContext, name: str, host: str) -> hp.VmStartSpec:
     """What ``host`` is handed to start VM ``name`` (the test guest, its boot parameters
     from the inventory; the host's own probe picks the accelerator)."""
     vm = row(ctx, name)
+    if vm["guest"] == "server":
+        return await _server_spec(ctx, vm, host)
     kernel, initrd = ctx.inv.get_meta("guest_kernel"), ctx.inv.get_meta("guest_initrd")
     append = boot_args(round(vm["dirty_rate"]), vm["working_set"] >> 20,
                        extra=[f"labctl.vm={name}", f"labctl.hb_ms={vm['heartbeat_ms']}"])
@@ -72,6 +85,38 @@ async def spec(ctx: LabContext, name: str, host: str) -> hp.VmStartSpec:
         initrd=None if initrd is None else Path(initrd), append=append,
         accel="auto", disk=await chain_disk(ctx, vm) if is_on_file(ctx, vm)
         else disk(ctx, vm["datastore"], host), heartbeat_ms=int(vm["heartbeat_ms"]))
+
+
+async def _server_spec(ctx: LabContext, vm: dict[str, Any], host: str) -> hp.VmStartSpec:
+    """A server guest: the server image's kernel straight onto its clone (the NVMe root),
+    its address routed by its host, the lab's SSH key in its boot configuration (as a
+    cloud's instance metadata would give it)."""
+    kernel = ctx.inv.get_meta("server_kernel")
+    if kernel is None:
+        raise LabStateError(f"VM {vm['name']} is a server guest and the lab has no server "
+                            "image: bring the lab up again", vm=vm["name"])
+    h = ctx.inv.row("hosts", name=host)
+    assert h is not None
+    key = sshkey.ensure_key(ctx.name, ctx.dir.path)
+    append = " ".join([SERVER_CMDLINE, f"labctl.vm={vm['name']}", f"labctl.ip={vm['address']}",
+                       f"labctl.gw={h['address']}", f"labctl.mac={vm['mac']}",
+                       f"labctl.key={key.boot_arg()}", f"labctl.hb_ms={vm['heartbeat_ms']}"])
+    return hp.VmStartSpec(
+        name=vm["name"], memory_mib=vm["memory"] >> 20, vcpus=vm["vcpus"], kernel=Path(kernel),
+        initrd=None, append=append, accel="auto", disk=await chain_disk(ctx, vm),
+        disk_bus="nvme", nic=hp.Nic(mac=str(vm["mac"]), address=str(vm["address"])),
+        heartbeat_ms=int(vm["heartbeat_ms"]))
+
+
+async def _pin_host_key(ctx: LabContext, c: RpcClient, name: str) -> None:
+    """Pin a server guest's SSH host key from its console (printed before its first
+    heartbeat, so it is there once the VM started)."""
+    tail = await hp.VM_CONSOLE_TAIL.call(c, hp.ConsoleTailRequest(name, lines=400))
+    keys = [ln.split("hostkey ", 1)[1] for ln in tail.lines if "labctl-server: hostkey " in ln]
+    if not keys:
+        raise LabStateError(f"VM {name} printed no SSH host key on its console", vm=name,
+                            console_tail=tail.lines[-20:])
+    sshkey.pin_host_key(ctx.dir.path, name, keys[-1])
 
 
 async def start(ctx: LabContext, name: str) -> hp.VmStarted:
@@ -99,6 +144,8 @@ async def start(ctx: LabContext, name: str) -> hp.VmStarted:
             await datastores.attach_for_vm(c, ctx.inv, vm["datastore"], vm["host"])
         try:
             res = await hp.VM_START.call(c, hp.VmStart(spec=start_spec), timeout=120)
+            if vm["guest"] == "server":
+                await _pin_host_key(ctx, c, name)
         except RemoteError:
             # the host refused to start it (nothing runs): the lease goes with the attempt,
             # unless an earlier QEMU the inventory knows of may still hold it; on a timeout or

@@ -40,6 +40,10 @@ async def migrate(ctx: LabContext, vm: str, to: str, *, sharing: list[str] | Non
     if row["state"] != "running":
         raise MigrationError(f"VM {vm} is not running (state {row['state']}): start it "
                              f"first with 'labctl vm start {vm}'", vm=vm, state=row["state"])
+    if row["guest"] == "server":  # its address is routed by its host
+        raise MigrationError(f"VM {vm} is a server guest whose address its host routes: "
+                             "live migration does not carry that route yet (move it to "
+                             "another cloud with labctl replicate)", vm=vm)
     src_host = row["host"]
     dst = inv.row("hosts", name=to)
     if dst is None:

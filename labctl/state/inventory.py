@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS resources (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, name TEXT NOT NULL,
     detail TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL, UNIQUE (kind, name));
-CREATE TABLE IF NOT EXISTS sites (name TEXT PRIMARY KEY, subnet TEXT NOT NULL, bridge TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sites (name TEXT PRIMARY KEY, subnet TEXT NOT NULL, bridge TEXT NOT NULL,
+    provider TEXT NOT NULL DEFAULT 'labctl');
 CREATE TABLE IF NOT EXISTS hosts (
     name TEXT PRIMARY KEY, site TEXT NOT NULL, address TEXT NOT NULL, initiator_iqn TEXT NOT NULL,
     netns TEXT NOT NULL, veth TEXT NOT NULL, agent_port INTEGER NOT NULL, memory INTEGER NOT NULL,
@@ -53,14 +54,18 @@ CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY, host TEXT NOT NULL, datastore TEXT, memory INTEGER NOT NULL,
     vcpus INTEGER NOT NULL, dirty_rate REAL NOT NULL, working_set INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'stopped', pid INTEGER, started_at REAL,
-    heartbeat_ms INTEGER NOT NULL DEFAULT 100, base TEXT, disk_file TEXT);
+    heartbeat_ms INTEGER NOT NULL DEFAULT 100, base TEXT, disk_file TEXT,
+    guest TEXT NOT NULL DEFAULT 'test', address TEXT, mac TEXT);
 CREATE TABLE IF NOT EXISTS steps (name TEXT NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL);
 """, added_columns=(("vms", "heartbeat_ms", "INTEGER NOT NULL DEFAULT 100"),
                       ("vms", "base", "TEXT"), ("vms", "disk_file", "TEXT"),
                       ("storage_nodes", "memory", "INTEGER NOT NULL DEFAULT 268435456"),
                       ("storage_nodes", "domain_type", "TEXT NOT NULL DEFAULT 'qemu'"),
                       ("storage_nodes", "mac", "TEXT"),
-                      ("hosts", "kind", "TEXT NOT NULL DEFAULT 'host'")))
+                      ("hosts", "kind", "TEXT NOT NULL DEFAULT 'host'"),
+                      ("vms", "guest", "TEXT NOT NULL DEFAULT 'test'"), ("vms", "address", "TEXT"),
+                      ("vms", "mac", "TEXT"),
+                      ("sites", "provider", "TEXT NOT NULL DEFAULT 'labctl'")))
 
 
 class Inventory:

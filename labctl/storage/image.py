@@ -10,7 +10,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ STORAGE_LAZY_MODULES = ("nfsd", "nfsv3")
 server costs ~0.5 s of boot, paid only by a node with a file datastore; the NFS client only
 by the chain copy benchmark's peers."""
 
-_SLIM_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
+SLIM_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
                   "/usr/share/locale/*", "/usr/share/lintian/*")
 
 
@@ -57,7 +57,7 @@ def _storage_packages(recipe: Path, name: str = "packages") -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def _debian_suite() -> str:
+def debian_suite() -> str:
     """The host's Debian release; the image and the cloud kernel come from the same one."""
     try:
         for line in Path("/etc/os-release").read_text().splitlines():
@@ -72,9 +72,9 @@ def _debian_suite() -> str:
 
 def storage_recipe_hash(kernel_version: str, recipe: Path | None = None) -> str:
     recipe = recipe or storage_recipe_dir()
-    parts: list[str | bytes] = [STORAGE_RECIPE_VERSION, kernel_version, _debian_suite(),
+    parts: list[str | bytes] = [STORAGE_RECIPE_VERSION, kernel_version, debian_suite(),
                                 *STORAGE_MODULES, *STORAGE_LAZY_MODULES,
-                                *_SLIM_EXCLUDES]
+                                *SLIM_EXCLUDES]
     for f in sorted(p for p in recipe.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         parts += [str(f.relative_to(recipe)), f.read_bytes()]
     return digest(*parts)
@@ -88,69 +88,89 @@ async def ensure_storage_image(
     The result lives in ``<cache>/storage/<hash>/`` as ``rootfs.ext4`` (raw ext4,
     to be used only as a read-only backing file) and ``vmlinuz``.
     """
-    say = progress or (lambda _msg: None)
     kernel = await ensure_kernel(cache)
     recipe = storage_recipe_dir()
     h = storage_recipe_hash(kernel.version, recipe)
-    base = (cache or cache_dir()) / "storage"
+
+    async def customize(root: Path) -> None:
+        await _customize_storage_root(root, kernel, recipe)
+
+    return await build_root_image("storage node", "storage", recipe, h, kernel, customize,
+                                  cache=cache, progress=progress)
+
+
+async def build_root_image(what: str, kind: str, recipe: Path, h: str, kernel: Kernel,
+                           customize: Callable[[Path], Awaitable[None]], *,
+                           cache: Path | None = None,
+                           progress: Callable[[str], None] | None = None,
+                           min_size_kib: int = 0) -> StorageImage:
+    """The root filesystem of ``recipe`` (its ``packages`` on mmdebstrap's essential
+    variant, its ``purge`` list removed, then ``customize``), built once per hash ``h``
+    into ``<cache>/<kind>/<h>/``: ``rootfs.ext4`` (at least ``min_size_kib``) and the
+    kernel's ``vmlinuz``."""
+    say = progress or (lambda _msg: None)
+    base = (cache or cache_dir()) / kind
     dest = base / h
     image = StorageImage(kernel=dest / "vmlinuz", rootfs=dest / "rootfs.ext4", recipe_hash=h)
     if (dest / "done").exists():
         return image
-    which("mmdebstrap", "needed to build the storage node image")
-    which("mkfs.ext4", "e2fsprogs, needed to build the storage node image")
+    which("mmdebstrap", f"needed to build the {what} image")
+    which("mkfs.ext4", f"e2fsprogs, needed to build the {what} image")
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{h}."))
     try:
         t0 = time.monotonic()
         root = tmp / "root"
         packages = _storage_packages(recipe)
-        suite = _debian_suite()
+        suite = debian_suite()
         say(f"mmdebstrap {suite} with {', '.join(packages)}")
         argv = ["mmdebstrap", "--mode=root", "--variant=essential", "--quiet",
                 "--include=" + ",".join(packages)]
-        argv += [f"--dpkgopt=path-exclude={p}" for p in _SLIM_EXCLUDES]
+        argv += [f"--dpkgopt=path-exclude={p}" for p in SLIM_EXCLUDES]
         argv += [suite, str(root), f"deb http://deb.debian.org/debian {suite} main"]
-        await run(argv, timeout=1800, what="mmdebstrap (storage node image)")
+        await run(argv, timeout=1800, what=f"mmdebstrap ({what} image)")
         purge = _storage_packages(recipe, "purge")
         if purge:
             await run(["chroot", str(root), "dpkg", "--purge", *purge], timeout=300,
-                      what="dpkg --purge in the storage image")
+                      what=f"dpkg --purge in the {what} image")
         say(f"rootfs bootstrapped in {time.monotonic() - t0:.1f} s; adding kernel modules")
-        await _customize_storage_root(root, kernel, recipe)
-        size_kib = _tree_kib(root) * 5 // 4 + 64 * 1024
+        await customize(root)
+        size_kib = max(_tree_kib(root) * 5 // 4 + 64 * 1024, min_size_kib)
         rootfs = tmp / "rootfs.ext4"
         await run(["mkfs.ext4", "-q", "-F", "-L", "labctl-root", "-E", "root_owner=0:0",
                    "-d", str(root), str(rootfs), f"{size_kib}k"], timeout=600,
-                  what="mkfs.ext4 (storage node rootfs)")
+                  what=f"mkfs.ext4 ({what} rootfs)")
         shutil.copyfile(kernel.vmlinuz, tmp / "vmlinuz")
         shutil.rmtree(root)
         (tmp / "done").write_text(f"{h} {kernel.version} built in {time.monotonic() - t0:.1f} s\n")
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
-        say(f"storage image {h} ready in {time.monotonic() - t0:.1f} s")
+        say(f"{what} image {h} ready in {time.monotonic() - t0:.1f} s")
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, ImageBuildError | CommandFailed) or not isinstance(exc, Exception):
             raise
-        raise ImageBuildError(f"building the storage node image failed: {exc}",
+        raise ImageBuildError(f"building the {what} image failed: {exc}",
                               recipe_hash=h) from exc
     return image
 
 
-async def _customize_storage_root(root: Path, kernel: Kernel, recipe: Path) -> None:
-    """Kernel modules, the PID-1 init, and what rtslib-fb expects, into ``root``."""
+def add_modules(root: Path, kernel: Kernel, load: tuple[str, ...], lazy: tuple[str, ...],
+                listing: str) -> None:
+    """Copy ``load`` and ``lazy`` (with their dependencies) from ``kernel`` into ``root``;
+    ``listing`` (a path in the image) names, in load order, the ones PID 1 loads at boot.
+    Run depmod afterwards."""
     mod_root = root / "lib" / "modules" / kernel.version
     order: list[str] = []
     copied: set[str] = set()
-    for name in STORAGE_MODULES + STORAGE_LAZY_MODULES:
+    for name in load + lazy:
         for path in kernel.module_with_deps(name):
             rel = str(path.relative_to(kernel.modules))
             if rel in copied:
                 continue
             copied.add(rel)
-            if name in STORAGE_MODULES:
+            if name in load:
                 order.append(rel)
             target = mod_root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -158,16 +178,15 @@ async def _customize_storage_root(root: Path, kernel: Kernel, recipe: Path) -> N
     for meta in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
         if (kernel.modules / meta).exists():
             shutil.copyfile(kernel.modules / meta, mod_root / meta)
-    await run(["depmod", "-b", str(root), kernel.version], what="depmod (storage image)")
-    etc = root / "etc" / "labctl-storage"
-    etc.mkdir(parents=True, exist_ok=True)
-    (etc / "modules").write_text("".join(rel + "\n" for rel in order))
-    init = root / "sbin" / "labctl-init"
-    shutil.copyfile(recipe / "init.py", init)
-    init.chmod(0o755)
-    (root / "etc" / "rtslib-fb-target").mkdir(parents=True, exist_ok=True)
-    (root / "etc" / "target").mkdir(exist_ok=True)  # target_core_mod's default db_root
-    (root / "etc" / "hostname").write_text("storage\n")
+    listed = root / listing.lstrip("/")
+    listed.parent.mkdir(parents=True, exist_ok=True)
+    listed.write_text("".join(rel + "\n" for rel in order))
+
+
+def finish_root(root: Path, hostname: str) -> None:
+    """What every labctl PID-1 image needs: its hostname, the mount points, a console node
+    for PID 1 before devtmpfs, no apt caches or logs."""
+    (root / "etc" / "hostname").write_text(hostname + "\n")
     for d in ("proc", "sys", "dev", "run", "tmp"):
         (root / d).mkdir(exist_ok=True)
     console = root / "dev" / "console"
@@ -181,6 +200,19 @@ async def _customize_storage_root(root: Path, kernel: Kernel, recipe: Path) -> N
                     shutil.rmtree(child)
                 else:
                     child.unlink()
+
+
+async def _customize_storage_root(root: Path, kernel: Kernel, recipe: Path) -> None:
+    """Kernel modules, the PID-1 init, and what rtslib-fb expects, into ``root``."""
+    add_modules(root, kernel, STORAGE_MODULES, STORAGE_LAZY_MODULES,
+                "/etc/labctl-storage/modules")
+    await run(["depmod", "-b", str(root), kernel.version], what="depmod (storage image)")
+    init = root / "sbin" / "labctl-init"
+    shutil.copyfile(recipe / "init.py", init)
+    init.chmod(0o755)
+    (root / "etc" / "rtslib-fb-target").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "target").mkdir(exist_ok=True)  # target_core_mod's default db_root
+    finish_root(root, "storage")
 
 
 def _tree_kib(root: Path) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from labctl.storage.image import _debian_suite
+from labctl.storage.image import debian_suite
 from tests.conftest import E2E
 
 REPO = Path(__file__).resolve().parents[3]
@@ -26,7 +26,7 @@ ANSIBLE_PLAYBOOK = BIN / "ansible-playbook"
 pytestmark = [*E2E, pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(),
                                        reason="ansible is not installed (pip install ansible)")]
 
-SUITE = _debian_suite()
+SUITE = debian_suite()
 MIRROR = f"deb http://deb.debian.org/debian {SUITE} main"
 UNIT = "etc/systemd/system/labctl-storage-agent.service"
 PACKAGES = ("python3-rtslib-fb", "targetcli-fb", "nfs-kernel-server", "rpcbind", "systemd",

@@ -303,7 +303,7 @@ def test_fields_defaults_and_descriptions() -> None:
     assert props["disk"] == {"anyOf": [{"$ref": "#/$defs/IscsiDisk"}, {"$ref": "#/$defs/FileDisk"},
                                        {"$ref": "#/$defs/NfsChainDisk"}, {"type": "null"}],
                              "default": None}
-    assert sorted(schema["$defs"]) == ["FileDisk", "IscsiDisk", "NfsChainDisk", "NfsLayer"]
+    assert sorted(schema["$defs"]) == ["FileDisk", "IscsiDisk", "NfsChainDisk", "NfsLayer", "Nic"]
     assert schema["$defs"]["NfsChainDisk"]["properties"]["kind"] == {
         "enum": ["nfs-chain"], "default": "nfs-chain"}
     assert schema["$defs"]["FileDisk"]["properties"]["kind"] == {"enum": ["file"], "default": "file"}

@@ -1,0 +1,108 @@
+"""SSH to a machine the lab manages by its management channel (a server guest): commands
+as argument lists (each word quoted for the remote shell with :func:`shlex.join`, never
+pasted into a command string), files over SFTP. The host key is pinned (the guest printed
+it on its console before anyone connected), the client key is the lab's."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+from pathlib import Path
+from types import TracebackType
+
+import asyncssh
+
+from labctl.core.errors import LabError
+from labctl.core.proc import CommandResult
+
+
+class SshError(LabError):
+    """A management channel could not be opened, or a command on it failed."""
+
+
+class SshMachine:
+    """``async with SshMachine(...) as m: await m.run([...])``."""
+
+    def __init__(self, name: str, address: str, client_key: Path, host_key: str,
+                 user: str = "root", port: int = 22) -> None:
+        self.name = name
+        self.address = address
+        self.client_key = client_key
+        self.host_key = host_key
+        self.user = user
+        self.port = port
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    async def connect(self, timeout: float = 60.0) -> None:
+        """Connect, trying again until ``timeout`` while the machine is not listening yet."""
+        trusted = asyncssh.import_public_key(self.host_key)
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                self._conn = await asyncio.wait_for(asyncssh.connect(
+                    self.address, self.port, username=self.user,
+                    client_keys=[str(self.client_key)], known_hosts=([trusted], [], []),
+                    agent_path=None, config=[]), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except asyncssh.HostKeyNotVerifiable as exc:
+                raise SshError(f"{self.name} ({self.address}) presented another host key than "
+                               "the one its console printed", machine=self.name) from exc
+            except (OSError, asyncssh.Error, TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(0.5)
+        raise SshError(f"no SSH session with {self.name} ({self.address}) within {timeout:g} s: "
+                       f"{last}", machine=self.name, address=self.address)
+
+    async def __aenter__(self) -> SshMachine:
+        if self._conn is None:
+            await self.connect()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            await self._conn.wait_closed()
+            self._conn = None
+
+    def _need(self) -> asyncssh.SSHClientConnection:
+        if self._conn is None:
+            raise SshError(f"no SSH session with {self.name}", machine=self.name)
+        return self._conn
+
+    async def run(self, argv: list[str], check: bool = True, timeout: float = 120.0,
+                  stdin: str | None = None) -> CommandResult:
+        """Run ``argv`` on the machine (its words quoted for the remote shell)."""
+        try:
+            res = await asyncio.wait_for(self._need().run(shlex.join(argv), input=stdin,
+                                                          check=False), timeout)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            raise SshError(f"{self.name}: {shlex.join(argv)}: {exc!r}", machine=self.name,
+                           argv=argv) from exc
+        code = res.exit_status if res.exit_status is not None else -1
+        ran = CommandResult(argv, code, str(res.stdout or ""), str(res.stderr or ""))
+        if check and not ran.ok:
+            tail = (ran.stderr or ran.stdout).strip().splitlines()[-3:]
+            raise SshError(f"{self.name}: {argv[0]} exited with {code}: {' / '.join(tail)}",
+                           machine=self.name, argv=argv, returncode=code,
+                           stderr=ran.stderr[-2000:])
+        return ran
+
+    async def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
+        """Write ``data`` to ``remote`` (replaced whole: written beside it, then renamed)."""
+        try:
+            async with self._need().start_sftp_client() as sftp:
+                tmp = f"{remote}.labctl-new"
+                async with sftp.open(tmp, "wb", attrs=asyncssh.SFTPAttrs(
+                        permissions=mode)) as f:
+                    await f.write(data)
+                await sftp.chmod(tmp, mode)
+                await sftp.posix_rename(tmp, remote)
+        except (asyncssh.Error, OSError) as exc:
+            raise SshError(f"{self.name}: cannot write {remote}: {exc}", machine=self.name,
+                           path=remote) from exc
