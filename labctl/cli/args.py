@@ -193,6 +193,33 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--plot", metavar="FILE", type=Path, help="write a timeline PNG")
     ms.add("policies", "the built-in policies")
 
+    # -- replication between clouds
+    rep = sub.add("replicate", "move a server VM to another cloud by agents in its guests",
+                  description="Replicate a server VM (guest: server) to a libvirt cloud: "
+                              "agents copied into the source and a new destination VM copy "
+                              "what changed, pass after pass, until the switchover criterion "
+                              "holds; then the application is stopped, the last pass made and "
+                              "verified, and the VM boots in the other cloud from its "
+                              "replicated disk. Until the cutover the source is untouched.")
+    rep.add_argument("vm")
+    rep.add_argument("--to-cloud", required=True, metavar="SITE",
+                     help="the destination cloud (a site with provider: libvirt)")
+    rep.add_argument("--switchover", metavar="EXPR|FILE",
+                     help="when to cut over: a criterion such as 'predicted_outage <= 2s and "
+                          "passes >= 2' (the default), or a YAML file {when, deadline, "
+                          "max_passes}; see docs/replication.md")
+    rep.add_argument("--tracking", choices=("hash", "era"), default="hash",
+                     help="how later passes find changed blocks: per-block digests on both "
+                          "sides (hash), or dm-era's write tracker (era: not yet)")
+    rep.add_argument("--compress", action="store_true",
+                     help="compress blocks between the agents where that pays")
+    rep.add_argument("--limit", metavar="RATE", help="cap the agents' rate (e.g. 50Mbit/s)")
+    reps = sub.group(sub.add("replication", "recorded replications: list (the default), show",
+                             aliases=("replications",)), default="list")
+    reps.add("list", "every recorded replication")
+    rshow = reps.add("show", "one replication: passes, verdicts, cutover, outage")
+    rshow.add_argument("id", type=int)
+
     # -- datastores and storage
     ds = sub.group(sub.add("datastore", "datastores: create, list, show, resize, delete"))
     c = ds.add("create", "allocate a LUN with an array-style NAA ID for some hosts")
@@ -292,6 +319,7 @@ HANDLERS = {
     "up": "labs", "status": "labs", "ls": "labs", "down": "labs", "validate": "labs",
     "demo": "labs", "export": "labs", "exec": "labs", "shell": "labs", "logs": "labs", "vm": "labs",
     "migrate": "migration", "migration": "migration", "migrations": "migration",
+    "replicate": "replication", "replication": "replication", "replications": "replication",
     "datastore": "storage", "host": "storage", "events": "storage", "rescan": "storage",
     "storage": "storage", "wan": "wan", "image": "files", "chain": "files",
 }

@@ -29,7 +29,8 @@ from labctl.core.paths import home
 from labctl.core.wire import Json, Message
 
 #: commands that only read: Ctrl-C ends them quietly
-READ_ONLY = {"status", "ls", "logs", "events", "validate", "migration", "migrations"}
+READ_ONLY = {"status", "ls", "logs", "events", "validate", "migration", "migrations",
+             "replication", "replications"}
 
 
 Runner = Callable[[argparse.Namespace, Progress], Coroutine[Any, Any, int]]

@@ -31,6 +31,7 @@ from labctl.datastores.tables import RescanEvent
 from labctl.hosts.protocol import VmStarted
 from labctl.lab.crosssite import CrossSite
 from labctl.lab.face import Down
+from labctl.lab.replicate import Replication, ReplicationRow
 from labctl.lab.status import LabStatus, VmState
 from labctl.lab.vms import Snapshotted
 from labctl.migration.policy import Policy
@@ -78,6 +79,8 @@ RECORDS: dict[str, type[Message]] = {
     "storage-portal": PortalState,
     "migrate": MigrationResult,  # labctl migrate, labctl migration show
     "migrate-site": CrossSite,  # labctl migrate VM --to-site SITE
+    "replicate": Replication,  # labctl replicate, labctl replication show
+    "replication": ReplicationRow,  # each element of labctl replication list
     "migration": MigrationRow,  # each element of labctl migration list
     "policy": Policy,  # each element of labctl migration policies
     "wan": WanShown,  # each element of labctl wan show; labctl wan set
@@ -109,6 +112,9 @@ COMMANDS: dict[tuple[str, str | None], tuple[tuple[str, ...], Shape]] = {
     ("migration", "list"): (("migration",), "list"),
     ("migration", "show"): (("migrate",), "one"),
     ("migration", "policies"): (("policy",), "list"),
+    ("replicate", None): (("replicate",), "one"),
+    ("replication", "list"): (("replication",), "list"),
+    ("replication", "show"): (("replicate",), "one"),
     ("datastore", "create"): (("datastore-create", "file-datastore"), "one"),
     ("datastore", "list"): (("datastore", "file-datastore"), "list"),
     ("datastore", "show"): (("datastore-show", "file-datastore"), "one"),
@@ -144,7 +150,7 @@ def check_output(argv: list[str], returncode: int, stdout: str) -> str:
 
     args = parser().parse_args(argv)
     action = getattr(args, "action", None)
-    cmd = "migration" if args.cmd == "migrations" else args.cmd
+    cmd = {"migrations": "migration", "replications": "replication"}.get(args.cmd, args.cmd)
     if returncode != 0:
         names: tuple[str, ...] = ("error",)
         shape: Shape = "one"

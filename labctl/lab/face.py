@@ -22,6 +22,7 @@ from labctl.core.paths import check_home, labs_dir
 from labctl.core.wire import Message
 from labctl.datastores.tables import DATASTORES
 from labctl.migration.tables import MIGRATIONS
+from labctl.replication.tables import CLOUDS
 from labctl.state.context import LabContext, Progress, quiet
 from labctl.state.inventory import Inventory
 from labctl.state.labdir import LabDir, archive, existing_labs, lab_state
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 # measured by bench/cli-start).
 
 #: every feature's inventory tables, each declared next to its feature
-SCHEMAS = (DATASTORES, MIGRATIONS, WAN)
+SCHEMAS = (DATASTORES, MIGRATIONS, WAN, CLOUDS)
 
 
 class Lab:
@@ -352,6 +353,26 @@ class Lab:
             whole.in_site(site)  # a site the lab has, or a refusal listing them
             return await crosssite.migrate(whole, vm, src, site, host=host, policy=policy,
                                            compress=compress, keep_source=keep_source)
+
+    async def replicate(self, vm: str, cloud: str, switchover: str | dict[str, Any] | None,
+                        tracking: str = "hash", compress: bool = False,
+                        limit_bytes_s: float | None = None) -> Any:
+        """Replicate server VM ``vm`` to cloud ``cloud`` by agents in its guests and cut
+        over (see labctl/lab/replicate.py)."""
+        from labctl.lab import replicate
+
+        with self.lab_context() as whole:
+            src = self.pick_site(whole, of=("vm", vm))
+            whole.in_site(cloud)  # a site the lab has, or a refusal listing them
+            return await replicate.replicate(whole, vm, src, cloud, switchover, tracking,
+                                             compress, limit_bytes_s)
+
+    def replications(self, rid: int | None = None) -> Any:
+        """Recorded replications (a list), or replication ``rid``."""
+        from labctl.lab import replicate
+
+        with self.lab_context() as whole:
+            return replicate.list_all(whole) if rid is None else replicate.show(whole, rid)
 
     def migrations(self, mid: int | None = None) -> Any:
         """Recorded migrations of every site (of the ``--site`` one), a list; or migration

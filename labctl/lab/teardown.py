@@ -6,15 +6,13 @@ SIGKILL mid-``up``."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from labctl.core.errors import LabError
 from labctl.drivers import netlink
 from labctl.hosts.provider import NamespaceHosts, stop_owned_process
 from labctl.state.context import LabContext, Progress
 from labctl.storage import node as storagenode
-
-LIBVIRT_QEMU_LOGS = Path("/var/log/libvirt/qemu")
+from labctl.storage.domains import LIBVIRT_QEMU_LOGS
 
 
 async def teardown(ctx: LabContext) -> list[str]:

@@ -10,6 +10,9 @@ into the image) and runs it with the guest's ``python3``::
     python3 app.py run --dir /srv/app --rate 1MiB/s     # until SIGTERM (or SIGINT)
     python3 app.py status --dir /srv/app                # {"last_acked": N, "acked_at": T}
     python3 app.py verify --dir /srv/app                # every record checked, as JSON
+    python3 app.py run --dir /srv/app --background      # detached; prints {"pid": N}
+    python3 app.py stop --dir /srv/app                  # SIGTERM it; its last ack
+    python3 app.py resume --dir /srv/app                # in the background, its last rate
 
 Files in ``--dir``: ``records`` (4 KiB records: magic, sequence number, time, payload,
 SHA-256 of all of it), ``acked`` (the last acknowledged sequence number and its time,
@@ -165,6 +168,56 @@ def run(directory: Path, rate_bytes: float, batch_s: float = 0.1,
     return seq
 
 
+def background(directory: Path) -> int | None:
+    """Detach (fork twice, a new session, stdio to ``app.log`` in ``directory``): returns
+    the daemon's pid in the caller, None in the daemon (which goes on to run)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    r, w = os.pipe()
+    if os.fork() > 0:  # the caller: wait for the daemon's pid
+        os.close(w)
+        with os.fdopen(r) as f:
+            return int(f.read() or "0")
+    os.close(r)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    (directory / "app.pid").write_text(f"{os.getpid()}\n")
+    log = os.open(directory / "app.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.write(w, str(os.getpid()).encode())
+    os.close(w)
+    return None
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process its parent has not reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def stop(directory: Path, timeout: float = 10.0) -> dict[str, object]:
+    """Stop the daemon of ``directory`` (SIGTERM: it finishes its batch); its last
+    acknowledgement."""
+    try:
+        pid = int((directory / "app.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        acked = read_acked(directory)
+        return {"stopped": False, "last_acked": acked.seq, "acked_at": acked.at}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.05)
+    (directory / "app.pid").unlink(missing_ok=True)
+    acked = read_acked(directory)
+    return {"stopped": True, "last_acked": acked.seq, "acked_at": acked.at}
+
+
 def parse_rate(text: str) -> float:
     """``1MiB/s``, ``512KiB/s``, ``100K`` (per second) as bytes per second."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KiB|MiB|GiB|K|M|G)?(?:/s)?\s*", text)
@@ -179,9 +232,32 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="write records until SIGTERM")
     r.add_argument("--rate", type=parse_rate, default=parse_rate("256KiB/s"))
     r.add_argument("--seconds", type=float, default=None, help="stop after this long")
-    for p in (r, sub.add_parser("status"), sub.add_parser("verify")):
+    r.add_argument("--background", action="store_true",
+                   help="detach (log and pid in --dir); print the daemon's pid")
+    for p in (r, sub.add_parser("status"), sub.add_parser("verify"),
+              sub.add_parser("stop", help="stop the background writer"),
+              sub.add_parser("resume", help="run in the background at the rate it last had")):
         p.add_argument("--dir", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.cmd == "resume":  # as it ran before (a cutover's destination starts it so)
+        try:
+            args.rate = float(json.loads((args.dir / "app.json").read_text())["rate"])
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            raise SystemExit(f"app: {args.dir}: no rate to resume with ({exc})") from None
+        args.cmd, args.background, args.seconds = "run", True, None
+    if args.cmd == "run" and args.background:
+        verified = verify(args.dir) if (args.dir / "records").exists() else {"ok": True}
+        if not verified["ok"]:  # refused here, where the caller sees it
+            raise SystemExit(f"app: {args.dir}: acknowledged data is missing: {verified}")
+        args.dir.mkdir(parents=True, exist_ok=True)
+        (args.dir / "app.json").write_text(json.dumps({"rate": args.rate}) + "\n")
+        pid = background(args.dir)
+        if pid is not None:
+            print(json.dumps({"pid": pid}))
+            return 0
+    if args.cmd == "stop":
+        print(json.dumps(stop(args.dir)))
+        return 0
     if args.cmd == "run":
         last = run(args.dir, args.rate, stop_after=args.seconds)
         print(json.dumps({"last_acked": last}))

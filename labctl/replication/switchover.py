@@ -426,16 +426,25 @@ class SwitchoverPolicy:
 DEFAULT_WHEN = "predicted_outage <= 2s and passes >= 2"
 
 
+def _positive(text: object, where: str, dim: Dim, what: str, example: str) -> float:
+    node = parse_value(str(text), where)
+    if node.dim != dim:
+        raise SwitchoverError(f"{where}: {text!r} is {node.dim}, not a {what} (e.g. {example})",
+                              value=str(text))
+    value = float(node.compute(_NO_VIEW, []))
+    if not value > 0:
+        raise SwitchoverError(f"{where}: {text!r} is not a positive {what}", value=str(text))
+    return value
+
+
 def duration(text: object, where: str) -> float:
     """``30min``, ``90s``, ``1.5h`` as seconds; SwitchoverError for anything else."""
-    node = parse_value(str(text), where)
-    if node.dim != SECONDS:
-        raise SwitchoverError(f"{where}: {text!r} is {node.dim}, not a time (e.g. 30min)",
-                              value=str(text))
-    seconds = float(node.compute(_NO_VIEW, []))
-    if not seconds > 0:
-        raise SwitchoverError(f"{where}: {text!r} is not a positive time", value=str(text))
-    return seconds
+    return _positive(text, where, SECONDS, "time", "30min")
+
+
+def rate(text: object, where: str) -> float:
+    """``50Mbit/s``, ``10MiB/s`` as bytes per second; SwitchoverError for anything else."""
+    return _positive(text, where, RATE, "rate", "50Mbit/s")
 
 
 def parse_value(text: str, where: str) -> Node:

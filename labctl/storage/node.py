@@ -43,12 +43,15 @@ from labctl.core.proc import run, which
 from labctl.core.rpc import RpcClient
 from labctl.core.wire import Message, Method
 from labctl.drivers.debian import make_config_disk
-from labctl.storage.domains import LIBVIRT_URI
+from labctl.storage.domains import LIBVIRT_URI, DirectBoot, direct_boot_xml
+from labctl.storage.domains import Nic as Nic
+from labctl.storage.domains import disk_element as _disk_element
 from labctl.storage.domains import in_thread as _in_thread
 from labctl.storage.domains import libvirt_module as _libvirt
 from labctl.storage.domains import open_conn as _open
 from labctl.storage.domains import owned_domain as _owned_domain
 from labctl.storage.domains import owner as _owner
+from labctl.storage.domains import vd_name as _vd_name
 from labctl.storage.image import StorageImage
 from labctl.storage.protocol import STATUS, NodeConfig
 
@@ -76,15 +79,6 @@ class DataDisk:
     serial: str  # virtio serial (at most 20 characters), how the agent finds the disk
     path: Path
     size_bytes: int
-
-
-@dataclass(frozen=True)
-class Nic:
-    """A further NIC of a node on another bridge (the WAN router's second leg)."""
-
-    bridge: str
-    tap: str
-    mac: str
 
 
 @dataclass
@@ -229,94 +223,19 @@ def _metadata_xml(spec: StorageNodeSpec) -> str:
 def domain_xml(spec: StorageNodeSpec, image: StorageImage, overlay: Path, config_disk: Path,
                console_log: Path, accel: str = "qemu") -> str:
     """The libvirt domain of a storage node (pure: no I/O)."""
-    if accel not in ("qemu", "kvm"):
-        raise StorageNodeError(f"unknown accelerator {accel!r} (qemu or kvm)", accel=accel)
-    qemu_ns = "http://libvirt.org/schemas/domain/qemu/1.0"
-    ET.register_namespace("qemu", qemu_ns)
-    dom = ET.Element("domain", {"type": accel})
-    ET.SubElement(dom, "name").text = spec.domain_name
-    meta = ET.SubElement(dom, "metadata")
-    meta.append(ET.fromstring(_metadata_xml(spec)))
-    ET.SubElement(dom, "memory", {"unit": "MiB"}).text = str(spec.memory_mib)
-    ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
-    os_el = ET.SubElement(dom, "os")
-    ET.SubElement(os_el, "type", {"arch": "x86_64", "machine": "pc"}).text = "hvm"
-    qboot = Path("/usr/share/qemu/qboot.rom")
-    if qboot.exists():  # minimal firmware for direct kernel boot: faster than SeaBIOS
-        ET.SubElement(os_el, "loader", {"type": "rom", "readonly": "yes"}).text = str(qboot)
-    ET.SubElement(os_el, "kernel").text = str(image.kernel)
-    ET.SubElement(os_el, "cmdline").text = KERNEL_CMDLINE
-    feats = ET.SubElement(dom, "features")
-    ET.SubElement(feats, "acpi")  # acpi=off stalls boots (DESIGN); needed for power-off
-    if accel == "kvm":
-        ET.SubElement(dom, "cpu", {"mode": "host-passthrough", "check": "none"})
-    else:
-        ET.SubElement(dom, "cpu", {"mode": "maximum", "check": "none"})
-    ET.SubElement(dom, "clock", {"offset": "utc"})
-    for event in ("on_poweroff", "on_reboot", "on_crash"):
-        ET.SubElement(dom, event).text = "destroy"  # a dead node stays visibly dead
-    devs = ET.SubElement(dom, "devices")
-    devs.append(_disk_element(config_disk, "vda", CONFIG_DISK_SERIAL, readonly=True))
-    for i, dd in enumerate(spec.data_disks):
-        devs.append(_disk_element(dd.path, _vd_name(i + 1), dd.serial))
-    for one in (Nic(spec.bridge, spec.tap, spec.mac), *spec.extra_nics):
-        nic = ET.SubElement(devs, "interface", {"type": "bridge"})
-        ET.SubElement(nic, "source", {"bridge": one.bridge})
-        ET.SubElement(nic, "target", {"dev": one.tap})
-        ET.SubElement(nic, "mac", {"address": one.mac})
-        ET.SubElement(nic, "model", {"type": "virtio"})
-        if not spec.nic_offload:
-            drv = ET.SubElement(nic, "driver")
-            off = {"csum": "off", "tso4": "off", "tso6": "off", "ecn": "off", "ufo": "off"}
-            ET.SubElement(drv, "host", off)
-            ET.SubElement(drv, "guest", {k: v for k, v in off.items() if k != "csum"})
-        # no iPXE option ROM: with it SeaBIOS tries a network boot (DHCP timeouts, ~60 s)
-        # before the direct kernel boot
-        ET.SubElement(nic, "rom", {"enabled": "no"})
-    ser = ET.SubElement(devs, "serial", {"type": "file"})
-    ET.SubElement(ser, "source", {"path": str(console_log)})
-    ET.SubElement(ser, "target", {"port": "0"})
-    ET.SubElement(devs, "memballoon", {"model": "none"})
-    video = ET.SubElement(devs, "video")
-    ET.SubElement(video, "model", {"type": "none"})
-    # QEMU runs as root for this domain: the cached image may sit under a private home
-    sec = ET.SubElement(dom, "seclabel", {"type": "static", "model": "dac", "relabel": "no"})
-    ET.SubElement(sec, "label").text = "+0:+0"
-    # libvirt 11.3 has no NVMe disk bus: pass the root disk to QEMU directly, in a PCI
-    # slot libvirt does not hand out (it fills slots from 2 upwards)
-    root_node = {"driver": "qcow2", "node-name": "lcroot",
-                 "file": {"driver": "file", "filename": str(overlay)}}
-    cmd = ET.SubElement(dom, f"{{{qemu_ns}}}commandline")
-    for arg in ("-blockdev", json.dumps(root_node, separators=(",", ":")),
-                "-device", f"nvme,drive=lcroot,serial={ROOT_DISK_SERIAL},bus=pci.0,addr=0x1f"):
-        ET.SubElement(cmd, f"{{{qemu_ns}}}arg", {"value": arg})
-    return ET.tostring(dom, encoding="unicode")
-
-
-def _disk_element(path: Path, target: str, serial: str, readonly: bool = False) -> ET.Element:
-    """A raw file as a virtio-blk ``<disk>`` the node finds by ``serial``."""
-    d = ET.Element("disk", {"type": "file", "device": "disk"})
-    ET.SubElement(d, "driver", {"name": "qemu", "type": "raw", "discard": "unmap"})
-    ET.SubElement(d, "source", {"file": str(path)})
-    ET.SubElement(d, "target", {"dev": target, "bus": "virtio"})
-    ET.SubElement(d, "serial").text = serial
-    if readonly:
-        ET.SubElement(d, "readonly")
-    return d
+    return direct_boot_xml(DirectBoot(
+        name=spec.domain_name, metadata=_metadata_xml(spec), memory_mib=spec.memory_mib,
+        vcpus=spec.vcpus, kernel=image.kernel, cmdline=KERNEL_CMDLINE, root=overlay,
+        root_serial=ROOT_DISK_SERIAL,
+        disks=[(config_disk, CONFIG_DISK_SERIAL, True),
+               *((dd.path, dd.serial, False) for dd in spec.data_disks)],
+        nics=[Nic(spec.bridge, spec.tap, spec.mac), *spec.extra_nics],
+        console_log=console_log, nic_offload=spec.nic_offload), accel)
 
 
 def _find_disk(root: ET.Element, serial: str) -> ET.Element | None:
     """The ``<disk>`` with ``serial`` in a domain's XML, or None."""
     return next((d for d in root.iter("disk") if d.findtext("serial") == serial), None)
-
-
-def _vd_name(i: int) -> str:
-    letters = ""
-    i += 1
-    while i:
-        i, rem = divmod(i - 1, 26)
-        letters = chr(ord("a") + rem) + letters
-    return "vd" + letters
 
 
 def console_tail(path: Path, lines: int = 40) -> str:

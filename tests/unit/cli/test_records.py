@@ -41,7 +41,7 @@ def _subcommands(p: argparse.ArgumentParser) -> list[tuple[str, str | None]]:
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                if name == "migrations":  # the old spelling of migration
+                if name in ("migrations", "replications"):  # another spelling
                     continue
                 inner = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
                 if inner:

@@ -106,3 +106,21 @@ def test_a_record_is_rebuilt_from_its_number() -> None:
     assert app.check(b"\0" * app.RECORD, 1) == "no record (bad magic)"
     assert app.parse_rate("1MiB/s") == 1 << 20 and app.parse_rate("512K") == 512 << 10
     assert os.path.basename(app.__file__) == "app.py"
+
+
+def test_in_the_background_it_detaches_and_stops_when_asked(tmp_path: Path) -> None:
+    """``run --background`` returns at once with the daemon's pid (stdio to app.log: an SSH
+    session that started it can end); ``stop`` ends it after its batch, with its last ack."""
+    res = subprocess.run([sys.executable, "-S", "-I", str(APP), "run", "--dir", str(tmp_path),
+                          "--rate", "1MiB/s", "--background"], capture_output=True, text=True,
+                         timeout=20, check=True)
+    pid = json.loads(res.stdout)["pid"]
+    assert int((tmp_path / "app.pid").read_text()) == pid
+    _until_acked(tmp_path, 20)
+    assert app.alive(pid)  # it runs on after the caller returned
+    res = subprocess.run([sys.executable, "-S", "-I", str(APP), "stop", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=20, check=True)
+    stopped = json.loads(res.stdout)
+    assert stopped["stopped"] and stopped["last_acked"] >= 20
+    assert not app.alive(pid)
+    assert app.verify(tmp_path)["ok"] and not (tmp_path / "app.pid").exists()

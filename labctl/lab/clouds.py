@@ -1,0 +1,439 @@
+"""Two clouds, two providers, one small interface: what a replication needs of a cloud
+(create a VM with its disks, start, stop, its console, its management channel, delete),
+as an operator reaches it through the cloud's own API, never through the hypervisor.
+
+* :class:`LabctlCloud`: a site whose VMs labctl's host agents run (the source cloud): its
+  server guests (``guest: server`` in the topology), on clones of the server image.
+* :class:`LibvirtCloud`: a site whose VMs libvirt runs (``provider: libvirt``): each VM a
+  libvirt domain on the site's bridge (``virsh list`` shows it), booted straight into the
+  server image's kernel with its root on NVMe, its disks files in the lab directory; the
+  domain carries the lab's ownership in its metadata, so teardown removes it with the
+  lab's other domains.
+
+A third provider implements :class:`Cloud`. Every VM of either cloud is a server guest:
+an address of its own in its site's subnet, the lab's SSH key in its boot configuration,
+its host key pinned from its console before anyone connects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import shutil
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from labctl.core import names
+from labctl.core.errors import LabError, LabStateError
+from labctl.core.proc import run
+from labctl.core.wire import Message
+from labctl.drivers.ssh import SshMachine
+from labctl.hosts import protocol as hp
+from labctl.lab import vms
+from labctl.replication.image import SERVER_CMDLINE, ensure_server_image
+from labctl.state import sshkey
+from labctl.state.context import LabContext
+from labctl.storage import domains
+from labctl.storage.domains import DirectBoot, Nic, direct_boot_xml
+
+#: a cloud VM's heartbeat period (its PID 1 prints one line per period)
+HEARTBEAT_MS = 1000
+#: the first host number a cloud VM gets in its site's subnet
+FIRST_VM_HOST = 101
+
+
+@dataclass(frozen=True)
+class CloudDisk(Message):
+    """A disk of a cloud VM: ``root`` boots it; ``data`` disks appear as ``/dev/vdX`` in
+    the guest, in order (their serial is ``labctl-dN``)."""
+
+    role: str
+    size_bytes: int
+    #: where the cloud keeps it (a file of the libvirt cloud, a datastore file of labctl's)
+    where: str
+    serial: str
+
+
+@dataclass(frozen=True)
+class CloudVm(Message):
+    cloud: str
+    provider: str
+    name: str
+    #: running, stopped, absent (libvirt's states in words for a libvirt domain)
+    state: str
+    #: the management channel: the guest's address (SSH, port 22)
+    address: str
+    disks: list[CloudDisk] = field(default_factory=list)
+    #: the libvirt domain, or the labctl host the VM runs on
+    runs_on: str | None = None
+
+
+@dataclass(frozen=True)
+class NewVm:
+    """What :meth:`Cloud.create` makes: a VM booting ``root`` (``image``: a copy-on-write
+    clone of the server image, a helper system; or a raw disk file the cloud takes over,
+    as a replicated disk), with empty raw ``data_disks`` of these sizes."""
+
+    name: str
+    memory_mib: int = 256
+    vcpus: int = 1
+    root: str | Path = "image"
+    data_disks: tuple[int, ...] = ()
+
+
+class Cloud(Protocol):
+    site: str
+    provider: str
+
+    async def create(self, vm: NewVm) -> CloudVm: ...
+    async def start(self, name: str, timeout: float = 120.0) -> CloudVm: ...
+    async def stop(self, name: str, timeout: float = 60.0) -> CloudVm: ...
+    async def delete(self, name: str) -> None: ...
+    async def show(self, name: str) -> CloudVm: ...
+    async def console(self, name: str, lines: int = 50) -> list[str]: ...
+    def ssh(self, name: str) -> SshMachine: ...
+
+
+def cloud_of(ctx: LabContext) -> Cloud:
+    """Site ``ctx``'s cloud, by the provider the topology gave it."""
+    row = ctx.shared.row("sites", name=ctx.site)
+    provider = str(row["provider"]) if row is not None else "labctl"
+    return LibvirtCloud(ctx) if provider == "libvirt" else LabctlCloud(ctx)
+
+
+def _host_key_from(lines: list[str]) -> str | None:
+    keys = [ln.split("hostkey ", 1)[1].strip() for ln in lines if "labctl-server: hostkey " in ln]
+    return keys[-1] if keys else None
+
+
+def _ssh(ctx: LabContext, name: str, address: str) -> SshMachine:
+    key = sshkey.ensure_key(ctx.name, ctx.dir.path)
+    pinned = sshkey.pinned_host_key(ctx.dir.path, name)
+    if pinned is None:
+        raise LabStateError(f"VM {name} has not printed its SSH host key yet (is it running?)",
+                            vm=name)
+    return SshMachine(name, str(ipaddress.IPv4Interface(address).ip), key.private, pinned)
+
+
+class LabctlCloud:
+    """A site of labctl's host agents, as a cloud: its server guests."""
+
+    provider = "labctl"
+
+    def __init__(self, ctx: LabContext) -> None:
+        assert ctx.site is not None
+        self.ctx = ctx
+        self.site = ctx.site
+
+    def _row(self, name: str) -> dict[str, Any]:
+        row = self.ctx.inv.row("vms", name=name)
+        if row is None or row["guest"] != "server":
+            known = [str(r["name"]) for r in self.ctx.inv.rows("vms", guest="server")]
+            raise LabStateError(f"cloud {self.site} has no server VM {name!r} (server VMs: "
+                                f"{', '.join(known) or 'none'})", vm=name, cloud=self.site)
+        return row
+
+    async def create(self, vm: NewVm) -> CloudVm:
+        raise LabStateError(f"cloud {self.site}'s VMs are the topology's (guest: server): "
+                            "declare the VM there", vm=vm.name, cloud=self.site)
+
+    async def show(self, name: str) -> CloudVm:
+        row = self._row(name)
+        return CloudVm(cloud=self.site, provider=self.provider, name=name,
+                       state=str(row["state"]), address=str(row["address"]),
+                       disks=[CloudDisk("root", 0, f"{row['datastore']}:{row['disk_file']}",
+                                        "labctl-root")], runs_on=str(row["host"]))
+
+    async def start(self, name: str, timeout: float = 120.0) -> CloudVm:
+        self._row(name)
+        await vms.start(self.ctx, name)
+        return await self.show(name)
+
+    async def stop(self, name: str, timeout: float = 60.0) -> CloudVm:
+        """A clean stop: the guest is asked to power off over its management channel (its
+        PID 1 syncs and unmounts), then the host's QEMU is gone."""
+        row = self._row(name)
+        if row["state"] == "running":
+            async with self.ssh(name) as m:
+                await m.run(["kill", "-TERM", "1"])
+            deadline = time.monotonic() + timeout
+            async with self.ctx.host_client(str(row["host"])) as c:
+                while time.monotonic() < deadline:
+                    st = await hp.VM_STATUS.call(c, hp.VmName(name))
+                    if st.process not in ("starting", "running"):
+                        break
+                    await asyncio.sleep(0.5)
+                else:
+                    raise LabError(f"VM {name} did not power off within {timeout:g} s",
+                                   vm=name)
+            with contextlib.suppress(LabError):  # the host forgets the exited QEMU
+                await vms.stop(self.ctx, name)
+            self.ctx.inv.update("vms", {"name": name}, state="stopped", pid=None)
+        return await self.show(name)
+
+    async def delete(self, name: str) -> None:
+        raise LabStateError(f"cloud {self.site}'s VMs are the topology's: stop it instead",
+                            vm=name)
+
+    async def console(self, name: str, lines: int = 50) -> list[str]:
+        row = self._row(name)
+        async with self.ctx.host_client(str(row["host"])) as c:
+            return (await hp.VM_CONSOLE_TAIL.call(c, hp.ConsoleTailRequest(name, lines))).lines
+
+    def ssh(self, name: str) -> SshMachine:
+        return _ssh(self.ctx, name, str(self._row(name)["address"]))
+
+
+class LibvirtCloud:
+    """A site whose VMs are libvirt domains (``provider: libvirt``)."""
+
+    provider = "libvirt"
+
+    def __init__(self, ctx: LabContext) -> None:
+        assert ctx.site is not None
+        self.ctx = ctx
+        self.site = ctx.site
+
+    # -- the cloud's own records ---------------------------------------------------------
+    def _dir(self, name: str) -> Path:
+        return self.ctx.dir.path / "sites" / self.site / "cloud" / name
+
+    def _row(self, name: str) -> dict[str, Any]:
+        row = self.ctx.inv.row("cloud_vms", name=name)
+        if row is None:
+            known = [str(r["name"]) for r in self.ctx.inv.rows("cloud_vms")]
+            raise LabStateError(f"cloud {self.site} has no VM {name!r} (VMs: "
+                                f"{', '.join(known) or 'none'})", vm=name, cloud=self.site)
+        return row
+
+    def _site_net(self) -> tuple[ipaddress.IPv4Network, str]:
+        row = self.ctx.inv.row("sites", name=self.site)
+        assert row is not None
+        return ipaddress.IPv4Network(row["subnet"]), str(row["bridge"])
+
+    def _gateway(self, net: ipaddress.IPv4Network) -> str:
+        """The site's WAN router (the way to the other clouds), else the controller."""
+        for link in self.ctx.shared.rows("wan_links"):
+            for site, addr in ((link["site_a"], link["address_a"]),
+                               (link["site_b"], link["address_b"])):
+                if site == self.site:
+                    return str(addr)
+        return str(net.network_address + 1)
+
+    def _free_address(self, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+        used = {ipaddress.IPv4Interface(r["address"]).ip for r in self.ctx.inv.rows("cloud_vms")}
+        for link in self.ctx.shared.rows("wan_links"):
+            used |= {ipaddress.IPv4Address(link["address_a"]),
+                     ipaddress.IPv4Address(link["address_b"])}
+        addr = net.network_address + FIRST_VM_HOST
+        while addr in used:
+            addr += 1
+        if addr >= net.broadcast_address:
+            raise LabStateError(f"cloud {self.site} has no free address left in {net}",
+                                cloud=self.site)
+        return addr
+
+    # -- the interface ---------------------------------------------------------------------
+    async def create(self, vm: NewVm) -> CloudVm:
+        """Define the VM (not started): its disks made, its address, MAC and domain."""
+        if not hp.NAME_RE.match(vm.name) or len(vm.name) > 32:
+            raise LabStateError(f"bad VM name {vm.name!r}", vm=vm.name)
+        if self.ctx.inv.row("cloud_vms", name=vm.name) is not None:
+            raise LabStateError(f"cloud {self.site} already has a VM {vm.name}", vm=vm.name)
+        net, bridge = self._site_net()
+        addr = self._free_address(net)
+        d = self._dir(vm.name)
+        d.mkdir(parents=True, exist_ok=True)
+        made: list[Path] = []
+        try:
+            if vm.root == "image":
+                image = await ensure_server_image(progress=self.ctx.progress)
+                root, root_format = d / "root.qcow2", "qcow2"
+                await run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs),
+                           "-F", "raw", str(root)], what=f"the root disk of {vm.name}")
+            else:  # a disk handed over (take_disk): the VM's from now on
+                given, root, root_format = Path(vm.root), d / "root.raw", "raw"
+                if not given.is_file():
+                    raise LabStateError(f"no disk {given} to boot {vm.name} from", vm=vm.name)
+                given.rename(root)
+            made.append(root)
+            data: list[CloudDisk] = []
+            for i, size in enumerate(vm.data_disks):
+                path = d / f"data{i}.raw"
+                with open(path, "wb") as f:
+                    f.truncate(size)
+                made.append(path)
+                data.append(CloudDisk("data", size, str(path), f"labctl-d{i}"))
+            mac = names.mac(self.ctx.dir.tag, "c", int(addr) & 0xFF)  # unique in the /24
+            row = {"name": vm.name, "domain": names.domain(self.ctx.name, vm.name),
+                   "address": f"{addr}/{net.prefixlen}", "mac": mac, "memory": vm.memory_mib,
+                   "vcpus": vm.vcpus, "root": str(root), "root_format": root_format,
+                   "disks": json.dumps([x.to_wire() for x in data]), "created_at": time.time()}
+            xml = self._xml(row, data, bridge, net)
+            await domains.in_thread(self._define, row["domain"], xml)
+            self.ctx.inv.upsert("cloud_vms", **row)
+        except BaseException:
+            for path in made:
+                if path.parent == d:
+                    path.unlink(missing_ok=True)
+            raise
+        return await self.show(vm.name)
+
+    def _xml(self, row: dict[str, Any], data: list[CloudDisk], bridge: str,
+             net: ipaddress.IPv4Network) -> str:
+        key = sshkey.ensure_key(self.ctx.name, self.ctx.dir.path)
+        image_kernel = self.ctx.shared.get_meta("server_kernel")
+        kernel = Path(image_kernel) if image_kernel else None
+        if kernel is None:
+            raise LabStateError("the lab has no server image kernel: bring it up again")
+        cmdline = " ".join([SERVER_CMDLINE, f"labctl.vm={row['name']}",
+                            f"labctl.ip={row['address']}", f"labctl.gw={self._gateway(net)}",
+                            f"labctl.mac={row['mac']}", f"labctl.key={key.boot_arg()}",
+                            f"labctl.hb_ms={HEARTBEAT_MS}"])
+        meta = ET.Element("labctl:owner", {"xmlns:labctl": names.LIBVIRT_METADATA_NS})
+        for k, v in (("lab", self.ctx.name), ("lab_dir", str(self.ctx.dir.path.resolve())),
+                     ("node", str(row["name"])), ("role", "cloud-vm"), ("site", self.site)):
+            ET.SubElement(meta, f"labctl:{k}").text = v
+        d = self._dir(str(row["name"]))
+        tap = f"lc{self.ctx.dir.tag[:6]}{int(row['mac'].split(':')[-1], 16):02x}"
+        return direct_boot_xml(DirectBoot(
+            name=str(row["domain"]), metadata=ET.tostring(meta, encoding="unicode"),
+            memory_mib=int(row["memory"]), vcpus=int(row["vcpus"]), kernel=kernel,
+            cmdline=cmdline, root=Path(row["root"]), root_serial="labctl-root",
+            root_format=str(row["root_format"]), console_log=d / "console.log",
+            disks=[(Path(x.where), x.serial, False) for x in data],
+            nics=[Nic(bridge, tap, str(row["mac"]))]),
+            (self.ctx.shared.get_meta("accel") == "kvm" and "kvm") or "qemu")
+
+    def _define(self, domain: str, xml: str) -> None:
+        lv = domains.libvirt_module()
+        conn = domains.open_conn()
+        try:
+            with contextlib.suppress(lv.libvirtError):
+                conn.lookupByName(domain)
+                raise LabStateError(f"a libvirt domain {domain} exists already: refusing to "
+                                    "touch it", domain=domain)
+            try:
+                conn.defineXML(xml)
+            except lv.libvirtError as exc:
+                raise LabError(f"libvirt refused the domain {domain}: {exc}", domain=domain,
+                               xml=xml) from exc
+        finally:
+            conn.close()
+
+    def _domain_call(self, name: str, what: str) -> str:
+        """``what`` (create, destroy, undefine) on the VM's domain; its state after."""
+        lv = domains.libvirt_module()
+        conn = domains.open_conn()
+        try:
+            dom = domains.owned_domain(conn, self.ctx.name, name)
+            try:
+                if what == "create" and not dom.isActive():
+                    dom.create()
+                elif what == "destroy" and dom.isActive():
+                    dom.destroy()
+                elif what == "undefine":
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefine()
+                    return "absent"
+            except lv.libvirtError as exc:
+                raise LabError(f"libvirt could not {what} {dom.name()}: {exc}",
+                               domain=dom.name()) from exc
+            return domains.state_of(dom).state
+        finally:
+            conn.close()
+
+    async def show(self, name: str) -> CloudVm:
+        row = self._row(name)
+        try:
+            state = (await domains.domain_state(self.ctx.name, name)).state
+        except LabError:
+            state = "absent"
+        root = CloudDisk("root", Path(row["root"]).stat().st_size if Path(row["root"]).exists()
+                         else 0, str(row["root"]), "labctl-root")
+        data = [CloudDisk.from_wire(x) for x in json.loads(row["disks"])]
+        return CloudVm(cloud=self.site, provider=self.provider, name=name,
+                       state="stopped" if state == "shutoff" else state,
+                       address=str(row["address"]), disks=[root, *data],
+                       runs_on=str(row["domain"]))
+
+    async def start(self, name: str, timeout: float = 120.0) -> CloudVm:
+        """Start the domain; return once the guest printed its host key (pinned) and
+        answers SSH."""
+        row = self._row(name)
+        log = self._dir(name) / "console.log"
+        if (await domains.domain_state(self.ctx.name, name)).state != "running":
+            log.unlink(missing_ok=True)
+        await domains.in_thread(self._domain_call, name, "create")
+        deadline = time.monotonic() + timeout
+        while True:
+            key = _host_key_from(await self.console(name, 400))
+            if key is not None:
+                break
+            if (await domains.domain_state(self.ctx.name, name)).state != "running":
+                raise LabError(f"VM {name} stopped while booting", vm=name,
+                               console_tail=await self.console(name, 20))
+            if time.monotonic() > deadline:
+                raise LabError(f"VM {name} printed no SSH host key within {timeout:g} s",
+                               vm=name, console_tail=await self.console(name, 20))
+            await asyncio.sleep(0.3)
+        sshkey.pin_host_key(self.ctx.dir.path, name, key)
+        async with _ssh(self.ctx, name, str(row["address"])) as m:
+            await m.run(["true"])
+        return await self.show(name)
+
+    async def stop(self, name: str, timeout: float = 60.0) -> CloudVm:
+        """A clean stop (the guest powers off when asked over SSH), else the domain is
+        destroyed."""
+        row = self._row(name)
+        if (await domains.domain_state(self.ctx.name, name)).state == "running":
+            with contextlib.suppress(LabError):
+                async with _ssh(self.ctx, name, str(row["address"])) as m:
+                    await m.run(["kill", "-TERM", "1"])
+            deadline = time.monotonic() + timeout
+            while (await domains.domain_state(self.ctx.name, name)).state == "running":
+                if time.monotonic() > deadline:
+                    await domains.in_thread(self._domain_call, name, "destroy")
+                    break
+                await asyncio.sleep(0.3)
+        return await self.show(name)
+
+    def take_disk(self, name: str, path: Path) -> Path:
+        """Keep disk ``path`` of VM ``name`` when the VM is deleted (a replicated disk that
+        another VM will boot): moved out of the VM's directory, the cloud's still."""
+        self._row(name)
+        d = self._dir(name)
+        if path.parent != d or not path.is_file():
+            raise LabStateError(f"{path} is no disk of VM {name}", vm=name, path=str(path))
+        kept = self._dir(".kept") / f"{name}-{path.name}"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(kept)
+        return kept
+
+    async def delete(self, name: str) -> None:
+        """The domain destroyed and undefined, its disks and records gone (a root disk the
+        VM was given from elsewhere goes too: the cloud took it over)."""
+        row = self._row(name)
+        with contextlib.suppress(LabError):
+            await domains.in_thread(self._domain_call, name, "undefine")
+        # libvirt keeps the domain's QEMU log after undefine; it is this lab's file
+        (domains.LIBVIRT_QEMU_LOGS / f"{row['domain']}.log").unlink(missing_ok=True)
+        shutil.rmtree(self._dir(name), ignore_errors=True)
+        self.ctx.inv.conn.execute("DELETE FROM cloud_vms WHERE name=?", (name,))
+
+    async def console(self, name: str, lines: int = 50) -> list[str]:
+        self._row(name)
+        try:
+            text = (self._dir(name) / "console.log").read_text(errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()[-lines:]
+
+    def ssh(self, name: str) -> SshMachine:
+        return _ssh(self.ctx, name, str(self._row(name)["address"]))

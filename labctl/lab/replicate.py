@@ -1,0 +1,535 @@
+"""``labctl replicate VM --to-cloud SITE``: a VM moved from one cloud to another by agents
+in its guests, as AWS Application Migration Service or Azure Site Recovery do it, with a
+switchover criterion you can state and test.
+
+The operator holds both clouds' credentials and no hypervisor access: cloud A's VM is
+reached over its management channel (SSH), cloud B's API (libvirt) makes the destination.
+
+1. Refused before anything is made: the VM is not a running server guest of a labctl
+   cloud, the target is not a libvirt cloud, no WAN link (or it is down), a criterion
+   that does not read.
+2. Cloud B makes the destination: a helper system (a clone of the server image) with an
+   empty target disk the size of the source's.
+3. The agents (``labctl/replication/agent.py`` and ``blocks.py``) and their TLS files (a
+   certificate each from the lab's CA, naming its address) are copied into both guests'
+   ``/run`` (tmpfs: they leave no trace on either disk) and the target agent started.
+4. Passes: the source agent copies what changed (pass 1: every data block) straight to
+   the target across the WAN. After each, the criterion is evaluated over what it saw;
+   the pass, its numbers and the verdict are recorded. A pass that fails (a WAN cut, a
+   killed agent) is recorded and run again: it resumes from its last flush.
+5. When the criterion holds: the application is stopped (its last acknowledgement noted)
+   and the filesystem frozen; the final pass; every block's digest compared on both sides;
+   the source VM stopped; the helper system stopped and deleted, its target disk handed
+   to a new VM of cloud B named like the source, which boots from it; the application's
+   records verified there and the application started again: the outage is from its last
+   acknowledgement on the source to its first on the destination.
+6. When a limit is reached first (deadline, passes): the source is left as it was (its
+   agent gone), the destination deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from labctl.core.errors import LabError, LabStateError
+from labctl.core.wire import Json, Message, WallTime
+from labctl.drivers.ssh import SshError, SshMachine
+from labctl.lab import vms
+from labctl.lab.clouds import CloudVm, LabctlCloud, LibvirtCloud, NewVm, cloud_of
+from labctl.replication import agent as agent_mod
+from labctl.replication import blocks
+from labctl.replication.switchover import DEFAULT_WHEN, PassView, SwitchoverPolicy, policy_from
+from labctl.state.context import LabContext
+from labctl.state.pki import LabPki
+from labctl.wan import service as wan
+
+#: where the agents live in each guest: tmpfs, so neither disk keeps a trace of them
+AGENT_DIR = "/run/labctl-repl"
+AGENT_PORT = 7900
+#: the application as the source VM runs it (labctl/replication/app.py)
+APP = "/opt/labctl/app.py"
+APP_DIR = "/srv/app"
+SOURCE_DISK = "/dev/nvme0n1"
+TARGET_DISK = "/dev/vda"
+#: a failed pass is run again this many times in a row before the replication gives up
+PASS_RETRIES = 5
+
+
+class ReplicationError(LabError):
+    """A replication that could not start, or failed on its way (evidence: how far)."""
+
+
+@dataclass(frozen=True)
+class PassRecord(Message):
+    """One pass as the orchestrator saw it (a failed attempt too: ``how`` failed)."""
+
+    #: the attempt's number (failed attempts count)
+    n: int
+    #: full (pass 1), map (the source's map of what the target holds), rehash (the map was
+    #: lost: the target's digests asked), final
+    how: str
+    started_at: WallTime
+    seconds: float
+    blocks: int
+    bytes: int
+    wire_bytes: int
+    #: bytes the source agent read (its digest scan and the blocks sent)
+    read_bytes: int
+    cpu_seconds: float
+    digest_seconds: float
+    #: bytes per second the source changed since the previous pass began
+    dirty_rate: float
+    #: the disk's bytes per second this pass moved (what compression saved makes it faster)
+    link_rate: float
+    #: changed bytes not yet on the destination (the dirty rate over this pass's time)
+    remaining: float
+    #: the next pass's predicted time: the digest scan plus the remaining bytes at this rate
+    predicted_next_s: float
+    #: what the switchover criterion said, and why
+    decision: str
+    why: str
+    #: how old the newest data the destination holds is, when this pass ended
+    rpo_s: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Cutover(Message):
+    """The switchover, step by step (seconds), and what the application said."""
+
+    quiesced_at: WallTime
+    source_last_acked: int | None
+    source_acked_at: WallTime | None
+    final_predicted_s: float
+    final_s: float
+    #: |actual - predicted| / actual
+    final_prediction_error: float
+    verify: Json
+    steps: dict[str, float]
+    dest_check: Json = None
+    dest_first_acked: int | None = None
+    dest_first_acked_at: WallTime | None = None
+    #: last acknowledgement on the source to the first on the destination
+    outage_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Replication(Message):
+    """``labctl replicate``: the whole record."""
+
+    id: int
+    vm: str
+    from_site: str
+    to_site: str
+    #: the destination VM in cloud B (the helper while replicating, then the VM itself)
+    dest: str
+    state: str
+    started_at: WallTime
+    seconds: float
+    tracking: str
+    switchover: str
+    disk_bytes: int
+    passes: list[PassRecord] = field(default_factory=list)
+    cutover: Cutover | None = None
+    sent_bytes: int = 0
+    wire_bytes: int = 0
+    error: str | None = None
+
+
+def _records(inv: Any, rid: int, rec: Replication) -> None:
+    with inv.transaction():
+        inv.conn.execute("UPDATE replications SET state=?, result=? WHERE id=?",
+                         (rec.state, json.dumps(rec.to_wire(), default=str), rid))
+        for p in rec.passes:
+            inv.conn.execute("INSERT OR REPLACE INTO replication_passes(replication, n, record)"
+                             " VALUES (?, ?, ?)", (rid, p.n, json.dumps(p.to_wire())))
+
+
+async def _install(m: SshMachine, tls: dict[str, Path]) -> None:
+    """The agents and their TLS files into the guest's /run (0700; keys 0600)."""
+    await m.run(["mkdir", "-p", "-m", "0700", f"{AGENT_DIR}/tls"])
+    await m.put(Path(agent_mod.__file__).read_bytes(), f"{AGENT_DIR}/agent.py", 0o700)
+    await m.put(Path(blocks.__file__).read_bytes(), f"{AGENT_DIR}/blocks.py", 0o600)
+    for name, path in tls.items():
+        await m.put(path.read_bytes(), f"{AGENT_DIR}/tls/{name}", 0o600)
+
+
+async def _agent(m: SshMachine, *args: str, timeout: float = 3600.0) -> dict[str, Any]:
+    # -B: no bytecode written (the source's filesystem may be frozen)
+    ran = await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", *args], timeout=timeout,
+                      check=False)
+    if ran.returncode not in (0, 1):
+        raise ReplicationError(f"{m.name}: {ran.stderr.strip() or ran.stdout.strip()}",
+                               machine=m.name, returncode=ran.returncode)
+    out: dict[str, Any] = json.loads(ran.stdout.strip().splitlines()[-1])
+    return out
+
+
+async def _installed(m: SshMachine) -> bool:
+    return (await m.run(["test", "-f", f"{AGENT_DIR}/agent.py"], check=False)).ok
+
+
+async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
+                    switchover: str | dict[str, Any] | None = None, tracking: str = "hash",
+                    compress: bool = False, limit_bytes_s: float | None = None,
+                    ) -> Replication:
+    """Replicate server VM ``vm`` of cloud ``src_site`` to cloud ``to_site`` and cut over."""
+    if tracking != "hash":
+        raise ReplicationError(f"--tracking {tracking}: the write tracker (dm-era) needs the "
+                               "source's root disk under device-mapper, which its image "
+                               "cannot do at boot yet: use --tracking hash", tracking=tracking)
+    if to_site == src_site:
+        raise ReplicationError(f"VM {vm} is already in cloud {to_site}", vm=vm)
+    policy = policy_from(switchover if switchover is not None else DEFAULT_WHEN)
+    a, b = whole.in_site(src_site), whole.in_site(to_site)
+    ca, cb = cloud_of(a), cloud_of(b)
+    if not isinstance(ca, LabctlCloud):
+        raise ReplicationError(f"cloud {src_site} is not one of labctl's hosts", site=src_site)
+    if not isinstance(cb, LibvirtCloud):
+        raise ReplicationError(f"cloud {to_site} is not a libvirt cloud (provider: libvirt)",
+                               site=to_site)
+    src = await ca.show(vm)
+    if src.state != "running":
+        raise ReplicationError(f"VM {vm} is not running (state {src.state})", vm=vm)
+    links = [w for w in await wan.show(whole) if {src_site, to_site} == set(w.sites)]
+    if not links or links[0].state != "up":
+        raise ReplicationError(f"no WAN link up between {src_site} and {to_site}", vm=vm)
+    row = vms.row(a, vm)
+    disk_bytes = await _disk_size(a, row)
+    dest_name = f"{vm}-repl"
+    inv = whole.inv
+    cur = inv.conn.execute("INSERT INTO replications(vm, from_site, to_site, started_at, state)"
+                           " VALUES (?, ?, ?, ?, 'running')", (vm, src_site, to_site, time.time()))
+    rid = int(cur.lastrowid or 0)
+    t0, t_wall = time.monotonic(), time.time()
+    rec = Replication(id=rid, vm=vm, from_site=src_site, to_site=to_site, dest=dest_name,
+                      state="running", started_at=WallTime(t_wall), seconds=0.0,
+                      tracking=tracking, switchover=json.dumps(switchover) if isinstance(
+                          switchover, dict) else (switchover or DEFAULT_WHEN),
+                      disk_bytes=disk_bytes)
+    _records(inv, rid, rec)
+    stage = Stage()
+    try:
+        whole.progress(f"{to_site}: a destination VM {dest_name} with an empty "
+                       f"{disk_bytes >> 20} MiB target")
+        await cb.create(NewVm(dest_name, data_disks=(disk_bytes,)))
+        made = await cb.start(dest_name)
+        rec = await _run(whole, ca, cb, vm, src, made, rec, policy, compress, limit_bytes_s,
+                         stage)
+    except (LabError, OSError) as exc:
+        msg = exc.message if isinstance(exc, LabError) else str(exc)
+        rec = replace(rec, state="failed", error=msg, passes=stage.passes or rec.passes)
+    finally:
+        rec = replace(rec, seconds=round(time.monotonic() - t0, 3),
+                      sent_bytes=sum(p.bytes for p in rec.passes),
+                      wire_bytes=sum(p.wire_bytes for p in rec.passes))
+        if rec.state != "completed" and not stage.source_stopped:
+            await _give_back(whole, ca, cb, vm, dest_name, stage.app_stopped)
+        elif rec.state != "completed":  # past the point of no return: keep what there is
+            rec = replace(rec, state="failed after the source stopped",
+                          error=f"{rec.error} (the source {vm} is stopped with its disk intact;"
+                                f" the destination is kept as it is)")
+        _records(inv, rid, rec)
+    return rec
+
+
+@dataclass
+class Stage:
+    """How far a replication got: what a failure must give back."""
+
+    app_stopped: bool = False
+    source_stopped: bool = False
+    passes: list[PassRecord] = field(default_factory=list)
+
+
+async def _disk_size(a: LabContext, row: dict[str, Any]) -> int:
+    from labctl.datastores import filestores  # noqa: PLC0415
+
+    chain = await filestores.chain(a, str(row["datastore"]), str(row["disk_file"]))
+    return int(chain.layers[0].virtual_size)
+
+
+async def _give_back(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str,
+                     dest: str, app_stopped: bool) -> None:
+    """A replication that did not complete: the source as it was (its agent gone, its
+    filesystem thawed, its application running again), the destination deleted."""
+    with contextlib.suppress(LabError):
+        async with ca.ssh(vm) as m:
+            await m.run(["fsfreeze", "-u", "/"], check=False)
+            await m.run(["rm", "-rf", AGENT_DIR], check=False)
+            if app_stopped:
+                await m.run(["python3", "-B", APP, "resume", "--dir", APP_DIR], check=False)
+    with contextlib.suppress(LabError):
+        await cb.delete(dest)
+    whole.progress(f"the source {vm} is left as it was; the destination {dest} is deleted")
+
+
+async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, src: CloudVm,
+               dest: CloudVm, rec: Replication, policy: SwitchoverPolicy, compress: bool,
+               limit: float | None, stage: Stage) -> Replication:
+    dst_ip = dest.address.split("/")[0]
+    src_ip = src.address.split("/")[0]
+    work = whole.dir.path / "replications" / str(rec.id)
+    pki = LabPki(whole.name, whole.dir.path / "pki")
+    tls = {}
+    for role, addr in (("src", src_ip), ("dst", dst_ip)):
+        issued = pki.issue(f"repl-{rec.id}-{role}", [addr], work / role)
+        tls[role] = {"cert.pem": issued.cert, "key.pem": issued.key, "ca.pem": issued.ca}
+    async with ca.ssh(vm) as sm, cb.ssh(dest.name) as dm:
+        await _install(sm, tls["src"])
+        await _install(dm, tls["dst"])
+        await _agent(dm, "target", "--disk", TARGET_DISK, "--listen", f"0.0.0.0:{AGENT_PORT}",
+                     "--tls", f"{AGENT_DIR}/tls", "--state", f"{AGENT_DIR}/state")
+        to = f"{dst_ip}:{AGENT_PORT}"
+        pass_args = ["--disk", SOURCE_DISK, "--to", to, "--tls", f"{AGENT_DIR}/tls",
+                     "--state", f"{AGENT_DIR}/state", *(["--compress"] if compress else []),
+                     *(["--limit", str(limit)] if limit else [])]
+        t_begin = time.monotonic()
+        prev_start: float | None = None
+        failures = n = 0
+        full = True  # pass 1 copies every data block; a retry resumes from the map
+        while True:
+            t_start, w_start = time.monotonic(), time.time()
+            attempt = len(rec.passes) + 1
+            try:
+                if not await _installed(sm):  # the source rebooted: /run is empty again
+                    await _install(sm, tls["src"])
+                args = [*pass_args, *(["--full"] if full else [])]
+                full = False
+                got = await _agent(sm, "pass", *args)
+            except (ReplicationError, SshError) as exc:
+                failures += 1
+                rec = replace(rec, passes=[*rec.passes,
+                                           _failed_pass(attempt, w_start, t_start, exc)])
+                stage.passes = rec.passes
+                _records(whole.inv, rec.id, rec)
+                if failures > PASS_RETRIES or time.monotonic() - t_begin > policy.deadline_s:
+                    raise ReplicationError(f"pass {n + 1} failed {failures} times in a row: "
+                                           f"{exc.message}", passes=len(rec.passes)) from exc
+                whole.progress(f"pass {n + 1} failed ({exc.message}): again, from its last "
+                               "flush")
+                await _reconnect(sm)
+                continue
+            failures = 0
+            n += 1
+            took = time.monotonic() - t_start
+            holds_since = w_start  # the source's state the destination now holds
+            view, record = _view(n, got, took, t_start, prev_start, t_begin, w_start,
+                                 next((p.link_rate for p in reversed(rec.passes)
+                                       if p.how != "failed"), 0.0))
+            record = replace(record, n=attempt)
+            decision, verdict = policy.decide(view)
+            record = replace(record, decision=decision, why=verdict.why(),
+                             rpo_s=round(time.time() - holds_since, 3))
+            rec = replace(rec, passes=[*rec.passes, record])
+            stage.passes = rec.passes
+            _records(whole.inv, rec.id, rec)
+            whole.progress(f"pass {n} ({record.how}): {record.blocks} blocks, "
+                           f"{record.bytes / (1 << 20):.1f} MiB in {record.seconds:.1f} s; "
+                           f"{decision}: {record.why}")
+            prev_start = t_start
+            if decision == "give_up":
+                raise ReplicationError(f"the switchover criterion did not hold within the "
+                                       f"policy's limits: {record.why}", passes=n)
+            if decision == "switch":
+                break
+        cut = await _cutover(whole, ca, cb, vm, sm, dm, pass_args, rec, len(rec.passes) + 1,
+                             stage)
+    return replace(rec, state="completed", dest=vm, cutover=cut[0],
+                   passes=[*rec.passes, cut[1]])
+
+
+def _failed_pass(n: int, w_start: float, t_start: float, exc: LabError) -> PassRecord:
+    return PassRecord(n=n, how="failed", started_at=WallTime(w_start),
+                      seconds=round(time.monotonic() - t_start, 3), blocks=0, bytes=0,
+                      wire_bytes=0, read_bytes=0, cpu_seconds=0.0, digest_seconds=0.0,
+                      dirty_rate=0.0, link_rate=0.0, remaining=0.0, predicted_next_s=0.0,
+                      decision="retry", why="the pass failed", rpo_s=0.0, error=exc.message)
+
+
+async def _reconnect(m: SshMachine) -> None:
+    await m.close()
+    with contextlib.suppress(SshError):
+        await m.connect(timeout=60)
+
+
+def _view(n: int, got: dict[str, Any], took: float, t_start: float, prev_start: float | None,
+          t_begin: float, w_start: float, prev_link_rate: float = 0.0,
+          ) -> tuple[PassView, PassRecord]:
+    """The criterion's view of a pass, and its record (its decision still to be made)."""
+    sent = float(got["bytes"])
+    send_s = max(float(got["send_seconds"]), 1e-3)
+    # the rate this pass moved the disk's bytes at (compressed or not: the remaining delta
+    # is counted in the disk's bytes too); a pass that moved nothing keeps the last one
+    link_rate = sent / send_s if sent else prev_link_rate
+    # the bytes found changed since the previous pass began (pass 1 found them all)
+    dirty = sent / (t_start - prev_start) if prev_start is not None else 0.0
+    remaining = dirty * took
+    digest_s = float(got["digest_seconds"])  # the final pass scans the disk too
+    predicted = digest_s + (0.0 if remaining == 0 else remaining / link_rate
+                            if link_rate > 0 else float("inf"))
+    view = PassView(passes=n, remaining=remaining, dirty_rate=dirty, link_rate=link_rate,
+                    predicted_outage=predicted, last_pass=took,
+                    elapsed=time.monotonic() - t_begin)
+    record = PassRecord(
+        n=n, how=str(got["how"]), started_at=WallTime(w_start), seconds=round(took, 3),
+        blocks=int(got["blocks"]), bytes=int(sent), wire_bytes=int(got["wire_bytes"]),
+        read_bytes=int(got["read_bytes"]), cpu_seconds=float(got["cpu_seconds"]),
+        digest_seconds=digest_s, dirty_rate=round(dirty, 1), link_rate=round(link_rate, 1),
+        remaining=round(remaining), predicted_next_s=round(predicted, 3) if predicted != float(
+            "inf") else -1.0, decision="", why="", rpo_s=0.0)
+    return view, record
+
+
+async def _app(m: SshMachine, *args: str) -> dict[str, Any] | None:
+    """The application's answer (None when the VM has no application installed)."""
+    if not (await m.run(["test", "-f", APP], check=False)).ok:
+        return None
+    ran = await m.run(["python3", "-B", APP, *args, "--dir", APP_DIR], check=False,
+                      timeout=60)
+    if not ran.stdout.strip():
+        raise ReplicationError(f"{m.name}: app.py {args[0]}: {ran.stderr.strip()}")
+    out: dict[str, Any] = json.loads(ran.stdout.strip().splitlines()[-1])
+    return out
+
+
+async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str,
+                   sm: SshMachine, dm: SshMachine, pass_args: list[str], rec: Replication,
+                   n: int, stage: Stage) -> tuple[Cutover, PassRecord]:
+    steps: dict[str, float] = {}
+    t = time.monotonic()
+    last = rec.passes[-1]
+    w_quiesce = time.time()
+    stage.app_stopped = True
+    stopped = await _app(sm, "stop")
+    await sm.run(["sync"])
+    await sm.run(["fsfreeze", "-f", "/"])
+    steps["quiesce"] = round(time.monotonic() - t, 3)
+    whole.progress(f"quiesced {vm} (application stopped at record "
+                   f"{(stopped or {}).get('last_acked')}, filesystem frozen): the final pass")
+    t = time.monotonic()
+    w_final = time.time()
+    got = await _agent(sm, "pass", *pass_args)
+    final_s = time.monotonic() - t
+    steps["final_pass"] = round(final_s, 3)
+    t = time.monotonic()
+    checked = await _agent(sm, "verify", "--disk", SOURCE_DISK, "--to", pass_args[3],
+                           "--tls", f"{AGENT_DIR}/tls")
+    steps["verify"] = round(time.monotonic() - t, 3)
+    if not checked.get("equal"):
+        raise ReplicationError(f"after the final pass {checked.get('differ_count')} blocks "
+                               "differ between source and destination", verify=checked)
+    final = PassRecord(
+        n=n, how="final", started_at=WallTime(w_final), seconds=round(final_s, 3),
+        blocks=int(got["blocks"]), bytes=int(got["bytes"]), wire_bytes=int(got["wire_bytes"]),
+        read_bytes=int(got["read_bytes"]), cpu_seconds=float(got["cpu_seconds"]),
+        digest_seconds=float(got["digest_seconds"]), dirty_rate=0.0, link_rate=0.0,
+        remaining=0.0, predicted_next_s=0.0, decision="final",
+        why=f"predicted {last.predicted_next_s:.2f} s", rpo_s=0.0)
+    # the source stops (its filesystem frozen and its disk equal to the replica: a stop of
+    # its QEMU loses nothing); the helper system goes, its target disk becomes the VM's
+    t = time.monotonic()
+    row = vms.row(ca.ctx, vm)
+    stage.source_stopped = True
+    await vms.stop(ca.ctx, vm)
+    steps["source_stopped"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    await _agent(dm, "stop", "--state", f"{AGENT_DIR}/state")
+    await dm.run(["rm", "-rf", AGENT_DIR])
+    await dm.close()
+    helper = await cb.show(rec.dest)
+    target = next(d for d in helper.disks if d.role == "data")
+    await cb.stop(rec.dest)
+    kept = cb.take_disk(rec.dest, Path(target.where))
+    await cb.delete(rec.dest)
+    steps["helper_removed"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    await cb.create(NewVm(vm, memory_mib=int(row["memory"]) >> 20, root=kept))
+    await cb.start(vm)
+    steps["destination_booted"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    predicted = last.predicted_next_s
+    cut = Cutover(
+        quiesced_at=WallTime(w_quiesce),
+        source_last_acked=(stopped or {}).get("last_acked"),
+        source_acked_at=WallTime((stopped or {})["acked_at"]) if stopped else None,
+        final_predicted_s=predicted, final_s=round(final_s, 3),
+        final_prediction_error=round(abs(final_s - predicted) / final_s, 3)
+        if final_s > 0 and predicted >= 0 else -1.0,
+        verify=checked, steps=steps)
+    async with cb.ssh(vm) as nm:
+        if stopped is not None:
+            check = await _app(nm, "verify")
+            cut = replace(cut, dest_check=check)
+            if not (check or {}).get("ok") or (check or {}).get("last_acked") != \
+                    stopped.get("last_acked"):
+                raise ReplicationError("the application's records on the destination do not "
+                                       "match the source's", check=check, source=stopped)
+            await nm.run(["python3", "-B", APP, "resume", "--dir", APP_DIR])
+            first = await _first_new_ack(nm, int(stopped["last_acked"]))
+            steps["application_started"] = round(time.monotonic() - t, 3)
+            cut = replace(cut, steps=steps, dest_first_acked=first[0],
+                          dest_first_acked_at=WallTime(first[1]),
+                          outage_s=round(first[1] - float(stopped["acked_at"]), 3))
+        left = await nm.run(["test", "-e", AGENT_DIR], check=False)
+        if left.ok:
+            raise ReplicationError(f"the agent is still in {vm} at {AGENT_DIR}")
+    return cut, final
+
+
+async def _first_new_ack(m: SshMachine, after: int, timeout: float = 60.0) -> tuple[int, float]:
+    """The first record the application acknowledged on the destination (from its own
+    log): its number and time."""
+    import asyncio  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ran = await m.run(["cat", f"{APP_DIR}/acks.log"], check=False)
+        for line in ran.stdout.splitlines():
+            seq, _, at = line.partition(" ")
+            if seq.isdigit() and int(seq) > after:
+                return int(seq), float(at)
+        await asyncio.sleep(0.5)
+    raise ReplicationError(f"{m.name}: the application acknowledged nothing within "
+                           f"{timeout:g} s of its start")
+
+
+@dataclass(frozen=True)
+class ReplicationRow(Message):
+    """One line of ``labctl replication list``."""
+
+    id: int
+    vm: str
+    from_site: str
+    to_site: str
+    state: str
+    started_at: WallTime
+    passes: int
+    outage_s: float | None
+    error: str | None
+
+
+def list_all(whole: LabContext) -> list[ReplicationRow]:
+    out = []
+    for r in whole.inv.rows("replications"):
+        rec = json.loads(r["result"] or "{}")
+        out.append(ReplicationRow(
+            id=int(r["id"]), vm=str(r["vm"]), from_site=str(r["from_site"]),
+            to_site=str(r["to_site"]), state=str(r["state"]),
+            started_at=WallTime(float(r["started_at"])),
+            passes=len([p for p in rec.get("passes") or [] if p.get("how") != "failed"]),
+            outage_s=(rec.get("cutover") or {}).get("outage_s"), error=rec.get("error")))
+    return out
+
+
+def show(whole: LabContext, rid: int) -> Replication:
+    r = whole.inv.row("replications", id=rid)
+    if r is None:
+        known = ", ".join(str(x["id"]) for x in whole.inv.rows("replications")) or "none"
+        raise LabStateError(f"no replication {rid} (recorded: {known})", id=rid)
+    return Replication.from_wire(json.loads(r["result"]), f"replication {rid}")

@@ -1,0 +1,249 @@
+"""Two clouds, two providers, end to end: cloud A's server guest is a VM of labctl's host
+agent (QEMU in its host's namespace, its address routed by the host), cloud B's VMs are
+libvirt domains on its bridge; both are Debian servers reached over SSH with the lab's key
+and a host key pinned from their consoles, and they reach each other across the WAN
+router's netem. Checked from outside labctl too: ``virsh`` lists cloud B's domain, the
+target disk reads as zeros from inside the guest, ping shows the WAN's delay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labctl.drivers.ssh import SshError, SshMachine
+from labctl.lab.clouds import LabctlCloud, LibvirtCloud, NewVm, cloud_of
+from labctl.lab.face import Lab
+from labctl.replication import app
+from labctl.state import sshkey
+from tests.conftest import E2E, LabCli, free_subnet, module_lab, unique_lab
+
+pytestmark = E2E
+
+TOPO = """
+name: {name}
+sites:
+  - {{name: cloud-a, subnet: {a}}}
+  - {{name: cloud-b, subnet: {b}, provider: libvirt}}
+storage_nodes:
+  - {{name: stor-a, site: cloud-a, capacity: 2G}}
+hosts:
+  - {{name: a1, site: cloud-a}}
+datastores:
+  - {{name: fs-a, kind: file, node: stor-a, size: 1536M, hosts: [a1]}}
+vms:
+  - {{name: web1, host: a1, guest: server, disk: {{datastore: fs-a, base: labctl-server.raw}},
+      memory: 256M}}
+wan: [{{name: wan1, sites: [cloud-a, cloud-b], delay: 10ms}}]
+"""
+TARGET_SIZE = 96 << 20
+
+
+@pytest.fixture(scope="module")
+def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    name = unique_lab("cloud")
+    a, b = free_subnet(), free_subnet()
+    with module_lab(name, TOPO.format(name=name, a=a, b=b), lab_home, tmp_path_factory):
+        yield {"name": name, "cli": LabCli(name), "dir": lab_home / "labs" / name,
+               "web1": str(a[101]), "dst": str(b[101])}
+
+
+async def _in(lab: dict[str, Any], site: str, fn: Any) -> Any:
+    with Lab(lab["name"]).context(site=site) as ctx:
+        return await fn(cloud_of(ctx))
+
+
+def _run(lab: dict[str, Any], site: str, fn: Any) -> Any:
+    return asyncio.run(_in(lab, site, fn))
+
+
+def test_cloud_a_s_server_answers_ssh_and_runs_its_application(lab: dict[str, Any]) -> None:
+    vm = next(v for v in lab["cli"].json("vm", "list") if v["name"] == "web1")
+    assert vm["state"] == "running" and vm["heartbeat"], vm
+
+    async def go(cloud: LabctlCloud) -> dict[str, Any]:
+        shown = await cloud.show("web1")
+        async with cloud.ssh("web1") as m:
+            hostname = (await m.run(["cat", "/proc/sys/kernel/hostname"])).stdout.strip()
+            cmdline = (await m.run(["cat", "/proc/cmdline"])).stdout
+            await m.run(["mkdir", "-p", "/opt/labctl"])
+            await m.put(Path(app.__file__).read_bytes(), "/opt/labctl/app.py", 0o755)
+            started = json.loads((await m.run(["python3", "/opt/labctl/app.py", "run", "--dir",
+                                               "/srv/app", "--rate", "256KiB/s",
+                                               "--background"])).stdout)
+            await asyncio.sleep(2)
+            status = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status",
+                                              "--dir", "/srv/app"])).stdout)
+        return {"shown": shown, "hostname": hostname, "cmdline": cmdline, "pid": started["pid"],
+                "status": status}
+
+    got = _run(lab, "cloud-a", go)
+    assert got["shown"].address == f"{lab['web1']}/24" and got["shown"].runs_on == "a1"
+    assert got["hostname"] == "web1"
+    assert "root=/dev/nvme0n1" in got["cmdline"] and "labctl.key=" in got["cmdline"]
+    assert got["pid"] > 1 and got["status"]["last_acked"] > 0, got["status"]
+
+
+def test_a_wrong_host_key_is_refused(lab: dict[str, Any]) -> None:
+    """The host key pinned from the console is what the guest presents: another key (a
+    man in the middle) gets no session."""
+    key = sshkey.ensure_key(lab["name"], lab["dir"])
+    other = sshkey.ensure_key("other", lab["dir"] / "other-key")  # any other ed25519 key
+
+    async def go() -> None:
+        async with SshMachine("web1", lab["web1"], key.private, other.public) as m:
+            await m.run(["true"])
+
+    with pytest.raises(SshError, match="another host key"):
+        asyncio.run(go())
+
+
+def test_cloud_b_makes_a_libvirt_vm_with_an_empty_target(lab: dict[str, Any]) -> None:
+    async def go(cloud: LibvirtCloud) -> dict[str, Any]:
+        made = await cloud.create(NewVm("web1-dst", root="image", data_disks=(TARGET_SIZE,)))
+        started = await cloud.start("web1-dst")
+        async with cloud.ssh("web1-dst") as m:
+            size = int((await m.run(["cat", "/sys/block/vda/size"])).stdout) * 512
+            zeros = (await m.run(["python3", "-c", "import sys; d=open('/dev/vda','rb').read("
+                                  "1<<20); sys.exit(0 if not any(d) else 1)"], check=False))
+        return {"made": made, "started": started, "size": size, "zeros": zeros.returncode}
+
+    got = _run(lab, "cloud-b", go)
+    assert got["made"].state == "stopped" and got["started"].state == "running"
+    assert got["started"].address == f"{lab['dst']}/24"
+    assert got["size"] == TARGET_SIZE and got["zeros"] == 0
+    # from outside: libvirt runs it, a domain of the lab's
+    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert f"labctl-{lab['name']}-web1-dst" in names, names
+
+
+def test_the_two_clouds_reach_each_other_across_the_wan(lab: dict[str, Any]) -> None:
+    async def go(cloud: LabctlCloud) -> str:
+        async with cloud.ssh("web1") as m:
+            return (await m.run(["ping", "-c", "3", "-i", "0.3", "-W", "5", lab["dst"]])).stdout
+
+    out = _run(lab, "cloud-a", go)
+    rtts = [float(w.split("=")[1]) for w in out.split() if w.startswith("time=")]
+    assert len(rtts) == 3 and min(rtts) >= 9.5, out  # the WAN's 10 ms round trip
+
+
+def test_cloud_b_stops_cleanly_and_deletes(lab: dict[str, Any]) -> None:
+    async def go(cloud: LibvirtCloud) -> dict[str, Any]:
+        stopped = await cloud.stop("web1-dst")
+        console = await cloud.console("web1-dst", 20)
+        await cloud.delete("web1-dst")
+        return {"stopped": stopped, "console": console}
+
+    got = _run(lab, "cloud-b", go)
+    assert got["stopped"].state == "stopped"
+    assert any("powering off" in ln for ln in got["console"]), got["console"]
+    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert f"labctl-{lab['name']}-web1-dst" not in names
+    assert not (lab["dir"] / "sites" / "cloud-b" / "cloud" / "web1-dst").exists()
+
+
+# -- replication: the source VM moved to cloud B by agents in its guests --------------------
+
+def test_replication_is_refused_before_anything_is_made(lab: dict[str, Any]) -> None:
+    cli = lab["cli"]
+    for args, words in (
+            (("--to-cloud", "cloud-a"), "already in cloud cloud-a"),
+            (("--to-cloud", "cloud-z"), "no site 'cloud-z'"),
+            (("--to-cloud", "cloud-b", "--tracking", "era"), "dm-era"),
+            (("--to-cloud", "cloud-b", "--switchover", "predicted_outage <= 100MiB"),
+             "(seconds) compared with"),
+            (("--to-cloud", "cloud-b", "--limit", "5s"), "not a rate")):
+        res = cli("replicate", "web1", *args, check=False)
+        assert res.returncode == 1 and words in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr
+    assert _virsh_names(lab) == []  # no destination was made
+
+
+def _virsh_names(lab: dict[str, Any]) -> list[str]:
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return [n for n in out if n.startswith(f"labctl-{lab['name']}-") and "-wan" not in n
+            and not n.endswith("-stor-a")]
+
+
+def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    policy = tmp_path / "never.yaml"
+    policy.write_text("when: passes >= 50\nmax_passes: 1\n")
+    res = lab["cli"]("-v", "replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
+                     str(policy), "--json", check=False, timeout=900)
+    assert res.returncode == 1, res.stderr
+    assert json.loads(res.stdout)["error"]["message"].startswith("replication 1 of web1 to "
+                                                                 "cloud-b failed: "), res.stdout
+    rec = json.loads(res.stdout)["error"]["evidence"]["replication"]
+    assert rec["state"] == "failed" and "did not hold" in rec["error"], rec
+    assert [p["decision"] for p in rec["passes"]] == ["give_up"]
+    assert "passes >= 50: 1 vs 50: no" in rec["passes"][-1]["why"]
+    assert _virsh_names(lab) == []  # the destination was deleted
+
+    async def go(cloud: LabctlCloud) -> dict[str, Any]:
+        async with cloud.ssh("web1") as m:
+            gone = (await m.run(["test", "-e", "/run/labctl-repl"], check=False)).returncode
+            first = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status", "--dir",
+                                             "/srv/app"])).stdout)
+            await asyncio.sleep(1.5)
+            later = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status",
+                                             "--dir", "/srv/app"])).stdout)
+        return {"gone": gone, "first": first, "later": later}
+
+    got = _run(lab, "cloud-a", go)
+    assert got["gone"] != 0  # the agent left the source
+    assert got["later"]["last_acked"] > got["first"]["last_acked"]  # the application goes on
+
+
+def test_the_vm_is_replicated_to_cloud_b_and_carries_on_there(lab: dict[str, Any]) -> None:
+    cli = lab["cli"]
+    rec = json.loads(cli("replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
+                         "predicted_outage <= 120s and passes >= 2", "--compress", "--json",
+                         timeout=1200).stdout)
+    assert rec["state"] == "completed", rec.get("error")
+    passes = [p for p in rec["passes"] if p["how"] != "failed"]
+    assert passes[0]["how"] == "full" and passes[-1]["how"] == "final"
+    assert passes[-2]["decision"] == "switch" and "passes >= 2" in passes[-2]["why"]
+    assert passes[0]["bytes"] > 64 << 20  # pass 1: the server's data blocks
+    cut = rec["cutover"]
+    assert cut["verify"]["equal"] and cut["verify"]["differ_count"] == 0
+    assert cut["dest_check"]["ok"] and cut["dest_check"]["last_acked"] == cut["source_last_acked"]
+    # its first batch on the destination: records from the source's last one on
+    assert cut["dest_first_acked"] > cut["source_last_acked"]
+    assert 0 < cut["outage_s"] < 600
+    # from outside: libvirt runs the VM in cloud B, the source's QEMU is gone
+    assert _virsh_names(lab) == [f"labctl-{lab['name']}-web1"]
+    vm = next(v for v in cli.json("vm", "list") if v["name"] == "web1")
+    assert vm["state"] == "stopped", vm
+
+    async def go(cloud: LibvirtCloud) -> dict[str, Any]:
+        async with cloud.ssh("web1") as m:
+            status = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status",
+                                              "--dir", "/srv/app"])).stdout)
+            verify = json.loads((await m.run(["python3", "/opt/labctl/app.py", "verify",
+                                              "--dir", "/srv/app"])).stdout)
+            acks = (await m.run(["cat", "/srv/app/acks.log"])).stdout
+            agent = (await m.run(["test", "-e", "/run/labctl-repl"], check=False)).returncode
+            hostname = (await m.run(["cat", "/proc/sys/kernel/hostname"])).stdout.strip()
+        return {"status": status, "verify": verify, "acks": acks, "agent": agent,
+                "hostname": hostname, "shown": await cloud.show("web1")}
+
+    got = _run(lab, "cloud-b", go)
+    assert got["hostname"] == "web1" and got["shown"].address == f"{lab['dst']}/24"
+    assert got["verify"]["ok"] and got["status"]["last_acked"] > cut["dest_first_acked"]
+    assert got["agent"] != 0  # no agent in the replicated guest
+    # the outage the record gives is what the application itself logged
+    seqs = {int(s): float(t) for s, t in (ln.split() for ln in got["acks"].splitlines())}
+    logged = seqs[cut["dest_first_acked"]] - seqs[cut["source_last_acked"]]
+    assert abs(logged - cut["outage_s"]) < 0.01, (logged, cut["outage_s"])
+    shown = cli.json("replication", "show", str(rec["id"]))
+    assert shown["cutover"]["outage_s"] == cut["outage_s"]
+    assert [r["state"] for r in cli.json("replication", "list")] == ["failed", "completed"]

@@ -1,0 +1,156 @@
+"""The replication agents as the guests run them (the file alone, ``python3 -S -I``), on
+real files and a real mutual-TLS channel on this machine: pass 1 copies the data blocks,
+a later pass exactly what changed, a source that lost its map asks the target's digests,
+a cut pass resumes from its last flush, and a client without the lab's certificate gets
+nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from labctl.replication import agent, blocks
+from labctl.state.pki import LabPki
+
+AGENT = Path(agent.__file__)
+SIZE = 8 << 20
+B = blocks.BLOCK
+
+
+def _tls(pki: LabPki, name: str, out: Path) -> Path:
+    issued = pki.issue(name, ["127.0.0.1"], out / "issued")
+    for src, dst in ((issued.cert, "cert.pem"), (issued.key, "key.pem"), (issued.ca, "ca.pem")):
+        shutil.copyfile(src, out / dst)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _agent(*args: str) -> subprocess.CompletedProcess[str]:
+    # the copy the guest gets: this file and blocks.py side by side, standard library only
+    return subprocess.run([sys.executable, "-S", "-I", str(AGENT), *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[dict[str, Path | str]]:
+    pki = LabPki("t", tmp_path / "pki")
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    with open(src, "wb") as f:
+        f.truncate(SIZE)
+        for i in (0, 3, 4, 100, 127):  # five data blocks, the rest holes
+            f.seek(i * B)
+            f.write(os.urandom(B))
+    with open(dst, "wb") as f:
+        f.truncate(SIZE)
+    port = _free_port()
+    dstate = tmp_path / "dstate"
+    res = _agent("target", "--disk", str(dst), "--listen", f"127.0.0.1:{port}", "--tls",
+                 str(_tls(pki, "dst", tmp_path / "dtls")), "--state", str(dstate))
+    assert res.returncode == 0, res.stderr
+    try:
+        yield {"src": src, "dst": dst, "to": f"127.0.0.1:{port}",
+               "tls": _tls(pki, "src", tmp_path / "stls"), "state": tmp_path / "sstate",
+               "tmp": tmp_path}
+    finally:
+        assert json.loads(_agent("stop", "--state", str(dstate)).stdout)["stopped"]
+
+
+def _pass(p: dict[str, Path | str], *more: str) -> dict[str, object]:
+    res = _agent("pass", "--disk", str(p["src"]), "--to", str(p["to"]), "--tls", str(p["tls"]),
+                 "--state", str(p["state"]), *more)
+    assert res.returncode == 0, res.stderr
+    got: dict[str, object] = json.loads(res.stdout)
+    return got
+
+
+def _equal(p: dict[str, Path | str]) -> bool:
+    res = _agent("verify", "--disk", str(p["src"]), "--to", str(p["to"]), "--tls", str(p["tls"]))
+    return bool(json.loads(res.stdout)["equal"])
+
+
+def _write(path: Path | str, block: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(block * B)
+        f.write(data)
+
+
+def test_pass_one_copies_the_data_then_each_pass_what_changed(pair: dict[str, Path | str]
+                                                              ) -> None:
+    assert not _equal(pair)
+    first = _pass(pair, "--full")
+    assert (first["how"], first["blocks"], first["bytes"]) == ("full", 5, 5 * B)
+    assert _equal(pair) and Path(pair["dst"]).read_bytes() == Path(pair["src"]).read_bytes()
+    _write(pair["src"], 3, os.urandom(B))
+    _write(pair["src"], 50, b"x" * 100)  # into a hole: that block is new data
+    second = _pass(pair, "--compress")
+    assert (second["how"], second["blocks"], second["bytes"]) == ("map", 2, 2 * B)
+    assert int(str(second["wire_bytes"])) < 2 * B  # the mostly-zero block compressed
+    assert _equal(pair)
+    assert _pass(pair)["blocks"] == 0  # nothing changed: nothing sent
+
+
+def test_a_source_that_lost_its_map_asks_the_target(pair: dict[str, Path | str]) -> None:
+    _pass(pair, "--full")
+    shutil.rmtree(pair["state"])  # a reboot: the map lived on tmpfs
+    _write(pair["src"], 127, os.urandom(B))
+    got = _pass(pair)
+    assert (got["how"], got["blocks"]) == ("rehash", 1)
+    assert _equal(pair)
+
+
+def test_a_pass_cut_short_resumes_from_its_last_flush(pair: dict[str, Path | str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first pass dies at its second checkpoint (after the target's fsync, before the
+    map is saved): the next pass sends only what the first checkpoint had not covered."""
+    for i in range(5, 40):
+        _write(pair["src"], i, os.urandom(B))  # 40 data blocks: 2.5 MiB
+    monkeypatch.setattr(agent, "CHECKPOINT", 1 << 20)
+    real_flush = agent._flush
+    flushes = {"n": 0}
+
+    def cut_after_first(sock: object) -> None:
+        real_flush(sock)  # type: ignore[arg-type]
+        flushes["n"] += 1
+        if flushes["n"] == 2:
+            raise agent.AgentError("the channel closed")
+
+    monkeypatch.setattr(agent, "_flush", cut_after_first)
+    with pytest.raises(agent.AgentError):
+        agent.one_pass(Path(pair["src"]), str(pair["to"]), Path(pair["tls"]),
+                       Path(pair["state"]), full=True, compress=False, limit=None)
+    monkeypatch.setattr(agent, "_flush", real_flush)
+    again = agent.one_pass(Path(pair["src"]), str(pair["to"]), Path(pair["tls"]),
+                           Path(pair["state"]), full=False, compress=False, limit=None)
+    assert (again["how"], again["blocks"]) == ("map", 40 - 16), again  # 1 MiB was saved
+    assert _equal(pair)
+
+
+def test_a_client_without_the_lab_s_certificate_gets_nothing(pair: dict[str, Path | str]
+                                                             ) -> None:
+    other = _tls(LabPki("other", Path(pair["tmp"]) / "otherpki"), "src",
+                 Path(pair["tmp"]) / "othertls")
+    res = _agent("pass", "--disk", str(pair["src"]), "--to", str(pair["to"]), "--tls",
+                 str(other), "--state", str(Path(pair["tmp"]) / "ostate"), "--full")
+    assert res.returncode == 2 and "agent:" in res.stderr, res
+    assert not any(Path(pair["dst"]).read_bytes())  # not one block written
+
+
+def test_a_target_of_another_size_is_refused(pair: dict[str, Path | str]) -> None:
+    with open(pair["src"], "r+b") as f:
+        f.truncate(SIZE + B)
+    res = _agent("pass", "--disk", str(pair["src"]), "--to", str(pair["to"]), "--tls",
+                 str(pair["tls"]), "--state", str(pair["state"]), "--full")
+    assert res.returncode == 2 and "the target's disk has" in res.stderr, res.stderr

@@ -1,0 +1,52 @@
+"""What a pass's numbers say to the switchover criterion (the orchestrator's arithmetic,
+without guests): the dirty rate is what the pass found changed since the previous one
+began, the remaining delta what that rate changed during this pass, and the next pass's
+prediction the digest scan plus that delta at the link's rate."""
+
+from __future__ import annotations
+
+import pytest
+
+from labctl.lab.replicate import _view
+from labctl.replication.switchover import parse
+
+
+def _got(sent: int, wire: int, send_s: float, digest_s: float) -> dict[str, object]:
+    return {"how": "map", "blocks": sent // 65536, "bytes": sent, "wire_bytes": wire,
+            "read_bytes": 512 << 20, "cpu_seconds": 1.0, "digest_seconds": digest_s,
+            "send_seconds": send_s}
+
+
+def test_pass_one_found_everything_and_predicts_the_scan() -> None:
+    view, rec = _view(1, _got(200 << 20, 100 << 20, 10.0, 8.0), took=18.0, t_start=100.0,
+                      prev_start=None, t_begin=100.0, w_start=1.7e9)
+    assert view.dirty_rate == 0.0 and view.remaining == 0.0
+    # the disk's bytes per second: compressed to half on the wire, the delta still counts
+    # in the disk's bytes
+    assert view.link_rate == pytest.approx((200 << 20) / 10.0)
+    assert view.predicted_outage == pytest.approx(8.0)  # the final pass still scans
+    assert rec.predicted_next_s == pytest.approx(8.0)
+
+
+def test_a_later_pass_measures_the_dirty_rate_and_predicts() -> None:
+    # 4 MiB found changed since the previous pass began 20 s before this one
+    view, rec = _view(2, _got(4 << 20, 4 << 20, 0.5, 8.0), took=9.0, t_start=120.0,
+                      prev_start=100.0, t_begin=100.0, w_start=1.7e9)
+    assert view.dirty_rate == pytest.approx((4 << 20) / 20.0)
+    assert view.remaining == pytest.approx((4 << 20) / 20.0 * 9.0)
+    rate = (4 << 20) / 0.5
+    assert view.predicted_outage == pytest.approx(8.0 + view.remaining / rate)
+    assert parse("predicted_outage <= 10s and passes >= 2").over(view).holds
+    assert not parse("predicted_outage <= 8s").over(view).holds
+    assert rec.remaining == round(view.remaining)
+
+
+def test_a_pass_that_moved_nothing_predicts_the_scan_alone() -> None:
+    """An idle guest: nothing changed, nothing to send; the final pass is its scan (the
+    link's rate is the last one known)."""
+    view, record = _view(3, _got(0, 0, 0.0, 8.0), took=8.0, t_start=140.0, prev_start=120.0,
+                      t_begin=100.0, w_start=1.7e9, prev_link_rate=5e6)
+    assert view.remaining == 0.0 and view.link_rate == 5e6
+    assert view.predicted_outage == pytest.approx(8.0)
+    assert record.predicted_next_s == pytest.approx(8.0)
+    assert parse("predicted_outage <= 10s and passes >= 2").over(view).holds
