@@ -219,6 +219,8 @@ def parser() -> argparse.ArgumentParser:
     reps.add("list", "every recorded replication")
     rshow = reps.add("show", "one replication: passes, verdicts, cutover, outage")
     rshow.add_argument("id", type=int)
+    rshow.add_argument("--plot", metavar="FILE", type=Path,
+                       help="write a timeline PNG (passes, rates, RPO, the outage)")
 
     # -- datastores and storage
     ds = sub.group(sub.add("datastore", "datastores: create, list, show, resize, delete"))

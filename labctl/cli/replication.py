@@ -12,6 +12,7 @@ from labctl.cli.progress import Progress
 from labctl.core import userfile
 from labctl.core.errors import LabError
 from labctl.lab.face import Lab
+from labctl.replication import timeline
 from labctl.replication.switchover import SwitchoverError, policy_from, rate
 
 
@@ -59,6 +60,8 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
         return 0
     if args.action == "show":
         shown = lab.replications(args.id)
+        if args.plot is not None:
+            progress(f"timeline written to {timeline.plot(shown.to_wire(), args.plot)}")
         if args.json:
             print(json.dumps(shown.to_wire(), indent=2, default=str))
         else:

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from labctl.core.errors import LabError, MissingDependency
+from labctl.core.errors import LabError
 from labctl.core.wire import Json
+from labctl.drivers import figures
 from labctl.migration.result import Record
 
 if TYPE_CHECKING:
@@ -44,37 +45,13 @@ _STAGES = {"src-iterable-saved": "source QEMU: final RAM sent",
 
 def plot(mig: Record, path: Path, title: str | None = None) -> Path:
     """Write the PNG for ``mig`` (a result dict as stored: pass_records, stop_t_rel, resume_t_rel,
-    switchover, heartbeat, decisions, total_ms...) to ``path``, whose directory must exist
-    (a mistyped ``--plot`` directory is an error, not a new directory tree). The picture's
-    format is the name's suffix; without one it is a PNG, at ``path`` + ``.png``, returned."""
-    if not path.parent.is_dir():
-        raise LabError(f"cannot write the timeline to {path}: directory {path.parent} "
-                       f"does not exist", path=str(path), directory=str(path.parent))
-    fig = figure(mig, title)
-    kind = path.suffix[1:].lower()
-    formats = fig.canvas.get_supported_filetypes()
-    if not kind:
-        path = path.with_name(path.name + ".png")  # where matplotlib would put it
-    elif kind not in formats:
-        raise LabError(f"cannot write the timeline to {path}: .{kind} is no picture format "
-                       f"matplotlib writes ({', '.join(sorted(formats))})", path=str(path))
-    try:
-        fig.savefig(path)
-    except OSError as exc:  # a directory of that name, /proc, a full disk
-        raise LabError(f"cannot write the timeline to {path}: {exc.strerror or exc}",
-                       path=str(path)) from None
-    return path
+    switchover, heartbeat, decisions, total_ms...) to ``path`` (see
+    :func:`labctl.drivers.figures.save`); returns where it went."""
+    return figures.save(figure(mig, title), path)
 
 
 def figure(mig: Record, title: str | None = None) -> Figure:
     """The timeline of ``mig`` as a matplotlib figure (not pyplot's: nothing to close)."""
-    try:
-        # optional heavy modules, only for --plot
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-        from matplotlib.figure import Figure  # noqa: PLC0415
-    except ImportError as exc:
-        raise MissingDependency("matplotlib is needed for --plot (pip install matplotlib; "
-                                "scripts/setup.sh installs it)") from exc
     mig = on_own_axis(mig)
     passes = mig.get("pass_records") or []
     if not passes:
@@ -87,8 +64,8 @@ def figure(mig: Record, title: str | None = None) -> Figure:
     stop_t, resume_t = mig.get("stop_t_rel"), mig.get("resume_t_rel")
     zoomable = bool(stop_t and resume_t and last.get("t_rel") and first.get("t_rel"))
 
-    fig = Figure(figsize=(12, 9.5 if zoomable else 6.5), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)  # a canvas that can measure text, without pyplot's global state
+    fig = figures.new_figure(figsize=(12, 9.5 if zoomable else 6.5), dpi=110,
+                             layout="constrained")
     # the legends get a column of their own, where they cannot cover anything plotted
     grid = fig.add_gridspec(3 if zoomable else 2, 2, width_ratios=[1, 0.27],
                             height_ratios=[3, 2, 2.6] if zoomable else [3, 2])

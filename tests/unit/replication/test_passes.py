@@ -5,6 +5,8 @@ prediction the digest scan plus that delta at the link's rate."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from labctl.lab.replicate import _view
@@ -50,3 +52,26 @@ def test_a_pass_that_moved_nothing_predicts_the_scan_alone() -> None:
     assert view.predicted_outage == pytest.approx(8.0)
     assert record.predicted_next_s == pytest.approx(8.0)
     assert parse("predicted_outage <= 10s and passes >= 2").over(view).holds
+
+
+def test_a_replication_s_timeline_is_drawn(tmp_path: Path) -> None:
+    """``replication show ID --plot``: passes, rates, RPO and the outage in one picture;
+    a directory that does not exist is a one-line refusal."""
+    from labctl.core.errors import LabError
+    from labctl.replication import timeline
+
+    def one(n: int, how: str, at: float, sent: int) -> dict[str, object]:
+        return {"n": n, "how": how, "started_at": at, "seconds": 20.0, "bytes": sent,
+                "wire_bytes": sent, "dirty_rate": 3e5, "link_rate": 5e6, "rpo_s": 20.0,
+                "decision": "continue", "error": None}
+
+    rec = {"id": 1, "vm": "web1", "from_site": "a", "to_site": "b", "state": "completed",
+           "switchover": "passes >= 2", "started_at": 1000.0,
+           "passes": [one(1, "full", 1000.0, 200 << 20), one(2, "failed", 1020.0, 0),
+                      one(3, "map", 1040.0, 30 << 20), one(4, "final", 1060.0, 20 << 20)],
+           "cutover": {"source_acked_at": 1059.0, "dest_first_acked_at": 1110.0,
+                       "outage_s": 51.0}}
+    out = timeline.plot(rec, tmp_path / "t.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(LabError, match="does not exist"):
+        timeline.plot(rec, tmp_path / "nowhere" / "t.png")
