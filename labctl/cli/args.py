@@ -137,6 +137,13 @@ def parser() -> argparse.ArgumentParser:
     vm.add("list", "every VM: host, state, heartbeat, disk counter")
     for verb, what in (("start", "start a VM on its host"), ("stop", "stop a VM")):
         vm.add(verb, what).add_argument("name")
+    ssh = vm.add("ssh", "run a command in a server VM (any cloud) over SSH",
+                 description="Run a command in a server VM (guest: server, or a libvirt "
+                             "cloud's VM) as its cloud's operator: the lab's SSH key, the "
+                             "guest's host key as its console printed it. Its output and "
+                             "exit status are the command's.")
+    ssh.add_argument("name")
+    ssh.add_argument("command", nargs="+", metavar="-- CMD", help="the command and its words")
     snap = vm.add("snapshot", "a running VM on a file datastore writes into a new qcow2 layer "
                               "from now on; the layer below becomes read only and copyable")
     snap.add_argument("name")

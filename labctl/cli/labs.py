@@ -337,6 +337,14 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
             print(f"VM {args.name} running (pid {started.pid}), first heartbeat after "
                   f"{started.first_heartbeat_s or 0:.1f} s")
         return 0
+    if args.action == "ssh":
+        ran = await lab.vm_ssh(args.name, list(args.command))
+        if args.json:
+            emit(ran.to_wire())
+        else:
+            sys.stdout.write(ran.stdout)
+            sys.stderr.write(ran.stderr)
+        return int(ran.returncode) if not args.json else 0
     if args.action == "snapshot":
         snapped = await lab.vm_snapshot(args.name, args.layer)
         if args.json:

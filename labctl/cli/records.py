@@ -29,6 +29,7 @@ from labctl.datastores.protocol import HostCache
 from labctl.datastores.service import Created, Deleted, Mapping, Resized, Restarted, Shown
 from labctl.datastores.tables import RescanEvent
 from labctl.hosts.protocol import VmStarted
+from labctl.lab.clouds import Ran
 from labctl.lab.crosssite import CrossSite
 from labctl.lab.face import Down
 from labctl.lab.replicate import Replication, ReplicationRow
@@ -80,6 +81,7 @@ RECORDS: dict[str, type[Message]] = {
     "migrate": MigrationResult,  # labctl migrate, labctl migration show
     "migrate-site": CrossSite,  # labctl migrate VM --to-site SITE
     "replicate": Replication,  # labctl replicate, labctl replication show
+    "vm-ssh": Ran,  # labctl vm ssh VM -- CMD
     "replication": ReplicationRow,  # each element of labctl replication list
     "migration": MigrationRow,  # each element of labctl migration list
     "policy": Policy,  # each element of labctl migration policies
@@ -106,6 +108,7 @@ COMMANDS: dict[tuple[str, str | None], tuple[tuple[str, ...], Shape]] = {
     ("vm", "start"): (("vm-start",), "one"),
     ("vm", "stop"): (("vm-stop",), "one"),
     ("vm", "snapshot"): (("vm-snapshot",), "one"),
+    ("vm", "ssh"): (("vm-ssh",), "one"),
     # VM CMD: the guest's answer; VM: the last lines; VM --follow: each line as it comes
     ("vm", "console"): (("vm-console", "vm-console-tail", "log-line"), "one"),
     ("migrate", None): (("migrate", "migrate-site"), "one"),

@@ -242,7 +242,8 @@ def _record_vms(ctx: LabContext, vms_here: list[tuple[int, Vm]], gimg: GuestImag
                    working_set=vm.working_set, state="stopped", pid=None, started_at=None,
                    heartbeat_ms=vm.heartbeat_ms, base=vm.base, disk_file=None, guest=vm.guest,
                    address=f"{vm.address}/{prefix}" if server else None,
-                   mac=names.mac(ctx.dir.tag, "v", i) if server else None)
+                   mac=names.mac(ctx.dir.tag, "v", i) if server else None,
+                   app_rate=vm.app_rate)
 
 
 async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: StorageImage,

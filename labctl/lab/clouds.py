@@ -74,6 +74,18 @@ class CloudVm(Message):
 
 
 @dataclass(frozen=True)
+class Ran(Message):
+    """``labctl vm ssh VM -- CMD``: a command run in a server VM, and what it said."""
+
+    vm: str
+    cloud: str
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
 class NewVm:
     """What :meth:`Cloud.create` makes: a VM booting ``root`` (``image``: a copy-on-write
     clone of the server image, a helper system; or a raw disk file the cloud takes over,

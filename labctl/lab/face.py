@@ -224,6 +224,30 @@ class Lab:
         with self.context(of=("vm", name)) as ctx, ctx.lock():
             await vms.stop(ctx, name)
 
+    async def vm_ssh(self, name: str, argv: list[str]) -> Any:
+        """Run ``argv`` in server VM ``name`` (of any cloud of the lab) over its management
+        channel, as its cloud's operator: the lab's key, the host key pinned."""
+        from labctl.lab import clouds
+
+        with self.lab_context() as whole:
+            sites = [whole.in_site(self.site)] if self.site else whole.all_sites()
+            for site in sites:  # the cloud where it runs (a replicated VM's source stopped)
+                cloud = clouds.cloud_of(site)
+                try:
+                    if (await cloud.show(name)).state != "running":
+                        continue
+                    machine = cloud.ssh(name)
+                except LabStateError:
+                    continue
+                async with machine as m:
+                    ran = await m.run(argv, check=False)
+                return clouds.Ran(vm=name, cloud=str(site.site), argv=argv,
+                                  returncode=ran.returncode, stdout=ran.stdout,
+                                  stderr=ran.stderr)
+            raise LabStateError(f"no running server VM {name!r} in lab {self.name} (server "
+                                "VMs are guest: server in a labctl cloud, or a libvirt "
+                                "cloud's VMs)", vm=name)
+
     async def vm_snapshot(self, name: str, layer: str | None = None) -> Snapshotted:
         from labctl.lab import vms
 

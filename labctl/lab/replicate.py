@@ -52,8 +52,7 @@ from labctl.wan import service as wan
 AGENT_DIR = "/run/labctl-repl"
 AGENT_PORT = 7900
 #: the application as the source VM runs it (labctl/replication/app.py)
-APP = "/opt/labctl/app.py"
-APP_DIR = "/srv/app"
+APP, APP_DIR = vms.APP, vms.APP_DIR
 SOURCE_DISK = "/dev/nvme0n1"
 TARGET_DISK = "/dev/vda"
 #: a failed pass is run again this many times in a row before the replication gives up

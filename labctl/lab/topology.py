@@ -9,6 +9,7 @@ of a file's problems (the semantic checks run once the schema accepts the file).
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import hashlib
 import ipaddress
@@ -28,6 +29,7 @@ from labctl.core.errors import LabError, TopologyError
 from labctl.core.names import SERVER_BASE
 from labctl.core.sizes import MAX_SIZE, bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
+from labctl.replication import app
 from labctl.wan.protocol import PARAM_WORDS, LinkParams, params_from
 
 #: a server guest's heartbeat (its PID 1 prints one line per period: cheap at a second)
@@ -97,6 +99,8 @@ class Vm:
     #: ``test`` (the heartbeat guest) or ``server`` (Debian, SSH, an address of its own)
     guest: str = "test"
     address: ipaddress.IPv4Address | None = None
+    #: a server guest's application, started at this rate (bytes/s) with the VM
+    app_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -591,11 +595,20 @@ def _build(data: dict[str, Any], file: str) -> Topology:
         elif "address" in v:
             fail(f"vms[{i}].address", "only a server guest has an address of its own "
                  "(guest: server)")
+        app_rate = None
+        if "app" in v:
+            try:
+                app_rate = app.parse_rate(str(v["app"]))
+            except argparse.ArgumentTypeError as exc:
+                fail(f"vms[{i}].app", str(exc))
+            if guest != "server":
+                fail(f"vms[{i}].app", "only a server guest runs the application (guest: "
+                     "server)")
         vms.append(Vm(v["name"], v["host"], ds, memory or 0, int(v.get("vcpus", 1)),
                       float(v.get("dirty_rate", 0)), wss or 0, bool(v.get("autostart", True)),
                       int(v.get("heartbeat_ms", SERVER_HEARTBEAT_MS if guest == "server"
                                 else DEFAULT_HEARTBEAT_MS)),
-                      v["disk"]["base"] if "disk" in v else None, guest, vm_addr))
+                      v["disk"]["base"] if "disk" in v else None, guest, vm_addr, app_rate))
 
     links = []
     routers: dict[str, int] = {}  # site -> routers placed on it so far

@@ -15,12 +15,14 @@ from labctl.core.rpc import RpcClient
 from labctl.core.wire import Message
 from labctl.datastores import filestores
 from labctl.datastores import service as datastores
+from labctl.drivers.ssh import SshMachine
 from labctl.guest.protocol import boot_args
 from labctl.hosts import protocol as hp
 from labctl.lab.vmrows import disk as disk
 from labctl.lab.vmrows import is_on_file as is_on_file
 from labctl.lab.vmrows import row as row
 from labctl.lab.vmrows import running_host as running_host
+from labctl.replication import app
 from labctl.replication.image import SERVER_CMDLINE
 from labctl.state import sshkey
 from labctl.state.context import LabContext
@@ -119,6 +121,26 @@ async def _pin_host_key(ctx: LabContext, c: RpcClient, name: str) -> None:
     sshkey.pin_host_key(ctx.dir.path, name, keys[-1])
 
 
+#: where a server guest's application lives and writes (labctl/replication/app.py)
+APP = "/opt/labctl/app.py"
+APP_DIR = "/srv/app"
+
+
+async def _start_app(ctx: LabContext, name: str, rate: float) -> None:
+    """The application, copied into the guest over its management channel and started
+    in the background (it refuses a second copy of itself, and to start over lost data)."""
+    vm = row(ctx, name)
+    machine = SshMachine(name, str(vm["address"]).split("/")[0],
+                         sshkey.ensure_key(ctx.name, ctx.dir.path).private,
+                         sshkey.pinned_host_key(ctx.dir.path, name) or "")
+    async with machine as m:
+        await m.run(["mkdir", "-p", "/opt/labctl"])
+        await m.put(Path(app.__file__).read_bytes(), APP, 0o755)
+        await m.run(["python3", "-B", APP, "run", "--dir", APP_DIR, "--rate", f"{rate:g}",
+                     "--background"])
+    ctx.progress(f"VM {name}: the application writes {rate / 1024:g} KiB/s into {APP_DIR}")
+
+
 async def start(ctx: LabContext, name: str) -> hp.VmStarted:
     """Start VM ``name`` on its host; a VM the inventory says runs is asked about first
     (a QEMU that died is started again from the same LUN)."""
@@ -146,6 +168,8 @@ async def start(ctx: LabContext, name: str) -> hp.VmStarted:
             res = await hp.VM_START.call(c, hp.VmStart(spec=start_spec), timeout=120)
             if vm["guest"] == "server":
                 await _pin_host_key(ctx, c, name)
+                if vm["app_rate"]:
+                    await _start_app(ctx, name, float(vm["app_rate"]))
         except RemoteError:
             # the host refused to start it (nothing runs): the lease goes with the attempt,
             # unless an earlier QEMU the inventory knows of may still hold it; on a timeout or

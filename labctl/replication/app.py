@@ -201,6 +201,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def _is_app(pid: int) -> bool:
+    """Whether ``pid`` runs this program (a pid file left by a VM stopped hard may name
+    another process of a later boot)."""
+    try:
+        return Path(__file__).name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def stop(directory: Path, timeout: float = 10.0) -> dict[str, object]:
     """Stop the daemon of ``directory`` (SIGTERM: it finishes its batch); its last
     acknowledgement."""
@@ -246,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"app: {args.dir}: no rate to resume with ({exc})") from None
         args.cmd, args.background, args.seconds = "run", True, None
     if args.cmd == "run" and args.background:
+        try:
+            running = int((args.dir / "app.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            running = 0
+        if running and alive(running) and _is_app(running):
+            raise SystemExit(f"app: {args.dir}: already written by pid {running}")
         verified = verify(args.dir) if (args.dir / "records").exists() else {"ok": True}
         if not verified["ok"]:  # refused here, where the caller sees it
             raise SystemExit(f"app: {args.dir}: acknowledged data is missing: {verified}")

@@ -21,7 +21,7 @@ hosts: [{name: a1, site: cloud-a}, {name: a2, site: cloud-a}]
 datastores: [{name: fs-a, kind: file, node: stor-a, size: 1G, hosts: [a1, a2]}]
 vms:
   - {name: web1, host: a1, guest: server, disk: {datastore: fs-a, base: labctl-server.raw}}
-  - {name: web2, host: a2, guest: server, address: 10.231.20.50,
+  - {name: web2, host: a2, guest: server, address: 10.231.20.50, app: 512KiB/s,
      disk: {datastore: fs-a, base: labctl-server.raw}}
 wan: [{name: wan1, sites: [cloud-a, cloud-b]}]
 """
@@ -34,6 +34,7 @@ def test_server_guests_and_a_libvirt_cloud() -> None:
     assert (web1.guest, web1.address) == ("server", ipaddress.IPv4Address("10.231.20.101"))
     assert web2.address == ipaddress.IPv4Address("10.231.20.50")
     assert web1.heartbeat_ms == 1000  # one console line a second, not ten
+    assert (web1.app_rate, web2.app_rate) == (None, 512 * 1024)
 
 
 def _problem(old: str, new: str) -> str:
@@ -57,6 +58,7 @@ def _problem(old: str, new: str) -> str:
      "{name: web1, host: a1, address: 10.231.20.60, disk: {datastore: fs-a, base: x.qcow2}}",
      "only a server guest has an address of its own"),
     ("address: 10.231.20.50", "address: 10.231.21.50", "is not a usable address of cloud-a"),
+    ("app: 512KiB/s", "app: fast", "vms[1].app: 'fast' is not a rate"),
     ("provider: libvirt", "provider: vmware", "provider"),
 ])
 def test_refusals(old: str, new: str, words: str) -> None:
