@@ -34,6 +34,7 @@ from labctl.drivers import iscsi
 from labctl.drivers.debian import make_config_disk
 from labctl.drivers.lio import find_disk_by_serial
 from labctl.storage import agent
+from labctl.storage.domains import LIBVIRT_QEMU_LOGS
 from labctl.storage.image import StorageImage
 from labctl.storage.protocol import NodeConfig
 from tests.conftest import NO_ACL, NO_LUN, free_subnet
@@ -233,6 +234,8 @@ def storage_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab
         try:
             removed = asyncio.run(storagenode.destroy_owned(lab, lab_dir))
             print(f"removed domains {removed}", file=sys.stderr)
+            for dom in removed:  # libvirt keeps a domain's QEMU log: the lab's file
+                (LIBVIRT_QEMU_LOGS / f"{dom}.log").unlink(missing_ok=True)
         finally:
             for ns in nss:
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -243,6 +246,7 @@ def storage_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab
     doms = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                           capture_output=True, text=True, check=True).stdout
     assert [d for d in doms.split() if d.startswith(f"labctl-{lab}-")] == []
+    assert list(LIBVIRT_QEMU_LOGS.glob(f"labctl-{lab}-*.log")) == []
 
 
 async def _ensure_lun(lab: StorageLab, initiators: list[str]) -> dict[str, object]:
