@@ -118,20 +118,6 @@ def cloud_of(ctx: LabContext) -> Cloud:
     return LibvirtCloud(ctx) if provider == "libvirt" else LabctlCloud(ctx)
 
 
-def _host_key_from(lines: list[str]) -> str | None:
-    keys = [ln.split("hostkey ", 1)[1].strip() for ln in lines if "labctl-server: hostkey " in ln]
-    return keys[-1] if keys else None
-
-
-def _ssh(ctx: LabContext, name: str, address: str) -> SshMachine:
-    key = sshkey.ensure_key(ctx.name, ctx.dir.path)
-    pinned = sshkey.pinned_host_key(ctx.dir.path, name)
-    if pinned is None:
-        raise LabStateError(f"VM {name} has not printed its SSH host key yet (is it running?)",
-                            vm=name)
-    return SshMachine(name, str(ipaddress.IPv4Interface(address).ip), key.private, pinned)
-
-
 class LabctlCloud:
     """A site of labctl's host agents, as a cloud: its server guests."""
 
@@ -198,7 +184,7 @@ class LabctlCloud:
             return (await hp.VM_CONSOLE_TAIL.call(c, hp.ConsoleTailRequest(name, lines))).lines
 
     def ssh(self, name: str) -> SshMachine:
-        return _ssh(self.ctx, name, str(self._row(name)["address"]))
+        return vms.guest_ssh(self.ctx, name, str(self._row(name)["address"]))
 
 
 class LibvirtCloud:
@@ -385,7 +371,7 @@ class LibvirtCloud:
         await domains.in_thread(self._domain_call, name, "create")
         deadline = time.monotonic() + timeout
         while True:
-            key = _host_key_from(await self.console(name, 400))
+            key = vms.host_key_from(await self.console(name, 400))
             if key is not None:
                 break
             if (await domains.domain_state(self.ctx.name, name)).state != "running":
@@ -396,7 +382,7 @@ class LibvirtCloud:
                                vm=name, console_tail=await self.console(name, 20))
             await asyncio.sleep(0.3)
         sshkey.pin_host_key(self.ctx.dir.path, name, key)
-        async with _ssh(self.ctx, name, str(row["address"])) as m:
+        async with vms.guest_ssh(self.ctx, name, str(row["address"])) as m:
             await m.run(["true"])
         return await self.show(name)
 
@@ -406,7 +392,7 @@ class LibvirtCloud:
         row = self._row(name)
         if (await domains.domain_state(self.ctx.name, name)).state == "running":
             with contextlib.suppress(LabError):
-                async with _ssh(self.ctx, name, str(row["address"])) as m:
+                async with vms.guest_ssh(self.ctx, name, str(row["address"])) as m:
                     await m.run(["kill", "-TERM", "1"])
             deadline = time.monotonic() + timeout
             while (await domains.domain_state(self.ctx.name, name)).state == "running":
@@ -448,4 +434,4 @@ class LibvirtCloud:
         return text.splitlines()[-lines:]
 
     def ssh(self, name: str) -> SshMachine:
-        return _ssh(self.ctx, name, str(self._row(name)["address"]))
+        return vms.guest_ssh(self.ctx, name, str(self._row(name)["address"]))

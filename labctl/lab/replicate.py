@@ -29,6 +29,7 @@ reached over its management channel (SSH), cloud B's API (libvirt) makes the des
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -484,8 +485,6 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
 async def _first_new_ack(m: SshMachine, after: int, timeout: float = 60.0) -> tuple[int, float]:
     """The first record the application acknowledged on the destination (from its own
     log): its number and time."""
-    import asyncio  # noqa: PLC0415
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ran = await m.run(["cat", f"{APP_DIR}/acks.log"], check=False)

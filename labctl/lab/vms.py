@@ -110,15 +110,32 @@ async def _server_spec(ctx: LabContext, vm: dict[str, Any], host: str) -> hp.VmS
         heartbeat_ms=int(vm["heartbeat_ms"]))
 
 
+def host_key_from(lines: list[str]) -> str | None:
+    """The SSH host key a server guest printed on its console (the last one), or None."""
+    keys = [ln.split("hostkey ", 1)[1].strip() for ln in lines if "labctl-server: hostkey " in ln]
+    return keys[-1] if keys else None
+
+
+def guest_ssh(ctx: LabContext, name: str, address: str) -> SshMachine:
+    """Server guest ``name``'s management channel at ``address`` (ip or ip/prefix): the
+    lab's key, the host key pinned from its console."""
+    key = sshkey.ensure_key(ctx.name, ctx.dir.path)
+    pinned = sshkey.pinned_host_key(ctx.dir.path, name)
+    if pinned is None:
+        raise LabStateError(f"VM {name} has not printed its SSH host key yet (is it running?)",
+                            vm=name)
+    return SshMachine(name, address.split("/")[0], key.private, pinned)
+
+
 async def _pin_host_key(ctx: LabContext, c: RpcClient, name: str) -> None:
     """Pin a server guest's SSH host key from its console (printed before its first
     heartbeat, so it is there once the VM started)."""
     tail = await hp.VM_CONSOLE_TAIL.call(c, hp.ConsoleTailRequest(name, lines=400))
-    keys = [ln.split("hostkey ", 1)[1] for ln in tail.lines if "labctl-server: hostkey " in ln]
-    if not keys:
+    key = host_key_from(tail.lines)
+    if key is None:
         raise LabStateError(f"VM {name} printed no SSH host key on its console", vm=name,
                             console_tail=tail.lines[-20:])
-    sshkey.pin_host_key(ctx.dir.path, name, keys[-1])
+    sshkey.pin_host_key(ctx.dir.path, name, key)
 
 
 #: where a server guest's application lives and writes (labctl/replication/app.py)
@@ -129,11 +146,7 @@ APP_DIR = "/srv/app"
 async def _start_app(ctx: LabContext, name: str, rate: float) -> None:
     """The application, copied into the guest over its management channel and started
     in the background (it refuses a second copy of itself, and to start over lost data)."""
-    vm = row(ctx, name)
-    machine = SshMachine(name, str(vm["address"]).split("/")[0],
-                         sshkey.ensure_key(ctx.name, ctx.dir.path).private,
-                         sshkey.pinned_host_key(ctx.dir.path, name) or "")
-    async with machine as m:
+    async with guest_ssh(ctx, name, str(row(ctx, name)["address"])) as m:
         await m.run(["mkdir", "-p", "/opt/labctl"])
         await m.put(Path(app.__file__).read_bytes(), APP, 0o755)
         await m.run(["python3", "-B", APP, "run", "--dir", APP_DIR, "--rate", f"{rate:g}",
