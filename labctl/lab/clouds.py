@@ -395,7 +395,9 @@ class LibvirtCloud:
                 async with vms.guest_ssh(self.ctx, name, str(row["address"])) as m:
                     await m.run(["kill", "-TERM", "1"])
             deadline = time.monotonic() + timeout
-            while (await domains.domain_state(self.ctx.name, name)).state == "running":
+            # "shutdown" is libvirt's word for a domain on its way down: wait for shutoff
+            while (await domains.domain_state(self.ctx.name, name)).state in ("running",
+                                                                                "shutdown"):
                 if time.monotonic() > deadline:
                     await domains.in_thread(self._domain_call, name, "destroy")
                     break
