@@ -8,7 +8,8 @@ cloud operator's boot configuration: ``labctl.vm=NAME`` (hostname), ``labctl.ip=
 public key, base64url of its one line), ``labctl.hb_ms=N`` (heartbeat period). Steps:
 
 1. mount proc, sys, devtmpfs, /run, /dev/pts; load the modules listed in
-   /etc/labctl-server/modules (the shared helpers of the storage node's PID 1);
+   /etc/labctl-server/modules (the shared helpers of the storage node's PID 1); name the
+   device-mapper map the initramfs put the root disk under ``/dev/mapper/root``;
 2. the interface and its address; the hostname;
 3. root's authorized_keys from ``labctl.key`` (replaced: the key is the operator's);
 4. the SSH host key made on first boot (kept on the disk: a replica is the same server)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -75,6 +77,24 @@ def host_key() -> None:
         say("hostkey " + " ".join(f.read().split()[:2]))
 
 
+def name_root_map() -> None:
+    """``/dev/mapper/root``: the device-mapper map of the root disk the initramfs made (where
+    the replication agent's write tracker goes), as dmsetup would name it without udev."""
+    for dm in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{dm}/dm/name") as f:
+                if f.read().strip() != "root":
+                    continue
+        except OSError:
+            continue
+        os.makedirs("/dev/mapper", mode=0o755, exist_ok=True)
+        if not os.path.exists("/dev/mapper/root"):
+            os.mknod("/dev/mapper/root", 0o600 | stat.S_IFBLK, os.stat(f"/dev/{dm}").st_rdev)
+        say(f"root disk under device-mapper as /dev/mapper/root ({dm})")
+        return
+    say("root disk not under device-mapper (no initramfs): no write tracking")
+
+
 def start_sshd() -> subprocess.Popen[bytes]:
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     return subprocess.Popen([SSHD, "-D", "-e", "-o", f"HostKey={HOST_KEY}"],
@@ -119,6 +139,7 @@ def main() -> None:
         initlib.mount("tmpfs", "/run", "tmpfs", initlib.MS_NOSUID | initlib.MS_NODEV, "mode=0755")
         say(f"init at {initlib.uptime():.2f}")
         initlib.load_modules()
+        name_root_map()
         args = cmdline()
         name = args.get("vm", "server")
         if "ip" in args:

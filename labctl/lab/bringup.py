@@ -151,6 +151,7 @@ async def build(ctx: LabContext, topo: Topology) -> None:
         server = await step(ctx, "server guest image ready",
                             ensure_server_image(progress=ctx.progress))
         inv.set_meta("server_kernel", str(server.kernel))
+        inv.set_meta("server_initrd", str(server.initrd))
         inv.set_meta("server_rootfs", str(server.rootfs))
     accel = await step(ctx, "accelerator probe", probe_accel())
     inv.set_meta("accel", accel)
@@ -229,7 +230,8 @@ def _record_vms(ctx: LabContext, vms_here: list[tuple[int, Vm]], gimg: GuestImag
     inv = ctx.inv
     inv.set_meta("guest_kernel", str(gimg.kernel))
     inv.set_meta("guest_initrd", str(gimg.initrd))
-    for name in ("server_kernel", "server_rootfs"):  # what a server guest boots from
+    # what a server guest boots from
+    for name in ("server_kernel", "server_initrd", "server_rootfs"):
         value = ctx.shared.get_meta(name)
         if value is not None:
             inv.set_meta(name, value)

@@ -286,9 +286,10 @@ class LibvirtCloud:
              net: ipaddress.IPv4Network) -> str:
         key = sshkey.ensure_key(self.ctx.name, self.ctx.dir.path)
         image_kernel = self.ctx.shared.get_meta("server_kernel")
-        kernel = Path(image_kernel) if image_kernel else None
-        if kernel is None:
+        image_initrd = self.ctx.shared.get_meta("server_initrd")
+        if image_kernel is None or image_initrd is None:
             raise LabStateError("the lab has no server image kernel: bring it up again")
+        kernel, initrd = Path(image_kernel), Path(image_initrd)
         cmdline = " ".join([SERVER_CMDLINE, f"labctl.vm={row['name']}",
                             f"labctl.ip={row['address']}", f"labctl.gw={self._gateway(net)}",
                             f"labctl.mac={row['mac']}", f"labctl.key={key.boot_arg()}",
@@ -302,7 +303,7 @@ class LibvirtCloud:
         return direct_boot_xml(DirectBoot(
             name=str(row["domain"]), metadata=ET.tostring(meta, encoding="unicode"),
             memory_mib=int(row["memory"]), vcpus=int(row["vcpus"]), kernel=kernel,
-            cmdline=cmdline, root=Path(row["root"]), root_serial="labctl-root",
+            initrd=initrd, cmdline=cmdline, root=Path(row["root"]), root_serial="labctl-root",
             root_format=str(row["root_format"]), console_log=d / "console.log",
             disks=[(Path(x.where), x.serial, False) for x in data],
             nics=[Nic(bridge, tap, str(row["mac"]))]),

@@ -379,7 +379,7 @@ class Lab:
                                            compress=compress, keep_source=keep_source)
 
     async def replicate(self, vm: str, cloud: str, switchover: str | dict[str, Any] | None,
-                        tracking: str = "hash", compress: bool = False,
+                        tracking: str = "era", compress: bool = False,
                         limit_bytes_s: float | None = None) -> Any:
         """Replicate server VM ``vm`` to cloud ``cloud`` by agents in its guests and cut
         over (see labctl/lab/replicate.py)."""

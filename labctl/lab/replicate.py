@@ -175,14 +175,12 @@ async def _installed(m: SshMachine) -> bool:
 
 
 async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
-                    switchover: str | dict[str, Any] | None = None, tracking: str = "hash",
+                    switchover: str | dict[str, Any] | None = None, tracking: str = "era",
                     compress: bool = False, limit_bytes_s: float | None = None,
                     ) -> Replication:
     """Replicate server VM ``vm`` of cloud ``src_site`` to cloud ``to_site`` and cut over."""
-    if tracking != "hash":
-        raise ReplicationError(f"--tracking {tracking}: the write tracker (dm-era) needs the "
-                               "source's root disk under device-mapper, which its image "
-                               "cannot do at boot yet: use --tracking hash", tracking=tracking)
+    if tracking not in ("era", "hash"):
+        raise ReplicationError(f"--tracking {tracking}: era or hash", tracking=tracking)
     if to_site == src_site:
         raise ReplicationError(f"VM {vm} is already in cloud {to_site}", vm=vm)
     policy = policy_from(switchover if switchover is not None else DEFAULT_WHEN)
@@ -261,6 +259,9 @@ async def _give_back(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: s
     with contextlib.suppress(LabError):
         async with ca.ssh(vm) as m:
             await m.run(["fsfreeze", "-u", "/"], check=False)
+            if await _installed(m):  # the write tracker out from under its root first
+                await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", "untrack", "--state",
+                             f"{AGENT_DIR}/state"], check=False, timeout=120)
             await m.run(["rm", "-rf", AGENT_DIR], check=False)
             if app_stopped:
                 await m.run(["python3", "-B", APP, "resume", "--dir", APP_DIR], check=False)
@@ -281,13 +282,19 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
         issued = pki.issue(f"repl-{rec.id}-{role}", [addr], work / role)
         tls[role] = {"cert.pem": issued.cert, "key.pem": issued.key, "ca.pem": issued.ca}
     async with ca.ssh(vm) as sm, cb.ssh(dest.name) as dm:
+        if not (await sm.run(["test", "-b", SOURCE_DISK], check=False)).ok:
+            raise ReplicationError(f"{vm} has no {SOURCE_DISK}: its root disk is not under "
+                                   "device-mapper (a server image from before the write "
+                                   "tracker: bring the lab up again)", vm=vm)
         await _install(sm, tls["src"])
         await _install(dm, tls["dst"])
-        await _agent(dm, "target", "--disk", TARGET_DISK, "--listen", f"0.0.0.0:{AGENT_PORT}",
-                     "--tls", f"{AGENT_DIR}/tls", "--state", f"{AGENT_DIR}/state")
+        target_args = ["target", "--disk", TARGET_DISK, "--listen", f"0.0.0.0:{AGENT_PORT}",
+                       "--tls", f"{AGENT_DIR}/tls", "--state", f"{AGENT_DIR}/state"]
+        await _agent(dm, *target_args)
         to = f"{dst_ip}:{AGENT_PORT}"
         pass_args = ["--disk", SOURCE_DISK, "--to", to, "--tls", f"{AGENT_DIR}/tls",
-                     "--state", f"{AGENT_DIR}/state", *(["--compress"] if compress else []),
+                     "--state", f"{AGENT_DIR}/state", "--tracking", rec.tracking,
+                     *(["--compress"] if compress else []),
                      *(["--limit", str(limit)] if limit else [])]
         t_begin = time.monotonic()
         prev_start: float | None = None
@@ -314,6 +321,7 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                 whole.progress(f"pass {n + 1} failed ({exc.message}): again, from its last "
                                "flush")
                 await _reconnect(sm)
+                await _revive(dm, target_args)
                 continue
             failures = 0
             n += 1
@@ -356,6 +364,17 @@ async def _reconnect(m: SshMachine) -> None:
     await m.close()
     with contextlib.suppress(SshError):
         await m.connect(timeout=60)
+
+
+async def _revive(dm: SshMachine, target_args: list[str]) -> None:
+    """The destination's agent running again if it died (its disk keeps what it flushed;
+    the source's map says what that is); a failure here shows in the next pass."""
+    try:
+        await dm.run(["true"], timeout=30)
+    except SshError:
+        await _reconnect(dm)
+    with contextlib.suppress(LabError):
+        await _agent(dm, *target_args)
 
 
 def _view(n: int, got: dict[str, Any], took: float, t_start: float, prev_start: float | None,

@@ -93,8 +93,8 @@ async def _server_spec(ctx: LabContext, vm: dict[str, Any], host: str) -> hp.VmS
     """A server guest: the server image's kernel straight onto its clone (the NVMe root),
     its address routed by its host, the lab's SSH key in its boot configuration (as a
     cloud's instance metadata would give it)."""
-    kernel = ctx.inv.get_meta("server_kernel")
-    if kernel is None:
+    kernel, initrd = ctx.inv.get_meta("server_kernel"), ctx.inv.get_meta("server_initrd")
+    if kernel is None or initrd is None:
         raise LabStateError(f"VM {vm['name']} is a server guest and the lab has no server "
                             "image: bring the lab up again", vm=vm["name"])
     h = ctx.inv.row("hosts", name=host)
@@ -105,7 +105,7 @@ async def _server_spec(ctx: LabContext, vm: dict[str, Any], host: str) -> hp.VmS
                        f"labctl.key={key.boot_arg()}", f"labctl.hb_ms={vm['heartbeat_ms']}"])
     return hp.VmStartSpec(
         name=vm["name"], memory_mib=vm["memory"] >> 20, vcpus=vm["vcpus"], kernel=Path(kernel),
-        initrd=None, append=append, accel="auto", disk=await chain_disk(ctx, vm),
+        initrd=Path(initrd), append=append, accel="auto", disk=await chain_disk(ctx, vm),
         disk_bus="nvme", nic=hp.Nic(mac=str(vm["mac"]), address=str(vm["address"])),
         heartbeat_ms=int(vm["heartbeat_ms"]))
 

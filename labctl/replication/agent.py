@@ -3,9 +3,10 @@
 runs them with the guest's ``python3``, and removes them after the cutover::
 
     python3 agent.py target --disk /dev/vda --listen 0.0.0.0:7900 --tls DIR --state DIR
-    python3 agent.py pass   --disk /dev/nvme0n1 --to 10.1.2.101:7900 --tls DIR --state DIR
-                            [--full] [--compress] [--limit BYTES_PER_S]
-    python3 agent.py verify --disk /dev/nvme0n1 --to 10.1.2.101:7900 --tls DIR
+    python3 agent.py pass   --disk /dev/mapper/root --to 10.1.2.101:7900 --tls DIR --state DIR
+                            [--full] [--tracking era|hash] [--compress] [--limit BYTES_PER_S]
+    python3 agent.py verify --disk /dev/mapper/root --to 10.1.2.101:7900 --tls DIR
+    python3 agent.py untrack --state DIR
     python3 agent.py stop   --state DIR
 
 ``target`` detaches and serves one source at a time: blocks written where they belong,
@@ -21,6 +22,15 @@ sent. The map is saved at every flush (each :data:`CHECKPOINT` bytes), so a pass
 (a WAN cut, a killed agent) resumes where its last flush left it; a source that lost its
 map (a reboot: the state directory is on tmpfs) asks the target for its digests first.
 
+**What changed** (era tracking, :class:`Era`): the source's root disk is the device-mapper
+map ``root`` (its initramfs made it linear); pass 1 swaps that table for a dm-era table live
+(its metadata on a loop device over a file in the state directory) before it reads a
+block. A later pass asks dm-era which blocks were written since the era the previous pass
+began in (a metadata snapshot read by ``era_invalidate``) and reads only those: no scan of
+the disk. The blocks a pass still has to send are saved at every flush, so a cut pass
+resumes with them. A reboot brings the root back linear and empties the state directory:
+the next pass finds no tracker, starts one, and falls back to the rehash pass above.
+
 **The channel**: mutual TLS (the lab's CA; each agent's certificate names its address), the
 source connecting. Frames: kind (u8), a (u32), b (u64), then ``b`` bytes of payload for a
 block. A block may go compressed (zlib) when that saves a tenth. ``--limit`` caps the
@@ -32,11 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import signal
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import time
 import zlib
@@ -169,6 +181,114 @@ def detach(state: Path, name: str) -> int | None:
     return None
 
 
+# -- the write tracker -----------------------------------------------------------------------
+ERA_MAP = "root"
+"""The device-mapper map the server's initramfs put its root disk under."""
+ERA_META_BYTES = 16 << 20
+_ERA_RANGE = re.compile(r'<range begin\s*=\s*"(\d+)"\s+end\s*=\s*"(\d+)"')
+_ERA_BLOCK = re.compile(r'<block block\s*=\s*"(\d+)"')
+
+
+def _cmd(*argv: str) -> str:
+    ran = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    if ran.returncode != 0:
+        raise AgentError(f"{' '.join(argv[:3])}: {ran.stderr.strip() or ran.returncode}")
+    return ran.stdout
+
+
+class Era:
+    """dm-era under the root filesystem: which blocks were written since a pass began."""
+
+    def __init__(self, state: Path, name: str = ERA_MAP) -> None:
+        self.state, self.name = state, name
+        self.file = state / "era.json"
+
+    def _table(self) -> list[str]:
+        return _cmd("dmsetup", "table", self.name).split()
+
+    def _swap(self, table: str) -> None:
+        _cmd("dmsetup", "load", self.name, "--table", table)
+        _cmd("dmsetup", "suspend", self.name)
+        _cmd("dmsetup", "resume", self.name)
+
+    def era(self) -> int:
+        # <metadata block size> <used>/<total> <current era> <held metadata root | ->
+        return int(_cmd("dmsetup", "status", self.name).split()[5])
+
+    def active(self) -> bool:
+        return self.file.exists() and self._table()[2:3] == ["era"]
+
+    def start(self) -> dict[str, object]:
+        """Swap the linear table for an era table (fresh metadata); what it is tracking."""
+        table = self._table()
+        if table[2:3] != ["linear"] or len(table) != 5 or table[4] != "0":
+            raise AgentError(f"the map {self.name} is not a linear map of a whole disk: "
+                             f"{' '.join(table)}")
+        length, origin = table[1], table[3]
+        meta = self.state / "era.meta"
+        with open(meta, "wb") as f:  # fresh (zeroed) metadata: dm-era formats it
+            f.truncate(ERA_META_BYTES)
+        loop = _cmd("losetup", "--find", "--show", str(meta)).strip()
+        try:
+            self._swap(f"0 {length} era {loop} {origin} {blocks.BLOCK // 512}")
+        except AgentError:
+            _cmd("losetup", "-d", loop)
+            raise
+        info = {"loop": loop, "origin": origin, "length": length, "since": self.era()}
+        self.file.write_text(json.dumps(info))
+        return info
+
+    def written(self) -> tuple[list[int], int]:
+        """The blocks written since the era saved by the last :meth:`commit` (or the start),
+        and the era to commit once they are safe elsewhere."""
+        info = json.loads(self.file.read_text())
+        _cmd("dmsetup", "message", self.name, "0", "checkpoint")
+        _cmd("dmsetup", "message", self.name, "0", "take_metadata_snap")
+        try:
+            now = self.era()  # later writes are in this era or after it
+            xml = _cmd("era_invalidate", "--written-since", str(info["since"]),
+                       "--metadata-snapshot", str(info["loop"]))
+        finally:
+            _cmd("dmsetup", "message", self.name, "0", "drop_metadata_snap")
+        found: set[int] = set()
+        for begin, end in _ERA_RANGE.findall(xml):
+            found.update(range(int(begin), int(end)))
+        found.update(int(b) for b in _ERA_BLOCK.findall(xml))
+        return sorted(found), now
+
+    def commit(self, since: int) -> None:
+        info = json.loads(self.file.read_text())
+        info["since"] = since
+        tmp = self.file.with_suffix(".new")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.file)
+
+    def stop(self) -> bool:
+        """The linear table back, the metadata gone; False when nothing was tracking."""
+        if not self.file.exists():
+            return False
+        info = json.loads(self.file.read_text())
+        if self._table()[2:3] == ["era"]:
+            self._swap(f"0 {info['length']} linear {info['origin']} 0")
+        _cmd("losetup", "-d", str(info["loop"]))
+        self.file.unlink()
+        (self.state / "era.meta").unlink(missing_ok=True)
+        return True
+
+
+def _load_pending(state: Path) -> list[int]:
+    try:
+        return [int(x) for x in (state / "pending").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _save_pending(state: Path, todo: list[int]) -> None:
+    tmp = state / "pending.new"
+    tmp.write_text(" ".join(map(str, todo)))
+    os.replace(tmp, state / "pending")
+
+
 # -- source ---------------------------------------------------------------------------------
 def _connect(to: str, tls: Path, timeout: float = 15.0) -> ssl.SSLSocket:
     host, _, port = to.rpartition(":")
@@ -229,34 +349,47 @@ def _flush(sock: ssl.SSLSocket) -> None:
 
 
 def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: bool,
-             limit: float | None) -> dict[str, object]:
+             limit: float | None, tracking: str = "hash") -> dict[str, object]:
     """One pass; what it saw and did."""
     t0 = time.monotonic()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     state.mkdir(parents=True, exist_ok=True)
     size = blocks.size_of(disk)
     count = (size + blocks.BLOCK - 1) // blocks.BLOCK
+    era = Era(state) if tracking == "era" else None
     with _connect(to, tls) as sock:
         _hello(sock, size)
         held = None if full else _load_map(state, count)
-        how = "full" if full else "map"
         read = 0
-        if full:
-            held = _zero_map(size)  # a new target disk reads as zeros
-        elif held is None:  # the map is gone (a reboot): what the target holds, by hashing
-            held = _target_digests(sock, count)
-            how = "rehash"
         t_digest = time.monotonic()
-        now = blocks.digests(disk)
-        read += size
+        commit: int | None = None
+        if era is not None and not full and held is not None and era.active():
+            how = "era"  # the tracker says what changed: no scan
+            written, commit = era.written()
+            todo = sorted(set(written) | set(_load_pending(state)))
+        else:
+            if full:
+                how, held = "full", _zero_map(size)  # a new target disk reads as zeros
+            elif held is None:  # the map is gone (a reboot): what the target holds
+                how, held = "rehash", _target_digests(sock, count)
+            else:
+                how = "map"
+            if era is not None:  # track from before the scan (again, after a reboot)
+                era.stop()
+                era.start()
+            now = blocks.digests(disk)
+            read += size
+            todo = [i for i in range(count) if now[i] != held[i]]
+        assert held is not None
+        _save_pending(state, todo)
+        if era is not None and commit is not None:  # those blocks are pending now: the era
+            era.commit(commit)  # may move on
         t_digest = time.monotonic() - t_digest
-        todo = [i for i in range(count) if now[i] != held[i]]
         sent = wire = since_flush = 0
         t_send = time.monotonic()
-        with open(disk, "rb", buffering=0) as f:
-            for i in todo:
-                f.seek(i * blocks.BLOCK)
-                data = f.read(blocks.BLOCK)
+        with blocks.Reader(disk) as reader:
+            for k, i in enumerate(todo):
+                data = reader.read(i)
                 read += len(data)
                 kind, payload = BLOCK, data
                 if compress:
@@ -271,6 +404,7 @@ def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: 
                 if since_flush >= CHECKPOINT:
                     _flush(sock)
                     _save_map(state, held)
+                    _save_pending(state, todo[k + 1:])
                     since_flush = 0
                 if limit:
                     ahead = wire / limit - (time.monotonic() - t_send)
@@ -278,6 +412,7 @@ def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: 
                         time.sleep(ahead)
         _flush(sock)
         _save_map(state, held)
+        _save_pending(state, [])
         sock.sendall(_FRAME.pack(BYE, 0, 0))
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     return {"how": how, "size": size, "blocks": len(todo), "bytes": sent, "wire_bytes": wire,
@@ -306,6 +441,17 @@ def verify(disk: Path, to: str, tls: Path) -> dict[str, object]:
             "differ_count": len(differ)}
 
 
+def running(state: Path, name: str = "target") -> int | None:
+    """The pid of this state directory's ``name`` daemon when it is alive, else None."""
+    try:
+        pid = int((state / f"{name}.pid").read_text())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid if name.encode() in argv and any(a.endswith(b"agent.py") for a in argv) else None
+
+
 def stop(state: Path, name: str = "target") -> dict[str, object]:
     try:
         pid = int((state / f"{name}.pid").read_text())
@@ -325,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true")
     p.add_argument("--compress", action="store_true")
     p.add_argument("--limit", type=float, default=None)
+    p.add_argument("--tracking", choices=("hash", "era"), default="hash")
     v = sub.add_parser("verify")
     for x in (p, v):
         x.add_argument("--to", required=True)
@@ -332,11 +479,16 @@ def main(argv: list[str] | None = None) -> int:
         x.add_argument("--disk", type=Path, required=True)
         x.add_argument("--tls", type=Path, required=True)
     s = sub.add_parser("stop")
-    for x in (t, p, s):
+    u = sub.add_parser("untrack")
+    for x in (t, p, s, u):
         x.add_argument("--state", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "target":
+            alive = running(args.state)
+            if alive is not None:  # asked again (after a failed pass): it is there
+                print(json.dumps({"pid": alive, "already": True}))
+                return 0
             args.state.mkdir(parents=True, exist_ok=True)
             (args.state / "target.ready").unlink(missing_ok=True)
             pid = detach(args.state, "target")
@@ -352,15 +504,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "pass":
             print(json.dumps(one_pass(args.disk, args.to, args.tls, args.state, args.full,
-                                      args.compress, args.limit)))
+                                      args.compress, args.limit, args.tracking)))
             return 0
         if args.cmd == "verify":
             result = verify(args.disk, args.to, args.tls)
             print(json.dumps(result))
             return 0 if result["equal"] else 1
+        if args.cmd == "untrack":
+            print(json.dumps({"untracked": Era(args.state).stop()}))
+            return 0
         print(json.dumps(stop(args.state)))
         return 0
-    except (AgentError, OSError, ssl.SSLError, ValueError) as exc:
+    except (AgentError, OSError, ssl.SSLError, ValueError, subprocess.SubprocessError) as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
 

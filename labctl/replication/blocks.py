@@ -8,13 +8,19 @@ the same blocks.
 A block is :data:`BLOCK` bytes; the disk's last block may be shorter. Digests are BLAKE2b
 of 16 bytes. A hole reads as zeros: its digest is the zero block's, so a block written
 into a hole is found as changed, and a block that went back to zeros as well.
+
+A block device is read with ``O_DIRECT`` (:class:`Reader`): the source's filesystem writes
+its files' data to the disk without going through the block device's page cache, so a
+cached read of a block read before could return what it held then.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +41,32 @@ def size_of(path: Path) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
+
+
+class Reader:
+    """Blocks of a file or a block device, read past the page cache on a block device
+    (``O_DIRECT`` into a page-aligned buffer; a file is read as usual)."""
+
+    def __init__(self, path: Path, block: int = BLOCK) -> None:
+        self.block = block
+        flags = os.O_RDONLY | os.O_CLOEXEC
+        direct = stat.S_ISBLK(os.stat(path).st_mode) and hasattr(os, "O_DIRECT")
+        self.fd = os.open(path, flags | (os.O_DIRECT if direct else 0))
+        self.buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+
+    def read(self, index: int) -> bytes:
+        n = os.preadv(self.fd, [self.buf], index * self.block)
+        return self.buf[:n]
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.buf.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def allocated(path: Path, block: int = BLOCK) -> list[int]:
@@ -68,10 +100,9 @@ def digests(path: Path, block: int = BLOCK) -> list[bytes]:
     out = [_ZERO if block == BLOCK else digest(bytes(block))] * count
     if count and size % block:  # the last block is shorter: so is its zero block
         out[-1] = digest(bytes(size % block))
-    with open(path, "rb", buffering=0) as f:
+    with Reader(path, block) as r:
         for b in allocated(path, block):
-            f.seek(b * block)
-            out[b] = digest(f.read(block))
+            out[b] = digest(r.read(b))
     return out
 
 
@@ -86,10 +117,9 @@ def changed(before: list[bytes], after: list[bytes]) -> list[int]:
 def read_blocks(path: Path, indexes: list[int], block: int = BLOCK
                 ) -> Iterator[tuple[int, bytes]]:
     """(index, data) of each block in ``indexes``, read from ``path``."""
-    with open(path, "rb", buffering=0) as f:
+    with Reader(path, block) as r:
         for i in indexes:
-            f.seek(i * block)
-            yield i, f.read(block)
+            yield i, r.read(i)
 
 
 def write_blocks(path: Path, blocks: Iterator[tuple[int, bytes]], block: int = BLOCK) -> int:

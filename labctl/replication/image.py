@@ -6,21 +6,34 @@ in ``images/server/``; the storage node's PID 1 (``images/storage/init.py``) goe
 the helpers the server's PID 1 imports.
 
 The cloud kernel has NVMe built in and virtio-blk as a module, so the root disk is an NVMe
-controller's namespace (``root=/dev/nvme0n1``) and every other disk is virtio-blk.
+controller's namespace (``root=/dev/nvme0n1``) and every other disk is virtio-blk. A small
+initramfs (``images/server/rootdm.c``, static C, with dm-mod) puts that disk under the
+device-mapper device ``root`` (a linear map) before the server's PID 1 starts on it: the
+replication agent swaps it for a dm-era table live, to track the server's writes.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from labctl.core.paths import repo_root
-from labctl.core.proc import run
+from labctl.core.proc import run, which
 from labctl.drivers.debian import Kernel, digest, ensure_kernel
+from labctl.guest.image import (
+    CFLAGS,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFREG,
+    CpioEntry,
+    cpio_bytes,
+)
 from labctl.storage.image import (
     SLIM_EXCLUDES,
-    StorageImage,
     add_modules,
     build_root_image,
     debian_suite,
@@ -28,11 +41,15 @@ from labctl.storage.image import (
     storage_recipe_dir,
 )
 
-SERVER_RECIPE_VERSION = "server-1"
+SERVER_RECIPE_VERSION = "server-2"
 """Bump when the build steps below change in a way the recipe files do not show."""
 
-SERVER_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "dm_mod", "dm_era")
-"""Loaded at boot: the network, the data disks (a destination's target), dm-era."""
+SERVER_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "dm_mod", "dm_era", "loop")
+"""Loaded at boot: the network, the data disks (a destination's target), dm-era and the loop
+device its metadata lives on (a file in /run: a reboot loses it)."""
+
+INITRAMFS_MODULES = ("dm_mod",)
+"""In the initramfs: what the linear map of the root disk needs."""
 
 #: the root filesystem's size: room for the application's data beyond the system's files
 SERVER_DISK_KIB = 512 * 1024
@@ -50,7 +67,14 @@ UseDNS no
 Subsystem sftp internal-sftp
 """
 
-ServerImage = StorageImage
+@dataclass(frozen=True)
+class ServerImage:
+    """The server guest's kernel, initramfs and root filesystem (a whole disk's ext4)."""
+
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    recipe_hash: str
 
 
 def server_recipe_dir() -> Path:
@@ -77,9 +101,40 @@ async def ensure_server_image(cache: Path | None = None,
     async def customize(root: Path) -> None:
         await _customize(root, kernel)
 
-    return await build_root_image("server guest", "server", server_recipe_dir(), h, kernel,
-                                  customize, cache=cache, progress=progress,
-                                  min_size_kib=SERVER_DISK_KIB)
+    built = await build_root_image("server guest", "server", server_recipe_dir(), h, kernel,
+                                   customize, cache=cache, progress=progress,
+                                   min_size_kib=SERVER_DISK_KIB)
+    initrd = built.rootfs.parent / "initrd.img"
+    if not initrd.exists():
+        await _build_initramfs(kernel, initrd)
+    return ServerImage(kernel=built.kernel, initrd=initrd, rootfs=built.rootfs,
+                       recipe_hash=built.recipe_hash)
+
+
+async def _build_initramfs(kernel: Kernel, out: Path) -> None:
+    """``rootdm.c`` compiled static as /init, with dm-mod and its dependencies."""
+    which("gcc", "the server guest's initramfs is compiled with gcc -static "
+                 "(packages gcc, libc6-dev)")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".initrd-") as tmp:
+        init = Path(tmp) / "init"
+        await run(["gcc", *CFLAGS, "-o", str(init), str(server_recipe_dir() / "rootdm.c")],
+                  timeout=300, what="compiling the server guest's initramfs (gcc -static)")
+        entries = [CpioEntry("dev", S_IFDIR | 0o755),
+                   CpioEntry("dev/console", S_IFCHR | 0o600, rdevmajor=5, rdevminor=1),
+                   CpioEntry("proc", S_IFDIR | 0o555), CpioEntry("lib", S_IFDIR | 0o755),
+                   CpioEntry("init", S_IFREG | 0o755, init.read_bytes())]
+        listed: list[str] = []
+        for name in INITRAMFS_MODULES:
+            for path in kernel.module_with_deps(name):
+                if f"/lib/{path.name}" not in listed:
+                    entries.append(CpioEntry(f"lib/{path.name}", S_IFREG | 0o644,
+                                             path.read_bytes()))
+                    listed.append(f"/lib/{path.name}")
+        entries.append(CpioEntry("modules.list", S_IFREG | 0o644,
+                                 "".join(x + "\n" for x in listed).encode()))
+        part = Path(tmp) / "initrd.img"
+        part.write_bytes(cpio_bytes(entries))
+        os.replace(part, out)
 
 
 async def _customize(root: Path, kernel: Kernel) -> None:

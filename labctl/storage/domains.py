@@ -169,6 +169,7 @@ class DirectBoot:
     nics: list[Nic] = field(default_factory=list)
     nic_offload: bool = True
     root_format: str = "qcow2"
+    initrd: Path | None = None
 
 
 def direct_boot_xml(vm: DirectBoot, accel: str = "qemu") -> str:
@@ -189,6 +190,8 @@ def direct_boot_xml(vm: DirectBoot, accel: str = "qemu") -> str:
     if qboot.exists():  # minimal firmware for direct kernel boot: faster than SeaBIOS
         ET.SubElement(os_el, "loader", {"type": "rom", "readonly": "yes"}).text = str(qboot)
     ET.SubElement(os_el, "kernel").text = str(vm.kernel)
+    if vm.initrd is not None:
+        ET.SubElement(os_el, "initrd").text = str(vm.initrd)
     ET.SubElement(os_el, "cmdline").text = vm.cmdline
     feats = ET.SubElement(dom, "features")
     ET.SubElement(feats, "acpi")  # acpi=off stalls boots (DESIGN); needed for power-off

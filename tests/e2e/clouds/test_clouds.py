@@ -158,7 +158,6 @@ def test_replication_is_refused_before_anything_is_made(lab: dict[str, Any]) -> 
     for args, words in (
             (("--to-cloud", "cloud-a"), "already in cloud cloud-a"),
             (("--to-cloud", "cloud-z"), "no site 'cloud-z'"),
-            (("--to-cloud", "cloud-b", "--tracking", "era"), "dm-era"),
             (("--to-cloud", "cloud-b", "--switchover", "predicted_outage <= 100MiB"),
              "(seconds) compared with"),
             (("--to-cloud", "cloud-b", "--limit", "5s"), "not a rate")):
@@ -193,15 +192,17 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
     async def go(cloud: LabctlCloud) -> dict[str, Any]:
         async with cloud.ssh("web1") as m:
             gone = (await m.run(["test", "-e", "/run/labctl-repl"], check=False)).returncode
+            table = (await m.run(["dmsetup", "table", "root"])).stdout.split()
             first = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status", "--dir",
                                              "/srv/app"])).stdout)
             await asyncio.sleep(1.5)
             later = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status",
                                              "--dir", "/srv/app"])).stdout)
-        return {"gone": gone, "first": first, "later": later}
+        return {"gone": gone, "table": table, "first": first, "later": later}
 
     got = _run(lab, "cloud-a", go)
     assert got["gone"] != 0  # the agent left the source
+    assert got["table"][2] == "linear", got["table"]  # and its write tracker too
     assert got["later"]["last_acked"] > got["first"]["last_acked"]  # the application goes on
 
 
@@ -215,6 +216,9 @@ def test_the_vm_is_replicated_to_cloud_b_and_carries_on_there(lab: dict[str, Any
     assert passes[0]["how"] == "full" and passes[-1]["how"] == "final"
     assert passes[-2]["decision"] == "switch" and "passes >= 2" in passes[-2]["why"]
     assert passes[0]["bytes"] > 64 << 20  # pass 1: the server's data blocks
+    # later passes read what dm-era says was written, not the whole 512 MiB disk
+    assert [p["how"] for p in passes[1:]] == ["era"] * (len(passes) - 2) + ["final"]
+    assert all(p["read_bytes"] == p["bytes"] < 64 << 20 for p in passes[1:]), passes
     cut = rec["cutover"]
     assert cut["verify"]["equal"] and cut["verify"]["differ_count"] == 0
     assert cut["dest_check"]["ok"] and cut["dest_check"]["last_acked"] == cut["source_last_acked"]

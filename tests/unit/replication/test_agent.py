@@ -154,3 +154,134 @@ def test_a_target_of_another_size_is_refused(pair: dict[str, Path | str]) -> Non
     res = _agent("pass", "--disk", str(pair["src"]), "--to", str(pair["to"]), "--tls",
                  str(pair["tls"]), "--state", str(pair["state"]), "--full")
     assert res.returncode == 2 and "the target's disk has" in res.stderr, res.stderr
+
+
+# -- era tracking: dm-era itself is faked (it needs a device-mapper map in a guest; the
+# e2e tests run the real one), the agent's use of what it says is real ---------------------
+class FakeEra:
+    """What dm-era would say: the blocks the test wrote since the last commit."""
+
+    dirty: set[int] = set()
+    tracking = False
+    starts = 0
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+
+    def active(self) -> bool:
+        return FakeEra.tracking
+
+    def start(self) -> dict[str, object]:
+        FakeEra.tracking, FakeEra.dirty = True, set()
+        FakeEra.starts += 1
+        return {}
+
+    def stop(self) -> bool:
+        was, FakeEra.tracking = FakeEra.tracking, False
+        return was
+
+    def written(self) -> tuple[list[int], int]:
+        return sorted(FakeEra.dirty), 0
+
+    def commit(self, _since: int) -> None:
+        FakeEra.dirty = set()
+
+
+@pytest.fixture
+def era(monkeypatch: pytest.MonkeyPatch) -> type[FakeEra]:
+    FakeEra.dirty, FakeEra.tracking, FakeEra.starts = set(), False, 0
+    monkeypatch.setattr(agent, "Era", FakeEra)
+    return FakeEra
+
+
+def _era_pass(p: dict[str, Path | str], full: bool = False) -> dict[str, object]:
+    return agent.one_pass(Path(p["src"]), str(p["to"]), Path(p["tls"]), Path(p["state"]),
+                          full=full, compress=False, limit=None, tracking="era")
+
+
+def _tracked_write(era: type[FakeEra], p: dict[str, Path | str], block: int) -> None:
+    _write(p["src"], block, os.urandom(B))
+    era.dirty.add(block)
+
+
+def test_era_tracking_reads_only_what_the_tracker_says(pair: dict[str, Path | str],
+                                                       era: type[FakeEra]) -> None:
+    first = _era_pass(pair, full=True)
+    assert first["how"] == "full" and era.tracking and era.starts == 1  # before the scan
+    _tracked_write(era, pair, 3)
+    _tracked_write(era, pair, 60)
+    second = _era_pass(pair)
+    assert (second["how"], second["blocks"]) == ("era", 2)
+    assert second["read_bytes"] == second["bytes"] == 2 * B  # no scan of the disk
+    assert _equal(pair)
+    assert _era_pass(pair)["blocks"] == 0  # the era moved on: nothing new
+
+
+def test_an_era_pass_cut_short_keeps_what_it_had_to_send(pair: dict[str, Path | str],
+                                                         era: type[FakeEra],
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    _era_pass(pair, full=True)
+    for i in range(10, 40):
+        _tracked_write(era, pair, i)
+    monkeypatch.setattr(agent, "CHECKPOINT", 1 << 20)
+    real_flush = agent._flush
+    flushes = {"n": 0}
+
+    def cut(sock: object) -> None:  # the second flush: the target has it, the source not
+        real_flush(sock)  # type: ignore[arg-type]
+        flushes["n"] += 1
+        if flushes["n"] == 2:
+            raise agent.AgentError("the channel closed")
+
+    monkeypatch.setattr(agent, "_flush", cut)
+    with pytest.raises(agent.AgentError):
+        _era_pass(pair)
+    monkeypatch.setattr(agent, "_flush", real_flush)
+    assert era.dirty == set()  # the tracker moved on: the rest is the agent's to keep
+    _tracked_write(era, pair, 100)
+    again = _era_pass(pair)
+    # 30 blocks to send, 16 (1 MiB) saved at the first flush: 14 left, and the new one
+    assert (again["how"], again["blocks"]) == ("era", 14 + 1), again
+    assert _equal(pair)
+
+
+def test_a_lost_tracker_falls_back_to_a_hash_pass_and_tracks_again(
+        pair: dict[str, Path | str], era: type[FakeEra]) -> None:
+    _era_pass(pair, full=True)
+    shutil.rmtree(pair["state"])  # a reboot: the map and the tracker are gone
+    era.tracking = False
+    _write(pair["src"], 127, os.urandom(B))  # written while nothing tracked
+    got = _era_pass(pair)
+    assert (got["how"], got["blocks"]) == ("rehash", 1) and era.tracking and era.starts == 2
+    assert _equal(pair)
+
+
+def test_dm_era_s_answer_is_read_as_blocks(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    """era_invalidate's XML as dm-era's tools print it (ranges end exclusive, with spaces
+    around some '='); the era after the snapshot is what the next pass asks from."""
+    calls: list[tuple[str, ...]] = []
+    answers = {
+        "status": "0 1048576 era 8 27/4096 5 93",
+        "era_invalidate": '<blocks>\n  <block block="0"/>\n  <range begin="2972" end = "2976"/>'
+                          '\n  <block block="4096"/>\n</blocks>\n',
+    }
+
+    def cmd(*argv: str) -> str:
+        calls.append(argv)
+        return answers.get(argv[1] if argv[0] == "dmsetup" else argv[0], "")
+
+    monkeypatch.setattr(agent, "_cmd", cmd)
+    e = agent.Era(tmp_path)
+    e.file.write_text(json.dumps({"loop": "/dev/loop0", "origin": "259:1", "length": "8",
+                                  "since": 3}))
+    found, now = e.written()
+    assert found == [0, 2972, 2973, 2974, 2975, 4096] and now == 5
+    inv = next(c for c in calls if c[0] == "era_invalidate")
+    assert inv[1:] == ("--written-since", "3", "--metadata-snapshot", "/dev/loop0")
+    # the snapshot is taken before it is read and dropped after
+    msgs = [c[4] for c in calls if c[:2] == ("dmsetup", "message")]
+    assert msgs == ["checkpoint", "take_metadata_snap", "drop_metadata_snap"]
+    e.commit(now)
+    assert json.loads(e.file.read_text())["since"] == 5
