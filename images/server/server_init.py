@@ -9,7 +9,8 @@ public key, base64url of its one line), ``labctl.hb_ms=N`` (heartbeat period). S
 
 1. mount proc, sys, devtmpfs, /run, /dev/pts; load the modules listed in
    /etc/labctl-server/modules (the shared helpers of the storage node's PID 1); name the
-   device-mapper map the initramfs put the root disk under ``/dev/mapper/root``;
+   device-mapper map the initramfs put the root disk under ``/dev/mapper/root``, and grow
+   the filesystem when the disk is larger (a clone made larger than the image);
 2. the interface and its address; the hostname;
 3. root's authorized_keys from ``labctl.key`` (replaced: the key is the operator's);
 4. the SSH host key made on first boot (kept on the disk: a replica is the same server)
@@ -91,8 +92,25 @@ def name_root_map() -> None:
         if not os.path.exists("/dev/mapper/root"):
             os.mknod("/dev/mapper/root", 0o600 | stat.S_IFBLK, os.stat(f"/dev/{dm}").st_rdev)
         say(f"root disk under device-mapper as /dev/mapper/root ({dm})")
+        grow("/dev/mapper/root")
         return
     say("root disk not under device-mapper (no initramfs): no write tracking")
+
+
+def grow(device: str) -> None:
+    """A disk larger than its filesystem (a clone made larger than the image): the
+    filesystem grown online to fill it."""
+    fs = os.statvfs("/")
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        disk = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    if disk - fs.f_blocks * fs.f_frsize < 64 << 20:
+        return
+    ran = subprocess.run(["resize2fs", device], capture_output=True, text=True, check=False)
+    say(f"filesystem grown to the disk's {disk >> 20} MiB at {initlib.uptime():.2f}"
+        if ran.returncode == 0 else f"resize2fs failed: {ran.stderr.strip()}")
 
 
 def start_sshd() -> subprocess.Popen[bytes]:

@@ -274,6 +274,9 @@ def print_status(s: LabStatus) -> None:
         beat = f"  heartbeat #{v.heartbeat.counter}" if v.heartbeat else ""
         why = f" ({v.reason})" if v.reason else ""
         print(f"  vm      {v.name:8} on {v.host:8} {v.state}{why}{beat}")
+    for c in s.cloud_vms:
+        print(f"  vm      {c.name:8} in {c.cloud} ({c.provider}: {c.runs_on}) {c.state}  "
+              f"{c.address}")
 
 
 #: never in an export: the lab secret and its copies, sockets, the lock

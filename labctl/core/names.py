@@ -99,3 +99,8 @@ def portal(address: str) -> str:
 #: TCP buffer limits (min, default, max bytes) wherever a site talks across a WAN link (host
 #: namespaces, storage nodes): without them one flow stays near 600 Mbit/s at 40 ms RTT
 TCP_BUFFERS = "4096 131072 33554432"
+
+
+#: the server image's disk (its root filesystem): room for the application's data beyond
+#: the system's ~200 MiB; a VM's clone may be larger (``disk: {size: ...}``), not smaller
+SERVER_DISK_BYTES = 512 << 20

@@ -174,6 +174,8 @@ async def build(ctx: LabContext, topo: Topology) -> None:
         own = ctx.in_site(site.name)
         own.inv.upsert("sites", name=site.name, subnet=str(site.subnet), bridge=br,
                        provider=site.provider)
+        if site.quota is not None:
+            own.inv.set_meta("quota", json.dumps(site.quota))
         own.inv.set_meta("accel", accel)
     inv.record_step("network", time.monotonic() - t_net)
 
@@ -245,7 +247,7 @@ def _record_vms(ctx: LabContext, vms_here: list[tuple[int, Vm]], gimg: GuestImag
                    heartbeat_ms=vm.heartbeat_ms, base=vm.base, disk_file=None, guest=vm.guest,
                    address=f"{vm.address}/{prefix}" if server else None,
                    mac=names.mac(ctx.dir.tag, "v", i) if server else None,
-                   app_rate=vm.app_rate)
+                   app_rate=vm.app_rate, disk_size=vm.disk_size)
 
 
 async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: StorageImage,

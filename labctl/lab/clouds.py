@@ -31,7 +31,9 @@ from typing import Any, Protocol
 from labctl.core import names
 from labctl.core.errors import LabError, LabStateError
 from labctl.core.proc import run
+from labctl.core.sizes import human_size
 from labctl.core.wire import Message
+from labctl.drivers.qcow2 import read_header
 from labctl.drivers.ssh import SshMachine
 from labctl.hosts import protocol as hp
 from labctl.lab import vms
@@ -109,6 +111,17 @@ class Cloud(Protocol):
     async def show(self, name: str) -> CloudVm: ...
     async def console(self, name: str, lines: int = 50) -> list[str]: ...
     def ssh(self, name: str) -> SshMachine: ...
+
+
+def _disk_bytes(row: dict[str, Any]) -> int:
+    """The disks of a libvirt cloud's VM, in bytes its guest sees (a qcow2 root: its
+    virtual size)."""
+    root = Path(row["root"])
+    size = 0
+    if root.exists():
+        size = read_header(str(root)).virtual_size if row["root_format"] == "qcow2" else \
+            root.stat().st_size
+    return size + sum(CloudDisk.from_wire(x).size_bytes for x in json.loads(row["disks"]))
 
 
 def cloud_of(ctx: LabContext) -> Cloud:
@@ -236,6 +249,27 @@ class LibvirtCloud:
                                 cloud=self.site)
         return addr
 
+    def _room(self, vm: NewVm, root_bytes: int) -> None:
+        """Refuse ``vm`` when it does not fit the cloud's quota (the topology's
+        ``sites[].quota``): VMs, memory and disk, as a provider counts them at creation."""
+        raw = self.ctx.inv.get_meta("quota")
+        if not raw:
+            return
+        quota: dict[str, int] = json.loads(raw)
+        rows = self.ctx.inv.rows("cloud_vms")
+        used = {"vms": len(rows), "memory": sum(int(r["memory"]) << 20 for r in rows),
+                "disk": sum(_disk_bytes(r) for r in rows)}
+        asked = {"vms": 1, "memory": vm.memory_mib << 20,
+                 "disk": root_bytes + sum(vm.data_disks)}
+        for what, limit in sorted(quota.items()):
+            if used[what] + asked[what] > limit:
+                show = str if what == "vms" else human_size
+                raise LabStateError(
+                    f"cloud {self.site} has no room for {vm.name}: it asks {show(asked[what])} "
+                    f"of {what}, {show(max(0, limit - used[what]))} of its quota "
+                    f"{show(limit)} is free", cloud=self.site, vm=vm.name, quota=quota,
+                    used=used, asked=asked)
+
     # -- the interface ---------------------------------------------------------------------
     async def create(self, vm: NewVm) -> CloudVm:
         """Define the VM (not started): its disks made, its address, MAC and domain."""
@@ -244,20 +278,22 @@ class LibvirtCloud:
         if self.ctx.inv.row("cloud_vms", name=vm.name) is not None:
             raise LabStateError(f"cloud {self.site} already has a VM {vm.name}", vm=vm.name)
         net, bridge = self._site_net()
+        image = await ensure_server_image(progress=self.ctx.progress)
+        given = None if vm.root == "image" else Path(vm.root)
+        if given is not None and not given.is_file():
+            raise LabStateError(f"no disk {given} to boot {vm.name} from", vm=vm.name)
+        self._room(vm, (image.rootfs if given is None else given).stat().st_size)
         addr = self._free_address(net)
         d = self._dir(vm.name)
         d.mkdir(parents=True, exist_ok=True)
         made: list[Path] = []
         try:
-            if vm.root == "image":
-                image = await ensure_server_image(progress=self.ctx.progress)
+            if given is None:
                 root, root_format = d / "root.qcow2", "qcow2"
                 await run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs),
                            "-F", "raw", str(root)], what=f"the root disk of {vm.name}")
             else:  # a disk handed over (take_disk): the VM's from now on
-                given, root, root_format = Path(vm.root), d / "root.raw", "raw"
-                if not given.is_file():
-                    raise LabStateError(f"no disk {given} to boot {vm.name} from", vm=vm.name)
+                root, root_format = d / "root.raw", "raw"
                 given.rename(root)
             made.append(root)
             data: list[CloudDisk] = []

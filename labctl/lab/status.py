@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from labctl.core.errors import AgentError, LabError
 from labctl.core.wire import Message
 from labctl.hosts import protocol as hp
+from labctl.lab.clouds import CloudVm, LibvirtCloud
 from labctl.state.context import LabContext
 from labctl.storage import domains as node_domains
 from labctl.storage import protocol as sp
@@ -128,6 +129,8 @@ class LabStatus(Message):
     #: its VM stopped)
     wan: list[WanShown] = field(default_factory=list)
     sites: list[SiteState] = field(default_factory=list)
+    #: the VMs of the lab's libvirt clouds (``provider: libvirt``), as their cloud shows them
+    cloud_vms: list[CloudVm] = field(default_factory=list)
 
     def only_site(self, site: str) -> LabStatus:
         """This status with only what is in ``site``: its hosts and storage nodes, the
@@ -140,7 +143,8 @@ class LabStatus(Message):
             sites=[s for s in self.sites if s.name == site], hosts=hosts,
             storage_nodes=nodes, datastores=[d for d in self.datastores if d.node in names],
             vms=[v for v in self.vms if v.host in here],
-            wan=[w for w in self.wan if site in w.sites])
+            wan=[w for w in self.wan if site in w.sites],
+            cloud_vms=[v for v in self.cloud_vms if v.cloud == site])
 
     def vm(self, name: str) -> VmState:
         return next(v for v in self.vms if v.name == name)
@@ -171,8 +175,18 @@ async def status(lab: LabContext) -> LabStatus:
 
             links.extend(await wan.show(lab))
 
-    parts, _ = await asyncio.gather(asyncio.gather(*(site_status(s) for s in lab.all_sites())),
-                                    probe_wan())
+    clouds: list[CloudVm] = []
+
+    async def probe_clouds() -> None:
+        for site in lab.all_sites():
+            row = lab.inv.row("sites", name=site.site)
+            if row is not None and row["provider"] == "libvirt":
+                cloud = LibvirtCloud(site)
+                clouds.extend([await cloud.show(str(r["name"]))
+                               for r in site.inv.rows("cloud_vms")])
+
+    parts, _, _ = await asyncio.gather(
+        asyncio.gather(*(site_status(s) for s in lab.all_sites())), probe_wan(), probe_clouds())
     steps = sorted([(s["at"], s) for s in inv.rows("steps")]
                    + [(s["at"], s) for site in lab.all_sites() for s in site.inv.rows("steps")],
                    key=lambda x: float(x[0]))
@@ -184,7 +198,7 @@ async def status(lab: LabContext) -> LabStatus:
         datastores=[d for p in parts for d in p.datastores], vms=[v for p in parts for v in p.vms],
         steps=[Step(s["name"], round(s["seconds"], 3)) for _, s in steps], wan=links,
         sites=[SiteState(str(r["name"]), str(r["subnet"]), str(r["bridge"]))
-               for r in inv.rows("sites")])
+               for r in inv.rows("sites")], cloud_vms=clouds)
 
 
 async def site_status(ctx: LabContext) -> LabStatus:

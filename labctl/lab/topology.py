@@ -26,7 +26,7 @@ import yaml
 
 from labctl.core import names, userfile
 from labctl.core.errors import LabError, TopologyError
-from labctl.core.names import SERVER_BASE
+from labctl.core.names import SERVER_BASE, SERVER_DISK_BYTES
 from labctl.core.sizes import MAX_SIZE, bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
 from labctl.replication import app
@@ -47,6 +47,9 @@ class Site:
     subnet: ipaddress.IPv4Network
     #: who runs its VMs: ``labctl`` (host agents) or ``libvirt`` (a cloud of its own)
     provider: str = "labctl"
+    #: a libvirt cloud's room: at most this many ``vms``, bytes of ``memory`` and of ``disk``
+    #: (what it holds at once); a VM that does not fit is refused
+    quota: dict[str, int] | None = None
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -101,6 +104,9 @@ class Vm:
     address: ipaddress.IPv4Address | None = None
     #: a server guest's application, started at this rate (bytes/s) with the VM
     app_rate: float | None = None
+    #: its linked clone's size (bytes) when larger than its base's (a server guest grows its
+    #: filesystem to fill it at boot)
+    disk_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -381,9 +387,16 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                 fail(f"sites[{i}].subnet",
                      f"{net} overlaps {other.subnet} of {where_site[other.name]} ({other.name})")
                 break
+        quota: dict[str, int] | None = None
+        if "quota" in s:
+            if s.get("provider", "labctl") != "libvirt":
+                fail(f"sites[{i}].quota", "only a libvirt cloud has a quota (provider: "
+                                          "libvirt); a labctl site's room is its hosts'")
+            quota = {k: sized(f"sites[{i}].quota.{k}", v, MAX_SIZE) if k != "vms" else int(v)
+                     for k, v in s["quota"].items()}
         if s["name"] not in where_site:
             where_site[s["name"]] = f"sites[{i}]"
-            sites.append(Site(s["name"], net, s.get("provider", "labctl")))
+            sites.append(Site(s["name"], net, s.get("provider", "labctl"), quota))
     site_names = [s["name"] for s in raw_sites]
 
     def site_of(kind: str, i: int, item: dict[str, Any]) -> Site | None:
@@ -604,11 +617,19 @@ def _build(data: dict[str, Any], file: str) -> Topology:
             if guest != "server":
                 fail(f"vms[{i}].app", "only a server guest runs the application (guest: "
                      "server)")
+        disk_size = None
+        if "size" in v.get("disk", {}):
+            disk_size = sized(f"vms[{i}].disk.size", v["disk"]["size"], None)
+            least = SERVER_DISK_BYTES if v["disk"]["base"] == SERVER_BASE else 1 << 20
+            if disk_size is not None and disk_size < least:
+                fail(f"vms[{i}].disk.size", f"at least {format_size(least)} (the "
+                     f"{'server image' if least > 1 << 20 else 'smallest clone'})")
         vms.append(Vm(v["name"], v["host"], ds, memory or 0, int(v.get("vcpus", 1)),
                       float(v.get("dirty_rate", 0)), wss or 0, bool(v.get("autostart", True)),
                       int(v.get("heartbeat_ms", SERVER_HEARTBEAT_MS if guest == "server"
                                 else DEFAULT_HEARTBEAT_MS)),
-                      v["disk"]["base"] if "disk" in v else None, guest, vm_addr, app_rate))
+                      v["disk"]["base"] if "disk" in v else None, guest, vm_addr, app_rate,
+                      disk_size))
 
     links = []
     routers: dict[str, int] = {}  # site -> routers placed on it so far

@@ -67,7 +67,7 @@ async def _make_clone(ctx: LabContext, vm: dict[str, Any]) -> str:
                                 f"--name {base})", vm=vm["name"], base=base)
         await filestores.clone(ctx, ds, None, GUEST_BASE, size_bytes=GUEST_BASE_SIZE)
     if name not in have:
-        await filestores.clone(ctx, ds, base, name)
+        await filestores.clone(ctx, ds, base, name, size_bytes=vm["disk_size"])
     ctx.inv.update("vms", {"name": vm["name"]}, disk_file=name)
     return name
 

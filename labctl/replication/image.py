@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from labctl.core.names import SERVER_DISK_BYTES
 from labctl.core.paths import repo_root
 from labctl.core.proc import run, which
 from labctl.drivers.debian import Kernel, digest, ensure_kernel
@@ -52,7 +53,7 @@ INITRAMFS_MODULES = ("dm_mod",)
 """In the initramfs: what the linear map of the root disk needs."""
 
 #: the root filesystem's size: room for the application's data beyond the system's files
-SERVER_DISK_KIB = 512 * 1024
+SERVER_DISK_KIB = SERVER_DISK_BYTES >> 10
 
 #: the kernel command line of a server guest, before its ``labctl.*`` parameters
 SERVER_CMDLINE = ("console=ttyS0 cryptomgr.notests root=/dev/nvme0n1 rootfstype=ext4 rw "

@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS vms (
     vcpus INTEGER NOT NULL, dirty_rate REAL NOT NULL, working_set INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'stopped', pid INTEGER, started_at REAL,
     heartbeat_ms INTEGER NOT NULL DEFAULT 100, base TEXT, disk_file TEXT,
-    guest TEXT NOT NULL DEFAULT 'test', address TEXT, mac TEXT, app_rate REAL);
+    guest TEXT NOT NULL DEFAULT 'test', address TEXT, mac TEXT, app_rate REAL, disk_size INTEGER);
 CREATE TABLE IF NOT EXISTS steps (name TEXT NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL);
 """, added_columns=(("vms", "heartbeat_ms", "INTEGER NOT NULL DEFAULT 100"),
                       ("vms", "base", "TEXT"), ("vms", "disk_file", "TEXT"),
@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS steps (name TEXT NOT NULL, seconds REAL NOT NULL, at 
                       ("hosts", "kind", "TEXT NOT NULL DEFAULT 'host'"),
                       ("vms", "guest", "TEXT NOT NULL DEFAULT 'test'"), ("vms", "address", "TEXT"),
                       ("vms", "mac", "TEXT"), ("vms", "app_rate", "REAL"),
+                      ("vms", "disk_size", "INTEGER"),
                       ("sites", "provider", "TEXT NOT NULL DEFAULT 'labctl'")))
 
 

@@ -778,7 +778,8 @@ class Filestores:
 
     async def create_overlay(self, req: p.CreateOverlay) -> p.FileEntry:
         """A new qcow2 layer ``name`` on top of ``backing`` (a linked clone, a snapshot's new
-        top), or without ``backing`` a blank image of ``size_bytes``."""
+        top), or without ``backing`` a blank image of ``size_bytes`` (with one: a clone that
+        size when larger than its backing)."""
         fs = self.store(req.datastore)
         check_file_name(req.name)
         if req.backing is None:
@@ -796,6 +797,12 @@ class Filestores:
             # -u: the backing is not opened (it may be a running VM's top, shared read-only)
             argv = ["-f", "qcow2", "-u", "-b", req.backing, "-F", parent.format]
             size = parent.virtual_size
+            if req.size_bytes is not None:  # a larger clone: the rest reads as zeros
+                if not parent.virtual_size <= req.size_bytes <= 1 << 40:
+                    raise StorageNodeError(
+                        f"a clone of {req.backing} needs {parent.virtual_size} .. {1 << 40} "
+                        f"bytes, not {req.size_bytes}", file=req.name)
+                size = req.size_bytes
         if fs.exists(req.name):
             raise StorageNodeError(f"{req.name} already exists on {fs.name}", file=req.name)
         tmp = fs.part(req.name)

@@ -63,3 +63,32 @@ def _problem(old: str, new: str) -> str:
 ])
 def test_refusals(old: str, new: str, words: str) -> None:
     assert words in _problem(old, new)
+
+
+def test_a_libvirt_cloud_s_quota() -> None:
+    topo = topology.parse(BASE.replace("provider: libvirt}", "provider: libvirt, quota: "
+                                       "{vms: 2, memory: 768M, disk: 2G}}"), "lab.yaml")
+    assert topo.sites[1].quota == {"vms": 2, "memory": 768 << 20, "disk": 2 << 30}
+    assert topo.sites[0].quota is None
+
+
+@pytest.mark.parametrize(("old", "new", "words"), [
+    ("10.231.20.0/24}", "10.231.20.0/24, quota: {vms: 1}}",
+     "sites[0].quota: only a libvirt cloud has a quota"),
+    ("provider: libvirt}", "provider: libvirt, quota: {memory: lots}}",
+     "sites[1].quota.memory"),
+    ("provider: libvirt}", "provider: libvirt, quota: {cpus: 4}}", "cpus"),
+])
+def test_a_quota_refused(old: str, new: str, words: str) -> None:
+    assert words in _problem(old, new)
+
+
+def test_a_server_clone_larger_than_the_image() -> None:
+    topo = topology.parse(BASE.replace("base: labctl-server.raw}}\n  - {name: web2",
+                                       "base: labctl-server.raw, size: 2G}}\n  - {name: web2"),
+                          "lab.yaml")
+    assert (topo.vms[0].disk_size, topo.vms[1].disk_size) == (2 << 30, None)
+    small = BASE.replace("base: labctl-server.raw}}\n  - {name: web2",
+                         "base: labctl-server.raw, size: 256M}}\n  - {name: web2")
+    with pytest.raises(TopologyError, match=r"vms\[0\].disk.size: at least 512M \(the server"):
+        topology.parse(small, "lab.yaml")
