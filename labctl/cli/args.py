@@ -215,19 +215,23 @@ def parser() -> argparse.ArgumentParser:
                      help="when to cut over: a criterion such as 'predicted_outage <= 2s and "
                           "passes >= 2' (the default), or a YAML file {when, deadline, "
                           "max_passes}; see docs/replication.md")
-    rep.add_argument("--tracking", choices=("hash", "era"), default="hash",
-                     help="how later passes find changed blocks: per-block digests on both "
-                          "sides (hash), or dm-era's write tracker (era: not yet)")
+    rep.add_argument("--tracking", choices=("era", "hash"), default="era",
+                     help="how later passes find changed blocks: dm-era's write tracker in "
+                          "the source (era, the default; a hash pass after a reboot), or "
+                          "per-block digests of the whole disk on both sides (hash)")
     rep.add_argument("--compress", action="store_true",
                      help="compress blocks between the agents where that pays")
     rep.add_argument("--limit", metavar="RATE", help="cap the agents' rate (e.g. 50Mbit/s)")
-    reps = sub.group(sub.add("replication", "recorded replications: list (the default), show",
+    reps = sub.group(sub.add("replication", "recorded replications: list (the default), show, "
+                                            "approve",
                              aliases=("replications",)), default="list")
     reps.add("list", "every recorded replication")
     rshow = reps.add("show", "one replication: passes, verdicts, cutover, outage")
     rshow.add_argument("id", type=int)
     rshow.add_argument("--plot", metavar="FILE", type=Path,
                        help="write a timeline PNG (passes, rates, RPO, the outage)")
+    reps.add("approve", "let a running replication's cutover go: its criterion's "
+                        "'approved' reads 1 from its next pass on").add_argument("id", type=int)
 
     # -- datastores and storage
     ds = sub.group(sub.add("datastore", "datastores: create, list, show, resize, delete"))

@@ -118,6 +118,7 @@ COMMANDS: dict[tuple[str, str | None], tuple[tuple[str, ...], Shape]] = {
     ("replicate", None): (("replicate",), "one"),
     ("replication", "list"): (("replication",), "list"),
     ("replication", "show"): (("replicate",), "one"),
+    ("replication", "approve"): (("replication",), "one"),
     ("datastore", "create"): (("datastore-create", "file-datastore"), "one"),
     ("datastore", "list"): (("datastore", "file-datastore"), "list"),
     ("datastore", "show"): (("datastore-show", "file-datastore"), "one"),

@@ -58,6 +58,14 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
         else:
             _print(rec.to_wire())
         return 0
+    if args.action == "approve":
+        row = lab.approve_replication(args.id)
+        if args.json:
+            print(json.dumps(row.to_wire(), indent=2, default=str))
+        else:
+            progress(f"replication {row.id} of {row.vm}: its cutover is approved; it goes when "
+                     "the rest of its criterion holds")
+        return 0
     if args.action == "show":
         shown = lab.replications(args.id)
         if args.plot is not None:

@@ -21,6 +21,12 @@ class SshError(LabError):
     """A management channel could not be opened, or a command on it failed."""
 
 
+#: a machine that stops answering (powered off, its network cut) is given up after this
+#: many keepalives this far apart, not after a command's whole timeout
+KEEPALIVE_S = 5.0
+KEEPALIVE_COUNT = 4
+
+
 class SshMachine:
     """``async with SshMachine(...) as m: await m.run([...])``."""
 
@@ -44,7 +50,9 @@ class SshMachine:
                 self._conn = await asyncio.wait_for(asyncssh.connect(
                     self.address, self.port, username=self.user,
                     client_keys=[str(self.client_key)], known_hosts=([trusted], [], []),
-                    agent_path=None, config=[]), timeout=max(1.0, deadline - time.monotonic()))
+                    agent_path=None, config=[], keepalive_interval=KEEPALIVE_S,
+                    keepalive_count_max=KEEPALIVE_COUNT),
+                    timeout=max(1.0, deadline - time.monotonic()))
                 return
             except asyncssh.HostKeyNotVerifiable as exc:
                 raise SshError(f"{self.name} ({self.address}) presented another host key than "

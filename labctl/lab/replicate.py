@@ -54,8 +54,11 @@ AGENT_DIR = "/run/labctl-repl"
 AGENT_PORT = 7900
 #: the application as the source VM runs it (labctl/replication/app.py)
 APP, APP_DIR = vms.APP, vms.APP_DIR
-SOURCE_DISK = "/dev/nvme0n1"
+#: the source's root disk under the device-mapper map its initramfs made (dm-era goes there)
+SOURCE_DISK = "/dev/mapper/root"
 TARGET_DISK = "/dev/vda"
+#: the file ``labctl replication approve`` leaves in a replication's directory
+APPROVED = "approved"
 #: a failed pass is run again this many times in a row before the replication gives up
 PASS_RETRIES = 5
 
@@ -96,6 +99,12 @@ class PassRecord(Message):
     #: how old the newest data the destination holds is, when this pass ended
     rpo_s: float
     error: str | None = None
+    #: blocks this pass took over from a pass cut short (what that one's last flush had not
+    #: made durable on the target)
+    carried_blocks: int = 0
+    #: blocks this pass set out to send (``blocks`` and ``bytes`` of a failed attempt are
+    #: what its last flush made durable of them)
+    todo_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,8 +173,16 @@ async def _agent(m: SshMachine, *args: str, timeout: float = 3600.0) -> dict[str
     ran = await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", *args], timeout=timeout,
                       check=False)
     if ran.returncode not in (0, 1):
-        raise ReplicationError(f"{m.name}: {ran.stderr.strip() or ran.stdout.strip()}",
-                               machine=m.name, returncode=ran.returncode)
+        said = ran.stdout.strip().splitlines()
+        try:  # a cut pass says how far it got
+            progress = json.loads(said[-1]) if said else {}
+        except ValueError:
+            progress = {}
+        said_why = ran.stderr.strip() or (said[-1] if said else "") or (
+            f"the agent's session ended without a word (exit status {ran.returncode})")
+        raise ReplicationError(f"{m.name}: {said_why}", machine=m.name,
+                               returncode=ran.returncode,
+                               progress=progress if isinstance(progress, dict) else {})
     out: dict[str, Any] = json.loads(ran.stdout.strip().splitlines()[-1])
     return out
 
@@ -329,7 +346,8 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             holds_since = w_start  # the source's state the destination now holds
             view, record = _view(n, got, took, t_start, prev_start, t_begin, w_start,
                                  next((p.link_rate for p in reversed(rec.passes)
-                                       if p.how != "failed"), 0.0))
+                                       if p.how != "failed"), 0.0), rec.tracking)
+            view = replace(view, approved=1.0 if (work / APPROVED).exists() else 0.0)
             record = replace(record, n=attempt)
             decision, verdict = policy.decide(view)
             record = replace(record, decision=decision, why=verdict.why(),
@@ -353,11 +371,16 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
 
 
 def _failed_pass(n: int, w_start: float, t_start: float, exc: LabError) -> PassRecord:
+    got = exc.evidence.get("progress") or {}
     return PassRecord(n=n, how="failed", started_at=WallTime(w_start),
-                      seconds=round(time.monotonic() - t_start, 3), blocks=0, bytes=0,
-                      wire_bytes=0, read_bytes=0, cpu_seconds=0.0, digest_seconds=0.0,
-                      dirty_rate=0.0, link_rate=0.0, remaining=0.0, predicted_next_s=0.0,
-                      decision="retry", why="the pass failed", rpo_s=0.0, error=exc.message)
+                      seconds=round(time.monotonic() - t_start, 3),
+                      blocks=int(got.get("flushed_blocks", 0)),
+                      bytes=int(got.get("flushed_bytes", 0)), wire_bytes=0, read_bytes=0,
+                      cpu_seconds=0.0, digest_seconds=0.0, dirty_rate=0.0, link_rate=0.0,
+                      remaining=0.0, predicted_next_s=0.0, decision="retry",
+                      why="the pass failed", rpo_s=0.0, error=exc.message,
+                      carried_blocks=int(got.get("carried_blocks", 0)),
+                      todo_blocks=int(got.get("todo_blocks", 0)))
 
 
 async def _reconnect(m: SshMachine) -> None:
@@ -379,7 +402,7 @@ async def _revive(dm: SshMachine, target_args: list[str]) -> None:
 
 def _view(n: int, got: dict[str, Any], took: float, t_start: float, prev_start: float | None,
           t_begin: float, w_start: float, prev_link_rate: float = 0.0,
-          ) -> tuple[PassView, PassRecord]:
+          tracking: str = "hash") -> tuple[PassView, PassRecord]:
     """The criterion's view of a pass, and its record (its decision still to be made)."""
     sent = float(got["bytes"])
     send_s = max(float(got["send_seconds"]), 1e-3)
@@ -389,8 +412,12 @@ def _view(n: int, got: dict[str, Any], took: float, t_start: float, prev_start: 
     # the bytes found changed since the previous pass began (pass 1 found them all)
     dirty = sent / (t_start - prev_start) if prev_start is not None else 0.0
     remaining = dirty * took
-    digest_s = float(got["digest_seconds"])  # the final pass scans the disk too
-    predicted = digest_s + (0.0 if remaining == 0 else remaining / link_rate
+    digest_s = float(got["digest_seconds"])
+    # what the next pass costs before it sends: the same scan with hash tracking, the
+    # tracker's answer with era tracking (after a full or rehash pass with a new tracker,
+    # nothing measured yet: its query is a fraction of a second)
+    scan_next = digest_s if tracking == "hash" or got["how"] == "era" else 0.0
+    predicted = scan_next + (0.0 if remaining == 0 else remaining / link_rate
                             if link_rate > 0 else float("inf"))
     view = PassView(passes=n, remaining=remaining, dirty_rate=dirty, link_rate=link_rate,
                     predicted_outage=predicted, last_pass=took,
@@ -401,7 +428,8 @@ def _view(n: int, got: dict[str, Any], took: float, t_start: float, prev_start: 
         read_bytes=int(got["read_bytes"]), cpu_seconds=float(got["cpu_seconds"]),
         digest_seconds=digest_s, dirty_rate=round(dirty, 1), link_rate=round(link_rate, 1),
         remaining=round(remaining), predicted_next_s=round(predicted, 3) if predicted != float(
-            "inf") else -1.0, decision="", why="", rpo_s=0.0)
+            "inf") else -1.0, decision="", why="", rpo_s=0.0,
+        carried_blocks=int(got.get("carried_blocks", 0)), todo_blocks=int(got["blocks"]))
     return view, record
 
 
@@ -529,6 +557,22 @@ class ReplicationRow(Message):
     passes: int
     outage_s: float | None
     error: str | None
+
+
+def approve(whole: LabContext, rid: int) -> ReplicationRow:
+    """Say the cutover of running replication ``rid`` may go: its criterion's ``approved``
+    reads 1 from the next pass on."""
+    row = next((r for r in list_all(whole) if r.id == rid), None)
+    if row is None:
+        show(whole, rid)  # the refusal naming the replications there are
+        raise AssertionError("unreachable")
+    if row.state != "running":
+        raise ReplicationError(f"replication {rid} is {row.state}: there is no cutover left "
+                               "to approve", id=rid, state=row.state)
+    work = whole.dir.path / "replications" / str(rid)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / APPROVED).write_text(f"{time.time()}\n")
+    return row
 
 
 def list_all(whole: LabContext) -> list[ReplicationRow]:

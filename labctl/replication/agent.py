@@ -50,6 +50,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -73,6 +74,15 @@ IO_TIMEOUT = 30.0
 
 class AgentError(Exception):
     """A refusal or a broken channel, said in one line."""
+
+
+class PassCut(AgentError):
+    """A pass that did not finish, with how far it got: what its last flush made durable
+    on the target (a later pass does not send it again)."""
+
+    def __init__(self, message: str, progress: dict[str, object]) -> None:
+        super().__init__(message)
+        self.progress = progress
 
 
 # -- TLS ------------------------------------------------------------------------------------
@@ -107,7 +117,36 @@ def _read_reply(sock: ssl.SSLSocket) -> bytes:
 
 
 # -- target ---------------------------------------------------------------------------------
-def _serve_one(conn: ssl.SSLSocket, disk: Path) -> None:
+class _Turn:
+    """Whose turn it is to write the target disk: the newest connection's. A source whose
+    WAN was cut cannot say goodbye; its connection would hold the target for ever, so a
+    new one takes over, and the old one's thread writes nothing more (each write checks
+    the turn under the lock the new connection took it with)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.turn = 0
+        self.sock: socket.socket | None = None
+
+    def take(self, sock: socket.socket) -> int:
+        with self.lock:
+            self.turn += 1
+            if self.sock is not None:
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)  # its reader wakes up and ends
+                except OSError:
+                    pass
+            self.sock = sock
+            return self.turn
+
+    def check(self, mine: int) -> None:
+        if self.turn != mine:
+            raise AgentError("a newer connection took over")
+
+
+def _serve_one(conn: ssl.SSLSocket, disk: Path, turn: _Turn | None = None, mine: int = 0
+               ) -> None:
+    turn = turn or _Turn()
     fd = os.open(disk, os.O_RDWR)
     size = os.lseek(fd, 0, os.SEEK_END)
     written = nbytes = 0
@@ -126,10 +165,13 @@ def _serve_one(conn: ssl.SSLSocket, disk: Path) -> None:
                     data = zlib.decompress(data)
                 if a * blocks.BLOCK + len(data) > size:
                     raise AgentError(f"block {a} past the end of {disk}")
-                os.pwrite(fd, data, a * blocks.BLOCK)
+                with turn.lock:
+                    turn.check(mine)
+                    os.pwrite(fd, data, a * blocks.BLOCK)
                 written += 1
                 nbytes += len(data)
             elif kind == FLUSH:
+                turn.check(mine)
                 os.fsync(fd)
                 _reply(conn, json.dumps({"blocks": written, "bytes": nbytes}).encode())
             elif kind == DIGESTS:
@@ -144,17 +186,28 @@ def _serve_one(conn: ssl.SSLSocket, disk: Path) -> None:
 
 
 def serve(disk: Path, listen: str, tls: Path, state: Path) -> None:
+    """Serve sources, the newest connection's frames only (:class:`_Turn`), each in a
+    thread: a stalled handshake or a dead peer never blocks the next source."""
     host, _, port = listen.rpartition(":")
     ctx = _tls(tls, server=True)
+    turn = _Turn()
+
+    def one(raw: socket.socket, peer: str) -> None:
+        mine = turn.take(raw)
+        raw.settimeout(SCAN_TIMEOUT)  # a peer silent this long is gone
+        try:
+            with ctx.wrap_socket(raw, server_side=True) as conn:
+                _serve_one(conn, disk, turn, mine)
+        except (ssl.SSLError, OSError, AgentError, ValueError, zlib.error) as exc:
+            print(f"target: {peer}: {exc}", flush=True)
+        finally:
+            raw.close()
+
     with socket.create_server((host or "0.0.0.0", int(port)), reuse_port=False) as srv:
         (state / "target.ready").write_text(f"{os.getpid()}\n")
         while True:
             raw, peer = srv.accept()
-            try:
-                with ctx.wrap_socket(raw, server_side=True) as conn:
-                    _serve_one(conn, disk)
-            except (ssl.SSLError, OSError, AgentError, ValueError, zlib.error) as exc:
-                print(f"target: {peer[0]}: {exc}", flush=True)
+            threading.Thread(target=one, args=(raw, peer[0]), daemon=True).start()
 
 
 def detach(state: Path, name: str) -> int | None:
@@ -357,6 +410,18 @@ def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: 
     size = blocks.size_of(disk)
     count = (size + blocks.BLOCK - 1) // blocks.BLOCK
     era = Era(state) if tracking == "era" else None
+    progress: dict[str, object] = {"todo_blocks": 0, "carried_blocks": 0,
+                                   "flushed_blocks": 0, "flushed_bytes": 0}
+    try:
+        return _pass(disk, to, tls, state, full, compress, limit, era, size, count, t0, cpu0,
+                     progress)
+    except (AgentError, OSError, ssl.SSLError) as exc:
+        raise PassCut(str(exc) or type(exc).__name__, progress) from exc
+
+
+def _pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: bool,
+          limit: float | None, era: Era | None, size: int, count: int, t0: float,
+          cpu0: resource.struct_rusage, progress: dict[str, object]) -> dict[str, object]:
     with _connect(to, tls) as sock:
         _hello(sock, size)
         held = None if full else _load_map(state, count)
@@ -366,7 +431,9 @@ def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: 
         if era is not None and not full and held is not None and era.active():
             how = "era"  # the tracker says what changed: no scan
             written, commit = era.written()
-            todo = sorted(set(written) | set(_load_pending(state)))
+            carried = _load_pending(state)
+            progress["carried_blocks"] = len(carried)
+            todo = sorted(set(written) | set(carried))
         else:
             if full:
                 how, held = "full", _zero_map(size)  # a new target disk reads as zeros
@@ -381,6 +448,7 @@ def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: 
             read += size
             todo = [i for i in range(count) if now[i] != held[i]]
         assert held is not None
+        progress["todo_blocks"] = len(todo)
         _save_pending(state, todo)
         if era is not None and commit is not None:  # those blocks are pending now: the era
             era.commit(commit)  # may move on
@@ -405,6 +473,7 @@ def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: 
                     _flush(sock)
                     _save_map(state, held)
                     _save_pending(state, todo[k + 1:])
+                    progress["flushed_blocks"], progress["flushed_bytes"] = k + 1, sent
                     since_flush = 0
                 if limit:
                     ahead = wire / limit - (time.monotonic() - t_send)
@@ -416,6 +485,7 @@ def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: 
         sock.sendall(_FRAME.pack(BYE, 0, 0))
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     return {"how": how, "size": size, "blocks": len(todo), "bytes": sent, "wire_bytes": wire,
+            "carried_blocks": progress["carried_blocks"],
             "read_bytes": read, "seconds": round(time.monotonic() - t0, 3),
             "digest_seconds": round(t_digest, 3),
             "send_seconds": round(time.monotonic() - t_send, 3),
@@ -503,8 +573,12 @@ def main(argv: list[str] | None = None) -> int:
             serve(args.disk, args.listen, args.tls, args.state)
             return 0
         if args.cmd == "pass":
-            print(json.dumps(one_pass(args.disk, args.to, args.tls, args.state, args.full,
-                                      args.compress, args.limit, args.tracking)))
+            try:
+                print(json.dumps(one_pass(args.disk, args.to, args.tls, args.state, args.full,
+                                          args.compress, args.limit, args.tracking)))
+            except PassCut as exc:  # how far it got, for the record; the reason on stderr
+                print(json.dumps({"failed": str(exc), **exc.progress}))
+                raise
             return 0
         if args.cmd == "verify":
             result = verify(args.disk, args.to, args.tls)

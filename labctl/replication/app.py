@@ -17,7 +17,8 @@ into the image) and runs it with the guest's ``python3``::
 Files in ``--dir``: ``records`` (4 KiB records: magic, sequence number, time, payload,
 SHA-256 of all of it), ``acked`` (the last acknowledged sequence number and its time,
 replaced atomically), ``acks.log`` (one line per acknowledgement: ``seq unix_time``, what
-the application itself logged, to set against a replication's outage and RPO).
+the application itself logged, to set against a replication's outage and RPO; made durable
+with each acknowledgement, cut after its last whole line when the application starts).
 A record past the last acknowledged one may be torn by a crash; ``run`` cuts such a tail
 off before it appends. A bad record at or before the last acknowledged one is data lost.
 """
@@ -122,6 +123,30 @@ def verify(directory: Path) -> dict[str, object]:
             "first_bad": bad, "ok": intact >= acked.seq}
 
 
+def _repair_log(directory: Path) -> None:
+    """``acks.log`` cut after its last whole line: a power cut can leave an appended file
+    longer than what was written to it (zeros, on ext4), and lines go after it."""
+    path = directory / "acks.log"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    good = 0
+    for line in data.splitlines(keepends=True):
+        words = line.split()
+        if not line.endswith(b"\n") or len(words) != 2 or not words[0].isdigit():
+            break
+        try:
+            float(words[1])
+        except ValueError:
+            break
+        good += len(line)
+    if good != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+            os.fsync(f.fileno())
+
+
 def run(directory: Path, rate_bytes: float, batch_s: float = 0.1,
         stop_after: float | None = None) -> int:
     """Write records at ``rate_bytes`` per second, acknowledging each batch once durable,
@@ -133,6 +158,7 @@ def run(directory: Path, rate_bytes: float, batch_s: float = 0.1,
         raise SystemExit(f"app: {directory}: acknowledged record {state['last_acked']} is "
                          f"not there ({state['first_bad']}): data was lost")
     seq = int(str(state["records"]))
+    _repair_log(directory)
     stopping = False
 
     def stop(_sig: int, _frame: object) -> None:
@@ -162,6 +188,7 @@ def run(directory: Path, rate_bytes: float, batch_s: float = 0.1,
                     _write_acked(directory, acked)
                     log.write(f"{acked.seq} {acked.at:.6f}\n")
                     log.flush()
+                    os.fsync(log.fileno())  # the application's own evidence survives too
                 time.sleep(batch_s)
     finally:
         os.close(fd)

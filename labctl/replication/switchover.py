@@ -80,6 +80,8 @@ NAMES: dict[str, tuple[Dim, str]] = {
                                   "link rate, plus the quiesce and verification overhead"),
     "last_pass": (SECONDS, "how long the last pass took"),
     "elapsed": (SECONDS, "time since the replication began"),
+    "approved": (NUMBER, "1 once an operator said the cutover may go (labctl replication "
+                         "approve ID), else 0: 'approved == 1 and predicted_outage <= 2s'"),
 }
 
 
@@ -99,6 +101,7 @@ class PassView:
     predicted_outage: float
     last_pass: float
     elapsed: float
+    approved: float = 0.0
 
     def value(self, name: str) -> float:
         return float(getattr(self, name))

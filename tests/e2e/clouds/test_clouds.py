@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +24,7 @@ from labctl.drivers.ssh import SshError, SshMachine
 from labctl.lab.clouds import LabctlCloud, LibvirtCloud, NewVm, cloud_of
 from labctl.lab.face import Lab
 from labctl.state import sshkey
+from labctl.state.pki import LabPki
 from tests.conftest import E2E, LabCli, free_subnet, module_lab, unique_lab
 
 pytestmark = E2E
@@ -29,7 +33,7 @@ TOPO = """
 name: {name}
 sites:
   - {{name: cloud-a, subnet: {a}}}
-  - {{name: cloud-b, subnet: {b}, provider: libvirt}}
+  - {{name: cloud-b, subnet: {b}, provider: libvirt, quota: {{vms: 2, memory: 768M, disk: 2G}}}}
 storage_nodes:
   - {{name: stor-a, site: cloud-a, capacity: 2G}}
 hosts:
@@ -206,19 +210,158 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
     assert got["later"]["last_acked"] > got["first"]["last_acked"]  # the application goes on
 
 
-def test_the_vm_is_replicated_to_cloud_b_and_carries_on_there(lab: dict[str, Any]) -> None:
+def test_a_cloud_without_room_refuses_the_destination(lab: dict[str, Any]) -> None:
+    """Cloud B's quota (768 MiB of memory) is mostly taken: the destination VM is refused
+    in one line, nothing else is made, the source goes on as it was."""
+    async def fill(cloud: LibvirtCloud) -> None:
+        await cloud.create(NewVm("filler", memory_mib=640))
+
+    _run(lab, "cloud-b", fill)
+    try:
+        res = lab["cli"]("replicate", "web1", "--to-cloud", "cloud-b", "--json", check=False)
+        assert res.returncode == 1, res.stdout
+        message = json.loads(res.stdout)["error"]["message"]
+        assert ("cloud cloud-b has no room for web1-repl: it asks 256 MiB of memory, 128 MiB "
+                "of its quota 768 MiB is free") in message, message
+        assert _virsh_names(lab) == [f"labctl-{lab['name']}-filler"]  # nothing else made
+        first = _app_status(lab)
+        time.sleep(1.5)
+        assert _app_status(lab)["last_acked"] > first["last_acked"]
+    finally:
+        async def empty(cloud: LibvirtCloud) -> None:
+            await cloud.delete("filler")
+
+        _run(lab, "cloud-b", empty)
+    assert _virsh_names(lab) == []
+
+
+def _app_status(lab: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(lab["cli"]("vm", "ssh", "web1", "--", "python3",
+                                                "/opt/labctl/app.py", "status", "--dir",
+                                                "/srv/app").stdout)
+    return out
+
+
+def _wait(what: str, probe: Any, timeout: float = 600) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = probe()
+        if got:
+            return got
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _passes(lab: dict[str, Any], rid: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = lab["cli"].json("replication", "show", str(rid))["passes"]
+    return out
+
+
+def _recovered(passes: list[dict[str, Any]], failed_before: int) -> bool:
+    """A pass failed after the first ``failed_before`` failures, and one succeeded since."""
+    fails = [i for i, p in enumerate(passes) if p["how"] == "failed"]
+    return len(fails) > failed_before and any(p["how"] != "failed"
+                                              for p in passes[fails[failed_before]:])
+
+
+def _source_flushed(lab: dict[str, Any]) -> bool:
+    res = lab["cli"]("vm", "ssh", "web1", "--", "test", "-s", "/run/labctl-repl/state/map",
+                     check=False)
+    return res.returncode == 0
+
+
+def _intruder_gets_nothing(lab: dict[str, Any], tmp_path: Path) -> None:
+    """Callers without the lab's credentials: a TLS client whose certificate another CA
+    signed gets no answer from the destination's agent; another SSH key no session."""
+    issued = LabPki("intruder", tmp_path / "pki").issue("intruder", ["127.0.0.1"],
+                                                         tmp_path / "intruder")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.load_cert_chain(issued.cert, issued.key)
+    hello = json.dumps({"size": 1, "block": 65536}).encode()
+    answer = b""
+    with socket.create_connection((lab["dst"], 7900), timeout=10) as raw:
+        try:
+            with ctx.wrap_socket(raw) as s:
+                s.sendall(bytes([1]) + (0).to_bytes(4, "big") + len(hello).to_bytes(8, "big")
+                          + hello)
+                answer = s.recv(64)
+        except (ssl.SSLError, OSError):
+            pass
+    assert answer == b"", answer
+    other = sshkey.ensure_key("intruder", tmp_path / "ssh")
+
+    async def go(cloud: LibvirtCloud) -> None:
+        m = cloud.ssh("web1-repl")
+        async with SshMachine("web1-repl", m.address, other.private, m.host_key) as x:
+            await x.run(["true"])
+
+    with pytest.raises(SshError, match="no SSH session"):
+        _run(lab, "cloud-b", go)
+
+
+def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
+        lab: dict[str, Any], tmp_path: Path) -> None:
+    """web1 is replicated while its application writes, through a WAN cut in pass 1 (the
+    pass resumes from its last flush, not from zero), a reboot of the source (dm-era's
+    tracker lost: a rehash pass) and the destination's agent killed; the cutover waits
+    for an operator's approval; then the VM runs in cloud B, every record intact."""
     cli = lab["cli"]
-    rec = json.loads(cli("replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
-                         "predicted_outage <= 120s and passes >= 2", "--compress", "--json",
-                         timeout=1200).stdout)
+    used = int(cli("vm", "ssh", "web1", "--", "df", "-B1", "--output=used", "/").stdout.split()[-1])
+    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
+                             "replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
+                             "approved == 1 and passes >= 2", "--compress", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rid = _wait("the replication to begin", lambda: next(
+            (r["id"] for r in cli.json("replication", "list") if r["state"] == "running"), None))
+        # 1. the WAN cut during pass 1, once a flush saved part of it
+        _wait("pass 1's first flush", lambda: _source_flushed(lab), 300)
+        cli("wan", "set", "wan1", "--down")
+        t_cut = time.monotonic()
+        _intruder_gets_nothing(lab, tmp_path)  # the destination's agent listens meanwhile
+        time.sleep(max(0.0, 40 - (time.monotonic() - t_cut)))  # past the agents' 30 s
+        cli("wan", "set", "wan1", "--up")
+        _wait("a pass after the WAN cut", lambda: _recovered(_passes(lab, rid), 0))
+        # 2. the source rebooted: its tracker and map are gone
+        failed = sum(p["how"] == "failed" for p in _passes(lab, rid))
+        cli("vm", "stop", "web1")
+        cli("vm", "start", "web1")
+        _wait("a rehash pass after the reboot", lambda: any(
+            p["how"] == "rehash" for p in _passes(lab, rid)))
+        # 3. the destination's agent killed
+        failed = sum(p["how"] == "failed" for p in _passes(lab, rid))
+
+        async def kill(cloud: LibvirtCloud) -> None:
+            async with cloud.ssh("web1-repl") as m:
+                await m.run(["sh", "-c", "kill -9 $(cat /run/labctl-repl/state/target.pid)"])
+
+        _run(lab, "cloud-b", kill)
+        _wait("a pass after the agent was killed", lambda: _recovered(_passes(lab, rid), failed))
+        cli("replication", "approve", str(rid))
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    rec = json.loads(out)
     assert rec["state"] == "completed", rec.get("error")
-    passes = [p for p in rec["passes"] if p["how"] != "failed"]
-    assert passes[0]["how"] == "full" and passes[-1]["how"] == "final"
-    assert passes[-2]["decision"] == "switch" and "passes >= 2" in passes[-2]["why"]
-    assert passes[0]["bytes"] > 64 << 20  # pass 1: the server's data blocks
-    # later passes read what dm-era says was written, not the whole 512 MiB disk
-    assert [p["how"] for p in passes[1:]] == ["era"] * (len(passes) - 2) + ["final"]
-    assert all(p["read_bytes"] == p["bytes"] < 64 << 20 for p in passes[1:]), passes
+    hows = [p["how"] for p in rec["passes"]]
+    assert hows[0] == "failed" and hows[-1] == "final", hows
+    # the cut pass 1 resumed from its last flush: what that flush had not made durable on
+    # the target (and what was written since), not the whole disk again
+    first_ok = next(i for i, h in enumerate(hows) if h != "failed")
+    cut1 = [p for p in rec["passes"][:first_ok] if p["todo_blocks"]][-1]
+    resumed = rec["passes"][first_ok]
+    assert resumed["how"] == "era" and first_ok < hows.index("rehash"), hows
+    assert 0 < cut1["blocks"] < cut1["todo_blocks"], cut1  # a flush before the cut
+    assert resumed["carried_blocks"] == cut1["todo_blocks"] - cut1["blocks"], (cut1, resumed)
+    assert resumed["bytes"] < used, (resumed, used)
+    assert "approved == 1: 1 vs 1: yes" in rec["passes"][-2]["why"], rec["passes"][-2]["why"]
+    # era passes read what dm-era says was written, not the whole 512 MiB disk
+    era = [p for p in rec["passes"] if p["how"] == "era"]
+    assert all(p["read_bytes"] == p["bytes"] < 64 << 20 for p in era[1:]), era
     cut = rec["cutover"]
     assert cut["verify"]["equal"] and cut["verify"]["differ_count"] == 0
     assert cut["dest_check"]["ok"] and cut["dest_check"]["last_acked"] == cut["source_last_acked"]
@@ -229,6 +372,8 @@ def test_the_vm_is_replicated_to_cloud_b_and_carries_on_there(lab: dict[str, Any
     assert _virsh_names(lab) == [f"labctl-{lab['name']}-web1"]
     vm = next(v for v in cli.json("vm", "list") if v["name"] == "web1")
     assert vm["state"] == "stopped", vm
+    shown = [(v["name"], v["cloud"], v["state"]) for v in cli.json("status")["cloud_vms"]]
+    assert shown == [("web1", "cloud-b", "running")], shown  # the lab's status shows it too
 
     async def go(cloud: LibvirtCloud) -> dict[str, Any]:
         async with cloud.ssh("web1") as m:
@@ -256,4 +401,5 @@ def test_the_vm_is_replicated_to_cloud_b_and_carries_on_there(lab: dict[str, Any
     checked = json.loads(cli("vm", "ssh", "web1", "--", "python3", "/opt/labctl/app.py",
                              "verify", "--dir", "/srv/app").stdout)
     assert checked["ok"] and checked["last_acked"] >= got["status"]["last_acked"]
-    assert [r["state"] for r in cli.json("replication", "list")] == ["failed", "completed"]
+    assert [r["state"] for r in cli.json("replication", "list")] == ["failed", "failed",
+                                                                      "completed"]

@@ -156,6 +156,25 @@ def test_a_target_of_another_size_is_refused(pair: dict[str, Path | str]) -> Non
     assert res.returncode == 2 and "the target's disk has" in res.stderr, res.stderr
 
 
+def test_a_source_cut_off_mid_pass_does_not_hold_the_target(pair: dict[str, Path | str]
+                                                             ) -> None:
+    """A cut WAN leaves the target a connection that never speaks again: the next pass's
+    connection takes over at once, and the old one writes nothing more."""
+    stale = agent._connect(str(pair["to"]), Path(pair["tls"]))
+    agent._hello(stale, SIZE)  # then silence, as behind a cut link
+    try:
+        got = _pass(pair, "--full")
+        assert (got["how"], got["blocks"]) == ("full", 5)
+        assert _equal(pair)
+        stale.settimeout(10)
+        with pytest.raises((OSError, agent.AgentError)):
+            stale.sendall(agent._FRAME.pack(agent.BLOCK, 0, B) + bytes(B))
+            agent._flush(stale)  # no answer: the target let go of it
+    finally:
+        stale.close()
+    assert _equal(pair)  # and the block it tried to write did not land
+
+
 # -- era tracking: dm-era itself is faked (it needs a device-mapper map in a guest; the
 # e2e tests run the real one), the agent's use of what it says is real ---------------------
 class FakeEra:
@@ -235,14 +254,16 @@ def test_an_era_pass_cut_short_keeps_what_it_had_to_send(pair: dict[str, Path | 
             raise agent.AgentError("the channel closed")
 
     monkeypatch.setattr(agent, "_flush", cut)
-    with pytest.raises(agent.AgentError):
+    with pytest.raises(agent.PassCut) as info:
         _era_pass(pair)
+    assert info.value.progress == {"todo_blocks": 30, "carried_blocks": 0,
+                                   "flushed_blocks": 16, "flushed_bytes": 16 * B}
     monkeypatch.setattr(agent, "_flush", real_flush)
     assert era.dirty == set()  # the tracker moved on: the rest is the agent's to keep
     _tracked_write(era, pair, 100)
     again = _era_pass(pair)
     # 30 blocks to send, 16 (1 MiB) saved at the first flush: 14 left, and the new one
-    assert (again["how"], again["blocks"]) == ("era", 14 + 1), again
+    assert (again["how"], again["blocks"], again["carried_blocks"]) == ("era", 14 + 1, 14)
     assert _equal(pair)
 
 

@@ -82,6 +82,19 @@ def test_a_torn_tail_is_cut_off_and_numbering_carries_on(tmp_path: Path) -> None
                                     "first_bad": None, "ok": True}
 
 
+def test_a_log_longer_than_what_was_written_is_cut_to_its_last_line(tmp_path: Path) -> None:
+    """After a power cut ext4 may give an appended file its new length with zeros in it:
+    the application's own log keeps only its whole lines, then goes on."""
+    last = app.run(tmp_path, 1 << 20, stop_after=0.3)
+    with open(tmp_path / "acks.log", "ab") as f:
+        f.write(b"12")  # half a line
+        f.write(bytes(5000))
+    more = app.run(tmp_path, 1 << 20, stop_after=0.3)
+    lines = (tmp_path / "acks.log").read_text().splitlines()
+    seqs = [int(ln.split()[0]) for ln in lines]  # every line whole again
+    assert last in seqs and seqs[-1] == more and seqs == sorted(seqs)
+
+
 def test_a_damaged_acknowledged_record_is_lost_data(tmp_path: Path) -> None:
     app.run(tmp_path, 1 << 20, stop_after=0.3)
     with open(tmp_path / "records", "r+b") as f:

@@ -54,6 +54,19 @@ def test_a_pass_that_moved_nothing_predicts_the_scan_alone() -> None:
     assert parse("predicted_outage <= 10s and passes >= 2").over(view).holds
 
 
+def test_with_era_tracking_the_next_pass_does_not_scan() -> None:
+    """dm-era says what changed: after the full pass (or a rehash) the next pass's cost is
+    the delta alone, after an era pass the tracker's answer time plus the delta."""
+    full = {**_got(200 << 20, 200 << 20, 10.0, 8.0), "how": "full"}
+    view, _ = _view(1, full, took=18.0, t_start=100.0, prev_start=None, t_begin=100.0,
+                    w_start=1.7e9, tracking="era")
+    assert view.predicted_outage == 0.0  # nothing changed yet to send, nothing to scan
+    era = {**_got(4 << 20, 4 << 20, 0.5, 0.2), "how": "era"}
+    view, _ = _view(2, era, took=1.0, t_start=120.0, prev_start=100.0, t_begin=100.0,
+                    w_start=1.7e9, tracking="era")
+    assert view.predicted_outage == pytest.approx(0.2 + view.remaining / ((4 << 20) / 0.5))
+
+
 def test_a_replication_s_timeline_is_drawn(tmp_path: Path) -> None:
     """``replication show ID --plot``: passes, rates, RPO and the outage in one picture;
     a directory that does not exist is a one-line refusal."""

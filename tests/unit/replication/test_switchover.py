@@ -130,3 +130,12 @@ def test_a_bad_policy_names_its_key(data: object, problem: str) -> None:
     with pytest.raises(SwitchoverError) as info:
         policy_from(data)
     assert problem in info.value.message
+
+
+def test_an_operator_s_approval_is_a_clause_like_the_others() -> None:
+    c = parse("approved == 1 and passes >= 2")
+    waiting = c.over(_view())
+    assert not waiting.holds and waiting.why().startswith("approved == 1: 0 vs 1: no")
+    assert c.over(_view(approved=1.0)).holds
+    with pytest.raises(SwitchoverError):
+        parse("approved >= 1s")  # a plain number, not a time
