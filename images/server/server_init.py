@@ -108,7 +108,12 @@ def grow(device: str) -> None:
         os.close(fd)
     if disk - fs.f_blocks * fs.f_frsize < 64 << 20:
         return
-    ran = subprocess.run(["resize2fs", device], capture_output=True, text=True, check=False)
+    try:  # PID 1 has no PATH: the tool by its path; a failure leaves the filesystem as it is
+        ran = subprocess.run(["/sbin/resize2fs", device], capture_output=True, text=True,
+                             check=False)
+    except OSError as exc:
+        say(f"resize2fs failed: {exc}")
+        return
     say(f"filesystem grown to the disk's {disk >> 20} MiB at {initlib.uptime():.2f}"
         if ran.returncode == 0 else f"resize2fs failed: {ran.stderr.strip()}")
 

@@ -85,18 +85,24 @@ def read_acked(directory: Path) -> Acked:
         return Acked(0, 0.0)
 
 
-def _write_acked(directory: Path, acked: Acked) -> None:
-    tmp = directory / ".acked.tmp"
+def _durable(path: Path, text: str) -> None:
+    """``path`` replaced by ``text``, on the disk before this returns (a power cut after a
+    plain write can leave an empty file on ext4)."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump({"seq": acked.seq, "at": acked.at}, f)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, directory / "acked")
-    fd = os.open(directory, os.O_RDONLY)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_acked(directory: Path, acked: Acked) -> None:
+    _durable(directory / "acked", json.dumps({"seq": acked.seq, "at": acked.at}))
 
 
 def verify(directory: Path) -> dict[str, object]:
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if not verified["ok"]:  # refused here, where the caller sees it
             raise SystemExit(f"app: {args.dir}: acknowledged data is missing: {verified}")
         args.dir.mkdir(parents=True, exist_ok=True)
-        (args.dir / "app.json").write_text(json.dumps({"rate": args.rate}) + "\n")
+        _durable(args.dir / "app.json", json.dumps({"rate": args.rate}) + "\n")
         pid = background(args.dir)
         if pid is not None:
             print(json.dumps({"pid": pid}))
