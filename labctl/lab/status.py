@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from labctl.core.errors import AgentError, LabError
 from labctl.core.wire import Message
 from labctl.hosts import protocol as hp
-from labctl.lab.clouds import CloudVm, LibvirtCloud
+from labctl.lab.clouds import CloudVm, LibvirtCloud, cloud_of
 from labctl.state.context import LabContext
 from labctl.storage import domains as node_domains
 from labctl.storage import protocol as sp
@@ -179,11 +179,10 @@ async def status(lab: LabContext) -> LabStatus:
 
     async def probe_clouds() -> None:
         for site in lab.all_sites():
-            row = lab.inv.row("sites", name=site.site)
-            if row is not None and row["provider"] == "libvirt":
-                cloud = LibvirtCloud(site)
-                clouds.extend([await cloud.show(str(r["name"]))
-                               for r in site.inv.rows("cloud_vms")])
+            cloud = cloud_of(site)
+            if isinstance(cloud, LibvirtCloud):
+                clouds.extend(await asyncio.gather(*(cloud.show(str(r["name"]))
+                                                     for r in site.inv.rows("cloud_vms"))))
 
     parts, _, _ = await asyncio.gather(
         asyncio.gather(*(site_status(s) for s in lab.all_sites())), probe_wan(), probe_clouds())

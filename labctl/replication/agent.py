@@ -144,9 +144,7 @@ class _Turn:
             raise AgentError("a newer connection took over")
 
 
-def _serve_one(conn: ssl.SSLSocket, disk: Path, turn: _Turn | None = None, mine: int = 0
-               ) -> None:
-    turn = turn or _Turn()
+def _serve_one(conn: ssl.SSLSocket, disk: Path, turn: _Turn, mine: int) -> None:
     fd = os.open(disk, os.O_RDWR)
     size = os.lseek(fd, 0, os.SEEK_END)
     written = nbytes = 0
@@ -312,9 +310,7 @@ class Era:
     def commit(self, since: int) -> None:
         info = json.loads(self.file.read_text())
         info["since"] = since
-        tmp = self.file.with_suffix(".new")
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, self.file)
+        _replace(self.file, json.dumps(info).encode())
 
     def stop(self) -> bool:
         """The linear table back, the metadata gone; False when nothing was tracking."""
@@ -337,9 +333,7 @@ def _load_pending(state: Path) -> list[int]:
 
 
 def _save_pending(state: Path, todo: list[int]) -> None:
-    tmp = state / "pending.new"
-    tmp.write_text(" ".join(map(str, todo)))
-    os.replace(tmp, state / "pending")
+    _replace(state / "pending", " ".join(map(str, todo)).encode())
 
 
 # -- source ---------------------------------------------------------------------------------
@@ -390,10 +384,15 @@ def _load_map(state: Path, count: int) -> list[bytes] | None:
     return [raw[i:i + DIGEST] for i in range(0, len(raw), DIGEST)]
 
 
+def _replace(path: Path, data: bytes) -> None:
+    """``path`` replaced whole: written beside it, then renamed over it."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _save_map(state: Path, held: list[bytes]) -> None:
-    tmp = state / "map.new"
-    tmp.write_bytes(b"".join(held))
-    os.replace(tmp, state / "map")
+    _replace(state / "map", b"".join(held))
 
 
 def _flush(sock: ssl.SSLSocket) -> None:
