@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# the end-to-end test of hosts reached over SSH runs OpenSSH's own server in namespaces
+if [ ! -x /usr/sbin/sshd ] || [ ! -x /usr/lib/openssh/sftp-server ]; then
+  SUDO_APT=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO_APT="sudo"; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO_APT apt-get install -y -q --no-install-recommends \
+    openssh-server
+fi
 .venv/bin/ruff check labctl tests bench images
 .venv/bin/mypy
 .venv/bin/lint-imports

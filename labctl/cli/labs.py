@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from labctl.cli.args import CONSOLE_HELP, DEFAULT_TOPOLOGY
 from labctl.cli.progress import Progress
@@ -25,6 +25,7 @@ from labctl.core.errors import LabError, LabStateError
 from labctl.core.paths import home, labs_dir, repo_root
 from labctl.core.proc import netns_argv
 from labctl.core.wire import Json, Message, WallTime
+from labctl.hosts.sshhosts import SshAccess, state_dir
 from labctl.lab.face import Lab
 from labctl.state.labdir import existing_labs, lab_meta
 
@@ -71,7 +72,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
     if args.cmd == "vm":
         return await _vm(lab, args)
     if args.cmd in ("exec", "shell"):
-        return _exec(lab, args)
+        return await _exec(lab, args)
     raise AssertionError(args.cmd)
 
 
@@ -248,7 +249,8 @@ def _when(stamp: str | None) -> WallTime | None:
 def print_status(s: LabStatus) -> None:
     print(f"lab {s.lab}: {s.state} (accel {s.accel})")
     for site in s.sites:
-        print(f"  site    {site.name:8} {site.subnet:15} bridge {site.bridge}")
+        print(f"  site    {site.name:8} {site.subnet:15} "
+              + (f"bridge {site.bridge}" if site.bridge else "routed (SSH hosts)"))
     for n in s.storage_nodes:
         agent = n.agent + (f" {n.agent_uptime_s:.0f} s" if n.agent_uptime_s is not None else "") \
             + (f": {n.agent_reason}" if n.agent_reason else "")
@@ -258,6 +260,7 @@ def print_status(s: LabStatus) -> None:
     for h in s.hosts:
         why = f": {h.agent_reason}" if h.agent_reason else ""
         what = h.initiator_iqn if h.kind == "host" else f"mobility agent of {h.site}"
+        what += f"  ssh {h.ssh}" if h.ssh else ""
         print(f"  host    {h.name:8} {h.address:15} {what}  [agent {h.agent}{why}]")
     for d in s.datastores:
         where = f"lun {d.lun}" if d.kind == "block" else "file (NFS)"
@@ -471,24 +474,30 @@ async def _follow_console(lab: Lab, args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ a way in
 
-def _host_netns(lab: Lab, host: str) -> tuple[str, str, bytes]:
-    """The network namespace and initiator IQN of ``host``, and its site's secret (its CHAP
-    credentials derive from it)."""
+def _host_row(lab: Lab, host: str) -> tuple[dict[str, Any], bytes]:
+    """The inventory row of ``host``, and its site's secret (its CHAP credentials derive
+    from it)."""
     with lab.context(of=("host", host)) as ctx:
         row = ctx.inv.row("hosts", name=host)
         if row is None:
             known = ", ".join(r["name"] for r in ctx.inv.rows("hosts"))
             raise LabStateError(f"unknown host {host!r} (hosts: {known})", host=host)
-        return str(row["netns"]), str(row["initiator_iqn"]), ctx.secret()
+        return row, ctx.secret()
 
 
-def _exec(lab: Lab, args: argparse.Namespace) -> int:
-    """Run a command (an argument list, never a shell string) in a host's namespace, with
-    this terminal; its exit status is ours. The environment says which lab and host it is
-    and carries the host's iSCSI identity: its initiator IQN and CHAP credentials where
-    libiscsi's tools read them (never on a command line)."""
-    ns, iqn, secret = _host_netns(lab, args.host)
+async def _exec(lab: Lab, args: argparse.Namespace) -> int:
+    """Run a command (an argument list, never a shell string) on a host: in its namespace
+    here with this terminal, or over SSH on a machine; its exit status is ours. The
+    environment says which lab and host it is and carries the host's iSCSI identity: its
+    initiator IQN and CHAP credentials where libiscsi's tools read them (never on a command
+    line: over SSH they travel on the session's standard input)."""
+    row, secret = _host_row(lab, args.host)
+    access = SshAccess.from_json(row["ssh"]) if row.get("ssh") else None
     if args.cmd == "shell":
+        if access is not None:
+            raise LabStateError(f"host {args.host} is a machine: ssh -i {access.key} "
+                                f"-p {access.port} {access.user}@{access.address}",
+                                host=args.host)
         argv = [os.environ.get("SHELL") or "/bin/bash"]
     else:
         argv = list(args.argv)
@@ -496,11 +505,21 @@ def _exec(lab: Lab, args: argparse.Namespace) -> int:
             argv = argv[1:]
         if not argv:
             raise LabStateError("labctl exec HOST -- CMD ...: give the command to run")
-    env = {**os.environ, "LABCTL_LAB": lab.name, "LABCTL_HOST": args.host,
-           "LABCTL_INITIATOR_IQN": iqn, "LIBISCSI_CHAP_USERNAME": iqn,
-           "LIBISCSI_CHAP_PASSWORD": initiator_secret(secret, iqn)}
+    iqn = str(row["initiator_iqn"])
+    extra = {"LABCTL_LAB": lab.name, "LABCTL_HOST": args.host,
+             "LABCTL_INITIATOR_IQN": iqn, "LIBISCSI_CHAP_USERNAME": iqn,
+             "LIBISCSI_CHAP_PASSWORD": initiator_secret(secret, iqn)}
+    if access is not None:
+        async with access.machine(args.host) as m:
+            res = await m.run([access.python, "-m", "labctl.agents.remote", "exec", "--",
+                               *argv], check=False, timeout=3600,
+                              stdin=json.dumps(extra) + "\n")
+        sys.stdout.write(res.stdout)
+        sys.stderr.write(res.stderr)
+        return res.returncode
     try:
-        return subprocess.run(netns_argv(ns, argv), env=env, check=False).returncode
+        return subprocess.run(netns_argv(str(row["netns"]), argv), env={**os.environ, **extra},
+                              check=False).returncode
     except FileNotFoundError as exc:
         raise LabStateError(f"cannot run {argv[0]!r} on {args.host}: {exc.strerror}") from exc
 
@@ -511,6 +530,9 @@ async def _logs(lab: Lab, args: argparse.Namespace) -> int:
     # only a name the lab has: 'logs ../../t2/hosts/h1' is no way into another directory
     hosts = sorted(p.name for p in (lab.dir.path / "hosts").glob("*") if p.is_dir())
     nodes = sorted(p.name for p in (lab.dir.path / "storage").glob("*") if p.is_dir())
+    machine = _ssh_host(lab, what)
+    if machine is not None:
+        return await _ssh_logs(lab, what, machine, args)
     if what == "rescan":  # the rescan service of the --site site (or of the only one)
         with lab.lab_context() as whole:
             path = lab.dir.site_dir(lab.pick_site(whole)) / "rescan.log"
@@ -527,6 +549,36 @@ async def _logs(lab: Lab, args: argparse.Namespace) -> int:
     if args.verbose:
         print(f"==> {path}", file=sys.stderr)
     await _tail(path, args.lines, follow=args.follow, stamp=False, as_json=args.json)
+    return 0
+
+
+def _ssh_host(lab: Lab, name: str) -> SshAccess | None:
+    """How to reach host ``name`` when it is a machine reached over SSH."""
+    with contextlib.suppress(LabError), lab.context(of=("host", name)) as ctx:
+        row = ctx.inv.row("hosts", name=name)
+        if row is not None and row.get("ssh"):
+            return SshAccess.from_json(str(row["ssh"]))
+    return None
+
+
+async def _ssh_logs(lab: Lab, host: str, access: SshAccess, args: argparse.Namespace) -> int:
+    """The agent's log on a machine: its file in the lab's state directory there, or its
+    unit's journal."""
+    if args.follow:
+        raise LabStateError(f"host {host} is a machine reached over SSH: --follow is not "
+                            "supported there; labctl logs without it shows the last lines",
+                            host=host)
+    lines = str(max(args.lines, 1))
+    argv = (["journalctl", "-u", access.unit, "-n", lines, "--no-pager"]
+            if access.agent == "systemd"
+            else ["tail", "-n", lines, f"{state_dir(lab.dir.tag, host)}/agent.log"])
+    async with access.machine(host) as m:
+        res = await m.run(argv, check=False)
+    if not res.ok:
+        raise LabStateError(f"no log of host {host} ({access.where()}): "
+                            f"{(res.stderr or res.stdout).strip()[-300:]}", host=host)
+    for line in res.stdout.splitlines():
+        _line(line, None, args.json)
     return 0
 
 

@@ -1,7 +1,8 @@
-"""SSH to a machine the lab manages by its management channel (a server guest): commands
+"""SSH to a machine the lab manages (a server guest, a host reached over SSH): commands
 as argument lists (each word quoted for the remote shell with :func:`shlex.join`, never
-pasted into a command string), files over SFTP. The host key is pinned (the guest printed
-it on its console before anyone connected), the client key is the lab's."""
+pasted into a command string), files over SFTP. The host key is pinned (a guest printed it
+on its console before anyone connected; a host's is in the topology), never trusted on first
+use."""
 
 from __future__ import annotations
 
@@ -31,13 +32,16 @@ class SshMachine:
     """``async with SshMachine(...) as m: await m.run([...])``."""
 
     def __init__(self, name: str, address: str, client_key: Path, host_key: str,
-                 user: str = "root", port: int = 22) -> None:
+                 user: str = "root", port: int = 22,
+                 pinned_by: str = "its console printed") -> None:
         self.name = name
         self.address = address
         self.client_key = client_key
         self.host_key = host_key
         self.user = user
         self.port = port
+        #: where the pinned key came from, for the refusal's words
+        self.pinned_by = pinned_by
         self._conn: asyncssh.SSHClientConnection | None = None
 
     async def connect(self, timeout: float = 60.0) -> None:
@@ -56,7 +60,7 @@ class SshMachine:
                 return
             except asyncssh.HostKeyNotVerifiable as exc:
                 raise SshError(f"{self.name} ({self.address}) presented another host key than "
-                               "the one its console printed", machine=self.name) from exc
+                               f"the one {self.pinned_by}", machine=self.name) from exc
             except (OSError, asyncssh.Error, TimeoutError) as exc:
                 last = exc
                 await asyncio.sleep(0.5)

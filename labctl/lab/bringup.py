@@ -30,8 +30,9 @@ from labctl.guest.image import GuestImage, ensure_guest_image
 from labctl.hosts import accelcache
 from labctl.hosts import protocol as hp
 from labctl.hosts.provider import HostPlan, NamespaceHosts, spawn_owned
+from labctl.hosts.sshhosts import SshHosts
 from labctl.lab import vms
-from labctl.lab.topology import Topology, Vm
+from labctl.lab.topology import Site, Topology, Vm
 from labctl.replication.image import ensure_server_image
 from labctl.state.context import LabContext
 from labctl.state.pki import LabPki
@@ -83,6 +84,10 @@ def check_machine(topo: Topology, labs: Path) -> None:
     building and ``labctl validate`` after the file's own checks, so the two cannot drift
     apart; one TopologyError lists every problem."""
     problems = _network_problems(topo, names.lab_tag(topo.name, labs / topo.name))
+    for i, host in enumerate(topo.hosts):
+        if host.ssh is not None:
+            problems += [(f"hosts[{i}].ssh.{f}", p) for f, p in host.ssh.problems()
+                         if f == "key"]
     free = shutil.disk_usage(_existing(labs)).free
     need = sum(d.size for d in topo.datastores) + len(topo.storage_nodes) * (256 << 20)
     evidence: dict[str, Any] = {}
@@ -102,6 +107,9 @@ def _network_problems(topo: Topology, tag: str) -> list[tuple[str, str]]:
     not refuse a file for its lab being up."""
     problems = []
     for i, site in enumerate(topo.sites):
+        if site.external:
+            problems += _external_problems(i, site)
+            continue
         own = (names.bridge(tag, i), names.alias(topo.name, "bridge", site.name))
         clash = netlink.overlapping_routes(site.subnet, own)
         if clash:
@@ -109,6 +117,23 @@ def _network_problems(topo: Topology, tag: str) -> list[tuple[str, str]]:
                              f"{site.subnet} overlaps a network this machine already uses "
                              f"({'; '.join(clash)}); pick another subnet"))
     return problems
+
+
+def _external_problems(i: int, site: Site) -> list[tuple[str, str]]:
+    """A site whose network someone else made: the controller must already be on it (the
+    bridge named, holding an address in the subnet) or have a route to it (SSH hosts)."""
+    routes = netlink.overlapping_routes(site.subnet)
+    if site.bridge is not None:
+        if not Path("/sys/class/net", site.bridge).exists():
+            return [(f"sites[{i}].bridge", f"there is no link {site.bridge} on this machine")]
+        if not any(r.endswith(f" on {site.bridge}") for r in routes):
+            return [(f"sites[{i}].bridge", f"{site.bridge} holds no address in {site.subnet}: "
+                                           "the controller reaches the site's agents through it")]
+        return []
+    if not routes:
+        return [(f"sites[{i}].subnet", f"this machine has no route to {site.subnet}, where the "
+                                       "site's SSH hosts' agents answer")]
+    return []
 
 
 def _existing(path: Path) -> Path:
@@ -163,11 +188,12 @@ async def build(ctx: LabContext, topo: Topology) -> None:
     # management domain (inventory, secret)
     t_net = time.monotonic()
     for i, site in enumerate(topo.sites):
-        br = names.bridge(ctx.dir.tag, i)
-        alias = names.alias(ctx.name, "bridge", site.name)
-        inv.own("link", br, alias=alias)
-        netlink.ensure_bridge(br, alias, ipaddress.IPv4Interface(
-            f"{site.gateway}/{site.subnet.prefixlen}"))
+        br = site_bridge(ctx, topo, i)
+        if not site.external:  # a given network is someone else's: attached to, never made
+            alias = names.alias(ctx.name, "bridge", site.name)
+            inv.own("link", br, alias=alias)
+            netlink.ensure_bridge(br, alias, ipaddress.IPv4Interface(
+                f"{site.gateway}/{site.subnet.prefixlen}"))
         inv.upsert("sites", name=site.name, subnet=str(site.subnet), bridge=br,
                    provider=site.provider)
         ctx.dir.create_site(site.name)
@@ -185,8 +211,7 @@ async def build(ctx: LabContext, topo: Topology) -> None:
                  for s in topo.sites}
     node_jobs = [_start_storage_node(ctx.in_site(n.site), topo, i, simg, accel)
                  for i, n in enumerate(topo.storage_nodes)]
-    host_jobs = [_start_host(ctx.in_site(h.site), topo, i, providers[h.site])
-                 for i, h in enumerate(topo.hosts)]
+    host_jobs = [_start_host(ctx.in_site(h.site), topo, i) for i, h in enumerate(topo.hosts)]
     await step(ctx, "storage nodes and hosts ready", gather_all(*node_jobs, *host_jobs))
     if topo.wan:
         await step(ctx, "WAN links up", _start_wan(ctx, topo, simg, accel))
@@ -279,7 +304,7 @@ async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: St
     spec = storagenode.StorageNodeSpec(
         lab=ctx.name, name=node.name, lab_dir=ctx.dir.path,
         address_cidr=f"{node.address}/{site.subnet.prefixlen}",
-        bridge=names.bridge(ctx.dir.tag, site_index), tap=tap,
+        bridge=site_bridge(ctx, topo, site_index), tap=tap,
         mac=names.mac(ctx.dir.tag, "s", i), memory_mib=node.memory >> 20,
         data_disks=disks, secret=ctx.secret(), target_iqn=node.target_iqn,
         peer_secret=ctx.storage_peer_key(),
@@ -314,22 +339,40 @@ async def _start_wan(ctx: LabContext, topo: Topology, image: StorageImage, accel
                      f"{row.params.describe()}")
 
 
-async def _start_host(ctx: LabContext, topo: Topology, i: int, provider: NamespaceHosts) -> None:
+def site_bridge(ctx: LabContext, topo: Topology, i: int) -> str:
+    """The bridge of site ``i``: the one given (a network labctl did not make), else the
+    lab's own; "" for a site reached by a route alone (SSH hosts)."""
+    site = topo.sites[i]
+    if site.external:
+        return site.bridge or ""
+    return names.bridge(ctx.dir.tag, i)
+
+
+async def _start_host(ctx: LabContext, topo: Topology, i: int) -> None:
     inv = ctx.inv
     host = topo.hosts[i]
     site = topo.site(host.site)
     site_index = [s.name for s in topo.sites].index(host.site)
+    ssh = host.ssh
     inv.upsert("hosts", name=host.name, site=host.site, address=str(host.address),
-               initiator_iqn=host.initiator_iqn, netns=names.netns(ctx.name, host.name),
-               veth=names.veth(ctx.dir.tag, i), agent_port=names.HOST_AGENT_PORT,
-               memory=host.memory, agent_pid=None, state="starting")
+               initiator_iqn=host.initiator_iqn,
+               netns="" if ssh else names.netns(ctx.name, host.name),
+               veth="" if ssh else names.veth(ctx.dir.tag, i), agent_port=names.HOST_AGENT_PORT,
+               memory=host.memory, agent_pid=None, state="starting",
+               ssh=ssh.to_json() if ssh else None)
     t0 = time.monotonic()
-    got = await provider.provision(HostPlan(
+    plan = HostPlan(
         name=host.name, index=i,
         address=ipaddress.IPv4Interface(f"{host.address}/{site.subnet.prefixlen}"),
-        bridge=names.bridge(ctx.dir.tag, site_index),
-        state_dir=ctx.dir.host_dir(host.name)), ctx.secret())
-    inv.record_step(f"host {host.name} namespace and agent ready", time.monotonic() - t0)
+        bridge=site_bridge(ctx, topo, site_index),
+        state_dir=ctx.dir.host_dir(host.name))
+    if ssh is not None:
+        got = await SshHosts(ctx.name, ctx.dir.path, inv).provision(plan, ctx.secret(), ssh)
+        what = f"host {host.name} ({ssh.where()}) agent ready"
+    else:
+        got = await NamespaceHosts(ctx.name, ctx.dir.path, inv).provision(plan, ctx.secret())
+        what = f"host {host.name} namespace and agent ready"
+    inv.record_step(what, time.monotonic() - t0)
     inv.update("hosts", {"name": host.name}, state="up", agent_pid=got.agent_pid,
                address=got.address, agent_port=got.agent_port)
 
@@ -385,7 +428,7 @@ async def recover(ctx: LabContext, topo: Topology) -> list[str]:
     for i, host in enumerate(topo.hosts):
         site = ctx.in_site(host.site)
         if not await _answers(site, host.name, "host agent"):
-            await _start_host(site, topo, i, NamespaceHosts(ctx.name, ctx.dir.path, site.inv))
+            await _start_host(site, topo, i)
             restarted.append(host.name)
     for i, agent in enumerate(topo.mobility):
         site = ctx.in_site(agent.site)

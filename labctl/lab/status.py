@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from labctl.core.errors import AgentError, LabError
 from labctl.core.wire import Message
 from labctl.hosts import protocol as hp
+from labctl.hosts.sshhosts import SshAccess
 from labctl.lab.clouds import CloudVm, LibvirtCloud, cloud_of
 from labctl.state.context import LabContext
 from labctl.storage import domains as node_domains
@@ -41,6 +42,9 @@ class HostState(Message):
     agent_reason: str | None = None
     #: ``host``, or ``mobility``: the site's mobility agent (it runs no VM)
     kind: str = "host"
+    #: a machine reached over SSH: ``user@address:port`` (None: a namespace here; ``netns``
+    #: is then its name)
+    ssh: str | None = None
 
 
 @dataclass(frozen=True)
@@ -272,7 +276,8 @@ async def site_status(ctx: LabContext) -> LabStatus:
                          initiator_iqn=h["initiator_iqn"], netns=h["netns"],
                          agent=agent.get(h["name"], (h["state"], None))[0],
                          agent_reason=agent.get(h["name"], (h["state"], None))[1],
-                         kind=str(h["kind"]))
+                         kind=str(h["kind"]),
+                         ssh=SshAccess.from_json(h["ssh"]).where() if h.get("ssh") else None)
                for h in hosts],
         storage_nodes=[NodeState(name=n["name"], site=n["site"], address=n["address"],
                                  target_iqn=n["target_iqn"], domain=n["domain"],

@@ -10,6 +10,7 @@ import asyncio
 from labctl.core.errors import LabError
 from labctl.drivers import netlink
 from labctl.hosts.provider import NamespaceHosts, stop_owned_process
+from labctl.hosts.sshhosts import SshHosts
 from labctl.state.context import LabContext, Progress
 from labctl.storage import node as storagenode
 from labctl.storage.domains import LIBVIRT_QEMU_LOGS
@@ -23,6 +24,13 @@ async def teardown(ctx: LabContext) -> list[str]:
     # the hosts first (their agents stop their VMs softly), through their provider
     for site in sites:
         await NamespaceHosts(ctx.name, ctx.dir.path, site.inv).teardown(site.inv, removed)
+    unreachable: list[LabError] = []
+    for site in sites:
+        try:
+            await SshHosts(ctx.name, ctx.dir.path, site.inv).teardown(site.inv, removed)
+        except LabError as exc:  # the rest is torn down all the same; said at the end
+            ctx.progress(f"warning: {exc.message}")
+            unreachable.append(exc)
     journals = [(site.inv, site.inv.owned()) for site in sites] + [(ctx.inv, ctx.inv.owned())]
     await asyncio.gather(*(stop_owned_process(name, int(d["pid"]), ctx.dir.path, removed)
                            for _, owned in journals for kind, name, d in owned
@@ -42,6 +50,9 @@ async def teardown(ctx: LabContext) -> list[str]:
             if kind == "link" and netlink.delete_link(name, detail["alias"]):
                 removed.append(f"link {name}")
             inv.disown(kind, name)
+    if unreachable:
+        # the journal keeps those machines' entries: a later ``down`` tries them again
+        raise unreachable[0]
     return list(removed)
 
 

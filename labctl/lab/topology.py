@@ -16,6 +16,7 @@ import ipaddress
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,6 +30,7 @@ from labctl.core.errors import LabError, TopologyError
 from labctl.core.names import SERVER_BASE, SERVER_DISK_BYTES
 from labctl.core.sizes import MAX_SIZE, bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
+from labctl.hosts.sshhosts import SshAccess, read_host_key
 from labctl.replication import app
 from labctl.wan.protocol import PARAM_WORDS, LinkParams, params_from
 
@@ -50,6 +52,12 @@ class Site:
     #: a libvirt cloud's room: at most this many ``vms``, bytes of ``memory`` and of ``disk``
     #: (what it holds at once); a VM that does not fit is refused
     quota: dict[str, int] | None = None
+    #: an existing bridge of this machine carrying the site's network (a Vagrant or hardware
+    #: lab's): labctl attaches to it and neither makes nor removes it
+    bridge: str | None = None
+    #: the site's network is not labctl's: it was given (``bridge``), or its hosts are
+    #: machines reached over SSH
+    external: bool = False
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -74,6 +82,8 @@ class Host:
     address: ipaddress.IPv4Address
     memory: int
     initiator_iqn: str
+    #: a machine reached over SSH (None: a network namespace on this machine)
+    ssh: SshAccess | None = None
 
 
 @dataclass(frozen=True)
@@ -330,6 +340,26 @@ def _unknown(kind: str, name: str, known: list[str], plural: str) -> str:
 _NOWHERE = ipaddress.IPv4Address(0)
 
 
+def _ssh_access(raw: dict[str, Any], base: Path, where: str,
+                fail: Callable[[str, str], None], address: str) -> SshAccess | None:
+    """A host's ``ssh:`` block: the client key's path made absolute (relative to the
+    topology file), the host key read (a key line or a file) and parsed."""
+    try:
+        host_key = read_host_key(str(raw["host_key"]), base)
+    except ValueError as exc:
+        fail(f"{where}.host_key", str(exc))
+        return None
+    access = SshAccess(
+        address=str(raw.get("address", address)), user=str(raw.get("user", "root")),
+        port=int(raw.get("port", 22)), key=str((base / str(raw["key"])).expanduser()),
+        host_key=host_key, agent=str(raw.get("agent", "process")),
+        python=str(raw.get("python", SshAccess.python)))
+    for field_, problem in access.problems():
+        if field_ != "key":  # the key file is the machine's: checked by check_machine
+            fail(f"{where}.{field_}", problem)
+    return access
+
+
 def _build(data: dict[str, Any], file: str) -> Topology:
     """The topology of a file the schema accepted, after every check a schema cannot make.
     Each problem is recorded and the checks go on (skipping those that need what was
@@ -394,9 +424,14 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                                           "libvirt); a labctl site's room is its hosts'")
             quota = {k: sized(f"sites[{i}].quota.{k}", v, MAX_SIZE) if k != "vms" else int(v)
                      for k, v in s["quota"].items()}
+        if "bridge" in s and s.get("provider", "labctl") != "labctl":
+            fail(f"sites[{i}].bridge", "only a labctl site is given a bridge")
+        ssh_here = any("ssh" in h and h.get("site", s["name"] if len(raw_sites) == 1 else None)
+                       == s["name"] for h in raw_hosts)
         if s["name"] not in where_site:
             where_site[s["name"]] = f"sites[{i}]"
-            sites.append(Site(s["name"], net, s.get("provider", "labctl"), quota))
+            sites.append(Site(s["name"], net, s.get("provider", "labctl"), quota,
+                              s.get("bridge"), "bridge" in s or ssh_here))
     site_names = [s["name"] for s in raw_sites]
 
     def site_of(kind: str, i: int, item: dict[str, Any]) -> Site | None:
@@ -477,14 +512,34 @@ def _build(data: dict[str, Any], file: str) -> Topology:
             target_iqn=names.target_iqn(lab, n['name']),
         ))
     hosts = []
+    base = Path(file).parent
     for i, h in enumerate(raw_hosts):
+        addr = assigned("hosts", i, h, 11)
         hosts.append(Host(
-            name=h["name"], site=site_name("hosts", i), address=assigned("hosts", i, h, 11),
+            name=h["name"], site=site_name("hosts", i), address=addr,
             memory=sized(f"hosts[{i}].memory", h.get("memory", DEFAULT_HOST_MEMORY), MAX_SIZE),
             initiator_iqn=names.host_iqn(lab, h['name']),
+            ssh=_ssh_access(h["ssh"], base, f"hosts[{i}].ssh", fail, str(addr))
+            if "ssh" in h else None,
         ))
+    if any(h.ssh for h in hosts):
+        where = next(f"hosts[{i}].ssh" for i, h in enumerate(hosts) if h.ssh)
+        if data.get("wan") or any("mobility" in s for s in raw_sites):
+            fail(where, "hosts reached over SSH are not supported in a lab with WAN links or "
+                        "mobility agents yet (their routes to other sites are set in the "
+                        "hosts' namespaces)")
+    for i, h in enumerate(hosts):
+        if "ssh" not in raw_hosts[i] and any(s.name == h.site and s.external and not s.bridge
+                                 for s in sites):
+            fail(f"hosts[{i}]", f"site {h.site} is a network of machines reached over SSH "
+                                "without a bridge here: give this host an ssh: block too, or "
+                                "the site a bridge:")
     host_names = [h.name for h in hosts]
     node_names = [n.name for n in nodes]
+    for i, n in enumerate(nodes):
+        if any(s.name == n.site and s.external and not s.bridge for s in sites):
+            fail(f"storage_nodes[{i}]", f"site {n.site}'s network is reached here only by a "
+                 "route: a storage node VM needs its bridge (sites[].bridge)")
 
     stores = []
     free = {n.name: n.capacity for n in nodes}
@@ -602,7 +657,10 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                 if knob in v:
                     fail(f"vms[{i}].{knob}", "the test guest's knob: a server guest runs "
                          "its own programs")
-            if host is not None:
+            if host is not None and host.ssh is not None:
+                fail(f"vms[{i}].guest", f"host {host.name} is reached over SSH: a server guest "
+                     "runs on a namespace host (its files and its route are this machine's)")
+            elif host is not None:
                 placed["vms", i] = placed["hosts", host_names.index(host.name)]
                 vm_addr = address("vms", i, v, 101)
         elif "address" in v:

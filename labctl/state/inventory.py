@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS sites (name TEXT PRIMARY KEY, subnet TEXT NOT NULL, b
 CREATE TABLE IF NOT EXISTS hosts (
     name TEXT PRIMARY KEY, site TEXT NOT NULL, address TEXT NOT NULL, initiator_iqn TEXT NOT NULL,
     netns TEXT NOT NULL, veth TEXT NOT NULL, agent_port INTEGER NOT NULL, memory INTEGER NOT NULL,
-    agent_pid INTEGER, state TEXT NOT NULL DEFAULT 'defined', kind TEXT NOT NULL DEFAULT 'host');
+    agent_pid INTEGER, state TEXT NOT NULL DEFAULT 'defined', kind TEXT NOT NULL DEFAULT 'host',
+    ssh TEXT);
 CREATE TABLE IF NOT EXISTS storage_nodes (
     name TEXT PRIMARY KEY, site TEXT NOT NULL, address TEXT NOT NULL, target_iqn TEXT NOT NULL,
     domain TEXT NOT NULL, tap TEXT NOT NULL, agent_port INTEGER NOT NULL, capacity INTEGER NOT NULL,
@@ -66,7 +67,8 @@ CREATE TABLE IF NOT EXISTS steps (name TEXT NOT NULL, seconds REAL NOT NULL, at 
                       ("vms", "guest", "TEXT NOT NULL DEFAULT 'test'"), ("vms", "address", "TEXT"),
                       ("vms", "mac", "TEXT"), ("vms", "app_rate", "REAL"),
                       ("vms", "disk_size", "INTEGER"),
-                      ("sites", "provider", "TEXT NOT NULL DEFAULT 'labctl'")))
+                      ("sites", "provider", "TEXT NOT NULL DEFAULT 'labctl'"),
+                      ("hosts", "ssh", "TEXT")))
 
 
 class Inventory:

@@ -249,7 +249,7 @@ def test_schema_problems_come_together() -> None:
                  "at most 16 characters"),
         ("", "unknown key 'bogus' (keys: name, rescan, sites, storage_nodes, hosts, datastores, "
              "vms, wan)"),
-        ("hosts[1]", "unknown key 'colour' (keys: name, site, address, memory)"),
+        ("hosts[1]", "unknown key 'colour' (keys: name, site, address, memory, ssh)"),
         ("vms[0].vcpus", "0 is less than the minimum of 1"),
     ]
     assert (err.path, err.problem) == err.problems[0]
@@ -258,7 +258,7 @@ def test_schema_problems_come_together() -> None:
         "letter, at most 16 characters",
         "lab.yaml: unknown key 'bogus' (keys: name, rescan, sites, storage_nodes, hosts, "
         "datastores, vms, wan)",
-        "lab.yaml: hosts[1]: unknown key 'colour' (keys: name, site, address, memory)",
+        "lab.yaml: hosts[1]: unknown key 'colour' (keys: name, site, address, memory, ssh)",
         "lab.yaml: vms[0].vcpus: 0 is less than the minimum of 1",
     ]
     assert err.evidence["problems"][2] == {"path": "hosts[1]", "problem": err.problems[2][1]}

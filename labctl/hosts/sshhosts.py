@@ -1,0 +1,227 @@
+"""Hosts that are machines reached over SSH (hardware, a Vagrant lab): the second
+:class:`~labctl.hosts.provider.HostProvider`.
+
+The machine exists before the lab and outlives it: labctl makes nothing on it but the
+agent's state directory (named after the lab's tag, so two labs never share one) and,
+with ``agent: systemd``, the secret file the playbooks' unit reads. Over one SSH session
+with the machine's host key pinned (from the topology: never trust on first use) it
+delivers the lab secret (SFTP, 0600, never on a command line), starts the host agent and
+waits for it to answer the authenticated RPC every feature then uses, unchanged.
+
+* ``agent: process`` (default): ``python -m labctl.agents.remote start`` launches the agent
+  in a session of its own, listening on the host's site address; teardown has the same
+  helper stop it (and any QEMU it left) by the PIDs in its state directory, each only while
+  its command line names that directory, then removes the directory.
+* ``agent: systemd``: the ``host`` role's unit (``labctl-host-agent.service``): the secret is
+  written where the unit reads it and the unit restarted; teardown stops it.
+
+Every step is journalled (kind ``ssh-host``) before it is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import stat
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from labctl.core import names
+from labctl.core.errors import AgentError, LabError, ProvisionError
+from labctl.core.rpc import RpcClient
+from labctl.drivers.ssh import SshError, SshMachine
+from labctl.hosts import protocol as hp
+from labctl.hosts.provider import HostPlan, ProvisionedHost
+from labctl.state.inventory import Inventory
+
+AGENT_MODES = ("process", "systemd")
+DEFAULT_PYTHON = "/opt/labctl/venv/bin/python"  # the playbooks' virtualenv
+DEFAULT_UNIT = "labctl-host-agent.service"
+DEFAULT_SECRET_PATH = "/etc/labctl/secret"
+STATE_ROOT = "/var/lib/labctl/labs"
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    """How the controller reaches one machine: its SSH address, user, client key (a file on
+    the controller, 0600) and pinned host key; how its agent runs."""
+
+    address: str
+    user: str = "root"
+    port: int = 22
+    key: str = ""
+    host_key: str = ""
+    agent: str = "process"
+    python: str = DEFAULT_PYTHON
+    unit: str = DEFAULT_UNIT
+    secret_path: str = DEFAULT_SECRET_PATH
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SshAccess:
+        return cls(**json.loads(text))
+
+    def where(self) -> str:
+        return f"{self.user}@{self.address}:{self.port}"
+
+    def problems(self) -> list[tuple[str, str]]:
+        """What is wrong with these settings, as (field, problem): the client key's file and
+        mode, the host key's form; nothing is connected to."""
+        found: list[tuple[str, str]] = []
+        key = Path(self.key)
+        try:
+            mode = key.stat().st_mode
+        except OSError as exc:
+            found.append(("key", f"cannot read the client key {key}: {exc.strerror}"))
+        else:
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                found.append(("key", f"the client key {key} is readable by others "
+                                     f"(mode {stat.S_IMODE(mode):o}); chmod 600 it"))
+            else:
+                try:
+                    asyncssh.read_private_key(str(key))
+                except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+                    found.append(("key", f"{key} is not a private key SSH can use: {exc}"))
+        try:
+            asyncssh.import_public_key(self.host_key)
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            found.append(("host_key", "not a public key line like 'ssh-ed25519 AAAA...' "
+                                      f"(the machine's /etc/ssh/ssh_host_*_key.pub): {exc}"))
+        return found
+
+    def machine(self, name: str) -> SshMachine:
+        return SshMachine(name, self.address, Path(self.key), self.host_key, user=self.user,
+                          port=self.port, pinned_by="the topology pins for it")
+
+
+def read_host_key(value: str, base: Path) -> str:
+    """A host key given in a topology: the public key line itself, or the file holding it
+    (relative to the topology file's directory); ValueError says why neither."""
+    text = value.strip()
+    if text.split(" ", 1)[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        return text
+    path = (base / text).expanduser()
+    try:
+        lines = path.read_text(encoding="ascii").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"neither a public key line nor a readable file ({exc})") from None
+    return lines[0].strip() if lines else ""
+
+
+def state_dir(lab_tag: str, host: str) -> str:
+    """The agent's directory on the machine: the lab's tag keeps two labs apart."""
+    return f"{STATE_ROOT}/{lab_tag}/{host}"
+
+
+class SshHosts:
+    """Hosts as machines reached over SSH; ``provision`` and ``teardown`` as the namespace
+    provider's."""
+
+    def __init__(self, lab: str, lab_path: Path, inv: Inventory) -> None:
+        self.lab = lab
+        self.tag = names.lab_tag(lab, lab_path)
+        self.inv = inv
+
+    async def provision(self, plan: HostPlan, secret: bytes, access: SshAccess
+                        ) -> ProvisionedHost:
+        addr = str(plan.address.ip)
+        port = names.HOST_AGENT_PORT
+        if await _answers(addr, port, secret, plan.name):
+            # an agent of this lab already serves there (up again): nothing to start
+            return ProvisionedHost(plan.name, addr, port, None, None)
+        remote = state_dir(self.tag, plan.name)
+        async with access.machine(plan.name) as m:
+            # journalled once the machine proved to be the one pinned and before anything is
+            # made on it: a machine that never answered has nothing of the lab to remove
+            self.inv.own("ssh-host", plan.name, access=access.to_json(), state_dir=remote)
+            if access.agent == "systemd":
+                await m.run(["mkdir", "-p", "-m", "0700", str(Path(access.secret_path).parent)])
+                await m.put((secret.hex() + "\n").encode(), access.secret_path, mode=0o600)
+                await m.run(["systemctl", "restart", access.unit])
+                pid = None
+                log = ["journalctl", "-u", access.unit, "-n", "30", "--no-pager"]
+            else:
+                await m.run(["mkdir", "-p", "-m", "0700", remote])
+                await m.put((secret.hex() + "\n").encode(), f"{remote}/secret", mode=0o600)
+                started = await m.run([
+                    access.python, "-m", "labctl.agents.remote", "start",
+                    "--log", f"{remote}/agent.out", "--",
+                    access.python, "-m", "labctl.agents.host", "--state-dir", remote,
+                    "--secret-file", f"{remote}/secret", "--host", plan.name,
+                    "--listen", f"{addr}:{port}"], timeout=60)
+                pid = int(started.stdout.split()[0])
+                self.inv.own("ssh-host", plan.name, access=access.to_json(), state_dir=remote,
+                             pid=pid)
+                log = ["tail", "-c", "1500", f"{remote}/agent.out"]
+            deadline = time.monotonic() + 30.0
+            while not await _answers(addr, port, secret, plan.name):
+                if time.monotonic() > deadline:
+                    tail = await m.run(log, check=False)
+                    raise ProvisionError(
+                        f"the host agent of {plan.name} ({access.where()}) did not answer at "
+                        f"{addr}:{port} within 30 s", host=plan.name,
+                        log_tail=(tail.stdout + tail.stderr)[-1500:])
+                await asyncio.sleep(0.2)
+        return ProvisionedHost(plan.name, addr, port, pid, None)
+
+    async def teardown(self, inv: Inventory, removed: list[str]) -> None:
+        """Stop each journalled machine's agent (it stops its VMs softly) and remove what
+        labctl made there; a machine that cannot be reached is said, and its entry kept
+        so that a later ``down`` tries again."""
+        entries = [(n, d) for k, n, d in inv.owned() if k == "ssh-host"]
+        results = await asyncio.gather(*(self._down(n, d, removed) for n, d in entries),
+                                       return_exceptions=True)
+        failed = []
+        for (name, _), res in zip(entries, results, strict=True):
+            if isinstance(res, LabError):
+                failed.append(f"{name}: {res.message}")
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                inv.disown("ssh-host", name)
+        if failed:
+            raise ProvisionError("could not tear down every SSH host: " + "; ".join(failed),
+                                 hosts=failed)
+
+    async def _down(self, name: str, detail: dict[str, Any], removed: list[str]) -> None:
+        access = SshAccess.from_json(detail["access"])
+        remote = str(detail["state_dir"])
+        try:
+            async with access.machine(name) as m:
+                if access.agent == "systemd":
+                    await m.run(["systemctl", "stop", access.unit], timeout=120)
+                    removed.append(f"service {access.unit} on {name} ({access.where()}) stopped")
+                    await m.run(["rm", "-f", access.secret_path])
+                    removed.append(f"file {access.secret_path} on {name}")
+                    return
+                got = await m.run([access.python, "-m", "labctl.agents.remote", "stop",
+                                   "--state-dir", remote], timeout=180)
+                removed.extend(f"process {line} on {name}"
+                               for line in got.stdout.splitlines() if line.strip())
+                await m.run(["rm", "-rf", "--one-file-system", remote])
+                removed.append(f"directory {remote} on {name} ({access.where()})")
+                # the lab's directory of state directories, once empty
+                await m.run(["rmdir", str(Path(remote).parent)], check=False)
+        except SshError as exc:
+            raise ProvisionError(exc.message, host=name, **exc.evidence) from exc
+
+
+async def _answers(addr: str, port: int, secret: bytes, host: str) -> bool:
+    try:
+        client = await RpcClient.connect(addr, port, secret, timeout=2.0, peer=f"host {host}")
+    except AgentError:  # nothing there, or an agent of another lab
+        return False
+    try:
+        with contextlib.suppress(LabError):
+            await hp.PING.call(client, timeout=5)
+            return True
+        return False
+    finally:
+        await client.close()

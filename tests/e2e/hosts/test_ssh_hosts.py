@@ -1,0 +1,209 @@
+"""Hosts that are machines reached over SSH, end to end: two "machines" that exist before
+the lab and outlive it (network namespaces on a bridge this test makes, each running
+OpenSSH's own sshd with its own host key), a topology that names them by address, client
+key and pinned host key, and a storage node VM on the same bridge. labctl delivers the
+lab's secret over SFTP, starts the host agents over SSH and then does everything through
+them as on namespace hosts: the VM heartbeats, live-migrates from one machine to the
+other, a command runs on a machine with the host's iSCSI identity, and ``down`` leaves the
+machines running with nothing of the lab on them."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from labctl.core.proc import cmdlines
+from labctl.drivers import netlink
+from labctl.hosts.sshhosts import STATE_ROOT
+from tests.conftest import E2E, LabCli, free_subnet, labctl, leftovers, unique_lab, wait
+
+SSHD = Path("/usr/sbin/sshd")
+SFTP = Path("/usr/lib/openssh/sftp-server")
+
+pytestmark = [*E2E, pytest.mark.skipif(not SSHD.exists() or not SFTP.exists(),
+                                       reason="OpenSSH's server is not installed "
+                                              "(scripts/test.sh installs it)")]
+
+
+@dataclass(frozen=True)
+class Machines:
+    """The two machines: their addresses, the bridge they share, the keys."""
+
+    subnet: ipaddress.IPv4Network
+    bridge: str
+    addresses: dict[str, str]
+    client_key: Path
+    host_keys: dict[str, Path]  # public key files
+    sshd: dict[str, subprocess.Popen[bytes]]
+
+
+def _key(path: Path) -> Path:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key.write_private_key(str(path))
+    path.chmod(0o600)
+    key.write_public_key(str(path) + ".pub")
+    return Path(str(path) + ".pub")
+
+
+@pytest.fixture(scope="module")
+def machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machines]:
+    tag = secrets.token_hex(3)
+    d = tmp_path_factory.mktemp("machines")
+    subnet = free_subnet()
+    net = subnet.network_address
+    bridge, alias = f"lsb{tag}", f"test:ssh-machines:{tag}"
+    made: list[tuple[str, str, str]] = []
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    privsep = Path("/run/sshd")  # OpenSSH's privilege separation directory
+    made_privsep = not privsep.exists()
+    try:
+        privsep.mkdir(mode=0o755, exist_ok=True)
+        netlink.ensure_bridge(bridge, alias, ipaddress.IPv4Interface(f"{net + 1}/24"))
+        made.append(("link", bridge, alias))
+        client = d / "client"
+        (d / "authorized_keys").write_text(_key(client).read_text())
+        addresses, host_keys = {}, {}
+        for i, m in enumerate(("m1", "m2")):
+            ns, veth, addr = f"lsm{tag}{m}", f"lsv{tag}{i}", f"{net + 11 + i}"
+            made.append(("netns", ns, f"{alias}:{m}"))
+            netlink.ensure_netns(ns, f"{alias}:{m}")
+            made.append(("link", veth, f"{alias}:{m}"))
+            netlink.ensure_veth(netlink.VethSpec(
+                outer=veth, netns=ns, bridge=bridge, alias=f"{alias}:{m}",
+                address=ipaddress.IPv4Interface(f"{addr}/24")))
+            host_keys[m] = _key(d / f"host_{m}")
+            cfg = d / f"sshd_{m}.conf"
+            cfg.write_text("\n".join([
+                f"ListenAddress {addr}", f"HostKey {d / f'host_{m}'}",
+                f"PidFile {d / f'sshd_{m}.pid'}", f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
+                f"Subsystem sftp {SFTP}", "LogLevel VERBOSE", ""]))
+            with open(d / f"sshd_{m}.log", "ab") as log:
+                procs[m] = subprocess.Popen(["ip", "netns", "exec", ns, str(SSHD), "-D", "-e",
+                                             "-f", str(cfg)], stdout=log, stderr=log,
+                                            start_new_session=True)
+            addresses[m] = addr
+        yield Machines(subnet, bridge, addresses, client, host_keys, procs)
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+            p.wait(10)
+        for kind, name, mark in reversed(made):
+            if kind == "link":
+                netlink.delete_link(name, mark)
+            else:
+                netlink.delete_netns(name, mark)
+        if made_privsep:
+            privsep.rmdir()
+
+
+def _topology(lab: str, m: Machines, host1_key: Path) -> str:
+    def host(name: str, machine: str, key: Path) -> str:
+        return (f"  - name: {name}\n    address: {m.addresses[machine]}\n"
+                f"    ssh: {{key: {m.client_key}, host_key: {key}, python: {sys.executable}}}\n")
+    return (f"name: {lab}\nsites:\n  - name: s1\n    subnet: {m.subnet}\n"
+            f"    bridge: {m.bridge}\nstorage_nodes:\n  - name: stor1\n    capacity: 1G\n"
+            f"hosts:\n{host('host1', 'm1', host1_key)}{host('host2', 'm2', m.host_keys['m2'])}"
+            "datastores:\n  - name: ds1\n    size: 256M\n    hosts: [host1, host2]\n"
+            "vms:\n  - name: vm1\n    host: host1\n    datastore: ds1\n    memory: 128M\n"
+            "    dirty_rate: 5\n    working_set: 16M\n")
+
+
+def _beat(lab: LabCli) -> tuple[str, int] | None:
+    vm = next(v for v in lab.json("vm", "list") if v["name"] == "vm1")
+    return (vm["host"], int(vm["heartbeat"]["counter"])) if vm.get("heartbeat") else None
+
+
+def _of_lab(state_root: Path) -> list[int]:
+    """Processes whose command line names a directory below ``state_root``."""
+    own = str(state_root).encode()
+    return [pid for pid, cmd in cmdlines() if any(a.startswith(own + b"/")
+                                                  for a in cmd.split(b"\0"))]
+
+
+def test_an_impostor_machine_is_refused(machines: Machines, lab_home: Path,
+                                        tmp_path: Path) -> None:
+    """host1 pinned to m2's host key: m1 presents its own, and the lab does not come up."""
+    name = unique_lab("sshk")
+    topo = tmp_path / "lab.yaml"
+    topo.write_text(_topology(name, machines, machines.host_keys["m2"]))
+    res = labctl("up", str(topo), check=False, timeout=600)
+    try:
+        assert res.returncode != 0
+        last = res.stderr.strip().splitlines()[-1]
+        assert "presented another host key than the one the topology pins" in last \
+            and "Traceback" not in res.stderr, \
+            res.stderr[-1500:]
+    finally:
+        labctl("--lab", name, "down", "--purge", check=False)
+    assert leftovers(name, lab_home / "labs" / name) == []
+
+
+def test_a_lab_on_machines_reached_over_ssh(machines: Machines, lab_home: Path,
+                                            tmp_path: Path) -> None:
+    name = unique_lab("ssh")
+    topo = tmp_path / "lab.yaml"
+    topo.write_text(_topology(name, machines, machines.host_keys["m1"]))
+    lab = LabCli(name)
+    labctl("up", str(topo), timeout=900)
+    try:
+        status = lab.json("status")
+        hosts = {h["name"]: h for h in status["hosts"]}
+        assert hosts["host1"]["ssh"] == f"root@{machines.addresses['m1']}:22"
+        assert hosts["host1"]["agent"] == "up" and hosts["host2"]["agent"] == "up"
+        assert hosts["host1"]["netns"] == ""
+        # a command runs on the machine (its address is the machine's), and with the host's
+        # iSCSI identity, handed over the session's input, it reads the LUN's size
+        res = lab("exec", "host1", "--", "ip", "-4", "-br", "addr", "show", "dev", "eth0")
+        assert machines.addresses["m1"] in res.stdout
+        shown = lab.json("datastore", "show", "ds1")
+        url = (f"iscsi://{shown['portal'].split(':')[0]}/{shown['target_iqn']}/"
+               f"{shown['lun']}")
+        res = lab("exec", "host1", "--", "iscsi-readcapacity16", "-s", "-i",
+                  hosts["host1"]["initiator_iqn"], url)
+        assert int(res.stdout.strip()) == shown["size_bytes"]
+        # the agents run in the machines' own directories, with the secret 0600
+        tag_dirs = [p for p in Path(STATE_ROOT).iterdir() if (p / "host1").is_dir()
+                    and _of_lab(p / "host1")]
+        assert len(tag_dirs) == 1
+        state_root = tag_dirs[0]
+        assert (state_root / "host1" / "secret").stat().st_mode & 0o777 == 0o600
+        # the VM heartbeats on host1, live-migrates to host2 and beats on there
+        first = wait(lambda: _beat(lab), 120, "vm1's first heartbeat")
+        assert first[0] == "host1"
+        done = lab.json("migrate", "vm1", "--to", "host2")
+        assert done["state"] == "completed" and done["dest"] == "host2", done
+        # the driver's own checks: no beat lost or repeated, the disk counter read back
+        assert done["heartbeat"]["continues"] and done["disk"]["ok"], done
+        after = wait(lambda: (b := _beat(lab)) and b[0] == "host2" and b[1] > first[1] and b,
+                     60, "vm1's heartbeat on host2")
+        time.sleep(1.5)
+        later = _beat(lab)
+        assert later is not None and later[1] > after[1]
+        logs = lab("logs", "host2")
+        assert logs.stdout.strip()
+    finally:
+        down = labctl("--lab", name, "down", "--json", check=False, timeout=600)
+    assert down.returncode == 0, down.stderr
+    removed = json.loads(down.stdout)["removed"]
+    assert any(r.startswith(f"directory {state_root}/host1 on host1") for r in removed), removed
+    # nothing of the lab on the machines: no directory, no process; the machines go on
+    assert not state_root.exists()
+    assert _of_lab(state_root) == []
+    assert all(p.poll() is None for p in machines.sshd.values())
+    assert Path("/sys/class/net", machines.bridge).exists()
+    assert leftovers(name, lab_home / "labs" / name, records_kept=True) == []
+    labctl("--lab", name, "down", "--purge")
+    assert leftovers(name, lab_home / "labs" / name) == []

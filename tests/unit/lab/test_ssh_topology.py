@@ -1,0 +1,135 @@
+"""Hosts reached over SSH in a topology: the ssh block's checks, the network a site is
+given (a bridge, or a route), and what such hosts cannot do yet."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from labctl.core.errors import TopologyError
+from labctl.hosts.sshhosts import DEFAULT_PYTHON, SshAccess, read_host_key, state_dir
+from labctl.lab import bringup, topology
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, str]:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    path = tmp_path / "client"
+    key.write_private_key(str(path))
+    path.chmod(0o600)
+    host = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    (tmp_path / "host.pub").write_text(host + "\n")
+    return path, host
+
+
+def _text(host_key: str = "host.pub", extra: str = "", site: str = "", more: str = "") -> str:
+    return (f"name: t\nsites:\n  - name: s1\n    subnet: 10.250.7.0/24\n{site}"
+            f"hosts:\n  - name: h1\n    ssh: {{key: client, host_key: {host_key}{extra}}}\n"
+            f"{more}")
+
+
+def _load(tmp_path: Path, text: str) -> topology.Topology:
+    path = tmp_path / "lab.yaml"
+    path.write_text(text)
+    return topology.load(path)
+
+
+def _problems(tmp_path: Path, text: str) -> list[tuple[str, str]]:
+    with pytest.raises(TopologyError) as err:
+        _load(tmp_path, text)
+    return list(err.value.problems)
+
+
+def test_an_ssh_host_by_its_key_files(tmp_path: Path, keys: tuple[Path, str]) -> None:
+    t = _load(tmp_path, _text())
+    h = t.hosts[0]
+    assert h.ssh is not None
+    # SSH answers at the host's own address unless told; the paths are the file's
+    assert h.ssh.address == str(h.address) == "10.250.7.11"
+    assert h.ssh.key == str(tmp_path / "client") and h.ssh.host_key == keys[1]
+    assert (h.ssh.user, h.ssh.port, h.ssh.agent, h.ssh.python) == (
+        "root", 22, "process", DEFAULT_PYTHON)
+    # a site of SSH hosts is not labctl's network: no bridge made, reached by a route
+    assert t.sites[0].external and t.sites[0].bridge is None
+    assert SshAccess.from_json(h.ssh.to_json()) == h.ssh
+
+
+def test_the_host_key_as_a_line(tmp_path: Path, keys: tuple[Path, str]) -> None:
+    t = _load(tmp_path, _text(host_key=f'"{keys[1]}"', extra=", address: m1.lab, port: 2222, "
+                                                           "user: ops, agent: systemd"))
+    ssh = t.hosts[0].ssh
+    assert ssh is not None and ssh.host_key == keys[1]
+    assert (ssh.address, ssh.port, ssh.user, ssh.agent) == ("m1.lab", 2222, "ops", "systemd")
+
+
+@pytest.mark.parametrize(("host_key", "words"), [
+    ("nowhere.pub", "neither a public key line nor a readable file"),
+    ('"ssh-ed25519 AAAAnotbase64"', "not a public key line"),
+])
+def test_a_bad_host_key_is_refused(tmp_path: Path, keys: tuple[Path, str], host_key: str,
+                                   words: str) -> None:
+    found = _problems(tmp_path, _text(host_key=host_key))
+    assert found[0][0] == "hosts[0].ssh.host_key" and words in found[0][1], found
+
+
+def test_an_unknown_agent_mode_is_refused(tmp_path: Path, keys: tuple[Path, str]) -> None:
+    found = _problems(tmp_path, _text(extra=", agent: docker"))
+    assert found[0][0].startswith("hosts[0].ssh.agent"), found
+
+
+def test_the_client_key_must_be_private(tmp_path: Path, keys: tuple[Path, str]) -> None:
+    keys[0].chmod(0o644)
+    access = _load(tmp_path, _text()).hosts[0].ssh
+    assert access is not None
+    assert [f for f, _ in access.problems()] == ["key"]
+    assert "readable by others" in access.problems()[0][1]
+    keys[0].unlink()
+    assert "cannot read the client key" in access.problems()[0][1]
+
+
+def test_what_ssh_hosts_cannot_do_yet(tmp_path: Path, keys: tuple[Path, str]) -> None:
+    # a server guest, a storage node VM without the site's bridge, a namespace
+    # host in a routed site
+    text = _text(more=(
+        "  - name: h2\nstorage_nodes:\n  - name: n1\n"
+        "datastores:\n  - {name: fs, kind: file, size: 1G, hosts: [h1]}\n"
+        "vms:\n  - {name: v1, host: h1, guest: server, disk: {datastore: fs, base: server}}\n"))
+    found = dict(_problems(tmp_path, text))
+    assert "server guest runs on a namespace host" in found["vms[0].guest"]
+    assert "needs its bridge" in found["storage_nodes[0]"]
+    assert "give this host an ssh: block too" in found["hosts[1]"]
+
+
+def test_a_given_bridge_takes_namespace_hosts_and_nodes_too(tmp_path: Path,
+                                                             keys: tuple[Path, str]) -> None:
+    t = _load(tmp_path, _text(site="    bridge: br-lab\n", more=(
+        "  - name: h2\nstorage_nodes:\n  - name: n1\n")))
+    assert t.sites[0].bridge == "br-lab" and t.sites[0].external
+    assert t.hosts[1].ssh is None
+
+
+def test_a_given_network_is_checked_not_made(tmp_path: Path) -> None:
+    site = topology.Site("s1", ipaddress.IPv4Network("10.250.9.0/24"), bridge="lnobr0",
+                         external=True)
+    assert "there is no link lnobr0" in bringup._external_problems(0, site)[0][1]
+    routed = topology.Site("s1", ipaddress.IPv4Network("10.250.9.0/24"), external=True)
+    assert "no route to 10.250.9.0/24" in bringup._external_problems(0, routed)[0][1]
+    lo = topology.Site("s1", ipaddress.IPv4Network("127.0.0.0/8"), bridge="lo", external=True)
+    assert "holds no address" in bringup._external_problems(0, lo)[0][1]
+
+
+def test_host_key_lines_and_files(tmp_path: Path) -> None:
+    line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA comment"
+    assert read_host_key(f"  {line}\n", tmp_path) == line
+    (tmp_path / "k.pub").write_text(line + "\nsecond line ignored\n")
+    assert read_host_key("k.pub", tmp_path) == line
+    with pytest.raises(ValueError, match="neither"):
+        read_host_key("missing.pub", tmp_path)
+
+
+def test_two_labs_never_share_a_state_directory() -> None:
+    assert state_dir("a1b2c3", "h1") != state_dir("d4e5f6", "h1")
+    assert state_dir("a1b2c3", "h1").startswith("/var/lib/labctl/labs/")
