@@ -33,7 +33,8 @@ class SshMachine:
 
     def __init__(self, name: str, address: str, client_key: Path, host_key: str,
                  user: str = "root", port: int = 22,
-                 pinned_by: str = "its console printed") -> None:
+                 pinned_by: str = "its console printed", connect_timeout: float = 60.0
+                 ) -> None:
         self.name = name
         self.address = address
         self.client_key = client_key
@@ -42,6 +43,8 @@ class SshMachine:
         self.port = port
         #: where the pinned key came from, for the refusal's words
         self.pinned_by = pinned_by
+        #: how long ``async with`` waits for a machine that does not listen yet
+        self.connect_timeout = connect_timeout
         self._conn: asyncssh.SSHClientConnection | None = None
 
     async def connect(self, timeout: float = 60.0) -> None:
@@ -69,7 +72,7 @@ class SshMachine:
 
     async def __aenter__(self) -> SshMachine:
         if self._conn is None:
-            await self.connect()
+            await self.connect(self.connect_timeout)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,

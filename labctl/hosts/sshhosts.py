@@ -96,9 +96,10 @@ class SshAccess:
                                       f"(the machine's /etc/ssh/ssh_host_*_key.pub): {exc}"))
         return found
 
-    def machine(self, name: str) -> SshMachine:
+    def machine(self, name: str, connect_timeout: float = 60.0) -> SshMachine:
         return SshMachine(name, self.address, Path(self.key), self.host_key, user=self.user,
-                          port=self.port, pinned_by="the topology pins for it")
+                          port=self.port, pinned_by="the topology pins for it",
+                          connect_timeout=connect_timeout)
 
 
 def read_host_key(value: str, base: Path) -> str:
@@ -194,7 +195,8 @@ class SshHosts:
         access = SshAccess.from_json(detail["access"])
         remote = str(detail["state_dir"])
         try:
-            async with access.machine(name) as m:
+            # a machine gone is said soon: its entry stays for the next down
+            async with access.machine(name, connect_timeout=15.0) as m:
                 if access.agent == "systemd":
                     await m.run(["systemctl", "stop", access.unit], timeout=120)
                     removed.append(f"service {access.unit} on {name} ({access.where()}) stopped")

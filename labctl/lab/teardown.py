@@ -29,7 +29,6 @@ async def teardown(ctx: LabContext) -> list[str]:
         try:
             await SshHosts(ctx.name, ctx.dir.path, site.inv).teardown(site.inv, removed)
         except LabError as exc:  # the rest is torn down all the same; said at the end
-            ctx.progress(f"warning: {exc.message}")
             unreachable.append(exc)
     journals = [(site.inv, site.inv.owned()) for site in sites] + [(ctx.inv, ctx.inv.owned())]
     await asyncio.gather(*(stop_owned_process(name, int(d["pid"]), ctx.dir.path, removed)
@@ -47,6 +46,8 @@ async def teardown(ctx: LabContext) -> list[str]:
         ctx.progress(f"warning: {exc.message}")
     for inv, owned in journals:  # the sites' links (veths) before the lab's (bridges)
         for kind, name, detail in owned:
+            if kind == "ssh-host":  # its provider disowns it once the machine is clean
+                continue
             if kind == "link" and netlink.delete_link(name, detail["alias"]):
                 removed.append(f"link {name}")
             inv.disown(kind, name)

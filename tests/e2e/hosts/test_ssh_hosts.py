@@ -46,6 +46,14 @@ class Machines:
     client_key: Path
     host_keys: dict[str, Path]  # public key files
     sshd: dict[str, subprocess.Popen[bytes]]
+    #: how each machine's sshd is started (to start it again after a test stopped it)
+    sshd_argv: dict[str, list[str]]
+    logs: Path
+
+    def start_sshd(self, m: str) -> None:
+        with open(self.logs / f"sshd_{m}.log", "ab") as log:
+            self.sshd[m] = subprocess.Popen(self.sshd_argv[m], stdout=log, stderr=log,
+                                            start_new_session=True)
 
 
 def _key(path: Path) -> Path:
@@ -64,7 +72,7 @@ def machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machines]:
     net = subnet.network_address
     bridge, alias = f"lsb{tag}", f"test:ssh-machines:{tag}"
     made: list[tuple[str, str, str]] = []
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs: dict[str, subprocess.Popen[bytes]] = {}  # filled by start_sshd
     privsep = Path("/run/sshd")  # OpenSSH's privilege separation directory
     made_privsep = not privsep.exists()
     try:
@@ -73,7 +81,7 @@ def machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machines]:
         made.append(("link", bridge, alias))
         client = d / "client"
         (d / "authorized_keys").write_text(_key(client).read_text())
-        addresses, host_keys = {}, {}
+        addresses, host_keys, argv = {}, {}, {}
         for i, m in enumerate(("m1", "m2")):
             ns, veth, addr = f"lsm{tag}{m}", f"lsv{tag}{i}", f"{net + 11 + i}"
             made.append(("netns", ns, f"{alias}:{m}"))
@@ -90,12 +98,12 @@ def machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machines]:
                 "PermitRootLogin prohibit-password", "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
                 f"Subsystem sftp {SFTP}", "LogLevel VERBOSE", ""]))
-            with open(d / f"sshd_{m}.log", "ab") as log:
-                procs[m] = subprocess.Popen(["ip", "netns", "exec", ns, str(SSHD), "-D", "-e",
-                                             "-f", str(cfg)], stdout=log, stderr=log,
-                                            start_new_session=True)
+            argv[m] = ["ip", "netns", "exec", ns, str(SSHD), "-D", "-e", "-f", str(cfg)]
             addresses[m] = addr
-        yield Machines(subnet, bridge, addresses, client, host_keys, procs)
+        machines = Machines(subnet, bridge, addresses, client, host_keys, procs, argv, d)
+        for m in argv:
+            machines.start_sshd(m)
+        yield machines
     finally:
         for p in procs.values():
             p.send_signal(signal.SIGTERM)
@@ -205,5 +213,39 @@ def test_a_lab_on_machines_reached_over_ssh(machines: Machines, lab_home: Path,
     assert all(p.poll() is None for p in machines.sshd.values())
     assert Path("/sys/class/net", machines.bridge).exists()
     assert leftovers(name, lab_home / "labs" / name, records_kept=True) == []
+    labctl("--lab", name, "down", "--purge")
+    assert leftovers(name, lab_home / "labs" / name) == []
+
+
+def test_a_machine_gone_at_down_is_said_and_tried_again(machines: Machines, lab_home: Path,
+                                                        tmp_path: Path) -> None:
+    """m1's SSH server stops while the lab is up: down removes the rest, says which machine
+    it could not reach in one line and keeps its entry; once m1 answers again, down ends
+    its agent and removes its directory."""
+    name = unique_lab("sshd")
+    topo = tmp_path / "lab.yaml"
+    m = machines
+    topo.write_text(f"name: {name}\nsites:\n  - name: s1\n    subnet: {m.subnet}\n"
+                    f"hosts:\n  - name: host1\n    address: {m.addresses['m1']}\n"
+                    f"    ssh: {{key: {m.client_key}, host_key: {m.host_keys['m1']}, "
+                    f"python: {sys.executable}}}\n")
+    labctl("up", str(topo), timeout=600)
+    lab = LabCli(name)
+    state = next(p for p in Path(STATE_ROOT).glob("*/host1") if _of_lab(p))
+    m.sshd["m1"].send_signal(signal.SIGTERM)
+    m.sshd["m1"].wait(10)
+    try:
+        res = lab("down", check=False, timeout=300)
+        assert res.returncode != 0
+        said = res.stderr.strip().splitlines()[-1]
+        assert said.startswith("labctl: error: could not tear down every SSH host: host1: no "
+                               "SSH session") and "Traceback" not in res.stderr, res.stderr
+        # its agent still runs there (nothing was done to it) and still answers
+        assert lab.json("status")["hosts"][0]["agent"] == "up"
+    finally:
+        m.start_sshd("m1")
+    wait(lambda: lab("down", check=False, timeout=300).returncode == 0, 30,
+         "down once m1's SSH server is back")
+    assert not state.exists() and _of_lab(state) == []
     labctl("--lab", name, "down", "--purge")
     assert leftovers(name, lab_home / "labs" / name) == []
