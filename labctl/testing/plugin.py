@@ -158,10 +158,35 @@ def renamed(text: str, name: str, source: str) -> str:
     if not isinstance(data, dict):
         raise pytest.UsageError(f"--lab {source}: not a topology (a mapping of lab, sites...)")
     data["name"] = name
+    machines = _machine_sites(data)
     for site in data.get("sites") or []:
-        if isinstance(site, dict):
+        # a network of machines (given by its bridge, or holding SSH hosts) keeps its
+        # addresses: they are the machines', not labctl's to pick
+        if isinstance(site, dict) and site.get("name") not in machines:
             site["subnet"] = str(free_subnet())
     return str(yaml.safe_dump(data, sort_keys=False))
+
+
+def _machine_sites(data: dict[str, Any]) -> set[str]:
+    """The sites of a topology (as YAML read it) whose network is not labctl's."""
+    sites = [s for s in data.get("sites") or [] if isinstance(s, dict)]
+    found = {str(s.get("name")) for s in sites if s.get("bridge")}
+    for h in data.get("hosts") or []:
+        if isinstance(h, dict) and h.get("ssh"):
+            found.add(str(h.get("site") or (sites[0].get("name") if len(sites) == 1 else "")))
+    return found
+
+
+def _has_machines(path: str) -> bool:
+    """Whether the topology at ``path`` has a host reached over SSH."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and any(
+        isinstance(h, dict) and h.get("ssh") for h in data.get("hosts") or [])
 
 
 @pytest.fixture(scope="session")
@@ -225,8 +250,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``hardware`` tests skip: every lab --lab can name is local until labctl has its SSH
-    host provider."""
+    """``hardware`` tests skip unless ``--lab`` names a topology with hosts reached over
+    SSH."""
+    lab = config.getoption("--lab")
+    if lab and _has_machines(str(lab)):
+        return
     for item in items:
         if item.get_closest_marker("hardware"):
             item.add_marker(pytest.mark.skip(reason="needs a lab of machines over SSH"))

@@ -52,3 +52,37 @@ def test_hardware_tests_skip_on_a_local_lab(pytester: pytest.Pytester) -> None:
     res = pytester.runpytest("--lab", str(topo), "-rs")
     res.assert_outcomes(passed=1, skipped=1)
     res.stdout.fnmatch_lines(["*needs a lab of machines over SSH*"])
+
+
+def test_hardware_tests_run_on_a_lab_of_machines(pytester: pytest.Pytester) -> None:
+    topo = pytester.makefile(".yaml", machines=(
+        "name: x\nsites: [{name: s1, subnet: 192.168.60.0/24}]\n"
+        "hosts: [{name: h1, ssh: {key: k, host_key: k.pub}}]\n"))
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.hardware
+        def test_on_machines(): pass
+    """)
+    res = pytester.runpytest("--lab", str(topo), "-rs")
+    res.assert_outcomes(passed=1)
+
+
+def test_a_network_of_machines_keeps_its_addresses() -> None:
+    """The session's copy of a topology gets a fresh name and fresh subnets, except where
+    the addresses are the machines' (a site given by its bridge, or holding SSH hosts)."""
+    import yaml
+
+    from labctl.testing.plugin import renamed
+
+    text = yaml.safe_dump({
+        "name": "hw",
+        "sites": [{"name": "a", "subnet": "192.168.60.0/24"},
+                  {"name": "b", "subnet": "192.168.61.0/24", "bridge": "br-lab"},
+                  {"name": "c", "subnet": "10.231.0.0/24"}],
+        "hosts": [{"name": "h1", "site": "a", "ssh": {"key": "k", "host_key": "k.pub"}},
+                  {"name": "h2", "site": "c"}]})
+    got = yaml.safe_load(renamed(text, "pt123456", "hw.yaml"))
+    subnets = {s["name"]: s["subnet"] for s in got["sites"]}
+    assert got["name"] == "pt123456"
+    assert subnets["a"] == "192.168.60.0/24" and subnets["b"] == "192.168.61.0/24"
+    assert subnets["c"] != "10.231.0.0/24"
