@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from labctl.core.errors import LabError, LabStateError
+from labctl.core.proc import CommandResult
 from labctl.core.wire import Json, Message, WallTime
 from labctl.drivers.ssh import SshError, SshMachine
 from labctl.lab import vms
@@ -511,13 +512,18 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
         verify=checked, steps=steps)
     async with cb.ssh(vm) as nm:
         if stopped is not None:
-            check = await _app(nm, "verify")
+            # the application checks every record itself before it starts (and refuses to
+            # start on missing data): that one check is the destination's, read once
+            started = await nm.run(["python3", "-B", APP, "resume", "--dir", APP_DIR],
+                                   check=False, timeout=120)
+            check = _started_check(started)
             cut = replace(cut, dest_check=check)
-            if not (check or {}).get("ok") or (check or {}).get("last_acked") != \
-                    stopped.get("last_acked"):
+            if not check.get("ok") or check.get("last_acked") != stopped.get("last_acked"):
+                if started.ok:  # it started on other data than the source's: stop it
+                    await nm.run(["python3", "-B", APP, "stop", "--dir", APP_DIR], check=False)
                 raise ReplicationError("the application's records on the destination do not "
-                                       "match the source's", check=check, source=stopped)
-            await nm.run(["python3", "-B", APP, "resume", "--dir", APP_DIR])
+                                       "match the source's", check=check, source=stopped,
+                                       stderr=started.stderr[-1000:])
             first = await _first_new_ack(nm, int(stopped["last_acked"]))
             steps["application_started"] = round(time.monotonic() - t, 3)
             cut = replace(cut, steps=steps, dest_first_acked=first[0],
@@ -527,6 +533,21 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
         if left.ok:
             raise ReplicationError(f"the agent is still in {vm} at {AGENT_DIR}")
     return cut, final
+
+
+def _started_check(started: CommandResult) -> dict[str, Any]:
+    """The record check the application made before it started (``resume`` prints it; a
+    refusal says it on stderr as JSON after its reason)."""
+    if started.ok:
+        out: dict[str, Any] = json.loads(started.stdout.strip().splitlines()[-1])
+        return dict(out.get("verified") or {})
+    text = started.stderr.strip()
+    brace = text.find("{")
+    if brace >= 0:
+        with contextlib.suppress(ValueError):
+            refused: dict[str, Any] = json.loads(text[brace:])
+            return {**refused, "ok": False}
+    return {"ok": False, "error": text[-500:]}
 
 
 async def _first_new_ack(m: SshMachine, after: int, timeout: float = 60.0) -> tuple[int, float]:

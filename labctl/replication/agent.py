@@ -542,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=float, default=None)
     p.add_argument("--tracking", choices=("hash", "era"), default="hash")
     v = sub.add_parser("verify")
+    sc = sub.add_parser("scan", help="digest every block of --disk, as a hash pass reads "
+                                     "it; say how long that took")
+    sc.add_argument("--disk", type=Path, required=True)
+    sc.add_argument("--depth", type=int, default=blocks.SCAN_DEPTH)
     for x in (p, v):
         x.add_argument("--to", required=True)
     for x in (t, p, v):
@@ -583,6 +587,18 @@ def main(argv: list[str] | None = None) -> int:
             result = verify(args.disk, args.to, args.tls)
             print(json.dumps(result))
             return 0 if result["equal"] else 1
+        if args.cmd == "scan":
+            t0 = time.monotonic()
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            got = blocks.digests(args.disk, depth=args.depth)
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            print(json.dumps({
+                "blocks": len(got), "depth": args.depth,
+                "read_bytes": len(blocks.allocated(args.disk)) * blocks.BLOCK,
+                "seconds": round(time.monotonic() - t0, 3),
+                "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime
+                                     - cpu0.ru_stime, 3)}))
+            return 0
         if args.cmd == "untrack":
             print(json.dumps({"untracked": Era(args.state).stop()}))
             return 0

@@ -21,6 +21,7 @@ import hashlib
 import mmap
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,29 +102,62 @@ def allocated(path: Path, block: int = BLOCK) -> list[int]:
 
 #: blocks read at once by a digest scan (1 MiB): fewer, larger reads of the disk
 SCAN_RUN = 16
+#: reads a digest scan keeps in flight (one thread each, over its own stretch of the
+#: disk): a disk behind a network (a file datastore over NFS) answers each read after a
+#: round trip, and one read at a time leaves the link idle in between
+SCAN_DEPTH = 8
 
 
-def digests(path: Path, block: int = BLOCK) -> list[bytes]:
+def _runs(todo: list[int]) -> list[tuple[int, int]]:
+    """(first block, count) of consecutive blocks, at most :data:`SCAN_RUN` each."""
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(todo):
+        first, n = todo[i], 1
+        while n < SCAN_RUN and i + n < len(todo) and todo[i + n] == first + n:
+            n += 1
+        runs.append((first, n))
+        i += n
+    return runs
+
+
+def digests(path: Path, block: int = BLOCK, depth: int = SCAN_DEPTH) -> list[bytes]:
     """A digest per block, in order (holes as zero blocks, without reading them); runs of
-    consecutive blocks are read :data:`SCAN_RUN` at a time."""
+    consecutive blocks are read :data:`SCAN_RUN` at a time, ``depth`` reads at once (each
+    thread its stretch of the disk, in order: the reads and the digests release the GIL)."""
     size = size_of(path)
     count = (size + block - 1) // block
     out = [_ZERO if block == BLOCK else digest(bytes(block))] * count
     if count and size % block:  # the last block is shorter: so is its zero block
         out[-1] = digest(bytes(size % block))
-    todo = allocated(path, block)
-    with Reader(path, block * SCAN_RUN) as r:
-        i = 0
-        while i < len(todo):
-            first, n = todo[i], 1
-            while n < SCAN_RUN and i + n < len(todo) and todo[i + n] == first + n:
-                n += 1
-            data = r.read_at(first * block, n * block)
-            for j in range(n):
-                chunk = data[j * block:(j + 1) * block]
-                if chunk:
-                    out[first + j] = digest(chunk)
-            i += n
+    runs = _runs(allocated(path, block))
+    errors: list[BaseException] = []
+
+    def scan(part: list[tuple[int, int]]) -> None:
+        try:
+            with Reader(path, block * SCAN_RUN) as r:
+                for first, n in part:
+                    data = r.read_at(first * block, n * block)
+                    for j in range(n):
+                        chunk = data[j * block:(j + 1) * block]
+                        if chunk:
+                            out[first + j] = digest(chunk)
+        except BaseException as exc:  # said by the caller, in its thread
+            errors.append(exc)
+
+    depth = max(1, min(depth, len(runs)))
+    share = (len(runs) + depth - 1) // depth if runs else 0
+    parts = [runs[k * share:(k + 1) * share] for k in range(depth)]
+    if depth == 1:
+        scan(runs)
+    else:
+        threads = [threading.Thread(target=scan, args=(part,), daemon=True) for part in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
     return out
 
 

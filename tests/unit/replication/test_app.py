@@ -137,3 +137,36 @@ def test_in_the_background_it_detaches_and_stops_when_asked(tmp_path: Path) -> N
     assert stopped["stopped"] and stopped["last_acked"] >= 20
     assert not app.alive(pid)
     assert app.verify(tmp_path)["ok"] and not (tmp_path / "app.pid").exists()
+
+
+def test_a_resume_checks_every_record_once_and_says_what_it_found(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``resume`` (a cutover's destination) verifies the records once, in the caller,
+    prints that check with the daemon's pid, and the daemon does not read them again; with
+    acknowledged data missing it refuses, the check as JSON after its reason."""
+    app.run(tmp_path, 4 << 20, stop_after=0.3)
+    (tmp_path / "app.json").write_text(json.dumps({"rate": 1 << 20}))  # as a run left it
+    res = subprocess.run([sys.executable, "-S", "-I", str(APP), "resume", "--dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=20, check=True)
+    out = json.loads(res.stdout)
+    acked = app.read_acked(tmp_path).seq
+    assert out["verified"]["ok"] and out["verified"]["records"] >= out["verified"]["last_acked"]
+    _until_acked(tmp_path, acked + 1)
+    subprocess.run([sys.executable, "-S", "-I", str(APP), "stop", "--dir", str(tmp_path)],
+                   capture_output=True, check=True, timeout=20)
+    assert app.read_acked(tmp_path).seq > acked  # it ran on
+    # the daemon's run() starts on the check it is handed, without reading the records
+    calls: list[Path] = []
+    monkeypatch.setattr(app, "verify", lambda d: calls.append(d) or {"ok": True})
+    checked = {"ok": True, "records": app.read_acked(tmp_path).seq}
+    app.run(tmp_path, 1 << 20, stop_after=0.1, checked=checked)
+    assert calls == []
+    monkeypatch.undo()
+    # data lost: refused, and the check is there for the caller to parse
+    with open(tmp_path / "records", "r+b") as f:
+        f.truncate(app.RECORD)
+    res = subprocess.run([sys.executable, "-S", "-I", str(APP), "resume", "--dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=20)
+    assert res.returncode != 0 and "acknowledged data is missing" in res.stderr
+    said = json.loads(res.stderr[res.stderr.index("{"):])
+    assert said["ok"] is False and said["records"] == 1

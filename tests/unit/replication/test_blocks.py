@@ -63,3 +63,36 @@ def test_disks_of_different_sizes_and_blocks_past_the_end_are_refused(tmp_path: 
         blocks.same(a, b)
     with pytest.raises(ValueError, match="past the target's end"):
         blocks.write_blocks(a, iter([(8, b"z" * 10)]))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 64])
+def test_a_scan_in_parallel_is_the_same_scan(tmp_path: Path, depth: int) -> None:
+    """Every depth gives the same map as one read at a time (stretches split between the
+    threads, holes and a short last block included)."""
+    disk = tmp_path / "disk"
+    size = 40 * blocks.BLOCK + 4096
+    with open(disk, "wb") as f:
+        f.truncate(size)
+        for i in (0, 1, 2, 7, 17, 18, 19, 20, 21, 39):
+            f.seek(i * blocks.BLOCK)
+            f.write(bytes([i + 1]) * blocks.BLOCK)
+        f.seek(40 * blocks.BLOCK)
+        f.write(b"tail" * 1024)
+    one = blocks.digests(disk, depth=1)
+    assert blocks.digests(disk, depth=depth) == one
+    assert one[3] == blocks.digest(bytes(blocks.BLOCK)) and one[7] == blocks.digest(
+        bytes([8]) * blocks.BLOCK)
+    assert one[40] == blocks.digest(b"tail" * 1024)
+
+
+def test_a_scan_that_fails_in_a_thread_fails(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"x" * (8 * blocks.BLOCK))
+
+    def broken(self: blocks.Reader, offset: int, length: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(blocks.Reader, "read_at", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        blocks.digests(disk, depth=4)

@@ -5,6 +5,7 @@ prediction the digest scan plus that delta at the link's rate."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,20 @@ def test_a_replication_s_timeline_is_drawn(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(LabError, match="does not exist"):
         timeline.plot(rec, tmp_path / "nowhere" / "t.png")
+
+
+def test_the_destination_check_is_the_one_its_application_started_on() -> None:
+    """The cutover reads the destination's records once: the check ``app.py resume``
+    printed before it started, or the one its refusal said."""
+    from labctl.core.proc import CommandResult
+    from labctl.lab.replicate import _started_check
+
+    check = {"records": 40, "last_acked": 40, "acked_at": 1.5, "first_bad": None, "ok": True}
+    started = CommandResult(["app.py"], 0, json.dumps({"pid": 77, "verified": check}) + "\n",
+                            "")
+    assert _started_check(started) == check
+    refused = CommandResult(["app.py"], 1, "", "app: /srv/app: acknowledged data is missing: "
+                            '{"records": 3, "last_acked": 40, "ok": false}\n')
+    assert _started_check(refused) == {"records": 3, "last_acked": 40, "ok": False}
+    odd = CommandResult(["app.py"], 1, "", "python3: can't open file\n")
+    assert _started_check(odd) == {"ok": False, "error": "python3: can't open file"}
