@@ -31,6 +31,8 @@ from tests.conftest import E2E, LabCli, free_subnet, labctl, leftovers, unique_l
 SSHD = Path("/usr/sbin/sshd")
 SFTP = Path("/usr/lib/openssh/sftp-server")
 
+pytest_plugins = ["pytester"]
+
 pytestmark = [*E2E, pytest.mark.skipif(not SSHD.exists() or not SFTP.exists(),
                                        reason="OpenSSH's server is not installed "
                                               "(scripts/test.sh installs it)")]
@@ -249,3 +251,41 @@ def test_a_machine_gone_at_down_is_said_and_tried_again(machines: Machines, lab_
     assert not state.exists() and _of_lab(state) == []
     labctl("--lab", name, "down", "--purge")
     assert leftovers(name, lab_home / "labs" / name) == []
+
+
+INNER = '''
+import time
+
+import pytest
+
+
+@pytest.mark.hardware
+def test_the_same_checks_on_machines(lab, host, vm, datastore):
+    before = vm.heartbeat()
+    time.sleep(1.5)
+    assert before is not None and vm.heartbeat() > before
+    shown = lab.json("datastore", "show", datastore.name)
+    iqn = next(h["initiator_iqn"] for h in lab.status()["hosts"] if h["name"] == host.name)
+    url = "iscsi://%s/%s/%d" % (shown["portal"].split(":")[0], shown["target_iqn"], shown["lun"])
+    res = host.run("iscsi-readcapacity16", "-s", "-i", iqn, url)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.strip()) == shown["size_bytes"]
+    with open("lab-under-test", "w") as f:
+        f.write(f"{lab.name} {lab.home}")
+'''
+
+
+def test_the_pytest_plugin_runs_against_the_machines(machines: Machines,
+                                                      pytester: pytest.Pytester) -> None:
+    """``pytest --lab FILE`` with a topology of machines: the plugin keeps their addresses,
+    runs the hardware-marked test (an iSCSI client on a machine, over SSH) and leaves
+    nothing of its lab."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_inner=INNER)
+    topo = pytester.path / "machines.yaml"
+    topo.write_text(_topology("ignored", machines, machines.host_keys["m1"]))
+    res = pytester.runpytest_subprocess("--lab", str(topo), "-v", timeout=1200)
+    res.assert_outcomes(passed=1)
+    name, home = (pytester.path / "lab-under-test").read_text().split()
+    assert leftovers(name, Path(home) / "labs" / name) == []
+    assert not [p for p in Path(STATE_ROOT).glob("*/host1") if _of_lab(p)]
