@@ -119,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
 
     # -- a way in
-    ex = sub.add("exec", "run a command on a host (in its network namespace here)",
+    ex = sub.add("exec", "run a command on a host (its namespace here, over SSH on a machine)",
                  description="Run CMD on HOST: an argument list, never a shell string "
                              "(labctl exec host1 -- ip addr). Exits with CMD's status.")
     ex.add_argument("host")
