@@ -22,7 +22,9 @@ if [ "${VERSION_CODENAME:-}" = "bookworm" ]; then
 fi
 
 BP_PKGS=(qemu-system-x86 qemu-utils qemu-block-extra libvirt-daemon
-         libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
+         libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
+         # vagrant-libvirt makes networks and uploads boxes into a storage pool
+         libvirt-daemon-driver-network libvirt-daemon-driver-storage)
 PKGS=(libiscsi-bin mmdebstrap e2fsprogs iproute2 kmod util-linux gcc libc6-dev pkg-config
       python3-venv python3-dev dnsmasq-base socat xxd iputils-ping iperf3 ethtool
       vagrant vagrant-libvirt)  # the hardware path: `vagrant validate` of the Vagrantfile

@@ -271,6 +271,16 @@ def parser() -> argparse.ArgumentParser:
     rc.add("lookup", "show or set how sharing hosts are found").add_argument(
         "mode", nargs="?", choices=LOOKUPS)
 
+    vg = sub.group(sub.add("vagrant", "a lab's machines as Vagrant VMs (vagrant-libvirt)"))
+    vu = vg.add("up", "the topology's storage nodes and hosts as Vagrant VMs from labctl's "
+                      "local box, provisioned by playbooks/ (each host key read from its "
+                      "console)")
+    vu.add_argument("file", nargs="?", metavar="FILE")
+    vu.add_argument("--no-provision", action="store_true",
+                    help="bring the machines up without running playbooks/site.yml")
+    vd = vg.add("down", "vagrant destroy of the topology's machines; nothing of them left")
+    vd.add_argument("file", nargs="?", metavar="FILE")
+
     wn = sub.group(sub.add("wan", "WAN links between sites (real netem on a router VM)"))
     wn.add("show", "each link: what it was asked to be and what its router applied")
     ws = wn.add("set", "change a link at run time; one value refused changes nothing",
@@ -335,4 +345,5 @@ HANDLERS = {
     "replicate": "replication", "replication": "replication", "replications": "replication",
     "datastore": "storage", "host": "storage", "events": "storage", "rescan": "storage",
     "storage": "storage", "wan": "wan", "image": "files", "chain": "files",
+    "vagrant": "vagrant",
 }

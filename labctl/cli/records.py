@@ -34,6 +34,7 @@ from labctl.lab.crosssite import CrossSite
 from labctl.lab.face import Down
 from labctl.lab.replicate import Replication, ReplicationRow
 from labctl.lab.status import LabStatus, VmState
+from labctl.lab.vagrant import VagrantDown, VagrantUp
 from labctl.lab.vms import Snapshotted
 from labctl.migration.policy import Policy
 from labctl.migration.records import MigrationRow
@@ -87,6 +88,8 @@ RECORDS: dict[str, type[Message]] = {
     "policy": Policy,  # each element of labctl migration policies
     "wan": WanShown,  # each element of labctl wan show; labctl wan set
     "wan-ping": WanPing,
+    "vagrant-up": VagrantUp,
+    "vagrant-down": VagrantDown,
     "error": ErrorRecord,  # any command that fails, with --json
 }
 
@@ -135,6 +138,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[tuple[str, ...], Shape]] = {
     ("wan", "show"): (("wan",), "list"),
     ("wan", "set"): (("wan",), "one"),
     ("wan", "ping"): (("wan-ping",), "one"),
+    ("vagrant", "up"): (("vagrant-up",), "one"),
+    ("vagrant", "down"): (("vagrant-down",), "one"),
     ("image", "import"): (("image-import",), "one"),
     ("image", "clone"): (("image-clone",), "one"),
     ("image", "delete"): (("image-delete",), "one"),

@@ -1,0 +1,407 @@
+"""A lab of Vagrant machines (vagrant-libvirt): the local box, and ``labctl vagrant up|down``.
+
+**The box** (``images/box/``): no box can be downloaded on a machine without internet, so
+labctl builds one from Debian's packages: ``mmdebstrap`` (minbase and the recipe's
+``packages``) into a directory, the root made a Vagrant machine (user ``vagrant`` with
+passwordless sudo and Vagrant's insecure key, which ``vagrant up`` replaces; ifupdown for
+the networks Vagrant configures), ``mkfs.ext4 -d`` (no loop device, nothing mounted), a
+compressed qcow2, and the kernel and initrd beside it: the box's own Vagrantfile boots them
+directly (``/dev/vda`` is the bare file system, no boot loader). Built once per recipe
+hash into the image cache, added to Vagrant under a name carrying that hash.
+
+**Host keys, out of band**: the box has no SSH host keys; each machine makes its own at
+first boot and prints the public key on its serial console (``LABCTL-HOSTKEY``), which
+libvirt writes to a file of the lab's. ``up`` reads each machine's key from there and
+writes it where a topology's ``ssh.host_key`` can name it: the controller never trusts a
+key first seen over the network.
+
+**Where things go**: Vagrant's own directory (``VAGRANT_DOTFILE_PATH``) and the keys are
+under ``$LABCTL_HOME/vagrant/<lab>/``, never in the source tree, so two labs (or two
+checkouts) do not share them. QEMU opens the kernel and the console logs as libvirt's
+user, who cannot enter root's home: the boxes (``VAGRANT_HOME``) and the consoles are
+under ``/var/lib/labctl/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from labctl.core.errors import ImageBuildError, LabStateError, MissingDependency, ProvisionError
+from labctl.core.paths import cache_dir, home, repo_root
+from labctl.core.proc import run, which
+from labctl.core.wire import Message
+from labctl.drivers.debian import digest
+from labctl.drivers.netlink import overlapping_routes
+from labctl.lab.bringup import probe_accel
+from labctl.lab.topology import Topology
+from labctl.storage.image import debian_suite
+
+#: bumped when the box's build changes in a way its recipe files do not show
+BOX_VERSION = "1"
+HOSTKEY_MARK = "LABCTL-HOSTKEY"
+#: the box's disk as the machine sees it (a sparse file, a compressed qcow2 in the box)
+BOX_DISK_GIB = 10
+#: Debian's vagrant package ships Vagrant's insecure key here
+VAGRANT_KEYS = Path("/usr/share/rubygems-integration/all/gems")
+#: Vagrant's home for labctl's labs (boxes): readable by QEMU's user, unlike root's home
+VAGRANT_HOME = Path("/var/lib/labctl/vagrant.d")
+#: the management networks labctl gives its Vagrant labs (a free /24 of these)
+MGMT_RANGE = ipaddress.IPv4Network("10.241.0.0/16")
+
+Progress = Callable[[str], None]
+
+
+def recipe_dir() -> Path:
+    return repo_root() / "images" / "box"
+
+
+def box_hash(recipe: Path | None = None) -> str:
+    recipe = recipe or recipe_dir()
+    parts: list[str | bytes] = [BOX_VERSION, debian_suite(), str(BOX_DISK_GIB)]
+    for f in sorted(p for p in recipe.rglob("*") if p.is_file()):
+        parts += [str(f.relative_to(recipe)), f.read_bytes()]
+    return digest(*parts)
+
+
+@dataclass(frozen=True)
+class Box:
+    path: Path  # the .box file
+    name: str  # as Vagrant knows it
+    recipe_hash: str
+
+
+def _packages(recipe: Path) -> list[str]:
+    lines = (recipe / "packages").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def vagrant_insecure_key() -> Path:
+    """Vagrant's insecure public key, as Debian's vagrant package ships it."""
+    found = sorted(VAGRANT_KEYS.glob("vagrant-*/keys/vagrant.pub"))
+    if not found:
+        raise MissingDependency("Vagrant's insecure key is not installed (Debian's vagrant "
+                                "package ships it): run scripts/setup.sh", program="vagrant")
+    return found[-1]
+
+
+async def ensure_box(cache: Path | None = None, progress: Progress | None = None) -> Box:
+    """The local box, built once per recipe hash into ``<cache>/box/<hash>/labctl.box``."""
+    say = progress or (lambda _m: None)
+    recipe = recipe_dir()
+    h = box_hash(recipe)
+    dest = (cache or cache_dir()) / "box" / h
+    box = Box(dest / "labctl.box", f"labctl-{debian_suite()}-{h}", h)
+    if (dest / "done").exists():
+        return box
+    for tool, why in (("mmdebstrap", "mmdebstrap"), ("mkfs.ext4", "e2fsprogs"),
+                      ("qemu-img", "qemu-utils"), ("tar", "tar")):
+        which(tool, f"{why}, needed to build the Vagrant box")
+    key = vagrant_insecure_key()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{h}."))
+    try:
+        t0 = time.monotonic()
+        root, out = tmp / "root", tmp / "out"
+        out.mkdir()
+        suite = debian_suite()
+        packages = _packages(recipe)
+        say(f"mmdebstrap {suite} (minbase) with {', '.join(packages)} for the Vagrant box")
+        await run(["mmdebstrap", "--mode=root", "--variant=minbase", "--quiet",
+                   "--include=" + ",".join(packages), "--aptopt=Acquire::Languages \"none\"",
+                   "--dpkgopt=path-exclude=/usr/share/man/*",
+                   "--dpkgopt=path-exclude=/usr/share/doc/*",
+                   "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+                   "--dpkgopt=path-exclude=/usr/share/locale/*",
+                   suite, str(root), f"deb http://deb.debian.org/debian {suite} main"],
+                  timeout=1800, what="mmdebstrap (Vagrant box)")
+        await _customize(root, out, recipe, key)
+        raw = out / "root.raw"
+        with open(raw, "wb") as f:
+            f.truncate(BOX_DISK_GIB << 30)
+        await run(["mkfs.ext4", "-q", "-F", "-L", "labctl-root", "-E", "root_owner=0:0",
+                   "-d", str(root), str(raw)], timeout=600, what="mkfs.ext4 (Vagrant box)")
+        shutil.rmtree(root)
+        await run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", str(raw),
+                   str(out / "box.img")], timeout=1200, what="qemu-img convert (Vagrant box)")
+        raw.unlink()
+        (out / "metadata.json").write_text(json.dumps(
+            {"provider": "libvirt", "format": "qcow2", "virtual_size": BOX_DISK_GIB}) + "\n")
+        shutil.copyfile(recipe / "Vagrantfile.box", out / "Vagrantfile")
+        await run(["tar", "-C", str(out), "-czf", str(tmp / "labctl.box"), "metadata.json",
+                   "Vagrantfile", "box.img", "vmlinuz", "initrd.img"], timeout=600,
+                  what="tar (Vagrant box)")
+        shutil.rmtree(out)
+        took = time.monotonic() - t0
+        (tmp / "done").write_text(f"{h} built in {took:.1f} s\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        say(f"Vagrant box {box.name} ready in {took:.1f} s")
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception) or isinstance(exc, ImageBuildError):
+            raise
+        raise ImageBuildError(f"building the Vagrant box failed: {exc}", recipe_hash=h) from exc
+    return box
+
+
+async def _customize(root: Path, out: Path, recipe: Path, key: Path) -> None:
+    """The bootstrapped root made a Vagrant machine; its kernel and initrd into ``out``."""
+    await run(["chroot", str(root), "useradd", "--create-home", "--shell", "/bin/bash",
+               "--user-group", "vagrant"], what="useradd vagrant (Vagrant box)")
+    uid = gid = -1
+    for line in (root / "etc/passwd").read_text().splitlines():
+        f = line.split(":")
+        if f[0] == "vagrant":
+            uid, gid = int(f[2]), int(f[3])
+    sudoers = root / "etc/sudoers.d/vagrant"
+    sudoers.write_text("vagrant ALL=(ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
+    ssh = root / "home/vagrant/.ssh"
+    ssh.mkdir(mode=0o700)
+    shutil.copyfile(key, ssh / "authorized_keys")
+    (ssh / "authorized_keys").chmod(0o600)
+    for p in (ssh, ssh / "authorized_keys"):
+        os.chown(p, uid, gid)
+    (root / "etc/fstab").write_text("/dev/vda / ext4 errors=remount-ro 0 1\n")
+    shutil.copyfile(recipe / "interfaces", root / "etc/network/interfaces")
+    (root / "etc/hostname").write_text("labctl-box\n")
+    (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\tlabctl-box\n"
+                                    "::1\tlocalhost ip6-localhost ip6-loopback\n")
+    # no host keys in the box: each machine makes its own and prints it on its console
+    for old in (root / "etc/ssh").glob("ssh_host_*"):
+        old.unlink()
+    shutil.copyfile(recipe / "labctl-hostkey.service",
+                    root / "etc/systemd/system/labctl-hostkey.service")
+    await run(["chroot", str(root), "systemctl", "enable", "labctl-hostkey.service"],
+              what="systemctl enable (Vagrant box)")
+    (root / "etc/ssh/sshd_config.d/labctl.conf").write_text(
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nUseDNS no\n")
+    (root / "etc/machine-id").write_text("")  # each machine makes its own at first boot
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    for link, name in (("vmlinuz", "vmlinuz"), ("initrd.img", "initrd.img")):
+        target = os.readlink(root / link)
+        shutil.copyfile(root / target.lstrip("/"), out / name)
+    for junk in ("var/lib/apt/lists", "var/cache/apt/archives"):
+        for child in (root / junk).glob("*"):
+            if child.is_file():
+                child.unlink()
+
+
+# ------------------------------------------------------------------ the machines
+
+
+def workdir(lab: str) -> Path:
+    return home() / "vagrant" / lab
+
+
+def console_dir(lab: str) -> Path:
+    """Where the lab's machines' serial consoles are logged: QEMU opens these files as
+    libvirt's user, who cannot enter root's home (where the lab's directory usually is),
+    so they go in a machine-wide directory, under a name of this lab's directory."""
+    return VAGRANT_HOME.parent / "consoles" / f"{lab}-{digest(str(workdir(lab)))[:10]}"
+
+
+@dataclass(frozen=True)
+class VagrantMachine(Message):
+    name: str
+    #: storage or hosts (the playbooks' group)
+    group: str
+    address: str
+    #: the public host key it printed on its console (pinned)
+    host_key: str
+    #: where that key is written, for a topology's ssh.host_key
+    host_key_file: str
+    #: Vagrant's private key for user ``vagrant`` on it
+    key: str
+    user: str = "vagrant"
+
+
+@dataclass(frozen=True)
+class VagrantUp(Message):
+    lab: str
+    box: str
+    provisioned: bool
+    machines: list[VagrantMachine]
+    #: Vagrant's directory for the lab (VAGRANT_DOTFILE_PATH)
+    dotfile: str
+
+
+@dataclass(frozen=True)
+class VagrantDown(Message):
+    lab: str
+    #: the machines destroyed, one line each (``machine host1 (domain UUID)``)
+    removed: list[str]
+
+
+def _mgmt_network(lab: str) -> str:
+    """The lab's management network: the one recorded, else a free /24."""
+    saved = workdir(lab) / "mgmt-network"
+    if saved.exists():
+        return saved.read_text().strip()
+    for net in MGMT_RANGE.subnets(new_prefix=24):
+        if not overlapping_routes(net):
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(f"{net}\n")
+            return str(net)
+    raise ProvisionError(f"no free /24 in {MGMT_RANGE} for the lab's management network")
+
+
+def environment(topo: Topology, topo_path: Path, box: str | None = None,
+                accel: str | None = None) -> dict[str, str]:
+    """What the top-level Vagrantfile reads, and Vagrant's own directories for the lab."""
+    w = workdir(topo.name)
+    env = {"VAGRANT_CWD": str(repo_root()), "VAGRANT_DOTFILE_PATH": str(w / "dot"),
+           # the boxes (their kernels are opened by QEMU as libvirt's user, which cannot
+           # enter root's home): a machine-wide directory, unless the user chose one
+           "VAGRANT_HOME": os.environ.get("VAGRANT_HOME") or str(VAGRANT_HOME),
+           "VAGRANT_DEFAULT_PROVIDER": "libvirt", "LABCTL_TOPOLOGY": str(topo_path.resolve()),
+           "LABCTL_VAGRANT_CONSOLE_DIR": str(console_dir(topo.name)),
+           "LABCTL_VAGRANT_MGMT": _mgmt_network(topo.name)}
+    if box is not None:
+        env["LABCTL_VAGRANT_BOX"] = box
+    if accel is not None:
+        env["LABCTL_VAGRANT_ACCEL"] = accel
+    return env
+
+
+def machines_of(topo: Topology) -> list[tuple[str, str, str]]:
+    """(name, group, address) of each machine the Vagrantfile defines for ``topo``."""
+    return ([(n.name, "storage", str(n.address)) for n in topo.storage_nodes]
+            + [(h.name, "hosts", str(h.address)) for h in topo.hosts])
+
+
+async def _vagrant(env: dict[str, str], *args: str, timeout: float = 3600.0,
+                   what: str = "") -> str:
+    res = await run(["vagrant", *args], env=env, cwd=repo_root(), timeout=timeout,
+                    check=False, what=what or f"vagrant {' '.join(args)}")
+    if not res.ok:
+        tail = [ln for ln in (res.stderr or res.stdout).strip().splitlines() if ln.strip()]
+        raise ProvisionError(f"vagrant {' '.join(args)} failed: "
+                             f"{tail[-1] if tail else 'exit ' + str(res.returncode)}",
+                             stdout=res.stdout[-3000:], stderr=res.stderr[-3000:])
+    return res.stdout
+
+
+async def _box_added(env: dict[str, str], box: Box) -> None:
+    listed = await _vagrant(env, "box", "list", "--machine-readable", timeout=120)
+    names = {ln.split(",")[3] for ln in listed.splitlines()
+             if len(ln.split(",")) > 3 and ln.split(",")[2] == "box-name"}
+    if box.name not in names:
+        await _vagrant(env, "box", "add", "--name", box.name, str(box.path), timeout=600)
+
+
+def _console_key(path: Path) -> str | None:
+    """The last host key a machine printed on its console (the log is rewritten at each
+    start of the domain)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    keys = [ln.split(HOSTKEY_MARK, 1)[1].strip() for ln in text.splitlines()
+            if HOSTKEY_MARK in ln]
+    return keys[-1] if keys else None
+
+
+async def _libvirt_ready() -> None:
+    """libvirtd answering, with the network and storage drivers vagrant-libvirt needs."""
+    from labctl.storage import node as storagenode  # noqa: PLC0415 (libvirt: only here)
+
+    await storagenode.ensure_libvirtd()
+    res = await run(["virsh", "-c", "qemu:///system", "pool-list", "--all"], check=False,
+                    what="virsh pool-list")
+    net = await run(["virsh", "-c", "qemu:///system", "net-list", "--all"], check=False,
+                    what="virsh net-list")
+    for got, driver in ((net, "network"), (res, "storage")):
+        if not got.ok:
+            raise MissingDependency(
+                f"libvirtd runs without its {driver} driver, which vagrant-libvirt needs: "
+                f"install libvirt-daemon-driver-{driver} (scripts/setup.sh) and start "
+                "libvirtd again with no lab up", stderr=got.stderr[-500:])
+
+
+async def up(topo: Topology, topo_path: Path, provision: bool = True,
+             progress: Progress | None = None) -> VagrantUp:
+    """The topology's machines as Vagrant VMs from the local box, optionally provisioned
+    by playbooks/site.yml; each one's host key read from its console."""
+    say = progress or (lambda _m: None)
+    which("vagrant", "Debian's vagrant and vagrant-libvirt packages (scripts/setup.sh)")
+    await _libvirt_ready()
+    box = await ensure_box(progress=say)
+    # the machines run under KVM only where a guest really runs under it here
+    accel = await probe_accel()
+    VAGRANT_HOME.mkdir(parents=True, exist_ok=True, mode=0o755)
+    env = environment(topo, topo_path, box.name, accel)
+    await _box_added(env, box)
+    w = workdir(topo.name)
+    consoles = console_dir(topo.name)
+    for d in (consoles.parent.parent, consoles.parent, consoles):
+        d.mkdir(exist_ok=True, mode=0o755)
+    t0 = time.monotonic()
+    say(f"vagrant up of {len(machines_of(topo))} machines (box {box.name})")
+    await _vagrant(env, "up", "--no-provision")
+    say(f"machines up in {time.monotonic() - t0:.1f} s")
+    if provision:
+        t1 = time.monotonic()
+        await _vagrant(env, "provision")
+        say(f"provisioned by playbooks/site.yml in {time.monotonic() - t1:.1f} s")
+    keys_dir = w / "keys"
+    keys_dir.mkdir(exist_ok=True)
+    found = []
+    for name, group, address in machines_of(topo):
+        console = consoles / f"{name}.console"
+        deadline = time.monotonic() + 60
+        key = _console_key(console)
+        while key is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            key = _console_key(console)
+        if key is None:
+            raise ProvisionError(f"machine {name} printed no host key on its console "
+                                 f"({console})", machine=name)
+        pub = keys_dir / f"{name}.pub"
+        pub.write_text(key + "\n")
+        found.append(VagrantMachine(
+            name=name, group=group, address=address, host_key=key, host_key_file=str(pub),
+            key=str(w / "dot" / "machines" / name / "libvirt" / "private_key")))
+    return VagrantUp(lab=topo.name, box=box.name, provisioned=provision, machines=found,
+                     dotfile=str(w / "dot"))
+
+
+async def down(topo: Topology, topo_path: Path, progress: Progress | None = None
+               ) -> VagrantDown:
+    """``vagrant destroy`` of the lab's machines, then a check that their domains and the
+    networks made for them are gone; the lab's Vagrant directory removed."""
+    say = progress or (lambda _m: None)
+    w = workdir(topo.name)
+    if not (w / "dot").exists():
+        raise LabStateError(f"no Vagrant machines of lab {topo.name} here ({w / 'dot'})",
+                            lab=topo.name)
+    env = environment(topo, topo_path)
+    ids = {}
+    for name, _group, _addr in machines_of(topo):
+        idf = w / "dot" / "machines" / name / "libvirt" / "id"
+        if idf.exists():
+            ids[name] = idf.read_text().strip()
+    await _vagrant(env, "destroy", "-f", timeout=900)
+    removed = [f"machine {n} (domain {u})" for n, u in ids.items()]
+    left = []
+    for name, uuid in ids.items():
+        got = await run(["virsh", "-c", "qemu:///system", "dominfo", uuid], check=False,
+                        what="virsh dominfo")
+        if got.ok:
+            left.append(f"domain of {name} ({uuid})")
+    if left:
+        raise ProvisionError("vagrant destroy left " + ", ".join(left), left=left)
+    shutil.rmtree(w)
+    shutil.rmtree(console_dir(topo.name), ignore_errors=True)
+    say(f"lab {topo.name}'s machines destroyed; {w} removed")
+    return VagrantDown(lab=topo.name, removed=removed)

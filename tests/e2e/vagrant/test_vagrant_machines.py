@@ -1,0 +1,70 @@
+"""``labctl vagrant up|down`` on the real thing (slow): labctl's box built from Debian's
+packages, a host machine booted from it by vagrant-libvirt under this machine's
+accelerator, its SSH host key read from its serial console and pinned (a session pinned
+to any other key is refused), and after ``down`` nothing of it left: no domain, no
+network, no directory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from labctl.drivers.ssh import SshError, SshMachine
+from labctl.lab import vagrant
+from tests.conftest import E2E, free_subnet, labctl, unique_lab
+
+pytestmark = [*E2E, pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("vagrant") is None,
+                                 reason="vagrant is not installed (scripts/setup.sh)")]
+
+
+def _virsh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True,
+                          text=True, check=False, timeout=60)
+
+
+async def _session(address: str, key: str, host_key: str) -> tuple[str, str]:
+    async with SshMachine("host1", address, Path(key), host_key, user="vagrant",
+                          pinned_by="its console printed") as m:
+        root = await m.run(["sudo", "-n", "id", "-u"])
+        addrs = await m.run(["ip", "-4", "-br", "addr", "show", "dev", "eth1"])
+    return root.stdout.strip(), addrs.stdout
+
+
+def test_a_machine_from_the_local_box_pinned_by_its_console(lab_home: Path,
+                                                            tmp_path: Path) -> None:
+    name = unique_lab("vg")
+    topo = tmp_path / "machines.yaml"
+    topo.write_text(f"name: {name}\nsites:\n  - name: s1\n    subnet: {free_subnet()}\n"
+                    "hosts:\n  - name: host1\n    memory: 512M\n")
+    uuid = ""
+    try:
+        up = json.loads(labctl("vagrant", "up", str(topo), "--no-provision", "--json",
+                               timeout=1800).stdout)
+        (m,) = up["machines"]
+        assert m["name"] == "host1" and m["group"] == "hosts" and not up["provisioned"]
+        assert Path(m["host_key_file"]).read_text().strip() == m["host_key"]
+        assert m["host_key"].startswith("ssh-ed25519 ")
+        uuid = (Path(up["dotfile"]) / "machines/host1/libvirt/id").read_text().strip()
+        assert _virsh("domstate", uuid).stdout.strip() == "running"
+        # the key its console printed is the key it presents; root through sudo; the
+        # topology's address on its private network
+        uid, addrs = asyncio.run(_session(m["address"], m["key"], m["host_key"]))
+        assert uid == "0" and m["address"] in addrs
+        other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+        with pytest.raises(SshError, match="presented another host key"):
+            asyncio.run(_session(m["address"], m["key"], other))
+    finally:
+        down = labctl("vagrant", "down", str(topo), "--json", check=False, timeout=900)
+    assert down.returncode == 0, down.stderr
+    assert json.loads(down.stdout)["removed"] == [f"machine host1 (domain {uuid})"]
+    assert _virsh("dominfo", uuid).returncode != 0
+    for net in (f"labctl-{name}-mgmt", f"labctl-{name}-s1"):
+        assert _virsh("net-info", net).returncode != 0, net
+    assert not vagrant.workdir(name).exists() and not vagrant.console_dir(name).exists()
