@@ -511,7 +511,8 @@ async def _exec(lab: Lab, args: argparse.Namespace) -> int:
              "LIBISCSI_CHAP_PASSWORD": initiator_secret(secret, iqn)}
     if access is not None:
         async with access.machine(args.host) as m:
-            res = await m.run([access.python, "-m", "labctl.agents.remote", "exec", "--",
+            res = await m.run([*access.remote_python(state_dir(lab.dir.tag, args.host)),
+                               "-m", "labctl.agents.remote", "exec", "--",
                                *argv], check=False, timeout=3600,
                               stdin=json.dumps(extra) + "\n")
         sys.stdout.write(res.stdout)

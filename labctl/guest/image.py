@@ -105,8 +105,23 @@ def recipe_hash(kernel: Kernel, source: bytes) -> str:
     return digest(RECIPE_VERSION, source, " ".join(CFLAGS), kernel.version, mods)
 
 
+#: a directory holding a test guest built elsewhere (``vmlinuz``, ``initrd.img``): a host
+#: reached over SSH is handed the controller's, and neither builds nor downloads one
+GIVEN_IMAGE_ENV = "LABCTL_GUEST_IMAGE"
+
+
 async def ensure_guest_image(cache: Path | None = None) -> GuestImage:
-    """Build the test guest once per recipe (guest.c, flags, kernel) and return it."""
+    """Build the test guest once per recipe (guest.c, flags, kernel) and return it; the
+    one in ``$LABCTL_GUEST_IMAGE`` when that is set."""
+    given = os.environ.get(GIVEN_IMAGE_ENV)
+    if given:
+        d = Path(given)
+        if not (d / "vmlinuz").is_file() or not (d / "initrd.img").is_file():
+            raise ImageBuildError(f"{GIVEN_IMAGE_ENV}={d}: no vmlinuz and initrd.img there",
+                                  path=str(d))
+        return GuestImage(kernel=d / "vmlinuz", initrd=d / "initrd.img",
+                          recipe_hash=(d / "recipe").read_text().strip()
+                          if (d / "recipe").exists() else "given")
     cache = cache or cache_dir()
     kernel = await ensure_kernel(cache)
     src = GUEST_SOURCE

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import io
 import json
 import stat
+import tarfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,16 +34,22 @@ from typing import Any
 
 import asyncssh
 
+import labctl
 from labctl.core import names
 from labctl.core.errors import AgentError, LabError, ProvisionError
 from labctl.core.rpc import RpcClient
 from labctl.drivers.ssh import SshError, SshMachine
+from labctl.guest.image import GIVEN_IMAGE_ENV, ensure_guest_image
 from labctl.hosts import protocol as hp
 from labctl.hosts.provider import HostPlan, ProvisionedHost
 from labctl.state.inventory import Inventory
 
 AGENT_MODES = ("process", "systemd")
-DEFAULT_PYTHON = "/opt/labctl/venv/bin/python"  # the playbooks' virtualenv
+#: a process agent runs the controller's own code, handed over at provision (``src/`` in
+#: its state directory) with the machine's Python 3
+DEFAULT_PYTHON = "python3"
+#: where the playbooks' unit finds labctl (``agent: systemd``)
+VENV_PYTHON = "/opt/labctl/venv/bin/python"
 DEFAULT_UNIT = "labctl-host-agent.service"
 DEFAULT_SECRET_PATH = "/etc/labctl/secret"
 STATE_ROOT = "/var/lib/labctl/labs"
@@ -95,6 +104,13 @@ class SshAccess:
             found.append(("host_key", "not a public key line like 'ssh-ed25519 AAAA...' "
                                       f"(the machine's /etc/ssh/ssh_host_*_key.pub): {exc}"))
         return found
+
+    def remote_python(self, state: str) -> list[str]:
+        """How to run labctl's modules on the machine: the code handed over with the
+        process agent (on ``PYTHONPATH``), or the playbooks' virtualenv for a unit."""
+        if self.agent == "systemd":
+            return [VENV_PYTHON if self.python == DEFAULT_PYTHON else self.python]
+        return ["env", f"PYTHONPATH={state}/src", self.python]
 
     def machine(self, name: str, connect_timeout: float = 60.0) -> SshMachine:
         return SshMachine(name, self.address, Path(self.key), self.host_key, user=self.user,
@@ -151,10 +167,13 @@ class SshHosts:
             else:
                 await m.run(["mkdir", "-p", "-m", "0700", remote])
                 await m.put((secret.hex() + "\n").encode(), f"{remote}/secret", mode=0o600)
+                await _hand_over(m, remote)
+                py = access.remote_python(remote)
                 started = await m.run([
-                    access.python, "-m", "labctl.agents.remote", "start",
+                    *py, "-m", "labctl.agents.remote", "start",
                     "--log", f"{remote}/agent.out", "--",
-                    access.python, "-m", "labctl.agents.host", "--state-dir", remote,
+                    "env", f"{GIVEN_IMAGE_ENV}={remote}/guest", *py, "-m",
+                    "labctl.agents.host", "--state-dir", remote,
                     "--secret-file", f"{remote}/secret", "--host", plan.name,
                     "--listen", f"{addr}:{port}"], timeout=60)
                 pid = int(started.stdout.split()[0])
@@ -203,8 +222,9 @@ class SshHosts:
                     await m.run(["rm", "-f", access.secret_path])
                     removed.append(f"file {access.secret_path} on {name}")
                     return
-                got = await m.run([access.python, "-m", "labctl.agents.remote", "stop",
-                                   "--state-dir", remote], timeout=180)
+                got = await m.run([*access.remote_python(remote), "-m",
+                                   "labctl.agents.remote", "stop", "--state-dir", remote],
+                                  timeout=180)
                 removed.extend(f"process {line} on {name}"
                                for line in got.stdout.splitlines() if line.strip())
                 await m.run(["rm", "-rf", "--one-file-system", remote])
@@ -213,6 +233,40 @@ class SshHosts:
                 await m.run(["rmdir", str(Path(remote).parent)], check=False)
         except SshError as exc:
             raise ProvisionError(exc.message, host=name, **exc.evidence) from exc
+
+
+def _code() -> bytes:
+    """labctl's package and qemu.qmp (the host agent's one dependency), as a tar.gz of their
+    source: what a process agent on a machine runs, the controller's own version."""
+    buf = io.BytesIO()
+    # found, not imported: the controller never drives QEMU itself
+    qmp = importlib.util.find_spec("qemu.qmp")
+    if qmp is None or qmp.origin is None:
+        raise ProvisionError("qemu.qmp is not installed here, and a host agent needs it: "
+                             "run scripts/setup.sh")
+    trees = [(Path(labctl.__file__).parent, "labctl"), (Path(qmp.origin).parent, "qemu/qmp")]
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for top, name in trees:
+            for path in sorted(top.rglob("*")):
+                if "__pycache__" in path.parts or path.suffix == ".pyc" or not path.is_file():
+                    continue
+                tar.add(path, arcname=f"{name}/{path.relative_to(top)}", recursive=False)
+    return buf.getvalue()
+
+
+async def _hand_over(m: SshMachine, remote: str) -> None:
+    """The code and the test guest (kernel, initrd) into the agent's directory: the
+    machine needs Python 3, QEMU and libiscsi, and neither builds nor downloads anything."""
+    await m.put(_code(), f"{remote}/src.tar.gz", mode=0o600)
+    await m.run(["rm", "-rf", f"{remote}/src"])
+    await m.run(["mkdir", "-m", "0700", f"{remote}/src"])
+    await m.run(["tar", "-xzf", f"{remote}/src.tar.gz", "-C", f"{remote}/src"])
+    await m.run(["rm", "-f", f"{remote}/src.tar.gz"])
+    image = await ensure_guest_image()
+    await m.run(["mkdir", "-p", "-m", "0700", f"{remote}/guest"])
+    for local, name in ((image.kernel, "vmlinuz"), (image.initrd, "initrd.img")):
+        await m.put(local.read_bytes(), f"{remote}/guest/{name}", mode=0o600)
+    await m.put(f"{image.recipe_hash}\n".encode(), f"{remote}/guest/recipe", mode=0o600)
 
 
 async def _answers(addr: str, port: int, secret: bytes, host: str) -> bool:

@@ -35,12 +35,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncssh
+import yaml
+
 from labctl.core.errors import ImageBuildError, LabStateError, MissingDependency, ProvisionError
 from labctl.core.paths import cache_dir, home, repo_root
 from labctl.core.proc import run, which
+from labctl.core.secret import write_private
 from labctl.core.wire import Message
 from labctl.drivers.debian import digest
 from labctl.drivers.netlink import overlapping_routes
+from labctl.drivers.ssh import SshMachine
 from labctl.lab.bringup import probe_accel
 from labctl.lab.topology import Topology
 from labctl.storage.image import debian_suite
@@ -79,9 +84,16 @@ class Box:
     recipe_hash: str
 
 
-def _packages(recipe: Path) -> list[str]:
-    lines = (recipe / "packages").read_text().splitlines()
+def _packages(recipe: Path, name: str = "packages") -> list[str]:
+    path = recipe / name
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+#: suites whose backports the box takes the ``backports`` list from
+BACKPORTS = ("bookworm",)
 
 
 def vagrant_insecure_key() -> Path:
@@ -113,16 +125,29 @@ async def ensure_box(cache: Path | None = None, progress: Progress | None = None
         root, out = tmp / "root", tmp / "out"
         out.mkdir()
         suite = debian_suite()
+        mirrors = [f"deb http://deb.debian.org/debian {suite} main"]
         packages = _packages(recipe)
-        say(f"mmdebstrap {suite} (minbase) with {', '.join(packages)} for the Vagrant box")
+        hooks = []
+        if suite in BACKPORTS:
+            # these from backports, with what they need from there (apt's -t), by a hook
+            # script of the recipe's; the packages come from a file, never a command line
+            mirrors.append(f"deb http://deb.debian.org/debian {suite}-backports main")
+            hooks = [f"--customize-hook={recipe / 'backports-hook'}"]
+        else:
+            packages += _packages(recipe, "backports")
+        say(f"mmdebstrap {suite} (minbase) with {', '.join(packages)}"
+            + (f", then from {suite}-backports: {', '.join(_packages(recipe, 'backports'))}"
+               if hooks else "") + " for the Vagrant box")
         await run(["mmdebstrap", "--mode=root", "--variant=minbase", "--quiet",
                    "--include=" + ",".join(packages), "--aptopt=Acquire::Languages \"none\"",
                    "--dpkgopt=path-exclude=/usr/share/man/*",
                    "--dpkgopt=path-exclude=/usr/share/doc/*",
                    "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-                   "--dpkgopt=path-exclude=/usr/share/locale/*",
-                   suite, str(root), f"deb http://deb.debian.org/debian {suite} main"],
-                  timeout=1800, what="mmdebstrap (Vagrant box)")
+                   "--dpkgopt=path-exclude=/usr/share/locale/*", *hooks,
+                   suite, str(root), *mirrors],
+                  timeout=1800, what="mmdebstrap (Vagrant box)",
+                  env={"LABCTL_BOX_BACKPORTS": str(recipe / "backports"),
+                       "LABCTL_BOX_SUITE": suite})
         await _customize(root, out, recipe, key)
         raw = out / "root.raw"
         with open(raw, "wb") as f:
@@ -221,9 +246,9 @@ class VagrantMachine(Message):
     host_key: str
     #: where that key is written, for a topology's ssh.host_key
     host_key_file: str
-    #: Vagrant's private key for user ``vagrant`` on it
+    #: the lab's key, which ``up`` authorized for ``user`` (root) through Vagrant's user
     key: str
-    user: str = "vagrant"
+    user: str = "root"
 
 
 @dataclass(frozen=True)
@@ -234,6 +259,9 @@ class VagrantUp(Message):
     machines: list[VagrantMachine]
     #: Vagrant's directory for the lab (VAGRANT_DOTFILE_PATH)
     dotfile: str
+    #: the topology with its hosts as these machines (``ssh:`` blocks, host keys pinned),
+    #: for ``labctl up``; None while the topology has storage nodes (not over SSH yet)
+    topology: str | None = None
 
 
 @dataclass(frozen=True)
@@ -343,6 +371,7 @@ async def up(topo: Topology, topo_path: Path, provision: bool = True,
     env = environment(topo, topo_path, box.name, accel)
     await _box_added(env, box)
     w = workdir(topo.name)
+    lab_key = _lab_key(w)
     consoles = console_dir(topo.name)
     for d in (consoles.parent.parent, consoles.parent, consoles):
         d.mkdir(exist_ok=True, mode=0o755)
@@ -371,9 +400,48 @@ async def up(topo: Topology, topo_path: Path, provision: bool = True,
         pub.write_text(key + "\n")
         found.append(VagrantMachine(
             name=name, group=group, address=address, host_key=key, host_key_file=str(pub),
-            key=str(w / "dot" / "machines" / name / "libvirt" / "private_key")))
+            key=str(lab_key)))
+        await _authorize(name, address, w / "dot" / "machines" / name / "libvirt" /
+                         "private_key", key, lab_key)
+    made = None
+    if not topo.storage_nodes:
+        made = w / f"{topo.name}.yaml"
+        made.write_text(_ssh_topology(topo_path, found))
     return VagrantUp(lab=topo.name, box=box.name, provisioned=provision, machines=found,
-                     dotfile=str(w / "dot"))
+                     dotfile=str(w / "dot"), topology=str(made) if made else None)
+
+
+def _lab_key(w: Path) -> Path:
+    """The lab's SSH key for root on its machines (0600), made once."""
+    path = w / "id_ed25519"
+    if not path.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"labctl {w.name}")
+        write_private(path, key.export_private_key())
+        (w / "id_ed25519.pub").write_bytes(key.export_public_key())
+    return path
+
+
+async def _authorize(name: str, address: str, vagrant_key: Path, host_key: str,
+                     lab_key: Path) -> None:
+    """The lab's key authorized for root on the machine, through Vagrant's user and sudo
+    (the session pinned to the key the machine's console printed)."""
+    pub = (lab_key.parent / "id_ed25519.pub").read_text()
+    async with SshMachine(name, address, vagrant_key, host_key, user="vagrant",
+                          pinned_by="its console printed") as m:
+        await m.run(["sudo", "-n", "install", "-d", "-m", "0700", "/root/.ssh"])
+        await m.run(["sudo", "-n", "tee", "/root/.ssh/authorized_keys"], stdin=pub)
+        await m.run(["sudo", "-n", "chmod", "0600", "/root/.ssh/authorized_keys"])
+
+
+def _ssh_topology(source: Path, machines: list[VagrantMachine]) -> str:
+    """The topology file with each host given as its machine (a copy, the original kept)."""
+    data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    by_name = {m.name: m for m in machines}
+    for h in data.get("hosts") or []:
+        m = by_name[h["name"]]
+        h["address"] = m.address
+        h["ssh"] = {"key": m.key, "host_key": m.host_key_file, "user": m.user}
+    return str(yaml.safe_dump(data, sort_keys=False))
 
 
 async def down(topo: Topology, topo_path: Path, progress: Progress | None = None
