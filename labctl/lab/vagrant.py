@@ -48,7 +48,7 @@ from labctl.drivers.netlink import overlapping_routes
 from labctl.drivers.ssh import SshMachine
 from labctl.lab.bringup import probe_accel
 from labctl.lab.topology import Topology
-from labctl.storage.image import debian_suite
+from labctl.storage.image import debian_suite, publish_build, recipe_packages
 
 #: bumped when the box's build changes in a way its recipe files do not show
 BOX_VERSION = "1"
@@ -82,14 +82,6 @@ class Box:
     path: Path  # the .box file
     name: str  # as Vagrant knows it
     recipe_hash: str
-
-
-def _packages(recipe: Path, name: str = "packages") -> list[str]:
-    path = recipe / name
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 #: suites whose backports the box takes the ``backports`` list from
@@ -126,7 +118,7 @@ async def ensure_box(cache: Path | None = None, progress: Progress | None = None
         out.mkdir()
         suite = debian_suite()
         mirrors = [f"deb http://deb.debian.org/debian {suite} main"]
-        packages = _packages(recipe)
+        packages = recipe_packages(recipe)
         hooks = []
         if suite in BACKPORTS:
             # these from backports, with what they need from there (apt's -t), by a hook
@@ -134,9 +126,9 @@ async def ensure_box(cache: Path | None = None, progress: Progress | None = None
             mirrors.append(f"deb http://deb.debian.org/debian {suite}-backports main")
             hooks = [f"--customize-hook={recipe / 'backports-hook'}"]
         else:
-            packages += _packages(recipe, "backports")
+            packages += recipe_packages(recipe, "backports")
         say(f"mmdebstrap {suite} (minbase) with {', '.join(packages)}"
-            + (f", then from {suite}-backports: {', '.join(_packages(recipe, 'backports'))}"
+            + (f", then from {suite}-backports: {', '.join(recipe_packages(recipe, 'backports'))}"
                if hooks else "") + " for the Vagrant box")
         await run(["mmdebstrap", "--mode=root", "--variant=minbase", "--quiet",
                    "--include=" + ",".join(packages), "--aptopt=Acquire::Languages \"none\"",
@@ -166,10 +158,7 @@ async def ensure_box(cache: Path | None = None, progress: Progress | None = None
                   what="tar (Vagrant box)")
         shutil.rmtree(out)
         took = time.monotonic() - t0
-        (tmp / "done").write_text(f"{h} built in {took:.1f} s\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        publish_build(tmp, dest, f"{h} built in {took:.1f} s\n")
         say(f"Vagrant box {box.name} ready in {took:.1f} s")
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -49,7 +49,8 @@ def storage_recipe_dir() -> Path:
     return repo_root() / "images" / "storage"
 
 
-def _storage_packages(recipe: Path, name: str = "packages") -> list[str]:
+def recipe_packages(recipe: Path, name: str = "packages") -> list[str]:
+    """The names listed in the recipe file ``name`` (one per line, # comments)."""
     path = recipe / name
     if not path.exists():
         return []
@@ -121,7 +122,7 @@ async def build_root_image(what: str, kind: str, recipe: Path, h: str, kernel: K
     try:
         t0 = time.monotonic()
         root = tmp / "root"
-        packages = _storage_packages(recipe)
+        packages = recipe_packages(recipe)
         suite = debian_suite()
         say(f"mmdebstrap {suite} with {', '.join(packages)}")
         argv = ["mmdebstrap", "--mode=root", "--variant=essential", "--quiet",
@@ -129,7 +130,7 @@ async def build_root_image(what: str, kind: str, recipe: Path, h: str, kernel: K
         argv += [f"--dpkgopt=path-exclude={p}" for p in SLIM_EXCLUDES]
         argv += [suite, str(root), f"deb http://deb.debian.org/debian {suite} main"]
         await run(argv, timeout=1800, what=f"mmdebstrap ({what} image)")
-        purge = _storage_packages(recipe, "purge")
+        purge = recipe_packages(recipe, "purge")
         if purge:
             await run(["chroot", str(root), "dpkg", "--purge", *purge], timeout=300,
                       what=f"dpkg --purge in the {what} image")
@@ -142,10 +143,8 @@ async def build_root_image(what: str, kind: str, recipe: Path, h: str, kernel: K
                   what=f"mkfs.ext4 ({what} rootfs)")
         shutil.copyfile(kernel.vmlinuz, tmp / "vmlinuz")
         shutil.rmtree(root)
-        (tmp / "done").write_text(f"{h} {kernel.version} built in {time.monotonic() - t0:.1f} s\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        publish_build(tmp, dest, f"{h} {kernel.version} built in "
+                                 f"{time.monotonic() - t0:.1f} s\n")
         say(f"{what} image {h} ready in {time.monotonic() - t0:.1f} s")
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,6 +153,15 @@ async def build_root_image(what: str, kind: str, recipe: Path, h: str, kernel: K
         raise ImageBuildError(f"building the {what} image failed: {exc}",
                               recipe_hash=h) from exc
     return image
+
+
+def publish_build(tmp: Path, dest: Path, note: str) -> None:
+    """A finished build directory made the cache's entry ``dest``: its ``done`` note (what
+    a reader checks) written, an older entry replaced, then one rename."""
+    (tmp / "done").write_text(note)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
 
 
 def add_modules(root: Path, kernel: Kernel, load: tuple[str, ...], lazy: tuple[str, ...],
