@@ -64,8 +64,7 @@ def _stop_one(name: str, pid: int, state: Path, grace: float) -> str | None:
 
 def _stop(state: Path, grace: float) -> int:
     # the agent first: it stops its VMs softly; then whatever QEMU it did not stop
-    agent = [(n, p) for n, p in _pids(state) if n == "agent"]
-    for name, pid in agent + [(n, p) for n, p in _pids(state) if n != "agent"]:
+    for name, pid in sorted(_pids(state), key=lambda found: found[0] != "agent"):
         said = _stop_one(name, pid, state, grace)
         if said:
             print(said, flush=True)

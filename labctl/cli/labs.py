@@ -555,11 +555,11 @@ async def _logs(lab: Lab, args: argparse.Namespace) -> int:
 
 def _ssh_host(lab: Lab, name: str) -> SshAccess | None:
     """How to reach host ``name`` when it is a machine reached over SSH."""
-    with contextlib.suppress(LabError), lab.context(of=("host", name)) as ctx:
-        row = ctx.inv.row("hosts", name=name)
-        if row is not None and row.get("ssh"):
-            return SshAccess.from_json(str(row["ssh"]))
-    return None
+    try:
+        row, _secret = _host_row(lab, name)
+    except LabError:  # not a host: a storage node, the rescan service, or nothing
+        return None
+    return SshAccess.from_json(str(row["ssh"])) if row.get("ssh") else None
 
 
 async def _ssh_logs(lab: Lab, host: str, access: SshAccess, args: argparse.Namespace) -> int:

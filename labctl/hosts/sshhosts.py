@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import io
 import json
@@ -235,9 +236,11 @@ class SshHosts:
             raise ProvisionError(exc.message, host=name, **exc.evidence) from exc
 
 
+@functools.cache
 def _code() -> bytes:
     """labctl's package and qemu.qmp (the host agent's one dependency), as a tar.gz of their
-    source: what a process agent on a machine runs, the controller's own version."""
+    source: what a process agent on a machine runs, the controller's own version (made
+    once, for every machine of the lab)."""
     buf = io.BytesIO()
     # found, not imported: the controller never drives QEMU itself
     qmp = importlib.util.find_spec("qemu.qmp")

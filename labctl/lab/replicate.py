@@ -160,7 +160,7 @@ def _records(inv: Any, rid: int, rec: Replication) -> None:
                              " VALUES (?, ?, ?)", (rid, p.n, json.dumps(p.to_wire())))
 
 
-async def _install(m: SshMachine, tls: dict[str, Path]) -> None:
+async def install_agents(m: SshMachine, tls: dict[str, Path]) -> None:
     """The agents and their TLS files into the guest's /run (0700; keys 0600)."""
     await m.run(["mkdir", "-p", "-m", "0700", f"{AGENT_DIR}/tls"])
     await m.put(Path(agent_mod.__file__).read_bytes(), f"{AGENT_DIR}/agent.py", 0o700)
@@ -304,8 +304,8 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             raise ReplicationError(f"{vm} has no {SOURCE_DISK}: its root disk is not under "
                                    "device-mapper (a server image from before the write "
                                    "tracker: bring the lab up again)", vm=vm)
-        await _install(sm, tls["src"])
-        await _install(dm, tls["dst"])
+        await install_agents(sm, tls["src"])
+        await install_agents(dm, tls["dst"])
         target_args = ["target", "--disk", TARGET_DISK, "--listen", f"0.0.0.0:{AGENT_PORT}",
                        "--tls", f"{AGENT_DIR}/tls", "--state", f"{AGENT_DIR}/state"]
         await _agent(dm, *target_args)
@@ -323,7 +323,7 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             attempt = len(rec.passes) + 1
             try:
                 if not await _installed(sm):  # the source rebooted: /run is empty again
-                    await _install(sm, tls["src"])
+                    await install_agents(sm, tls["src"])
                 args = [*pass_args, *(["--full"] if full else [])]
                 full = False
                 got = await _agent(sm, "pass", *args)

@@ -48,6 +48,7 @@ from labctl.drivers.netlink import overlapping_routes
 from labctl.drivers.ssh import SshMachine
 from labctl.lab.bringup import probe_accel
 from labctl.lab.topology import Topology
+from labctl.storage import domains
 from labctl.storage.image import debian_suite, publish_build, recipe_packages
 
 #: bumped when the box's build changes in a way its recipe files do not show
@@ -102,8 +103,9 @@ async def ensure_box(cache: Path | None = None, progress: Progress | None = None
     say = progress or (lambda _m: None)
     recipe = recipe_dir()
     h = box_hash(recipe)
+    suite = debian_suite()
     dest = (cache or cache_dir()) / "box" / h
-    box = Box(dest / "labctl.box", f"labctl-{debian_suite()}-{h}", h)
+    box = Box(dest / "labctl.box", f"labctl-{suite}-{h}", h)
     if (dest / "done").exists():
         return box
     for tool, why in (("mmdebstrap", "mmdebstrap"), ("mkfs.ext4", "e2fsprogs"),
@@ -116,20 +118,19 @@ async def ensure_box(cache: Path | None = None, progress: Progress | None = None
         t0 = time.monotonic()
         root, out = tmp / "root", tmp / "out"
         out.mkdir()
-        suite = debian_suite()
         mirrors = [f"deb http://deb.debian.org/debian {suite} main"]
         packages = recipe_packages(recipe)
+        backports = recipe_packages(recipe, "backports")
         hooks = []
         if suite in BACKPORTS:
             # these from backports, with what they need from there (apt's -t), by a hook
             # script of the recipe's; the packages come from a file, never a command line
             mirrors.append(f"deb http://deb.debian.org/debian {suite}-backports main")
             hooks = [f"--customize-hook={recipe / 'backports-hook'}"]
+            later = f", then from {suite}-backports: {', '.join(backports)}"
         else:
-            packages += recipe_packages(recipe, "backports")
-        say(f"mmdebstrap {suite} (minbase) with {', '.join(packages)}"
-            + (f", then from {suite}-backports: {', '.join(recipe_packages(recipe, 'backports'))}"
-               if hooks else "") + " for the Vagrant box")
+            packages, later = packages + backports, ""
+        say(f"mmdebstrap {suite} (minbase) with {', '.join(packages)}{later} for the box")
         await run(["mmdebstrap", "--mode=root", "--variant=minbase", "--quiet",
                    "--include=" + ",".join(packages), "--aptopt=Acquire::Languages \"none\"",
                    "--dpkgopt=path-exclude=/usr/share/man/*",
@@ -329,21 +330,49 @@ def _console_key(path: Path) -> str | None:
     return keys[-1] if keys else None
 
 
+def _missing_drivers() -> dict[str, str]:
+    """The libvirtd drivers vagrant-libvirt needs that the daemon runs without, and why."""
+    lv = domains.libvirt_module()
+    conn = domains.open_conn()
+    missing = {}
+    try:
+        for driver, probe in (("network", conn.listNetworks), ("storage", conn.listStoragePools)):
+            try:
+                probe()
+            except lv.libvirtError as exc:
+                missing[driver] = str(exc)
+    finally:
+        conn.close()
+    return missing
+
+
+def _still_defined(uuids: dict[str, str]) -> list[str]:
+    """The machines among ``uuids`` (name: domain UUID) whose domain libvirt still has."""
+    lv = domains.libvirt_module()
+    conn = domains.open_conn()
+    left = []
+    try:
+        for name, uuid in uuids.items():
+            try:
+                conn.lookupByUUIDString(uuid)
+            except lv.libvirtError:
+                continue
+            left.append(f"domain of {name} ({uuid})")
+    finally:
+        conn.close()
+    return left
+
+
 async def _libvirt_ready() -> None:
     """libvirtd answering, with the network and storage drivers vagrant-libvirt needs."""
     from labctl.storage import node as storagenode  # noqa: PLC0415 (libvirt: only here)
 
     await storagenode.ensure_libvirtd()
-    res = await run(["virsh", "-c", "qemu:///system", "pool-list", "--all"], check=False,
-                    what="virsh pool-list")
-    net = await run(["virsh", "-c", "qemu:///system", "net-list", "--all"], check=False,
-                    what="virsh net-list")
-    for got, driver in ((net, "network"), (res, "storage")):
-        if not got.ok:
-            raise MissingDependency(
-                f"libvirtd runs without its {driver} driver, which vagrant-libvirt needs: "
-                f"install libvirt-daemon-driver-{driver} (scripts/setup.sh) and start "
-                "libvirtd again with no lab up", stderr=got.stderr[-500:])
+    for driver, why in (await domains.in_thread(_missing_drivers)).items():
+        raise MissingDependency(
+            f"libvirtd runs without its {driver} driver, which vagrant-libvirt needs: "
+            f"install libvirt-daemon-driver-{driver} (scripts/setup.sh) and start libvirtd "
+            "again with no lab up", error=why)
 
 
 async def up(topo: Topology, topo_path: Path, provision: bool = True,
@@ -435,8 +464,8 @@ def _ssh_topology(source: Path, machines: list[VagrantMachine]) -> str:
 
 async def down(topo: Topology, topo_path: Path, progress: Progress | None = None
                ) -> VagrantDown:
-    """``vagrant destroy`` of the lab's machines, then a check that their domains and the
-    networks made for them are gone; the lab's Vagrant directory removed."""
+    """``vagrant destroy`` of the lab's machines, then a check that their domains are gone
+    (by the UUIDs Vagrant recorded); the lab's Vagrant directories removed."""
     say = progress or (lambda _m: None)
     w = workdir(topo.name)
     if not (w / "dot").exists():
@@ -450,12 +479,7 @@ async def down(topo: Topology, topo_path: Path, progress: Progress | None = None
             ids[name] = idf.read_text().strip()
     await _vagrant(env, "destroy", "-f", timeout=900)
     removed = [f"machine {n} (domain {u})" for n, u in ids.items()]
-    left = []
-    for name, uuid in ids.items():
-        got = await run(["virsh", "-c", "qemu:///system", "dominfo", uuid], check=False,
-                        what="virsh dominfo")
-        if got.ok:
-            left.append(f"domain of {name} ({uuid})")
+    left = await domains.in_thread(_still_defined, ids)
     if left:
         raise ProvisionError("vagrant destroy left " + ", ".join(left), left=left)
     shutil.rmtree(w)

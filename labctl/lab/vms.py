@@ -81,8 +81,8 @@ async def spec(ctx: LabContext, name: str, host: str) -> hp.VmStartSpec:
     kernel, initrd = ctx.inv.get_meta("guest_kernel"), ctx.inv.get_meta("guest_initrd")
     at = ctx.inv.row("hosts", name=host)
     if at is not None and at.get("ssh"):
-        # another machine: it boots the test guest it built itself (the same recipe), the
-        # controller's files are not there
+        # another machine: the controller's files are not there; its agent boots the copy
+        # of the test guest handed over with it (LABCTL_GUEST_IMAGE)
         kernel = initrd = None
     append = boot_args(round(vm["dirty_rate"]), vm["working_set"] >> 20,
                        extra=[f"labctl.vm={name}", f"labctl.hb_ms={vm['heartbeat_ms']}"])
