@@ -9,6 +9,11 @@ disk's ``config.json``. On a machine of its own (a Vagrant or hardware lab, prov
 where the config is a :class:`~labctl.storage.protocol.NodeConfig` without its ``secret``
 (the secret stays in its own 0600 file, never in the config or on a command line).
 
+On a machine whose node labctl started over SSH (the config names ``disk_dir``),
+``--release`` instead removes what that node made in the machine's kernel (its iSCSI
+target, the backstores and loop devices on its disks) once its agent is stopped, printing
+one line per object: teardown by ownership on a machine that outlives the lab.
+
 Standard library only (plus rtslib-fb, imported when LIO is first used).
 """
 
@@ -24,6 +29,8 @@ from pathlib import Path
 from labctl.core.errors import LabError
 from labctl.core.secret import read_secret
 from labctl.storage.agent import serve
+from labctl.storage.machine import release
+from labctl.storage.protocol import NodeConfig
 
 __all__ = ["main", "serve"]
 
@@ -34,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, type=Path,
                     help="the node's config (JSON: lab, node, address, gateway, mac, "
                          "target_iqn, agent_port), without the secret")
-    ap.add_argument("--secret-file", required=True, type=Path,
+    ap.add_argument("--secret-file", type=Path,
                     help="the site's secret (hex, mode 0600) the provider delivered")
+    ap.add_argument("--release", action="store_true",
+                    help="remove this node's target, backstores and loop devices (a "
+                         "machine's node, its agent stopped) and exit")
     ap.add_argument("--peer-secret-file", type=Path,
                     help="the key the lab's storage nodes share for copies between sites "
                          "(hex, mode 0600; without it the site's secret serves)")
@@ -47,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         if "secret" in config or "peer_secret" in config:
             raise ValueError("it holds a secret: secrets go in --secret-file and "
                              "--peer-secret-file only")
+        if args.release:
+            return _release(config)
+        if args.secret_file is None:
+            ap.error("--secret-file is required to serve")
         config["secret"] = read_secret(args.secret_file).hex()
         if args.peer_secret_file is not None:
             config["peer_secret"] = read_secret(args.peer_secret_file).hex()
@@ -58,6 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         asyncio.run(_serve_until_stopped(config))
+    except LabError as exc:
+        print(f"storage agent: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _release(config: dict[str, object]) -> int:
+    try:
+        conf = NodeConfig.from_wire({**config, "secret": ""}, "storage agent config")
+        for line in release(conf):
+            print(line, flush=True)
     except LabError as exc:
         print(f"storage agent: {exc.message}", file=sys.stderr)
         return 1

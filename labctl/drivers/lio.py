@@ -72,8 +72,11 @@ class Lio:
 
     def __init__(self, node: str, target_iqn: str, ip: str,
                  sys_block: Path = Path("/sys/block"),
-                 chap: Callable[[str], Chap] | None = None) -> None:
+                 chap: Callable[[str], Chap] | None = None,
+                 find_disk: Callable[[str], str] | None = None) -> None:
         self.node = node
+        #: the block device of a data disk by its serial (default: a virtio disk's)
+        self.find_disk = find_disk or (lambda serial: find_disk_by_serial(serial, sys_block))
         #: the CHAP credentials of an initiator at this target; None: no authentication
         self.chap = chap
         self.target_iqn = target_iqn
@@ -212,7 +215,7 @@ class Lio:
     def ensure_lun(self, name: str, disk_serial: str, serial: str,
                     want: list[str]) -> LunEnsured:
         rts = self.open()
-        device = find_disk_by_serial(disk_serial, self.sys_block)
+        device = self.find_disk(disk_serial)
         so = self._find_so(name)
         if so is not None:
             if os.path.realpath(so.udev_path) != os.path.realpath(device):

@@ -33,6 +33,7 @@ from labctl.core.wire import Empty, Json, handlers
 from labctl.drivers.lio import Lio
 from labctl.storage import protocol as p
 from labctl.storage.files import Filestores
+from labctl.storage.machine import MachineDisks, prepare
 
 log = logging.getLogger("labctl.storage")
 T = TypeVar("T")
@@ -97,8 +98,12 @@ class StorageAgent:
         self.target_iqn = config.target_iqn.lower()
         self.ip = config.ip
         secret = bytes.fromhex(config.secret)
+        #: a machine's node makes its own data disks (loop devices); a VM's are libvirt's
+        self.disks = (MachineDisks(Path(config.disk_dir), sys_block)
+                      if config.disk_dir is not None else None)
         self.lio = Lio(self.node, self.target_iqn, self.ip, sys_block,
-                       chap=lambda iqn: chap_for(secret, iqn, self.target_iqn))
+                       chap=lambda iqn: chap_for(secret, iqn, self.target_iqn),
+                       find_disk=None if self.disks is None else self.disks.find)
         self.server: RpcServer | None = None
         self._lock = asyncio.Lock()
         self._watched: dict[str, _Watched] = {}
@@ -117,14 +122,42 @@ class StorageAgent:
             p.ENSURE_LUN.serve(self.ensure_lun), p.SET_INITIATORS.serve(self.set_initiators),
             p.DELETE_LUN.serve(self.delete_lun), p.REFRESH_CAPACITY.serve(self.refresh_capacity),
             p.PORTAL_SET.serve(self.portal_set),
-            p.ENSURE_FILESTORE.serve(self.files.ensure),
+            p.ENSURE_FILESTORE.serve(self.ensure_filestore),
             p.DELETE_FILESTORE.serve(self.delete_filestore),
             p.LIST_FILES.serve(self.files.list_files), p.CHAIN.serve(self.files.chain),
             p.FILE_DIGEST.serve(self.files.digest), p.DELETE_FILE.serve(self.files.delete_file),
             p.PULL_FILE.serve(self.files.pull),
             p.CREATE_OVERLAY.serve(self.files.create_overlay),
             p.PEER_COPY.serve(self.files.peer_copy), p.SET_ROUTES.serve(self.set_routes),
-            p.LEASE_FILE.serve(self.files.lease))
+            p.LEASE_FILE.serve(self.files.lease),
+            p.DISK_ENSURE.serve(self.disk_ensure), p.DISK_RESIZE.serve(self.disk_resize),
+            p.DISK_REMOVE.serve(self.disk_remove))
+
+    def _machine_disks(self) -> MachineDisks:
+        if self.disks is None:
+            raise StorageNodeError(f"storage node {self.node} is a VM: libvirt attaches its "
+                                   "data disks, the agent does not make them")
+        return self.disks
+
+    async def disk_ensure(self, req: p.DiskSpec) -> p.DiskInfo:
+        disks = self._machine_disks()
+        async with self._lock:
+            return await disks.ensure(req)
+
+    async def disk_resize(self, req: p.DiskSpec) -> p.DiskInfo:
+        disks = self._machine_disks()
+        async with self._lock:
+            return await disks.resize(req)
+
+    async def disk_remove(self, req: p.DiskSerial) -> p.DiskInfo:
+        disks = self._machine_disks()
+        async with self._lock:
+            in_use = [w.name for w in self._watched.values()
+                      if f"/dev/{w.device}" == disks.device(req.serial)]
+            if in_use:
+                raise StorageNodeError(f"disk {req.serial} backs LUN {in_use[0]}: delete the "
+                                       "LUN first", disk_serial=req.serial, lun=in_use[0])
+            return await disks.remove(req)
 
     async def set_routes(self, req: p.SetRoutes) -> p.RoutesSet:
         """Routes to other sites through their WAN routers (a file copy between sites goes
@@ -147,6 +180,13 @@ class StorageAgent:
 
     async def delete_filestore(self, req: p.DatastoreName) -> p.FilestoreDeleted:
         return await self.files.delete(req.datastore)
+
+    async def ensure_filestore(self, req: p.EnsureFilestore) -> p.FilestoreInfo:
+        if self.disks is not None:
+            raise StorageNodeError(f"storage node {self.node} is a machine reached over SSH: "
+                                   "file datastores are served by node VMs only so far",
+                                   datastore=req.name)
+        return await self.files.ensure(req)
 
     @property
     def portal(self) -> str:
@@ -292,6 +332,8 @@ async def serve(config: Json, on_ready: Callable[[], None] | None = None) -> Non
         raise StorageNodeError(f"bad storage agent config: {exc!r}",
                                keys=sorted(config) if isinstance(config, dict) else None
                                ) from exc
+    if conf.disk_dir is not None:
+        await prepare()  # a machine: LIO's modules and configfs (a node VM's PID 1 did it)
     agent = StorageAgent(conf)
     server = RpcServer(secret, agent.handlers(), name=f"storage agent {agent.node}",
                        streams=agent.streams(),

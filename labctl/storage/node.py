@@ -68,7 +68,8 @@ AGENT_FILES = ("labctl/__init__.py", "labctl/core/__init__.py", "labctl/core/cha
                "labctl/storage/protocol.py", "labctl/drivers/__init__.py",
                "labctl/drivers/lio.py", "labctl/drivers/nfsd.py", "labctl/drivers/qcow2.py",
                "labctl/drivers/sparse.py",
-               "labctl/core/proc.py", "labctl/storage/files.py", "labctl/agents/__init__.py",
+               "labctl/core/proc.py", "labctl/storage/files.py", "labctl/storage/machine.py",
+               "labctl/agents/__init__.py",
                "labctl/agents/storage.py", "labctl/core/secret.py")
 """The python pieces the storage agent needs, copied onto the config disk."""
 

@@ -37,6 +37,10 @@ class NodeConfig(Message):
     #: the key the lab's storage nodes share for copies between them, hex: a peer that
     #: proves it may call ``file_send`` and nothing else (None: the site secret serves)
     peer_secret: str | None = None
+    #: a machine's node (reached over SSH): the directory whose sparse files back its data
+    #: disks on loop devices, made and grown by the agent (``disk_ensure``); None in a
+    #: node VM, whose virtio disks libvirt attaches
+    disk_dir: str | None = None
 
     @property
     def ip(self) -> str:
@@ -182,6 +186,39 @@ class SetRoutes(Message):
 @dataclass(frozen=True)
 class RoutesSet(Message):
     routes: list[Route]
+
+
+# --- a machine's data disks (loop devices on sparse files) ---------------------------------
+
+@dataclass(frozen=True)
+class DiskSpec(Message):
+    """Request of ``disk_ensure`` and ``disk_resize``: the data disk ``serial`` (the name a
+    LUN's ``disk_serial`` gives) of ``size_bytes``; a disk only grows."""
+
+    serial: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class DiskSerial(Message):
+    """Request of ``disk_remove``."""
+
+    serial: str
+
+
+@dataclass(frozen=True)
+class DiskInfo(Message):
+    """A data disk of a machine's node as its kernel has it now."""
+
+    serial: str
+    #: the loop device (``/dev/loopN``); "" once removed
+    device: str
+    #: its backing file in the node's ``disk_dir``
+    path: str
+    size_bytes: int
+    #: this call made it (``disk_ensure``), grew it (``disk_resize``), removed it
+    #: (``disk_remove``)
+    changed: bool
 
 
 # --- file datastores (NFS exports, files, content IDs, copies) ------------------------------
@@ -520,6 +557,9 @@ CREATE_OVERLAY = Method("create_overlay", CreateOverlay, FileEntry)
 PEER_COPY = Method("peer_copy", PeerCopy, PeerCopied)
 LEASE_FILE = Method("lease_file", LeaseFile, FileEntry)
 SET_ROUTES = Method("set_routes", SetRoutes, RoutesSet)
+DISK_ENSURE = Method("disk_ensure", DiskSpec, DiskInfo)
+DISK_RESIZE = Method("disk_resize", DiskSpec, DiskInfo)
+DISK_REMOVE = Method("disk_remove", DiskSerial, DiskInfo)
 #: stream methods (bulk data; see ``labctl.core.rpc.Stream``)
 FILE_SEND = "file_send"
 FILE_UPLOAD = "file_upload"
