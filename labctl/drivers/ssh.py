@@ -92,21 +92,31 @@ class SshMachine:
 
     async def run(self, argv: list[str], check: bool = True, timeout: float = 120.0,
                   stdin: str | None = None) -> CommandResult:
-        """Run ``argv`` on the machine (its words quoted for the remote shell)."""
-        try:
-            res = await asyncio.wait_for(self._need().run(shlex.join(argv), input=stdin,
-                                                          check=False), timeout)
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            raise SshError(f"{self.name}: {shlex.join(argv)}: {exc!r}", machine=self.name,
-                           argv=argv) from exc
-        code = res.exit_status if res.exit_status is not None else -1
-        ran = CommandResult(argv, code, str(res.stdout or ""), str(res.stderr or ""))
+        """Run ``argv`` on the machine (its words quoted for the remote shell); its output
+        as text (bytes that are not UTF-8 replaced: :meth:`run_bytes` keeps them)."""
+        code, out, err = await self.run_bytes(
+            argv, timeout=timeout, stdin=None if stdin is None else stdin.encode())
+        ran = CommandResult(argv, code, out.decode(errors="replace"),
+                            err.decode(errors="replace"))
         if check and not ran.ok:
             tail = (ran.stderr or ran.stdout).strip().splitlines()[-3:]
             raise SshError(f"{self.name}: {argv[0]} exited with {code}: {' / '.join(tail)}",
                            machine=self.name, argv=argv, returncode=code,
                            stderr=ran.stderr[-2000:])
         return ran
+
+    async def run_bytes(self, argv: list[str], timeout: float = 120.0,
+                        stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
+        """Run ``argv`` on the machine: its exit status (-1: none, a signal or a lost
+        channel) and its output exactly as it wrote it."""
+        try:
+            res = await asyncio.wait_for(self._need().run(
+                shlex.join(argv), input=stdin, check=False, encoding=None), timeout)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            raise SshError(f"{self.name}: {shlex.join(argv)}: {exc!r}", machine=self.name,
+                           argv=argv) from exc
+        code = res.exit_status if res.exit_status is not None else -1
+        return code, _raw(res.stdout), _raw(res.stderr)
 
     async def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
         """Write ``data`` to ``remote`` (replaced whole: written beside it, then renamed)."""
@@ -121,3 +131,10 @@ class SshMachine:
         except (asyncssh.Error, OSError) as exc:
             raise SshError(f"{self.name}: cannot write {remote}: {exc}", machine=self.name,
                            path=remote) from exc
+
+
+def _raw(data: bytes | str | None) -> bytes:
+    """Output asked for without an encoding (bytes); str only if asyncssh decoded it."""
+    if isinstance(data, str):
+        return data.encode()
+    return data or b""

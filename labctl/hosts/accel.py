@@ -23,6 +23,27 @@ log = logging.getLogger(__name__)
 _kvm_lock = threading.Lock()
 _kvm_answer: bool | None = None
 
+#: how much longer a TCG guest takes to boot on a host whose own CPU QEMU emulates (a
+#: Vagrant host on a machine without KVM: TCG inside TCG took 123 s to reach the test
+#: guest's init, against about 5 s with one level of TCG)
+NESTED_TCG_SLOWDOWN = 5.0
+
+
+def emulated_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this host's CPU is one QEMU emulates (TCG: ``QEMU Virtual CPU``, ``QEMU TCG
+    CPU``), not a real CPU passed through."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("model name") and "QEMU" in line for line in text.splitlines())
+
+
+def boot_wait(accel: str, base: float, cpuinfo: Path = Path("/proc/cpuinfo")) -> float:
+    """How long to wait for a guest's first heartbeat: ``base`` seconds, longer for TCG on
+    a host that is itself under TCG."""
+    return base * NESTED_TCG_SLOWDOWN if accel == "tcg" and emulated_cpu(cpuinfo) else base
+
 
 def kvm_usable(timeout: float = 10.0) -> bool:
     """Whether ``-accel kvm`` really runs the test guest here: boots it with KVM and waits

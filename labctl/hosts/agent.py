@@ -35,7 +35,7 @@ from labctl.drivers.qemu import QemuVm, VmState, transient_open_failure
 from labctl.guest import protocol as guest
 from labctl.guest.image import ensure_guest_image
 from labctl.hosts import protocol as p
-from labctl.hosts.accel import kvm_usable
+from labctl.hosts.accel import boot_wait, kvm_usable
 from labctl.hosts.accelcache import qemu_version
 
 log = logging.getLogger("labctl.agents.host")
@@ -243,7 +243,7 @@ class HostAgent:
             vm = await self.start_qemu(spec, incoming=req.spec.incoming)
             try:
                 if req.spec.incoming is None:
-                    await vm.wait_heartbeat(req.heartbeat_timeout)
+                    await vm.wait_heartbeat(boot_wait(spec.accel, req.heartbeat_timeout))
             except BaseException:
                 self.keep_failed_logs(vm)
                 await vm.stop(timeout=5.0)

@@ -183,7 +183,9 @@ async def start(ctx: LabContext, name: str) -> hp.VmStarted:
         elif vm["datastore"]:  # the host attaches by ID: hand it the mapping, it checks the LUN
             await datastores.attach_for_vm(c, ctx.inv, vm["datastore"], vm["host"])
         try:
-            res = await hp.VM_START.call(c, hp.VmStart(spec=start_spec), timeout=120)
+            # the agent bounds its own wait for the first heartbeat (60 s; five times that
+            # for TCG on a host under TCG itself, a Vagrant host without KVM)
+            res = await hp.VM_START.call(c, hp.VmStart(spec=start_spec), timeout=360)
             if vm["guest"] == "server":
                 await _pin_host_key(ctx, c, name)
                 if vm["app_rate"]:
