@@ -1,8 +1,9 @@
 """What the controller runs on a machine it reaches over SSH (a host of an SSH lab), as
 argument lists, never a shell line:
 
-* ``start --log FILE -- ARGV...``: start ``ARGV`` in a session of its own, its output
-  appended to ``FILE``, nothing of the SSH channel held open; prints its PID.
+* ``start --log FILE [--pidfile FILE] -- ARGV...``: start ``ARGV`` in a session of its
+  own, its output appended to ``FILE``, nothing of the SSH channel held open; prints its
+  PID (and writes it to ``--pidfile``, for an agent that does not write its own).
 * ``stop --state-dir DIR``: stop the agent whose state directory is ``DIR`` (its PID from
   ``DIR/agent.pid``) and any QEMU it left (``DIR/vms/*/qemu.pid``), each only while its
   command line names ``DIR``: SIGTERM (the agent stops its VMs softly), SIGKILL after
@@ -29,10 +30,14 @@ from pathlib import Path
 from labctl.core.proc import cmdline_names
 
 
-def _start(log: Path, argv: list[str]) -> int:
+def _start(log: Path, argv: list[str], pidfile: Path | None = None) -> int:
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, close_fds=True)
+    if pidfile is not None:
+        fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{proc.pid}\n")
     print(proc.pid, flush=True)
     return 0
 
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     start = sub.add_parser("start")
     start.add_argument("--log", required=True, type=Path)
+    start.add_argument("--pidfile", type=Path)
     start.add_argument("argv", nargs=argparse.REMAINDER)
     stop = sub.add_parser("stop")
     stop.add_argument("--state-dir", required=True, type=Path)
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "start":
         if not words:
             ap.error("start: give the command")
-        return _start(args.log, words)
+        return _start(args.log, words, args.pidfile)
     if args.cmd == "stop":
         return _stop(args.state_dir.absolute(), args.grace)
     if not words:

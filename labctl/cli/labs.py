@@ -511,13 +511,15 @@ async def _exec(lab: Lab, args: argparse.Namespace) -> int:
              "LIBISCSI_CHAP_PASSWORD": initiator_secret(secret, iqn)}
     if access is not None:
         async with access.machine(args.host) as m:
-            res = await m.run([*access.remote_python(state_dir(lab.dir.tag, args.host)),
-                               "-m", "labctl.agents.remote", "exec", "--",
-                               *argv], check=False, timeout=3600,
-                              stdin=json.dumps(extra) + "\n")
-        sys.stdout.write(res.stdout)
-        sys.stderr.write(res.stderr)
-        return res.returncode
+            code, out, err = await m.run_bytes(
+                [*access.remote_python(state_dir(lab.dir.tag, args.host)), "-m",
+                 "labctl.agents.remote", "exec", "--", *argv], timeout=3600,
+                stdin=(json.dumps(extra) + "\n").encode())
+        # as the command wrote it: a tool's binary output (iscsi-inq's designators) too
+        sys.stdout.buffer.write(out)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(err)
+        return code if code >= 0 else 255
     try:
         return subprocess.run(netns_argv(str(row["netns"]), argv), env={**os.environ, **extra},
                               check=False).returncode
@@ -531,9 +533,9 @@ async def _logs(lab: Lab, args: argparse.Namespace) -> int:
     # only a name the lab has: 'logs ../../t2/hosts/h1' is no way into another directory
     hosts = sorted(p.name for p in (lab.dir.path / "hosts").glob("*") if p.is_dir())
     nodes = sorted(p.name for p in (lab.dir.path / "storage").glob("*") if p.is_dir())
-    machine = _ssh_host(lab, what)
+    machine = _ssh_machine(lab, what)
     if machine is not None:
-        return await _ssh_logs(lab, what, machine, args)
+        return await _ssh_logs(lab, what, *machine, args)
     if what == "rescan":  # the rescan service of the --site site (or of the only one)
         with lab.lab_context() as whole:
             path = lab.dir.site_dir(lab.pick_site(whole)) / "rescan.log"
@@ -553,16 +555,24 @@ async def _logs(lab: Lab, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ssh_host(lab: Lab, name: str) -> SshAccess | None:
-    """How to reach host ``name`` when it is a machine reached over SSH."""
+def _ssh_machine(lab: Lab, name: str) -> tuple[SshAccess, str] | None:
+    """How to reach host or storage node ``name`` when it is a machine reached over SSH,
+    and its agent's log file there."""
     try:
         row, _secret = _host_row(lab, name)
+        log = "agent.log"
     except LabError:  # not a host: a storage node, the rescan service, or nothing
-        return None
-    return SshAccess.from_json(str(row["ssh"])) if row.get("ssh") else None
+        try:
+            with lab.context(of=("node", name)) as ctx:
+                row = ctx.inv.row("storage_nodes", name=name) or {}
+        except LabError:
+            return None
+        log = "agent.out"
+    return (SshAccess.from_json(str(row["ssh"])), log) if row.get("ssh") else None
 
 
-async def _ssh_logs(lab: Lab, host: str, access: SshAccess, args: argparse.Namespace) -> int:
+async def _ssh_logs(lab: Lab, host: str, access: SshAccess, log: str,
+                    args: argparse.Namespace) -> int:
     """The agent's log on a machine: its file in the lab's state directory there, or its
     unit's journal."""
     if args.follow:
@@ -572,7 +582,7 @@ async def _ssh_logs(lab: Lab, host: str, access: SshAccess, args: argparse.Names
     lines = str(max(args.lines, 1))
     argv = (["journalctl", "-u", access.unit, "-n", lines, "--no-pager"]
             if access.agent == "systemd"
-            else ["tail", "-n", lines, f"{state_dir(lab.dir.tag, host)}/agent.log"])
+            else ["tail", "-n", lines, f"{state_dir(lab.dir.tag, host)}/{log}"])
     async with access.machine(host) as m:
         res = await m.run(argv, check=False)
     if not res.ok:

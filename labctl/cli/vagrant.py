@@ -29,6 +29,8 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
             for m in got.machines:
                 print(f"  {m.group:7} {m.name:8} {m.address:15} ssh {m.user}@{m.address} "
                       f"-i {m.key}  host key {m.host_key_file}")
+            if got.topology:
+                print(f"next: labctl up {got.topology}")
         return 0
     done = await vagrant.down(topo, path, progress=progress)
     if args.json:

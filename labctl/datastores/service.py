@@ -40,6 +40,7 @@ from labctl.datastores.mappings import mapping as mapping
 from labctl.datastores.mappings import unit as unit
 from labctl.datastores.registry import IdRegistry
 from labctl.datastores.tables import RescanEvent, record_seen, sharing
+from labctl.hosts.sshhosts import SshAccess, state_dir
 from labctl.state.context import LabContext
 from labctl.state.inventory import Inventory
 from labctl.storage import node as storagenode
@@ -226,6 +227,51 @@ def check_hosts(inv: Inventory, hosts: list[str]) -> str:
     return str(sites.pop())
 
 
+# ------------------------------------------------------------------------------ data disks
+
+def machine_of(inv: Inventory, node: str) -> SshAccess | None:
+    """How to reach storage node ``node`` when it is a machine reached over SSH; None for a
+    node VM of this machine's."""
+    row = inv.row("storage_nodes", name=node)
+    text = row["ssh"] if row is not None else None
+    return SshAccess.from_json(str(text)) if text else None
+
+
+def disk_path(ctx: LabContext, node: str, serial: str, name: str) -> Path:
+    """Where a data disk's file is: in the lab's directory for a node VM; on a machine, in
+    the agent's directory there (the agent names it after the serial)."""
+    if machine_of(ctx.inv, node) is not None:
+        return Path(state_dir(ctx.dir.tag, node)) / "disks" / f"{serial}.img"
+    return ctx.dir.storage_dir(node) / f"{name}.img"
+
+
+async def attach_disk(ctx: LabContext, node: str, disk: DataDisk) -> None:
+    """A datastore's data disk onto its node: libvirt attaches a node VM's (hot-plug); a
+    machine's agent makes its own (a sparse file on a loop device)."""
+    if machine_of(ctx.inv, node) is None:
+        await storagenode.attach_data_disk(ctx.name, node, disk)
+        return
+    async with ctx.storage_client(node) as c:
+        await sp.DISK_ENSURE.call(c, sp.DiskSpec(disk.serial, disk.size_bytes), timeout=120)
+
+
+async def detach_disk(ctx: LabContext, node: str, serial: str, path: Path) -> None:
+    if machine_of(ctx.inv, node) is None:
+        await storagenode.detach_data_disk(ctx.name, node, serial)
+        path.unlink(missing_ok=True)
+        return
+    async with ctx.storage_client(node) as c:
+        await sp.DISK_REMOVE.call(c, sp.DiskSerial(serial), timeout=120)
+
+
+async def resize_disk(ctx: LabContext, node: str, serial: str, size: int) -> None:
+    if machine_of(ctx.inv, node) is None:
+        await storagenode.resize_data_disk(ctx.name, node, serial, size)
+        return
+    async with ctx.storage_client(node) as c:
+        await sp.DISK_RESIZE.call(c, sp.DiskSpec(serial, size), timeout=120)
+
+
 # ------------------------------------------------------------------------------ operations
 
 async def create(ctx: LabContext, name: str, size: int | str, hosts: list[str],
@@ -241,7 +287,7 @@ async def create(ctx: LabContext, name: str, size: int | str, hosts: list[str],
         chosen = pick_node(inv, nbytes, site, node)
         naa, disk = register(ctx, chosen, name, nbytes, hosts, "allocating")
         t0 = time.monotonic()
-        await storagenode.attach_data_disk(ctx.name, chosen, disk)
+        await attach_disk(ctx, chosen, disk)
         lun = await export_lun(ctx, name, wait_disk=10.0)
         if normal_naa(lun.naa) != naa:
             raise StorageNodeError(f"LIO built NAA {normal_naa(lun.naa)} for {name}, the "
@@ -267,6 +313,9 @@ async def create_file(ctx: LabContext, name: str, size: int | str, hosts: list[s
                             size_bytes=nbytes)
     site = check_hosts(inv, hosts)
     chosen = pick_node(inv, nbytes, site, node)
+    if machine_of(inv, chosen) is not None:
+        raise LabStateError(f"storage node {chosen} is a machine reached over SSH: file "
+                            "datastores are served by node VMs only so far", node=chosen)
     return await filestores.create(ctx, name, nbytes, hosts, chosen)
 
 
@@ -276,8 +325,8 @@ def register(ctx: LabContext, node: str, name: str, size: int, hosts: list[str],
     inventory. Returns the NAA ID and the backing disk to give the storage node."""
     inv = ctx.inv
     serial, naa = IdRegistry().issue(ctx.name, ctx.dir.path, node, name)
-    disk = DataDisk(serial=f"lc-{name}"[:20], path=ctx.dir.storage_dir(node) / f"{name}.img",
-                    size_bytes=size)
+    disk = DataDisk(serial=f"lc-{name}"[:20], path=disk_path(ctx, node, f"lc-{name}"[:20],
+                                                             name), size_bytes=size)
     inv.upsert("datastores", name=name, node=node, size_bytes=size, unit_serial=serial,
                naa=naa, lun=None, disk_serial=disk.serial, backing_path=str(disk.path),
                state=state, created=time.time())
@@ -332,8 +381,7 @@ async def delete(ctx: LabContext, name: str) -> Deleted:
                 ctx.progress(f"warning: host {h} did not drop {m.naa}: {exc.message}")
         async with ctx.storage_client(m.node) as c:
             await sp.DELETE_LUN.call(c, sp.LunName(name), timeout=60)
-        await storagenode.detach_data_disk(ctx.name, m.node, m.backing.disk_serial)
-        Path(m.backing.path).unlink(missing_ok=True)
+        await detach_disk(ctx, m.node, m.backing.disk_serial, Path(m.backing.path))
         with inv.transaction():
             inv.conn.execute("DELETE FROM datastore_hosts WHERE datastore=?", (name,))
             inv.conn.execute("DELETE FROM datastores WHERE name=?", (name,))
@@ -364,7 +412,7 @@ async def resize(ctx: LabContext, name: str, size: int | str, wait: float = 30.0
                                 f"{format_size(nbytes - m.size_bytes)}", datastore=name)
         after = rescan.last_event_id(inv)
         t0 = WallTime(time.time())
-        await storagenode.resize_data_disk(ctx.name, m.node, m.backing.disk_serial, nbytes)
+        await resize_disk(ctx, m.node, m.backing.disk_serial, nbytes)
     if wait <= 0 or m.naa is None:
         return Resized(name=name, naa=m.naa, size_bytes=nbytes, resized_at=t0, event=None)
     ev = await rescan.wait_for_event(inv, m.naa, after, size_bytes=nbytes, timeout=wait)
@@ -430,6 +478,9 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
         row = inv.row("storage_nodes", name=node)
         if row is None:
             raise LabStateError(f"unknown storage node {node!r}", node=node)
+        if row["ssh"]:
+            raise LabStateError(f"storage node {node} is a machine reached over SSH: labctl "
+                                "restarts node VMs only", node=node)
         site = inv.row("sites", name=row["site"])
         assert site is not None
         prefix = site["subnet"].split("/")[1]

@@ -39,11 +39,13 @@ import labctl
 from labctl.core import names
 from labctl.core.errors import AgentError, LabError, ProvisionError
 from labctl.core.rpc import RpcClient
+from labctl.core.wire import Method
 from labctl.drivers.ssh import SshError, SshMachine
 from labctl.guest.image import GIVEN_IMAGE_ENV, ensure_guest_image
 from labctl.hosts import protocol as hp
 from labctl.hosts.provider import HostPlan, ProvisionedHost
 from labctl.state.inventory import Inventory
+from labctl.storage import protocol as sp
 
 AGENT_MODES = ("process", "systemd")
 #: a process agent runs the controller's own code, handed over at provision (``src/`` in
@@ -70,6 +72,9 @@ class SshAccess:
     python: str = DEFAULT_PYTHON
     unit: str = DEFAULT_UNIT
     secret_path: str = DEFAULT_SECRET_PATH
+    #: the machine ``labctl vagrant up`` made for this lab (the topology said ``ssh:
+    #: vagrant``): its key and host key are that command's; "" for a machine described
+    vagrant: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -85,6 +90,10 @@ class SshAccess:
         """What is wrong with these settings, as (field, problem): the client key's file and
         mode, the host key's form; nothing is connected to."""
         found: list[tuple[str, str]] = []
+        if self.vagrant and not self.host_key:
+            return [("host_key", f"no Vagrant machine of lab {self.vagrant} yet (no host key "
+                                 f"pinned in {Path(self.key).parent / 'keys'}): run labctl "
+                                 "vagrant up with this topology first")]
         key = Path(self.key)
         try:
             mode = key.stat().st_mode
@@ -151,7 +160,7 @@ class SshHosts:
                         ) -> ProvisionedHost:
         addr = str(plan.address.ip)
         port = names.HOST_AGENT_PORT
-        if await _answers(addr, port, secret, plan.name):
+        if await _answers(addr, port, secret, f"host {plan.name}"):
             # an agent of this lab already serves there (up again): nothing to start
             return ProvisionedHost(plan.name, addr, port, None, None)
         remote = state_dir(self.tag, plan.name)
@@ -181,37 +190,76 @@ class SshHosts:
                 self.inv.own("ssh-host", plan.name, access=access.to_json(), state_dir=remote,
                              pid=pid)
                 log = ["tail", "-c", "1500", f"{remote}/agent.out"]
-            deadline = time.monotonic() + 30.0
-            while not await _answers(addr, port, secret, plan.name):
-                if time.monotonic() > deadline:
-                    tail = await m.run(log, check=False)
-                    raise ProvisionError(
-                        f"the host agent of {plan.name} ({access.where()}) did not answer at "
-                        f"{addr}:{port} within 30 s", host=plan.name,
-                        log_tail=(tail.stdout + tail.stderr)[-1500:])
-                await asyncio.sleep(0.2)
+            await _wait_agent(m, addr, port, secret, f"host {plan.name}", hp.PING, log,
+                              f"the host agent of {plan.name} ({access.where()})")
         return ProvisionedHost(plan.name, addr, port, pid, None)
 
+    async def provision_storage(self, name: str, address: str, prefix: int, target_iqn: str,
+                                secret: bytes, peer_secret: bytes | None, access: SshAccess
+                                ) -> int | None:
+        """Start the storage agent of node ``name`` on its machine (``agent: process``):
+        the code handed over, its config (a NodeConfig naming ``disk_dir``, with no secret
+        in it) and the site's secret and the nodes' peer key as 0600 files, then wait for
+        its ``ping``. Returns the agent's PID (None: it already answered)."""
+        port = names.STORAGE_AGENT_PORT
+        if await _answers(address, port, secret, f"storage node {name}", sp.PING):
+            return None
+        if access.agent != "process":
+            raise ProvisionError(f"storage node {name}: agent: {access.agent} is not "
+                                 "supported for storage nodes yet (use agent: process)",
+                                 node=name)
+        remote = state_dir(self.tag, name)
+        config = {"lab": self.lab, "node": name, "address": f"{address}/{prefix}",
+                  "gateway": None, "mac": "", "target_iqn": target_iqn, "agent_port": port,
+                  "disk_dir": f"{remote}/disks"}
+        async with access.machine(name) as m:
+            self.inv.own("ssh-storage", name, access=access.to_json(), state_dir=remote)
+            await m.run(["mkdir", "-p", "-m", "0700", remote])
+            await m.put((secret.hex() + "\n").encode(), f"{remote}/secret", mode=0o600)
+            args = ["--config", f"{remote}/storage.json", "--secret-file", f"{remote}/secret"]
+            if peer_secret is not None:
+                await m.put((peer_secret.hex() + "\n").encode(), f"{remote}/peer-secret",
+                            mode=0o600)
+                args += ["--peer-secret-file", f"{remote}/peer-secret"]
+            await m.put((json.dumps(config, indent=2) + "\n").encode(),
+                        f"{remote}/storage.json", mode=0o600)
+            await _hand_over_code(m, remote)
+            py = access.remote_python(remote)
+            started = await m.run([
+                *py, "-m", "labctl.agents.remote", "start", "--log", f"{remote}/agent.out",
+                "--pidfile", f"{remote}/agent.pid", "--",
+                *py, "-m", "labctl.agents.storage", *args], timeout=60)
+            pid = int(started.stdout.split()[0])
+            self.inv.own("ssh-storage", name, access=access.to_json(), state_dir=remote,
+                         pid=pid)
+            await _wait_agent(m, address, port, secret, f"storage node {name}", sp.PING,
+                              ["tail", "-c", "1500", f"{remote}/agent.out"],
+                              f"the storage agent of {name} ({access.where()})")
+        return pid
+
     async def teardown(self, inv: Inventory, removed: list[str]) -> None:
-        """Stop each journalled machine's agent (it stops its VMs softly) and remove what
-        labctl made there; a machine that cannot be reached is said, and its entry kept
-        so that a later ``down`` tries again."""
-        entries = [(n, d) for k, n, d in inv.owned() if k == "ssh-host"]
-        results = await asyncio.gather(*(self._down(n, d, removed) for n, d in entries),
-                                       return_exceptions=True)
+        """Stop each journalled machine's agent (a host's stops its VMs softly) and remove
+        what labctl made there, the hosts before the storage nodes (their sessions end
+        first); a machine that cannot be reached is said, and its entry kept so that a
+        later ``down`` tries again."""
         failed = []
-        for (name, _), res in zip(entries, results, strict=True):
-            if isinstance(res, LabError):
-                failed.append(f"{name}: {res.message}")
-            elif isinstance(res, BaseException):
-                raise res
-            else:
-                inv.disown("ssh-host", name)
+        for kind in ("ssh-host", "ssh-storage"):
+            entries = [(n, d) for k, n, d in inv.owned() if k == kind]
+            results = await asyncio.gather(*(self._down(n, d, removed, kind)
+                                             for n, d in entries), return_exceptions=True)
+            for (name, _), res in zip(entries, results, strict=True):
+                if isinstance(res, LabError):
+                    failed.append(f"{name}: {res.message}")
+                elif isinstance(res, BaseException):
+                    raise res
+                else:
+                    inv.disown(kind, name)
         if failed:
             raise ProvisionError("could not tear down every SSH host: " + "; ".join(failed),
                                  hosts=failed)
 
-    async def _down(self, name: str, detail: dict[str, Any], removed: list[str]) -> None:
+    async def _down(self, name: str, detail: dict[str, Any], removed: list[str],
+                    kind: str) -> None:
         access = SshAccess.from_json(detail["access"])
         remote = str(detail["state_dir"])
         try:
@@ -228,12 +276,30 @@ class SshHosts:
                                   timeout=180)
                 removed.extend(f"process {line} on {name}"
                                for line in got.stdout.splitlines() if line.strip())
+                if kind == "ssh-storage":  # LIO's objects outlive the agent: its own, by name
+                    got = await m.run([*access.remote_python(remote), "-m",
+                                       "labctl.agents.storage", "--config",
+                                       f"{remote}/storage.json", "--release"], timeout=180)
+                    removed.extend(f"{line} on {name}"
+                                   for line in got.stdout.splitlines() if line.strip())
                 await m.run(["rm", "-rf", "--one-file-system", remote])
                 removed.append(f"directory {remote} on {name} ({access.where()})")
                 # the lab's directory of state directories, once empty
                 await m.run(["rmdir", str(Path(remote).parent)], check=False)
         except SshError as exc:
             raise ProvisionError(exc.message, host=name, **exc.evidence) from exc
+
+
+async def _wait_agent(m: SshMachine, addr: str, port: int, secret: bytes, who: str,
+                      ping: Method[Any, Any], log: list[str], what: str) -> None:
+    """Wait until the agent just started answers ``ping``; its log's tail in the error."""
+    deadline = time.monotonic() + 30.0
+    while not await _answers(addr, port, secret, who, ping):
+        if time.monotonic() > deadline:
+            tail = await m.run(log, check=False)
+            raise ProvisionError(f"{what} did not answer at {addr}:{port} within 30 s",
+                                 agent=who, log_tail=(tail.stdout + tail.stderr)[-1500:])
+        await asyncio.sleep(0.2)
 
 
 @functools.cache
@@ -257,14 +323,19 @@ def _code() -> bytes:
     return buf.getvalue()
 
 
-async def _hand_over(m: SshMachine, remote: str) -> None:
-    """The code and the test guest (kernel, initrd) into the agent's directory: the
-    machine needs Python 3, QEMU and libiscsi, and neither builds nor downloads anything."""
+async def _hand_over_code(m: SshMachine, remote: str) -> None:
+    """labctl's code into the agent's directory (``src/``): the controller's own version."""
     await m.put(_code(), f"{remote}/src.tar.gz", mode=0o600)
     await m.run(["rm", "-rf", f"{remote}/src"])
     await m.run(["mkdir", "-m", "0700", f"{remote}/src"])
     await m.run(["tar", "-xzf", f"{remote}/src.tar.gz", "-C", f"{remote}/src"])
     await m.run(["rm", "-f", f"{remote}/src.tar.gz"])
+
+
+async def _hand_over(m: SshMachine, remote: str) -> None:
+    """The code and the test guest (kernel, initrd) into the agent's directory: the
+    machine needs Python 3, QEMU and libiscsi, and neither builds nor downloads anything."""
+    await _hand_over_code(m, remote)
     image = await ensure_guest_image()
     await m.run(["mkdir", "-p", "-m", "0700", f"{remote}/guest"])
     for local, name in ((image.kernel, "vmlinuz"), (image.initrd, "initrd.img")):
@@ -272,14 +343,15 @@ async def _hand_over(m: SshMachine, remote: str) -> None:
     await m.put(f"{image.recipe_hash}\n".encode(), f"{remote}/guest/recipe", mode=0o600)
 
 
-async def _answers(addr: str, port: int, secret: bytes, host: str) -> bool:
+async def _answers(addr: str, port: int, secret: bytes, who: str,
+                   ping: Method[Any, Any] = hp.PING) -> bool:
     try:
-        client = await RpcClient.connect(addr, port, secret, timeout=2.0, peer=f"host {host}")
+        client = await RpcClient.connect(addr, port, secret, timeout=2.0, peer=who)
     except AgentError:  # nothing there, or an agent of another lab
         return False
     try:
         with contextlib.suppress(LabError):
-            await hp.PING.call(client, timeout=5)
+            await ping.call(client, timeout=5)
             return True
         return False
     finally:

@@ -84,12 +84,16 @@ def check_machine(topo: Topology, labs: Path) -> None:
     building and ``labctl validate`` after the file's own checks, so the two cannot drift
     apart; one TopologyError lists every problem."""
     problems = _network_problems(topo, names.lab_tag(topo.name, labs / topo.name))
-    for i, host in enumerate(topo.hosts):
-        if host.ssh is not None:
-            problems += [(f"hosts[{i}].ssh.{f}", p) for f, p in host.ssh.problems()
-                         if f == "key"]
+    machines = [(f"hosts[{i}]", h.ssh) for i, h in enumerate(topo.hosts)] + [
+        (f"storage_nodes[{i}]", n.ssh) for i, n in enumerate(topo.storage_nodes)]
+    for where, ssh in machines:
+        if ssh is not None:  # a Vagrant machine's host key is checked only now
+            problems += [(f"{where}.ssh.{f}", p) for f, p in ssh.problems()
+                         if f == "key" or ssh.vagrant]
     free = shutil.disk_usage(_existing(labs)).free
-    need = sum(d.size for d in topo.datastores) + len(topo.storage_nodes) * (256 << 20)
+    # a machine's datastores are its files, not this machine's
+    local = {n.name for n in topo.storage_nodes if n.ssh is None}
+    need = sum(d.size for d in topo.datastores if d.node in local) + len(local) * (256 << 20)
     evidence: dict[str, Any] = {}
     if need > free:
         # datastores are sparse files in the lab directory: refuse a lab whose datastores
@@ -170,8 +174,11 @@ async def build(ctx: LabContext, topo: Topology) -> None:
     t_start = time.monotonic()
 
     # 1. images (cached by recipe) and the accelerator probe, side by side
+    # the storage image boots node VMs and WAN routers; machines need none
+    needs_simg = bool(topo.wan) or any(n.ssh is None for n in topo.storage_nodes)
     simg, gimg = await step(ctx, "images ready", asyncio.gather(
-        ensure_storage_image(progress=ctx.progress), ensure_guest_image()))
+        ensure_storage_image(progress=ctx.progress) if needs_simg else _nothing(),
+        ensure_guest_image()))
     if any(vm.guest == "server" for vm in topo.vms):
         server = await step(ctx, "server guest image ready",
                             ensure_server_image(progress=ctx.progress))
@@ -214,6 +221,7 @@ async def build(ctx: LabContext, topo: Topology) -> None:
     host_jobs = [_start_host(ctx.in_site(h.site), topo, i) for i, h in enumerate(topo.hosts)]
     await step(ctx, "storage nodes and hosts ready", gather_all(*node_jobs, *host_jobs))
     if topo.wan:
+        assert simg is not None
         await step(ctx, "WAN links up", _start_wan(ctx, topo, simg, accel))
     if topo.mobility:
         await step(ctx, "mobility agents ready", gather_all(
@@ -253,6 +261,10 @@ async def build(ctx: LabContext, topo: Topology) -> None:
     ctx.progress(f"lab {ctx.name} is up ({total:.1f} s)")
 
 
+async def _nothing() -> None:
+    return None
+
+
 def _record_vms(ctx: LabContext, vms_here: list[tuple[int, Vm]], gimg: GuestImage) -> None:
     inv = ctx.inv
     inv.set_meta("guest_kernel", str(gimg.kernel))
@@ -275,10 +287,41 @@ def _record_vms(ctx: LabContext, vms_here: list[tuple[int, Vm]], gimg: GuestImag
                    app_rate=vm.app_rate, disk_size=vm.disk_size)
 
 
-async def _start_storage_node(ctx: LabContext, topo: Topology, i: int, image: StorageImage,
-                              accel: str) -> None:
+async def _start_machine_node(ctx: LabContext, topo: Topology, i: int) -> None:
+    """Storage node ``i``, a machine reached over SSH: its agent started there, then a data
+    disk per datastore (a sparse file on a loop device) made by the agent."""
     inv = ctx.inv
     node = topo.storage_nodes[i]
+    assert node.ssh is not None
+    site = topo.site(node.site)
+    inv.upsert("storage_nodes", name=node.name, site=node.site, address=str(node.address),
+               target_iqn=node.target_iqn, domain="", tap="",
+               agent_port=names.STORAGE_AGENT_PORT, capacity=node.capacity, state="starting",
+               memory=0, domain_type="machine", mac="", ssh=node.ssh.to_json())
+    disks = [datastores.register(ctx, node.name, ds.name, ds.size, list(ds.hosts),
+                                 "allocated")[1]
+             for ds in topo.datastores if ds.node == node.name]
+    t0 = time.monotonic()
+    await SshHosts(ctx.name, ctx.dir.path, inv).provision_storage(
+        node.name, str(node.address), site.subnet.prefixlen, node.target_iqn, ctx.secret(),
+        ctx.storage_peer_key(), node.ssh)
+    for disk in disks:
+        await datastores.attach_disk(ctx, node.name, disk)
+    inv.record_step(f"storage node {node.name} ({node.ssh.where()}) agent ready",
+                    time.monotonic() - t0)
+    inv.update("storage_nodes", {"name": node.name}, state="up")
+    ctx.progress(f"storage node {node.name} is serving at {node.address} "
+                 f"({node.ssh.where()})")
+
+
+async def _start_storage_node(ctx: LabContext, topo: Topology, i: int,
+                              image: StorageImage | None, accel: str) -> None:
+    inv = ctx.inv
+    node = topo.storage_nodes[i]
+    if node.ssh is not None:
+        await _start_machine_node(ctx, topo, i)
+        return
+    assert image is not None
     site = topo.site(node.site)
     site_index = [s.name for s in topo.sites].index(node.site)
     domain = names.domain(ctx.name, node.name)

@@ -64,6 +64,8 @@ class NodeState(Message):
     domain_state: str | None = None
     #: libvirt's reason for it (a pause: ``user``, ``I/O error``...)
     domain_reason: str | None = None
+    #: ``user@address:port`` of a node that is a machine reached over SSH (no domain)
+    ssh: str | None = None
 
 
 @dataclass(frozen=True)
@@ -225,15 +227,20 @@ async def site_status(ctx: LabContext) -> LabStatus:
         except AgentError as exc:
             agent[name] = ("unreachable", f"{exc.message} (labctl up starts it again)")
 
+    machines = {str(n["name"]) for n in nodes if n["ssh"]}
+
     async def probe_node(name: str) -> None:
         try:
             async with ctx.storage_client(name, timeout=2.0) as c:
                 node_agent[name] = ("up", (await sp.PING.call(c, timeout=3)).uptime_s, None)
             # an agent that answers runs in a running domain: libvirt (its module and a
             # connection, ~20 ms) is asked only when the agent does not answer
-            domains[name] = node_domains.DomainState("running", None)
+            if name not in machines:
+                domains[name] = node_domains.DomainState("running", None)
         except AgentError as exc:
             node_agent[name] = ("unreachable", None, exc.message)
+            if name in machines:  # no domain: the machine is not this one's libvirt's
+                return
             with contextlib.suppress(LabError):
                 domains[name] = await node_domains.domain_state(ctx.name, name)
 
@@ -286,6 +293,8 @@ async def site_status(ctx: LabContext) -> LabStatus:
                                  agent_uptime_s=node_agent.get(n["name"], ("", None, None))[1],
                                  agent_reason=node_agent.get(n["name"], ("", None, None))[2],
                                  domain_state=_dom(domains, n["name"]).state or None,
-                                 domain_reason=_dom(domains, n["name"]).reason)
+                                 domain_reason=_dom(domains, n["name"]).reason,
+                                 ssh=SshAccess.from_json(n["ssh"]).where() if n["ssh"]
+                                 else None)
                        for n in nodes],
         datastores=stores, vms=vms)

@@ -28,6 +28,7 @@ import yaml
 from labctl.core import names, userfile
 from labctl.core.errors import LabError, TopologyError
 from labctl.core.names import SERVER_BASE, SERVER_DISK_BYTES
+from labctl.core.paths import home
 from labctl.core.sizes import MAX_SIZE, bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
 from labctl.hosts.sshhosts import SshAccess, read_host_key
@@ -73,6 +74,8 @@ class StorageNode:
     capacity: int
     memory: int
     target_iqn: str
+    #: a machine reached over SSH with LIO in its kernel (None: a VM of this machine's)
+    ssh: SshAccess | None = None
 
 
 @dataclass(frozen=True)
@@ -340,10 +343,28 @@ def _unknown(kind: str, name: str, known: list[str], plural: str) -> str:
 _NOWHERE = ipaddress.IPv4Address(0)
 
 
-def _ssh_access(raw: dict[str, Any], base: Path, where: str,
-                fail: Callable[[str, str], None], address: str) -> SshAccess | None:
-    """A host's ``ssh:`` block: the client key's path made absolute (relative to the
-    topology file), the host key read (a key line or a file) and parsed."""
+def vagrant_dir(lab: str) -> Path:
+    """Where ``labctl vagrant up`` keeps lab ``lab``'s Vagrant state: its key for root on
+    the machines (``id_ed25519``) and each machine's pinned host key (``keys/NAME.pub``)."""
+    return home() / "vagrant" / lab
+
+
+def _ssh_access(raw: dict[str, Any] | str, base: Path, where: str,
+                fail: Callable[[str, str], None], address: str, lab: str, name: str
+                ) -> SshAccess | None:
+    """A machine's ``ssh:`` block: the client key's path made absolute (relative to the
+    topology file), the host key read (a key line or a file) and parsed. ``ssh: vagrant``
+    is the machine ``labctl vagrant up`` made for this lab: its key and pinned host key
+    from there (checked by ``check_machine``: ``vagrant up`` may not have run yet)."""
+    if raw == "vagrant":
+        w = vagrant_dir(lab)
+        try:
+            host_key = read_host_key(f"keys/{name}.pub", w)
+        except ValueError:
+            host_key = ""
+        return SshAccess(address=address, key=str(w / "id_ed25519"), host_key=host_key,
+                         vagrant=lab)
+    assert isinstance(raw, dict)
     try:
         host_key = read_host_key(str(raw["host_key"]), base)
     except ValueError as exc:
@@ -427,7 +448,7 @@ def _build(data: dict[str, Any], file: str) -> Topology:
         if "bridge" in s and s.get("provider", "labctl") != "labctl":
             fail(f"sites[{i}].bridge", "only a labctl site is given a bridge")
         ssh_here = any("ssh" in h and h.get("site", s["name"] if len(raw_sites) == 1 else None)
-                       == s["name"] for h in raw_hosts)
+                       == s["name"] for h in [*raw_hosts, *raw_nodes])
         if s["name"] not in where_site:
             where_site[s["name"]] = f"sites[{i}]"
             sites.append(Site(s["name"], net, s.get("provider", "labctl"), quota,
@@ -502,14 +523,17 @@ def _build(data: dict[str, Any], file: str) -> Topology:
 
     nodes = []
     for i, n in enumerate(raw_nodes):
+        addr = assigned("storage_nodes", i, n, 2)
         nodes.append(StorageNode(
             name=n["name"], site=site_name("storage_nodes", i),
-            address=assigned("storage_nodes", i, n, 2),
+            address=addr,
             capacity=sized(f"storage_nodes[{i}].capacity",
                            n.get("capacity", DEFAULT_NODE_CAPACITY), MAX_SIZE),
             memory=sized(f"storage_nodes[{i}].memory", n.get("memory", DEFAULT_NODE_MEMORY),
                          MAX_SIZE),
             target_iqn=names.target_iqn(lab, n['name']),
+            ssh=_ssh_access(n["ssh"], Path(file).parent, f"storage_nodes[{i}].ssh", fail,
+                            str(addr), lab, n["name"]) if "ssh" in n else None,
         ))
     hosts = []
     base = Path(file).parent
@@ -519,15 +543,19 @@ def _build(data: dict[str, Any], file: str) -> Topology:
             name=h["name"], site=site_name("hosts", i), address=addr,
             memory=sized(f"hosts[{i}].memory", h.get("memory", DEFAULT_HOST_MEMORY), MAX_SIZE),
             initiator_iqn=names.host_iqn(lab, h['name']),
-            ssh=_ssh_access(h["ssh"], base, f"hosts[{i}].ssh", fail, str(addr))
-            if "ssh" in h else None,
+            ssh=_ssh_access(h["ssh"], base, f"hosts[{i}].ssh", fail, str(addr), lab,
+                            h["name"]) if "ssh" in h else None,
         ))
-    if any(h.ssh for h in hosts):
-        where = next(f"hosts[{i}].ssh" for i, h in enumerate(hosts) if h.ssh)
-        if data.get("wan") or any("mobility" in s for s in raw_sites):
-            fail(where, "hosts reached over SSH are not supported in a lab with WAN links or "
-                        "mobility agents yet (their routes to other sites are set in the "
-                        "hosts' namespaces)")
+    with_ssh = [f"hosts[{i}].ssh" for i, h in enumerate(hosts) if h.ssh] + [
+        f"storage_nodes[{i}].ssh" for i, n in enumerate(nodes) if n.ssh]
+    for i, n in enumerate(nodes):
+        if n.ssh is not None and n.ssh.agent != "process":
+            fail(f"storage_nodes[{i}].ssh.agent", "a storage node's agent is started by labctl "
+                 "(agent: process); the playbooks' storage unit is not driven yet")
+    if with_ssh and (data.get("wan") or any("mobility" in s for s in raw_sites)):
+        fail(with_ssh[0], "machines reached over SSH are not supported in a lab with WAN "
+                          "links or mobility agents yet (their routes to other sites are set "
+                          "in the hosts' namespaces)")
     for i, h in enumerate(hosts):
         if "ssh" not in raw_hosts[i] and any(s.name == h.site and s.external and not s.bridge
                                  for s in sites):
@@ -537,9 +565,11 @@ def _build(data: dict[str, Any], file: str) -> Topology:
     host_names = [h.name for h in hosts]
     node_names = [n.name for n in nodes]
     for i, n in enumerate(nodes):
-        if any(s.name == n.site and s.external and not s.bridge for s in sites):
+        if n.ssh is None and any(s.name == n.site and s.external and not s.bridge
+                                 for s in sites):
             fail(f"storage_nodes[{i}]", f"site {n.site}'s network is reached here only by a "
-                 "route: a storage node VM needs its bridge (sites[].bridge)")
+                 "route: a storage node VM needs its bridge (sites[].bridge), or give the "
+                 "node an ssh: block (a machine with LIO)")
 
     stores = []
     free = {n.name: n.capacity for n in nodes}
@@ -582,6 +612,9 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                      f"host {h} is not in site {node.site} of storage node {node.name}")
         if len(set(d["hosts"])) != len(d["hosts"]):
             fail(f"datastores[{i}].hosts", "a host is named twice")
+        if d.get("kind") == "file" and node is not None and node.ssh is not None:
+            fail(f"datastores[{i}].kind", f"storage node {node.name} is a machine reached over "
+                 "SSH: file datastores are served by node VMs only so far")
         stores.append(Datastore(d["name"], node_name or "", size or 0, tuple(d["hosts"]),
                                 d.get("kind", "block")))
     ds_names = [d.name for d in stores]

@@ -39,7 +39,7 @@ import asyncssh
 import yaml
 
 from labctl.core.errors import ImageBuildError, LabStateError, MissingDependency, ProvisionError
-from labctl.core.paths import cache_dir, home, repo_root
+from labctl.core.paths import cache_dir, repo_root
 from labctl.core.proc import run, which
 from labctl.core.secret import write_private
 from labctl.core.wire import Message
@@ -47,7 +47,7 @@ from labctl.drivers.debian import digest
 from labctl.drivers.netlink import overlapping_routes
 from labctl.drivers.ssh import SshMachine
 from labctl.lab.bringup import probe_accel
-from labctl.lab.topology import Topology
+from labctl.lab.topology import Topology, vagrant_dir
 from labctl.storage import domains
 from labctl.storage.image import debian_suite, publish_build, recipe_packages
 
@@ -216,7 +216,7 @@ async def _customize(root: Path, out: Path, recipe: Path, key: Path) -> None:
 
 
 def workdir(lab: str) -> Path:
-    return home() / "vagrant" / lab
+    return vagrant_dir(lab)
 
 
 def console_dir(lab: str) -> Path:
@@ -249,8 +249,8 @@ class VagrantUp(Message):
     machines: list[VagrantMachine]
     #: Vagrant's directory for the lab (VAGRANT_DOTFILE_PATH)
     dotfile: str
-    #: the topology with its hosts as these machines (``ssh:`` blocks, host keys pinned),
-    #: for ``labctl up``; None while the topology has storage nodes (not over SSH yet)
+    #: the topology with its hosts and storage nodes as these machines (``ssh:`` blocks,
+    #: host keys pinned), for ``labctl up``
     topology: str | None = None
 
 
@@ -421,12 +421,10 @@ async def up(topo: Topology, topo_path: Path, provision: bool = True,
             key=str(lab_key)))
         await _authorize(name, address, w / "dot" / "machines" / name / "libvirt" /
                          "private_key", key, lab_key)
-    made = None
-    if not topo.storage_nodes:
-        made = w / f"{topo.name}.yaml"
-        made.write_text(_ssh_topology(topo_path, found))
+    made = w / f"{topo.name}.yaml"
+    made.write_text(_ssh_topology(topo_path, found))
     return VagrantUp(lab=topo.name, box=box.name, provisioned=provision, machines=found,
-                     dotfile=str(w / "dot"), topology=str(made) if made else None)
+                     dotfile=str(w / "dot"), topology=str(made))
 
 
 def _lab_key(w: Path) -> Path:
@@ -452,10 +450,11 @@ async def _authorize(name: str, address: str, vagrant_key: Path, host_key: str,
 
 
 def _ssh_topology(source: Path, machines: list[VagrantMachine]) -> str:
-    """The topology file with each host given as its machine (a copy, the original kept)."""
+    """The topology file with each host and storage node given as its machine (a copy, the
+    original kept)."""
     data = yaml.safe_load(source.read_text(encoding="utf-8"))
     by_name = {m.name: m for m in machines}
-    for h in data.get("hosts") or []:
+    for h in [*(data.get("storage_nodes") or []), *(data.get("hosts") or [])]:
         m = by_name[h["name"]]
         h["address"] = m.address
         h["ssh"] = {"key": m.key, "host_key": m.host_key_file, "user": m.user}

@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS storage_nodes (
     name TEXT PRIMARY KEY, site TEXT NOT NULL, address TEXT NOT NULL, target_iqn TEXT NOT NULL,
     domain TEXT NOT NULL, tap TEXT NOT NULL, agent_port INTEGER NOT NULL, capacity INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'defined', memory INTEGER NOT NULL DEFAULT 268435456,
-    domain_type TEXT NOT NULL DEFAULT 'qemu', mac TEXT);
+    domain_type TEXT NOT NULL DEFAULT 'qemu', mac TEXT, ssh TEXT);
 CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY, host TEXT NOT NULL, datastore TEXT, memory INTEGER NOT NULL,
     vcpus INTEGER NOT NULL, dirty_rate REAL NOT NULL, working_set INTEGER NOT NULL,
@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS steps (name TEXT NOT NULL, seconds REAL NOT NULL, at 
                       ("vms", "mac", "TEXT"), ("vms", "app_rate", "REAL"),
                       ("vms", "disk_size", "INTEGER"),
                       ("sites", "provider", "TEXT NOT NULL DEFAULT 'labctl'"),
-                      ("hosts", "ssh", "TEXT")))
+                      ("hosts", "ssh", "TEXT"), ("storage_nodes", "ssh", "TEXT")))
 
 
 class Inventory:

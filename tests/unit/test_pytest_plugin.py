@@ -4,6 +4,8 @@ local lab (the real lab: tests/e2e/plugin/)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -78,7 +80,10 @@ def test_a_network_of_machines_keeps_its_addresses() -> None:
         "name": "hw",
         "sites": [{"name": "a", "subnet": "192.168.60.0/24"},
                   {"name": "b", "subnet": "192.168.61.0/24", "bridge": "br-lab"},
-                  {"name": "c", "subnet": "10.231.0.0/24"}],
+                  {"name": "c", "subnet": "10.231.0.0/24"},
+                  {"name": "d", "subnet": "192.168.62.0/24"}],
+        "storage_nodes": [{"name": "n1", "site": "d",
+                           "ssh": {"key": "k", "host_key": "k.pub"}}],
         "hosts": [{"name": "h1", "site": "a", "ssh": {"key": "k", "host_key": "k.pub"}},
                   {"name": "h2", "site": "c"}]})
     got = yaml.safe_load(renamed(text, "pt123456", "hw.yaml"))
@@ -86,3 +91,26 @@ def test_a_network_of_machines_keeps_its_addresses() -> None:
     assert got["name"] == "pt123456"
     assert subnets["a"] == "192.168.60.0/24" and subnets["b"] == "192.168.61.0/24"
     assert subnets["c"] != "10.231.0.0/24"
+    # a site whose storage node is a machine keeps its addresses too
+    assert subnets["d"] == "192.168.62.0/24"
+
+
+def test_vagrant_machines_keep_their_labs_keys(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ssh: vagrant`` names the machine ``labctl vagrant up`` made for the lab as written:
+    the session's renamed copy points at that lab's keys."""
+    import yaml
+
+    from labctl.testing.plugin import renamed
+
+    monkeypatch.setenv("LABCTL_HOME", str(tmp_path))
+    text = yaml.safe_dump({
+        "name": "vagrant", "sites": [{"name": "s1", "subnet": "10.233.0.0/24"}],
+        "storage_nodes": [{"name": "stor1", "ssh": "vagrant"}],
+        "hosts": [{"name": "host1", "ssh": "vagrant"}]})
+    got = yaml.safe_load(renamed(text, "pt1", "vagrant.yaml"))
+    assert got["storage_nodes"][0]["ssh"] == {
+        "key": str(tmp_path / "vagrant" / "vagrant" / "id_ed25519"),
+        "host_key": str(tmp_path / "vagrant" / "vagrant" / "keys" / "stor1.pub")}
+    assert got["hosts"][0]["ssh"]["host_key"].endswith("/vagrant/keys/host1.pub")
+    assert got["sites"][0]["subnet"] == "10.233.0.0/24"

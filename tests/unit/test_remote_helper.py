@@ -88,3 +88,21 @@ def test_exec_takes_its_environment_from_stdin(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "not an object of strings" in bad.stderr
     missing = _remote("exec", "--", str(tmp_path / "nothing"), stdin="{}\n")
     assert missing.returncode == 127 and "cannot run" in missing.stderr
+
+
+def test_start_writes_the_pidfile_of_an_agent_that_writes_none(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    res = _remote("start", "--log", str(state / "agent.out"), "--pidfile",
+                  str(state / "agent.pid"), "--", sys.executable, "-c",
+                  "import time; time.sleep(600)", str(state))
+    assert res.returncode == 0, res.stderr
+    pid = int(res.stdout.split()[0])
+    try:
+        assert (state / "agent.pid").read_text().strip() == str(pid)
+        assert (state / "agent.pid").stat().st_mode & 0o777 == 0o600
+        stopped = _remote("stop", "--state-dir", str(state), "--grace", "5")
+        assert stopped.stdout.splitlines() == [f"agent (pid {pid})"], stopped.stdout
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)

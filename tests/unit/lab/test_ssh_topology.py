@@ -133,3 +133,82 @@ def test_host_key_lines_and_files(tmp_path: Path) -> None:
 def test_two_labs_never_share_a_state_directory() -> None:
     assert state_dir("a1b2c3", "h1") != state_dir("d4e5f6", "h1")
     assert state_dir("a1b2c3", "h1").startswith("/var/lib/labctl/labs/")
+
+
+def test_a_storage_node_as_a_machine(tmp_path: Path, keys: tuple[Path, str]) -> None:
+    t = _load(tmp_path, _text(more=(
+        "storage_nodes:\n  - name: n1\n    ssh: {key: client, host_key: host.pub}\n"
+        "datastores:\n  - {name: ds1, size: 64M, hosts: [h1]}\n")))
+    node = t.storage_nodes[0]
+    assert node.ssh is not None and node.ssh.address == str(node.address) == "10.250.7.2"
+    assert node.ssh.agent == "process" and node.ssh.host_key == keys[1]
+    # a routed site of machines takes a node only as a machine: no "needs its bridge"
+    assert t.sites[0].external and t.sites[0].bridge is None
+
+
+def test_what_a_storage_machine_cannot_do_yet(tmp_path: Path, keys: tuple[Path, str]) -> None:
+    text = _text(more=(
+        "storage_nodes:\n  - name: n1\n    ssh: {key: client, host_key: host.pub, "
+        "agent: systemd}\n"
+        "datastores:\n  - {name: fs, kind: file, size: 1G, hosts: [h1]}\n"))
+    found = dict(_problems(tmp_path, text))
+    assert "agent: process" in found["storage_nodes[0].ssh.agent"]
+    assert "file datastores are served by node VMs only" in found["datastores[0].kind"]
+
+
+def test_a_storage_machine_alone_makes_the_site_routed(tmp_path: Path,
+                                                       keys: tuple[Path, str]) -> None:
+    # the site's hosts are namespaces here, so the routed site refuses them, not the node
+    text = ("name: t\nsites:\n  - name: s1\n    subnet: 10.250.7.0/24\n"
+            "storage_nodes:\n  - name: n1\n    ssh: {key: client, host_key: host.pub}\n"
+            "hosts:\n  - name: h1\n")
+    found = dict(_problems(tmp_path, text))
+    assert "give this host an ssh: block too" in found["hosts[0]"]
+    assert "storage_nodes[0]" not in found
+
+
+def test_the_machine_check_reads_a_storage_machine_key(tmp_path: Path,
+                                                       keys: tuple[Path, str]) -> None:
+    t = _load(tmp_path, _text(more=(
+        "storage_nodes:\n  - name: n1\n    ssh: {key: client, host_key: host.pub}\n"
+        "datastores:\n  - {name: ds1, size: 64M, hosts: [h1]}\n")))
+    keys[0].chmod(0o644)
+    with pytest.raises(TopologyError) as err:
+        bringup.check_machine(t, tmp_path)
+    fields = [f for f, _ in err.value.problems]
+    assert "storage_nodes[0].ssh.key" in fields and "hosts[0].ssh.key" in fields
+
+
+def test_ssh_vagrant_takes_the_keys_vagrant_up_pinned(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABCTL_HOME", str(tmp_path / "home"))
+    text = ("name: vg\nsites:\n  - name: s1\n    subnet: 10.250.7.0/24\n"
+            "storage_nodes:\n  - name: n1\n    ssh: vagrant\n"
+            "hosts:\n  - name: h1\n    ssh: vagrant\n")
+    # before `labctl vagrant up`: the file loads, the machine check says what to run
+    t = _load(tmp_path, text)
+    assert t.sites[0].external
+    with pytest.raises(TopologyError) as err:
+        bringup.check_machine(t, tmp_path)
+    found = dict(err.value.problems)
+    assert "run labctl vagrant up with this topology first" in found["hosts[0].ssh.host_key"]
+    assert "storage_nodes[0].ssh.host_key" in found
+    # after: its key and each machine's pinned host key, from the lab's Vagrant directory
+    w = topology.vagrant_dir("vg")
+    (w / "keys").mkdir(parents=True)
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key.write_private_key(str(w / "id_ed25519"))
+    (w / "id_ed25519").chmod(0o600)
+    host = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    for name in ("n1", "h1"):
+        (w / "keys" / f"{name}.pub").write_text(host + "\n")
+    t = _load(tmp_path, text)
+    ssh = t.hosts[0].ssh
+    assert ssh is not None and ssh.vagrant == "vg" and ssh.host_key == host
+    assert ssh.key == str(w / "id_ed25519") and ssh.address == "10.250.7.11"
+    assert t.storage_nodes[0].ssh is not None and t.storage_nodes[0].ssh.address == "10.250.7.2"
+    with pytest.raises(TopologyError) as err:  # only the route is missing here
+        bringup.check_machine(t, tmp_path)
+    assert [f for f, _ in err.value.problems] == ["sites[0].subnet"]
+    # a word other than vagrant is refused by the file's own check
+    assert _problems(tmp_path, text.replace("ssh: vagrant", "ssh: vagrantt", 1))

@@ -1,0 +1,123 @@
+"""A storage node that is a machine (slow): ``labctl vagrant up`` of a storage machine and a
+host machine from labctl's box, then ``labctl up`` of the topology it wrote. The storage
+agent runs on the machine with the controller's code handed over and drives the LIO of
+the machine's own kernel; each datastore is a sparse file of the lab's on a loop device.
+
+Checked from outside labctl: libiscsi's ``iscsi-inq`` on the host machine, with the host's
+CHAP identity, reads the LUN's NAA designator, and it is the ID ``status --json`` reports;
+the test VM heartbeats on the host machine from the LUN; a datastore made while the lab
+runs is a new loop device there, a resize reaches the host by the storage event, a delete
+removes its file. ``labctl down`` leaves the machine's LIO without the lab's target or
+backstores, no loop device on the lab's files, no directory or process; ``vagrant down``
+leaves nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labctl.drivers.ssh import SshMachine
+from labctl.testing.checks import naa_designator
+from tests.conftest import E2E, free_subnet, labctl, unique_lab, wait
+
+pytestmark = [*E2E, pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("vagrant") is None,
+                                 reason="vagrant is not installed (scripts/setup.sh)")]
+
+
+async def _on(m: dict[str, Any], *argv: str) -> str:
+    async with SshMachine(m["name"], m["address"], Path(m["key"]), m["host_key"],
+                          user="root", pinned_by="its console printed") as s:
+        return (await s.run(list(argv), check=False)).stdout
+
+
+def _machine_state(m: dict[str, Any]) -> dict[str, str]:
+    """What of any lab is on the storage machine: LIO targets and backstores, loop devices,
+    labctl's state directories and agents."""
+    return {
+        "targets": asyncio.run(_on(m, "ls", "/sys/kernel/config/target/iscsi")).strip(),
+        "backstores": asyncio.run(_on(m, "sh", "-c", "ls /sys/kernel/config/target/core/iblock_*"
+                                                     " 2>/dev/null")).strip(),
+        "loops": asyncio.run(_on(m, "losetup", "--list", "--noheadings")).strip(),
+        "dirs": asyncio.run(_on(m, "find", "/var/lib/labctl/labs", "-mindepth", "1")).strip(),
+        "agents": asyncio.run(_on(m, "pgrep", "-af", "labctl.agents")).strip(),
+    }
+
+
+def _beat(name: str) -> int | None:
+    vm = json.loads(labctl("--lab", name, "vm", "list", "--json").stdout)[0]
+    return int(vm["heartbeat"]["counter"]) if vm.get("heartbeat") else None
+
+
+def test_a_storage_machine_serves_luns_from_its_own_lio(lab_home: Path, tmp_path: Path) -> None:
+    name = unique_lab("vs")
+    topo = tmp_path / "machines.yaml"
+    topo.write_text(
+        f"name: {name}\nsites:\n  - name: s1\n    subnet: {free_subnet()}\n"
+        "storage_nodes:\n  - name: stor1\n    memory: 512M\n    capacity: 2G\n"
+        "hosts:\n  - name: host1\n    memory: 1G\n"
+        "datastores:\n  - {name: ds1, size: 64M, hosts: [host1]}\n"
+        "vms:\n  - {name: vm1, host: host1, datastore: ds1, memory: 128M, working_set: 16M,"
+        " autostart: false}\n")
+    try:
+        up = json.loads(labctl("vagrant", "up", str(topo), "--no-provision", "--json",
+                               timeout=2400).stdout)
+        machines = {m["name"]: m for m in up["machines"]}
+        stor = machines["stor1"]
+        assert stor["group"] == "storage"
+        before = _machine_state(stor)
+        labctl("up", up["topology"], timeout=1200)
+        try:
+            lab = ("--lab", name)
+            status = json.loads(labctl(*lab, "status", "--json").stdout)
+            (node,) = status["storage_nodes"]
+            assert node["agent"] == "up" and node["ssh"] == f"root@{stor['address']}:22"
+            assert node["domain"] == "" and node["domain_state"] is None
+            (ds,) = status["datastores"]
+            assert ds["seen_by"]["host1"]["naa"] == ds["naa"]
+            # an outside iSCSI client on the host machine (libiscsi, the host's CHAP identity)
+            # reads the NAA designator of the LUN: the ID status reports
+            shown = json.loads(labctl(*lab, "datastore", "show", "ds1", "--json").stdout)
+            url = f"iscsi://{stor['address']}/{shown['target_iqn']}/{shown['lun']}"
+            iqn = status["hosts"][0]["initiator_iqn"]
+            inq = subprocess.run([sys.executable, "-m", "labctl.cli", *lab, "exec", "host1",
+                                  "--", "iscsi-inq", "-e", "1", "-c", "131", "-i", iqn, url],
+                                 capture_output=True, check=True, timeout=120)
+            raw = bytes.fromhex(ds["naa"].removeprefix("naa.")).split(b"\0")[0]
+            assert naa_designator(inq.stdout) == raw, inq.stdout
+            # the LUN is a loop device on the lab's file on the machine, LIO's iblock on it
+            loops = asyncio.run(_on(stor, "losetup", "--list", "--noheadings",
+                                    "--output", "NAME,BACK-FILE"))
+            assert f"/disks/{shown['backing']['disk_serial']}.img" in loops, loops
+            # the VM boots from the LUN on the host machine and heartbeats
+            labctl(*lab, "vm", "start", "vm1", timeout=900)
+            first = wait(lambda: _beat(name), 300, "vm1's heartbeat")
+            assert wait(lambda: (b := _beat(name)) and b > first and b, 60, "a later beat")
+            # a datastore made while the lab runs, grown (the event reaches the host), deleted
+            made = json.loads(labctl(*lab, "datastore", "create", "ds2", "--size", "32M",
+                                     "--hosts", "host1", "--json", timeout=300).stdout)
+            assert made["seen_by"]["host1"]["seen_naa"] == made["naa"], made
+            grown = json.loads(labctl(*lab, "datastore", "resize", "ds2", "48M", "--json",
+                                      timeout=300).stdout)
+            assert grown["event"] is not None, grown
+            seen = json.loads(labctl(*lab, "datastore", "show", "ds2", "--json").stdout)
+            assert seen["seen_by"]["host1"]["size_bytes"] == 48 << 20, seen
+            labctl(*lab, "datastore", "delete", "ds2", timeout=300)
+            left = asyncio.run(_on(stor, "losetup", "--list", "--noheadings", "--output",
+                                   "BACK-FILE"))
+            assert "lc-ds2" not in left and "lc-ds1" in left, left
+        finally:
+            labctl("--lab", name, "down", "--purge", check=False, timeout=600)
+        # the machine's LIO and loop driver as they were before the lab, nothing of it left
+        assert _machine_state(stor) == before
+    finally:
+        down = labctl("vagrant", "down", str(topo), "--json", check=False, timeout=900)
+    assert down.returncode == 0, down.stderr
+    assert len(json.loads(down.stdout)["removed"]) == 2
