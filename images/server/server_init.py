@@ -60,6 +60,12 @@ def authorize(key_b64: str) -> None:
     if not key.startswith("ssh-") or "\n" in key:
         raise initlib.InitError("labctl.key is not one SSH public key line")
     os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
+    try:
+        with open("/root/.ssh/authorized_keys") as f:
+            if f.read() == key + "\n":
+                return  # already there: a boot on a full filesystem writes nothing
+    except OSError:
+        pass
     tmp = "/root/.ssh/authorized_keys.new"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

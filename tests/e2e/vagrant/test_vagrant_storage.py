@@ -41,10 +41,14 @@ async def _on(m: dict[str, Any], *argv: str) -> str:
 def _machine_state(m: dict[str, Any]) -> dict[str, str]:
     """What of any lab is on the storage machine: LIO targets and backstores, loop devices,
     labctl's state directories and agents."""
+    # LIO's own entries (lio_version...) appear once its modules are loaded: the lab's
+    # objects are its targets (iqn.) and the storage objects of its iblock HBAs
+    iscsi = asyncio.run(_on(m, "ls", "/sys/kernel/config/target/iscsi")).split()
+    core = asyncio.run(_on(m, "find", "/sys/kernel/config/target/core", "-mindepth", "2",
+                           "-maxdepth", "2", "-type", "d", "-path", "*/iblock_*/*")).split()
     return {
-        "targets": asyncio.run(_on(m, "ls", "/sys/kernel/config/target/iscsi")).strip(),
-        "backstores": asyncio.run(_on(m, "sh", "-c", "ls /sys/kernel/config/target/core/iblock_*"
-                                                     " 2>/dev/null")).strip(),
+        "targets": " ".join(t for t in iscsi if t.startswith("iqn.")),
+        "backstores": " ".join(sorted(core)),
         "loops": asyncio.run(_on(m, "losetup", "--list", "--noheadings")).strip(),
         "dirs": asyncio.run(_on(m, "find", "/var/lib/labctl/labs", "-mindepth", "1")).strip(),
         "agents": asyncio.run(_on(m, "pgrep", "-af", "labctl.agents")).strip(),
