@@ -256,7 +256,8 @@ def print_status(s: LabStatus) -> None:
             + (f": {n.agent_reason}" if n.agent_reason else "")
         dom = "" if n.domain_state in (None, "running") else f"; domain {n.domain_state}" + (
             f" ({n.domain_reason})" if n.domain_reason else "")
-        print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}  [agent {agent}{dom}]")
+        where = f"  ssh {n.ssh}" if n.ssh else ""
+        print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}{where}  [agent {agent}{dom}]")
     for h in s.hosts:
         why = f": {h.agent_reason}" if h.agent_reason else ""
         what = h.initiator_iqn if h.kind == "host" else f"mobility agent of {h.site}"
