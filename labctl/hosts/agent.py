@@ -154,6 +154,21 @@ class HostAgent:
                                                    returncode=vm.returncode,
                                                    console_tail=vm.console_tail(10)))
 
+    async def own_boot_files(self, spec: p.VmSpec) -> p.VmSpec:
+        """``spec`` with this host's copy of the test guest where the paths it names (the
+        source host's: another machine's directory, or the controller's cache) are not
+        here. Every host of a lab boots the test guest the controller built (handed to a
+        machine over SSH); a spec naming other boot files is left as it is."""
+        if spec.kernel is None or spec.kernel.is_file():
+            return spec
+        image = await ensure_guest_image()
+        theirs = (spec.kernel.name, spec.initrd.name if spec.initrd else None)
+        if theirs != (image.kernel.name, image.initrd.name):
+            return spec
+        log.info("VM %s: the test guest's boot files are %s here (the source's %s)",
+                 spec.name, image.kernel.parent, spec.kernel.parent)
+        return spec.replace(kernel=image.kernel, initrd=image.initrd)
+
     def check_spec(self, spec: p.VmSpec, method: str) -> p.VmSpec:
         """``spec``, if its kernel and initrd are present on this host."""
         for path in (spec.kernel, spec.initrd):

@@ -296,7 +296,8 @@ class MigrationHandlers:
             raise LabError(f"mig_prepare: listen must be an IPv4 address, not {listen!r}")
         if not 1 <= req.lease_s <= 600:
             raise LabError("mig_prepare: lease_s must be 1..600 seconds")
-        vmspec = self.agent.check_spec(req.spec, "mig_prepare")
+        vmspec = self.agent.check_spec(await self.agent.own_boot_files(req.spec),
+                                       "mig_prepare")
         if isinstance(vmspec.disk, NfsChainDisk) and storage == "late":
             raise LabError("mig_prepare: late storage preparation is for a LUN; a VM on a "
                            "file datastore opens its chain early", vm=vmspec.name)
