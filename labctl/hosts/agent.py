@@ -213,7 +213,7 @@ class HostAgent:
         probe = self._accel_probe()
         return p.HostPing(host=self.host, pid=os.getpid(), qemu_version=version,
                           accel=probe.result() if probe.done() else "probing",
-                          mem_available=_mem_available())
+                          mem_available=_mem_available(), monotonic=time.monotonic())
 
     async def vm_spec(self, start: p.VmStartSpec) -> p.VmSpec:
         """The complete spec of a ``vm_start`` request: the accelerator resolved, the test

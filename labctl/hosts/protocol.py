@@ -290,6 +290,10 @@ class HostPing(Message):
     accel: str
     #: the machine's MemAvailable in bytes (what a new QEMU can really get)
     mem_available: int | None
+    #: the agent's time.monotonic() when it answered: every stamp an agent sends is on
+    #: that clock, and two machines' clocks differ (the migration driver measures by how
+    #: much); None from an agent that does not say
+    monotonic: float | None = None
 
 
 @dataclass(frozen=True)

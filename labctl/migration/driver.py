@@ -114,6 +114,9 @@ class Migration:
         self._postcopy = False
         self._source_died = False
         self._src_status: SourceStatus | None = None
+        #: the destination agent's monotonic clock minus the source's (0 on one machine):
+        #: the destination's stamps are moved onto the source's axis by it
+        self._dst_shift = 0.0
 
     @property
     def period_ms(self) -> int:
@@ -154,6 +157,7 @@ class Migration:
                 timeout=30)
             self.progress(f"{self.src.host}: calc-dirty-rate: {self.vm} dirties "
                           f"{measured.dirty_rate_mib_s} MiB/s")
+        self._dst_shift = await clock_shift(self.src.client, self.dst.client)
         self.rec.start(self.vm, self.src.host, self.dst.host, self.policy)
         self.result = replace(self.result, id=self.rec.id, started_at=WallTime(t_wall),
                               heartbeat_period_ms=self.period_ms, dirty_rate_measured=measured)
@@ -356,9 +360,9 @@ class Migration:
         final = st.final if st.final is not None else {}
         # the last source heartbeat (console lines may arrive just after the STOP event)
         src_hb = st.heartbeat
-        fin = await mp.MIG_DEST_FINISH.call(self.dst.client, mp.DestFinish(
+        fin = on_source_clock(await mp.MIG_DEST_FINISH.call(self.dst.client, mp.DestFinish(
             self.vm, after_counter=None if src_hb is None else src_hb.counter,
-            source_heartbeat=src_hb), timeout=60)
+            source_heartbeat=src_hb), timeout=60), self._dst_shift)
         first = fin.first_heartbeat
         blackout = (first.t - src_hb.t) * 1000 if first and src_hb else None
         disk_read = _disk_value(fin.disk_read)
@@ -501,6 +505,47 @@ def switchover_breakdown(src: SideStamps, dst: SideStamps, last_src_hb_t: float 
                       stop_to_resume_qemu_ms=ms(src.qemu_t, dst.qemu_t),
                       hb_before_stop_ms=hb_before_stop, after_resume_ms=after_resume,
                       restart_overhead_ms=overhead, checkpoints_ms=checkpoints)
+
+
+async def _clock_offset(client: RpcClient) -> tuple[float, float] | None:
+    """(the agent's monotonic clock minus this process's, the round trip it was read in),
+    from the quickest of three pings; None when the agent does not say its clock."""
+    best: tuple[float, float] | None = None
+    for _ in range(3):
+        t0 = time.monotonic()
+        ping = await hp.PING.call(client, timeout=10)
+        t1 = time.monotonic()
+        if ping.monotonic is None:
+            return None
+        if best is None or t1 - t0 < best[1]:
+            best = (ping.monotonic - (t0 + t1) / 2, t1 - t0)
+    return best
+
+
+async def clock_shift(src: RpcClient, dst: RpcClient) -> float:
+    """The destination agent's monotonic clock minus the source's, in seconds: 0 where the
+    difference is within the reading's own uncertainty (two hosts of one machine share the
+    clock), else the measured difference (two machines: their boot times apart)."""
+    a, b = await _clock_offset(src), await _clock_offset(dst)
+    if a is None or b is None:
+        return 0.0
+    shift = b[0] - a[0]
+    return shift if abs(shift) > a[1] + b[1] else 0.0
+
+
+def on_source_clock(fin: mp.DestFinished, shift: float) -> mp.DestFinished:
+    """The destination's stamps in ``fin`` moved onto the source agent's clock."""
+    if not shift:
+        return fin
+
+    def beat(hb: mp.HeartbeatStamp | None) -> mp.HeartbeatStamp | None:
+        return None if hb is None else hb.replace(t=hb.t - shift)
+
+    return fin.replace(
+        first_heartbeat=beat(fin.first_heartbeat), heartbeat=beat(fin.heartbeat),
+        resume_t=None if fin.resume_t is None else fin.resume_t - shift,
+        resume_qemu_t=None if fin.resume_qemu_t is None else fin.resume_qemu_t - shift,
+        checkpoints={k: v - shift for k, v in fin.checkpoints.items()})
 
 
 def _why_failed(st: SourceStatus) -> str:
