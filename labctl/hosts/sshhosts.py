@@ -221,9 +221,10 @@ class SshHosts:
                 await m.put((peer_secret.hex() + "\n").encode(), f"{remote}/peer-secret",
                             mode=0o600)
                 args += ["--peer-secret-file", f"{remote}/peer-secret"]
+            await _hand_over_code(m, remote)
+            # the config last: teardown releases LIO's objects by it, with that code
             await m.put((json.dumps(config, indent=2) + "\n").encode(),
                         f"{remote}/storage.json", mode=0o600)
-            await _hand_over_code(m, remote)
             py = access.remote_python(remote)
             started = await m.run([
                 *py, "-m", "labctl.agents.remote", "start", "--log", f"{remote}/agent.out",
@@ -276,10 +277,14 @@ class SshHosts:
                                   timeout=180)
                 removed.extend(f"process {line} on {name}"
                                for line in got.stdout.splitlines() if line.strip())
-                if kind == "ssh-storage":  # LIO's objects outlive the agent: its own, by name
+                config = f"{remote}/storage.json"
+                if kind == "ssh-storage" and (await m.run(["test", "-f", config],
+                                                          check=False)).ok:
+                    # LIO's objects outlive the agent: its own, by its config (none was made
+                    # before the config was written)
                     got = await m.run([*access.remote_python(remote), "-m",
-                                       "labctl.agents.storage", "--config",
-                                       f"{remote}/storage.json", "--release"], timeout=180)
+                                       "labctl.agents.storage", "--config", config,
+                                       "--release"], timeout=180)
                     removed.extend(f"{line} on {name}"
                                    for line in got.stdout.splitlines() if line.strip())
                 await m.run(["rm", "-rf", "--one-file-system", remote])

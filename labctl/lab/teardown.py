@@ -46,8 +46,8 @@ async def teardown(ctx: LabContext) -> list[str]:
         ctx.progress(f"warning: {exc.message}")
     for inv, owned in journals:  # the sites' links (veths) before the lab's (bridges)
         for kind, name, detail in owned:
-            if kind == "ssh-host":  # its provider disowns it once the machine is clean
-                continue
+            if kind in ("ssh-host", "ssh-storage"):  # disowned by their provider, once
+                continue                               # the machine is clean
             if kind == "link" and netlink.delete_link(name, detail["alias"]):
                 removed.append(f"link {name}")
             inv.disown(kind, name)
