@@ -25,6 +25,7 @@ from labctl.core.names import QEMU_BINARY
 from labctl.core.proc import run, which
 from labctl.datastores import filestores, rescan
 from labctl.datastores import service as datastores
+from labctl.datastores import tables as ds_tables
 from labctl.drivers import netlink
 from labctl.guest.image import GuestImage, ensure_guest_image
 from labctl.hosts import accelcache
@@ -37,6 +38,7 @@ from labctl.replication.image import ensure_server_image
 from labctl.state.context import LabContext
 from labctl.state.pki import LabPki
 from labctl.storage import node as storagenode
+from labctl.storage import protocol as sp
 from labctl.storage.image import StorageImage, ensure_storage_image
 from labctl.wan import service as wan
 
@@ -287,6 +289,33 @@ def _record_vms(ctx: LabContext, vms_here: list[tuple[int, Vm]], gimg: GuestImag
                    app_rate=vm.app_rate, disk_size=vm.disk_size)
 
 
+async def _restart_machine_node(ctx: LabContext, topo: Topology, i: int) -> None:
+    """Storage node ``i``'s agent on its machine started again (``up`` of a lab that is
+    up): its LUNs are still in the machine's LIO and its disks on their loop devices (made
+    again after a reboot of the machine); each is ensured again, so the new agent watches
+    it and publishes its storage events."""
+    node = topo.storage_nodes[i]
+    assert node.ssh is not None
+    await SshHosts(ctx.name, ctx.dir.path, ctx.inv).provision_storage(
+        node.name, str(node.address), topo.site(node.site).subnet.prefixlen,
+        node.target_iqn, ctx.secret(), ctx.storage_peer_key(), node.ssh)
+    for d in ds_tables.datastores(ctx.inv, node=node.name):
+        await datastores.attach_disk(ctx, node.name, storagenode.DataDisk(
+            serial=d.disk_serial, path=Path(d.backing_path), size_bytes=d.size_bytes))
+        await datastores.export_lun(ctx, d.name)
+
+
+async def _node_answers(site: LabContext, name: str) -> bool:
+    try:
+        async with site.storage_client(name, timeout=2.0) as c:
+            await sp.PING.call(c, timeout=3)
+        return True
+    except AgentError as exc:
+        site.progress(f"the storage agent of {name} does not answer ({exc.message}): "
+                      "starting it again")
+        return False
+
+
 async def _start_machine_node(ctx: LabContext, topo: Topology, i: int) -> None:
     """Storage node ``i``, a machine reached over SSH: its agent started there, then a data
     disk per datastore (a sparse file on a loop device) made by the agent."""
@@ -465,9 +494,14 @@ async def _answers(site: LabContext, name: str, what: str) -> bool:
 
 async def recover(ctx: LabContext, topo: Topology) -> list[str]:
     """``up`` of a lab that is already up (``ctx`` the lab's own context): every host agent
-    that does not answer its site's controller is started again by its provider (it takes
-    over the VMs its predecessor left running); returns the hosts restarted."""
+    (and storage machine's agent) that does not answer its site's controller is started
+    again by its provider (a host agent takes over the VMs its predecessor left running);
+    returns what was restarted."""
     restarted = []
+    for i, node in enumerate(topo.storage_nodes):  # a node VM is restarted on its own
+        if node.ssh is not None and not await _node_answers(ctx.in_site(node.site), node.name):
+            await _restart_machine_node(ctx.in_site(node.site), topo, i)
+            restarted.append(node.name)
     for i, host in enumerate(topo.hosts):
         site = ctx.in_site(host.site)
         if not await _answers(site, host.name, "host agent"):

@@ -117,6 +117,19 @@ def test_a_storage_machine_serves_luns_from_its_own_lio(lab_home: Path, tmp_path
             left = asyncio.run(_on(stor, "losetup", "--list", "--noheadings", "--output",
                                    "BACK-FILE"))
             assert "lc-ds2" not in left and "lc-ds1" in left, left
+            # the storage agent killed: `up` again starts it, and it watches ds1 again (a
+            # resize still reaches the host as a storage event); the VM never noticed
+            state = str(Path(shown["backing"]["path"]).parent.parent)
+            pid = asyncio.run(_on(stor, "cat", f"{state}/agent.pid")).strip()
+            asyncio.run(_on(stor, "kill", "-9", pid))
+            again = labctl("up", up["topology"], timeout=600)
+            assert "the storage agent of stor1 does not answer" in again.stderr + again.stdout
+            status = json.loads(labctl(*lab, "status", "--json").stdout)
+            assert status["storage_nodes"][0]["agent"] == "up"
+            grown = json.loads(labctl(*lab, "datastore", "resize", "ds1", "80M", "--json",
+                                      timeout=300).stdout)
+            assert grown["event"] is not None, grown
+            assert wait(lambda: (b := _beat(name)) and b > first and b, 60, "a beat after")
         finally:
             labctl("--lab", name, "down", "--purge", check=False, timeout=600)
         # the machine's LIO and loop driver as they were before the lab, nothing of it left
