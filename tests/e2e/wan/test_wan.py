@@ -80,15 +80,29 @@ def _iperf(lab: dict[str, Any], port: int, seconds: int) -> float:
     return float(json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 
-def _near(got: float, asked: float) -> bool:
-    """The issue's goal for RTT: within 5% + 1 ms of what was asked."""
-    return abs(got - asked) <= 0.05 * asked + 1.0
+def _near(got: float, asked: float, path: float) -> bool:
+    """The issue's goal for RTT: within 5% + 1 ms of what was asked, on top of ``path``, the
+    round trip of the path itself (the router VM's forwarding, measured with the link at
+    zero delay in the same run: 0.6 ms on one machine, over 2 ms on a slower one)."""
+    return abs(got - path - asked) <= 0.05 * asked + 1.0
 
 
-def test_the_link_is_the_only_path_and_the_rtt_is_twice_the_delay(lab: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def path_rtt(lab: dict[str, Any]) -> float:
+    """The path's own round trip, ms: the link set to 0 ms, 20 pings, median; then the
+    link as the topology had it."""
+    lab["cli"]("wan", "set", "wan1", "--delay", "0ms")
+    rtts, out = _ping(lab, 20)
+    lab["cli"]("wan", "set", "wan1", "--delay", "10ms")
+    assert len(rtts) == 20, out
+    return statistics.median(rtts)
+
+
+def test_the_link_is_the_only_path_and_the_rtt_is_twice_the_delay(lab: dict[str, Any],
+                                                                  path_rtt: float) -> None:
     rtts, out = _ping(lab, 20)
     assert len(rtts) == 20, out
-    assert _near(statistics.median(rtts), 20.0), rtts
+    assert _near(statistics.median(rtts), 20.0, path_rtt), (rtts, path_rtt)
     assert "ttl=63" in out  # one router between the sites
     route = in_ns(lab["name"], "a1", "ip", "-j", "route", "get", lab["b1"])
     assert json.loads(route.stdout)[0]["gateway"] == lab["router"][0], route.stdout
@@ -99,16 +113,19 @@ def test_the_link_is_the_only_path_and_the_rtt_is_twice_the_delay(lab: dict[str,
     assert all("netem" in leg["qdisc"] and leg["sent_packets"] > 0 for leg in legs), legs
 
 
-def test_set_changes_the_link_and_ping_follows_within_a_second(lab: dict[str, Any]) -> None:
+def test_set_changes_the_link_and_ping_follows_within_a_second(lab: dict[str, Any],
+                                                               path_rtt: float) -> None:
     lab["cli"]("wan", "set", "wan1", "--delay", "40ms", "--jitter", "2ms")
     rtts, out = _ping(lab, 10)
     # the very first round trip after set returned already has the new delay (+- jitter)
-    assert len(rtts) == 10 and all(abs(r - 80.0) <= 4 + 0.05 * 80 + 1 for r in rtts), out
-    assert _near(statistics.median(rtts), 80.0), rtts
+    assert len(rtts) == 10 and all(abs(r - path_rtt - 80.0) <= 4 + 0.05 * 80 + 1
+                                   for r in rtts), (out, path_rtt)
+    assert _near(statistics.median(rtts), 80.0, path_rtt), (rtts, path_rtt)
     shown = lab["cli"].json("wan", "show")[0]
     assert (shown["params"]["delay_ms"], shown["params"]["jitter_ms"]) == (40.0, 2.0)
     lab["cli"]("wan", "set", "wan1", "--delay", "10ms", "--jitter", "0ms")
-    assert _near(statistics.median(_ping(lab, 10)[0]), 20.0)
+    rtts = _ping(lab, 10)[0]
+    assert _near(statistics.median(rtts), 20.0, path_rtt), (rtts, path_rtt)
 
 
 @pytest.mark.parametrize(("argv", "problem"), [
@@ -154,7 +171,8 @@ def test_down_cuts_the_link_and_up_returns_after_a_round_trip(lab: dict[str, Any
     assert len(rtts) == 1, out
 
 
-def test_a_killed_router_is_wan_down_and_up_brings_it_back(lab: dict[str, Any]) -> None:
+def test_a_killed_router_is_wan_down_and_up_brings_it_back(lab: dict[str, Any],
+                                                           path_rtt: float) -> None:
     lab["cli"]("wan", "set", "wan1", "--delay", "15ms")
 
     def events() -> list[dict[str, Any]]:
@@ -176,7 +194,7 @@ def test_a_killed_router_is_wan_down_and_up_brings_it_back(lab: dict[str, Any]) 
     res = lab["cli"]("up")
     assert "WAN router of wan1" in res.stderr, res.stderr
     rtts, out = _ping(lab, 10)
-    assert len(rtts) == 10 and _near(statistics.median(rtts), 30.0), out  # its settings kept
+    assert len(rtts) == 10 and _near(statistics.median(rtts), 30.0, path_rtt), out  # kept
     assert lab["cli"].json("wan", "show")[0]["params"]["delay_ms"] == 15.0
     lab["cli"]("wan", "set", "wan1", "--delay", "10ms")
 
