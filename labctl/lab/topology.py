@@ -344,9 +344,25 @@ _NOWHERE = ipaddress.IPv4Address(0)
 
 
 def vagrant_dir(lab: str) -> Path:
-    """Where ``labctl vagrant up`` keeps lab ``lab``'s Vagrant state: its key for root on
-    the machines (``id_ed25519``) and each machine's pinned host key (``keys/NAME.pub``)."""
+    """Where ``labctl vagrant up`` keeps lab ``lab``'s Vagrant state (its key and its
+    machines' pinned host keys: :func:`vagrant_key`, :func:`vagrant_host_key`)."""
     return home() / "vagrant" / lab
+
+
+def machine_items(data: dict[str, Any]) -> list[Any]:
+    """The storage nodes and hosts of a topology as YAML read it (what may be a machine
+    with an ``ssh:`` block), each as written."""
+    return [*(data.get("storage_nodes") or []), *(data.get("hosts") or [])]
+
+
+def vagrant_key(lab: str) -> Path:
+    """The lab's SSH key for root on its Vagrant machines (0600)."""
+    return vagrant_dir(lab) / "id_ed25519"
+
+
+def vagrant_host_key(lab: str, machine: str) -> Path:
+    """The host key Vagrant machine ``machine`` printed on its console, pinned."""
+    return vagrant_dir(lab) / "keys" / f"{machine}.pub"
 
 
 def _ssh_access(raw: dict[str, Any] | str, base: Path, where: str,
@@ -357,12 +373,11 @@ def _ssh_access(raw: dict[str, Any] | str, base: Path, where: str,
     is the machine ``labctl vagrant up`` made for this lab: its key and pinned host key
     from there (checked by ``check_machine``: ``vagrant up`` may not have run yet)."""
     if raw == "vagrant":
-        w = vagrant_dir(lab)
         try:
-            host_key = read_host_key(f"keys/{name}.pub", w)
+            host_key = read_host_key(str(vagrant_host_key(lab, name)), base)
         except ValueError:
             host_key = ""
-        return SshAccess(address=address, key=str(w / "id_ed25519"), host_key=host_key,
+        return SshAccess(address=address, key=str(vagrant_key(lab)), host_key=host_key,
                          vagrant=lab)
     assert isinstance(raw, dict)
     try:

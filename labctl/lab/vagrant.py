@@ -47,7 +47,13 @@ from labctl.drivers.debian import digest
 from labctl.drivers.netlink import overlapping_routes
 from labctl.drivers.ssh import SshMachine
 from labctl.lab.bringup import probe_accel
-from labctl.lab.topology import Topology, vagrant_dir
+from labctl.lab.topology import (
+    Topology,
+    machine_items,
+    vagrant_dir,
+    vagrant_host_key,
+    vagrant_key,
+)
 from labctl.storage import domains
 from labctl.storage.image import debian_suite, publish_build, recipe_packages
 
@@ -389,7 +395,7 @@ async def up(topo: Topology, topo_path: Path, provision: bool = True,
     env = environment(topo, topo_path, box.name, accel)
     await _box_added(env, box)
     w = workdir(topo.name)
-    lab_key = _lab_key(w)
+    lab_key = _lab_key(topo.name)
     consoles = console_dir(topo.name)
     for d in (consoles.parent.parent, consoles.parent, consoles):
         d.mkdir(exist_ok=True, mode=0o755)
@@ -401,8 +407,6 @@ async def up(topo: Topology, topo_path: Path, provision: bool = True,
         t1 = time.monotonic()
         await _vagrant(env, "provision")
         say(f"provisioned by playbooks/site.yml in {time.monotonic() - t1:.1f} s")
-    keys_dir = w / "keys"
-    keys_dir.mkdir(exist_ok=True)
     found = []
     for name, group, address in machines_of(topo):
         console = consoles / f"{name}.console"
@@ -414,7 +418,8 @@ async def up(topo: Topology, topo_path: Path, provision: bool = True,
         if key is None:
             raise ProvisionError(f"machine {name} printed no host key on its console "
                                  f"({console})", machine=name)
-        pub = keys_dir / f"{name}.pub"
+        pub = vagrant_host_key(topo.name, name)
+        pub.parent.mkdir(exist_ok=True)
         pub.write_text(key + "\n")
         found.append(VagrantMachine(
             name=name, group=group, address=address, host_key=key, host_key_file=str(pub),
@@ -427,22 +432,22 @@ async def up(topo: Topology, topo_path: Path, provision: bool = True,
                      dotfile=str(w / "dot"), topology=str(made))
 
 
-def _lab_key(w: Path) -> Path:
+def _lab_key(lab: str) -> Path:
     """The lab's SSH key for root on its machines (0600), made once."""
-    path = w / "id_ed25519"
+    path = vagrant_key(lab)
     if not path.exists():
-        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"labctl {w.name}")
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"labctl {lab}")
         write_private(path, key.export_private_key())
-        (w / "id_ed25519.pub").write_bytes(key.export_public_key())
+        path.with_suffix(".pub").write_bytes(key.export_public_key())
     return path
 
 
-async def _authorize(name: str, address: str, vagrant_key: Path, host_key: str,
+async def _authorize(name: str, address: str, vagrant_user_key: Path, host_key: str,
                      lab_key: Path) -> None:
     """The lab's key authorized for root on the machine, through Vagrant's user and sudo
     (the session pinned to the key the machine's console printed)."""
-    pub = (lab_key.parent / "id_ed25519.pub").read_text()
-    async with SshMachine(name, address, vagrant_key, host_key, user="vagrant",
+    pub = lab_key.with_suffix(".pub").read_text()
+    async with SshMachine(name, address, vagrant_user_key, host_key, user="vagrant",
                           pinned_by="its console printed") as m:
         await m.run(["sudo", "-n", "install", "-d", "-m", "0700", "/root/.ssh"])
         await m.run(["sudo", "-n", "tee", "/root/.ssh/authorized_keys"], stdin=pub)
@@ -454,7 +459,7 @@ def _ssh_topology(source: Path, machines: list[VagrantMachine]) -> str:
     original kept)."""
     data = yaml.safe_load(source.read_text(encoding="utf-8"))
     by_name = {m.name: m for m in machines}
-    for h in [*(data.get("storage_nodes") or []), *(data.get("hosts") or [])]:
+    for h in machine_items(data):
         m = by_name[h["name"]]
         h["address"] = m.address
         h["ssh"] = {"key": m.key, "host_key": m.host_key_file, "user": m.user}

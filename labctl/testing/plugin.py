@@ -152,18 +152,18 @@ def renamed(text: str, name: str, source: str) -> str:
     (a lab's names and subnets are machine-wide: two sessions must not share them)."""
     import yaml
 
-    from labctl.lab.topology import vagrant_dir
+    from labctl.lab.topology import machine_items, vagrant_host_key, vagrant_key
     from labctl.testing.checks import free_subnet
 
     data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise pytest.UsageError(f"--lab {source}: not a topology (a mapping of lab, sites...)")
     # a Vagrant machine is its lab's (by the name written): its keys named before renaming
-    for item in [*(data.get("storage_nodes") or []), *(data.get("hosts") or [])]:
+    lab = str(data.get("name"))
+    for item in machine_items(data):
         if isinstance(item, dict) and item.get("ssh") == "vagrant":
-            w = vagrant_dir(str(data.get("name")))
-            item["ssh"] = {"key": str(w / "id_ed25519"),
-                           "host_key": str(w / "keys" / f"{item.get('name')}.pub")}
+            item["ssh"] = {"key": str(vagrant_key(lab)),
+                           "host_key": str(vagrant_host_key(lab, str(item.get("name"))))}
     data["name"] = name
     machines = _machine_sites(data)
     for site in data.get("sites") or []:
@@ -176,9 +176,11 @@ def renamed(text: str, name: str, source: str) -> str:
 
 def _machine_sites(data: dict[str, Any]) -> set[str]:
     """The sites of a topology (as YAML read it) whose network is not labctl's."""
+    from labctl.lab.topology import machine_items
+
     sites = [s for s in data.get("sites") or [] if isinstance(s, dict)]
     found = {str(s.get("name")) for s in sites if s.get("bridge")}
-    for h in [*(data.get("hosts") or []), *(data.get("storage_nodes") or [])]:
+    for h in machine_items(data):
         if isinstance(h, dict) and h.get("ssh"):
             found.add(str(h.get("site") or (sites[0].get("name") if len(sites) == 1 else "")))
     return found
@@ -188,13 +190,14 @@ def _has_machines(path: str) -> bool:
     """Whether the topology at ``path`` has a host or storage node reached over SSH."""
     import yaml
 
+    from labctl.lab.topology import machine_items
+
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(data, dict) and any(
-        isinstance(h, dict) and h.get("ssh")
-        for h in [*(data.get("hosts") or []), *(data.get("storage_nodes") or [])])
+        isinstance(h, dict) and h.get("ssh") for h in machine_items(data))
 
 
 @pytest.fixture(scope="session")
