@@ -33,7 +33,7 @@ from labctl.hosts import protocol as hp
 from labctl.hosts.provider import HostPlan, NamespaceHosts, spawn_owned
 from labctl.hosts.sshhosts import SshHosts
 from labctl.lab import vms
-from labctl.lab.topology import Site, Topology, Vm
+from labctl.lab.topology import Site, StorageNode, Topology, Vm
 from labctl.replication.image import ensure_server_image
 from labctl.state.context import LabContext
 from labctl.state.pki import LabPki
@@ -295,25 +295,19 @@ async def _restart_machine_node(ctx: LabContext, topo: Topology, i: int) -> None
     again after a reboot of the machine); each is ensured again, so the new agent watches
     it and publishes its storage events."""
     node = topo.storage_nodes[i]
-    assert node.ssh is not None
-    await SshHosts(ctx.name, ctx.dir.path, ctx.inv).provision_storage(
-        node.name, str(node.address), topo.site(node.site).subnet.prefixlen,
-        node.target_iqn, ctx.secret(), ctx.storage_peer_key(), node.ssh)
+    await _machine_agent(ctx, topo, node)
     for d in ds_tables.datastores(ctx.inv, node=node.name):
         await datastores.attach_disk(ctx, node.name, storagenode.DataDisk(
             serial=d.disk_serial, path=Path(d.backing_path), size_bytes=d.size_bytes))
         await datastores.export_lun(ctx, d.name)
 
 
-async def _node_answers(site: LabContext, name: str) -> bool:
-    try:
-        async with site.storage_client(name, timeout=2.0) as c:
-            await sp.PING.call(c, timeout=3)
-        return True
-    except AgentError as exc:
-        site.progress(f"the storage agent of {name} does not answer ({exc.message}): "
-                      "starting it again")
-        return False
+async def _machine_agent(ctx: LabContext, topo: Topology, node: StorageNode) -> None:
+    """The storage agent of ``node`` (a machine) started over SSH, unless it answers."""
+    assert node.ssh is not None
+    await SshHosts(ctx.name, ctx.dir.path, ctx.inv).provision_storage(
+        node.name, str(node.address), topo.site(node.site).subnet.prefixlen,
+        node.target_iqn, ctx.secret(), ctx.storage_peer_key(), node.ssh)
 
 
 async def _start_machine_node(ctx: LabContext, topo: Topology, i: int) -> None:
@@ -322,7 +316,6 @@ async def _start_machine_node(ctx: LabContext, topo: Topology, i: int) -> None:
     inv = ctx.inv
     node = topo.storage_nodes[i]
     assert node.ssh is not None
-    site = topo.site(node.site)
     inv.upsert("storage_nodes", name=node.name, site=node.site, address=str(node.address),
                target_iqn=node.target_iqn, domain="", tap="",
                agent_port=names.STORAGE_AGENT_PORT, capacity=node.capacity, state="starting",
@@ -331,9 +324,7 @@ async def _start_machine_node(ctx: LabContext, topo: Topology, i: int) -> None:
                                  "allocated")[1]
              for ds in topo.datastores if ds.node == node.name]
     t0 = time.monotonic()
-    await SshHosts(ctx.name, ctx.dir.path, inv).provision_storage(
-        node.name, str(node.address), site.subnet.prefixlen, node.target_iqn, ctx.secret(),
-        ctx.storage_peer_key(), node.ssh)
+    await _machine_agent(ctx, topo, node)
     for disk in disks:
         await datastores.attach_disk(ctx, node.name, disk)
     inv.record_step(f"storage node {node.name} ({node.ssh.where()}) agent ready",
@@ -479,12 +470,16 @@ async def start_mobility(ctx: LabContext, topo: Topology, i: int,
     ctx.progress(f"mobility agent {agent.name} of {agent.site} is serving at {agent.address}")
 
 
-async def _answers(site: LabContext, name: str, what: str) -> bool:
-    """Whether the agent ``name`` (a host's, a mobility agent) answers its site's
-    controller; says so when it does not."""
+async def _answers(site: LabContext, name: str, what: str, storage: bool = False) -> bool:
+    """Whether the agent ``name`` (a host's, a mobility agent, a storage node's with
+    ``storage``) answers its site's controller; says so when it does not."""
     try:
-        async with site.host_client(name, timeout=2.0) as c:
-            await hp.PING.call(c, timeout=3)
+        if storage:
+            async with site.storage_client(name, timeout=2.0) as c:
+                await sp.PING.call(c, timeout=3)
+        else:
+            async with site.host_client(name, timeout=2.0) as c:
+                await hp.PING.call(c, timeout=3)
         return True
     except AgentError as exc:
         site.progress(f"the {what} of {name} does not answer ({exc.message}): starting it "
@@ -499,7 +494,8 @@ async def recover(ctx: LabContext, topo: Topology) -> list[str]:
     returns what was restarted."""
     restarted = []
     for i, node in enumerate(topo.storage_nodes):  # a node VM is restarted on its own
-        if node.ssh is not None and not await _node_answers(ctx.in_site(node.site), node.name):
+        if node.ssh is not None and not await _answers(ctx.in_site(node.site), node.name,
+                                                       "storage agent", storage=True):
             await _restart_machine_node(ctx.in_site(node.site), topo, i)
             restarted.append(node.name)
     for i, host in enumerate(topo.hosts):
