@@ -152,8 +152,8 @@ class StorageAgent:
     async def disk_remove(self, req: p.DiskSerial) -> p.DiskInfo:
         disks = self._machine_disks()
         async with self._lock:
-            in_use = [w.name for w in self._watched.values()
-                      if f"/dev/{w.device}" == disks.device(req.serial)]
+            device = disks.device(req.serial)
+            in_use = [w.name for w in self._watched.values() if f"/dev/{w.device}" == device]
             if in_use:
                 raise StorageNodeError(f"disk {req.serial} backs LUN {in_use[0]}: delete the "
                                        "LUN first", disk_serial=req.serial, lun=in_use[0])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from labctl.core.errors import StorageNodeError
 from labctl.core.proc import run
+from labctl.drivers.lio import Lio
 from labctl.storage import protocol as p
 
 log = logging.getLogger("labctl.storage")
@@ -167,27 +168,14 @@ async def prepare() -> None:
 def release(conf: p.NodeConfig, sys_block: Path = Path("/sys/block")) -> list[str]:
     """Remove what the node ``conf`` made on this machine's LIO and loop driver: its
     target, the backstores on its disks, its loop devices. Returns one line per object."""
-    import rtslib_fb  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
-
     if conf.disk_dir is None:
         raise StorageNodeError("release is for a machine's node (its config names disk_dir)")
     disk_dir = Path(conf.disk_dir)
     loops = loops_backed_by(disk_dir, sys_block)
     ours = {os.path.realpath(dev) for dev in loops.values()}
     removed: list[str] = []
-    try:
-        root = rtslib_fb.RTSRoot()
-        for target in list(root.targets):
-            if str(target.wwn).lower() == conf.target_iqn.lower():
-                target.delete()
-                removed.append(f"iSCSI target {target.wwn}")
-        for so in list(root.storage_objects):
-            if so.plugin == "block" and os.path.realpath(str(so.udev_path)) in ours:
-                so.delete()
-                removed.append(f"backstore {so.name}")
-    except (rtslib_fb.RTSLibError, OSError) as exc:
-        raise StorageNodeError(f"cannot remove node {conf.node}'s LIO objects: {exc}",
-                               error=repr(exc), removed=removed) from exc
+    if (CONFIGFS / "target").exists():  # else LIO holds nothing (the machine rebooted)
+        removed += _release_lio(conf, ours)
     os.sync()
     for serial, dev in sorted(loops.items()):
         # synchronous on purpose: the agent is stopped, this runs once at teardown
@@ -197,4 +185,25 @@ def release(conf: p.NodeConfig, sys_block: Path = Path("/sys/block")) -> list[st
             raise StorageNodeError(f"cannot detach {dev} (disk {serial}): "
                                    f"{done.stderr.strip()}", device=dev)
         removed.append(f"loop device {dev} (disk {serial})")
+    return removed
+
+
+def _release_lio(conf: p.NodeConfig, devices: set[str]) -> list[str]:
+    """The node's own target and the backstores on ``devices`` (its loops) removed from
+    LIO; rtslib-fb found as the agent finds it (:meth:`Lio.open`)."""
+    rts = Lio(conf.node, conf.target_iqn, conf.ip).open()
+    removed: list[str] = []
+    try:
+        root = rts.RTSRoot()
+        for target in list(root.targets):
+            if str(target.wwn).lower() == conf.target_iqn.lower():
+                target.delete()
+                removed.append(f"iSCSI target {target.wwn}")
+        for so in list(root.storage_objects):
+            if so.plugin == "block" and os.path.realpath(str(so.udev_path)) in devices:
+                so.delete()
+                removed.append(f"backstore {so.name}")
+    except (rts.RTSLibError, OSError) as exc:
+        raise StorageNodeError(f"cannot remove node {conf.node}'s LIO objects: {exc}",
+                               error=repr(exc), removed=removed) from exc
     return removed

@@ -14,7 +14,7 @@ import pytest
 
 from labctl.core.errors import StorageNodeError
 from labctl.storage import protocol as p
-from labctl.storage.machine import MachineDisks, loops_backed_by
+from labctl.storage.machine import CONFIGFS, MachineDisks, loops_backed_by, release
 from tests.conftest import E2E
 
 pytestmark = E2E
@@ -79,3 +79,25 @@ def test_loops_on_other_files_are_not_the_labs(disks: MachineDisks, tmp_path: Pa
 def test_a_bad_serial_names_no_file(disks: MachineDisks, serial: str) -> None:
     with pytest.raises(StorageNodeError, match="invalid disk serial"):
         asyncio.run(disks.ensure(p.DiskSpec(serial, 1 << 20)))
+
+
+@pytest.mark.skipif((CONFIGFS / "target").exists(), reason="this kernel has LIO loaded: "
+                    "release would look at its targets (tested on a Vagrant machine)")
+def test_release_detaches_only_the_nodes_loops(disks: MachineDisks, tmp_path: Path) -> None:
+    """``--release`` on a kernel holding no LIO (a machine rebooted): the node's loops are
+    detached, another directory's are not, LIO is not asked."""
+    made = asyncio.run(disks.ensure(p.DiskSpec("lc-ds1", 1 << 20)))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "lc-ds1.img").write_bytes(b"\0" * (1 << 20))
+    dev = subprocess.run(["losetup", "--find", "--show", str(other / "lc-ds1.img")],
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    try:
+        conf = p.NodeConfig(lab="t", node="n1", address="10.250.9.2/24", gateway=None, mac="",
+                            secret="", target_iqn="iqn.2026-11.dev.labctl:t.n1",
+                            disk_dir=str(disks.dir))
+        assert release(conf) == [f"loop device {made.device} (disk lc-ds1)"]
+        assert disks.device("lc-ds1") is None and loops_backed_by(other) == {"lc-ds1": dev}
+        assert Path(made.path).exists()  # the file goes with the directory, not here
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=False, timeout=60)
