@@ -266,8 +266,9 @@ class Migration:
                     await self._wake.wait()
             self._wake.clear()
             if self._dest_gave_up is not None:
-                raise MigrationError(f"the destination {self.dst.host} gave up: "
-                                     f"{self._dest_gave_up}", host=self.dst.host)
+                raise MigrationError(f"migration of {self.vm} failed: the destination "
+                                     f"{self.dst.host} gave up: {self._dest_gave_up}",
+                                     host=self.dst.host)
             st = await mp.MIG_STATUS.call(
                 self.src.client, mp.StatusRequest(self.vm, since=len(self.passes)), timeout=10)
             self._src_status = st

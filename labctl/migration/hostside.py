@@ -280,6 +280,9 @@ class MigrationHandlers:
         #: storage cache provides it, so there is one view of a host's LUNs
         self.probe_disk = probe_disk
         self.incoming: dict[str, _Incoming] = {}
+        #: why this host dropped an incoming VM on its own (its QEMU died, its lease
+        #: lapsed), kept until the next prepare of that VM: a late ``mig_renew`` is told so
+        self.dropped: dict[str, str] = {}
         self.jobs: dict[str, _Job] = {}
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -406,6 +409,7 @@ class MigrationHandlers:
             raise
         inc = _Incoming(vm=vm, mode=storage, real_node=real, lease_until=_now() + lease_s)
         self.incoming[spec.name] = inc
+        self.dropped.pop(spec.name, None)
         return inc
 
     async def _storage_work(self, inc: _Incoming, attach: bool) -> None:
@@ -544,6 +548,10 @@ class MigrationHandlers:
 
     def _inc(self, name: str) -> _Incoming:
         if name not in self.incoming:
+            why = self.dropped.get(name)
+            if why is not None:
+                raise LabStateError(f"host {self.agent.host} dropped the incoming {name!r}: {why}",
+                                    vm=name, host=self.agent.host)
             raise LabStateError(f"host {self.agent.host} has no incoming migration of {name!r}",
                                 vm=name, host=self.agent.host)
         return self.incoming[name]
@@ -569,6 +577,8 @@ class MigrationHandlers:
         inc = self.incoming.get(name)
         if inc is not None:
             inc.died = mp.QemuDied(returncode=vm.returncode, stderr=vm.stderr_tail(10))
+            self.dropped[name] = (f"its QEMU exited (exit status {vm.returncode}): "
+                                  f"the migration failed")
         self.agent.vm_exited(vm)
         asyncio.get_running_loop().call_soon(
             lambda: asyncio.ensure_future(self._drop(name, keep_logs=True)))
@@ -584,6 +594,7 @@ class MigrationHandlers:
             for name, inc in list(self.incoming.items()):
                 if not inc.completed and now > inc.lease_until:
                     log.warning("incoming %s: lease lapsed (controller gone?): dropping it", name)
+                    self.dropped[name] = "its lease lapsed (no renewal from the controller)"
                     with contextlib.suppress(Exception):
                         await self._drop(name)
 
