@@ -20,4 +20,5 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo --preserve-env=LABCTL_HOME"; fi
 # the box cached and 2.5 min without) runs with LABCTL_SLOW=1: it does not fit CI's 30 minutes
 MARK=(-m "not slow")
 if [ "${LABCTL_SLOW:-0}" = 1 ]; then MARK=(); fi
-$SUDO .venv/bin/python -m pytest -v -p no:cacheprovider "${MARK[@]}" "$@"
+# the 40 slowest steps (fixture setups included) end the report: where the time goes
+$SUDO .venv/bin/python -m pytest -v -p no:cacheprovider --durations=40 "${MARK[@]}" "$@"
