@@ -86,6 +86,12 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
+def _free(p: dict[str, Any]) -> str:
+    """A pass's free space on the source (records from before it was measured: none)."""
+    free = p.get("free_bytes")
+    return "" if free is None else f"  free {free / (1 << 20):.0f} MiB"
+
+
 def _print(r: dict[str, Any]) -> None:
     print(f"replication {r['id']}: {r['vm']} {r['from_site']} -> {r['to_site']}  {r['state']}"
           f" in {r['seconds']:.1f} s ({r['tracking']} tracking; switch over when "
@@ -97,7 +103,8 @@ def _print(r: dict[str, Any]) -> None:
         print(f"  pass #{p['n']:<3} {p['how']:6} {p['blocks']:6} blocks "
               f"{p['bytes'] / (1 << 20):8.1f} MiB in {p['seconds']:6.1f} s  dirty "
               f"{p['dirty_rate'] / (1 << 20):5.2f} MiB/s  link {p['link_rate'] / (1 << 20):6.2f}"
-              f" MiB/s  next {p['predicted_next_s']:.1f} s  {p['decision']}: {p['why']}")
+              f" MiB/s  next {p['predicted_next_s']:.1f} s{_free(p)}  {p['decision']}: "
+              f"{p['why']}")
     c = r.get("cutover")
     if c:
         print(f"  cutover  final pass {c['final_s']:.2f} s (predicted "

@@ -106,6 +106,8 @@ class PassRecord(Message):
     #: blocks this pass set out to send (``blocks`` and ``bytes`` of a failed attempt are
     #: what its last flush made durable of them)
     todo_blocks: int = 0
+    #: bytes free on the source's file system when the pass ended (None: not known)
+    free_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -356,9 +358,11 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             rec = replace(rec, passes=[*rec.passes, record])
             stage.passes = rec.passes
             _records(whole.inv, rec.id, rec)
+            free_text = ("" if record.free_bytes is None else
+                         f", {record.free_bytes / (1 << 20):.0f} MiB free on the source")
             whole.progress(f"pass {n} ({record.how}): {record.blocks} blocks, "
-                           f"{record.bytes / (1 << 20):.1f} MiB in {record.seconds:.1f} s; "
-                           f"{decision}: {record.why}")
+                           f"{record.bytes / (1 << 20):.1f} MiB in {record.seconds:.1f} s"
+                           f"{free_text}; {decision}: {record.why}")
             prev_start = t_start
             if decision == "give_up":
                 raise ReplicationError(f"the switchover criterion did not hold within the "
@@ -420,9 +424,11 @@ def _view(n: int, got: dict[str, Any], took: float, t_start: float, prev_start: 
     scan_next = digest_s if tracking == "hash" or got["how"] == "era" else 0.0
     predicted = scan_next + (0.0 if remaining == 0 else remaining / link_rate
                             if link_rate > 0 else float("inf"))
+    free = got.get("free_bytes")
     view = PassView(passes=n, remaining=remaining, dirty_rate=dirty, link_rate=link_rate,
                     predicted_outage=predicted, last_pass=took,
-                    elapsed=time.monotonic() - t_begin)
+                    elapsed=time.monotonic() - t_begin,
+                    free_bytes=float(free) if free is not None else float("inf"))
     record = PassRecord(
         n=n, how=str(got["how"]), started_at=WallTime(w_start), seconds=round(took, 3),
         blocks=int(got["blocks"]), bytes=int(sent), wire_bytes=int(got["wire_bytes"]),
@@ -430,7 +436,8 @@ def _view(n: int, got: dict[str, Any], took: float, t_start: float, prev_start: 
         digest_seconds=digest_s, dirty_rate=round(dirty, 1), link_rate=round(link_rate, 1),
         remaining=round(remaining), predicted_next_s=round(predicted, 3) if predicted != float(
             "inf") else -1.0, decision="", why="", rpo_s=0.0,
-        carried_blocks=int(got.get("carried_blocks", 0)), todo_blocks=int(got["blocks"]))
+        carried_blocks=int(got.get("carried_blocks", 0)), todo_blocks=int(got["blocks"]),
+        free_bytes=int(free) if free is not None else None)
     return view, record
 
 

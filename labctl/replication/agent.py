@@ -400,6 +400,32 @@ def _flush(sock: ssl.SSLSocket) -> None:
     _read_reply(sock)
 
 
+def free_bytes(disk: Path, mounts: Path = Path("/proc/self/mounts")) -> int | None:
+    """Bytes free to an unprivileged writer on the file system ``disk`` holds (where the
+    application writes), None when ``disk`` is not mounted here."""
+    return free_bytes_of(os.stat(disk).st_rdev, mounts)
+
+
+def free_bytes_of(device: int, mounts: Path = Path("/proc/self/mounts")) -> int | None:
+    """:func:`free_bytes` of the file system on device number ``device``: found by the
+    device of each mount point, not by the name the mount table gives (the root a kernel
+    mounted reads ``/dev/root`` there, a path that need not exist)."""
+    for line in mounts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        # the mount table escapes blanks in mount points as octal (\040)
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        try:
+            if os.stat(point).st_dev != device:
+                continue
+            st = os.statvfs(point)
+        except OSError:  # a mount point this process cannot reach
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
 def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: bool,
              limit: float | None, tracking: str = "hash") -> dict[str, object]:
     """One pass; what it saw and did."""
@@ -488,7 +514,8 @@ def _pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: boo
             "read_bytes": read, "seconds": round(time.monotonic() - t0, 3),
             "digest_seconds": round(t_digest, 3),
             "send_seconds": round(time.monotonic() - t_send, 3),
-            "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 3)}
+            "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 3),
+            "free_bytes": free_bytes(disk)}
 
 
 def verify(disk: Path, to: str, tls: Path) -> dict[str, object]:

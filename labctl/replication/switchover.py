@@ -80,6 +80,9 @@ NAMES: dict[str, tuple[Dim, str]] = {
                                   "link rate, plus the quiesce and verification overhead"),
     "last_pass": (SECONDS, "how long the last pass took"),
     "elapsed": (SECONDS, "time since the replication began"),
+    "free_bytes": (BYTES, "bytes free on the source's file system (where its application "
+                          "writes) when the pass ended: 'predicted_outage <= 2s or "
+                          "free_bytes < 64MiB' cuts over before the disk fills"),
     "approved": (NUMBER, "1 once an operator said the cutover may go (labctl replication "
                          "approve ID), else 0: 'approved == 1 and predicted_outage <= 2s'"),
 }
@@ -102,6 +105,9 @@ class PassView:
     last_pass: float
     elapsed: float
     approved: float = 0.0
+    #: unknown (the source's disk not mounted in its guest) reads as infinite: a
+    #: ``free_bytes < ...`` clause never holds on no evidence
+    free_bytes: float = math.inf
 
     def value(self, name: str) -> float:
         return float(getattr(self, name))

@@ -181,7 +181,7 @@ def _virsh_names(lab: dict[str, Any]) -> list[str]:
 def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
                                                            tmp_path: Path) -> None:
     policy = tmp_path / "never.yaml"
-    policy.write_text("when: passes >= 50\nmax_passes: 1\n")
+    policy.write_text("when: passes >= 50 or free_bytes < 1MiB\nmax_passes: 1\n")
     res = lab["cli"]("-v", "replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
                      str(policy), "--json", check=False, timeout=900)
     assert res.returncode == 1, res.stderr
@@ -191,20 +191,28 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
     assert rec["state"] == "failed" and "did not hold" in rec["error"], rec
     assert [p["decision"] for p in rec["passes"]] == ["give_up"]
     assert "passes >= 50: 1 vs 50: no" in rec["passes"][-1]["why"]
+    # the source agent read its file system's free space in the guest: the clause saw it
+    free = rec["passes"][-1]["free_bytes"]
+    assert free > 1 << 20 and f"free_bytes < 1MiB: {free / (1 << 20):.1f} MiB vs 1.0 MiB: no" \
+        in rec["passes"][-1]["why"], rec["passes"][-1]
     assert _virsh_names(lab) == []  # the destination was deleted
 
     async def go(cloud: LabctlCloud) -> dict[str, Any]:
         async with cloud.ssh("web1") as m:
             gone = (await m.run(["test", "-e", "/run/labctl-repl"], check=False)).returncode
             table = (await m.run(["dmsetup", "table", "root"])).stdout.split()
+            avail = (await m.run(["df", "-B1", "--output=avail", "/"])).stdout.split()[-1]
             first = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status", "--dir",
                                              "/srv/app"])).stdout)
             await asyncio.sleep(1.5)
             later = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status",
                                              "--dir", "/srv/app"])).stdout)
-        return {"gone": gone, "table": table, "first": first, "later": later}
+        return {"gone": gone, "table": table, "first": first, "later": later,
+                "avail": int(avail)}
 
     got = _run(lab, "cloud-a", go)
+    # what df says now, less what the application wrote since the pass (KiBs a second)
+    assert 0 <= free - got["avail"] < 32 << 20, (free, got["avail"])
     assert got["gone"] != 0  # the agent left the source
     assert got["table"][2] == "linear", got["table"]  # and its write tracker too
     assert got["later"]["last_acked"] > got["first"]["last_acked"]  # the application goes on

@@ -306,3 +306,30 @@ def test_dm_era_s_answer_is_read_as_blocks(monkeypatch: pytest.MonkeyPatch,
     assert msgs == ["checkpoint", "take_metadata_snap", "drop_metadata_snap"]
     e.commit(now)
     assert json.loads(e.file.read_text())["since"] == 5
+
+
+def test_free_bytes_is_read_where_the_disk_is_mounted(tmp_path: Path) -> None:
+    """The source agent reports the free space of the file system its disk holds: the mount
+    point whose device is the disk's (whatever name the mount table gives it), its mount
+    point unescaped as the kernel writes blanks."""
+    point = tmp_path / "mnt here"
+    point.mkdir()
+    mounts = tmp_path / "mounts"
+    escaped = str(point).replace(" ", "\\040")
+    mounts.write_text(f"proc /proc proc rw 0 0\n/dev/root {escaped} ext4 rw 0 0\n")
+    device = os.stat(point).st_dev
+    st = os.statvfs(point)
+    got = agent.free_bytes_of(device, mounts)
+    # the file system under tmp_path is shared with the rest of the machine: its free space
+    # moves a little between two reads, never by a whole disk's worth
+    assert got is not None and abs(got - st.f_bavail * st.f_frsize) < 64 << 20
+    # a device no mount point is on; a mount point listed but gone
+    assert agent.free_bytes_of(device, _only(tmp_path, "proc /proc proc rw 0 0\n")) is None
+    assert agent.free_bytes_of(device, _only(tmp_path, f"/dev/x {tmp_path}/gone ext4 rw 0 0\n")
+                               ) is None
+
+
+def _only(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "other-mounts"
+    path.write_text(text)
+    return path

@@ -139,3 +139,15 @@ def test_an_operator_s_approval_is_a_clause_like_the_others() -> None:
     assert c.over(_view(approved=1.0)).holds
     with pytest.raises(SwitchoverError):
         parse("approved >= 1s")  # a plain number, not a time
+
+
+def test_free_space_is_a_clause_and_unknown_space_never_holds() -> None:
+    c = parse("predicted_outage <= 2s or free_bytes < 64MiB")
+    filling = c.over(_view(remaining=100 * MIB, free_bytes=float(40 * MIB)))
+    assert filling.holds and "free_bytes < 64MiB: 40.0 MiB vs 64.0 MiB: yes" in filling.why()
+    assert not c.over(_view(remaining=100 * MIB, free_bytes=float(65 * MIB))).holds
+    # an agent that could not tell (the disk not mounted in its guest): no evidence, no cut
+    unknown = c.over(_view(remaining=100 * MIB))
+    assert not unknown.holds and unknown.clauses[1].holds is False
+    with pytest.raises(SwitchoverError, match="free_bytes"):
+        parse("free_bytes < 2s")  # bytes against a time
