@@ -575,16 +575,22 @@ def _ssh_machine(lab: Lab, name: str) -> tuple[SshAccess, str] | None:
 async def _ssh_logs(lab: Lab, host: str, access: SshAccess, log: str,
                     args: argparse.Namespace) -> int:
     """The agent's log on a machine: its file in the lab's state directory there, or its
-    unit's journal."""
-    if args.follow:
-        raise LabStateError(f"host {host} is a machine reached over SSH: --follow is not "
-                            "supported there; labctl logs without it shows the last lines",
-                            host=host)
+    unit's journal; with ``--follow``, then every new line until Ctrl-C (the command that
+    follows it on the machine ends with the session)."""
     lines = str(max(args.lines, 1))
+    path = f"{state_dir(lab.dir.tag, host)}/{log}"
     argv = (["journalctl", "-u", access.unit, "-n", lines, "--no-pager"]
-            if access.agent == "systemd"
-            else ["tail", "-n", lines, f"{state_dir(lab.dir.tag, host)}/{log}"])
+            if access.agent == "systemd" else ["tail", "-n", lines, path])
     async with access.machine(host) as m:
+        if args.follow:
+            if access.agent != "systemd":  # tail -F would wait for a file that is not there
+                res = await m.run(["test", "-r", path], check=False)
+                if not res.ok:
+                    raise LabStateError(f"no log of host {host} ({access.where()}): {path} "
+                                        "cannot be read there", host=host)
+            async for line in m.follow([*argv, "-f" if access.agent == "systemd" else "-F"]):
+                _line(line, None, args.json)
+            return 0
         res = await m.run(argv, check=False)
     if not res.ok:
         raise LabStateError(f"no log of host {host} ({access.where()}): "

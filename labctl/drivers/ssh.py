@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 
@@ -117,6 +118,31 @@ class SshMachine:
                            argv=argv) from exc
         code = res.exit_status if res.exit_status is not None else -1
         return code, _raw(res.stdout), _raw(res.stderr)
+
+    async def follow(self, argv: list[str]) -> AsyncIterator[str]:
+        """Run ``argv`` (``tail -F``, ``journalctl -f``) on the machine and yield each line
+        it writes until it ends or the caller stops. It runs on a terminal of its own:
+        stopping closes that terminal, which hangs the command up, so nothing is left
+        running on the machine (without one it would go on until its next write failed)."""
+        conn = self._need()
+        try:
+            proc = await conn.create_process(shlex.join(argv), term_type="dumb",
+                                             encoding="utf-8", errors="replace")
+        except (asyncssh.Error, OSError) as exc:
+            raise SshError(f"{self.name}: {shlex.join(argv)}: {exc!r}", machine=self.name,
+                           argv=argv) from exc
+        try:
+            async for line in proc.stdout:
+                yield line.rstrip("\r\n")
+        except (asyncssh.Error, OSError) as exc:
+            raise SshError(f"{self.name}: {shlex.join(argv)}: {exc!r}", machine=self.name,
+                           argv=argv) from exc
+        finally:
+            proc.close()
+        await proc.wait_closed()
+        if proc.exit_status:
+            raise SshError(f"{self.name}: {argv[0]} exited with {proc.exit_status}",
+                           machine=self.name, argv=argv, returncode=proc.exit_status)
 
     async def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
         """Write ``data`` to ``remote`` (replaced whole: written beside it, then renamed)."""

@@ -15,6 +15,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,6 +137,29 @@ def _beat(lab: LabCli) -> tuple[str, int] | None:
     return (vm["host"], int(vm["heartbeat"]["counter"])) if vm.get("heartbeat") else None
 
 
+class _Follow:
+    """``labctl logs HOST --follow`` running, its lines gathered as they come."""
+
+    def __init__(self, lab: str, host: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab, "logs",
+                                      host, "--follow", "-n", "1"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(30)
+        self._reader.join(10)
+        return code
+
+
 def _of_lab(state_root: Path) -> list[int]:
     """Processes whose command line names a directory below ``state_root``."""
     own = str(state_root).encode()
@@ -168,6 +192,7 @@ def test_a_lab_on_machines_reached_over_ssh(machines: Machines, lab_home: Path,
     topo.write_text(_topology(name, machines, machines.host_keys["m1"]))
     lab = LabCli(name)
     labctl("up", str(topo), timeout=900)
+    follow: _Follow | None = None
     try:
         status = lab.json("status")
         hosts = {h["name"]: h for h in status["hosts"]}
@@ -193,6 +218,9 @@ def test_a_lab_on_machines_reached_over_ssh(machines: Machines, lab_home: Path,
         # the VM heartbeats on host1, live-migrates to host2 and beats on there
         first = wait(lambda: _beat(lab), 120, "vm1's first heartbeat")
         assert first[0] == "host1"
+        # host2's agent log followed over SSH while the VM comes in
+        follow = _Follow(name, "host2")
+        wait(lambda: follow.lines, 30, "the last line of host2's log")
         done = lab.json("migrate", "vm1", "--to", "host2")
         assert done["state"] == "completed" and done["dest"] == "host2", done
         # the driver's own checks: no beat lost or repeated, the disk counter read back
@@ -204,7 +232,16 @@ def test_a_lab_on_machines_reached_over_ssh(machines: Machines, lab_home: Path,
         assert later is not None and later[1] > after[1]
         logs = lab("logs", "host2")
         assert logs.stdout.strip()
+        wait(lambda: any("incoming vm1 ready" in ln for ln in follow.lines), 30,
+             "the incoming VM's line in the followed log")
+        assert follow.stop() == 130, follow.proc.stderr
+        # Ctrl-C ended the session, and the tail on the machine with it
+        log_path = str(state_root / "host2" / "agent.log").encode()
+        wait(lambda: not [pid for pid, cmd in cmdlines() if log_path in cmd.split(b"\0")],
+             10, "the machine's tail of the log to end")
     finally:
+        if follow is not None and follow.proc.poll() is None:
+            follow.stop()
         down = labctl("--lab", name, "down", "--json", check=False, timeout=600)
     assert down.returncode == 0, down.stderr
     removed = json.loads(down.stdout)["removed"]
