@@ -196,9 +196,9 @@ def _os_error_line(exc: OSError) -> str:
 
 
 def _interrupted(args: argparse.Namespace, module: object) -> int:
-    if args.cmd == "migrate":
+    if args.cmd in ("migrate", "replicate"):
         message = getattr(module, "interrupted_message", None)
-        print(message() if callable(message) else "labctl: migration cancelled (Ctrl-C)",
+        print(message() if callable(message) else f"labctl: {args.cmd} cancelled (Ctrl-C)",
               file=sys.stderr)
     elif args.cmd in READ_ONLY or getattr(args, "follow", False) or \
             getattr(args, "attach", False):

@@ -39,6 +39,28 @@ def _rate(text: str | None) -> float | None:
     return None if text is None else rate(text, "--limit")
 
 
+#: the lab of the running ``labctl replicate``, and the last replication before it (for
+#: the Ctrl-C message)
+_interrupted: dict[str, Any] = {}
+
+
+def interrupted_message() -> str:
+    """What a Ctrl-C left: the replication's own record, written as it was given back."""
+    lab: Lab | None = _interrupted.get("lab")
+    try:
+        rows = [r for r in (lab.replications() if lab is not None else [])
+                if r.id > _interrupted.get("before", 0)]
+    except Exception:  # the message must be printed whatever the inventory says
+        rows = []
+    if not rows:
+        return "labctl: replication cancelled (Ctrl-C) before it began; nothing was made"
+    r = rows[-1]
+    if r.state == "failed":
+        return (f"labctl: replication {r.id} cancelled (Ctrl-C): the source {r.vm} is left "
+                f"as it was, the destination in {r.to_site} deleted")
+    return f"labctl: replication {r.id} cancelled (Ctrl-C): {r.state}; {r.error or ''}"
+
+
 async def run(args: argparse.Namespace, progress: Progress) -> int:
     if args.cmd == "replicate":
         switchover = _switchover(args.switchover)
@@ -46,6 +68,8 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
     lab = Lab.find(args.lab, progress=progress, site=args.site)
     if args.cmd == "replicate":
         lab.require_up()
+        _interrupted["lab"] = lab
+        _interrupted["before"] = max((r.id for r in lab.replications()), default=0)
         rec = await lab.replicate(args.vm, args.to_cloud, switchover, args.tracking,
                                   args.compress, limit)
         if rec.state != "completed":

@@ -242,6 +242,10 @@ async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
     except (LabError, OSError) as exc:
         msg = exc.message if isinstance(exc, LabError) else str(exc)
         rec = replace(rec, state="failed", error=msg, passes=stage.passes or rec.passes)
+    except asyncio.CancelledError:  # Ctrl-C: given back below like any failure, then said
+        rec = replace(rec, state="failed", error="interrupted (Ctrl-C)",
+                      passes=stage.passes or rec.passes)
+        raise
     finally:
         rec = replace(rec, seconds=round(time.monotonic() - t0, 3),
                       sent_bytes=sum(p.bytes for p in rec.passes),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -216,6 +217,39 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
     assert got["gone"] != 0  # the agent left the source
     assert got["table"][2] == "linear", got["table"]  # and its write tracker too
     assert got["later"]["last_acked"] > got["first"]["last_acked"]  # the application goes on
+
+
+def test_ctrl_c_mid_pass_gives_the_source_back_and_records_why(lab: dict[str, Any]) -> None:
+    """Ctrl-C while pass 1 runs: the destination is deleted, the source keeps its
+    application and loses its agent, the record says failed (interrupted), and the last
+    line says so."""
+    cli = lab["cli"]
+    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
+                             "replicate", "web1", "--to-cloud", "cloud-b"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rid = _wait("the replication to begin", lambda: next(
+            (r["id"] for r in cli.json("replication", "list") if r["state"] == "running"), None))
+        _wait("pass 1's first flush", lambda: _source_flushed(lab), 300)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"labctl: replication {rid} cancelled (Ctrl-C): the source web1 is left as it was, "
+        "the destination in cloud-b deleted"), err
+    assert "Traceback" not in err, err
+    row = next(r for r in cli.json("replication", "list") if r["id"] == rid)
+    assert row["state"] == "failed" and row["error"] == "interrupted (Ctrl-C)", row
+    assert _virsh_names(lab) == []
+    gone = cli("vm", "ssh", "web1", "--", "test", "-e", "/run/labctl-repl", check=False)
+    assert gone.returncode == 1, gone.stderr  # the agent left the source
+    first = _app_status(lab)
+    time.sleep(1.5)
+    assert _app_status(lab)["last_acked"] > first["last_acked"]  # the application goes on
 
 
 def test_a_cloud_without_room_refuses_the_destination(lab: dict[str, Any]) -> None:
