@@ -342,6 +342,14 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                 if failures > PASS_RETRIES or time.monotonic() - t_begin > policy.deadline_s:
                     raise ReplicationError(f"pass {n + 1} failed {failures} times in a row: "
                                            f"{exc.message}", passes=len(rec.passes)) from exc
+                # a destination its cloud stopped or lost is no pass to retry (each retry
+                # would wait out its timeouts first)
+                there = (await cb.show(dest.name)).state
+                if there != "running":
+                    raise ReplicationError(
+                        f"the destination VM {dest.name} in cloud {cb.site} is {there} (its "
+                        f"cloud stopped or lost it) after pass {n + 1} failed: {exc.message}",
+                        passes=len(rec.passes), dest_state=there) from exc
                 whole.progress(f"pass {n + 1} failed ({exc.message}): again, from its last "
                                "flush")
                 await _reconnect(sm)

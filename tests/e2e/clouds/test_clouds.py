@@ -252,6 +252,41 @@ def test_ctrl_c_mid_pass_gives_the_source_back_and_records_why(lab: dict[str, An
     assert _app_status(lab)["last_acked"] > first["last_acked"]  # the application goes on
 
 
+def test_a_destination_its_cloud_lost_ends_the_replication_at_once(
+        lab: dict[str, Any]) -> None:
+    """Cloud B destroys the destination VM while pass 1 runs (virsh destroy, from outside
+    labctl): the failed pass is not retried against a VM that is not there; the source is
+    given back, the domain removed, the reason said in one line."""
+    cli = lab["cli"]
+    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
+                             "replicate", "web1", "--to-cloud", "cloud-b"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rid = _wait("the replication to begin", lambda: next(
+            (r["id"] for r in cli.json("replication", "list") if r["state"] == "running"), None))
+        _wait("pass 1's first flush", lambda: _source_flushed(lab), 300)
+        subprocess.run(["virsh", "-c", "qemu:///system", "destroy",
+                        f"labctl-{lab['name']}-web1-repl"], check=True, capture_output=True)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"labctl: error: replication {rid} of web1 to cloud-b failed: the "
+                           "destination VM web1-repl in cloud cloud-b is stopped (its cloud "
+                           "stopped or lost it) after pass 1 failed"), err
+    assert "Traceback" not in err, err
+    row = next(r for r in cli.json("replication", "list") if r["id"] == rid)
+    passes = cli.json("replication", "show", str(rid))["passes"]
+    assert row["state"] == "failed" and [p["how"] for p in passes] == ["failed"], passes
+    assert _virsh_names(lab) == []
+    first = _app_status(lab)
+    time.sleep(1.5)
+    assert _app_status(lab)["last_acked"] > first["last_acked"]  # the application goes on
+
+
 def test_a_cloud_without_room_refuses_the_destination(lab: dict[str, Any]) -> None:
     """Cloud B's quota (768 MiB of memory) is mostly taken: the destination VM is refused
     in one line, nothing else is made, the source goes on as it was."""
