@@ -8,6 +8,7 @@ target disk reads as zeros from inside the guest, ping shows the WAN's delay."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -219,24 +220,33 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
     assert got["later"]["last_acked"] > got["first"]["last_acked"]  # the application goes on
 
 
-def test_ctrl_c_mid_pass_gives_the_source_back_and_records_why(lab: dict[str, Any]) -> None:
-    """Ctrl-C while pass 1 runs: the destination is deleted, the source keeps its
-    application and loses its agent, the record says failed (interrupted), and the last
-    line says so."""
-    cli = lab["cli"]
+@contextlib.contextmanager
+def _in_pass_1(lab: dict[str, Any]) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """``labctl replicate web1`` running, once pass 1 has flushed part of the disk; it is
+    killed on the way out if the test left it running."""
     proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
                              "replicate", "web1", "--to-cloud", "cloud-b"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         rid = _wait("the replication to begin", lambda: next(
-            (r["id"] for r in cli.json("replication", "list") if r["state"] == "running"), None))
+            (r["id"] for r in lab["cli"].json("replication", "list")
+             if r["state"] == "running"), None))
         _wait("pass 1's first flush", lambda: _source_flushed(lab), 300)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
+        yield proc, rid
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_ctrl_c_mid_pass_gives_the_source_back_and_records_why(lab: dict[str, Any]) -> None:
+    """Ctrl-C while pass 1 runs: the destination is deleted, the source keeps its
+    application and loses its agent, the record says failed (interrupted), and the last
+    line says so."""
+    cli = lab["cli"]
+    with _in_pass_1(lab) as (proc, rid):
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
         f"labctl: replication {rid} cancelled (Ctrl-C): the source web1 is left as it was, "
@@ -258,20 +268,10 @@ def test_a_destination_its_cloud_lost_ends_the_replication_at_once(
     labctl): the failed pass is not retried against a VM that is not there; the source is
     given back, the domain removed, the reason said in one line."""
     cli = lab["cli"]
-    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
-                             "replicate", "web1", "--to-cloud", "cloud-b"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        rid = _wait("the replication to begin", lambda: next(
-            (r["id"] for r in cli.json("replication", "list") if r["state"] == "running"), None))
-        _wait("pass 1's first flush", lambda: _source_flushed(lab), 300)
+    with _in_pass_1(lab) as (proc, rid):
         subprocess.run(["virsh", "-c", "qemu:///system", "destroy",
                         f"labctl-{lab['name']}-web1-repl"], check=True, capture_output=True)
         _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"labctl: error: replication {rid} of web1 to cloud-b failed: the "
