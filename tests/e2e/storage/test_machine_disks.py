@@ -29,6 +29,21 @@ def disks(tmp_path: Path) -> Iterator[MachineDisks]:
         subprocess.run(["losetup", "--detach", dev], check=False, timeout=60)
 
 
+@pytest.fixture
+def foreign_loop(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A loop device on a file named like a lab's disk, in a directory that is not the
+    node's: (that directory, the device), detached after."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "lc-ds1.img").write_bytes(b"\0" * (1 << 20))
+    dev = subprocess.run(["losetup", "--find", "--show", str(other / "lc-ds1.img")],
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    try:
+        yield other, dev
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=False, timeout=60)
+
+
 def _size(dev: str) -> int:
     return int(Path(f"/sys/block/{Path(dev).name}/size").read_text()) * 512
 
@@ -62,17 +77,11 @@ def test_a_disk_made_found_grown_and_removed(disks: MachineDisks, tmp_path: Path
         disks.find("lc-ds1")
 
 
-def test_loops_on_other_files_are_not_the_labs(disks: MachineDisks, tmp_path: Path) -> None:
-    other = tmp_path / "elsewhere"
-    other.mkdir()
-    (other / "lc-ds1.img").write_bytes(b"\0" * (1 << 20))
-    dev = subprocess.run(["losetup", "--find", "--show", str(other / "lc-ds1.img")],
-                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    try:
-        assert disks.device("lc-ds1") is None
-        assert loops_backed_by(other) == {"lc-ds1": dev}
-    finally:
-        subprocess.run(["losetup", "--detach", dev], check=False, timeout=60)
+def test_loops_on_other_files_are_not_the_labs(disks: MachineDisks,
+                                               foreign_loop: tuple[Path, str]) -> None:
+    other, dev = foreign_loop
+    assert disks.device("lc-ds1") is None
+    assert loops_backed_by(other) == {"lc-ds1": dev}
 
 
 @pytest.mark.parametrize("serial", ["../x", "", "a/b", "x" * 21])
@@ -83,21 +92,15 @@ def test_a_bad_serial_names_no_file(disks: MachineDisks, serial: str) -> None:
 
 @pytest.mark.skipif((CONFIGFS / "target").exists(), reason="this kernel has LIO loaded: "
                     "release would look at its targets (tested on a Vagrant machine)")
-def test_release_detaches_only_the_nodes_loops(disks: MachineDisks, tmp_path: Path) -> None:
+def test_release_detaches_only_the_nodes_loops(disks: MachineDisks,
+                                               foreign_loop: tuple[Path, str]) -> None:
     """``--release`` on a kernel holding no LIO (a machine rebooted): the node's loops are
     detached, another directory's are not, LIO is not asked."""
+    other, dev = foreign_loop
     made = asyncio.run(disks.ensure(p.DiskSpec("lc-ds1", 1 << 20)))
-    other = tmp_path / "elsewhere"
-    other.mkdir()
-    (other / "lc-ds1.img").write_bytes(b"\0" * (1 << 20))
-    dev = subprocess.run(["losetup", "--find", "--show", str(other / "lc-ds1.img")],
-                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    try:
-        conf = p.NodeConfig(lab="t", node="n1", address="10.250.9.2/24", gateway=None, mac="",
-                            secret="", target_iqn="iqn.2026-11.dev.labctl:t.n1",
-                            disk_dir=str(disks.dir))
-        assert release(conf) == [f"loop device {made.device} (disk lc-ds1)"]
-        assert disks.device("lc-ds1") is None and loops_backed_by(other) == {"lc-ds1": dev}
-        assert Path(made.path).exists()  # the file goes with the directory, not here
-    finally:
-        subprocess.run(["losetup", "--detach", dev], check=False, timeout=60)
+    conf = p.NodeConfig(lab="t", node="n1", address="10.250.9.2/24", gateway=None, mac="",
+                        secret="", target_iqn="iqn.2026-11.dev.labctl:t.n1",
+                        disk_dir=str(disks.dir))
+    assert release(conf) == [f"loop device {made.device} (disk lc-ds1)"]
+    assert disks.device("lc-ds1") is None and loops_backed_by(other) == {"lc-ds1": dev}
+    assert Path(made.path).exists()  # the file goes with the directory, not here
