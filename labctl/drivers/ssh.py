@@ -114,8 +114,7 @@ class SshMachine:
             res = await asyncio.wait_for(self._need().run(
                 shlex.join(argv), input=stdin, check=False, encoding=None), timeout)
         except (asyncssh.Error, OSError, TimeoutError) as exc:
-            raise SshError(f"{self.name}: {shlex.join(argv)}: {exc!r}", machine=self.name,
-                           argv=argv) from exc
+            raise self._failed(argv, exc) from exc
         code = res.exit_status if res.exit_status is not None else -1
         return code, _raw(res.stdout), _raw(res.stderr)
 
@@ -129,20 +128,23 @@ class SshMachine:
             proc = await conn.create_process(shlex.join(argv), term_type="dumb",
                                              encoding="utf-8", errors="replace")
         except (asyncssh.Error, OSError) as exc:
-            raise SshError(f"{self.name}: {shlex.join(argv)}: {exc!r}", machine=self.name,
-                           argv=argv) from exc
+            raise self._failed(argv, exc) from exc
         try:
             async for line in proc.stdout:
                 yield line.rstrip("\r\n")
         except (asyncssh.Error, OSError) as exc:
-            raise SshError(f"{self.name}: {shlex.join(argv)}: {exc!r}", machine=self.name,
-                           argv=argv) from exc
+            raise self._failed(argv, exc) from exc
         finally:
             proc.close()
         await proc.wait_closed()
         if proc.exit_status:
             raise SshError(f"{self.name}: {argv[0]} exited with {proc.exit_status}",
                            machine=self.name, argv=argv, returncode=proc.exit_status)
+
+    def _failed(self, argv: list[str], exc: BaseException) -> SshError:
+        """A command the session could not run (or lost), as one error naming it."""
+        return SshError(f"{self.name}: {shlex.join(argv)}: {exc!r}", machine=self.name,
+                        argv=argv)
 
     async def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
         """Write ``data`` to ``remote`` (replaced whole: written beside it, then renamed)."""
