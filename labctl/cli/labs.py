@@ -260,7 +260,9 @@ def print_status(s: LabStatus) -> None:
         print(f"  storage {n.name:8} {n.address:15} {n.target_iqn}{where}  [agent {agent}{dom}]")
     for h in s.hosts:
         why = f": {h.agent_reason}" if h.agent_reason else ""
-        what = h.initiator_iqn if h.kind == "host" else f"mobility agent of {h.site}"
+        what = {"host": h.initiator_iqn, "mobility": f"mobility agent of {h.site}",
+                "cloud-api": f"API of cloud {h.site}: qemu+tls://{h.address}/system"}.get(
+                    h.kind, h.kind)
         what += f"  ssh {h.ssh}" if h.ssh else ""
         print(f"  host    {h.name:8} {h.address:15} {what}  [agent {h.agent}{why}]")
     for d in s.datastores:
@@ -279,7 +281,8 @@ def print_status(s: LabStatus) -> None:
         why = f" ({v.reason})" if v.reason else ""
         print(f"  vm      {v.name:8} on {v.host:8} {v.state}{why}{beat}")
     for c in s.cloud_vms:
-        print(f"  vm      {c.name:8} in {c.cloud} ({c.provider}: {c.runs_on}) {c.state}  "
+        why = f" ({c.reason})" if c.reason else ""
+        print(f"  vm      {c.name:8} in {c.cloud} ({c.provider}: {c.runs_on}) {c.state}{why}  "
               f"{c.address}")
 
 

@@ -48,7 +48,8 @@ class HostPlan:
     address: ipaddress.IPv4Interface  # its address on the site network
     bridge: str  # the site bridge
     state_dir: Path  # the agent's own directory (on the host)
-    #: "host", or "mobility": a site's mobility agent in its gateway namespace
+    #: "host"; "mobility": a site's mobility agent in its gateway namespace; "cloud-api": a
+    #: libvirt cloud's API endpoint
     kind: str = "host"
     #: the agent's further arguments (a mobility agent's relay port and TLS directory)
     agent_args: tuple[str, ...] = ()
@@ -74,6 +75,11 @@ class HostProvider(Protocol):
         """Remove what this provider made for the lab (journal order), appending to
         ``removed`` what it removed."""
         ...
+
+
+#: the program a namespace host of each kind runs
+_AGENT_MODULES = {"host": "labctl.agents.host", "mobility": "labctl.agents.mobility",
+                  "cloud-api": "labctl.agents.cloudapi"}
 
 
 def spawn_owned(inv: Inventory, name: str, argv: list[str], log: Path,
@@ -151,7 +157,7 @@ class NamespaceHosts:
         if not secret_file.exists():
             write_secret(secret_file, secret)
         addr = str(plan.address.ip)
-        module = "labctl.agents.mobility" if plan.kind == "mobility" else "labctl.agents.host"
+        module = _AGENT_MODULES[plan.kind]
         argv = netns_argv(ns, [sys.executable, "-m", module,
                                "--state-dir", str(plan.state_dir),
                                "--secret-file", str(secret_file), "--host", plan.name,

@@ -32,7 +32,7 @@ from labctl.hosts import accelcache
 from labctl.hosts import protocol as hp
 from labctl.hosts.provider import HostPlan, NamespaceHosts, spawn_owned
 from labctl.hosts.sshhosts import SshHosts
-from labctl.lab import vms
+from labctl.lab import clouds, vms
 from labctl.lab.topology import Site, StorageNode, Topology, Vm
 from labctl.replication.image import ensure_server_image
 from labctl.state.context import LabContext
@@ -221,7 +221,10 @@ async def build(ctx: LabContext, topo: Topology) -> None:
     node_jobs = [_start_storage_node(ctx.in_site(n.site), topo, i, simg, accel)
                  for i, n in enumerate(topo.storage_nodes)]
     host_jobs = [_start_host(ctx.in_site(h.site), topo, i) for i, h in enumerate(topo.hosts)]
-    await step(ctx, "storage nodes and hosts ready", gather_all(*node_jobs, *host_jobs))
+    api_jobs = [clouds.start_api(ctx, topo, i) for i, s in enumerate(topo.sites)
+                if s.api is not None]
+    await step(ctx, "storage nodes and hosts ready",
+               gather_all(*node_jobs, *host_jobs, *api_jobs))
     if topo.wan:
         assert simg is not None
         await step(ctx, "WAN links up", _start_wan(ctx, topo, simg, accel))
@@ -508,6 +511,11 @@ async def recover(ctx: LabContext, topo: Topology) -> list[str]:
         if not await _answers(site, agent.name, "mobility agent"):
             await start_mobility(ctx, topo, i, NamespaceHosts(ctx.name, ctx.dir.path, site.inv))
             restarted.append(agent.name)
+    for i, cloud in enumerate(topo.sites):
+        if cloud.api is not None and not await _answers(ctx.in_site(cloud.name),
+                                                        cloud.api_name, "cloud API"):
+            await clouds.start_api(ctx, topo, i)
+            restarted.append(cloud.api_name)
     routers = [s for s in await wan.show(ctx) if s.state not in ("up", "down")]
     image = await ensure_storage_image(progress=ctx.progress) if routers else None
     for w in routers:

@@ -36,10 +36,14 @@ from labctl.core.wire import Message
 from labctl.drivers.qcow2 import read_header
 from labctl.drivers.ssh import SshMachine
 from labctl.hosts import protocol as hp
+from labctl.hosts.provider import HostPlan, NamespaceHosts
 from labctl.lab import vms
+from labctl.lab.topology import Topology
+from labctl.replication.cloudapi import LIBVIRT_TLS_PORT
 from labctl.replication.image import SERVER_CMDLINE, ensure_server_image
 from labctl.state import sshkey
 from labctl.state.context import LabContext
+from labctl.state.pki import LabPki
 from labctl.storage import domains
 from labctl.storage.domains import DirectBoot, Nic, direct_boot_xml
 
@@ -47,6 +51,8 @@ from labctl.storage.domains import DirectBoot, Nic, direct_boot_xml
 HEARTBEAT_MS = 1000
 #: the first host number a cloud VM gets in its site's subnet
 FIRST_VM_HOST = 101
+#: the common name of the operator's certificate, the one the endpoint serves
+OPERATOR = "operator"
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class CloudVm(Message):
     disks: list[CloudDisk] = field(default_factory=list)
     #: the libvirt domain, or the labctl host the VM runs on
     runs_on: str | None = None
+    #: why its state is "unknown" (the cloud's API did not answer)
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,62 @@ def cloud_of(ctx: LabContext) -> Cloud:
     row = ctx.shared.row("sites", name=ctx.site)
     provider = str(row["provider"]) if row is not None else "labctl"
     return LibvirtCloud(ctx) if provider == "libvirt" else LabctlCloud(ctx)
+
+
+def credentials_dir(ctx: LabContext, site: str) -> Path:
+    """The operator's credentials for libvirt cloud ``site``'s API, in libvirt's ``pkipath``
+    layout (``cacert.pem``, ``clientcert.pem``, ``clientkey.pem`` 0600)."""
+    return ctx.dir.site_dir(site) / "operator"
+
+
+def api_uri(address: str, credentials: Path) -> str:
+    return f"qemu+tls://{address}/system?pkipath={credentials}"
+
+
+async def start_api(ctx: LabContext, topo: Topology, i: int) -> str:
+    """Libvirt cloud ``topo.sites[i]``'s API endpoint (``ctx``: the lab's own context): a
+    namespace on the site's bridge serving libvirt's TLS transport in front of this
+    machine's libvirtd (:mod:`labctl.replication.cloudapi`), registered as a host of kind
+    ``cloud-api`` in the site's inventory. The cloud has a CA of its own (not the lab's):
+    it signs the endpoint's certificate and the operator's, whose credentials are written
+    in libvirt's layout (:func:`credentials_dir`); the endpoint serves that operator and no
+    one else. Returns the API's URI, also kept in the site's inventory."""
+    site = topo.sites[i]
+    assert site.api is not None
+    here = ctx.in_site(site.name)
+    name = site.api_name
+    state_dir = ctx.dir.host_dir(name)
+    tls = state_dir / "tls"
+    pki = LabPki(f"{ctx.name} cloud {site.name}", ctx.dir.site_dir(site.name) / "cloud-ca")
+    if not (tls / f"{name}.pem").exists():
+        pki.issue(name, [str(site.api)], tls)
+    creds = credentials_dir(ctx, site.name)
+    if not (creds / "clientkey.pem").exists():
+        issued = pki.issue(OPERATOR, [], creds)
+        issued.ca.rename(creds / "cacert.pem")
+        issued.cert.rename(creds / "clientcert.pem")
+        issued.key.rename(creds / "clientkey.pem")
+    index = len(topo.hosts) + len(topo.mobility) + i  # its link's name follows theirs
+    here.inv.upsert("hosts", name=name, site=site.name, address=str(site.api),
+                    initiator_iqn="", netns=names.netns(ctx.name, name),
+                    veth=names.veth(ctx.dir.tag, index), agent_port=names.HOST_AGENT_PORT,
+                    memory=0, agent_pid=None, state="starting", kind="cloud-api")
+    t0 = time.monotonic()
+    got = await NamespaceHosts(ctx.name, ctx.dir.path, here.inv).provision(HostPlan(
+        name=name, index=index,
+        address=ipaddress.IPv4Interface(f"{site.api}/{site.subnet.prefixlen}"),
+        bridge=str((here.inv.row("sites", name=site.name) or {})["bridge"]),
+        state_dir=state_dir,
+        kind="cloud-api",
+        agent_args=("--api-port", str(LIBVIRT_TLS_PORT), "--tls-dir", str(tls),
+                    "--allow", OPERATOR)), here.secret())
+    here.inv.record_step(f"cloud API {name} ready", time.monotonic() - t0)
+    here.inv.update("hosts", {"name": name}, state="up", agent_pid=got.agent_pid)
+    uri = api_uri(str(site.api), creds)
+    here.inv.set_meta("api_uri", uri)
+    ctx.progress(f"cloud {site.name}'s API answers at qemu+tls://{site.api}/system "
+                 f"(operator credentials in {creds})")
+    return uri
 
 
 class LabctlCloud:
@@ -209,6 +273,40 @@ class LibvirtCloud:
         assert ctx.site is not None
         self.ctx = ctx
         self.site = ctx.site
+        # read here: the API is called from worker threads, the inventory is this thread's
+        self._uri = ctx.inv.get_meta("api_uri")
+
+    # -- the cloud's API -------------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        """Where the cloud's API answers, with the operator's credentials (libvirt's TLS
+        transport: the cloud's CA and a client certificate it signed, in ``pkipath``)."""
+        uri = self._uri
+        if uri is None:
+            raise LabStateError(f"cloud {self.site} has no API endpoint on record: bring the "
+                                "lab up again", cloud=self.site)
+        return uri
+
+    def _conn(self) -> Any:
+        try:
+            return domains.open_conn(self.uri)
+        except LabError as exc:
+            why = str(exc.evidence.get("libvirt_error") or exc.message)
+            raise LabError(f"cloud {self.site}'s API did not let us in: {why}",
+                           cloud=self.site, uri=self.uri) from exc
+
+    async def _state(self, name: str) -> domains.DomainState:
+        """The VM's domain as the cloud's API reports it ("absent" when it has none)."""
+        return await domains.in_thread(self._domain_state, name)
+
+    def _domain_state(self, name: str) -> domains.DomainState:
+        conn = self._conn()
+        try:
+            return domains.state_of(domains.owned_domain(conn, self.ctx.name, name))
+        except LabError:
+            return domains.DomainState("absent", None)
+        finally:
+            conn.close()
 
     # -- the cloud's own records ---------------------------------------------------------
     def _dir(self, name: str) -> Path:
@@ -347,7 +445,7 @@ class LibvirtCloud:
 
     def _define(self, domain: str, xml: str) -> None:
         lv = domains.libvirt_module()
-        conn = domains.open_conn()
+        conn = self._conn()
         try:
             with contextlib.suppress(lv.libvirtError):
                 conn.lookupByName(domain)
@@ -364,7 +462,7 @@ class LibvirtCloud:
     def _domain_call(self, name: str, what: str) -> str:
         """``what`` (create, destroy, undefine) on the VM's domain; its state after."""
         lv = domains.libvirt_module()
-        conn = domains.open_conn()
+        conn = self._conn()
         try:
             dom = domains.owned_domain(conn, self.ctx.name, name)
             try:
@@ -384,26 +482,31 @@ class LibvirtCloud:
         finally:
             conn.close()
 
-    async def show(self, name: str) -> CloudVm:
+    async def show(self, name: str, strict: bool = True) -> CloudVm:
+        """The VM as the cloud's API reports it; unless ``strict``, an API that does not
+        answer gives its state as "unknown", with why."""
         row = self._row(name)
+        reason = None
         try:
-            state = (await domains.domain_state(self.ctx.name, name)).state
-        except LabError:
-            state = "absent"
+            state = (await self._state(name)).state
+        except LabError as exc:
+            if strict:
+                raise
+            state, reason = "unknown", exc.message
         root = CloudDisk("root", Path(row["root"]).stat().st_size if Path(row["root"]).exists()
                          else 0, str(row["root"]), "labctl-root")
         data = [CloudDisk.from_wire(x) for x in json.loads(row["disks"])]
         return CloudVm(cloud=self.site, provider=self.provider, name=name,
                        state="stopped" if state == "shutoff" else state,
                        address=str(row["address"]), disks=[root, *data],
-                       runs_on=str(row["domain"]))
+                       runs_on=str(row["domain"]), reason=reason)
 
     async def start(self, name: str, timeout: float = 120.0) -> CloudVm:
         """Start the domain; return once the guest printed its host key (pinned) and
         answers SSH."""
         row = self._row(name)
         log = self._dir(name) / "console.log"
-        if (await domains.domain_state(self.ctx.name, name)).state != "running":
+        if (await self._state(name)).state != "running":
             log.unlink(missing_ok=True)
         await domains.in_thread(self._domain_call, name, "create")
         deadline = time.monotonic() + timeout
@@ -411,7 +514,7 @@ class LibvirtCloud:
             key = vms.host_key_from(await self.console(name, 400))
             if key is not None:
                 break
-            if (await domains.domain_state(self.ctx.name, name)).state != "running":
+            if (await self._state(name)).state != "running":
                 raise LabError(f"VM {name} stopped while booting", vm=name,
                                console_tail=await self.console(name, 20))
             if time.monotonic() > deadline:
@@ -427,13 +530,13 @@ class LibvirtCloud:
         """A clean stop (the guest powers off when asked over SSH), else the domain is
         destroyed."""
         row = self._row(name)
-        if (await domains.domain_state(self.ctx.name, name)).state == "running":
+        if (await self._state(name)).state == "running":
             with contextlib.suppress(LabError):
                 async with vms.guest_ssh(self.ctx, name, str(row["address"])) as m:
                     await m.run(["kill", "-TERM", "1"])
             deadline = time.monotonic() + timeout
             # "shutdown" is libvirt's word for a domain on its way down: wait for shutoff
-            while (await domains.domain_state(self.ctx.name, name)).state in ("running",
+            while (await self._state(name)).state in ("running",
                                                                                 "shutdown"):
                 if time.monotonic() > deadline:
                     await domains.in_thread(self._domain_call, name, "destroy")

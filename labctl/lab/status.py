@@ -187,7 +187,7 @@ async def status(lab: LabContext) -> LabStatus:
         for site in lab.all_sites():
             cloud = cloud_of(site)
             if isinstance(cloud, LibvirtCloud):
-                clouds.extend(await asyncio.gather(*(cloud.show(str(r["name"]))
+                clouds.extend(await asyncio.gather(*(cloud.show(str(r["name"]), strict=False)
                                                      for r in site.inv.rows("cloud_vms"))))
 
     parts, _, _ = await asyncio.gather(

@@ -65,6 +65,17 @@ class Site:
         """The controller's address on the site bridge."""
         return self.subnet.network_address + 1
 
+    @property
+    def api(self) -> ipaddress.IPv4Address | None:
+        """A libvirt cloud's API endpoint: the address after the controller's (such a site
+        has no labctl machines to take it)."""
+        return self.subnet.network_address + 2 if self.provider == "libvirt" else None
+
+    @property
+    def api_name(self) -> str:
+        """The name of a libvirt cloud's API endpoint (a namespace host of the site)."""
+        return f"{self.name}-api"
+
 
 @dataclass(frozen=True)
 class StorageNode:
@@ -492,6 +503,9 @@ def _build(data: dict[str, Any], file: str) -> Topology:
     placed = {(kind, i): site_of(kind, i, item)
               for kind, items in machine_kinds for i, item in enumerate(items)}
     used: dict[ipaddress.IPv4Address, str] = {}
+    for i, cloud in enumerate(sites):
+        if cloud.api is not None:
+            used[cloud.api] = f"sites[{i}]'s API endpoint"
 
     def address(kind: str, i: int, item: dict[str, Any], start: int) -> ipaddress.IPv4Address | None:
         site = placed[kind, i]
@@ -798,6 +812,10 @@ def _build(data: dict[str, Any], file: str) -> Topology:
         used[addr] = f"sites[{i}].mobility"
         agents.append(MobilityAgent(name, site.name, addr))
 
+    for i, cloud in enumerate(sites):
+        if cloud.api is not None and cloud.api_name in machines:
+            fail(f"sites[{i}].name", f"its API endpoint's name {cloud.api_name!r} is already "
+                                     f"the name of {machines[cloud.api_name]}")
     if problems:
         raise TopologyError.listing(file, _in_file_order(data, [(*p, p[0]) for p in problems]))
     return Topology(

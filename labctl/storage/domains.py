@@ -36,13 +36,14 @@ def libvirt_module() -> Any:
     return libvirt
 
 
-def open_conn() -> Any:
+def open_conn(uri: str = LIBVIRT_URI) -> Any:
+    """A connection to libvirt at ``uri`` (this machine's system daemon by default)."""
     lv = libvirt_module()
     try:
-        return lv.open(LIBVIRT_URI)
+        return lv.open(uri)
     except lv.libvirtError as exc:
-        raise StorageNodeError(f"cannot connect to libvirt at {LIBVIRT_URI}: {exc}",
-                               uri=LIBVIRT_URI) from exc
+        raise StorageNodeError(f"cannot connect to libvirt at {uri}: {exc}", uri=uri,
+                               libvirt_error=str(exc)) from exc
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -104,8 +105,8 @@ def state_of(dom: Any) -> DomainState:
     return DomainState(state, words.get(reason) if words else None)
 
 
-def _domain_state(lab: str, name: str) -> DomainState:
-    conn = open_conn()
+def _domain_state(lab: str, name: str, uri: str = LIBVIRT_URI) -> DomainState:
+    conn = open_conn(uri)
     try:
         return state_of(owned_domain(conn, lab, name))
     except StorageNodeError:
@@ -114,9 +115,10 @@ def _domain_state(lab: str, name: str) -> DomainState:
         conn.close()
 
 
-async def domain_state(lab: str, name: str) -> DomainState:
-    """What libvirt says of storage node ``name``'s domain now ("absent" if it has none)."""
-    return await in_thread(_domain_state, lab, name)
+async def domain_state(lab: str, name: str, uri: str = LIBVIRT_URI) -> DomainState:
+    """What libvirt (at ``uri``) says of storage node ``name``'s domain now ("absent" if it
+    has none)."""
+    return await in_thread(_domain_state, lab, name, uri)
 
 
 def _resume(lab: str, name: str) -> DomainState:

@@ -56,7 +56,7 @@ def lab(lab_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     a, b = free_subnet(), free_subnet()
     with module_lab(name, TOPO.format(name=name, a=a, b=b), lab_home, tmp_path_factory):
         yield {"name": name, "cli": LabCli(name), "dir": lab_home / "labs" / name,
-               "web1": str(a[101]), "dst": str(b[101])}
+               "web1": str(a[101]), "dst": str(b[101]), "api": str(b[2])}
 
 
 async def _in(lab: dict[str, Any], site: str, fn: Any) -> Any:
@@ -155,6 +155,69 @@ def test_cloud_b_stops_cleanly_and_deletes(lab: dict[str, Any]) -> None:
                            capture_output=True, text=True, check=True).stdout.split()
     assert f"labctl-{lab['name']}-web1-dst" not in names
     assert not (lab["dir"] / "sites" / "cloud-b" / "cloud" / "web1-dst").exists()
+
+
+def _virsh_api(lab: dict[str, Any], pkipath: Path) -> subprocess.CompletedProcess[str]:
+    """``virsh list`` against cloud B's API, as an operator with these credentials."""
+    return subprocess.run(["virsh", "-c", f"qemu+tls://{lab['api']}/system?pkipath={pkipath}",
+                           "list", "--all", "--name"], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def _credentials(issued: Any, cas: list[Path], out: Path) -> Path:
+    """``issued`` (a certificate and key) as libvirt's pkipath, trusting ``cas`` (libvirt
+    checks its own certificate against them before it connects)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cacert.pem").write_bytes(b"".join(ca.read_bytes() for ca in cas))
+    for src, dst in ((issued.cert, "clientcert.pem"), (issued.key, "clientkey.pem")):
+        (out / dst).write_bytes(src.read_bytes())
+    return out
+
+
+def test_cloud_b_s_api_serves_its_operator_and_no_one_else(lab: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    site = lab["dir"] / "sites" / "cloud-b"
+    ops = site / "operator"
+    assert (ops / "clientkey.pem").stat().st_mode & 0o777 == 0o600
+    # the operator, through real libvirt over TLS on the cloud's network
+    made = _run(lab, "cloud-b", lambda c: c.create(NewVm("web1-api")))
+    try:
+        res = _virsh_api(lab, ops)
+        assert res.returncode == 0, res.stderr
+        assert f"labctl-{lab['name']}-web1-api" in res.stdout.split()
+        assert made.state == "stopped"
+    finally:
+        _run(lab, "cloud-b", lambda c: c.delete("web1-api"))
+    log = lab["dir"] / "hosts" / "cloud-b-api" / "agent.log"
+    served = log.read_text().count("operator connected")
+    # a certificate of another CA (the lab's own: its agents are no operators of cloud B)
+    lab_ca = LabPki(lab["name"], lab["dir"] / "pki")
+    other = _credentials(lab_ca.issue("operator", [], tmp_path / "lab"),
+                         [ops / "cacert.pem", lab_ca.ca_cert], tmp_path / "other-ca")
+    # the cloud's own CA, another name (signed by the cloud, not on the endpoint's list)
+    cloud_ca = LabPki(f"{lab['name']} cloud cloud-b", site / "cloud-ca")
+    stranger = _credentials(cloud_ca.issue("billing", [], tmp_path / "billing"),
+                            [ops / "cacert.pem"], tmp_path / "stranger")
+    for creds, words in ((other, "TLS handshake failed"),
+                         (stranger, "'billing' is not on the allow list")):
+        res = _virsh_api(lab, creds)
+        assert res.returncode != 0 and "failed to connect" in res.stderr, res
+        assert words in log.read_text()
+    assert log.read_text().count("operator connected") == served  # nothing got through
+    # labctl with the wrong credentials: one line, nothing made in cloud B
+    before = _virsh_names(lab)
+    keep = tmp_path / "kept"
+    ops.rename(keep)
+    try:
+        stranger.rename(ops)
+        res = lab["cli"]("replicate", "web1", "--to-cloud", "cloud-b", check=False)
+    finally:
+        ops.rename(stranger)
+        keep.rename(ops)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "cloud cloud-b's API did not let us in" in res.stderr, res.stderr
+    assert _virsh_names(lab) == before
+    assert lab["cli"]("vm", "ssh", "web1", "--", "true").returncode == 0  # the source runs
 
 
 # -- replication: the source VM moved to cloud B by agents in its guests --------------------

@@ -35,6 +35,10 @@ def test_server_guests_and_a_libvirt_cloud() -> None:
     assert web2.address == ipaddress.IPv4Address("10.231.20.50")
     assert web1.heartbeat_ms == 1000  # one console line a second, not ten
     assert (web1.app_rate, web2.app_rate) == (None, 512 * 1024)
+    # cloud B's API endpoint: its .2, a name of its own; cloud A has none
+    assert (topo.sites[1].api, topo.sites[1].api_name) == (
+        ipaddress.IPv4Address("10.231.21.2"), "cloud-b-api")
+    assert topo.sites[0].api is None
 
 
 def _problem(old: str, new: str) -> str:
@@ -60,6 +64,8 @@ def _problem(old: str, new: str) -> str:
     ("address: 10.231.20.50", "address: 10.231.21.50", "is not a usable address of cloud-a"),
     ("app: 512KiB/s", "app: fast", "vms[1].app: 'fast' is not a rate"),
     ("provider: libvirt", "provider: vmware", "provider"),
+    ("{name: a2, site: cloud-a}", "{name: cloud-b-api, site: cloud-a}",
+     "its API endpoint's name 'cloud-b-api' is already the name of hosts[1]"),
 ])
 def test_refusals(old: str, new: str, words: str) -> None:
     assert words in _problem(old, new)
