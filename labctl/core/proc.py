@@ -43,6 +43,17 @@ def cmdline_names(pid: int, path: Path) -> bool:
     return any(a == own or own + b"/" in a for a in args)
 
 
+def process_identity(pid: int) -> str | None:
+    """Process ``pid`` as ``PID:START`` (its start in clock ticks after boot, which tells it
+    from a later process given the same PID), or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces
+    return f"{pid}:{fields[19]}" if len(fields) > 19 else None
+
+
 def which(program: str, hint: str = "") -> str:
     path = shutil.which(program)
     if path is None:

@@ -32,13 +32,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from labctl.core.errors import LabError, LabStateError
-from labctl.core.proc import CommandResult
+from labctl.core.proc import CommandResult, process_identity
 from labctl.core.wire import Json, Message, WallTime
 from labctl.drivers.ssh import SshError, SshMachine
 from labctl.lab import vms
@@ -151,6 +152,21 @@ class Replication(Message):
     sent_bytes: int = 0
     wire_bytes: int = 0
     error: str | None = None
+    #: the labctl process running it (``PID:START``, :func:`process_identity`): a record
+    #: still "running" whose process is gone was cut short without an end on record
+    controller: str | None = None
+
+
+def gone(state: str, controller: str | None) -> str | None:
+    """Why a record that says ``state`` is not really running (its labctl process ended
+    without writing an end: killed, or the machine restarted), or None."""
+    if state != "running" or not controller:
+        return None
+    pid = int(controller.split(":")[0])
+    if process_identity(pid) == controller:
+        return None
+    return (f"its labctl (pid {pid}) ended without recording an end (killed?): the source "
+            "may still be quiesced or carry the agents, the destination may still exist")
 
 
 def _records(inv: Any, rid: int, rec: Replication) -> None:
@@ -229,7 +245,7 @@ async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
                       state="running", started_at=WallTime(t_wall), seconds=0.0,
                       tracking=tracking, switchover=json.dumps(switchover) if isinstance(
                           switchover, dict) else (switchover or DEFAULT_WHEN),
-                      disk_bytes=disk_bytes)
+                      disk_bytes=disk_bytes, controller=process_identity(os.getpid()))
     _records(inv, rid, rec)
     stage = Stage()
     try:
@@ -619,12 +635,14 @@ def list_all(whole: LabContext) -> list[ReplicationRow]:
     out = []
     for r in whole.inv.rows("replications"):
         rec = json.loads(r["result"] or "{}")
+        cut_short = gone(str(r["state"]), rec.get("controller"))
         out.append(ReplicationRow(
             id=int(r["id"]), vm=str(r["vm"]), from_site=str(r["from_site"]),
-            to_site=str(r["to_site"]), state=str(r["state"]),
+            to_site=str(r["to_site"]), state="failed" if cut_short else str(r["state"]),
             started_at=WallTime(float(r["started_at"])),
             passes=len([p for p in rec.get("passes") or [] if p.get("how") != "failed"]),
-            outage_s=(rec.get("cutover") or {}).get("outage_s"), error=rec.get("error")))
+            outage_s=(rec.get("cutover") or {}).get("outage_s"),
+            error=cut_short or rec.get("error")))
     return out
 
 
@@ -633,4 +651,6 @@ def show(whole: LabContext, rid: int) -> Replication:
     if r is None:
         known = ", ".join(str(x["id"]) for x in whole.inv.rows("replications")) or "none"
         raise LabStateError(f"no replication {rid} (recorded: {known})", id=rid)
-    return Replication.from_wire(json.loads(r["result"]), f"replication {rid}")
+    rec = Replication.from_wire(json.loads(r["result"]), f"replication {rid}")
+    cut_short = gone(rec.state, rec.controller)
+    return replace(rec, state="failed", error=cut_short) if cut_short else rec

@@ -6,11 +6,15 @@ prediction the digest scan plus that delta at the link's rate."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from labctl.lab.replicate import _view
+from labctl.core.proc import process_identity
+from labctl.lab.replicate import _view, gone
 from labctl.replication.switchover import parse
 
 
@@ -106,3 +110,18 @@ def test_the_destination_check_is_the_one_its_application_started_on() -> None:
     assert _started_check(refused) == {"records": 3, "last_acked": 40, "ok": False}
     odd = CommandResult(["app.py"], 1, "", "python3: can't open file\n")
     assert _started_check(odd) == {"ok": False, "error": "python3: can't open file"}
+
+
+def test_a_record_whose_labctl_is_gone_reads_as_failed() -> None:
+    me = process_identity(os.getpid())
+    assert me is not None and me.startswith(f"{os.getpid()}:")
+    assert gone("running", me) is None  # its labctl is this process, alive
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    pid = int(child.stdout)
+    dead = f"{pid}:1"  # the child has exited; a PID given again has another start
+    why = gone("running", dead)
+    assert why is not None and f"pid {pid}" in why and "ended without recording an end" in why
+    # the same PID with another start time is another process: still gone
+    assert gone("running", f"{os.getpid()}:0") is not None
+    assert gone("completed", dead) is None and gone("running", None) is None
