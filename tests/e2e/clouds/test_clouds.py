@@ -27,6 +27,7 @@ from labctl.lab.clouds import LabctlCloud, LibvirtCloud, NewVm, cloud_of
 from labctl.lab.face import Lab
 from labctl.state import sshkey
 from labctl.state.pki import LabPki
+from labctl.storage import domains
 from tests.conftest import E2E, LabCli, free_subnet, module_lab, unique_lab
 
 pytestmark = E2E
@@ -139,6 +140,32 @@ def test_the_two_clouds_reach_each_other_across_the_wan(lab: dict[str, Any]) -> 
     out = _run(lab, "cloud-a", go)
     rtts = [float(w.split("=")[1]) for w in out.split() if w.startswith("time=")]
     assert len(rtts) == 3 and min(rtts) >= 9.5, out  # the WAN's 10 ms round trip
+
+
+def test_a_server_on_a_full_root_filesystem_still_boots(lab: dict[str, Any]) -> None:
+    """A disk filled to the last block (root's reserve too), frozen and its VM cut off as a
+    cutover stops a source: the server boots on it and answers SSH, as a replica of a full
+    disk must."""
+    fill = ("import os\nf = open('/fill', 'wb')\ntry:\n    while True:\n"
+            "        f.write(os.urandom(1 << 20)); f.flush()\nexcept OSError as e:\n"
+            "    print(e.errno)\n")
+
+    async def go(cloud: LibvirtCloud) -> dict[str, Any]:
+        async with cloud.ssh("web1-dst") as m:
+            full = (await m.run(["python3", "-c", fill], timeout=300)).stdout.strip()
+            await m.run(["sync"])
+            await m.run(["fsfreeze", "-f", "/"])
+        await domains.in_thread(cloud._domain_call, "web1-dst", "destroy")
+        await cloud.start("web1-dst")
+        async with cloud.ssh("web1-dst") as m:
+            avail = (await m.run(["stat", "-f", "-c", "%a", "/"])).stdout.strip()
+            await m.run(["rm", "/fill"])
+        return {"full": full, "avail": avail, "console": await cloud.console("web1-dst", 40)}
+
+    got = _run(lab, "cloud-b", go)
+    assert got["full"] == "28", got  # ENOSPC: the filesystem was full
+    assert got["avail"] == "0", got  # and still is when the server answered
+    assert any("sshd started" in ln for ln in got["console"]), got["console"]
 
 
 def test_cloud_b_stops_cleanly_and_deletes(lab: dict[str, Any]) -> None:
