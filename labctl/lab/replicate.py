@@ -93,7 +93,8 @@ class PassRecord(Message):
     link_rate: float
     #: changed bytes not yet on the destination (the dirty rate over this pass's time)
     remaining: float
-    #: the next pass's predicted time: the digest scan plus the remaining bytes at this rate
+    #: the next pass's predicted time: the digest scan, the pass's fixed cost and the
+    #: remaining bytes at this rate
     predicted_next_s: float
     #: what the switchover criterion said, and why
     decision: str
@@ -109,6 +110,10 @@ class PassRecord(Message):
     todo_blocks: int = 0
     #: bytes free on the source's file system when the pass ended (None: not known)
     free_bytes: int | None = None
+    #: the pass's fixed cost: its time neither scanning nor sending (the command's round
+    #: trip over SSH, the agent's start in the guest, its connection to the target), which
+    #: the next pass pays again
+    fixed_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -348,7 +353,9 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                     await install_agents(sm, tls["src"])
                 args = [*pass_args, *(["--full"] if full else [])]
                 full = False
+                t_call = time.monotonic()
                 got = await _agent(sm, "pass", *args)
+                call_s = time.monotonic() - t_call
             except (ReplicationError, SshError) as exc:
                 failures += 1
                 rec = replace(rec, passes=[*rec.passes,
@@ -377,7 +384,7 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             holds_since = w_start  # the source's state the destination now holds
             view, record = _view(n, got, took, t_start, prev_start, t_begin, w_start,
                                  next((p.link_rate for p in reversed(rec.passes)
-                                       if p.how != "failed"), 0.0), rec.tracking)
+                                       if p.how != "failed"), 0.0), rec.tracking, call_s)
             view = replace(view, approved=1.0 if (work / APPROVED).exists() else 0.0)
             record = replace(record, n=attempt)
             decision, verdict = policy.decide(view)
@@ -435,8 +442,9 @@ async def _revive(dm: SshMachine, target_args: list[str]) -> None:
 
 def _view(n: int, got: dict[str, Any], took: float, t_start: float, prev_start: float | None,
           t_begin: float, w_start: float, prev_link_rate: float = 0.0,
-          tracking: str = "hash") -> tuple[PassView, PassRecord]:
-    """The criterion's view of a pass, and its record (its decision still to be made)."""
+          tracking: str = "hash", call_s: float | None = None) -> tuple[PassView, PassRecord]:
+    """The criterion's view of a pass, and its record (its decision still to be made);
+    ``call_s``: the pass command's own time, as the controller waited for it."""
     sent = float(got["bytes"])
     send_s = max(float(got["send_seconds"]), 1e-3)
     # the rate this pass moved the disk's bytes at (compressed or not: the remaining delta
@@ -450,8 +458,11 @@ def _view(n: int, got: dict[str, Any], took: float, t_start: float, prev_start: 
     # tracker's answer with era tracking (after a full or rehash pass with a new tracker,
     # nothing measured yet: its query is a fraction of a second)
     scan_next = digest_s if tracking == "hash" or got["how"] == "era" else 0.0
-    predicted = scan_next + (0.0 if remaining == 0 else remaining / link_rate
-                            if link_rate > 0 else float("inf"))
+    # what every pass pays whatever it moves: the command's time neither scanning nor
+    # sending (about a second under TCG, half an era pass's time)
+    fixed = max(0.0, call_s - digest_s - float(got["send_seconds"])) if call_s else 0.0
+    predicted = scan_next + fixed + (0.0 if remaining == 0 else remaining / link_rate
+                                     if link_rate > 0 else float("inf"))
     free = got.get("free_bytes")
     view = PassView(passes=n, remaining=remaining, dirty_rate=dirty, link_rate=link_rate,
                     predicted_outage=predicted, last_pass=took,
@@ -465,7 +476,7 @@ def _view(n: int, got: dict[str, Any], took: float, t_start: float, prev_start: 
         remaining=round(remaining), predicted_next_s=round(predicted, 3) if predicted != float(
             "inf") else -1.0, decision="", why="", rpo_s=0.0,
         carried_blocks=int(got.get("carried_blocks", 0)), todo_blocks=int(got["blocks"]),
-        free_bytes=int(free) if free is not None else None)
+        free_bytes=int(free) if free is not None else None, fixed_seconds=round(fixed, 3))
     return view, record
 
 

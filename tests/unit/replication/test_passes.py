@@ -72,6 +72,24 @@ def test_with_era_tracking_the_next_pass_does_not_scan() -> None:
     assert view.predicted_outage == pytest.approx(0.2 + view.remaining / ((4 << 20) / 0.5))
 
 
+def test_the_next_pass_pays_this_one_s_fixed_cost_again() -> None:
+    """An era pass of 0.7 s that took the controller 1.9 s: 1.2 s went to the command's
+    round trip and the agent's start, which the final pass pays too (left out, the
+    prediction was half of the final pass's 2.5 s)."""
+    era = {**_got(4 << 20, 4 << 20, 0.5, 0.2), "how": "era"}
+    view, rec = _view(2, era, took=2.1, t_start=120.0, prev_start=100.0, t_begin=100.0,
+                      w_start=1.7e9, tracking="era", call_s=1.9)
+    delta = view.remaining / ((4 << 20) / 0.5)
+    assert rec.fixed_seconds == pytest.approx(1.2)
+    assert view.predicted_outage == pytest.approx(0.2 + 1.2 + delta)
+    assert rec.predicted_next_s == pytest.approx(0.2 + 1.2 + delta, abs=1e-3)
+    # a command no longer than its scan and send (clock granularity) adds nothing
+    view, rec = _view(2, era, took=0.6, t_start=120.0, prev_start=100.0, t_begin=100.0,
+                      w_start=1.7e9, tracking="era", call_s=0.6)
+    delta = view.remaining / ((4 << 20) / 0.5)
+    assert rec.fixed_seconds == 0.0 and view.predicted_outage == pytest.approx(0.2 + delta)
+
+
 def test_a_replication_s_timeline_is_drawn(tmp_path: Path) -> None:
     """``replication show ID --plot``: passes, rates, RPO and the outage in one picture;
     a directory that does not exist is a one-line refusal."""
