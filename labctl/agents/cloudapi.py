@@ -12,14 +12,19 @@ lists no VM).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from pathlib import Path
 
-from labctl.agents.host import drop_pidfile, parse_listen, run_agent, stop_on_signals
-from labctl.core.errors import LabError
+from labctl.agents.host import (
+    drop_pidfile,
+    parse_listen,
+    run_agent,
+    site_agent_parser,
+    stop_on_signals,
+    tls_files,
+)
 from labctl.core.rpc import RpcServer
 from labctl.core.secret import read_secret
 from labctl.core.wire import Empty, handlers
@@ -35,11 +40,7 @@ async def serve(state_dir: Path, secret_file: Path, name: str, listen: str, api_
                 tls_dir: Path, allowed: set[str], upstream: Path) -> None:
     addr, port = parse_listen(listen)
     secret = read_secret(secret_file)
-    files = GateFiles(cert=tls_dir / f"{name}.pem", key=tls_dir / f"{name}.key",
-                      ca=tls_dir / "ca.pem")
-    for f in (files.cert, files.key, files.ca):
-        if not f.exists():
-            raise LabError(f"cloud API {name}: no {f} (its certificate comes from the cloud's CA)")
+    files = GateFiles(*tls_files("cloud API", tls_dir, name, "the cloud's CA"))
     gate = ApiGate(addr, api_port, files, allowed, upstream)
 
     async def ping(_: Empty) -> hp.HostPing:
@@ -67,13 +68,7 @@ async def serve(state_dir: Path, secret_file: Path, name: str, listen: str, api_
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m labctl.agents.cloudapi", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--state-dir", required=True, type=Path)
-    ap.add_argument("--secret-file", required=True, type=Path,
-                    help="the site's secret (hex, mode 0600) the provider delivered")
-    ap.add_argument("--host", required=True, help="the endpoint's name in its site")
-    ap.add_argument("--listen", required=True)
+    ap = site_agent_parser("labctl.agents.cloudapi", __doc__)
     ap.add_argument("--api-port", required=True, type=int)
     ap.add_argument("--tls-dir", required=True, type=Path)
     ap.add_argument("--allow", action="append", required=True,

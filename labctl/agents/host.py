@@ -114,16 +114,33 @@ def run_agent(what: str, state: Path, work: Callable[[], Coroutine[Any, Any, Non
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m labctl.agents.host", description=__doc__,
+def tls_files(what: str, tls_dir: Path, name: str, ca: str) -> tuple[Path, Path, Path]:
+    """An agent's certificate, key and CA certificate in ``tls_dir`` (``NAME.pem``,
+    ``NAME.key``, ``ca.pem``), each there or a one-line error naming the CA (``ca``) its
+    certificate comes from."""
+    files = (tls_dir / f"{name}.pem", tls_dir / f"{name}.key", tls_dir / "ca.pem")
+    for f in files:
+        if not f.exists():
+            raise LabError(f"{what} {name}: no {f} (its certificate comes from {ca})")
+    return files
+
+
+def site_agent_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line every agent a site's controller starts shares: its directory, the
+    site's secret, its name and where it answers."""
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--state-dir", required=True, type=Path,
-                    help="the agent's own directory (logs, VM run directories)")
+                    help="the agent's own directory (its log and pidfile, VM run directories)")
     ap.add_argument("--secret-file", required=True, type=Path,
-                    help="the lab secret (hex, mode 0600) the provider delivered")
-    ap.add_argument("--host", required=True)
+                    help="the site's secret (hex, mode 0600) the provider delivered")
+    ap.add_argument("--host", required=True, help="the agent's name in its site")
     ap.add_argument("--listen", default=f"0.0.0.0:{HOST_AGENT_PORT}")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = site_agent_parser("labctl.agents.host", __doc__).parse_args(argv)
     return run_agent("host agent", args.state_dir,
                      lambda: serve(args.state_dir, args.secret_file, args.host, args.listen))
 

@@ -10,14 +10,19 @@ agents of other sites on the relay port (mutual TLS with the lab's certificates 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from pathlib import Path
 
-from labctl.agents.host import drop_pidfile, parse_listen, run_agent, stop_on_signals
-from labctl.core.errors import LabError
+from labctl.agents.host import (
+    drop_pidfile,
+    parse_listen,
+    run_agent,
+    site_agent_parser,
+    stop_on_signals,
+    tls_files,
+)
 from labctl.core.rpc import RpcServer
 from labctl.core.secret import read_secret
 from labctl.mobility.agent import MobilityAgent, TlsFiles
@@ -29,12 +34,7 @@ async def serve(state_dir: Path, secret_file: Path, name: str, listen: str, rela
                 tls_dir: Path) -> None:
     addr, port = parse_listen(listen)
     secret = read_secret(secret_file)
-    tls = TlsFiles(cert=tls_dir / f"{name}.pem", key=tls_dir / f"{name}.key",
-                   ca=tls_dir / "ca.pem")
-    for f in (tls.cert, tls.key, tls.ca):
-        if not f.exists():
-            raise LabError(f"mobility agent {name}: no {f} (its certificate comes from the "
-                           "lab's CA)")
+    tls = TlsFiles(*tls_files("mobility agent", tls_dir, name, "the lab's CA"))
     agent = MobilityAgent(name, addr, relay_port, tls)
     server = RpcServer(secret, agent.handlers(), name=f"mobility agent {name}")
     agent.server = server
@@ -53,13 +53,7 @@ async def serve(state_dir: Path, secret_file: Path, name: str, listen: str, rela
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m labctl.agents.mobility", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--state-dir", required=True, type=Path)
-    ap.add_argument("--secret-file", required=True, type=Path,
-                    help="the site's secret (hex, mode 0600) the provider delivered")
-    ap.add_argument("--host", required=True, help="the agent's name in its site")
-    ap.add_argument("--listen", required=True)
+    ap = site_agent_parser("labctl.agents.mobility", __doc__)
     ap.add_argument("--relay-port", required=True, type=int)
     ap.add_argument("--tls-dir", required=True, type=Path)
     args = ap.parse_args(argv)
