@@ -58,7 +58,10 @@ from labctl.storage import domains
 from labctl.storage.image import debian_suite, publish_build, recipe_packages
 
 #: bumped when the box's build changes in a way its recipe files do not show
-BOX_VERSION = "1"
+BOX_VERSION = "2"
+#: units the box's packages enable that no machine of a lab runs from boot
+BOX_IDLE_UNITS = ("nfs-server.service", "nfs-blkmap.service", "rpcbind.service",
+                  "rpcbind.socket")
 HOSTKEY_MARK = "LABCTL-HOSTKEY"
 #: the box's disk as the machine sees it (a sparse file, a compressed qcow2 in the box)
 BOX_DISK_GIB = 10
@@ -205,6 +208,10 @@ async def _customize(root: Path, out: Path, recipe: Path, key: Path) -> None:
                     root / "etc/systemd/system/labctl-hostkey.service")
     await run(["chroot", str(root), "systemctl", "enable", "labctl-hostkey.service"],
               what="systemctl enable (Vagrant box)")
+    # the box carries the NFS server for storage machines, whose agent runs its daemons
+    # itself: no machine starts Debian's at boot (a host would serve NFS and rpcbind)
+    await run(["chroot", str(root), "systemctl", "disable", *BOX_IDLE_UNITS],
+              what="systemctl disable (Vagrant box)")
     (root / "etc/ssh/sshd_config.d/labctl.conf").write_text(
         "HostKey /etc/ssh/ssh_host_ed25519_key\nUseDNS no\n")
     (root / "etc/machine-id").write_text("")  # each machine makes its own at first boot

@@ -95,3 +95,26 @@ def test_vagrantfile_refuses_a_missing_topology(tmp_path: Path) -> None:
     res = _run([str(vagrant), "validate"], REPO, env=env)
     assert res.returncode != 0
     assert "no topology file" in res.stderr, res.stderr
+
+
+def _listed(path: Path) -> set[str]:
+    return {ln.split("#")[0].strip() for ln in path.read_text().splitlines()} - {""}
+
+
+def test_the_local_box_carries_every_package_the_roles_install() -> None:
+    """Provisioning a Vagrant lab fetches nothing (its networks have no route out): every
+    package the host and storage roles install must already be in labctl's box."""
+    import yaml
+
+    host = yaml.safe_load((PLAYBOOKS / "roles/host/defaults/main.yml").read_text())
+    storage = yaml.safe_load((PLAYBOOKS / "roles/storage/defaults/main.yml").read_text())
+    venv = yaml.safe_load((PLAYBOOKS / "roles/labctl/tasks/venv.yml").read_text())
+    venv_packages = next(t["vars"]["labctl_packages"] for t in venv
+                         if t.get("name") == "Install Python's venv")
+    wanted = {*host["host_qemu_packages"], *host["host_packages"],
+              *storage["storage_extra_packages"], *_listed(REPO / "images/storage/packages"),
+              *venv_packages}
+    box = _listed(REPO / "images/box/packages") | _listed(REPO / "images/box/backports")
+    assert wanted - box - {"systemd"} == set()  # systemd-sysv brings systemd
+    # and the host's one PyPI package is handed over when offline
+    assert host["host_venv_handover"] == ["qemu"]

@@ -1,5 +1,7 @@
 """The demo on Vagrant machines (slow): ``labctl vagrant up`` of labs/vagrant.yaml (as a lab
-of this test's: its own name and subnet), then ``labctl demo`` of the same file drives
+of this test's: its own name and subnet), provisioned by playbooks/ with nothing fetched
+(the networks have no route out: every package is in the box, qemu.qmp handed over), the
+agents' units installed and left stopped; then ``labctl demo`` of the same file drives
 them over SSH: LIO on the storage machine, the test VM in a host machine, live-migrated to
 the other and back (each verified by the driver: heartbeat continuous, disk counter read
 back; stamps of two machines' clocks), its datastore grown and the new size seen by the
@@ -29,9 +31,9 @@ def test_the_demo_runs_on_three_vagrant_machines(lab_home: Path, tmp_path: Path)
     topo = tmp_path / "vagrant.yaml"
     topo.write_text(yaml.safe_dump(data, sort_keys=False))
     try:
-        up = json.loads(labctl("vagrant", "up", str(topo), "--no-provision", "--json",
-                               timeout=2400).stdout)
+        up = json.loads(labctl("vagrant", "up", str(topo), "--json", timeout=2400).stdout)
         assert sorted(m["name"] for m in up["machines"]) == ["host1", "host2", "stor1"]
+        assert up["provisioned"]
         demo = labctl("demo", str(topo), timeout=2400, check=False)
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-2000:]
         out = demo.stdout
