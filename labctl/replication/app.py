@@ -26,6 +26,7 @@ off before it appends. A bad record at or before the last acknowledged one is da
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -182,25 +183,57 @@ def run(directory: Path, rate_bytes: float, batch_s: float = 0.1,
         os.lseek(fd, seq * RECORD, os.SEEK_SET)
         t0 = time.monotonic()
         written = 0.0
-        with open(directory / "acks.log", "a") as log:
+        log = os.open(directory / "acks.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
             while not stopping and (stop_after is None or time.monotonic() - t0 < stop_after):
                 due = (time.monotonic() - t0) * per_s - written
                 n = int(due)
                 if n > 0:
+                    written += n  # a batch the disk had no room for is not made up later
                     now_ns = time.time_ns()
-                    os.write(fd, b"".join(record(seq + i + 1, now_ns) for i in range(n)))
-                    os.fsync(fd)
+                    try:
+                        _append(fd, b"".join(record(seq + i + 1, now_ns) for i in range(n)))
+                        os.fsync(fd)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        # a full disk: none of the batch is acknowledged, its torn part goes
+                        os.ftruncate(fd, seq * RECORD)
+                        os.lseek(fd, seq * RECORD, os.SEEK_SET)
+                        _full(f"{n} records not written")
+                        time.sleep(batch_s)
+                        continue
                     seq += n
-                    written += n
                     acked = Acked(seq, time.time())
-                    _write_acked(directory, acked)
-                    log.write(f"{acked.seq} {acked.at:.6f}\n")
-                    log.flush()
-                    os.fsync(log.fileno())  # the application's own evidence survives too
+                    try:
+                        _write_acked(directory, acked)
+                        # the application's own evidence, on the disk too
+                        _append(log, f"{acked.seq} {acked.at:.6f}\n".encode())
+                        os.fsync(log)
+                    except OSError as exc:
+                        # written, not acknowledged: a later batch's acknowledgement covers
+                        # these records (an unacknowledged tail is allowed)
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        _full(f"records up to {seq} written, not acknowledged")
                 time.sleep(batch_s)
+        finally:
+            os.close(log)
     finally:
         os.close(fd)
     return seq
+
+
+def _append(fd: int, data: bytes) -> None:
+    """All of ``data`` written: a short write (a disk filling up) goes on where it stopped
+    until the rest is written or the write fails."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _full(what: str) -> None:
+    print(f"app: no space left on the disk: {what}", file=sys.stderr, flush=True)
 
 
 def background(directory: Path) -> int | None:

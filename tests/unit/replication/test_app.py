@@ -170,3 +170,34 @@ def test_a_resume_checks_every_record_once_and_says_what_it_found(
     assert res.returncode != 0 and "acknowledged data is missing" in res.stderr
     said = json.loads(res.stderr[res.stderr.index("{"):])
     assert said["ok"] is False and said["records"] == 1
+
+
+_ON_A_SMALL_DISK = """
+import json, subprocess, sys
+fs, app = sys.argv[1], sys.argv[2]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "labctl-test-fs", fs], check=True)
+run = subprocess.run([sys.executable, "-S", "-I", app, "run", "--dir", fs, "--rate", "2MiB/s",
+                      "--seconds", "1.5"], capture_output=True, text=True, check=False)
+verify = subprocess.run([sys.executable, "-S", "-I", app, "verify", "--dir", fs],
+                        capture_output=True, text=True, check=False)
+print(json.dumps({"rc": run.returncode, "err": run.stderr, "verify": verify.stdout}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a small file system of its own")
+def test_a_full_disk_acknowledges_only_what_it_holds(tmp_path: Path) -> None:
+    """A disk that fills mid-batch (a short write, then ENOSPC): the application keeps
+    running, acknowledges no record it could not make durable, and everything it did
+    acknowledge is there. A 256 KiB tmpfs in a mount namespace of the test's own."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", _ON_A_SMALL_DISK, str(fs), str(APP)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["rc"] == 0, got  # it ran on, refusing writes, until asked to stop
+    assert "no space left on the disk" in got["err"], got
+    state = json.loads(got["verify"])
+    assert state["ok"], state  # nothing acknowledged is missing
+    assert 0 < state["last_acked"] <= state["records"] < 64, state  # 256 KiB of 4 KiB records
