@@ -205,16 +205,19 @@ def run(directory: Path, rate_bytes: float, batch_s: float = 0.1,
                         continue
                     seq += n
                     acked = Acked(seq, time.time())
+                    logged = os.lseek(log, 0, os.SEEK_END)
                     try:
                         _write_acked(directory, acked)
                         # the application's own evidence, on the disk too
                         _append(log, f"{acked.seq} {acked.at:.6f}\n".encode())
                         os.fsync(log)
                     except OSError as exc:
-                        # written, not acknowledged: a later batch's acknowledgement covers
-                        # these records (an unacknowledged tail is allowed)
+                        # written, not acknowledged (or not logged): a later batch's
+                        # acknowledgement covers these records (an unacknowledged tail is
+                        # allowed); a torn log line goes
                         if exc.errno != errno.ENOSPC:
                             raise
+                        os.ftruncate(log, logged)
                         _full(f"records up to {seq} written, not acknowledged")
                 time.sleep(batch_s)
         finally:

@@ -180,7 +180,10 @@ run = subprocess.run([sys.executable, "-S", "-I", app, "run", "--dir", fs, "--ra
                       "--seconds", "1.5"], capture_output=True, text=True, check=False)
 verify = subprocess.run([sys.executable, "-S", "-I", app, "verify", "--dir", fs],
                         capture_output=True, text=True, check=False)
-print(json.dumps({"rc": run.returncode, "err": run.stderr, "verify": verify.stdout}))
+with open(fs + "/acks.log") as f:
+    log = f.read()
+print(json.dumps({"rc": run.returncode, "err": run.stderr, "verify": verify.stdout,
+                  "log": log}))
 """
 
 
@@ -201,3 +204,8 @@ def test_a_full_disk_acknowledges_only_what_it_holds(tmp_path: Path) -> None:
     state = json.loads(got["verify"])
     assert state["ok"], state  # nothing acknowledged is missing
     assert 0 < state["last_acked"] <= state["records"] < 64, state  # 256 KiB of 4 KiB records
+    # its own log: whole lines (a line the disk tore is cut), in order, none past what it
+    # acknowledged (a line the disk had no room for is missing, never half there)
+    seqs = [int(line.split()[0]) for line in got["log"].splitlines()]
+    assert all(len(line.split()) == 2 for line in got["log"].splitlines()), got["log"]
+    assert seqs and seqs == sorted(seqs) and seqs[-1] <= state["last_acked"], got["log"]
