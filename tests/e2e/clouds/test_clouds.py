@@ -277,9 +277,9 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
     res = lab["cli"]("-v", "replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
                      str(policy), "--json", check=False, timeout=900)
     assert res.returncode == 1, res.stderr
-    assert json.loads(res.stdout)["error"]["message"].startswith("replication 1 of web1 to "
-                                                                 "cloud-b failed: "), res.stdout
     rec = json.loads(res.stdout)["error"]["evidence"]["replication"]
+    assert json.loads(res.stdout)["error"]["message"].startswith(
+        f"replication {rec['id']} of web1 to cloud-b failed: "), res.stdout
     assert rec["state"] == "failed" and "did not hold" in rec["error"], rec
     assert [p["decision"] for p in rec["passes"]] == ["give_up"]
     assert "passes >= 50: 1 vs 50: no" in rec["passes"][-1]["why"]
