@@ -302,9 +302,7 @@ class LibvirtCloud:
     def _domain_state(self, name: str) -> domains.DomainState:
         conn = self._conn()
         try:
-            return domains.state_of(domains.owned_domain(conn, self.ctx.name, name))
-        except LabError:
-            return domains.DomainState("absent", None)
+            return domains.state_in(conn, self.ctx.name, name)
         finally:
             conn.close()
 

@@ -105,20 +105,26 @@ def state_of(dom: Any) -> DomainState:
     return DomainState(state, words.get(reason) if words else None)
 
 
-def _domain_state(lab: str, name: str, uri: str = LIBVIRT_URI) -> DomainState:
-    conn = open_conn(uri)
+def state_in(conn: Any, lab: str, name: str) -> DomainState:
+    """Lab ``lab``'s domain ``name`` as connection ``conn`` reports it ("absent" if it has
+    none)."""
     try:
         return state_of(owned_domain(conn, lab, name))
     except StorageNodeError:
         return DomainState("absent", None)
+
+
+def _domain_state(lab: str, name: str) -> DomainState:
+    conn = open_conn()
+    try:
+        return state_in(conn, lab, name)
     finally:
         conn.close()
 
 
-async def domain_state(lab: str, name: str, uri: str = LIBVIRT_URI) -> DomainState:
-    """What libvirt (at ``uri``) says of storage node ``name``'s domain now ("absent" if it
-    has none)."""
-    return await in_thread(_domain_state, lab, name, uri)
+async def domain_state(lab: str, name: str) -> DomainState:
+    """What libvirt says of storage node ``name``'s domain now ("absent" if it has none)."""
+    return await in_thread(_domain_state, lab, name)
 
 
 def _resume(lab: str, name: str) -> DomainState:
