@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +47,11 @@ class GateFiles:
 @dataclass
 class GateCounts:
     accepted: int = 0
+    #: callers refused (each logged with why)
     refused: int = 0
-    #: the last refusals' reasons (newest last, at most 20)
-    refusals: list[str] = field(default_factory=list)
 
     def refuse(self, peer: str, why: str) -> None:
         self.refused += 1
-        self.refusals = [*self.refusals[-19:], f"{peer}: {why}"]
         log.warning("refused %s: %s", peer, why)
 
 
