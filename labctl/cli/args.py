@@ -222,6 +222,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--compress", action="store_true",
                      help="compress blocks between the agents where that pays")
     rep.add_argument("--limit", metavar="RATE", help="cap the agents' rate (e.g. 50Mbit/s)")
+    rep.add_argument("--stall", metavar="TIME", default="30s",
+                     help="how long the agents' channel may stall (a cut WAN) before the pass "
+                          "fails and is run again from its last flush (default 30s)")
     reps = sub.group(sub.add("replication", "recorded replications: list (the default), show, "
                                             "approve",
                              aliases=("replications",)), default="list")

@@ -13,7 +13,7 @@ from labctl.core import userfile
 from labctl.core.errors import LabError
 from labctl.lab.face import Lab
 from labctl.replication import timeline
-from labctl.replication.switchover import SwitchoverError, policy_from, rate
+from labctl.replication.switchover import SwitchoverError, duration, policy_from, rate
 
 
 def _switchover(text: str | None) -> str | dict[str, Any] | None:
@@ -65,13 +65,17 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
     if args.cmd == "replicate":
         switchover = _switchover(args.switchover)
         limit = _rate(args.limit)
+        stall = duration(args.stall, "--stall")
+        if stall > 3600:
+            raise SwitchoverError(f"--stall {args.stall}: at most 1h (a pass's channel "
+                                  "silent longer is gone)", value=args.stall)
     lab = Lab.find(args.lab, progress=progress, site=args.site)
     if args.cmd == "replicate":
         lab.require_up()
         _interrupted["lab"] = lab
         _interrupted["before"] = max((r.id for r in lab.replications()), default=0)
         rec = await lab.replicate(args.vm, args.to_cloud, switchover, args.tracking,
-                                  args.compress, limit)
+                                  args.compress, limit, stall)
         if rec.state != "completed":
             if not args.json:
                 _print(rec.to_wire())

@@ -63,6 +63,8 @@ TARGET_DISK = "/dev/vda"
 APPROVED = "approved"
 #: a failed pass is run again this many times in a row before the replication gives up
 PASS_RETRIES = 5
+#: seconds the agents' channel may stall (a cut WAN) before a pass fails (``--stall``)
+STALL_S = 30.0
 
 
 class ReplicationError(LabError):
@@ -218,8 +220,9 @@ async def _installed(m: SshMachine) -> bool:
 async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
                     switchover: str | dict[str, Any] | None = None, tracking: str = "era",
                     compress: bool = False, limit_bytes_s: float | None = None,
-                    ) -> Replication:
-    """Replicate server VM ``vm`` of cloud ``src_site`` to cloud ``to_site`` and cut over."""
+                    stall_s: float = STALL_S) -> Replication:
+    """Replicate server VM ``vm`` of cloud ``src_site`` to cloud ``to_site`` and cut over;
+    a pass whose channel stalls ``stall_s`` seconds (a cut WAN) fails and is run again."""
     if tracking not in ("era", "hash"):
         raise ReplicationError(f"--tracking {tracking}: era or hash", tracking=tracking)
     if to_site == src_site:
@@ -259,7 +262,7 @@ async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
         await cb.create(NewVm(dest_name, data_disks=(disk_bytes,)))
         made = await cb.start(dest_name)
         rec = await _run(whole, ca, cb, vm, src, made, rec, policy, compress, limit_bytes_s,
-                         stage)
+                         stage, stall_s)
     except (LabError, OSError) as exc:
         msg = exc.message if isinstance(exc, LabError) else str(exc)
         rec = replace(rec, state="failed", error=msg, passes=stage.passes or rec.passes)
@@ -304,7 +307,10 @@ async def _give_back(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: s
     with contextlib.suppress(LabError):
         async with ca.ssh(vm) as m:
             await m.run(["fsfreeze", "-u", "/"], check=False)
-            if await _installed(m):  # the write tracker out from under its root first
+            if await _installed(m):  # a pass its caller left, then the write tracker
+                await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", "stop", "--name",
+                             "pass", "--state", f"{AGENT_DIR}/state"], check=False,
+                            timeout=60)
                 await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", "untrack", "--state",
                              f"{AGENT_DIR}/state"], check=False, timeout=120)
             await m.run(["rm", "-rf", AGENT_DIR], check=False)
@@ -317,7 +323,7 @@ async def _give_back(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: s
 
 async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, src: CloudVm,
                dest: CloudVm, rec: Replication, policy: SwitchoverPolicy, compress: bool,
-               limit: float | None, stage: Stage) -> Replication:
+               limit: float | None, stage: Stage, stall_s: float) -> Replication:
     dst_ip = dest.address.split("/")[0]
     src_ip = src.address.split("/")[0]
     work = whole.dir.path / "replications" / str(rec.id)
@@ -340,7 +346,7 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
         pass_args = ["--disk", SOURCE_DISK, "--to", to, "--tls", f"{AGENT_DIR}/tls",
                      "--state", f"{AGENT_DIR}/state", "--tracking", rec.tracking,
                      *(["--compress"] if compress else []),
-                     *(["--limit", str(limit)] if limit else [])]
+                     *(["--limit", str(limit)] if limit else []), "--stall", f"{stall_s:g}"]
         t_begin = time.monotonic()
         prev_start: float | None = None
         failures = n = 0
@@ -351,17 +357,30 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             try:
                 if not await _installed(sm):  # the source rebooted: /run is empty again
                     await install_agents(sm, tls["src"])
-                args = [*pass_args, *(["--full"] if full else [])]
+                # the policy's deadline bounds a pass too: it stops there, its progress
+                # flushed, rather than run on past it
+                left = max(0.0, policy.deadline_s - (time.monotonic() - t_begin))
+                args = [*pass_args, *(["--full"] if full else []), "--until", f"{left:.3f}"]
                 full = False
                 t_call = time.monotonic()
-                got = await _agent(sm, "pass", *args)
+                got = await _agent(sm, "pass", *args, timeout=left + stall_s + 600)
                 call_s = time.monotonic() - t_call
             except (ReplicationError, SshError) as exc:
                 failures += 1
-                rec = replace(rec, passes=[*rec.passes,
-                                           _failed_pass(attempt, w_start, t_start, exc)])
+                failed = _failed_pass(attempt, w_start, t_start, exc)
+                progress = exc.evidence.get("progress") or {}
+                if progress.get("deadline"):
+                    why = (f"the deadline ({policy.deadline_s:g} s) came during this pass: it "
+                           f"stopped with {failed.blocks} of {failed.todo_blocks} blocks sent")
+                    failed = replace(failed, decision="give_up", why=why,
+                                     free_bytes=progress.get("free_bytes"))
+                rec = replace(rec, passes=[*rec.passes, failed])
                 stage.passes = rec.passes
                 _records(whole.inv, rec.id, rec)
+                if progress.get("deadline"):
+                    raise ReplicationError(f"the switchover criterion did not hold within the "
+                                           f"policy's limits: {failed.why}",
+                                           passes=len(rec.passes)) from exc
                 if failures > PASS_RETRIES or time.monotonic() - t_begin > policy.deadline_s:
                     raise ReplicationError(f"pass {n + 1} failed {failures} times in a row: "
                                            f"{exc.message}", passes=len(rec.passes)) from exc

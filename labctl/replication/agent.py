@@ -68,8 +68,13 @@ _REPLY = struct.Struct(">Q")
 CHECKPOINT = 32 << 20
 _WORTH = 0.9
 DIGEST = 16
-#: seconds a send or a reply may stall before the pass is given up (a cut WAN)
+#: seconds a send or a reply may stall before the pass is given up (a cut WAN); a pass's
+#: ``--stall`` says otherwise
 IO_TIMEOUT = 30.0
+
+
+class DeadlineCut(Exception):
+    """The pass's time (``--until``) ran out: it stops at the next block, after a flush."""
 
 
 class AgentError(Exception):
@@ -337,10 +342,11 @@ def _save_pending(state: Path, todo: list[int]) -> None:
 
 
 # -- source ---------------------------------------------------------------------------------
-def _connect(to: str, tls: Path, timeout: float = 15.0) -> ssl.SSLSocket:
+def _connect(to: str, tls: Path, timeout: float = 15.0, stall: float = IO_TIMEOUT
+             ) -> ssl.SSLSocket:
     host, _, port = to.rpartition(":")
     raw = socket.create_connection((host, int(port)), timeout=timeout)
-    raw.settimeout(IO_TIMEOUT)  # a cut WAN: the pass fails after this long without progress
+    raw.settimeout(stall)  # a cut WAN: the pass fails after this long without progress
     return _tls(tls, server=False).wrap_socket(raw, server_hostname=host)
 
 
@@ -358,9 +364,10 @@ SCAN_TIMEOUT = 1800.0
 
 def _target_digests(sock: ssl.SSLSocket, count: int) -> list[bytes]:
     sock.sendall(_FRAME.pack(DIGESTS, 0, 0))
+    stall = sock.gettimeout()
     sock.settimeout(SCAN_TIMEOUT)
     raw = _read_reply(sock)
-    sock.settimeout(IO_TIMEOUT)
+    sock.settimeout(stall)
     if len(raw) != count * DIGEST:
         raise AgentError(f"the target sent {len(raw) // DIGEST} digests, not {count}")
     return [raw[i:i + DIGEST] for i in range(0, len(raw), DIGEST)]
@@ -427,8 +434,11 @@ def free_bytes_of(device: int, mounts: Path = Path("/proc/self/mounts")) -> int 
 
 
 def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: bool,
-             limit: float | None, tracking: str = "hash") -> dict[str, object]:
-    """One pass; what it saw and did."""
+             limit: float | None, tracking: str = "hash", stall: float = IO_TIMEOUT,
+             until: float | None = None) -> dict[str, object]:
+    """One pass; what it saw and did. ``until``: seconds this pass may take; past them it
+    stops at the next block, what it sent flushed and mapped (a :class:`PassCut` whose
+    progress says ``deadline``)."""
     t0 = time.monotonic()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     state.mkdir(parents=True, exist_ok=True)
@@ -439,15 +449,20 @@ def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: 
                                    "flushed_blocks": 0, "flushed_bytes": 0}
     try:
         return _pass(disk, to, tls, state, full, compress, limit, era, size, count, t0, cpu0,
-                     progress)
+                     progress, stall, None if until is None else t0 + until)
+    except DeadlineCut:
+        progress.update(deadline=True, free_bytes=free_bytes(disk),
+                        seconds=round(time.monotonic() - t0, 3))
+        raise PassCut(f"its time ({until:g} s) ran out", progress) from None
     except (AgentError, OSError, ssl.SSLError) as exc:
         raise PassCut(str(exc) or type(exc).__name__, progress) from exc
 
 
 def _pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: bool,
           limit: float | None, era: Era | None, size: int, count: int, t0: float,
-          cpu0: resource.struct_rusage, progress: dict[str, object]) -> dict[str, object]:
-    with _connect(to, tls) as sock:
+          cpu0: resource.struct_rusage, progress: dict[str, object], stall: float,
+          end: float | None) -> dict[str, object]:
+    with _connect(to, tls, stall=stall) as sock:
         _hello(sock, size)
         held = None if full else _load_map(state, count)
         read = 0
@@ -482,6 +497,13 @@ def _pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: boo
         t_send = time.monotonic()
         with blocks.Reader(disk) as reader:
             for k, i in enumerate(todo):
+                if end is not None and time.monotonic() >= end:
+                    _flush(sock)  # what was sent is durable there and mapped here
+                    _save_map(state, held)
+                    _save_pending(state, todo[k:])
+                    progress["flushed_blocks"], progress["flushed_bytes"] = k, sent
+                    sock.sendall(_FRAME.pack(BYE, 0, 0))
+                    raise DeadlineCut
                 data = reader.read(i)
                 read += len(data)
                 kind, payload = BLOCK, data
@@ -549,10 +571,14 @@ def running(state: Path, name: str = "target") -> int | None:
 
 
 def stop(state: Path, name: str = "target") -> dict[str, object]:
+    """SIGTERM to this state directory's ``name`` process (the target's daemon, or a pass
+    still running after its caller went away), if its command line is this agent's."""
+    pid = running(state, name)
     try:
-        pid = int((state / f"{name}.pid").read_text())
+        if pid is None:
+            return {"stopped": False}
         os.kill(pid, signal.SIGTERM)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except ProcessLookupError:
         return {"stopped": False}
     (state / f"{name}.pid").unlink(missing_ok=True)
     return {"stopped": True, "pid": pid}
@@ -568,6 +594,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compress", action="store_true")
     p.add_argument("--limit", type=float, default=None)
     p.add_argument("--tracking", choices=("hash", "era"), default="hash")
+    p.add_argument("--stall", type=float, default=IO_TIMEOUT,
+                   help="seconds the channel may stall before the pass fails")
+    p.add_argument("--until", type=float, default=None,
+                   help="seconds this pass may take: then it stops, its progress flushed")
     v = sub.add_parser("verify")
     sc = sub.add_parser("scan", help="digest every block of --disk, as a hash pass reads "
                                      "it; say how long that took")
@@ -579,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         x.add_argument("--disk", type=Path, required=True)
         x.add_argument("--tls", type=Path, required=True)
     s = sub.add_parser("stop")
+    s.add_argument("--name", choices=("target", "pass"), default="target")
     u = sub.add_parser("untrack")
     for x in (t, p, s, u):
         x.add_argument("--state", type=Path, required=True)
@@ -603,12 +634,18 @@ def main(argv: list[str] | None = None) -> int:
             serve(args.disk, args.listen, args.tls, args.state)
             return 0
         if args.cmd == "pass":
+            args.state.mkdir(parents=True, exist_ok=True)
+            # a pass whose caller went away (Ctrl-C, a deadline) is found and stopped by it
+            (args.state / "pass.pid").write_text(f"{os.getpid()}\n")
             try:
                 print(json.dumps(one_pass(args.disk, args.to, args.tls, args.state, args.full,
-                                          args.compress, args.limit, args.tracking)))
+                                          args.compress, args.limit, args.tracking,
+                                          args.stall, args.until)))
             except PassCut as exc:  # how far it got, for the record; the reason on stderr
                 print(json.dumps({"failed": str(exc), **exc.progress}))
                 raise
+            finally:
+                (args.state / "pass.pid").unlink(missing_ok=True)
             return 0
         if args.cmd == "verify":
             result = verify(args.disk, args.to, args.tls)
@@ -629,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "untrack":
             print(json.dumps({"untracked": Era(args.state).stop()}))
             return 0
-        print(json.dumps(stop(args.state)))
+        print(json.dumps(stop(args.state, args.name)))
         return 0
     except (AgentError, OSError, ssl.SSLError, ValueError, subprocess.SubprocessError) as exc:
         print(f"agent: {exc}", file=sys.stderr)

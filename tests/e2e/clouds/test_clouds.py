@@ -256,7 +256,9 @@ def test_replication_is_refused_before_anything_is_made(lab: dict[str, Any]) -> 
             (("--to-cloud", "cloud-z"), "no site 'cloud-z'"),
             (("--to-cloud", "cloud-b", "--switchover", "predicted_outage <= 100MiB"),
              "(seconds) compared with"),
-            (("--to-cloud", "cloud-b", "--limit", "5s"), "not a rate")):
+            (("--to-cloud", "cloud-b", "--limit", "5s"), "not a rate"),
+            (("--to-cloud", "cloud-b", "--stall", "2h"), "--stall 2h: at most 1h"),
+            (("--to-cloud", "cloud-b", "--stall", "10MiB"), "not a time")):
         res = cli("replicate", "web1", *args, check=False)
         assert res.returncode == 1 and words in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr
@@ -272,8 +274,10 @@ def _virsh_names(lab: dict[str, Any]) -> list[str]:
 
 def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
                                                            tmp_path: Path) -> None:
+    """The deadline comes during pass 1: the pass stops there (not when it is done), the
+    source is given back as it was, the destination deleted, the reason recorded."""
     policy = tmp_path / "never.yaml"
-    policy.write_text("when: passes >= 50 or free_bytes < 1MiB\nmax_passes: 1\n")
+    policy.write_text("when: passes >= 50\ndeadline: 40s\n")
     res = lab["cli"]("-v", "replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
                      str(policy), "--json", check=False, timeout=900)
     assert res.returncode == 1, res.stderr
@@ -281,12 +285,13 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
     assert json.loads(res.stdout)["error"]["message"].startswith(
         f"replication {rec['id']} of web1 to cloud-b failed: "), res.stdout
     assert rec["state"] == "failed" and "did not hold" in rec["error"], rec
-    assert [p["decision"] for p in rec["passes"]] == ["give_up"]
-    assert "passes >= 50: 1 vs 50: no" in rec["passes"][-1]["why"]
-    # the source agent read its file system's free space in the guest: the clause saw it
-    free = rec["passes"][-1]["free_bytes"]
-    assert free > 1 << 20 and f"free_bytes < 1MiB: {free / (1 << 20):.1f} MiB vs 1.0 MiB: no" \
-        in rec["passes"][-1]["why"], rec["passes"][-1]
+    cut = rec["passes"][-1]
+    assert [p["decision"] for p in rec["passes"]] == ["give_up"], rec["passes"]
+    assert "the deadline (40 s) came during this pass" in cut["why"], cut
+    assert cut["blocks"] < cut["todo_blocks"], cut  # stopped before pass 1 was done
+    # the source agent read its file system's free space in the guest when it stopped
+    free = cut["free_bytes"]
+    assert free > 1 << 20, cut
     assert _virsh_names(lab) == []  # the destination was deleted
 
     async def go(cloud: LabctlCloud) -> dict[str, Any]:
@@ -311,11 +316,12 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
 
 
 @contextlib.contextmanager
-def _in_pass_1(lab: dict[str, Any]) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def _in_pass_1(lab: dict[str, Any], *more: str
+               ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """``labctl replicate web1`` running, once pass 1 has flushed part of the disk; it is
     killed on the way out if the test left it running."""
     proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
-                             "replicate", "web1", "--to-cloud", "cloud-b"],
+                             "replicate", "web1", "--to-cloud", "cloud-b", *more],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         rid = _wait("the replication to begin", lambda: next(
@@ -347,6 +353,9 @@ def test_ctrl_c_mid_pass_gives_the_source_back_and_records_why(lab: dict[str, An
     assert _virsh_names(lab) == []
     gone = cli("vm", "ssh", "web1", "--", "test", "-e", "/run/labctl-repl", check=False)
     assert gone.returncode == 1, gone.stderr  # the agent left the source
+    # and its pass, which Ctrl-C took the caller from, no longer runs there
+    passes = cli("vm", "ssh", "web1", "--", "python3", "-c", _AGENTS_RUNNING)
+    assert json.loads(passes.stdout) == [], passes.stdout
     first = _app_status(lab)
     time.sleep(1.5)
     assert _app_status(lab)["last_acked"] > first["last_acked"]  # the application goes on
@@ -358,7 +367,7 @@ def test_a_destination_its_cloud_lost_ends_the_replication_at_once(
     labctl): the failed pass is not retried against a VM that is not there; the source is
     given back, the domain removed, the reason said in one line."""
     cli = lab["cli"]
-    with _in_pass_1(lab) as (proc, rid):
+    with _in_pass_1(lab, "--stall", "10s") as (proc, rid):
         subprocess.run(["virsh", "-c", "qemu:///system", "destroy",
                         f"labctl-{lab['name']}-web1-repl"], check=True, capture_output=True)
         _, err = proc.communicate(timeout=300)
@@ -400,6 +409,23 @@ def test_a_cloud_without_room_refuses_the_destination(lab: dict[str, Any]) -> No
 
         _run(lab, "cloud-b", empty)
     assert _virsh_names(lab) == []
+
+
+#: the guest's processes whose command line runs the agent (the name is split so that this
+#: check's own command line does not hold it)
+_AGENTS_RUNNING = """
+import json, os
+found = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(bytes(1))
+    except OSError:
+        continue
+    if any(a.endswith(b"labctl-repl/" + b"agent.py") for a in argv):
+        found.append(int(pid))
+print(json.dumps(found))
+"""
 
 
 def _app_status(lab: dict[str, Any]) -> dict[str, Any]:
@@ -480,7 +506,8 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     used = int(cli("vm", "ssh", "web1", "--", "df", "-B1", "--output=used", "/").stdout.split()[-1])
     proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
                              "replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
-                             "approved == 1 and passes >= 2", "--compress", "--json"],
+                             "approved == 1 and passes >= 2 and free_bytes >= 1MiB",
+                             "--compress", "--stall", "10s", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         rid = _wait("the replication to begin", lambda: next(
@@ -490,7 +517,7 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
         cli("wan", "set", "wan1", "--down")
         t_cut = time.monotonic()
         _intruder_gets_nothing(lab, tmp_path)  # the destination's agent listens meanwhile
-        time.sleep(max(0.0, 40 - (time.monotonic() - t_cut)))  # past the agents' 30 s
+        time.sleep(max(0.0, 15 - (time.monotonic() - t_cut)))  # past the agents' --stall
         cli("wan", "set", "wan1", "--up")
         _wait("a pass after the WAN cut", lambda: _recovered(_passes(lab, rid), 0))
         # 2. the source rebooted: its tracker and map are gone
@@ -528,7 +555,12 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     assert 0 < cut1["blocks"] < cut1["todo_blocks"], cut1  # a flush before the cut
     assert resumed["carried_blocks"] == cut1["todo_blocks"] - cut1["blocks"], (cut1, resumed)
     assert resumed["bytes"] < used, (resumed, used)
-    assert "approved == 1: 1 vs 1: yes" in rec["passes"][-2]["why"], rec["passes"][-2]["why"]
+    last = rec["passes"][-2]
+    assert "approved == 1: 1 vs 1: yes" in last["why"], last["why"]
+    # the source agent read its file system's free space in the guest: the clause saw it
+    assert last["free_bytes"] > 1 << 20 and (
+        f"free_bytes >= 1MiB: {last['free_bytes'] / (1 << 20):.1f} MiB vs 1.0 MiB: yes"
+        in last["why"]), last
     # era passes read what dm-era says was written, not the whole 512 MiB disk
     era = [p for p in rec["passes"] if p["how"] == "era"]
     assert all(p["read_bytes"] == p["bytes"] < 64 << 20 for p in era[1:]), era

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -333,3 +334,69 @@ def _only(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "other-mounts"
     path.write_text(text)
     return path
+
+
+def _forty_blocks(p: dict[str, Path | str]) -> None:
+    for i in range(5, 40):
+        _write(p["src"], i, os.urandom(B))
+
+
+def test_a_pass_whose_time_runs_out_stops_flushed_and_the_next_sends_the_rest(
+        pair: dict[str, Path | str]) -> None:
+    """``--until``: the pass stops at the next block once its time is up, what it sent
+    flushed to the target and mapped here; the next pass sends only the rest."""
+    _forty_blocks(pair)
+    res = _agent("pass", "--disk", str(pair["src"]), "--to", str(pair["to"]), "--tls",
+                 str(pair["tls"]), "--state", str(pair["state"]), "--full",
+                 "--limit", str(1 << 20), "--until", "0.6")  # 2.5 MiB at 1 MiB/s: 2.5 s
+    assert res.returncode == 2 and "its time (0.6 s) ran out" in res.stderr, res
+    cut = json.loads(res.stdout.splitlines()[-1])
+    assert cut["deadline"] and cut["todo_blocks"] == 40, cut
+    assert 0 < cut["flushed_blocks"] < 40 and cut["flushed_bytes"] == cut["flushed_blocks"] * B
+    assert not (Path(pair["state"]) / "pass.pid").exists()
+    rest = _pass(pair)
+    assert (rest["how"], rest["blocks"]) == ("map", 40 - cut["flushed_blocks"]), rest
+    assert _equal(pair)
+
+
+def test_a_pass_its_caller_left_is_stopped_by_its_pid(pair: dict[str, Path | str]) -> None:
+    """A pass whose caller went away (Ctrl-C) is found by its state directory and ended;
+    a pid file naming another process ends nothing."""
+    _forty_blocks(pair)
+    state = Path(pair["state"])
+    proc = subprocess.Popen([sys.executable, "-S", "-I", str(AGENT), "pass", "--disk",
+                             str(pair["src"]), "--to", str(pair["to"]), "--tls",
+                             str(pair["tls"]), "--state", str(state), "--full", "--limit",
+                             str(256 << 10)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if (state / "pass.pid").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        got = json.loads(_agent("stop", "--name", "pass", "--state", str(state)).stdout)
+        assert got == {"stopped": True, "pid": proc.pid}, got
+        assert proc.wait(10) == -15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (state / "pass.pid").write_text(f"{os.getpid()}\n")  # not an agent's pass: left alone
+    assert json.loads(_agent("stop", "--name", "pass", "--state", str(state)).stdout) == {
+        "stopped": False}
+
+
+def test_a_silent_channel_fails_the_pass_after_its_stall_time(tmp_path: Path,
+                                                              pair: dict[str, Path | str]
+                                                              ) -> None:
+    """``--stall``: a peer that accepts and then says nothing (a WAN cut after the
+    connection) fails the pass after that many seconds, not after the default 30."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        res = _agent("pass", "--disk", str(pair["src"]), "--to", f"127.0.0.1:{port}",
+                     "--tls", str(pair["tls"]), "--state", str(tmp_path / "s"), "--full",
+                     "--stall", "1")
+    assert res.returncode == 2 and "timed out" in res.stderr, res
+    assert time.monotonic() - t0 < 20  # the default stall (30 s) would still be waiting
