@@ -24,13 +24,13 @@ from pathlib import Path
 from labctl.core.errors import AgentError, AgentUnreachable, LabError, LabStateError
 from labctl.core.rpc import RpcClient
 from labctl.core.wire import Message, WallTime
+from labctl.datastores import disks
 from labctl.datastores import protocol as dp
 from labctl.datastores.mappings import is_file_datastore as is_file_datastore
 from labctl.datastores.registry import IdRegistry
 from labctl.drivers.sparse import send_extents
 from labctl.state.context import LabContext
 from labctl.state.inventory import Inventory
-from labctl.storage import node as storagenode
 from labctl.storage import protocol as sp
 from labctl.storage.node import DataDisk
 
@@ -106,8 +106,8 @@ def register(ctx: LabContext, node: str, name: str, size: int, hosts: list[str],
              state: str) -> DataDisk:
     """Issue the datastore's ID (its filesystem's UUID too) and record it."""
     serial, naa = IdRegistry().issue(ctx.name, ctx.dir.path, node, name)
-    disk = DataDisk(serial=f"lf-{name}"[:20], path=ctx.dir.storage_dir(node) / f"{name}.img",
-                    size_bytes=size)
+    disk = DataDisk(serial=f"lf-{name}"[:20], path=disks.disk_path(ctx, node, f"lf-{name}"[:20],
+                                                                   name), size_bytes=size)
     ctx.inv.upsert("file_datastores", name=name, node=node, size_bytes=size,
                    unit_serial=serial, naa=naa, disk_serial=disk.serial,
                    backing_path=str(disk.path), export=None, state=state, created=time.time())
@@ -167,7 +167,7 @@ async def create(ctx: LabContext, name: str, size: int, hosts: list[str],
     """Allocate, make and export a new file datastore while the lab runs (the caller has
     checked the name, size and hosts and picked the node)."""
     disk = register(ctx, node, name, size, hosts, "allocating")
-    await storagenode.attach_data_disk(ctx.name, node, disk)
+    await disks.attach_disk(ctx, node, disk)
     await export(ctx, name, wait_disk=10.0)
     await check_hosts(ctx, name)
     return shown(ctx.inv, name)
@@ -184,8 +184,8 @@ async def delete(ctx: LabContext, name: str) -> FileDatastore:
                             "delete refused", datastore=name, vms=users)
     async with ctx.storage_client(str(r["node"])) as c:
         await sp.DELETE_FILESTORE.call(c, sp.DatastoreName(datastore=name), timeout=120)
-    await storagenode.detach_data_disk(ctx.name, str(r["node"]), str(r["disk_serial"]))
-    Path(str(r["backing_path"])).unlink(missing_ok=True)
+    await disks.detach_disk(ctx, str(r["node"]), str(r["disk_serial"]),
+                            Path(str(r["backing_path"])))
     with inv.transaction():
         inv.conn.execute("DELETE FROM file_datastore_hosts WHERE datastore=?", (name,))
         inv.conn.execute("DELETE FROM file_datastores WHERE name=?", (name,))

@@ -34,13 +34,17 @@ from labctl.core.sizes import format_size, parse_size
 from labctl.core.wire import Message, WallTime
 from labctl.datastores import filestores, rescan, tables
 from labctl.datastores import protocol as dp
+from labctl.datastores.disks import attach_disk as attach_disk
+from labctl.datastores.disks import detach_disk as detach_disk
+from labctl.datastores.disks import disk_path as disk_path
+from labctl.datastores.disks import machine_of as machine_of
+from labctl.datastores.disks import resize_disk as resize_disk
 from labctl.datastores.mappings import Backing as Backing
 from labctl.datastores.mappings import Mapping as Mapping
 from labctl.datastores.mappings import mapping as mapping
 from labctl.datastores.mappings import unit as unit
 from labctl.datastores.registry import IdRegistry
 from labctl.datastores.tables import RescanEvent, record_seen, sharing
-from labctl.hosts.sshhosts import SshAccess, state_dir
 from labctl.state.context import LabContext
 from labctl.state.inventory import Inventory
 from labctl.storage import node as storagenode
@@ -227,51 +231,6 @@ def check_hosts(inv: Inventory, hosts: list[str]) -> str:
     return str(sites.pop())
 
 
-# ------------------------------------------------------------------------------ data disks
-
-def machine_of(inv: Inventory, node: str) -> SshAccess | None:
-    """How to reach storage node ``node`` when it is a machine reached over SSH; None for a
-    node VM of this machine's."""
-    row = inv.row("storage_nodes", name=node)
-    text = row["ssh"] if row is not None else None
-    return SshAccess.from_json(str(text)) if text else None
-
-
-def disk_path(ctx: LabContext, node: str, serial: str, name: str) -> Path:
-    """Where a data disk's file is: in the lab's directory for a node VM; on a machine, in
-    the agent's directory there (the agent names it after the serial)."""
-    if machine_of(ctx.inv, node) is not None:
-        return Path(state_dir(ctx.dir.tag, node)) / "disks" / f"{serial}.img"
-    return ctx.dir.storage_dir(node) / f"{name}.img"
-
-
-async def attach_disk(ctx: LabContext, node: str, disk: DataDisk) -> None:
-    """A datastore's data disk onto its node: libvirt attaches a node VM's (hot-plug); a
-    machine's agent makes its own (a sparse file on a loop device)."""
-    if machine_of(ctx.inv, node) is None:
-        await storagenode.attach_data_disk(ctx.name, node, disk)
-        return
-    async with ctx.storage_client(node) as c:
-        await sp.DISK_ENSURE.call(c, sp.DiskSpec(disk.serial, disk.size_bytes), timeout=120)
-
-
-async def detach_disk(ctx: LabContext, node: str, serial: str, path: Path) -> None:
-    if machine_of(ctx.inv, node) is None:
-        await storagenode.detach_data_disk(ctx.name, node, serial)
-        path.unlink(missing_ok=True)
-        return
-    async with ctx.storage_client(node) as c:
-        await sp.DISK_REMOVE.call(c, sp.DiskSerial(serial), timeout=120)
-
-
-async def resize_disk(ctx: LabContext, node: str, serial: str, size: int) -> None:
-    if machine_of(ctx.inv, node) is None:
-        await storagenode.resize_data_disk(ctx.name, node, serial, size)
-        return
-    async with ctx.storage_client(node) as c:
-        await sp.DISK_RESIZE.call(c, sp.DiskSpec(serial, size), timeout=120)
-
-
 # ------------------------------------------------------------------------------ operations
 
 async def create(ctx: LabContext, name: str, size: int | str, hosts: list[str],
@@ -313,9 +272,6 @@ async def create_file(ctx: LabContext, name: str, size: int | str, hosts: list[s
                             size_bytes=nbytes)
     site = check_hosts(inv, hosts)
     chosen = pick_node(inv, nbytes, site, node)
-    if machine_of(inv, chosen) is not None:
-        raise LabStateError(f"storage node {chosen} is a machine reached over SSH: file "
-                            "datastores are served by node VMs only so far", node=chosen)
     return await filestores.create(ctx, name, nbytes, hosts, chosen)
 
 

@@ -315,7 +315,8 @@ async def _machine_agent(ctx: LabContext, topo: Topology, node: StorageNode) -> 
 
 async def _start_machine_node(ctx: LabContext, topo: Topology, i: int) -> None:
     """Storage node ``i``, a machine reached over SSH: its agent started there, then a data
-    disk per datastore (a sparse file on a loop device) made by the agent."""
+    disk per datastore, LUN or file datastore (a sparse file on a loop device) made by the
+    agent."""
     inv = ctx.inv
     node = topo.storage_nodes[i]
     assert node.ssh is not None
@@ -323,7 +324,9 @@ async def _start_machine_node(ctx: LabContext, topo: Topology, i: int) -> None:
                target_iqn=node.target_iqn, domain="", tap="",
                agent_port=names.STORAGE_AGENT_PORT, capacity=node.capacity, state="starting",
                memory=0, domain_type="machine", mac="", ssh=node.ssh.to_json())
-    disks = [datastores.register(ctx, node.name, ds.name, ds.size, list(ds.hosts),
+    disks = [filestores.register(ctx, node.name, ds.name, ds.size, list(ds.hosts),
+                                 "allocated") if ds.kind == "file" else
+             datastores.register(ctx, node.name, ds.name, ds.size, list(ds.hosts),
                                  "allocated")[1]
              for ds in topo.datastores if ds.node == node.name]
     t0 = time.monotonic()

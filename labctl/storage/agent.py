@@ -31,9 +31,10 @@ from labctl.core.proc import run
 from labctl.core.rpc import Handler, RpcServer, StreamHandler
 from labctl.core.wire import Empty, Json, handlers
 from labctl.drivers.lio import Lio
+from labctl.drivers.nfsd import NfsServer
 from labctl.storage import protocol as p
 from labctl.storage.files import Filestores
-from labctl.storage.machine import MachineDisks, prepare
+from labctl.storage.machine import MachineDisks, machine_files, prepare
 
 log = logging.getLogger("labctl.storage")
 T = TypeVar("T")
@@ -109,8 +110,17 @@ class StorageAgent:
         self._watched: dict[str, _Watched] = {}
         self._routes: dict[str, str] = {}
         # a pull authenticates to the source node with the key every site's nodes share
-        self.files = Filestores(self.node, self.ip, self.peer_secret(config),
-                                config.agent_port or STORAGE_AGENT_PORT, sys_block=sys_block)
+        if self.disks is None:
+            self.files = Filestores(self.node, self.ip, self.peer_secret(config),
+                                    config.agent_port or STORAGE_AGENT_PORT,
+                                    sys_block=sys_block)
+        else:  # a machine's: mounted and recorded in the node's directory there
+            where = machine_files(config)
+            self.files = Filestores(self.node, self.ip, self.peer_secret(config),
+                                    config.agent_port or STORAGE_AGENT_PORT,
+                                    root=where.root, sys_block=sys_block,
+                                    find_disk=self.disks.find,
+                                    nfs=NfsServer(where.exports, where.state))
 
     @staticmethod
     def peer_secret(config: p.NodeConfig) -> bytes:
@@ -182,10 +192,6 @@ class StorageAgent:
         return await self.files.delete(req.datastore)
 
     async def ensure_filestore(self, req: p.EnsureFilestore) -> p.FilestoreInfo:
-        if self.disks is not None:
-            raise StorageNodeError(f"storage node {self.node} is a machine reached over SSH: "
-                                   "file datastores are served by node VMs only so far",
-                                   datastore=req.name)
         return await self.files.ensure(req)
 
     @property

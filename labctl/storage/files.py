@@ -40,6 +40,7 @@ import re
 import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,14 +324,18 @@ class Filestores:
     """Every file datastore of the node; the NFS server; the watch; copies in and out."""
 
     def __init__(self, node: str, ip: str, secret: bytes, port: int,
-                 root: Path = FS_ROOT, sys_block: Path = Path("/sys/block")) -> None:
+                 root: Path = FS_ROOT, sys_block: Path = Path("/sys/block"),
+                 find_disk: Callable[[str], str] | None = None,
+                 nfs: NfsServer | None = None) -> None:
         self.node = node
         self.ip = ip
         self.port = port
         self._secret = secret
         self.root = root
         self.sys_block = sys_block
-        self.nfs = NfsServer()
+        #: a data disk's device by its serial: a VM's virtio disk, a machine's loop device
+        self.find_disk = find_disk or (lambda serial: find_disk_by_serial(serial, sys_block))
+        self.nfs = nfs or NfsServer()
         self.stores: dict[str, Filestore] = {}
         self._inotify: Inotify | None = None
         self._by_wd: dict[int, Filestore] = {}
@@ -367,7 +372,7 @@ class Filestores:
             created = False
             fs = self.stores.get(name)
             if fs is None:
-                device = find_disk_by_serial(req.disk_serial, self.sys_block)
+                device = self.find_disk(req.disk_serial)
                 mount = self.root / name
                 if not _is_mounted(mount):
                     have = _ext4_uuid(device)
@@ -381,7 +386,7 @@ class Filestores:
                             f"the disk of {name} holds filesystem {have}, not {fs_uuid}: "
                             "refusing to use another datastore's disk", have=have,
                             want=fs_uuid)
-                    mount.mkdir(parents=True, exist_ok=True)
+                    mount.mkdir(mode=0o700, parents=True, exist_ok=True)
                     await run(["mount", "-t", "ext4", "-o", "noatime", device, str(mount)],
                               timeout=120, what=f"mount {name}")
                 fs = Filestore(name, mount, fs_uuid)

@@ -13,7 +13,8 @@ Ownership on a machine that outlives the lab: :func:`release` removes exactly th
 own target (its IQN names the lab) and the backstores and loop devices on files in its
 ``disk_dir``; nothing else of the machine's LIO is touched.
 
-Standard library, ``labctl.core`` and ``labctl.drivers.lio`` (rtslib-fb, imported lazily).
+Standard library, ``labctl.core``, ``labctl.drivers.lio`` (rtslib-fb, imported lazily) and
+``labctl.drivers.nfsd``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import logging
 import os
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from labctl.core.errors import StorageNodeError
 from labctl.core.proc import run
 from labctl.drivers.lio import Lio
+from labctl.drivers.nfsd import release_machine
 from labctl.storage import protocol as p
 
 log = logging.getLogger("labctl.storage")
@@ -34,6 +37,8 @@ log = logging.getLogger("labctl.storage")
 #: the kernel modules a machine's node needs (configfs is mounted by hand when systemd has not)
 MODULES = ("configfs", "target_core_mod", "target_core_iblock", "iscsi_target_mod", "loop")
 CONFIGFS = Path("/sys/kernel/config")
+#: exportfs reads every ``*.exports`` file here: a machine's node writes one of its own
+EXPORTS_D = Path("/etc/exports.d")
 _SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,19}$")
 
 
@@ -165,15 +170,40 @@ async def prepare() -> None:
                   check=False, what="mount configfs")
 
 
+@dataclass(frozen=True)
+class MachineFiles:
+    """Where a machine's node keeps its file datastores: mounted under ``root`` (in the
+    node's directory), exported through ``exports`` (a file of the node's own), the NFS
+    daemons it started recorded in ``state``."""
+
+    root: Path
+    exports: Path
+    state: Path
+
+
+def machine_files(conf: p.NodeConfig) -> MachineFiles:
+    if conf.disk_dir is None:
+        raise StorageNodeError("a node VM's file datastores are under /srv/labctl")
+    state = Path(conf.disk_dir).parent
+    return MachineFiles(root=state / "fs",
+                        exports=EXPORTS_D / f"labctl-{conf.lab}-{conf.node}.exports",
+                        state=state)
+
+
 def release(conf: p.NodeConfig, sys_block: Path = Path("/sys/block")) -> list[str]:
-    """Remove what the node ``conf`` made on this machine's LIO and loop driver: its
-    target, the backstores on its disks, its loop devices. Returns one line per object."""
+    """Remove what the node ``conf`` made on this machine's NFS server, LIO and loop
+    driver: its exports and mounted file datastores (then the NFS daemons it started,
+    when nothing else is exported), its target, the backstores on its disks, its loop
+    devices. Returns one line per object."""
     if conf.disk_dir is None:
         raise StorageNodeError("release is for a machine's node (its config names disk_dir)")
     disk_dir = Path(conf.disk_dir)
+    where = machine_files(conf)
+    mounts = sorted(d for d in where.root.iterdir() if os.path.ismount(d)) \
+        if where.root.is_dir() else []
+    removed: list[str] = release_machine(where.state, where.exports, mounts)
     loops = loops_backed_by(disk_dir, sys_block)
     ours = {os.path.realpath(dev) for dev in loops.values()}
-    removed: list[str] = []
     if (CONFIGFS / "target").exists():  # else LIO holds nothing (the machine rebooted)
         removed += _release_lio(conf, ours)
     os.sync()
