@@ -582,7 +582,8 @@ async def _ssh_logs(lab: Lab, host: str, access: SshAccess, log: str,
     follows it on the machine ends with the session)."""
     lines = str(max(args.lines, 1))
     path = f"{state_dir(lab.dir.tag, host)}/{log}"
-    argv = (["journalctl", "-u", access.unit, "-n", lines, "--no-pager"]
+    unit = access.unit_for("storage" if log == "agent.out" else "host")
+    argv = (["journalctl", "-u", unit, "-n", lines, "--no-pager"]
             if access.agent == "systemd" else ["tail", "-n", lines, path])
     async with access.machine(host) as m:
         if args.follow:

@@ -3,7 +3,7 @@
 
 The machine exists before the lab and outlives it: labctl makes nothing on it but the
 agent's state directory (named after the lab's tag, so two labs never share one) and,
-with ``agent: systemd``, the secret file the playbooks' unit reads. Over one SSH session
+with ``agent: systemd``, a drop-in for the playbooks' unit. Over one SSH session
 with the machine's host key pinned (from the topology: never trust on first use) it
 delivers the lab secret (SFTP, 0600, never on a command line), starts the host agent and
 waits for it to answer the authenticated RPC every feature then uses, unchanged.
@@ -12,8 +12,11 @@ waits for it to answer the authenticated RPC every feature then uses, unchanged.
   in a session of its own, listening on the host's site address; teardown has the same
   helper stop it (and any QEMU it left) by the PIDs in its state directory, each only while
   its command line names that directory, then removes the directory.
-* ``agent: systemd``: the ``host`` role's unit (``labctl-host-agent.service``): the secret is
-  written where the unit reads it and the unit restarted; teardown stops it.
+* ``agent: systemd``: the playbooks' unit (``labctl-host-agent.service``, on a storage
+  machine ``labctl-storage-agent.service``) runs the agent on the lab's files: the secret
+  (and the guest, or the node's config) go into the state directory as for a process
+  agent, a drop-in replaces the unit's command with the agent on that directory, and the
+  unit is restarted; teardown stops it and removes the drop-in.
 
 Every step is journalled (kind ``ssh-host``) before it is taken.
 """
@@ -26,6 +29,7 @@ import functools
 import importlib.util
 import io
 import json
+import re
 import stat
 import tarfile
 import time
@@ -54,6 +58,7 @@ DEFAULT_PYTHON = "python3"
 #: where the playbooks' unit finds labctl (``agent: systemd``)
 VENV_PYTHON = "/opt/labctl/venv/bin/python"
 DEFAULT_UNIT = "labctl-host-agent.service"
+DEFAULT_STORAGE_UNIT = "labctl-storage-agent.service"
 DEFAULT_SECRET_PATH = "/etc/labctl/secret"
 STATE_ROOT = "/var/lib/labctl/labs"
 
@@ -115,6 +120,13 @@ class SshAccess:
                                       f"(the machine's /etc/ssh/ssh_host_*_key.pub): {exc}"))
         return found
 
+    def unit_for(self, role: str) -> str:
+        """The playbooks' unit of a host's (``host``) or a storage node's agent: ``unit``
+        when the topology named one."""
+        if self.unit != DEFAULT_UNIT:
+            return self.unit
+        return DEFAULT_STORAGE_UNIT if role == "storage" else DEFAULT_UNIT
+
     def remote_python(self, state: str) -> list[str]:
         """How to run labctl's modules on the machine: the code handed over with the
         process agent (on ``PYTHONPATH``), or the playbooks' virtualenv for a unit."""
@@ -169,11 +181,16 @@ class SshHosts:
             # made on it: a machine that never answered has nothing of the lab to remove
             self.inv.own("ssh-host", plan.name, access=access.to_json(), state_dir=remote)
             if access.agent == "systemd":
-                await m.run(["mkdir", "-p", "-m", "0700", str(Path(access.secret_path).parent)])
-                await m.put((secret.hex() + "\n").encode(), access.secret_path, mode=0o600)
-                await m.run(["systemctl", "restart", access.unit])
+                await m.run(["mkdir", "-p", "-m", "0700", remote])
+                await m.put((secret.hex() + "\n").encode(), f"{remote}/secret", mode=0o600)
+                await _hand_over_guest(m, remote)
+                py = access.remote_python(remote)
+                await _run_unit(m, access.unit_for("host"), self.tag, [
+                    *py, "-m", "labctl.agents.host", "--state-dir", remote,
+                    "--secret-file", f"{remote}/secret", "--host", plan.name,
+                    "--listen", f"{addr}:{port}"], {GIVEN_IMAGE_ENV: f"{remote}/guest"})
                 pid = None
-                log = ["journalctl", "-u", access.unit, "-n", "30", "--no-pager"]
+                log = ["journalctl", "-u", access.unit_for("host"), "-n", "30", "--no-pager"]
             else:
                 await m.run(["mkdir", "-p", "-m", "0700", remote])
                 await m.put((secret.hex() + "\n").encode(), f"{remote}/secret", mode=0o600)
@@ -197,17 +214,15 @@ class SshHosts:
     async def provision_storage(self, name: str, address: str, prefix: int, target_iqn: str,
                                 secret: bytes, peer_secret: bytes | None, access: SshAccess
                                 ) -> int | None:
-        """Start the storage agent of node ``name`` on its machine (``agent: process``):
-        the code handed over, its config (a NodeConfig naming ``disk_dir``, with no secret
-        in it) and the site's secret and the nodes' peer key as 0600 files, then wait for
-        its ``ping``. Returns the agent's PID (None: it already answered)."""
+        """Start the storage agent of node ``name`` on its machine: its config (a
+        NodeConfig naming ``disk_dir``, with no secret in it) and the site's secret and the
+        nodes' peer key as 0600 files in the lab's directory there; then the controller's
+        code handed over and the agent started (``agent: process``), or the playbooks' unit
+        run on those files (``agent: systemd``); then wait for its ``ping``. Returns the
+        agent's PID (None: it already answered, or systemd runs it)."""
         port = names.STORAGE_AGENT_PORT
         if await _answers(address, port, secret, f"storage node {name}", sp.PING):
             return None
-        if access.agent != "process":
-            raise ProvisionError(f"storage node {name}: agent: {access.agent} is not "
-                                 "supported for storage nodes yet (use agent: process)",
-                                 node=name)
         remote = state_dir(self.tag, name)
         config = {"lab": self.lab, "node": name, "address": f"{address}/{prefix}",
                   "gateway": None, "mac": "", "target_iqn": target_iqn, "agent_port": port,
@@ -221,11 +236,20 @@ class SshHosts:
                 await m.put((peer_secret.hex() + "\n").encode(), f"{remote}/peer-secret",
                             mode=0o600)
                 args += ["--peer-secret-file", f"{remote}/peer-secret"]
-            await _hand_over_code(m, remote)
+            if access.agent == "process":
+                await _hand_over_code(m, remote)
             # the config last: teardown releases LIO's objects by it, with that code
             await m.put((json.dumps(config, indent=2) + "\n").encode(),
                         f"{remote}/storage.json", mode=0o600)
             py = access.remote_python(remote)
+            if access.agent == "systemd":
+                await _run_unit(m, access.unit_for("storage"), self.tag,
+                                [*py, "-m", "labctl.agents.storage", *args], {})
+                await _wait_agent(m, address, port, secret, f"storage node {name}", sp.PING,
+                                  ["journalctl", "-u", access.unit_for("storage"), "-n", "30",
+                                   "--no-pager"],
+                                  f"the storage agent of {name} ({access.where()})")
+                return None
             started = await m.run([
                 *py, "-m", "labctl.agents.remote", "start", "--log", f"{remote}/agent.out",
                 "--pidfile", f"{remote}/agent.pid", "--",
@@ -267,11 +291,15 @@ class SshHosts:
             # a machine gone is said soon: its entry stays for the next down
             async with access.machine(name, connect_timeout=15.0) as m:
                 if access.agent == "systemd":
-                    await m.run(["systemctl", "stop", access.unit], timeout=120)
-                    removed.append(f"service {access.unit} on {name} ({access.where()}) stopped")
-                    await m.run(["rm", "-f", access.secret_path])
-                    removed.append(f"file {access.secret_path} on {name}")
-                    return
+                    unit = access.unit_for("storage" if kind == "ssh-storage" else "host")
+                    await m.run(["systemctl", "stop", unit], timeout=120)
+                    removed.append(f"service {unit} on {name} ({access.where()}) stopped")
+                    dropin = _dropin_path(unit)
+                    if (await m.run(["test", "-f", dropin], check=False)).ok:
+                        await m.run(["rm", "-f", dropin])
+                        await m.run(["systemctl", "daemon-reload"], timeout=120)
+                        removed.append(f"file {dropin} on {name}")
+                # a process agent, and what QEMU a host's agent left either way
                 got = await m.run([*access.remote_python(remote), "-m",
                                    "labctl.agents.remote", "stop", "--state-dir", remote],
                                   timeout=180)
@@ -341,11 +369,59 @@ async def _hand_over(m: SshMachine, remote: str) -> None:
     """The code and the test guest (kernel, initrd) into the agent's directory: the
     machine needs Python 3, QEMU and libiscsi, and neither builds nor downloads anything."""
     await _hand_over_code(m, remote)
+    await _hand_over_guest(m, remote)
+
+
+async def _hand_over_guest(m: SshMachine, remote: str) -> None:
+    """The test guest (kernel, initrd) into the agent's directory (``guest/``)."""
     image = await ensure_guest_image()
     await m.run(["mkdir", "-p", "-m", "0700", f"{remote}/guest"])
     for local, name in ((image.kernel, "vmlinuz"), (image.initrd, "initrd.img")):
         await m.put(local.read_bytes(), f"{remote}/guest/{name}", mode=0o600)
     await m.put(f"{image.recipe_hash}\n".encode(), f"{remote}/guest/recipe", mode=0o600)
+
+
+#: the drop-in labctl writes for a unit it runs (``agent: systemd``): the unit's own
+#: command replaced by the lab's, on the lab's files; removed at teardown
+DROPIN = "50-labctl-lab.conf"
+_UNIT_WORD = re.compile(r"[A-Za-z0-9_./:=@+-]+")
+
+
+def _dropin_path(unit: str) -> str:
+    return f"/etc/systemd/system/{unit}.d/{DROPIN}"
+
+
+def dropin_text(tag: str, argv: list[str], env: dict[str, str]) -> str:
+    """The drop-in that runs ``argv`` (with ``env``) instead of the unit's own command.
+    Each word must be one systemd reads as itself (no blank, quote, ``%``, ``$`` or
+    backslash: nothing there is expanded or split); ValueError names one that is not."""
+    for word in [*argv, *(f"{k}={v}" for k, v in env.items())]:
+        if not _UNIT_WORD.fullmatch(word):
+            raise ValueError(f"{word!r} cannot be written in a unit as it is")
+    lines = [f"# labctl lab {tag}: written by labctl up, removed by labctl down",
+             "[Service]", "ExecStart=", "ExecStart=" + " ".join(argv)]
+    lines += [f"Environment={k}={v}" for k, v in env.items()]
+    return "\n".join(lines) + "\n"
+
+
+async def _run_unit(m: SshMachine, unit: str, tag: str, argv: list[str],
+                    env: dict[str, str]) -> None:
+    """``unit`` (the playbooks') restarted to run ``argv`` on the lab's files, through a
+    drop-in; a drop-in another lab left there is a refusal, not overwritten."""
+    path = _dropin_path(unit)
+    there = await m.run(["cat", path], check=False)
+    if there.ok and f"# labctl lab {tag}:" not in there.stdout:
+        first = there.stdout.splitlines()[0] if there.stdout else ""
+        raise ProvisionError(f"{m.name}: {unit} runs another lab's agent ({first.lstrip('# ')}"
+                             f"): bring that lab down first", machine=m.name, unit=unit)
+    try:
+        text = dropin_text(tag, argv, env)
+    except ValueError as exc:
+        raise ProvisionError(f"{m.name}: {exc}", machine=m.name, unit=unit) from None
+    await m.run(["mkdir", "-p", "-m", "0755", str(Path(path).parent)])
+    await m.put(text.encode(), path, mode=0o644)
+    await m.run(["systemctl", "daemon-reload"], timeout=120)
+    await m.run(["systemctl", "restart", unit], timeout=120)
 
 
 async def _answers(addr: str, port: int, secret: bytes, who: str,

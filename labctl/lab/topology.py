@@ -382,14 +382,17 @@ def _ssh_access(raw: dict[str, Any] | str, base: Path, where: str,
     """A machine's ``ssh:`` block: the client key's path made absolute (relative to the
     topology file), the host key read (a key line or a file) and parsed. ``ssh: vagrant``
     is the machine ``labctl vagrant up`` made for this lab: its key and pinned host key
-    from there (checked by ``check_machine``: ``vagrant up`` may not have run yet)."""
-    if raw == "vagrant":
+    from there (checked by ``check_machine``: ``vagrant up`` may not have run yet);
+    ``ssh: {vagrant: true, agent: systemd}`` the same with its agent said."""
+    if raw == "vagrant" or (isinstance(raw, dict) and raw.get("vagrant")):
+        given = raw if isinstance(raw, dict) else {}
         try:
             host_key = read_host_key(str(vagrant_host_key(lab, name)), base)
         except ValueError:
             host_key = ""
         return SshAccess(address=address, key=str(vagrant_key(lab)), host_key=host_key,
-                         vagrant=lab)
+                         vagrant=lab, agent=str(given.get("agent", "process")),
+                         python=str(given.get("python", SshAccess.python)))
     assert isinstance(raw, dict)
     try:
         host_key = read_host_key(str(raw["host_key"]), base)
@@ -577,10 +580,6 @@ def _build(data: dict[str, Any], file: str) -> Topology:
         ))
     with_ssh = [f"hosts[{i}].ssh" for i, h in enumerate(hosts) if h.ssh] + [
         f"storage_nodes[{i}].ssh" for i, n in enumerate(nodes) if n.ssh]
-    for i, n in enumerate(nodes):
-        if n.ssh is not None and n.ssh.agent != "process":
-            fail(f"storage_nodes[{i}].ssh.agent", "a storage node's agent is started by labctl "
-                 "(agent: process); the playbooks' storage unit is not driven yet")
     if with_ssh and (data.get("wan") or any("mobility" in s for s in raw_sites)):
         fail(with_ssh[0], "machines reached over SSH are not supported in a lab with WAN "
                           "links or mobility agents yet (their routes to other sites are set "
@@ -641,9 +640,6 @@ def _build(data: dict[str, Any], file: str) -> Topology:
                      f"host {h} is not in site {node.site} of storage node {node.name}")
         if len(set(d["hosts"])) != len(d["hosts"]):
             fail(f"datastores[{i}].hosts", "a host is named twice")
-        if d.get("kind") == "file" and node is not None and node.ssh is not None:
-            fail(f"datastores[{i}].kind", f"storage node {node.name} is a machine reached over "
-                 "SSH: file datastores are served by node VMs only so far")
         stores.append(Datastore(d["name"], node_name or "", size or 0, tuple(d["hosts"]),
                                 d.get("kind", "block")))
     ds_names = [d.name for d in stores]

@@ -13,29 +13,19 @@ leaves nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from labctl.drivers.ssh import SshMachine
-from labctl.testing.checks import naa_designator
 from tests.conftest import E2E, free_subnet, labctl, unique_lab, wait
+from tests.e2e.vagrant.outside import naa_read_by_host, on
 
 pytestmark = [*E2E, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("vagrant") is None,
                                  reason="vagrant is not installed (scripts/setup.sh)")]
-
-
-async def _on(m: dict[str, Any], *argv: str) -> str:
-    async with SshMachine(m["name"], m["address"], Path(m["key"]), m["host_key"],
-                          user="root", pinned_by="its console printed") as s:
-        return (await s.run(list(argv), check=False)).stdout
 
 
 def _machine_state(m: dict[str, Any]) -> dict[str, str]:
@@ -43,15 +33,15 @@ def _machine_state(m: dict[str, Any]) -> dict[str, str]:
     labctl's state directories and agents."""
     # LIO's own entries (lio_version...) appear once its modules are loaded: the lab's
     # objects are its targets (iqn.) and the storage objects of its iblock HBAs
-    iscsi = asyncio.run(_on(m, "ls", "/sys/kernel/config/target/iscsi")).split()
-    core = asyncio.run(_on(m, "find", "/sys/kernel/config/target/core", "-mindepth", "2",
-                           "-maxdepth", "2", "-type", "d", "-path", "*/iblock_*/*")).split()
+    iscsi = on(m, "ls", "/sys/kernel/config/target/iscsi").split()
+    core = on(m, "find", "/sys/kernel/config/target/core", "-mindepth", "2",
+              "-maxdepth", "2", "-type", "d", "-path", "*/iblock_*/*").split()
     return {
         "targets": " ".join(t for t in iscsi if t.startswith("iqn.")),
         "backstores": " ".join(sorted(core)),
-        "loops": asyncio.run(_on(m, "losetup", "--list", "--noheadings")).strip(),
-        "dirs": asyncio.run(_on(m, "find", "/var/lib/labctl/labs", "-mindepth", "1")).strip(),
-        "agents": asyncio.run(_on(m, "pgrep", "-af", "labctl.agents")).strip(),
+        "loops": on(m, "losetup", "--list", "--noheadings").strip(),
+        "dirs": on(m, "find", "/var/lib/labctl/labs", "-mindepth", "1").strip(),
+        "agents": on(m, "pgrep", "-af", "labctl.agents").strip(),
     }
 
 
@@ -88,17 +78,11 @@ def test_a_storage_machine_serves_luns_from_its_own_lio(lab_home: Path, tmp_path
             assert ds["seen_by"]["host1"]["naa"] == ds["naa"]
             # an outside iSCSI client on the host machine (libiscsi, the host's CHAP identity)
             # reads the NAA designator of the LUN: the ID status reports
+            read, reported = naa_read_by_host(name, "host1", stor, "ds1")
+            assert read == reported
             shown = json.loads(labctl(*lab, "datastore", "show", "ds1", "--json").stdout)
-            url = f"iscsi://{stor['address']}/{shown['target_iqn']}/{shown['lun']}"
-            iqn = status["hosts"][0]["initiator_iqn"]
-            inq = subprocess.run([sys.executable, "-m", "labctl.cli", *lab, "exec", "host1",
-                                  "--", "iscsi-inq", "-e", "1", "-c", "131", "-i", iqn, url],
-                                 capture_output=True, check=True, timeout=120)
-            raw = bytes.fromhex(ds["naa"].removeprefix("naa.")).split(b"\0")[0]
-            assert naa_designator(inq.stdout) == raw, inq.stdout
             # the LUN is a loop device on the lab's file on the machine, LIO's iblock on it
-            loops = asyncio.run(_on(stor, "losetup", "--list", "--noheadings",
-                                    "--output", "NAME,BACK-FILE"))
+            loops = on(stor, "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE")
             assert f"/disks/{shown['backing']['disk_serial']}.img" in loops, loops
             # the VM boots from the LUN on the host machine and heartbeats
             labctl(*lab, "vm", "start", "vm1", timeout=900)
@@ -114,14 +98,13 @@ def test_a_storage_machine_serves_luns_from_its_own_lio(lab_home: Path, tmp_path
             seen = json.loads(labctl(*lab, "datastore", "show", "ds2", "--json").stdout)
             assert seen["seen_by"]["host1"]["size_bytes"] == 48 << 20, seen
             labctl(*lab, "datastore", "delete", "ds2", timeout=300)
-            left = asyncio.run(_on(stor, "losetup", "--list", "--noheadings", "--output",
-                                   "BACK-FILE"))
+            left = on(stor, "losetup", "--list", "--noheadings", "--output", "BACK-FILE")
             assert "lc-ds2" not in left and "lc-ds1" in left, left
             # the storage agent killed: `up` again starts it, and it watches ds1 again (a
             # resize still reaches the host as a storage event); the VM never noticed
             state = str(Path(shown["backing"]["path"]).parent.parent)
-            pid = asyncio.run(_on(stor, "cat", f"{state}/agent.pid")).strip()
-            asyncio.run(_on(stor, "kill", "-9", pid))
+            pid = on(stor, "cat", f"{state}/agent.pid").strip()
+            on(stor, "kill", "-9", pid)
             again = labctl("up", up["topology"], timeout=600)
             assert "the storage agent of stor1 does not answer" in again.stderr + again.stdout
             status = json.loads(labctl(*lab, "status", "--json").stdout)

@@ -10,7 +10,13 @@ import asyncssh
 import pytest
 
 from labctl.core.errors import TopologyError
-from labctl.hosts.sshhosts import DEFAULT_PYTHON, SshAccess, read_host_key, state_dir
+from labctl.hosts.sshhosts import (
+    DEFAULT_PYTHON,
+    SshAccess,
+    dropin_text,
+    read_host_key,
+    state_dir,
+)
 from labctl.lab import bringup, topology
 
 
@@ -146,14 +152,46 @@ def test_a_storage_node_as_a_machine(tmp_path: Path, keys: tuple[Path, str]) -> 
     assert t.sites[0].external and t.sites[0].bridge is None
 
 
-def test_what_a_storage_machine_cannot_do_yet(tmp_path: Path, keys: tuple[Path, str]) -> None:
-    text = _text(more=(
+def test_a_storage_machine_by_its_unit_with_a_file_datastore(tmp_path: Path,
+                                                              keys: tuple[Path, str]) -> None:
+    t = _load(tmp_path, _text(more=(
         "storage_nodes:\n  - name: n1\n    ssh: {key: client, host_key: host.pub, "
         "agent: systemd}\n"
-        "datastores:\n  - {name: fs, kind: file, size: 1G, hosts: [h1]}\n"))
-    found = dict(_problems(tmp_path, text))
-    assert "agent: process" in found["storage_nodes[0].ssh.agent"]
-    assert "file datastores are served by node VMs only" in found["datastores[0].kind"]
+        "datastores:\n  - {name: fs, kind: file, size: 1G, hosts: [h1]}\n")))
+    node = t.storage_nodes[0].ssh
+    assert node is not None and node.agent == "systemd"
+    assert [(d.name, d.kind, d.node) for d in t.datastores] == [("fs", "file", "n1")]
+
+
+def test_a_vagrant_machine_with_its_agent_said(tmp_path: Path) -> None:
+    """``ssh: {vagrant: true, agent: systemd}``: the machine labctl vagrant up made, its
+    agent the playbooks' unit; keys beside vagrant are refused (they are Vagrant's)."""
+    t = _load(tmp_path, ("name: t\nsites:\n  - name: s1\n    subnet: 10.250.7.0/24\n"
+                         "storage_nodes:\n  - name: n1\n    ssh: {vagrant: true, agent: "
+                         "systemd}\nhosts:\n  - name: h1\n    ssh: vagrant\n"))
+    node, host = t.storage_nodes[0].ssh, t.hosts[0].ssh
+    assert node is not None and host is not None
+    assert (node.vagrant, node.agent, node.unit_for("storage")) == (
+        "t", "systemd", "labctl-storage-agent.service")
+    assert (host.vagrant, host.agent, host.unit_for("host")) == (
+        "t", "process", "labctl-host-agent.service")
+    found = _problems(tmp_path, ("name: t\nsites:\n  - name: s1\n    subnet: 10.250.7.0/24\n"
+                                 "hosts:\n  - name: h1\n    ssh: {vagrant: true, key: k}\n"))
+    assert found and found[0][0].startswith("hosts[0].ssh"), found
+
+
+def test_a_unit_s_drop_in_runs_the_lab_s_command_and_nothing_a_shell_would_read() -> None:
+    text = dropin_text("ab12", ["/opt/labctl/venv/bin/python", "-m", "labctl.agents.storage",
+                                "--config", "/var/lib/labctl/labs/ab12/n1/storage.json"],
+                       {"LABCTL_GUEST": "/var/lib/labctl/labs/ab12/h1/guest"})
+    lines = text.splitlines()
+    assert lines[0].startswith("# labctl lab ab12:") and lines[1] == "[Service]"
+    # the unit's own command is cleared first, then the lab's is the only one
+    assert lines[2] == "ExecStart=" and lines[3].startswith("ExecStart=/opt/labctl/venv/")
+    assert lines[4] == "Environment=LABCTL_GUEST=/var/lib/labctl/labs/ab12/h1/guest"
+    for bad in ("a b", "$HOME", "%h", "x'y", "a\\b", "a;b"):
+        with pytest.raises(ValueError, match="cannot be written in a unit"):
+            dropin_text("ab12", ["/bin/true", bad], {})
 
 
 def test_a_storage_machine_alone_makes_the_site_routed(tmp_path: Path,
