@@ -524,11 +524,14 @@ class LibvirtCloud:
             await m.run(["true"])
         return await self.show(name)
 
-    async def stop(self, name: str, timeout: float = 60.0) -> CloudVm:
+    async def stop(self, name: str, timeout: float = 60.0, force: bool = False) -> CloudVm:
         """A clean stop (the guest powers off when asked over SSH), else the domain is
-        destroyed."""
+        destroyed; ``force``: destroyed at once (a cloud's terminate: for a helper whose
+        writes are all flushed)."""
         row = self._row(name)
-        if (await self._state(name)).state == "running":
+        if force and (await self._state(name)).state != "shutoff":
+            await domains.in_thread(self._domain_call, name, "destroy")
+        elif (await self._state(name)).state == "running":
             with contextlib.suppress(LabError):
                 async with vms.guest_ssh(self.ctx, name, str(row["address"])) as m:
                     await m.run(["kill", "-TERM", "1"])
