@@ -222,6 +222,12 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--compress", action="store_true",
                      help="compress blocks between the agents where that pays")
     rep.add_argument("--limit", metavar="RATE", help="cap the agents' rate (e.g. 50Mbit/s)")
+    rep.add_argument("--verify", choices=("full", "tracked", "both"), default="full",
+                     help="the cutover's check of the replica: both disks read whole while "
+                          "the source is frozen (full, the default); compared whole before "
+                          "the freeze, then only the blocks dm-era saw written since "
+                          "(tracked: a shorter outage, the tracker trusted for that while); "
+                          "or tracked, then full as its check (both)")
     rep.add_argument("--stall", metavar="TIME", default="30s",
                      help="how long the agents' channel may stall (a cut WAN) before the pass "
                           "fails and is run again from its last flush (default 30s)")

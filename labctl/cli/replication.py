@@ -75,7 +75,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
         _interrupted["lab"] = lab
         _interrupted["before"] = max((r.id for r in lab.replications()), default=0)
         rec = await lab.replicate(args.vm, args.to_cloud, switchover, args.tracking,
-                                  args.compress, limit, stall)
+                                  args.compress, limit, stall, args.verify)
         if rec.state != "completed":
             if not args.json:
                 _print(rec.to_wire())

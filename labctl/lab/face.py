@@ -380,7 +380,8 @@ class Lab:
 
     async def replicate(self, vm: str, cloud: str, switchover: str | dict[str, Any] | None,
                         tracking: str = "era", compress: bool = False,
-                        limit_bytes_s: float | None = None, stall_s: float = 30.0) -> Any:
+                        limit_bytes_s: float | None = None, stall_s: float = 30.0,
+                        verify: str = "full") -> Any:
         """Replicate server VM ``vm`` to cloud ``cloud`` by agents in its guests and cut
         over (see labctl/lab/replicate.py)."""
         from labctl.lab import replicate
@@ -389,7 +390,7 @@ class Lab:
             src = self.pick_site(whole, of=("vm", vm))
             whole.in_site(cloud)  # a site the lab has, or a refusal listing them
             return await replicate.replicate(whole, vm, src, cloud, switchover, tracking,
-                                             compress, limit_bytes_s, stall_s)
+                                             compress, limit_bytes_s, stall_s, verify)
 
     def replications(self, rid: int | None = None) -> Any:
         """Recorded replications (a list), or replication ``rid``."""

@@ -65,6 +65,10 @@ APPROVED = "approved"
 PASS_RETRIES = 5
 #: seconds the agents' channel may stall (a cut WAN) before a pass fails (``--stall``)
 STALL_S = 30.0
+#: how the cutover checks the replica (``--verify``): both disks read whole while the source
+#: is frozen (full); both compared whole before the freeze and then only what the tracker
+#: says was written since (tracked); or tracked, then full as its check (both)
+VERIFY_MODES = ("full", "tracked", "both")
 
 
 class ReplicationError(LabError):
@@ -220,11 +224,16 @@ async def _installed(m: SshMachine) -> bool:
 async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
                     switchover: str | dict[str, Any] | None = None, tracking: str = "era",
                     compress: bool = False, limit_bytes_s: float | None = None,
-                    stall_s: float = STALL_S) -> Replication:
+                    stall_s: float = STALL_S, verify: str = "full") -> Replication:
     """Replicate server VM ``vm`` of cloud ``src_site`` to cloud ``to_site`` and cut over;
     a pass whose channel stalls ``stall_s`` seconds (a cut WAN) fails and is run again."""
     if tracking not in ("era", "hash"):
         raise ReplicationError(f"--tracking {tracking}: era or hash", tracking=tracking)
+    if verify not in VERIFY_MODES:
+        raise ReplicationError(f"--verify {verify}: full, tracked or both", verify=verify)
+    if verify != "full" and tracking != "era":
+        raise ReplicationError(f"--verify {verify} reads what the write tracker saw: it needs "
+                               "--tracking era", verify=verify)
     if to_site == src_site:
         raise ReplicationError(f"VM {vm} is already in cloud {to_site}", vm=vm)
     policy = policy_from(switchover if switchover is not None else DEFAULT_WHEN)
@@ -262,7 +271,7 @@ async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
         await cb.create(NewVm(dest_name, data_disks=(disk_bytes,)))
         made = await cb.start(dest_name)
         rec = await _run(whole, ca, cb, vm, src, made, rec, policy, compress, limit_bytes_s,
-                         stage, stall_s)
+                         stage, stall_s, verify)
     except (LabError, OSError) as exc:
         msg = exc.message if isinstance(exc, LabError) else str(exc)
         rec = replace(rec, state="failed", error=msg, passes=stage.passes or rec.passes)
@@ -323,7 +332,8 @@ async def _give_back(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: s
 
 async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, src: CloudVm,
                dest: CloudVm, rec: Replication, policy: SwitchoverPolicy, compress: bool,
-               limit: float | None, stage: Stage, stall_s: float) -> Replication:
+               limit: float | None, stage: Stage, stall_s: float, verify: str
+               ) -> Replication:
     dst_ip = dest.address.split("/")[0]
     src_ip = src.address.split("/")[0]
     work = whole.dir.path / "replications" / str(rec.id)
@@ -426,7 +436,7 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             if decision == "switch":
                 break
         cut = await _cutover(whole, ca, cb, vm, sm, dm, pass_args, rec, len(rec.passes) + 1,
-                             stage)
+                             stage, verify)
     return replace(rec, state="completed", dest=vm, cutover=cut[0],
                    passes=[*rec.passes, cut[1]])
 
@@ -515,8 +525,20 @@ async def _app(m: SshMachine, *args: str) -> dict[str, Any] | None:
 
 async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str,
                    sm: SshMachine, dm: SshMachine, pass_args: list[str], rec: Replication,
-                   n: int, stage: Stage) -> tuple[Cutover, PassRecord]:
+                   n: int, stage: Stage, verify: str = "full") -> tuple[Cutover, PassRecord]:
     steps: dict[str, float] = {}
+    to, tls, state = pass_args[3], f"{AGENT_DIR}/tls", f"{AGENT_DIR}/state"
+    pre: dict[str, Any] | None = None
+    if verify != "full":  # before the freeze: both disks whole, every difference explained
+        whole.progress(f"{vm}: both disks compared whole before the freeze (a tracked "
+                       "verification)")
+        pre = await _agent(sm, "precheck", "--disk", SOURCE_DISK, "--to", to, "--tls", tls,
+                           "--state", state)
+        if pre.get("unexplained_count"):
+            raise ReplicationError(
+                f"the write tracker missed writes: {pre['unexplained_count']} blocks differ "
+                f"that it did not see written (e.g. {pre['unexplained'][:5]}); nothing was "
+                "cut over", precheck=pre)
     t = time.monotonic()
     last = rec.passes[-1]
     w_quiesce = time.time()
@@ -533,8 +555,7 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
     final_s = time.monotonic() - t
     steps["final_pass"] = round(final_s, 3)
     t = time.monotonic()
-    checked = await _agent(sm, "verify", "--disk", SOURCE_DISK, "--to", pass_args[3],
-                           "--tls", f"{AGENT_DIR}/tls")
+    checked = await _verify(sm, to, tls, state, verify, pre, got)
     steps["verify"] = round(time.monotonic() - t, 3)
     if not checked.get("equal"):
         raise ReplicationError(f"after the final pass {checked.get('differ_count')} blocks "
@@ -602,6 +623,31 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
         if left.ok:
             raise ReplicationError(f"the agent is still in {vm} at {AGENT_DIR}")
     return cut, final
+
+
+async def _verify(sm: SshMachine, to: str, tls: str, state: str, mode: str,
+                  pre: dict[str, Any] | None, final: dict[str, Any]) -> dict[str, Any]:
+    """The cutover's check of the replica, the source frozen: every block (full), or the
+    blocks the final pass found written since the precheck's era (tracked: the precheck
+    found the rest equal); ``both`` does tracked, then full as its check. A final pass
+    that did not read the tracker of the precheck's era (a reboot in between) is checked
+    whole."""
+    base = ["verify", "--disk", SOURCE_DISK, "--to", to, "--tls", tls]
+    if mode == "full" or pre is None:
+        return await _agent(sm, *base)
+    if final.get("how") != "era" or final.get("era_since") != pre.get("since"):
+        got = await _agent(sm, *base)
+        return {**got, "precheck": pre, "why_full": "the final pass did not read the "
+                "tracker the precheck's era began (the source lost it): every block read"}
+    tracked = await _agent(sm, *base, "--only", f"{state}/last-todo")
+    out = {**tracked, "precheck": pre}
+    if mode == "both":
+        whole_disk = await _agent(sm, *base)
+        out = {**out, "full": whole_disk,
+               "equal": bool(tracked.get("equal")) and bool(whole_disk.get("equal")),
+               "differ_count": max(int(tracked.get("differ_count") or 0),
+                                   int(whole_disk.get("differ_count") or 0))}
+    return out
 
 
 def _started_check(started: CommandResult) -> dict[str, Any]:

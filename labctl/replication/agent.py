@@ -62,7 +62,8 @@ except ImportError:  # in a guest: blocks.py beside this file
     import blocks  # type: ignore[no-redef, import-not-found, unused-ignore]
 
 _FRAME = struct.Struct(">BIQ")
-HELLO, DIGESTS, BLOCK, ZBLOCK, FLUSH, BYE = 1, 2, 3, 4, 5, 6
+HELLO, DIGESTS, BLOCK, ZBLOCK, FLUSH, BYE, SOME_DIGESTS = 1, 2, 3, 4, 5, 6, 7
+_INDEX = struct.Struct(">I")
 _REPLY = struct.Struct(">Q")
 #: the map is saved (after the target's fsync) at least every this many bytes sent
 CHECKPOINT = 32 << 20
@@ -179,6 +180,13 @@ def _serve_one(conn: ssl.SSLSocket, disk: Path, turn: _Turn, mine: int) -> None:
                 _reply(conn, json.dumps({"blocks": written, "bytes": nbytes}).encode())
             elif kind == DIGESTS:
                 _reply(conn, b"".join(blocks.digests(disk)))
+            elif kind == SOME_DIGESTS:  # the blocks the payload lists, in its order
+                raw = _recv_exact(conn, b)
+                wanted = [_INDEX.unpack_from(raw, k)[0] for k in range(0, len(raw), 4)]
+                if any(i * blocks.BLOCK >= size for i in wanted):
+                    raise AgentError("a block past the end of the disk was asked for")
+                _reply(conn, b"".join(blocks.digest(data) for _, data in
+                                      blocks.read_blocks(disk, wanted)))
             elif kind == BYE:
                 return
             else:
@@ -311,6 +319,10 @@ class Era:
             found.update(range(int(begin), int(end)))
         found.update(int(b) for b in _ERA_BLOCK.findall(xml))
         return sorted(found), now
+
+    def since(self) -> int:
+        """The era the last :meth:`commit` saved: :meth:`written` says what came after it."""
+        return int(json.loads(self.file.read_text())["since"])
 
     def commit(self, since: int) -> None:
         info = json.loads(self.file.read_text())
@@ -468,8 +480,10 @@ def _pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: boo
         read = 0
         t_digest = time.monotonic()
         commit: int | None = None
+        era_since: int | None = None
         if era is not None and not full and held is not None and era.active():
             how = "era"  # the tracker says what changed: no scan
+            era_since = era.since()
             written, commit = era.written()
             carried = _load_pending(state)
             progress["carried_blocks"] = len(carried)
@@ -490,6 +504,8 @@ def _pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: boo
         assert held is not None
         progress["todo_blocks"] = len(todo)
         _save_pending(state, todo)
+        _replace(state / "last-todo", " ".join(map(str, todo)).encode())  # what a tracked
+        # verification of this pass reads
         if era is not None and commit is not None:  # those blocks are pending now: the era
             era.commit(commit)  # may move on
         t_digest = time.monotonic() - t_digest
@@ -531,7 +547,8 @@ def _pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: boo
         _save_pending(state, [])
         sock.sendall(_FRAME.pack(BYE, 0, 0))
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"how": how, "size": size, "blocks": len(todo), "bytes": sent, "wire_bytes": wire,
+    return {"how": how, "era_since": era_since,
+            "size": size, "blocks": len(todo), "bytes": sent, "wire_bytes": wire,
             "carried_blocks": progress["carried_blocks"],
             "read_bytes": read, "seconds": round(time.monotonic() - t0, 3),
             "digest_seconds": round(t_digest, 3),
@@ -540,8 +557,8 @@ def _pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: boo
             "free_bytes": free_bytes(disk)}
 
 
-def verify(disk: Path, to: str, tls: Path) -> dict[str, object]:
-    """Every block's digest, here and there."""
+def _all_digests(disk: Path, to: str, tls: Path) -> tuple[list[bytes], list[bytes]]:
+    """Every block's digest, here and there (both disks read whole, at once)."""
     size = blocks.size_of(disk)
     count = (size + blocks.BLOCK - 1) // blocks.BLOCK
     with _connect(to, tls) as sock:
@@ -553,10 +570,66 @@ def verify(disk: Path, to: str, tls: Path) -> dict[str, object]:
         sock.sendall(_FRAME.pack(BYE, 0, 0))
     if len(raw) != count * DIGEST:
         raise AgentError(f"the target sent {len(raw) // DIGEST} digests, not {count}")
-    theirs = [raw[i:i + DIGEST] for i in range(0, len(raw), DIGEST)]
-    differ = [i for i in range(count) if ours[i] != theirs[i]]
-    return {"blocks": count, "equal": not differ, "differ": differ[:20],
-            "differ_count": len(differ)}
+    return ours, [raw[i:i + DIGEST] for i in range(0, len(raw), DIGEST)]
+
+
+def _some_digests(disk: Path, to: str, tls: Path, wanted: list[int]
+                  ) -> tuple[list[bytes], list[bytes]]:
+    """The digests of the blocks ``wanted``, here and there."""
+    size = blocks.size_of(disk)
+    with _connect(to, tls) as sock:
+        _hello(sock, size)
+        body = b"".join(_INDEX.pack(i) for i in wanted)
+        sock.sendall(_FRAME.pack(SOME_DIGESTS, 0, len(body)) + body)
+        ours = [blocks.digest(data) for _, data in blocks.read_blocks(disk, wanted)]
+        sock.settimeout(SCAN_TIMEOUT)
+        raw = _read_reply(sock)
+        sock.sendall(_FRAME.pack(BYE, 0, 0))
+    if len(raw) != len(wanted) * DIGEST:
+        raise AgentError(f"the target sent {len(raw) // DIGEST} digests, not {len(wanted)}")
+    return ours, [raw[i:i + DIGEST] for i in range(0, len(raw), DIGEST)]
+
+
+def verify(disk: Path, to: str, tls: Path, only: list[int] | None = None) -> dict[str, object]:
+    """Every block's digest compared here and there (``full``); with ``only``, the digests
+    of those blocks alone (``tracked``: the rest was compared by :func:`precheck`)."""
+    if only is None:
+        ours, theirs = _all_digests(disk, to, tls)
+        indexes = list(range(len(ours)))
+    else:
+        indexes = sorted(set(only))
+        ours, theirs = _some_digests(disk, to, tls, indexes)
+    differ = [indexes[k] for k in range(len(indexes)) if ours[k] != theirs[k]]
+    return {"mode": "full" if only is None else "tracked", "blocks": len(indexes),
+            "equal": not differ, "differ": differ[:20], "differ_count": len(differ)}
+
+
+def precheck(disk: Path, to: str, tls: Path, state: Path) -> dict[str, object]:
+    """Both disks compared whole while the source still runs (before its freeze): every
+    block that differs must be one the tracker says was written since the last pass began
+    its era (or one a cut pass left to send). What it found is saved for the cutover's
+    tracked verification, which then reads only what was written since that era."""
+    era = Era(state)
+    if not era.active():
+        raise AgentError("the write tracker is not running (a tracked verification needs "
+                         "it): verify the whole disk instead")
+    t0 = time.monotonic()
+    since = era.since()
+    ours, theirs = _all_digests(disk, to, tls)
+    written, _now = era.written()  # read after the scan: the writes during it count
+    expected = set(written) | set(_load_pending(state))
+    differ = [i for i in range(len(ours)) if ours[i] != theirs[i]]
+    unexplained = [i for i in differ if i not in expected]
+    found = {"since": since, "blocks": len(ours), "differ_count": len(differ),
+             "written": len(written), "unexplained": unexplained[:20],
+             "unexplained_count": len(unexplained),
+             "seconds": round(time.monotonic() - t0, 3)}
+    _replace(state / "precheck.json", json.dumps(found).encode())
+    return found
+
+
+def _indexes(path: Path) -> list[int]:
+    return [int(x) for x in path.read_text().split()]
 
 
 def running(state: Path, name: str = "target") -> int | None:
@@ -599,19 +672,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--until", type=float, default=None,
                    help="seconds this pass may take: then it stops, its progress flushed")
     v = sub.add_parser("verify")
+    v.add_argument("--only", type=Path, default=None,
+                   help="a file of block indexes: compare only those (a tracked verification)")
+    pc = sub.add_parser("precheck", help="compare both disks whole before the freeze; every "
+                                          "difference must be a block the tracker saw written")
     sc = sub.add_parser("scan", help="digest every block of --disk, as a hash pass reads "
                                      "it; say how long that took")
     sc.add_argument("--disk", type=Path, required=True)
     sc.add_argument("--depth", type=int, default=blocks.SCAN_DEPTH)
-    for x in (p, v):
+    for x in (p, v, pc):
         x.add_argument("--to", required=True)
-    for x in (t, p, v):
+    for x in (t, p, v, pc):
         x.add_argument("--disk", type=Path, required=True)
         x.add_argument("--tls", type=Path, required=True)
     s = sub.add_parser("stop")
     s.add_argument("--name", choices=("target", "pass"), default="target")
     u = sub.add_parser("untrack")
-    for x in (t, p, s, u):
+    for x in (t, p, s, u, pc):
         x.add_argument("--state", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
@@ -648,9 +725,14 @@ def main(argv: list[str] | None = None) -> int:
                 (args.state / "pass.pid").unlink(missing_ok=True)
             return 0
         if args.cmd == "verify":
-            result = verify(args.disk, args.to, args.tls)
+            result = verify(args.disk, args.to, args.tls,
+                            None if args.only is None else _indexes(args.only))
             print(json.dumps(result))
             return 0 if result["equal"] else 1
+        if args.cmd == "precheck":
+            found = precheck(args.disk, args.to, args.tls, args.state)
+            print(json.dumps(found))
+            return 0 if not found["unexplained_count"] else 1
         if args.cmd == "scan":
             t0 = time.monotonic()
             cpu0 = resource.getrusage(resource.RUSAGE_SELF)

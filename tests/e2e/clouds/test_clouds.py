@@ -258,7 +258,9 @@ def test_replication_is_refused_before_anything_is_made(lab: dict[str, Any]) -> 
              "(seconds) compared with"),
             (("--to-cloud", "cloud-b", "--limit", "5s"), "not a rate"),
             (("--to-cloud", "cloud-b", "--stall", "2h"), "--stall 2h: at most 1h"),
-            (("--to-cloud", "cloud-b", "--stall", "10MiB"), "not a time")):
+            (("--to-cloud", "cloud-b", "--stall", "10MiB"), "not a time"),
+            (("--to-cloud", "cloud-b", "--tracking", "hash", "--verify", "tracked"),
+             "it needs --tracking era")):
         res = cli("replicate", "web1", *args, check=False)
         assert res.returncode == 1 and words in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr
@@ -507,7 +509,7 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
                              "replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
                              "approved == 1 and passes >= 2 and free_bytes >= 1MiB",
-                             "--compress", "--stall", "10s", "--json"],
+                             "--compress", "--stall", "10s", "--verify", "both", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         rid = _wait("the replication to begin", lambda: next(
@@ -566,6 +568,13 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     assert all(p["read_bytes"] == p["bytes"] < 64 << 20 for p in era[1:]), era
     cut = rec["cutover"]
     assert cut["verify"]["equal"] and cut["verify"]["differ_count"] == 0
+    # the tracked verification: both disks compared whole before the freeze, every
+    # difference one the tracker saw written; then only what the final pass sent; the
+    # whole-disk check after it (--verify both) found them equal too
+    checked = cut["verify"]
+    assert checked["mode"] == "tracked" and checked["precheck"]["unexplained_count"] == 0
+    assert checked["blocks"] == rec["passes"][-1]["blocks"] < checked["precheck"]["blocks"]
+    assert checked["full"]["mode"] == "full" and checked["full"]["equal"], checked
     assert cut["dest_check"]["ok"] and cut["dest_check"]["last_acked"] == cut["source_last_acked"]
     # its first batch on the destination: records from the source's last one on
     assert cut["dest_first_acked"] > cut["source_last_acked"]

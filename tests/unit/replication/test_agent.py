@@ -203,6 +203,9 @@ class FakeEra:
     def written(self) -> tuple[list[int], int]:
         return sorted(FakeEra.dirty), 0
 
+    def since(self) -> int:
+        return 0
+
     def commit(self, _since: int) -> None:
         FakeEra.dirty = set()
 
@@ -400,3 +403,46 @@ def test_a_silent_channel_fails_the_pass_after_its_stall_time(tmp_path: Path,
                      "--stall", "1")
     assert res.returncode == 2 and "timed out" in res.stderr, res
     assert time.monotonic() - t0 < 20  # the default stall (30 s) would still be waiting
+
+
+# -- the tracked verification: a precheck of both disks whole before the freeze, then only
+# what was written since --------------------------------------------------------------------
+def test_a_tracked_verification_reads_only_what_was_written_since_the_precheck(
+        pair: dict[str, Path | str], era: type[FakeEra]) -> None:
+    src, to, tls, state = Path(pair["src"]), str(pair["to"]), Path(pair["tls"]), \
+        Path(pair["state"])
+    _era_pass(pair, full=True)
+    _tracked_write(era, pair, 3)
+    _era_pass(pair)
+    _tracked_write(era, pair, 60)  # after the last pass: it differs, as the tracker says
+    found = agent.precheck(src, to, tls, state)
+    assert (found["blocks"], found["differ_count"], found["unexplained_count"]) == (128, 1, 0)
+    assert json.loads((state / "precheck.json").read_text()) == found
+    _tracked_write(era, pair, 61)  # after the precheck, before the freeze
+    final = _era_pass(pair)
+    assert (final["how"], final["blocks"], final["era_since"]) == ("era", 2, found["since"])
+    todo = agent._indexes(state / "last-todo")
+    assert todo == [60, 61]
+    assert agent.verify(src, to, tls, todo) == {"mode": "tracked", "blocks": 2, "equal": True,
+                                                "differ": [], "differ_count": 0}
+    _write(pair["dst"], 61, os.urandom(B))  # a block the target got wrong: said
+    assert agent.verify(src, to, tls, todo)["differ"] == [61]
+
+
+def test_a_write_the_tracker_missed_is_found_by_the_precheck(pair: dict[str, Path | str],
+                                                             era: type[FakeEra]) -> None:
+    src, to, tls, state = Path(pair["src"]), str(pair["to"]), Path(pair["tls"]), \
+        Path(pair["state"])
+    _era_pass(pair, full=True)
+    _tracked_write(era, pair, 3)
+    _write(pair["src"], 100, os.urandom(B))  # the tracker never heard of it
+    found = agent.precheck(src, to, tls, state)
+    assert (found["differ_count"], found["unexplained"]) == (2, [100]), found
+    assert not agent.verify(src, to, tls)["equal"]  # the whole-disk check sees it too
+
+
+def test_a_precheck_without_a_tracker_is_refused(pair: dict[str, Path | str]) -> None:
+    _pass(pair, "--full")
+    res = _agent("precheck", "--disk", str(pair["src"]), "--to", str(pair["to"]), "--tls",
+                 str(pair["tls"]), "--state", str(pair["state"]))
+    assert res.returncode == 2 and "the write tracker is not running" in res.stderr, res
