@@ -116,14 +116,20 @@ def test_the_link_is_the_only_path_and_the_rtt_is_twice_the_delay(lab: dict[str,
 def test_set_changes_the_link_and_ping_follows_within_a_second(lab: dict[str, Any],
                                                                path_rtt: float) -> None:
     lab["cli"]("wan", "set", "wan1", "--delay", "40ms", "--jitter", "2ms")
-    rtts, out = _ping(lab, 10)
-    # the very first round trip after set returned already has the new delay (+- jitter)
-    assert len(rtts) == 10 and all(abs(r - path_rtt - 80.0) <= 4 + 0.05 * 80 + 1
-                                   for r in rtts), (out, path_rtt)
-    assert _near(statistics.median(rtts), 80.0, path_rtt), (rtts, path_rtt)
-    shown = lab["cli"].json("wan", "show")[0]
-    assert (shown["params"]["delay_ms"], shown["params"]["jitter_ms"]) == (40.0, 2.0)
-    lab["cli"]("wan", "set", "wan1", "--delay", "10ms", "--jitter", "0ms")
+    try:
+        rtts, out = _ping(lab, 10)
+        # the very first round trip after set returned already has the new delay: none is
+        # shorter than it less the jitter of both legs (netem never sends a packet early;
+        # the old 10 ms would be 60 ms shorter). A round trip can be longer than the
+        # jitter allows when the host is busy (the router is a TCG VM: one of 10 took
+        # 10.7 ms more on a loaded CI run), so the upper side is the median's
+        assert len(rtts) == 10 and all(r - path_rtt >= 80.0 - 4 - 0.05 * 80 - 1
+                                       for r in rtts), (out, path_rtt)
+        assert _near(statistics.median(rtts), 80.0, path_rtt), (rtts, path_rtt)
+        shown = lab["cli"].json("wan", "show")[0]
+        assert (shown["params"]["delay_ms"], shown["params"]["jitter_ms"]) == (40.0, 2.0)
+    finally:  # the module's later tests start from 10 ms whatever happened here
+        lab["cli"]("wan", "set", "wan1", "--delay", "10ms", "--jitter", "0ms")
     rtts = _ping(lab, 10)[0]
     assert _near(statistics.median(rtts), 20.0, path_rtt), (rtts, path_rtt)
 
