@@ -252,7 +252,7 @@ def background(directory: Path) -> int | None:
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
-    (directory / "app.pid").write_text(f"{os.getpid()}\n")
+    (directory / "app.pid").write_text(f"{os.getpid()} {_boot_id()}\n")
     log = os.open(directory / "app.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -281,13 +281,41 @@ def _is_app(pid: int) -> bool:
         return False
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def daemon(directory: Path) -> int | None:
+    """The pid of ``directory``'s writer when it runs in this boot. The pid file records
+    the boot: one left by a VM stopped hard names no writer, whatever process of a later
+    boot has that pid now (with a guest's same boot sequence, it can be this very
+    command, started to run the writer again)."""
+    try:
+        fields = (directory / "app.pid").read_text().split()
+        pid = int(fields[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    if len(fields) > 1 and fields[1] != _boot_id():
+        return None
+    if pid == os.getpid() or not alive(pid) or not _is_app(pid):
+        return None
+    return pid
+
+
 def stop(directory: Path, timeout: float = 10.0) -> dict[str, object]:
     """Stop the daemon of ``directory`` (SIGTERM: it finishes its batch); its last
     acknowledgement."""
-    try:
-        pid = int((directory / "app.pid").read_text())
-        os.kill(pid, signal.SIGTERM)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    pid = daemon(directory)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pid = None
+    if pid is None:  # none runs: a pid file of an earlier boot goes
+        (directory / "app.pid").unlink(missing_ok=True)
         acked = read_acked(directory)
         return {"stopped": False, "last_acked": acked.seq, "acked_at": acked.at}
     deadline = time.monotonic() + timeout
@@ -327,11 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"app: {args.dir}: no rate to resume with ({exc})") from None
         args.cmd, args.background, args.seconds = "run", True, None
     if args.cmd == "run" and args.background:
-        try:
-            running = int((args.dir / "app.pid").read_text())
-        except (FileNotFoundError, ValueError):
-            running = 0
-        if running and alive(running) and _is_app(running):
+        running = daemon(args.dir)
+        if running is not None:
             raise SystemExit(f"app: {args.dir}: already written by pid {running}")
         verified = verify(args.dir)
         if not verified["ok"]:  # refused here, where the caller sees it

@@ -128,15 +128,36 @@ def test_in_the_background_it_detaches_and_stops_when_asked(tmp_path: Path) -> N
                           "--rate", "1MiB/s", "--background"], capture_output=True, text=True,
                          timeout=20, check=True)
     pid = json.loads(res.stdout)["pid"]
-    assert int((tmp_path / "app.pid").read_text()) == pid
+    recorded = (tmp_path / "app.pid").read_text().split()
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert recorded == [str(pid), boot]  # the pid, and the boot it runs in
     _until_acked(tmp_path, 20)
-    assert app.alive(pid)  # it runs on after the caller returned
+    assert app.alive(pid) and app.daemon(tmp_path) == pid  # it runs on after the caller
+    # a pid file of another boot names no writer, even where that pid runs this program
+    (tmp_path / "app.pid").write_text(f"{pid} 00000000-0000-0000-0000-000000000000\n")
+    assert app.daemon(tmp_path) is None
+    (tmp_path / "app.pid").write_text(f"{pid} {boot}\n")
     res = subprocess.run([sys.executable, "-S", "-I", str(APP), "stop", "--dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=20, check=True)
     stopped = json.loads(res.stdout)
     assert stopped["stopped"] and stopped["last_acked"] >= 20
     assert not app.alive(pid)
     assert app.verify(tmp_path)["ok"] and not (tmp_path / "app.pid").exists()
+
+
+def test_a_pid_file_naming_the_command_itself_is_no_writer(tmp_path: Path) -> None:
+    """A guest boots the same way each time: the command started to run the writer again
+    can get the pid the writer of the earlier boot recorded. It is not a writer, and
+    ``run --background`` starts one (it used to refuse: "already written by pid N")."""
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import app, os, pathlib; "
+             "d = pathlib.Path(sys.argv[2]); "
+             "boot = pathlib.Path('/proc/sys/kernel/random/boot_id').read_text().strip(); "
+             "(d / 'app.pid').write_text(f'{os.getpid()} {boot}'); print(app.daemon(d))")
+    # its command line names app.py, as the real one's does: only its own pid tells it
+    got = subprocess.run([sys.executable, "-S", "-I", "-c", probe, str(APP.parent),
+                          str(tmp_path), str(APP)], capture_output=True, text=True,
+                         timeout=20, check=True)
+    assert got.stdout.strip() == "None", got
 
 
 def test_a_resume_checks_every_record_once_and_says_what_it_found(
