@@ -94,7 +94,7 @@ class NfsServer:
             if proc.poll() is not None:
                 raise StorageNodeError(f"{argv[0]} ended at once (exit status {proc.returncode}"
                                        f"): see {state / (argv[0] + '.log')}", argv=argv)
-        record["nfsd"] = record.get("nfsd") or ("" if await _nfsd_threads() else "started")
+        record["nfsd"] = record.get("nfsd") or ("" if _nfsd_threads() else "started")
         _save(state / STARTED, record)
 
     async def export(self, path: str, clients: list[str]) -> None:
@@ -128,7 +128,7 @@ async def registered() -> set[str]:
 
 
 def services(listing: str) -> set[str]:
-    """The service names of an ``rpcinfo -p`` listing (its last column; the header and
+    """The service names of an ``rpcinfo -p`` listing (its fifth column; the header and
     lines of programs without a name skipped)."""
     names = set()
     for line in listing.splitlines():
@@ -138,7 +138,7 @@ def services(listing: str) -> set[str]:
     return names
 
 
-async def _nfsd_threads() -> int:
+def _nfsd_threads() -> int:
     try:
         return int(Path("/proc/fs/nfsd/threads").read_text().strip() or 0)
     except (OSError, ValueError):
@@ -149,6 +149,23 @@ def _save(path: Path, record: dict[str, str]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record) + "\n")
     os.replace(tmp, path)
+
+
+def unmount_served(mount: Path, tries: int = 20) -> str | None:
+    """Unmount a filesystem nfsd served (told first to let go of the files it keeps open
+    a while), trying again every 0.5 s; None once unmounted, else umount's last words."""
+    said = ""
+    for attempt in range(tries):
+        with contextlib.suppress(OSError):
+            Path("/proc/fs/nfsd/unlock_filesystem").write_text(str(mount))
+        done = subprocess.run(["umount", str(mount)], check=False, capture_output=True,
+                              text=True, timeout=120)
+        if done.returncode == 0:
+            return None
+        said = done.stderr.strip()
+        if attempt < tries - 1:
+            time.sleep(0.5)
+    return said
 
 
 def release_machine(state: Path, exports_file: Path, mounts: list[Path]) -> list[str]:
@@ -162,18 +179,10 @@ def release_machine(state: Path, exports_file: Path, mounts: list[Path]) -> list
         removed.append(f"exports file {exports_file}")
         subprocess.run(["exportfs", "-ra"], check=False, capture_output=True, timeout=60)
     for mount in mounts:
-        for attempt in range(20):
-            with contextlib.suppress(OSError):  # nfsd lets go of the files it served
-                Path("/proc/fs/nfsd/unlock_filesystem").write_text(str(mount))
-            done = subprocess.run(["umount", str(mount)], check=False, capture_output=True,
-                                  text=True, timeout=60)
-            if done.returncode == 0:
-                removed.append(f"mount {mount}")
-                break
-            if attempt == 19:
-                raise StorageNodeError(f"cannot unmount {mount}: {done.stderr.strip()}",
-                                       mount=str(mount))
-            time.sleep(0.5)
+        problem = unmount_served(mount)
+        if problem is not None:
+            raise StorageNodeError(f"cannot unmount {mount}: {problem}", mount=str(mount))
+        removed.append(f"mount {mount}")
         mount.rmdir()
     try:
         record: dict[str, str] = json.loads((state / STARTED).read_text())

@@ -76,6 +76,8 @@ class SshAccess:
     agent: str = "process"
     python: str = DEFAULT_PYTHON
     unit: str = DEFAULT_UNIT
+    #: read no more (a unit's agent reads the lab's directory now); kept so that the
+    #: journal entries of labs brought up before still load
     secret_path: str = DEFAULT_SECRET_PATH
     #: the machine ``labctl vagrant up`` made for this lab (the topology said ``ssh:
     #: vagrant``): its key and host key are that command's; "" for a machine described

@@ -647,9 +647,9 @@ def stop(state: Path, name: str = "target") -> dict[str, object]:
     """SIGTERM to this state directory's ``name`` process (the target's daemon, or a pass
     still running after its caller went away), if its command line is this agent's."""
     pid = running(state, name)
+    if pid is None:
+        return {"stopped": False}
     try:
-        if pid is None:
-            return {"stopped": False}
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return {"stopped": False}

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from labctl.core.chap import chap_for
 from labctl.core.errors import ProtocolError, StorageNodeError
@@ -110,17 +110,14 @@ class StorageAgent:
         self._watched: dict[str, _Watched] = {}
         self._routes: dict[str, str] = {}
         # a pull authenticates to the source node with the key every site's nodes share
-        if self.disks is None:
-            self.files = Filestores(self.node, self.ip, self.peer_secret(config),
-                                    config.agent_port or STORAGE_AGENT_PORT,
-                                    sys_block=sys_block)
-        else:  # a machine's: mounted and recorded in the node's directory there
+        on_machine: dict[str, Any] = {}
+        if self.disks is not None:  # mounted and recorded in the node's directory there
             where = machine_files(config)
-            self.files = Filestores(self.node, self.ip, self.peer_secret(config),
-                                    config.agent_port or STORAGE_AGENT_PORT,
-                                    root=where.root, sys_block=sys_block,
-                                    find_disk=self.disks.find,
-                                    nfs=NfsServer(where.exports, where.state))
+            on_machine = {"root": where.root, "find_disk": self.disks.find,
+                          "nfs": NfsServer(where.exports, where.state)}
+        self.files = Filestores(self.node, self.ip, self.peer_secret(config),
+                                config.agent_port or STORAGE_AGENT_PORT, sys_block=sys_block,
+                                **on_machine)
 
     @staticmethod
     def peer_secret(config: p.NodeConfig) -> bytes:

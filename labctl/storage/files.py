@@ -48,7 +48,7 @@ from labctl.core.errors import StorageNodeError
 from labctl.core.proc import run
 from labctl.core.rpc import RpcClient, Stream
 from labctl.drivers.lio import find_disk_by_serial
-from labctl.drivers.nfsd import NfsServer
+from labctl.drivers.nfsd import NfsServer, unmount_served
 from labctl.drivers.qcow2 import ImageHeader, ImageHeaderError, parse_header
 from labctl.drivers.sparse import (
     Digest,
@@ -420,18 +420,10 @@ class Filestores:
                     ": delete refused", datastore=name, leases=dict(fs.leases))
             await self.nfs.unexport(str(fs.images))
             fs.save()
-            for attempt in range(20):
-                with contextlib.suppress(OSError):
-                    Path("/proc/fs/nfsd/unlock_filesystem").write_text(str(fs.mount))
-                done = await run(["umount", str(fs.mount)], timeout=120, check=False,
-                                 what=f"umount {name}")
-                if done.ok:
-                    break
-                if attempt == 19:
-                    await self.nfs.export(str(fs.images), fs.clients)  # as it was
-                    raise StorageNodeError(f"cannot unmount {name}: {done.stderr.strip()}",
-                                           datastore=name)
-                await asyncio.sleep(0.5)
+            problem = await asyncio.to_thread(unmount_served, fs.mount)
+            if problem is not None:
+                await self.nfs.export(str(fs.images), fs.clients)  # as it was
+                raise StorageNodeError(f"cannot unmount {name}: {problem}", datastore=name)
             del self.stores[name]
             if self._inotify is not None:
                 self._inotify.remove(fs.wd)
