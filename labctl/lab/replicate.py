@@ -361,6 +361,32 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
         prev_start: float | None = None
         failures = n = 0
         full = True  # pass 1 copies every data block; a retry resumes from the map
+        pre: dict[str, Any] | None = None
+
+        async def recover(exc: LabError, failed: PassRecord, what: str) -> None:
+            """A failed attempt recorded; the replication ends if it cannot go on, else
+            the next pass begins from the last flush."""
+            nonlocal rec, failures
+            failures += 1
+            rec = replace(rec, passes=[*rec.passes, failed])
+            stage.passes = rec.passes
+            _records(whole.inv, rec.id, rec)
+            if failures > PASS_RETRIES or time.monotonic() - t_begin > policy.deadline_s:
+                raise ReplicationError(f"{what} failed {failures} times in a row: "
+                                       f"{exc.message}", passes=len(rec.passes)) from exc
+            # a destination its cloud stopped or lost is no pass to retry (each retry
+            # would wait out its timeouts first)
+            there = (await cb.show(dest.name)).state
+            if there != "running":
+                raise ReplicationError(
+                    f"the destination VM {dest.name} in cloud {cb.site} is {there} (its "
+                    f"cloud stopped or lost it) after {what} failed: {exc.message}",
+                    passes=len(rec.passes), dest_state=there) from exc
+            whole.progress(f"{what} failed ({exc.message}): a pass again, from its last "
+                           "flush")
+            await _reconnect(sm)
+            await _revive(dm, target_args)
+
         while True:
             t_start, w_start = time.monotonic(), time.time()
             attempt = len(rec.passes) + 1
@@ -378,7 +404,6 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                 got = await _agent(sm, "pass", *args, timeout=max(3600.0, left + stall_s))
                 call_s = time.monotonic() - t_call
             except (ReplicationError, SshError) as exc:
-                failures += 1
                 failed = _failed_pass(attempt, w_start, t_start, exc)
                 progress = exc.evidence.get("progress") or {}
                 if progress.get("deadline"):
@@ -386,28 +411,13 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                            f"stopped with {failed.blocks} of {failed.todo_blocks} blocks sent")
                     failed = replace(failed, decision="give_up", why=why,
                                      free_bytes=progress.get("free_bytes"))
-                rec = replace(rec, passes=[*rec.passes, failed])
-                stage.passes = rec.passes
-                _records(whole.inv, rec.id, rec)
-                if progress.get("deadline"):
+                    rec = replace(rec, passes=[*rec.passes, failed])
+                    stage.passes = rec.passes
+                    _records(whole.inv, rec.id, rec)
                     raise ReplicationError(f"the switchover criterion did not hold within the "
                                            f"policy's limits: {failed.why}",
                                            passes=len(rec.passes)) from exc
-                if failures > PASS_RETRIES or time.monotonic() - t_begin > policy.deadline_s:
-                    raise ReplicationError(f"pass {n + 1} failed {failures} times in a row: "
-                                           f"{exc.message}", passes=len(rec.passes)) from exc
-                # a destination its cloud stopped or lost is no pass to retry (each retry
-                # would wait out its timeouts first)
-                there = (await cb.show(dest.name)).state
-                if there != "running":
-                    raise ReplicationError(
-                        f"the destination VM {dest.name} in cloud {cb.site} is {there} (its "
-                        f"cloud stopped or lost it) after pass {n + 1} failed: {exc.message}",
-                        passes=len(rec.passes), dest_state=there) from exc
-                whole.progress(f"pass {n + 1} failed ({exc.message}): again, from its last "
-                               "flush")
-                await _reconnect(sm)
-                await _revive(dm, target_args)
+                await recover(exc, failed, f"pass {n + 1}")
                 continue
             failures = 0
             n += 1
@@ -433,10 +443,29 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             if decision == "give_up":
                 raise ReplicationError(f"the switchover criterion did not hold within the "
                                        f"policy's limits: {record.why}", passes=n)
-            if decision == "switch":
+            if decision != "switch":
+                continue
+            if verify == "full":
                 break
+            # a tracked verification: both disks compared whole before the freeze. If that
+            # cannot run (the source rebooted since the pass and lost its tracker, the WAN
+            # or the target agent failed), nothing is frozen yet: a pass again (a rehash
+            # after a reboot, which starts a tracker), then the criterion again
+            t_start, w_start = time.monotonic(), time.time()
+            try:
+                pre = await _precheck(whole, sm, vm, tls["src"], to)
+            except (ReplicationError, SshError) as exc:
+                if isinstance(exc, ReplicationError) and "precheck" in exc.evidence:
+                    raise  # blocks differ that the tracker did not see written: no cutover
+                failed = replace(
+                    _failed_pass(len(rec.passes) + 1, w_start, t_start, exc),
+                    why="the comparison of both disks before the freeze failed: nothing "
+                        "frozen, a pass again")
+                await recover(exc, failed, "the comparison before the freeze")
+                continue
+            break
         cut = await _cutover(whole, ca, cb, vm, sm, dm, pass_args, rec, len(rec.passes) + 1,
-                             stage, verify)
+                             stage, verify, pre)
     return replace(rec, state="completed", dest=vm, cutover=cut[0],
                    passes=[*rec.passes, cut[1]])
 
@@ -523,22 +552,34 @@ async def _app(m: SshMachine, *args: str) -> dict[str, Any] | None:
     return out
 
 
+async def _precheck(whole: LabContext, sm: SshMachine, vm: str, tls: dict[str, Path],
+                    to: str) -> dict[str, Any]:
+    """Both disks compared whole while the source still runs: every block that differs
+    must be one its tracker saw written. Raises :class:`ReplicationError` with the
+    ``precheck`` evidence when one was not (nothing may be cut over then)."""
+    if not await _installed(sm):  # the source rebooted since the pass: /run is empty
+        await install_agents(sm, tls)
+    whole.progress(f"{vm}: both disks compared whole before the freeze (a tracked "
+                   "verification)")
+    pre = await _agent(sm, "precheck", "--disk", SOURCE_DISK, "--to", to, "--tls",
+                       f"{AGENT_DIR}/tls", "--state", f"{AGENT_DIR}/state")
+    if pre.get("unexplained_count"):
+        raise ReplicationError(
+            f"the write tracker missed writes: {pre['unexplained_count']} blocks differ that "
+            f"it did not see written (e.g. {pre['unexplained'][:5]}); nothing was cut over",
+            precheck=pre)
+    return pre
+
+
 async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str,
                    sm: SshMachine, dm: SshMachine, pass_args: list[str], rec: Replication,
-                   n: int, stage: Stage, verify: str = "full") -> tuple[Cutover, PassRecord]:
+                   n: int, stage: Stage, verify: str = "full",
+                   pre: dict[str, Any] | None = None) -> tuple[Cutover, PassRecord]:
+    """The source quiesced, the final pass, the replica checked (``pre``: what the
+    comparison before the freeze found, for a tracked verification), the source stopped
+    and the destination booted from the replica, its application started."""
     steps: dict[str, float] = {}
     to, tls, state = pass_args[3], f"{AGENT_DIR}/tls", f"{AGENT_DIR}/state"
-    pre: dict[str, Any] | None = None
-    if verify != "full":  # before the freeze: both disks whole, every difference explained
-        whole.progress(f"{vm}: both disks compared whole before the freeze (a tracked "
-                       "verification)")
-        pre = await _agent(sm, "precheck", "--disk", SOURCE_DISK, "--to", to, "--tls", tls,
-                           "--state", state)
-        if pre.get("unexplained_count"):
-            raise ReplicationError(
-                f"the write tracker missed writes: {pre['unexplained_count']} blocks differ "
-                f"that it did not see written (e.g. {pre['unexplained'][:5]}); nothing was "
-                "cut over", precheck=pre)
     t = time.monotonic()
     last = rec.passes[-1]
     w_quiesce = time.time()

@@ -430,6 +430,35 @@ print(json.dumps(found))
 """
 
 
+#: run in the source guest: once an agent compares both disks before the freeze, the guest
+#: reboots at once (sysrq, no sync: as a crash would); it gives up after 15 minutes
+_REBOOT_AT_PRECHECK = """
+import os, sys, time
+open("/run/labctl-reboot-watch", "w").close()
+end = time.monotonic() + 900
+while time.monotonic() < end:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(bytes(1))
+        except OSError:
+            continue
+        if any(a.endswith(b"labctl-repl/" + b"agent.py") for a in argv) and b"precheck" in argv:
+            print(f"rebooting at {pid}", flush=True)
+            time.sleep(0.5)  # the line on its way out first
+            with open("/proc/sysrq-trigger", "w") as f:
+                f.write("b")
+            time.sleep(60)
+    time.sleep(0.05)
+sys.exit("no precheck came")
+"""
+
+
+def _watching(lab: dict[str, Any]) -> bool:
+    res = lab["cli"]("vm", "ssh", "web1", "--", "test", "-e", "/run/labctl-reboot-watch",
+                     check=False)
+    return res.returncode == 0
+
 def _app_status(lab: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(lab["cli"]("vm", "ssh", "web1", "--", "python3",
                                                 "/opt/labctl/app.py", "status", "--dir",
@@ -501,9 +530,10 @@ def _intruder_gets_nothing(lab: dict[str, Any], tmp_path: Path) -> None:
 def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
         lab: dict[str, Any], tmp_path: Path) -> None:
     """web1 is replicated while its application writes, through a WAN cut in pass 1 (the
-    pass resumes from its last flush, not from zero), a reboot of the source (dm-era's
-    tracker lost: a rehash pass) and the destination's agent killed; the cutover waits
-    for an operator's approval; then the VM runs in cloud B, every record intact."""
+    pass resumes from its last flush, not from zero), the destination's agent killed, and
+    a reboot of the source as the comparison before the freeze begins (dm-era's tracker
+    lost: a rehash pass, then the criterion again); the cutover waits for an operator's
+    approval; then the VM runs in cloud B, every record intact."""
     cli = lab["cli"]
     used = int(cli("vm", "ssh", "web1", "--", "df", "-B1", "--output=used", "/").stdout.split()[-1])
     proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
@@ -522,13 +552,7 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
         time.sleep(max(0.0, 15 - (time.monotonic() - t_cut)))  # past the agents' --stall
         cli("wan", "set", "wan1", "--up")
         _wait("a pass after the WAN cut", lambda: _recovered(_passes(lab, rid), 0))
-        # 2. the source rebooted: its tracker and map are gone
-        failed = sum(p["how"] == "failed" for p in _passes(lab, rid))
-        cli("vm", "stop", "web1")
-        cli("vm", "start", "web1")
-        _wait("a rehash pass after the reboot", lambda: any(
-            p["how"] == "rehash" for p in _passes(lab, rid)))
-        # 3. the destination's agent killed
+        # 2. the destination's agent killed
         failed = sum(p["how"] == "failed" for p in _passes(lab, rid))
 
         async def kill(cloud: LibvirtCloud) -> None:
@@ -537,7 +561,21 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
 
         _run(lab, "cloud-b", kill)
         _wait("a pass after the agent was killed", lambda: _recovered(_passes(lab, rid), failed))
-        cli("replication", "approve", str(rid))
+        # 3. approved, and the source reboots as the comparison before the freeze begins:
+        # its tracker and map are gone (a rehash pass), nothing was frozen yet
+        reboot = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
+                                   "vm", "ssh", "web1", "--", "python3", "-c", _REBOOT_AT_PRECHECK],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait("the reboot watcher", lambda: reboot.poll() is not None or _watching(lab), 60)
+            cli("replication", "approve", str(rid))
+            _wait("a rehash pass after the reboot", lambda: any(
+                p["how"] == "rehash" for p in _passes(lab, rid)))
+        finally:
+            if reboot.poll() is None:
+                reboot.kill()
+            said = reboot.communicate()[0]
+        assert said.startswith("rebooting at "), said
         out, err = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -554,6 +592,12 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     cut1 = [p for p in rec["passes"][:first_ok] if p["todo_blocks"]][-1]
     resumed = rec["passes"][first_ok]
     assert resumed["how"] == "era" and first_ok < hows.index("rehash"), hows
+    # the comparison the reboot cut is recorded, nothing was frozen: a rehash pass next
+    cut_pre = [i for i, p in enumerate(rec["passes"]) if p["how"] == "failed"
+               and p["why"].startswith("the comparison of both disks before the freeze")]
+    after = [h for h in hows[cut_pre[0] + 1:] if h != "failed"] if cut_pre else []
+    assert len(cut_pre) == 1 and after[:1] == ["rehash"], (hows, rec["passes"])
+    assert rec["passes"][cut_pre[0] - 1]["decision"] == "switch", rec["passes"]
     assert 0 < cut1["blocks"] < cut1["todo_blocks"], cut1  # a flush before the cut
     assert resumed["carried_blocks"] == cut1["todo_blocks"] - cut1["blocks"], (cut1, resumed)
     assert resumed["bytes"] < used, (resumed, used)
