@@ -317,9 +317,10 @@ async def _give_back(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: s
         async with ca.ssh(vm) as m:
             await m.run(["fsfreeze", "-u", "/"], check=False)
             if await _installed(m):  # a pass its caller left, then the write tracker
-                await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", "stop", "--name",
-                             "pass", "--state", f"{AGENT_DIR}/state"], check=False,
-                            timeout=60)
+                for left in ("pass", "precheck"):
+                    await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", "stop", "--name",
+                                 left, "--state", f"{AGENT_DIR}/state"], check=False,
+                                timeout=60)
                 await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", "untrack", "--state",
                              f"{AGENT_DIR}/state"], check=False, timeout=120)
             await m.run(["rm", "-rf", AGENT_DIR], check=False)

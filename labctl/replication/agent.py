@@ -645,7 +645,8 @@ def running(state: Path, name: str = "target") -> int | None:
 
 def stop(state: Path, name: str = "target") -> dict[str, object]:
     """SIGTERM to this state directory's ``name`` process (the target's daemon, or a pass
-    still running after its caller went away), if its command line is this agent's."""
+    or precheck still running after its caller went away), if its command line is this
+    agent's."""
     pid = running(state, name)
     if pid is None:
         return {"stopped": False}
@@ -686,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         x.add_argument("--disk", type=Path, required=True)
         x.add_argument("--tls", type=Path, required=True)
     s = sub.add_parser("stop")
-    s.add_argument("--name", choices=("target", "pass"), default="target")
+    s.add_argument("--name", choices=("target", "pass", "precheck"), default="target")
     u = sub.add_parser("untrack")
     for x in (t, p, s, u, pc):
         x.add_argument("--state", type=Path, required=True)
@@ -730,7 +731,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
             return 0 if result["equal"] else 1
         if args.cmd == "precheck":
-            found = precheck(args.disk, args.to, args.tls, args.state)
+            # like a pass: found and stopped by its PID when its caller went away
+            (args.state / "precheck.pid").write_text(f"{os.getpid()}\n")
+            try:
+                found = precheck(args.disk, args.to, args.tls, args.state)
+            finally:
+                (args.state / "precheck.pid").unlink(missing_ok=True)
             print(json.dumps(found))
             return 0 if not found["unexplained_count"] else 1
         if args.cmd == "scan":

@@ -446,3 +446,8 @@ def test_a_precheck_without_a_tracker_is_refused(pair: dict[str, Path | str]) ->
     res = _agent("precheck", "--disk", str(pair["src"]), "--to", str(pair["to"]), "--tls",
                  str(pair["tls"]), "--state", str(pair["state"]))
     assert res.returncode == 2 and "the write tracker is not running" in res.stderr, res
+    # it named itself while it ran (a caller that went away stops it by that), then not
+    assert not (Path(pair["state"]) / "precheck.pid").exists()
+    (Path(pair["state"]) / "precheck.pid").write_text(f"{os.getpid()}\n")  # not an agent's
+    got = _agent("stop", "--name", "precheck", "--state", str(pair["state"]))
+    assert json.loads(got.stdout) == {"stopped": False}, got
