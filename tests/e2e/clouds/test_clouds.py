@@ -413,37 +413,30 @@ def test_a_cloud_without_room_refuses_the_destination(lab: dict[str, Any]) -> No
     assert _virsh_names(lab) == []
 
 
-#: the guest's processes whose command line runs the agent (the name is split so that this
-#: check's own command line does not hold it)
-_AGENTS_RUNNING = """
-import json, os
-found = []
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(bytes(1))
-    except OSError:
-        continue
-    if any(a.endswith(b"labctl-repl/" + b"agent.py") for a in argv):
-        found.append(int(pid))
-print(json.dumps(found))
-"""
-
-
-#: run in the source guest: once an agent compares both disks before the freeze, the guest
-#: reboots at once (sysrq, no sync: as a crash would); it gives up after 15 minutes
-_REBOOT_AT_PRECHECK = """
-import os, sys, time
-open("/run/labctl-reboot-watch", "w").close()
-end = time.monotonic() + 900
-while time.monotonic() < end:
+#: for scripts run in a guest: the processes whose command line runs the agent, with that
+#: command line (the name is split so that the script's own command line does not hold it)
+_GUEST_AGENTS = """
+import json, os, sys, time
+def agents():
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(bytes(1))
         except OSError:
             continue
-        if any(a.endswith(b"labctl-repl/" + b"agent.py") for a in argv) and b"precheck" in argv:
+        if any(a.endswith(b"labctl-repl/" + b"agent.py") for a in argv):
+            yield int(pid), argv
+"""
+_AGENTS_RUNNING = _GUEST_AGENTS + "print(json.dumps([pid for pid, _ in agents()]))\n"
+
+#: run in the source guest: once an agent compares both disks before the freeze, the guest
+#: reboots at once (sysrq, no sync: as a crash would); it gives up after 15 minutes
+_REBOOT_AT_PRECHECK = _GUEST_AGENTS + """
+open("/run/labctl-reboot-watch", "w").close()
+end = time.monotonic() + 900
+while time.monotonic() < end:
+    for pid, argv in agents():
+        if b"precheck" in argv:
             print(f"rebooting at {pid}", flush=True)
             time.sleep(0.5)  # the line on its way out first
             with open("/proc/sysrq-trigger", "w") as f:
