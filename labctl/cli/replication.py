@@ -135,8 +135,10 @@ def _print(r: dict[str, Any]) -> None:
               f"{p['why']}")
     c = r.get("cutover")
     if c:
+        told = ("" if c.get("criterion_predicted_s") is None else
+                f"; {c['criterion_predicted_s']:.2f} s before the comparison")
         print(f"  cutover  final pass {c['final_s']:.2f} s (predicted "
-              f"{c['final_predicted_s']:.2f} s, error {c['final_prediction_error']:.0%}); "
+              f"{c['final_predicted_s']:.2f} s{told}, error {c['final_prediction_error']:.0%}); "
               f"blocks equal: {c['verify'].get('equal')}; steps "
               + ", ".join(f"{k} {v:.1f} s" for k, v in c["steps"].items()))
         if c.get("outage_s") is not None:

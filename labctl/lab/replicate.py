@@ -129,6 +129,10 @@ class Cutover(Message):
     quiesced_at: WallTime
     source_last_acked: int | None
     source_acked_at: WallTime | None
+    #: the final pass's predicted time when the source froze: the criterion's prediction
+    #: from the last pass, or, after a comparison before the freeze (a tracked
+    #: verification), the blocks the tracker had seen written by its end at the last
+    #: pass's rate and fixed cost
     final_predicted_s: float
     final_s: float
     #: |actual - predicted| / actual
@@ -140,6 +144,9 @@ class Cutover(Message):
     dest_first_acked_at: WallTime | None = None
     #: last acknowledgement on the source to the first on the destination
     outage_s: float | None = None
+    #: what the criterion was told the final pass would take (the last pass's prediction),
+    #: when ``final_predicted_s`` was made again after the comparison before the freeze
+    criterion_predicted_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -633,7 +640,7 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
     await cb.start(vm)
     steps["destination_booted"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    predicted = last.predicted_next_s
+    predicted = _final_predicted(last, pre)
     cut = Cutover(
         quiesced_at=WallTime(w_quiesce),
         source_last_acked=(stopped or {}).get("last_acked"),
@@ -641,7 +648,9 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
         final_predicted_s=predicted, final_s=round(final_s, 3),
         final_prediction_error=round(abs(final_s - predicted) / final_s, 3)
         if final_s > 0 and predicted >= 0 else -1.0,
-        verify=checked, steps=steps)
+        verify=checked, steps=steps,
+        criterion_predicted_s=last.predicted_next_s if predicted != last.predicted_next_s
+        else None)
     async with cb.ssh(vm) as nm:
         if stopped is not None:
             # the application checks every record itself before it starts (and refuses to
@@ -665,6 +674,19 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
         if left.ok:
             raise ReplicationError(f"the agent is still in {vm} at {AGENT_DIR}")
     return cut, final
+
+
+def _final_predicted(last: PassRecord, pre: dict[str, Any] | None) -> float:
+    """The final pass's time as predicted when the source freezes. The criterion's
+    prediction is the last pass's; a comparison before the freeze (a tracked
+    verification) came between, the application writing all along (70 s for 2 GiB under
+    TCG), and counted what the tracker saw written by its end: those blocks at the last
+    pass's rate, and its fixed cost. (The seconds from its end to the freeze are not
+    counted: about one.)"""
+    to_send = None if pre is None else pre.get("to_send")
+    if to_send is None or last.link_rate <= 0:
+        return last.predicted_next_s
+    return round(last.fixed_seconds + int(to_send) * blocks.BLOCK / last.link_rate, 3)
 
 
 async def _verify(sm: SshMachine, to: str, tls: str, state: str, mode: str,

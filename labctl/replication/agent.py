@@ -621,7 +621,8 @@ def precheck(disk: Path, to: str, tls: Path, state: Path) -> dict[str, object]:
     differ = [i for i in range(len(ours)) if ours[i] != theirs[i]]
     unexplained = [i for i in differ if i not in expected]
     found = {"since": since, "blocks": len(ours), "differ_count": len(differ),
-             "written": len(written), "unexplained": unexplained[:20],
+             "written": len(written), "to_send": len(expected),
+             "unexplained": unexplained[:20],
              "unexplained_count": len(unexplained),
              "seconds": round(time.monotonic() - t0, 3)}
     _replace(state / "precheck.json", json.dumps(found).encode())

@@ -612,6 +612,12 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     assert checked["mode"] == "tracked" and checked["precheck"]["unexplained_count"] == 0
     assert checked["blocks"] == rec["passes"][-1]["blocks"] < checked["precheck"]["blocks"]
     assert checked["full"]["mode"] == "full" and checked["full"]["equal"], checked
+    # the final pass predicted again after that comparison: what the tracker had seen
+    # written by its end, at the last pass's rate, and its fixed cost
+    assert cut["final_predicted_s"] == pytest.approx(
+        last["fixed_seconds"] + checked["precheck"]["to_send"] * 65536 / last["link_rate"],
+        abs=2e-3), (cut, last)
+    assert cut["criterion_predicted_s"] == last["predicted_next_s"], cut
     assert cut["dest_check"]["ok"] and cut["dest_check"]["last_acked"] == cut["source_last_acked"]
     # its first batch on the destination: records from the source's last one on
     assert cut["dest_first_acked"] > cut["source_last_acked"]

@@ -417,6 +417,7 @@ def test_a_tracked_verification_reads_only_what_was_written_since_the_precheck(
     _tracked_write(era, pair, 60)  # after the last pass: it differs, as the tracker says
     found = agent.precheck(src, to, tls, state)
     assert (found["blocks"], found["differ_count"], found["unexplained_count"]) == (128, 1, 0)
+    assert found["to_send"] == 1  # what the final pass sends, were it frozen now
     assert json.loads((state / "precheck.json").read_text()) == found
     _tracked_write(era, pair, 61)  # after the precheck, before the freeze
     final = _era_pass(pair)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from labctl.core.proc import process_identity
-from labctl.lab.replicate import _view, gone
+from labctl.lab.replicate import _final_predicted, _view, gone
 from labctl.replication.switchover import parse
 
 
@@ -89,6 +89,20 @@ def test_the_next_pass_pays_this_one_s_fixed_cost_again() -> None:
     delta = view.remaining / ((4 << 20) / 0.5)
     assert rec.fixed_seconds == 0.0 and view.predicted_outage == pytest.approx(0.2 + delta)
 
+
+
+def test_after_a_comparison_before_the_freeze_the_final_pass_is_predicted_again() -> None:
+    """The criterion's prediction is the last pass's; a tracked verification's comparison
+    of both disks (70 s for 2 GiB) comes between, and what was written meanwhile is the
+    final pass's to send: the tracker's count of it, at the last pass's rate, plus its
+    fixed cost. Without that comparison the criterion's prediction stands."""
+    era = {**_got(4 << 20, 4 << 20, 0.5, 0.2), "how": "era"}
+    _, last = _view(2, era, took=2.1, t_start=120.0, prev_start=100.0, t_begin=100.0,
+                    w_start=1.7e9, tracking="era", call_s=1.9)
+    assert _final_predicted(last, None) == last.predicted_next_s
+    assert _final_predicted(last, {"since": 3}) == last.predicted_next_s  # an older agent
+    # 40 blocks of 64 KiB at 8 MiB/s: 0.3125 s, and the fixed 1.2 s
+    assert _final_predicted(last, {"to_send": 40}) == pytest.approx(1.2 + 0.3125, abs=1e-3)
 
 def test_a_replication_s_timeline_is_drawn(tmp_path: Path) -> None:
     """``replication show ID --plot``: passes, rates, RPO and the outage in one picture;
