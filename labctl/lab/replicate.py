@@ -75,6 +75,17 @@ class ReplicationError(LabError):
     """A replication that could not start, or failed on its way (evidence: how far)."""
 
 
+class CutoverUndone(ReplicationError):
+    """The final pass, or its check's exchange with the target, failed with the source
+    frozen: the source was thawed and its application started again, nothing was cut
+    over; ``failed`` is the attempt's record (the replication goes on with a pass)."""
+
+    def __init__(self, message: str, failed: PassRecord, cause: LabError) -> None:
+        super().__init__(message, cause=cause.message)
+        self.failed = failed
+        self.cause = cause
+
+
 @dataclass(frozen=True)
 class PassRecord(Message):
     """One pass as the orchestrator saw it (a failed attempt too: ``how`` failed)."""
@@ -324,10 +335,7 @@ async def _give_back(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: s
         async with ca.ssh(vm) as m:
             await m.run(["fsfreeze", "-u", "/"], check=False)
             if await _installed(m):  # a pass its caller left, then the write tracker
-                for left in ("pass", "precheck"):
-                    await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", "stop", "--name",
-                                 left, "--state", f"{AGENT_DIR}/state"], check=False,
-                                timeout=60)
+                await _stop_left(m)
                 await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", "untrack", "--state",
                              f"{AGENT_DIR}/state"], check=False, timeout=120)
             await m.run(["rm", "-rf", AGENT_DIR], check=False)
@@ -336,6 +344,14 @@ async def _give_back(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: s
     with contextlib.suppress(LabError):
         await cb.delete(dest)
     whole.progress(f"the source {vm} is left as it was; the destination {dest} is deleted")
+
+
+async def _stop_left(m: SshMachine) -> None:
+    """A pass or precheck still running in the source after its caller went away (Ctrl-C,
+    a dropped SSH session), stopped by its pid: two never run on one state at once."""
+    for left in ("pass", "precheck"):
+        await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", "stop", "--name", left,
+                     "--state", f"{AGENT_DIR}/state"], check=False, timeout=60)
 
 
 async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, src: CloudVm,
@@ -393,6 +409,8 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             whole.progress(f"{what} failed ({exc.message}): a pass again, from its last "
                            "flush")
             await _reconnect(sm)
+            with contextlib.suppress(LabError):
+                await _stop_left(sm)
             await _revive(dm, target_args)
 
         while True:
@@ -471,9 +489,13 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                         "frozen, a pass again")
                 await recover(exc, failed, "the comparison before the freeze")
                 continue
+            try:
+                cut = await _cutover(whole, ca, cb, vm, sm, dm, pass_args, rec,
+                                     len(rec.passes) + 1, stage, verify, pre)
+            except CutoverUndone as exc:  # the source runs again: passes, then again
+                await recover(exc.cause, exc.failed, "the final pass")
+                continue
             break
-        cut = await _cutover(whole, ca, cb, vm, sm, dm, pass_args, rec, len(rec.passes) + 1,
-                             stage, verify, pre)
     return replace(rec, state="completed", dest=vm, cutover=cut[0],
                    passes=[*rec.passes, cut[1]])
 
@@ -588,7 +610,7 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
     and the destination booted from the replica, its application started."""
     steps: dict[str, float] = {}
     to, tls, state = pass_args[3], f"{AGENT_DIR}/tls", f"{AGENT_DIR}/state"
-    t = time.monotonic()
+    t = t_quiesce = time.monotonic()
     last = rec.passes[-1]
     w_quiesce = time.time()
     stage.app_stopped = True
@@ -598,13 +620,19 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
     steps["quiesce"] = round(time.monotonic() - t, 3)
     whole.progress(f"quiesced {vm} (application stopped at record "
                    f"{(stopped or {}).get('last_acked')}, filesystem frozen): the final pass")
-    t = time.monotonic()
+    t = t_final = time.monotonic()
     w_final = time.time()
-    got = await _agent(sm, "pass", *pass_args)
-    final_s = time.monotonic() - t
-    steps["final_pass"] = round(final_s, 3)
-    t = time.monotonic()
-    checked = await _verify(sm, to, tls, state, verify, pre, got)
+    try:
+        got = await _agent(sm, "pass", *pass_args)
+        final_s = time.monotonic() - t
+        steps["final_pass"] = round(final_s, 3)
+        t = time.monotonic()
+        checked = await _verify(sm, to, tls, state, verify, pre, got)
+    except (ReplicationError, SshError) as exc:
+        # (a WAN cut, the target's agent gone): nothing is cut over yet, so the source
+        # runs again rather than wait frozen, and the replication goes on with passes
+        raise await _thaw(whole, sm, vm, stage, exc, n, w_final, t_final,
+                          time.monotonic() - t_quiesce) from exc
     steps["verify"] = round(time.monotonic() - t, 3)
     if not checked.get("equal"):
         raise ReplicationError(f"after the final pass {checked.get('differ_count')} blocks "
@@ -674,6 +702,27 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
         if left.ok:
             raise ReplicationError(f"the agent is still in {vm} at {AGENT_DIR}")
     return cut, final
+
+
+async def _thaw(whole: LabContext, sm: SshMachine, vm: str, stage: Stage, exc: LabError,
+                n: int, w_final: float, t_final: float, frozen_s: float) -> CutoverUndone:
+    """The source thawed and its application started again after its final pass failed
+    (a failure here is the replication's: it is given back as any other)."""
+    await _stop_left(sm)
+    await sm.run(["fsfreeze", "-u", "/"], check=False)
+    resumed = await sm.run(["python3", "-B", APP, "resume", "--dir", APP_DIR], check=False,
+                           timeout=120)
+    if not resumed.ok:
+        raise ReplicationError(f"the final pass failed ({exc.message}), and {vm}'s application "
+                               "did not start again: " + (resumed.stderr.strip()
+                                                          or resumed.stdout.strip())[-300:],
+                               cause=exc.message) from exc
+    stage.app_stopped = False
+    why = (f"the final pass failed with the source frozen for {frozen_s:.1f} s: thawed, its "
+           "application started again, nothing cut over; passes again")
+    whole.progress(f"{vm}: {why}")
+    failed = replace(_failed_pass(n, w_final, t_final, exc), why=why)
+    return CutoverUndone(f"the final pass failed: {exc.message}", failed, exc)
 
 
 def _final_predicted(last: PassRecord, pre: dict[str, Any] | None) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import signal
 import socket
@@ -429,26 +430,44 @@ def agents():
 """
 _AGENTS_RUNNING = _GUEST_AGENTS + "print(json.dumps([pid for pid, _ in agents()]))\n"
 
-#: run in the source guest: once an agent compares both disks before the freeze, the guest
-#: reboots at once (sysrq, no sync: as a crash would); it gives up after 15 minutes
-_REBOOT_AT_PRECHECK = _GUEST_AGENTS + """
-open("/run/labctl-reboot-watch", "w").close()
+#: run in the source guest once the cutover is approved: the final pass (the first pass
+#: after a comparison before the freeze) loses the path to its target as it starts (a
+#: blackhole route to it: a WAN cut as the source sees it, its SSH from the controller
+#: kept) for 11 s, past the agents' 10 s --stall; then, as the next comparison begins,
+#: the guest reboots at once (sysrq, no sync: as a crash would). It gives up after 15 min.
+_FAULTS_AT_CUTOVER = _GUEST_AGENTS + """
+import subprocess
+open("/run/labctl-fault-watch", "w").close()
+compared, cut = set(), False
 end = time.monotonic() + 900
 while time.monotonic() < end:
     for pid, argv in agents():
-        if b"precheck" in argv:
-            print(f"rebooting at {pid}", flush=True)
-            time.sleep(0.5)  # the line on its way out first
-            with open("/proc/sysrq-trigger", "w") as f:
-                f.write("b")
-            time.sleep(60)
-    time.sleep(0.05)
-sys.exit("no precheck came")
+        if b"precheck" in argv and pid not in compared:
+            if cut:
+                print(f"rebooting at {pid}", flush=True)
+                time.sleep(0.5)  # the lines on their way out first
+                with open("/proc/sysrq-trigger", "w") as f:
+                    f.write("b")
+                time.sleep(60)
+            compared.add(pid)
+        elif compared and not cut and b"pass" in argv:
+            to = argv[argv.index(b"--to") + 1].decode().rpartition(":")[0]
+            subprocess.run(["ip", "route", "add", "blackhole", to + "/32"], check=True)
+            print(f"cut {pid} from {to}", flush=True)
+            time.sleep(11)
+            subprocess.run(["ip", "route", "del", "blackhole", to + "/32"], check=True)
+            cut = True
+    time.sleep(0.02)
+sys.exit("the faults did not come")
 """
 
 
+def _unix(iso: str) -> float:
+    return datetime.datetime.fromisoformat(iso).timestamp()
+
+
 def _watching(lab: dict[str, Any]) -> bool:
-    res = lab["cli"]("vm", "ssh", "web1", "--", "test", "-e", "/run/labctl-reboot-watch",
+    res = lab["cli"]("vm", "ssh", "web1", "--", "test", "-e", "/run/labctl-fault-watch",
                      check=False)
     return res.returncode == 0
 
@@ -523,10 +542,12 @@ def _intruder_gets_nothing(lab: dict[str, Any], tmp_path: Path) -> None:
 def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
         lab: dict[str, Any], tmp_path: Path) -> None:
     """web1 is replicated while its application writes, through a WAN cut in pass 1 (the
-    pass resumes from its last flush, not from zero), the destination's agent killed, and
-    a reboot of the source as the comparison before the freeze begins (dm-era's tracker
-    lost: a rehash pass, then the criterion again); the cutover waits for an operator's
-    approval; then the VM runs in cloud B, every record intact."""
+    pass resumes from its last flush, not from zero), the destination's agent killed; the
+    cutover waits for an operator's approval, and then its final pass loses the path to
+    its target (the source thawed and its application started again, passes again), and
+    the source reboots as the next comparison before the freeze begins (dm-era's tracker
+    lost: a rehash pass, then the criterion again); then the VM runs in cloud B, every
+    record intact."""
     cli = lab["cli"]
     used = int(cli("vm", "ssh", "web1", "--", "df", "-B1", "--output=used", "/").stdout.split()[-1])
     proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
@@ -554,21 +575,26 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
 
         _run(lab, "cloud-b", kill)
         _wait("a pass after the agent was killed", lambda: _recovered(_passes(lab, rid), failed))
-        # 3. approved, and the source reboots as the comparison before the freeze begins:
-        # its tracker and map are gone (a rehash pass), nothing was frozen yet
-        reboot = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
-                                   "vm", "ssh", "web1", "--", "python3", "-c", _REBOOT_AT_PRECHECK],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # 3. approved: the final pass loses its target (the source is thawed, its
+        # application started again, passes again); then the source reboots as the next
+        # comparison before the freeze begins: its tracker and map are gone (a rehash
+        # pass), nothing was frozen
+        watcher = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
+                                    "vm", "ssh", "web1", "--", "python3", "-c",
+                                    _FAULTS_AT_CUTOVER],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            _wait("the reboot watcher", lambda: reboot.poll() is not None or _watching(lab), 60)
+            _wait("the watcher in the source", lambda: watcher.poll() is not None
+                  or _watching(lab), 60)
             cli("replication", "approve", str(rid))
             _wait("a rehash pass after the reboot", lambda: any(
                 p["how"] == "rehash" for p in _passes(lab, rid)))
         finally:
-            if reboot.poll() is None:
-                reboot.kill()
-            said = reboot.communicate()[0]
-        assert said.startswith("rebooting at "), said
+            if watcher.poll() is None:
+                watcher.kill()
+            said = watcher.communicate()[0]
+        assert said.splitlines()[0].startswith("cut "), said
+        assert said.splitlines()[-1].startswith("rebooting at "), said
         out, err = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -585,6 +611,12 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     cut1 = [p for p in rec["passes"][:first_ok] if p["todo_blocks"]][-1]
     resumed = rec["passes"][first_ok]
     assert resumed["how"] == "era" and first_ok < hows.index("rehash"), hows
+    # the final pass that lost its target is recorded; the source ran on: its application
+    # acknowledged records between that attempt and the cutover's quiesce
+    lost = [p for p in rec["passes"] if p["how"] == "failed"
+            and p["why"].startswith("the final pass failed with the source frozen for ")]
+    assert len(lost) == 1 and "thawed, its application started again" in lost[0]["why"], hows
+    lost_end = _unix(lost[0]["started_at"]) + lost[0]["seconds"]
     # the comparison the reboot cut is recorded, nothing was frozen: a rehash pass next
     cut_pre = [i for i, p in enumerate(rec["passes"]) if p["how"] == "failed"
                and p["why"].startswith("the comparison of both disks before the freeze")]
@@ -647,6 +679,7 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     assert got["agent"] != 0  # no agent in the replicated guest
     # the outage the record gives is what the application itself logged
     seqs = {int(s): float(t) for s, t in (ln.split() for ln in got["acks"].splitlines())}
+    assert any(lost_end < t < _unix(cut["quiesced_at"]) for t in seqs.values()), lost_end
     logged = seqs[cut["dest_first_acked"]] - seqs[cut["source_last_acked"]]
     assert abs(logged - cut["outage_s"]) < 0.01, (logged, cut["outage_s"])
     shown = cli.json("replication", "show", str(rec["id"]))
