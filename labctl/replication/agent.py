@@ -641,7 +641,9 @@ def running(state: Path, name: str = "target") -> int | None:
             argv = f.read().split(b"\0")
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
-    return pid if name.encode() in argv and any(a.endswith(b"agent.py") for a in argv) else None
+    # this agent running that command (not, say, ``agent.py stop --name pass``)
+    at = [i for i, a in enumerate(argv) if a.endswith(b"agent.py")]
+    return pid if at and argv[at[0] + 1:at[0] + 2] == [name.encode()] else None
 
 
 def stop(state: Path, name: str = "target") -> dict[str, object]:

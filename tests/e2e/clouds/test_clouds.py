@@ -415,7 +415,8 @@ def test_a_cloud_without_room_refuses_the_destination(lab: dict[str, Any]) -> No
 
 
 #: for scripts run in a guest: the processes whose command line runs the agent, with that
-#: command line (the name is split so that the script's own command line does not hold it)
+#: command line and the agent's command (pass, precheck, stop, ...: ``stop --name pass``
+#: is no pass); the name is split so that the script's own command line does not hold it
 _GUEST_AGENTS = """
 import json, os, sys, time
 def agents():
@@ -425,10 +426,11 @@ def agents():
                 argv = f.read().split(bytes(1))
         except OSError:
             continue
-        if any(a.endswith(b"labctl-repl/" + b"agent.py") for a in argv):
-            yield int(pid), argv
+        at = [i for i, a in enumerate(argv) if a.endswith(b"labctl-repl/" + b"agent.py")]
+        if at:
+            yield int(pid), argv, (argv[at[0] + 1:] or [b""])[0]
 """
-_AGENTS_RUNNING = _GUEST_AGENTS + "print(json.dumps([pid for pid, _ in agents()]))\n"
+_AGENTS_RUNNING = _GUEST_AGENTS + "print(json.dumps([pid for pid, *_ in agents()]))\n"
 
 #: run in the source guest once the cutover is approved: the final pass (the first pass
 #: after a comparison before the freeze) loses the path to its target as it starts (a
@@ -441,8 +443,8 @@ open("/run/labctl-fault-watch", "w").close()
 compared, cut = set(), False
 end = time.monotonic() + 900
 while time.monotonic() < end:
-    for pid, argv in agents():
-        if b"precheck" in argv and pid not in compared:
+    for pid, argv, cmd in agents():
+        if cmd == b"precheck" and pid not in compared:
             if cut:
                 print(f"rebooting at {pid}", flush=True)
                 time.sleep(0.5)  # the lines on their way out first
@@ -450,7 +452,7 @@ while time.monotonic() < end:
                     f.write("b")
                 time.sleep(60)
             compared.add(pid)
-        elif compared and not cut and b"pass" in argv:
+        elif compared and not cut and cmd == b"pass":
             to = argv[argv.index(b"--to") + 1].decode().rpartition(":")[0]
             subprocess.run(["ip", "route", "add", "blackhole", to + "/32"], check=True)
             print(f"cut {pid} from {to}", flush=True)
@@ -460,6 +462,12 @@ while time.monotonic() < end:
     time.sleep(0.02)
 sys.exit("the faults did not come")
 """
+
+
+def _summary(rec: dict[str, Any]) -> str:
+    """A replication's passes, one line each (an assertion's message, not cut short)."""
+    return "\n".join(f"{p['n']} {p['how']} {p['decision']}: {p['why']} ({p.get('error')})"
+                     for p in rec["passes"])
 
 
 def _unix(iso: str) -> float:
@@ -618,13 +626,14 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     # acknowledged records between that attempt and the cutover's quiesce
     lost = [p for p in rec["passes"] if p["how"] == "failed"
             and p["why"].startswith("the final pass failed with the source frozen for ")]
-    assert len(lost) == 1 and "thawed, its application started again" in lost[0]["why"], hows
+    assert len(lost) == 1 and "thawed, its application started again" in lost[0]["why"], \
+        _summary(rec)
     lost_end = _unix(lost[0]["started_at"]) + lost[0]["seconds"]
     # the comparison the reboot cut is recorded, nothing was frozen: a rehash pass next
     cut_pre = [i for i, p in enumerate(rec["passes"]) if p["how"] == "failed"
                and p["why"].startswith("the comparison of both disks before the freeze")]
     after = [h for h in hows[cut_pre[0] + 1:] if h != "failed"] if cut_pre else []
-    assert len(cut_pre) == 1 and after[:1] == ["rehash"], (hows, rec["passes"])
+    assert len(cut_pre) == 1 and after[:1] == ["rehash"], _summary(rec)
     assert rec["passes"][cut_pre[0] - 1]["decision"] == "switch", rec["passes"]
     assert 0 < cut1["blocks"] < cut1["todo_blocks"], cut1  # a flush before the cut
     assert resumed["carried_blocks"] == cut1["todo_blocks"] - cut1["blocks"], (cut1, resumed)

@@ -388,6 +388,23 @@ def test_a_pass_its_caller_left_is_stopped_by_its_pid(pair: dict[str, Path | str
         "stopped": False}
 
 
+
+def test_only_the_agent_running_that_command_is_that_command(tmp_path: Path) -> None:
+    """A pid file is trusted only when its process runs the agent with that command: one
+    running ``agent.py stop --name pass`` holds the word but is no pass."""
+    state = tmp_path / "state"
+    state.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                              str(tmp_path / "agent.py"), "stop", "--name", "pass"])
+    try:
+        (state / "pass.pid").write_text(f"{other.pid}\n")
+        assert agent.running(state, "pass") is None
+        got = json.loads(_agent("stop", "--name", "pass", "--state", str(state)).stdout)
+        assert got == {"stopped": False} and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
 def test_a_silent_channel_fails_the_pass_after_its_stall_time(tmp_path: Path,
                                                               pair: dict[str, Path | str]
                                                               ) -> None:
