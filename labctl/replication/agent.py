@@ -642,7 +642,7 @@ def running(state: Path, name: str = "target") -> int | None:
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
     # this agent running that command (not, say, ``agent.py stop --name pass``)
-    at = [i for i, a in enumerate(argv) if a.endswith(b"agent.py")]
+    at = [i for i, a in enumerate(argv) if os.path.basename(a) == b"agent.py"]
     return pid if at and argv[at[0] + 1:at[0] + 2] == [name.encode()] else None
 
 

@@ -273,12 +273,16 @@ def alive(pid: int) -> bool:
 
 
 def _is_app(pid: int) -> bool:
-    """Whether ``pid`` runs this program (a pid file left by a VM stopped hard may name
-    another process of a later boot)."""
+    """Whether ``pid`` runs this program's writer: ``app.py run`` or ``app.py resume``, not
+    another command of it such as ``app.py status`` (a pid file left by a VM stopped hard
+    may name another process of a later boot)."""
     try:
-        return Path(__file__).name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    name = Path(__file__).name.encode()
+    at = [i for i, a in enumerate(argv) if os.path.basename(a) == name]
+    return bool(at) and argv[at[0] + 1:at[0] + 2] in ([b"run"], [b"resume"])
 
 
 def _boot_id() -> str:

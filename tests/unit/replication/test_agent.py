@@ -391,19 +391,28 @@ def test_a_pass_its_caller_left_is_stopped_by_its_pid(pair: dict[str, Path | str
 
 def test_only_the_agent_running_that_command_is_that_command(tmp_path: Path) -> None:
     """A pid file is trusted only when its process runs the agent with that command: one
-    running ``agent.py stop --name pass`` holds the word but is no pass."""
+    running ``agent.py stop --name pass`` holds the word but is no pass, nor is a program
+    whose name merely ends in agent.py."""
     state = tmp_path / "state"
     state.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                              str(tmp_path / "agent.py"), "stop", "--name", "pass"])
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = {argv[0]: subprocess.Popen([*sleeper, *argv[1:]]) for argv in (
+        ["stop", str(tmp_path / "agent.py"), "stop", "--name", "pass"],
+        ["other", str(tmp_path / "myagent.py"), "pass"],
+        ["pass", str(tmp_path / "agent.py"), "pass", "--disk", "/dev/vdb"])}
     try:
-        (state / "pass.pid").write_text(f"{other.pid}\n")
-        assert agent.running(state, "pass") is None
+        for which in ("stop", "other"):
+            (state / "pass.pid").write_text(f"{procs[which].pid}\n")
+            assert agent.running(state, "pass") is None, which
         got = json.loads(_agent("stop", "--name", "pass", "--state", str(state)).stdout)
-        assert got == {"stopped": False} and other.poll() is None
+        assert got == {"stopped": False} and procs["other"].poll() is None
+        (state / "pass.pid").write_text(f"{procs['pass'].pid}\n")
+        assert agent.running(state, "pass") == procs["pass"].pid
     finally:
-        other.kill()
-        other.wait()
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
 
 def test_a_silent_channel_fails_the_pass_after_its_stall_time(tmp_path: Path,
                                                               pair: dict[str, Path | str]

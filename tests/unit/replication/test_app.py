@@ -160,6 +160,28 @@ def test_a_pid_file_naming_the_command_itself_is_no_writer(tmp_path: Path) -> No
     assert got.stdout.strip() == "None", got
 
 
+def test_only_a_running_writer_is_the_writer(tmp_path: Path) -> None:
+    """A pid file names the writer only when that process runs ``app.py run`` or ``app.py
+    resume``: ``app.py status`` under a reused pid of the same boot holds the name but
+    writes nothing, and a stop must not end it."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = {cmd: subprocess.Popen([*sleeper, str(APP), cmd, "--dir", str(tmp_path)])
+             for cmd in ("status", "verify", "run", "resume")}
+    try:
+        for cmd, proc in procs.items():
+            (tmp_path / "app.pid").write_text(f"{proc.pid} {boot}\n")
+            want = proc.pid if cmd in ("run", "resume") else None
+            assert app.daemon(tmp_path) == want, cmd
+        (tmp_path / "app.pid").write_text(f"{procs['status'].pid} {boot}\n")
+        assert app.stop(tmp_path)["stopped"] is False
+        assert procs["status"].poll() is None  # not signalled
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
 def test_a_resume_checks_every_record_once_and_says_what_it_found(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``resume`` (a cutover's destination) verifies the records once, in the caller,
