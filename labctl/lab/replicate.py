@@ -387,14 +387,20 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
         full = True  # pass 1 copies every data block; a retry resumes from the map
         pre: dict[str, Any] | None = None
 
+        def record_pass(one: PassRecord) -> None:
+            """``one`` appended to the replication's passes, kept where a failure and the
+            record see it."""
+            nonlocal rec
+            rec = replace(rec, passes=[*rec.passes, one])
+            stage.passes = rec.passes
+            _records(whole.inv, rec.id, rec)
+
         async def recover(exc: LabError, failed: PassRecord, what: str) -> None:
             """A failed attempt recorded; the replication ends if it cannot go on, else
             the next pass begins from the last flush."""
-            nonlocal rec, failures
+            nonlocal failures
             failures += 1
-            rec = replace(rec, passes=[*rec.passes, failed])
-            stage.passes = rec.passes
-            _records(whole.inv, rec.id, rec)
+            record_pass(failed)
             if failures > PASS_RETRIES or time.monotonic() - t_begin > policy.deadline_s:
                 raise ReplicationError(f"{what} failed {failures} times in a row: "
                                        f"{exc.message}", passes=len(rec.passes)) from exc
@@ -435,13 +441,10 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                 if progress.get("deadline"):
                     why = (f"the deadline ({policy.deadline_s:g} s) came during this pass: it "
                            f"stopped with {failed.blocks} of {failed.todo_blocks} blocks sent")
-                    failed = replace(failed, decision="give_up", why=why,
-                                     free_bytes=progress.get("free_bytes"))
-                    rec = replace(rec, passes=[*rec.passes, failed])
-                    stage.passes = rec.passes
-                    _records(whole.inv, rec.id, rec)
+                    record_pass(replace(failed, decision="give_up", why=why,
+                                        free_bytes=progress.get("free_bytes")))
                     raise ReplicationError(f"the switchover criterion did not hold within the "
-                                           f"policy's limits: {failed.why}",
+                                           f"policy's limits: {why}",
                                            passes=len(rec.passes)) from exc
                 await recover(exc, failed, f"pass {n + 1}")
                 continue
@@ -457,9 +460,7 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             decision, verdict = policy.decide(view)
             record = replace(record, decision=decision, why=verdict.why(),
                              rpo_s=round(time.time() - holds_since, 3))
-            rec = replace(rec, passes=[*rec.passes, record])
-            stage.passes = rec.passes
-            _records(whole.inv, rec.id, rec)
+            record_pass(record)
             free_text = ("" if record.free_bytes is None else
                          f", {record.free_bytes / (1 << 20):.0f} MiB free on the source")
             whole.progress(f"pass {n} ({record.how}): {record.blocks} blocks, "

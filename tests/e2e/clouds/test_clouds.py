@@ -288,6 +288,7 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
     assert json.loads(res.stdout)["error"]["message"].startswith(
         f"replication {rec['id']} of web1 to cloud-b failed: "), res.stdout
     assert rec["state"] == "failed" and "did not hold" in rec["error"], rec
+    assert "the deadline (40 s) came during this pass" in rec["error"], rec["error"]
     cut = rec["passes"][-1]
     assert [p["decision"] for p in rec["passes"]] == ["give_up"], rec["passes"]
     assert "the deadline (40 s) came during this pass" in cut["why"], cut
