@@ -389,6 +389,44 @@ def test_a_pass_its_caller_left_is_stopped_by_its_pid(pair: dict[str, Path | str
 
 
 
+def test_a_precheck_its_caller_left_is_found_and_stopped(tmp_path: Path) -> None:
+    """A precheck names itself in ``precheck.pid`` while it runs, so that one left running
+    by a dropped session is stopped before the next pass: ``agent.py stop --name precheck``
+    ends it. The comparison is held up here (a stand-in for a slow disk or WAN); the
+    process, its command line and the stop are the agent's own."""
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    for f in ("agent.py", "blocks.py"):  # the copy a guest gets, side by side
+        shutil.copy(AGENT.parent / f, guest / f)
+    state = tmp_path / "state"
+    state.mkdir()
+    held = tmp_path / "held"
+    hold = ("import runpy, sys, time; sys.argv = sys.argv[1:]; sys.path.insert(0, "
+            f"{str(guest)!r}); import agent; "
+            f"agent.precheck = lambda *a: (open({str(held)!r}, 'w').close(), time.sleep(60)); "
+            "sys.exit(agent.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-S", "-I", "-c", hold, str(guest / "agent.py"),
+                             "precheck", "--disk", str(tmp_path / "disk"), "--to",
+                             "127.0.0.1:1", "--tls", str(tmp_path), "--state", str(state)])
+    try:
+        for _ in range(300):
+            if held.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert held.exists(), proc.poll()
+        assert (state / "precheck.pid").read_text().split() == [str(proc.pid)]
+        assert agent.running(state, "precheck") == proc.pid
+        assert agent.running(state, "pass") is None  # no pass.pid: not a pass
+        got = json.loads(_agent("stop", "--name", "precheck", "--state", str(state)).stdout)
+        assert got == {"stopped": True, "pid": proc.pid}
+        assert proc.wait(timeout=20) == -15  # SIGTERM
+        assert not (state / "precheck.pid").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_only_the_agent_running_that_command_is_that_command(tmp_path: Path) -> None:
     """A pid file is trusted only when its process runs the agent with that command: one
     running ``agent.py stop --name pass`` holds the word but is no pass, nor is a program
@@ -473,7 +511,7 @@ def test_a_precheck_without_a_tracker_is_refused(pair: dict[str, Path | str]) ->
     res = _agent("precheck", "--disk", str(pair["src"]), "--to", str(pair["to"]), "--tls",
                  str(pair["tls"]), "--state", str(pair["state"]))
     assert res.returncode == 2 and "the write tracker is not running" in res.stderr, res
-    # it named itself while it ran (a caller that went away stops it by that), then not
+    # its pid file goes with it (one that runs is found and stopped: the next test)
     assert not (Path(pair["state"]) / "precheck.pid").exists()
     (Path(pair["state"]) / "precheck.pid").write_text(f"{os.getpid()}\n")  # not an agent's
     got = _agent("stop", "--name", "precheck", "--state", str(pair["state"]))
