@@ -11,8 +11,14 @@ address through ioctls. Steps:
    then mount configfs;
 3. find the config disk (virtio serial ``labctl-config``), mount it read-only;
 4. bring up the interface and its address from config.json;
-5. import the agent the config names (``agent``: the storage agent unless it says
-   ``labctl.agents.router``) from the config disk and run it; reap orphans meanwhile.
+5. fork: the child imports the agent the config names (``agent``: the storage agent
+   unless it says ``labctl.agents.router``) from the config disk and runs it; PID 1
+   stays behind and reaps every orphan until the agent ends.
+
+The agent is not PID 1 itself because PID 1 must reap with ``waitpid(-1)``: in the
+agent's own process that takes the exit status of a program the agent is waiting for
+(asyncio then reports exit status 255, and ``rpc.nfsd`` seemed to fail after a restart).
+As PID 1's grandchildren the agent's programs are never PID 1's to reap.
 
 A fatal error is printed to the console and the machine powers off, so the
 controller sees a dead domain plus the reason in the console log.
@@ -30,6 +36,7 @@ import struct
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 CONFIG_SERIAL = "labctl-config"
@@ -195,17 +202,6 @@ def configure_network(config: dict[str, Any]) -> str:
     return ifname
 
 
-async def reap_forever() -> None:
-    """PID 1 adopts orphans: collect them so they never pile up as zombies."""
-    while True:
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
-        except ChildProcessError:
-            pass
-        await asyncio.sleep(1.0)
-
-
 async def run_agent(config: dict[str, Any]) -> None:
     sys.path.insert(0, os.path.join(CONFIG_MOUNT, "python"))
     import importlib
@@ -214,13 +210,37 @@ async def run_agent(config: dict[str, Any]) -> None:
     if name not in AGENTS:
         raise InitError(f"unknown agent {name!r} (known: {', '.join(AGENTS)})")
     agent = importlib.import_module(name)
-
-    reaper = asyncio.ensure_future(reap_forever())
-    try:
-        await agent.serve(config, on_ready=lambda: say(f"ready {uptime():.2f}"))
-    finally:
-        reaper.cancel()
+    await agent.serve(config, on_ready=lambda: say(f"ready {uptime():.2f}"))
     raise InitError(f"{name} stopped serving")
+
+
+def supervise(target: Callable[[], object]) -> int:
+    """Run ``target`` in a child process and reap every process that ends meanwhile (as
+    PID 1, every orphan of the machine) until that child ends; return its wait status.
+
+    A failure in the child is printed to the console there; the child then exits 1."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            target()
+        except BaseException as exc:
+            traceback.print_exc()
+            sys.stdout.write(f"\nlabctl-storage: agent: {type(exc).__name__}: {exc}\n")
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    while True:
+        try:
+            got, status = os.wait()
+        except ChildProcessError:  # the child is gone and nothing is left to reap
+            return 0
+        if got == pid:
+            return status
 
 
 def power_off(reason: str) -> NoReturn:
@@ -250,7 +270,10 @@ def main() -> None:
             config: dict[str, Any] = json.load(f)
         ifname = configure_network(config)
         say(f"{ifname} has {config['address']} at {uptime():.2f}")
-        asyncio.run(run_agent(config))
+        status = supervise(lambda: asyncio.run(run_agent(config)))
+        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit status {os.waitstatus_to_exitcode(status)}")
+        raise InitError(f"the agent ended ({how})")
     except BaseException as exc:  # PID 1 turns every failure into a power-off
         traceback.print_exc()
         power_off(f"{type(exc).__name__}: {exc}")
