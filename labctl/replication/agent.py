@@ -302,10 +302,13 @@ class Era:
         self.file.write_text(json.dumps(info))
         return info
 
-    def written(self) -> tuple[list[int], int]:
+    def written(self, since: int | None = None) -> tuple[list[int], int]:
         """The blocks written since the era saved by the last :meth:`commit` (or the start),
-        and the era to commit once they are safe elsewhere."""
+        or since the era ``since`` of this tracker, and the era to commit once they are
+        safe elsewhere."""
         info = json.loads(self.file.read_text())
+        if since is not None:
+            info["since"] = since
         _cmd("dmsetup", "message", self.name, "0", "checkpoint")
         _cmd("dmsetup", "message", self.name, "0", "take_metadata_snap")
         try:
@@ -617,7 +620,8 @@ def precheck(disk: Path, to: str, tls: Path, state: Path) -> dict[str, object]:
     since = era.since()
     ours, theirs = _all_digests(disk, to, tls)
     written, _now = era.written()  # read after the scan: the writes during it count
-    expected = set(written) | set(_load_pending(state))
+    pending = _load_pending(state)
+    expected = set(written) | set(pending)
     differ = [i for i in range(len(ours)) if ours[i] != theirs[i]]
     unexplained = [i for i in differ if i not in expected]
     found = {"since": since, "blocks": len(ours), "differ_count": len(differ),
@@ -626,7 +630,27 @@ def precheck(disk: Path, to: str, tls: Path, state: Path) -> dict[str, object]:
              "unexplained_count": len(unexplained),
              "seconds": round(time.monotonic() - t0, 3)}
     _replace(state / "precheck.json", json.dumps(found).encode())
+    # what a pass cut short had left to send: it may differ, and is checked at the cutover
+    _replace(state / "precheck-pending", " ".join(map(str, pending)).encode())
     return found
+
+
+def since_precheck(state: Path, since: int) -> list[int]:
+    """The blocks a tracked verification reads, the source frozen, when the precheck began
+    at era ``since`` of the tracker that still runs: every block written since then, those
+    a cut pass had left to send then, and those the final pass sent. The precheck found
+    every other block equal on both sides, and nothing wrote them since; passes in between
+    change nothing about that."""
+    era = Era(state)
+    if not era.active():
+        raise AgentError("the write tracker is not running: verify the whole disk instead")
+    try:
+        left, sent = _indexes(state / "precheck-pending"), _indexes(state / "last-todo")
+    except FileNotFoundError as exc:
+        raise AgentError(f"no precheck and pass of this tracker to verify after: {exc}"
+                         ) from None
+    written, _now = era.written(since)
+    return sorted(set(written) | set(left) | set(sent))
 
 
 def _indexes(path: Path) -> list[int]:
@@ -676,8 +700,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--until", type=float, default=None,
                    help="seconds this pass may take: then it stops, its progress flushed")
     v = sub.add_parser("verify")
-    v.add_argument("--only", type=Path, default=None,
-                   help="a file of block indexes: compare only those (a tracked verification)")
+    only = v.add_mutually_exclusive_group()
+    only.add_argument("--only", type=Path, default=None,
+                      help="a file of block indexes: compare only those")
+    only.add_argument("--since-precheck", type=int, default=None, metavar="ERA",
+                      help="a tracked verification: compare the blocks written since this "
+                           "era, when the precheck began (with --state)")
+    v.add_argument("--state", type=Path, default=None)
     pc = sub.add_parser("precheck", help="compare both disks whole before the freeze; every "
                                           "difference must be a block the tracker saw written")
     sc = sub.add_parser("scan", help="digest every block of --disk, as a hash pass reads "
@@ -729,8 +758,12 @@ def main(argv: list[str] | None = None) -> int:
                 (args.state / "pass.pid").unlink(missing_ok=True)
             return 0
         if args.cmd == "verify":
-            result = verify(args.disk, args.to, args.tls,
-                            None if args.only is None else _indexes(args.only))
+            wanted = None if args.only is None else _indexes(args.only)
+            if args.since_precheck is not None:
+                if args.state is None:
+                    raise AgentError("--since-precheck needs --state")
+                wanted = since_precheck(args.state, args.since_precheck)
+            result = verify(args.disk, args.to, args.tls, wanted)
             print(json.dumps(result))
             return 0 if result["equal"] else 1
         if args.cmd == "precheck":

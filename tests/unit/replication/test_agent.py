@@ -179,20 +179,35 @@ def test_a_source_cut_off_mid_pass_does_not_hold_the_target(pair: dict[str, Path
 # -- era tracking: dm-era itself is faked (it needs a device-mapper map in a guest; the
 # e2e tests run the real one), the agent's use of what it says is real ---------------------
 class FakeEra:
-    """What dm-era would say: the blocks the test wrote since the last commit."""
+    """What dm-era would say: the era each block was last written in (a checkpoint starts
+    a new era), and the era the agent last committed."""
 
-    dirty: set[int] = set()
+    eras: dict[int, int] = {}
+    now = saved = 1
     tracking = False
     starts = 0
 
     def __init__(self, state: Path) -> None:
         self.state = state
 
+    @classmethod
+    def reset(cls) -> None:
+        cls.eras, cls.now, cls.saved, cls.tracking, cls.starts = {}, 1, 1, False, 0
+
+    @classmethod
+    def write(cls, block: int) -> None:
+        cls.eras[block] = cls.now
+
+    @classmethod
+    def dirty(cls) -> set[int]:
+        """The blocks written since the committed era."""
+        return {b for b, e in cls.eras.items() if e >= cls.saved}
+
     def active(self) -> bool:
         return FakeEra.tracking
 
-    def start(self) -> dict[str, object]:
-        FakeEra.tracking, FakeEra.dirty = True, set()
+    def start(self) -> dict[str, object]:  # fresh metadata
+        FakeEra.tracking, FakeEra.eras, FakeEra.now, FakeEra.saved = True, {}, 1, 1
         FakeEra.starts += 1
         return {}
 
@@ -200,19 +215,21 @@ class FakeEra:
         was, FakeEra.tracking = FakeEra.tracking, False
         return was
 
-    def written(self) -> tuple[list[int], int]:
-        return sorted(FakeEra.dirty), 0
+    def written(self, since: int | None = None) -> tuple[list[int], int]:
+        frm = FakeEra.saved if since is None else since
+        FakeEra.now += 1  # the checkpoint: later writes are in the new era
+        return sorted(b for b, e in FakeEra.eras.items() if e >= frm), FakeEra.now
 
     def since(self) -> int:
-        return 0
+        return FakeEra.saved
 
-    def commit(self, _since: int) -> None:
-        FakeEra.dirty = set()
+    def commit(self, since: int) -> None:
+        FakeEra.saved = since
 
 
 @pytest.fixture
 def era(monkeypatch: pytest.MonkeyPatch) -> type[FakeEra]:
-    FakeEra.dirty, FakeEra.tracking, FakeEra.starts = set(), False, 0
+    FakeEra.reset()
     monkeypatch.setattr(agent, "Era", FakeEra)
     return FakeEra
 
@@ -224,7 +241,7 @@ def _era_pass(p: dict[str, Path | str], full: bool = False) -> dict[str, object]
 
 def _tracked_write(era: type[FakeEra], p: dict[str, Path | str], block: int) -> None:
     _write(p["src"], block, os.urandom(B))
-    era.dirty.add(block)
+    era.write(block)
 
 
 def test_era_tracking_reads_only_what_the_tracker_says(pair: dict[str, Path | str],
@@ -263,7 +280,7 @@ def test_an_era_pass_cut_short_keeps_what_it_had_to_send(pair: dict[str, Path | 
     assert info.value.progress == {"todo_blocks": 30, "carried_blocks": 0,
                                    "flushed_blocks": 16, "flushed_bytes": 16 * B}
     monkeypatch.setattr(agent, "_flush", real_flush)
-    assert era.dirty == set()  # the tracker moved on: the rest is the agent's to keep
+    assert era.dirty() == set()  # the tracker moved on: the rest is the agent's to keep
     _tracked_write(era, pair, 100)
     again = _era_pass(pair)
     # 30 blocks to send, 16 (1 MiB) saved at the first flush: 14 left, and the new one
@@ -492,6 +509,39 @@ def test_a_tracked_verification_reads_only_what_was_written_since_the_precheck(
                                                 "differ": [], "differ_count": 0}
     _write(pair["dst"], 61, os.urandom(B))  # a block the target got wrong: said
     assert agent.verify(src, to, tls, todo)["differ"] == [61]
+
+
+def test_a_tracked_verification_after_more_passes_reads_all_since_the_precheck(
+        pair: dict[str, Path | str], era: type[FakeEra],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """When the criterion sent the replication back to passes after the precheck, the
+    final pass's blocks are not all that may differ: a pass in between sent others. The
+    verification reads every block written since the precheck's era (and what a cut pass
+    had left then), so a block that pass left wrong on the target is found."""
+    src, to, tls, state = Path(pair["src"]), str(pair["to"]), Path(pair["tls"]), \
+        Path(pair["state"])
+    _era_pass(pair, full=True)
+    _tracked_write(era, pair, 3)
+    _era_pass(pair)
+    _tracked_write(era, pair, 60)
+    found = agent.precheck(src, to, tls, state)
+    assert found["unexplained_count"] == 0
+    _tracked_write(era, pair, 61)  # during the precheck's aftermath
+    between = _era_pass(pair)  # the criterion said: a pass again
+    assert (between["how"], between["blocks"]) == ("era", 2)
+    _write(pair["dst"], 61, os.urandom(B))  # the target got one of them wrong
+    _tracked_write(era, pair, 62)
+    final = _era_pass(pair)
+    assert (final["how"], final["blocks"]) == ("era", 1) and final["era_since"] != found["since"]
+    assert agent._indexes(state / "last-todo") == [62]  # the final pass alone misses 61
+    assert agent.since_precheck(state, int(found["since"])) == [60, 61, 62]
+    assert agent.main(["verify", "--disk", str(src), "--to", to, "--tls", str(tls),
+                       "--since-precheck", str(found["since"]), "--state", str(state)]) == 1
+    said = json.loads(capsys.readouterr().out)
+    assert (said["mode"], said["blocks"], said["differ"]) == ("tracked", 3, [61]), said
+    era.tracking = False  # a reboot since: that tracker's eras are gone
+    with pytest.raises(agent.AgentError, match="the write tracker is not running"):
+        agent.since_precheck(state, int(found["since"]))
 
 
 def test_a_write_the_tracker_missed_is_found_by_the_precheck(pair: dict[str, Path | str],
