@@ -128,6 +128,11 @@ def _print(r: dict[str, Any]) -> None:
         if p["how"] == "failed":
             print(f"  pass #{p['n']:<3} failed after {p['seconds']:.1f} s: {p['error']}")
             continue
+        if p["how"] == "precheck":  # the criterion asked again after it: it did not hold
+            print(f"  check #{p['n']:<2} both disks compared in {p['seconds']:.1f} s: "
+                  f"{p['todo_blocks']} blocks to send, next {p['predicted_next_s']:.1f} s  "
+                  f"{p['decision']}: {p['why']}")
+            continue
         print(f"  pass #{p['n']:<3} {p['how']:6} {p['blocks']:6} blocks "
               f"{p['bytes'] / (1 << 20):8.1f} MiB in {p['seconds']:6.1f} s  dirty "
               f"{p['dirty_rate'] / (1 << 20):5.2f} MiB/s  link {p['link_rate'] / (1 << 20):6.2f}"

@@ -93,7 +93,9 @@ class PassRecord(Message):
     #: the attempt's number (failed attempts count)
     n: int
     #: full (pass 1), map (the source's map of what the target holds), rehash (the map was
-    #: lost: the target's digests asked), final
+    #: lost: the target's digests asked), era (the write tracker's answer), final, failed;
+    #: precheck: the comparison of both disks before the freeze, after which the criterion
+    #: asked again did not hold (nothing sent; ``todo_blocks``: what it found to send)
     how: str
     started_at: WallTime
     seconds: float
@@ -385,7 +387,10 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
         prev_start: float | None = None
         failures = n = 0
         full = True  # pass 1 copies every data block; a retry resumes from the map
+        # what the comparison before the freeze found (a tracked verification): it holds
+        # while the source's tracker runs on (era passes), whatever passes come after it
         pre: dict[str, Any] | None = None
+        pre_fresh = False  # no pass since it: the final pass is predicted from it
 
         def record_pass(one: PassRecord) -> None:
             """``one`` appended to the replication's passes, kept where a failure and the
@@ -461,6 +466,9 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             record = replace(record, decision=decision, why=verdict.why(),
                              rpo_s=round(time.time() - holds_since, 3))
             record_pass(record)
+            pre_fresh = False
+            if record.how != "era":  # the tracker began again (a reboot): compare again
+                pre = None
             free_text = ("" if record.free_bytes is None else
                          f", {record.free_bytes / (1 << 20):.0f} MiB free on the source")
             whole.progress(f"pass {n} ({record.how}): {record.blocks} blocks, "
@@ -474,31 +482,74 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                 continue
             if verify == "full":
                 break
-            # a tracked verification: both disks compared whole before the freeze. If that
-            # cannot run (the source rebooted since the pass and lost its tracker, the WAN
-            # or the target agent failed), nothing is frozen yet: a pass again (a rehash
-            # after a reboot, which starts a tracker), then the criterion again
-            t_start, w_start = time.monotonic(), time.time()
-            try:
-                pre = await _precheck(whole, sm, vm, tls["src"], to)
-            except (ReplicationError, SshError) as exc:
-                if isinstance(exc, ReplicationError) and "precheck" in exc.evidence:
-                    raise  # blocks differ that the tracker did not see written: no cutover
-                failed = replace(
-                    _failed_pass(len(rec.passes) + 1, w_start, t_start, exc),
-                    why="the comparison of both disks before the freeze failed: nothing "
-                        "frozen, a pass again")
-                await recover(exc, failed, "the comparison before the freeze")
-                continue
+            # a tracked verification: both disks compared whole before the freeze (once:
+            # it holds while the tracker runs on). If that cannot run (the source rebooted
+            # since the pass and lost its tracker, the WAN or the target agent failed),
+            # nothing is frozen yet: a pass again (a rehash after a reboot, which starts a
+            # tracker), then the criterion again
+            if pre is None:
+                t_start, w_start = time.monotonic(), time.time()
+                try:
+                    pre = await _precheck(whole, sm, vm, tls["src"], to)
+                except (ReplicationError, SshError) as exc:
+                    if isinstance(exc, ReplicationError) and "precheck" in exc.evidence:
+                        raise  # blocks differ that the tracker did not see written
+                    failed = replace(
+                        _failed_pass(len(rec.passes) + 1, w_start, t_start, exc),
+                        why="the comparison of both disks before the freeze failed: nothing "
+                            "frozen, a pass again")
+                    await recover(exc, failed, "the comparison before the freeze")
+                    continue
+                pre_fresh = True
+                # the application wrote all along (a minute for 2 GiB under TCG): the
+                # criterion asked again, the final pass predicted from what the comparison
+                # found still to send
+                again = _after_precheck(view, record, pre, len(rec.passes) + 1, w_start,
+                                        time.monotonic() - t_start, t_begin, holds_since)
+                decision, verdict = policy.decide(again[0])
+                if decision != "switch":
+                    record_pass(replace(again[1], decision=decision, why=(
+                        f"after the comparison before the freeze: {verdict.why()}")))
+                    whole.progress(f"the criterion asked again after the comparison before "
+                                   f"the freeze (the final pass predicted at "
+                                   f"{again[1].predicted_next_s:.1f} s): {decision}")
+                    if decision == "give_up":
+                        raise ReplicationError(
+                            "the switchover criterion did not hold within the policy's "
+                            f"limits after the comparison before the freeze: {verdict.why()}",
+                            passes=len(rec.passes))
+                    continue
             try:
                 cut = await _cutover(whole, ca, cb, vm, sm, dm, pass_args, rec,
-                                     len(rec.passes) + 1, stage, verify, pre)
+                                     len(rec.passes) + 1, stage, verify, pre, pre_fresh)
             except CutoverUndone as exc:  # the source runs again: passes, then again
                 await recover(exc.cause, exc.failed, "the final pass")
                 continue
             break
     return replace(rec, state="completed", dest=vm, cutover=cut[0],
                    passes=[*rec.passes, cut[1]])
+
+
+def _after_precheck(view: PassView, last: PassRecord, pre: dict[str, Any], n: int,
+                    w_start: float, took: float, t_begin: float, holds_since: float
+                    ) -> tuple[PassView, PassRecord]:
+    """The criterion's view after the comparison before the freeze, and its record
+    (``precheck``, its decision still to be made): the last pass's, with what the
+    comparison found still to send as the remaining delta and the final pass predicted
+    from that."""
+    to_send = int(pre.get("to_send") or 0)
+    predicted = _final_predicted(last, pre)
+    remaining = to_send * blocks.BLOCK
+    seen = replace(view, remaining=float(remaining), predicted_outage=predicted,
+                   elapsed=time.monotonic() - t_begin)
+    size = int(pre.get("blocks") or 0) * blocks.BLOCK
+    record = replace(last, n=n, how="precheck", started_at=WallTime(w_start),
+                     seconds=round(took, 3), blocks=0, bytes=0, wire_bytes=0,
+                     read_bytes=size, cpu_seconds=0.0,
+                     digest_seconds=float(pre.get("seconds") or 0.0), remaining=remaining,
+                     predicted_next_s=predicted, rpo_s=round(time.time() - holds_since, 3),
+                     carried_blocks=0, todo_blocks=to_send, error=None)
+    return seen, record
 
 
 def _failed_pass(n: int, w_start: float, t_start: float, exc: LabError) -> PassRecord:
@@ -605,10 +656,12 @@ async def _precheck(whole: LabContext, sm: SshMachine, vm: str, tls: dict[str, P
 async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str,
                    sm: SshMachine, dm: SshMachine, pass_args: list[str], rec: Replication,
                    n: int, stage: Stage, verify: str = "full",
-                   pre: dict[str, Any] | None = None) -> tuple[Cutover, PassRecord]:
+                   pre: dict[str, Any] | None = None, pre_fresh: bool = False
+                   ) -> tuple[Cutover, PassRecord]:
     """The source quiesced, the final pass, the replica checked (``pre``: what the
-    comparison before the freeze found, for a tracked verification), the source stopped
-    and the destination booted from the replica, its application started."""
+    comparison before the freeze found, for a tracked verification; ``pre_fresh``: no pass
+    came after it), the source stopped and the destination booted from the replica, its
+    application started."""
     steps: dict[str, float] = {}
     to, tls, state = pass_args[3], f"{AGENT_DIR}/tls", f"{AGENT_DIR}/state"
     t = t_quiesce = time.monotonic()
@@ -669,7 +722,7 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
     await cb.start(vm)
     steps["destination_booted"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    predicted = _final_predicted(last, pre)
+    predicted = _final_predicted(last, pre if pre_fresh else None)
     cut = Cutover(
         quiesced_at=WallTime(w_quiesce),
         source_last_acked=(stopped or {}).get("last_acked"),
@@ -742,18 +795,20 @@ def _final_predicted(last: PassRecord, pre: dict[str, Any] | None) -> float:
 async def _verify(sm: SshMachine, to: str, tls: str, state: str, mode: str,
                   pre: dict[str, Any] | None, final: dict[str, Any]) -> dict[str, Any]:
     """The cutover's check of the replica, the source frozen: every block (full), or the
-    blocks the final pass found written since the precheck's era (tracked: the precheck
-    found the rest equal); ``both`` does tracked, then full as its check. A final pass
-    that did not read the tracker of the precheck's era (a reboot in between) is checked
-    whole."""
+    blocks written since the precheck's era began, with those a cut pass had left to send
+    then and those the final pass sent (tracked: the precheck found the rest equal, and
+    nothing wrote them since, whatever passes came between); ``both`` does tracked, then
+    full as its check. A final pass that did not read the tracker the precheck's era is
+    of (a reboot since) is checked whole."""
     base = ["verify", "--disk", SOURCE_DISK, "--to", to, "--tls", tls]
     if mode == "full" or pre is None:
         return await _agent(sm, *base)
-    if final.get("how") != "era" or final.get("era_since") != pre.get("since"):
+    if final.get("how") != "era" or int(final.get("era_since") or 0) < int(pre["since"]):
         got = await _agent(sm, *base)
         return {**got, "precheck": pre, "why_full": "the final pass did not read the "
                 "tracker the precheck's era began (the source lost it): every block read"}
-    tracked = await _agent(sm, *base, "--only", f"{state}/last-todo")
+    tracked = await _agent(sm, *base, "--since-precheck", str(int(pre["since"])),
+                           "--state", state)
     out = {**tracked, "precheck": pre}
     if mode == "both":
         whole_disk = await _agent(sm, *base)

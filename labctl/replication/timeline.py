@@ -41,7 +41,8 @@ def plot(rec: dict[str, Json], path: Path) -> Path:
         start = _t(p["started_at"]) - t0
         width = max(float(p["seconds"]), 0.5)
         failed = p["how"] == "failed"
-        color = "tab:red" if p["how"] == "final" else "tab:gray" if failed else "tab:blue"
+        color = ("tab:red" if p["how"] == "final" else "tab:gray" if failed
+                 else "tab:olive" if p["how"] == "precheck" else "tab:blue")
         height = float(p["bytes"]) / MIB
         ax.bar(start, height if not failed else 1.0, width=width, align="edge", color=color,
                alpha=0.8, hatch="//" if failed else None, edgecolor="black", lw=0.5)

@@ -433,36 +433,73 @@ def agents():
 """
 _AGENTS_RUNNING = _GUEST_AGENTS + "print(json.dumps([pid for pid, *_ in agents()]))\n"
 
-#: run in the source guest once the cutover is approved: the final pass (the first pass
-#: after a comparison before the freeze) loses the path to its target as it starts (a
-#: blackhole route to it: a WAN cut as the source sees it, its SSH from the controller
-#: kept) for 11 s, past the agents' 10 s --stall; then, as the next comparison begins,
-#: the guest reboots at once (sysrq, no sync: as a crash would). It gives up after 15 min.
-_FAULTS_AT_CUTOVER = _GUEST_AGENTS + """
-import subprocess
+#: run in the source guest once the cutover is approved: as the first comparison before
+#: the freeze begins, the guest reboots at once (sysrq, no sync: as a crash would).
+_REBOOT_AT_PRECHECK = _GUEST_AGENTS + """
 open("/run/labctl-fault-watch", "w").close()
-compared, cut = set(), False
 end = time.monotonic() + 900
 while time.monotonic() < end:
     for pid, argv, cmd in agents():
-        if cmd == b"precheck" and pid not in compared:
-            if cut:
-                print(f"rebooting at {pid}", flush=True)
-                time.sleep(0.5)  # the lines on their way out first
-                with open("/proc/sysrq-trigger", "w") as f:
-                    f.write("b")
-                time.sleep(60)
-            compared.add(pid)
-        elif compared and not cut and cmd == b"pass":
+        if cmd == b"precheck":
+            print(f"rebooting at {pid}", flush=True)
+            time.sleep(0.5)  # the line on its way out first
+            with open("/proc/sysrq-trigger", "w") as f:
+                f.write("b")
+            time.sleep(60)
+    time.sleep(0.02)
+sys.exit("the comparison did not come")
+"""
+
+#: run in the source guest once it is up again: during the next comparison 16 MiB are
+#: written (the criterion asked again finds that left to send: a pass again); then the
+#: final pass (the one while the application is stopped) loses the path to its target as
+#: it starts (a blackhole route to it: a WAN cut as the source sees it, its SSH from the
+#: controller kept) for 11 s, past the agents' 10 s --stall. It gives up after 15 min.
+_FAULTS_AFTER_REBOOT = _GUEST_AGENTS + """
+import subprocess
+open("/run/labctl-fault-watch", "w").close()
+burst = False
+end = time.monotonic() + 900
+while time.monotonic() < end:
+    for pid, argv, cmd in agents():
+        if cmd == b"precheck" and not burst:
+            with open("/var/tmp/labctl-burst", "wb") as f:
+                for _ in range(16):
+                    f.write(os.urandom(1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+            print(f"burst of 16 MiB at {pid}", flush=True)
+            burst = True
+        elif burst and cmd == b"pass" and not os.path.exists("/srv/app/app.pid"):
             to = argv[argv.index(b"--to") + 1].decode().rpartition(":")[0]
             subprocess.run(["ip", "route", "add", "blackhole", to + "/32"], check=True)
             print(f"cut {pid} from {to}", flush=True)
             time.sleep(11)
             subprocess.run(["ip", "route", "del", "blackhole", to + "/32"], check=True)
-            cut = True
+            sys.exit(0)
     time.sleep(0.02)
 sys.exit("the faults did not come")
 """
+
+
+def _watcher(lab: dict[str, Any], code: str, timeout: float = 180) -> subprocess.Popen[str]:
+    """``code`` run in web1 over ``vm ssh`` (again while the guest still boots), once it
+    said it watches."""
+    deadline = time.monotonic() + timeout
+    while True:
+        watcher = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
+                                    "vm", "ssh", "web1", "--", "python3", "-c", code],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while watcher.poll() is None and time.monotonic() < deadline:
+            if _watching(lab):
+                return watcher
+            time.sleep(1)
+        if watcher.poll() is None:
+            watcher.kill()
+        said = watcher.communicate()
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no watcher in web1 within {timeout:g} s: {said}")
+        time.sleep(3)
 
 
 def _summary(rec: dict[str, Any]) -> str:
@@ -555,16 +592,19 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
         lab: dict[str, Any], tmp_path: Path) -> None:
     """web1 is replicated while its application writes, through a WAN cut in pass 1 (the
     pass resumes from its last flush, not from zero), the destination's agent killed; the
-    cutover waits for an operator's approval, and then its final pass loses the path to
-    its target (the source thawed and its application started again, passes again), and
-    the source reboots as the next comparison before the freeze begins (dm-era's tracker
-    lost: a rehash pass, then the criterion again); then the VM runs in cloud B, every
-    record intact."""
+    cutover waits for an operator's approval, and then the source reboots as the
+    comparison before the freeze begins (dm-era's tracker lost: a rehash pass, then the
+    criterion again); 16 MiB written during the next comparison make the criterion, asked
+    again, send the replication back to a pass; the final pass loses the path to its
+    target (the source thawed and its application started again, passes again); then the
+    VM runs in cloud B, every record intact and every block written since the comparison
+    checked."""
     cli = lab["cli"]
     used = int(cli("vm", "ssh", "web1", "--", "df", "-B1", "--output=used", "/").stdout.split()[-1])
     proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
                              "replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
-                             "approved == 1 and passes >= 2 and free_bytes >= 1MiB",
+                             "approved == 1 and passes >= 2 and free_bytes >= 1MiB and "
+                             "remaining <= 8MiB",
                              "--compress", "--stall", "10s", "--verify", "both", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -587,27 +627,31 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
 
         _run(lab, "cloud-b", kill)
         _wait("a pass after the agent was killed", lambda: _recovered(_passes(lab, rid), failed))
-        # 3. approved: the final pass loses its target (the source is thawed, its
-        # application started again, passes again); then the source reboots as the next
-        # comparison before the freeze begins: its tracker and map are gone (a rehash
-        # pass), nothing was frozen
-        watcher = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
-                                    "vm", "ssh", "web1", "--", "python3", "-c",
-                                    _FAULTS_AT_CUTOVER],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # 3. approved: the source reboots as the comparison before the freeze begins: its
+        # tracker and map are gone (a rehash pass), nothing was frozen
+        watcher = _watcher(lab, _REBOOT_AT_PRECHECK)
         try:
-            _wait("the watcher in the source", lambda: watcher.poll() is not None
-                  or _watching(lab), 60)
             cli("replication", "approve", str(rid))
-            _wait("a rehash pass after the reboot", lambda: any(
-                p["how"] == "rehash" for p in _passes(lab, rid)))
+            said = watcher.communicate(timeout=600)[0]  # its session ends with the guest
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.communicate()
+        assert said.splitlines()[-1:] and said.splitlines()[-1].startswith("rebooting at "), said
+        # 4. up again (a rehash pass reads it whole before the next comparison, time to
+        # watch): 16 MiB written during that comparison (the criterion asked again finds
+        # them to send: a pass again, no second comparison), then the final pass loses its
+        # target (the source is thawed, its application started again, passes again)
+        watcher = _watcher(lab, _FAULTS_AFTER_REBOOT)
+        try:
+            out, err = proc.communicate(timeout=900)
         finally:
             if watcher.poll() is None:
                 watcher.kill()
             said = watcher.communicate()[0]
-        assert said.splitlines()[0].startswith("cut "), said
-        assert said.splitlines()[-1].startswith("rebooting at "), said
-        out, err = proc.communicate(timeout=900)
+        lines = said.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("burst of 16 MiB at "), said
+        assert lines[1].startswith("cut "), said
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -623,19 +667,34 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     cut1 = [p for p in rec["passes"][:first_ok] if p["todo_blocks"]][-1]
     resumed = rec["passes"][first_ok]
     assert resumed["how"] == "era" and first_ok < hows.index("rehash"), hows
-    # the final pass that lost its target is recorded; the source ran on: its application
-    # acknowledged records between that attempt and the cutover's quiesce
-    lost = [p for p in rec["passes"] if p["how"] == "failed"
-            and p["why"].startswith("the final pass failed with the source frozen for ")]
-    assert len(lost) == 1 and "thawed, its application started again" in lost[0]["why"], \
-        _summary(rec)
-    lost_end = _unix(lost[0]["started_at"]) + lost[0]["seconds"]
     # the comparison the reboot cut is recorded, nothing was frozen: a rehash pass next
     cut_pre = [i for i, p in enumerate(rec["passes"]) if p["how"] == "failed"
                and p["why"].startswith("the comparison of both disks before the freeze")]
     after = [h for h in hows[cut_pre[0] + 1:] if h != "failed"] if cut_pre else []
-    assert len(cut_pre) == 1 and after[:1] == ["rehash"], _summary(rec)
+    assert len(cut_pre) == 1 and after[:2] == ["rehash", "precheck"], _summary(rec)
     assert rec["passes"][cut_pre[0] - 1]["decision"] == "switch", rec["passes"]
+    # the next comparison ran while 16 MiB were written: the criterion, asked again,
+    # found them left to send (the final pass predicted from them at the last pass's rate,
+    # with its fixed cost), a pass again; that comparison held for the rest: no other
+    at = hows.index("precheck")
+    again, before = rec["passes"][at], rec["passes"][at - 1]
+    assert before["how"] == "rehash" and before["decision"] == "switch", _summary(rec)
+    assert hows.count("precheck") == 1 and again["decision"] == "continue", _summary(rec)
+    assert again["why"].startswith("after the comparison before the freeze: "), again
+    assert "remaining <= 8MiB: " in again["why"] and again["todo_blocks"] >= 256, again
+    assert again["remaining"] == again["todo_blocks"] * 65536 and again["bytes"] == 0, again
+    assert again["predicted_next_s"] == pytest.approx(
+        before["fixed_seconds"] + again["todo_blocks"] * 65536 / before["link_rate"],
+        abs=2e-3), (again, before)
+    burst = rec["passes"][at + 1]
+    assert burst["how"] == "era" and burst["blocks"] >= 256, burst
+    # the final pass that lost its target is recorded; the source ran on: its application
+    # acknowledged records between that attempt and the cutover's quiesce
+    lost = [i for i, p in enumerate(rec["passes"]) if p["how"] == "failed"
+            and p["why"].startswith("the final pass failed with the source frozen for ")]
+    assert len(lost) == 1 and lost[0] > at, _summary(rec)
+    assert "thawed, its application started again" in rec["passes"][lost[0]]["why"]
+    lost_end = _unix(rec["passes"][lost[0]]["started_at"]) + rec["passes"][lost[0]]["seconds"]
     assert 0 < cut1["blocks"] < cut1["todo_blocks"], cut1  # a flush before the cut
     assert resumed["carried_blocks"] == cut1["todo_blocks"] - cut1["blocks"], (cut1, resumed)
     assert resumed["bytes"] < used, (resumed, used)
@@ -651,18 +710,19 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     cut = rec["cutover"]
     assert cut["verify"]["equal"] and cut["verify"]["differ_count"] == 0
     # the tracked verification: both disks compared whole before the freeze, every
-    # difference one the tracker saw written; then only what the final pass sent; the
-    # whole-disk check after it (--verify both) found them equal too
+    # difference one the tracker saw written; then what was written since that comparison
+    # began (the burst's pass, the lost final pass and the passes after it in between),
+    # not only what the final pass sent; the whole-disk check after it (--verify both)
+    # found them equal too
     checked = cut["verify"]
     assert checked["mode"] == "tracked" and checked["precheck"]["unexplained_count"] == 0
-    assert checked["blocks"] == rec["passes"][-1]["blocks"] < checked["precheck"]["blocks"]
+    assert checked["precheck"]["to_send"] == again["todo_blocks"], checked
+    assert rec["passes"][-1]["blocks"] < burst["blocks"] <= checked["blocks"], checked
+    assert checked["blocks"] < checked["precheck"]["blocks"], checked
     assert checked["full"]["mode"] == "full" and checked["full"]["equal"], checked
-    # the final pass predicted again after that comparison: what the tracker had seen
-    # written by its end, at the last pass's rate, and its fixed cost
-    assert cut["final_predicted_s"] == pytest.approx(
-        last["fixed_seconds"] + checked["precheck"]["to_send"] * 65536 / last["link_rate"],
-        abs=2e-3), (cut, last)
-    assert cut["criterion_predicted_s"] == last["predicted_next_s"], cut
+    # passes came after the comparison: the final pass is the criterion's prediction
+    assert cut["final_predicted_s"] == last["predicted_next_s"], (cut, last)
+    assert cut["criterion_predicted_s"] is None, cut
     assert cut["dest_check"]["ok"] and cut["dest_check"]["last_acked"] == cut["source_last_acked"]
     # its first batch on the destination: records from the source's last one on
     assert cut["dest_first_acked"] > cut["source_last_acked"]

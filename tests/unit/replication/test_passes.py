@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from labctl.core.proc import process_identity
-from labctl.lab.replicate import _final_predicted, _view, gone
+from labctl.lab.replicate import _after_precheck, _final_predicted, _view, gone
 from labctl.replication.switchover import parse
 
 
@@ -103,6 +103,32 @@ def test_after_a_comparison_before_the_freeze_the_final_pass_is_predicted_again(
     assert _final_predicted(last, {"since": 3}) == last.predicted_next_s  # an older agent
     # 40 blocks of 64 KiB at 8 MiB/s: 0.3125 s, and the fixed 1.2 s
     assert _final_predicted(last, {"to_send": 40}) == pytest.approx(1.2 + 0.3125, abs=1e-3)
+
+
+def test_the_criterion_is_asked_again_with_what_the_comparison_left_to_send() -> None:
+    """A criterion that held at the last pass can fail once the comparison before the
+    freeze is done: the application wrote meanwhile. The view the criterion is asked
+    again has that count as the remaining delta and the final pass predicted from it; its
+    record (``precheck``) sends nothing, reads the disk whole, and says how long the
+    comparison took."""
+    era = {**_got(4 << 20, 4 << 20, 0.5, 0.2), "how": "era"}
+    view, last = _view(3, era, took=2.1, t_start=120.0, prev_start=100.0, t_begin=100.0,
+                       w_start=1.7e9, tracking="era", call_s=1.9)
+    when = parse("predicted_outage <= 3s and remaining <= 16MiB and passes >= 2")
+    assert when.over(view).holds
+    pre = {"since": 7, "blocks": 8192, "to_send": 512, "seconds": 22.5}  # 32 MiB written
+    seen, rec = _after_precheck(view, last, pre, 4, 1.7e9 + 30, 23.0, 0.0, 1.7e9)
+    assert seen.remaining == 512 * 65536 and seen.passes == 3
+    assert seen.predicted_outage == pytest.approx(1.2 + (32 << 20) / ((4 << 20) / 0.5))
+    assert seen.predicted_outage == rec.predicted_next_s == _final_predicted(last, pre)
+    assert not when.over(seen).holds  # a pass again
+    assert (rec.n, rec.how, rec.bytes, rec.blocks, rec.todo_blocks) == (4, "precheck", 0, 0, 512)
+    assert rec.read_bytes == 8192 * 65536 and rec.seconds == 23.0
+    assert rec.digest_seconds == 22.5 and rec.link_rate == last.link_rate
+    # little written meanwhile: it still holds
+    seen, _ = _after_precheck(view, last, {**pre, "to_send": 2}, 4, 1.7e9, 23.0, 0.0, 1.7e9)
+    assert when.over(seen).holds
+
 
 def test_a_replication_s_timeline_is_drawn(tmp_path: Path) -> None:
     """``replication show ID --plot``: passes, rates, RPO and the outage in one picture;
