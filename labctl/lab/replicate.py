@@ -480,14 +480,12 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                                        f"policy's limits: {record.why}", passes=n)
             if decision != "switch":
                 continue
-            if verify == "full":
-                break
             # a tracked verification: both disks compared whole before the freeze (once:
             # it holds while the tracker runs on). If that cannot run (the source rebooted
             # since the pass and lost its tracker, the WAN or the target agent failed),
             # nothing is frozen yet: a pass again (a rehash after a reboot, which starts a
             # tracker), then the criterion again
-            if pre is None:
+            if verify != "full" and pre is None:
                 t_start, w_start = time.monotonic(), time.time()
                 try:
                     pre = await _precheck(whole, sm, vm, tls["src"], to)
