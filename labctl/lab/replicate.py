@@ -443,6 +443,8 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             except (ReplicationError, SshError) as exc:
                 failed = _failed_pass(attempt, w_start, t_start, exc)
                 progress = exc.evidence.get("progress") or {}
+                if progress.get("how") != "era":  # it may have begun a new tracker
+                    pre = None
                 if progress.get("deadline"):
                     why = (f"the deadline ({policy.deadline_s:g} s) came during this pass: it "
                            f"stopped with {failed.blocks} of {failed.todo_blocks} blocks sent")
@@ -467,8 +469,9 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                              rpo_s=round(time.time() - holds_since, 3))
             record_pass(record)
             pre_fresh = False
-            if record.how != "era":  # the tracker began again (a reboot): compare again
-                pre = None
+            if pre is not None and (record.how != "era"
+                                    or got.get("tracker") != pre.get("tracker")):
+                pre = None  # the tracker began again (a reboot): compare again
             free_text = ("" if record.free_bytes is None else
                          f", {record.free_bytes / (1 << 20):.0f} MiB free on the source")
             whole.progress(f"pass {n} ({record.how}): {record.blocks} blocks, "
@@ -521,6 +524,9 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                 cut = await _cutover(whole, ca, cb, vm, sm, dm, pass_args, rec,
                                      len(rec.passes) + 1, stage, verify, pre, pre_fresh)
             except CutoverUndone as exc:  # the source runs again: passes, then again
+                if (exc.cause.evidence.get("progress") or {}).get("how") != "era":
+                    pre = None  # not a cut era pass (the check failed, or the agent was
+                    # gone): compare again
                 await recover(exc.cause, exc.failed, "the final pass")
                 continue
             break
@@ -801,12 +807,14 @@ async def _verify(sm: SshMachine, to: str, tls: str, state: str, mode: str,
     base = ["verify", "--disk", SOURCE_DISK, "--to", to, "--tls", tls]
     if mode == "full" or pre is None:
         return await _agent(sm, *base)
-    if final.get("how") != "era" or int(final.get("era_since") or 0) < int(pre["since"]):
+    if (final.get("how") != "era" or final.get("tracker") != pre.get("tracker")
+            or int(final.get("era_since") or 0) < int(pre["since"])):
         got = await _agent(sm, *base)
         return {**got, "precheck": pre, "why_full": "the final pass did not read the "
                 "tracker the precheck's era began (the source lost it): every block read"}
     tracked = await _agent(sm, *base, "--since-precheck", str(int(pre["since"])),
-                           "--state", state)
+                           "--state", state,
+                           *(["--tracker", str(pre["tracker"])] if pre.get("tracker") else []))
     out = {**tracked, "precheck": pre}
     if mode == "both":
         whole_disk = await _agent(sm, *base)
@@ -887,7 +895,8 @@ def list_all(whole: LabContext) -> list[ReplicationRow]:
             id=int(r["id"]), vm=str(r["vm"]), from_site=str(r["from_site"]),
             to_site=str(r["to_site"]), state="failed" if cut_short else str(r["state"]),
             started_at=WallTime(float(r["started_at"])),
-            passes=len([p for p in rec.get("passes") or [] if p.get("how") != "failed"]),
+            passes=len([p for p in rec.get("passes") or []
+                        if p.get("how") not in ("failed", "precheck")]),
             outage_s=(rec.get("cutover") or {}).get("outage_s"),
             error=cut_short or rec.get("error")))
     return out

@@ -298,9 +298,19 @@ class Era:
         except AgentError:
             _cmd("losetup", "-d", loop)
             raise
-        info = {"loop": loop, "origin": origin, "length": length, "since": self.era()}
+        # which tracker this is: a new one counts its eras from the start again
+        info = {"loop": loop, "origin": origin, "length": length, "since": self.era(),
+                "id": os.urandom(8).hex()}
         self.file.write_text(json.dumps(info))
         return info
+
+    def ident(self) -> str | None:
+        """This tracker's identity (None: none runs, or one started before identities)."""
+        try:
+            got = json.loads(self.file.read_text()).get("id")
+        except (FileNotFoundError, ValueError):
+            return None
+        return str(got) if got else None
 
     def written(self, since: int | None = None) -> tuple[list[int], int]:
         """The blocks written since the era saved by the last :meth:`commit` (or the start),
@@ -505,7 +515,8 @@ def _pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: boo
             read += size
             todo = [i for i in range(count) if now[i] != held[i]]
         assert held is not None
-        progress["todo_blocks"] = len(todo)
+        progress["how"] = how  # a failed attempt's too: a full, map or rehash pass began a
+        progress["todo_blocks"] = len(todo)  # new tracker
         _save_pending(state, todo)
         _replace(state / "last-todo", " ".join(map(str, todo)).encode())  # what a tracked
         # verification of this pass reads
@@ -551,7 +562,8 @@ def _pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: boo
         sock.sendall(_FRAME.pack(BYE, 0, 0))
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     return {"how": how, "era_since": era_since,
-            "size": size, "blocks": len(todo), "bytes": sent, "wire_bytes": wire,
+            "tracker": era.ident() if era is not None else None, "size": size,
+            "blocks": len(todo), "bytes": sent, "wire_bytes": wire,
             "carried_blocks": progress["carried_blocks"],
             "read_bytes": read, "seconds": round(time.monotonic() - t0, 3),
             "digest_seconds": round(t_digest, 3),
@@ -624,26 +636,30 @@ def precheck(disk: Path, to: str, tls: Path, state: Path) -> dict[str, object]:
     expected = set(written) | set(pending)
     differ = [i for i in range(len(ours)) if ours[i] != theirs[i]]
     unexplained = [i for i in differ if i not in expected]
-    found = {"since": since, "blocks": len(ours), "differ_count": len(differ),
-             "written": len(written), "to_send": len(expected),
-             "unexplained": unexplained[:20],
-             "unexplained_count": len(unexplained),
-             "seconds": round(time.monotonic() - t0, 3)}
+    found: dict[str, object] = {
+        "since": since, "tracker": era.ident(), "blocks": len(ours),
+        "differ_count": len(differ), "written": len(written), "to_send": len(expected),
+        "unexplained": unexplained[:20], "unexplained_count": len(unexplained),
+        "seconds": round(time.monotonic() - t0, 3)}
     _replace(state / "precheck.json", json.dumps(found).encode())
     # what a pass cut short had left to send: it may differ, and is checked at the cutover
     _replace(state / "precheck-pending", " ".join(map(str, pending)).encode())
     return found
 
 
-def since_precheck(state: Path, since: int) -> list[int]:
+def since_precheck(state: Path, since: int, tracker: str | None = None) -> list[int]:
     """The blocks a tracked verification reads, the source frozen, when the precheck began
     at era ``since`` of the tracker that still runs: every block written since then, those
     a cut pass had left to send then, and those the final pass sent. The precheck found
     every other block equal on both sides, and nothing wrote them since; passes in between
-    change nothing about that."""
+    change nothing about that. ``tracker``: the precheck's tracker, which must be the one
+    that runs (another counts its eras from the start again)."""
     era = Era(state)
     if not era.active():
         raise AgentError("the write tracker is not running: verify the whole disk instead")
+    if tracker is not None and era.ident() != tracker:
+        raise AgentError(f"the write tracker {era.ident()} is not the precheck's ({tracker}): "
+                         "verify the whole disk instead")
     try:
         left, sent = _indexes(state / "precheck-pending"), _indexes(state / "last-todo")
     except FileNotFoundError as exc:
@@ -707,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="a tracked verification: compare the blocks written since this "
                            "era, when the precheck began (with --state)")
     v.add_argument("--state", type=Path, default=None)
+    v.add_argument("--tracker", default=None,
+                   help="with --since-precheck: the precheck's tracker, which must still run")
     pc = sub.add_parser("precheck", help="compare both disks whole before the freeze; every "
                                           "difference must be a block the tracker saw written")
     sc = sub.add_parser("scan", help="digest every block of --disk, as a hash pass reads "
@@ -762,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.since_precheck is not None:
                 if args.state is None:
                     raise AgentError("--since-precheck needs --state")
-                wanted = since_precheck(args.state, args.since_precheck)
+                wanted = since_precheck(args.state, args.since_precheck, args.tracker)
             result = verify(args.disk, args.to, args.tls, wanted)
             print(json.dumps(result))
             return 0 if result["equal"] else 1

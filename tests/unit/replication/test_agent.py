@@ -206,10 +206,13 @@ class FakeEra:
     def active(self) -> bool:
         return FakeEra.tracking
 
-    def start(self) -> dict[str, object]:  # fresh metadata
+    def start(self) -> dict[str, object]:  # fresh metadata: the eras count from 1 again
         FakeEra.tracking, FakeEra.eras, FakeEra.now, FakeEra.saved = True, {}, 1, 1
         FakeEra.starts += 1
         return {}
+
+    def ident(self) -> str | None:
+        return f"tracker-{FakeEra.starts}" if FakeEra.tracking else None
 
     def stop(self) -> bool:
         was, FakeEra.tracking = FakeEra.tracking, False
@@ -277,7 +280,7 @@ def test_an_era_pass_cut_short_keeps_what_it_had_to_send(pair: dict[str, Path | 
     monkeypatch.setattr(agent, "_flush", cut)
     with pytest.raises(agent.PassCut) as info:
         _era_pass(pair)
-    assert info.value.progress == {"todo_blocks": 30, "carried_blocks": 0,
+    assert info.value.progress == {"how": "era", "todo_blocks": 30, "carried_blocks": 0,
                                    "flushed_blocks": 16, "flushed_bytes": 16 * B}
     monkeypatch.setattr(agent, "_flush", real_flush)
     assert era.dirty() == set()  # the tracker moved on: the rest is the agent's to keep
@@ -539,7 +542,13 @@ def test_a_tracked_verification_after_more_passes_reads_all_since_the_precheck(
                        "--since-precheck", str(found["since"]), "--state", str(state)]) == 1
     said = json.loads(capsys.readouterr().out)
     assert (said["mode"], said["blocks"], said["differ"]) == ("tracked", 3, [61]), said
-    era.tracking = False  # a reboot since: that tracker's eras are gone
+    assert found["tracker"] == final["tracker"] == "tracker-1"
+    # another tracker began since (its eras count from the start again): refused
+    era.tracking = False
+    assert _era_pass(pair)["how"] == "map" and era.starts == 2  # a new tracker
+    with pytest.raises(agent.AgentError, match="is not the precheck's"):
+        agent.since_precheck(state, int(found["since"]), str(found["tracker"]))
+    era.tracking = False  # a reboot since: no tracker at all
     with pytest.raises(agent.AgentError, match="the write tracker is not running"):
         agent.since_precheck(state, int(found["since"]))
 
