@@ -231,9 +231,11 @@ def supervise(target: Callable[[], object]) -> int:
             sys.stdout.write(f"\nlabctl-storage: agent: {type(exc).__name__}: {exc}\n")
             code = 1
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)  # never back into PID 1's code
     while True:
         try:
             got, status = os.wait()

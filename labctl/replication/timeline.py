@@ -53,7 +53,7 @@ def plot(rec: dict[str, Json], path: Path) -> Path:
     ax.set_title(f"replication {rec['id']}: {rec['vm']} {rec['from_site']} -> "
                  f"{rec['to_site']} ({rec['state']}); switch over when {rec['switchover']}",
                  fontsize=9)
-    done = [p for p in passes if p["how"] not in ("failed", "final")]
+    done = [p for p in passes if p["how"] not in ("failed", "final", "precheck")]
     ends = [_t(p["started_at"]) - t0 + float(p["seconds"]) for p in done]
     rates.step(ends, [float(p["dirty_rate"]) / MIB for p in done], where="pre",
                label="dirty rate found (MiB/s)", color="tab:orange")
