@@ -239,8 +239,12 @@ def parser() -> argparse.ArgumentParser:
     rshow.add_argument("id", type=int)
     rshow.add_argument("--plot", metavar="FILE", type=Path,
                        help="write a timeline PNG (passes, rates, RPO, the outage)")
-    reps.add("approve", "let a running replication's cutover go: its criterion's "
-                        "'approved' reads 1 from its next pass on").add_argument("id", type=int)
+    rapprove = reps.add("approve", "let a running replication's cutover go: its criterion's "
+                                   "'approved' reads 1 from its next pass on")
+    rapprove.add_argument("id", type=int)
+    rapprove.add_argument("--withdraw", action="store_true",
+                          help="take the approval back: 'approved' reads 0 from the next pass "
+                               "on (a cutover under way goes on)")
 
     # -- datastores and storage
     ds = sub.group(sub.add("datastore", "datastores: create, list, show, resize, delete"))

@@ -87,9 +87,12 @@ async def run(args: argparse.Namespace, progress: Progress) -> int:
             _print(rec.to_wire())
         return 0
     if args.action == "approve":
-        row = lab.approve_replication(args.id)
+        row = lab.approve_replication(args.id, args.withdraw)
         if args.json:
             print(json.dumps(row.to_wire(), indent=2, default=str))
+        elif args.withdraw:
+            progress(f"replication {row.id} of {row.vm}: its approval is withdrawn; it passes "
+                     "on until approved again (a cutover under way goes on)")
         else:
             progress(f"replication {row.id} of {row.vm}: its cutover is approved; it goes when "
                      "the rest of its criterion holds")

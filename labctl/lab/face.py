@@ -399,12 +399,13 @@ class Lab:
         with self.lab_context() as whole:
             return replicate.list_all(whole) if rid is None else replicate.show(whole, rid)
 
-    def approve_replication(self, rid: int) -> Any:
-        """Let replication ``rid``'s cutover go (its criterion's ``approved`` is 1)."""
+    def approve_replication(self, rid: int, withdraw: bool = False) -> Any:
+        """Let replication ``rid``'s cutover go (its criterion's ``approved`` is 1), or
+        withdraw that (0 again)."""
         from labctl.lab import replicate
 
         with self.lab_context() as whole:
-            return replicate.approve(whole, rid)
+            return replicate.approve(whole, rid, withdraw)
 
     def migrations(self, mid: int | None = None) -> Any:
         """Recorded migrations of every site (of the ``--site`` one), a list; or migration

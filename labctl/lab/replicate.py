@@ -870,9 +870,10 @@ class ReplicationRow(Message):
     error: str | None
 
 
-def approve(whole: LabContext, rid: int) -> ReplicationRow:
+def approve(whole: LabContext, rid: int, withdraw: bool = False) -> ReplicationRow:
     """Say the cutover of running replication ``rid`` may go: its criterion's ``approved``
-    reads 1 from the next pass on."""
+    reads 1 from the next pass on (``withdraw``: 0 again; a cutover already under way
+    goes on)."""
     row = next((r for r in list_all(whole) if r.id == rid), None)
     if row is None:
         show(whole, rid)  # the refusal naming the replications there are
@@ -881,6 +882,9 @@ def approve(whole: LabContext, rid: int) -> ReplicationRow:
         raise ReplicationError(f"replication {rid} is {row.state}: there is no cutover left "
                                "to approve", id=rid, state=row.state)
     work = whole.dir.path / "replications" / str(rid)
+    if withdraw:
+        (work / APPROVED).unlink(missing_ok=True)
+        return row
     work.mkdir(parents=True, exist_ok=True)
     (work / APPROVED).write_text(f"{time.time()}\n")
     return row
