@@ -443,7 +443,7 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             except (ReplicationError, SshError) as exc:
                 failed = _failed_pass(attempt, w_start, t_start, exc)
                 progress = exc.evidence.get("progress") or {}
-                if progress.get("how") != "era":  # it may have begun a new tracker
+                if _new_tracker_maybe(exc):
                     pre = None
                 if progress.get("deadline"):
                     why = (f"the deadline ({policy.deadline_s:g} s) came during this pass: it "
@@ -524,7 +524,7 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
                 cut = await _cutover(whole, ca, cb, vm, sm, dm, pass_args, rec,
                                      len(rec.passes) + 1, stage, verify, pre, pre_fresh)
             except CutoverUndone as exc:  # the source runs again: passes, then again
-                if (exc.cause.evidence.get("progress") or {}).get("how") != "era":
+                if _new_tracker_maybe(exc.cause):
                     pre = None  # not a cut era pass (the check failed, or the agent was
                     # gone): compare again
                 await recover(exc.cause, exc.failed, "the final pass")
@@ -554,6 +554,17 @@ def _after_precheck(view: PassView, last: PassRecord, pre: dict[str, Any], n: in
                      predicted_next_s=predicted, rpo_s=round(time.time() - holds_since, 3),
                      carried_blocks=0, todo_blocks=to_send, error=None)
     return seen, record
+
+
+def _new_tracker_maybe(exc: LabError) -> bool:
+    """Whether a failed attempt may have begun a new write tracker (which ends what a
+    comparison before the freeze found): a full, map or rehash pass may; an era pass, or
+    one that failed before it knew what it was (at its connection), did not; an attempt
+    that said nothing (its session gone, a failed check) is not known, so it may."""
+    progress = exc.evidence.get("progress")
+    if not isinstance(progress, dict) or "how" not in progress:
+        return True
+    return progress["how"] not in (None, "era")
 
 
 def _failed_pass(n: int, w_start: float, t_start: float, exc: LabError) -> PassRecord:

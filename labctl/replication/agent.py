@@ -470,7 +470,9 @@ def one_pass(disk: Path, to: str, tls: Path, state: Path, full: bool, compress: 
     size = blocks.size_of(disk)
     count = (size + blocks.BLOCK - 1) // blocks.BLOCK
     era = Era(state) if tracking == "era" else None
-    progress: dict[str, object] = {"todo_blocks": 0, "carried_blocks": 0,
+    # ``how`` stays None until the pass knows it (a failure before that, at its connection,
+    # began nothing: no new tracker)
+    progress: dict[str, object] = {"how": None, "todo_blocks": 0, "carried_blocks": 0,
                                    "flushed_blocks": 0, "flushed_bytes": 0}
     try:
         return _pass(disk, to, tls, state, full, compress, limit, era, size, count, t0, cpu0,

@@ -487,6 +487,9 @@ def test_a_silent_channel_fails_the_pass_after_its_stall_time(tmp_path: Path,
                      "--stall", "1")
     assert res.returncode == 2 and "timed out" in res.stderr, res
     assert time.monotonic() - t0 < 20  # the default stall (30 s) would still be waiting
+    # it failed before it knew what it was: it began nothing (no new write tracker)
+    said = json.loads(res.stdout.strip().splitlines()[-1])
+    assert said["how"] is None and said["todo_blocks"] == 0, said
 
 
 # -- the tracked verification: a precheck of both disks whole before the freeze, then only

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from labctl.core.proc import process_identity
-from labctl.lab.replicate import _after_precheck, _final_predicted, _view, gone
+from labctl.lab.replicate import _after_precheck, _final_predicted, _new_tracker_maybe, _view, gone
 from labctl.replication.switchover import parse
 
 
@@ -183,3 +183,21 @@ def test_a_record_whose_labctl_is_gone_reads_as_failed() -> None:
     # the same PID with another start time is another process: still gone
     assert gone("running", f"{os.getpid()}:0") is not None
     assert gone("completed", dead) is None and gone("running", None) is None
+
+
+def test_which_failed_attempts_may_have_begun_a_new_tracker() -> None:
+    """A comparison before the freeze holds for the tracker it read: a failed full, map or
+    rehash pass may have begun another (it stops the old one before it sends), a cut era
+    pass or one that failed at its connection did not, and one that said nothing is not
+    known."""
+    from labctl.lab.replicate import ReplicationError
+
+    def failed(**evidence: object) -> ReplicationError:
+        return ReplicationError("web1: agent: it failed", **evidence)
+
+    assert not _new_tracker_maybe(failed(progress={"how": "era", "todo_blocks": 3}))
+    assert not _new_tracker_maybe(failed(progress={"how": None, "todo_blocks": 0}))
+    for how in ("full", "map", "rehash"):
+        assert _new_tracker_maybe(failed(progress={"how": how}))
+    assert _new_tracker_maybe(failed(progress={}))  # a check, or a session gone
+    assert _new_tracker_maybe(failed())
