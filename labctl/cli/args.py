@@ -143,6 +143,9 @@ def parser() -> argparse.ArgumentParser:
                              "guest's host key as its console printed it. Its output and "
                              "exit status are the command's.")
     ssh.add_argument("name")
+    ssh.add_argument("--timeout", metavar="TIME", default="120s",
+                     help="how long the command may run (default 120s, e.g. 30min); past it "
+                          "its session is closed")
     ssh.add_argument("command", nargs="+", metavar="-- CMD", help="the command and its words")
     snap = vm.add("snapshot", "a running VM on a file datastore writes into a new qcow2 layer "
                               "from now on; the layer below becomes read only and copyable")

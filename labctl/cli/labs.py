@@ -348,7 +348,10 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
                   f"{started.first_heartbeat_s or 0:.1f} s")
         return 0
     if args.action == "ssh":
-        ran = await lab.vm_ssh(args.name, list(args.command))
+        from labctl.replication.switchover import duration
+
+        ran = await lab.vm_ssh(args.name, list(args.command),
+                               duration(args.timeout, "--timeout"))
         if args.json:
             emit(ran.to_wire())
         else:

@@ -224,9 +224,10 @@ class Lab:
         with self.context(of=("vm", name)) as ctx, ctx.lock():
             await vms.stop(ctx, name)
 
-    async def vm_ssh(self, name: str, argv: list[str]) -> Any:
+    async def vm_ssh(self, name: str, argv: list[str], timeout: float = 120.0) -> Any:
         """Run ``argv`` in server VM ``name`` (of any cloud of the lab) over its management
-        channel, as its cloud's operator: the lab's key, the host key pinned."""
+        channel, as its cloud's operator: the lab's key, the host key pinned; its session
+        is closed after ``timeout`` seconds."""
         from labctl.lab import clouds
 
         with self.lab_context() as whole:
@@ -240,7 +241,7 @@ class Lab:
                 except LabStateError:
                     continue
                 async with machine as m:
-                    ran = await m.run(argv, check=False)
+                    ran = await m.run(argv, check=False, timeout=timeout)
                 return clouds.Ran(vm=name, cloud=str(site.site), argv=argv,
                                   returncode=ran.returncode, stdout=ran.stdout,
                                   stderr=ran.stderr)
