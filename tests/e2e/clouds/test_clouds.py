@@ -417,6 +417,30 @@ def test_a_cloud_without_room_refuses_the_destination(lab: dict[str, Any]) -> No
     assert _virsh_names(lab) == []
 
 
+def _replica(lab: dict[str, Any], vm: str, after: int) -> dict[str, Any]:
+    """What the replicated ``vm`` says in cloud B: its application's status (once it
+    acknowledged past record ``after``: past its first batch), its check of every record,
+    its acknowledgement log, whether an agent is left, its hostname, its cloud's record."""
+    async def go(cloud: LibvirtCloud) -> dict[str, Any]:
+        async with cloud.ssh(vm) as m:
+            for _ in range(20):
+                status = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status",
+                                                  "--dir", "/srv/app"])).stdout)
+                if status["last_acked"] > after:
+                    break
+                await asyncio.sleep(1)
+            verify = json.loads((await m.run(["python3", "/opt/labctl/app.py", "verify",
+                                              "--dir", "/srv/app"])).stdout)
+            acks = (await m.run(["cat", "/srv/app/acks.log"])).stdout
+            agent = (await m.run(["test", "-e", "/run/labctl-repl"], check=False)).returncode
+            hostname = (await m.run(["cat", "/proc/sys/kernel/hostname"])).stdout.strip()
+        return {"status": status, "verify": verify, "acks": acks, "agent": agent,
+                "hostname": hostname, "shown": await cloud.show(vm)}
+
+    out: dict[str, Any] = _run(lab, "cloud-b", go)
+    return out
+
+
 def test_a_replication_with_the_default_options_ends_with_the_vm_in_cloud_b(
         lab: dict[str, Any], tmp_path: Path) -> None:
     """As a new user runs it: no option but a criterion this loaded machine meets (the
@@ -442,23 +466,7 @@ def test_a_replication_with_the_default_options_ends_with_the_vm_in_cloud_b(
     vm = next(v for v in cli.json("vm", "list") if v["name"] == "web2")
     assert vm["state"] == "stopped", vm
 
-    async def go(cloud: LibvirtCloud) -> dict[str, Any]:
-        async with cloud.ssh("web2") as m:
-            for _ in range(20):  # its application acknowledges on, past the first batch
-                status = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status",
-                                                  "--dir", "/srv/app"])).stdout)
-                if status["last_acked"] > cut["dest_first_acked"]:
-                    break
-                await asyncio.sleep(1)
-            verify = json.loads((await m.run(["python3", "/opt/labctl/app.py", "verify",
-                                              "--dir", "/srv/app"])).stdout)
-            acks = (await m.run(["cat", "/srv/app/acks.log"])).stdout
-            agent = (await m.run(["test", "-e", "/run/labctl-repl"], check=False)).returncode
-            hostname = (await m.run(["cat", "/proc/sys/kernel/hostname"])).stdout.strip()
-        return {"status": status, "verify": verify, "acks": acks, "agent": agent,
-                "hostname": hostname, "shown": await cloud.show("web2")}
-
-    got = _run(lab, "cloud-b", go)
+    got = _replica(lab, "web2", cut["dest_first_acked"])
     assert got["hostname"] == "web2" and got["shown"].state == "running"
     assert got["shown"].address.split("/")[0] in [str(a) for a in lab["b"]], got["shown"]
     assert got["verify"]["ok"] and got["status"]["last_acked"] > cut["dest_first_acked"], got
@@ -808,19 +816,7 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     shown = [(v["name"], v["cloud"], v["state"]) for v in cli.json("status")["cloud_vms"]]
     assert shown == [("web1", "cloud-b", "running")], shown  # the lab's status shows it too
 
-    async def go(cloud: LibvirtCloud) -> dict[str, Any]:
-        async with cloud.ssh("web1") as m:
-            status = json.loads((await m.run(["python3", "/opt/labctl/app.py", "status",
-                                              "--dir", "/srv/app"])).stdout)
-            verify = json.loads((await m.run(["python3", "/opt/labctl/app.py", "verify",
-                                              "--dir", "/srv/app"])).stdout)
-            acks = (await m.run(["cat", "/srv/app/acks.log"])).stdout
-            agent = (await m.run(["test", "-e", "/run/labctl-repl"], check=False)).returncode
-            hostname = (await m.run(["cat", "/proc/sys/kernel/hostname"])).stdout.strip()
-        return {"status": status, "verify": verify, "acks": acks, "agent": agent,
-                "hostname": hostname, "shown": await cloud.show("web1")}
-
-    got = _run(lab, "cloud-b", go)
+    got = _replica(lab, "web1", cut["dest_first_acked"])
     assert got["hostname"] == "web1" and got["shown"].address == f"{lab['dst']}/24"
     assert got["verify"]["ok"] and got["status"]["last_acked"] > cut["dest_first_acked"]
     assert got["agent"] != 0  # no agent in the replicated guest
