@@ -350,14 +350,19 @@ async def _vm(lab: Lab, args: argparse.Namespace) -> int:
     if args.action == "ssh":
         from labctl.replication.switchover import duration
 
-        ran = await lab.vm_ssh(args.name, list(args.command),
-                               duration(args.timeout, "--timeout"))
+        limit = duration(args.timeout, "--timeout")
         if args.json:
-            emit(ran.to_wire())
-        else:
-            sys.stdout.write(ran.stdout)
-            sys.stderr.write(ran.stderr)
-        return int(ran.returncode) if not args.json else 0
+            emit((await lab.vm_ssh(args.name, list(args.command), limit)).to_wire())
+            return 0
+
+        def show(fd: int, chunk: bytes) -> None:  # as it comes: a long command's progress
+            out = sys.stdout if fd == 1 else sys.stderr
+            out.flush()
+            out.buffer.write(chunk)
+            out.buffer.flush()
+
+        ran = await lab.vm_ssh(args.name, list(args.command), limit, sink=show)
+        return int(ran.returncode)
     if args.action == "snapshot":
         snapped = await lab.vm_snapshot(args.name, args.layer)
         if args.json:

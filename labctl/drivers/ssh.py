@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -117,6 +117,33 @@ class SshMachine:
             raise self._failed(argv, exc) from exc
         code = res.exit_status if res.exit_status is not None else -1
         return code, _raw(res.stdout), _raw(res.stderr)
+
+    async def stream(self, argv: list[str], sink: Callable[[int, bytes], object],
+                     timeout: float = 120.0) -> int:
+        """Run ``argv`` on the machine and hand each piece of its output to ``sink`` as it
+        comes (1: its standard output, 2: its standard error), for a long command whose
+        caller shows its progress; its exit status (-1: none, a signal or a lost channel).
+        Past ``timeout`` its session is closed."""
+        conn = self._need()
+        try:
+            proc = await conn.create_process(shlex.join(argv), encoding=None)
+        except (asyncssh.Error, OSError) as exc:
+            raise self._failed(argv, exc) from exc
+
+        async def pump(reader: asyncssh.SSHReader[bytes], fd: int) -> None:
+            while chunk := await reader.read(65536):
+                sink(fd, chunk)
+
+        try:
+            proc.stdin.write_eof()
+            await asyncio.wait_for(asyncio.gather(pump(proc.stdout, 1), pump(proc.stderr, 2)),
+                                   timeout)
+            await asyncio.wait_for(proc.wait_closed(), 10.0)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            raise self._failed(argv, exc) from exc
+        finally:
+            proc.close()
+        return proc.exit_status if proc.exit_status is not None else -1
 
     async def follow(self, argv: list[str]) -> AsyncIterator[str]:
         """Run ``argv`` (``tail -F``, ``journalctl -f``) on the machine and yield each line

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -224,10 +224,12 @@ class Lab:
         with self.context(of=("vm", name)) as ctx, ctx.lock():
             await vms.stop(ctx, name)
 
-    async def vm_ssh(self, name: str, argv: list[str], timeout: float = 120.0) -> Any:
+    async def vm_ssh(self, name: str, argv: list[str], timeout: float = 120.0,
+                     sink: Callable[[int, bytes], object] | None = None) -> Any:
         """Run ``argv`` in server VM ``name`` (of any cloud of the lab) over its management
         channel, as its cloud's operator: the lab's key, the host key pinned; its session
-        is closed after ``timeout`` seconds."""
+        is closed after ``timeout`` seconds. ``sink``: its output goes there as it comes
+        (1: standard output, 2: standard error), not into the result."""
         from labctl.lab import clouds
 
         with self.lab_context() as whole:
@@ -241,6 +243,10 @@ class Lab:
                 except LabStateError:
                     continue
                 async with machine as m:
+                    if sink is not None:
+                        code = await m.stream(argv, sink, timeout=timeout)
+                        return clouds.Ran(vm=name, cloud=str(site.site), argv=argv,
+                                          returncode=code, stdout="", stderr="")
                     ran = await m.run(argv, check=False, timeout=timeout)
                 return clouds.Ran(vm=name, cloud=str(site.site), argv=argv,
                                   returncode=ran.returncode, stdout=ran.stdout,
