@@ -818,14 +818,12 @@ async def _verify(sm: SshMachine, to: str, tls: str, state: str, mode: str,
     base = ["verify", "--disk", SOURCE_DISK, "--to", to, "--tls", tls]
     if mode == "full" or pre is None:
         return await _agent(sm, *base)
-    if (final.get("how") != "era" or final.get("tracker") != pre.get("tracker")
-            or int(final.get("era_since") or 0) < int(pre["since"])):
+    if final.get("how") != "era" or final.get("tracker") != pre.get("tracker"):
         got = await _agent(sm, *base)
         return {**got, "precheck": pre, "why_full": "the final pass did not read the "
                 "tracker the precheck's era began (the source lost it): every block read"}
     tracked = await _agent(sm, *base, "--since-precheck", str(int(pre["since"])),
-                           "--state", state,
-                           *(["--tracker", str(pre["tracker"])] if pre.get("tracker") else []))
+                           "--state", state, "--tracker", str(pre["tracker"]))
     out = {**tracked, "precheck": pre}
     if mode == "both":
         whole_disk = await _agent(sm, *base)

@@ -649,7 +649,7 @@ def precheck(disk: Path, to: str, tls: Path, state: Path) -> dict[str, object]:
     return found
 
 
-def since_precheck(state: Path, since: int, tracker: str | None = None) -> list[int]:
+def since_precheck(state: Path, since: int, tracker: str) -> list[int]:
     """The blocks a tracked verification reads, the source frozen, when the precheck began
     at era ``since`` of the tracker that still runs: every block written since then, those
     a cut pass had left to send then, and those the final pass sent. The precheck found
@@ -659,7 +659,7 @@ def since_precheck(state: Path, since: int, tracker: str | None = None) -> list[
     era = Era(state)
     if not era.active():
         raise AgentError("the write tracker is not running: verify the whole disk instead")
-    if tracker is not None and era.ident() != tracker:
+    if era.ident() != tracker:
         raise AgentError(f"the write tracker {era.ident()} is not the precheck's ({tracker}): "
                          "verify the whole disk instead")
     try:
@@ -780,8 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "verify":
             wanted = None if args.only is None else _indexes(args.only)
             if args.since_precheck is not None:
-                if args.state is None:
-                    raise AgentError("--since-precheck needs --state")
+                if args.state is None or args.tracker is None:
+                    raise AgentError("--since-precheck needs --state and --tracker")
                 wanted = since_precheck(args.state, args.since_precheck, args.tracker)
             result = verify(args.disk, args.to, args.tls, wanted)
             print(json.dumps(result))

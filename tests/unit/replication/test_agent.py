@@ -540,9 +540,15 @@ def test_a_tracked_verification_after_more_passes_reads_all_since_the_precheck(
     final = _era_pass(pair)
     assert (final["how"], final["blocks"]) == ("era", 1) and final["era_since"] != found["since"]
     assert agent._indexes(state / "last-todo") == [62]  # the final pass alone misses 61
-    assert agent.since_precheck(state, int(found["since"])) == [60, 61, 62]
+    tracker = str(found["tracker"])
+    assert agent.since_precheck(state, int(found["since"]), tracker) == [60, 61, 62]
+    # without the tracker it names, a tracked check is refused (its eras mean nothing)
     assert agent.main(["verify", "--disk", str(src), "--to", to, "--tls", str(tls),
-                       "--since-precheck", str(found["since"]), "--state", str(state)]) == 1
+                       "--since-precheck", str(found["since"]), "--state", str(state)]) == 2
+    assert "--since-precheck needs --state and --tracker" in capsys.readouterr().err
+    assert agent.main(["verify", "--disk", str(src), "--to", to, "--tls", str(tls),
+                       "--since-precheck", str(found["since"]), "--state", str(state),
+                       "--tracker", tracker]) == 1
     said = json.loads(capsys.readouterr().out)
     assert (said["mode"], said["blocks"], said["differ"]) == ("tracked", 3, [61]), said
     assert found["tracker"] == final["tracker"] == "tracker-1"
@@ -553,7 +559,7 @@ def test_a_tracked_verification_after_more_passes_reads_all_since_the_precheck(
         agent.since_precheck(state, int(found["since"]), str(found["tracker"]))
     era.tracking = False  # a reboot since: no tracker at all
     with pytest.raises(agent.AgentError, match="the write tracker is not running"):
-        agent.since_precheck(state, int(found["since"]))
+        agent.since_precheck(state, int(found["since"]), tracker)
 
 
 def test_a_write_the_tracker_missed_is_found_by_the_precheck(pair: dict[str, Path | str],
