@@ -239,8 +239,8 @@ def supervise(target: Callable[[], object]) -> int:
     while True:
         try:
             got, status = os.wait()
-        except ChildProcessError:  # the child is gone and nothing is left to reap
-            return 0
+        except ChildProcessError:  # no child at all: its status was taken elsewhere
+            raise InitError(f"the agent (pid {pid}) ended and its status was lost") from None
         if got == pid:
             return status
 

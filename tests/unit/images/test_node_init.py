@@ -85,3 +85,23 @@ def test_an_agent_that_fails_is_said_and_its_status_returned(tmp_path: Path) -> 
     assert len(codes) == 150
     assert got["status"] == 1
     assert "labctl-storage: agent: RuntimeError: the agent broke" in stdout
+
+
+def test_an_agent_whose_status_was_taken_elsewhere_is_said_not_taken_for_success() -> None:
+    # SIGCHLD ignored: the kernel reaps the agent itself, and wait() finds no child
+    code = textwrap.dedent("""
+        import importlib.util, signal, sys
+        spec = importlib.util.spec_from_file_location("nodeinit", sys.argv[1])
+        init = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(init)
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        try:
+            print(init.supervise(lambda: None))
+        except init.InitError as exc:
+            print(f"refused: {exc}")
+    """)
+    res = subprocess.run([sys.executable, "-c", code, str(INIT)], capture_output=True,
+                         text=True, timeout=60, check=True)
+    said = res.stdout.strip().splitlines()[-1]
+    assert said.startswith("refused: the agent (pid ") and said.endswith(
+        ") ended and its status was lost"), res.stdout
