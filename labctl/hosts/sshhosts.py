@@ -82,6 +82,9 @@ class SshAccess:
     #: the machine ``labctl vagrant up`` made for this lab (the topology said ``ssh:
     #: vagrant``): its key and host key are that command's; "" for a machine described
     vagrant: str = ""
+    #: the port this lab's agent listens on there; 0: the role's own (7600 for a host,
+    #: 7700 for a storage node). Two labs on one machine need two.
+    agent_port: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -121,6 +124,12 @@ class SshAccess:
             found.append(("host_key", "not a public key line like 'ssh-ed25519 AAAA...' "
                                       f"(the machine's /etc/ssh/ssh_host_*_key.pub): {exc}"))
         return found
+
+    def port_for(self, role: str) -> int:
+        """The port of a host's (``host``) or a storage node's agent on this machine."""
+        if self.agent_port:
+            return self.agent_port
+        return names.STORAGE_AGENT_PORT if role == "storage" else names.HOST_AGENT_PORT
 
     def unit_for(self, role: str) -> str:
         """The playbooks' unit of a host's (``host``) or a storage node's agent: ``unit``
@@ -173,10 +182,11 @@ class SshHosts:
     async def provision(self, plan: HostPlan, secret: bytes, access: SshAccess
                         ) -> ProvisionedHost:
         addr = str(plan.address.ip)
-        port = names.HOST_AGENT_PORT
+        port = access.port_for("host")
         if await _answers(addr, port, secret, f"host {plan.name}"):
             # an agent of this lab already serves there (up again): nothing to start
             return ProvisionedHost(plan.name, addr, port, None, None)
+        await _refuse_taken(addr, port, f"host {plan.name}", access)
         remote = state_dir(self.tag, plan.name)
         async with access.machine(plan.name) as m:
             # journalled once the machine proved to be the one pinned and before anything is
@@ -222,9 +232,10 @@ class SshHosts:
         code handed over and the agent started (``agent: process``), or the playbooks' unit
         run on those files (``agent: systemd``); then wait for its ``ping``. Returns the
         agent's PID (None: it already answered, or systemd runs it)."""
-        port = names.STORAGE_AGENT_PORT
+        port = access.port_for("storage")
         if await _answers(address, port, secret, f"storage node {name}", sp.PING):
             return None
+        await _refuse_taken(address, port, f"storage node {name}", access)
         remote = state_dir(self.tag, name)
         config = {"lab": self.lab, "node": name, "address": f"{address}/{prefix}",
                   "gateway": None, "mac": "", "target_iqn": target_iqn, "agent_port": port,
@@ -424,6 +435,23 @@ async def _run_unit(m: SshMachine, unit: str, tag: str, argv: list[str],
     await m.put(text.encode(), path, mode=0o644)
     await m.run(["systemctl", "daemon-reload"], timeout=120)
     await m.run(["systemctl", "restart", unit], timeout=120)
+
+
+async def _refuse_taken(addr: str, port: int, who: str, access: SshAccess) -> None:
+    """Refuse, before anything is made on the machine, a port where something listens
+    that is not this lab's agent (``_answers`` said no): another lab's agent on the same
+    machine, most likely. Starting ours would fail to listen, or take the other's place."""
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(addr, port), 2.0)
+    except (OSError, TimeoutError):
+        return  # nothing listens there: the port is free for this lab's agent
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    raise ProvisionError(
+        f"{who} ({access.where()}): port {port} of {addr} is taken by something that is not "
+        "this lab's agent (another lab's on the same machine?): give this lab's "
+        f"{who.split()[0]} another agent_port in its ssh settings", agent=who, port=port)
 
 
 async def _answers(addr: str, port: int, secret: bytes, who: str,

@@ -322,8 +322,9 @@ async def _start_machine_node(ctx: LabContext, topo: Topology, i: int) -> None:
     assert node.ssh is not None
     inv.upsert("storage_nodes", name=node.name, site=node.site, address=str(node.address),
                target_iqn=node.target_iqn, domain="", tap="",
-               agent_port=names.STORAGE_AGENT_PORT, capacity=node.capacity, state="starting",
-               memory=0, domain_type="machine", mac="", ssh=node.ssh.to_json())
+               agent_port=node.ssh.port_for("storage"), capacity=node.capacity,
+               state="starting", memory=0, domain_type="machine", mac="",
+               ssh=node.ssh.to_json())
     disks = [filestores.register(ctx, node.name, ds.name, ds.size, list(ds.hosts),
                                  "allocated") if ds.kind == "file" else
              datastores.register(ctx, node.name, ds.name, ds.size, list(ds.hosts),
@@ -426,7 +427,8 @@ async def _start_host(ctx: LabContext, topo: Topology, i: int) -> None:
     inv.upsert("hosts", name=host.name, site=host.site, address=str(host.address),
                initiator_iqn=host.initiator_iqn,
                netns="" if ssh else names.netns(ctx.name, host.name),
-               veth="" if ssh else names.veth(ctx.dir.tag, i), agent_port=names.HOST_AGENT_PORT,
+               veth="" if ssh else names.veth(ctx.dir.tag, i),
+               agent_port=ssh.port_for("host") if ssh else names.HOST_AGENT_PORT,
                memory=host.memory, agent_pid=None, state="starting",
                ssh=ssh.to_json() if ssh else None)
     t0 = time.monotonic()

@@ -392,7 +392,8 @@ def _ssh_access(raw: dict[str, Any] | str, base: Path, where: str,
             host_key = ""
         return SshAccess(address=address, key=str(vagrant_key(lab)), host_key=host_key,
                          vagrant=lab, agent=str(given.get("agent", "process")),
-                         python=str(given.get("python", SshAccess.python)))
+                         python=str(given.get("python", SshAccess.python)),
+                         agent_port=int(given.get("agent_port", 0)))
     assert isinstance(raw, dict)
     try:
         host_key = read_host_key(str(raw["host_key"]), base)
@@ -403,7 +404,8 @@ def _ssh_access(raw: dict[str, Any] | str, base: Path, where: str,
         address=str(raw.get("address", address)), user=str(raw.get("user", "root")),
         port=int(raw.get("port", 22)), key=str((base / str(raw["key"])).expanduser()),
         host_key=host_key, agent=str(raw.get("agent", "process")),
-        python=str(raw.get("python", SshAccess.python)))
+        python=str(raw.get("python", SshAccess.python)),
+        agent_port=int(raw.get("agent_port", 0)))
     for field_, problem in access.problems():
         if field_ != "key":  # the key file is the machine's: checked by check_machine
             fail(f"{where}.{field_}", problem)

@@ -239,6 +239,7 @@ def test_a_lab_on_machines_reached_over_ssh(machines: Machines, lab_home: Path,
         log_path = str(state_root / "host2" / "agent.log").encode()
         wait(lambda: not [pid for pid, cmd in cmdlines() if log_path in cmd.split(b"\0")],
              10, "the machine's tail of the log to end")
+        _a_second_lab_on_m2(machines, lab, tmp_path)
     finally:
         if follow is not None and follow.proc.poll() is None:
             follow.stop()
@@ -254,6 +255,47 @@ def test_a_lab_on_machines_reached_over_ssh(machines: Machines, lab_home: Path,
     assert leftovers(name, lab_home / "labs" / name, records_kept=True) == []
     labctl("--lab", name, "down", "--purge")
     assert leftovers(name, lab_home / "labs" / name) == []
+
+
+def _a_second_lab_on_m2(m: Machines, first: LabCli, tmp_path: Path) -> None:
+    """Another lab on m2, where the first lab's vm1 runs: on the port the first lab's agent
+    has it is refused before anything is made there; on a port of its own it comes up
+    beside it, and goes without touching the first lab's agent or VM."""
+    name = unique_lab("ssh2")
+    topo = tmp_path / "second.yaml"
+    dirs = set(Path(STATE_ROOT).iterdir())
+
+    def write(port: str) -> None:
+        topo.write_text(f"name: {name}\nsites:\n  - name: s1\n    subnet: {m.subnet}\n"
+                        f"hosts:\n  - name: h1\n    address: {m.addresses['m2']}\n"
+                        f"    ssh: {{key: {m.client_key}, host_key: {m.host_keys['m2']}, "
+                        f"python: {sys.executable}{port}}}\n")
+
+    write("")
+    res = labctl("up", str(topo), check=False, timeout=600)
+    try:
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-1500:]
+        assert res.stderr.strip().splitlines()[-1].endswith(
+            f"host h1 (root@{m.addresses['m2']}:22): port 7600 of {m.addresses['m2']} is taken "
+            "by something that is not this lab's agent (another lab's on the same machine?): "
+            "give this lab's host another agent_port in its ssh settings"), res.stderr[-1500:]
+        assert set(Path(STATE_ROOT).iterdir()) == dirs  # nothing of it made there
+        labctl("--lab", name, "down", "--purge")
+        write(", agent_port: 7610")
+        labctl("up", str(topo), timeout=600)
+        second = LabCli(name)
+        [h1] = second.json("status")["hosts"]
+        assert (h1["agent"], h1["address"]) == ("up", m.addresses["m2"]), h1
+        assert second("exec", "h1", "--", "true").returncode == 0
+        assert len(set(Path(STATE_ROOT).iterdir()) - dirs) == 1  # a directory of its own
+    finally:
+        down = labctl("--lab", name, "down", "--purge", check=False, timeout=600)
+    assert down.returncode == 0, down.stderr
+    assert set(Path(STATE_ROOT).iterdir()) == dirs
+    # the first lab's agent on m2 and its VM there go on
+    assert {h["name"]: h["agent"] for h in first.json("status")["hosts"]}["host2"] == "up"
+    beat = _beat(first)
+    wait(lambda: (b := _beat(first)) and beat and b[1] > beat[1], 30, "vm1's next heartbeat")
 
 
 def test_a_machine_gone_at_down_is_said_and_tried_again(machines: Machines, lab_home: Path,

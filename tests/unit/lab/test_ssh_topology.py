@@ -3,13 +3,16 @@ given (a bridge, or a route), and what such hosts cannot do yet."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import json
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from labctl.core.errors import TopologyError
+from labctl.core.errors import ProvisionError, TopologyError
+from labctl.hosts import sshhosts
 from labctl.hosts.sshhosts import (
     DEFAULT_PYTHON,
     SshAccess,
@@ -139,6 +142,41 @@ def test_host_key_lines_and_files(tmp_path: Path) -> None:
 def test_two_labs_never_share_a_state_directory() -> None:
     assert state_dir("a1b2c3", "h1") != state_dir("d4e5f6", "h1")
     assert state_dir("a1b2c3", "h1").startswith("/var/lib/labctl/labs/")
+
+
+def test_an_agent_port_of_the_lab_s_own(tmp_path: Path, keys: tuple[Path, str]) -> None:
+    """Two labs on one machine: a port for this lab's agents there, else the role's own."""
+    t = _load(tmp_path, _text(extra=", agent_port: 7610", more=(
+        "storage_nodes:\n  - name: n1\n    ssh: {key: client, host_key: host.pub}\n")))
+    host, node = t.hosts[0].ssh, t.storage_nodes[0].ssh
+    assert host is not None and node is not None
+    assert (host.port_for("host"), node.port_for("storage")) == (7610, 7700)
+    assert SshAccess.from_json(host.to_json()).agent_port == 7610
+    # a journal entry from before the field still loads, with the role's own port
+    old = {k: v for k, v in json.loads(node.to_json()).items() if k != "agent_port"}
+    assert SshAccess.from_json(json.dumps(old)).port_for("host") == 7600
+    found = _problems(tmp_path, _text(extra=", agent_port: 80"))
+    assert found[0][0].startswith("hosts[0].ssh.agent_port"), found
+
+
+def test_a_port_another_lab_s_agent_holds_is_refused() -> None:
+    async def go() -> str:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        access = SshAccess(address="127.0.0.1")
+        try:
+            with pytest.raises(ProvisionError) as err:
+                await sshhosts._refuse_taken("127.0.0.1", port, "host h1", access)
+        finally:
+            server.close()
+            await server.wait_closed()
+        await sshhosts._refuse_taken("127.0.0.1", port, "host h1", access)  # free again
+        return err.value.message
+
+    said = asyncio.run(go())
+    assert said.startswith("host h1 (root@127.0.0.1:22): port ") and said.endswith(
+        "is taken by something that is not this lab's agent (another lab's on the same "
+        "machine?): give this lab's host another agent_port in its ssh settings"), said
 
 
 def test_a_storage_node_as_a_machine(tmp_path: Path, keys: tuple[Path, str]) -> None:
