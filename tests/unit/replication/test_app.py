@@ -46,6 +46,32 @@ def test_records_are_written_at_the_rate_and_acknowledged(tmp_path: Path) -> Non
     assert int(acks[-1][0]) == last and all(float(a[1]) > 1.7e9 for a in acks)
 
 
+def test_a_writer_behind_writes_a_second_at_a_time_and_makes_nothing_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its clock jumps 100 s (a guest whose CPU the replication took): the next batch is
+    one second's records, not 100 seconds' built in memory at once."""
+    clock = [1000.0]
+    batches: list[int] = []
+    real_append = app._append
+
+    def tick() -> float:
+        clock[0] += 100.0 if len(batches) == 2 else 0.05
+        return clock[0]
+
+    def append(fd: int, data: bytes) -> None:
+        if len(data) % app.RECORD == 0 and data[:4] == app.MAGIC:
+            batches.append(len(data) // app.RECORD)
+        real_append(fd, data)
+
+    monkeypatch.setattr(app.time, "monotonic", tick)
+    monkeypatch.setattr(app.time, "sleep", lambda s: None)
+    monkeypatch.setattr(app, "_append", append)
+    last = app.run(tmp_path, 256 * app.RECORD, stop_after=101.0)  # 256 records a second
+    assert max(batches) == 256 and batches[2] == 256, batches
+    assert sum(batches) == last < 2 * 256 + 100, batches  # the 100 s are not made up
+    assert app.verify(tmp_path)["ok"]
+
+
 def test_sigterm_stops_after_the_batch_and_says_what_was_acknowledged(tmp_path: Path) -> None:
     proc = _start(tmp_path)
     _until_acked(tmp_path, 20)
