@@ -776,8 +776,21 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
 async def _thaw(whole: LabContext, sm: SshMachine, vm: str, stage: Stage, exc: LabError,
                 n: int, w_final: float, t_final: float, frozen_s: float) -> CutoverUndone:
     """The source thawed and its application started again after its final pass failed
-    (a failure here is the replication's: it is given back as any other)."""
-    await _stop_left(sm)
+    (a failure here is the replication's: it is given back as any other). A session lost
+    with the final pass (the source crashed and rebooted: its freeze, its agent and its
+    write tracker gone with it) is opened again first, for the same steps."""
+    lost = False
+    try:
+        await _stop_left(sm)
+    except SshError:
+        lost = True
+        await _reconnect(sm)
+        try:
+            await _stop_left(sm)
+        except SshError as again:
+            raise ReplicationError(f"the final pass failed ({exc.message}), and {vm} did not "
+                                   f"answer again: {again.message}", cause=exc.message
+                                   ) from exc
     await sm.run(["fsfreeze", "-u", "/"], check=False)
     resumed = await sm.run(["python3", "-B", APP, "resume", "--dir", APP_DIR], check=False,
                            timeout=120)
@@ -789,6 +802,10 @@ async def _thaw(whole: LabContext, sm: SshMachine, vm: str, stage: Stage, exc: L
     stage.app_stopped = False
     why = (f"the final pass failed with the source frozen for {frozen_s:.1f} s: thawed, its "
            "application started again, nothing cut over; passes again")
+    if lost:
+        why = ("the final pass failed and the session with the source went with it (it "
+               f"rebooted, or its network went) after {frozen_s:.1f} s frozen: connected "
+               "again, thawed, its application started again, nothing cut over; passes again")
     whole.progress(f"{vm}: {why}")
     failed = replace(_failed_pass(n, w_final, t_final, exc), why=why)
     return CutoverUndone(f"the final pass failed: {exc.message}", failed, exc)

@@ -445,16 +445,33 @@ def test_a_replication_with_the_default_options_ends_with_the_vm_in_cloud_b(
         lab: dict[str, Any], tmp_path: Path) -> None:
     """As a new user runs it: no option but a criterion this loaded machine meets (the
     default verification, the whole disk compared with the source frozen, and era
-    tracking). web2 then runs in cloud B as a libvirt domain, its application carrying on
-    from its last acknowledged record, every record intact, the source stopped, no agent
-    left in either guest, the outage in the record the application's own."""
+    tracking); and the source crashes during its first final pass (it reboots: its
+    freeze, agent and tracker gone with it). The replication connects again, starts its
+    application again and goes on with a rehash pass. web2 then runs in cloud B as a
+    libvirt domain, its application carrying on from its last acknowledged record, every
+    record intact, the source stopped, no agent left in either guest, the outage in the
+    record the application's own."""
     cli = lab["cli"]
-    res = cli("replicate", "web2", "--to-cloud", "cloud-b", "--switchover",
-              "predicted_outage <= 10s and passes >= 2", "--json", timeout=900)
+    watcher = _watcher(lab, _CRASH_AT_FINAL, vm="web2")
+    try:
+        res = cli("replicate", "web2", "--to-cloud", "cloud-b", "--switchover",
+                  "predicted_outage <= 10s and passes >= 2", "--json", timeout=900)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        said = watcher.communicate()[0]
     rec = json.loads(res.stdout)
+    assert said.startswith("crash at "), (said, _summary(rec))
     assert rec["state"] == "completed", rec.get("error")
     hows = [p["how"] for p in rec["passes"]]
     assert hows[0] == "full" and hows[-1] == "final" and "era" in hows, hows
+    crashed = [i for i, p in enumerate(rec["passes"]) if p["how"] == "failed" and p[
+        "why"].startswith("the final pass failed and the session with the source went")]
+    assert len(crashed) == 1, _summary(rec)
+    assert rec["passes"][crashed[0] - 1]["decision"] == "switch", _summary(rec)
+    # its tracker went with the reboot: a rehash pass next, then the cutover
+    after = [h for h in hows[crashed[0] + 1:] if h != "failed"]
+    assert after[:1] == ["rehash"] and after[-1] == "final", _summary(rec)
     cut = rec["cutover"]
     assert cut["verify"]["mode"] == "full" and cut["verify"]["equal"], cut["verify"]
     assert cut["verify"]["blocks"] >= (512 << 20) // 65536  # every block of the disk
@@ -520,6 +537,23 @@ while time.monotonic() < end:
 sys.exit("the comparison did not come")
 """
 
+#: run in the source guest: as its final pass (a pass while the application is stopped)
+#: begins, the guest reboots at once (sysrq, no sync: as a crash would)
+_CRASH_AT_FINAL = _GUEST_AGENTS + """
+open("/run/labctl-fault-watch", "w").close()
+end = time.monotonic() + 900
+while time.monotonic() < end:
+    for pid, argv, cmd in agents():
+        if cmd == b"pass" and not os.path.exists("/srv/app/app.pid"):
+            print(f"crash at {pid}", flush=True)
+            time.sleep(0.2)  # the line on its way out first
+            with open("/proc/sysrq-trigger", "w") as f:
+                f.write("b")
+            time.sleep(60)
+    time.sleep(0.02)
+sys.exit("the final pass did not come")
+"""
+
 #: run in the source guest once it is up again: during the next comparison 16 MiB are
 #: written (the criterion asked again finds that left to send: a pass again); then the
 #: final pass (the one while the application is stopped) loses the path to its target as
@@ -554,26 +588,27 @@ sys.exit("the faults did not come")
 """
 
 
-def _watcher(lab: dict[str, Any], code: str, timeout: float = 180) -> subprocess.Popen[str]:
-    """``code`` run in web1 over ``vm ssh`` (again while the guest still boots), once it
+def _watcher(lab: dict[str, Any], code: str, timeout: float = 180,
+             vm: str = "web1") -> subprocess.Popen[str]:
+    """``code`` run in ``vm`` over ``vm ssh`` (again while the guest still boots), once it
     said it watches."""
     deadline = time.monotonic() + timeout
     while True:
         # (longer than vm ssh's default 120 s: a session it closes loses what the watcher
         # said, and a watcher then cut off would leave its blackhole route)
         watcher = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
-                                    "vm", "ssh", "web1", "--timeout", "20min", "--",
+                                    "vm", "ssh", vm, "--timeout", "20min", "--",
                                     "python3", "-c", code],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while watcher.poll() is None and time.monotonic() < deadline:
-            if _watching(lab):
+            if _watching(lab, vm):
                 return watcher
             time.sleep(1)
         if watcher.poll() is None:
             watcher.kill()
         said = watcher.communicate()
         if time.monotonic() >= deadline:
-            raise AssertionError(f"no watcher in web1 within {timeout:g} s: {said}")
+            raise AssertionError(f"no watcher in {vm} within {timeout:g} s: {said}")
         time.sleep(3)
 
 
@@ -587,8 +622,8 @@ def _unix(iso: str) -> float:
     return datetime.datetime.fromisoformat(iso).timestamp()
 
 
-def _watching(lab: dict[str, Any]) -> bool:
-    res = lab["cli"]("vm", "ssh", "web1", "--", "test", "-e", "/run/labctl-fault-watch",
+def _watching(lab: dict[str, Any], vm: str = "web1") -> bool:
+    res = lab["cli"]("vm", "ssh", vm, "--", "test", "-e", "/run/labctl-fault-watch",
                      check=False)
     return res.returncode == 0
 
