@@ -524,39 +524,35 @@ def agents():
 """
 _AGENTS_RUNNING = _GUEST_AGENTS + "print(json.dumps([pid for pid, *_ in agents()]))\n"
 
-#: run in the source guest once the cutover is approved: as the first comparison before
-#: the freeze begins, the guest reboots at once (sysrq, no sync: as a crash would).
-_REBOOT_AT_PRECHECK = _GUEST_AGENTS + """
+def _crash_when(cond: str, said: str, missed: str) -> str:
+    """A script for the source guest: once an agent's command matches ``cond`` (Python over
+    ``cmd`` and ``argv``) it prints ``said at PID`` and the guest reboots at once (sysrq,
+    no sync: as a crash would); ``missed`` if that never comes within 15 min."""
+    return _GUEST_AGENTS + f"""
 open("/run/labctl-fault-watch", "w").close()
 end = time.monotonic() + 900
 while time.monotonic() < end:
     for pid, argv, cmd in agents():
-        if cmd == b"precheck":
-            print(f"rebooting at {pid}", flush=True)
+        if {cond}:
+            print(f"{said} at {{pid}}", flush=True)
             time.sleep(0.5)  # the line on its way out first
             with open("/proc/sysrq-trigger", "w") as f:
                 f.write("b")
             time.sleep(60)
     time.sleep(0.02)
-sys.exit("the comparison did not come")
+sys.exit({missed!r})
 """
 
+
+#: run in the source guest once the cutover is approved: as the first comparison before
+#: the freeze begins, the guest reboots
+_REBOOT_AT_PRECHECK = _crash_when('cmd == b"precheck"', "rebooting",
+                                  "the comparison did not come")
+
 #: run in the source guest: as its final pass (a pass while the application is stopped)
-#: begins, the guest reboots at once (sysrq, no sync: as a crash would)
-_CRASH_AT_FINAL = _GUEST_AGENTS + """
-open("/run/labctl-fault-watch", "w").close()
-end = time.monotonic() + 900
-while time.monotonic() < end:
-    for pid, argv, cmd in agents():
-        if cmd == b"pass" and not os.path.exists("/srv/app/app.pid"):
-            print(f"crash at {pid}", flush=True)
-            time.sleep(0.2)  # the line on its way out first
-            with open("/proc/sysrq-trigger", "w") as f:
-                f.write("b")
-            time.sleep(60)
-    time.sleep(0.02)
-sys.exit("the final pass did not come")
-"""
+#: begins, the guest reboots
+_CRASH_AT_FINAL = _crash_when('cmd == b"pass" and not os.path.exists("/srv/app/app.pid")',
+                              "crash", "the final pass did not come")
 
 #: run in the source guest once it is up again: during the next comparison 16 MiB are
 #: written (the criterion asked again finds that left to send: a pass again); then the
