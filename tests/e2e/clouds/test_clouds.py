@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from labctl.core.errors import LabError
 from labctl.drivers.ssh import SshError, SshMachine
 from labctl.lab.clouds import LabctlCloud, LibvirtCloud, NewVm, cloud_of
 from labctl.lab.face import Lab
@@ -158,15 +159,25 @@ def test_a_server_on_a_full_root_filesystem_still_boots(lab: dict[str, Any]) -> 
             "    print(e.errno)\n")
 
     async def go(cloud: LibvirtCloud) -> dict[str, Any]:
-        async with cloud.ssh("web1-dst") as m:
-            full = (await m.run(["python3", "-c", fill], timeout=300)).stdout.strip()
-            await m.run(["sync"])
-            await m.run(["fsfreeze", "-f", "/"])
-        await domains.in_thread(cloud._domain_call, "web1-dst", "destroy")
-        await cloud.start("web1-dst")
-        async with cloud.ssh("web1-dst") as m:
-            avail = (await m.run(["stat", "-f", "-c", "%a", "/"])).stdout.strip()
-            await m.run(["rm", "/fill"])
+        step = "filling"
+        try:
+            async with cloud.ssh("web1-dst") as m:
+                t0 = time.monotonic()
+                full = (await m.run(["python3", "-c", fill], timeout=300)).stdout.strip()
+                step = f"freezing (filled in {time.monotonic() - t0:.1f} s)"
+                await m.run(["sync"])
+                await m.run(["fsfreeze", "-f", "/"])
+            step = "cutting it off"
+            await domains.in_thread(cloud._domain_call, "web1-dst", "destroy")
+            step = "booting it again"
+            await cloud.start("web1-dst")
+            step = "reading it"
+            async with cloud.ssh("web1-dst") as m:
+                avail = (await m.run(["stat", "-f", "-c", "%a", "/"])).stdout.strip()
+                await m.run(["rm", "/fill"])
+        except LabError as exc:  # what the guest said, for a failure seen once in CI
+            raise AssertionError(f"{step}: {exc.message} {exc.evidence}; console: "
+                                 f"{await cloud.console('web1-dst', 15)}") from exc
         return {"full": full, "avail": avail, "console": await cloud.console("web1-dst", 40)}
 
     got = _run(lab, "cloud-b", go)
