@@ -152,5 +152,7 @@ def _print(r: dict[str, Any]) -> None:
         if c.get("outage_s") is not None:
             print(f"  outage   {c['outage_s']:.2f} s: record {c['source_last_acked']} acknowledged"
                   f" on the source, {c['dest_first_acked']} the first on the destination")
+        elif c.get("outage_unmeasured"):
+            print(f"  outage   not measured: {c['outage_unmeasured']}")
     if r.get("error"):
         print(f"  error    {r['error']}")

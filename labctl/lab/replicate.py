@@ -157,6 +157,9 @@ class Cutover(Message):
     dest_first_acked_at: WallTime | None = None
     #: last acknowledgement on the source to the first on the destination
     outage_s: float | None = None
+    #: why there is no outage to measure: the application started on the destination
+    #: with every record, but its disk (the source's, full) has no room for a new one
+    outage_unmeasured: str | None = None
     #: what the criterion was told the final pass would take (the last pass's prediction),
     #: when ``final_predicted_s`` was made again after the comparison before the freeze
     criterion_predicted_s: float | None = None
@@ -762,11 +765,20 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
                 raise ReplicationError("the application's records on the destination do not "
                                        "match the source's", check=check, source=stopped,
                                        stderr=started.stderr[-1000:])
+            if not started.ok:  # every record there, and yet it did not start
+                said = (started.stderr.strip() or started.stdout.strip()).splitlines()
+                raise ReplicationError("the application did not start on the destination: "
+                                       + (said[-1][-300:] if said else
+                                          f"exit status {started.returncode}"),
+                                       check=check, source=stopped)
             first = await _first_new_ack(nm, int(stopped["last_acked"]))
             steps["application_started"] = round(time.monotonic() - t, 3)
-            cut = replace(cut, steps=steps, dest_first_acked=first[0],
-                          dest_first_acked_at=WallTime(first[1]),
-                          outage_s=round(first[1] - float(stopped["acked_at"]), 3))
+            if isinstance(first, str):
+                cut = replace(cut, steps=steps, outage_unmeasured=first)
+            else:
+                cut = replace(cut, steps=steps, dest_first_acked=first[0],
+                              dest_first_acked_at=WallTime(first[1]),
+                              outage_s=round(first[1] - float(stopped["acked_at"]), 3))
         left = await nm.run(["test", "-e", AGENT_DIR], check=False)
         if left.ok:
             raise ReplicationError(f"the agent is still in {vm} at {AGENT_DIR}")
@@ -866,16 +878,38 @@ def _started_check(started: CommandResult) -> dict[str, Any]:
     return {"ok": False, "error": text[-500:]}
 
 
-async def _first_new_ack(m: SshMachine, after: int, timeout: float = 60.0) -> tuple[int, float]:
+#: how long a destination's writer must say its disk is full, acknowledging nothing, before
+#: the cutover ends without an outage to measure (a batch refused once can pass the next)
+FULL_FOR_S = 5.0
+
+
+async def _first_new_ack(m: SshMachine, after: int, timeout: float = 60.0,
+                         full_for: float = FULL_FOR_S) -> tuple[int, float] | str:
     """The first record the application acknowledged on the destination (from its own
-    log): its number and time."""
+    log): its number and time; or why it acknowledges none: its disk is full (the source's
+    was: a replica of a full disk is full). A writer that exited is an error at once."""
     deadline = time.monotonic() + timeout
+    full_seen: float | None = None
     while time.monotonic() < deadline:
         ran = await m.run(["cat", f"{APP_DIR}/acks.log"], check=False)
         for line in ran.stdout.splitlines():
             seq, _, at = line.partition(" ")
             if seq.isdigit() and int(seq) > after:
                 return int(seq), float(at)
+        st = await _app(m, "status") or {}
+        if st.get("writer") is None:
+            log = await m.run(["tail", "-n", "3", f"{APP_DIR}/app.log"], check=False)
+            raise ReplicationError(f"{m.name}: the application exited after it started: "
+                                   + (log.stdout.strip().replace("\n", "; ")[-300:]
+                                      or "it left nothing in its log"), status=st)
+        if st.get("full_since") is None:
+            full_seen = None
+        elif full_seen is None:
+            full_seen = time.monotonic()
+        elif time.monotonic() - full_seen >= full_for:
+            return (f"the application started on the destination with every record (up to "
+                    f"{after}), but its disk is full: it has acknowledged none since (every "
+                    f"batch refused for {time.time() - float(st['full_since']):.0f} s)")
         await asyncio.sleep(0.5)
     raise ReplicationError(f"{m.name}: the application acknowledged nothing within "
                            f"{timeout:g} s of its start")

@@ -8,7 +8,7 @@ Standard library only: the orchestrator copies this file into the guest (it is n
 into the image) and runs it with the guest's ``python3``::
 
     python3 app.py run --dir /srv/app --rate 1MiB/s     # until SIGTERM (or SIGINT)
-    python3 app.py status --dir /srv/app                # {"last_acked": N, "acked_at": T}
+    python3 app.py status --dir /srv/app                # last ack; writer; disk full since
     python3 app.py verify --dir /srv/app                # every record checked, as JSON
     python3 app.py run --dir /srv/app --background      # detached; prints {"pid": N}
     python3 app.py stop --dir /srv/app                  # SIGTERM it; its last ack
@@ -18,7 +18,10 @@ Files in ``--dir``: ``records`` (4 KiB records: magic, sequence number, time, pa
 SHA-256 of all of it), ``acked`` (the last acknowledged sequence number and its time,
 replaced atomically), ``acks.log`` (one line per acknowledgement: ``seq unix_time``, what
 the application itself logged, to set against a replication's outage and RPO; made durable
-with each acknowledgement, cut after its last whole line when the application starts).
+with each acknowledgement, cut after its last whole line when the application starts),
+``app.pid`` (the writer's pid, its boot, and since when its disk has been full; one line of
+fixed width, written in place and never removed: a disk full to its last block has no
+block for a new file, and a replica of such a disk is started on as it is).
 A record past the last acknowledged one may be torn by a crash; ``run`` cuts such a tail
 off before it appends. A bad record at or before the last acknowledged one is data lost.
 """
@@ -26,6 +29,7 @@ off before it appends. A bad record at or before the last acknowledged one is da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
@@ -88,12 +92,17 @@ def read_acked(directory: Path) -> Acked:
 
 def _durable(path: Path, text: str) -> None:
     """``path`` replaced by ``text``, on the disk before this returns (a power cut after a
-    plain write can leave an empty file on ext4)."""
+    plain write can leave an empty file on ext4). A write the disk has no room for leaves
+    ``path`` as it was, and no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -104,6 +113,55 @@ def _durable(path: Path, text: str) -> None:
 
 def _write_acked(directory: Path, acked: Acked) -> None:
     _durable(directory / "acked", json.dumps({"seq": acked.seq, "at": acked.at}))
+
+
+#: app.pid's one line, padded to this width: rewritten in place, it needs no new block
+_PID_WIDTH = 128
+
+
+@dataclass(frozen=True)
+class PidFile:
+    pid: int
+    boot: str
+    #: since when (unix time) the writer's disk has refused every batch; None: it has not
+    full_since: float | None
+
+
+def read_pid(directory: Path) -> PidFile | None:
+    try:
+        fields = (directory / "app.pid").read_text().split()
+        pid = int(fields[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    full: float | None = None
+    if len(fields) > 2 and fields[2] != "-":
+        try:
+            full = float(fields[2])
+        except ValueError:
+            full = None
+    return PidFile(pid, fields[1] if len(fields) > 1 else "", full)
+
+
+def write_pid(directory: Path, rec: PidFile) -> None:
+    """``app.pid`` rewritten in place (not truncated, not replaced)."""
+    line = f"{rec.pid} {rec.boot or '-'} " + (
+        "-" if rec.full_since is None else f"{rec.full_since:.6f}")
+    fd = os.open(directory / "app.pid", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, line.ljust(_PID_WIDTH - 1).encode() + b"\n", 0)
+    finally:
+        os.close(fd)
+
+
+def _say_full(directory: Path, since: float | None) -> None:
+    """The writer's ``app.pid`` says since when its disk has been full (None: it is not);
+    a writer in the foreground has no pid file, and a full disk's refusals are not this
+    state's to fail."""
+    rec = read_pid(directory)
+    if rec is None or rec.pid != os.getpid():
+        return
+    with contextlib.suppress(OSError):
+        write_pid(directory, PidFile(rec.pid, rec.boot, since))
 
 
 def verify(directory: Path) -> dict[str, object]:
@@ -182,6 +240,7 @@ def run(directory: Path, rate_bytes: float, batch_s: float = 0.1,
     # with every batch under TCG (60 MiB built in memory in a 256 MiB guest, minutes
     # between acknowledgements, the guest too busy to answer SSH)
     most = max(1, int(per_s))
+    full_since: float | None = None
     fd = os.open(directory / "records", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         os.ftruncate(fd, seq * RECORD)  # a torn tail past the last intact record goes
@@ -207,6 +266,9 @@ def run(directory: Path, rate_bytes: float, batch_s: float = 0.1,
                         os.ftruncate(fd, seq * RECORD)
                         os.lseek(fd, seq * RECORD, os.SEEK_SET)
                         _full(f"{n} records not written")
+                        if full_since is None:
+                            full_since = time.time()
+                            _say_full(directory, full_since)
                         time.sleep(batch_s)
                         continue
                     seq += n
@@ -225,6 +287,13 @@ def run(directory: Path, rate_bytes: float, batch_s: float = 0.1,
                             raise
                         os.ftruncate(log, logged)
                         _full(f"records up to {seq} written, not acknowledged")
+                        if full_since is None:
+                            full_since = time.time()
+                            _say_full(directory, full_since)
+                    else:
+                        if full_since is not None:
+                            full_since = None
+                            _say_full(directory, None)
                 time.sleep(batch_s)
         finally:
             os.close(log)
@@ -242,7 +311,9 @@ def _append(fd: int, data: bytes) -> None:
 
 
 def _full(what: str) -> None:
-    print(f"app: no space left on the disk: {what}", file=sys.stderr, flush=True)
+    # stderr is app.log, on the full disk itself: a line it has no room for is not said
+    with contextlib.suppress(OSError):
+        print(f"app: no space left on the disk: {what}", file=sys.stderr, flush=True)
 
 
 def background(directory: Path) -> int | None:
@@ -250,15 +321,23 @@ def background(directory: Path) -> int | None:
     the daemon's pid in the caller, None in the daemon (which goes on to run)."""
     directory.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
-    if os.fork() > 0:  # the caller: wait for the daemon's pid
+    if os.fork() > 0:  # the caller: wait for the daemon's pid (or why it did not start)
         os.close(w)
         with os.fdopen(r) as f:
-            return int(f.read() or "0")
+            said = f.read()
+        if not said.isdigit():
+            raise SystemExit(f"app: {directory}: the writer did not start: "
+                             f"{said or 'it exited without a word'}")
+        return int(said)
     os.close(r)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
-    (directory / "app.pid").write_text(f"{os.getpid()} {_boot_id()}\n")
+    try:
+        write_pid(directory, PidFile(os.getpid(), _boot_id(), None))
+    except OSError as exc:
+        os.write(w, f"no app.pid ({exc.strerror})".encode())
+        os._exit(1)
     log = os.open(directory / "app.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -303,37 +382,60 @@ def daemon(directory: Path) -> int | None:
     the boot: one left by a VM stopped hard names no writer, whatever process of a later
     boot has that pid now (with a guest's same boot sequence, it can be this very
     command, started to run the writer again)."""
-    try:
-        fields = (directory / "app.pid").read_text().split()
-        pid = int(fields[0])
-    except (FileNotFoundError, ValueError, IndexError):
+    rec = read_pid(directory)
+    if rec is None or rec.pid <= 0 or (rec.boot and rec.boot != _boot_id()):
         return None
-    if len(fields) > 1 and fields[1] != _boot_id():
+    if rec.pid == os.getpid() or not alive(rec.pid) or not _is_app(rec.pid):
         return None
-    if pid == os.getpid() or not alive(pid) or not _is_app(pid):
-        return None
-    return pid
+    return rec.pid
+
+
+def _stopped(directory: Path) -> None:
+    """``app.pid`` names no writer any more (rewritten in place, where there is one)."""
+    if (directory / "app.pid").exists():
+        with contextlib.suppress(OSError):
+            write_pid(directory, PidFile(0, "", None))
+
+
+def status(directory: Path) -> dict[str, object]:
+    """The last acknowledgement; the writer's pid (None: none runs) and since when its
+    disk has been full (None: it is not, or none runs)."""
+    acked = read_acked(directory)
+    pid = daemon(directory)
+    rec = read_pid(directory) if pid is not None else None
+    return {"last_acked": acked.seq, "acked_at": acked.at, "writer": pid,
+            "full_since": rec.full_since if rec is not None else None}
 
 
 def stop(directory: Path, timeout: float = 10.0) -> dict[str, object]:
-    """Stop the daemon of ``directory`` (SIGTERM: it finishes its batch); its last
-    acknowledgement."""
+    """Stop the daemon of ``directory`` (SIGTERM: it finishes its batch; one still running
+    after ``timeout`` is killed: its last acknowledgement is read once it is gone, never
+    while it can still write one); its last acknowledgement, and since when its disk had
+    been full."""
     pid = daemon(directory)
+    before = read_pid(directory) if pid is not None else None
     if pid is not None:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pid = None
-    if pid is None:  # none runs: a pid file of an earlier boot goes
-        (directory / "app.pid").unlink(missing_ok=True)
-        acked = read_acked(directory)
-        return {"stopped": False, "last_acked": acked.seq, "acked_at": acked.at}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and alive(pid):
-        time.sleep(0.05)
-    (directory / "app.pid").unlink(missing_ok=True)
+    killed = False
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and alive(pid):
+            time.sleep(0.05)
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed = True
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and alive(pid):
+                time.sleep(0.05)
+    _stopped(directory)  # (none ran: a pid file of an earlier boot names no writer now)
     acked = read_acked(directory)
-    return {"stopped": True, "last_acked": acked.seq, "acked_at": acked.at}
+    return {"stopped": pid is not None, "killed": killed, "last_acked": acked.seq,
+            "acked_at": acked.at,
+            "full_since": before.full_since if before is not None else None}
 
 
 def parse_rate(text: str) -> float:
@@ -358,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dir", type=Path, required=True)
     args = ap.parse_args(argv)
     checked: dict[str, object] | None = None  # what a background start verified
-    if args.cmd == "resume":  # as it ran before (a cutover's destination starts it so)
+    resuming = args.cmd == "resume"
+    if resuming:  # as it ran before (a cutover's destination starts it so)
         try:
             args.rate = float(json.loads((args.dir / "app.json").read_text())["rate"])
         except (FileNotFoundError, ValueError, KeyError) as exc:
@@ -373,7 +476,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"app: {args.dir}: acknowledged data is missing: "
                              f"{json.dumps(verified)}")
         args.dir.mkdir(parents=True, exist_ok=True)
-        _durable(args.dir / "app.json", json.dumps({"rate": args.rate}) + "\n")
+        if not resuming:  # (a resume's rate is the one recorded: a full disk keeps it)
+            try:
+                _durable(args.dir / "app.json", json.dumps({"rate": args.rate}) + "\n")
+            except OSError as exc:
+                raise SystemExit(f"app: {args.dir}: its rate not recorded: {exc.strerror}"
+                                 ) from None
         pid = background(args.dir)
         if pid is not None:
             # the check it started on: a cutover records it as the destination's check
@@ -385,11 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "run":
         last = run(args.dir, args.rate, stop_after=args.seconds, checked=checked)
-        print(json.dumps({"last_acked": last}))
+        with contextlib.suppress(OSError):  # (a daemon's stdout is app.log, maybe full)
+            print(json.dumps({"last_acked": last}), flush=True)
         return 0
     if args.cmd == "status":
-        acked = read_acked(args.dir)
-        print(json.dumps({"last_acked": acked.seq, "acked_at": acked.at}))
+        print(json.dumps(status(args.dir)))
         return 0
     result = verify(args.dir)
     print(json.dumps(result))

@@ -25,8 +25,10 @@ import pytest
 
 from labctl.core.errors import LabError
 from labctl.drivers.ssh import SshError, SshMachine
+from labctl.lab import replicate, vms
 from labctl.lab.clouds import LabctlCloud, LibvirtCloud, NewVm, cloud_of
 from labctl.lab.face import Lab
+from labctl.replication import app as replication_app
 from labctl.state import sshkey
 from labctl.state.pki import LabPki
 from labctl.storage import domains
@@ -151,20 +153,31 @@ def test_the_two_clouds_reach_each_other_across_the_wan(lab: dict[str, Any]) -> 
 
 
 def test_a_server_on_a_full_root_filesystem_still_boots(lab: dict[str, Any]) -> None:
-    """A disk filled to the last block (root's reserve too), frozen and its VM cut off as a
-    cutover stops a source: the server boots on it and answers SSH, as a replica of a full
-    disk must."""
+    """A disk filled to the last block (root's reserve too) while the application writes,
+    its application stopped, the disk frozen and its VM cut off, as a cutover does to a
+    source: the server boots on it and answers SSH, as a replica of a full disk must; the
+    application starts on it with every record (it used to die there, and the cutover
+    said the records did not match) and says its disk is full, which the cutover reads as
+    an outage it cannot measure."""
     fill = ("import os\nf = open('/fill', 'wb')\ntry:\n    while True:\n"
             "        f.write(os.urandom(1 << 20)); f.flush()\nexcept OSError as e:\n"
             "    print(e.errno)\n")
+    app = ["python3", "-B", vms.APP]
+    where = ["--dir", vms.APP_DIR]
 
     async def go(cloud: LibvirtCloud) -> dict[str, Any]:
-        step = "filling"
+        step = "starting the application"
         try:
             async with cloud.ssh("web1-dst") as m:
+                await m.run(["mkdir", "-p", str(Path(vms.APP).parent)])
+                await m.put(Path(replication_app.__file__).read_bytes(), vms.APP, 0o755)
+                await m.run([*app, "run", *where, "--rate", "256KiB/s", "--background"])
+                step = "filling"
                 t0 = time.monotonic()
                 full = (await m.run(["python3", "-c", fill], timeout=300)).stdout.strip()
-                step = f"freezing (filled in {time.monotonic() - t0:.1f} s)"
+                step = f"stopping the application (filled in {time.monotonic() - t0:.1f} s)"
+                stopped = json.loads((await m.run([*app, "stop", *where])).stdout)
+                step = "freezing"
                 await m.run(["sync"])
                 await m.run(["fsfreeze", "-f", "/"])
             step = "cutting it off"
@@ -174,16 +187,41 @@ def test_a_server_on_a_full_root_filesystem_still_boots(lab: dict[str, Any]) -> 
             step = "reading it"
             async with cloud.ssh("web1-dst") as m:
                 avail = (await m.run(["stat", "-f", "-c", "%a", "/"])).stdout.strip()
+                step = "starting the application on the full disk"
+                resumed = await m.run([*app, "resume", *where], check=False)
+                first = await replicate._first_new_ack(m, int(stopped["last_acked"]))
+                status = json.loads((await m.run([*app, "status", *where])).stdout)
+                step = "stopping it again"
+                again = json.loads((await m.run([*app, "stop", *where])).stdout)
                 await m.run(["rm", "/fill"])
+                checked = json.loads((await m.run([*app, "verify", *where])).stdout)
         except LabError as exc:  # what the guest said, for a failure seen once in CI
             raise AssertionError(f"{step}: {exc.message} {exc.evidence}; console: "
                                  f"{await cloud.console('web1-dst', 15)}") from exc
-        return {"full": full, "avail": avail, "console": await cloud.console("web1-dst", 40)}
+        return {"full": full, "avail": avail, "console": await cloud.console("web1-dst", 40),
+                "stopped": stopped, "resumed": resumed, "first": first, "status": status,
+                "again": again, "verify": checked}
 
     got = _run(lab, "cloud-b", go)
     assert got["full"] == "28", got  # ENOSPC: the filesystem was full
     assert got["avail"] == "0", got  # and still is when the server answered
     assert any("sshd started" in ln for ln in got["console"]), got["console"]
+    # the application had written and acknowledged records, and had found the disk full
+    acked = got["stopped"]["last_acked"]
+    assert got["stopped"]["stopped"] and acked > 0, got["stopped"]
+    assert got["stopped"]["full_since"] is not None, got["stopped"]
+    # on the full disk after the hard stop: it checked every record and started
+    assert got["resumed"].ok, got["resumed"].stderr
+    started = json.loads(got["resumed"].stdout)
+    assert started["verified"]["ok"] and started["verified"]["last_acked"] == acked, started
+    assert got["status"]["writer"] == started["pid"], got["status"]
+    assert got["status"]["full_since"] is not None and got["status"]["last_acked"] == acked
+    first = got["first"]
+    assert isinstance(first, str) and f"every record (up to {acked})" in first, first
+    assert "its disk is full" in first, first
+    # stopped, nothing acknowledged on the full disk, every record intact
+    assert got["again"]["stopped"] and got["again"]["last_acked"] == acked, got["again"]
+    assert got["verify"]["ok"] and got["verify"]["records"] >= acked, got["verify"]
 
 
 def test_cloud_b_stops_cleanly_and_deletes(lab: dict[str, Any]) -> None:

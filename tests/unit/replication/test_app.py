@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,7 +157,9 @@ def test_in_the_background_it_detaches_and_stops_when_asked(tmp_path: Path) -> N
     pid = json.loads(res.stdout)["pid"]
     recorded = (tmp_path / "app.pid").read_text().split()
     boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    assert recorded == [str(pid), boot]  # the pid, and the boot it runs in
+    assert recorded == [str(pid), boot, "-"]  # the pid, its boot, a disk not full
+    # one line of fixed width, rewritten in place: a full disk has no block for a new one
+    assert len((tmp_path / "app.pid").read_bytes()) == 128
     _until_acked(tmp_path, 20)
     assert app.alive(pid) and app.daemon(tmp_path) == pid  # it runs on after the caller
     # a pid file of another boot names no writer, even where that pid runs this program
@@ -166,9 +169,34 @@ def test_in_the_background_it_detaches_and_stops_when_asked(tmp_path: Path) -> N
     res = subprocess.run([sys.executable, "-S", "-I", str(APP), "stop", "--dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=20, check=True)
     stopped = json.loads(res.stdout)
-    assert stopped["stopped"] and stopped["last_acked"] >= 20
+    assert stopped["stopped"] and not stopped["killed"] and stopped["last_acked"] >= 20
     assert not app.alive(pid)
-    assert app.verify(tmp_path)["ok"] and not (tmp_path / "app.pid").exists()
+    assert app.verify(tmp_path)["ok"] and app.daemon(tmp_path) is None
+    # the pid file stays, naming no writer (its block is kept for the next start)
+    assert (tmp_path / "app.pid").read_text().split()[0] == "0"
+    assert app.status(tmp_path)["writer"] is None
+
+
+def test_a_writer_that_does_not_stop_is_killed_before_its_ack_is_read(tmp_path: Path) -> None:
+    """``stop`` reads the last acknowledgement only once the writer is gone: one that
+    ignores SIGTERM past the timeout is killed first (it used to be reported stopped while
+    it could still acknowledge a batch, after the cutover had read the source's last)."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    # a writer's command line (app.py run), whose SIGTERM is ignored
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal("
+                                 "signal.SIGTERM, signal.SIG_IGN); print('', flush=True); "
+                                 "time.sleep(60)", str(APP), "run"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert stubborn.stdout is not None and stubborn.stdout.readline() == "\n"
+        app.write_pid(tmp_path, app.PidFile(stubborn.pid, boot, 1234.5))
+        assert app.daemon(tmp_path) == stubborn.pid
+        got = app.stop(tmp_path, timeout=0.5)
+        assert stubborn.wait(timeout=5) == -signal.SIGKILL
+        assert got["stopped"] and got["killed"] and got["full_since"] == 1234.5, got
+    finally:
+        stubborn.kill()
+        stubborn.wait()
 
 
 def test_a_pid_file_naming_the_command_itself_is_no_writer(tmp_path: Path) -> None:
@@ -278,3 +306,143 @@ def test_a_full_disk_acknowledges_only_what_it_holds(tmp_path: Path) -> None:
     seqs = [int(line.split()[0]) for line in got["log"].splitlines()]
     assert all(len(line.split()) == 2 for line in got["log"].splitlines()), got["log"]
     assert seqs and seqs == sorted(seqs) and seqs[-1] <= state["last_acked"], got["log"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a small file system of its own")
+def test_a_replica_of_a_disk_full_to_its_last_byte_starts_and_says_it_is_full(
+        tmp_path: Path) -> None:
+    """As a cutover does on the replica of a full disk: the writer in the background fills
+    it, is stopped, the rest of the disk is filled to its last byte; ``resume`` checks the
+    records and starts (it used to die replacing app.json: "the records do not match"),
+    ``status`` says since when the disk has been full, ``stop`` stops it, and nothing is
+    lost or left behind. A 256 KiB tmpfs in a mount namespace of the test's own."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", _RESUMED_ON_A_FULL_DISK, str(fs), str(APP)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["filled"] == 28, got  # ENOSPC: not a byte left
+    first = got["first"]
+    assert first["full_since"] is not None and first["writer"] is not None, got
+    assert got["stopped_first"]["stopped"] and not got["stopped_first"]["killed"], got
+    started = json.loads(got["resume"]["out"])
+    assert got["resume"]["rc"] == 0, got
+    acked = got["stopped_first"]["last_acked"]
+    assert started["verified"]["ok"] and started["verified"]["last_acked"] == acked, got
+    st = got["status"]
+    assert st["writer"] == started["pid"] and st["full_since"] is not None, got
+    assert st["last_acked"] == acked, got  # nothing acknowledged on a full disk
+    assert got["stopped"]["stopped"] and got["stopped"]["last_acked"] == acked, got
+    assert json.loads(got["verify"])["ok"], got
+    assert not [n for n in got["files"] if n.endswith(".tmp")], got["files"]
+
+
+_RESUMED_ON_A_FULL_DISK = """
+import json, os, subprocess, sys, time
+fs, app = sys.argv[1], sys.argv[2]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "labctl-test-fs", fs], check=True)
+d = os.path.join(fs, "app")
+def call(*args):
+    r = subprocess.run([sys.executable, "-S", "-I", app, *args, "--dir", d],
+                       capture_output=True, text=True, check=False)
+    return {"rc": r.returncode, "out": r.stdout, "err": r.stderr}
+call("run", "--rate", "2MiB/s", "--background")
+for _ in range(200):
+    first = json.loads(call("status")["out"])
+    if first["full_since"] is not None:
+        break
+    time.sleep(0.05)
+stopped_first = json.loads(call("stop")["out"])
+filled = None
+with open(os.path.join(fs, "fill"), "wb", buffering=0) as f:
+    try:
+        while True:
+            f.write(b"x" * 512)
+    except OSError as e:
+        filled = e.errno
+resume = call("resume")
+for _ in range(200):
+    status = json.loads(call("status")["out"])
+    if status["full_since"] is not None:
+        break
+    time.sleep(0.05)
+stopped = json.loads(call("stop")["out"])
+print(json.dumps({"first": first, "stopped_first": stopped_first, "filled": filled,
+                  "resume": resume, "status": status, "stopped": stopped,
+                  "verify": call("verify")["out"], "files": sorted(os.listdir(d))}))
+"""
+
+
+class _Here:
+    """The destination VM's SSH session, faked by running its commands here: the
+    application and its directory are real (``APP``, ``APP_DIR`` mapped to this file and a
+    temporary directory)."""
+
+    name = "web1"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def run(self, argv: list[str], check: bool = True,
+                  timeout: float | None = None) -> Any:
+        from labctl.core.proc import CommandResult
+        from labctl.lab import replicate
+
+        here = [sys.executable if a == "python3" else str(APP) if a == replicate.APP
+                else a.replace(replicate.APP_DIR, str(self.directory)) for a in argv]
+        ran = subprocess.run(here, capture_output=True, text=True, timeout=timeout or 60,
+                             check=False)
+        return CommandResult(here, ran.returncode, ran.stdout, ran.stderr)
+
+
+def _first(directory: Path, after: int, **kw: float) -> Any:
+    import asyncio
+
+    from labctl.lab.replicate import _first_new_ack
+
+    return asyncio.run(_first_new_ack(_Here(directory), after, **kw))  # type: ignore[arg-type]
+
+
+def test_the_cutover_reads_the_destination_s_first_acknowledgement(tmp_path: Path) -> None:
+    """A writer started on the destination: its first acknowledgement past the source's
+    last, from its own log."""
+    subprocess.run([sys.executable, "-S", "-I", str(APP), "run", "--dir", str(tmp_path),
+                    "--rate", "1MiB/s", "--background"], capture_output=True, check=True,
+                   timeout=20)
+    try:
+        after = _until_acked(tmp_path, 5)
+        seq, at = _first(tmp_path, after)
+        assert seq > after and abs(at - time.time()) < 30
+    finally:
+        app.stop(tmp_path)
+
+
+def test_a_destination_writer_that_exited_is_said_at_once(tmp_path: Path) -> None:
+    """A writer gone after its start is an error at once, with its log's last words (not
+    a minute's wait for an acknowledgement that cannot come)."""
+    from labctl.core.errors import LabError
+
+    (tmp_path / "app.log").write_text("Traceback ...\nOSError: [Errno 5] Input/output error\n")
+    with pytest.raises(LabError, match=r"exited after it started: .*Input/output error"):
+        _first(tmp_path, 0)
+
+
+def test_a_destination_whose_disk_is_full_has_no_outage_to_measure(tmp_path: Path) -> None:
+    """A writer whose every batch its disk refuses (the replica of a full disk: the app's
+    own behaviour there is the root test above): the cutover ends with why no outage was
+    measured, once the disk has said so for ``full_for`` seconds."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; print('', flush=True); "
+                               "time.sleep(60)", str(APP), "run"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "\n"
+        app.write_pid(tmp_path, app.PidFile(writer.pid, boot, time.time() - 3))
+        why = _first(tmp_path, 40, full_for=1.0)
+        assert isinstance(why, str) and "every record (up to 40)" in why, why
+        assert "its disk is full" in why, why
+    finally:
+        writer.kill()
+        writer.wait()
