@@ -186,7 +186,7 @@ class SshHosts:
         if await _answers(addr, port, secret, f"host {plan.name}"):
             # an agent of this lab already serves there (up again): nothing to start
             return ProvisionedHost(plan.name, addr, port, None, None)
-        await _refuse_taken(addr, port, f"host {plan.name}", access)
+        await _refuse_taken(addr, port, "host", plan.name, access)
         remote = state_dir(self.tag, plan.name)
         async with access.machine(plan.name) as m:
             # journalled once the machine proved to be the one pinned and before anything is
@@ -235,7 +235,7 @@ class SshHosts:
         port = access.port_for("storage")
         if await _answers(address, port, secret, f"storage node {name}", sp.PING):
             return None
-        await _refuse_taken(address, port, f"storage node {name}", access)
+        await _refuse_taken(address, port, "storage node", name, access)
         remote = state_dir(self.tag, name)
         config = {"lab": self.lab, "node": name, "address": f"{address}/{prefix}",
                   "gateway": None, "mac": "", "target_iqn": target_iqn, "agent_port": port,
@@ -437,7 +437,8 @@ async def _run_unit(m: SshMachine, unit: str, tag: str, argv: list[str],
     await m.run(["systemctl", "restart", unit], timeout=120)
 
 
-async def _refuse_taken(addr: str, port: int, who: str, access: SshAccess) -> None:
+async def _refuse_taken(addr: str, port: int, role: str, name: str, access: SshAccess
+                        ) -> None:
     """Refuse, before anything is made on the machine, a port where something listens
     that is not this lab's agent (``_answers`` said no): another lab's agent on the same
     machine, most likely. Starting ours would fail to listen, or take the other's place."""
@@ -449,9 +450,9 @@ async def _refuse_taken(addr: str, port: int, who: str, access: SshAccess) -> No
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     raise ProvisionError(
-        f"{who} ({access.where()}): port {port} of {addr} is taken by something that is not "
-        "this lab's agent (another lab's on the same machine?): give this lab's "
-        f"{who.split()[0]} another agent_port in its ssh settings", agent=who, port=port)
+        f"{role} {name} ({access.where()}): port {port} of {addr} is taken by something that "
+        "is not this lab's agent (another lab's on the same machine?): give this lab's "
+        f"{role} another agent_port in its ssh settings", agent=f"{role} {name}", port=port)
 
 
 async def _answers(addr: str, port: int, secret: bytes, who: str,

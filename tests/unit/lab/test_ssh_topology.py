@@ -166,17 +166,22 @@ def test_a_port_another_lab_s_agent_holds_is_refused() -> None:
         access = SshAccess(address="127.0.0.1")
         try:
             with pytest.raises(ProvisionError) as err:
-                await sshhosts._refuse_taken("127.0.0.1", port, "host h1", access)
+                await sshhosts._refuse_taken("127.0.0.1", port, "host", "h1", access)
+            with pytest.raises(ProvisionError) as node:
+                await sshhosts._refuse_taken("127.0.0.1", port, "storage node", "n1", access)
         finally:
             server.close()
             await server.wait_closed()
-        await sshhosts._refuse_taken("127.0.0.1", port, "host h1", access)  # free again
-        return err.value.message
+        await sshhosts._refuse_taken("127.0.0.1", port, "host", "h1", access)  # free again
+        return err.value.message, node.value.message
 
-    said = asyncio.run(go())
+    said, node = asyncio.run(go())
     assert said.startswith("host h1 (root@127.0.0.1:22): port ") and said.endswith(
         "is taken by something that is not this lab's agent (another lab's on the same "
         "machine?): give this lab's host another agent_port in its ssh settings"), said
+    # a storage node's refusal names its role whole (it said "this lab's storage")
+    assert node.startswith("storage node n1 (root@127.0.0.1:22): port ") and node.endswith(
+        "give this lab's storage node another agent_port in its ssh settings"), node
 
 
 def test_a_storage_node_as_a_machine(tmp_path: Path, keys: tuple[Path, str]) -> None:
