@@ -244,13 +244,12 @@ class Lab:
                     continue
                 async with machine as m:
                     if sink is not None:
-                        code = await m.stream(argv, sink, timeout=timeout)
-                        return clouds.Ran(vm=name, cloud=str(site.site), argv=argv,
-                                          returncode=code, stdout="", stderr="")
-                    ran = await m.run(argv, check=False, timeout=timeout)
-                return clouds.Ran(vm=name, cloud=str(site.site), argv=argv,
-                                  returncode=ran.returncode, stdout=ran.stdout,
-                                  stderr=ran.stderr)
+                        code, out, err = await m.stream(argv, sink, timeout=timeout), "", ""
+                    else:
+                        ran = await m.run(argv, check=False, timeout=timeout)
+                        code, out, err = ran.returncode, ran.stdout, ran.stderr
+                return clouds.Ran(vm=name, cloud=str(site.site), argv=argv, returncode=code,
+                                  stdout=out, stderr=err)
             raise LabStateError(f"no running server VM {name!r} in lab {self.name} (server "
                                 "VMs are guest: server in a labctl cloud, or a libvirt "
                                 "cloud's VMs)", vm=name)
