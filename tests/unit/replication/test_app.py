@@ -284,18 +284,24 @@ print(json.dumps({"rc": run.returncode, "err": run.stderr, "verify": verify.stdo
 """
 
 
+def _on_a_small_disk(tmp_path: Path, script: str) -> Any:
+    """``script``'s JSON, run with a 256 KiB tmpfs of its own (a mount namespace of its own)
+    and this file's application: ``sys.argv[1:]``."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", script, str(fs), str(APP)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a small file system of its own")
 def test_a_full_disk_acknowledges_only_what_it_holds(tmp_path: Path) -> None:
     """A disk that fills mid-batch (a short write, then ENOSPC): the application keeps
     running, acknowledges no record it could not make durable, and everything it did
     acknowledge is there. A 256 KiB tmpfs in a mount namespace of the test's own."""
-    fs = tmp_path / "fs"
-    fs.mkdir()
-    res = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
-                          "-c", _ON_A_SMALL_DISK, str(fs), str(APP)],
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout)
+    got = _on_a_small_disk(tmp_path, _ON_A_SMALL_DISK)
     assert got["rc"] == 0, got  # it ran on, refusing writes, until asked to stop
     assert "no space left on the disk" in got["err"], got
     state = json.loads(got["verify"])
@@ -316,13 +322,7 @@ def test_a_replica_of_a_disk_full_to_its_last_byte_starts_and_says_it_is_full(
     records and starts (it used to die replacing app.json: "the records do not match"),
     ``status`` says since when the disk has been full, ``stop`` stops it, and nothing is
     lost or left behind. A 256 KiB tmpfs in a mount namespace of the test's own."""
-    fs = tmp_path / "fs"
-    fs.mkdir()
-    res = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
-                          "-c", _RESUMED_ON_A_FULL_DISK, str(fs), str(APP)],
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout)
+    got = _on_a_small_disk(tmp_path, _RESUMED_ON_A_FULL_DISK)
     assert got["filled"] == 28, got  # ENOSPC: not a byte left
     first = got["first"]
     assert first["full_since"] is not None and first["writer"] is not None, got
@@ -348,12 +348,15 @@ def call(*args):
     r = subprocess.run([sys.executable, "-S", "-I", app, *args, "--dir", d],
                        capture_output=True, text=True, check=False)
     return {"rc": r.returncode, "out": r.stdout, "err": r.stderr}
+def until_full():
+    for _ in range(200):
+        status = json.loads(call("status")["out"])
+        if status["full_since"] is not None:
+            break
+        time.sleep(0.05)
+    return status
 call("run", "--rate", "2MiB/s", "--background")
-for _ in range(200):
-    first = json.loads(call("status")["out"])
-    if first["full_since"] is not None:
-        break
-    time.sleep(0.05)
+first = until_full()
 stopped_first = json.loads(call("stop")["out"])
 filled = None
 with open(os.path.join(fs, "fill"), "wb", buffering=0) as f:
@@ -363,11 +366,7 @@ with open(os.path.join(fs, "fill"), "wb", buffering=0) as f:
     except OSError as e:
         filled = e.errno
 resume = call("resume")
-for _ in range(200):
-    status = json.loads(call("status")["out"])
-    if status["full_since"] is not None:
-        break
-    time.sleep(0.05)
+status = until_full()
 stopped = json.loads(call("stop")["out"])
 print(json.dumps({"first": first, "stopped_first": stopped_first, "filled": filled,
                   "resume": resume, "status": status, "stopped": stopped,
