@@ -888,7 +888,8 @@ async def _first_new_ack(m: SshMachine, after: int, timeout: float = 60.0,
     """The first record the application acknowledged on the destination (from its own
     log): its number and time; or why it acknowledges none: its disk is full (the source's
     was: a replica of a full disk is full). A writer that exited is an error at once."""
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     full_seen: float | None = None
     while time.monotonic() < deadline:
         ran = await m.run(["cat", f"{APP_DIR}/acks.log"], check=False)
@@ -896,6 +897,9 @@ async def _first_new_ack(m: SshMachine, after: int, timeout: float = 60.0,
             seq, _, at = line.partition(" ")
             if seq.isdigit() and int(seq) > after:
                 return int(seq), float(at)
+        if time.monotonic() - t0 < 2.0:  # (its first batch is due within 0.1 s of its start:
+            await asyncio.sleep(0.5)      # the writer is asked only when it is late)
+            continue
         st = await _app(m, "status") or {}
         if st.get("writer") is None:
             log = await m.run(["tail", "-n", "3", f"{APP_DIR}/app.log"], check=False)
