@@ -73,8 +73,13 @@ class Lio:
     def __init__(self, node: str, target_iqn: str, ip: str,
                  sys_block: Path = Path("/sys/block"),
                  chap: Callable[[str], Chap] | None = None,
-                 find_disk: Callable[[str], str] | None = None) -> None:
+                 find_disk: Callable[[str], str] | None = None, prefix: str = "") -> None:
         self.node = node
+        #: what this node's backstore names begin with (a datastore's name follows): a
+        #: machine's LIO is shared with whatever else runs there, another lab's node too,
+        #: and a backstore's name is the kernel's, machine-wide ("" in a node VM, whose LIO
+        #: is the node's alone)
+        self.prefix = prefix
         #: the block device of a data disk by its serial (default: a virtio disk's)
         self.find_disk = find_disk or (lambda serial: find_disk_by_serial(serial, sys_block))
         #: the CHAP credentials of an initiator at this target; None: no authentication
@@ -155,9 +160,12 @@ class Lio:
     def _find_so(self, name: str) -> Any:
         rts = self.open()
         try:
-            return rts.BlockStorageObject(name)
+            return rts.BlockStorageObject(self.prefix + name)
         except rts.RTSLibNotInCFS:
             return None
+
+    def _ours(self, so: Any) -> bool:
+        return so.plugin == "block" and str(so.name).startswith(self.prefix)
 
     def _tpg_lun_of(self, tpg: Any, so: Any) -> Any:
         for lun in tpg.luns:
@@ -182,7 +190,7 @@ class Lio:
                 initiators.append(str(mlun.parent_nodeacl.node_wwn))
         serial = str(so.wwn)
         return LunInfo(
-            name=str(so.name),
+            name=str(so.name)[len(self.prefix):],
             lun=int(lun.lun) if lun is not None else None,
             naa=normal_naa(naa_from_unit_serial(serial, self._company_id(so))),
             serial=serial,
@@ -207,7 +215,7 @@ class Lio:
         rts = self.open()
         tpg = self._tpg(create=False)
         luns = [self._lun_info(tpg, so) for so in rts.RTSRoot().storage_objects
-                if so.plugin == "block"]
+                if self._ours(so)]
         acls = sorted(str(acl.node_wwn) for acl in tpg.node_acls) if tpg is not None else []
         return TargetState(
             luns=sorted(luns, key=lambda d: (d.lun is None, d.lun or 0, d.name)), acls=acls)
@@ -230,11 +238,11 @@ class Lio:
                     serial=so.wwn, wanted_serial=serial)
         else:
             try:
-                so = rts.BlockStorageObject(name, dev=device, wwn=serial)
+                so = rts.BlockStorageObject(self.prefix + name, dev=device, wwn=serial)
             except rts.RTSLibError as exc:
                 raise self._rtserr(f"cannot create iblock backstore {name} on {device}", exc,
                                    name=name, device=device) from exc
-            log.info("backstore %s on %s, unit serial %s", name, device, serial)
+            log.info("backstore %s on %s, unit serial %s", so.name, device, serial)
         tpg = self._tpg(create=True)
         lun = self._tpg_lun_of(tpg, so)
         created = lun is None

@@ -239,7 +239,10 @@ class SshHosts:
         remote = state_dir(self.tag, name)
         config = {"lab": self.lab, "node": name, "address": f"{address}/{prefix}",
                   "gateway": None, "mac": "", "target_iqn": target_iqn, "agent_port": port,
-                  "disk_dir": f"{remote}/disks"}
+                  "disk_dir": f"{remote}/disks",
+                  # the machine's LIO may hold another lab's node (a datastore of the same
+                  # name too): this node's backstores carry the lab's tag and the node's name
+                  "backstore_prefix": f"{self.lab}.{self.tag}.{name}:"}
         async with access.machine(name) as m:
             self.inv.own("ssh-storage", name, access=access.to_json(), state_dir=remote)
             await m.run(["mkdir", "-p", "-m", "0700", remote])

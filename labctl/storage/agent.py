@@ -104,7 +104,8 @@ class StorageAgent:
                       if config.disk_dir is not None else None)
         self.lio = Lio(self.node, self.target_iqn, self.ip, sys_block,
                        chap=lambda iqn: chap_for(secret, iqn, self.target_iqn),
-                       find_disk=None if self.disks is None else self.disks.find)
+                       find_disk=None if self.disks is None else self.disks.find,
+                       prefix=config.backstore_prefix)
         self.server: RpcServer | None = None
         self._lock = asyncio.Lock()
         self._watched: dict[str, _Watched] = {}

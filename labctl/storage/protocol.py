@@ -41,6 +41,10 @@ class NodeConfig(Message):
     #: disks on loop devices, made and grown by the agent (``disk_ensure``); None in a
     #: node VM, whose virtio disks libvirt attaches
     disk_dir: str | None = None
+    #: what the names of the node's LIO backstores begin with (a datastore's name follows):
+    #: a machine's LIO is the machine's, shared with another lab's node there ("" in a node
+    #: VM, whose LIO is its own)
+    backstore_prefix: str = ""
 
     @property
     def ip(self) -> str:

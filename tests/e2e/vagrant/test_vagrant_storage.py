@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import E2E, free_subnet, labctl, unique_lab, wait
 from tests.e2e.vagrant.outside import naa_read_by_host, on
@@ -100,6 +101,7 @@ def test_a_storage_machine_serves_luns_from_its_own_lio(lab_home: Path, tmp_path
             labctl(*lab, "datastore", "delete", "ds2", timeout=300)
             left = on(stor, "losetup", "--list", "--noheadings", "--output", "BACK-FILE")
             assert "lc-ds2" not in left and "lc-ds1" in left, left
+            _a_second_lab_with_a_ds1_of_its_own(name, up["topology"], stor, tmp_path)
             # the storage agent killed: `up` again starts it, and it watches ds1 again (a
             # resize still reaches the host as a storage event); the VM never noticed
             state = str(Path(shown["backing"]["path"]).parent.parent)
@@ -121,3 +123,45 @@ def test_a_storage_machine_serves_luns_from_its_own_lio(lab_home: Path, tmp_path
         down = labctl("vagrant", "down", str(topo), "--json", check=False, timeout=900)
     assert down.returncode == 0, down.stderr
     assert len(json.loads(down.stdout)["removed"]) == 2
+
+
+def _a_second_lab_with_a_ds1_of_its_own(first: str, topology: str, stor: dict[str, Any],
+                                         tmp_path: Path) -> None:
+    """Another lab on the same two machines (its agents on ports of their own), with a
+    datastore ds1 too: LIO's backstore names are machine-wide, and each lab's node names
+    its own with the lab's prefix. Both ds1 are served side by side, each lab sees its own
+    (its NAA, read by an outside iSCSI client too), and the second goes without touching
+    the first's."""
+    name = unique_lab("vs2")
+    data = yaml.safe_load(Path(topology).read_text())
+    data["name"] = name
+    data["vms"] = []
+    data["datastores"] = [{"name": "ds1", "size": "32M", "hosts": ["host1"]}]
+    for item, port in ((data["hosts"][0], 7610), (data["storage_nodes"][0], 7611)):
+        item["ssh"]["agent_port"] = port
+    topo = tmp_path / "second.yaml"
+    topo.write_text(yaml.safe_dump(data, sort_keys=False))
+    mine = json.loads(labctl("--lab", first, "datastore", "show", "ds1", "--json").stdout)
+    read_mine, _ = naa_read_by_host(first, "host1", stor, "ds1")
+    try:
+        labctl("up", str(topo), timeout=1200)
+        theirs = json.loads(labctl("--lab", name, "datastore", "show", "ds1", "--json").stdout)
+        assert theirs["naa"] != mine["naa"], (theirs, mine)
+        assert theirs["seen_by"]["host1"]["naa"] == theirs["naa"], theirs
+        read, reported = naa_read_by_host(name, "host1", stor, "ds1")
+        assert read == reported != read_mine
+        # both on the machine's one LIO, each under its lab's name for it
+        core = on(stor, "find", "/sys/kernel/config/target/core", "-mindepth", "2",
+                  "-maxdepth", "2", "-type", "d", "-path", "*/iblock_*/*").split()
+        ds1 = sorted(Path(c).name.split(":")[0].split(".")[0] for c in core
+                     if Path(c).name.endswith(":ds1"))
+        assert ds1 == sorted([first, name]), core
+        # each lab lists its own datastores only
+        listed = json.loads(labctl("--lab", first, "datastore", "list", "--json").stdout)
+        assert [d["name"] for d in listed] == ["ds1"] and listed[0]["naa"] == mine["naa"]
+    finally:
+        down = labctl("--lab", name, "down", "--purge", check=False, timeout=600)
+    assert down.returncode == 0, down.stderr
+    # the first lab's ds1 is served as before: its NAA read again from outside
+    read, reported = naa_read_by_host(first, "host1", stor, "ds1")
+    assert read == reported == read_mine
