@@ -753,10 +753,11 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
         else None)
     async with cb.ssh(vm) as nm:
         if stopped is not None:
-            # the application checks every record itself before it starts (and refuses to
-            # start on missing data): that one check is the destination's, read once
-            started = await nm.run(["python3", "-B", APP, "resume", "--dir", APP_DIR],
-                                   check=False, timeout=120)
+            # the application checks its last acknowledged record and what follows it
+            # before it starts (it refuses to start on missing data, and cuts a torn tail);
+            # every record is checked once its first acknowledgement ends the outage
+            started = await nm.run(["python3", "-B", APP, "resume", "--dir", APP_DIR,
+                                    "--check", "tail"], check=False, timeout=120)
             check = _started_check(started)
             cut = replace(cut, dest_check=check)
             if not check.get("ok") or check.get("last_acked") != stopped.get("last_acked"):
@@ -779,6 +780,7 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
                 cut = replace(cut, steps=steps, dest_first_acked=first[0],
                               dest_first_acked_at=WallTime(first[1]),
                               outage_s=round(first[1] - float(stopped["acked_at"]), 3))
+            cut = replace(cut, dest_check=await _every_record(nm, stopped, check))
         left = await nm.run(["test", "-e", AGENT_DIR], check=False)
         if left.ok:
             raise ReplicationError(f"the agent is still in {vm} at {AGENT_DIR}")
@@ -861,6 +863,29 @@ async def _verify(sm: SshMachine, to: str, tls: str, state: str, mode: str,
                "differ_count": max(int(tracked.get("differ_count") or 0),
                                    int(whole_disk.get("differ_count") or 0))}
     return out
+
+
+async def _every_record(m: SshMachine, stopped: dict[str, Any], started_on: dict[str, Any]
+                        ) -> dict[str, Any]:
+    """Every record up to the source's last acknowledged one, checked on the destination
+    while its application writes on (after the outage: it started on its tail's check,
+    ``started_on``); one missing or damaged is data lost, and the application stops."""
+    t = time.monotonic()
+    last = int(stopped["last_acked"])
+    ran = await m.run(["python3", "-B", APP, "verify", "--dir", APP_DIR, "--upto", str(last)],
+                      check=False, timeout=1800)
+    try:
+        got: dict[str, Any] = json.loads(ran.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        got = {"ok": False, "error": (ran.stderr.strip() or ran.stdout.strip())[-500:]}
+    got |= {"seconds": round(time.monotonic() - t, 3), "started_on": started_on}
+    if not got.get("ok"):
+        await m.run(["python3", "-B", APP, "stop", "--dir", APP_DIR], check=False)
+        raise ReplicationError(f"the application's records on the destination are not all "
+                               f"there: {got.get('first_bad') or got.get('error')} (the "
+                               f"source's last acknowledged record is {last}); it is stopped",
+                               check=got, source=stopped)
+    return got
 
 
 def _started_check(started: CommandResult) -> dict[str, Any]:

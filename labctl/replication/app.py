@@ -13,6 +13,8 @@ into the image) and runs it with the guest's ``python3``::
     python3 app.py run --dir /srv/app --background      # detached; prints {"pid": N}
     python3 app.py stop --dir /srv/app                  # SIGTERM it; its last ack
     python3 app.py resume --dir /srv/app                # in the background, its last rate
+    python3 app.py resume --dir /srv/app --check tail   # the same, the last ack checked first
+    python3 app.py verify --dir /srv/app --upto N       # records 1..N against ack N
 
 Files in ``--dir``: ``records`` (4 KiB records: magic, sequence number, time, payload,
 SHA-256 of all of it), ``acked`` (the last acknowledged sequence number and its time,
@@ -164,16 +166,24 @@ def _say_full(directory: Path, since: float | None) -> None:
         write_pid(directory, PidFile(rec.pid, rec.boot, since))
 
 
-def verify(directory: Path) -> dict[str, object]:
+def verify(directory: Path, upto: int | None = None, tail: bool = False
+           ) -> dict[str, object]:
     """Every record checked in order: how many are intact, the first bad one (if any: past
     the last acknowledged record, a tail a crash tore; at or before it, lost data), and
-    whether everything acknowledged is there (``ok``)."""
+    whether everything acknowledged is there (``ok``). ``upto``: records 1 to ``upto``
+    only, against that acknowledgement (the source's, on a replica whose application
+    has written on since). ``tail``: from the last acknowledged record on only (it and
+    what follows it, a torn tail to cut), the records before it taken as intact: what an
+    application must know to append, while the whole is checked after its start."""
     acked = read_acked(directory)
-    intact = 0
+    want = acked.seq if upto is None else upto
+    start = max(1, acked.seq) if tail else 1
+    intact = start - 1
     bad: str | None = None
     try:
         with open(directory / "records", "rb") as f:
-            while True:
+            f.seek(intact * RECORD)
+            while upto is None or intact < upto:
                 block = f.read(RECORD)
                 if not block:
                     break
@@ -183,9 +193,14 @@ def verify(directory: Path) -> dict[str, object]:
                     break
                 intact += 1
     except FileNotFoundError:
-        pass
-    return {"records": intact, "last_acked": acked.seq, "acked_at": acked.at,
-            "first_bad": bad, "ok": intact >= acked.seq}
+        intact = 0
+    if bad is None and intact < want:
+        bad = f"record {intact + 1}: not there (the records end before it)"
+    out: dict[str, object] = {"records": intact, "last_acked": want, "acked_at": acked.at,
+                              "first_bad": bad, "ok": intact >= want}
+    if tail:
+        out["checked_from"] = start
+    return out
 
 
 def _repair_log(directory: Path) -> None:
@@ -454,9 +469,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seconds", type=float, default=None, help="stop after this long")
     r.add_argument("--background", action="store_true",
                    help="detach (log and pid in --dir); print the daemon's pid")
-    for p in (r, sub.add_parser("status"), sub.add_parser("verify"),
-              sub.add_parser("stop", help="stop the background writer"),
-              sub.add_parser("resume", help="run in the background at the rate it last had")):
+    v = sub.add_parser("verify")
+    v.add_argument("--upto", type=int, default=None,
+                   help="records 1 to N only, against that acknowledgement")
+    s = sub.add_parser("resume", help="run in the background at the rate it last had")
+    s.add_argument("--check", choices=("all", "tail"), default="all",
+                   help="before the start, every record (all) or the last acknowledged one "
+                        "and what follows it (tail: the rest is checked after the start)")
+    for p in (r, sub.add_parser("status"), v,
+              sub.add_parser("stop", help="stop the background writer"), s):
         p.add_argument("--dir", type=Path, required=True)
     args = ap.parse_args(argv)
     checked: dict[str, object] | None = None  # what a background start verified
@@ -471,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         running = daemon(args.dir)
         if running is not None:
             raise SystemExit(f"app: {args.dir}: already written by pid {running}")
-        verified = verify(args.dir)
+        verified = verify(args.dir, tail=getattr(args, "check", "all") == "tail")
         if not verified["ok"]:  # refused here, where the caller sees it
             raise SystemExit(f"app: {args.dir}: acknowledged data is missing: "
                              f"{json.dumps(verified)}")
@@ -499,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "status":
         print(json.dumps(status(args.dir)))
         return 0
-    result = verify(args.dir)
+    result = verify(args.dir, upto=args.upto)
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 

@@ -139,6 +139,57 @@ def test_a_damaged_acknowledged_record_is_lost_data(tmp_path: Path) -> None:
         app.run(tmp_path, 1 << 20, stop_after=0.1)
 
 
+def _flip(directory: Path, seq: int) -> None:
+    """One byte of record ``seq`` changed."""
+    with open(directory / "records", "r+b") as f:
+        f.seek((seq - 1) * app.RECORD + 100)
+        byte = f.read(1)
+        f.seek((seq - 1) * app.RECORD + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_tail_check_reads_from_the_last_ack_and_the_whole_is_checked_after(
+        tmp_path: Path) -> None:
+    """``resume --check tail`` (a cutover's destination: its outage is not spent reading
+    every record) checks the last acknowledged record and what follows it; ``verify
+    --upto N`` then checks records 1 to N against the source's acknowledgement N while
+    the writer appends. A damaged record before the last ack gets past the first and not
+    the second; a damaged last ack gets past neither."""
+    last = app.run(tmp_path, 1 << 20, stop_after=0.3)
+    with open(tmp_path / "records", "ab") as f:
+        f.write(app.record(last + 1, 0)[:1000])  # a torn tail past the last ack
+    tail = app.verify(tmp_path, tail=True)
+    assert tail["ok"] and tail["checked_from"] == last and tail["records"] == last, tail
+    assert tail["first_bad"] == f"record {last + 1}: short record (1000 bytes)"
+    _flip(tmp_path, 3)
+    assert app.verify(tmp_path, tail=True)["ok"]  # not read: checked after the start
+    whole = app.verify(tmp_path, upto=last)
+    assert not whole["ok"] and whole["first_bad"] == "record 3: checksum mismatch", whole
+    assert whole["last_acked"] == last
+    # mended; the writer starts on the tail's check, cuts the torn tail, appends, and the
+    # whole up to the source's ack is checked while it writes
+    _flip(tmp_path, 3)
+    (tmp_path / "app.json").write_text(json.dumps({"rate": 1 << 20}))
+    started = subprocess.run([sys.executable, "-S", "-I", str(APP), "resume", "--dir",
+                              str(tmp_path), "--check", "tail"], capture_output=True,
+                             text=True, timeout=20, check=False)
+    try:
+        assert started.returncode == 0, started.stderr
+        got = json.loads(started.stdout)["verified"]
+        assert got["ok"] and got["checked_from"] == app.read_acked(tmp_path).seq, got
+        _until_acked(tmp_path, got["last_acked"] + 1)
+        checked = app.verify(tmp_path, upto=last)  # while it writes on
+        assert checked["ok"] and checked["records"] == last, checked
+    finally:
+        app.stop(tmp_path)
+    # the last acknowledged record damaged: the tail check refuses the start
+    _flip(tmp_path, app.read_acked(tmp_path).seq)
+    refused = subprocess.run([sys.executable, "-S", "-I", str(APP), "resume", "--dir",
+                              str(tmp_path), "--check", "tail"], capture_output=True,
+                             text=True, timeout=20, check=False)
+    assert refused.returncode != 0 and "acknowledged data is missing" in refused.stderr
+
+
 def test_a_record_is_rebuilt_from_its_number() -> None:
     block = app.record(7, 123)
     assert len(block) == app.RECORD and app.check(block, 7) is None
@@ -445,3 +496,24 @@ def test_a_destination_whose_disk_is_full_has_no_outage_to_measure(tmp_path: Pat
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_the_cutover_checks_every_record_up_to_the_source_s_last(tmp_path: Path) -> None:
+    """After the outage the cutover checks records 1 to the source's last acknowledged
+    one on the destination (against the real application, its SSH session faked): all
+    there is the record's check; one damaged is data lost, said in one line."""
+    import asyncio
+
+    from labctl.core.errors import LabError
+    from labctl.lab.replicate import _every_record
+
+    last = app.run(tmp_path, 1 << 20, stop_after=0.3)
+    stopped = {"last_acked": last, "acked_at": 1.0}
+    got = asyncio.run(_every_record(_Here(tmp_path), stopped, {"checked_from": last}))  # type: ignore[arg-type]
+    assert got["ok"] and got["records"] == last and got["last_acked"] == last, got
+    assert got["started_on"] == {"checked_from": last} and got["seconds"] >= 0
+    _flip(tmp_path, 2)
+    with pytest.raises(LabError, match=r"records on the destination are not all there: "
+                                       r"record 2: checksum mismatch \(the source's last "
+                                       rf"acknowledged record is {last}\); it is stopped"):
+        asyncio.run(_every_record(_Here(tmp_path), stopped, {}))  # type: ignore[arg-type]
