@@ -912,7 +912,8 @@ async def _first_new_ack(m: SshMachine, after: int, timeout: float = 60.0,
                          full_for: float = FULL_FOR_S) -> tuple[int, float] | str:
     """The first record the application acknowledged on the destination (from its own
     log): its number and time; or why it acknowledges none: its disk is full (the source's
-    was: a replica of a full disk is full). A writer that exited is an error at once."""
+    was: a replica of a full disk is full). A writer that exited is an error as soon as
+    the writer is asked (from 2 s on)."""
     t0 = time.monotonic()
     deadline = t0 + timeout
     full_seen: float | None = None

@@ -397,12 +397,19 @@ def daemon(directory: Path) -> int | None:
     the boot: one left by a VM stopped hard names no writer, whatever process of a later
     boot has that pid now (with a guest's same boot sequence, it can be this very
     command, started to run the writer again)."""
+    rec = _writer(directory)
+    return rec.pid if rec is not None else None
+
+
+def _writer(directory: Path) -> PidFile | None:
+    """``directory``'s pid file when it names a writer running in this boot (see
+    :func:`daemon`), read once."""
     rec = read_pid(directory)
     if rec is None or rec.pid <= 0 or (rec.boot and rec.boot != _boot_id()):
         return None
     if rec.pid == os.getpid() or not alive(rec.pid) or not _is_app(rec.pid):
         return None
-    return rec.pid
+    return rec
 
 
 def _stopped(directory: Path) -> None:
@@ -416,9 +423,9 @@ def status(directory: Path) -> dict[str, object]:
     """The last acknowledgement; the writer's pid (None: none runs) and since when its
     disk has been full (None: it is not, or none runs)."""
     acked = read_acked(directory)
-    pid = daemon(directory)
-    rec = read_pid(directory) if pid is not None else None
-    return {"last_acked": acked.seq, "acked_at": acked.at, "writer": pid,
+    rec = _writer(directory)
+    return {"last_acked": acked.seq, "acked_at": acked.at,
+            "writer": rec.pid if rec is not None else None,
             "full_since": rec.full_since if rec is not None else None}
 
 
@@ -427,8 +434,8 @@ def stop(directory: Path, timeout: float = 10.0) -> dict[str, object]:
     after ``timeout`` is killed: its last acknowledgement is read once it is gone, never
     while it can still write one); its last acknowledgement, and since when its disk had
     been full."""
-    pid = daemon(directory)
-    before = read_pid(directory) if pid is not None else None
+    before = _writer(directory)
+    pid = before.pid if before is not None else None
     if pid is not None:
         try:
             os.kill(pid, signal.SIGTERM)
