@@ -225,19 +225,25 @@ async def _agent(m: SshMachine, *args: str, timeout: float = 3600.0) -> dict[str
     # -B: no bytecode written (the source's filesystem may be frozen)
     ran = await m.run(["python3", "-B", f"{AGENT_DIR}/agent.py", *args], timeout=timeout,
                       check=False)
-    if ran.returncode not in (0, 1):
+    out = _last_json(ran.stdout)  # a cut pass says how far it got
+    if ran.returncode not in (0, 1) or out is None:
         said = ran.stdout.strip().splitlines()
-        try:  # a cut pass says how far it got
-            progress = json.loads(said[-1]) if said else {}
-        except ValueError:
-            progress = {}
         said_why = ran.stderr.strip() or (said[-1] if said else "") or (
             f"the agent's session ended without a word (exit status {ran.returncode})")
         raise ReplicationError(f"{m.name}: {said_why}", machine=m.name,
-                               returncode=ran.returncode,
-                               progress=progress if isinstance(progress, dict) else {})
-    out: dict[str, Any] = json.loads(ran.stdout.strip().splitlines()[-1])
+                               returncode=ran.returncode, progress=out or {})
     return out
+
+
+def _last_json(text: str) -> dict[str, Any] | None:
+    """The JSON object a guest program prints as its output's last line; None when that
+    line is missing or is not one."""
+    lines = text.strip().splitlines()
+    try:
+        out = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    return out if isinstance(out, dict) else None
 
 
 async def _installed(m: SshMachine) -> bool:
@@ -646,9 +652,10 @@ async def _app(m: SshMachine, *args: str) -> dict[str, Any] | None:
         return None
     ran = await m.run(["python3", "-B", APP, *args, "--dir", APP_DIR], check=False,
                       timeout=60)
-    if not ran.stdout.strip():
-        raise ReplicationError(f"{m.name}: app.py {args[0]}: {ran.stderr.strip()}")
-    out: dict[str, Any] = json.loads(ran.stdout.strip().splitlines()[-1])
+    out = _last_json(ran.stdout)
+    if out is None:
+        raise ReplicationError(f"{m.name}: app.py {args[0]}: "
+                               f"{(ran.stderr.strip() or ran.stdout.strip())[-500:]}")
     return out
 
 
@@ -874,10 +881,8 @@ async def _every_record(m: SshMachine, stopped: dict[str, Any], started_on: dict
     last = int(stopped["last_acked"])
     ran = await m.run(["python3", "-B", APP, "verify", "--dir", APP_DIR, "--upto", str(last)],
                       check=False, timeout=1800)
-    try:
-        got: dict[str, Any] = json.loads(ran.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        got = {"ok": False, "error": (ran.stderr.strip() or ran.stdout.strip())[-500:]}
+    got = _last_json(ran.stdout) or {
+        "ok": False, "error": (ran.stderr.strip() or ran.stdout.strip())[-500:]}
     got |= {"seconds": round(time.monotonic() - t, 3), "started_on": started_on}
     if not got.get("ok"):
         await m.run(["python3", "-B", APP, "stop", "--dir", APP_DIR], check=False)
@@ -891,8 +896,8 @@ async def _every_record(m: SshMachine, stopped: dict[str, Any], started_on: dict
 def _started_check(started: CommandResult) -> dict[str, Any]:
     """The record check the application made before it started (``resume`` prints it; a
     refusal says it on stderr as JSON after its reason)."""
-    if started.ok:
-        out: dict[str, Any] = json.loads(started.stdout.strip().splitlines()[-1])
+    out = _last_json(started.stdout)
+    if started.ok and out is not None:
         return dict(out.get("verified") or {})
     text = started.stderr.strip()
     brace = text.find("{")
@@ -900,7 +905,7 @@ def _started_check(started: CommandResult) -> dict[str, Any]:
         with contextlib.suppress(ValueError):
             refused: dict[str, Any] = json.loads(text[brace:])
             return {**refused, "ok": False}
-    return {"ok": False, "error": text[-500:]}
+    return {"ok": False, "error": (text or started.stdout.strip())[-500:]}
 
 
 #: how long a destination's writer must say its disk is full, acknowledging nothing, before

@@ -170,6 +170,20 @@ def test_the_destination_check_is_the_one_its_application_started_on() -> None:
     assert _started_check(odd) == {"ok": False, "error": "python3: can't open file"}
 
 
+def test_a_guest_program_s_answer_is_its_last_line_s_object() -> None:
+    """What the agent and the application print last is their answer; output cut short or
+    garbled is no answer (the caller raises one line with it, not a traceback)."""
+    from labctl.core.proc import CommandResult
+    from labctl.lab.replicate import _last_json, _started_check
+
+    assert _last_json('working\n{"passes": 2}\n') == {"passes": 2}
+    for text in ("", "\n", '{"passes": 2', "[1, 2]", "Traceback (most recent call last):"):
+        assert _last_json(text) is None
+    # started (exit 0) but its answer cut short: not a check that holds
+    cut = CommandResult(["app.py"], 0, '{"pid": 77, "verif', "")
+    assert _started_check(cut) == {"ok": False, "error": '{"pid": 77, "verif'}
+
+
 def test_a_record_whose_labctl_is_gone_reads_as_failed() -> None:
     me = process_identity(os.getpid())
     assert me is not None and me.startswith(f"{os.getpid()}:")
