@@ -25,6 +25,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from labctl.core import names
 from labctl.core.errors import AgentError, LabStateError, ProtocolError, StorageNodeError
@@ -45,6 +46,7 @@ from labctl.datastores.mappings import mapping as mapping
 from labctl.datastores.mappings import unit as unit
 from labctl.datastores.registry import IdRegistry
 from labctl.datastores.tables import RescanEvent, record_seen, sharing
+from labctl.hosts.sshhosts import SshAccess, SshHosts
 from labctl.state.context import LabContext
 from labctl.state.inventory import Inventory
 from labctl.storage import node as storagenode
@@ -434,13 +436,12 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
         row = inv.row("storage_nodes", name=node)
         if row is None:
             raise LabStateError(f"unknown storage node {node!r}", node=node)
-        if row["ssh"]:
-            raise LabStateError(f"storage node {node} is a machine reached over SSH: labctl "
-                                "restarts node VMs only", node=node)
         site = inv.row("sites", name=row["site"])
         assert site is not None
         prefix = site["subnet"].split("/")[1]
         stores = tables.datastores(inv, node=node)
+        if row["ssh"]:
+            return await _restart_machine(ctx, row, int(prefix), stores)
         spec = storagenode.StorageNodeSpec(
             lab=ctx.name, name=node, lab_dir=ctx.dir.path,
             address_cidr=f"{row['address']}/{prefix}", bridge=site["bridge"], tap=row["tap"],
@@ -457,20 +458,57 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
         t0 = time.monotonic()
         handle = await storagenode.start(spec, image, accel=str(row["domain_type"]))
         inv.update("storage_nodes", {"name": node}, state="up")
-        luns = []
-        for d in stores:
-            lun = await export_lun(ctx, d.name)
-            naa = normal_naa(lun.naa)
-            if naa != d.naa:
-                raise StorageNodeError(f"after the restart {d.name} has NAA {naa}, "
-                                       f"not {d.naa}", datastore=d.name)
-            luns.append(Reexported(name=d.name, naa=naa, lun=lun.lun))
-        files = []
-        for f in inv.rows("file_datastores", node=node):
-            # the filesystem and its content IDs are on the disk: mounted and exported again
-            await filestores.export(ctx, str(f["name"]))
-            await filestores.check_hosts(ctx, str(f["name"]))
-            files.append(str(f["name"]))
-        return Restarted(node=node, boot_s=round(handle.boot_s, 2),
-                         seconds=round(time.monotonic() - t0, 2), luns=luns,
-                         file_datastores=files)
+        return await _reexport(ctx, node, stores, handle.boot_s, t0)
+
+
+async def _restart_machine(ctx: LabContext, row: dict[str, Any], prefix: int,
+                           stores: list[tables.Datastore]) -> Restarted:
+    """A storage node that is a machine: its agent stopped and what it made in the
+    machine's kernel released (its LUNs and exports vanish from the hosts, as when a node
+    VM restarts), then the agent started again on the same disks (their files kept) and
+    every datastore re-exported. The machine itself is not rebooted: another lab's node
+    may be on it."""
+    node = str(row["name"])
+    machines = SshHosts(ctx.name, ctx.dir.path, ctx.inv)
+    ctx.inv.update("storage_nodes", {"name": node}, state="restarting")
+    t0 = time.monotonic()
+    for line in await machines.stop_storage(node):
+        ctx.progress(f"storage node {node}: {line}")
+    await machines.provision_storage(node, str(row["address"]), prefix,
+                                     str(row["target_iqn"]), ctx.secret(),
+                                     ctx.storage_peer_key(), SshAccess.from_json(row["ssh"]))
+    boot_s = time.monotonic() - t0
+    disks = [DataDisk(serial=d.disk_serial, path=Path(d.backing_path), size_bytes=d.size_bytes)
+             for d in stores] + [
+        DataDisk(serial=f["disk_serial"], path=Path(f["backing_path"]),
+                 size_bytes=int(f["size_bytes"]))
+        for f in ctx.inv.rows("file_datastores", node=node)]
+    for disk in disks:  # its file is there: the same blocks on a new loop device
+        await attach_disk(ctx, node, disk)
+    ctx.inv.update("storage_nodes", {"name": node}, state="up")
+    return await _reexport(ctx, node, stores, boot_s, t0)
+
+
+async def _reexport(ctx: LabContext, node: str, stores: list[tables.Datastore],
+                    boot_s: float, t0: float) -> Restarted:
+    """Every datastore of a restarted node exported again with its unit serial: each LUN
+    must come back with the NAA hosts know; each file datastore mounted, exported and
+    checked from its hosts."""
+    inv = ctx.inv
+    luns = []
+    for d in stores:
+        lun = await export_lun(ctx, d.name)
+        naa = normal_naa(lun.naa)
+        if naa != d.naa:
+            raise StorageNodeError(f"after the restart {d.name} has NAA {naa}, "
+                                   f"not {d.naa}", datastore=d.name)
+        luns.append(Reexported(name=d.name, naa=naa, lun=lun.lun))
+    files = []
+    for f in inv.rows("file_datastores", node=node):
+        # the filesystem and its content IDs are on the disk: mounted and exported again
+        await filestores.export(ctx, str(f["name"]))
+        await filestores.check_hosts(ctx, str(f["name"]))
+        files.append(str(f["name"]))
+    return Restarted(node=node, boot_s=round(boot_s, 2),
+                     seconds=round(time.monotonic() - t0, 2), luns=luns,
+                     file_datastores=files)

@@ -306,37 +306,63 @@ class SshHosts:
         try:
             # a machine gone is said soon: its entry stays for the next down
             async with access.machine(name, connect_timeout=15.0) as m:
+                await _stop_agent(m, name, access, remote, kind, removed)
                 if access.agent == "systemd":
                     unit = access.unit_for("storage" if kind == "ssh-storage" else "host")
-                    await m.run(["systemctl", "stop", unit], timeout=120)
-                    removed.append(f"service {unit} on {name} ({access.where()}) stopped")
                     dropin = _dropin_path(unit)
                     if (await m.run(["test", "-f", dropin], check=False)).ok:
                         await m.run(["rm", "-f", dropin])
                         await m.run(["systemctl", "daemon-reload"], timeout=120)
                         removed.append(f"file {dropin} on {name}")
-                # a process agent, and what QEMU a host's agent left either way
-                got = await m.run([*access.remote_python(remote), "-m",
-                                   "labctl.agents.remote", "stop", "--state-dir", remote],
-                                  timeout=180)
-                removed.extend(f"process {line} on {name}"
-                               for line in got.stdout.splitlines() if line.strip())
-                config = f"{remote}/storage.json"
-                if kind == "ssh-storage" and (await m.run(["test", "-f", config],
-                                                          check=False)).ok:
-                    # LIO's objects outlive the agent: its own, by its config (none was made
-                    # before the config was written)
-                    got = await m.run([*access.remote_python(remote), "-m",
-                                       "labctl.agents.storage", "--config", config,
-                                       "--release"], timeout=180)
-                    removed.extend(f"{line} on {name}"
-                                   for line in got.stdout.splitlines() if line.strip())
                 await m.run(["rm", "-rf", "--one-file-system", remote])
                 removed.append(f"directory {remote} on {name} ({access.where()})")
                 # the lab's directory of state directories, once empty
                 await m.run(["rmdir", str(Path(remote).parent)], check=False)
         except SshError as exc:
             raise ProvisionError(exc.message, host=name, **exc.evidence) from exc
+
+    async def stop_storage(self, name: str) -> list[str]:
+        """Storage node ``name``'s agent on its machine stopped and what it made in the
+        machine's kernel released (its target, backstores, loop devices, NFS exports), as
+        a restart of a node VM loses them; its directory is kept (its disks' files, its
+        config and secrets), so :meth:`provision_storage` and the disks' ``ensure`` bring
+        the same disks back. Returns one line per object stopped or released."""
+        entry = next((d for k, n, d in self.inv.owned("ssh-storage") if n == name), None)
+        if entry is None:
+            raise ProvisionError(f"storage node {name} was not provisioned over SSH by this "
+                                 "lab", node=name)
+        access = SshAccess.from_json(entry["access"])
+        stopped: list[str] = []
+        try:
+            async with access.machine(name, connect_timeout=15.0) as m:
+                await _stop_agent(m, name, access, str(entry["state_dir"]), "ssh-storage",
+                                  stopped)
+        except SshError as exc:
+            raise ProvisionError(exc.message, node=name, **exc.evidence) from exc
+        return stopped
+
+
+async def _stop_agent(m: SshMachine, name: str, access: SshAccess, remote: str, kind: str,
+                      removed: list[str]) -> None:
+    """The machine's agent stopped (its systemd unit, or the processes its state directory
+    records, with what QEMU a host's agent left); on a storage machine, what its node made
+    in LIO, the loop driver and the NFS server released by its config."""
+    if access.agent == "systemd":
+        unit = access.unit_for("storage" if kind == "ssh-storage" else "host")
+        await m.run(["systemctl", "stop", unit], timeout=120)
+        removed.append(f"service {unit} on {name} ({access.where()}) stopped")
+    # a process agent, and what QEMU a host's agent left either way
+    got = await m.run([*access.remote_python(remote), "-m", "labctl.agents.remote", "stop",
+                       "--state-dir", remote], timeout=180)
+    removed.extend(f"process {line} on {name}" for line in got.stdout.splitlines()
+                   if line.strip())
+    config = f"{remote}/storage.json"
+    if kind == "ssh-storage" and (await m.run(["test", "-f", config], check=False)).ok:
+        # LIO's objects outlive the agent: its own, by its config (none was made before
+        # the config was written)
+        got = await m.run([*access.remote_python(remote), "-m", "labctl.agents.storage",
+                           "--config", config, "--release"], timeout=180)
+        removed.extend(f"{line} on {name}" for line in got.stdout.splitlines() if line.strip())
 
 
 async def _wait_agent(m: SshMachine, addr: str, port: int, secret: bytes, who: str,

@@ -102,6 +102,7 @@ def test_a_storage_machine_serves_luns_from_its_own_lio(lab_home: Path, tmp_path
             left = on(stor, "losetup", "--list", "--noheadings", "--output", "BACK-FILE")
             assert "lc-ds2" not in left and "lc-ds1" in left, left
             _a_second_lab_with_a_ds1_of_its_own(name, up["topology"], stor, tmp_path)
+            _a_restart_of_the_storage_machine_s_node(name, stor, shown, first)
             # the storage agent killed: `up` again starts it, and it watches ds1 again (a
             # resize still reaches the host as a storage event); the VM never noticed
             state = str(Path(shown["backing"]["path"]).parent.parent)
@@ -123,6 +124,35 @@ def test_a_storage_machine_serves_luns_from_its_own_lio(lab_home: Path, tmp_path
         down = labctl("vagrant", "down", str(topo), "--json", check=False, timeout=900)
     assert down.returncode == 0, down.stderr
     assert len(json.loads(down.stdout)["removed"]) == 2
+
+
+def _a_restart_of_the_storage_machine_s_node(name: str, stor: dict[str, Any],
+                                             shown: dict[str, Any], first: int) -> None:
+    """``storage restart`` of a node that is a machine: its agent is stopped and what it
+    made in the machine's LIO released (the LUN vanishes from the host), then a new agent
+    exports the same disk file again. The LUN comes back with its NAA (read from outside
+    too), the storage event stream says the agent was lost and came back, and the VM
+    whose disk it is carries on."""
+    lab = ("--lab", name)
+    state = str(Path(shown["backing"]["path"]).parent.parent)
+    pid = on(stor, "cat", f"{state}/agent.pid").strip()
+    beat = wait(lambda: _beat(name), 60, "a beat before the restart")
+    restarted = json.loads(labctl(*lab, "storage", "restart", "stor1", "--json",
+                                  timeout=600).stdout)
+    assert [(lun["name"], lun["naa"]) for lun in restarted["luns"]] == [
+        ("ds1", shown["naa"])], restarted
+    assert on(stor, "cat", f"{state}/agent.pid").strip() != pid  # a new agent
+    read, reported = naa_read_by_host(name, "host1", stor, "ds1")
+    assert read == reported == shown["naa"]
+    # the rescan service heard the node go and come back, and the LUN added again after
+    kinds = [e["kind"] for e in map(json.loads, labctl(*lab, "events", "--json").stdout
+                                    .splitlines()) if e["naa"] == shown["naa"]]
+    lost = kinds.index("storage_agent_lost")
+    back = kinds.index("storage_agent_back", lost)
+    assert back < kinds.index("lun_added", back), kinds
+    # the guest's disk is the LUN: it beats on past the restart (QEMU's libiscsi reconnected)
+    assert wait(lambda: (b := _beat(name)) and b > max(beat, first) + 2 and b, 120,
+                "beats after the restart")
 
 
 def _a_second_lab_with_a_ds1_of_its_own(first: str, topology: str, stor: dict[str, Any],
