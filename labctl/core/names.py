@@ -101,6 +101,9 @@ def portal(address: str) -> str:
 TCP_BUFFERS = "4096 131072 33554432"
 
 
-#: the server image's disk (its root filesystem): room for the application's data beyond
-#: the system's ~200 MiB; a VM's clone may be larger (``disk: {size: ...}``), not smaller
+#: the server image's disk (its root filesystem): the system's ~160 MiB and ~70 MiB free;
+#: the smallest disk a server VM may have (``disk: {size: ...}``)
+SERVER_IMAGE_BYTES = 256 << 20
+#: a server VM's disk when its topology gives no size: room for the application's data
+#: (the image's filesystem is grown to it at the first boot)
 SERVER_DISK_BYTES = 512 << 20

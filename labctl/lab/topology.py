@@ -27,7 +27,7 @@ import yaml
 
 from labctl.core import names, userfile
 from labctl.core.errors import LabError, TopologyError
-from labctl.core.names import SERVER_BASE, SERVER_DISK_BYTES
+from labctl.core.names import SERVER_BASE, SERVER_DISK_BYTES, SERVER_IMAGE_BYTES
 from labctl.core.paths import home
 from labctl.core.sizes import MAX_SIZE, bad_size, format_size, parse_size
 from labctl.guest.protocol import DEFAULT_HEARTBEAT_MS
@@ -738,10 +738,12 @@ def _build(data: dict[str, Any], file: str) -> Topology:
         disk_size = None
         if "size" in v.get("disk", {}):
             disk_size = sized(f"vms[{i}].disk.size", v["disk"]["size"], None)
-            least = SERVER_DISK_BYTES if v["disk"]["base"] == SERVER_BASE else 1 << 20
+            least = SERVER_IMAGE_BYTES if v["disk"]["base"] == SERVER_BASE else 1 << 20
             if disk_size is not None and disk_size < least:
                 fail(f"vms[{i}].disk.size", f"at least {format_size(least)} (the "
                      f"{'server image' if least > 1 << 20 else 'smallest clone'})")
+        elif v.get("disk", {}).get("base") == SERVER_BASE:
+            disk_size = SERVER_DISK_BYTES
         vms.append(Vm(v["name"], v["host"], ds, memory or 0, int(v.get("vcpus", 1)),
                       float(v.get("dirty_rate", 0)), wss or 0, bool(v.get("autostart", True)),
                       int(v.get("heartbeat_ms", SERVER_HEARTBEAT_MS if guest == "server"

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from labctl.core.names import SERVER_DISK_BYTES
+from labctl.core.names import SERVER_IMAGE_BYTES
 from labctl.core.paths import repo_root
 from labctl.core.proc import run, which
 from labctl.drivers.debian import Kernel, digest, ensure_kernel
@@ -42,7 +42,7 @@ from labctl.storage.image import (
     storage_recipe_dir,
 )
 
-SERVER_RECIPE_VERSION = "server-2"
+SERVER_RECIPE_VERSION = "server-3"
 """Bump when the build steps below change in a way the recipe files do not show."""
 
 SERVER_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "dm_mod", "dm_era", "loop")
@@ -52,8 +52,8 @@ device its metadata lives on (a file in /run: a reboot loses it)."""
 INITRAMFS_MODULES = ("dm_mod",)
 """In the initramfs: what the linear map of the root disk needs."""
 
-#: the root filesystem's size: room for the application's data beyond the system's files
-SERVER_DISK_KIB = SERVER_DISK_BYTES >> 10
+#: the root filesystem's size: the system's files and a little room (a VM's clone is larger)
+SERVER_DISK_KIB = SERVER_IMAGE_BYTES >> 10
 
 #: the kernel command line of a server guest, before its ``labctl.*`` parameters
 SERVER_CMDLINE = ("console=ttyS0 cryptomgr.notests root=/dev/nvme0n1 rootfstype=ext4 rw "
@@ -104,7 +104,7 @@ async def ensure_server_image(cache: Path | None = None,
 
     built = await build_root_image("server guest", "server", server_recipe_dir(), h, kernel,
                                    customize, cache=cache, progress=progress,
-                                   min_size_kib=SERVER_DISK_KIB)
+                                   min_size_kib=SERVER_DISK_KIB, room_kib=0)
     initrd = built.rootfs.parent / "initrd.img"
     if not initrd.exists():
         await _build_initramfs(kernel, initrd)

@@ -93,8 +93,12 @@ def test_a_server_clone_larger_than_the_image() -> None:
     topo = topology.parse(BASE.replace("base: labctl-server.raw}}\n  - {name: web2",
                                        "base: labctl-server.raw, size: 2G}}\n  - {name: web2"),
                           "lab.yaml")
-    assert (topo.vms[0].disk_size, topo.vms[1].disk_size) == (2 << 30, None)
+    # a clone with no size of its own gets room for the application's data
+    assert (topo.vms[0].disk_size, topo.vms[1].disk_size) == (2 << 30, 512 << 20)
+    smallest = BASE.replace("base: labctl-server.raw}}\n  - {name: web2",
+                            "base: labctl-server.raw, size: 256M}}\n  - {name: web2")
+    assert topology.parse(smallest, "lab.yaml").vms[0].disk_size == 256 << 20
     small = BASE.replace("base: labctl-server.raw}}\n  - {name: web2",
-                         "base: labctl-server.raw, size: 256M}}\n  - {name: web2")
-    with pytest.raises(TopologyError, match=r"vms\[0\].disk.size: at least 512M \(the server"):
+                         "base: labctl-server.raw, size: 255M}}\n  - {name: web2")
+    with pytest.raises(TopologyError, match=r"vms\[0\].disk.size: at least 256M \(the server"):
         topology.parse(small, "lab.yaml")
