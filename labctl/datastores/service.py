@@ -441,7 +441,7 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
         prefix = site["subnet"].split("/")[1]
         stores = tables.datastores(inv, node=node)
         if row["ssh"]:
-            return await _restart_machine(ctx, row, int(prefix), stores)
+            return await _restart_machine(ctx, row, int(prefix))
         spec = storagenode.StorageNodeSpec(
             lab=ctx.name, name=node, lab_dir=ctx.dir.path,
             address_cidr=f"{row['address']}/{prefix}", bridge=site["bridge"], tap=row["tap"],
@@ -461,8 +461,7 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
         return await _reexport(ctx, node, stores, handle.boot_s, t0)
 
 
-async def _restart_machine(ctx: LabContext, row: dict[str, Any], prefix: int,
-                           stores: list[tables.Datastore]) -> Restarted:
+async def _restart_machine(ctx: LabContext, row: dict[str, Any], prefix: int) -> Restarted:
     """A storage node that is a machine: its agent stopped and what it made in the
     machine's kernel released (its LUNs and exports vanish from the hosts, as when a node
     VM restarts), then the agent started again on the same disks (their files kept) and
@@ -477,16 +476,25 @@ async def _restart_machine(ctx: LabContext, row: dict[str, Any], prefix: int,
     await machines.provision_storage(node, str(row["address"]), prefix,
                                      str(row["target_iqn"]), ctx.secret(),
                                      ctx.storage_peer_key(), SshAccess.from_json(row["ssh"]))
-    boot_s = time.monotonic() - t0
+    return await serve_again(ctx, node, time.monotonic() - t0, t0)
+
+
+async def serve_again(ctx: LabContext, node: str, boot_s: float = 0.0,
+                      t0: float | None = None) -> Restarted:
+    """A machine's node whose agent was started again (restarted, or after the machine
+    rebooted): each disk attached again (its file is there: the same blocks, on a loop
+    device again if the machine lost it) and every datastore, LUN or file, exported again
+    with its serial."""
+    stores = tables.datastores(ctx.inv, node=node)
     disks = [DataDisk(serial=d.disk_serial, path=Path(d.backing_path), size_bytes=d.size_bytes)
              for d in stores] + [
         DataDisk(serial=f["disk_serial"], path=Path(f["backing_path"]),
                  size_bytes=int(f["size_bytes"]))
         for f in ctx.inv.rows("file_datastores", node=node)]
-    for disk in disks:  # its file is there: the same blocks on a new loop device
+    for disk in disks:
         await attach_disk(ctx, node, disk)
     ctx.inv.update("storage_nodes", {"name": node}, state="up")
-    return await _reexport(ctx, node, stores, boot_s, t0)
+    return await _reexport(ctx, node, stores, boot_s, time.monotonic() if t0 is None else t0)
 
 
 async def _reexport(ctx: LabContext, node: str, stores: list[tables.Datastore],

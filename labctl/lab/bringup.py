@@ -25,7 +25,6 @@ from labctl.core.names import QEMU_BINARY
 from labctl.core.proc import run, which
 from labctl.datastores import filestores, rescan
 from labctl.datastores import service as datastores
-from labctl.datastores import tables as ds_tables
 from labctl.drivers import netlink
 from labctl.guest.image import GuestImage, ensure_guest_image
 from labctl.hosts import accelcache
@@ -295,14 +294,11 @@ def _record_vms(ctx: LabContext, vms_here: list[tuple[int, Vm]], gimg: GuestImag
 async def _restart_machine_node(ctx: LabContext, topo: Topology, i: int) -> None:
     """Storage node ``i``'s agent on its machine started again (``up`` of a lab that is
     up): its LUNs are still in the machine's LIO and its disks on their loop devices (made
-    again after a reboot of the machine); each is ensured again, so the new agent watches
-    it and publishes its storage events."""
+    again after a reboot of the machine, file datastores mounted and exported again); each
+    is ensured again, so the new agent watches it and publishes its storage events."""
     node = topo.storage_nodes[i]
     await _machine_agent(ctx, topo, node)
-    for d in ds_tables.datastores(ctx.inv, node=node.name):
-        await datastores.attach_disk(ctx, node.name, storagenode.DataDisk(
-            serial=d.disk_serial, path=Path(d.backing_path), size_bytes=d.size_bytes))
-        await datastores.export_lun(ctx, d.name)
+    await datastores.serve_again(ctx, node.name)
 
 
 async def _machine_agent(ctx: LabContext, topo: Topology, node: StorageNode) -> None:
