@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -725,73 +726,101 @@ async def _cutover(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str
         why=f"predicted {last.predicted_next_s:.2f} s", rpo_s=0.0)
     # the source stops (its filesystem frozen and its disk equal to the replica: a stop of
     # its QEMU loses nothing); the helper system goes, its target disk becomes the VM's
-    t = time.monotonic()
     row = vms.row(ca.ctx, vm)
     stage.source_stopped = True
-    await vms.stop(ca.ctx, vm)
-    steps["source_stopped"] = round(time.monotonic() - t, 3)
-    t = time.monotonic()
-    await dm.close()
-    helper = await cb.show(rec.dest)
-    target = next(d for d in helper.disks if d.role == "data")
-    # the target agent flushed every write it acknowledged (and the verify read them
-    # back): the helper is terminated, not shut down (about 4 s of the outage under TCG),
-    # its agent with it (nothing of it is on the disk kept: the helper's root, where the
-    # agent was, is deleted with it; stopping it first cost about 1 s)
-    await cb.stop(rec.dest, force=True)
-    kept = cb.take_disk(rec.dest, Path(target.where))
-    await cb.delete(rec.dest)
-    steps["helper_removed"] = round(time.monotonic() - t, 3)
-    t = time.monotonic()
-    await cb.create(NewVm(vm, memory_mib=int(row["memory"]) >> 20, root=kept))
-    await cb.start(vm)
-    steps["destination_booted"] = round(time.monotonic() - t, 3)
-    t = time.monotonic()
-    predicted = _final_predicted(last, pre if pre_fresh else None)
-    cut = Cutover(
-        quiesced_at=WallTime(w_quiesce),
-        source_last_acked=(stopped or {}).get("last_acked"),
-        source_acked_at=WallTime((stopped or {})["acked_at"]) if stopped else None,
-        final_predicted_s=predicted, final_s=round(final_s, 3),
-        final_prediction_error=round(abs(final_s - predicted) / final_s, 3)
-        if final_s > 0 and predicted >= 0 else -1.0,
-        verify=checked, steps=steps,
-        criterion_predicted_s=last.predicted_next_s if predicted != last.predicted_next_s
-        else None)
-    async with cb.ssh(vm) as nm:
-        if stopped is not None:
-            # the application checks its last acknowledged record and what follows it
-            # before it starts (it refuses to start on missing data, and cuts a torn tail);
-            # every record is checked once its first acknowledgement ends the outage
-            started = await nm.run(["python3", "-B", APP, "resume", "--dir", APP_DIR,
-                                    "--check", "tail"], check=False, timeout=120)
-            check = _started_check(started)
-            cut = replace(cut, dest_check=check)
-            if not check.get("ok") or check.get("last_acked") != stopped.get("last_acked"):
-                if started.ok:  # it started on other data than the source's: stop it
-                    await nm.run(["python3", "-B", APP, "stop", "--dir", APP_DIR], check=False)
-                raise ReplicationError("the application's records on the destination do not "
-                                       "match the source's", check=check, source=stopped,
-                                       stderr=started.stderr[-1000:])
-            if not started.ok:  # every record there, and yet it did not start
-                said = (started.stderr.strip() or started.stdout.strip()).splitlines()
-                raise ReplicationError("the application did not start on the destination: "
-                                       + (said[-1][-300:] if said else
-                                          f"exit status {started.returncode}"),
-                                       check=check, source=stopped)
-            first = await _first_new_ack(nm, int(stopped["last_acked"]))
-            steps["application_started"] = round(time.monotonic() - t, 3)
-            if isinstance(first, str):
-                cut = replace(cut, steps=steps, outage_unmeasured=first)
-            else:
-                cut = replace(cut, steps=steps, dest_first_acked=first[0],
-                              dest_first_acked_at=WallTime(first[1]),
-                              outage_s=round(first[1] - float(stopped["acked_at"]), 3))
-            cut = replace(cut, dest_check=await _every_record(nm, stopped, check))
-        left = await nm.run(["test", "-e", AGENT_DIR], check=False)
-        if left.ok:
-            raise ReplicationError(f"the agent is still in {vm} at {AGENT_DIR}")
-    return cut, final
+
+    async def switch() -> tuple[Cutover, PassRecord]:
+        t = time.monotonic()
+        await vms.stop(ca.ctx, vm)
+        steps["source_stopped"] = round(time.monotonic() - t, 3)
+        t = time.monotonic()
+        await dm.close()
+        helper = await cb.show(rec.dest)
+        target = next(d for d in helper.disks if d.role == "data")
+        # the target agent flushed every write it acknowledged (and the verify read them
+        # back): the helper is terminated, not shut down (about 4 s of the outage under TCG),
+        # its agent with it (nothing of it is on the disk kept: the helper's root, where the
+        # agent was, is deleted with it; stopping it first cost about 1 s)
+        await cb.stop(rec.dest, force=True)
+        kept = cb.take_disk(rec.dest, Path(target.where))
+        await cb.delete(rec.dest)
+        steps["helper_removed"] = round(time.monotonic() - t, 3)
+        t = time.monotonic()
+        await cb.create(NewVm(vm, memory_mib=int(row["memory"]) >> 20, root=kept))
+        await cb.start(vm)
+        steps["destination_booted"] = round(time.monotonic() - t, 3)
+        t = time.monotonic()
+        predicted = _final_predicted(last, pre if pre_fresh else None)
+        cut = Cutover(
+            quiesced_at=WallTime(w_quiesce),
+            source_last_acked=(stopped or {}).get("last_acked"),
+            source_acked_at=WallTime((stopped or {})["acked_at"]) if stopped else None,
+            final_predicted_s=predicted, final_s=round(final_s, 3),
+            final_prediction_error=round(abs(final_s - predicted) / final_s, 3)
+            if final_s > 0 and predicted >= 0 else -1.0,
+            verify=checked, steps=steps,
+            criterion_predicted_s=last.predicted_next_s if predicted != last.predicted_next_s
+            else None)
+        async with cb.ssh(vm) as nm:
+            if stopped is not None:
+                # the application checks its last acknowledged record and what follows it
+                # before it starts (it refuses to start on missing data, and cuts a torn tail);
+                # every record is checked once its first acknowledgement ends the outage
+                started = await nm.run(["python3", "-B", APP, "resume", "--dir", APP_DIR,
+                                        "--check", "tail"], check=False, timeout=120)
+                check = _started_check(started)
+                cut = replace(cut, dest_check=check)
+                if not check.get("ok") or check.get("last_acked") != stopped.get("last_acked"):
+                    if started.ok:  # it started on other data than the source's: stop it
+                        await nm.run(["python3", "-B", APP, "stop", "--dir", APP_DIR], check=False)
+                    raise ReplicationError("the application's records on the destination do not "
+                                           "match the source's", check=check, source=stopped,
+                                           stderr=started.stderr[-1000:])
+                if not started.ok:  # every record there, and yet it did not start
+                    said = (started.stderr.strip() or started.stdout.strip()).splitlines()
+                    raise ReplicationError("the application did not start on the destination: "
+                                           + (said[-1][-300:] if said else
+                                              f"exit status {started.returncode}"),
+                                           check=check, source=stopped)
+                first = await _first_new_ack(nm, int(stopped["last_acked"]))
+                steps["application_started"] = round(time.monotonic() - t, 3)
+                if isinstance(first, str):
+                    cut = replace(cut, steps=steps, outage_unmeasured=first)
+                else:
+                    cut = replace(cut, steps=steps, dest_first_acked=first[0],
+                                  dest_first_acked_at=WallTime(first[1]),
+                                  outage_s=round(first[1] - float(stopped["acked_at"]), 3))
+                cut = replace(cut, dest_check=await _every_record(nm, stopped, check))
+            left = await nm.run(["test", "-e", AGENT_DIR], check=False)
+            if left.ok:
+                raise ReplicationError(f"the agent is still in {vm} at {AGENT_DIR}")
+        return cut, final
+
+    return await _past_no_return(whole, vm, switch())
+
+
+async def _past_no_return(whole: LabContext, vm: str,
+                          work: Coroutine[Any, Any, tuple[Cutover, PassRecord]]
+                          ) -> tuple[Cutover, PassRecord]:
+    """The cutover's steps once the source is stopping: a Ctrl-C there would leave the VM
+    stopped in both clouds, so the first one is said and the cutover finishes (the replica
+    is verified equal); a second one abandons it (asyncio's own second-interrupt rule:
+    the source is left stopped with its disk intact, the destination as it is)."""
+    task = asyncio.ensure_future(work)
+    me = asyncio.current_task()
+    said = False
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if said or me is None or task.done():
+                task.cancel()
+                raise
+            said = True
+            me.uncancel()
+            whole.progress(f"{vm}: Ctrl-C with the source stopped and its replica verified: "
+                           "the cutover finishes (Ctrl-C again abandons it, the VM then "
+                           "stopped in both clouds)")
 
 
 async def _thaw(whole: LabContext, sm: SshMachine, vm: str, stage: Stage, exc: LabError,

@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -321,6 +322,18 @@ def test_replication_is_refused_before_anything_is_made(lab: dict[str, Any]) -> 
         assert res.returncode == 1 and words in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr
     assert _virsh_names(lab) == []  # no destination was made
+
+
+def _ctrl_c_at_the_switch(lab: dict[str, Any], proc: subprocess.Popen[str],
+                          sent: list[str]) -> None:
+    """SIGINT to ``labctl replicate`` as soon as cloud B has the VM itself (past the
+    source's stop: its helper's target became the VM's disk); ``sent`` says it was."""
+    while proc.poll() is None:
+        if f"labctl-{lab['name']}-web1" in _virsh_names(lab):
+            proc.send_signal(signal.SIGINT)
+            sent.append("web1")
+            return
+        time.sleep(0.1)
 
 
 def _virsh_names(lab: dict[str, Any]) -> list[str]:
@@ -770,9 +783,9 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     comparison before the freeze begins (dm-era's tracker lost: a rehash pass, then the
     criterion again); 16 MiB written during the next comparison make the criterion, asked
     again, send the replication back to a pass; the final pass loses the path to its
-    target (the source thawed and its application started again, passes again); then the
-    VM runs in cloud B, every record intact and every block written since the comparison
-    checked."""
+    target (the source thawed and its application started again, passes again); a Ctrl-C
+    once the source is stopped lets the cutover finish; then the VM runs in cloud B, every
+    record intact and every block written since the comparison checked."""
     cli = lab["cli"]
     used = int(cli("vm", "ssh", "web1", "--", "df", "-B1", "--output=used", "/").stdout.split()[-1])
     proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
@@ -821,10 +834,17 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
         # finds them to send: a pass again, no second comparison), then the final pass loses
         # its target (the source is thawed, its application started again, passes again)
         watcher = _watcher(lab, _FAULTS_AFTER_REBOOT)
+        # 5. Ctrl-C once the source is stopped and cloud B defines the VM: the cutover
+        # finishes (stopping there would leave the VM down in both clouds)
+        interrupted: list[str] = []
+        ctrl_c = threading.Thread(target=_ctrl_c_at_the_switch, args=(lab, proc, interrupted))
         try:
             cli("replication", "approve", str(rid))
+            ctrl_c.start()
             out, err = proc.communicate(timeout=900)
         finally:
+            if ctrl_c.is_alive():
+                ctrl_c.join()
             if watcher.poll() is None:
                 watcher.kill()
             said = watcher.communicate()[0]
@@ -838,6 +858,9 @@ def test_the_vm_is_replicated_to_cloud_b_through_faults_and_carries_on_there(
     assert proc.returncode == 0, err
     rec = json.loads(out)
     assert rec["state"] == "completed", rec.get("error")
+    assert interrupted == ["web1"], interrupted
+    assert ("web1: Ctrl-C with the source stopped and its replica verified: the cutover "
+            "finishes") in err and "Traceback" not in err, err[-3000:]
     hows = [p["how"] for p in rec["passes"]]
     assert hows[0] == "failed" and hows[-1] == "final", hows
     # the cut pass 1 resumed from its last flush: what that flush had not made durable on

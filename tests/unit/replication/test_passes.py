@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -182,6 +183,48 @@ def test_a_guest_program_s_answer_is_its_last_line_s_object() -> None:
     # started (exit 0) but its answer cut short: not a check that holds
     cut = CommandResult(["app.py"], 0, '{"pid": 77, "verif', "")
     assert _started_check(cut) == {"ok": False, "error": '{"pid": 77, "verif'}
+
+
+def test_a_ctrl_c_past_the_point_of_no_return_lets_the_cutover_finish() -> None:
+    """Once the source is stopping, the first Ctrl-C (the main task cancelled) is said and
+    the cutover's steps run to their end; a second one abandons them."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from labctl.lab.replicate import _past_no_return
+
+    said: list[str] = []
+    whole: Any = SimpleNamespace(progress=said.append)
+    ran: list[str] = []
+
+    async def steps() -> Any:
+        ran.append("stopping the source")
+        await asyncio.sleep(0.3)
+        ran.append("the destination booted")
+        return "switched", None
+
+    async def once() -> Any:
+        outer = asyncio.ensure_future(_past_no_return(whole, "web1", steps()))
+        await asyncio.sleep(0.05)
+        outer.cancel()  # Ctrl-C
+        return await outer
+
+    assert asyncio.run(once()) == ("switched", None)
+    assert ran == ["stopping the source", "the destination booted"]
+    assert len(said) == 1 and said[0].startswith("web1: Ctrl-C with the source stopped"), said
+
+    async def twice() -> Any:
+        outer = asyncio.ensure_future(_past_no_return(whole, "web1", steps()))
+        await asyncio.sleep(0.05)
+        outer.cancel()
+        await asyncio.sleep(0.05)
+        outer.cancel()  # Ctrl-C again: abandoned, its steps cancelled with it
+        return await outer
+
+    ran.clear()
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(twice())
+    assert ran == ["stopping the source"]
 
 
 def test_a_record_whose_labctl_is_gone_reads_as_failed() -> None:
