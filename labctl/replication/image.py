@@ -42,7 +42,7 @@ from labctl.storage.image import (
     storage_recipe_dir,
 )
 
-SERVER_RECIPE_VERSION = "server-3"
+SERVER_RECIPE_VERSION = "server-4"
 """Bump when the build steps below change in a way the recipe files do not show."""
 
 SERVER_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "dm_mod", "dm_era", "loop")
@@ -104,7 +104,11 @@ async def ensure_server_image(cache: Path | None = None,
 
     built = await build_root_image("server guest", "server", server_recipe_dir(), h, kernel,
                                    customize, cache=cache, progress=progress,
-                                   min_size_kib=SERVER_DISK_KIB, room_kib=0)
+                                   min_size_kib=SERVER_DISK_KIB, room_kib=0,
+                                   # not "small" (below 512 MiB: 1 KiB blocks, an inode per
+                                   # 4 KiB, kept as the filesystem grows at boot: 128 MiB of
+                                   # inode tables on 2 GiB for the kernel to zero, and send)
+                                   fs_type="default")
     initrd = built.rootfs.parent / "initrd.img"
     if not initrd.exists():
         await _build_initramfs(kernel, initrd)

@@ -104,11 +104,13 @@ async def build_root_image(what: str, kind: str, recipe: Path, h: str, kernel: K
                            customize: Callable[[Path], Awaitable[None]], *,
                            cache: Path | None = None,
                            progress: Callable[[str], None] | None = None,
-                           min_size_kib: int = 0, room_kib: int = 64 * 1024) -> StorageImage:
+                           min_size_kib: int = 0, room_kib: int = 64 * 1024,
+                           fs_type: str | None = None) -> StorageImage:
     """The root filesystem of ``recipe`` (its ``packages`` on mmdebstrap's essential
     variant, its ``purge`` list removed, then ``customize``), built once per hash ``h``
     into ``<cache>/<kind>/<h>/``: ``rootfs.ext4`` (its files, a quarter more and
-    ``room_kib``; at least ``min_size_kib``) and the kernel's ``vmlinuz``."""
+    ``room_kib``; at least ``min_size_kib``; ``fs_type``: mke2fs's usage type, else the
+    one it picks by size) and the kernel's ``vmlinuz``."""
     say = progress or (lambda _msg: None)
     base = (cache or cache_dir()) / kind
     dest = base / h
@@ -139,6 +141,7 @@ async def build_root_image(what: str, kind: str, recipe: Path, h: str, kernel: K
         size_kib = max(_tree_kib(root) * 5 // 4 + room_kib, min_size_kib)
         rootfs = tmp / "rootfs.ext4"
         await run(["mkfs.ext4", "-q", "-F", "-L", "labctl-root", "-E", "root_owner=0:0",
+                   *(["-T", fs_type] if fs_type else []),
                    "-d", str(root), str(rootfs), f"{size_kib}k"], timeout=600,
                   what=f"mkfs.ext4 ({what} rootfs)")
         shutil.copyfile(kernel.vmlinuz, tmp / "vmlinuz")
