@@ -204,8 +204,10 @@ def gone(state: str, controller: str | None) -> str | None:
             "may still be quiesced or carry the agents, the destination may still exist")
 
 
-def _records(inv: Any, rid: int, rec: Replication) -> None:
-    with inv.transaction():
+def _records(inv: Any, rid: int, rec: Replication, transaction: bool = True) -> None:
+    """Replication ``rid``'s record and passes written (in a transaction of their own, or
+    in the caller's)."""
+    with inv.transaction() if transaction else contextlib.nullcontext():
         inv.conn.execute("UPDATE replications SET state=?, result=? WHERE id=?",
                          (rec.state, json.dumps(rec.to_wire(), default=str), rid))
         for p in rec.passes:
@@ -274,6 +276,7 @@ async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
     if not isinstance(cb, LibvirtCloud):
         raise ReplicationError(f"cloud {to_site} is not a libvirt cloud (provider: libvirt)",
                                site=to_site)
+    _running_of(whole, vm)  # a replication of it under way (its cutover too) is said first
     src = await ca.show(vm)
     if src.state != "running":
         raise ReplicationError(f"VM {vm} is not running (state {src.state})", vm=vm)
@@ -284,20 +287,34 @@ async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
     disk_bytes = await _disk_size(a, row)
     dest_name = f"{vm}-repl"
     inv = whole.inv
-    cur = inv.conn.execute("INSERT INTO replications(vm, from_site, to_site, started_at, state)"
-                           " VALUES (?, ?, ?, ?, 'running')", (vm, src_site, to_site, time.time()))
-    rid = int(cur.lastrowid or 0)
     t0, t_wall = time.monotonic(), time.time()
-    rec = Replication(id=rid, vm=vm, from_site=src_site, to_site=to_site, dest=dest_name,
-                      state="running", started_at=WallTime(t_wall), seconds=0.0,
-                      tracking=tracking, switchover=json.dumps(switchover) if isinstance(
-                          switchover, dict) else (switchover or DEFAULT_WHEN),
-                      disk_bytes=disk_bytes, controller=process_identity(os.getpid()))
-    _records(inv, rid, rec)
+    with inv.transaction():  # one replication of a VM at a time, across labctl processes
+        stale = _running_of(whole, vm)
+        cur = inv.conn.execute("INSERT INTO replications(vm, from_site, to_site, started_at, "
+                               "state) VALUES (?, ?, ?, ?, 'running')",
+                               (vm, src_site, to_site, t_wall))
+        rid = int(cur.lastrowid or 0)
+        rec = Replication(id=rid, vm=vm, from_site=src_site, to_site=to_site, dest=dest_name,
+                          state="running", started_at=WallTime(t_wall), seconds=0.0,
+                          tracking=tracking, switchover=json.dumps(switchover) if isinstance(
+                              switchover, dict) else (switchover or DEFAULT_WHEN),
+                          disk_bytes=disk_bytes, controller=process_identity(os.getpid()))
+        _records(inv, rid, rec, transaction=False)
     stage = Stage()
     try:
+        for old in stale:
+            await _clear_left(whole, ca, old, rid)
         whole.progress(f"{to_site}: a destination VM {dest_name} with an empty "
                        f"{disk_bytes >> 20} MiB target")
+        try:
+            there: CloudVm | None = await cb.show(dest_name)
+        except LabStateError:
+            there = None
+        if there is not None:  # not this replication's: left alone
+            raise ReplicationError(f"cloud {to_site} already has a VM {dest_name} ({there.state}"
+                                   "), which this replication did not make: nothing was made",
+                                   vm=vm, dest=dest_name)
+        stage.dest_made = True  # from here a failure deletes what is there by that name
         await cb.create(NewVm(dest_name, data_disks=(disk_bytes,)))
         made = await cb.start(dest_name)
         rec = await _run(whole, ca, cb, vm, src, made, rec, policy, compress, limit_bytes_s,
@@ -314,7 +331,8 @@ async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
                       sent_bytes=sum(p.bytes for p in rec.passes),
                       wire_bytes=sum(p.wire_bytes for p in rec.passes))
         if rec.state != "completed" and not stage.source_stopped:
-            await _give_back(whole, ca, cb, vm, dest_name, stage.app_stopped)
+            await _give_back(whole, ca, cb, vm, dest_name if stage.dest_made else None,
+                             stage.app_stopped)
         elif rec.state != "completed":  # past the point of no return: keep what there is
             rec = replace(rec, state="failed after the source stopped",
                           error=f"{rec.error} (the source {vm} is stopped with its disk intact;"
@@ -327,6 +345,8 @@ async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
 class Stage:
     """How far a replication got: what a failure must give back."""
 
+    #: the destination VM was made by this replication (a failure deletes it, and only it)
+    dest_made: bool = False
     app_stopped: bool = False
     source_stopped: bool = False
     passes: list[PassRecord] = field(default_factory=list)
@@ -340,9 +360,10 @@ async def _disk_size(a: LabContext, row: dict[str, Any]) -> int:
 
 
 async def _give_back(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str,
-                     dest: str, app_stopped: bool) -> None:
+                     dest: str | None, app_stopped: bool) -> None:
     """A replication that did not complete: the source as it was (its agent gone, its
-    filesystem thawed, its application running again), the destination deleted."""
+    filesystem thawed, its application running again), the destination deleted (``dest``:
+    the one it made; None when it made none)."""
     with contextlib.suppress(LabError):
         async with ca.ssh(vm) as m:
             await m.run(["fsfreeze", "-u", "/"], check=False)
@@ -353,9 +374,43 @@ async def _give_back(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: s
             await m.run(["rm", "-rf", AGENT_DIR], check=False)
             if app_stopped:
                 await m.run(["python3", "-B", APP, "resume", "--dir", APP_DIR], check=False)
+    if dest is None:
+        whole.progress(f"the source {vm} is left as it was; no destination was made")
+        return
     with contextlib.suppress(LabError):
         await cb.delete(dest)
     whole.progress(f"the source {vm} is left as it was; the destination {dest} is deleted")
+
+
+def _running_of(whole: LabContext, vm: str) -> list[Replication]:
+    """The replications of ``vm`` recorded as running whose labctl is gone (killed: what
+    they left is for the next one to clear); one whose labctl runs is a refusal."""
+    stale = []
+    for r in whole.inv.rows("replications", vm=vm, state="running"):
+        old = Replication.from_wire(json.loads(r["result"] or "{}"), f"replication {r['id']}")
+        if gone(old.state, old.controller) is None:
+            pid = (old.controller or "?").split(":")[0]
+            raise ReplicationError(
+                f"VM {vm} is being replicated to {old.to_site} (replication {old.id}, labctl "
+                f"pid {pid}): one replication of a VM at a time; let it end, or stop it "
+                "(Ctrl-C where it runs)", vm=vm, running=old.id)
+        stale.append(old)
+    return stale
+
+
+async def _clear_left(whole: LabContext, ca: LabctlCloud, old: Replication, rid: int) -> None:
+    """What replication ``old`` left when its labctl was killed mid-way cleared before
+    replication ``rid`` of the same VM begins: its agent and write tracker out of the
+    source (its filesystem thawed, its application started if it was stopped), its
+    destination deleted (its record names it: made by the lab); recorded as failed. One
+    killed past the source's stop left the source stopped: the new one is refused then."""
+    why = gone(old.state, old.controller) or "ended without recording an end"
+    whole.progress(f"replication {old.id} of {old.vm}: {why}; clearing what it left first")
+    cb = cloud_of(whole.in_site(old.to_site))
+    if isinstance(cb, LibvirtCloud):
+        await _give_back(whole, ca, cb, old.vm, old.dest, app_stopped=True)
+    _records(whole.inv, old.id, replace(old, state="failed", error=(
+        f"{why}; what it left was cleared when replication {rid} began")))
 
 
 async def _stop_left(m: SshMachine) -> None:

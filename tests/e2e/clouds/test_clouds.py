@@ -408,13 +408,40 @@ def _in_pass_1(lab: dict[str, Any], *more: str
 
 
 def test_ctrl_c_mid_pass_gives_the_source_back_and_records_why(lab: dict[str, Any]) -> None:
-    """Ctrl-C while pass 1 runs: the destination is deleted, the source keeps its
-    application and loses its agent, the record says failed (interrupted), and the last
-    line says so."""
+    """A replication whose labctl is killed in pass 1 leaves its agent in the source and
+    its destination in cloud B: the next replication of the VM clears them first and
+    records the killed one as failed. While that one runs, a third is refused in one line
+    and touches nothing. Ctrl-C while pass 1 runs: the destination is deleted, the source
+    keeps its application and loses its agent, the record says failed (interrupted), and
+    the last line says so."""
     cli = lab["cli"]
-    with _in_pass_1(lab) as (proc, rid):
+    with _in_pass_1(lab) as (proc, killed):
+        proc.kill()  # SIGKILL: nothing given back
+        proc.wait()
+    assert _virsh_names(lab) == [f"labctl-{lab['name']}-web1-repl"]
+    assert _source_flushed(lab)  # its agent's map, in the source still
+    proc = subprocess.Popen([sys.executable, "-m", "labctl.cli", "--lab", lab["name"],
+                             "replicate", "web1", "--to-cloud", "cloud-b"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        row = _wait("the killed replication's leftovers cleared", lambda: next(
+            (r for r in cli.json("replication", "list") if r["id"] == killed
+             and "what it left was cleared when replication" in (r["error"] or "")), None), 120)
+        rid = int(row["error"].rsplit("replication ", 1)[1].split()[0])
+        _wait("pass 1's first flush", lambda: _source_flushed(lab), 300)
+        third = cli("replicate", "web1", "--to-cloud", "cloud-b", check=False)
+        assert third.returncode == 1 and third.stderr.strip() == (
+            f"labctl: error: VM web1 is being replicated to cloud-b (replication {rid}, "
+            f"labctl pid {proc.pid}): one replication of a VM at a time; let it end, or stop "
+            "it (Ctrl-C where it runs)"), third.stderr
+        assert proc.poll() is None and _source_flushed(lab)  # the one running goes on
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert row["state"] == "failed" and "labctl (pid" in row["error"], row
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
         f"labctl: replication {rid} cancelled (Ctrl-C): the source web1 is left as it was, "
