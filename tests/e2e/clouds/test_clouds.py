@@ -323,6 +323,25 @@ def test_replication_is_refused_before_anything_is_made(lab: dict[str, Any]) -> 
         assert "Traceback" not in res.stderr
     assert _virsh_names(lab) == []  # no destination was made
 
+    # a VM of the destination's name already in cloud B, not a replication's: refused,
+    # and that VM left alone (a failure deletes only what the replication made)
+    async def squat(cloud: LibvirtCloud) -> None:
+        await cloud.create(NewVm("web1-repl", data_disks=(1 << 20,)))
+
+    async def clear(cloud: LibvirtCloud) -> None:
+        await cloud.delete("web1-repl")
+
+    _run(lab, "cloud-b", squat)
+    try:
+        res = cli("replicate", "web1", "--to-cloud", "cloud-b", check=False)
+        assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].endswith(
+            "failed: cloud cloud-b already has a VM web1-repl (stopped), which this "
+            "replication did not make: nothing was made"), res.stderr
+        assert _virsh_names(lab) == [f"labctl-{lab['name']}-web1-repl"]
+    finally:
+        _run(lab, "cloud-b", clear)
+    assert _virsh_names(lab) == []
+
 
 def _ctrl_c_at_the_switch(lab: dict[str, Any], proc: subprocess.Popen[str],
                           sent: list[str]) -> None:
