@@ -143,7 +143,7 @@ def _a_restart_of_the_storage_machine_s_node(name: str, stor: dict[str, Any],
         ("ds1", shown["naa"])], restarted
     assert on(stor, "cat", f"{state}/agent.pid").strip() != pid  # a new agent
     read, reported = naa_read_by_host(name, "host1", stor, "ds1")
-    assert read == reported == shown["naa"]
+    assert read == reported == bytes.fromhex(shown["naa"].removeprefix("naa."))
     # the rescan service heard the node go and come back, and the LUN added again after
     kinds = [e["kind"] for e in map(json.loads, labctl(*lab, "events", "--json").stdout
                                     .splitlines()) if e["naa"] == shown["naa"]]
