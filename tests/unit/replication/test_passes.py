@@ -102,9 +102,10 @@ def test_after_a_comparison_before_the_freeze_the_final_pass_is_predicted_again(
                     w_start=1.7e9, tracking="era", call_s=1.9)
     assert _final_predicted(last, None) == last.predicted_next_s
     assert _final_predicted(last, {"since": 3}) == last.predicted_next_s  # an older agent
-    # 40 blocks of 64 KiB at 8 MiB/s: 0.3125 s, the fixed 1.2 s and the tracker's 0.2 s
-    assert _final_predicted(last, {"to_send": 40}) == pytest.approx(1.2 + 0.2 + 0.3125,
-                                                                     abs=1e-3)
+    # 40 blocks of 64 KiB at 8 MiB/s: 0.3125 s, the fixed 1.2 s, and the tracker's answer
+    # at what it cost the last pass a block (0.2 s for its 64)
+    assert _final_predicted(last, {"to_send": 40}) == pytest.approx(
+        1.2 + 0.2 * 40 / 64 + 0.3125, abs=1e-3)
     # after a pass that began its tracker (a map pass), the tracker's cost is not known
     _, mapped = _view(2, _got(4 << 20, 4 << 20, 0.5, 0.2), took=2.1, t_start=120.0,
                       prev_start=100.0, t_begin=100.0, w_start=1.7e9, tracking="era",
@@ -126,7 +127,8 @@ def test_the_criterion_is_asked_again_with_what_the_comparison_left_to_send() ->
     pre = {"since": 7, "blocks": 8192, "to_send": 512, "seconds": 22.5}  # 32 MiB written
     seen, rec = _after_precheck(view, last, pre, 4, 1.7e9 + 30, 23.0, 0.0, 1.7e9)
     assert seen.remaining == 512 * 65536 and seen.passes == 3
-    assert seen.predicted_outage == pytest.approx(1.2 + 0.2 + (32 << 20) / ((4 << 20) / 0.5))
+    assert seen.predicted_outage == pytest.approx(
+        1.2 + 0.2 * 512 / 64 + (32 << 20) / ((4 << 20) / 0.5))
     assert seen.predicted_outage == rec.predicted_next_s == _final_predicted(last, pre)
     assert not when.over(seen).holds  # a pass again
     assert (rec.n, rec.how, rec.bytes, rec.blocks, rec.todo_blocks) == (4, "precheck", 0, 0, 512)
