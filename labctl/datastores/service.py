@@ -439,9 +439,9 @@ async def restart_node(ctx: LabContext, node: str) -> Restarted:
         site = inv.row("sites", name=row["site"])
         assert site is not None
         prefix = site["subnet"].split("/")[1]
-        stores = tables.datastores(inv, node=node)
         if row["ssh"]:
             return await _restart_machine(ctx, row, int(prefix))
+        stores = tables.datastores(inv, node=node)
         spec = storagenode.StorageNodeSpec(
             lab=ctx.name, name=node, lab_dir=ctx.dir.path,
             address_cidr=f"{row['address']}/{prefix}", bridge=site["bridge"], tap=row["tap"],

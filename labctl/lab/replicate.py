@@ -345,7 +345,8 @@ async def replicate(whole: LabContext, vm: str, src_site: str, to_site: str,
 class Stage:
     """How far a replication got: what a failure must give back."""
 
-    #: the destination VM was made by this replication (a failure deletes it, and only it)
+    #: this replication went on to make its destination VM (none of that name was there):
+    #: a failure deletes what is under that name; before, it deletes nothing in cloud B
     dest_made: bool = False
     app_stopped: bool = False
     source_stopped: bool = False
@@ -867,8 +868,8 @@ async def _past_no_return(whole: LabContext, vm: str,
     while True:
         try:
             return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if said or me is None or task.done():
+        except asyncio.CancelledError:  # (steps that ended meanwhile: the loop returns them)
+            if said or me is None:
                 task.cancel()
                 raise
             said = True
