@@ -174,6 +174,10 @@ class SshHosts:
     """Hosts as machines reached over SSH; ``provision`` and ``teardown`` as the namespace
     provider's."""
 
+    #: how long teardown and a storage restart wait for a machine's SSH: one gone is said
+    #: within it, and its entry stays for the next ``down``
+    reach_timeout: float = 15.0
+
     def __init__(self, lab: str, lab_path: Path, inv: Inventory) -> None:
         self.lab = lab
         self.tag = names.lab_tag(lab, lab_path)
@@ -304,8 +308,7 @@ class SshHosts:
         access = SshAccess.from_json(detail["access"])
         remote = str(detail["state_dir"])
         try:
-            # a machine gone is said soon: its entry stays for the next down
-            async with access.machine(name, connect_timeout=15.0) as m:
+            async with access.machine(name, connect_timeout=self.reach_timeout) as m:
                 await _stop_agent(m, name, access, remote, kind, removed)
                 if access.agent == "systemd":
                     unit = access.unit_for("storage" if kind == "ssh-storage" else "host")
@@ -334,7 +337,7 @@ class SshHosts:
         access = SshAccess.from_json(entry["access"])
         stopped: list[str] = []
         try:
-            async with access.machine(name, connect_timeout=15.0) as m:
+            async with access.machine(name, connect_timeout=self.reach_timeout) as m:
                 await _stop_agent(m, name, access, str(entry["state_dir"]), "ssh-storage",
                                   stopped)
         except SshError as exc:

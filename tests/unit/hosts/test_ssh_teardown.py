@@ -34,8 +34,10 @@ def test_an_unreachable_storage_machine_keeps_its_entry(tmp_path: Path) -> None:
         inv.own("ssh-storage", "stor1", access=access.to_json(),
                 state_dir="/var/lib/labctl/labs/abcd/stor1")
         removed: list[str] = []
+        hosts = SshHosts("t", tmp_path / "t", inv)
+        hosts.reach_timeout = 2.0  # (15 s by default: nothing listens, and it says so)
         with pytest.raises(ProvisionError, match="could not tear down every SSH host: stor1"):
-            asyncio.run(SshHosts("t", tmp_path / "t", inv).teardown(inv, removed))
+            asyncio.run(hosts.teardown(inv, removed))
         assert [(k, n) for k, n, _ in inv.owned()] == [("ssh-storage", "stor1")]
         assert removed == []
     finally:
