@@ -65,6 +65,13 @@ class SshMachine:
             except asyncssh.HostKeyNotVerifiable as exc:
                 raise SshError(f"{self.name} ({self.address}) presented another host key than "
                                f"the one {self.pinned_by}", machine=self.name) from exc
+            except asyncssh.PermissionDenied as exc:
+                # the machine answers and refuses the key: trying again changes nothing (a
+                # server guest has its key before its sshd starts)
+                raise SshError(f"no SSH session with {self.name} ({self.address}): it refused "
+                               f"the key {self.client_key.name} for {self.user} ({exc.reason})",
+                               machine=self.name, address=self.address,
+                               user=self.user) from exc
             except (OSError, asyncssh.Error, TimeoutError) as exc:
                 last = exc
                 await asyncio.sleep(0.5)

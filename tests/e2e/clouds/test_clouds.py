@@ -367,7 +367,7 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
     """The deadline comes during pass 1: the pass stops there (not when it is done), the
     source is given back as it was, the destination deleted, the reason recorded."""
     policy = tmp_path / "never.yaml"
-    policy.write_text("when: passes >= 50\ndeadline: 40s\n")
+    policy.write_text("when: passes >= 50\ndeadline: 20s\n")
     res = lab["cli"]("-v", "replicate", "web1", "--to-cloud", "cloud-b", "--switchover",
                      str(policy), "--json", check=False, timeout=900)
     assert res.returncode == 1, res.stderr
@@ -375,10 +375,10 @@ def test_a_criterion_never_met_leaves_the_source_as_it_was(lab: dict[str, Any],
     assert json.loads(res.stdout)["error"]["message"].startswith(
         f"replication {rec['id']} of web1 to cloud-b failed: "), res.stdout
     assert rec["state"] == "failed" and "did not hold" in rec["error"], rec
-    assert "the deadline (40 s) came during this pass" in rec["error"], rec["error"]
+    assert "the deadline (20 s) came during this pass" in rec["error"], rec["error"]
     cut = rec["passes"][-1]
     assert [p["decision"] for p in rec["passes"]] == ["give_up"], rec["passes"]
-    assert "the deadline (40 s) came during this pass" in cut["why"], cut
+    assert "the deadline (20 s) came during this pass" in cut["why"], cut
     assert cut["blocks"] < cut["todo_blocks"], cut  # stopped before pass 1 was done
     # the source agent read its file system's free space in the guest when it stopped
     free = cut["free_bytes"]
@@ -814,7 +814,7 @@ def _intruder_gets_nothing(lab: dict[str, Any], tmp_path: Path) -> None:
         async with SshMachine("web1-repl", m.address, other.private, m.host_key) as x:
             await x.run(["true"])
 
-    with pytest.raises(SshError, match="no SSH session"):
+    with pytest.raises(SshError, match=r"no SSH session with .*: it refused the key"):
         _run(lab, "cloud-b", go)
 
 

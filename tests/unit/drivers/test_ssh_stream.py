@@ -89,3 +89,29 @@ def test_a_command_past_its_timeout_is_one_error(tmp_path: Path) -> None:
 
     with pytest.raises(SshError, match=r"^web1: sleep forever: TimeoutError"):
         asyncio.run(go())
+
+
+def test_a_refused_key_is_said_at_once_not_tried_again(tmp_path: Path) -> None:
+    """The server answers and refuses the key: one error naming it at once; the connect
+    timeout is for a machine not listening yet."""
+    async def go() -> None:
+        allowed = asyncssh.generate_private_key("ssh-ed25519")
+        other = tmp_path / "other"
+        asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(other))
+        other.chmod(0o600)
+        host = asyncssh.generate_private_key("ssh-ed25519")
+        server = await asyncssh.create_server(lambda: _Server(allowed), "127.0.0.1", 0,
+                                              server_host_keys=[host])
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(SshError, match=r"no SSH session with web1 \(127\.0\.0\.1\): "
+                               r"it refused the key other for root"):
+                async with SshMachine("web1", "127.0.0.1", other,
+                                      host.export_public_key().decode(), port=port,
+                                      connect_timeout=30):
+                    pass
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(go())  # (tried again until its timeout, it would say "within 30 s")
