@@ -270,7 +270,8 @@ class VagrantUp(Message):
 @dataclass(frozen=True)
 class VagrantDown(Message):
     lab: str
-    #: the machines destroyed, one line each (``machine host1 (domain UUID)``)
+    #: the machines destroyed, one line each (``machine host1 (domain UUID)``), then the
+    #: QEMU logs libvirt kept of their domains (``file PATH``)
     removed: list[str]
 
 
@@ -357,6 +358,23 @@ def _missing_drivers() -> dict[str, str]:
     finally:
         conn.close()
     return missing
+
+
+def _domain_names(uuids: dict[str, str]) -> dict[str, str]:
+    """The libvirt domain name of each machine among ``uuids`` (name: domain UUID) whose
+    domain libvirt has."""
+    lv = domains.libvirt_module()
+    conn = domains.open_conn()
+    names = {}
+    try:
+        for name, uuid in uuids.items():
+            try:
+                names[name] = str(conn.lookupByUUIDString(uuid).name())
+            except lv.libvirtError:
+                continue
+    finally:
+        conn.close()
+    return names
 
 
 def _still_defined(uuids: dict[str, str]) -> list[str]:
@@ -488,11 +506,19 @@ async def down(topo: Topology, topo_path: Path, progress: Progress | None = None
         idf = w / "dot" / "machines" / name / "libvirt" / "id"
         if idf.exists():
             ids[name] = idf.read_text().strip()
+    # the domains' names by the UUIDs Vagrant recorded: libvirt keeps each one's QEMU log
+    # (``/var/log/libvirt/qemu/NAME.log``) after the domain is gone
+    named = await domains.in_thread(_domain_names, ids)
     await _vagrant(env, "destroy", "-f", timeout=900)
     removed = [f"machine {n} (domain {u})" for n, u in ids.items()]
     left = await domains.in_thread(_still_defined, ids)
     if left:
         raise ProvisionError("vagrant destroy left " + ", ".join(left), left=left)
+    for dom in named.values():
+        log = domains.LIBVIRT_QEMU_LOGS / f"{dom}.log"
+        if log.exists():
+            log.unlink()
+            removed.append(f"file {log}")
     shutil.rmtree(w)
     shutil.rmtree(console_dir(topo.name), ignore_errors=True)
     say(f"lab {topo.name}'s machines destroyed; {w} removed")

@@ -41,3 +41,16 @@ def naa_read_by_host(lab: str, host: str, stor: dict[str, Any], datastore: str
                          capture_output=True, check=True, timeout=120)
     return naa_designator(inq.stdout), bytes.fromhex(ds["naa"].removeprefix("naa.")).split(
         b"\0")[0]
+
+
+def destroyed(lab: str, down: subprocess.CompletedProcess[str], machines: list[str]) -> None:
+    """``labctl vagrant down --json`` said it destroyed exactly ``machines``, then removed
+    the QEMU log libvirt kept of each one's domain; no such log is left (looked up here)."""
+    assert down.returncode == 0, down.stderr
+    removed = json.loads(down.stdout)["removed"]
+    assert sorted(r.split()[1] for r in removed if r.startswith("machine ")) == sorted(machines)
+    logs = Path("/var/log/libvirt/qemu")
+    assert sorted(r for r in removed if r.startswith("file ")) == sorted(
+        f"file {logs}/labctl-vagrant-{lab}-{m}.log" for m in machines), removed
+    left = sorted(logs.glob(f"labctl-vagrant-{lab}-*.log"))
+    assert left == [], left
