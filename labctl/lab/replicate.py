@@ -119,7 +119,9 @@ class PassRecord(Message):
     #: what the switchover criterion said, and why
     decision: str
     why: str
-    #: how old the newest data the destination holds is, when this pass ended
+    #: how old the newest data the destination holds is, when this pass ended: from the
+    #: application's last acknowledgement before the pass began (``holds_acked_at``), else
+    #: from the pass's start
     rpo_s: float
     error: str | None = None
     #: blocks this pass took over from a pass cut short (what that one's last flush had not
@@ -134,6 +136,11 @@ class PassRecord(Message):
     #: trip over SSH, the agent's start in the guest, its connection to the target), which
     #: the next pass pays again
     fixed_seconds: float = 0.0
+    #: the source application's last acknowledged record as the pass began, and when it
+    #: acknowledged it (its own clock, as its acks.log says): the destination holds that
+    #: record and every one before it once the pass ends (None: not read)
+    holds_acked: int | None = None
+    holds_acked_at: WallTime | None = None
 
 
 @dataclass(frozen=True)
@@ -491,6 +498,9 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             await _revive(dm, target_args)
 
         while True:
+            # the application's last acknowledgement so far: what this pass surely carries
+            # (read before the pass's clock starts: not part of its time)
+            acked = await _acked(sm)
             t_start, w_start = time.monotonic(), time.time()
             attempt = len(rec.passes) + 1
             try:
@@ -524,15 +534,19 @@ async def _run(whole: LabContext, ca: LabctlCloud, cb: LibvirtCloud, vm: str, sr
             failures = 0
             n += 1
             took = time.monotonic() - t_start
-            holds_since = w_start  # the source's state the destination now holds
+            # the age of the source's state the destination now holds: the application's
+            # last acknowledgement before the pass began, else the pass's start
+            holds_since = acked[1] if acked is not None else w_start
             view, record = _view(n, got, took, t_start, prev_start, t_begin, w_start,
                                  next((p.link_rate for p in reversed(rec.passes)
                                        if p.how != "failed"), 0.0), rec.tracking, call_s)
             view = replace(view, approved=1.0 if (work / APPROVED).exists() else 0.0)
-            record = replace(record, n=attempt)
+            record = replace(record, n=attempt,
+                             holds_acked=acked[0] if acked is not None else None,
+                             holds_acked_at=WallTime(acked[1]) if acked is not None else None)
             decision, verdict = policy.decide(view)
             record = replace(record, decision=decision, why=verdict.why(),
-                             rpo_s=round(time.time() - holds_since, 3))
+                             rpo_s=round(w_start + took - holds_since, 3))
             record_pass(record)
             pre_fresh = False
             if pre is not None and (record.how != "era"
@@ -714,6 +728,23 @@ async def _app(m: SshMachine, *args: str) -> dict[str, Any] | None:
         raise ReplicationError(f"{m.name}: app.py {args[0]}: "
                                f"{(ran.stderr.strip() or ran.stdout.strip())[-500:]}")
     return out
+
+
+async def _acked(m: SshMachine) -> tuple[int, float] | None:
+    """The source application's last acknowledged record and its time (None: it has
+    acknowledged none, or cannot say: a pass goes on without it)."""
+    try:
+        ran = await m.run(["python3", "-B", APP, "status", "--dir", APP_DIR], check=False,
+                          timeout=30)
+    except SshError:
+        return None
+    got = _last_json(ran.stdout) if ran.ok else None
+    try:
+        if got and int(got.get("last_acked") or 0) > 0:
+            return int(got["last_acked"]), float(got["acked_at"])
+    except (TypeError, ValueError):
+        pass
+    return None
 
 
 async def _precheck(whole: LabContext, sm: SshMachine, vm: str, tls: dict[str, Path],

@@ -613,6 +613,15 @@ def test_a_replication_with_the_default_options_ends_with_the_vm_in_cloud_b(
         seqs = {int(s): float(t) for s, t in (ln.split() for ln in got["acks"].splitlines())}
         logged = seqs[cut["dest_first_acked"]] - seqs[cut["source_last_acked"]]
         assert abs(logged - cut["outage_s"]) < 0.01, (logged, cut["outage_s"])
+        # each pass's RPO is the application's own: from its last acknowledgement before the
+        # pass began (its line in acks.log, on the replica) to the pass's end
+        held = [p for p in rec["passes"] if p["how"] not in ("failed", "precheck", "final")]
+        assert held and all(p["holds_acked"] for p in held), _summary(rec)
+        for p in held:
+            acked_at = seqs[p["holds_acked"]]
+            assert abs(_unix(p["holds_acked_at"]) - acked_at) < 0.01, (p, acked_at)
+            end = _unix(p["started_at"]) + p["seconds"]
+            assert abs(p["rpo_s"] - (end - acked_at)) < 0.01, (p, acked_at)
         # the timeline, as a user draws it
         plot = tmp_path / "web2.png"
         cli("replication", "show", str(rec["id"]), "--plot", str(plot))

@@ -266,3 +266,38 @@ def test_which_failed_attempts_may_have_begun_a_new_tracker() -> None:
         assert _new_tracker_maybe(failed(progress={"how": how}))
     assert _new_tracker_maybe(failed(progress={}))  # a check, or a session gone
     assert _new_tracker_maybe(failed())
+
+
+def test_what_a_pass_surely_carries_is_the_application_s_last_ack() -> None:
+    """Read before each pass: the source application's last acknowledged record and its
+    time, from its own status; nothing when it has acknowledged none or cannot say (the
+    pass goes on, its RPO then counted from its start)."""
+    import asyncio
+
+    from labctl.core.proc import CommandResult
+    from labctl.drivers.ssh import SshError
+    from labctl.lab.replicate import APP, APP_DIR, _acked
+
+    class Machine:
+        name = "web1"
+
+        def __init__(self, code: int, out: str, fail: bool = False) -> None:
+            self.code, self.out, self.fail = code, out, fail
+            self.argv: list[str] = []
+
+        async def run(self, argv: list[str], check: bool = True,
+                      timeout: float = 120.0) -> CommandResult:
+            self.argv = argv
+            if self.fail:
+                raise SshError("no SSH session with web1", machine="web1")
+            return CommandResult(argv, self.code, self.out, "")
+
+    said = json.dumps({"last_acked": 4711, "acked_at": 1796352638.25, "writer": 88})
+    m = Machine(0, said + "\n")
+    assert asyncio.run(_acked(m)) == (4711, 1796352638.25)  # type: ignore[arg-type]
+    assert m.argv == ["python3", "-B", APP, "status", "--dir", APP_DIR]
+    for machine in (Machine(0, json.dumps({"last_acked": 0, "acked_at": 0.0})),
+                    Machine(1, "python3: can't open file"), Machine(0, "{garbled"),
+                    Machine(0, json.dumps({"last_acked": "x", "acked_at": 1.0})),
+                    Machine(0, said, fail=True)):
+        assert asyncio.run(_acked(machine)) is None  # type: ignore[arg-type]
