@@ -377,23 +377,6 @@ def _domain_names(uuids: dict[str, str]) -> dict[str, str]:
     return names
 
 
-def _still_defined(uuids: dict[str, str]) -> list[str]:
-    """The machines among ``uuids`` (name: domain UUID) whose domain libvirt still has."""
-    lv = domains.libvirt_module()
-    conn = domains.open_conn()
-    left = []
-    try:
-        for name, uuid in uuids.items():
-            try:
-                conn.lookupByUUIDString(uuid)
-            except lv.libvirtError:
-                continue
-            left.append(f"domain of {name} ({uuid})")
-    finally:
-        conn.close()
-    return left
-
-
 async def _libvirt_ready() -> None:
     """libvirtd answering, with the network and storage drivers vagrant-libvirt needs."""
     from labctl.storage import node as storagenode  # noqa: PLC0415 (libvirt: only here)
@@ -511,7 +494,7 @@ async def down(topo: Topology, topo_path: Path, progress: Progress | None = None
     named = await domains.in_thread(_domain_names, ids)
     await _vagrant(env, "destroy", "-f", timeout=900)
     removed = [f"machine {n} (domain {u})" for n, u in ids.items()]
-    left = await domains.in_thread(_still_defined, ids)
+    left = [f"domain of {n} ({ids[n]})" for n in await domains.in_thread(_domain_names, ids)]
     if left:
         raise ProvisionError("vagrant destroy left " + ", ".join(left), left=left)
     for dom in named.values():
